@@ -308,6 +308,25 @@ class Llama(nn.Module):
                         read(params[name])
         return model.eval()
 
+    def save_pretrained(self, folder: str | Path):
+        """Write config.json and model.safetensors in Hugging Face's layout (transformers and from_pretrained both
+        read it back). The tiny preset's stand-in LLM is stored this way, so it loads through the Vicuna path."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        rope = {"rope_theta": c.rope_theta, **(c.rope_scaling or {"rope_type": "default"})}
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                  **{k: getattr(c, k) for k in c.__dataclass_fields__ if k not in ("rope_theta", "rope_scaling")},
+                  "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling, "rope_parameters": rope,
+                  "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if c.tie_word_embeddings:
+            state.pop("lm_head.weight")  # the same tensor as the embedding; safetensors refuses shared storage
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
     # ---------------------------------------------------------------------------------------------- generation
 
     @torch.no_grad()
@@ -479,6 +498,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 # keys found in Llama checkpoints that we drop on purpose: transformers < 4.31 saved the rotary table, which we
 # recompute from config.json
 DROPPED = ("rotary_emb.inv_freq",)
+READ_CHUNK = 1 << 22  # elements per piece when a tensor must be cast or moved on its way in
 
 
 def resolve_dtype(dtype, config_file: Path | None = None) -> torch.dtype:
@@ -552,14 +572,18 @@ def safetensors_entries(file: Path) -> dict[str, _Entry]:
         if end - begin != nbytes or start + end > size:
             raise CheckpointError(f"{file}: tensor {name!r} is truncated or its offsets do not match its shape")
 
-        def fill(dest, file_dtype=file_dtype, shape=info["shape"], offset=start + begin):
-            direct = dest.dtype == file_dtype and dest.device.type == "cpu" and dest.is_contiguous()
-            buf = dest if direct else torch.empty(shape, dtype=file_dtype)
+        def fill(dest, file_dtype=file_dtype, offset=start + begin):
             with open(file, "rb") as f:
                 f.seek(offset)
-                f.readinto(buf.reshape(-1).view(torch.uint8).numpy())
-            if not direct:
-                dest.copy_(buf)  # casts to the model dtype / moves to the device, one tensor at a time
+                if dest.dtype == file_dtype and dest.device.type == "cpu" and dest.is_contiguous():
+                    f.readinto(dest.view(-1).view(torch.uint8).numpy())  # straight from disk into the parameter
+                    return
+                flat, chunk = dest.view(-1), READ_CHUNK  # else cast / move piece by piece: no full-size temp
+                buf = torch.empty(min(chunk, flat.numel()), dtype=file_dtype)
+                for i in range(0, flat.numel(), chunk):
+                    piece = buf[:min(chunk, flat.numel() - i)]
+                    f.readinto(piece.view(torch.uint8).numpy())
+                    flat[i:i + piece.numel()].copy_(piece)
 
         entries[name] = _Entry(info["shape"], fill)
     return entries

@@ -44,6 +44,16 @@ def test_loads_in_requested_dtype(saved, dtype, expected):
     assert torch.equal(model.model.layers[1].mlp.up_proj.weight, ref)
 
 
+def test_cast_in_small_pieces(saved, monkeypatch):
+    import apt_min.llama
+
+    monkeypatch.setattr(apt_min.llama, "READ_CHUNK", 1000)  # every matrix crosses several pieces
+    hf, folder = saved
+    model = Llama.from_pretrained(folder, dtype="bf16")
+    for key, ref in hf.state_dict().items():
+        assert torch.equal(model.state_dict()[key], ref.to(torch.bfloat16)), key
+
+
 def test_single_file_and_pytorch_bin(saved, tmp_path):
     hf, folder = saved
     ids = torch.randint(3, 96, (1, 6))
@@ -172,3 +182,18 @@ def test_pickle_with_code_is_refused(folder):
     torch.save({"model.norm.weight": Evil()}, folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="weights-only"):
         Llama.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_pretrained_round_trip(tmp_path, tied):
+    from transformers import LlamaForCausalLM
+
+    _, folder = hf_llama(tmp_path / "src", tied=tied, kv_heads=2)
+    ours = Llama.from_pretrained(folder)
+    ours.save_pretrained(tmp_path / "out")
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        again = Llama.from_pretrained(tmp_path / "out")(ids)
+        theirs = LlamaForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
+        assert torch.equal(again, ours(ids))
+        assert (theirs - again).abs().max() <= 1e-4
