@@ -8,7 +8,8 @@ import torch
 from helpers import hf_llama
 from safetensors.torch import load_file, save_file
 
-from apt_min.llama import CheckpointError, Llama
+from apt_min.checkpoint import CheckpointError
+from apt_min.llama import Llama
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,9 @@ def test_loads_in_requested_dtype(saved, dtype, expected):
 
 
 def test_cast_in_small_pieces(saved, monkeypatch):
-    import apt_min.llama
+    import apt_min.checkpoint
 
-    monkeypatch.setattr(apt_min.llama, "READ_CHUNK", 1000)  # every matrix crosses several pieces
+    monkeypatch.setattr(apt_min.checkpoint, "READ_CHUNK", 1000)  # every matrix crosses several pieces
     hf, folder = saved
     model = Llama.from_pretrained(folder, dtype="bf16")
     for key, ref in hf.state_dict().items():
@@ -79,7 +80,7 @@ def test_old_rotary_tables_are_dropped_on_purpose(folder):
 
 
 def test_tied_checkpoint_may_carry_lm_head(tmp_path):
-    hf, folder = hf_llama(tmp_path, tied=True, shards=False)
+    _, folder = hf_llama(tmp_path, tied=True, shards=False)
     tensors = load_file(folder / "model.safetensors")
     assert "lm_head.weight" not in tensors
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()

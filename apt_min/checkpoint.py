@@ -1,0 +1,153 @@
+"""Reading weight files safely: safetensors parsed by hand, torch files only with weights_only=True, every key
+checked before any tensor is read. Used by the Llama loader and the Audio-MAE encoder.
+
+A model folder in Hugging Face's layout holds `model.safetensors`, or shards listed in `model.safetensors.index.json`
+(or the older `pytorch_model.bin` / `pytorch_model.bin.index.json`). `checkpoint_tensors` indexes them without reading
+data; each entry fills its destination tensor straight from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A model folder or weight file that cannot be loaded as asked; the message names the file and the keys."""
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+READ_CHUNK = 1 << 22  # elements per piece when a tensor must be cast or moved on its way in
+
+
+def resolve_dtype(dtype, auto: str | None = None) -> torch.dtype:
+    """A torch float dtype from a name; "auto" takes `auto` (a config's torch_dtype), float32 where that is None."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype == "auto":
+        dtype = auto or "float32"
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
+
+
+def checkpoint_tensors(path: Path) -> dict[Path, dict]:
+    """Index the weight files of a model folder without reading any tensor data.
+    Returns {file: {key: reader}}, where reader.shape is the stored shape and reader(dest) fills `dest`."""
+    for index_name, single, reader in (("model.safetensors.index.json", "model.safetensors", safetensors_entries),
+                                       ("pytorch_model.bin.index.json", "pytorch_model.bin", torch_bin_entries)):
+        index = path / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' entry")
+            files = sorted({path / f for f in weight_map.values()})
+            if missing := [f.name for f in files if not f.is_file()]:
+                raise CheckpointError(f"{index}: lists shard files that are not there: {missing}")
+            shards = {f: reader(f) for f in files}
+            for key, f in weight_map.items():
+                if key not in shards[path / f]:
+                    raise CheckpointError(f"{index}: says {key!r} is in {f}, but that file does not hold it")
+            return shards
+        if (path / single).is_file():
+            return {path / single: reader(path / single)}
+    raise CheckpointError(f"{path}: no weights found (model.safetensors, model.safetensors.index.json, "
+                          "pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+class _Entry:
+    """One stored tensor: its shape, and how to copy it into a destination parameter."""
+
+    def __init__(self, shape, fill):
+        self.shape, self.fill = tuple(shape), fill
+
+    def __call__(self, dest: torch.Tensor):
+        self.fill(dest)
+
+
+def safetensors_entries(file: Path) -> dict[str, _Entry]:
+    """Parse a .safetensors header (8-byte little-endian length, then JSON: name -> dtype, shape, byte offsets).
+    Reading it ourselves lets each tensor go straight from disk into its parameter, with no memory map that would
+    count the whole file against the process."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise CheckpointError(f"{file}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{file}: not a safetensors file (header is not JSON)") from None
+    header.pop("__metadata__", None)
+    start = 8 + n
+    entries = {}
+    for name, info in header.items():
+        file_dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if file_dtype is None:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        nbytes = math.prod(info["shape"]) * torch.empty(0, dtype=file_dtype).element_size()
+        if end - begin != nbytes or start + end > size:
+            raise CheckpointError(f"{file}: tensor {name!r} is truncated or its offsets do not match its shape")
+
+        def fill(dest, file_dtype=file_dtype, offset=start + begin):
+            with open(file, "rb") as f:
+                f.seek(offset)
+                if dest.dtype == file_dtype and dest.device.type == "cpu" and dest.is_contiguous():
+                    f.readinto(dest.view(-1).view(torch.uint8).numpy())  # straight from disk into the parameter
+                    return
+                flat, chunk = dest.view(-1), READ_CHUNK  # else cast / move piece by piece: no full-size temp
+                buf = torch.empty(min(chunk, flat.numel()), dtype=file_dtype)
+                for i in range(0, flat.numel(), chunk):
+                    piece = buf[:min(chunk, flat.numel() - i)]
+                    f.readinto(piece.view(torch.uint8).numpy())
+                    flat[i:i + piece.numel()].copy_(piece)
+
+        entries[name] = _Entry(info["shape"], fill)
+    return entries
+
+
+def torch_bin_entries(file: Path) -> dict[str, _Entry]:
+    """A pytorch_model*.bin shard, memory-mapped and unpickled with weights_only=True (no arbitrary objects)."""
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint ({e})") from None
+    return {k: _Entry(t.shape, lambda dest, t=t: dest.copy_(t)) for k, t in state.items()}
+
+
+def check_keys(shards: dict[Path, dict], expected: dict[str, tuple], optional: set, dropped: tuple, path: Path):
+    """Every expected key exactly once with its shape; keys in `optional` may be absent, keys ending in one of
+    `dropped` are ignored on purpose; nothing else. Raises before any tensor is read."""
+    found, problems = {}, []
+    for file, entries in shards.items():
+        for key in entries:
+            if key in found:
+                problems.append(f"{key!r} is stored twice ({found[key].name} and {file.name})")
+            found[key] = file
+    missing = sorted(set(expected) - set(found) - optional)
+    unexpected = sorted(k for k in set(found) - set(expected) if not k.endswith(dropped))
+    wrong = [f"{k} in {found[k].name}: expected {expected[k]}, found {shards[found[k]][k].shape}"
+             for k in sorted(set(found) & set(expected)) if shards[found[k]][k].shape != expected[k]]
+
+    def listing(keys, limit=8):
+        return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+    if missing:
+        problems.append(f"missing keys: {listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {listing(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes: {listing(wrong)}")
+    if problems:
+        files = ", ".join(sorted(f.name for f in shards))
+        raise CheckpointError(f"{path} ({files}): " + "; ".join(problems))
