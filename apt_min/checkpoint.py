@@ -8,6 +8,8 @@ data; each entry fills its destination tensor straight from disk.
 
 from __future__ import annotations
 
+import argparse
+import fnmatch
 import json
 import math
 import struct
@@ -43,7 +45,7 @@ def checkpoint_tensors(path: Path) -> dict[Path, dict]:
     """Index the weight files of a model folder without reading any tensor data.
     Returns {file: {key: reader}}, where reader.shape is the stored shape and reader(dest) fills `dest`."""
     for index_name, single, reader in (("model.safetensors.index.json", "model.safetensors", safetensors_entries),
-                                       ("pytorch_model.bin.index.json", "pytorch_model.bin", torch_bin_entries)):
+                                       ("pytorch_model.bin.index.json", "pytorch_model.bin", torch_entries)):
         index = path / index_name
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map")
@@ -73,10 +75,9 @@ class _Entry:
         self.fill(dest)
 
 
-def safetensors_entries(file: Path) -> dict[str, _Entry]:
-    """Parse a .safetensors header (8-byte little-endian length, then JSON: name -> dtype, shape, byte offsets).
-    Reading it ourselves lets each tensor go straight from disk into its parameter, with no memory map that would
-    count the whole file against the process."""
+def safetensors_header(file: Path) -> tuple[dict, dict, int]:
+    """Parse a .safetensors header: 8-byte little-endian length, then JSON mapping each name to its dtype, shape
+    and byte offsets, plus an optional "__metadata__" of strings. Returns (tensors, metadata, data start)."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -87,8 +88,15 @@ def safetensors_entries(file: Path) -> dict[str, _Entry]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{file}: not a safetensors file (header is not JSON)") from None
-    header.pop("__metadata__", None)
-    start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata, 8 + n
+
+
+def safetensors_entries(file: Path) -> dict[str, _Entry]:
+    """The tensors of a .safetensors file, each read straight from disk into its parameter: no memory map that
+    would count the whole file against the process."""
+    header, _, start = safetensors_header(file)
+    size = file.stat().st_size
     entries = {}
     for name, info in header.items():
         file_dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
@@ -116,18 +124,32 @@ def safetensors_entries(file: Path) -> dict[str, _Entry]:
     return entries
 
 
-def torch_bin_entries(file: Path) -> dict[str, _Entry]:
-    """A pytorch_model*.bin shard, memory-mapped and unpickled with weights_only=True (no arbitrary objects)."""
+def torch_entries(file: Path, subkey: str | None = None) -> dict[str, _Entry]:
+    """The tensors of a torch.save file (pytorch_model*.bin, Audio-MAE's .pth), unpickled with weights_only=True:
+    tensors, containers and numbers only, no arbitrary objects. The training-arguments Namespace that MAE-family
+    checkpoints carry is the one class allowed besides. subkey: take the state dict from that entry ("model")."""
+    def read(mmap):
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
+
     try:
-        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
+        try:
+            obj = read(mmap=True)
+        except RuntimeError as e:  # files in the pre-1.6 format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = read(mmap=False)
+    except Exception as e:  # unpickling raises many types; each becomes one clear error naming the file
         raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint ({e})") from None
+    state = obj[subkey] if isinstance(obj, dict) and subkey in obj else obj
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensors" + (f" (or one under {subkey!r})" if subkey else ""))
     return {k: _Entry(t.shape, lambda dest, t=t: dest.copy_(t)) for k, t in state.items()}
 
 
 def check_keys(shards: dict[Path, dict], expected: dict[str, tuple], optional: set, dropped: tuple, path: Path):
-    """Every expected key exactly once with its shape; keys in `optional` may be absent, keys ending in one of
-    `dropped` are ignored on purpose; nothing else. Raises before any tensor is read."""
+    """Every expected key exactly once with its shape; keys in `optional` may be absent, keys matching one of the
+    `dropped` patterns (fnmatch: "head.*") are left out on purpose; nothing else. Raises before any tensor is read."""
     found, problems = {}, []
     for file, entries in shards.items():
         for key in entries:
@@ -135,7 +157,7 @@ def check_keys(shards: dict[Path, dict], expected: dict[str, tuple], optional: s
                 problems.append(f"{key!r} is stored twice ({found[key].name} and {file.name})")
             found[key] = file
     missing = sorted(set(expected) - set(found) - optional)
-    unexpected = sorted(k for k in set(found) - set(expected) if not k.endswith(dropped))
+    unexpected = sorted(k for k in set(found) - set(expected) if not any(fnmatch.fnmatchcase(k, p) for p in dropped))
     wrong = [f"{k} in {found[k].name}: expected {expected[k]}, found {shards[found[k]][k].shape}"
              for k in sorted(set(found) & set(expected)) if shards[found[k]][k].shape != expected[k]]
 

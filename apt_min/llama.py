@@ -23,7 +23,7 @@ from apt_min.checkpoint import CheckpointError, check_keys, checkpoint_tensors, 
 
 # keys found in Llama checkpoints that we drop on purpose: transformers < 4.31 saved the rotary table, which is
 # recomputed from config.json here
-DROPPED = ("rotary_emb.inv_freq",)
+DROPPED = ("*.rotary_emb.inv_freq",)
 
 
 @dataclass

@@ -1,0 +1,107 @@
+"""File -> fbank -> Audio-MAE features: clips per second and peak memory, batch 8, on CPU (bf16 on a GPU).
+
+For each encoder size (the paper's ViT-B/16 on 10.24 s windows, and a tiny one on 5.12 s windows) a fresh process
+reads 8 ten-second 44.1 kHz stereo files, resamples, computes the fbank windows, and encodes them as one batch.
+Printed beside ours, measured in the same run: torchaudio's kaldi.fbank on the same waveforms, and transformers'
+ViTModel with the same weights running the same number of blocks (ratios > 1: ours is faster).
+    python benchmarks/bench_audio.py [--sizes paper tiny] [--repeats 3]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {  # encoder config overrides; "tiny" is the CPU preset's encoder
+    "paper": {},
+    "tiny": {"target_length": 512, "dim": 192, "depth": 4, "heads": 3},
+}
+
+CHILD = r"""
+import json, sys, time, torch, torchaudio
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
+from apt_min import audio
+from apt_min.audiomae import AudioMAE, AudioMAEConfig
+from benchmarks.common import median_seconds
+
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+
+files, overrides, repeats = json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+cfg = AudioMAEConfig(**overrides)
+torch.manual_seed(0)
+model = AudioMAE(cfg)
+with torch.no_grad():  # weights at a realistic scale (this measures speed, not quality)
+    for p in model.parameters():
+        p.normal_(0, 0.02)
+model = model.to(device, dtype)
+audio.fbank(torch.zeros(20000), cfg.target_length)  # warm-up
+model(torch.zeros(1, cfg.target_length, cfg.num_mel_bins, device=device))
+before = hwm()
+
+def ours():
+    windows = torch.cat([audio.load_fbank(f, cfg.target_length) for f in files])  # (8 * W, T, 128)
+    with torch.no_grad():
+        return model(windows.to(device))
+
+t_ours = median_seconds(ours, repeats, warmup=0)
+peak = hwm() - before
+t_front = median_seconds(lambda: [audio.load_fbank(f, cfg.target_length) for f in files], repeats, warmup=0)
+
+# references in the same process: torchaudio's fbank; transformers' ViT with the same weights and blocks run
+waves = [audio.load(f) for f in files]
+kw = dict(htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning", num_mel_bins=128,
+          dither=0.0, frame_shift=10)
+t_kaldi_ours = median_seconds(lambda: [audio.kaldi_fbank(w - w.mean()) for w in waves], repeats)
+t_kaldi_ta = median_seconds(lambda: [torchaudio.compliance.kaldi.fbank((w - w.mean())[None], **kw) for w in waves],
+                            repeats)
+from test_audiomae import to_hf
+blocks = cfg.output_block % cfg.depth + 1
+hf = to_hf(model.float().cpu())
+hf.layers = hf.layers[:blocks]  # the same blocks ours runs; the final layernorm it adds is negligible
+hf, model = hf.to(device, dtype), model.to(device, dtype)
+x = torch.cat([audio.load_fbank(f, cfg.target_length) for f in files]).to(device)
+with torch.no_grad():
+    t_enc_ours = median_seconds(lambda: model(x), repeats)
+    t_enc_hf = median_seconds(lambda: hf(x[:, None].to(dtype)), repeats)
+print(json.dumps(dict(device=device, dtype=str(dtype), clips_per_s=len(files) / t_ours, peak_mib=peak / 2**20,
+                      front_s=t_front, kaldi_ratio=t_kaldi_ta / t_kaldi_ours, enc_s=t_enc_ours,
+                      enc_ratio=t_enc_hf / t_enc_ours, windows=x.shape[0], blocks=blocks)))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    import numpy as np
+    import soundfile as sf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        files = []
+        for i in range(8):  # ten seconds of a chirp in noise, 44.1 kHz stereo, as real downloads often are
+            t = np.arange(441000) / 44100
+            x = 0.3 * np.sin(2 * np.pi * (200 + 300 * i) * t * (1 + t / 10)) + 0.05 * rng.standard_normal(t.size)
+            files.append(str(Path(tmp) / f"clip{i}.wav"))
+            sf.write(files[-1], np.stack([x, 0.8 * x], 1).astype(np.float32), 44100, subtype="PCM_16")
+        for size in args.sizes:
+            out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), json.dumps(files), json.dumps(SIZES[size]),
+                                  str(args.repeats)], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(out.stderr)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{size:>5} encoder ({r['device']}, {r['dtype']}, {r['windows']} windows, {r['blocks']} blocks run): "
+                  f"{r['clips_per_s']:.2f} clips/s file->features, peak RSS growth {r['peak_mib']:.0f} MiB | "
+                  f"front end {r['front_s'] * 1e3:.0f} ms for 8 files; fbank vs torchaudio {r['kaldi_ratio']:.2f}x | "
+                  f"encoder {r['enc_s'] * 1e3:.0f} ms vs transformers ViT {r['enc_ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

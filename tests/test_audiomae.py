@@ -1,0 +1,167 @@
+"""The Audio-MAE encoder against transformers' ViTModel, and loading released-format checkpoints."""
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from apt_min.audiomae import AudioMAE, AudioMAEConfig, sincos_position_table
+from apt_min.checkpoint import CheckpointError
+
+SMALL = dict(dim=64, depth=3, heads=4)  # paper grid (1024 x 128 -> 64 x 8 patches), narrow and shallow
+
+# our key -> transformers ViTModel key (transformers 5.x names); {} is the block index; qkv is split in three below
+TO_HF = {
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+    "blocks.{}.norm1.weight": "layers.{}.layernorm_before.weight",
+    "blocks.{}.norm1.bias": "layers.{}.layernorm_before.bias",
+    "blocks.{}.attn.proj.weight": "layers.{}.attention.o_proj.weight",
+    "blocks.{}.attn.proj.bias": "layers.{}.attention.o_proj.bias",
+    "blocks.{}.norm2.weight": "layers.{}.layernorm_after.weight",
+    "blocks.{}.norm2.bias": "layers.{}.layernorm_after.bias",
+    "blocks.{}.mlp.fc1.weight": "layers.{}.mlp.fc1.weight",
+    "blocks.{}.mlp.fc1.bias": "layers.{}.mlp.fc1.bias",
+    "blocks.{}.mlp.fc2.weight": "layers.{}.mlp.fc2.weight",
+    "blocks.{}.mlp.fc2.bias": "layers.{}.mlp.fc2.bias",
+}
+
+
+def random_encoder(**kw):
+    model = AudioMAE(AudioMAEConfig(**{**SMALL, **kw}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0 / math.sqrt(p[0].numel())) if p.dim() > 1 else p.normal_(0, 0.1)
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+                p.add_(1.0)
+    return model
+
+
+def to_hf(model):
+    from transformers import ViTConfig, ViTModel
+
+    c = model.config
+    hf = ViTModel(ViTConfig(hidden_size=c.dim, num_hidden_layers=c.depth, num_attention_heads=c.heads,
+                            intermediate_size=int(c.dim * c.mlp_ratio), image_size=(c.target_length, c.num_mel_bins),
+                            patch_size=c.patch_size, num_channels=1, layer_norm_eps=1e-6, qkv_bias=True,
+                            hidden_act="gelu"), add_pooling_layer=False).eval()
+    ours = model.state_dict()
+    theirs = {"layernorm.weight": torch.ones(c.dim), "layernorm.bias": torch.zeros(c.dim)}  # final norm: unused
+    for i in range(c.depth):
+        for kind in ("weight", "bias"):
+            q, k, v = ours[f"blocks.{i}.attn.qkv.{kind}"].chunk(3)  # fused rows: queries, keys, values
+            theirs |= {f"layers.{i}.attention.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, v))}
+    for src, dst in TO_HF.items():
+        for i in range(c.depth) if "{}" in src else [None]:
+            theirs[dst.format(i)] = ours[src.format(i)]
+    hf.load_state_dict(theirs, strict=True)
+    return hf
+
+
+@pytest.mark.parametrize("output_block", [-2, -1, 0])
+def test_matches_transformers_vit(output_block):
+    model = random_encoder(output_block=output_block)
+    hf = to_hf(model)
+    fbank = torch.randn(2, 1024, 128)
+    with torch.no_grad():
+        ours = model(fbank)  # (2, 512, 64)
+        ref = hf(fbank[:, None], output_hidden_states=True).hidden_states[output_block % 3 + 1][:, 1:]
+    assert ours.shape == (2, 512, 64)
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_position_table_layout():
+    cfg = AudioMAEConfig(dim=8)  # grid (64 time, 8 freq); 2 frequencies per sin/cos half
+    table = sincos_position_table(cfg)
+    assert table.shape == (513, 8) and torch.all(table[0] == 0)
+    omega = torch.tensor([1.0, 0.01])  # 10000 ** (-i / 2)
+    for k in (0, 7, 8, 100, 511):  # row 1 + k encodes (k mod 64, k div 64), the released models' layout
+        a, b = k % 64, k // 64
+        expected = torch.cat([torch.sin(a * omega), torch.cos(a * omega), torch.sin(b * omega), torch.cos(b * omega)])
+        assert torch.allclose(table[1 + k], expected, atol=1e-6)
+
+
+def test_other_grids():
+    model = random_encoder(target_length=512, num_mel_bins=64)
+    assert model.num_patches == 32 * 4 and model.pos_embed.shape == (1, 129, 64)
+    assert model(torch.randn(1, 512, 64)).shape == (1, 128, 64)
+    with pytest.raises(ValueError, match=r"expected fbank windows of shape \(B, 512, 64\)"):
+        model(torch.randn(1, 1024, 128))
+
+
+def test_frozen():
+    model = random_encoder()
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def released_checkpoint(model, path, extra=True):
+    """A file shaped like Audio-MAE's finetuned.pth / pretrained.pth: tensors under "model", plus the keys APT
+    drops and the training-arguments Namespace these checkpoints carry."""
+    state = dict(model.state_dict())
+    if extra:
+        c = model.config
+        state |= {"head.weight": torch.randn(527, c.dim), "head.bias": torch.zeros(527),
+                  "fc_norm.weight": torch.ones(c.dim), "fc_norm.bias": torch.zeros(c.dim),
+                  "norm.weight": torch.ones(c.dim), "norm.bias": torch.zeros(c.dim),
+                  "mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.randn(32, c.dim),
+                  "decoder_blocks.0.attn.qkv.weight": torch.randn(96, 32)}
+    torch.save({"model": state, "epoch": 32, "args": argparse.Namespace(model="vit_base_patch16")}, path)
+    return path
+
+
+def test_released_checkpoint_loads_strictly(tmp_path):
+    model = random_encoder()
+    cfg = model.config
+    loaded = AudioMAE.from_checkpoint(released_checkpoint(model, tmp_path / "finetuned.pth"), cfg)
+    fbank = torch.randn(1, 1024, 128)
+    assert torch.equal(loaded(fbank), model(fbank))
+    # the converter: one safetensors file that carries its config; no pickle on later loads
+    loaded.save(tmp_path / "encoder.safetensors")
+    again = AudioMAE.from_checkpoint(tmp_path / "encoder.safetensors")
+    assert again.config == cfg and torch.equal(again(fbank), model(fbank))
+
+
+def test_missing_key_is_named(tmp_path):
+    model = random_encoder()
+    path = released_checkpoint(model, tmp_path / "ck.pth")
+    ck = torch.load(path, weights_only=False)
+    del ck["model"]["blocks.1.attn.qkv.bias"]
+    torch.save(ck, path)
+    with pytest.raises(CheckpointError, match=r"ck.pth.*missing keys: blocks\.1\.attn\.qkv\.bias"):
+        AudioMAE.from_checkpoint(path, model.config)
+
+
+def test_unexpected_and_misshaped_keys_are_named(tmp_path):
+    model = random_encoder()
+    path = released_checkpoint(model, tmp_path / "ck.pth")
+    ck = torch.load(path, weights_only=False)
+    ck["model"]["blocks.0.attn.rel_pos"] = torch.zeros(3)
+    ck["model"]["blocks.2.mlp.fc1.weight"] = torch.zeros(10, 64)
+    torch.save(ck, path)
+    with pytest.raises(CheckpointError, match=r"unexpected keys: blocks\.0\.attn\.rel_pos.*wrong shapes: "
+                                              r"blocks\.2\.mlp\.fc1\.weight in ck.pth: expected \(256, 64\)"):
+        AudioMAE.from_checkpoint(path, model.config)
+
+
+def test_pickle_with_an_arbitrary_object_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run on load",))
+
+    torch.save({"model": {"cls_token": torch.zeros(1)}, "hook": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="evil.pth: cannot be read as a weights-only torch checkpoint"):
+        AudioMAE.from_checkpoint(tmp_path / "evil.pth")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="nothing.pth: no such checkpoint file"):
+        AudioMAE.from_checkpoint(tmp_path / "nothing.pth")
+
+
+def test_half_precision_forward():
+    model = random_encoder().to(torch.bfloat16)
+    out = model(torch.randn(1, 1024, 128))  # float input, cast to the encoder's dtype
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
