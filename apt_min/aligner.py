@@ -1,0 +1,298 @@
+"""The audio aligner: a small BLIP-2 Q-Former (paper §3.1, §3.3; Li et al., BLIP-2, §3.1) and its stage-0 losses.
+
+    audio_feats (B, N, Da) + text ids (B, T)  ->  hidden states (B, Q + T, H)     Q = 32 learned queries
+
+One stack of BERT-style post-LN layers runs over `[queries ; text]`. Self-attention mixes the two under one of three
+masks (the functions below, each drawn); only the query slice cross-attends to the audio, every
+`cross_attention_freq`-th layer; queries and text have separate feed-forward weights. Text uses the LLM's tokenizer
+with the aligner's own word and position embeddings; id `vocab_size` is the decoder-start token [DEC].
+
+Uses: stage 0 (`stage0_losses`: ATC + ATM + AGTG), instruction-aware prompts for stages 1-2 (`instruct`), the text
+branch alone (`encode_text`, for the tagging protocol). A clip of several windows is aligned window by window: each
+window gets its own Q prompts and the caller concatenates them in time order (`model.py`), so order survives and
+every window is what the aligner was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AlignerConfig:
+    vocab_size: int  # the LLM tokenizer's; the word table has one more row, [DEC]
+    audio_dim: int = 768  # Audio-MAE ViT-B
+    hidden_size: int = 256  # paper preset: BERT-mini size
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    num_queries: int = 32
+    cross_attention_freq: int = 2
+    max_text_len: int = 512
+    contrast_dim: int = 256  # ATC projection
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+
+
+# --------------------------------------------------------------------------------------------------------- masks
+# Each returns (B, 1, Q + T, Q + T) bool, True where a row (query position) may look at a column (key position).
+# text_mask (B, T) is True for real tokens; padded text is never looked at.
+
+
+def bidirectional_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """ATM, and instructions in stages 1-2: everything sees everything.
+
+                 q q q  t t t
+        q q q  [ x x x  x x x ]
+        t t t  [ x x x  x x x ]
+    """
+    B, T = text_mask.shape
+    keys = torch.cat([text_mask.new_ones(B, num_queries), text_mask], 1)  # (B, Q + T)
+    return keys[:, None, None, :].expand(B, 1, num_queries + T, num_queries + T)
+
+
+def unimodal_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """ATC: queries see only queries (and, through cross-attention, the audio); text sees only text.
+
+                 q q q  t t t
+        q q q  [ x x x  . . . ]
+        t t t  [ . . .  x x x ]
+    """
+    L = num_queries + text_mask.shape[1]
+    is_query = torch.arange(L, device=text_mask.device) < num_queries  # (L,)
+    same_side = is_query[:, None] == is_query[None, :]  # (L, L)
+    return bidirectional_mask(num_queries, text_mask) & same_side
+
+
+def multimodal_causal_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """AGTG: queries see only queries; each text token sees all queries and the text up to itself.
+
+                 q q q  t t t
+        q q q  [ x x x  . . . ]
+        t1     [ x x x  x . . ]
+        t2     [ x x x  x x . ]
+        t3     [ x x x  x x x ]
+    """
+    L = num_queries + text_mask.shape[1]
+    pos = torch.arange(L, device=text_mask.device)
+    query_row = (pos < num_queries)[:, None] & (pos < num_queries)[None, :]
+    text_row = (pos >= num_queries)[:, None] & (pos[None, :] <= pos[:, None])  # earlier text, and all queries
+    return bidirectional_mask(num_queries, text_mask) & (query_row | text_row)
+
+
+# -------------------------------------------------------------------------------------------------------- layers
+
+
+class Attention(nn.Module):
+    """Multi-head attention with BERT's post-LN residual: norm(x + out(attend(x, context)))."""
+
+    def __init__(self, cfg: AlignerConfig, context_dim: int):
+        super().__init__()
+        H = cfg.hidden_size
+        self.heads, self.p = cfg.num_heads, cfg.dropout
+        self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(context_dim, H), nn.Linear(context_dim, H)
+        self.out = nn.Linear(H, H)
+        self.norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, context, mask=None):
+        B, L, H = x.shape
+        split = lambda t: t.view(B, t.shape[1], self.heads, H // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))  # (B, h, *, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
+        return self.norm(x + self.drop(self.out(y.transpose(1, 2).reshape(B, L, H))))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: AlignerConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.norm(x + self.drop(self.down(F.gelu(self.up(x)))))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: AlignerConfig, cross: bool):
+        super().__init__()
+        self.self_attn = Attention(cfg, cfg.hidden_size)
+        self.cross_attn = Attention(cfg, cfg.audio_dim) if cross else None
+        self.ffn_query = FeedForward(cfg)
+        self.ffn_text = FeedForward(cfg)
+
+    def forward(self, x, audio, mask, Q: int):
+        x = self.self_attn(x, x, mask)  # (B, Q + T, H)
+        queries, text = x[:, :Q], x[:, Q:]
+        if self.cross_attn is not None and Q:
+            queries = self.cross_attn(queries, audio)  # only the queries hear the audio
+        parts = ([self.ffn_query(queries)] if Q else []) + ([self.ffn_text(text)] if text.shape[1] else [])
+        return torch.cat(parts, dim=1)
+
+
+class Aligner(nn.Module):
+    def __init__(self, cfg: AlignerConfig):
+        super().__init__()
+        self.config = cfg
+        H = cfg.hidden_size
+        self.dec_id = cfg.vocab_size  # decoder-start token: one extra row of the word table
+        self.ln_audio = nn.LayerNorm(cfg.audio_dim)  # on the frozen encoder's output (BLIP-2's ln_vision)
+        self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_queries, H) * 0.02)
+        self.word_embeddings = nn.Embedding(cfg.vocab_size + 1, H)
+        self.position_embeddings = nn.Embedding(cfg.max_text_len, H)  # text only; queries have no position
+        self.embed_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Layer(cfg, cross=i % cfg.cross_attention_freq == 0)
+                                    for i in range(cfg.num_layers))
+        # stage-0 heads
+        self.audio_proj = nn.Linear(H, cfg.contrast_dim)
+        self.text_proj = nn.Linear(H, cfg.contrast_dim)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.atm_head = nn.Linear(H, 2)
+        self.lm_transform = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H, eps=cfg.layer_norm_eps))
+        self.lm_decoder = nn.Linear(H, cfg.vocab_size + 1)
+        self.lm_decoder.weight = self.word_embeddings.weight  # tied, as in BERT
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):  # BERT's initialisation
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, audio_feats=None, text_ids=None, text_mask=None, mask_fn=bidirectional_mask):
+        """audio_feats (B, N, Da) or None (text alone); text_ids, text_mask (B, T) or None (queries alone).
+        Returns the hidden states (B, Q + T, H): query outputs first, then text outputs."""
+        parts = []
+        if audio_feats is not None:
+            audio_feats = self.ln_audio(audio_feats)
+            parts.append(self.query_tokens.expand(audio_feats.shape[0], -1, -1))  # (B, Q, H)
+        if text_ids is not None:
+            T = text_ids.shape[1]
+            if T > self.config.max_text_len:
+                raise ValueError(f"text of {T} tokens is longer than max_text_len={self.config.max_text_len}")
+            pos = self.position_embeddings(torch.arange(T, device=text_ids.device))
+            parts.append(self.word_embeddings(text_ids) + pos)  # (B, T, H)
+        Q = parts[0].shape[1] if audio_feats is not None else 0
+        x = self.embed_drop(self.embed_norm(torch.cat(parts, dim=1)))  # (B, Q + T, H)
+        mask = None
+        if text_ids is not None:
+            text_mask = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
+            mask = mask_fn(Q, text_mask)
+        for layer in self.layers:
+            x = layer(x, audio_feats, mask, Q)
+        return x
+
+    def instruct(self, audio_feats, instr_ids=None, instr_mask=None):
+        """Stages 1-2: the queries read the audio and the instruction together (bidirectional), as InstructBLIP's
+        Q-Former does. (B, N, Da) + (B, T) -> query outputs (B, Q, H)."""
+        return self(audio_feats, instr_ids, instr_mask, bidirectional_mask)[:, :self.config.num_queries]
+
+    def clip_prompts(self, window_feats, instr_ids=None):
+        """All W windows of one clip, (W, N, Da), with the instruction ids (T,) that follow the clip -> (W * Q, H):
+        each window aligned on its own under the same instruction, the prompts concatenated in time order."""
+        W = window_feats.shape[0]
+        ids = None if instr_ids is None else instr_ids.expand(W, -1)
+        return self.instruct(window_feats, ids).reshape(W * self.config.num_queries, self.config.hidden_size)
+
+    def encode_text(self, text_ids, text_mask=None):
+        """The text branch alone: the first token's output, projected and L2-normalised. (B, T) -> (B, E)."""
+        return F.normalize(self.text_proj(self(None, text_ids, text_mask)[:, 0]), dim=-1)
+
+    def encode_audio(self, audio_feats):
+        """The query branch alone: every query output, projected and L2-normalised. (B, N, Da) -> (B, Q, E)."""
+        return F.normalize(self.audio_proj(self(audio_feats)), dim=-1)
+
+
+# -------------------------------------------------------------------------------------------------- stage 0 losses
+
+
+def caption_keys(text_ids, text_mask) -> torch.Tensor:
+    """One int64 per caption, equal for equal token sequences (a polynomial hash): lets duplicates be found
+    across a batch, and across processes, without comparing variable-length texts. (B, T) -> (B,)"""
+    powers = torch.full((text_ids.shape[1],), 1_000_003, dtype=torch.long, device=text_ids.device)
+    powers = powers.cumprod(0)  # int64 arithmetic wraps around; the hash stays deterministic
+    return (text_ids.masked_fill(~text_mask.bool(), 0) * powers).sum(1) + text_mask.sum(1)
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from every process along dim 0; the local slice keeps its gradient (the others are constants).
+    Without torch.distributed, x itself."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def atc_loss(audio_emb, text_emb, temp, positives, label_smoothing: float = 0.1):
+    """Audio-text contrastive loss. audio_emb (B, Q, E) and text_emb (B, E), L2-normalised, local to this process;
+    positives (B, B_all) bool: which gathered pairs are true pairs (the same clip, or the same caption).
+    Similarity = the best-matching query / temperature; cross-entropy both ways against the positives.
+    Returns (loss, sim_a2t (B, B_all), sim_t2a (B, B_all))."""
+    audio_all, text_all = gather_with_grad(audio_emb), gather_with_grad(text_emb)  # (B_all, Q, E), (B_all, E)
+    temp = temp.clamp(0.001, 0.5)
+    sim_a2t = torch.einsum("bqe,ce->bcq", audio_emb, text_all).amax(-1) / temp  # (B, B_all)
+    sim_t2a = torch.einsum("be,cqe->bcq", text_emb, audio_all).amax(-1) / temp  # (B, B_all)
+    targets = positives.float() / positives.sum(1, keepdim=True)
+    loss = (F.cross_entropy(sim_a2t, targets, label_smoothing=label_smoothing)
+            + F.cross_entropy(sim_t2a, targets, label_smoothing=label_smoothing)) / 2
+    return loss, sim_a2t, sim_t2a
+
+
+def hard_negatives(sim, positives, generator=None):
+    """For each row, one column drawn with probability softmax(sim) among the non-positive columns: a negative that
+    the model currently finds similar. sim, positives (B, C). Returns (index (B,), valid (B,)); a row whose columns
+    are all positive has no negative (valid False)."""
+    weights = sim.detach().float().softmax(-1).masked_fill(positives, 0.0)
+    valid = weights.sum(-1) > 0
+    weights = torch.where(valid[:, None], weights, (~positives).float() + 1.0)  # placeholder rows, never used
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1), valid
+
+
+def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, generator=None) -> dict:
+    """ATC + ATM + AGTG on a batch of audio-text pairs (BLIP-2's first stage). audio_feats (B, N, Da);
+    text_ids, text_mask (B, T), each caption starting with BOS (its output is the text's summary for ATC) and
+    ending with EOS; clip_ids (B,) int64 naming the clip of each pair (several captions of one clip are positives of
+    each other). Returns {"atc", "atm", "agtg", "total"}, each a scalar tensor."""
+    Q, text_mask = aligner.config.num_queries, text_mask.bool()
+    keys = caption_keys(text_ids, text_mask)
+    positives = ((clip_ids[:, None] == gather_with_grad(clip_ids)[None, :])
+                 | (keys[:, None] == gather_with_grad(keys)[None, :]))  # (B, B_all)
+
+    # ATC: one pass under the unimodal mask gives both branches: queries that heard only audio, text only text
+    h = aligner(audio_feats, text_ids, text_mask, unimodal_mask)
+    audio_emb = F.normalize(aligner.audio_proj(h[:, :Q]), dim=-1)  # (B, Q, E)
+    text_emb = F.normalize(aligner.text_proj(h[:, Q]), dim=-1)  # (B, E)
+    atc, sim_a2t, sim_t2a = atc_loss(audio_emb, text_emb, aligner.temp, positives)
+
+    # ATM: is this pair a match? positives, plus per pair a hard negative text and a hard negative audio (drawn
+    # from this process's batch)
+    B = audio_feats.shape[0]
+    local = slice(0, B) if sim_a2t.shape[1] == B else slice(dist.get_rank() * B, (dist.get_rank() + 1) * B)
+    local_pos = positives[:, local]
+    neg_text, ok_t = hard_negatives(sim_a2t[:, local], local_pos, generator)  # for each audio, a wrong text
+    neg_audio, ok_a = hard_negatives(sim_t2a[:, local], local_pos, generator)  # for each text, a wrong audio
+    audio_idx = torch.cat([torch.arange(B, device=clip_ids.device), torch.nonzero(ok_t).squeeze(1), neg_audio[ok_a]])
+    text_idx = torch.cat([torch.arange(B, device=clip_ids.device), neg_text[ok_t], torch.nonzero(ok_a).squeeze(1)])
+    labels = (torch.arange(audio_idx.numel(), device=clip_ids.device) < B).long()  # 1 = match
+    h = aligner(audio_feats[audio_idx], text_ids[text_idx], text_mask[text_idx], bidirectional_mask)
+    atm = F.cross_entropy(aligner.atm_head(h[:, :Q]).mean(1), labels)  # logits averaged over the queries
+
+    # AGTG: generate the caption from the queries; [DEC] replaces BOS; each token sees the queries and earlier text
+    dec_ids = text_ids.clone()
+    dec_ids[:, 0] = aligner.dec_id
+    h = aligner(audio_feats, dec_ids, text_mask, multimodal_causal_mask)
+    logits = aligner.lm_decoder(aligner.lm_transform(h[:, Q:-1]))  # (B, T - 1, V + 1): predicts tokens 1..T-1
+    targets = text_ids[:, 1:].masked_fill(~text_mask[:, 1:], -100)
+    agtg = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=0.1)
+    return {"atc": atc, "atm": atm, "agtg": agtg, "total": atc + atm + agtg}

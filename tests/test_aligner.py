@@ -1,0 +1,251 @@
+"""The aligner against transformers' BLIP-2 / InstructBLIP Q-Formers; its masks; hard negatives; stage-0 losses."""
+
+import os
+import re
+
+import torch
+import torch.multiprocessing as mp
+
+from apt_min.aligner import (
+    Aligner,
+    AlignerConfig,
+    bidirectional_mask,
+    caption_keys,
+    hard_negatives,
+    multimodal_causal_mask,
+    stage0_losses,
+    unimodal_mask,
+)
+
+CFG = AlignerConfig(vocab_size=50, audio_dim=24, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
+                    num_queries=5, max_text_len=16, contrast_dim=16, dropout=0.0)
+
+# ours -> transformers (InstructBlipQFormerModel; BLIP-2's query-only model names its embedding norm `layernorm`)
+TO_HF = {
+    "word_embeddings.weight": "embeddings.word_embeddings.weight",
+    "position_embeddings.weight": "embeddings.position_embeddings.weight",
+    "embed_norm.{p}": "embeddings.layernorm.{p}",
+    "layers.{i}.{a}.query.{p}": "encoder.layer.{i}.{A}.attention.query.{p}",
+    "layers.{i}.{a}.key.{p}": "encoder.layer.{i}.{A}.attention.key.{p}",
+    "layers.{i}.{a}.value.{p}": "encoder.layer.{i}.{A}.attention.value.{p}",
+    "layers.{i}.{a}.out.{p}": "encoder.layer.{i}.{A}.output.dense.{p}",
+    "layers.{i}.{a}.norm.{p}": "encoder.layer.{i}.{A}.output.LayerNorm.{p}",
+    "layers.{i}.ffn_query.up.{p}": "encoder.layer.{i}.intermediate_query.dense.{p}",
+    "layers.{i}.ffn_query.down.{p}": "encoder.layer.{i}.output_query.dense.{p}",
+    "layers.{i}.ffn_query.norm.{p}": "encoder.layer.{i}.output_query.LayerNorm.{p}",
+    "layers.{i}.ffn_text.up.{p}": "encoder.layer.{i}.intermediate.dense.{p}",
+    "layers.{i}.ffn_text.down.{p}": "encoder.layer.{i}.output.dense.{p}",
+    "layers.{i}.ffn_text.norm.{p}": "encoder.layer.{i}.output.LayerNorm.{p}",
+}
+ATTENTIONS = {"self_attn": "attention", "cross_attn": "crossattention"}
+
+
+def hf_state(aligner):
+    """Our state dict under transformers' names, built from the table above (every key is mapped exactly once)."""
+    ours, theirs, used = aligner.state_dict(), {}, set()
+    for src, dst in TO_HF.items():
+        for i in range(aligner.config.num_layers):
+            for a, A in ATTENTIONS.items():
+                for p in ("weight", "bias"):
+                    key = src.format(i=i, a=a, p=p)
+                    if key in ours:
+                        theirs[dst.format(i=i, A=A, p=p)] = ours[key]
+                        used.add(key)
+    heads = ("ln_audio", "query_tokens", "audio_proj", "text_proj", "temp", "atm_head", "lm_")
+    assert set(ours) - used == {k for k in ours if k.startswith(heads)}  # only what the HF Q-Former lacks
+    return theirs
+
+
+def random_aligner(**kw):
+    torch.manual_seed(0)
+    aligner = Aligner(AlignerConfig(**{**CFG.__dict__, **kw})).eval()
+    with torch.no_grad():  # beyond BERT's tiny init, so that every path visibly matters
+        for name, p in aligner.named_parameters():
+            if "norm" in name or name.startswith("ln_"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name != "temp":
+                p.normal_(0, 0.3)
+    return aligner
+
+
+def batch(B=3, T=7, N=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    audio = torch.randn(B, N, CFG.audio_dim, generator=g)
+    ids = torch.randint(3, CFG.vocab_size, (B, T), generator=g)
+    ids[:, 0] = 1  # BOS
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2, 3:] = False
+    return audio, ids, mask
+
+
+def test_query_path_matches_blip2_qformer():
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    aligner = random_aligner()
+    hf = Blip2QFormerModel(Blip2QFormerConfig(
+        vocab_size=CFG.vocab_size + 1, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, cross_attention_frequency=2, encoder_hidden_size=24, max_position_embeddings=16)).eval()
+    text_only = re.compile(r"^embeddings\.(word|position)|\.\d+\.(intermediate|output)\.")  # BLIP-2 has no text
+    state = {k.replace("embeddings.layernorm", "layernorm"): v for k, v in hf_state(aligner).items()
+             if not text_only.search(k)}
+    hf.load_state_dict(state, strict=True)
+    audio = batch()[0]
+    with torch.no_grad():
+        ours = aligner(audio)
+        ref = hf(query_embeds=aligner.query_tokens.expand(3, -1, -1),
+                 encoder_hidden_states=aligner.ln_audio(audio)).last_hidden_state
+    assert ours.shape == (3, 5, 32)
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_instruction_path_matches_instructblip_qformer():
+    from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+    aligner = random_aligner()
+    hf = InstructBlipQFormerModel(InstructBlipQFormerConfig(
+        vocab_size=CFG.vocab_size + 1, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, cross_attention_frequency=2, encoder_hidden_size=24, max_position_embeddings=16)).eval()
+    hf.load_state_dict(hf_state(aligner), strict=True)
+    audio, ids, mask = batch()
+    with torch.no_grad():
+        ours = aligner(audio, ids, mask, bidirectional_mask)
+        ref = hf(input_ids=ids, attention_mask=torch.cat([torch.ones(3, 5, dtype=torch.long), mask.long()], 1),
+                 query_embeds=aligner.query_tokens.expand(3, -1, -1),
+                 encoder_hidden_states=aligner.ln_audio(audio)).last_hidden_state
+    valid = torch.cat([torch.ones(3, 5, dtype=torch.bool), mask], 1)
+    assert (ours - ref)[valid].abs().max() <= 1e-5
+    assert torch.equal(aligner.instruct(audio, ids, mask), ours[:, :5])
+
+
+def test_a_clip_of_several_windows_is_aligned_window_by_window():
+    aligner = random_aligner()
+    audio, ids, _ = batch()
+    windows = audio[:2]  # two windows of one clip; one instruction
+    Q = CFG.num_queries
+    with torch.no_grad():
+        prompts = aligner.clip_prompts(windows, ids[0])
+        assert prompts.shape == (2 * Q, 32)
+        for w in range(2):
+            assert torch.allclose(prompts[w * Q:(w + 1) * Q], aligner.instruct(windows[w:w + 1], ids[:1])[0], atol=1e-6)
+        swapped = aligner.clip_prompts(windows.flip(0), ids[0])  # time order is kept
+        assert torch.allclose(swapped[:Q], prompts[Q:], atol=1e-6)
+
+
+def test_mask_patterns():
+    text_mask = torch.tensor([[True, True, False]])  # 2 queries, 2 tokens and one pad
+    x, o = True, False
+    expected = {
+        bidirectional_mask: [[x, x, x, x, o]] * 5,
+        unimodal_mask: [[x, x, o, o, o], [x, x, o, o, o], [o, o, x, x, o], [o, o, x, x, o], [o, o, x, x, o]],
+        multimodal_causal_mask: [[x, x, o, o, o], [x, x, o, o, o], [x, x, x, o, o], [x, x, x, x, o],
+                                 [x, x, x, x, o]],
+    }
+    for fn, rows in expected.items():
+        got = fn(2, text_mask)
+        assert got.shape == (1, 1, 5, 5)
+        assert got[0, 0].tolist() == rows, fn.__name__
+
+
+def test_masks_change_what_the_queries_and_text_hear():
+    aligner = random_aligner()
+    audio, ids, mask = batch()
+    changed = ids.clone()
+    changed[:, 2] = (changed[:, 2] + 1) % CFG.vocab_size  # one text token differs (a real token in every row)
+    Q = CFG.num_queries
+    with torch.no_grad():
+        for fn, queries_unchanged in ((unimodal_mask, True), (multimodal_causal_mask, True),
+                                      (bidirectional_mask, False)):
+            a, b = aligner(audio, ids, mask, fn), aligner(audio, changed, mask, fn)
+            assert torch.allclose(a[:, :Q], b[:, :Q], atol=1e-6) == queries_unchanged, fn.__name__
+        # causal: a later token never changes an earlier one
+        a, b = aligner(audio, ids, mask, multimodal_causal_mask), aligner(audio, changed, mask, multimodal_causal_mask)
+        assert torch.allclose(a[:, Q:Q + 2], b[:, Q:Q + 2], atol=1e-6)
+        assert not torch.allclose(a[:, Q + 2], b[:, Q + 2], atol=1e-6)
+        # unimodal: text does not hear the audio; the queries do
+        other = torch.randn_like(audio)
+        a, b = aligner(audio, ids, mask, unimodal_mask), aligner(other, ids, mask, unimodal_mask)
+        assert torch.allclose(a[:, Q:], b[:, Q:], atol=1e-6) and not torch.allclose(a[:, :Q], b[:, :Q])
+        # the text branch alone equals the text slice of a unimodal pass
+        assert torch.allclose(aligner(None, ids, mask)[:, 0], a[:, Q], atol=1e-5)
+
+
+def test_padding_is_never_heard():
+    aligner = random_aligner()
+    audio, ids, mask = batch()
+    junk = ids.masked_fill(~mask, 7)
+    with torch.no_grad():
+        for fn in (unimodal_mask, bidirectional_mask, multimodal_causal_mask):
+            a, b = aligner(audio, ids, mask, fn), aligner(audio, junk, mask, fn)
+            valid = torch.cat([torch.ones(3, CFG.num_queries, dtype=torch.bool), mask], 1)
+            assert torch.allclose(a[valid], b[valid], atol=1e-6)
+
+
+def test_hard_negatives_never_return_a_positive():
+    g = torch.Generator().manual_seed(0)
+    clip = torch.tensor([0, 0, 1, 2, 2, 3])  # clips 0 and 2 appear twice (two captions each)
+    ids = torch.tensor([[1, 5, 6], [1, 5, 7], [1, 5, 6], [1, 8, 9], [1, 8, 9], [1, 4, 4]])  # rows 0, 2 same caption
+    keys = caption_keys(ids, torch.ones_like(ids, dtype=torch.bool))
+    assert keys[0] == keys[2] and keys[3] == keys[4] and len(set(keys.tolist())) == 4
+    positives = (clip[:, None] == clip[None]) | (keys[:, None] == keys[None])
+    sim = torch.randn(6, 6) * 5 + 20 * positives  # the model prefers the positives: the sampler must not
+    for _ in range(200):
+        idx, valid = hard_negatives(sim, positives, g)
+        assert valid.all() and not positives[torch.arange(6), idx].any()
+    everything = torch.ones(2, 2, dtype=torch.bool)  # all pairs positive: no negative exists
+    assert not hard_negatives(torch.zeros(2, 2), everything, g)[1].any()
+
+
+def test_stage0_losses_fall_together_when_overfitting():
+    torch.manual_seed(0)
+    aligner = Aligner(CFG).train()
+    audio, ids, mask = batch(B=6, T=8, seed=3)
+    ids[torch.arange(6), mask.sum(1) - 1] = 2  # EOS closes each caption
+    clip = torch.arange(6)
+    opt = torch.optim.AdamW(aligner.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    first = {k: v.item() for k, v in stage0_losses(aligner, audio, ids, mask, clip, g).items()}
+    for _ in range(250):  # ATM plateaus, then drops (after about 150 steps here): matching needs both sides
+        losses = stage0_losses(aligner, audio, ids, mask, clip, g)
+        opt.zero_grad()
+        losses["total"].backward()
+        opt.step()
+    last = {k: v.item() for k, v in stage0_losses(aligner.eval(), audio, ids, mask, clip, g).items()}
+    assert abs(first["total"] - (first["atc"] + first["atm"] + first["agtg"])) < 1e-5
+    for k in ("atc", "atm", "agtg"):
+        assert last[k] < 0.5 * first[k], (k, first[k], last[k])
+
+
+def _distributed_worker(rank, world, port, audio, ids, mask, clip, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from apt_min.aligner import atc_loss, gather_with_grad
+
+    aligner = random_aligner()
+    B = audio.shape[0] // world
+    part = slice(rank * B, (rank + 1) * B)
+    h = aligner(audio[part], ids[part], mask[part], unimodal_mask)
+    a = torch.nn.functional.normalize(aligner.audio_proj(h[:, :CFG.num_queries]), dim=-1)
+    t = torch.nn.functional.normalize(aligner.text_proj(h[:, CFG.num_queries]), dim=-1)
+    positives = clip[part][:, None] == gather_with_grad(clip[part])[None]
+    loss, _, _ = atc_loss(a, t, aligner.temp, positives)
+    loss.backward()
+    out[rank] = torch.cat([loss.detach()[None], aligner.query_tokens.grad.flatten()])
+    torch.distributed.destroy_process_group()
+
+
+def test_atc_negatives_are_gathered_across_processes():
+    """Two gloo processes with half the batch each: the mean of their losses equals one process on the whole
+    batch, so every text is contrasted with every audio of the global batch."""
+    from apt_min.aligner import atc_loss
+
+    audio, ids, mask = batch(B=4, T=6, seed=5)
+    clip = torch.arange(4)
+    aligner = random_aligner()
+    h = aligner(audio, ids, mask, unimodal_mask)
+    a = torch.nn.functional.normalize(aligner.audio_proj(h[:, :CFG.num_queries]), dim=-1)
+    t = torch.nn.functional.normalize(aligner.text_proj(h[:, CFG.num_queries]), dim=-1)
+    whole, _, _ = atc_loss(a, t, aligner.temp, clip[:, None] == clip[None])
+    out = mp.Manager().dict()
+    mp.spawn(_distributed_worker, args=(2, 29517, audio, ids, mask, clip, out), nprocs=2, join=True)
+    assert abs((out[0][0] + out[1][0]).item() / 2 - whole.item()) < 1e-5
