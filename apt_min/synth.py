@@ -282,8 +282,8 @@ def warble(rng, d):
 def heartbeat(rng, d):
     def one(rng):
         t = _t(0.12)
-        thump = np.sin(2 * np.pi * 55 * t) * np.hanning(len(t))
-        return np.concatenate([thump, np.zeros(int(0.15 * SR)), 0.7 * thump])
+        thump = np.sin(2 * np.pi * rng.uniform(45, 70) * t) * np.hanning(len(t))
+        return np.concatenate([thump, np.zeros(int(rng.uniform(0.12, 0.2) * SR)), 0.7 * thump])
     return _pulses(rng, d, max(1, int(d / 0.8)), one)
 
 
@@ -411,27 +411,28 @@ def counts(events) -> dict[str, int]:
     return out
 
 
+def an(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def captions(rng: random.Random, events, k: int = 5) -> list[str]:
     """k different captions of a scene, from its events in order of first appearance."""
     order = list(dict.fromkeys(e.label for e in events))
     n = counts(events)
-    phrases = [(f"a {x} {BY_NAME[x].verb}", f"a {x}", TIMES[n[x]], n[x]) for x in order]
+    acts = [f"{an(x)} {BY_NAME[x].verb}" for x in order]  # "a bell rings"
+    times = [f"{an(x)} {BY_NAME[x].verb} {TIMES[n[x]]}" for x in order]  # "a bell rings twice"
+    nouns = [an(x) for x in order]
     styles = [
-        lambda: _join([f"{p} {t}" for p, _, t, _ in phrases], ", then ") + ".",
-        lambda: "You can hear " + _join([f"{a}" + ("" if c == 1 else f" {t}") for _, a, t, c in phrases], " and ") +
-        ", in that order.",
-        lambda: _join([p for p, *_ in phrases], ", followed by ") + " over background noise.",
-        lambda: "First " + _join([p for p, *_ in phrases], ", next ") + ".",
-        lambda: "A recording in which " + _join([f"{p} {t}" for p, _, t, _ in phrases], " and ") + ".",
-        lambda: _join([f"{a} is heard {t}" for _, a, t, _ in phrases], "; ") + ".",
-        lambda: "The sounds of " + _join([a.removeprefix("a ") for _, a, _, _ in phrases], ", ") + " in sequence.",
+        lambda: ", then ".join(times) + ".",
+        lambda: "You can hear " + " and ".join(a if n[x] == 1 else f"{a} {TIMES[n[x]]}" for a, x in zip(nouns, order))
+        + ", in that order.",
+        lambda: ", followed by ".join(nouns) + ", over background noise.",
+        lambda: "First " + ", next ".join(acts) + ".",
+        lambda: "A recording in which " + " and ".join(times) + ".",
+        lambda: "; ".join(f"{a} is heard {TIMES[n[x]]}" for a, x in zip(nouns, order)) + ".",
+        lambda: "The sounds of " + ", ".join(order) + " in sequence.",
     ]
-    chosen = rng.sample(range(len(styles)), k)
-    return [_cap(styles[i]()) for i in chosen]
-
-
-def _join(parts, sep):
-    return sep.join(parts)
+    return [_cap(styles[i]()) for i in rng.sample(range(len(styles)), k)]
 
 
 def _cap(s):
@@ -443,11 +444,11 @@ def aqa_questions(rng: random.Random, events, vocabulary) -> list[tuple[str, str
     present = list(dict.fromkeys(e.label for e in events))
     absent = [c for c in vocabulary if c not in present]
     n = counts(events)
-    yes = [(f"Is there a {x} in the recording?", "yes") for x in present]
+    yes = [(f"Is there {an(x)} in the recording?", "yes") for x in present]
     yes += [(f"Does the {x} occur more than once?", "yes") for x in present if n[x] > 1]
     yes += [(f"Does the {present[0]} start before the {x}?", "yes") for x in present[1:]]
-    yes += [(f"Is there a {x} or a {rng.choice(absent)}?", "yes") for x in present]
-    no = [(f"Is there a {x} in the recording?", "no") for x in rng.sample(absent, 3)]
+    yes += [(f"Is there {an(x)} or {an(rng.choice(absent))}?", "yes") for x in present]
+    no = [(f"Is there {an(x)} in the recording?", "no") for x in rng.sample(absent, 3)]
     no += [(f"Does the {x} occur more than once?", "no") for x in present if n[x] == 1]
     no += [(f"Does the {x} start before the {present[0]}?", "no") for x in present[1:]]
     word = [(f"How many times does the {x} occur?", ["zero", "one", "two", "three", "four"][n[x]]) for x in present]
@@ -458,9 +459,9 @@ def aqa_questions(rng: random.Random, events, vocabulary) -> list[tuple[str, str
 NLAR_ANSWERS = ("yes", "no", "first", "second", "both", "neither", "equal")
 
 
-def nlar_questions(rng: random.Random, ev1, ev2) -> list[tuple[str, str]]:
-    """Questions that need both clips: presence, frequency, duration, loudness and order; closed-set answers.
-    Swapping the clips turns "first" into "second" and back; the other answers stay."""
+def nlar_questions(rng: random.Random | None, ev1, ev2, k: int = 3) -> list[tuple[str, str]]:
+    """k questions that need both clips (all of them when rng is None): presence, frequency, duration, loudness and
+    order; closed-set answers. Swapping the clips turns "first" into "second" and back; the other answers stay."""
     n1, n2 = counts(ev1), counts(ev2)
     labels = sorted(set(n1) | set(n2))
     qs = []
@@ -482,7 +483,7 @@ def nlar_questions(rng: random.Random, ev1, ev2) -> list[tuple[str, str]]:
     qs.append(("Do the recordings share any sound?", "yes" if set(n1) & set(n2) else "no"))
     qs.append(("Which recording has more kinds of sound?",
                "equal" if len(n1) == len(n2) else ("first" if len(n1) > len(n2) else "second")))
-    return rng.sample(qs, min(3, len(qs)))
+    return qs if rng is None else rng.sample(qs, min(k, len(qs)))
 
 
 # --------------------------------------------------------------------------------------------------------- writing
@@ -510,13 +511,20 @@ def ytid(rng: random.Random) -> str:
 
 
 def generate(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.12) -> Path:
-    """Write the whole benchmark under `out`. Deterministic in (seed, scale, length); a second call with the same
-    arguments finds the manifest and returns at once."""
+    """Write the benchmark under `out` unless the same arguments already wrote it there (then return at once)."""
     out = Path(out)
     args = {"version": VERSION, "seed": seed, "scale": scale, "length": length}
     manifest = out / "synth.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("args") == args:
-        return out
+    if not (manifest.is_file() and json.loads(manifest.read_text()).get("args") == args):
+        build(out, seed, scale, length)
+    return out
+
+
+def build(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.12) -> dict:
+    """Write the whole benchmark under `out` (replacing what is there), deterministic in (seed, scale, length).
+    Returns the ground truth it wrote, for tests: {"pool", "clotho", "esc50", "nlar"}."""
+    out = Path(out)
+    args = {"version": VERSION, "seed": seed, "scale": scale, "length": length}
     if out.exists():
         shutil.rmtree(out)
     sizes = Sizes().scaled(scale)
@@ -565,8 +573,9 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, length: float =
                [["filename", "fold", "target", "category", "esc10", "src_file", "take"], *rows])
 
     # NLAR: pairs of pool clips of the same split
+    nlar = {}
     for split, count in zip(splits, sizes.nlar):
-        items = []
+        items = nlar[split] = []
         for _ in range(count):
             (y1, e1, _), (y2, e2, _) = trng.sample(pool[split], 2)
             for q, a in nlar_questions(trng, e1, e2):
@@ -575,9 +584,9 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, length: float =
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(items, indent=1))
 
-    manifest.write_text(json.dumps({"args": args, "classes": [c.name for c in CLASSES],
-                                    "novel": [c.name for c in NOVEL_CLASSES]}, indent=1))
-    return out
+    (out / "synth.json").write_text(json.dumps({"args": args, "classes": [c.name for c in CLASSES],
+                                               "novel": [c.name for c in NOVEL_CLASSES]}, indent=1))
+    return {"pool": pool, "clotho": clotho, "esc50": rows, "nlar": nlar}
 
 
 def _link(src: Path, dst: Path):

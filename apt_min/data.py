@@ -1,0 +1,452 @@
+"""Readers for the real data sets' own files, the examples of each task built from them, and batching.
+
+Every reader takes the file as its authors released it (../shared/DESIGN.md §5) and returns plain records; a row it
+cannot read raises `DataError` naming the file and line. The synthetic benchmark (`synth.py`) writes the same formats,
+so one path serves both. Where audio lives differs between download tools: `LAYOUT` gives each data set's files and
+audio path pattern relative to a data root; pass `layout=` to override. Audio that a list names but that is not on
+disk is counted and skipped with one warning per file (strict=True raises instead) — never silently.
+
+    examples(task, root, split)        -> list[tasks.Example]   (evaluation: fixed prompts, all references)
+    TaskSampler(pools, ratios, ...)    -> one task per batch, drawn by ratio; seeded and resumable
+    fewshot_episode(pool, n, k, rng)   -> an N-way K-shot episode from a labelled pool
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from apt_min import tasks
+from apt_min.tasks import Example
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as its format says; the message names the file and line."""
+
+
+LAYOUT = {  # relative to the data root; {split} and the audio pattern's fields are filled per record
+    "audioset": {"segments": {"train": "audioset/balanced_train_segments.csv", "test": "audioset/eval_segments.csv"},
+                 "strong": {"train": "audioset/audioset_train_strong.tsv", "test": "audioset/audioset_eval_strong.tsv"},
+                 "classes": "audioset/class_labels_indices.csv", "names": "audioset/mid_to_display_name.tsv",
+                 "audio": "audio/Y{ytid}.wav"},  # PANNs' naming; AST/Audio-MAE's is "{ytid}_{start:.3f}.flac"
+    "audiocaps": {"csv": "audiocaps/{split}.csv", "audio": "audio/Y{ytid}.wav"},
+    "clotho": {"csv": "clotho/clotho_captions_{split}.csv", "audio": "clotho/{split}/{file_name}",
+               "splits": {"train": "development", "val": "validation", "test": "evaluation"}},
+    "clotho_aqa": {"csv": "clotho_aqa/clotho_aqa_{split}.csv", "audio": "clotho_aqa/audio_files/{file_name}"},
+    "wavcaps": {"json": "wavcaps/json_files/{subset}.json", "audio": "wavcaps/{subset}/{stem}.flac"},
+    "esc50": {"csv": "esc50/meta/esc50.csv", "audio": "esc50/audio/{filename}"},
+    "nlar": {"json": "nlar/nlar_{split}.json", "audio": "audio/{name}"},
+    "avqa": {"json": "avqa/{split}_qa.json", "video": "avqa/videos/{video_name}.mp4"},
+}
+
+
+# ------------------------------------------------------------------------------------------------------- readers
+
+
+def _text(path: Path) -> str:
+    """File contents as text: UTF-8, or ISO-8859-1 (Clotho's metadata) where UTF-8 fails."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _rows(path: Path, header: list[str], **kw):
+    """(line number, dict) for each row of a CSV whose first line must be `header`."""
+    reader = csv.reader(io.StringIO(_text(path), newline=""), **kw)
+    first = next(reader, None)
+    if first is None or [h.strip() for h in first] != header:
+        raise DataError(f"{path}:1: expected the header {','.join(header)}, found {first}")
+    for row in reader:
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields, found {len(row)}: {row}")
+        yield reader.line_num, dict(zip(header, row))
+
+
+def _float(path, line, value, what):
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(f"{path}:{line}: {what} {value!r} is not a number") from None
+
+
+def read_audioset_segments(path) -> list[tuple[str, float, float, list[str]]]:
+    """AudioSet's segments CSV: '#' comment lines, then `YTID, start_seconds, end_seconds, "mid,mid,..."`."""
+    out = []
+    reader = csv.reader(io.StringIO(_text(path), newline=""), skipinitialspace=True)
+    for row in reader:
+        if not row or row[0].startswith("#"):
+            continue
+        line = reader.line_num
+        if len(row) != 4 or not row[3]:
+            raise DataError(f"{path}:{line}: expected YTID, start, end, \"labels\"; found {row}")
+        out.append((row[0], _float(path, line, row[1], "start"), _float(path, line, row[2], "end"), row[3].split(",")))
+    return out
+
+
+def read_class_labels(path) -> dict[str, str]:
+    """class_labels_indices.csv -> {mid: display name}, in index order."""
+    return {r["mid"]: r["display_name"] for _, r in _rows(path, ["index", "mid", "display_name"])}
+
+
+def read_mid_to_name(path) -> dict[str, str]:
+    """mid_to_display_name.tsv (no header): `mid<TAB>name` per line."""
+    out = {}
+    for line, text in enumerate(_text(path).splitlines(), 1):
+        if text.strip():
+            parts = text.split("\t")
+            if len(parts) != 2:
+                raise DataError(f"{path}:{line}: expected `mid<TAB>display name`, found {text!r}")
+            out[parts[0]] = parts[1]
+    return out
+
+
+def read_strong_labels(path) -> dict[tuple[str, float], list[tuple[str, float, float]]]:
+    """AudioSet strong labels TSV -> {(ytid, clip start s): [(mid, onset, offset), ...]}; times within the clip.
+    segment_id is `{YTID}_{start in ms}`; YouTube ids may themselves contain '_', so it is split at the last one."""
+    out = defaultdict(list)
+    for line, r in _rows(path, ["segment_id", "start_time_seconds", "end_time_seconds", "label"], delimiter="\t"):
+        ytid, _, ms = r["segment_id"].rpartition("_")
+        if not ytid or not ms.isdigit():
+            raise DataError(f"{path}:{line}: segment_id {r['segment_id']!r} is not YTID_milliseconds")
+        on, off = (_float(path, line, r[k], k) for k in ("start_time_seconds", "end_time_seconds"))
+        out[(ytid, int(ms) / 1000)].append((r["label"], on, off))
+    return dict(out)
+
+
+def read_audiocaps(path) -> list[tuple[int, str, int, str]]:
+    """AudioCaps CSV -> (audiocap_id, youtube_id, start_time, caption) rows."""
+    out = []
+    for line, r in _rows(path, ["audiocap_id", "youtube_id", "start_time", "caption"]):
+        if not r["audiocap_id"].isdigit() or not r["start_time"].isdigit():
+            raise DataError(f"{path}:{line}: audiocap_id and start_time must be whole numbers: {r}")
+        out.append((int(r["audiocap_id"]), r["youtube_id"], int(r["start_time"]), r["caption"].strip()))
+    return out
+
+
+def read_clotho_captions(path) -> list[tuple[str, list[str]]]:
+    """clotho_captions_*.csv -> (file_name, five captions)."""
+    header = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
+    return [(r["file_name"], [r[f"caption_{i}"].strip() for i in range(1, 6)]) for _, r in _rows(path, header)]
+
+
+def read_clotho_aqa(path) -> list[tuple[str, str, list[str], list[str]]]:
+    """clotho_aqa_*.csv, one row per annotator -> (file_name, question, answers, confidences) per question."""
+    grouped = {}
+    for _, r in _rows(path, ["file_name", "QuestionText", "answer", "confidence"]):
+        entry = grouped.setdefault((r["file_name"], r["QuestionText"].strip()), ([], []))
+        entry[0].append(r["answer"])
+        entry[1].append(r["confidence"])
+    return [(f, q, a, c) for (f, q), (a, c) in grouped.items()]
+
+
+def read_wavcaps(path) -> list[dict]:
+    """A WavCaps JSON file: {"num_captions_per_audio": 1, "data": [{"id", "caption", "audio", "duration", ...}]}."""
+    try:
+        raw = json.loads(_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
+        raise DataError(f"{path}: expected an object with a 'data' list")
+    for i, item in enumerate(raw["data"]):
+        if not isinstance(item, dict) or not {"id", "caption"} <= item.keys():
+            raise DataError(f"{path}: data[{i}] lacks 'id' or 'caption': {item}")
+    return raw["data"]
+
+
+def read_esc50(path) -> list[tuple[str, int, int, str]]:
+    """esc50.csv -> (filename, fold, target, category)."""
+    out = []
+    for line, r in _rows(path, ["filename", "fold", "target", "category", "esc10", "src_file", "take"]):
+        if not r["fold"].isdigit() or not r["target"].isdigit():
+            raise DataError(f"{path}:{line}: fold and target must be whole numbers: {r}")
+        out.append((r["filename"], int(r["fold"]), int(r["target"]), r["category"]))
+    return out
+
+
+def _json_list(path, keys) -> list[dict]:
+    try:
+        raw = json.loads(_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(raw, list):
+        raise DataError(f"{path}: expected a list of items")
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or not set(keys) <= item.keys():
+            raise DataError(f"{path}: item {i} lacks one of {keys}: {item}")
+    return raw
+
+
+def read_nlar(path) -> list[dict]:
+    """NLAR JSON (ours; the original is unreleased): [{"audio_1", "audio_2", "question", "answer"}]."""
+    return _json_list(path, ["audio_1", "audio_2", "question", "answer"])
+
+
+def read_avqa(path) -> list[dict]:
+    """AVQA train_qa.json / val_qa.json: [{id, video_name, video_id, question_text, multi_choice, answer, ...}]."""
+    items = _json_list(path, ["id", "video_name", "question_text", "multi_choice", "answer"])
+    for i, item in enumerate(items):
+        if len(item["multi_choice"]) != 4 or not 0 <= int(item["answer"]) < 4:
+            raise DataError(f"{path}: item {i} needs 4 choices and an answer index 0-3: {item}")
+    return items
+
+
+# ------------------------------------------------------------------------------------------------- audio on disk
+
+
+class AudioFiles:
+    """Resolves records to audio paths under a data root; counts what is missing and warns once per source."""
+
+    def __init__(self, root: Path, pattern: str, source: Path, strict: bool):
+        self.root, self.pattern, self.source, self.strict = Path(root), pattern, source, strict
+        self.seen = self.missing = 0
+
+    def __call__(self, **fields) -> str | None:
+        path = self.root / self.pattern.format(**fields)
+        self.seen += 1
+        if path.is_file():
+            return str(path)
+        if self.strict:
+            raise FileNotFoundError(f"{path}: audio listed in {self.source} is not on disk")
+        self.missing += 1
+        return None
+
+    def report(self):
+        if self.missing:
+            log.warning("%d of %d audio files listed in %s are missing under %s (pattern %r); those rows are "
+                        "skipped (strict=True raises instead)", self.missing, self.seen, self.source, self.root,
+                        self.pattern)
+
+
+# ------------------------------------------------------------------------------------------------------ examples
+
+
+def examples(task: str, root, split: str, *, source: str | None = None, rng: random.Random | None = None,
+             strict: bool = False, layout: dict | None = None) -> list[Example]:
+    """All examples of `task` in `split` of the data under `root`. rng=None gives evaluation examples (first
+    prompts; captioning with all references per clip); an rng gives training ones (drawn paraphrases, one example
+    per caption). source picks the captioning set: audiocaps (default), clotho or wavcaps:<subset>."""
+    L, root = layout or LAYOUT, Path(root)
+    if task == "tagging":
+        return _audioset(L, root, split, strict, lambda audio, names, _: [tasks.tagging(audio, names, rng)])
+    if task in ("sed", "ter", "counting"):
+        return _strong(L, root, split, task, rng, strict)
+    if task == "captioning":
+        return _captions(L, root, split, source or "audiocaps", rng, strict)
+    if task == "aqa":
+        lay = L["clotho_aqa"]
+        path = root / lay["csv"].format(split=split)
+        files = AudioFiles(root, lay["audio"], path, strict)
+        out = [tasks.aqa(a, q, answers) for f, q, answers, _ in read_clotho_aqa(path) if (a := files(file_name=f))]
+        files.report()
+        return out
+    if task == "nlar":
+        lay = L["nlar"]
+        path = root / lay["json"].format(split=split)
+        files = AudioFiles(root, lay["audio"], path, strict)
+        out = []
+        for item in read_nlar(path):
+            a1, a2 = files(name=item["audio_1"]), files(name=item["audio_2"])
+            if a1 and a2:
+                out.append(tasks.nlar(a1, a2, item["question"], item["answer"]))
+        files.report()
+        return out
+    if task == "fewshot":
+        raise ValueError("few-shot examples are episodes: use esc50_pool / single_label_pool and fewshot_episode")
+    raise ValueError(f"unknown task {task!r}; one of {tasks.TASKS}")
+
+
+def _names(L, root) -> dict[str, str]:
+    return read_class_labels(root / L["audioset"]["classes"])
+
+
+def _audioset(L, root, split, strict, build):
+    lay = L["audioset"]
+    if split not in lay["segments"]:
+        raise ValueError(f"AudioSet has no {split!r} split here; it has {sorted(lay['segments'])}")
+    path, names = root / lay["segments"][split], _names(L, root)
+    files = AudioFiles(root, lay["audio"], path, strict)
+    out = []
+    for ytid, start, _end, mids in read_audioset_segments(path):
+        unknown = [m for m in mids if m not in names]
+        if unknown:
+            raise DataError(f"{path}: {ytid} has labels not in class_labels_indices.csv: {unknown}")
+        if audio := files(ytid=ytid, start=start):
+            out += build(audio, [names[m] for m in mids], (ytid, start))
+    files.report()
+    return out
+
+
+def _strong(L, root, split, task, rng, strict):
+    lay = L["audioset"]
+    if split not in lay["strong"]:
+        raise ValueError(f"AudioSet strong labels have no {split!r} split here; they have {sorted(lay['strong'])}")
+    path = root / lay["strong"][split]
+    names = read_mid_to_name(root / lay["names"])
+    files = AudioFiles(root, lay["audio"], path, strict)
+    out = []
+    for (ytid, start), rows in read_strong_labels(path).items():
+        audio = files(ytid=ytid, start=start)
+        if not audio:
+            continue
+        events = sorted((names.get(m, m), on, off) for m, on, off in rows)
+        by_label = defaultdict(list)
+        for label, on, off in events:
+            by_label[label].append((on, off))
+        if task == "sed":
+            out += [tasks.sed(audio, label, spans, rng) for label, spans in by_label.items()]
+        elif task == "counting":
+            out += [tasks.counting(audio, label, len(spans), rng) for label, spans in by_label.items()]
+        else:  # ter: one window per event type at evaluation; a random, widened event span in training
+            picks = [spans[0] for spans in by_label.values()] if rng is None else [rng.choice(events)[1:]]
+            for on, off in picks:
+                if rng is not None:
+                    on, off = max(0.0, on - rng.randint(0, 5) / 10), off + rng.randint(0, 5) / 10
+                out.append(tasks.ter(audio, events, round(on, 1), round(off, 1), rng))
+    files.report()
+    return out
+
+
+def _captions(L, root, split, source, rng, strict):
+    if source == "audiocaps":
+        lay = L["audiocaps"]
+        path = root / lay["csv"].format(split=split)
+        files = AudioFiles(root, lay["audio"], path, strict)
+        by_clip = {}
+        for _, ytid, start, caption in read_audiocaps(path):
+            by_clip.setdefault((ytid, start), []).append(caption)
+        pairs = [(files(ytid=y, start=s), caps) for (y, s), caps in by_clip.items()]
+    elif source == "clotho":
+        lay = L["clotho"]
+        name = lay["splits"][split]
+        path = root / lay["csv"].format(split=name)
+        files = AudioFiles(root, lay["audio"].replace("{split}", name), path, strict)
+        pairs = [(files(file_name=f), caps) for f, caps in read_clotho_captions(path)]
+    elif source.startswith("wavcaps:"):
+        lay, subset = L["wavcaps"], source.split(":", 1)[1]
+        path = root / lay["json"].format(subset=subset)
+        files = AudioFiles(root, lay["audio"].replace("{subset}", subset), path, strict)
+        pairs = [(files(stem=Path(str(d["id"])).stem, **d), [d["caption"]]) for d in read_wavcaps(path)]
+    else:
+        raise ValueError(f"unknown captioning source {source!r}: audiocaps, clotho or wavcaps:<subset>")
+    files.report()
+    if rng is None:
+        return [tasks.captioning(a, caps) for a, caps in pairs if a]
+    return [tasks.captioning(a, c, rng) for a, caps in pairs if a for c in caps]
+
+
+# ------------------------------------------------------------------------------------------------------ few-shot
+
+
+def esc50_pool(root, folds=(1, 2, 3, 4, 5), strict=False, layout=None) -> dict[str, list[str]]:
+    """ESC-50 clips by category: {label: [audio paths]}."""
+    lay = (layout or LAYOUT)["esc50"]
+    path = Path(root) / lay["csv"]
+    files = AudioFiles(root, lay["audio"], path, strict)
+    pool = defaultdict(list)
+    for fname, fold, _, category in read_esc50(path):
+        if fold in folds and (a := files(filename=fname)):
+            pool[category].append(a)
+    files.report()
+    return dict(pool)
+
+
+def single_label_pool(root, split="train", strict=False, layout=None) -> dict[str, list[str]]:
+    """AudioSet clips that carry exactly one label, by label: the training pool for few-shot episodes."""
+    pool = defaultdict(list)
+
+    def keep(audio, names, _):
+        if len(names) == 1:
+            pool[names[0]].append(audio)
+        return []
+
+    _audioset(layout or LAYOUT, Path(root), split, strict, keep)
+    return dict(pool)
+
+
+def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: random.Random) -> Example:
+    """N classes, K support clips each (shuffled), and one more clip of one of them as the query."""
+    eligible = sorted(label for label, clips in pool.items() if len(clips) > k_shot)
+    if len(eligible) < n_way:
+        raise ValueError(f"a {n_way}-way {k_shot}-shot episode needs {n_way} classes with more than {k_shot} clips; "
+                         f"this pool has {len(eligible)}")
+    labels = rng.sample(eligible, n_way)
+    answer = rng.choice(labels)
+    support = []
+    for label in labels:
+        clips = rng.sample(pool[label], k_shot + (label == answer))
+        if label == answer:
+            query = clips.pop()
+        support += [(c, label) for c in clips]
+    rng.shuffle(support)
+    return tasks.fewshot(support, query, answer)
+
+
+# ------------------------------------------------------------------------------------------------------ batching
+
+
+class TaskSampler:
+    """One task per batch, drawn by ratio (as the public APT code does), from per-task pools.
+    A pool is a list of examples (visited in a fresh shuffled order each pass) or a function rng -> Example (such
+    as an episode builder). Everything derives from (seed, step), so `state_dict` is a few integers and a resumed
+    run draws exactly the batches an uninterrupted one would."""
+
+    def __init__(self, pools: dict, ratios: dict[str, float], batch_size: int, seed: int = 0):
+        if unknown := set(ratios) - set(pools):
+            raise ValueError(f"ratios for tasks without data: {sorted(unknown)}")
+        self.pools = pools
+        self.tasks = [t for t in ratios if ratios[t] > 0]
+        self.weights = [ratios[t] for t in self.tasks]
+        self.batch_size, self.seed = batch_size, seed
+        self.step, self.cursor = 0, {t: 0 for t in self.tasks}  # cursor: examples taken so far from a list pool
+        self._orders = {}  # task -> (epoch, its shuffled order), computed once per pass
+
+    def _order(self, task: str, epoch: int) -> list[int]:
+        if self._orders.get(task, (None,))[0] != epoch:
+            order = list(range(len(self.pools[task])))
+            random.Random(f"{self.seed}/{task}/{epoch}").shuffle(order)
+            self._orders[task] = (epoch, order)
+        return self._orders[task][1]
+
+    def next_batch(self) -> tuple[str, list[Example]]:
+        rng = random.Random(f"{self.seed}/step/{self.step}")
+        task = rng.choices(self.tasks, self.weights)[0]
+        pool, batch = self.pools[task], []
+        for _ in range(self.batch_size):
+            if callable(pool):
+                batch.append(pool(rng))
+                continue
+            epoch, i = divmod(self.cursor[task], len(pool))
+            batch.append(pool[self._order(task, epoch)[i]])
+            self.cursor[task] += 1
+        self.step += 1
+        return task, batch
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "cursor": dict(self.cursor), "seed": self.seed}
+
+    def load_state_dict(self, state: dict):
+        self.step, self.seed, self.cursor = state["step"], state["seed"], copy.deepcopy(state["cursor"])
+
+
+def collate(batch: list[Example]) -> tuple[list[list[tuple[str, str]]], list[str]]:
+    """Examples -> (the segment lists, the answers), as the model takes them."""
+    return [ex.segments for ex in batch], [ex.answer for ex in batch]

@@ -1,0 +1,198 @@
+"""Readers on small files written by hand in each real format (quirks and broken rows); parsers; batching."""
+
+import json
+import logging
+import random
+
+import pytest
+
+from apt_min import data, tasks
+from apt_min.data import DataError
+
+AUDIOSET = ('# Segments csv created Sun Mar  5 10:54:31 2017\n'
+            '# num_ytids=22160, num_segs=22160, num_unique_labels=527, num_positive_labels=52882\n'
+            '# YTID, start_seconds, end_seconds, positive_labels\n'
+            '--4gqARaEJE, 0.000, 10.000, "/m/068hy,/m/07q6cd_,/m/0bt9lr,/m/0jbk"\n'
+            '--BfvyPmVMo, 20.000, 30.000, "/m/03l9g"\n')
+CLASSES = ('index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/05zppz,"Male speech, man speaking"\n'
+           '2,/m/068hy,"Domestic animals, pets"\n3,/m/07q6cd_,"Squeak"\n4,/m/0bt9lr,"Dog"\n5,/m/0jbk,"Animal"\n'
+           '6,/m/03l9g,"Hammer"\n')
+
+
+def write(path, text, encoding="utf-8"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def touch_audio(root, *names):
+    for n in names:
+        write(root / n, "RIFF")  # existence is all the readers check
+
+
+def test_audioset_segments_and_classes(tmp_path):
+    rows = data.read_audioset_segments(write(tmp_path / "eval_segments.csv", AUDIOSET))
+    assert rows[0] == ("--4gqARaEJE", 0.0, 10.0, ["/m/068hy", "/m/07q6cd_", "/m/0bt9lr", "/m/0jbk"])
+    assert rows[1] == ("--BfvyPmVMo", 20.0, 30.0, ["/m/03l9g"])
+    names = data.read_class_labels(write(tmp_path / "class_labels_indices.csv", CLASSES))
+    assert names["/m/05zppz"] == "Male speech, man speaking" and list(names)[0] == "/m/09x0r"
+
+
+@pytest.mark.parametrize("line, problem", [('abcdefghijk, 0.000, "/m/0jbk"\n', "expected YTID"),
+                                           ('abcdefghijk, zero, 10.000, "/m/0jbk"\n', "start 'zero' is not")])
+def test_audioset_broken_rows_name_file_and_line(tmp_path, line, problem):
+    path = write(tmp_path / "bad.csv", AUDIOSET + line)
+    with pytest.raises(DataError, match=rf"bad.csv:6: .*{problem}"):
+        data.read_audioset_segments(path)
+
+
+def test_strong_labels(tmp_path):
+    tsv = ("segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
+           "s9d-2nhuJCQ_30000\t2.627\t7.237\t/m/053hz1\n"
+           "s9d-2nhuJCQ_30000\t0.000\t10.000\t/m/03m9d0z\n"
+           "a_b_cdefghi_0\t1.5\t2.25\t/m/0jbk\n")
+    labels = data.read_strong_labels(write(tmp_path / "strong.tsv", tsv))
+    assert labels[("s9d-2nhuJCQ", 30.0)] == [("/m/053hz1", 2.627, 7.237), ("/m/03m9d0z", 0.0, 10.0)]
+    assert labels[("a_b_cdefghi", 0.0)] == [("/m/0jbk", 1.5, 2.25)]  # ids may contain '_': split at the last
+    with pytest.raises(DataError, match=r"strong2.tsv:2: segment_id 'nomilliseconds'"):
+        data.read_strong_labels(write(tmp_path / "strong2.tsv", tsv.replace("s9d-2nhuJCQ_30000", "nomilliseconds")))
+    mids = data.read_mid_to_name(write(tmp_path / "m.tsv", "/g/11b630rrvh\tKettle whistle\n/m/0jbk\tAnimal\n"))
+    assert mids == {"/g/11b630rrvh": "Kettle whistle", "/m/0jbk": "Animal"}
+    with pytest.raises(DataError, match=r"m2.tsv:2: expected `mid<TAB>display name`"):
+        data.read_mid_to_name(write(tmp_path / "m2.tsv", "/m/0jbk\tAnimal\n/m/x Dog\n"))
+
+
+def test_audiocaps(tmp_path):
+    text = ("audiocap_id,youtube_id,start_time,caption\r\n"
+            "97151,vfY_TJq7n_U,130,Rustling occurs; ducks quack and water splashes\r\n"
+            '108945,tdWhHV3X25Q,60,"A man speaks, then a dog barks"\r\n'
+            "97152,vfY_TJq7n_U,130,Ducks quack over rustling\r\n")
+    rows = data.read_audiocaps(write(tmp_path / "audiocaps" / "test.csv", text))
+    assert rows[1] == (108945, "tdWhHV3X25Q", 60, "A man speaks, then a dog barks")
+    touch_audio(tmp_path, "audio/YvfY_TJq7n_U.wav", "audio/YtdWhHV3X25Q.wav")
+    ex = data.examples("captioning", tmp_path, "test")  # a clip's rows need not be adjacent
+    assert ex[0].target["references"] == ["Rustling occurs; ducks quack and water splashes", "Ducks quack over rustling"]
+    with pytest.raises(DataError, match=r"val.csv:2: audiocap_id and start_time must be whole numbers"):
+        data.read_audiocaps(write(tmp_path / "val.csv", text.replace("130,Rustling", "13.5,Rustling")))
+    with pytest.raises(DataError, match=r"x.csv:1: expected the header"):
+        data.read_audiocaps(write(tmp_path / "x.csv", "id,ytid,start,caption\n"))
+
+
+def test_clotho_latin1_and_spaces(tmp_path):
+    caps = "file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n" \
+           "Distorted AM Radio noise.wav,a radio hums,static crackles,noise plays,a caf\xe9 radio,a,b\n"
+    with pytest.raises(DataError, match=r"clotho_captions_evaluation.csv:2: expected 6 fields, found 7"):
+        data.read_clotho_captions(write(tmp_path / "clotho/clotho_captions_evaluation.csv", caps, "latin-1"))
+    write(tmp_path / "clotho/clotho_captions_evaluation.csv", caps.replace(",a,b\n", ",ab\n"), "latin-1")
+    rows = data.read_clotho_captions(tmp_path / "clotho/clotho_captions_evaluation.csv")
+    assert rows == [("Distorted AM Radio noise.wav", ["a radio hums", "static crackles", "noise plays",
+                                                       "a caf\xe9 radio", "ab"])]
+    aqa = ("file_name,QuestionText,answer,confidence\n"
+           "Bell ringing.wav,Is a bell ringing?,Yes,yes\nBell ringing.wav,Is a bell ringing?,yes.,yes\n"
+           "Bell ringing.wav,Is a bell ringing?,no,maybe\nBell ringing.wav,How many rings?,Two,yes\n"
+           "Bell ringing.wav,How many rings?,2,yes\nBell ringing.wav,How many rings?,three,no\n")
+    write(tmp_path / "clotho_aqa/clotho_aqa_test.csv", aqa, "latin-1")
+    touch_audio(tmp_path, "clotho_aqa/audio_files/Bell ringing.wav")
+    ex = data.examples("aqa", tmp_path, "test")
+    assert [(e.segments[1][1], e.target["answer"], e.answer) for e in ex] == [
+        ("Is a bell ringing?", "yes", "yes"), ("How many rings?", "2", "two")]
+
+
+def test_wavcaps_esc50_nlar_avqa(tmp_path):
+    wav = {"num_captions_per_audio": 1, "data": [{"id": "Yb0RFKhbpFJA.wav", "caption": "Wind blows", "audio":
+                                                  "wav_path", "duration": 10.0, "description": "x"}]}
+    write(tmp_path / "wavcaps/json_files/AudioSet_SL.json", json.dumps(wav))
+    touch_audio(tmp_path, "wavcaps/AudioSet_SL/Yb0RFKhbpFJA.flac")
+    ex = data.examples("captioning", tmp_path, "train", source="wavcaps:AudioSet_SL", rng=random.Random(0))
+    assert ex[0].answer == "Wind blows" and ex[0].segments[0][1].endswith("AudioSet_SL/Yb0RFKhbpFJA.flac")
+    with pytest.raises(DataError, match=r"broken.json:1: not valid JSON"):
+        data.read_wavcaps(write(tmp_path / "broken.json", "{\"data\": [}"))
+    esc = data.read_esc50(write(tmp_path / "esc50.csv", "filename,fold,target,category,esc10,src_file,take\n"
+                                                         "1-100032-A-0.wav,1,0,dog,True,100032,A\n"))
+    assert esc == [("1-100032-A-0.wav", 1, 0, "dog")]
+    with pytest.raises(DataError, match="item 0 lacks one of"):
+        data.read_nlar(write(tmp_path / "n.json", json.dumps([{"audio_1": "a.wav", "question": "?"}])))
+    avqa = [{"id": 1, "video_name": "-HG3Omg_89c_000030", "video_id": 3, "question_text": "What?", "multi_choice":
+             ["a", "b", "c", "d"], "answer": 2, "question_relation": "Both", "question_type": "Which"}]
+    assert data.read_avqa(write(tmp_path / "val_qa.json", json.dumps(avqa)))[0]["answer"] == 2
+    avqa[0]["answer"] = 4
+    with pytest.raises(DataError, match="needs 4 choices and an answer index 0-3"):
+        data.read_avqa(write(tmp_path / "val_qa.json", json.dumps(avqa)))
+
+
+def test_missing_audio_is_counted_and_skipped_or_raised(tmp_path, caplog):
+    write(tmp_path / "audioset/eval_segments.csv", AUDIOSET)
+    write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)
+    touch_audio(tmp_path, "audio/Y--4gqARaEJE.wav")
+    with caplog.at_level(logging.WARNING, logger="apt_min.data"):
+        ex = data.examples("tagging", tmp_path, "test")
+    assert len(ex) == 1 and ex[0].answer == "domestic animals, pets, squeak, dog, animal"
+    assert len(caplog.records) == 1 and "1 of 2 audio files listed in" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"Y--BfvyPmVMo.wav: audio listed in .*eval_segments.csv"):
+        data.examples("tagging", tmp_path, "test", strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------- parsers
+
+
+def test_format_then_parse_is_identity():
+    vocab = ["Male speech, man speaking", "Speech", "Dog", "chirping_birds"]
+    for labels in (["Dog"], ["Male speech, man speaking", "Dog"], ["chirping_birds", "Speech"]):
+        assert tasks.parse_labels(tasks.format_labels(labels), vocab) == labels
+    segs = [(0.0, 1.2), (3.5, 10.0)]
+    assert tasks.parse_segments(tasks.format_segments(segs)) == segs
+    for n in range(21):
+        assert tasks.parse_count(tasks.format_count(n)) == n
+
+
+def test_parsers_tolerate_variations():
+    assert tasks.parse_segments(" 0.5 s - 1.2s ;3s to 3.6 seconds.") == [(0.5, 1.2), (3.0, 3.6)]
+    assert tasks.parse_count("It occurs three times.") == 3 and tasks.parse_count("twice") == 2
+    assert tasks.parse_labels("Dog, speech.", ["Speech", "Dog"]) == ["Dog", "Speech"]
+    assert tasks.normalize_answer(" Yes. ") == "yes" and tasks.normalize_answer("The two") == "2"
+
+
+def test_malformed_output_parses_to_no_answer():
+    rng = random.Random(0)
+    junk = ["", "s-s", "-1.0s", "1.5s-0.5s", "??", "one two", "\x00\ufffd", "1e9999s-2s", "🙂" * 3]
+    junk += ["".join(rng.choice("0123456789.s-; to,abc") for _ in range(rng.randint(0, 30))) for _ in range(300)]
+    for text in junk:
+        segs = tasks.parse_segments(text)
+        assert all(a <= b for a, b in segs)
+        count = tasks.parse_count(text)
+        assert count is None or isinstance(count, int)
+        assert isinstance(tasks.parse_labels(text, ["Dog"]), list)
+    assert tasks.parse_segments("1.5s-0.5s") == [] and tasks.parse_count("??") is None
+
+
+# --------------------------------------------------------------------------------------------------- batching
+
+
+def test_fewshot_episode():
+    pool = {f"class{i}": [f"c{i}_{j}.wav" for j in range(6)] for i in range(8)}
+    ep = data.fewshot_episode(pool, n_way=4, k_shot=2, rng=random.Random(3))
+    audio = [s[1] for s in ep.segments if s[0] == "audio"]
+    assert len(audio) == 4 * 2 + 1 and len(set(audio)) == 9  # the query is not one of the supports
+    assert ep.segments[-1] == ("text", "This is a sound of") and ep.answer in {label for label in ep.target["choices"]}
+    assert audio[-1].startswith(ep.answer.replace("class", "c"))
+    with pytest.raises(ValueError, match="needs 12 classes"):
+        data.fewshot_episode(pool, 12, 5, random.Random(0))
+
+
+def test_sampler_ratios_and_resume():
+    pools = {"tagging": [f"t{i}" for i in range(7)], "captioning": [f"c{i}" for i in range(5)],
+             "fewshot": lambda rng: f"episode{rng.random():.6f}"}
+    ratios = {"tagging": 1.0, "captioning": 1.0, "fewshot": 0.5}
+    s = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
+    seen = [s.next_batch() for _ in range(2000)]
+    share = {t: sum(task == t for task, _ in seen) / 2000 for t in ratios}
+    assert abs(share["fewshot"] - 0.2) < 0.03 and abs(share["tagging"] - 0.4) < 0.04
+    taken = [x for task, b in seen if task == "tagging" for x in b]
+    assert sorted(taken[:7]) == sorted(pools["tagging"])  # every example once per pass
+    a = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
+    first = [a.next_batch() for _ in range(10)]
+    state = json.loads(json.dumps(a.state_dict()))  # survives a JSON round trip (checkpoints)
+    rest = [a.next_batch() for _ in range(10)]
+    b = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
+    b.load_state_dict(state)
+    assert [b.next_batch() for _ in range(10)] == rest and first != rest
