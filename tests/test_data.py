@@ -71,7 +71,8 @@ def test_audiocaps(tmp_path):
     assert rows[1] == (108945, "tdWhHV3X25Q", 60, "A man speaks, then a dog barks")
     touch_audio(tmp_path, "audio/YvfY_TJq7n_U.wav", "audio/YtdWhHV3X25Q.wav")
     ex = data.examples("captioning", tmp_path, "test")  # a clip's rows need not be adjacent
-    assert ex[0].target["references"] == ["Rustling occurs; ducks quack and water splashes", "Ducks quack over rustling"]
+    refs = ["Rustling occurs; ducks quack and water splashes", "Ducks quack over rustling"]
+    assert ex[0].target["references"] == refs
     with pytest.raises(DataError, match=r"val.csv:2: audiocap_id and start_time must be whole numbers"):
         data.read_audiocaps(write(tmp_path / "val.csv", text.replace("130,Rustling", "13.5,Rustling")))
     with pytest.raises(DataError, match=r"x.csv:1: expected the header"):
