@@ -1,69 +1,585 @@
-"""Train APT (paper §3.3: stage 0 aligns the aligner with audio-text losses, stages 1-2 tune it against the frozen LLM).
+"""Train APT (paper §3.3). Stage 0 aligns the aligner with audio-text losses (ATC + ATM + AGTG); stages 1 and 2 tune it
+against the frozen LLM on a multi-task mixture, one task per batch (stage 2 adds few-shot episodes and NLAR).
+`--stage lm` (tiny preset only) pretrains the small stand-in LLM on the synthetic corpus, the role Vicuna's own
+pretraining plays; it is frozen afterwards like Vicuna.
 
-PLACEHOLDER until the training issue (#6) lands: the stages 0, 1 and 2 are not written yet. What runs today is the
-part that exists — the decoder. `python train.py` trains a tokenizer and a tiny Llama on a few embedded sentences
-(the tiny preset's stand-in for Vicuna will be trained the same way on the synthetic benchmark's text), saves them in
-Hugging Face's layout under weights/tiny-llm/, loads them back through the same path Vicuna takes, and generates.
+    python train.py --stage 0          then --stage lm, --stage 1, --stage 2       (the tiny preset, on a CPU)
+    python train.py --stage 1 --preset paper --batch_size=4                      (--key=value overrides any setting)
+    torchrun --nproc_per_node 2 train.py --stage 1                               (DistributedDataParallel)
+    python train.py --stage 1 --resume                                           (continue from the last checkpoint)
 """
 
 import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
 import time
+import zlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
+from apt_min import data, synth
+from apt_min.aligner import Aligner, AlignerConfig, stage0_losses
+from apt_min.audiomae import AudioMAE, AudioMAEConfig
+from apt_min.config import load_config
 from apt_min.llama import Llama, LlamaConfig
+from apt_min.model import APT, FeatureCache, encode_clips, fingerprint, model_files
+from apt_min.tasks import normalize_answer
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
-SENTENCES = [
-    "A dog barks twice while a car passes by.", "Rain falls on a tin roof and thunder rumbles far away.",
-    "A siren wails, then fades into traffic noise.", "Birds chirp in the morning as a stream flows.",
-    "A bell rings three times in a quiet hall.", "A man speaks and a crowd laughs.",
-    "An engine idles and then accelerates.", "Water drips into a sink at a steady pace.",
-    "A door creaks open and slams shut.", "Footsteps echo in an empty corridor.",
-]
+log = logging.getLogger("train")
+
+STAGES = {  # what each stage trains, on what (ratios: the public APT code's task mixture)
+    "lm": {"trains": "the stand-in LLM", "loss": "next-token cross-entropy", "steps": "steps_lm"},
+    "0": {"trains": "the aligner", "loss": "ATC + ATM + AGTG", "steps": "steps_0"},
+    "1": {"trains": "aligner, proj, <AUDIO>", "loss": "cross-entropy on answers", "steps": "steps_1", "needs": "0",
+          "ratios": {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45}},
+    "2": {"trains": "aligner, proj, <AUDIO>", "loss": "cross-entropy on answers", "steps": "steps_2", "needs": "1",
+          "ratios": {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45,
+                     "fewshot": 0.5, "nlar": 0.5}},
+}
+STAGE0_HEADS = ("audio_proj", "text_proj", "temp", "atm_head", "lm_transform", "lm_decoder")  # unused after stage 0
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", type=int, choices=[0, 1, 2], help="APT training stage (arrives with issue #6)")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--out", default="weights/tiny-llm")
-    args = ap.parse_args()
-    if args.stage is not None:
-        raise SystemExit(f"train.py --stage {args.stage}: APT training stages are not implemented yet (issue #6). "
-                         "Run `python train.py` without --stage for the decoder demonstration.")
-    torch.manual_seed(0)
-    out = Path(args.out)
-    train_sentencepiece(SENTENCES * 20, out / "tokenizer.model", vocab_size=400)
-    tok = Tokenizer(out)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = Llama(cfg)
-    ids, mask = tok.pad([tok.encode(s, eos=True) for s in SENTENCES], side="right")  # (N, T)
-    targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # next token; no loss on padding
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    t0 = time.time()
-    for step in range(args.steps + 1):
-        logits = model(ids[:, :-1], attention_mask=mask[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        if step % 50 == 0:
-            print(f"step {step:4d}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(out)
-    print(f"saved {out}/ (config.json, model.safetensors, tokenizer.model)")
+# --------------------------------------------------------------------------------------------------------- setup
 
-    model = Llama.from_pretrained(out)  # the path a Vicuna folder takes
-    prompts = ["A dog", "Rain falls", "A bell"]
-    ids, mask = tok.pad([tok.encode(p) for p in prompts], side="left")
-    for name, kw in (("greedy", {}), ("beam 3", {"num_beams": 3})):
-        new = model.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=tok.eos_id, **kw)
-        for p, row in zip(prompts, new):
-            print(f"{name:>7}: {p} -> {tok.decode(row)!r}")
+
+def setup_distributed():
+    """(rank, world size, device): torchrun sets RANK / WORLD_SIZE; gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def amp_settings(cfg, device):
+    """(autocast context factory, GradScaler or None, dtype for the frozen modules)."""
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp32":
+        return nullcontext, None, torch.float32
+    if precision == "fp16" and device.type != "cuda":
+        raise SystemExit("--precision=fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    frozen = dtype if device.type == "cuda" else torch.float32
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, frozen
+
+
+def ensure_tokenizer(cfg) -> Tokenizer:
+    """The LLM's tokenizer; for the tiny preset one is trained on the synthetic corpus the first time."""
+    folder = Path(cfg.resolved_llm_path())
+    if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+        if cfg.llm_path:
+            raise SystemExit(f"{folder}: no tokenizer.model or tokenizer.json; point --llm_path at the LLM folder")
+        docs = synth.lm_corpus(cfg.data_root, "train", cfg.seed)
+        train_sentencepiece((piece for doc in docs for piece in doc), folder / "tokenizer.model", cfg.llm_vocab)
+    return Tokenizer(folder)
+
+
+def build_encoder(cfg, device, dtype):
+    """The frozen Audio-MAE and its identity. Tiny preset: a seeded random encoder, saved once under run_dir so
+    every stage (and evaluate.py) uses exactly the same one."""
+    if cfg.encoder_checkpoint:
+        path = Path(cfg.encoder_checkpoint)
+        model = AudioMAE.from_checkpoint(path, AudioMAEConfig(target_length=cfg.target_length, dim=cfg.encoder_dim,
+                                                              depth=cfg.encoder_depth, heads=cfg.encoder_heads,
+                                                              output_block=cfg.output_block))
+    else:
+        path = Path(cfg.run_dir) / "encoder.safetensors"
+        if not path.is_file():
+            torch.manual_seed(cfg.seed)
+            enc = AudioMAE(AudioMAEConfig(target_length=cfg.target_length, dim=cfg.encoder_dim,
+                                          depth=cfg.encoder_depth, heads=cfg.encoder_heads,
+                                          output_block=cfg.output_block))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            enc.save(path)
+        model = AudioMAE.from_checkpoint(path)
+    return model.to(device, dtype), {"path": str(path), "fingerprint": fingerprint(path)}
+
+
+def load_llm(cfg, device, dtype):
+    folder = Path(cfg.resolved_llm_path())
+    if not (folder / "config.json").is_file():
+        hint = "python train.py --stage lm" if not cfg.llm_path else f"download it into {folder}"
+        raise SystemExit(f"{folder}: no LLM there yet; run `{hint}` first")
+    llm = Llama.from_pretrained(folder, dtype=dtype, device=device)
+    llm.gradient_checkpointing = cfg.grad_checkpointing
+    return llm, {"path": str(folder), "fingerprint": fingerprint(*model_files(folder))}
+
+
+def stage_dir(cfg, stage) -> Path:
+    return Path(cfg.run_dir) / ("llm-train" if stage == "lm" else f"stage{stage}")
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    """step_NNNNNNN/ folders (trainable weights in safetensors + training state) and a `latest` pointer. A
+    checkpoint is written under a .tmp name and renamed when complete, and `latest` is replaced atomically
+    after that, so a crash while saving leaves the previous checkpoint loadable."""
+
+    def __init__(self, folder: Path, keep: int):
+        self.folder, self.keep = folder, keep
+
+    def save(self, step: int, weights: dict, state: dict):
+        from safetensors.torch import save_file
+
+        final = self.folder / f"step_{step:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer = self.folder / "latest.tmp"
+        pointer.write_text(final.name)
+        pointer.replace(self.folder / "latest")
+        for old in sorted(self.folder.glob("step_???????"))[:-self.keep]:
+            shutil.rmtree(old)
+
+    def load(self):
+        pointer = self.folder / "latest"
+        if not pointer.is_file():
+            return None
+        where = self.folder / pointer.read_text().strip()
+        from safetensors.torch import load_file
+
+        return load_file(str(where / "weights.safetensors")), torch.load(where / "state.pt", weights_only=True)
+
+
+def cosine_schedule(cfg, total):
+    def factor(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def make_optimizer(params: dict[str, nn.Parameter], cfg):
+    """AdamW (0.9, 0.999); weight decay on matrices only, not on biases, norms or single vectors."""
+    decay = [p for p in params.values() if p.ndim >= 2]
+    rest = [p for p in params.values() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+
+
+def fit(cfg, stage, module, params, sampler, micro_step, validate, resume, rank, world, scaler, out: Path):
+    """The training loop every stage shares: accumulation, clipping, schedule, logging, validation, checkpoints,
+    resume. micro_step(wrapped module, examples) -> (loss to backpropagate, {name: value to log}) or None when
+    the batch is empty; validate() -> {name: value}."""
+    total = getattr(cfg, STAGES[stage]["steps"])
+    wrapped = DDP(module) if world > 1 else module
+    opt = make_optimizer(params, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg, total))
+    ckpts, step, skipped = Checkpoints(out / "checkpoints", cfg.keep_checkpoints), 0, 0
+    if resume:
+        found = ckpts.load()
+        if found is None:
+            raise SystemExit(f"--resume: no checkpoint under {out / 'checkpoints'}")
+        weights, state = found
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[k].copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        version, internal, gauss = state["py_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        step, skipped = state["step"], state["skipped_audio"]
+    logfile = open(out / "log.jsonl", "a") if rank == 0 else None
+    t0, seen, metrics = time.time(), 0, {}
+    if step == 0:  # where validation starts, so the log shows how far training moved it
+        module.eval()
+        start = validate()
+        if logfile:
+            logfile.write(json.dumps({"step": 0, **start}) + "\n")
+        if rank == 0:
+            print(f"stage {stage} before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"stage {stage}", dynamic_ncols=True)
+    while step < total:
+        module.train()
+        logs = {}
+        for _ in range(cfg.grad_accum):
+            result = micro_step(wrapped, sampler)
+            if result is None:
+                continue
+            loss, parts = result
+            if not torch.isfinite(loss):
+                last = ckpts.folder / "latest"
+                raise SystemExit(f"stage {stage}: the loss became {loss.item()} at step {step}; stopping. The last "
+                                 f"good checkpoint is {last.read_text() if last.is_file() else 'none'} in "
+                                 f"{ckpts.folder}; try a lower --lr")
+            (scaler.scale(loss) if scaler else loss).backward()
+            seen += parts.pop("examples", 0)
+            skipped += parts.pop("skipped", 0)
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+        if scaler:
+            scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            rate = seen * world / (time.time() - t0)
+            record = {"step": step, **{k: round(v, 5) for k, v in logs.items()}, "lr": sched.get_last_lr()[0],
+                      "grad_norm": round(float(grad_norm), 4), "examples_per_s": round(rate, 2),
+                      "skipped_audio": skipped}
+            bar.set_postfix(loss=f"{logs.get('loss', 0):.3f}", lr=f"{record['lr']:.2e}", ex_s=f"{rate:.1f}")
+            if logfile:
+                logfile.write(json.dumps(record) + "\n")
+                logfile.flush()
+        if step % cfg.eval_every == 0 or step == total:
+            module.eval()
+            metrics = validate()
+            if logfile:
+                logfile.write(json.dumps({"step": step, **metrics}) + "\n")
+                logfile.flush()
+                tqdm.write(f"stage {stage} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if (step % cfg.save_every == 0 or step == total) and rank == 0:
+            ckpts.save(step, params, {
+                "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "sampler": sampler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "py_rng": [random.getstate()[0], list(random.getstate()[1]),
+                                                               random.getstate()[2]], "skipped_audio": skipped})
+        if world > 1:
+            dist.barrier()
+    bar.close()
+    if logfile:
+        logfile.close()
+    return metrics
+
+
+def global_mean(loss_sum: torch.Tensor, count: int, world: int) -> torch.Tensor:
+    """Token-level mean over the whole global batch. DDP averages gradients over processes, so each process
+    divides its sum by the global count and multiplies by the number of processes."""
+    n = torch.tensor(float(count), device=loss_sum.device)
+    if world > 1:
+        dist.all_reduce(n)
+    return loss_sum / n.clamp(min=1) * world
+
+
+# ------------------------------------------------------------------------------------------------------- stages
+
+
+def train_lm(cfg, rank, world, device, resume):
+    if cfg.llm_path:
+        raise SystemExit("--stage lm trains the tiny stand-in LLM; with --llm_path set, the LLM is given")
+    tok = ensure_tokenizer(cfg)
+    out = stage_dir(cfg, "lm")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def encode(doc):
+        ids = [tok.bos_id] + [i for piece in doc for i in tok.encode(piece, bos=False)] + [tok.eos_id]
+        return ids[:1024]
+
+    train_docs = [encode(d) for d in synth.lm_corpus(cfg.data_root, "train", cfg.seed)]
+    val_docs = synth.lm_corpus(cfg.data_root, "test", cfg.seed)[:cfg.val_batches * cfg.batch_size]
+    torch.manual_seed(cfg.seed)
+    llm = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=cfg.llm_hidden,
+                            intermediate_size=cfg.llm_intermediate, num_hidden_layers=cfg.llm_layers,
+                            num_attention_heads=cfg.llm_heads,
+                            num_key_value_heads=cfg.llm_kv_heads, max_position_embeddings=2048,
+                            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).to(device)
+    with torch.no_grad():
+        for p in llm.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02)
+    sampler = data.TaskSampler({"lm": train_docs}, {"lm": 1.0}, cfg.batch_size * world, cfg.seed)
+
+    def lm_loss(model, docs):
+        ids, mask = tok.pad(docs)
+        ids, mask = ids.to(device), mask.to(device)
+        at = mask[:, 1:].clone()
+        logits = model(ids[:, :-1], attention_mask=mask[:, :-1], logits_at=at)
+        return F.cross_entropy(logits.float(), ids[:, 1:][at], reduction="sum"), int(at.sum())
+
+    def micro_step(model, sampler):
+        _, docs = sampler.next_batch()
+        mine = docs[rank::world]
+        loss_sum, n = lm_loss(model, mine)
+        loss = global_mean(loss_sum, n, world)
+        return loss, {"loss": loss.item() / world, "examples": len(mine)}
+
+    def validate():
+        with torch.no_grad():
+            total, n = 0.0, 0
+            for i in range(0, len(val_docs), cfg.batch_size):
+                s, c = lm_loss(llm, [encode(d) for d in val_docs[i:i + cfg.batch_size]])
+                total, n = total + s.item(), n + c
+            hits = 0
+            for doc in val_docs[:64]:  # quick metric: the answer, generated from the rest of the document
+                prompt = encode(doc[:-1])[:-1]
+                got = llm.generate(torch.tensor([prompt], device=device), max_new_tokens=24, eos_token_id=tok.eos_id)
+                hits += normalize_answer(tok.decode(got[0])) == normalize_answer(doc[-1])
+        return {"val_loss": total / max(n, 1), "val_answer_accuracy": hits / min(64, len(val_docs))}
+
+    params = dict(llm.named_parameters())
+    metrics = fit(cfg, "lm", llm, params, sampler, micro_step, validate, resume, rank, world, None, out)
+    if rank == 0:
+        folder = Path(cfg.resolved_llm_path())
+        llm.save_pretrained(folder)
+        print(f"stand-in LLM saved to {folder}/ (frozen from now on); validation: {metrics}")
+
+
+def train_stage0(cfg, rank, world, device, resume):
+    tok = ensure_tokenizer(cfg)
+    autocast, scaler, frozen_dtype = amp_settings(cfg, device)
+    encoder, encoder_id = build_encoder(cfg, device, frozen_dtype)
+    out = stage_dir(cfg, "0")
+    out.mkdir(parents=True, exist_ok=True)
+    cache = FeatureCache(Path(cfg.run_dir) / "features", f"{cfg.target_length}|{encoder_id['fingerprint']}")
+    torch.manual_seed(cfg.seed)
+    aligner = Aligner(AlignerConfig(vocab_size=tok.vocab_size, audio_dim=cfg.encoder_dim,
+                                    hidden_size=cfg.aligner_hidden, num_layers=cfg.aligner_layers,
+                                    num_heads=cfg.aligner_heads, intermediate_size=cfg.aligner_intermediate,
+                                    num_queries=cfg.num_queries, dropout=cfg.aligner_dropout)).to(device)
+    rng = random.Random(cfg.seed)
+    pairs = (data.examples("captioning", cfg.data_root, "train", rng=rng)  # audio-text pairs: captions, and
+             + data.examples("captioning", cfg.data_root, "train", source="clotho", rng=rng)  # tagging answers
+             + data.examples("tagging", cfg.data_root, "train", rng=rng))
+    val = data.examples("captioning", cfg.data_root, "val")[:cfg.val_batches * cfg.batch_size]
+    sampler = data.TaskSampler({"pairs": pairs}, {"pairs": 1.0}, cfg.batch_size * world, cfg.seed)
+
+    def features(examples):
+        feats, bad = encode_clips(encoder, [ex.segments[0][1] for ex in examples], cache, cfg.strict_audio)
+        _warn(bad)
+        keep = [ex for ex in examples if ex.segments[0][1] in feats]
+        first = [feats[ex.segments[0][1]][0] for ex in keep]  # a caption describes the clip: its first window
+        return keep, (torch.stack(first).to(device).float() if keep else None), len(examples) - len(keep)
+
+    def losses(model, examples, generator):
+        keep, audio_feats, skipped = features(examples)
+        if not keep:
+            return None, keep, skipped
+        ids, mask = tok.pad([tok.encode(ex.answer, eos=True) for ex in keep])
+        clip = torch.tensor([zlib.crc32(ex.segments[0][1].encode()) for ex in keep], device=device)
+        with autocast():
+            return model(audio_feats, ids.to(device), mask.to(device), clip, generator), keep, skipped
+
+    def micro_step(model, sampler):
+        _, batch = sampler.next_batch()
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + sampler.step)  # hard negatives: by step
+        parts, keep, skipped = losses(model, batch[rank::world], g)
+        if parts is None:
+            return None
+        return parts["total"], {"loss": parts["total"].item(), **{k: parts[k].item() for k in ("atc", "atm", "agtg")},
+                                "examples": len(keep), "skipped": skipped}
+
+    def validate():
+        with torch.no_grad():
+            first_caption = [tasks_first(ex) for ex in val]
+            parts, _, _ = losses(_Stage0(aligner), first_caption, torch.Generator().manual_seed(0))
+            return {"val_loss": parts["total"].item(), **retrieval(aligner, val, features, tok, device)}
+
+    params = {k: p for k, p in aligner.named_parameters()}
+    metrics = fit(cfg, "0", _Stage0(aligner), params, sampler, micro_step, validate, resume, rank, world, scaler, out)
+    if rank == 0:
+        final = out / "final"
+        final.mkdir(exist_ok=True)
+        from safetensors.torch import save_file
+        state = {k: v.detach().contiguous() for k, v in aligner.state_dict().items() if k != "lm_decoder.weight"}
+        save_file(state, str(final / "aligner.safetensors"))
+        (final / "aligner.json").write_text(json.dumps({"aligner": vars(aligner.config), "encoder": encoder_id}))
+        print(f"stage 0 done: aligner saved to {final}/; validation retrieval on {len(val)} AudioCaps-val clips: "
+              f"audio->text R@1 {metrics['a2t_r1']:.3f}, text->audio R@1 {metrics['t2a_r1']:.3f} "
+              f"(chance {1 / max(1, len(val)):.3f})")
+
+
+def tasks_first(example):
+    """An evaluation example reduced to its first reference, as a stage-0 pair."""
+    return dataclasses.replace(example, answer=example.target["references"][0])
+
+
+class _Stage0(nn.Module):
+    """One forward = all three stage-0 losses, so DistributedDataParallel sees one call per step."""
+
+    def __init__(self, aligner):
+        super().__init__()
+        self.aligner = aligner
+
+    def forward(self, audio_feats, ids, mask, clip_ids, generator):
+        return stage0_losses(self.aligner, audio_feats, ids, mask, clip_ids, generator)
+
+
+@torch.no_grad()
+def retrieval(aligner, examples, features, tok, device) -> dict:
+    """Audio<->text retrieval with the ATC embeddings over clips with several captions: R@1 each way."""
+    keep, audio_feats, _ = features(examples)
+    caps = [(i, c) for i, ex in enumerate(keep) for c in ex.target["references"]]
+    ids, mask = tok.pad([tok.encode(c, eos=True) for _, c in caps])
+    a = aligner.encode_audio(audio_feats)  # (A, Q, E)
+    t = aligner.encode_text(ids.to(device), mask.to(device))  # (C, E)
+    sim = torch.einsum("aqe,ce->acq", a, t).amax(-1)  # (A, C)
+    owner = torch.tensor([i for i, _ in caps], device=device)
+    a2t = (owner[sim.argmax(1)] == torch.arange(len(keep), device=device)).float().mean().item()
+    t2a = (sim.argmax(0) == owner).float().mean().item()
+    return {"a2t_r1": a2t, "t2a_r1": t2a}
+
+
+def _warn(bad):
+    for _, err in bad:
+        log.warning("skipping audio that cannot be used: %s", err)
+
+
+def parse_ratios(text: str, base: dict) -> dict:
+    ratios = dict(base)
+    for item in filter(None, text.split(",")):
+        task, _, value = item.partition("=")
+        ratios[task.strip()] = float(value)
+    return ratios
+
+
+def train_apt(cfg, stage, rank, world, device, resume):
+    tok = ensure_tokenizer(cfg)
+    autocast, scaler, frozen_dtype = amp_settings(cfg, device)
+    prev = stage_dir(cfg, STAGES[stage]["needs"]) / "final"
+    need = "aligner.json" if stage == "1" else "apt.json"
+    if not (prev / need).is_file():
+        raise SystemExit(f"stage {stage} starts from stage {STAGES[stage]['needs']}'s result, which is not in "
+                         f"{prev}/; run `python train.py --stage {STAGES[stage]['needs']}` first")
+    encoder, encoder_id = build_encoder(cfg, device, frozen_dtype)
+    llm, llm_id = load_llm(cfg, device, frozen_dtype)
+    cache = FeatureCache(Path(cfg.run_dir) / "features", f"{cfg.target_length}|{encoder_id['fingerprint']}")
+    if stage == "1":
+        meta = json.loads((prev / "aligner.json").read_text())
+        aligner = Aligner(AlignerConfig(**{**meta["aligner"], "dropout": cfg.aligner_dropout}))
+        from apt_min.checkpoint import check_keys, safetensors_entries
+        entries = safetensors_entries(prev / "aligner.safetensors")
+        targets = dict(aligner.named_parameters())
+        check_keys({prev: entries}, {k: tuple(p.shape) for k, p in targets.items()}, {"lm_decoder.weight"}, (), prev)
+        with torch.no_grad():
+            for k, read in entries.items():
+                read(targets[k])
+        torch.manual_seed(cfg.seed)
+        model = APT(encoder, aligner, llm, tok, cache)
+    else:
+        model = APT.load(prev, encoder, llm, tok, encoder_id, llm_id, cache)
+    model = model.to(device)
+    for name, p in model.aligner.named_parameters():
+        p.requires_grad_(not name.startswith(STAGE0_HEADS))
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    out = stage_dir(cfg, stage)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rng, root = random.Random(cfg.seed), cfg.data_root
+    pools = {t: data.examples(t, root, "train", rng=rng) for t in ("tagging", "aqa", "sed", "ter", "counting")}
+    pools["captioning"] = (data.examples("captioning", root, "train", rng=rng)
+                           + data.examples("captioning", root, "train", source="clotho", rng=rng))
+    if stage == "2":
+        single = data.single_label_pool(root, "train")
+        pools["fewshot"] = lambda r: data.fewshot_episode(single, 4, 1, r)  # trained as 4-way 1-shot
+        pools["nlar"] = data.examples("nlar", root, "train")
+    ratios = parse_ratios(cfg.task_ratios, STAGES[stage]["ratios"])
+    sampler = data.TaskSampler(pools, ratios, cfg.batch_size * world, cfg.seed)
+    val_tasks = ["captioning", "aqa"] + (["nlar"] if stage == "2" else [])
+    per = max(1, cfg.val_batches * cfg.batch_size // len(val_tasks))
+    val = {t: data.examples(t, root, "val")[:per] for t in val_tasks}
+
+    def usable(examples):
+        """The examples whose every clip could be encoded, and those features."""
+        feats, bad = model.encode_clips([v for ex in examples for k, v in ex.segments if k == "audio"],
+                                        cfg.strict_audio)
+        _warn(bad)
+        return [ex for ex in examples if all(v in feats for k, v in ex.segments if k == "audio")], feats
+
+    def micro_step(wrapped, sampler):
+        task, batch = sampler.next_batch()
+        mine = batch[rank::world]
+        keep, feats = usable(mine)
+        if not keep:
+            return None
+        with autocast():
+            loss_sum, n = wrapped([ex.segments for ex in keep], [ex.answer for ex in keep], feats)
+        loss = global_mean(loss_sum, n, world)
+        return loss, {"loss": loss.item() / world, f"loss_{task}": loss.item() / world, "examples": len(keep),
+                      "skipped": len(mine) - len(keep)}
+
+    def validate():
+        metrics = {}
+        with torch.no_grad(), autocast():
+            total, count = 0.0, 0
+            for exs in val.values():
+                for i in range(0, len(exs), cfg.batch_size):
+                    chunk, feats = usable(exs[i:i + cfg.batch_size])
+                    if not chunk:
+                        continue
+                    s, n = model([ex.segments for ex in chunk], [ex.answer for ex in chunk], feats)
+                    total, count = total + s.item(), count + n
+            metrics["val_loss"] = total / max(count, 1)
+            qa, feats = usable(val["aqa"][:64])
+            got = model.generate([ex.segments for ex in qa], feats, max_new_tokens=8) if qa else []
+            metrics["val_aqa_accuracy"] = sum(normalize_answer(g) == ex.target["answer"]
+                                              for g, ex in zip(got, qa)) / max(1, len(qa))
+        return metrics
+
+    metrics = fit(cfg, stage, model, params, sampler, micro_step, validate, resume, rank, world, scaler, out)
+    if rank == 0:
+        model.save(out / "final", encoder_id, llm_id, {"stage": int(stage), "config": json.loads(cfg.to_json())})
+        print(f"stage {stage} done: APT saved to {out / 'final'}/; validation: " +
+              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="Any setting of apt_min/config.py can be given as --key=value.")
+    ap.add_argument("--stage", required=True, choices=list(STAGES))
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--resume", action="store_true")
+    args, rest = ap.parse_known_args(argv)
+    try:
+        cfg = load_config(args.preset, rest)
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank, world, device = setup_distributed()
+    random.seed(cfg.seed)
+    if cfg.preset == "tiny" and rank == 0:
+        synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)
+    if world > 1:
+        dist.barrier()
+    torch.manual_seed(cfg.seed)
+    if args.stage == "lm":
+        train_lm(cfg, rank, world, device, args.resume)
+    elif args.stage == "0":
+        train_stage0(cfg, rank, world, device, args.resume)
+    else:
+        train_apt(cfg, args.stage, rank, world, device, args.resume)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from apt_min.checkpoint import CheckpointError, check_keys, checkpoint_tensors, resolve_dtype
 
@@ -246,6 +247,7 @@ class Llama(nn.Module):
         self.config = cfg
         self.model = DecoderStack(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
         self.tie_weights()
 
     def tie_weights(self):
@@ -276,7 +278,11 @@ class Llama(nn.Module):
         mask, is_causal = causal_padding_mask(attention_mask, T, past, x.device)
         cos, sin = rope_cos_sin(rope_frequencies(self.config), positions, x.dtype)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, is_causal, cache, i)
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                # keep only each block's input; recompute the block in backward (memory for time)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, is_causal, None, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, is_causal, cache, i)
         if cache is not None:
             cache.length += T
         if logits_at is not None:

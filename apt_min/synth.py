@@ -652,6 +652,78 @@ def _write_clotho(out: Path, clotho, trng):
         _write_csv(out / "clotho_aqa" / f"clotho_aqa_{split}.csv", aqa, encoding="latin-1")
 
 
+# ------------------------------------------------------------------------------------------------ the LLM's text
+
+
+def describe(events, names: dict | None = None) -> str:
+    """A scene as text, events in time order: "bell at 0.1s-0.9s; siren at 1.1s-1.8s." `names` renames labels."""
+    from apt_min.tasks import fmt_time
+
+    return "; ".join(f"{(names or {}).get(e.label, e.label)} at {fmt_time(e.onset)}s-{fmt_time(e.offset)}s"
+                     for e in events) + "."
+
+
+def lm_corpus(root: str | Path, split: str, seed: int = 0) -> list[list[str]]:
+    """Documents for pretraining the tiny stand-in LLM (`train.py --stage lm`): every task of the benchmark, with
+    a text description of each scene (`describe`) where APT will put a clip's acoustic prompts. So the LLM learns
+    the language of the tasks and to answer from a described scene; APT later learns to describe the audio.
+    Each document is a list of pieces, tokenised one by one as APT tokenises its segments. Few-shot documents
+    describe clips with invented code words instead of class names, so the answer must be found by matching the
+    query to a support clip, which is what novel classes will need. Built from the files `build` wrote (split:
+    "train" or "test", the splits with strong labels)."""
+    from apt_min import data, tasks
+
+    root, rng = Path(root), random.Random(f"{seed}/{split}")
+    names = data.read_mid_to_name(root / "audioset" / "mid_to_display_name.tsv")
+    strong = data.read_strong_labels(root / data.LAYOUT["audioset"]["strong"][split])
+    scenes = {ytid: sorted((Event(names[m].lower(), on, off, 0.0) for m, on, off in rows), key=lambda e: e.onset)
+              for (ytid, _), rows in strong.items()}
+    caps = {}
+    for _, ytid, _, caption in data.read_audiocaps(root / "audiocaps" / f"{split}.csv"):
+        caps.setdefault(ytid, []).append(caption)
+    vocabulary = sorted({e.label for ev in scenes.values() for e in ev})
+    docs = []
+    for ytid, events in scenes.items():
+        d, n = describe(events), counts(events)
+        label = rng.choice(sorted(n))
+        spans = [(e.onset, e.offset) for e in events if e.label == label]
+        start, end = rng.choice([(e.onset, e.offset) for e in events])
+        triples = [(e.label, e.onset, e.offset) for e in events]
+        docs += [
+            [d, tasks._prompt("tagging", rng), tasks.format_labels(dict.fromkeys(e.label for e in events))],
+            [d, tasks._prompt("sed", rng, label=label), tasks.format_segments(spans)],
+            [d, tasks._prompt("counting", rng, label=label), tasks.format_count(n[label])],
+            [d, tasks._prompt("ter", rng, start=tasks.fmt_time(start), end=tasks.fmt_time(end)),
+             tasks.format_labels(tasks.labels_between(triples, start, end))],
+            *([d, tasks._prompt("captioning", rng), c] for c in caps.get(ytid, [])[:2]),
+            *([d, q, a] for q, a in aqa_questions(rng, events, vocabulary)[:3]),
+        ]
+    ids = sorted(scenes)
+    for _ in range(len(ids)):  # NLAR over pairs of described scenes
+        a, b = rng.sample(ids, 2)
+        docs += [[describe(scenes[a]), describe(scenes[b]), q, ans] for q, ans in
+                 nlar_questions(rng, scenes[a], scenes[b], k=2)]
+    single = [ev for ev in scenes.values() if len(counts(ev)) == 1]
+    by_label = {}
+    for ev in single:
+        by_label.setdefault(ev[0].label, []).append(ev)
+    eligible = [x for x, evs in by_label.items() if len(evs) >= 2]
+    for _ in range(len(ids) // 2 if len(eligible) >= 4 else 0):  # 4-way 1-shot episodes
+        labels = rng.sample(eligible, 4)
+        code = {x: "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(3)) for x in labels}
+        answer = rng.choice(labels)
+        shots = [(x, rng.choice(by_label[x])) for x in labels]
+        rng.shuffle(shots)
+        doc = []
+        for x, ev in shots:
+            doc += [describe(ev, code), tasks.PROMPTS["fewshot"][0].format(label=x)]
+        shown = dict(shots)[answer]
+        query = rng.choice([ev for ev in by_label[answer] if ev is not shown])
+        docs.append(doc + [describe(query, code), tasks.FEWSHOT_QUERY, answer])
+    rng.shuffle(docs)
+    return docs
+
+
 # ------------------------------------------------------------------------------------------------------------ plot
 
 

@@ -1,0 +1,122 @@
+"""Presets: `tiny` (the default: CPU-sized, synthetic data, a stand-in LLM trained here) and `paper` (Audio-MAE
+ViT-B/16, a BERT-mini-sized aligner, Vicuna-7B, 10.24 s windows; ../shared/DESIGN.md §3 and §6).
+
+One flat dataclass holds every setting; a preset is a short dict of the fields it changes; the command line
+overrides any field as `--key=value` (type-checked; an unknown key is an error that lists the known ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    # where things are
+    data_root: str = "data/synth"  # a folder in the real data sets' layouts (apt_min.data.LAYOUT)
+    run_dir: str = "runs/tiny"  # stages write stage0/, stage1/, ... here; the tiny LLM goes to llm/
+    llm_path: str = ""  # a Hugging Face Llama folder; "" = {run_dir}/llm, written by `--stage lm` (tiny only)
+    encoder_checkpoint: str = ""  # Audio-MAE .pth / .safetensors; "" = a seeded random encoder (tiny only)
+    synth_scale: float = 1.0  # size of the synthetic benchmark generated on first use
+    # audio front end and encoder
+    target_length: int = 512  # fbank frames per window (5.12 s)
+    encoder_dim: int = 128
+    encoder_depth: int = 2
+    encoder_heads: int = 4
+    output_block: int = -2  # penultimate (paper); the public APT code used the last (-1)
+    # aligner
+    aligner_hidden: int = 128
+    aligner_layers: int = 2
+    aligner_heads: int = 4
+    aligner_intermediate: int = 512
+    num_queries: int = 8
+    aligner_dropout: float = 0.1
+    # the tiny stand-in LLM (ignored when llm_path names a real model)
+    llm_vocab: int = 1000
+    llm_hidden: int = 192
+    llm_layers: int = 4
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_intermediate: int = 512
+    # optimisation (paper: AdamW (0.9, 0.999), weight decay 0.05, warm-up then cosine to 0.1x, peak 1e-4)
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    steps_lm: int = 600
+    steps_0: int = 300
+    steps_1: int = 900
+    steps_2: int = 600
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp16 (GradScaler, CUDA) / fp32
+    task_ratios: str = ""  # e.g. "aqa=0.3,nlar=1": changes the stage's task mixture (train.py STAGES)
+    grad_checkpointing: bool = False  # recompute the LLM blocks in backward (how 7B fits on a 24 GB card)
+    seed: int = 0
+    # bookkeeping
+    log_every: int = 25
+    eval_every: int = 300
+    save_every: int = 300
+    keep_checkpoints: int = 2
+    val_batches: int = 8
+    strict_audio: bool = False  # a corrupt audio file raises instead of being skipped and counted
+    num_workers: int = 0
+
+    def resolved_llm_path(self) -> str:
+        return self.llm_path or f"{self.run_dir}/llm"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+PRESETS = {
+    "tiny": {},
+    "paper": dict(
+        preset="paper", data_root="data", run_dir="runs/paper", llm_path="weights/vicuna-7b-v1.1",
+        encoder_checkpoint="weights/audiomae/pretrained.pth", target_length=1024, encoder_dim=768, encoder_depth=12,
+        encoder_heads=12, aligner_hidden=256, aligner_layers=4, aligner_heads=4, aligner_intermediate=1024,
+        num_queries=32, batch_size=8, grad_accum=4, lr=1e-4, warmup_steps=2000, steps_0=100_000, steps_1=100_000,
+        steps_2=50_000, log_every=50, eval_every=5000, save_every=5000, grad_checkpointing=True, num_workers=4,
+    ),
+}
+
+
+def _parse(name: str, kind: str, text: str):
+    """`text` as the field's type (the annotations are strings: "int", "float", "str", "bool")."""
+    if kind == "bool":
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}: expected true or false, got {text!r}")
+    try:
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except ValueError:
+        raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
+
+
+def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None) -> Config:
+    """The preset, then `--key=value` strings (or a dict) on top. Unknown presets and keys are errors."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+    cfg = Config(**PRESETS[preset])
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides or []]
+    for key, value in items:
+        key = key.replace("-", "_")
+        if key not in kinds:
+            raise ValueError(f"unknown setting --{key}; known: {', '.join(sorted(kinds))}")
+        setattr(cfg, key, _parse(key, kinds[key], value) if isinstance(value, str) else value)
+    return cfg
+
+
+def _split(option: str) -> tuple[str, str]:
+    if not option.startswith("--") or "=" not in option:
+        raise ValueError(f"expected --key=value, got {option!r}")
+    key, value = option[2:].split("=", 1)
+    return key, value
+

@@ -1,0 +1,262 @@
+"""APT: the frozen audio encoder and the frozen LLM joined by the trainable aligner (paper §3.1-3.2, Figure 1).
+
+    ("audio", path) -> fbank windows -> AudioMAE (frozen) -> features (W, N, Da)         [encode_clips, cached]
+    features + the text that follows the clip -> Aligner.instruct -> (W, Q, H) -> proj -> (W*Q, D)
+    sequence: [BOS] then, in the given order, text tokens or [<AUDIO>, W*Q acoustic embeddings], then the answer + EOS
+    -> Llama (frozen) -> loss on the answer tokens and EOS only / generate()
+
+Trainable: the aligner, `proj`, and `audio_token` (one learned vector, not a vocabulary entry). Only this module
+joins the parts; it is the only one that knows both audio and the LLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apt_min import audio
+from apt_min.aligner import Aligner, AlignerConfig
+from apt_min.audiomae import AudioMAE
+from apt_min.checkpoint import CheckpointError, safetensors_entries
+from apt_min.llama import Llama
+from apt_min.tokenizer import Tokenizer
+
+
+def fingerprint(*files) -> str:
+    """A short identity for weight files without reading them whole: names, sizes and the first MiB of each."""
+    h = hashlib.sha256()
+    for f in sorted(Path(f) for f in files):
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def model_files(folder: Path) -> list[Path]:
+    return sorted([*folder.glob("config.json"), *folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")])
+
+
+class FeatureCache:
+    """Encoder features per audio file, computed once: one safetensors file each under `folder`, and in memory.
+    The key covers the file (path, size, mtime), the front end (window length) and the encoder's fingerprint, so
+    a changed file, setting or encoder is never served stale features."""
+
+    def __init__(self, folder: str | Path, setting: str, memory: bool = True):
+        self.folder, self.setting = Path(folder), setting
+        self.memory = {} if memory else None
+
+    def _key(self, path: str) -> str:
+        st = Path(path).stat()
+        return hashlib.sha1(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.setting}".encode()).hexdigest()
+
+    def get(self, path: str) -> torch.Tensor | None:
+        key = self._key(path)
+        if self.memory is not None and key in self.memory:
+            return self.memory[key]
+        file = self.folder / key[:2] / f"{key}.safetensors"
+        if not file.is_file():
+            return None
+        entry = safetensors_entries(file)["features"]
+        feats = torch.empty(entry.shape, dtype=torch.float16)
+        entry(feats)
+        if self.memory is not None:
+            self.memory[key] = feats
+        return feats
+
+    def put(self, path: str, feats: torch.Tensor):
+        from safetensors.torch import save_file
+
+        key = self._key(path)
+        feats = feats.detach().to("cpu", torch.float16).contiguous()
+        file = self.folder / key[:2] / f"{key}.safetensors"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        save_file({"features": feats}, str(tmp))
+        tmp.replace(file)  # atomic: a reader never sees half a file
+        if self.memory is not None:
+            self.memory[key] = feats
+
+
+@torch.no_grad()
+def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, strict: bool = False):
+    """Frozen encoder features of each distinct file: ({path: (W, N, Da) float16 on the CPU}, [(path, error)]).
+    A file that cannot be used is reported in the second list (strict=True raises instead)."""
+    feats, bad, todo = {}, [], []
+    for p in dict.fromkeys(paths):
+        cached = cache.get(p) if cache else None
+        if cached is not None:
+            feats[p] = cached
+            continue
+        try:
+            todo.append((p, audio.load_fbank(p, encoder.config.target_length, encoder.config.num_mel_bins)))
+        except (audio.AudioError, OSError) as e:
+            if strict:
+                raise
+            bad.append((p, str(e)))
+    if todo:
+        windows = torch.cat([w for _, w in todo]).to(encoder.cls_token.device)  # (sum W, T, F)
+        out = torch.cat([encoder(chunk) for chunk in windows.split(32)])  # (sum W, N, Da)
+        for (p, _), f in zip(todo, out.split([len(w) for _, w in todo])):
+            feats[p] = f.to(torch.float16).cpu()
+            if cache:
+                cache.put(p, feats[p])
+    return feats, bad
+
+
+class APT(nn.Module):
+    def __init__(self, encoder: AudioMAE, aligner: Aligner, llm: Llama, tokenizer: Tokenizer,
+                 cache: FeatureCache | None = None):
+        super().__init__()
+        self.encoder, self.aligner, self.llm, self.tokenizer, self.cache = encoder, aligner, llm, tokenizer, cache
+        D = llm.config.hidden_size
+        self.proj = nn.Linear(aligner.config.hidden_size, D)
+        self.audio_token = nn.Parameter(torch.randn(D) * 0.02)  # <AUDIO>: marks where each clip begins
+        for frozen in (encoder, llm):
+            frozen.requires_grad_(False)
+            frozen.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen parts never switch to training behaviour
+        self.llm.eval()
+        return self
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a trained APT is: the aligner, the projection and <AUDIO> (no encoder, no LLM)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("encoder.", "llm."))}
+
+    # ------------------------------------------------------------------------------------------------- audio
+
+    def encode_clips(self, paths, strict: bool = False):
+        return encode_clips(self.encoder, paths, self.cache, strict)
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    def clip_prompts(self, batch, feats) -> list[list[torch.Tensor]]:
+        """The acoustic embeddings of every clip of every example, (W * Q, D) each, from one aligner pass. Each
+        clip's aligner pass is conditioned on the text that follows it (the instruction); a clip with no text
+        after it gets BOS alone."""
+        tok, jobs = self.tokenizer, []
+        for b, segments in enumerate(batch):
+            for i, (kind, value) in enumerate(segments):
+                if kind == "audio":
+                    instruction = next((v for k, v in segments[i + 1:] if k == "text"), "")
+                    jobs.append((b, feats[value], tok.encode(instruction, bos=False) or [tok.bos_id]))
+        out = [[] for _ in batch]
+        if not jobs:
+            return out
+        device = self.proj.weight.device
+        windows = torch.cat([f.to(device, self.proj.weight.dtype) for _, f, _ in jobs])  # (sum W, N, Da)
+        ids, mask = tok.pad([ids for _, clip, ids in jobs for _ in range(len(clip))])  # each window: its clip's text
+        queries = self.aligner.instruct(windows, ids.to(device), mask.to(device))  # (sum W, Q, H)
+        prompts = self.proj(queries)  # (sum W, Q, D)
+        for (b, _, _), p in zip(jobs, prompts.split([len(f) for _, f, _ in jobs])):
+            out[b].append(p.reshape(-1, p.shape[-1]))  # (W * Q, D), windows in time order
+        return out
+
+    def embed_batch(self, batch, feats, answers=None, left_pad: bool = False):
+        """Interleaved input embeddings (B, L, D), mask (B, L) and labels (B, L): -100 except the answer tokens
+        and the EOS that closes them. Right padding for training, left padding for generation."""
+        tok, llm = self.tokenizer, self.llm
+        device, dtype = self.proj.weight.device, llm.model.embed_tokens.weight.dtype
+        prompts = self.clip_prompts(batch, feats)
+        rows = []
+        for b, segments in enumerate(batch):
+            pieces, labels, clips = [torch.tensor([tok.bos_id])], [-100], iter(prompts[b])
+            for kind, value in segments:
+                if kind == "text":
+                    ids = tok.encode(value, bos=False)
+                    pieces.append(torch.tensor(ids, dtype=torch.long))
+                    labels += [-100] * len(ids)
+                else:
+                    acoustic = next(clips)
+                    pieces.append(torch.cat([self.audio_token[None].to(acoustic.dtype), acoustic]))  # (1 + WQ, D)
+                    labels += [-100] * len(pieces[-1])
+            if answers is not None:
+                ids = tok.encode(answers[b], bos=False) + [tok.eos_id]
+                pieces.append(torch.tensor(ids, dtype=torch.long))
+                labels += ids
+            embeds = [llm.embed(p.to(device)) if p.dtype == torch.long else p for p in pieces]
+            rows.append((torch.cat([e.to(dtype) for e in embeds]), torch.tensor(labels)))
+        L = max(len(e) for e, _ in rows)
+        x = torch.zeros(len(rows), L, rows[0][0].shape[-1], dtype=dtype, device=device)
+        mask = torch.zeros(len(rows), L, dtype=torch.bool, device=device)
+        labels = torch.full((len(rows), L), -100, dtype=torch.long, device=device)
+        for b, (e, lab) in enumerate(rows):
+            span = slice(L - len(e), L) if left_pad else slice(0, len(e))
+            x[b, span], mask[b, span], labels[b, span] = e, True, lab.to(device)
+        return x, mask, labels
+
+    def forward(self, batch, answers, feats):
+        """Summed next-token cross-entropy over the answer tokens and EOS, and their count: (loss_sum, n)."""
+        x, mask, labels = self.embed_batch(batch, feats, answers)
+        at = torch.zeros_like(mask)
+        at[:, :-1] = labels[:, 1:] != -100  # positions whose next token is an answer token
+        logits = self.llm(inputs_embeds=x, attention_mask=mask, logits_at=at)  # (N, V): only where a loss is taken
+        targets = labels[:, 1:][labels[:, 1:] != -100]
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+
+    @torch.no_grad()
+    def generate(self, batch, feats=None, **options) -> list[str]:
+        """Answer a batch of segment lists; options are Llama.generate's (max_new_tokens, num_beams, ...)."""
+        if feats is None:
+            feats, _ = self.encode_clips([v for segs in batch for k, v in segs if k == "audio"], strict=True)
+        x, mask, _ = self.embed_batch(batch, feats, left_pad=True)
+        options.setdefault("eos_token_id", self.tokenizer.eos_id)
+        options.setdefault("pad_token_id", self.tokenizer.pad_id)
+        ids = self.llm.generate(inputs_embeds=x, attention_mask=mask, **options)
+        return [self.tokenizer.decode(row).strip() for row in ids]
+
+    # ---------------------------------------------------------------------------------------------- storing
+
+    def save(self, folder: str | Path, encoder_id: dict, llm_id: dict, extra: dict | None = None):
+        """A trained APT as one small directory: apt.safetensors (trainable tensors) and apt.json (the aligner's
+        config and the identities of the encoder and LLM it was trained against)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.trainable_state().items()}
+        state.pop("aligner.lm_decoder.weight", None)  # the same tensor as the aligner's word embeddings
+        save_file(state, str(folder / "apt.safetensors"))
+        meta = {"aligner": asdict(self.aligner.config), "encoder": encoder_id, "llm": llm_id, **(extra or {})}
+        (folder / "apt.json").write_text(json.dumps(meta, indent=1))
+
+    @staticmethod
+    def read_meta(folder: str | Path) -> dict:
+        file = Path(folder) / "apt.json"
+        if not file.is_file():
+            raise CheckpointError(f"{folder}: not a trained APT (apt.json missing)")
+        return json.loads(file.read_text())
+
+    @classmethod
+    def load(cls, folder, encoder, llm, tokenizer, encoder_id: dict, llm_id: dict, cache=None) -> APT:
+        """Rebuild a saved APT around the given encoder and LLM, which must be the ones it was trained against."""
+        folder = Path(folder)
+        meta = cls.read_meta(folder)
+        for what, have in (("encoder", encoder_id), ("llm", llm_id)):
+            if meta[what]["fingerprint"] != have["fingerprint"]:
+                raise CheckpointError(f"{folder}: this APT was trained against the {what} {meta[what]}, but the "
+                                      f"{what} given is {have}; load the matching {what}")
+        model = cls(encoder, Aligner(AlignerConfig(**meta["aligner"])), llm, tokenizer, cache)
+        load_trainable(model, folder / "apt.safetensors")
+        return model
+
+
+def load_trainable(model: APT, file: Path):
+    """Copy a trainable-state safetensors file into `model`, strictly."""
+    from apt_min.checkpoint import check_keys
+
+    expected = {k: tuple(v.shape) for k, v in model.trainable_state().items()}
+    entries = safetensors_entries(file)
+    check_keys({file: entries}, expected, {"aligner.lm_decoder.weight"}, (), file)
+    targets = {k: v for k, v in model.named_parameters()} | {k: v for k, v in model.named_buffers()}
+    with torch.no_grad():
+        for name, read in entries.items():
+            read(targets[name])
