@@ -125,8 +125,22 @@ class AudioMAE(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.register_buffer("pos_embed", sincos_position_table(cfg)[None])  # (1, 1 + N, D), saved with the weights
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self._init()
         self.requires_grad_(False)
         self.eval()
+
+    def _init(self):
+        """Audio-MAE's initialisation: Xavier-uniform for the patch projection (as a matrix) and every Linear,
+        zero biases, CLS ~ N(0, 0.02). Released weights overwrite it; a randomly initialised encoder (the tiny
+        preset) keeps it, and with it patch content that outweighs the position table."""
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
 
     @property
     def num_patches(self) -> int:

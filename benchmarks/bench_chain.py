@@ -1,0 +1,34 @@
+"""The embedded default, end to end: `python train.py --stage 0`, then lm, 1 and 2, each in a fresh process, as a
+user runs them. Prints the wall time of each stage and its validation numbers before and after training.
+    python benchmarks/bench_chain.py [--run_dir=runs/tiny] [any other --key=value for train.py]
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main():
+    extra = sys.argv[1:]
+    run_dir = Path(next((a.split("=", 1)[1] for a in extra if a.startswith("--run_dir=")), "runs/tiny"))
+    total = 0.0
+    for stage, folder in (("0", "stage0"), ("lm", "llm-train"), ("1", "stage1"), ("2", "stage2")):
+        t = time.time()
+        subprocess.run([sys.executable, "train.py", "--stage", stage, *extra], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.time() - t
+        total += seconds
+        evals = [json.loads(line) for line in (ROOT / run_dir / folder / "log.jsonl").read_text().splitlines()]
+        evals = [e for e in evals if any(k.startswith("val") or k.endswith("_r1") for k in e)]
+        first, last = evals[0], evals[-1]
+        shown = ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in first if k != "step")
+        print(f"stage {stage:>2}: {seconds:6.1f} s   validation (step {first['step']} -> {last['step']}): {shown}")
+    print(f"whole chain: {total / 60:.1f} min (the synthetic data, if absent, is generated inside stage 0)")
+
+
+if __name__ == "__main__":
+    main()

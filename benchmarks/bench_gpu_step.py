@@ -1,0 +1,98 @@
+"""One stage-1 training step of APT on a Vicuna-7B-shaped LLM (random weights) in bf16 with gradient checkpointing,
+batch 8, on a GPU: peak GPU memory, tokens/s and model-FLOPs utilisation, one line each. Goal: fits in 24 GB;
+MFU >= 35 %.  (`--small` runs the same code on a CPU-sized model: a smoke test of the script itself.)
+
+Model FLOPs per token, frozen LLM: forward 2N plus backward to the activations 2N (no weight gradients),
+plus attention; the trainable aligner's share is counted the usual way (6 x its parameters per query token).
+Recomputation for checkpointing is not counted (that is what makes it *model* FLOPs utilisation).
+    python benchmarks/bench_gpu_step.py [--seq 128] [--peak_tflops 989]
+"""
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from apt_min.aligner import Aligner, AlignerConfig  # noqa: E402
+from apt_min.audiomae import AudioMAE, AudioMAEConfig  # noqa: E402
+from apt_min.llama import Llama, LlamaConfig  # noqa: E402
+from apt_min.model import APT  # noqa: E402
+from apt_min.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+
+WORDS = "a dog barks while a car passes by and rain falls on a tin roof then a bell rings twice".split()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--answer_words", type=int, default=40, help="answer length: sets the sequence length")
+    ap.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM)")
+    ap.add_argument("--small", action="store_true")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16
+    llm_cfg = LlamaConfig() if not args.small else LlamaConfig(hidden_size=256, intermediate_size=688,
+                                                               num_hidden_layers=2, num_attention_heads=4,
+                                                               num_key_value_heads=4)
+    enc_cfg = AudioMAEConfig() if not args.small else AudioMAEConfig(dim=64, depth=2, heads=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_sentencepiece([" ".join(WORDS)] * 50, Path(tmp) / "tokenizer.model", 300)
+        tok = Tokenizer(tmp)
+    with torch.device("meta"):
+        llm = Llama(llm_cfg)
+    llm = llm.to(dtype).to_empty(device=device)
+    llm.tie_weights()
+    with torch.no_grad():
+        for p in llm.parameters():
+            p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
+    llm.gradient_checkpointing = True
+    encoder = AudioMAE(enc_cfg).to(device, dtype)
+    aligner = Aligner(AlignerConfig(vocab_size=tok.vocab_size, audio_dim=enc_cfg.dim)).to(device)
+    apt = APT(encoder, aligner, llm, tok).to(device)
+    params = [p for p in apt.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    # encoder features stand in for 8 clips (the frozen encoder is not part of a training step once cached)
+    feats = {f"clip{i}": torch.randn(1, math.prod(enc_cfg.grid), enc_cfg.dim) for i in range(args.batch)}
+    batch = [[("audio", k), ("text", "Describe the audio clip concisely.")] for k in feats]
+    answers = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(args.answer_words)) for i in range(args.batch)]
+
+    def step():
+        with torch.autocast(device, dtype=dtype):
+            loss, n = apt(batch, answers, feats)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    repeats = 3
+    for _ in range(repeats):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t) / repeats
+    x, mask, _ = apt.embed_batch(batch, feats, answers)
+    tokens = int(mask.sum())
+    n_llm = sum(p.numel() for p in llm.parameters()) - llm_cfg.vocab_size * llm_cfg.hidden_size  # minus the lookup
+    L, D, T = llm_cfg.num_hidden_layers, llm_cfg.hidden_size, x.shape[1]
+    attention = 4 * L * T * D  # per token: scores and values, forward; doubled below for backward
+    n_aligner = sum(p.numel() for p in aligner.parameters())
+    flops = tokens * (4 * n_llm + 2 * attention) + 6 * n_aligner * args.batch * aligner.config.num_queries
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device: {name}; LLM {n_llm / 1e9:.2f} B parameters, batch {args.batch}, sequence {T} tokens")
+    print(f"peak GPU memory: {peak:.1f} GiB (goal: under 24 GiB)")
+    print(f"throughput: {tokens / seconds:.0f} tokens/s ({seconds * 1e3:.0f} ms per step)")
+    print(f"MFU: {flops / seconds / (args.peak_tflops * 1e12):.1%} of {args.peak_tflops:.0f} TFLOP/s (goal: >= 35 %)")
+
+
+if __name__ == "__main__":
+    main()
