@@ -500,7 +500,9 @@ def train_apt(cfg, stage, rank, world, device, resume):
                            + data.examples("captioning", root, "train", source="clotho", rng=rng))
     if stage == "2":
         single = data.single_label_pool(root, "train")
-        pools["fewshot"] = lambda r: data.fewshot_episode(single, 4, 1, r)  # trained as 4-way 1-shot
+        # trained as 4-way 1-shot (paper); half the episodes with made-up class names, so that answering means
+        # matching the query to the supports rather than recognising a known class
+        pools["fewshot"] = lambda r: data.fewshot_episode(single, 4, 1, r, rename=r.random() < 0.5)
         pools["nlar"] = data.examples("nlar", root, "train")
     ratios = parse_ratios(cfg.task_ratios, STAGES[stage]["ratios"])
     sampler = data.TaskSampler(pools, ratios, cfg.batch_size * world, cfg.seed)

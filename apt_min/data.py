@@ -378,8 +378,17 @@ def single_label_pool(root, split="train", strict=False, layout=None) -> dict[st
     return dict(pool)
 
 
-def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: random.Random) -> Example:
-    """N classes, K support clips each (shuffled), and one more clip of one of them as the query."""
+def pseudo_word(rng: random.Random) -> str:
+    """A pronounceable made-up word ("tovak"): a label that no model can know beforehand."""
+    return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2)) + rng.choice("kmnst")
+
+
+def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: random.Random,
+                    rename: bool = False) -> Example:
+    """N classes, K support clips each (shuffled), and one more clip of one of them as the query.
+    rename=True gives the classes made-up names for this episode: the answer can then only be found by matching
+    the query to the supports, which is what classes never seen in training will need (beyond the paper, which
+    trains on real names only)."""
     eligible = sorted(label for label, clips in pool.items() if len(clips) > k_shot)
     if len(eligible) < n_way:
         raise ValueError(f"a {n_way}-way {k_shot}-shot episode needs {n_way} classes with more than {k_shot} clips; "
@@ -393,6 +402,9 @@ def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: ra
             query = clips.pop()
         support += [(c, label) for c in clips]
     rng.shuffle(support)
+    if rename:
+        names = {label: pseudo_word(rng) for label in labels}
+        support, answer = [(c, names[label]) for c, label in support], names[answer]
     return tasks.fewshot(support, query, answer)
 
 

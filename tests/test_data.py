@@ -178,6 +178,10 @@ def test_fewshot_episode():
     assert audio[-1].startswith(ep.answer.replace("class", "c"))
     with pytest.raises(ValueError, match="needs 12 classes"):
         data.fewshot_episode(pool, 12, 5, random.Random(0))
+    renamed = data.fewshot_episode(pool, n_way=4, k_shot=2, rng=random.Random(3), rename=True)
+    texts = " ".join(v for k, v in renamed.segments if k == "text")
+    assert "class" not in texts and f"This is a sound of {renamed.answer}." in texts
+    assert [s for s in renamed.segments if s[0] == "audio"] == [s for s in ep.segments if s[0] == "audio"]
 
 
 def test_sampler_ratios_and_resume():
