@@ -1,0 +1,72 @@
+"""Metrics against the implementations people cite: scikit-learn's AP, pycocoevalcap's BLEU / ROUGE-L / CIDEr-D
+and its Stanford PTB tokenizer."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from apt_min import metrics
+
+CAPTIONS = [  # (references, hypothesis), in the style of AudioCaps / Clotho
+    (["A man speaks while a dog barks in the distance.", "A dog barks, then a man talks.",
+      "Someone speaking and a dog barking", "A man is talking as a dog barks twice.", "Dog barking and male speech"],
+     "A dog barks and a man speaks."),
+    (["Rain falls on a tin roof.", "Heavy rain is falling on a metal roof", "Rain pours down steadily.",
+      "The sound of rain on a roof.", "Steady rainfall on a roof"], "Rain is falling on a roof."),
+    (["A car engine idles and then revs up.", "An engine is idling before accelerating",
+      "A vehicle's engine runs and revs", "An engine revs loudly", "A motor idles, then revs."],
+     "A car's engine revs up and doesn't stop."),
+    (["Birds chirp in the morning.", "Several birds are singing.", "Birds chirping loudly outdoors",
+      "Birdsong fills the air", "Many birds tweet and chirp"], "Birds."),
+]
+
+
+def test_map_equals_scikit_learn():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        labels = rng.random((60, 9)) < 0.2
+        labels[rng.integers(0, 60, 9), np.arange(9)] = True  # every class has a positive
+        scores = rng.random((60, 9))
+        if trial % 2:
+            scores = np.round(scores, 1)  # ties
+        ours = metrics.mean_average_precision(scores, labels)
+        assert abs(ours - average_precision_score(labels, scores, average="macro")) < 1e-12
+    labels[:, 0] = False  # a class without positives is left out of the mean, not counted as 0
+    assert metrics.mean_average_precision(scores, labels) == pytest.approx(
+        average_precision_score(labels[:, 1:], scores[:, 1:], average="macro"))
+
+
+def _coco(refs, hyps):
+    return ({i: [" ".join(metrics.caption_tokens(r)) for r in rs] for i, rs in enumerate(refs)},
+            {i: [" ".join(metrics.caption_tokens(h))] for i, h in enumerate(hyps)})
+
+
+def test_caption_metrics_equal_pycocoevalcap():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    refs, hyps = [r for r, _ in CAPTIONS], [h for _, h in CAPTIONS]
+    gts, res = _coco(refs, hyps)
+    ref_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert np.allclose(metrics.bleu(refs, hyps), ref_bleu, atol=1e-9)
+    assert metrics.rouge_l(refs, hyps) == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
+    assert metrics.cider_d(refs, hyps) == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-9)
+    # a perfect hypothesis scores higher than the model's on every metric
+    perfect = [r[0] for r in refs]
+    assert metrics.cider_d(refs, perfect) > metrics.cider_d(refs, hyps)
+    assert metrics.bleu(refs, perfect)[3] > metrics.bleu(refs, hyps)[3]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the reference PTB tokenizer needs Java")
+def test_tokens_equal_the_ptb_tokenizer():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    texts = [t for refs, hyp in CAPTIONS for t in (*refs, hyp)]
+    texts += ["It's a bird's song -- isn't it?", "Two (2) dogs bark; one whines...", "A 3.5 second beep, then 10 more"]
+    ref = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+    for i, t in enumerate(texts):
+        assert metrics.caption_tokens(t) == ref[i][0].split(), t
