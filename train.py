@@ -32,12 +32,11 @@ from tqdm import tqdm
 
 from apt_min import data, synth
 from apt_min.aligner import Aligner, AlignerConfig, stage0_losses
-from apt_min.audiomae import AudioMAE, AudioMAEConfig
+from apt_min.build import build_encoder, ensure_tokenizer, feature_cache, load_llm
 from apt_min.config import load_config
 from apt_min.llama import Llama, LlamaConfig
-from apt_min.model import APT, FeatureCache, encode_clips, fingerprint, model_files
+from apt_min.model import APT, encode_clips
 from apt_min.tasks import normalize_answer
-from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
 log = logging.getLogger("train")
 
@@ -80,48 +79,6 @@ def amp_settings(cfg, device):
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     frozen = dtype if device.type == "cuda" else torch.float32
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, frozen
-
-
-def ensure_tokenizer(cfg) -> Tokenizer:
-    """The LLM's tokenizer; for the tiny preset one is trained on the synthetic corpus the first time."""
-    folder = Path(cfg.resolved_llm_path())
-    if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
-        if cfg.llm_path:
-            raise SystemExit(f"{folder}: no tokenizer.model or tokenizer.json; point --llm_path at the LLM folder")
-        docs = synth.lm_corpus(cfg.data_root, "train", cfg.seed)
-        train_sentencepiece((piece for doc in docs for piece in doc), folder / "tokenizer.model", cfg.llm_vocab)
-    return Tokenizer(folder)
-
-
-def build_encoder(cfg, device, dtype):
-    """The frozen Audio-MAE and its identity. Tiny preset: a seeded random encoder, saved once under run_dir so
-    every stage (and evaluate.py) uses exactly the same one."""
-    if cfg.encoder_checkpoint:
-        path = Path(cfg.encoder_checkpoint)
-        model = AudioMAE.from_checkpoint(path, AudioMAEConfig(target_length=cfg.target_length, dim=cfg.encoder_dim,
-                                                              depth=cfg.encoder_depth, heads=cfg.encoder_heads,
-                                                              output_block=cfg.output_block))
-    else:
-        path = Path(cfg.run_dir) / "encoder.safetensors"
-        if not path.is_file():
-            torch.manual_seed(cfg.seed)
-            enc = AudioMAE(AudioMAEConfig(target_length=cfg.target_length, dim=cfg.encoder_dim,
-                                          depth=cfg.encoder_depth, heads=cfg.encoder_heads,
-                                          output_block=cfg.output_block))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            enc.save(path)
-        model = AudioMAE.from_checkpoint(path)
-    return model.to(device, dtype), {"path": str(path), "fingerprint": fingerprint(path)}
-
-
-def load_llm(cfg, device, dtype):
-    folder = Path(cfg.resolved_llm_path())
-    if not (folder / "config.json").is_file():
-        hint = "python train.py --stage lm" if not cfg.llm_path else f"download it into {folder}"
-        raise SystemExit(f"{folder}: no LLM there yet; run `{hint}` first")
-    llm = Llama.from_pretrained(folder, dtype=dtype, device=device)
-    llm.gradient_checkpointing = cfg.grad_checkpointing
-    return llm, {"path": str(folder), "fingerprint": fingerprint(*model_files(folder))}
 
 
 def stage_dir(cfg, stage) -> Path:
@@ -360,7 +317,7 @@ def train_stage0(cfg, rank, world, device, resume):
     encoder, encoder_id = build_encoder(cfg, device, frozen_dtype)
     out = stage_dir(cfg, "0")
     out.mkdir(parents=True, exist_ok=True)
-    cache = FeatureCache(Path(cfg.run_dir) / "features", f"{cfg.target_length}|{encoder_id['fingerprint']}")
+    cache = feature_cache(cfg, encoder_id)
     torch.manual_seed(cfg.seed)
     aligner = Aligner(AlignerConfig(vocab_size=tok.vocab_size, audio_dim=cfg.encoder_dim,
                                     hidden_size=cfg.aligner_hidden, num_layers=cfg.aligner_layers,
@@ -472,7 +429,7 @@ def train_apt(cfg, stage, rank, world, device, resume):
                          f"{prev}/; run `python train.py --stage {STAGES[stage]['needs']}` first")
     encoder, encoder_id = build_encoder(cfg, device, frozen_dtype)
     llm, llm_id = load_llm(cfg, device, frozen_dtype)
-    cache = FeatureCache(Path(cfg.run_dir) / "features", f"{cfg.target_length}|{encoder_id['fingerprint']}")
+    cache = feature_cache(cfg, encoder_id)
     if stage == "1":
         meta = json.loads((prev / "aligner.json").read_text())
         aligner = Aligner(AlignerConfig(**{**meta["aligner"], "dropout": cfg.aligner_dropout}))

@@ -32,7 +32,7 @@ class Config:
     aligner_layers: int = 2
     aligner_heads: int = 4
     aligner_intermediate: int = 512
-    num_queries: int = 8
+    num_queries: int = 16
     aligner_dropout: float = 0.1
     # the tiny stand-in LLM (ignored when llm_path names a real model)
     llm_vocab: int = 1000
@@ -50,17 +50,17 @@ class Config:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     steps_lm: int = 600
-    steps_0: int = 300
-    steps_1: int = 900
-    steps_2: int = 600
+    steps_0: int = 600
+    steps_1: int = 2500
+    steps_2: int = 1500
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp16 (GradScaler, CUDA) / fp32
     task_ratios: str = ""  # e.g. "aqa=0.3,nlar=1": changes the stage's task mixture (train.py STAGES)
     grad_checkpointing: bool = False  # recompute the LLM blocks in backward (how 7B fits on a 24 GB card)
     seed: int = 0
     # bookkeeping
     log_every: int = 25
-    eval_every: int = 300
-    save_every: int = 300
+    eval_every: int = 500
+    save_every: int = 500
     keep_checkpoints: int = 2
     val_batches: int = 8
     strict_audio: bool = False  # a corrupt audio file raises instead of being skipped and counted

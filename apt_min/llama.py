@@ -343,12 +343,13 @@ class Llama(nn.Module):
                  num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, streamer=None) -> torch.Tensor:
         """Continue B left-padded prompts, given as ids or as embeddings (APT's soft prompts). Returns the new
         tokens (B, L), L <= max_new_tokens, each row filled with pad_token_id after its EOS.
         Greedy by default; do_sample: temperature, top-k, top-p sampling; num_beams > 1: beam search.
         Scores follow transformers' generate (repetition penalty, length penalty, beam stopping), so the same
-        settings give the same tokens."""
+        settings give the same tokens. streamer(tokens (B,)) is called with each new token as it is chosen
+        (greedy and sampling; beam search decides only at the end)."""
         if num_beams > 1 and do_sample:
             raise ValueError("beam search with sampling is not supported; use num_beams=1 or do_sample=False")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
@@ -395,6 +396,8 @@ class Llama(nn.Module):
                 token = scores.argmax(-1)  # (B,)
             token = token.masked_fill(done, pad)
             out.append(token)
+            if streamer is not None:
+                streamer(token)
             seen[torch.arange(B), token] = True
             done |= torch.isin(token, eos)
             if done.all() or t == max_new_tokens - 1:

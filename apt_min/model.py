@@ -193,14 +193,28 @@ class APT(nn.Module):
             x[b, span], mask[b, span], labels[b, span] = e, True, lab.to(device)
         return x, mask, labels
 
-    def forward(self, batch, answers, feats):
-        """Summed next-token cross-entropy over the answer tokens and EOS, and their count: (loss_sum, n)."""
+    def _answer_logits(self, batch, answers, feats):
+        """Logits (N, V) at the N positions that predict an answer token or EOS, those targets (N,), and the row
+        each belongs to (N,)."""
         x, mask, labels = self.embed_batch(batch, feats, answers)
         at = torch.zeros_like(mask)
         at[:, :-1] = labels[:, 1:] != -100  # positions whose next token is an answer token
         logits = self.llm(inputs_embeds=x, attention_mask=mask, logits_at=at)  # (N, V): only where a loss is taken
-        targets = labels[:, 1:][labels[:, 1:] != -100]
+        return logits, labels[:, 1:][at[:, :-1]], at.nonzero()[:, 0]
+
+    def forward(self, batch, answers, feats):
+        """Summed next-token cross-entropy over the answer tokens and EOS, and their count: (loss_sum, n)."""
+        logits, targets, _ = self._answer_logits(batch, answers, feats)
         return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+
+    @torch.no_grad()
+    def answer_logprob(self, batch, answers, feats) -> torch.Tensor:
+        """log p(answer | segments) for each example, EOS not included: (B,). Scores fixed candidate answers
+        (the LLM-likelihood protocol for tagging)."""
+        logits, targets, rows = self._answer_logits(batch, answers, feats)
+        lp = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+        lp = lp.masked_fill(targets == self.tokenizer.eos_id, 0.0)
+        return torch.zeros(len(batch), device=lp.device).index_add_(0, rows, lp)
 
     @torch.no_grad()
     def generate(self, batch, feats=None, **options) -> list[str]:

@@ -501,7 +501,7 @@ class Sizes:
         def r(split):
             return tuple(max(2, round(v * s)) for v in split)
 
-        return Sizes(r(self.scenes), r(self.clotho), max(5, round(self.esc_per_class * s)), r(self.nlar))
+        return Sizes(r(self.scenes), r(self.clotho), max(7, round(self.esc_per_class * s)), r(self.nlar))
 
 
 def ytid(rng: random.Random) -> str:

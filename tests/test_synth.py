@@ -8,7 +8,7 @@ import pytest
 
 from apt_min import data, synth, tasks
 
-SCALE = 0.02  # 40/4/4 pool scenes, 8/2/2 Clotho scenes, 5 ESC clips per novel class, 20/2/2 NLAR pairs
+SCALE = 0.02  # 40/4/4 pool scenes, 8/2/2 Clotho scenes, 7 ESC clips per novel class, 20/2/2 NLAR pairs
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,76 @@
+"""Ask a trained APT about audio:
+
+    python -m apt_min ask --audio a.wav [--audio b.wav ...] "Which recording has more knocks?"
+
+Several clips go into one sequence in the order given, then the question; the answer is printed as it is
+generated. --checkpoint as in evaluate.py (by default the one the tiny training chain wrote); --preset and any
+--key=value setting as in train.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from apt_min.audio import AudioError
+from apt_min.checkpoint import CheckpointError
+
+
+def ask(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m apt_min ask", description="Answer a question about audio clips.")
+    ap.add_argument("--audio", action="append", required=True, help="an audio file; repeat for several clips")
+    ap.add_argument("question")
+    ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final)")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    args, rest = ap.parse_known_args(argv)
+    import torch
+
+    from apt_min.build import load_apt
+    from apt_min.config import load_config
+
+    try:
+        cfg = load_config(args.preset, rest)
+        checkpoint = Path(args.checkpoint or Path(cfg.run_dir) / "stage2" / "final")
+        if not (checkpoint / "apt.json").is_file():
+            raise CheckpointError(f"{checkpoint}: no trained APT there (train one with train.py, or pass "
+                                  "--checkpoint)")
+        apt = load_apt(cfg, checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+        feats, bad = apt.encode_clips(args.audio)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if bad:
+        for path, reason in bad:
+            print(f"error: cannot use {path}: {reason}", file=sys.stderr)
+        return 2
+    tok, ids, shown = apt.tokenizer, [], ""
+
+    def stream(token):  # print what the new token adds to the decoded text
+        nonlocal shown
+        ids.append(int(token[0]))
+        text = tok.decode(ids)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    segments = [("audio", p) for p in args.audio] + [("text", args.question)]
+    apt.generate([segments], feats, max_new_tokens=args.max_new_tokens, streamer=stream)
+    print()
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "ask":
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        return ask(argv[1:])
+    except AudioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

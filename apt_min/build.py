@@ -1,0 +1,73 @@
+"""Building the parts from a Config: the LLM's tokenizer, the frozen encoder, the frozen LLM, and a trained APT
+around them. Shared by train.py, evaluate.py and `python -m apt_min ask`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from apt_min import synth
+from apt_min.audiomae import AudioMAE, AudioMAEConfig
+from apt_min.llama import Llama
+from apt_min.model import APT, FeatureCache, fingerprint, model_files
+from apt_min.tokenizer import Tokenizer, train_sentencepiece
+
+
+def ensure_tokenizer(cfg) -> Tokenizer:
+    """The LLM's tokenizer; for the tiny preset one is trained on the synthetic corpus the first time."""
+    folder = Path(cfg.resolved_llm_path())
+    if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+        if cfg.llm_path:
+            raise SystemExit(f"{folder}: no tokenizer.model or tokenizer.json; point --llm_path at the LLM folder")
+        docs = synth.lm_corpus(cfg.data_root, "train", cfg.seed)
+        train_sentencepiece((piece for doc in docs for piece in doc), folder / "tokenizer.model", cfg.llm_vocab)
+    return Tokenizer(folder)
+
+
+def build_encoder(cfg, device, dtype, create: bool = True):
+    """The frozen Audio-MAE and its identity. Tiny preset: a seeded random encoder, saved once under run_dir so
+    every stage (and evaluate.py) uses exactly the same one."""
+    if cfg.encoder_checkpoint:
+        path = Path(cfg.encoder_checkpoint)
+        model = AudioMAE.from_checkpoint(path, AudioMAEConfig(target_length=cfg.target_length, dim=cfg.encoder_dim,
+                                                              depth=cfg.encoder_depth, heads=cfg.encoder_heads,
+                                                              output_block=cfg.output_block))
+    else:
+        path = Path(cfg.run_dir) / "encoder.safetensors"
+        if not path.is_file() and not create:
+            raise SystemExit(f"{path}: the tiny preset's encoder is not there; run `python train.py --stage 0` first")
+        if not path.is_file():
+            torch.manual_seed(cfg.seed)
+            enc = AudioMAE(AudioMAEConfig(target_length=cfg.target_length, dim=cfg.encoder_dim,
+                                          depth=cfg.encoder_depth, heads=cfg.encoder_heads,
+                                          output_block=cfg.output_block))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            enc.save(path)
+        model = AudioMAE.from_checkpoint(path)
+    return model.to(device, dtype), {"path": str(path), "fingerprint": fingerprint(path)}
+
+
+def load_llm(cfg, device, dtype):
+    folder = Path(cfg.resolved_llm_path())
+    if not (folder / "config.json").is_file():
+        hint = "python train.py --stage lm" if not cfg.llm_path else f"download it into {folder}"
+        raise SystemExit(f"{folder}: no LLM there yet; run `{hint}` first")
+    llm = Llama.from_pretrained(folder, dtype=dtype, device=device)
+    llm.gradient_checkpointing = cfg.grad_checkpointing
+    return llm, {"path": str(folder), "fingerprint": fingerprint(*model_files(folder))}
+
+
+def feature_cache(cfg, encoder_id: dict) -> FeatureCache:
+    return FeatureCache(Path(cfg.run_dir) / "features", f"{cfg.target_length}|{encoder_id['fingerprint']}")
+
+
+def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
+    """A trained APT with the encoder and LLM it was trained against, ready to evaluate (frozen parts in fp32 on
+    a CPU, in bf16 on a GPU)."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    encoder, encoder_id = build_encoder(cfg, device, dtype, create=False)
+    llm, llm_id = load_llm(cfg, device, dtype)
+    return APT.load(checkpoint, encoder, llm, ensure_tokenizer(cfg), encoder_id, llm_id,
+                    feature_cache(cfg, encoder_id)).to(device).eval()
