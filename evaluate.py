@@ -71,6 +71,7 @@ def eval_tagging(apt, cfg, args, examples):
     labels = np.array([[c in ex.target["labels"] for c in classes] for ex in examples])
     outputs = generate(apt, examples, args.batch_size, SHORT | {"max_new_tokens": 40}, "tagging")
     table = []
+    chance = metrics.mean_average_precision(np.random.default_rng(0).random(labels.shape), labels)
     aligner, tok = stage0_aligner(cfg, apt), apt.tokenizer
     if aligner is not None:  # (1) the paper's protocol: text embeddings of the answer and of every class name
         with torch.no_grad():
@@ -78,8 +79,9 @@ def eval_tagging(apt, cfg, args, examples):
                 ids, mask = tok.pad([tok.encode(t, eos=True) for t in texts])
                 return aligner.encode_text(ids.to(aligner.temp.device), mask.to(aligner.temp.device))
             scores = (embed(outputs) @ embed([label_text(c) for c in classes]).T).cpu().numpy()
-        table += rows("mAP", metrics.mean_average_precision(scores, labels), None,
-                      "paper protocol: answer and class names embedded by the stage-0 aligner's text branch, cosine")
+        table += rows("mAP", metrics.mean_average_precision(scores, labels), chance,
+                      "paper protocol: answer and class names embedded by the stage-0 aligner's text branch, cosine "
+                      "(baseline: random scores)")
     else:
         table += rows("mAP", float("nan"), None, "paper protocol unavailable: no stage-0 aligner in run_dir")
     # (2) LLM likelihood of "This is a sound of {class}." for every class
@@ -88,11 +90,13 @@ def eval_tagging(apt, cfg, args, examples):
     for i, ex in enumerate(tqdm(examples, desc="tagging likelihood", leave=False, dynamic_ncols=True)):
         batch = [[ex.segments[0], ("text", FEWSHOT_QUERY)]] * len(classes)
         scores[i] = apt.answer_logprob(batch, [f"{label_text(c)}." for c in classes], feats).cpu().numpy()
-    chance = metrics.mean_average_precision(np.random.default_rng(0).random(labels.shape), labels)
     table += rows("mAP", metrics.mean_average_precision(scores, labels), chance,
                   'LLM likelihood of "This is a sound of {class}." per class (baseline: random scores)')
-    exact = np.mean([set(parse_labels(o, classes)) == set(ex.target["labels"]) for o, ex in zip(outputs, examples)])
-    table += rows("exact label set", exact, None, "generated answer parsed against the class list")
+    truth = [frozenset(ex.target["labels"]) for ex in examples]
+    exact = np.mean([set(parse_labels(o, classes)) == t for o, t in zip(outputs, truth)])
+    fixed = majority(truth)
+    table += rows("exact label set", exact, np.mean([t == fixed for t in truth]),
+                  "generated answer parsed against the class list (baseline: the most frequent label set)")
     refs = [ex.answer for ex in examples]
     return table, outputs, refs
 

@@ -412,10 +412,16 @@ def _warn(bad):
 
 
 def parse_ratios(text: str, base: dict) -> dict:
-    ratios = dict(base)
+    """The stage's task mixture with --task_ratios applied ("aqa=0.3,fewshot=1"); tasks of other stages are
+    accepted and ignored here, unknown tasks are an error."""
+    ratios, known = dict(base), set(STAGES["2"]["ratios"])
     for item in filter(None, text.split(",")):
         task, _, value = item.partition("=")
-        ratios[task.strip()] = float(value)
+        task = task.strip()
+        if task not in known:
+            raise SystemExit(f"--task_ratios: unknown task {task!r}; tasks: {', '.join(sorted(known))}")
+        if task in ratios:
+            ratios[task] = float(value)
     return ratios
 
 

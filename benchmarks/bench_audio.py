@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {  # encoder config overrides; "tiny" is the CPU preset's encoder
+SIZES = {  # encoder config overrides; "tiny" is the tiny preset's encoder (apt_min/config.py)
     "paper": {},
-    "tiny": {"target_length": 512, "dim": 192, "depth": 4, "heads": 3},
+    "tiny": {"target_length": 512, "dim": 128, "depth": 2, "heads": 4},
 }
 
 CHILD = r"""
