@@ -23,9 +23,8 @@ import torch
 from tqdm import tqdm
 
 from apt_min import data, metrics
-from apt_min.aligner import Aligner, AlignerConfig
+from apt_min.aligner import Aligner
 from apt_min.build import ensure_tokenizer, load_apt
-from apt_min.checkpoint import check_keys, safetensors_entries
 from apt_min.config import load_config
 from apt_min.tasks import FEWSHOT_QUERY, label_text, normalize_answer, parse_count, parse_labels, parse_segments
 
@@ -48,15 +47,7 @@ def stage0_aligner(cfg, apt):
     folder = Path(cfg.run_dir) / "stage0" / "final"
     if not (folder / "aligner.json").is_file():
         return None
-    meta = json.loads((folder / "aligner.json").read_text())
-    aligner = Aligner(AlignerConfig(**meta["aligner"])).eval()
-    entries = safetensors_entries(folder / "aligner.safetensors")
-    targets = dict(aligner.named_parameters())
-    check_keys({folder: entries}, {k: tuple(p.shape) for k, p in targets.items()}, {"lm_decoder.weight"}, (), folder)
-    with torch.no_grad():
-        for k, read in entries.items():
-            read(targets[k])
-    return aligner.to(apt.proj.weight.device)
+    return Aligner.load(folder).eval().to(apt.proj.weight.device)
 
 
 def rows(name, ours, baseline, what):

@@ -365,11 +365,7 @@ def train_stage0(cfg, rank, world, device, resume):
     metrics = fit(cfg, "0", _Stage0(aligner), params, sampler, micro_step, validate, resume, rank, world, scaler, out)
     if rank == 0:
         final = out / "final"
-        final.mkdir(exist_ok=True)
-        from safetensors.torch import save_file
-        state = {k: v.detach().contiguous() for k, v in aligner.state_dict().items() if k != "lm_decoder.weight"}
-        save_file(state, str(final / "aligner.safetensors"))
-        (final / "aligner.json").write_text(json.dumps({"aligner": vars(aligner.config), "encoder": encoder_id}))
+        aligner.save(final, {"encoder": encoder_id})
         print(f"stage 0 done: aligner saved to {final}/; validation retrieval on {len(val)} AudioCaps-val clips: "
               f"audio->text R@1 {metrics['a2t_r1']:.3f}, text->audio R@1 {metrics['t2a_r1']:.3f} "
               f"(chance {1 / max(1, len(val)):.3f})")
@@ -437,15 +433,7 @@ def train_apt(cfg, stage, rank, world, device, resume):
     llm, llm_id = load_llm(cfg, device, frozen_dtype)
     cache = feature_cache(cfg, encoder_id)
     if stage == "1":
-        meta = json.loads((prev / "aligner.json").read_text())
-        aligner = Aligner(AlignerConfig(**{**meta["aligner"], "dropout": cfg.aligner_dropout}))
-        from apt_min.checkpoint import check_keys, safetensors_entries
-        entries = safetensors_entries(prev / "aligner.safetensors")
-        targets = dict(aligner.named_parameters())
-        check_keys({prev: entries}, {k: tuple(p.shape) for k, p in targets.items()}, {"lm_decoder.weight"}, (), prev)
-        with torch.no_grad():
-            for k, read in entries.items():
-                read(targets[k])
+        aligner = Aligner.load(prev, dropout=cfg.aligner_dropout)
         torch.manual_seed(cfg.seed)
         model = APT(encoder, aligner, llm, tok, cache)
     else:

@@ -15,12 +15,16 @@ every window is what the aligner was trained on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from apt_min.checkpoint import check_keys, safetensors_entries
 
 
 @dataclass
@@ -190,6 +194,31 @@ class Aligner(nn.Module):
         for layer in self.layers:
             x = layer(x, audio_feats, mask, Q)
         return x
+
+    def save(self, folder, extra: dict | None = None):
+        """aligner.safetensors (the weights; the tied LM decoder once) and aligner.json (its config, and `extra`)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k != "lm_decoder.weight"}
+        save_file(state, str(folder / "aligner.safetensors"))
+        (folder / "aligner.json").write_text(json.dumps({"aligner": asdict(self.config), **(extra or {})}))
+
+    @classmethod
+    def load(cls, folder, **overrides) -> Aligner:
+        """An aligner written by `save`, strictly; `overrides` change config fields that hold no weights (dropout)."""
+        folder = Path(folder)
+        meta = json.loads((folder / "aligner.json").read_text())
+        aligner = cls(AlignerConfig(**{**meta["aligner"], **overrides}))
+        entries = safetensors_entries(folder / "aligner.safetensors")
+        targets = dict(aligner.named_parameters())
+        check_keys({folder: entries}, {k: tuple(p.shape) for k, p in targets.items()}, {"lm_decoder.weight"}, (),
+                   folder)
+        with torch.no_grad():
+            for k, read in entries.items():
+                read(targets[k])
+        return aligner
 
     def instruct(self, audio_feats, instr_ids=None, instr_mask=None):
         """Stages 1-2: the queries read the audio and the instruction together (bidirectional), as InstructBLIP's

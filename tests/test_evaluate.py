@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import copy_of, opts
 
 import evaluate
 import train
-from conftest import copy_of, opts
 
 ROOT = Path(__file__).resolve().parents[1]
 
