@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apt_min import data, metrics
+from apt_min import data, metrics, synth
 from apt_min.aligner import Aligner
 from apt_min.build import ensure_tokenizer, load_apt
 from apt_min.config import load_config
@@ -262,6 +262,8 @@ def main(argv=None):
         cfg = load_config(args.preset, rest + ([f"--data_root={args.data_root}"] if args.data_root else []))
     except ValueError as e:
         raise SystemExit(f"evaluate.py: {e}") from None
+    if cfg.preset == "tiny":
+        synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)  # the embedded default, written on first use
     checkpoint = Path(args.checkpoint or Path(cfg.run_dir) / "stage2" / "final")
     if not (checkpoint / "apt.json").is_file():
         raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage 0, lm, 1, 2) "
