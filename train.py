@@ -166,6 +166,8 @@ def fit(cfg, stage, module, params, sampler, micro_step, validate, resume, rank,
             scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         version, internal, gauss = state["py_rng"]
         random.setstate((version, tuple(internal), gauss))
         step, skipped = state["step"], state["skipped_audio"]
@@ -226,16 +228,21 @@ def fit(cfg, stage, module, params, sampler, micro_step, validate, resume, rank,
                 logfile.flush()
                 tqdm.write(f"stage {stage} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if (step % cfg.save_every == 0 or step == total) and rank == 0:
+            version, internal, gauss = random.getstate()
             ckpts.save(step, params, {
                 "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "sampler": sampler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "py_rng": [random.getstate()[0], list(random.getstate()[1]),
-                                                               random.getstate()[2]], "skipped_audio": skipped})
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "py_rng": [version, list(internal), gauss], "skipped_audio": skipped})
         if world > 1:
             dist.barrier()
     bar.close()
     if logfile:
         logfile.close()
+    if not metrics:  # resumed from a checkpoint of a finished run
+        module.eval()
+        metrics = validate()
     return metrics
 
 
