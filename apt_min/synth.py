@@ -668,11 +668,9 @@ def lm_corpus(root: str | Path, split: str, seed: int = 0) -> list[list[str]]:
     a text description of each scene (`describe`) where APT will put a clip's acoustic prompts. So the LLM learns
     the language of the tasks and to answer from a described scene; APT later learns to describe the audio.
     Each document is a list of pieces, tokenised one by one as APT tokenises its segments. Few-shot documents
-    describe clips with invented code words instead of class names and label them with their own name, another
-    class's name or a made-up word, so the answer must be found by matching the query to a support and copying its
-    label: what novel classes will need. The novel classes' names thus occur as words here (as a pretrained LLM
-    knows English words), never with their sounds or any description of them. Built from the files `build` wrote
-    (split: "train" or "test", the splits with strong labels)."""
+    describe clips with invented code words instead of class names, so the answer must be found by matching the
+    query to a support clip, which is what novel classes will need. Built from the files `build` wrote (split:
+    "train" or "test", the splits with strong labels)."""
     from apt_min import data, tasks
 
     root, rng = Path(root), random.Random(f"{seed}/{split}")
@@ -710,24 +708,18 @@ def lm_corpus(root: str | Path, split: str, seed: int = 0) -> list[list[str]]:
     for ev in single:
         by_label.setdefault(ev[0].label, []).append(ev)
     eligible = [x for x, evs in by_label.items() if len(evs) >= 2]
-    words = [c.name for c in CLASSES]  # every class name, as words a pretrained LLM would know
-    for _ in range(len(ids) if len(eligible) >= 4 else 0):  # 4-way 1-shot episodes
+    for _ in range(len(ids) // 2 if len(eligible) >= 4 else 0):  # 4-way 1-shot episodes
         labels = rng.sample(eligible, 4)
         code = {x: "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(3)) for x in labels}
-        # what each class is called in this episode: its own name, another sound's name, or a made-up word; the
-        # descriptions carry only the codes, so the answer is always copied from the support that matches
-        pick = rng.random()
-        names = dict(zip(labels, labels if pick < 1 / 3 else rng.sample(words, 4) if pick < 2 / 3 else
-                         [data.pseudo_word(rng) for _ in labels]))
         answer = rng.choice(labels)
         shots = [(x, rng.choice(by_label[x])) for x in labels]
         rng.shuffle(shots)
         doc = []
         for x, ev in shots:
-            doc += [describe(ev, code), tasks.PROMPTS["fewshot"][0].format(label=names[x])]
+            doc += [describe(ev, code), tasks.PROMPTS["fewshot"][0].format(label=x)]
         shown = dict(shots)[answer]
         query = rng.choice([ev for ev in by_label[answer] if ev is not shown])
-        docs.append(doc + [describe(query, code), tasks.FEWSHOT_QUERY, names[answer]])
+        docs.append(doc + [describe(query, code), tasks.FEWSHOT_QUERY, answer])
     rng.shuffle(docs)
     return docs
 
