@@ -246,6 +246,15 @@ def fit(cfg, stage, module, params, sampler, micro_step, validate, resume, rank,
     return metrics
 
 
+def nothing_to_train(keep: list, world: int, device) -> bool:
+    """True when this process, or any other, has no usable example this micro-step: then all of them skip it
+    together, since under DDP every process must run the same forwards."""
+    empty = torch.tensor(float(not keep), device=device)
+    if world > 1:
+        dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+    return bool(empty.item())
+
+
 def global_mean(loss_sum: torch.Tensor, count: int, world: int) -> torch.Tensor:
     """Token-level mean over the whole global batch. DDP averages gradients over processes, so each process
     divides its sum by the global count and multiplies by the number of processes."""
@@ -344,9 +353,9 @@ def train_stage0(cfg, rank, world, device, resume):
         first = [feats[ex.segments[0][1]][0] for ex in keep]  # a caption describes the clip: its first window
         return keep, (torch.stack(first).to(device).float() if keep else None), len(examples) - len(keep)
 
-    def losses(model, examples, generator):
+    def losses(model, examples, generator, together=True):
         keep, audio_feats, skipped = features(examples)
-        if not keep:
+        if (nothing_to_train(keep, world, device) if together else not keep):
             return None, keep, skipped
         ids, mask = tok.pad([tok.encode(ex.answer, eos=True) for ex in keep])
         clip = torch.tensor([zlib.crc32(ex.segments[0][1].encode()) for ex in keep], device=device)
@@ -365,7 +374,7 @@ def train_stage0(cfg, rank, world, device, resume):
     def validate():
         with torch.no_grad():
             first_caption = [tasks_first(ex) for ex in val]
-            parts, _, _ = losses(_Stage0(aligner), first_caption, torch.Generator().manual_seed(0))
+            parts, _, _ = losses(_Stage0(aligner), first_caption, torch.Generator().manual_seed(0), together=False)
             return {"val_loss": parts["total"].item(), **retrieval(aligner, val, features, tok, device)}
 
     params = {k: p for k, p in aligner.named_parameters()}
@@ -479,7 +488,7 @@ def train_apt(cfg, stage, rank, world, device, resume):
         task, batch = sampler.next_batch()
         mine = batch[rank::world]
         keep, feats = usable(mine)
-        if not keep:
+        if nothing_to_train(keep, world, device):
             return None
         with autocast():
             loss_sum, n = wrapped([ex.segments for ex in keep], [ex.answer for ex in keep], feats)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,9 +77,9 @@ class FeatureCache:
         feats = feats.detach().to("cpu", torch.float16).contiguous()
         file = self.folder / key[:2] / f"{key}.safetensors"
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")  # one per process: DDP ranks may write the same clip at once
         save_file({"features": feats}, str(tmp))
-        tmp.replace(file)  # atomic: a reader never sees half a file
+        tmp.replace(file)  # atomic: a reader never sees half a file, and the last writer wins
         if self.memory is not None:
             self.memory[key] = feats
 
@@ -89,7 +90,7 @@ def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, st
     A file that cannot be used is reported in the second list (strict=True raises instead)."""
     feats, bad, todo = {}, [], []
     for p in dict.fromkeys(paths):
-        cached = cache.get(p) if cache else None
+        cached = cache.get(p) if cache and Path(p).is_file() else None  # a missing file is reported below
         if cached is not None:
             feats[p] = cached
             continue
