@@ -257,7 +257,13 @@ def main(argv=None):
     ap.add_argument("--episodes", type=int, default=100, help="few-shot episodes per setting")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", help="where predictions and metrics go (default: {run_dir}/eval)")
+    ap.add_argument("--num-beams", type=int, default=CAPTION["num_beams"], help="captioning beams (APT code: 5)")
+    ap.add_argument("--repetition-penalty", type=float, default=CAPTION["repetition_penalty"],
+                    help="captioning repetition penalty (APT code: 1.5)")
+    ap.add_argument("--max-new-tokens", type=int, default=CAPTION["max_new_tokens"], help="captioning length limit")
     args, rest = ap.parse_known_args(argv)
+    CAPTION.update(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
+                   max_new_tokens=args.max_new_tokens)
     try:
         cfg = load_config(args.preset, rest + ([f"--data_root={args.data_root}"] if args.data_root else []))
     except ValueError as e:

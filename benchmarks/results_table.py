@@ -12,8 +12,8 @@ TASKS = ("audioset", "audiocaps", "clotho", "clotho_aqa", "esc50", "nlar", "sed"
 
 def main():
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny/eval")
-    print("| task | metric | APT-tiny | baseline | protocol (baseline) |")
-    print("|---|---|---|---|---|")
+    print("| task | metric | APT-tiny | baseline | above baseline? | protocol (baseline) |")
+    print("|---|---|---|---|---|---|")
     for task in TASKS:
         file = folder / f"metrics_{task}.json"
         if not file.is_file():
@@ -21,7 +21,12 @@ def main():
         for row in json.loads(file.read_text()):
             apt = "—" if row["apt"] is None or math.isnan(row["apt"]) else f"{row['apt']:.3f}"
             base = "" if row["baseline"] is None else f"{row['baseline']:.3f}"
-            print(f"| {task} | {row['metric']} | {apt} | {base} | {row['protocol']} |")
+            verdict = ""
+            if row["baseline"] is not None and apt != "—":
+                lower_is_better = "error" in row["metric"]
+                better = row["apt"] < row["baseline"] if lower_is_better else row["apt"] > row["baseline"]
+                verdict = "yes" if better else "**no**"
+            print(f"| {task} | {row['metric']} | {apt} | {base} | {verdict} | {row['protocol']} |")
 
 
 if __name__ == "__main__":
