@@ -373,7 +373,7 @@ def train_stage0(cfg, rank, world, device, resume):
 
     def validate():
         with torch.no_grad():
-            first_caption = [tasks_first(ex) for ex in val]
+            first_caption = [first_reference(ex) for ex in val]
             parts, _, _ = losses(_Stage0(aligner), first_caption, torch.Generator().manual_seed(0), together=False)
             return {"val_loss": parts["total"].item(), **retrieval(aligner, val, features, tok, device)}
 
@@ -387,7 +387,7 @@ def train_stage0(cfg, rank, world, device, resume):
               f"(chance {1 / max(1, len(val)):.3f})")
 
 
-def tasks_first(example):
+def first_reference(example):
     """An evaluation example reduced to its first reference, as a stage-0 pair."""
     return dataclasses.replace(example, answer=example.target["references"][0])
 
@@ -491,7 +491,7 @@ def train_apt(cfg, stage, rank, world, device, resume):
         if nothing_to_train(keep, world, device):
             return None
         with autocast():
-            loss_sum, n = wrapped([ex.segments for ex in keep], [ex.answer for ex in keep], feats)
+            loss_sum, n = wrapped(*data.collate(keep), feats)
         loss = global_mean(loss_sum, n, world)
         return loss, {"loss": loss.item() / world, f"loss_{task}": loss.item() / world, "examples": len(keep),
                       "skipped": len(mine) - len(keep)}
@@ -505,7 +505,7 @@ def train_apt(cfg, stage, rank, world, device, resume):
                     chunk, feats = usable(exs[i:i + cfg.batch_size])
                     if not chunk:
                         continue
-                    s, n = model([ex.segments for ex in chunk], [ex.answer for ex in chunk], feats)
+                    s, n = model(*data.collate(chunk), feats)
                     total, count = total + s.item(), count + n
             metrics["val_loss"] = total / max(count, 1)
             qa, feats = usable(val["aqa"][:64])

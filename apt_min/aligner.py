@@ -9,7 +9,7 @@ with the aligner's own word and position embeddings; id `vocab_size` is the deco
 
 Uses: stage 0 (`stage0_losses`: ATC + ATM + AGTG), instruction-aware prompts for stages 1-2 (`instruct`), the text
 branch alone (`encode_text`, for the tagging protocol). A clip of several windows is aligned window by window: each
-window gets its own Q prompts and the caller concatenates them in time order (`model.py`), so order survives and
+window gets its own Q prompts and `model.APT.clip_prompts` concatenates them in time order, so order survives and
 every window is what the aligner was trained on.
 """
 
@@ -224,13 +224,6 @@ class Aligner(nn.Module):
         """Stages 1-2: the queries read the audio and the instruction together (bidirectional), as InstructBLIP's
         Q-Former does. (B, N, Da) + (B, T) -> query outputs (B, Q, H)."""
         return self(audio_feats, instr_ids, instr_mask, bidirectional_mask)[:, :self.config.num_queries]
-
-    def clip_prompts(self, window_feats, instr_ids=None):
-        """All W windows of one clip, (W, N, Da), with the instruction ids (T,) that follow the clip -> (W * Q, H):
-        each window aligned on its own under the same instruction, the prompts concatenated in time order."""
-        W = window_feats.shape[0]
-        ids = None if instr_ids is None else instr_ids.expand(W, -1)
-        return self.instruct(window_feats, ids).reshape(W * self.config.num_queries, self.config.hidden_size)
 
     def encode_text(self, text_ids, text_mask=None):
         """The text branch alone: the first token's output, projected and L2-normalised. (B, T) -> (B, E)."""

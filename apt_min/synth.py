@@ -690,12 +690,12 @@ def lm_corpus(root: str | Path, split: str, seed: int = 0) -> list[list[str]]:
         start, end = rng.choice([(e.onset, e.offset) for e in events])
         triples = [(e.label, e.onset, e.offset) for e in events]
         docs += [
-            [d, tasks._prompt("tagging", rng), tasks.format_labels(dict.fromkeys(e.label for e in events))],
-            [d, tasks._prompt("sed", rng, label=label), tasks.format_segments(spans)],
-            [d, tasks._prompt("counting", rng, label=label), tasks.format_count(n[label])],
-            [d, tasks._prompt("ter", rng, start=tasks.fmt_time(start), end=tasks.fmt_time(end)),
+            [d, tasks.prompt("tagging", rng), tasks.format_labels(dict.fromkeys(e.label for e in events))],
+            [d, tasks.prompt("sed", rng, label=label), tasks.format_segments(spans)],
+            [d, tasks.prompt("counting", rng, label=label), tasks.format_count(n[label])],
+            [d, tasks.prompt("ter", rng, start=tasks.fmt_time(start), end=tasks.fmt_time(end)),
              tasks.format_labels(tasks.labels_between(triples, start, end))],
-            *([d, tasks._prompt("captioning", rng), c] for c in caps.get(ytid, [])[:2]),
+            *([d, tasks.prompt("captioning", rng), c] for c in caps.get(ytid, [])[:2]),
             *([d, q, a] for q, a in aqa_questions(rng, events, vocabulary)[:3]),
         ]
     ids = sorted(scenes)

@@ -51,7 +51,8 @@ class Example:
     target: dict = field(default_factory=dict)  # ground truth for the metrics: labels, segments, count, references
 
 
-def _prompt(task: str, rng: random.Random | None, **fields) -> str:
+def prompt(task: str, rng: random.Random | None, **fields) -> str:
+    """One of the task's prompts, its fields filled: drawn with an rng (training), the first without (evaluation)."""
     options = PROMPTS[task]
     return (rng.choice(options) if rng else options[0]).format(**fields)
 
@@ -126,14 +127,14 @@ def parse_count(text: str) -> int | None:
 
 
 def tagging(audio: str, labels, rng=None) -> Example:
-    return Example("tagging", [("audio", audio), ("text", _prompt("tagging", rng))], format_labels(labels),
+    return Example("tagging", [("audio", audio), ("text", prompt("tagging", rng))], format_labels(labels),
                    {"labels": list(labels)})
 
 
 def captioning(audio: str, references, rng=None) -> Example:
     """references: one caption (training) or several (evaluation: all are scored)."""
     refs = [references] if isinstance(references, str) else list(references)
-    return Example("captioning", [("audio", audio), ("text", _prompt("captioning", rng))], refs[0],
+    return Example("captioning", [("audio", audio), ("text", prompt("captioning", rng))], refs[0],
                    {"references": refs})
 
 
@@ -142,13 +143,13 @@ def aqa(audio: str, question: str, answers) -> Example:
     answers = [answers] if isinstance(answers, str) else list(answers)
     norm = [normalize_answer(a) for a in answers]
     best = max(dict.fromkeys(norm), key=norm.count)
-    return Example("aqa", [("audio", audio), ("text", _prompt("aqa", None, question=question))],
+    return Example("aqa", [("audio", audio), ("text", prompt("aqa", None, question=question))],
                    answers[norm.index(best)].strip().rstrip(".").lower(), {"answer": best})
 
 
 def sed(audio: str, label: str, segments, rng=None) -> Example:
     segments = sorted(segments)
-    return Example("sed", [("audio", audio), ("text", _prompt("sed", rng, label=label_text(label)))],
+    return Example("sed", [("audio", audio), ("text", prompt("sed", rng, label=label_text(label)))],
                    format_segments(segments), {"label": label, "segments": segments})
 
 
@@ -161,12 +162,12 @@ def labels_between(events, start: float, end: float, min_overlap: float = 0.1) -
 
 def ter(audio: str, events, start: float, end: float, rng=None) -> Example:
     labels = labels_between(events, start, end)
-    text = _prompt("ter", rng, start=fmt_time(start), end=fmt_time(end))
+    text = prompt("ter", rng, start=fmt_time(start), end=fmt_time(end))
     return Example("ter", [("audio", audio), ("text", text)], format_labels(labels), {"labels": labels})
 
 
 def counting(audio: str, label: str, n: int, rng=None) -> Example:
-    return Example("counting", [("audio", audio), ("text", _prompt("counting", rng, label=label_text(label)))],
+    return Example("counting", [("audio", audio), ("text", prompt("counting", rng, label=label_text(label)))],
                    format_count(n), {"label": label, "count": n})
 
 

@@ -118,20 +118,6 @@ def test_instruction_path_matches_instructblip_qformer():
     assert torch.equal(aligner.instruct(audio, ids, mask), ours[:, :5])
 
 
-def test_a_clip_of_several_windows_is_aligned_window_by_window():
-    aligner = random_aligner()
-    audio, ids, _ = batch()
-    windows = audio[:2]  # two windows of one clip; one instruction
-    Q = CFG.num_queries
-    with torch.no_grad():
-        prompts = aligner.clip_prompts(windows, ids[0])
-        assert prompts.shape == (2 * Q, 32)
-        for w in range(2):
-            assert torch.allclose(prompts[w * Q:(w + 1) * Q], aligner.instruct(windows[w:w + 1], ids[:1])[0], atol=1e-6)
-        swapped = aligner.clip_prompts(windows.flip(0), ids[0])  # time order is kept
-        assert torch.allclose(swapped[:Q], prompts[Q:], atol=1e-6)
-
-
 def test_mask_patterns():
     text_mask = torch.tensor([[True, True, False]])  # 2 queries, 2 tokens and one pad
     x, o = True, False

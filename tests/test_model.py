@@ -84,6 +84,22 @@ def test_interleaving_and_labels(parts):
     assert m[:, 0].all() and ml[:, -1].all()
 
 
+def test_a_clip_of_several_windows_is_aligned_window_by_window(parts):
+    _, tok, _, _, (_, _, long) = parts
+    apt = make_apt(parts).eval()
+    feats, _ = apt.encode_clips([long])
+    question = "How many times?"
+    with torch.no_grad():
+        prompts = apt.clip_prompts([[("audio", long), ("text", question)]], feats)[0][0]  # (3 * Q, D)
+        ids = torch.tensor([tok.encode(question, bos=False)])
+        for w in range(3):  # each window alone, under the same instruction, in time order
+            alone = apt.proj(apt.aligner.instruct(feats[long][w:w + 1].float(), ids))[0]
+            assert torch.allclose(prompts[w * 4:(w + 1) * 4], alone, atol=1e-5)
+        flipped = {long: feats[long].flip(0)}
+        swapped = apt.clip_prompts([[("audio", long), ("text", question)]], flipped)[0][0]
+        assert torch.allclose(swapped[:4], prompts[8:], atol=1e-5)
+
+
 def test_only_trainable_tensors_learn(parts):
     _, _, encoder, llm, (a, b, _) = parts
     apt = make_apt(parts)
