@@ -278,7 +278,8 @@ def hard_negatives(sim, positives, generator=None):
     weights = sim.detach().float().softmax(-1).masked_fill(positives, 0.0)
     valid = weights.sum(-1) > 0
     weights = torch.where(valid[:, None], weights, (~positives).float() + 1.0)  # placeholder rows, never used
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1), valid
+    on = generator.device if generator is not None else weights.device  # a CPU generator draws on the CPU, so
+    return torch.multinomial(weights.to(on), 1, generator=generator).squeeze(1).to(sim.device), valid  # same draws
 
 
 def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, generator=None) -> dict:

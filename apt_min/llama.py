@@ -391,7 +391,8 @@ class Llama(nn.Module):
             scores = penalize_repeats(logits, seen, repetition_penalty)
             if do_sample:
                 probs = top_k_top_p(scores / temperature, top_k, top_p).softmax(-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+                on = generator.device if generator is not None else probs.device  # a CPU generator draws on the CPU
+                token = torch.multinomial(probs.to(on), 1, generator=generator).squeeze(1).to(probs.device)  # (B,)
             else:
                 token = scores.argmax(-1)  # (B,)
             token = token.masked_fill(done, pad)

@@ -5,7 +5,7 @@ MFU >= 35 %.  (`--small` runs the same code on a CPU-sized model: a smoke test o
 Model FLOPs per token, frozen LLM: forward 2N plus backward to the activations 2N (no weight gradients),
 plus attention; the trainable aligner's share is counted the usual way (6 x its parameters per query token).
 Recomputation for checkpointing is not counted (that is what makes it *model* FLOPs utilisation).
-    python benchmarks/bench_gpu_step.py [--seq 128] [--peak_tflops 989]
+    python benchmarks/bench_gpu_step.py [--batch 8] [--answer_words 40] [--no-checkpointing] [--peak_tflops 989]
 """
 
 import argparse
@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--answer_words", type=int, default=40, help="answer length: sets the sequence length")
     ap.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM)")
+    ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute the LLM blocks in backward (what fits 7B in 24 GB)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,7 +52,7 @@ def main():
     with torch.no_grad():
         for p in llm.parameters():
             p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
-    llm.gradient_checkpointing = True
+    llm.gradient_checkpointing = args.checkpointing
     encoder = AudioMAE(enc_cfg).to(device, dtype)
     aligner = Aligner(AlignerConfig(vocab_size=tok.vocab_size, audio_dim=enc_cfg.dim)).to(device)
     apt = APT(encoder, aligner, llm, tok).to(device)
@@ -88,8 +90,9 @@ def main():
     flops = tokens * (4 * n_llm + 2 * attention) + 6 * n_aligner * args.batch * aligner.config.num_queries
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"device: {name}; LLM {n_llm / 1e9:.2f} B parameters, batch {args.batch}, sequence {T} tokens")
-    print(f"peak GPU memory: {peak:.1f} GiB (goal: under 24 GiB)")
+    print(f"device: {name}; LLM {n_llm / 1e9:.2f} B parameters, batch {args.batch}, sequence {T} tokens, "
+          f"gradient checkpointing {'on' if args.checkpointing else 'off'}")
+    print(f"peak GPU memory: {peak:.1f} GiB (goal with checkpointing at batch 8: under 24 GiB)")
     print(f"throughput: {tokens / seconds:.0f} tokens/s ({seconds * 1e3:.0f} ms per step)")
     print(f"MFU: {flops / seconds / (args.peak_tflops * 1e12):.1%} of {args.peak_tflops:.0f} TFLOP/s (goal: >= 35 %)")
 

@@ -1,0 +1,161 @@
+"""The checks that need a CUDA GPU, in one run (the CPU test suite cannot reach these paths):
+
+1. Numerics on the GPU. Our Llama and Audio-MAE against transformers' LlamaForCausalLM and ViTModel with the same
+   weights, each in fp32 (TF32 off) and bf16, every output compared with transformers in fp32 as the reference by
+   ||out - ref|| / ||ref||. Ours in bf16 should be about as far from the reference as transformers in bf16 is.
+2. train.py on the GPU: the test suite's miniature chain (stage 0, lm, 1, 2) with --precision=auto (bf16 autocast,
+   frozen modules stored in bf16), then stage 1 again in fp16 with a GradScaler and in fp32; each run must finish
+   with finite losses and change the trainable weights. Then evaluate.py --task all on the bf16 chain's result.
+
+Prints one table at the end.  python benchmarks/gpu_checks.py [--out DIR]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from apt_min.audiomae import AudioMAE, AudioMAEConfig  # noqa: E402
+from apt_min.llama import Llama  # noqa: E402
+from benchmarks.common import save_random_hf_llama  # noqa: E402
+
+ROWS = []
+DEVICE = "cuda"  # --smoke: "cpu", to try the script itself without a GPU
+
+
+def row(name, value, ok):
+    ROWS.append((name, value, "ok" if ok else "FAIL"))
+    print(f"{name}: {value} -> {'ok' if ok else 'FAIL'}", flush=True)
+
+
+def rel(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def numerics():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = save_random_hf_llama(tmp, hidden=1024, layers=4, heads=16, kv_heads=4, intermediate=2816).to(DEVICE)
+        ids = torch.randint(3, 32000, (4, 200), device=DEVICE)
+        with torch.no_grad():
+            ref = hf(ids).logits
+            ours32 = Llama.from_pretrained(tmp, dtype=torch.float32, device=DEVICE)
+            e32 = rel(ours32(ids), ref)
+            del ours32
+            ours16 = Llama.from_pretrained(tmp, dtype=torch.bfloat16, device=DEVICE)
+            e16 = rel(ours16(ids), ref)
+            h16 = rel(hf.to(torch.bfloat16)(ids).logits, ref)
+    row("Llama logits, fp32 on GPU vs transformers fp32 (rel. error)", f"{e32:.1e}", e32 < 1e-5)
+    row("Llama logits, bf16: ours vs transformers, both against fp32", f"{e16:.2e} vs {h16:.2e}", e16 < 1.5 * h16)
+
+    from test_audiomae import to_hf  # the weight mapping the CPU parity test uses
+
+    cfg = AudioMAEConfig()  # the paper's ViT-B/16 on 10.24 s windows
+    torch.manual_seed(0)
+    enc = AudioMAE(cfg)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.normal_(0, 0.02)
+    vit = to_hf(enc).to(DEVICE)
+    enc = enc.to(DEVICE)
+    x = torch.randn(4, cfg.target_length, cfg.num_mel_bins, device=DEVICE)
+    block = cfg.output_block % cfg.depth + 1
+    with torch.no_grad():
+        ref = vit(x[:, None], output_hidden_states=True).hidden_states[block][:, 1:]
+        e32 = rel(enc(x), ref)
+        e16 = rel(enc.to(torch.bfloat16)(x), ref)
+        h16 = rel(vit.to(torch.bfloat16)(x[:, None].bfloat16(), output_hidden_states=True).hidden_states[block][:, 1:],
+                  ref)
+    row("Audio-MAE features, fp32 on GPU vs transformers ViT fp32", f"{e32:.1e}", e32 < 1e-5)
+    row("Audio-MAE features, bf16: ours vs transformers, both against fp32", f"{e16:.2e} vs {h16:.2e}",
+        e16 < 1.5 * h16)
+
+
+def run(args, log):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    t = time.time()
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    log.write(f"$ {' '.join(args)}\n{out.stdout}\n{out.stderr}\n")
+    log.flush()
+    return out.returncode, time.time() - t, out.stderr.strip().splitlines()[-1:] if out.returncode else ""
+
+
+def losses(run_dir, stage):
+    records = [json.loads(line) for line in (Path(run_dir) / f"stage{stage}" / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def training(out: Path):
+    from conftest import MINI
+    from safetensors.torch import load_file
+
+    more = ["--steps_0=20", "--steps_lm=20", "--steps_1=30", "--steps_2=20", "--save_every=1000"]
+    tmp = Path(tempfile.mkdtemp())
+    base = [*MINI, *more, f"--data_root={tmp / 'synth'}"]
+    with open(out / "gpu_training.log", "w") as log:
+        for stage in ("0", "lm", "1", "2"):
+            rc, sec, err = run(["train.py", "--stage", stage, *base, f"--run_dir={tmp / 'bf16'}"], log)
+            row(f"train.py --stage {stage}, precision auto (bf16) on GPU", f"exit {rc}, {sec:.0f} s {err}", rc == 0)
+        traces = {"bf16": losses(tmp / "bf16", 1)}
+        for precision in ("fp16", "fp32") if DEVICE == "cuda" else ("fp32",):
+            run_dir = tmp / precision
+            (run_dir).mkdir()
+            for part in ("stage0", "llm"):
+                os.symlink(tmp / "bf16" / part, run_dir / part)
+            rc, sec, err = run(["train.py", "--stage", "1", *base, f"--run_dir={run_dir}",
+                                f"--precision={precision}"], log)
+            ok = rc == 0
+            if ok:
+                trace = traces[precision] = losses(run_dir, 1)
+                ok = all(map(lambda v: v == v and abs(v) < float("inf"), trace))
+                err = f"loss {trace[0]:.3f} -> {trace[-1]:.3f}"
+            row(f"train.py --stage 1 --precision={precision} on GPU", f"exit {rc}, {sec:.0f} s, {err}", ok)
+        trace = traces["bf16"]
+        for precision in ("bf16", "fp16"):
+            if precision in traces and "fp32" in traces:
+                a, b = traces[precision][0], traces["fp32"][0]
+                row(f"stage 1, first step's loss: {precision} vs fp32 (same batch)", f"{a:.4f} vs {b:.4f}",
+                    abs(a - b) < 0.02 * abs(b))
+        start = load_file(str(tmp / "bf16" / "stage0" / "final" / "aligner.safetensors"))
+        end = load_file(str(tmp / "bf16" / "stage1" / "final" / "apt.safetensors"))
+        moved = sum(1 for k, v in end.items() if k.startswith("aligner.") and k[8:] in start
+                    and not torch.equal(v.float(), start[k[8:]].float()))
+        row("stage 1 in bf16: loss first -> last step; aligner tensors changed", f"{trace[0]:.3f} -> {trace[-1]:.3f}; "
+            f"{moved}", moved > 0)
+        rc, sec, err = run(["evaluate.py", "--task", "all", "--limit", "8", "--episodes", "4", "--batch-size", "4",
+                            *base, f"--run_dir={tmp / 'bf16'}"], log)
+        row("evaluate.py --task all on the GPU-trained checkpoint", f"exit {rc}, {sec:.0f} s {err}", rc == 0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--smoke", action="store_true", help="run on the CPU (a test of this script, not of the GPU)")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = "cpu" if args.smoke else DEVICE
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_checks.py needs a CUDA GPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}", flush=True)
+    numerics()
+    training(out)
+    print("\n| check | result | |\n| --- | --- | --- |")
+    for r in ROWS:
+        print("| " + " | ".join(r) + " |")
+    sys.exit(any(r[2] == "FAIL" for r in ROWS))
+
+
+if __name__ == "__main__":
+    main()
