@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM)")
     ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="recompute the LLM blocks in backward (what fits 7B in 24 GB)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each LLM block (a measurement: the step's "
+                    "fixed costs are kernel launches, which compiling fuses)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,6 +55,9 @@ def main():
         for p in llm.parameters():
             p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
     llm.gradient_checkpointing = args.checkpointing
+    if args.compile:
+        for block in llm.model.layers:  # compiled once, reused by every block (their code and shapes agree)
+            block.compile()
     encoder = AudioMAE(enc_cfg).to(device, dtype)
     aligner = Aligner(AlignerConfig(vocab_size=tok.vocab_size, audio_dim=enc_cfg.dim)).to(device)
     apt = APT(encoder, aligner, llm, tok).to(device)
@@ -70,7 +75,8 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up
+    step()  # warm-up (and compilation)
+    step()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -91,7 +97,8 @@ def main():
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}; LLM {n_llm / 1e9:.2f} B parameters, batch {args.batch}, sequence {T} tokens, "
-          f"gradient checkpointing {'on' if args.checkpointing else 'off'}")
+          f"gradient checkpointing {'on' if args.checkpointing else 'off'}, "
+          f"compiled blocks {'yes' if args.compile else 'no'}")
     print(f"peak GPU memory: {peak:.1f} GiB (goal with checkpointing at batch 8: under 24 GiB)")
     print(f"throughput: {tokens / seconds:.0f} tokens/s ({seconds * 1e3:.0f} ms per step)")
     print(f"MFU: {flops / seconds / (args.peak_tflops * 1e12):.1%} of {args.peak_tflops:.0f} TFLOP/s (goal: >= 35 %)")

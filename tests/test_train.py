@@ -94,6 +94,23 @@ def test_two_processes_update_like_one_with_the_same_global_batch(prepared, tmp_
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_compiled_llm_blocks_train_like_eager_ones(prepared, tmp_path):
+    args = ["--steps_1=3", "--aligner_dropout=0", "--warmup_steps=1", "--log_every=1"]
+    from torch._dynamo.utils import counters
+
+    logs, graphs = {}, {}
+    for mode in ("false", "true"):
+        torch.compiler.reset()
+        counters.clear()
+        tmp = copy_of(prepared, tmp_path / mode)
+        train.main(["--stage", "1", *opts(tmp, *args, f"--compile_llm={mode}")])
+        records = (tmp / "run" / "stage1" / "log.jsonl").read_text().splitlines()
+        logs[mode] = [json.loads(r)["loss"] for r in records if "loss" in json.loads(r)]
+        graphs[mode] = counters["stats"]["unique_graphs"]
+    assert graphs["false"] == 0 and graphs["true"] > 0  # the blocks really were compiled
+    assert len(logs["true"]) == 3 and logs["true"] == pytest.approx(logs["false"], rel=1e-4)
+
+
 def test_corrupt_audio_is_skipped_and_counted(prepared, tmp_path):
     tmp = copy_of(prepared, tmp_path)
     (tmp / "synth").unlink()
