@@ -4,8 +4,9 @@
    weights, each in fp32 (TF32 off) and bf16, every output compared with transformers in fp32 as the reference by
    ||out - ref|| / ||ref||. Ours in bf16 should be about as far from the reference as transformers in bf16 is.
 2. train.py on the GPU: the test suite's miniature chain (stage 0, lm, 1, 2) with --precision=auto (bf16 autocast,
-   frozen modules stored in bf16), then stage 1 again in fp16 with a GradScaler and in fp32; each run must finish
-   with finite losses and change the trainable weights. Then evaluate.py --task all on the bf16 chain's result.
+   frozen modules stored in bf16), then stage 1 again in fp16 with a GradScaler, in fp32, and in bf16 with the LLM's
+   blocks compiled (--compile_llm=true); each run must finish with finite losses and change the trainable weights.
+   Then evaluate.py --task all on the bf16 chain's result.
 
 Prints one table at the end.  python benchmarks/gpu_checks.py [--out DIR]
 """
@@ -106,24 +107,25 @@ def training(out: Path):
             rc, sec, err = run(["train.py", "--stage", stage, *base, f"--run_dir={tmp / 'bf16'}"], log)
             row(f"train.py --stage {stage}, precision auto (bf16) on GPU", f"exit {rc}, {sec:.0f} s {err}", rc == 0)
         traces = {"bf16": losses(tmp / "bf16", 1)}
-        for precision in ("fp16", "fp32") if DEVICE == "cuda" else ("fp32",):
+        for precision in ("fp16", "fp32", "compiled") if DEVICE == "cuda" else ("fp32", "compiled"):
             run_dir = tmp / precision
             (run_dir).mkdir()
             for part in ("stage0", "llm"):
                 os.symlink(tmp / "bf16" / part, run_dir / part)
-            rc, sec, err = run(["train.py", "--stage", "1", *base, f"--run_dir={run_dir}",
-                                f"--precision={precision}"], log)
+            setting = "--compile_llm=true" if precision == "compiled" else f"--precision={precision}"
+            rc, sec, err = run(["train.py", "--stage", "1", *base, f"--run_dir={run_dir}", setting], log)
             ok = rc == 0
             if ok:
                 trace = traces[precision] = losses(run_dir, 1)
                 ok = all(map(lambda v: v == v and abs(v) < float("inf"), trace))
                 err = f"loss {trace[0]:.3f} -> {trace[-1]:.3f}"
-            row(f"train.py --stage 1 --precision={precision} on GPU", f"exit {rc}, {sec:.0f} s, {err}", ok)
+            row(f"train.py --stage 1 {setting} on GPU", f"exit {rc}, {sec:.0f} s, {err}", ok)
         trace = traces["bf16"]
-        for precision in ("bf16", "fp16"):
+        for precision in ("bf16", "fp16", "compiled"):
             if precision in traces and "fp32" in traces:
                 a, b = traces[precision][0], traces["fp32"][0]
-                row(f"stage 1, first step's loss: {precision} vs fp32 (same batch)", f"{a:.4f} vs {b:.4f}",
+                what = "bf16, compiled LLM blocks" if precision == "compiled" else precision
+                row(f"stage 1, first step's loss: {what} vs fp32 (same batch)", f"{a:.4f} vs {b:.4f}",
                     abs(a - b) < 0.02 * abs(b))
         start = load_file(str(tmp / "bf16" / "stage0" / "final" / "aligner.safetensors"))
         end = load_file(str(tmp / "bf16" / "stage1" / "final" / "apt.safetensors"))
