@@ -447,9 +447,8 @@ def train_apt(cfg, stage, rank, world, device, resume):
                          f"{prev}/; run `python train.py --stage {STAGES[stage]['needs']}` first")
     encoder, encoder_id = build_encoder(cfg, device, frozen_dtype)
     llm, llm_id = load_llm(cfg, device, frozen_dtype)
-    if cfg.compile_llm:  # one compiled graph serves every block; the step's many small kernels get fused
-        for block in llm.model.layers:
-            block.compile()
+    if cfg.compile_llm:
+        llm.compile_blocks()
     cache = feature_cache(cfg, encoder_id)
     if stage == "1":
         aligner = Aligner.load(prev, dropout=cfg.aligner_dropout)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_min.checkpoint import check_keys, safetensors_entries
+from apt_min.llama import draw
 
 
 @dataclass
@@ -278,8 +279,7 @@ def hard_negatives(sim, positives, generator=None):
     weights = sim.detach().float().softmax(-1).masked_fill(positives, 0.0)
     valid = weights.sum(-1) > 0
     weights = torch.where(valid[:, None], weights, (~positives).float() + 1.0)  # placeholder rows, never used
-    on = generator.device if generator is not None else weights.device  # a CPU generator draws on the CPU, so
-    return torch.multinomial(weights.to(on), 1, generator=generator).squeeze(1).to(sim.device), valid  # same draws
+    return draw(weights, generator), valid
 
 
 def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, generator=None) -> dict:

@@ -56,8 +56,7 @@ def main():
             p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
     llm.gradient_checkpointing = args.checkpointing
     if args.compile:
-        for block in llm.model.layers:  # compiled once, reused by every block (their code and shapes agree)
-            block.compile()
+        llm.compile_blocks()
     encoder = AudioMAE(enc_cfg).to(device, dtype)
     aligner = Aligner(AlignerConfig(vocab_size=tok.vocab_size, audio_dim=enc_cfg.dim)).to(device)
     apt = APT(encoder, aligner, llm, tok).to(device)

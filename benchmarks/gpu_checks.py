@@ -13,6 +13,7 @@ Prints one table at the end.  python benchmarks/gpu_checks.py [--out DIR]
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def run(args, log):
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
     log.write(f"$ {' '.join(args)}\n{out.stdout}\n{out.stderr}\n")
     log.flush()
-    return out.returncode, time.time() - t, out.stderr.strip().splitlines()[-1:] if out.returncode else ""
+    return out.returncode, time.time() - t, (out.stderr.strip().splitlines() or [""])[-1] if out.returncode else ""
 
 
 def losses(run_dir, stage):
@@ -100,16 +101,16 @@ def training(out: Path):
     from safetensors.torch import load_file
 
     more = ["--steps_0=20", "--steps_lm=20", "--steps_1=30", "--steps_2=20", "--save_every=1000"]
-    tmp = Path(tempfile.mkdtemp())
-    base = [*MINI, *more, f"--data_root={tmp / 'synth'}"]
-    with open(out / "gpu_training.log", "w") as log:
+    with tempfile.TemporaryDirectory() as folder, open(out / "gpu_training.log", "w") as log:
+        tmp = Path(folder)
+        base = [*MINI, *more, f"--data_root={tmp / 'synth'}"]
         for stage in ("0", "lm", "1", "2"):
             rc, sec, err = run(["train.py", "--stage", stage, *base, f"--run_dir={tmp / 'bf16'}"], log)
             row(f"train.py --stage {stage}, precision auto (bf16) on GPU", f"exit {rc}, {sec:.0f} s {err}", rc == 0)
         traces = {"bf16": losses(tmp / "bf16", 1)}
         for precision in ("fp16", "fp32", "compiled") if DEVICE == "cuda" else ("fp32", "compiled"):
             run_dir = tmp / precision
-            (run_dir).mkdir()
+            run_dir.mkdir()
             for part in ("stage0", "llm"):
                 os.symlink(tmp / "bf16" / part, run_dir / part)
             setting = "--compile_llm=true" if precision == "compiled" else f"--precision={precision}"
@@ -117,7 +118,7 @@ def training(out: Path):
             ok = rc == 0
             if ok:
                 trace = traces[precision] = losses(run_dir, 1)
-                ok = all(map(lambda v: v == v and abs(v) < float("inf"), trace))
+                ok = all(map(math.isfinite, trace))
                 err = f"loss {trace[0]:.3f} -> {trace[-1]:.3f}"
             row(f"train.py --stage 1 {setting} on GPU", f"exit {rc}, {sec:.0f} s, {err}", ok)
         trace = traces["bf16"]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apt_min import data, synth, tasks  # noqa: E402
-from apt_min.llama import Llama, LlamaConfig  # noqa: E402
+from apt_min.llama import Llama  # noqa: E402
 from apt_min.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -41,6 +41,11 @@ def answer(llm, tok, pieces, n=30):
     return tok.decode(llm.generate(torch.tensor([ids]), max_new_tokens=n, eos_token_id=tok.eos_id)[0]).strip()
 
 
+def label_of(support_text):
+    """"This is a sound of bell." -> "bell"."""
+    return support_text[len(tasks.FEWSHOT_QUERY) + 1:-1]
+
+
 def probe(run_dir, data_root):
     tok, llm = Tokenizer(f"{run_dir}/llm"), Llama.from_pretrained(f"{run_dir}/llm").eval()
     rng = random.Random(0)
@@ -48,32 +53,30 @@ def probe(run_dir, data_root):
     said = [answer(llm, tok, [x]) for x in lines]
     print(f"(1) copy drills: {sum(s.startswith(x) for s, x in zip(said, lines)) / len(lines):.0%} of 50 lines said "
           f"again; e.g. {lines[0]!r} -> {said[0]!r}")
-    docs = [d for d in synth.lm_corpus(data_root, "test", 0) if d[-2] == tasks.FEWSHOT_QUERY]
+    corpus = synth.lm_corpus(data_root, "test", 0)
+    docs = [d for d in corpus if d[-2] == tasks.FEWSHOT_QUERY]
     real = renamed = 0
     for doc in docs:
         real += re.split(r"[.;\s]", answer(llm, tok, doc[:-1], 8))[0] == doc[-1]
         names = {}
         for piece in doc[1:-3:2]:
-            label = piece[len("This is a sound of "):-1]
-            names.setdefault(label, data.pseudo_word(rng))
-        text = [tasks.PROMPTS["fewshot"][0].format(label=names[p[len("This is a sound of "):-1]])
+            names.setdefault(label_of(piece), data.pseudo_word(rng))
+        text = [tasks.PROMPTS["fewshot"][0].format(label=names[label_of(p)])
                 if i % 2 == 1 and i < len(doc) - 3 else p for i, p in enumerate(doc[:-1])]
         renamed += re.split(r"[.;\s]", answer(llm, tok, text, 8))[0] == names.get(doc[-1])
     print(f"(2) {len(docs)} few-shot documents (text): answered with the trained names {real / len(docs):.0%}, "
           f"with made-up names {renamed / len(docs):.0%}")
-    counting = [d for d in synth.lm_corpus(data_root, "test", 0) if d[1].startswith("How many times")]
+    counting = [d for d in corpus if d[1].startswith("How many times")]
     hits = sum(tasks.parse_count(answer(llm, tok, d[:-1], 4)) == int(d[-1]) for d in counting)
     majority = Counter(d[-1] for d in counting).most_common(1)[0]
     print(f"(3) {len(counting)} counting documents (text): accuracy {hits / len(counting):.0%}; always "
           f"{majority[0]!r}: {majority[1] / len(counting):.0%}")
-    return tok
+    return tok, llm.config
 
 
-def toy(tok, steps, batch, hidden=192, layers=4):
+def toy(tok, config, steps, batch):
     torch.manual_seed(0)
-    llm = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=512,
-                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+    llm = Llama(config)  # the probed stand-in's shape, fresh weights
     with torch.no_grad():
         for p in llm.parameters():
             if p.ndim >= 2:
@@ -105,9 +108,9 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
     torch.manual_seed(0)
-    tok = probe(args.run_dir, args.data_root)
+    tok, config = probe(args.run_dir, args.data_root)
     if args.toy:
-        toy(tok, args.toy, args.batch)
+        toy(tok, config, args.toy, args.batch)
 
 
 if __name__ == "__main__":
