@@ -173,9 +173,23 @@ def eval_fewshot(apt, cfg, args):
         acc = np.mean([p == ep.target["label"] for p, ep in zip(picked, episodes)])
         table += rows(name, acc, 1 / n_way,
                       f"{args.episodes} fixed episodes; the answer is the episode label it names (baseline: chance)")
+        ranked = [rank_labels(apt, ep) == ep.target["label"]
+                  for ep in tqdm(episodes, desc=f"{n_way}-way {k_shot}-shot likelihood", leave=False)]
+        table += rows(f"{name}, ranked", np.mean(ranked), 1 / n_way,
+                      'the same episodes; the answer is the label whose "This is a sound of {label}." is most '
+                      "likely to the LLM (baseline: chance)")
         outputs += got
         refs += [ep.answer for ep in episodes]
     return table, outputs, refs
+
+
+def rank_labels(apt, episode):
+    """The episode label the LLM finds most likely after the query: the closed-set protocol, beside generation.
+    It asks less of the LLM than naming the label (the candidates are given), but as much of the matching."""
+    choices = episode.target["choices"]
+    feats, _ = apt.encode_clips([v for k, v in episode.segments if k == "audio"], strict=True)
+    scores = apt.choice_logprob(episode.segments, [f"{label_text(c)}." for c in choices], feats)
+    return choices[int(scores.argmax())]
 
 
 def segment_f1(pred, ref, iou=0.5):
@@ -293,10 +307,10 @@ def main(argv=None):
         (out / f"metrics_{task}.json").write_text(json.dumps(
             [{"metric": m, "apt": v, "baseline": b, "protocol": p} for m, v, b, p in table], indent=1))
         report += [(task, *row) for row in table]
-    print(f"\n{'task':<11} {'metric':<28} {'APT':>8} {'baseline':>9}  protocol")
+    print(f"\n{'task':<11} {'metric':<32} {'APT':>8} {'baseline':>9}  protocol")
     for task, m, v, b, p in report:
         base = "" if b is None else f"{b:9.3f}"
-        print(f"{task:<11} {m:<28} {v:8.3f} {base:>9}  {p}")
+        print(f"{task:<11} {m:<32} {v:8.3f} {base:>9}  {p}")
     print(f"\npredictions and metrics written to {out}/")
 
 

@@ -25,7 +25,7 @@ from apt_min import audio
 from apt_min.aligner import Aligner, AlignerConfig
 from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError, safetensors_entries
-from apt_min.llama import Llama
+from apt_min.llama import KVCache, Llama
 from apt_min.tokenizer import Tokenizer
 
 
@@ -216,6 +216,25 @@ class APT(nn.Module):
         lp = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
         lp = lp.masked_fill(targets == self.tokenizer.eos_id, 0.0)
         return torch.zeros(len(batch), device=lp.device).index_add_(0, rows, lp)
+
+    @torch.no_grad()
+    def choice_logprob(self, segments, answers, feats) -> torch.Tensor:
+        """log p(answer | segments) for each of N candidate answers to one example, EOS not included: (N,). The
+        same numbers as answer_logprob([segments] * N, answers, feats), but the prompt (a few-shot episode is
+        dozens of clips) goes through the aligner and the LLM once and its keys and values serve every candidate."""
+        tok, llm = self.tokenizer, self.llm
+        x, _, _ = self.embed_batch([segments], feats)  # (1, L, D)
+        ids, valid = tok.pad([tok.encode(a, bos=False) for a in answers])  # (N, T), right-padded
+        ids, valid = ids.to(x.device), valid.to(x.device)
+        N, T = ids.shape
+        cache = KVCache(llm.config, 1, x.shape[1] + T, x.dtype, x.device)
+        first = llm(inputs_embeds=x, cache=cache, logits_at=torch.tensor([[False] * (x.shape[1] - 1) + [True]],
+                                                                          device=x.device))  # (1, V)
+        cache.reorder(torch.zeros(N, dtype=torch.long, device=x.device))
+        mask = torch.cat([torch.ones(N, cache.length, dtype=torch.bool, device=x.device), valid], 1)
+        rest = llm(input_ids=ids, attention_mask=mask, cache=cache)[:, :-1]  # (N, T - 1, V): tokens 1..T-1
+        logits = torch.cat([first.expand(N, -1)[:, None], rest], 1).float().log_softmax(-1)  # (N, T, V)
+        return (logits.gather(2, ids[..., None]).squeeze(2) * valid).sum(1)
 
     @torch.no_grad()
     def generate(self, batch, feats=None, **options) -> list[str]:

@@ -167,3 +167,16 @@ def test_generate_batch_equals_one_by_one(parts):
     batch = [[("audio", a), ("text", "How many times?")], [("audio", long), ("audio", b), ("text", "Summarize")]]
     together = apt.generate(batch, max_new_tokens=5)
     assert together == [apt.generate([ex], max_new_tokens=5)[0] for ex in batch]
+
+
+def test_choice_logprob_equals_scoring_each_candidate_in_its_own_row(parts):
+    _, _, _, _, (a, b, long) = parts
+    apt = make_apt(parts).eval()
+    segments = [("audio", a), ("text", "This is a sound of bell."), ("audio", b), ("text", "This is a sound of")]
+    answers = ["bell.", "a siren that wails.", "hum", "knock knock knock."]  # different lengths: padding matters
+    feats, _ = apt.encode_clips([a, b])
+    shared = apt.choice_logprob(segments, answers, feats)
+    separate = apt.answer_logprob([segments] * len(answers), answers, feats)
+    assert shared.shape == (4,) and torch.isfinite(shared).all()
+    torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-5)
+    assert len(set(shared.tolist())) == 4  # the candidates were really scored apart

@@ -1,0 +1,161 @@
+"""Where APT-tiny's counting fails: in the LLM's answer, or already in what the aligner can tell from the audio?
+
+APT-tiny answers "How many times does {label} occur?" with "2" nearly always (the majority answer). Here the LLM is
+taken out of the loop, on the benchmark's counting examples (train split to fit, test split to score):
+
+(a) the trained aligner, still conditioned on the question as in APT, with a 4-way classifier (1-4 times) on its
+    mean-pooled query outputs instead of the LLM; aligner and classifier are trained on the counting answers;
+(b) the same with one classifier per class, picked by the asked label, so the question no longer has to steer the
+    aligner to the right events;
+(c) a reference that is not APT: a small 1-D CNN over the clip's log-mel frames that predicts every class's count
+    at once, trained on the same clips, which shows how much of the answer the benchmark's audio gives away at
+    this training-set size.
+
+If (a) and (b) stay near the majority answer while (c) does clearly better, the tiny aligner cannot count from the
+frozen encoder's features, whatever the LLM does with them.
+
+    python benchmarks/probe_counting.py [--run_dir runs/tiny] [--steps 800]   (about 3 minutes on 2 cores)
+"""
+
+import argparse
+import copy
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from apt_min import data  # noqa: E402
+from apt_min.audio import load_fbank  # noqa: E402
+from apt_min.build import ensure_tokenizer, load_apt  # noqa: E402
+from apt_min.config import load_config  # noqa: E402
+
+EVALS = 4  # evaluations per run; the result is the mean of the last three (single evaluations are noisy)
+
+
+class AlignerProbe(nn.Module):
+    """The aligner's query outputs, mean-pooled, into count logits: one classifier, or one per class."""
+
+    def __init__(self, aligner, classes: list[str] | None):
+        super().__init__()
+        self.aligner, self.classes = aligner, {c: i for i, c in enumerate(classes or [])}
+        self.head = nn.Linear(aligner.config.hidden_size, 4 * max(1, len(self.classes)))
+
+    def forward(self, windows, ids, mask, labels):
+        logits = self.head(self.aligner.instruct(windows, ids, mask).mean(1))  # (B, 4 or 4 * classes)
+        if self.classes:
+            which = torch.tensor([self.classes[x] for x in labels])
+            logits = logits.view(len(labels), -1, 4)[torch.arange(len(labels)), which]
+        return logits
+
+
+def fit_aligner_probe(probe, tok, feats, train, test, steps, batch, seed):
+    def logits(exs):
+        windows = torch.cat([feats[ex.segments[0][1]] for ex in exs]).float()
+        ids, mask = tok.pad([tok.encode(ex.segments[1][1], bos=False) for ex in exs])
+        return probe(windows, ids, mask, [ex.target["label"] for ex in exs])
+
+    def target(exs):
+        return torch.tensor([ex.target["count"] - 1 for ex in exs])
+
+    torch.manual_seed(seed)
+    rng, opt, accs = random.Random(seed), torch.optim.AdamW(probe.parameters(), lr=3e-4), []
+    for step in range(1, steps + 1):
+        exs = rng.sample(train, batch)
+        loss = F.cross_entropy(logits(exs), target(exs))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % (steps // EVALS) == 0:
+            probe.eval()
+            with torch.no_grad():
+                pred = torch.cat([logits(test[i:i + 64]).argmax(-1) for i in range(0, len(test), 64)])
+            probe.train()
+            accs.append((pred == target(test)).float().mean().item())
+    return accs
+
+
+def fit_cnn(train, test, steps, batch, seed, target_length):
+    """Counts of every class from the log-mel frames: three 1-D convolutions over time, pooled."""
+    classes = sorted({ex.target["label"] for ex in train})
+    index = {c: i for i, c in enumerate(classes)}
+
+    def table(exs):
+        by_clip = {}
+        for ex in exs:
+            by_clip.setdefault(ex.segments[0][1], []).append((index[ex.target["label"]], ex.target["count"] - 1))
+        paths = sorted(by_clip)
+        frames = torch.stack([load_fbank(p, target_length)[0] for p in paths]).transpose(1, 2)  # (N, mel, T)
+        return frames, [by_clip[p] for p in paths]
+
+    (xtr, ytr), (xte, yte) = table(train), table(test)
+    torch.manual_seed(seed)
+    conv = [nn.Conv1d(xtr.shape[1], 128, 5, padding=2), nn.GELU(), nn.MaxPool1d(2), nn.Conv1d(128, 128, 5, padding=2),
+            nn.GELU(), nn.MaxPool1d(2), nn.Conv1d(128, 128, 5, padding=2), nn.GELU()]
+    net = nn.Sequential(*conv, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(128, 4 * len(classes)))
+    opt, rng, accs = torch.optim.AdamW(net.parameters(), lr=1e-3), np.random.default_rng(seed), []
+
+    def logits_targets(x, y, rows):
+        out = net(x[rows]).view(len(rows), len(classes), 4)
+        pairs = [(b, c, k) for b, r in enumerate(rows) for c, k in y[r]]
+        b, c, k = (torch.tensor(v) for v in zip(*pairs))
+        return out[b, c], k
+
+    for step in range(1, steps + 1):
+        logits, k = logits_targets(xtr, ytr, rng.choice(len(xtr), batch, replace=False))
+        loss = F.cross_entropy(logits, k)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % (steps // EVALS) == 0:
+            with torch.no_grad():
+                logits, k = logits_targets(xte, yte, np.arange(len(xte)))
+            accs.append((logits.argmax(-1) == k).float().mean().item())
+    return accs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run_dir", default="runs/tiny")
+    ap.add_argument("--steps", type=int, default=800, help="training steps of each aligner probe (the CNN: twice)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    cfg = load_config("tiny", [f"--run_dir={args.run_dir}"])
+    checkpoint = Path(args.run_dir) / "stage2" / "final"
+    if not (checkpoint / "apt.json").is_file():
+        raise SystemExit(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")
+    tok = ensure_tokenizer(cfg)
+    apt = load_apt(cfg, checkpoint, "cpu")
+    train = data.examples("counting", cfg.data_root, "train", rng=random.Random(args.seed))
+    test = data.examples("counting", cfg.data_root, "test")
+    feats, _ = apt.encode_clips(sorted({ex.segments[0][1] for ex in train + test}), strict=True)
+    truth = [ex.target["count"] for ex in test]
+    common = Counter(ex.target["count"] for ex in train).most_common(1)[0][0]
+    results = [(f"always {common} (the most frequent training answer)", [np.mean([t == common for t in truth])])]
+    metrics = Path(args.run_dir) / "eval" / "metrics_count.json"
+    if metrics.is_file():
+        apt_acc = next(r["apt"] for r in json.loads(metrics.read_text()) if r["metric"] == "accuracy")
+        results.append(("APT-tiny, the LLM's answer (evaluate.py --task count)", [apt_acc]))
+    classes = sorted({ex.target["label"] for ex in train})
+    for name, per_class in (("(a) trained aligner + one 4-way classifier, question-conditioned", None),
+                            ("(b) trained aligner + a classifier per asked class", classes)):
+        probe = AlignerProbe(copy.deepcopy(apt.aligner).float().train(), per_class)
+        results.append((name, fit_aligner_probe(probe, tok, feats, train, test, args.steps, args.batch, args.seed)))
+        print(f"{name}: test accuracy {results[-1][1]}", flush=True)
+    results.append(("(c) reference, not APT: a 1-D CNN over the log-mel frames, every class at once",
+                    fit_cnn(train, test, 2 * args.steps, args.batch, args.seed, cfg.target_length)))
+    print(f"\ncounting, {len(test)} test questions of the synthetic benchmark ({len(train)} to train)")
+    print(f"{'accuracy':>8}  what")
+    for name, accs in results:
+        print(f"{np.mean(accs[-3:]):8.3f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
