@@ -9,12 +9,14 @@ taken out of the loop, on the benchmark's counting examples (train split to fit,
     aligner to the right events;
 (c) a reference that is not APT: a small 1-D CNN over the clip's log-mel frames that predicts every class's count
     at once, trained on the same clips, which shows how much of the answer the benchmark's audio gives away at
-    this training-set size.
+    this training-set size;
+(d) the same CNN over the frozen encoder's patch tokens (each time step: its 8 frequency patches side by side),
+    which shows how much of it survives the encoder.
 
-If (a) and (b) stay near the majority answer while (c) does clearly better, the tiny aligner cannot count from the
-frozen encoder's features, whatever the LLM does with them.
+If (a) and (b) stay near the majority answer while (c) and (d) do clearly better, the count is in the encoder's
+features but the tiny aligner cannot read it out, whatever the LLM does with its queries.
 
-    python benchmarks/probe_counting.py [--run_dir runs/tiny] [--steps 800]   (about 3 minutes on 2 cores)
+    python benchmarks/probe_counting.py [--run_dir runs/tiny] [--steps 800]   (about 4 minutes on 2 cores)
 """
 
 import argparse
@@ -81,8 +83,9 @@ def fit_aligner_probe(probe, tok, feats, train, test, steps, batch, seed):
     return accs
 
 
-def fit_cnn(train, test, steps, batch, seed, target_length):
-    """Counts of every class from the log-mel frames: three 1-D convolutions over time, pooled."""
+def fit_cnn(train, test, steps, batch, seed, frames_of):
+    """Counts of every class from a clip's frames (frames_of(path): (T, C)): three 1-D convolutions over time,
+    pooled."""
     classes = sorted({ex.target["label"] for ex in train})
     index = {c: i for i, c in enumerate(classes)}
 
@@ -91,13 +94,14 @@ def fit_cnn(train, test, steps, batch, seed, target_length):
         for ex in exs:
             by_clip.setdefault(ex.segments[0][1], []).append((index[ex.target["label"]], ex.target["count"] - 1))
         paths = sorted(by_clip)
-        frames = torch.stack([load_fbank(p, target_length)[0] for p in paths]).transpose(1, 2)  # (N, mel, T)
+        frames = torch.stack([frames_of(p) for p in paths]).transpose(1, 2)  # (N, C, T)
         return frames, [by_clip[p] for p in paths]
 
     (xtr, ytr), (xte, yte) = table(train), table(test)
     torch.manual_seed(seed)
-    conv = [nn.Conv1d(xtr.shape[1], 128, 5, padding=2), nn.GELU(), nn.MaxPool1d(2), nn.Conv1d(128, 128, 5, padding=2),
-            nn.GELU(), nn.MaxPool1d(2), nn.Conv1d(128, 128, 5, padding=2), nn.GELU()]
+    pool = [nn.MaxPool1d(2)] if xtr.shape[2] > 64 else []  # log-mel frames (10 ms) are pooled, patches (160 ms) not
+    conv = [nn.Conv1d(xtr.shape[1], 128, 5, padding=2), nn.GELU(), *pool, nn.Conv1d(128, 128, 5, padding=2),
+            nn.GELU(), *pool, nn.Conv1d(128, 128, 5, padding=2), nn.GELU()]
     net = nn.Sequential(*conv, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(128, 4 * len(classes)))
     opt, rng, accs = torch.optim.AdamW(net.parameters(), lr=1e-3), np.random.default_rng(seed), []
 
@@ -149,8 +153,14 @@ def main():
         probe = AlignerProbe(copy.deepcopy(apt.aligner).float().train(), per_class)
         results.append((name, fit_aligner_probe(probe, tok, feats, train, test, args.steps, args.batch, args.seed)))
         print(f"{name}: test accuracy {results[-1][1]}", flush=True)
-    results.append(("(c) reference, not APT: a 1-D CNN over the log-mel frames, every class at once",
-                    fit_cnn(train, test, 2 * args.steps, args.batch, args.seed, cfg.target_length)))
+    n_time = cfg.target_length // apt.encoder.config.patch_size
+    for name, frames_of in (
+            ("(c) reference, not APT: a 1-D CNN over the log-mel frames, every class at once",
+             lambda p: load_fbank(p, cfg.target_length)[0]),
+            ("(d) the same CNN over the frozen encoder's patch tokens",
+             lambda p: feats[p][0].float().reshape(n_time, -1))):
+        results.append((name, fit_cnn(train, test, 2 * args.steps, args.batch, args.seed, frames_of)))
+        print(f"{name}: test accuracy {results[-1][1]}", flush=True)
     print(f"\ncounting, {len(test)} test questions of the synthetic benchmark ({len(train)} to train)")
     print(f"{'accuracy':>8}  what")
     for name, accs in results:

@@ -1,5 +1,8 @@
 """Print evaluate.py's metrics as the README's markdown results table.
     python evaluate.py --task all && python benchmarks/results_table.py [runs/tiny/eval]
+
+"clear margin?" says yes when APT beats the baseline by at least a tenth of the baseline's value and by at least
+0.02, "barely" when it beats it by less, and no otherwise.
 """
 
 import json
@@ -10,9 +13,16 @@ from pathlib import Path
 TASKS = ("audioset", "audiocaps", "clotho", "clotho_aqa", "esc50", "nlar", "sed", "ter", "count")
 
 
+def margin(apt: float, baseline: float, lower_is_better: bool = False) -> str:
+    gain = baseline - apt if lower_is_better else apt - baseline
+    if gain <= 0:
+        return "**no**"
+    return "yes" if gain >= max(0.1 * abs(baseline), 0.02) else "barely"
+
+
 def main():
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny/eval")
-    print("| task | metric | APT-tiny | baseline | above baseline? | protocol (baseline) |")
+    print("| task | metric | APT-tiny | baseline | clear margin? | protocol (baseline) |")
     print("|---|---|---|---|---|---|")
     for task in TASKS:
         file = folder / f"metrics_{task}.json"
@@ -23,9 +33,7 @@ def main():
             base = "" if row["baseline"] is None else f"{row['baseline']:.3f}"
             verdict = ""
             if row["baseline"] is not None and apt != "—":
-                lower_is_better = "error" in row["metric"]
-                better = row["apt"] < row["baseline"] if lower_is_better else row["apt"] > row["baseline"]
-                verdict = "yes" if better else "**no**"
+                verdict = margin(row["apt"], row["baseline"], lower_is_better="error" in row["metric"])
             print(f"| {task} | {row['metric']} | {apt} | {base} | {verdict} | {row['protocol']} |")
 
 

@@ -67,3 +67,21 @@ def test_ask_about_two_clips(trained):
     cmd[cmd.index(str(bad))] = str(trained / "missing.wav")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "missing.wav: no such audio file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_results_table_names_the_margin(trained, capsys, monkeypatch):
+    from benchmarks import results_table
+
+    assert results_table.margin(0.40, 0.20) == "yes" and results_table.margin(0.21, 0.20) == "barely"
+    assert results_table.margin(0.20, 0.20) == "**no**" and results_table.margin(0.1, 0.0) == "yes"
+    assert results_table.margin(0.60, 0.78, lower_is_better=True) == "yes"
+    assert results_table.margin(0.77, 0.78, lower_is_better=True) == "barely"
+    out = trained / "run" / "eval"
+    if not (out / "metrics_count.json").is_file():
+        evaluate.main(["--task", "count", "--limit", "4", "--batch-size", "4", *opts(trained)])
+    monkeypatch.setattr(sys, "argv", ["results_table.py", str(out)])
+    results_table.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| task | metric | APT-tiny | baseline | clear margin?")
+    count = [line for line in lines if line.startswith("| count | accuracy |")]
+    assert len(count) == 1 and count[0].split(" | ")[4] in ("yes", "barely", "**no**")
