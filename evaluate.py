@@ -158,7 +158,7 @@ def eval_exact(apt, args, examples, name):
 
 def eval_fewshot(apt, cfg, args):
     pool = data.esc50_pool(cfg.data_root, strict=True)
-    table, outputs, refs = [], [], []
+    table, outputs, refs, shown = [], [], [], []
     for n_way, k_shot in ((5, 5), (12, 5), (4, 1)):
         name = f"accuracy {n_way}-way {k_shot}-shot"
         eligible = sum(len(clips) > k_shot for clips in pool.values())
@@ -173,14 +173,16 @@ def eval_fewshot(apt, cfg, args):
         acc = np.mean([p == ep.target["label"] for p, ep in zip(picked, episodes)])
         table += rows(name, acc, 1 / n_way,
                       f"{args.episodes} fixed episodes; the answer is the episode label it names (baseline: chance)")
-        ranked = [rank_labels(apt, ep) == ep.target["label"]
-                  for ep in tqdm(episodes, desc=f"{n_way}-way {k_shot}-shot likelihood", leave=False)]
-        table += rows(f"{name}, ranked", np.mean(ranked), 1 / n_way,
+        for ep in tqdm(episodes, desc=f"{n_way}-way {k_shot}-shot likelihood", leave=False, dynamic_ncols=True):
+            ep.target["ranked"] = rank_labels(apt, ep)  # written beside the generated answer
+        table += rows(f"{name}, ranked", np.mean([ep.target["ranked"] == ep.target["label"] for ep in episodes]),
+                      1 / n_way,
                       'the same episodes; the answer is the label whose "This is a sound of {label}." is most '
                       "likely to the LLM (baseline: chance)")
         outputs += got
         refs += [ep.answer for ep in episodes]
-    return table, outputs, refs
+        shown += episodes
+    return shown, (table, outputs, refs)
 
 
 def rank_labels(apt, episode):
@@ -254,7 +256,7 @@ def evaluate(task, apt, cfg, args):
         exs = data.examples("nlar", root, "test", strict=True)[:limit]
         return exs, eval_exact(apt, args, exs, task)
     if task == "esc50":
-        return [], eval_fewshot(apt, cfg, args)
+        return eval_fewshot(apt, cfg, args)
     kind = {"sed": "sed", "ter": "ter", "count": "counting"}[task]
     exs = data.examples(kind, root, "test", strict=True)[:limit]
     return exs, {"sed": eval_sed, "ter": eval_ter, "count": eval_count}[task](apt, args, exs)
@@ -301,6 +303,7 @@ def main(argv=None):
                 ex = examples[i] if i < len(examples) else None
                 record = {"id": i, "output": o, "reference": r}
                 if ex is not None:
+                    record |= {"ranked": label_text(ex.target["ranked"])} if "ranked" in ex.target else {}
                     record |= {"audio": [v for k, v in ex.segments if k == "audio"],
                                "prompt": " ".join(v for k, v in ex.segments if k == "text")}
                 f.write(json.dumps(record) + "\n")

@@ -41,6 +41,9 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys):
     assert [r["metric"] for r in few] == [m for s in settings for m in (s, f"{s}, ranked")]
     assert [r["baseline"] for r in few] == pytest.approx([1 / 5] * 2 + [1 / 12] * 2 + [1 / 4] * 2)
     assert all(0 <= r["apt"] <= 1 for r in few)
+    shown = [json.loads(line) for line in (out / "predictions_esc50.jsonl").read_text().splitlines()]
+    assert [len(p["audio"]) for p in shown] == [26] * 3 + [61] * 3 + [5] * 3  # N * K supports and the query
+    assert all(p["ranked"] in p["prompt"] and p["reference"] in p["prompt"] for p in shown)
     caps = {r["metric"]: r for r in json.loads((out / "metrics_audiocaps.json").read_text())}
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D", "METEOR", "SPICE"} <= caps.keys()
     assert "unavailable" in caps["SPICE"]["protocol"] or caps["SPICE"]["apt"] >= 0  # absent jars are said so
