@@ -4,7 +4,8 @@ APT-tiny answers "How many times does {label} occur?" with "2" nearly always (th
 taken out of the loop, on the benchmark's counting examples (train split to fit, test split to score):
 
 (a) the trained aligner, still conditioned on the question as in APT, with a 4-way classifier (1-4 times) on its
-    mean-pooled query outputs instead of the LLM; aligner and classifier are trained on the counting answers;
+    mean-pooled query outputs (--concat: on all of them side by side) instead of the LLM; aligner and classifier
+    are trained on the counting answers;
 (b) the same with one classifier per class, picked by the asked label, so the question no longer has to steer the
     aligner to the right events;
 (c) a reference that is not APT: a small 1-D CNN over the clip's log-mel frames that predicts every class's count
@@ -16,7 +17,7 @@ taken out of the loop, on the benchmark's counting examples (train split to fit,
 If (a) and (b) stay near the majority answer while (c) and (d) do clearly better, the count is in the encoder's
 features but the tiny aligner cannot read it out, whatever the LLM does with its queries.
 
-    python benchmarks/probe_counting.py [--run_dir runs/tiny] [--steps 800]   (about 4 minutes on 2 cores)
+    python benchmarks/probe_counting.py [--run_dir runs/tiny] [--steps 800] [--concat]   (4 minutes on 2 cores)
 """
 
 import argparse
@@ -42,15 +43,18 @@ EVALS = 4  # evaluations per run; the result is the mean of the last three (sing
 
 
 class AlignerProbe(nn.Module):
-    """The aligner's query outputs, mean-pooled, into count logits: one classifier, or one per class."""
+    """The aligner's query outputs, mean-pooled (or side by side), into count logits: one classifier, or one per
+    class."""
 
-    def __init__(self, aligner, classes: list[str] | None):
+    def __init__(self, aligner, classes: list[str] | None, concat: bool = False):
         super().__init__()
-        self.aligner, self.classes = aligner, {c: i for i, c in enumerate(classes or [])}
-        self.head = nn.Linear(aligner.config.hidden_size, 4 * max(1, len(self.classes)))
+        self.aligner, self.classes, self.concat = aligner, {c: i for i, c in enumerate(classes or [])}, concat
+        width = aligner.config.hidden_size * (aligner.config.num_queries if concat else 1)
+        self.head = nn.Linear(width, 4 * max(1, len(self.classes)))
 
     def forward(self, windows, ids, mask, labels):
-        logits = self.head(self.aligner.instruct(windows, ids, mask).mean(1))  # (B, 4 or 4 * classes)
+        queries = self.aligner.instruct(windows, ids, mask)  # (B, Q, H)
+        logits = self.head(queries.flatten(1) if self.concat else queries.mean(1))  # (B, 4 or 4 * classes)
         if self.classes:
             which = torch.tensor([self.classes[x] for x in labels])
             logits = logits.view(len(labels), -1, 4)[torch.arange(len(labels)), which]
@@ -130,6 +134,7 @@ def main():
     ap.add_argument("--steps", type=int, default=800, help="training steps of each aligner probe (the CNN: twice)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--concat", action="store_true", help="(a), (b): the queries side by side instead of averaged")
     args = ap.parse_args()
     cfg = load_config("tiny", [f"--run_dir={args.run_dir}"])
     checkpoint = Path(args.run_dir) / "stage2" / "final"
@@ -150,7 +155,7 @@ def main():
     classes = sorted({ex.target["label"] for ex in train})
     for name, per_class in (("(a) trained aligner + one 4-way classifier, question-conditioned", None),
                             ("(b) trained aligner + a classifier per asked class", classes)):
-        probe = AlignerProbe(copy.deepcopy(apt.aligner).float().train(), per_class)
+        probe = AlignerProbe(copy.deepcopy(apt.aligner).float().train(), per_class, args.concat)
         results.append((name, fit_aligner_probe(probe, tok, feats, train, test, args.steps, args.batch, args.seed)))
         print(f"{name}: test accuracy {results[-1][1]}", flush=True)
     n_time = cfg.target_length // apt.encoder.config.patch_size
