@@ -79,8 +79,8 @@ def eval_tagging(apt, cfg, args, examples):
     scores = np.zeros(labels.shape)
     feats, _ = apt.encode_clips([ex.segments[0][1] for ex in examples], strict=True)
     for i, ex in enumerate(tqdm(examples, desc="tagging likelihood", leave=False, dynamic_ncols=True)):
-        batch = [[ex.segments[0], ("text", FEWSHOT_QUERY)]] * len(classes)
-        scores[i] = apt.answer_logprob(batch, [f"{label_text(c)}." for c in classes], feats).cpu().numpy()
+        prompt = [ex.segments[0], ("text", FEWSHOT_QUERY)]
+        scores[i] = apt.choice_logprob(prompt, [f"{label_text(c)}." for c in classes], feats).cpu().numpy()
     table += rows("mAP", metrics.mean_average_precision(scores, labels), chance,
                   'LLM likelihood of "This is a sound of {class}." per class (baseline: random scores)')
     truth = [frozenset(ex.target["labels"]) for ex in examples]

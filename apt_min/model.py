@@ -210,8 +210,8 @@ class APT(nn.Module):
 
     @torch.no_grad()
     def answer_logprob(self, batch, answers, feats) -> torch.Tensor:
-        """log p(answer | segments) for each example, EOS not included: (B,). Scores fixed candidate answers
-        (the LLM-likelihood protocol for tagging)."""
+        """log p(answer | segments) for each example, EOS not included: (B,): any prompts, any answers, in one
+        padded batch. For many candidates to one prompt (the likelihood protocols), choice_logprob is the fast way."""
         logits, targets, rows = self._answer_logits(batch, answers, feats)
         lp = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
         lp = lp.masked_fill(targets == self.tokenizer.eos_id, 0.0)
