@@ -169,8 +169,7 @@ def eval_fewshot(apt, cfg, args):
         rng = random.Random(f"esc50/{n_way}/{k_shot}")  # fixed episodes
         episodes = [data.fewshot_episode(pool, n_way, k_shot, rng) for _ in range(args.episodes)]
         got = generate(apt, episodes, max(1, args.batch_size // 4), SHORT, f"{n_way}-way {k_shot}-shot")
-        picked = [next(iter(parse_labels(o, ep.target["choices"])), None) for o, ep in zip(got, episodes)]
-        acc = np.mean([p == ep.target["label"] for p, ep in zip(picked, episodes)])
+        acc = np.mean([named_label(o, ep) == ep.target["label"] for o, ep in zip(got, episodes)])
         table += rows(name, acc, 1 / n_way,
                       f"{args.episodes} fixed episodes; the answer is the episode label it names (baseline: chance)")
         for ep in tqdm(episodes, desc=f"{n_way}-way {k_shot}-shot likelihood", leave=False, dynamic_ncols=True):
@@ -183,6 +182,11 @@ def eval_fewshot(apt, cfg, args):
         refs += [ep.answer for ep in episodes]
         shown += episodes
     return shown, (table, outputs, refs)
+
+
+def named_label(output: str, episode):
+    """The first of the episode's labels the generated answer names, or None."""
+    return next(iter(parse_labels(output, episode.target["choices"])), None)
 
 
 def rank_labels(apt, episode):

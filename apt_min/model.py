@@ -209,27 +209,19 @@ class APT(nn.Module):
         return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
 
     @torch.no_grad()
-    def answer_logprob(self, batch, answers, feats) -> torch.Tensor:
-        """log p(answer | segments) for each example, EOS not included: (B,): any prompts, any answers, in one
-        padded batch. For many candidates to one prompt (the likelihood protocols), choice_logprob is the fast way."""
-        logits, targets, rows = self._answer_logits(batch, answers, feats)
-        lp = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-        lp = lp.masked_fill(targets == self.tokenizer.eos_id, 0.0)
-        return torch.zeros(len(batch), device=lp.device).index_add_(0, rows, lp)
-
-    @torch.no_grad()
     def choice_logprob(self, segments, answers, feats) -> torch.Tensor:
-        """log p(answer | segments) for each of N candidate answers to one example, EOS not included: (N,). The
-        same numbers as answer_logprob([segments] * N, answers, feats), but the prompt (a few-shot episode is
-        dozens of clips) goes through the aligner and the LLM once and its keys and values serve every candidate."""
+        """log p(answer | segments) for each of N candidate answers to one example, EOS not included: (N,): the
+        likelihood protocols (tagging, few-shot). The prompt (a few-shot episode is dozens of clips) goes through the
+        aligner and the LLM once, and its keys and values serve every candidate."""
         tok, llm = self.tokenizer, self.llm
         x, _, _ = self.embed_batch([segments], feats)  # (1, L, D)
         ids, valid = tok.pad([tok.encode(a, bos=False) for a in answers])  # (N, T), right-padded
         ids, valid = ids.to(x.device), valid.to(x.device)
         N, T = ids.shape
         cache = KVCache(llm.config, 1, x.shape[1] + T, x.dtype, x.device)
-        first = llm(inputs_embeds=x, cache=cache, logits_at=torch.tensor([[False] * (x.shape[1] - 1) + [True]],
-                                                                          device=x.device))  # (1, V)
+        last = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        last[0, -1] = True
+        first = llm(inputs_embeds=x, cache=cache, logits_at=last)  # (1, V): the first answer token's
         cache.reorder(torch.zeros(N, dtype=torch.long, device=x.device))
         mask = torch.cat([torch.ones(N, cache.length, dtype=torch.bool, device=x.device), valid], 1)
         rest = llm(input_ids=ids, attention_mask=mask, cache=cache)[:, :-1]  # (N, T - 1, V): tokens 1..T-1

@@ -21,25 +21,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import evaluate  # noqa: E402
 from apt_min import data  # noqa: E402
 from apt_min.build import ensure_tokenizer, load_apt  # noqa: E402
 from apt_min.config import load_config  # noqa: E402
-from apt_min.tasks import label_text, parse_labels  # noqa: E402
 
 
 def score(apt, episodes):
-    """(generation accuracy, ranking accuracy, a few generated answers)."""
-    outputs = []
-    for i in range(0, len(episodes), 8):
-        outputs += apt.generate([ep.segments for ep in episodes[i:i + 8]], max_new_tokens=12)
-    named = [next(iter(parse_labels(o, ep.target["choices"])), None) == ep.target["label"]
-             for o, ep in zip(outputs, episodes)]
-    ranked = []
-    for ep in episodes:
-        choices = ep.target["choices"]
-        feats, _ = apt.encode_clips([v for k, v in ep.segments if k == "audio"], strict=True)
-        scores = apt.choice_logprob(ep.segments, [f"{label_text(c)}." for c in choices], feats)
-        ranked.append(choices[int(scores.argmax())] == ep.target["label"])
+    """(generation accuracy, ranking accuracy, a few generated answers), as evaluate.py --task esc50 scores them."""
+    outputs = evaluate.generate(apt, episodes, 8, evaluate.SHORT, "episodes")
+    named = [evaluate.named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]
+    ranked = [evaluate.rank_labels(apt, ep) == ep.target["label"] for ep in episodes]
     return np.mean(named), np.mean(ranked), outputs[:3]
 
 

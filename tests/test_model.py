@@ -176,7 +176,11 @@ def test_choice_logprob_equals_scoring_each_candidate_in_its_own_row(parts):
     answers = ["bell.", "a siren that wails.", "hum", "knock knock knock."]  # different lengths: padding matters
     feats, _ = apt.encode_clips([a, b])
     shared = apt.choice_logprob(segments, answers, feats)
-    separate = apt.answer_logprob([segments] * len(answers), answers, feats)
+    with torch.no_grad():  # the reference: each candidate in its own row of one padded training batch, no cache
+        logits, targets, rows = apt._answer_logits([segments] * len(answers), answers, feats)
+        lp = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+        lp = lp.masked_fill(targets == apt.tokenizer.eos_id, 0.0)
+        separate = torch.zeros(len(answers)).index_add_(0, rows, lp)
     assert shared.shape == (4,) and torch.isfinite(shared).all()
     torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-5)
     assert len(set(shared.tolist())) == 4  # the candidates were really scored apart
