@@ -26,11 +26,25 @@ from apt_min import data, metrics, synth
 from apt_min.aligner import Aligner
 from apt_min.build import ensure_tokenizer, load_apt
 from apt_min.config import load_config
-from apt_min.tasks import FEWSHOT_QUERY, label_text, normalize_answer, parse_count, parse_labels, parse_segments
+from apt_min.tasks import (
+    FEWSHOT_QUERY,
+    format_labels,
+    label_text,
+    normalize_answer,
+    parse_count,
+    parse_labels,
+    parse_segments,
+)
 
 TASKS = ("audioset", "audiocaps", "clotho", "clotho_aqa", "esc50", "nlar", "sed", "ter", "count")
 SHORT = {"max_new_tokens": 12}  # greedy for short answers
 CAPTION = {"max_new_tokens": 40, "num_beams": 5, "repetition_penalty": 1.5}  # the public APT code's decoding
+
+
+def caption_options(args) -> dict:
+    """Captioning's decoding: CAPTION, with the command line's choices."""
+    return CAPTION | {"num_beams": args.num_beams, "repetition_penalty": args.repetition_penalty,
+                      "max_new_tokens": args.max_new_tokens}
 
 
 def generate(apt, examples, batch_size, options, desc):
@@ -55,11 +69,27 @@ def rows(name, ours, baseline, what):
 
 
 # ---------------------------------------------------------------------------------------------------------- tasks
+# Each task: eval_<task> generates the model's answers, score_<task> turns answers into metric rows. The scoring
+# functions take plain strings, so they can be checked on hand-worked answers (tests/test_evaluate.py).
+
+
+def score_tagging(examples, outputs, classes):
+    """The generated answer read against the class list: is it exactly the clip's label set?"""
+    truth = [frozenset(ex.target["labels"]) for ex in examples]
+    exact = np.mean([set(parse_labels(o, classes)) == t for o, t in zip(outputs, truth)])
+    fixed = majority(truth)
+    return rows("exact label set", exact, np.mean([t == fixed for t in truth]),
+                "generated answer parsed against the class list (baseline: the most frequent label set)")
+
+
+def label_matrix(examples, classes) -> np.ndarray:
+    """(clips, classes) bool: which classes each clip carries."""
+    return np.array([[c in ex.target["labels"] for c in classes] for ex in examples])
 
 
 def eval_tagging(apt, cfg, args, examples):
     classes = list(data.read_class_labels(Path(cfg.data_root) / data.LAYOUT["audioset"]["classes"]).values())
-    labels = np.array([[c in ex.target["labels"] for c in classes] for ex in examples])
+    labels = label_matrix(examples, classes)
     outputs = generate(apt, examples, args.batch_size, SHORT | {"max_new_tokens": 40}, "tagging")
     table = []
     chance = metrics.mean_average_precision(np.random.default_rng(0).random(labels.shape), labels)
@@ -83,37 +113,48 @@ def eval_tagging(apt, cfg, args, examples):
         scores[i] = apt.choice_logprob(prompt, [f"{label_text(c)}." for c in classes], feats).cpu().numpy()
     table += rows("mAP", metrics.mean_average_precision(scores, labels), chance,
                   'LLM likelihood of "This is a sound of {class}." per class (baseline: random scores)')
-    truth = [frozenset(ex.target["labels"]) for ex in examples]
-    exact = np.mean([set(parse_labels(o, classes)) == t for o, t in zip(outputs, truth)])
-    fixed = majority(truth)
-    table += rows("exact label set", exact, np.mean([t == fixed for t in truth]),
-                  "generated answer parsed against the class list (baseline: the most frequent label set)")
-    refs = [ex.answer for ex in examples]
-    return table, outputs, refs
+    table += score_tagging(examples, outputs, classes)
+    return table, outputs, [ex.answer for ex in examples]
 
 
-def eval_captioning(apt, cfg, args, examples, source):
-    outputs = generate(apt, examples, args.batch_size, CAPTION, f"captioning ({source})")
+def score_captions(examples, outputs, baseline_caption: str, java: bool = True):
+    """Corpus BLEU-1..4, ROUGE-L and CIDEr-D against all references of each clip (COCO caption evaluation), the
+    baseline giving `baseline_caption` for every clip; METEOR and SPICE (Java) where they can run."""
     refs = [ex.target["references"] for ex in examples]
-    train = data.examples("captioning", cfg.data_root, "train", source=source, rng=random.Random(0))
-    fixed = Counter(ex.answer for ex in train).most_common(1)[0][0]  # the most frequent training caption
-    base = [fixed] * len(examples)
+    base = [baseline_caption] * len(examples)
     table = []
     b, bb = metrics.bleu(refs, outputs), metrics.bleu(refs, base)
     for k in range(4):
         table += rows(f"BLEU-{k + 1}", b[k], bb[k], "corpus BLEU, COCO caption evaluation (baseline: the most "
                       "frequent training caption for every clip)" if k == 0 else "")
     table += rows("ROUGE-L", metrics.rouge_l(refs, outputs), metrics.rouge_l(refs, base), "")
-    cider, cider_base = metrics.cider_d(refs, outputs), metrics.cider_d(refs, base)
-    table += rows("CIDEr-D", cider, cider_base, "")
-    for name, value, why in java_metrics(refs, outputs):
+    table += rows("CIDEr-D", metrics.cider_d(refs, outputs), metrics.cider_d(refs, base), "")
+    for name, value, why in java_metrics(refs, outputs) if java else []:
         table += rows(name, value, None, why)
-    return table, outputs, [r[0] for r in refs]
+    return table
+
+
+def eval_captioning(apt, cfg, args, examples, source):
+    outputs = generate(apt, examples, args.batch_size, caption_options(args), f"captioning ({source})")
+    train = data.examples("captioning", cfg.data_root, "train", source=source, rng=random.Random(0))
+    fixed = Counter(ex.answer for ex in train).most_common(1)[0][0]  # the most frequent training caption
+    return score_captions(examples, outputs, fixed), outputs, [ex.target["references"][0] for ex in examples]
+
+
+def spice_jars() -> Path | None:
+    """Where pycocoevalcap's SPICE looks for the Stanford CoreNLP 3.6.0 jars, when they are not there (None when
+    they are). Without them, SPICE would try to download them: we never let it."""
+    import pycocoevalcap.spice as spice
+
+    lib = Path(spice.__file__).parent / "lib"
+    jars = [lib / f"stanford-corenlp-3.6.0{s}.jar" for s in ("", "-models")]
+    return None if all(j.is_file() for j in jars) else lib
 
 
 def java_metrics(refs, outputs):
     """METEOR and SPICE run in Java through pycocoevalcap where it is installed; SPICE also needs the Stanford
-    CoreNLP jars, which it fetches once on a machine with network. Otherwise each row says why it is absent."""
+    CoreNLP jars, which are fetched once with `python -m pycocoevalcap.spice.get_stanford_models` on a machine with
+    network (evaluation itself never downloads anything). Otherwise each row says why it is absent."""
     if shutil.which("java") is None:
         return [(m, float("nan"), f"{m} unavailable: Java is not installed") for m in ("METEOR", "SPICE")]
     try:
@@ -129,10 +170,14 @@ def java_metrics(refs, outputs):
         out.append(("METEOR", float(Meteor().compute_score(gts, res)[0]), "METEOR 1.5 (Java, pycocoevalcap)"))
     except Exception as e:  # the Java process can fail in many ways; the row says how
         out.append(("METEOR", float("nan"), f"METEOR unavailable: {e}"))
+    if (lib := spice_jars()) is not None:
+        out.append(("SPICE", float("nan"), f"SPICE unavailable: the Stanford CoreNLP 3.6.0 jars are not in {lib} "
+                    "(python -m pycocoevalcap.spice.get_stanford_models fetches them, with network)"))
+        return out
     try:
         out.append(("SPICE", float(Spice().compute_score(gts, res)[0]), "SPICE (Java, pycocoevalcap)"))
     except Exception as e:
-        out.append(("SPICE", float("nan"), f"SPICE unavailable: {str(e)[:120]} (needs Stanford CoreNLP jars)"))
+        out.append(("SPICE", float("nan"), f"SPICE unavailable: {str(e)[:120]}"))
     return out
 
 
@@ -140,8 +185,9 @@ def majority(answers):
     return Counter(answers).most_common(1)[0][0]
 
 
-def eval_exact(apt, args, examples, name):
-    outputs = generate(apt, examples, args.batch_size, SHORT, name)
+def score_exact(examples, outputs, name):
+    """Normalised exact match (AQA, NLAR), beside always giving the most frequent answer; Clotho-AQA also on its
+    yes/no questions alone."""
     truth = [ex.target["answer"] for ex in examples]
     hits = [normalize_answer(o) == t for o, t in zip(outputs, truth)]
     fixed = majority(truth)
@@ -153,7 +199,12 @@ def eval_exact(apt, args, examples, name):
             fixed = majority([truth[i] for i in yn])
             table += rows("accuracy, yes/no questions", np.mean([hits[i] for i in yn]),
                           np.mean([truth[i] == fixed for i in yn]), f"(baseline: always {fixed!r})")
-    return table, outputs, truth
+    return table
+
+
+def eval_exact(apt, args, examples, name):
+    outputs = generate(apt, examples, args.batch_size, SHORT, name)
+    return score_exact(examples, outputs, name), outputs, [ex.target["answer"] for ex in examples]
 
 
 def eval_fewshot(apt, cfg, args):
@@ -169,19 +220,26 @@ def eval_fewshot(apt, cfg, args):
         rng = random.Random(f"esc50/{n_way}/{k_shot}")  # fixed episodes
         episodes = [data.fewshot_episode(pool, n_way, k_shot, rng) for _ in range(args.episodes)]
         got = generate(apt, episodes, max(1, args.batch_size // 4), SHORT, f"{n_way}-way {k_shot}-shot")
-        acc = np.mean([named_label(o, ep) == ep.target["label"] for o, ep in zip(got, episodes)])
-        table += rows(name, acc, 1 / n_way,
-                      f"{args.episodes} fixed episodes; the answer is the episode label it names (baseline: chance)")
         for ep in tqdm(episodes, desc=f"{n_way}-way {k_shot}-shot likelihood", leave=False, dynamic_ncols=True):
             ep.target["ranked"] = rank_labels(apt, ep)  # written beside the generated answer
-        table += rows(f"{name}, ranked", np.mean([ep.target["ranked"] == ep.target["label"] for ep in episodes]),
-                      1 / n_way,
-                      'the same episodes; the answer is the label whose "This is a sound of {label}." is most '
-                      "likely to the LLM (baseline: chance)")
+        table += score_fewshot(episodes, got, name)
         outputs += got
         refs += [ep.answer for ep in episodes]
         shown += episodes
     return shown, (table, outputs, refs)
+
+
+def score_fewshot(episodes, outputs, name):
+    """Accuracy of the episode label each generated answer names, and of the label the LLM ranked first
+    (episode.target["ranked"]), beside chance."""
+    n_way = len(episodes[0].target["choices"])
+    table = rows(name, np.mean([named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]),
+                 1 / n_way, f"{len(episodes)} fixed episodes; the answer is the episode label it names "
+                 "(baseline: chance)")
+    table += rows(f"{name}, ranked", np.mean([ep.target["ranked"] == ep.target["label"] for ep in episodes]),
+                  1 / n_way, 'the same episodes; the answer is the label whose "This is a sound of {label}." is '
+                  "most likely to the LLM (baseline: chance)")
+    return table
 
 
 def named_label(output: str, episode):
@@ -211,38 +269,54 @@ def segment_f1(pred, ref, iou=0.5):
     return matched, len(pred), len(ref)
 
 
-def eval_sed(apt, args, examples):
-    outputs = generate(apt, examples, args.batch_size, SHORT | {"max_new_tokens": 40}, "sed")
-
+def score_sed(examples, outputs):
+    """Segment F1 at IoU >= 0.5 over all segments of all queries, beside answering the whole clip every time."""
     def f1(preds):
         m, p, r = (sum(x) for x in zip(*[segment_f1(s, ex.target["segments"]) for s, ex in zip(preds, examples)]))
         return 2 * m / (p + r) if p + r else 0.0
 
     end = max(b for ex in examples for _, b in ex.target["segments"])
-    return (rows("segment F1", f1([parse_segments(o) for o, ex in zip(outputs, examples)]), f1([[(0.0, end)]] *
-                 len(examples)), "IoU >= 0.5, over all segments (baseline: the whole clip for every query)"),
-            outputs, [ex.answer for ex in examples])
+    return rows("segment F1", f1([parse_segments(o) for o in outputs]), f1([[(0.0, end)]] * len(examples)),
+                "IoU >= 0.5, over all segments (baseline: the whole clip for every query)")
 
 
-def eval_ter(apt, args, examples):
-    outputs = generate(apt, examples, args.batch_size, SHORT | {"max_new_tokens": 30}, "ter")
-    truth = [frozenset(x.lower() for x in ex.target["labels"]) for ex in examples]
-    got = [frozenset(x.lower() for x in parse_labels(o)) for o in outputs]
+def eval_sed(apt, args, examples):
+    outputs = generate(apt, examples, args.batch_size, SHORT | {"max_new_tokens": 40}, "sed")
+    return score_sed(examples, outputs), outputs, [ex.answer for ex in examples]
+
+
+def score_ter(examples, outputs, vocabulary):
+    """Exact set of labels: the labels of `vocabulary` (the data set's class names, written as it writes them:
+    "Male speech, man speaking", "chirping_birds") that the answer names, against the window's labels."""
+    truth = [frozenset(ex.target["labels"]) for ex in examples]
+    got = [frozenset(parse_labels(o, vocabulary)) for o in outputs]
     fixed = majority(truth)
-    return (rows("accuracy", np.mean([g == t for g, t in zip(got, truth)]), np.mean([t == fixed for t in truth]),
-                 f"exact set of labels (baseline: always {', '.join(sorted(fixed))!r})"),
-            outputs, [ex.answer for ex in examples])
+    return rows("accuracy", np.mean([g == t for g, t in zip(got, truth)]), np.mean([t == fixed for t in truth]),
+                f"exact set of labels (baseline: always {format_labels(sorted(fixed))!r})")
 
 
-def eval_count(apt, args, examples):
-    outputs = generate(apt, examples, args.batch_size, SHORT, "count")
+def eval_ter(apt, cfg, args, examples):
+    outputs = generate(apt, examples, args.batch_size, SHORT | {"max_new_tokens": 30}, "ter")
+    names = data.read_mid_to_name(Path(cfg.data_root) / data.LAYOUT["audioset"]["names"]).values()
+    vocabulary = {*names, *(label for ex in examples for label in ex.target["labels"])}
+    return score_ter(examples, outputs, vocabulary), outputs, [ex.answer for ex in examples]
+
+
+def score_count(examples, outputs):
+    """Accuracy of the count read from the answer, and its mean absolute error (an unreadable answer counts as 0),
+    beside always answering the most frequent count."""
     truth = np.array([ex.target["count"] for ex in examples])
     got = np.array([parse_count(o) if parse_count(o) is not None else -1 for o in outputs])
     fixed = majority(truth.tolist())
     table = rows("accuracy", np.mean(got == truth), np.mean(truth == fixed), f"(baseline: always {fixed})")
     table += rows("mean absolute error", float(np.mean(np.abs(np.where(got < 0, 0, got) - truth))),
                   float(np.mean(np.abs(truth - fixed))), "unreadable answers count as 0 (lower is better)")
-    return table, outputs, [ex.answer for ex in examples]
+    return table
+
+
+def eval_count(apt, args, examples):
+    outputs = generate(apt, examples, args.batch_size, SHORT, "count")
+    return score_count(examples, outputs), outputs, [ex.answer for ex in examples]
 
 
 def evaluate(task, apt, cfg, args):
@@ -263,7 +337,9 @@ def evaluate(task, apt, cfg, args):
         return eval_fewshot(apt, cfg, args)
     kind = {"sed": "sed", "ter": "ter", "count": "counting"}[task]
     exs = data.examples(kind, root, "test", strict=True)[:limit]
-    return exs, {"sed": eval_sed, "ter": eval_ter, "count": eval_count}[task](apt, args, exs)
+    if task == "ter":
+        return exs, eval_ter(apt, cfg, args, exs)
+    return exs, {"sed": eval_sed, "count": eval_count}[task](apt, args, exs)
 
 
 def main(argv=None):
@@ -282,18 +358,16 @@ def main(argv=None):
                     help="captioning repetition penalty (APT code: 1.5)")
     ap.add_argument("--max-new-tokens", type=int, default=CAPTION["max_new_tokens"], help="captioning length limit")
     args, rest = ap.parse_known_args(argv)
-    CAPTION.update(num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
-                   max_new_tokens=args.max_new_tokens)
     try:
         cfg = load_config(args.preset, rest + ([f"--data_root={args.data_root}"] if args.data_root else []))
     except ValueError as e:
         raise SystemExit(f"evaluate.py: {e}") from None
-    if cfg.preset == "tiny":
-        synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)  # the embedded default, written on first use
     checkpoint = Path(args.checkpoint or Path(cfg.run_dir) / "stage2" / "final")
-    if not (checkpoint / "apt.json").is_file():
+    if not (checkpoint / "apt.json").is_file():  # checked before anything is generated or loaded
         raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage 0, lm, 1, 2) "
                          "or pass --checkpoint")
+    if cfg.preset == "tiny":
+        synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)  # the embedded default, written on first use
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ensure_tokenizer(cfg)
     apt = load_apt(cfg, checkpoint, device)

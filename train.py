@@ -145,8 +145,12 @@ def make_optimizer(params: dict[str, nn.Parameter], cfg):
 
 def fit(cfg, stage, module, params, sampler, micro_step, validate, resume, rank, world, scaler, out: Path):
     """The training loop every stage shares: accumulation, clipping, schedule, logging, validation, checkpoints,
-    resume. micro_step(wrapped module, examples) -> (loss to backpropagate, {name: value to log}) or None when
-    the batch is empty; validate() -> {name: value}."""
+    resume. micro_step(wrapped module, sampler) -> None when the batch is empty, else (loss_sum, count, info):
+    this process's loss summed over its `count` items (tokens, or 1 for a loss that is already a batch mean), and
+    info {"examples": int, "skipped": int, "task": name, other name: float (a per-process mean, logged as the
+    mean over processes)}. Each optimizer step's gradient is that of the mean loss over every item of its
+    grad_accum micro-batches on every process: exactly one batch grad_accum * world times as large.
+    validate() -> {name: value}."""
     total = getattr(cfg, STAGES[stage]["steps"])
     wrapped = DDP(module) if world > 1 else module
     opt = make_optimizer(params, cfg)
@@ -171,6 +175,8 @@ def fit(cfg, stage, module, params, sampler, micro_step, validate, resume, rank,
         version, internal, gauss = state["py_rng"]
         random.setstate((version, tuple(internal), gauss))
         step, skipped = state["step"], state["skipped_audio"]
+        if rank == 0:
+            truncate_log(out / "log.jsonl", step)
     logfile = open(out / "log.jsonl", "a") if rank == 0 else None
     t0, seen, metrics = time.time(), 0, {}
     if step == 0:  # where validation starts, so the log shows how far training moved it
@@ -183,22 +189,24 @@ def fit(cfg, stage, module, params, sampler, micro_step, validate, resume, rank,
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"stage {stage}", dynamic_ncols=True)
     while step < total:
         module.train()
-        logs = {}
+        window = Window(world)
         for _ in range(cfg.grad_accum):
             result = micro_step(wrapped, sampler)
             if result is None:
                 continue
-            loss, parts = result
-            if not torch.isfinite(loss):
+            loss_sum, count, info = result
+            summed = window.add(loss_sum, count, info)  # over all processes, so that all of them stop together
+            if not math.isfinite(summed):
                 last = ckpts.folder / "latest"
-                raise SystemExit(f"stage {stage}: the loss became {loss.item()} at step {step}; stopping. The last "
+                raise SystemExit(f"stage {stage}: the loss became {summed} at step {step}; stopping. The last "
                                  f"good checkpoint is {last.read_text() if last.is_file() else 'none'} in "
                                  f"{ckpts.folder}; try a lower --lr")
+            loss = loss_sum / window.first.clamp(min=1) * world  # DDP averages over processes: times world
             (scaler.scale(loss) if scaler else loss).backward()
-            seen += parts.pop("examples", 0)
-            skipped += parts.pop("skipped", 0)
-            for k, v in parts.items():
-                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+            seen += info.get("examples", 0)
+            skipped += info.get("skipped", 0)
+        window.rescale(params.values())
+        logs = window.logs()
         if scaler:
             scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
@@ -246,6 +254,62 @@ def fit(cfg, stage, module, params, sampler, micro_step, validate, resume, rank,
     return metrics
 
 
+class Window:
+    """What one optimizer step accumulates over its grad_accum micro-batches, summed over processes.
+
+    Each micro-batch's loss is backpropagated as loss_sum / N_first * world, N_first being the global item count of
+    the window's first micro-batch (with one micro-batch: the plain mean over the global batch). `rescale` then
+    multiplies the gradients by N_first / N_window once every count is known, so the step's gradient is that of the
+    mean over all N_window items, without holding more than one micro-batch's graph."""
+
+    def __init__(self, world: int):
+        self.world, self.first, self.total = world, None, None
+        self.tasks, self.means, self.micro = {}, {}, 0
+
+    def add(self, loss_sum: torch.Tensor, count: int, info: dict) -> float:
+        """Count one micro-batch; returns its loss summed over all processes."""
+        means = {k: v for k, v in info.items() if k not in ("examples", "skipped", "task")}
+        packed = torch.tensor([loss_sum.item(), float(count), *means.values()], dtype=torch.float64,
+                              device=loss_sum.device)
+        if self.world > 1:
+            dist.all_reduce(packed)  # sums over processes
+        if self.first is None:
+            self.first = packed[1].float()
+        self.total = packed[:2] if self.total is None else self.total + packed[:2]
+        if "task" in info:
+            self.tasks[info["task"]] = self.tasks.get(info["task"], 0) + packed[:2]
+        for k, v in zip(means, packed[2:].tolist()):
+            self.means[k] = self.means.get(k, 0.0) + v / self.world
+        self.micro += 1
+        return packed[0].item()
+
+    def rescale(self, params):
+        if self.first is not None and self.total[1] != self.first:
+            factor = (self.first.clamp(min=1) / self.total[1].clamp(min=1)).item()
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+    def logs(self) -> dict:
+        """The window's mean loss over all its items (and per task), and the other values averaged."""
+        if self.total is None:
+            return {}
+        out = {"loss": (self.total[0] / self.total[1].clamp(min=1)).item()}
+        out |= {f"loss_{t}": (v[0] / v[1].clamp(min=1)).item() for t, v in self.tasks.items()}
+        return out | {k: v / self.micro for k, v in self.means.items()}
+
+
+def truncate_log(path: Path, step: int):
+    """On resume from a checkpoint of `step`: drop the log records written after it (the stopped run may have
+    logged a few more steps before it died), so the log holds every step once."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 def nothing_to_train(keep: list, world: int, device) -> bool:
     """True when this process, or any other, has no usable example this micro-step: then all of them skip it
     together, since under DDP every process must run the same forwards."""
@@ -253,15 +317,6 @@ def nothing_to_train(keep: list, world: int, device) -> bool:
     if world > 1:
         dist.all_reduce(empty, op=dist.ReduceOp.MAX)
     return bool(empty.item())
-
-
-def global_mean(loss_sum: torch.Tensor, count: int, world: int) -> torch.Tensor:
-    """Token-level mean over the whole global batch. DDP averages gradients over processes, so each process
-    divides its sum by the global count and multiplies by the number of processes."""
-    n = torch.tensor(float(count), device=loss_sum.device)
-    if world > 1:
-        dist.all_reduce(n)
-    return loss_sum / n.clamp(min=1) * world
 
 
 # ------------------------------------------------------------------------------------------------------- stages
@@ -303,8 +358,7 @@ def train_lm(cfg, rank, world, device, resume):
         _, docs = sampler.next_batch()
         mine = docs[rank::world]
         loss_sum, n = lm_loss(model, mine)
-        loss = global_mean(loss_sum, n, world)
-        return loss, {"loss": loss.item() / world, "examples": len(mine)}
+        return loss_sum, n, {"examples": len(mine)}
 
     def validate():
         with torch.no_grad():
@@ -368,8 +422,8 @@ def train_stage0(cfg, rank, world, device, resume):
         parts, keep, skipped = losses(model, batch[rank::world], g)
         if parts is None:
             return None
-        return parts["total"], {"loss": parts["total"].item(), **{k: parts[k].item() for k in ("atc", "atm", "agtg")},
-                                "examples": len(keep), "skipped": skipped}
+        return parts["total"], 1, {**{k: parts[k].item() for k in ("atc", "atm", "agtg")}, "examples": len(keep),
+                                   "skipped": skipped}
 
     def validate():
         with torch.no_grad():
@@ -494,9 +548,7 @@ def train_apt(cfg, stage, rank, world, device, resume):
             return None
         with autocast():
             loss_sum, n = wrapped(*data.collate(keep), feats)
-        loss = global_mean(loss_sum, n, world)
-        return loss, {"loss": loss.item() / world, f"loss_{task}": loss.item() / world, "examples": len(keep),
-                      "skipped": len(mine) - len(keep)}
+        return loss_sum, n, {"task": task, "examples": len(keep), "skipped": len(mine) - len(keep)}
 
     def validate():
         metrics = {}

@@ -20,3 +20,12 @@ def hf_llama(tmp: Path, *, kv_heads=2, tied=False, vocab=96, seed=0, shards=True
             p.normal_(0, 2.5 / p.shape[-1] ** 0.5) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(tmp, max_shard_size="60KB" if shards else "1GB")
     return model, tmp
+
+
+def assert_close_rel(got, ref, rel: float):
+    """max |got - ref| <= rel * max |ref|, computed in float64: the error is judged against the scale of what is
+    compared, so one tolerance holds for logits of order 10 and gradients of order 1e-3 alike."""
+    got, ref = got.detach().double(), ref.detach().double()
+    assert got.shape == ref.shape, f"shapes differ: {tuple(got.shape)} vs {tuple(ref.shape)}"
+    err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3g} is more than {rel:g} x the scale {scale:.3g}"

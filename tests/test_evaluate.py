@@ -11,6 +11,7 @@ from conftest import copy_of, opts
 
 import evaluate
 import train
+from apt_min import metrics, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,9 +50,121 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys):
     assert "unavailable" in caps["SPICE"]["protocol"] or caps["SPICE"]["apt"] >= 0  # absent jars are said so
 
 
-def test_missing_checkpoint_is_explained(tmp_path):
+def test_missing_checkpoint_is_explained_before_anything_is_written(tmp_path):
     with pytest.raises(SystemExit, match="no trained APT there"):
-        evaluate.main(["--task", "nlar", f"--run_dir={tmp_path}"])
+        evaluate.main(["--task", "nlar", f"--run_dir={tmp_path / 'run'}", f"--data_root={tmp_path / 'synth'}"])
+    assert list(tmp_path.iterdir()) == []  # no data generated, no folder made
+
+
+# ------------------------------------------------------------------------ scoring, on hand-worked answers
+# Labels as the real data sets write them: AudioSet's display names (capitals, commas), ESC-50's categories
+# (underscores). Perfect answers are the examples' own answers, as the model is trained to write them.
+
+AUDIOSET = ["Speech", "Male speech, man speaking", "Dog", "Domestic animals, pets", "Chirping, tweeting"]
+
+
+def test_tagging_scores_the_label_set_read_against_the_class_list():
+    exs = [tasks.tagging("a.wav", ["Male speech, man speaking", "Dog"]), tasks.tagging("b.wav", ["Speech"]),
+           tasks.tagging("c.wav", ["Domestic animals, pets"])]
+    assert exs[0].answer == "male speech, man speaking, dog"
+    (perfect,) = evaluate.score_tagging(exs, [ex.answer for ex in exs], AUDIOSET)
+    assert perfect[1] == 1.0
+    # b: "male speech, man speaking" is not "speech"; c: "domestic animals" is not a class name
+    outputs = ["Dog, male speech, man speaking.", "male speech, man speaking", "domestic animals"]
+    (row,) = evaluate.score_tagging(exs, outputs, AUDIOSET)
+    assert row[1] == pytest.approx(1 / 3) and row[2] == pytest.approx(1 / 3)  # baseline: one of three sets
+    labels = evaluate.label_matrix(exs, AUDIOSET)
+    assert labels.tolist() == [[0, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0]]
+    assert metrics.mean_average_precision(labels.astype(float), labels) == 1.0
+
+
+def test_captions_score_perfect_and_hand_worked_answers():
+    exs = [tasks.captioning("a.wav", ["A dog barks.", "A dog is barking loudly"]),
+           tasks.captioning("b.wav", ["Rain falls on a roof.", "Rain is falling"]),
+           tasks.captioning("c.wav", ["A man speaks, then a bell rings.", "Speech and a bell"])]
+    table = {m: (v, b) for m, v, b, _ in evaluate.score_captions(exs, [ex.answer for ex in exs], "rain", java=False)}
+    assert [table[f"BLEU-{k}"][0] for k in (1, 2, 3, 4)] == pytest.approx([1.0] * 4)
+    assert table["ROUGE-L"][0] == pytest.approx(1.0)
+    assert table["CIDEr-D"][0] > 1.0 and table["CIDEr-D"][1] < 0.2 * table["CIDEr-D"][0]
+    # nothing in common with any reference: zero everywhere (BLEU's smoothing leaves < 1e-10)
+    table = {m: v for m, v, _, _ in evaluate.score_captions(exs, ["engines hum"] * 3, "rain", java=False)}
+    assert max(table[f"BLEU-{k}"] for k in (1, 2, 3, 4)) < 1e-10 and table["ROUGE-L"] == table["CIDEr-D"] == 0.0
+    # one clip, "a dog runs" against "a dog barks": 2 of 3 words and 1 of 2 word pairs match, lengths equal
+    one = [tasks.captioning("a.wav", ["A dog barks."])]
+    table = {m: v for m, v, _, _ in evaluate.score_captions(one, ["A dog runs."], "rain", java=False)}
+    assert table["BLEU-1"] == pytest.approx(2 / 3, rel=1e-8) and table["BLEU-2"] == pytest.approx(3 ** -0.5, rel=1e-8)
+    assert table["ROUGE-L"] == pytest.approx(2 / 3)  # LCS 2 of 3 both ways
+
+
+def test_exact_match_normalises_answers():
+    exs = [tasks.aqa("a.wav", "Is a dog barking?", ["Yes", "yes.", "no"]), tasks.aqa("a.wav", "How many barks?",
+                                                                                     ["Two", "2", "three"]),
+           tasks.aqa("b.wav", "Is it raining?", "No"), tasks.aqa("b.wav", "What falls?", "Rain drops")]
+    assert [ex.target["answer"] for ex in exs] == ["yes", "2", "no", "rain drops"]
+    perfect = evaluate.score_exact(exs, [ex.answer for ex in exs], "clotho_aqa")
+    assert [r[1] for r in perfect] == [1.0, 1.0]
+    table = evaluate.score_exact(exs, ["Yes.", "three", "yes", "The rain drops!"], "clotho_aqa")
+    assert [r[0] for r in table] == ["accuracy", "accuracy, yes/no questions"]
+    assert table[0][1] == pytest.approx(2 / 4) and table[1][1] == pytest.approx(1 / 2)
+    assert table[0][2] == pytest.approx(1 / 4) and table[1][2] == pytest.approx(1 / 2)  # always "yes" / "yes"
+    nlar = [tasks.nlar("a.wav", "b.wav", "Which recording contains the bell?", "first"),
+            tasks.nlar("a.wav", "b.wav", "Is the bell louder in the first recording?", "Yes"),
+            tasks.nlar("b.wav", "a.wav", "Which recording contains the bell?", "second")]
+    table = evaluate.score_exact(nlar, ["The first.", "no", "second"], "nlar")
+    assert len(table) == 1 and table[0][1] == pytest.approx(2 / 3)
+
+
+def test_fewshot_reads_esc50_labels_with_underscores():
+    support = [("s1.wav", "chirping_birds"), ("s2.wav", "crying_baby"), ("s3.wav", "dog"),
+               ("s4.wav", "door_wood_knock")]
+    eps = [tasks.fewshot(support, "q1.wav", "chirping_birds"), tasks.fewshot(support, "q2.wav", "door_wood_knock"),
+           tasks.fewshot(support, "q3.wav", "dog"), tasks.fewshot(support, "q4.wav", "crying_baby")]
+    assert eps[0].answer == "chirping birds" and eps[0].target["choices"] == [s for _, s in support]
+    for ep, ranked in zip(eps, ["chirping_birds", "dog", "dog", "dog"]):
+        ep.target["ranked"] = ranked
+    perfect = evaluate.score_fewshot(eps, [ep.answer for ep in eps], "accuracy 4-way 1-shot")
+    assert perfect[0][1] == 1.0 and perfect[1][1] == pytest.approx(2 / 4)
+    table = evaluate.score_fewshot(eps, ["Chirping birds.", "door wood knock", "a cat", "dog"], "x")
+    assert [r[0] for r in table] == ["x", "x, ranked"]
+    assert table[0][1] == pytest.approx(2 / 4) and table[0][2] == pytest.approx(1 / 4)
+
+
+def test_segment_f1_hand_worked():
+    f1 = evaluate.segment_f1
+    assert f1([(0.0, 1.0)], [(0.0, 1.0)]) == (1, 1, 1)
+    assert f1([(0.0, 1.0)], [(0.0, 0.5)]) == (1, 1, 1)  # IoU exactly 0.5 counts
+    assert f1([(0.0, 1.0)], [(0.5, 1.5)]) == (0, 1, 1)  # IoU 1/3
+    assert f1([(0.0, 1.0), (0.1, 1.0)], [(0.0, 1.0)]) == (1, 2, 1)  # a reference is matched once
+    assert f1([(2.0, 3.0), (0.0, 1.0)], [(0.0, 1.0), (2.2, 3.0)]) == (2, 2, 2)  # in any order
+    assert f1([], [(0.0, 1.0)]) == (0, 0, 1) and f1([(0.0, 1.0)], []) == (0, 1, 0)
+    exs = [tasks.sed("a.wav", "Dog", [(0.5, 1.2), (3.0, 3.6)]), tasks.sed("a.wav", "chirping_birds", [(0.0, 5.0)])]
+    (perfect,) = evaluate.score_sed(exs, [ex.answer for ex in exs])
+    assert perfect[1] == 1.0
+    # 1 of 2 dog segments found, one false alarm; birds found: 2 matched, 3 predicted, 3 true -> F1 2*2/6
+    (row,) = evaluate.score_sed(exs, ["0.5s-1.1s; 6s-7s", "0.0s to 4.5s"])
+    assert row[1] == pytest.approx(4 / 6)
+    assert row[2] == pytest.approx(2 * 1 / (2 + 3))  # the whole clip (0-5 s), once per query: only the birds
+
+
+def test_temporal_retrieval_with_commas_and_underscores_in_labels():
+    events = [("Male speech, man speaking", 0.0, 2.0), ("chirping_birds", 1.0, 3.0), ("Dog", 5.0, 6.0)]
+    exs = [tasks.ter("a.wav", events, 0.5, 2.5), tasks.ter("a.wav", events, 5.0, 6.0)]
+    assert exs[0].target["labels"] == ["Male speech, man speaking", "chirping_birds"]
+    vocab = ["Male speech, man speaking", "Speech", "chirping_birds", "Dog"]
+    (perfect,) = evaluate.score_ter(exs, [ex.answer for ex in exs], vocab)
+    assert perfect[1] == 1.0
+    (row,) = evaluate.score_ter(exs, ["chirping birds and male speech, man speaking", "speech, dog"], vocab)
+    assert row[1] == pytest.approx(1 / 2)  # order does not matter; an extra label does
+
+
+def test_counting_reads_numbers_and_words():
+    exs = [tasks.counting("a.wav", "Dog", n) for n in (3, 3, 1, 2)]
+    table = evaluate.score_count(exs, [ex.answer for ex in exs])
+    assert [r[1] for r in table] == [1.0, 0.0]
+    table = evaluate.score_count(exs, ["3", "three times", "twice", "??"])
+    assert table[0][1] == pytest.approx(2 / 4) and table[0][2] == pytest.approx(2 / 4)  # baseline: always 3
+    assert table[1][1] == pytest.approx((0 + 0 + 1 + 2) / 4)  # "??" counts as 0
+    assert table[1][2] == pytest.approx((0 + 0 + 2 + 1) / 4)
 
 
 def test_ask_about_two_clips(trained):
