@@ -1,8 +1,8 @@
 """The aligner against transformers' BLIP-2 / InstructBLIP Q-Formers; its masks; hard negatives; stage-0 losses."""
 
-import os
 import re
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -197,41 +197,88 @@ def test_stage0_losses_fall_together_when_overfitting():
         losses["total"].backward()
         opt.step()
     last = {k: v.item() for k, v in stage0_losses(aligner.eval(), audio, ids, mask, clip, g).items()}
-    assert abs(first["total"] - (first["atc"] + first["atm"] + first["agtg"])) < 1e-5
     for k in ("atc", "atm", "agtg"):
         assert last[k] < 0.5 * first[k], (k, first[k], last[k])
 
 
-def _distributed_worker(rank, world, port, audio, ids, mask, clip, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _distributed_worker(rank, world, rendezvous, audio, ids, mask, clip, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     from apt_min.aligner import atc_loss, gather_with_grad
 
     aligner = random_aligner()
     B = audio.shape[0] // world
     part = slice(rank * B, (rank + 1) * B)
-    h = aligner(audio[part], ids[part], mask[part], unimodal_mask)
-    a = torch.nn.functional.normalize(aligner.audio_proj(h[:, :CFG.num_queries]), dim=-1)
-    t = torch.nn.functional.normalize(aligner.text_proj(h[:, CFG.num_queries]), dim=-1)
+    a, t = _atc_embeddings(aligner, audio[part], ids[part], mask[part])
     positives = clip[part][:, None] == gather_with_grad(clip[part])[None]
     loss, _, _ = atc_loss(a, t, aligner.temp, positives)
     loss.backward()
-    out[rank] = torch.cat([loss.detach()[None], aligner.query_tokens.grad.flatten()])
+    losses = stage0_losses(aligner, audio[part], ids[part], mask[part], clip[part], torch.Generator().manual_seed(7))
+    out[rank] = {"atc": loss.item(), "grad": aligner.query_tokens.grad.clone(),
+                 "stage0": {k: v.item() for k, v in losses.items()}}
     torch.distributed.destroy_process_group()
 
 
-def test_atc_negatives_are_gathered_across_processes():
-    """Two gloo processes with half the batch each: the mean of their losses equals one process on the whole
-    batch, so every text is contrasted with every audio of the global batch."""
-    from apt_min.aligner import atc_loss
-
-    audio, ids, mask = batch(B=4, T=6, seed=5)
-    clip = torch.arange(4)
-    aligner = random_aligner()
+def _atc_embeddings(aligner, audio, ids, mask):
     h = aligner(audio, ids, mask, unimodal_mask)
     a = torch.nn.functional.normalize(aligner.audio_proj(h[:, :CFG.num_queries]), dim=-1)
     t = torch.nn.functional.normalize(aligner.text_proj(h[:, CFG.num_queries]), dim=-1)
-    whole, _, _ = atc_loss(a, t, aligner.temp, clip[:, None] == clip[None])
+    return a, t
+
+
+def test_stage0_across_two_processes(tmp_path, monkeypatch):
+    """Two gloo processes with half the batch each (as under torchrun, without a port: a file rendezvous).
+    ATC: the mean of their losses equals one process on the whole batch (every text is contrasted with every audio
+    of the global batch), and each process's gradient treats the other's features as constants, as BLIP-2 does.
+    ATM and AGTG: each process equals one process on its half alone (hard negatives come from its own batch)."""
+    import apt_min.aligner as al
+
+    audio, ids, mask = batch(B=4, T=6, seed=5)
+    ids[:, 0] = 1
+    clip = torch.arange(4)
     out = mp.Manager().dict()
-    mp.spawn(_distributed_worker, args=(2, 29517, audio, ids, mask, clip, out), nprocs=2, join=True)
-    assert abs((out[0][0] + out[1][0]).item() / 2 - whole.item()) < 1e-5
+    mp.spawn(_distributed_worker, args=(2, tmp_path / "rendezvous", audio, ids, mask, clip, out), nprocs=2, join=True)
+
+    aligner = random_aligner()
+    whole, _, _ = al.atc_loss(*_atc_embeddings(aligner, audio, ids, mask), aligner.temp, clip[:, None] == clip[None])
+    assert (out[0]["atc"] + out[1]["atc"]) / 2 == pytest.approx(whole.item(), rel=1e-5)
+
+    def expected_grad(rank, detach_others):
+        """What rank's ATC gradient should be: its loss against the whole batch's features, the other process's half
+        entering as constants (detach_others) or, for contrast, as live tensors."""
+        aligner = random_aligner()
+        a, t = _atc_embeddings(aligner, audio, ids, mask)  # the whole batch, in one process
+        mine, other = slice(2 * rank, 2 * rank + 2), slice(2 - 2 * rank, 4 - 2 * rank)
+        local_a, local_t = a[mine], t[mine]
+
+        def gathered(local, x):
+            rest = x[other].detach() if detach_others else x[other]
+            return torch.cat([local, rest] if rank == 0 else [rest, local])
+
+        full = {id(local_a): gathered(local_a, a), id(local_t): gathered(local_t, t)}
+        with monkeypatch.context() as m:
+            m.setattr(al, "gather_with_grad", lambda x: full[id(x)])
+            loss, _, _ = al.atc_loss(local_a, local_t, aligner.temp, clip[mine][:, None] == clip[None])
+        loss.backward()
+        return aligner.query_tokens.grad
+
+    for rank in (0, 1):
+        ref = expected_grad(rank, detach_others=True)
+        torch.testing.assert_close(out[rank]["grad"], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+        live = expected_grad(rank, detach_others=False)
+        assert (live - ref).abs().max() > 0.01 * ref.abs().max()  # detaching matters: the check can tell
+
+    for rank in (0, 1):
+        half = slice(2 * rank, 2 * rank + 2)
+        alone = stage0_losses(random_aligner(), audio[half], ids[half], mask[half], clip[half],
+                              torch.Generator().manual_seed(7))
+        assert out[rank]["stage0"]["atm"] == pytest.approx(alone["atm"].item(), rel=1e-5)
+        assert out[rank]["stage0"]["agtg"] == pytest.approx(alone["agtg"].item(), rel=1e-5)
+        assert out[rank]["stage0"]["atc"] == pytest.approx(out[rank]["atc"], rel=1e-5)
+
+
+def _others_detached(x, mine):
+    """x (B, ...) with every row outside `mine` detached."""
+    keep = torch.zeros(x.shape[0], dtype=torch.bool)
+    keep[mine] = True
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return torch.where(keep.view(shape), x, x.detach())
