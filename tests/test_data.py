@@ -3,6 +3,7 @@
 import json
 import logging
 import random
+import re
 
 import pytest
 
@@ -201,3 +202,57 @@ def test_sampler_ratios_and_resume():
     b = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
     b.load_state_dict(state)
     assert [b.next_batch() for _ in range(10)] == rest and first != rest
+
+
+# ----------------------------------------------------------------------------------- temporal retrieval, ESC-50
+
+
+def test_labels_between_hand_worked():
+    events = [("Dog", 0.0, 1.0), ("Speech", 0.95, 2.0), ("Bird", 2.5, 3.0), ("Dog", 2.0, 2.6)]
+    # Dog overlaps [0.9, 2.55] by exactly 0.1 s (in floats 0.0999...: still counted), Bird by 0.05 s (not)
+    assert tasks.labels_between(events, 0.9, 2.55) == ["Dog", "Speech"]
+    assert tasks.labels_between(events, 2.45, 3.0) == ["Dog", "Bird"]  # by onset: Dog's second event first
+    assert tasks.labels_between(events, 3.5, 4.0) == []
+    assert tasks.labels_between(events, 2.5, 3.0, min_overlap=0.5) == ["Bird"]
+
+
+def test_temporal_retrieval_examples(tmp_path):
+    strong = ("segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
+              "abcdefghijk_30000\t4.0\t5.0\t/m/05zppz\n"
+              "abcdefghijk_30000\t1.5\t2.5\t/m/0bt9lr\n"
+              "abcdefghijk_30000\t0.0\t2.0\t/m/05zppz\n")
+    write(tmp_path / "audioset/audioset_eval_strong.tsv", strong)
+    write(tmp_path / "audioset/audioset_train_strong.tsv", strong)
+    write(tmp_path / "audioset/mid_to_display_name.tsv", "/m/05zppz\tMale speech, man speaking\n/m/0bt9lr\tDog\n")
+    touch_audio(tmp_path, "audio/Yabcdefghijk.wav")
+    # evaluation: one window per event type, its first event's span; the answer names every overlapping type
+    ex = data.examples("ter", tmp_path, "test")
+    assert [(e.segments[1][1], e.answer) for e in ex] == [
+        ("What happens between 1.5s and 2.5s?", "male speech, man speaking, dog"),
+        ("What happens between 0.0s and 2.0s?", "male speech, man speaking, dog")]
+    assert ex[0].target["labels"] == ["Male speech, man speaking", "Dog"]
+    # training: one random event per clip, its span widened by up to 0.5 s each side; its label is in the answer
+    for seed in range(20):
+        (t,) = data.examples("ter", tmp_path, "train", rng=random.Random(seed))
+        start, end = (float(x) for x in re.findall(r"(\d+\.\d)s", t.segments[1][1]))
+        inside = [lab for lab, on, off in [("Male speech, man speaking", 4.0, 5.0), ("Dog", 1.5, 2.5),
+                                           ("Male speech, man speaking", 0.0, 2.0)]
+                  if start <= on and off <= end and on - start <= 0.5 + 1e-9 and end - off <= 0.5 + 1e-9]
+        assert inside and set(inside) <= set(t.target["labels"]), (seed, start, end)
+
+
+def test_esc50_pool_by_category_and_fold(tmp_path, caplog):
+    rows = ["1-100032-A-0.wav,1,0,dog,True,100032,A", "1-110389-A-0.wav,1,0,dog,True,110389,A",
+            "2-100648-A-14.wav,2,14,chirping_birds,False,100648,A",
+            "3-102583-A-14.wav,3,14,chirping_birds,False,102583,A",
+            "4-110389-A-0.wav,4,0,dog,True,110389,A"]
+    write(tmp_path / "esc50/meta/esc50.csv", "filename,fold,target,category,esc10,src_file,take\n" + "\n".join(rows))
+    touch_audio(tmp_path, *[f"esc50/audio/{r.split(',')[0]}" for r in rows if not r.startswith("4-")])
+    audio = tmp_path / "esc50" / "audio"
+    assert data.esc50_pool(tmp_path, folds=(1, 2, 3)) == {
+        "dog": [str(audio / "1-100032-A-0.wav"), str(audio / "1-110389-A-0.wav")],
+        "chirping_birds": [str(audio / "2-100648-A-14.wav"), str(audio / "3-102583-A-14.wav")]}
+    assert data.esc50_pool(tmp_path, folds=(2,)) == {"chirping_birds": [str(audio / "2-100648-A-14.wav")]}
+    with caplog.at_level(logging.WARNING, logger="apt_min.data"):
+        everything = data.esc50_pool(tmp_path)  # fold 4's clip is not on disk: counted, said once
+    assert len(everything["dog"]) == 2 and "1 of 5 audio files listed in" in caplog.text

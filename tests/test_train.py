@@ -237,3 +237,34 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
 
     with pytest.raises(SystemExit, match=r"loss became nan at step 1.*last good checkpoint is step_0000001"):
         train.fit(cfg, "1", module, params, sampler, micro_step, lambda: {}, False, 0, 1, None, tmp_path)
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    ck = train.Checkpoints(tmp_path, keep=2)
+    for step in range(1, 6):
+        ck.save(step, {"w": torch.full((2,), float(step))}, {"step": step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000004", "step_0000005"]
+    w, state = ck.load()
+    assert state["step"] == 5 and torch.equal(w["w"], torch.full((2,), 5.0))
+
+
+def test_task_ratios_change_the_mixture_and_unknown_tasks_are_named():
+    base = train.STAGES["1"]["ratios"]
+    ratios = train.parse_ratios("aqa=0.3, fewshot=1,captioning=0", base)
+    assert ratios == {**base, "aqa": 0.3, "captioning": 0.0}  # fewshot belongs to stage 2: ignored here
+    assert train.parse_ratios("", base) == base
+    with pytest.raises(SystemExit, match=r"--task_ratios: unknown task 'speech'"):
+        train.parse_ratios("speech=1", base)
+
+
+def test_precision_settings():
+    cpu = torch.device("cpu")
+    with pytest.raises(SystemExit, match=r"--precision=fp16 needs a CUDA device"):
+        train.amp_settings(train.load_config("tiny", {"precision": "fp16"}), cpu)
+    autocast, scaler, frozen = train.amp_settings(train.load_config("tiny", {"precision": "bf16"}), cpu)
+    with autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert scaler is None and frozen == torch.float32  # on a CPU the frozen parts stay in fp32
+    autocast, scaler, frozen = train.amp_settings(train.load_config("tiny", {}), cpu)  # auto: fp32 on a CPU
+    with autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
