@@ -1,4 +1,6 @@
+import ipaddress
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -11,6 +13,35 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+def _on_this_machine(host) -> bool:
+    if host in ("localhost", "", None):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Tests never reach the network: a connection or a name lookup beyond this machine raises at once (the Java
+    and Jupyter processes the tests start talk over loopback only; gloo and torchrun's store are C++ and local)."""
+    connect, lookup = socket.socket.connect, socket.getaddrinfo
+
+    def guarded_connect(self, address):
+        if isinstance(address, tuple) and not _on_this_machine(address[0]):
+            raise OSError(f"a test tried to reach the network: {address}")
+        return connect(self, address)
+
+    def guarded_lookup(host, *args, **kwargs):
+        if not _on_this_machine(host.decode() if isinstance(host, bytes) else host):
+            raise OSError(f"a test tried to look up {host!r} on the network")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_lookup)
 
 
 # ------------------------------------------------------------------- a miniature of the tiny preset's chain
@@ -33,6 +64,17 @@ def prepared(tmp_path_factory):
 
     train.main(["--stage", "0", *opts(tmp)])
     train.main(["--stage", "lm", *opts(tmp)])
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def trained(prepared, tmp_path_factory):
+    """The miniature chain through stages 1 and 2: a trained (if barely) APT in run/stage2/final."""
+    tmp = copy_of(prepared, tmp_path_factory.mktemp("trained"))
+    import train
+
+    for stage in ("1", "2"):
+        train.main(["--stage", stage, *opts(tmp)])
     return tmp
 
 

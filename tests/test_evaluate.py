@@ -7,21 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_of, opts
+from conftest import opts
 
 import evaluate
-import train
 from apt_min import metrics, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory):
-    tmp = copy_of(prepared, tmp_path_factory.mktemp("eval"))
-    for stage in ("1", "2"):
-        train.main(["--stage", stage, *opts(tmp)])
-    return tmp
 
 
 def test_every_task_writes_predictions_and_metrics(trained, capsys):
