@@ -355,9 +355,11 @@ class Llama(nn.Module):
         Greedy by default; do_sample: temperature, top-k, top-p sampling; num_beams > 1: beam search.
         Scores follow transformers' generate (repetition penalty, length penalty, beam stopping), so the same
         settings give the same tokens. streamer(tokens (B,)) is called with each new token as it is chosen
-        (greedy and sampling; beam search decides only at the end)."""
+        (greedy and sampling; beam search decides only at the end, so it refuses a streamer)."""
         if num_beams > 1 and do_sample:
             raise ValueError("beam search with sampling is not supported; use num_beams=1 or do_sample=False")
+        if num_beams > 1 and streamer is not None:
+            raise ValueError("beam search settles its tokens only at the end: it cannot stream; use num_beams=1")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
         if attention_mask is None:

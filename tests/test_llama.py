@@ -1,10 +1,11 @@
 """The decoder against transformers' LlamaForCausalLM: logits, generation, KV cache, padding.
 
 Float tolerances are relative to the scale of what is compared (helpers.assert_close_rel) and sit >= 10x above the
-error measured on an AVX-512 CPU, so they hold on any CPU. Parity with transformers is checked in float64: the two
-computations are then equal (measured: 0.0); RMSNorm still normalises in float32 (as transformers' does), and one
-float32 rounding that falls differently moves the logits by at most 4.4e-7 of their scale (measured), hence 1e-5.
-In float32 the rounding floor alone (float32 vs float64 logits) is up to 9e-6 of the scale at 100 positions.
+error measured with AVX-512 kernels and with torch's generic ones (ATEN_CPU_CAPABILITY=default), so they hold on any
+CPU. Parity with transformers is checked in float64, as in float32 the rounding floor alone (float32 vs float64
+logits) reaches 1.4e-5 of the scale at 100 positions. In float64 the two computations are equal (measured: 0.0), but
+RMSNorm still normalises in float32 (as transformers' does), and one float32 rounding that falls differently moves
+the logits by up to 4.4e-7 of their scale (measured): hence 1e-5.
 """
 
 import copy
@@ -56,7 +57,7 @@ def test_inputs_embeds_and_logits_at(pair):
     assert torch.equal(ours(inputs_embeds=ours.embed(ids)), full)
     at = torch.zeros(2, 9, dtype=torch.bool)
     at[0, 3], at[1, 7], at[1, 8] = True, True, True
-    # only the vocabulary matmul runs on other shapes: measured 3.6e-7 of the scale
+    # only the vocabulary matmul runs on other shapes: measured <= 3.7e-7 of the scale
     assert_close_rel(ours(ids, logits_at=at), full[at], 1e-5)  # (3, V)
     assert ours(ids, logits_at=at).shape == (3, 96)
 
@@ -75,7 +76,7 @@ def test_sdpa_equals_written_out_attention(pair64):
     for m in ours.modules():
         if hasattr(m, "sdpa"):
             m.sdpa = True
-    # measured 6.1e-7 of the scale in float64 (the written-out softmax runs in float32), 1.6e-6 in float32
+    # measured <= 6.1e-7 of the scale in float64 (the written-out softmax runs in float32), 1.6e-6 in float32
     assert_close_rel(manual[mask], fused[mask], 1e-5)
 
 
@@ -155,7 +156,7 @@ def test_mask_drawings():
 def test_attend_grouped_query_matches_repeated_heads():
     q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     ref = attend(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), None, True, sdpa=False)
-    assert_close_rel(attend(q, k, v, None, True), ref, 1e-5)  # measured 1.0e-7 of the scale
+    assert_close_rel(attend(q, k, v, None, True), ref, 1e-5)  # measured <= 1.7e-7 of the scale
 
 
 # ------------------------------------------------------------------------------------------------------ generation
@@ -204,7 +205,9 @@ def test_list_of_eos_ids_matches_transformers(pair, num_beams):
     assert eos[0] != eos[1]
     ref = _hf_new_tokens(hf, ids, max_new_tokens=14, num_beams=num_beams, eos_token_id=eos)
     got = ours.generate(ids, max_new_tokens=14, num_beams=num_beams, eos_token_id=eos, pad_token_id=0)
-    for r, g in zip(ref, got):
+    if num_beams == 1:  # transformers pads finished rows with pad_token_id too: the whole output is compared
+        assert torch.equal(got, ref)
+    for r, g in zip(ref, got):  # its beam search pads finished rows with eos[0] (seen in 5.24): trimmed
         assert _trim(g, eos) == _trim(r, eos)
     assert got.shape[1] == max(len(_trim(r, eos)) for r in ref)
     assert {_trim(g, eos)[-1] for g in got} >= set(eos)  # both ids ended a row
@@ -271,9 +274,7 @@ def test_sampling_matches_transformers(pair, settings):
                          **{"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, **settings})
     torch.manual_seed(123)
     got = ours.generate(ids, max_new_tokens=14, eos_token_id=95, pad_token_id=0, do_sample=True, **settings)
-    for r, g in zip(ref, got):
-        assert _trim(g, 95) == _trim(r, 95)
-    assert got.shape[1] == max(len(_trim(r, 95)) for r in ref)
+    assert torch.equal(got, ref)
 
 
 def test_sampling_limits_and_seeds(pair):
@@ -303,12 +304,13 @@ def test_streamer_receives_the_returned_tokens(pair, settings):
     assert torch.equal(torch.stack(streamed, 1), got)
 
 
-def test_beam_search_does_not_stream(pair):
-    """Beam search settles its tokens only at the end: the streamer is never called (transformers refuses a
-    streamer with beams instead)."""
+def test_beam_search_refuses_a_streamer(pair):
+    """Beam search settles its tokens only at the end: asked to stream, it says so instead of never calling the
+    streamer (transformers refuses too)."""
     _, ours = pair
     streamed = []
-    ours.generate(torch.randint(3, 96, (2, 5)), max_new_tokens=6, num_beams=3, streamer=streamed.append)
+    with pytest.raises(ValueError, match="cannot stream"):
+        ours.generate(torch.randint(3, 96, (2, 5)), max_new_tokens=6, num_beams=3, streamer=streamed.append)
     assert streamed == []
 
 

@@ -1,15 +1,20 @@
 """APT glue: interleaving, labels, what trains and what stays frozen, saving and loading, generation."""
 
+import os
+import re
+
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from safetensors.torch import load_file, save_file
 
+from apt_min import audio
 from apt_min.aligner import Aligner, AlignerConfig
 from apt_min.audiomae import AudioMAE, AudioMAEConfig
 from apt_min.checkpoint import CheckpointError
 from apt_min.llama import Llama, LlamaConfig
-from apt_min.model import APT
+from apt_min.model import APT, FeatureCache, load_trainable
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
 TEXTS = ["Summarize the audio with key words.", "bell, siren", "This is a sound of hum.", "How many times?", "3"]
@@ -84,7 +89,13 @@ def test_interleaving_and_labels(parts):
     assert m[:, 0].all() and ml[:, -1].all()
 
 
+def rel_max_error(x, ref):
+    return ((x - ref).abs().max() / ref.abs().max()).item()
+
+
 def test_a_clip_of_several_windows_is_aligned_window_by_window(parts):
+    """Each window's prompts equal that window aligned alone. The batched and the single pass round differently in
+    float32: measured <= 3.3e-8 of the prompts' scale (max |p| ~1.8); 1e-5 of the scale leaves a wide margin."""
     _, tok, _, _, (_, _, long) = parts
     apt = make_apt(parts).eval()
     feats, _ = apt.encode_clips([long])
@@ -94,10 +105,10 @@ def test_a_clip_of_several_windows_is_aligned_window_by_window(parts):
         ids = torch.tensor([tok.encode(question, bos=False)])
         for w in range(3):  # each window alone, under the same instruction, in time order
             alone = apt.proj(apt.aligner.instruct(feats[long][w:w + 1].float(), ids))[0]
-            assert torch.allclose(prompts[w * 4:(w + 1) * 4], alone, atol=1e-5)
+            assert rel_max_error(prompts[w * 4:(w + 1) * 4], alone) <= 1e-5, w
         flipped = {long: feats[long].flip(0)}
         swapped = apt.clip_prompts([[("audio", long), ("text", question)]], flipped)[0][0]
-        assert torch.allclose(swapped[:4], prompts[8:], atol=1e-5)
+        assert rel_max_error(swapped[:4], prompts[8:]) <= 1e-5
 
 
 def test_only_trainable_tensors_learn(parts):
@@ -120,14 +131,34 @@ def test_only_trainable_tensors_learn(parts):
 
 
 def test_bf16_autocast_on_cpu(parts):
+    """Under bf16 autocast the loss and the gradients of the trainable tensors must be the fp32 ones to within
+    bf16's precision, not merely finite. Measured for this batch over 8 aligner seeds, on AVX-512 bf16 kernels and
+    with them switched off (ONEDNN_MAX_CPU_ISA=AVX2): loss relative error <= 1.2e-2 (2e-3..6e-3 at seed 0, the one
+    used), gradients' error norm / norm <= 3e-2 (1.4e-2..3e-2 at seed 0). Bounds: 3e-2 and 0.1 (bf16 eps: 7.8e-3)."""
     _, tok, _, _, (a, b, _) = parts
     apt = make_apt(parts)
-    feats, _ = apt.encode_clips([a])
+    feats, _ = apt.encode_clips([a, b])
+    batch = [[("audio", a), ("text", "How many times?")], [("audio", b), ("text", "Summarize")]]
+    answers = ["3", "bell, siren"]
+    names = ("proj.weight", "audio_token")
+
+    def loss_and_grads():
+        apt.zero_grad(set_to_none=True)
+        loss, n = apt(batch, answers, feats)
+        loss.backward()
+        params = dict(apt.named_parameters())
+        return loss.detach(), n, {k: params[k].grad.clone() for k in names}
+
+    loss32, n, grads32 = loss_and_grads()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, n = apt([[("audio", a), ("text", "How many times?")]], ["3"], feats)
-    assert torch.isfinite(loss) and n == len(tok.encode("3", bos=False)) + 1
-    loss.backward()
-    assert torch.isfinite(apt.proj.weight.grad).all()
+        loss16, n16, grads16 = loss_and_grads()
+    assert n == n16 == sum(len(tok.encode(x, bos=False)) + 1 for x in answers)
+    assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
+    assert abs(loss16.item() - loss32.item()) <= 3e-2 * abs(loss32.item()), (loss16.item(), loss32.item())
+    for k in names:
+        assert grads16[k].dtype == torch.float32 and torch.isfinite(grads16[k]).all()
+        error = ((grads16[k] - grads32[k]).norm() / grads32[k].norm()).item()
+        assert error <= 0.1, (k, error)
 
 
 def test_loss_falls_when_overfitting(parts):
@@ -161,6 +192,135 @@ def test_save_load_and_mismatch(parts, tmp_path):
         APT.load(tmp_path, encoder, llm, tok, *ids)
 
 
+def test_load_refuses_another_encoder(parts, tmp_path):
+    """The features an APT was trained on come from one encoder: another one (a different fingerprint) is refused,
+    and the message names the encoder and both fingerprints."""
+    _, tok, encoder, llm, _ = parts
+    apt = make_apt(parts)
+    llm_id = {"fingerprint": "llm-1"}
+    apt.save(tmp_path / "apt", {"fingerprint": "enc-1"}, llm_id)
+    with pytest.raises(CheckpointError, match="trained against the encoder .*enc-1.*the encoder given is .*enc-2"):
+        APT.load(tmp_path / "apt", encoder, llm, tok, {"fingerprint": "enc-2"}, llm_id)
+
+
+def edit_weights(file, edit):
+    """Rewrite a safetensors file after `edit` changed its {key: tensor} dict in place."""
+    state = load_file(file)
+    edit(state)
+    save_file(state, str(file))
+
+
+# (edit of the saved file, what the error must say about the key), for the APT's trainable state (D = 48, H = 32)
+BAD_APT_FILES = {
+    "missing": (lambda s: s.pop("proj.bias"), r"missing keys: proj\.bias"),
+    "unexpected": (lambda s: s.update({"aligner.extra.weight": torch.zeros(3)}),
+                   r"unexpected keys: aligner\.extra\.weight"),
+    "wrong shape": (lambda s: s.update({"audio_token": torch.zeros(49)}),
+                    r"wrong shapes: audio_token in apt\.safetensors: expected \(48,\), found \(49,\)"),
+    # the tied LM decoder is stored only as the word table: a second copy is refused, not silently used or dropped
+    "tied decoder": (lambda s: s.update({"aligner.lm_decoder.weight": s["aligner.word_embeddings.weight"].clone()}),
+                     r"unexpected keys: aligner\.lm_decoder\.weight"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_APT_FILES)
+def test_apt_load_is_strict(parts, tmp_path, case):
+    """A trainable-state file with a missing key, an unexpected key or a wrong shape is refused by APT.load and by
+    load_trainable, naming the file and the key, before any tensor is copied (the model is left as it was)."""
+    _, tok, encoder, llm, _ = parts
+    ids = ({"fingerprint": "enc-1"}, {"fingerprint": "llm-1"})
+    make_apt(parts, seed=3).save(tmp_path / "apt", *ids)
+    edit, says = BAD_APT_FILES[case]
+    file = tmp_path / "apt" / "apt.safetensors"
+    edit_weights(file, edit)
+    with pytest.raises(CheckpointError, match=rf"apt\.safetensors \(apt\.safetensors\): .*{says}"):
+        APT.load(tmp_path / "apt", encoder, llm, tok, *ids)
+    model = make_apt(parts, seed=4)
+    before = {k: v.clone() for k, v in model.trainable_state().items()}
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(file))}.*{says}"):
+        load_trainable(model, file)
+    assert all(torch.equal(before[k], v) for k, v in model.trainable_state().items())
+
+
+BAD_ALIGNER_FILES = {
+    "missing": (lambda s: s.pop("ln_audio.bias"), r"missing keys: ln_audio\.bias"),
+    "unexpected": (lambda s: s.update({"extra.weight": torch.zeros(3)}), r"unexpected keys: extra\.weight"),
+    "wrong shape": (lambda s: s.update({"query_tokens": torch.zeros(1, 5, 32)}),
+                    r"wrong shapes: query_tokens in aligner\.safetensors: expected \(1, 4, 32\), found \(1, 5, 32\)"),
+    "tied decoder": (lambda s: s.update({"lm_decoder.weight": s["word_embeddings.weight"].clone()}),
+                     r"unexpected keys: lm_decoder\.weight"),
+}
+
+
+def bad_aligner_folder(parts, tmp_path, case):
+    make_apt(parts).aligner.save(tmp_path / "aligner")
+    edit_weights(tmp_path / "aligner" / "aligner.safetensors", BAD_ALIGNER_FILES[case][0])
+    return tmp_path / "aligner"
+
+
+@pytest.mark.parametrize("case", BAD_ALIGNER_FILES)
+def test_aligner_load_is_strict(parts, tmp_path, case):
+    """Aligner.load refuses the same three kinds of bad file, naming the key and where it was read from."""
+    folder = bad_aligner_folder(parts, tmp_path, case)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder))}.*{BAD_ALIGNER_FILES[case][1]}"):
+        Aligner.load(folder)
+
+
+def test_aligner_load_error_names_the_file(parts, tmp_path):
+    folder = bad_aligner_folder(parts, tmp_path, "missing")
+    with pytest.raises(CheckpointError, match=r"aligner\.safetensors"):
+        Aligner.load(folder)
+
+
+def test_feature_cache_serves_fresh_features(parts, tmp_path):
+    """encode_clips through a FeatureCache: a rewritten file (same size, only its mtime differs, the hardest case for
+    the key) gets features of its new audio, equal to a fresh encoder pass; an unchanged file is served from the
+    cache without running the encoder; a new FeatureCache on the same folder serves the same features from disk."""
+    _, _, encoder, _, _ = parts
+    apt = make_apt(parts)
+    clip = tmp_path / "clip.wav"
+    t = np.arange(8000) / 16000  # 0.5 s: one window of 64 frames
+
+    def write(freq):
+        sf.write(clip, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
+
+    def fresh():  # what the encoder makes of the file as it is now
+        with torch.no_grad():
+            return encoder(audio.load_fbank(clip, 64, 128)).to(torch.float16)
+
+    calls = []
+    hook = encoder.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+
+    def encode():  # -> features, and how many times the encoder ran
+        before = len(calls)
+        feats, bad = apt.encode_clips([str(clip)])
+        assert not bad
+        return feats[str(clip)], len(calls) - before
+
+    try:
+        apt.cache = FeatureCache(tmp_path / "cache", setting="T=64|enc-1")
+        write(300)
+        old, ran = encode()
+        assert torch.equal(old, fresh()) and ran == 1
+        st = clip.stat()
+        write(700)
+        os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))  # rewritten 2 s later
+        assert clip.stat().st_size == st.st_size
+        new, ran = encode()
+        assert torch.equal(new, fresh()), "stale features served for a rewritten file"
+        assert not torch.allclose(new, old, atol=1e-2) and ran == 1
+        again, ran = encode()
+        assert ran == 0, "an unchanged file was encoded again"
+        assert torch.equal(again, new)
+        for memory in (True, False):  # a new process, say: the same folder, an empty memory
+            apt.cache = FeatureCache(tmp_path / "cache", setting="T=64|enc-1", memory=memory)
+            from_disk, ran = encode()
+            assert ran == 0, f"not served from disk (memory={memory})"
+            assert from_disk.dtype == torch.float16 and torch.equal(from_disk, new)
+    finally:
+        hook.remove()
+
+
 def test_generate_batch_equals_one_by_one(parts):
     _, _, _, _, (a, b, long) = parts
     apt = make_apt(parts).eval()
@@ -182,5 +342,6 @@ def test_choice_logprob_equals_scoring_each_candidate_in_its_own_row(parts):
         lp = lp.masked_fill(targets == apt.tokenizer.eos_id, 0.0)
         separate = torch.zeros(len(answers)).index_add_(0, rows, lp)
     assert shared.shape == (4,) and torch.isfinite(shared).all()
+    # relative to each value (log-probabilities of -8 to -180 here); measured <= 1.2e-7 relative, ~80x below rtol
     torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-5)
     assert len(set(shared.tolist())) == 4  # the candidates were really scored apart
