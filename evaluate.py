@@ -170,9 +170,9 @@ def java_metrics(refs, outputs):
         out.append(("METEOR", float(Meteor().compute_score(gts, res)[0]), "METEOR 1.5 (Java, pycocoevalcap)"))
     except Exception as e:  # the Java process can fail in many ways; the row says how
         out.append(("METEOR", float("nan"), f"METEOR unavailable: {e}"))
-    if (lib := spice_jars()) is not None:
-        out.append(("SPICE", float("nan"), f"SPICE unavailable: the Stanford CoreNLP 3.6.0 jars are not in {lib} "
-                    "(python -m pycocoevalcap.spice.get_stanford_models fetches them, with network)"))
+    if spice_jars() is not None:
+        out.append(("SPICE", float("nan"), "SPICE unavailable: pycocoevalcap's spice/lib lacks the Stanford CoreNLP "
+                    "3.6.0 jars (python -m pycocoevalcap.spice.get_stanford_models fetches them, with network)"))
         return out
     try:
         out.append(("SPICE", float(Spice().compute_score(gts, res)[0]), "SPICE (Java, pycocoevalcap)"))
