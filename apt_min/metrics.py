@@ -8,6 +8,9 @@
     cider_d(references, hypotheses)                       -> mean CIDEr-D (tf-idf n-grams, clipped, length penalty)
 
 Captions go in as plain strings; references[i] is the list of references of hypotheses[i].
+
+Below them, each task's scoring (`score_tagging`, `score_captions`, `score_exact`, `score_fewshot`, `score_sed` with
+`segment_f1`, `score_ter`, `score_counting`): generated answers and the task's examples in, metric rows out.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import re
 from collections import Counter
 
 import numpy as np
+
+from apt_min.tasks import format_labels, normalize_answer, parse_count, parse_labels, parse_segments
 
 # ----------------------------------------------------------------------------------------------------- tagging
 
@@ -140,3 +145,128 @@ def cider_d(references, hypotheses, n: int = 4, sigma: float = 6.0) -> float:
                 total[k] += cos * math.exp(-((lh - lr) ** 2) / (2 * sigma**2))
         scores.append(total.mean() / len(rs) * 10.0)
     return float(np.mean(scores))
+
+
+# ------------------------------------------------------------------------------------------------- task scores
+# Each turns a task's answers (plain strings, as generated) into rows (metric, value, baseline, protocol), the
+# baseline being a trivial answer scored on the same examples. tests/test_evaluate.py checks them on hand-worked
+# answers, with labels written as the real data sets write them.
+
+
+def _row(metric, value, baseline, protocol):
+    return [(metric, value, baseline, protocol)]
+
+
+def majority(answers):
+    """The most frequent answer (the first seen among equals)."""
+    return Counter(answers).most_common(1)[0][0]
+
+
+def label_matrix(examples, classes) -> np.ndarray:
+    """(clips, classes) bool: which classes each tagging example carries."""
+    return np.array([[c in ex.target["labels"] for c in classes] for ex in examples])
+
+
+def score_tagging(examples, outputs, classes):
+    """The generated answer read against the class list: is it exactly the clip's label set?"""
+    truth = [frozenset(ex.target["labels"]) for ex in examples]
+    exact = np.mean([set(parse_labels(o, classes)) == t for o, t in zip(outputs, truth)])
+    fixed = majority(truth)
+    return _row("exact label set", exact, np.mean([t == fixed for t in truth]),
+                "generated answer parsed against the class list (baseline: the most frequent label set)")
+
+
+def score_captions(examples, outputs, baseline_caption: str):
+    """Corpus BLEU-1..4, ROUGE-L and CIDEr-D against all references of each clip (COCO caption evaluation), the
+    baseline giving `baseline_caption` for every clip."""
+    refs = [ex.target["references"] for ex in examples]
+    base = [baseline_caption] * len(examples)
+    rows = []
+    b, bb = bleu(refs, outputs), bleu(refs, base)
+    for k in range(4):
+        rows += _row(f"BLEU-{k + 1}", b[k], bb[k], "corpus BLEU, COCO caption evaluation (baseline: the most "
+                     "frequent training caption for every clip)" if k == 0 else "")
+    rows += _row("ROUGE-L", rouge_l(refs, outputs), rouge_l(refs, base), "")
+    rows += _row("CIDEr-D", cider_d(refs, outputs), cider_d(refs, base), "")
+    return rows
+
+
+def score_exact(examples, outputs, yes_no: bool = False):
+    """Normalised exact match (AQA, NLAR), beside always giving the most frequent answer; with yes_no (Clotho-AQA)
+    also on the yes/no questions alone."""
+    truth = [ex.target["answer"] for ex in examples]
+    hits = [normalize_answer(o) == t for o, t in zip(outputs, truth)]
+    fixed = majority(truth)
+    rows = _row("accuracy", np.mean(hits), np.mean([t == fixed for t in truth]),
+                f"normalised exact match (baseline: always {fixed!r}, the most frequent answer)")
+    yn = [i for i, t in enumerate(truth) if t in ("yes", "no")] if yes_no else []
+    if yn:
+        fixed = majority([truth[i] for i in yn])
+        rows += _row("accuracy, yes/no questions", np.mean([hits[i] for i in yn]),
+                     np.mean([truth[i] == fixed for i in yn]), f"(baseline: always {fixed!r})")
+    return rows
+
+
+def named_label(output: str, episode):
+    """The first of a few-shot episode's labels that the generated answer names, or None."""
+    return next(iter(parse_labels(output, episode.target["choices"])), None)
+
+
+def score_fewshot(episodes, outputs, name):
+    """Accuracy of the episode label each generated answer names, and of the label the LLM ranked first
+    (episode.target["ranked"]), beside chance."""
+    n_way = len(episodes[0].target["choices"])
+    rows = _row(name, np.mean([named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]),
+                1 / n_way, f"{len(episodes)} fixed episodes; the answer is the episode label it names "
+                "(baseline: chance)")
+    rows += _row(f"{name}, ranked", np.mean([ep.target["ranked"] == ep.target["label"] for ep in episodes]),
+                 1 / n_way, 'the same episodes; the answer is the label whose "This is a sound of {label}." is '
+                 "most likely to the LLM (baseline: chance)")
+    return rows
+
+
+def segment_f1(pred, ref, iou=0.5):
+    """Matched segments (IoU >= iou, each reference used once) over predicted and over reference segments:
+    (matched, predicted, reference) counts, summed over queries for F1 = 2 matched / (predicted + reference)."""
+    matched, used = 0, set()
+    for a, b in pred:
+        for j, (c, d) in enumerate(ref):
+            inter, union = max(0.0, min(b, d) - max(a, c)), max(b, d) - min(a, c)
+            if j not in used and union > 0 and inter / union >= iou:
+                used.add(j)
+                matched += 1
+                break
+    return matched, len(pred), len(ref)
+
+
+def score_sed(examples, outputs):
+    """Segment F1 at IoU >= 0.5 over all segments of all queries, beside answering the whole clip every time."""
+    def f1(preds):
+        m, p, r = (sum(x) for x in zip(*[segment_f1(s, ex.target["segments"]) for s, ex in zip(preds, examples)]))
+        return 2 * m / (p + r) if p + r else 0.0
+
+    end = max(b for ex in examples for _, b in ex.target["segments"])
+    return _row("segment F1", f1([parse_segments(o) for o in outputs]), f1([[(0.0, end)]] * len(examples)),
+                "IoU >= 0.5, over all segments (baseline: the whole clip for every query)")
+
+
+def score_ter(examples, outputs, vocabulary):
+    """Exact set of labels: the labels of `vocabulary` (the data set's class names, written as it writes them:
+    "Male speech, man speaking", "chirping_birds") that the answer names, against the window's labels."""
+    truth = [frozenset(ex.target["labels"]) for ex in examples]
+    got = [frozenset(parse_labels(o, vocabulary)) for o in outputs]
+    fixed = majority(truth)
+    return _row("accuracy", np.mean([g == t for g, t in zip(got, truth)]), np.mean([t == fixed for t in truth]),
+                f"exact set of labels (baseline: always {format_labels(sorted(fixed))!r})")
+
+
+def score_counting(examples, outputs):
+    """Accuracy of the count read from the answer, and its mean absolute error (an unreadable answer counts as 0),
+    beside always answering the most frequent count."""
+    truth = np.array([ex.target["count"] for ex in examples])
+    got = np.array([parse_count(o) if parse_count(o) is not None else -1 for o in outputs])
+    fixed = majority(truth.tolist())
+    rows = _row("accuracy", np.mean(got == truth), np.mean(truth == fixed), f"(baseline: always {fixed})")
+    rows += _row("mean absolute error", float(np.mean(np.abs(np.where(got < 0, 0, got) - truth))),
+                 float(np.mean(np.abs(truth - fixed))), "unreadable answers count as 0 (lower is better)")
+    return rows

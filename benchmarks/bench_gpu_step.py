@@ -10,19 +10,17 @@ Recomputation for checkpointing is not counted (that is what makes it *model* FL
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from apt_min.aligner import Aligner, AlignerConfig  # noqa: E402
-from apt_min.audiomae import AudioMAE, AudioMAEConfig  # noqa: E402
-from apt_min.llama import Llama, LlamaConfig  # noqa: E402
-from apt_min.model import APT  # noqa: E402
-from apt_min.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from apt_min.aligner import Aligner, AlignerConfig
+from apt_min.audiomae import AudioMAE, AudioMAEConfig
+from apt_min.llama import Llama, LlamaConfig
+from apt_min.model import APT
+from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
 WORDS = "a dog barks while a car passes by and rain falls on a tin roof then a bell rings twice".split()
 

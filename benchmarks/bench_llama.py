@@ -9,16 +9,13 @@ Prints times and ratios (>1 means ours is faster). On a GPU the same script runs
 """
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import median_seconds, save_random_hf_llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from apt_min.llama import Llama  # noqa: E402
-from benchmarks.common import median_seconds, save_random_hf_llama  # noqa: E402
+from apt_min.llama import Llama
 
 SIZES = {  # "small": CPU-sized; "7b-layers": Vicuna-7B's widths, 4 of its 32 layers (for a GPU)
     "small": dict(hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1376),

@@ -13,8 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[3])
@@ -48,7 +46,7 @@ def measure(who, dtype, folder):
 
 
 def main():
-    from benchmarks.common import save_random_hf_llama
+    from common import save_random_hf_llama
 
     with tempfile.TemporaryDirectory() as folder:
         save_random_hf_llama(folder, hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2048,

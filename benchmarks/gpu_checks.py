@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import save_random_hf_llama
+
+from apt_min.audiomae import AudioMAE, AudioMAEConfig
+from apt_min.llama import Llama
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from apt_min.audiomae import AudioMAE, AudioMAEConfig  # noqa: E402
-from apt_min.llama import Llama  # noqa: E402
-from benchmarks.common import save_random_hf_llama  # noqa: E402
 
 ROWS = []
 DEVICE = "cuda"  # --smoke: "cpu", to try the script itself without a GPU

@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -33,11 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from apt_min import data  # noqa: E402
-from apt_min.audio import load_fbank  # noqa: E402
-from apt_min.build import ensure_tokenizer, load_apt  # noqa: E402
-from apt_min.config import load_config  # noqa: E402
+from apt_min import data
+from apt_min.audio import load_fbank
+from apt_min.build import ensure_tokenizer, load_apt
+from apt_min.config import load_config
 
 EVALS = 4  # evaluations per run; the result is the mean of the last three (single evaluations are noisy)
 

@@ -15,23 +15,22 @@ A model that matches scores well above chance (0.25) in (2) and (3), not only in
 
 import argparse
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluate  # noqa: E402
-from apt_min import data  # noqa: E402
-from apt_min.build import ensure_tokenizer, load_apt  # noqa: E402
-from apt_min.config import load_config  # noqa: E402
+from apt_min import data
+from apt_min.build import ensure_tokenizer, load_apt
+from apt_min.config import load_config
+from apt_min.evaluation import SHORT, generate, rank_labels
+from apt_min.metrics import named_label
 
 
 def score(apt, episodes):
     """(generation accuracy, ranking accuracy, a few generated answers), as evaluate.py --task esc50 scores them."""
-    outputs = evaluate.generate(apt, episodes, 8, evaluate.SHORT, "episodes")
-    named = [evaluate.named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]
-    ranked = [evaluate.rank_labels(apt, ep) == ep.target["label"] for ep in episodes]
+    outputs = generate(apt, episodes, SHORT, 8, "episodes")
+    named = [named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]
+    ranked = [rank_labels(apt, ep) == ep.target["label"] for ep in episodes]
     return np.mean(named), np.mean(ranked), outputs[:3]
 
 

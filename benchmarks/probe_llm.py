@@ -18,18 +18,15 @@ shortcoming of the audio side can be the cause.
 import argparse
 import random
 import re
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from apt_min import data, synth, tasks  # noqa: E402
-from apt_min.llama import Llama  # noqa: E402
-from apt_min.tokenizer import Tokenizer  # noqa: E402
+from apt_min import data, synth, tasks
+from apt_min.llama import Llama
+from apt_min.tokenizer import Tokenizer
 
 
 def line(rng):

@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-TASKS = ("audioset", "audiocaps", "clotho", "clotho_aqa", "esc50", "nlar", "sed", "ter", "count")
+TASKS = ("audioset", "audiocaps", "clotho", "clotho_aqa", "esc50", "nlar", "sed", "ter", "counting")
 
 
 def margin(apt: float, baseline: float, lower_is_better: bool = False) -> str:

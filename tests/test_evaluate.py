@@ -11,17 +11,18 @@ import pytest
 from conftest import opts
 
 import evaluate
-from apt_min import metrics, tasks
+from apt_min import evaluation, metrics, tasks
+from apt_min.evaluation import EVALUATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "spice_jars", lambda: "absent")  # SPICE would write into site-packages
+    monkeypatch.setattr(evaluation, "spice_jars", lambda: "absent")  # SPICE would write into site-packages
     evaluate.main(["--task", "all", "--limit", "6", "--episodes", "3", "--batch-size", "4", *opts(trained)])
     table = capsys.readouterr().out
     out = trained / "run" / "eval"
-    for task in evaluate.TASKS:
+    for task in EVALUATIONS:
         rows = json.loads((out / f"metrics_{task}.json").read_text())
         assert rows and all(r["protocol"] is not None for r in rows), task
         preds = [json.loads(line) for line in (out / f"predictions_{task}.jsonl").read_text().splitlines()]
@@ -64,13 +65,13 @@ def test_tagging_scores_the_label_set_read_against_the_class_list():
     exs = [tasks.tagging("a.wav", ["Male speech, man speaking", "Dog"]), tasks.tagging("b.wav", ["Speech"]),
            tasks.tagging("c.wav", ["Domestic animals, pets"])]
     assert exs[0].answer == "male speech, man speaking, dog"
-    (perfect,) = evaluate.score_tagging(exs, [ex.answer for ex in exs], AUDIOSET)
+    (perfect,) = metrics.score_tagging(exs, [ex.answer for ex in exs], AUDIOSET)
     assert perfect[1] == 1.0
     # b: "male speech, man speaking" is not "speech"; c: "domestic animals" is not a class name
     outputs = ["Dog, male speech, man speaking.", "male speech, man speaking", "domestic animals"]
-    (row,) = evaluate.score_tagging(exs, outputs, AUDIOSET)
+    (row,) = metrics.score_tagging(exs, outputs, AUDIOSET)
     assert row[1] == pytest.approx(1 / 3) and row[2] == pytest.approx(1 / 3)  # baseline: one of three sets
-    labels = evaluate.label_matrix(exs, AUDIOSET)
+    labels = metrics.label_matrix(exs, AUDIOSET)
     assert labels.tolist() == [[0, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0]]
     assert metrics.mean_average_precision(labels.astype(float), labels) == 1.0
 
@@ -79,16 +80,16 @@ def test_captions_score_perfect_and_hand_worked_answers():
     exs = [tasks.captioning("a.wav", ["A dog barks.", "A dog is barking loudly"]),
            tasks.captioning("b.wav", ["Rain falls on a roof.", "Rain is falling"]),
            tasks.captioning("c.wav", ["A man speaks, then a bell rings.", "Speech and a bell"])]
-    table = {m: (v, b) for m, v, b, _ in evaluate.score_captions(exs, [ex.answer for ex in exs], "rain", java=False)}
+    table = {m: (v, b) for m, v, b, _ in metrics.score_captions(exs, [ex.answer for ex in exs], "rain")}
     assert [table[f"BLEU-{k}"][0] for k in (1, 2, 3, 4)] == pytest.approx([1.0] * 4)
     assert table["ROUGE-L"][0] == pytest.approx(1.0)
     assert table["CIDEr-D"][0] > 1.0 and table["CIDEr-D"][1] < 0.2 * table["CIDEr-D"][0]
     # nothing in common with any reference: zero everywhere (BLEU's smoothing leaves < 1e-10)
-    table = {m: v for m, v, _, _ in evaluate.score_captions(exs, ["engines hum"] * 3, "rain", java=False)}
+    table = {m: v for m, v, _, _ in metrics.score_captions(exs, ["engines hum"] * 3, "rain")}
     assert max(table[f"BLEU-{k}"] for k in (1, 2, 3, 4)) < 1e-10 and table["ROUGE-L"] == table["CIDEr-D"] == 0.0
     # one clip, "a dog runs" against "a dog barks": 2 of 3 words and 1 of 2 word pairs match, lengths equal
     one = [tasks.captioning("a.wav", ["A dog barks."])]
-    table = {m: v for m, v, _, _ in evaluate.score_captions(one, ["A dog runs."], "rain", java=False)}
+    table = {m: v for m, v, _, _ in metrics.score_captions(one, ["A dog runs."], "rain")}
     assert table["BLEU-1"] == pytest.approx(2 / 3, rel=1e-8) and table["BLEU-2"] == pytest.approx(3 ** -0.5, rel=1e-8)
     assert table["ROUGE-L"] == pytest.approx(2 / 3)  # LCS 2 of 3 both ways
 
@@ -98,16 +99,16 @@ def test_exact_match_normalises_answers():
                                                                                      ["Two", "2", "three"]),
            tasks.aqa("b.wav", "Is it raining?", "No"), tasks.aqa("b.wav", "What falls?", "Rain drops")]
     assert [ex.target["answer"] for ex in exs] == ["yes", "2", "no", "rain drops"]
-    perfect = evaluate.score_exact(exs, [ex.answer for ex in exs], "clotho_aqa")
+    perfect = metrics.score_exact(exs, [ex.answer for ex in exs], yes_no=True)
     assert [r[1] for r in perfect] == [1.0, 1.0]
-    table = evaluate.score_exact(exs, ["Yes.", "three", "yes", "The rain drops!"], "clotho_aqa")
+    table = metrics.score_exact(exs, ["Yes.", "three", "yes", "The rain drops!"], yes_no=True)
     assert [r[0] for r in table] == ["accuracy", "accuracy, yes/no questions"]
     assert table[0][1] == pytest.approx(2 / 4) and table[1][1] == pytest.approx(1 / 2)
     assert table[0][2] == pytest.approx(1 / 4) and table[1][2] == pytest.approx(1 / 2)  # always "yes" / "yes"
     nlar = [tasks.nlar("a.wav", "b.wav", "Which recording contains the bell?", "first"),
             tasks.nlar("a.wav", "b.wav", "Is the bell louder in the first recording?", "Yes"),
             tasks.nlar("b.wav", "a.wav", "Which recording contains the bell?", "second")]
-    table = evaluate.score_exact(nlar, ["The first.", "no", "second"], "nlar")
+    table = metrics.score_exact(nlar, ["The first.", "no", "second"])
     assert len(table) == 1 and table[0][1] == pytest.approx(2 / 3)
 
 
@@ -119,15 +120,15 @@ def test_fewshot_reads_esc50_labels_with_underscores():
     assert eps[0].answer == "chirping birds" and eps[0].target["choices"] == [s for _, s in support]
     for ep, ranked in zip(eps, ["chirping_birds", "dog", "dog", "dog"]):
         ep.target["ranked"] = ranked
-    perfect = evaluate.score_fewshot(eps, [ep.answer for ep in eps], "accuracy 4-way 1-shot")
+    perfect = metrics.score_fewshot(eps, [ep.answer for ep in eps], "accuracy 4-way 1-shot")
     assert perfect[0][1] == 1.0 and perfect[1][1] == pytest.approx(2 / 4)
-    table = evaluate.score_fewshot(eps, ["Chirping birds.", "door wood knock", "a cat", "dog"], "x")
+    table = metrics.score_fewshot(eps, ["Chirping birds.", "door wood knock", "a cat", "dog"], "x")
     assert [r[0] for r in table] == ["x", "x, ranked"]
     assert table[0][1] == pytest.approx(2 / 4) and table[0][2] == pytest.approx(1 / 4)
 
 
 def test_segment_f1_hand_worked():
-    f1 = evaluate.segment_f1
+    f1 = metrics.segment_f1
     assert f1([(0.0, 1.0)], [(0.0, 1.0)]) == (1, 1, 1)
     assert f1([(0.0, 1.0)], [(0.0, 0.5)]) == (1, 1, 1)  # IoU exactly 0.5 counts
     assert f1([(0.0, 1.0)], [(0.5, 1.5)]) == (0, 1, 1)  # IoU 1/3
@@ -135,10 +136,10 @@ def test_segment_f1_hand_worked():
     assert f1([(2.0, 3.0), (0.0, 1.0)], [(0.0, 1.0), (2.2, 3.0)]) == (2, 2, 2)  # in any order
     assert f1([], [(0.0, 1.0)]) == (0, 0, 1) and f1([(0.0, 1.0)], []) == (0, 1, 0)
     exs = [tasks.sed("a.wav", "Dog", [(0.5, 1.2), (3.0, 3.6)]), tasks.sed("a.wav", "chirping_birds", [(0.0, 5.0)])]
-    (perfect,) = evaluate.score_sed(exs, [ex.answer for ex in exs])
+    (perfect,) = metrics.score_sed(exs, [ex.answer for ex in exs])
     assert perfect[1] == 1.0
     # 1 of 2 dog segments found, one false alarm; birds found: 2 matched, 3 predicted, 3 true -> F1 2*2/6
-    (row,) = evaluate.score_sed(exs, ["0.5s-1.1s; 6s-7s", "0.0s to 4.5s"])
+    (row,) = metrics.score_sed(exs, ["0.5s-1.1s; 6s-7s", "0.0s to 4.5s"])
     assert row[1] == pytest.approx(4 / 6)
     assert row[2] == pytest.approx(2 * 1 / (2 + 3))  # the whole clip (0-5 s), once per query: only the birds
 
@@ -148,17 +149,17 @@ def test_temporal_retrieval_with_commas_and_underscores_in_labels():
     exs = [tasks.ter("a.wav", events, 0.5, 2.5), tasks.ter("a.wav", events, 5.0, 6.0)]
     assert exs[0].target["labels"] == ["Male speech, man speaking", "chirping_birds"]
     vocab = ["Male speech, man speaking", "Speech", "chirping_birds", "Dog"]
-    (perfect,) = evaluate.score_ter(exs, [ex.answer for ex in exs], vocab)
+    (perfect,) = metrics.score_ter(exs, [ex.answer for ex in exs], vocab)
     assert perfect[1] == 1.0
-    (row,) = evaluate.score_ter(exs, ["chirping birds and male speech, man speaking", "speech, dog"], vocab)
+    (row,) = metrics.score_ter(exs, ["chirping birds and male speech, man speaking", "speech, dog"], vocab)
     assert row[1] == pytest.approx(1 / 2)  # order does not matter; an extra label does
 
 
 def test_counting_reads_numbers_and_words():
     exs = [tasks.counting("a.wav", "Dog", n) for n in (3, 3, 1, 2)]
-    table = evaluate.score_count(exs, [ex.answer for ex in exs])
+    table = metrics.score_counting(exs, [ex.answer for ex in exs])
     assert [r[1] for r in table] == [1.0, 0.0]
-    table = evaluate.score_count(exs, ["3", "three times", "twice", "??"])
+    table = metrics.score_counting(exs, ["3", "three times", "twice", "??"])
     assert table[0][1] == pytest.approx(2 / 4) and table[0][2] == pytest.approx(2 / 4)  # baseline: always 3
     assert table[1][1] == pytest.approx((0 + 0 + 1 + 2) / 4)  # "??" counts as 0
     assert table[1][2] == pytest.approx((0 + 0 + 2 + 1) / 4)
@@ -190,11 +191,12 @@ def test_results_table_names_the_margin(trained, capsys, monkeypatch):
     assert results_table.margin(0.60, 0.78, lower_is_better=True) == "yes"
     assert results_table.margin(0.77, 0.78, lower_is_better=True) == "barely"
     out = trained / "run" / "eval"
-    if not (out / "metrics_count.json").is_file():
-        evaluate.main(["--task", "count", "--limit", "4", "--batch-size", "4", *opts(trained)])
+    if not (out / "metrics_counting.json").is_file():
+        evaluate.main(["--task", "counting", "--limit", "4", "--batch-size", "4", *opts(trained)])
     monkeypatch.setattr(sys, "argv", ["results_table.py", str(out)])
+    capsys.readouterr()  # only the table below
     results_table.main()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("| task | metric | APT-tiny | baseline | clear margin?")
-    count = [line for line in lines if line.startswith("| count | accuracy |")]
+    count = [line for line in lines if line.startswith("| counting | accuracy |")]
     assert len(count) == 1 and count[0].split(" | ")[4] in ("yes", "barely", "**no**")

@@ -1,0 +1,251 @@
+"""Evaluating a trained APT task by task, with the paper's protocols (§4, Tables 3-6), each beside a trivial
+baseline computed on the same data.
+
+    EVALUATIONS[name]                    -> (task, its data set's options): what `evaluate.py --task name` runs
+    evaluate(name, apt, cfg, opts)       -> (examples, rows, outputs, references)
+    rows: (metric, value, baseline, protocol), as apt_min.metrics' task scores give them
+
+Names are the data sets' (audioset, audiocaps, clotho, clotho_aqa, esc50, nlar) or, for the tasks read from
+AudioSet's strong labels, the task's (sed, ter, counting). Every task's evaluation has one signature:
+`eval_<task>(apt, cfg, name, examples, opts) -> (rows, outputs, references)`. Model output is generated here; turning
+it into numbers is apt_min.metrics'. The protocols that need the model are public functions: `text_branch_scores`
+(the paper's tagging protocol), `likelihood_scores` and `rank_labels` (the closed-set protocols).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from apt_min import data, metrics
+from apt_min.aligner import Aligner
+from apt_min.tasks import FEWSHOT_QUERY, label_text
+
+SHORT = {"max_new_tokens": 12}  # greedy for short answers
+CAPTION = {"max_new_tokens": 40, "num_beams": 5, "repetition_penalty": 1.5}  # the public APT code's decoding
+FEWSHOT_SETTINGS = ((5, 5), (12, 5), (4, 1))  # (ways, shots): ESC-50 in the paper's Table 5, and stage 2's own
+
+
+@dataclass
+class Options:
+    batch_size: int = 16
+    limit: int = 0  # at most this many test examples per task (0: all)
+    episodes: int = 100  # few-shot episodes per setting
+    caption: dict = field(default_factory=lambda: dict(CAPTION))  # captioning's decoding
+    checkpoint: Path | None = None  # the APT evaluated; the stage-0 aligner is looked for in its run folder
+
+
+def generate(apt, examples, options: dict, batch_size: int = 16, desc: str = "generating") -> list[str]:
+    """The model's answer to every example, in batches (a clip that cannot be read raises, naming the file)."""
+    out = []
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, dynamic_ncols=True):
+        out += apt.generate([ex.segments for ex in examples[i:i + batch_size]], **options)
+    return out
+
+
+# ------------------------------------------------------------------------------------- protocols needing the model
+
+
+def stage0_aligner(checkpoint: Path, device) -> Aligner | None:
+    """The stage-0 aligner of the run that `checkpoint` (run/stageN/final) belongs to, or None."""
+    folder = Path(checkpoint).resolve().parent.parent / "stage0" / "final"
+    if not (folder / "aligner.json").is_file():
+        return None
+    return Aligner.load(folder).eval().to(device)
+
+
+@torch.no_grad()
+def text_branch_scores(aligner: Aligner, tokenizer, answers: list[str], classes: list[str]) -> np.ndarray:
+    """The paper's tagging protocol (§4.2): the generated answer and every class name embedded by the stage-0
+    aligner's text branch; a class's score is the cosine of the two. (answers, classes)."""
+    def embed(texts):
+        ids, mask = tokenizer.pad([tokenizer.encode(t, eos=True) for t in texts])
+        return aligner.encode_text(ids.to(aligner.temp.device), mask.to(aligner.temp.device))
+    return (embed(answers) @ embed([label_text(c) for c in classes]).T).cpu().numpy()
+
+
+def likelihood_scores(apt, examples, classes: list[str]) -> np.ndarray:
+    """The closed-set protocol: a class's score for a clip is the LLM's log-likelihood of "This is a sound of
+    {class}." after the clip. (examples, classes)."""
+    scores = np.zeros((len(examples), len(classes)))
+    feats, _ = apt.encode_clips([ex.segments[0][1] for ex in examples], strict=True)
+    for i, ex in enumerate(tqdm(examples, desc="tagging likelihood", leave=False, dynamic_ncols=True)):
+        prompt = [ex.segments[0], ("text", FEWSHOT_QUERY)]
+        scores[i] = apt.choice_logprob(prompt, [f"{label_text(c)}." for c in classes], feats).cpu().numpy()
+    return scores
+
+
+def rank_labels(apt, episode) -> str:
+    """The episode label the LLM finds most likely after the query: the closed-set protocol, beside generation.
+    It asks less of the LLM than naming the label (the candidates are given), but as much of the matching."""
+    choices = episode.target["choices"]
+    feats, _ = apt.encode_clips([v for k, v in episode.segments if k == "audio"], strict=True)
+    scores = apt.choice_logprob(episode.segments, [f"{label_text(c)}." for c in choices], feats)
+    return choices[int(scores.argmax())]
+
+
+def spice_jars() -> Path | None:
+    """Where pycocoevalcap's SPICE looks for the Stanford CoreNLP 3.6.0 jars when they are not there (None when
+    they are). Without them, SPICE would try to download them: we never let it."""
+    import pycocoevalcap.spice as spice
+
+    lib = Path(spice.__file__).parent / "lib"
+    jars = [lib / f"stanford-corenlp-3.6.0{s}.jar" for s in ("", "-models")]
+    return None if all(j.is_file() for j in jars) else lib
+
+
+def java_metrics(refs, outputs):
+    """METEOR and SPICE run in Java through pycocoevalcap where it is installed; SPICE also needs the Stanford
+    CoreNLP jars, which are fetched once with `python -m pycocoevalcap.spice.get_stanford_models` on a machine with
+    network (evaluation itself never downloads anything). Otherwise each row says why it is absent."""
+    if shutil.which("java") is None:
+        return [(m, float("nan"), None, f"{m} unavailable: Java is not installed") for m in ("METEOR", "SPICE")]
+    try:
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.spice.spice import Spice
+    except ImportError:
+        why = "pycocoevalcap is not installed (pip install pycocoevalcap)"
+        return [(m, float("nan"), None, f"{m} unavailable: {why}") for m in ("METEOR", "SPICE")]
+    gts = {i: [" ".join(metrics.caption_tokens(r)) for r in rs] for i, rs in enumerate(refs)}
+    res = {i: [" ".join(metrics.caption_tokens(o))] for i, o in enumerate(outputs)}
+    out = []
+    try:
+        out.append(("METEOR", float(Meteor().compute_score(gts, res)[0]), None, "METEOR 1.5 (Java, pycocoevalcap)"))
+    except Exception as e:  # the Java process can fail in many ways; the row says how
+        out.append(("METEOR", float("nan"), None, f"METEOR unavailable: {e}"))
+    if spice_jars() is not None:
+        out.append(("SPICE", float("nan"), None, "SPICE unavailable: pycocoevalcap's spice/lib lacks the Stanford "
+                    "CoreNLP 3.6.0 jars (python -m pycocoevalcap.spice.get_stanford_models fetches them, with "
+                    "network)"))
+        return out
+    try:
+        out.append(("SPICE", float(Spice().compute_score(gts, res)[0]), None, "SPICE (Java, pycocoevalcap)"))
+    except Exception as e:
+        out.append(("SPICE", float("nan"), None, f"SPICE unavailable: {str(e)[:120]}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- tasks
+
+
+def audioset_classes(cfg) -> list[str]:
+    return list(data.read_class_labels(Path(cfg.data_root) / data.LAYOUT["audioset"]["classes"]).values())
+
+
+def eval_tagging(apt, cfg, name, examples, opts):
+    classes = audioset_classes(cfg)
+    labels = metrics.label_matrix(examples, classes)
+    outputs = generate(apt, examples, SHORT | {"max_new_tokens": 40}, opts.batch_size, "tagging")
+    chance = metrics.mean_average_precision(np.random.default_rng(0).random(labels.shape), labels)
+    aligner = stage0_aligner(opts.checkpoint, apt.proj.weight.device) if opts.checkpoint else None
+    if aligner is not None:
+        scores = text_branch_scores(aligner, apt.tokenizer, outputs, classes)
+        rows = [("mAP", metrics.mean_average_precision(scores, labels), chance,
+                 "paper protocol: answer and class names embedded by the stage-0 aligner's text branch, cosine "
+                 "(baseline: random scores)")]
+    else:
+        rows = [("mAP", float("nan"), None, "paper protocol unavailable: no stage-0 aligner in the checkpoint's run "
+                 "folder")]
+    rows += [("mAP", metrics.mean_average_precision(likelihood_scores(apt, examples, classes), labels), chance,
+              'LLM likelihood of "This is a sound of {class}." per class (baseline: random scores)')]
+    rows += metrics.score_tagging(examples, outputs, classes)
+    return rows, outputs, [ex.answer for ex in examples]
+
+
+def eval_captioning(apt, cfg, name, examples, opts):
+    outputs = generate(apt, examples, opts.caption, opts.batch_size, f"captioning ({name})")
+    train = data.examples("captioning", cfg.data_root, "train", source=name, rng=random.Random(0))
+    fixed = Counter(ex.answer for ex in train).most_common(1)[0][0]  # the most frequent training caption
+    rows = metrics.score_captions(examples, outputs, fixed)
+    rows += java_metrics([ex.target["references"] for ex in examples], outputs)
+    return rows, outputs, [ex.target["references"][0] for ex in examples]
+
+
+def eval_exact(apt, cfg, name, examples, opts):
+    """AQA and NLAR: a short answer, scored by normalised exact match."""
+    outputs = generate(apt, examples, SHORT, opts.batch_size, name)
+    rows = metrics.score_exact(examples, outputs, yes_no=name == "clotho_aqa")
+    return rows, outputs, [ex.target["answer"] for ex in examples]
+
+
+def eval_fewshot(apt, cfg, name, episodes, opts):
+    """Each setting's episodes (examples carry target["setting"] = (ways, shots)): the label the generated answer
+    names, and the label the LLM ranks first (written into each episode's target as "ranked")."""
+    rows, outputs = [], []
+    for n_way, k_shot in FEWSHOT_SETTINGS:
+        setting = f"accuracy {n_way}-way {k_shot}-shot"
+        eps = [ep for ep in episodes if ep.target["setting"] == (n_way, k_shot)]
+        if not eps:
+            pool = data.esc50_pool(cfg.data_root, strict=True)
+            eligible = sum(len(clips) > k_shot for clips in pool.values())
+            rows += [(setting, float("nan"), 1 / n_way, f"not run: needs {n_way} classes with more than {k_shot} "
+                      f"clips; this pool has {eligible}")]
+            continue
+        got = generate(apt, eps, SHORT, max(1, opts.batch_size // 4), f"{n_way}-way {k_shot}-shot")
+        for ep in tqdm(eps, desc=f"{n_way}-way {k_shot}-shot likelihood", leave=False, dynamic_ncols=True):
+            ep.target["ranked"] = rank_labels(apt, ep)
+        rows += metrics.score_fewshot(eps, got, setting)
+        outputs += got
+    return rows, outputs, [ep.answer for ep in episodes]
+
+
+def eval_sed(apt, cfg, name, examples, opts):
+    outputs = generate(apt, examples, SHORT | {"max_new_tokens": 40}, opts.batch_size, "sed")
+    return metrics.score_sed(examples, outputs), outputs, [ex.answer for ex in examples]
+
+
+def eval_ter(apt, cfg, name, examples, opts):
+    outputs = generate(apt, examples, SHORT | {"max_new_tokens": 30}, opts.batch_size, "ter")
+    names = data.read_mid_to_name(Path(cfg.data_root) / data.LAYOUT["audioset"]["names"]).values()
+    vocabulary = {*names, *(label for ex in examples for label in ex.target["labels"])}
+    return metrics.score_ter(examples, outputs, vocabulary), outputs, [ex.answer for ex in examples]
+
+
+def eval_counting(apt, cfg, name, examples, opts):
+    outputs = generate(apt, examples, SHORT, opts.batch_size, "counting")
+    return metrics.score_counting(examples, outputs), outputs, [ex.answer for ex in examples]
+
+
+EVALUATIONS = {  # name -> (task, options of data.examples)
+    "audioset": ("tagging", {}),
+    "audiocaps": ("captioning", {"source": "audiocaps"}),
+    "clotho": ("captioning", {"source": "clotho"}),
+    "clotho_aqa": ("aqa", {}),
+    "esc50": ("fewshot", {}),
+    "nlar": ("nlar", {}),
+    "sed": ("sed", {}),
+    "ter": ("ter", {}),
+    "counting": ("counting", {}),
+}
+EVALUATORS = {"tagging": eval_tagging, "captioning": eval_captioning, "aqa": eval_exact, "nlar": eval_exact,
+              "fewshot": eval_fewshot, "sed": eval_sed, "ter": eval_ter, "counting": eval_counting}
+
+
+def examples_for(name, cfg, opts) -> list:
+    """The test split of an evaluation; for few-shot, fixed episodes of every setting its pool allows."""
+    task, options = EVALUATIONS[name]
+    if task != "fewshot":
+        return data.examples(task, cfg.data_root, "test", strict=True, **options)[:opts.limit or None]
+    pool, episodes = data.esc50_pool(cfg.data_root, strict=True), []
+    for n_way, k_shot in FEWSHOT_SETTINGS:
+        if sum(len(clips) > k_shot for clips in pool.values()) >= n_way:
+            rng = random.Random(f"esc50/{n_way}/{k_shot}")  # fixed episodes
+            for _ in range(opts.episodes):
+                ep = data.fewshot_episode(pool, n_way, k_shot, rng)
+                ep.target["setting"] = (n_way, k_shot)
+                episodes.append(ep)
+    return episodes
+
+
+def evaluate(name, apt, cfg, opts: Options):
+    """One evaluation: (examples, rows, outputs, references)."""
+    examples = examples_for(name, cfg, opts)
+    rows, outputs, refs = EVALUATORS[EVALUATIONS[name][0]](apt, cfg, name, examples, opts)
+    return examples, rows, outputs, refs
