@@ -1,12 +1,18 @@
-"""Train APT (paper §3.3). Stage 0 aligns the aligner with audio-text losses (ATC + ATM + AGTG); stages 1 and 2 tune it
-against the frozen LLM on a multi-task mixture, one task per batch (stage 2 adds few-shot episodes and NLAR).
-`--stage lm` (tiny preset only) pretrains the small stand-in LLM on the synthetic corpus, the role Vicuna's own
-pretraining plays; it is frozen afterwards like Vicuna.
+"""Train APT (paper §3.3), one stage per run:
 
     python train.py --stage 0          then --stage lm, --stage 1, --stage 2       (the tiny preset, on a CPU)
     python train.py --stage 1 --preset paper --batch_size=4                      (--key=value overrides any setting)
-    torchrun --nproc_per_node 2 train.py --stage 1                               (DistributedDataParallel)
+    torchrun --standalone --nproc_per_node 2 train.py --stage 1                  (DistributedDataParallel)
     python train.py --stage 1 --resume                                           (continue from the last checkpoint)
+
+Read from the top: the STAGES table; each stage as a class that builds what it needs, says what is frozen and what
+trains, and gives the loss of one micro-batch (`micro_step`) and its validation; then `fit`, the loop every stage
+shares (accumulation, clipping, schedule, logging, validation, checkpoints, resume); then the machinery it uses.
+
+Stage 0 aligns the aligner with audio-text losses (ATC + ATM + AGTG, BLIP-2's first stage); stages 1 and 2 tune it
+against the frozen LLM on a multi-task mixture, one task per batch (stage 2 adds few-shot episodes and NLAR).
+`--stage lm` (tiny preset only) pretrains the small stand-in LLM on the synthetic corpus, the part Vicuna's own
+pretraining plays; it is frozen afterwards, like Vicuna.
 """
 
 import argparse
@@ -19,7 +25,6 @@ import random
 import shutil
 import sys
 import time
-import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,126 +36,285 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from apt_min import data, synth
-from apt_min.aligner import Aligner, AlignerConfig, stage0_losses
+from apt_min.aligner import Aligner, retrieval_r1, stage0_batch, stage0_losses
 from apt_min.build import build_encoder, ensure_tokenizer, feature_cache, load_llm
 from apt_min.config import load_config
-from apt_min.llama import Llama, LlamaConfig
+from apt_min.llama import Llama
 from apt_min.model import APT, encode_clips
 from apt_min.tasks import normalize_answer
 
 log = logging.getLogger("train")
 
-STAGES = {  # what each stage trains, on what (ratios: the public APT code's task mixture)
-    "lm": {"trains": "the stand-in LLM", "loss": "next-token cross-entropy", "steps": "steps_lm"},
-    "0": {"trains": "the aligner", "loss": "ATC + ATM + AGTG", "steps": "steps_0"},
-    "1": {"trains": "aligner, proj, <AUDIO>", "loss": "cross-entropy on answers", "steps": "steps_1", "needs": "0",
+STAGES = {  # what each stage trains, with which loss, for how many steps (a config field), after which stage;
+    # ratios: the task mixture, one task per batch (the public APT code's)
+    "lm": {"trains": "the whole stand-in LLM", "loss": "next-token cross-entropy", "steps": "steps_lm"},
+    "0": {"trains": "the aligner (encoder frozen)", "loss": "ATC + ATM + AGTG", "steps": "steps_0"},
+    "1": {"trains": "the aligner without its stage-0 heads, the projection and <AUDIO> (encoder and LLM frozen)",
+          "loss": "cross-entropy on the answers", "steps": "steps_1", "needs": "0",
           "ratios": {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45}},
-    "2": {"trains": "aligner, proj, <AUDIO>", "loss": "cross-entropy on answers", "steps": "steps_2", "needs": "1",
+    "2": {"trains": "the aligner without its stage-0 heads, the projection and <AUDIO> (encoder and LLM frozen)",
+          "loss": "cross-entropy on the answers", "steps": "steps_2", "needs": "1",
           "ratios": {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45,
                      "fewshot": 0.5, "nlar": 0.5}},
 }
 STAGE0_HEADS = ("audio_proj", "text_proj", "temp", "atm_head", "lm_transform", "lm_decoder")  # unused after stage 0
 
 
-# --------------------------------------------------------------------------------------------------------- setup
+# ------------------------------------------------------------------------------------------------------- stages
+# Each stage object holds: module (what DistributedDataParallel wraps), params (what trains), sampler (its
+# batches), scaler (fp16's GradScaler or None); micro_step(wrapped module, sampler) -> (loss_sum, count, info) or
+# None when no example of the batch is usable; validate() -> {name: value}; finish(metrics) saves the result.
 
 
-def setup_distributed():
-    """(rank, world size, device): torchrun sets RANK / WORLD_SIZE; gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(device)
-    return rank, world, device
+class StandInLLM:
+    """--stage lm: the tiny preset's LLM, trained from scratch on the synthetic corpus; every weight trains."""
+
+    def __init__(self, cfg, rank, world, device):
+        if cfg.llm_path:
+            raise SystemExit("--stage lm trains the tiny stand-in LLM; with --llm_path set, the LLM is given")
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.tok = ensure_tokenizer(cfg)
+        stage_dir(cfg, "lm").mkdir(parents=True, exist_ok=True)
+        self.train_docs = [self.encode(d) for d in synth.lm_corpus(cfg.data_root, "train", cfg.seed)]
+        self.val_docs = synth.lm_corpus(cfg.data_root, "test", cfg.seed)[:cfg.val_batches * cfg.batch_size]
+        torch.manual_seed(cfg.seed)
+        self.llm = Llama(cfg.stand_in_llm_config(self.tok)).to(device)
+        with torch.no_grad():
+            for p in self.llm.parameters():
+                if p.ndim >= 2:
+                    p.normal_(0, 0.02)
+        self.sampler = data.TaskSampler({"lm": self.train_docs}, {"lm": 1.0}, cfg.batch_size * world, cfg.seed)
+        self.module, self.scaler = self.llm, None
+        self.params = dict(self.llm.named_parameters())
+
+    def encode(self, doc):
+        """A corpus document (its pieces of text) as one id sequence: BOS, the pieces, EOS; at most 1024 ids."""
+        tok = self.tok
+        ids = [tok.bos_id] + [i for piece in doc for i in tok.encode(piece, bos=False)] + [tok.eos_id]
+        return ids[:1024]
+
+    def loss_sum(self, model, docs):
+        """Next-token cross-entropy summed over the real tokens of `docs`, and their number."""
+        ids, mask = self.tok.pad(docs)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        at = mask[:, 1:].clone()
+        logits = model(ids[:, :-1], attention_mask=mask[:, :-1], logits_at=at)
+        return F.cross_entropy(logits.float(), ids[:, 1:][at], reduction="sum"), int(at.sum())
+
+    def micro_step(self, model, sampler):
+        _, docs = sampler.next_batch()
+        mine = docs[self.rank::self.world]
+        loss_sum, n = self.loss_sum(model, mine)
+        return loss_sum, n, {"examples": len(mine)}
+
+    @torch.no_grad()
+    def validate(self):
+        total, n = 0.0, 0
+        for i in range(0, len(self.val_docs), self.cfg.batch_size):
+            s, c = self.loss_sum(self.llm, [self.encode(d) for d in self.val_docs[i:i + self.cfg.batch_size]])
+            total, n = total + s.item(), n + c
+        hits = 0
+        for doc in self.val_docs[:64]:  # quick metric: the answer, generated from the rest of the document
+            prompt = self.encode(doc[:-1])[:-1]
+            got = self.llm.generate(torch.tensor([prompt], device=self.device), max_new_tokens=24,
+                                    eos_token_id=self.tok.eos_id)
+            hits += normalize_answer(self.tok.decode(got[0])) == normalize_answer(doc[-1])
+        return {"val_loss": total / max(n, 1), "val_answer_accuracy": hits / min(64, len(self.val_docs))}
+
+    def finish(self, metrics):
+        folder = Path(self.cfg.resolved_llm_path())
+        self.llm.save_pretrained(folder)
+        print(f"stand-in LLM saved to {folder}/ (frozen from now on); validation: {metrics}")
 
 
-def amp_settings(cfg, device):
-    """(autocast context factory, GradScaler or None, dtype for the frozen modules)."""
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if precision == "fp32":
-        return nullcontext, None, torch.float32
-    if precision == "fp16" and device.type != "cuda":
-        raise SystemExit("--precision=fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    frozen = dtype if device.type == "cuda" else torch.float32
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, frozen
+class AlignStage0:
+    """--stage 0: the aligner learns to read the frozen encoder's features on audio-text pairs. Every aligner weight
+    trains (the stage-0 heads too); the encoder is frozen (built without gradients)."""
 
+    def __init__(self, cfg, rank, world, device):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.tok = ensure_tokenizer(cfg)
+        self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
+        self.encoder, self.encoder_id = build_encoder(cfg, device, frozen_dtype)
+        stage_dir(cfg, "0").mkdir(parents=True, exist_ok=True)
+        self.cache = feature_cache(cfg, self.encoder_id)
+        torch.manual_seed(cfg.seed)
+        self.aligner = Aligner(cfg.aligner_config(self.tok.vocab_size)).to(device)
+        rng = random.Random(cfg.seed)
+        pairs = (data.examples("captioning", cfg.data_root, "train", rng=rng)  # audio-text pairs: captions, and
+                 + data.examples("captioning", cfg.data_root, "train", source="clotho", rng=rng)  # tagging answers
+                 + data.examples("tagging", cfg.data_root, "train", rng=rng))
+        self.val = data.examples("captioning", cfg.data_root, "val")[:cfg.val_batches * cfg.batch_size]
+        self.sampler = data.TaskSampler({"pairs": pairs}, {"pairs": 1.0}, cfg.batch_size * world, cfg.seed)
+        self.module = Stage0Losses(self.aligner)
+        self.params = dict(self.aligner.named_parameters())
 
-def stage_dir(cfg, stage) -> Path:
-    return Path(cfg.run_dir) / ("llm-train" if stage == "lm" else f"stage{stage}")
+    def first_windows(self, examples):
+        """The examples whose clip could be encoded, each clip's first window (a caption describes the clip; the
+        paper preset's 10.24 s window holds a whole AudioCaps clip), and how many were skipped."""
+        feats, bad = encode_clips(self.encoder, [ex.segments[0][1] for ex in examples], self.cache,
+                                  self.cfg.strict_audio)
+        warn(bad)
+        keep = [ex for ex in examples if ex.segments[0][1] in feats]
+        return keep, [feats[ex.segments[0][1]][0] for ex in keep], len(examples) - len(keep)
 
+    def losses(self, model, examples, generator, together=True):
+        """The three stage-0 losses of a batch, or None when no example is usable (`together`: in every process,
+        since under DDP all must run the same forwards)."""
+        keep, windows, skipped = self.first_windows(examples)
+        if (nothing_to_train(keep, self.world, self.device) if together else not keep):
+            return None, keep, skipped
+        batch = stage0_batch([ex.answer for ex in keep], windows, [ex.segments[0][1] for ex in keep], self.tok,
+                             self.device)
+        with self.autocast():
+            return model(*batch, generator), keep, skipped
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-
-class Checkpoints:
-    """step_NNNNNNN/ folders (trainable weights in safetensors + training state) and a `latest` pointer. A
-    checkpoint is written under a .tmp name and renamed when complete, and `latest` is replaced atomically
-    after that, so a crash while saving leaves the previous checkpoint loadable."""
-
-    def __init__(self, folder: Path, keep: int):
-        self.folder, self.keep = folder, keep
-
-    def save(self, step: int, weights: dict, state: dict):
-        from safetensors.torch import save_file
-
-        final = self.folder / f"step_{step:07d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        pointer = self.folder / "latest.tmp"
-        pointer.write_text(final.name)
-        pointer.replace(self.folder / "latest")
-        for old in sorted(self.folder.glob("step_???????"))[:-self.keep]:
-            shutil.rmtree(old)
-
-    def load(self):
-        pointer = self.folder / "latest"
-        if not pointer.is_file():
+    def micro_step(self, model, sampler):
+        _, batch = sampler.next_batch()
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # hard negatives: by step
+        parts, keep, skipped = self.losses(model, batch[self.rank::self.world], g)
+        if parts is None:
             return None
-        where = self.folder / pointer.read_text().strip()
-        from safetensors.torch import load_file
+        return parts["total"], 1, {**{k: parts[k].item() for k in ("atc", "atm", "agtg")}, "examples": len(keep),
+                                   "skipped": skipped}
 
-        return load_file(str(where / "weights.safetensors")), torch.load(where / "state.pt", weights_only=True)
+    @torch.no_grad()
+    def validate(self):
+        first_caption = [dataclasses.replace(ex, answer=ex.target["references"][0]) for ex in self.val]
+        parts, _, _ = self.losses(self.module, first_caption, torch.Generator().manual_seed(0), together=False)
+        keep, windows, _ = self.first_windows(self.val)  # retrieval over every reference of each clip
+        caps = [(i, c) for i, ex in enumerate(keep) for c in ex.target["references"]]
+        ids, mask = self.tok.pad([self.tok.encode(c, eos=True) for _, c in caps])
+        owner = torch.tensor([i for i, _ in caps], device=self.device)
+        audio_feats = torch.stack(windows).to(self.device).float()
+        r1 = retrieval_r1(self.aligner, audio_feats, ids.to(self.device), mask.to(self.device), owner)
+        return {"val_loss": parts["total"].item(), **r1}
+
+    def finish(self, metrics):
+        final = stage_dir(self.cfg, "0") / "final"
+        self.aligner.save(final, {"encoder": self.encoder_id})
+        print(f"stage 0 done: aligner saved to {final}/; validation retrieval on {len(self.val)} AudioCaps-val clips: "
+              f"audio->text R@1 {metrics['a2t_r1']:.3f}, text->audio R@1 {metrics['t2a_r1']:.3f} "
+              f"(chance {1 / max(1, len(self.val)):.3f})")
 
 
-def cosine_schedule(cfg, total):
-    def factor(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+class Stage0Losses(nn.Module):
+    """One forward = all three stage-0 losses, so DistributedDataParallel sees one call per step."""
+
+    def __init__(self, aligner):
+        super().__init__()
+        self.aligner = aligner
+
+    def forward(self, audio_feats, ids, mask, clip_ids, generator):
+        return stage0_losses(self.aligner, audio_feats, ids, mask, clip_ids, generator)
 
 
-def make_optimizer(params: dict[str, nn.Parameter], cfg):
-    """AdamW (0.9, 0.999); weight decay on matrices only, not on biases, norms or single vectors."""
-    decay = [p for p in params.values() if p.ndim >= 2]
-    rest = [p for p in params.values() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+class TuneAPT:
+    """--stage 1 and 2: the aligner (from stage 0, then stage 1) is tuned against the frozen LLM, whose loss on each
+    answer is the training signal; the encoder and the LLM stay frozen (APT freezes them itself)."""
+
+    def __init__(self, cfg, stage, rank, world, device):
+        self.cfg, self.stage, self.rank, self.world, self.device = cfg, stage, rank, world, device
+        self.tok = ensure_tokenizer(cfg)
+        self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
+        needs = STAGES[stage]["needs"]
+        prev = stage_dir(cfg, needs) / "final"
+        if not (prev / ("aligner.json" if stage == "1" else "apt.json")).is_file():
+            raise SystemExit(f"stage {stage} starts from stage {needs}'s result, which is not in {prev}/; run "
+                             f"`python train.py --stage {needs}` first")
+        encoder, self.encoder_id = build_encoder(cfg, device, frozen_dtype)
+        llm, self.llm_id = load_llm(cfg, device, frozen_dtype)
+        if cfg.compile_llm:
+            llm.compile_blocks()
+        cache = feature_cache(cfg, self.encoder_id)
+        if stage == "1":
+            aligner = Aligner.load(prev, dropout=cfg.aligner_dropout)
+            torch.manual_seed(cfg.seed)
+            model = APT(encoder, aligner, llm, self.tok, cache)
+        else:
+            model = APT.load(prev, encoder, llm, self.tok, self.encoder_id, self.llm_id, cache)
+        self.model = model.to(device)
+        # what trains: the aligner without its stage-0 heads, the projection and <AUDIO>
+        for name, p in self.model.aligner.named_parameters():
+            p.requires_grad_(not name.startswith(STAGE0_HEADS))
+        self.params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+        self.module = self.model
+        stage_dir(cfg, stage).mkdir(parents=True, exist_ok=True)
+
+        rng, root = random.Random(cfg.seed), cfg.data_root
+        pools = {t: data.examples(t, root, "train", rng=rng) for t in ("tagging", "aqa", "sed", "ter", "counting")}
+        pools["captioning"] = (data.examples("captioning", root, "train", rng=rng)
+                               + data.examples("captioning", root, "train", source="clotho", rng=rng))
+        if stage == "2":
+            single = data.single_label_pool(root, "train")
+            # trained as 4-way 1-shot (paper); half the episodes with made-up class names, so that answering means
+            # matching the query to the supports rather than recognising a known class
+            pools["fewshot"] = lambda r: data.fewshot_episode(single, 4, 1, r, rename=r.random() < 0.5)
+            pools["nlar"] = data.examples("nlar", root, "train")
+        ratios = parse_ratios(cfg.task_ratios, STAGES[stage]["ratios"])
+        self.sampler = data.TaskSampler(pools, ratios, cfg.batch_size * world, cfg.seed)
+        val_tasks = ["captioning", "aqa"] + (["nlar"] if stage == "2" else [])
+        per = max(1, cfg.val_batches * cfg.batch_size // len(val_tasks))
+        self.val = {t: data.examples(t, root, "val")[:per] for t in val_tasks}
+
+    def usable(self, examples):
+        """The examples whose every clip could be encoded, and those features."""
+        feats, bad = self.model.encode_clips([v for ex in examples for k, v in ex.segments if k == "audio"],
+                                             self.cfg.strict_audio)
+        warn(bad)
+        return [ex for ex in examples if all(v in feats for k, v in ex.segments if k == "audio")], feats
+
+    def micro_step(self, model, sampler):
+        task, batch = sampler.next_batch()
+        mine = batch[self.rank::self.world]
+        keep, feats = self.usable(mine)
+        if nothing_to_train(keep, self.world, self.device):
+            return None
+        with self.autocast():
+            loss_sum, n = model(*data.collate(keep), feats)
+        return loss_sum, n, {"task": task, "examples": len(keep), "skipped": len(mine) - len(keep)}
+
+    def validate(self):
+        """The answer loss on the validation split of each task, and AQA accuracy by generation."""
+        metrics, bs = {}, self.cfg.batch_size
+        with torch.no_grad(), self.autocast():
+            total, count = 0.0, 0
+            for exs in self.val.values():
+                for i in range(0, len(exs), bs):
+                    chunk, feats = self.usable(exs[i:i + bs])
+                    if not chunk:
+                        continue
+                    s, n = self.model(*data.collate(chunk), feats)
+                    total, count = total + s.item(), count + n
+            metrics["val_loss"] = total / max(count, 1)
+            qa, feats = self.usable(self.val["aqa"][:64])
+            got = self.model.generate([ex.segments for ex in qa], feats, max_new_tokens=8) if qa else []
+            metrics["val_aqa_accuracy"] = sum(normalize_answer(g) == ex.target["answer"]
+                                              for g, ex in zip(got, qa)) / max(1, len(qa))
+        return metrics
+
+    def finish(self, metrics):
+        final = stage_dir(self.cfg, self.stage) / "final"
+        self.model.save(final, self.encoder_id, self.llm_id,
+                        {"stage": int(self.stage), "config": json.loads(self.cfg.to_json())})
+        print(f"stage {self.stage} done: APT saved to {final}/; validation: " +
+              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
-def fit(cfg, stage, module, params, sampler, micro_step, validate, resume, rank, world, scaler, out: Path):
+def fit(cfg, stage, job, resume, rank, world, out: Path):
     """The training loop every stage shares: accumulation, clipping, schedule, logging, validation, checkpoints,
-    resume. micro_step(wrapped module, sampler) -> None when the batch is empty, else (loss_sum, count, info):
+    resume. `job` is a stage object (above). job.micro_step(wrapped module, sampler) -> None when the batch is
+    empty, else (loss_sum, count, info):
     this process's loss summed over its `count` items (tokens, or 1 for a loss that is already a batch mean), and
     info {"examples": int, "skipped": int, "task": name, other name: float (a per-process mean, logged as the
     mean over processes)}. Each optimizer step's gradient is that of the mean loss over every item of its
     grad_accum micro-batches on every process: exactly one batch grad_accum * world times as large.
-    validate() -> {name: value}."""
+    job.validate() -> {name: value}."""
+    module, params, sampler, scaler = job.module, job.params, job.sampler, job.scaler
+    micro_step, validate = job.micro_step, job.validate
     total = getattr(cfg, STAGES[stage]["steps"])
     wrapped = DDP(module) if world > 1 else module
     opt = make_optimizer(params, cfg)
@@ -318,161 +482,42 @@ def nothing_to_train(keep: list, world: int, device) -> bool:
         dist.all_reduce(empty, op=dist.ReduceOp.MAX)
     return bool(empty.item())
 
-
-# ------------------------------------------------------------------------------------------------------- stages
-
-
-def train_lm(cfg, rank, world, device, resume):
-    if cfg.llm_path:
-        raise SystemExit("--stage lm trains the tiny stand-in LLM; with --llm_path set, the LLM is given")
-    tok = ensure_tokenizer(cfg)
-    out = stage_dir(cfg, "lm")
-    out.mkdir(parents=True, exist_ok=True)
-
-    def encode(doc):
-        ids = [tok.bos_id] + [i for piece in doc for i in tok.encode(piece, bos=False)] + [tok.eos_id]
-        return ids[:1024]
-
-    train_docs = [encode(d) for d in synth.lm_corpus(cfg.data_root, "train", cfg.seed)]
-    val_docs = synth.lm_corpus(cfg.data_root, "test", cfg.seed)[:cfg.val_batches * cfg.batch_size]
-    torch.manual_seed(cfg.seed)
-    llm = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=cfg.llm_hidden,
-                            intermediate_size=cfg.llm_intermediate, num_hidden_layers=cfg.llm_layers,
-                            num_attention_heads=cfg.llm_heads,
-                            num_key_value_heads=cfg.llm_kv_heads, max_position_embeddings=2048,
-                            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).to(device)
-    with torch.no_grad():
-        for p in llm.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.02)
-    sampler = data.TaskSampler({"lm": train_docs}, {"lm": 1.0}, cfg.batch_size * world, cfg.seed)
-
-    def lm_loss(model, docs):
-        ids, mask = tok.pad(docs)
-        ids, mask = ids.to(device), mask.to(device)
-        at = mask[:, 1:].clone()
-        logits = model(ids[:, :-1], attention_mask=mask[:, :-1], logits_at=at)
-        return F.cross_entropy(logits.float(), ids[:, 1:][at], reduction="sum"), int(at.sum())
-
-    def micro_step(model, sampler):
-        _, docs = sampler.next_batch()
-        mine = docs[rank::world]
-        loss_sum, n = lm_loss(model, mine)
-        return loss_sum, n, {"examples": len(mine)}
-
-    def validate():
-        with torch.no_grad():
-            total, n = 0.0, 0
-            for i in range(0, len(val_docs), cfg.batch_size):
-                s, c = lm_loss(llm, [encode(d) for d in val_docs[i:i + cfg.batch_size]])
-                total, n = total + s.item(), n + c
-            hits = 0
-            for doc in val_docs[:64]:  # quick metric: the answer, generated from the rest of the document
-                prompt = encode(doc[:-1])[:-1]
-                got = llm.generate(torch.tensor([prompt], device=device), max_new_tokens=24, eos_token_id=tok.eos_id)
-                hits += normalize_answer(tok.decode(got[0])) == normalize_answer(doc[-1])
-        return {"val_loss": total / max(n, 1), "val_answer_accuracy": hits / min(64, len(val_docs))}
-
-    params = dict(llm.named_parameters())
-    metrics = fit(cfg, "lm", llm, params, sampler, micro_step, validate, resume, rank, world, None, out)
-    if rank == 0:
-        folder = Path(cfg.resolved_llm_path())
-        llm.save_pretrained(folder)
-        print(f"stand-in LLM saved to {folder}/ (frozen from now on); validation: {metrics}")
+# ---------------------------------------------------------------------------------------------------- machinery
 
 
-def train_stage0(cfg, rank, world, device, resume):
-    tok = ensure_tokenizer(cfg)
-    autocast, scaler, frozen_dtype = amp_settings(cfg, device)
-    encoder, encoder_id = build_encoder(cfg, device, frozen_dtype)
-    out = stage_dir(cfg, "0")
-    out.mkdir(parents=True, exist_ok=True)
-    cache = feature_cache(cfg, encoder_id)
-    torch.manual_seed(cfg.seed)
-    aligner = Aligner(AlignerConfig(vocab_size=tok.vocab_size, audio_dim=cfg.encoder_dim,
-                                    hidden_size=cfg.aligner_hidden, num_layers=cfg.aligner_layers,
-                                    num_heads=cfg.aligner_heads, intermediate_size=cfg.aligner_intermediate,
-                                    num_queries=cfg.num_queries, dropout=cfg.aligner_dropout)).to(device)
-    rng = random.Random(cfg.seed)
-    pairs = (data.examples("captioning", cfg.data_root, "train", rng=rng)  # audio-text pairs: captions, and
-             + data.examples("captioning", cfg.data_root, "train", source="clotho", rng=rng)  # tagging answers
-             + data.examples("tagging", cfg.data_root, "train", rng=rng))
-    val = data.examples("captioning", cfg.data_root, "val")[:cfg.val_batches * cfg.batch_size]
-    sampler = data.TaskSampler({"pairs": pairs}, {"pairs": 1.0}, cfg.batch_size * world, cfg.seed)
-
-    def features(examples):
-        feats, bad = encode_clips(encoder, [ex.segments[0][1] for ex in examples], cache, cfg.strict_audio)
-        _warn(bad)
-        keep = [ex for ex in examples if ex.segments[0][1] in feats]
-        first = [feats[ex.segments[0][1]][0] for ex in keep]  # a caption describes the clip: its first window
-        return keep, (torch.stack(first).to(device).float() if keep else None), len(examples) - len(keep)
-
-    def losses(model, examples, generator, together=True):
-        keep, audio_feats, skipped = features(examples)
-        if (nothing_to_train(keep, world, device) if together else not keep):
-            return None, keep, skipped
-        ids, mask = tok.pad([tok.encode(ex.answer, eos=True) for ex in keep])
-        clip = torch.tensor([zlib.crc32(ex.segments[0][1].encode()) for ex in keep], device=device)
-        with autocast():
-            return model(audio_feats, ids.to(device), mask.to(device), clip, generator), keep, skipped
-
-    def micro_step(model, sampler):
-        _, batch = sampler.next_batch()
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + sampler.step)  # hard negatives: by step
-        parts, keep, skipped = losses(model, batch[rank::world], g)
-        if parts is None:
-            return None
-        return parts["total"], 1, {**{k: parts[k].item() for k in ("atc", "atm", "agtg")}, "examples": len(keep),
-                                   "skipped": skipped}
-
-    def validate():
-        with torch.no_grad():
-            first_caption = [first_reference(ex) for ex in val]
-            parts, _, _ = losses(_Stage0(aligner), first_caption, torch.Generator().manual_seed(0), together=False)
-            return {"val_loss": parts["total"].item(), **retrieval(aligner, val, features, tok, device)}
-
-    params = {k: p for k, p in aligner.named_parameters()}
-    metrics = fit(cfg, "0", _Stage0(aligner), params, sampler, micro_step, validate, resume, rank, world, scaler, out)
-    if rank == 0:
-        final = out / "final"
-        aligner.save(final, {"encoder": encoder_id})
-        print(f"stage 0 done: aligner saved to {final}/; validation retrieval on {len(val)} AudioCaps-val clips: "
-              f"audio->text R@1 {metrics['a2t_r1']:.3f}, text->audio R@1 {metrics['t2a_r1']:.3f} "
-              f"(chance {1 / max(1, len(val)):.3f})")
+def setup_distributed():
+    """(rank, world size, device): torchrun sets RANK / WORLD_SIZE; gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
 
 
-def first_reference(example):
-    """An evaluation example reduced to its first reference, as a stage-0 pair."""
-    return dataclasses.replace(example, answer=example.target["references"][0])
+def amp_settings(cfg, device):
+    """(autocast context factory, GradScaler or None, dtype for the frozen modules)."""
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "fp32":
+        return nullcontext, None, torch.float32
+    if precision == "fp16" and device.type != "cuda":
+        raise SystemExit("--precision=fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    frozen = dtype if device.type == "cuda" else torch.float32
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, frozen
 
 
-class _Stage0(nn.Module):
-    """One forward = all three stage-0 losses, so DistributedDataParallel sees one call per step."""
-
-    def __init__(self, aligner):
-        super().__init__()
-        self.aligner = aligner
-
-    def forward(self, audio_feats, ids, mask, clip_ids, generator):
-        return stage0_losses(self.aligner, audio_feats, ids, mask, clip_ids, generator)
+def stage_dir(cfg, stage) -> Path:
+    return Path(cfg.run_dir) / ("llm-train" if stage == "lm" else f"stage{stage}")
 
 
-@torch.no_grad()
-def retrieval(aligner, examples, features, tok, device) -> dict:
-    """Audio<->text retrieval with the ATC embeddings over clips with several captions: R@1 each way."""
-    keep, audio_feats, _ = features(examples)
-    caps = [(i, c) for i, ex in enumerate(keep) for c in ex.target["references"]]
-    ids, mask = tok.pad([tok.encode(c, eos=True) for _, c in caps])
-    a = aligner.encode_audio(audio_feats)  # (A, Q, E)
-    t = aligner.encode_text(ids.to(device), mask.to(device))  # (C, E)
-    sim = torch.einsum("aqe,ce->acq", a, t).amax(-1)  # (A, C)
-    owner = torch.tensor([i for i, _ in caps], device=device)
-    a2t = (owner[sim.argmax(1)] == torch.arange(len(keep), device=device)).float().mean().item()
-    t2a = (sim.argmax(0) == owner).float().mean().item()
-    return {"a2t_r1": a2t, "t2a_r1": t2a}
 
 
-def _warn(bad):
+def warn(bad):
     for _, err in bad:
         log.warning("skipping audio that cannot be used: %s", err)
 
@@ -491,88 +536,56 @@ def parse_ratios(text: str, base: dict) -> dict:
     return ratios
 
 
-def train_apt(cfg, stage, rank, world, device, resume):
-    tok = ensure_tokenizer(cfg)
-    autocast, scaler, frozen_dtype = amp_settings(cfg, device)
-    prev = stage_dir(cfg, STAGES[stage]["needs"]) / "final"
-    need = "aligner.json" if stage == "1" else "apt.json"
-    if not (prev / need).is_file():
-        raise SystemExit(f"stage {stage} starts from stage {STAGES[stage]['needs']}'s result, which is not in "
-                         f"{prev}/; run `python train.py --stage {STAGES[stage]['needs']}` first")
-    encoder, encoder_id = build_encoder(cfg, device, frozen_dtype)
-    llm, llm_id = load_llm(cfg, device, frozen_dtype)
-    if cfg.compile_llm:
-        llm.compile_blocks()
-    cache = feature_cache(cfg, encoder_id)
-    if stage == "1":
-        aligner = Aligner.load(prev, dropout=cfg.aligner_dropout)
-        torch.manual_seed(cfg.seed)
-        model = APT(encoder, aligner, llm, tok, cache)
-    else:
-        model = APT.load(prev, encoder, llm, tok, encoder_id, llm_id, cache)
-    model = model.to(device)
-    for name, p in model.aligner.named_parameters():
-        p.requires_grad_(not name.startswith(STAGE0_HEADS))
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    out = stage_dir(cfg, stage)
-    out.mkdir(parents=True, exist_ok=True)
+class Checkpoints:
+    """step_NNNNNNN/ folders (trainable weights in safetensors + training state) and a `latest` pointer. A
+    checkpoint is written under a .tmp name and renamed when complete, and `latest` is replaced atomically
+    after that, so a crash while saving leaves the previous checkpoint loadable."""
 
-    rng, root = random.Random(cfg.seed), cfg.data_root
-    pools = {t: data.examples(t, root, "train", rng=rng) for t in ("tagging", "aqa", "sed", "ter", "counting")}
-    pools["captioning"] = (data.examples("captioning", root, "train", rng=rng)
-                           + data.examples("captioning", root, "train", source="clotho", rng=rng))
-    if stage == "2":
-        single = data.single_label_pool(root, "train")
-        # trained as 4-way 1-shot (paper); half the episodes with made-up class names, so that answering means
-        # matching the query to the supports rather than recognising a known class
-        pools["fewshot"] = lambda r: data.fewshot_episode(single, 4, 1, r, rename=r.random() < 0.5)
-        pools["nlar"] = data.examples("nlar", root, "train")
-    ratios = parse_ratios(cfg.task_ratios, STAGES[stage]["ratios"])
-    sampler = data.TaskSampler(pools, ratios, cfg.batch_size * world, cfg.seed)
-    val_tasks = ["captioning", "aqa"] + (["nlar"] if stage == "2" else [])
-    per = max(1, cfg.val_batches * cfg.batch_size // len(val_tasks))
-    val = {t: data.examples(t, root, "val")[:per] for t in val_tasks}
+    def __init__(self, folder: Path, keep: int):
+        self.folder, self.keep = folder, keep
 
-    def usable(examples):
-        """The examples whose every clip could be encoded, and those features."""
-        feats, bad = model.encode_clips([v for ex in examples for k, v in ex.segments if k == "audio"],
-                                        cfg.strict_audio)
-        _warn(bad)
-        return [ex for ex in examples if all(v in feats for k, v in ex.segments if k == "audio")], feats
+    def save(self, step: int, weights: dict, state: dict):
+        from safetensors.torch import save_file
 
-    def micro_step(wrapped, sampler):
-        task, batch = sampler.next_batch()
-        mine = batch[rank::world]
-        keep, feats = usable(mine)
-        if nothing_to_train(keep, world, device):
+        final = self.folder / f"step_{step:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer = self.folder / "latest.tmp"
+        pointer.write_text(final.name)
+        pointer.replace(self.folder / "latest")
+        for old in sorted(self.folder.glob("step_???????"))[:-self.keep]:
+            shutil.rmtree(old)
+
+    def load(self):
+        pointer = self.folder / "latest"
+        if not pointer.is_file():
             return None
-        with autocast():
-            loss_sum, n = wrapped(*data.collate(keep), feats)
-        return loss_sum, n, {"task": task, "examples": len(keep), "skipped": len(mine) - len(keep)}
+        where = self.folder / pointer.read_text().strip()
+        from safetensors.torch import load_file
 
-    def validate():
-        metrics = {}
-        with torch.no_grad(), autocast():
-            total, count = 0.0, 0
-            for exs in val.values():
-                for i in range(0, len(exs), cfg.batch_size):
-                    chunk, feats = usable(exs[i:i + cfg.batch_size])
-                    if not chunk:
-                        continue
-                    s, n = model(*data.collate(chunk), feats)
-                    total, count = total + s.item(), count + n
-            metrics["val_loss"] = total / max(count, 1)
-            qa, feats = usable(val["aqa"][:64])
-            got = model.generate([ex.segments for ex in qa], feats, max_new_tokens=8) if qa else []
-            metrics["val_aqa_accuracy"] = sum(normalize_answer(g) == ex.target["answer"]
-                                              for g, ex in zip(got, qa)) / max(1, len(qa))
-        return metrics
+        return load_file(str(where / "weights.safetensors")), torch.load(where / "state.pt", weights_only=True)
 
-    metrics = fit(cfg, stage, model, params, sampler, micro_step, validate, resume, rank, world, scaler, out)
-    if rank == 0:
-        model.save(out / "final", encoder_id, llm_id, {"stage": int(stage), "config": json.loads(cfg.to_json())})
-        print(f"stage {stage} done: APT saved to {out / 'final'}/; validation: " +
-              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+def cosine_schedule(cfg, total):
+    def factor(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def make_optimizer(params: dict[str, nn.Parameter], cfg):
+    """AdamW (0.9, 0.999); weight decay on matrices only, not on biases, norms or single vectors."""
+    decay = [p for p in params.values() if p.ndim >= 2]
+    rest = [p for p in params.values() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
 
 
 def main(argv=None):
@@ -594,12 +607,17 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
     torch.manual_seed(cfg.seed)
+    if rank == 0:
+        print(f"stage {args.stage} trains {STAGES[args.stage]['trains']}; loss: {STAGES[args.stage]['loss']}")
     if args.stage == "lm":
-        train_lm(cfg, rank, world, device, args.resume)
+        job = StandInLLM(cfg, rank, world, device)
     elif args.stage == "0":
-        train_stage0(cfg, rank, world, device, args.resume)
+        job = AlignStage0(cfg, rank, world, device)
     else:
-        train_apt(cfg, args.stage, rank, world, device, args.resume)
+        job = TuneAPT(cfg, args.stage, rank, world, device)
+    metrics = fit(cfg, args.stage, job, args.resume, rank, world, stage_dir(cfg, args.stage))
+    if rank == 0:
+        job.finish(metrics)
     if world > 1:
         dist.destroy_process_group()
 

@@ -16,6 +16,7 @@ every window is what the aligner was trained on.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_min.checkpoint import check_keys, safetensors_entries
-from apt_min.llama import draw
 
 
 @dataclass
@@ -280,7 +280,8 @@ def hard_negatives(sim, positives, generator=None):
     weights = sim.detach().float().softmax(-1).masked_fill(positives, 0.0)
     valid = weights.sum(-1) > 0
     weights = torch.where(valid[:, None], weights, (~positives).float() + 1.0)  # placeholder rows, never used
-    return draw(weights, generator), valid
+    on = generator.device if generator is not None else weights.device  # a CPU generator draws on the CPU
+    return torch.multinomial(weights.to(on), 1, generator=generator).squeeze(1).to(weights.device), valid
 
 
 def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, generator=None) -> dict:
@@ -320,3 +321,34 @@ def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, 
     targets = text_ids[:, 1:].masked_fill(~text_mask[:, 1:], -100)
     agtg = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=0.1)
     return {"atc": atc, "atm": atm, "agtg": agtg, "total": atc + atm + agtg}
+
+
+# ------------------------------------------------------------------------------------------ stage-0 batches, retrieval
+
+
+def clip_ids(paths) -> torch.Tensor:
+    """One int64 per audio path, equal in every process (CRC-32 of the path): in stage 0 the captions of one clip
+    are positives of each other, even when they sit in different processes' batches. (B,)"""
+    return torch.tensor([zlib.crc32(p.encode()) for p in paths])
+
+
+def stage0_batch(captions: list[str], clip_feats: list[torch.Tensor], paths: list[str], tokenizer, device):
+    """Audio-text pairs as `stage0_losses` takes them: clip_feats, one (N, Da) per pair (the window the caption is
+    paired with), become audio_feats (B, N, Da) in float32; captions become text_ids, text_mask (B, T), each with BOS
+    and EOS; paths give the clip ids (B,). Returns (audio_feats, text_ids, text_mask, clip_ids), on `device`."""
+    ids, mask = tokenizer.pad([tokenizer.encode(c, eos=True) for c in captions])
+    audio_feats = torch.stack(clip_feats).to(device).float()
+    return audio_feats, ids.to(device), mask.to(device), clip_ids(paths).to(device)
+
+
+@torch.no_grad()
+def retrieval_r1(aligner: Aligner, audio_feats, text_ids, text_mask, owner) -> dict:
+    """Audio<->text retrieval with the ATC embeddings: audio_feats (A, N, Da), captions text_ids, text_mask (C, T),
+    owner (C,) the clip each caption describes (a clip may have several). Similarity is the best-matching query's
+    cosine, as in ATC. Returns R@1 each way: {"a2t_r1", "t2a_r1"}."""
+    a = aligner.encode_audio(audio_feats)  # (A, Q, E)
+    t = aligner.encode_text(text_ids, text_mask)  # (C, E)
+    sim = torch.einsum("aqe,ce->acq", a, t).amax(-1)  # (A, C)
+    a2t = (owner[sim.argmax(1)] == torch.arange(a.shape[0], device=owner.device)).float().mean().item()
+    t2a = (sim.argmax(0) == owner).float().mean().item()
+    return {"a2t_r1": a2t, "t2a_r1": t2a}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from apt_min import synth
-from apt_min.audiomae import AudioMAE, AudioMAEConfig
+from apt_min.aligner import Aligner
+from apt_min.audiomae import AudioMAE
 from apt_min.llama import Llama
 from apt_min.model import APT, FeatureCache, fingerprint, model_files
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
@@ -21,6 +21,8 @@ def ensure_tokenizer(cfg) -> Tokenizer:
     if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
         if cfg.llm_path:
             raise SystemExit(f"{folder}: no tokenizer.model or tokenizer.json; point --llm_path at the LLM folder")
+        from apt_min import synth  # the tiny preset only: the synthetic corpus
+
         docs = synth.lm_corpus(cfg.data_root, "train", cfg.seed)
         train_sentencepiece((piece for doc in docs for piece in doc), folder / "tokenizer.model", cfg.llm_vocab)
     return Tokenizer(folder)
@@ -31,18 +33,14 @@ def build_encoder(cfg, device, dtype, create: bool = True):
     every stage (and evaluate.py) uses exactly the same one."""
     if cfg.encoder_checkpoint:
         path = Path(cfg.encoder_checkpoint)
-        model = AudioMAE.from_checkpoint(path, AudioMAEConfig(target_length=cfg.target_length, dim=cfg.encoder_dim,
-                                                              depth=cfg.encoder_depth, heads=cfg.encoder_heads,
-                                                              output_block=cfg.output_block))
+        model = AudioMAE.from_checkpoint(path, cfg.encoder_config())
     else:
         path = Path(cfg.run_dir) / "encoder.safetensors"
         if not path.is_file() and not create:
             raise SystemExit(f"{path}: the tiny preset's encoder is not there; run `python train.py --stage 0` first")
         if not path.is_file():
             torch.manual_seed(cfg.seed)
-            enc = AudioMAE(AudioMAEConfig(target_length=cfg.target_length, dim=cfg.encoder_dim,
-                                          depth=cfg.encoder_depth, heads=cfg.encoder_heads,
-                                          output_block=cfg.output_block))
+            enc = AudioMAE(cfg.encoder_config())
             path.parent.mkdir(parents=True, exist_ok=True)
             enc.save(path)
         model = AudioMAE.from_checkpoint(path)
@@ -71,3 +69,14 @@ def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
     llm, llm_id = load_llm(cfg, device, dtype)
     return APT.load(checkpoint, encoder, llm, ensure_tokenizer(cfg), encoder_id, llm_id,
                     feature_cache(cfg, encoder_id)).to(device).eval()
+
+
+def untrained_apt(cfg, tokenizer, device="cpu") -> APT:
+    """An APT made from a config alone, nothing trained and nothing read from disk or generated: a seeded random
+    encoder, a fresh aligner and a random stand-in LLM of the preset's sizes, for `tokenizer` (any Tokenizer, such as
+    one trained with train_sentencepiece on a few sentences). For looking at shapes, masks and the data flow."""
+    torch.manual_seed(cfg.seed)
+    encoder = AudioMAE(cfg.encoder_config())
+    llm = Llama(cfg.stand_in_llm_config(tokenizer))
+    aligner = Aligner(cfg.aligner_config(tokenizer.vocab_size))
+    return APT(encoder, aligner, llm, tokenizer).to(device)

@@ -65,10 +65,34 @@ class Config:
     keep_checkpoints: int = 2
     val_batches: int = 8
     strict_audio: bool = False  # a corrupt audio file raises instead of being skipped and counted
-    num_workers: int = 0
 
     def resolved_llm_path(self) -> str:
         return self.llm_path or f"{self.run_dir}/llm"
+
+    # each component's own config, from these settings (the one place the mapping is written)
+
+    def encoder_config(self):
+        from apt_min.audiomae import AudioMAEConfig
+
+        return AudioMAEConfig(target_length=self.target_length, dim=self.encoder_dim, depth=self.encoder_depth,
+                              heads=self.encoder_heads, output_block=self.output_block)
+
+    def aligner_config(self, vocab_size: int):
+        from apt_min.aligner import AlignerConfig
+
+        return AlignerConfig(vocab_size=vocab_size, audio_dim=self.encoder_dim, hidden_size=self.aligner_hidden,
+                             num_layers=self.aligner_layers, num_heads=self.aligner_heads,
+                             intermediate_size=self.aligner_intermediate, num_queries=self.num_queries,
+                             dropout=self.aligner_dropout)
+
+    def stand_in_llm_config(self, tokenizer):
+        """The tiny preset's stand-in LLM, sized by the llm_* settings, for `tokenizer`."""
+        from apt_min.llama import LlamaConfig
+
+        return LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=self.llm_hidden,
+                           intermediate_size=self.llm_intermediate, num_hidden_layers=self.llm_layers,
+                           num_attention_heads=self.llm_heads, num_key_value_heads=self.llm_kv_heads,
+                           max_position_embeddings=2048, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -81,7 +105,7 @@ PRESETS = {
         encoder_checkpoint="weights/audiomae/pretrained.pth", target_length=1024, encoder_dim=768, encoder_depth=12,
         encoder_heads=12, aligner_hidden=256, aligner_layers=4, aligner_heads=4, aligner_intermediate=1024,
         num_queries=32, batch_size=8, grad_accum=4, lr=1e-4, warmup_steps=2000, steps_0=100_000, steps_1=100_000,
-        steps_2=50_000, log_every=50, eval_every=5000, save_every=5000, grad_checkpointing=True, num_workers=4,
+        steps_2=50_000, log_every=50, eval_every=5000, save_every=5000, grad_checkpointing=True,
     ),
 }
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -235,8 +236,10 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
         loss = model(torch.ones(2)).sum() * (float("nan") if len(calls) == 2 else 1.0)
         return loss, 1, {}
 
+    job = SimpleNamespace(module=module, params=params, sampler=sampler, scaler=None, micro_step=micro_step,
+                          validate=lambda: {})
     with pytest.raises(SystemExit, match=r"loss became nan at step 1.*last good checkpoint is step_0000001"):
-        train.fit(cfg, "1", module, params, sampler, micro_step, lambda: {}, False, 0, 1, None, tmp_path)
+        train.fit(cfg, "1", job, False, 0, 1, tmp_path)
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
