@@ -285,3 +285,22 @@ def _others_detached(x, mine):
     keep[mine] = True
     shape = (-1,) + (1,) * (x.dim() - 1)
     return torch.where(keep.view(shape), x, x.detach())
+
+
+def test_clip_ids_and_retrieval_recall():
+    from apt_min.aligner import clip_ids, retrieval_r1
+
+    ids = clip_ids(["data/a.wav", "data/b.wav", "data/a.wav"])
+    assert ids.dtype == torch.int64 and ids[0] == ids[2] != ids[1]
+    aligner = random_aligner()
+    # embeddings made by hand: clip i's queries point at axis i; caption j at the axis of clip owner_of[j] or not
+    audio = torch.eye(3)[:, None, :].expand(3, 2, 3)  # (A, Q, E)
+    owner = torch.tensor([0, 0, 1, 2])
+    aligner.encode_audio = lambda feats: audio
+    for texts, a2t, t2a in ((torch.eye(3)[owner], 1.0, 1.0),  # every caption matches its clip
+                            # clip 0's captions point at clip 1: clip 1 retrieves caption 0 (wrong), clip 0 scores all
+                            # captions 0 and takes the first (its own), clip 2 its own; captions: 2 of 4 right
+                            (torch.eye(3)[torch.tensor([1, 1, 1, 2])], 2 / 3, 2 / 4)):
+        aligner.encode_text = lambda ids, mask, texts=texts: texts
+        got = retrieval_r1(aligner, None, None, None, owner)
+        assert got == pytest.approx({"a2t_r1": a2t, "t2a_r1": t2a})

@@ -49,3 +49,30 @@ def test_paper_preset_fits_together_at_full_size(tmp_path):
         assert logits.shape == (2, x.shape[1], 32000)
     trainable = sum(p.numel() for p in apt.parameters() if p.requires_grad)
     assert 10e6 < trainable < 30e6  # the aligner, its projection and <AUDIO>: a small fraction of the 7B LLM
+
+
+def test_an_untrained_apt_from_a_config_alone(tmp_path):
+    """build.untrained_apt needs no file and no synthetic data: every part takes its sizes from the config, the
+    same seed gives the same weights, and only the aligner, the projection and <AUDIO> train."""
+    from apt_min.build import untrained_apt
+
+    train_sentencepiece(["A dog barks twice.", "Describe the audio clip concisely.", "Rain falls on a roof."] * 50,
+                        tmp_path / "tokenizer.model", 300)  # byte fallback alone takes 259 ids
+    tok = Tokenizer(tmp_path)
+    cfg = load_config("tiny", {"llm_hidden": 64, "llm_layers": 2, "aligner_layers": 2, "num_queries": 8})
+    apt = untrained_apt(cfg, tok)
+    e, a, m = apt.encoder.config, apt.aligner.config, apt.llm.config
+    assert (e.target_length, e.dim, e.depth, e.heads, e.output_block) == (512, 128, 2, 4, -2)  # the tiny preset's
+    assert (a.vocab_size, a.audio_dim, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size, a.num_queries,
+            a.dropout) == (tok.vocab_size, 128, 128, 2, 4, 512, 8, 0.1) and len(apt.aligner.layers) == 2
+    assert (m.vocab_size, m.hidden_size, m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads,
+            m.intermediate_size, m.bos_token_id, m.eos_token_id) == (tok.vocab_size, 64, 2, 4, 2, 512, 1, 2)
+    assert apt.aligner.query_tokens.shape == (1, 8, cfg.aligner_hidden)
+    assert apt.proj.weight.shape == (64, cfg.aligner_hidden)
+    trainable = {k.split(".")[0] for k, p in apt.named_parameters() if p.requires_grad}
+    assert trainable == {"aligner", "proj", "audio_token"}
+    again = untrained_apt(cfg, tok)
+    assert all(torch.equal(a, b) for a, b in zip(apt.state_dict().values(), again.state_dict().values()))
+    feats = {"a.wav": apt.encoder(torch.randn(1, cfg.target_length, 128))}
+    x, mask, _ = apt.embed_batch([[("audio", "a.wav"), ("text", "Describe the audio clip concisely.")]], feats)
+    assert x.shape == (1, 1 + 1 + 8 + len(tok.encode("Describe the audio clip concisely.", bos=False)), 64)
