@@ -1,5 +1,5 @@
-"""Metrics, each written out and checked in the tests against the implementation people cite (paper §4;
-../shared/DESIGN.md §7): scikit-learn's average precision, pycocoevalcap's BLEU, ROUGE-L and CIDEr-D.
+"""Metrics, each written out and checked in the tests against the implementation people cite (paper §4, Tables
+3-6): scikit-learn's average precision, pycocoevalcap's BLEU, ROUGE-L and CIDEr-D.
 
     mean_average_precision(scores (N, C), labels (N, C))  -> macro mAP over the classes that have a positive
     caption_tokens(text)                                  -> PTB-style tokens: lower case, punctuation dropped
