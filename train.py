@@ -307,115 +307,142 @@ class TuneAPT:
 def fit(cfg, stage, job, resume, rank, world, out: Path):
     """The training loop every stage shares: accumulation, clipping, schedule, logging, validation, checkpoints,
     resume. `job` is a stage object (above). job.micro_step(wrapped module, sampler) -> None when the batch is
-    empty, else (loss_sum, count, info):
-    this process's loss summed over its `count` items (tokens, or 1 for a loss that is already a batch mean), and
-    info {"examples": int, "skipped": int, "task": name, other name: float (a per-process mean, logged as the
-    mean over processes)}. Each optimizer step's gradient is that of the mean loss over every item of its
-    grad_accum micro-batches on every process: exactly one batch grad_accum * world times as large.
-    job.validate() -> {name: value}."""
-    module, params, sampler, scaler = job.module, job.params, job.sampler, job.scaler
-    micro_step, validate = job.micro_step, job.validate
+    empty, else (loss_sum, count, info): this process's loss summed over its `count` items (tokens, or 1 for a loss
+    that is already a batch mean), and info {"examples": int, "skipped": int, "task": name, other name: float (a
+    per-process mean, logged as the mean over processes)}. Each optimizer step's gradient is that of the mean loss
+    over every item of its grad_accum micro-batches on every process: exactly one batch grad_accum * world times as
+    large. job.validate() -> {name: value}. Returns the last validation."""
     total = getattr(cfg, STAGES[stage]["steps"])
-    wrapped = DDP(module) if world > 1 else module
-    opt = make_optimizer(params, cfg)
+    wrapped = DDP(job.module) if world > 1 else job.module
+    opt = make_optimizer(job.params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg, total))
     ckpts, step, skipped = Checkpoints(out / "checkpoints", cfg.keep_checkpoints), 0, 0
     if resume:
-        found = ckpts.load()
-        if found is None:
-            raise SystemExit(f"--resume: no checkpoint under {out / 'checkpoints'}")
-        weights, state = found
-        with torch.no_grad():
-            for k, v in weights.items():
-                params[k].copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        version, internal, gauss = state["py_rng"]
-        random.setstate((version, tuple(internal), gauss))
-        step, skipped = state["step"], state["skipped_audio"]
+        step, skipped = restore(ckpts, job, opt, sched)
         if rank == 0:
             truncate_log(out / "log.jsonl", step)
     logfile = open(out / "log.jsonl", "a") if rank == 0 else None
     t0, seen, metrics = time.time(), 0, {}
     if step == 0:  # where validation starts, so the log shows how far training moved it
-        module.eval()
-        start = validate()
-        if logfile:
-            logfile.write(json.dumps({"step": 0, **start}) + "\n")
-        if rank == 0:
-            print(f"stage {stage} before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
+        log_validation(logfile, stage, 0, validation(job), "before training")
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"stage {stage}", dynamic_ncols=True)
     while step < total:
-        module.train()
-        window = Window(world)
-        for _ in range(cfg.grad_accum):
-            result = micro_step(wrapped, sampler)
-            if result is None:
-                continue
-            loss_sum, count, info = result
-            summed = window.add(loss_sum, count, info)  # over all processes, so that all of them stop together
-            if not math.isfinite(summed):
-                last = ckpts.folder / "latest"
-                raise SystemExit(f"stage {stage}: the loss became {summed} at step {step}; stopping. The last "
-                                 f"good checkpoint is {last.read_text() if last.is_file() else 'none'} in "
-                                 f"{ckpts.folder}; try a lower --lr")
-            loss = loss_sum / window.first.clamp(min=1) * world  # DDP averages over processes: times world
-            (scaler.scale(loss) if scaler else loss).backward()
-            seen += info.get("examples", 0)
-            skipped += info.get("skipped", 0)
-        window.rescale(params.values())
-        logs = window.logs()
-        if scaler:
-            scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        window, examples, bad = accumulate(cfg, stage, job, wrapped, world, step, ckpts)
+        seen, skipped = seen + examples, skipped + bad
+        grad_norm = optimizer_step(cfg, job, opt, sched, window)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
             rate = seen * world / (time.time() - t0)
+            logs = window.logs()
             record = {"step": step, **{k: round(v, 5) for k, v in logs.items()}, "lr": sched.get_last_lr()[0],
                       "grad_norm": round(float(grad_norm), 4), "examples_per_s": round(rate, 2),
                       "skipped_audio": skipped}
             bar.set_postfix(loss=f"{logs.get('loss', 0):.3f}", lr=f"{record['lr']:.2e}", ex_s=f"{rate:.1f}")
-            if logfile:
-                logfile.write(json.dumps(record) + "\n")
-                logfile.flush()
+            write_record(logfile, record)
         if step % cfg.eval_every == 0 or step == total:
-            module.eval()
-            metrics = validate()
-            if logfile:
-                logfile.write(json.dumps({"step": step, **metrics}) + "\n")
-                logfile.flush()
-                tqdm.write(f"stage {stage} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            metrics = validation(job)
+            log_validation(logfile, stage, step, metrics)
         if (step % cfg.save_every == 0 or step == total) and rank == 0:
-            version, internal, gauss = random.getstate()
-            ckpts.save(step, params, {
-                "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "sampler": sampler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "py_rng": [version, list(internal), gauss], "skipped_audio": skipped})
+            ckpts.save(step, job.params, training_state(step, opt, sched, job, skipped))
         if world > 1:
             dist.barrier()
     bar.close()
     if logfile:
         logfile.close()
-    if not metrics:  # resumed from a checkpoint of a finished run
-        module.eval()
-        metrics = validate()
-    return metrics
+    return metrics or validation(job)  # none yet: resumed from a checkpoint of a finished run
+
+
+def accumulate(cfg, stage, job, wrapped, world, step, ckpts):
+    """Forward and backward over the step's grad_accum micro-batches. Returns (the Window, examples seen, audio
+    skipped). A non-finite loss, summed over all processes so that all of them stop together, ends the run."""
+    job.module.train()
+    window, seen, skipped = Window(world), 0, 0
+    for _ in range(cfg.grad_accum):
+        result = job.micro_step(wrapped, job.sampler)
+        if result is None:
+            continue
+        loss_sum, count, info = result
+        summed = window.add(loss_sum, count, info)
+        if not math.isfinite(summed):
+            last = ckpts.folder / "latest"
+            raise SystemExit(f"stage {stage}: the loss became {summed} at step {step}; stopping. The last good "
+                             f"checkpoint is {last.read_text() if last.is_file() else 'none'} in {ckpts.folder}; "
+                             "try a lower --lr")
+        loss = loss_sum / window.first.clamp(min=1) * world  # DDP averages over processes: times world
+        (job.scaler.scale(loss) if job.scaler else loss).backward()
+        seen += info.get("examples", 0)
+        skipped += info.get("skipped", 0)
+    return window, seen, skipped
+
+
+def optimizer_step(cfg, job, opt, sched, window) -> torch.Tensor:
+    """The window's gradient to the mean over all its items, clipped; one AdamW step; the schedule's next step.
+    Returns the gradient norm before clipping."""
+    window.rescale(job.params.values())
+    if job.scaler:
+        job.scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(job.params.values()), cfg.grad_clip)
+    if job.scaler:
+        job.scaler.step(opt)
+        job.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return grad_norm
+
+
+def validation(job) -> dict:
+    job.module.eval()
+    return job.validate()
+
+
+def write_record(logfile, record: dict):
+    if logfile:
+        logfile.write(json.dumps(record) + "\n")
+        logfile.flush()
+
+
+def log_validation(logfile, stage, step, metrics, when=None):
+    """A validation into the log (rank 0 only) and onto the screen."""
+    if logfile:
+        write_record(logfile, {"step": step, **metrics})
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        tqdm.write(f"stage {stage} {when or f'step {step}'}: {shown}")
+
+
+def training_state(step, opt, sched, job, skipped) -> dict:
+    """Everything besides the weights that a resumed run needs to continue exactly: optimizer, schedule, scaler,
+    sampler and every random generator."""
+    version, internal, gauss = random.getstate()
+    return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": job.scaler.state_dict() if job.scaler else None, "sampler": job.sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "py_rng": [version, list(internal), gauss], "skipped_audio": skipped}
+
+
+def restore(ckpts, job, opt, sched) -> tuple[int, int]:
+    """The last checkpoint's weights and training state into this run: (its step, the audio skipped so far)."""
+    found = ckpts.load()
+    if found is None:
+        raise SystemExit(f"--resume: no checkpoint under {ckpts.folder}")
+    weights, state = found
+    with torch.no_grad():
+        for k, v in weights.items():
+            job.params[k].copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if job.scaler and state.get("scaler"):
+        job.scaler.load_state_dict(state["scaler"])
+    job.sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    version, internal, gauss = state["py_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return state["step"], state["skipped_audio"]
 
 
 class Window:
