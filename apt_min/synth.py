@@ -456,9 +456,6 @@ def aqa_questions(rng: random.Random, events, vocabulary) -> list[tuple[str, str
     return rng.sample(yes, min(2, len(yes))) + rng.sample(no, 2) + rng.sample(word, 2)
 
 
-NLAR_ANSWERS = ("yes", "no", "first", "second", "both", "neither", "equal")
-
-
 def nlar_questions(rng: random.Random | None, ev1, ev2, k: int = 3) -> list[tuple[str, str]]:
     """k questions that need both clips (all of them when rng is None): presence, frequency, duration, loudness and
     order; closed-set answers. Swapping the clips turns "first" into "second" and back; the other answers stay."""

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import opts
 
 import evaluate
 from apt_min import evaluation, metrics, tasks
+from apt_min.aligner import Aligner
 from apt_min.evaluation import EVALUATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,3 +202,16 @@ def test_results_table_names_the_margin(trained, capsys, monkeypatch):
     assert lines[0].startswith("| task | metric | APT-tiny | baseline | clear margin?")
     count = [line for line in lines if line.startswith("| counting | accuracy |")]
     assert len(count) == 1 and count[0].split(" | ")[4] in ("yes", "barely", "**no**")
+
+
+def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
+    """The paper's tagging protocol uses the stage-0 aligner of the run the checkpoint belongs to, wherever that run
+    is, not the one under the configured run_dir."""
+    run = trained / "run"
+    assert evaluation.stage0_aligner(run / "stage2" / "final", "cpu") is not None
+    shutil.copytree(run / "stage2" / "final", tmp_path / "elsewhere" / "stage2" / "final")
+    assert evaluation.stage0_aligner(tmp_path / "elsewhere" / "stage2" / "final", "cpu") is None
+    shutil.copytree(run / "stage0" / "final", tmp_path / "elsewhere" / "stage0" / "final")
+    found = evaluation.stage0_aligner(tmp_path / "elsewhere" / "stage2" / "final", "cpu")
+    mine = Aligner.load(run / "stage0" / "final")
+    assert all(torch.equal(a, b) for a, b in zip(found.state_dict().values(), mine.state_dict().values()))
