@@ -13,6 +13,8 @@ PRINTED = {  # what each notebook must print (sizes that do not depend on the mi
     "01_audio_to_features.ipynb": ["loaded: (192000,) = 12.00 s at 16 kHz", "frames x mel bins: (1198, 128)   "
                                    "expected frames: 1198", "fbank windows: (3, 512, 128)",
                                    "patch grid (time x frequency): (32, 8) = 256 tokens", "tokens: (3, 256, "],
+    "02_aligner_and_stage0.ipynb": ["cross-attention in layers [0]", "masks: (9, 9)", "audio features: (",
+                                    " trained: ATC ", "retrieval R@1 on these clips: {'a2t_r1': "],
 }
 
 
@@ -44,6 +46,7 @@ def test_notebook_runs(path, trained, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("APT_MIN_RUN_DIR", str(trained / "run"))
+    monkeypatch.setenv("APT_MIN_DATA_ROOT", str(trained / "synth"))
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
