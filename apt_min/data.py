@@ -1,10 +1,11 @@
 """Readers for the real data sets' own files, the examples of each task built from them, and batching.
 
 Every reader takes the file as its authors released it (the formats are documented at each reader) and returns
-plain records; a row it cannot read raises `DataError` naming the file and line. The synthetic benchmark (`synth.py`) writes the same formats,
-so one path serves both. Where audio lives differs between download tools: `LAYOUT` gives each data set's files and
-audio path pattern relative to a data root; pass `layout=` to override. Audio that a list names but that is not on
-disk is counted and skipped with one warning per file (strict=True raises instead) — never silently.
+plain records; a row it cannot read raises `DataError` naming the file and line. The synthetic benchmark
+(`synth.py`) writes the same formats, so one path serves both. Where audio lives differs between download tools:
+`LAYOUT` gives each data set's files and audio path pattern relative to a data root; pass `layout=` to override.
+Audio that a list names but that is not on disk is counted and skipped with one warning per file (strict=True raises
+instead) — never silently.
 
     examples(task, root, split)        -> list[tasks.Example]   (evaluation: fixed prompts, all references)
     TaskSampler(pools, ratios, ...)    -> one task per batch, drawn by ratio; seeded and resumable

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 import shutil
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,7 +161,7 @@ def eval_tagging(apt, cfg, name, examples, opts):
 def eval_captioning(apt, cfg, name, examples, opts):
     outputs = generate(apt, examples, opts.caption, opts.batch_size, f"captioning ({name})")
     train = data.examples("captioning", cfg.data_root, "train", source=name, rng=random.Random(0))
-    fixed = Counter(ex.answer for ex in train).most_common(1)[0][0]  # the most frequent training caption
+    fixed = metrics.majority([ex.answer for ex in train])  # the most frequent training caption
     rows = metrics.score_captions(examples, outputs, fixed)
     rows += java_metrics([ex.target["references"] for ex in examples], outputs)
     return rows, outputs, [ex.target["references"][0] for ex in examples]
@@ -183,8 +182,7 @@ def eval_fewshot(apt, cfg, name, episodes, opts):
         setting = f"accuracy {n_way}-way {k_shot}-shot"
         eps = [ep for ep in episodes if ep.target["setting"] == (n_way, k_shot)]
         if not eps:
-            pool = data.esc50_pool(cfg.data_root, strict=True)
-            eligible = sum(len(clips) > k_shot for clips in pool.values())
+            eligible = eligible_classes(data.esc50_pool(cfg.data_root, strict=True), k_shot)
             rows += [(setting, float("nan"), 1 / n_way, f"not run: needs {n_way} classes with more than {k_shot} "
                       f"clips; this pool has {eligible}")]
             continue
@@ -228,6 +226,11 @@ EVALUATORS = {"tagging": eval_tagging, "captioning": eval_captioning, "aqa": eva
               "fewshot": eval_fewshot, "sed": eval_sed, "ter": eval_ter, "counting": eval_counting}
 
 
+def eligible_classes(pool: dict, k_shot: int) -> int:
+    """How many classes of a few-shot pool can give K supports and a query."""
+    return sum(len(clips) > k_shot for clips in pool.values())
+
+
 def examples_for(name, cfg, opts) -> list:
     """The test split of an evaluation; for few-shot, fixed episodes of every setting its pool allows."""
     task, options = EVALUATIONS[name]
@@ -235,7 +238,7 @@ def examples_for(name, cfg, opts) -> list:
         return data.examples(task, cfg.data_root, "test", strict=True, **options)[:opts.limit or None]
     pool, episodes = data.esc50_pool(cfg.data_root, strict=True), []
     for n_way, k_shot in FEWSHOT_SETTINGS:
-        if sum(len(clips) > k_shot for clips in pool.values()) >= n_way:
+        if eligible_classes(pool, k_shot) >= n_way:
             rng = random.Random(f"esc50/{n_way}/{k_shot}")  # fixed episodes
             for _ in range(opts.episodes):
                 ep = data.fewshot_episode(pool, n_way, k_shot, rng)

@@ -8,8 +8,8 @@ working before fetching terabytes. So it generates, deterministically from a see
 - scenes (5.12 s by default) of 1-4 event types, each occurring 1-4 times at known onsets, over background noise;
 - text for every task: five captions per clip, AQA questions, NLAR questions over pairs of clips;
 
-and writes all of it in the real data sets' own formats (as `data.py`'s readers document them), so that the readers in `data.py` and
-`evaluate.py --task audiocaps` serve real and synthetic data alike:
+and writes all of it in the real data sets' own formats (as `data.py`'s readers document them), so that the readers
+in `data.py` and `evaluate.py --task audiocaps` serve real and synthetic data alike:
 
     audio/Y{ytid}.wav                       scenes shared by the AudioSet-, AudioCaps- and NLAR-style files
     audioset/{balanced_train,eval}_segments.csv, class_labels_indices.csv, mid_to_display_name.tsv,

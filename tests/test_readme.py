@@ -13,5 +13,5 @@ def test_paper_to_code_table_points_at_the_named_definitions():
     assert len(anchors) >= 15
     for file, line, name in anchors:
         at = (ROOT / file).read_text().splitlines()[int(line) - 1]
-        defines = rf"\b(def|class) {name}\b|^\s*{name}\b|\bself\.{name}\b"  # a def, class, or assignment
+        defines = rf"\b(def|class) {name}\b|^{name}\s*[:=]|\bself\.{name}\s*[:=]"  # a def, a class, an assignment
         assert re.search(defines, at), f"{file}:{line} is not {name}: {at!r}"
