@@ -32,6 +32,11 @@ CAPTION = {"max_new_tokens": 40, "num_beams": 5, "repetition_penalty": 1.5}  # t
 FEWSHOT_SETTINGS = ((5, 5), (12, 5), (4, 1))  # (ways, shots): ESC-50 in the paper's Table 5, and stage 2's own
 
 
+def progress(items, desc: str):
+    """A progress bar on a terminal; none where output is not one (a notebook, a log file, CI)."""
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
 @dataclass
 class Options:
     batch_size: int = 16
@@ -44,7 +49,7 @@ class Options:
 def generate(apt, examples, options: dict, batch_size: int = 16, desc: str = "generating") -> list[str]:
     """The model's answer to every example, in batches (a clip that cannot be read raises, naming the file)."""
     out = []
-    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, dynamic_ncols=True):
+    for i in progress(range(0, len(examples), batch_size), desc):
         out += apt.generate([ex.segments for ex in examples[i:i + batch_size]], **options)
     return out
 
@@ -75,7 +80,7 @@ def likelihood_scores(apt, examples, classes: list[str]) -> np.ndarray:
     {class}." after the clip. (examples, classes)."""
     scores = np.zeros((len(examples), len(classes)))
     feats, _ = apt.encode_clips([ex.segments[0][1] for ex in examples], strict=True)
-    for i, ex in enumerate(tqdm(examples, desc="tagging likelihood", leave=False, dynamic_ncols=True)):
+    for i, ex in enumerate(progress(examples, "tagging likelihood")):
         prompt = [ex.segments[0], ("text", FEWSHOT_QUERY)]
         scores[i] = apt.choice_logprob(prompt, [f"{label_text(c)}." for c in classes], feats).cpu().numpy()
     return scores
@@ -187,7 +192,7 @@ def eval_fewshot(apt, cfg, name, episodes, opts):
                       f"clips; this pool has {eligible}")]
             continue
         got = generate(apt, eps, SHORT, max(1, opts.batch_size // 4), f"{n_way}-way {k_shot}-shot")
-        for ep in tqdm(eps, desc=f"{n_way}-way {k_shot}-shot likelihood", leave=False, dynamic_ncols=True):
+        for ep in progress(eps, f"{n_way}-way {k_shot}-shot likelihood"):
             ep.target["ranked"] = rank_labels(apt, ep)
         rows += metrics.score_fewshot(eps, got, setting)
         outputs += got
