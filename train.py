@@ -629,7 +629,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world, device = setup_distributed()
     random.seed(cfg.seed)
-    if cfg.preset == "tiny" and rank == 0:
+    if cfg.preset == "tiny" and rank == 0 and not synth.holds_other_data(cfg.data_root):  # real data: read as it is
         synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)
     if world > 1:
         dist.barrier()

@@ -507,9 +507,20 @@ def ytid(rng: random.Random) -> str:
     return "".join(rng.choice(chars) for _ in range(11))
 
 
-def generate(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.12) -> Path:
-    """Write the benchmark under `out` unless the same arguments already wrote it there (then return at once)."""
+def holds_other_data(out: str | Path) -> bool:
+    """Whether `out` is a folder with something in it but no synth.json: data this module did not write (a real
+    data set, say), which it must never replace."""
     out = Path(out)
+    return out.is_dir() and any(out.iterdir()) and not (out / "synth.json").is_file()
+
+
+def generate(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.12) -> Path:
+    """Write the benchmark under `out` unless the same arguments already wrote it there (then return at once).
+    A benchmark written here with other arguments is replaced; a folder that holds anything else is refused."""
+    out = Path(out)
+    if holds_other_data(out):
+        raise FileExistsError(f"{out}: holds files but no synth.json, so it is not a synthetic benchmark written "
+                              "here; refusing to replace it (generate into an empty or new folder)")
     args = {"version": VERSION, "seed": seed, "scale": scale, "length": length}
     manifest = out / "synth.json"
     if not (manifest.is_file() and json.loads(manifest.read_text()).get("args") == args):

@@ -18,6 +18,23 @@ PRINTED = {  # what each notebook must print (sizes that do not depend on the mi
     "03_llm_and_acoustic_prompts.ipynb": ["files: ['config.json', 'model.safetensors', 'tokenizer.model']",
                                           "without the cache, the same tokens: True", "labelled positions: ",
                                           "= BOS + 2 x (<AUDIO> + "],
+    "04_tagging.ipynb": ["mAP, paper protocol (text branch): ",
+                         "AP of one class by hand equals metrics.average_precision: True"],
+    "05_captioning.ipynb": ["BLEU by hand equals metrics.bleu: True", "SPICE: ",
+                            "baseline caption (the most frequent training caption): "],
+    "06_question_answering.ipynb": ["three annotators ['Two.', '2', 'three'] -> trained answer 'two' | scored against "
+                                    "'2'", "accuracy, yes/no questions", "rows: truth yes, no; columns: said yes"],
+    "07_detection_and_retrieval.ipynb": ["metrics.segment_f1 (matched, predicted, true): ",
+                                         "detection segment F1: APT ", "retrieval accuracy: APT "],
+    "08_counting.ipynb": ["'twice'                -> 2", "mean absolute error  APT ", "true counts: "],
+    "09_fewshot.ipynb": [" positions = BOS + 5 x (<AUDIO> + ", "training classes, made-up names ",
+                         "ranked answer changed in "],
+    "10_nlar.ipynb": ["always 'yes' (the paper's baseline): ", "the answer flipped with the clips in ",
+                      "accuracy: original order "],
+    "11_training_stages.ipynb": ["steps logged once each after resuming: True", "stage 0 trains ",
+                                 "resumed run's per-step losses equal the uninterrupted run's: True"],
+    "12_paper_scale.ipynb": ["encoder tokens             (2, 512, 768)", "logits                     (2, 53, 32000)",
+                             "trained in stages 1-2: 15.7 M parameters"],
 }
 
 

@@ -99,6 +99,22 @@ def test_second_generate_is_a_no_op(tmp_path):
     assert marker.stat().st_mtime_ns == before
 
 
+def test_a_folder_of_other_data_is_never_replaced(tmp_path):
+    """The tiny preset pointed at real data (or any folder not written by synth) must read it, not delete it."""
+    real = tmp_path / "real"
+    (real / "audiocaps").mkdir(parents=True)
+    (real / "audiocaps" / "train.csv").write_text("audiocap_id,youtube_id,start_time,caption\n")
+    with pytest.raises(FileExistsError, match="no synth.json"):
+        synth.generate(real, seed=1, scale=0.01)
+    import train
+
+    with pytest.raises(FileNotFoundError, match="real/audioset"):  # it read the folder as data, and stopped there
+        train.main(["--stage", "1", f"--data_root={real}", f"--run_dir={tmp_path / 'run'}"])
+    assert (real / "audiocaps" / "train.csv").is_file()
+    synth.generate(tmp_path / "empty", seed=1, scale=0.01)  # an empty or new folder is generated into
+    assert (tmp_path / "empty" / "synth.json").is_file()
+
+
 def test_nlar_answers_flip_when_the_clips_swap():
     ev1 = [synth.Event("bell", 0.0, 1.0, -1.0), synth.Event("bell", 2.0, 3.0, -1.0), synth.Event("hum", 1, 2, -9)]
     ev2 = [synth.Event("bell", 0.5, 1.0, -8.0), synth.Event("drip", 1.0, 1.5, -2.0)]
