@@ -63,7 +63,7 @@ def main(argv=None):
     if not (checkpoint / "apt.json").is_file():  # checked before anything is generated or loaded
         raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage 0, lm, 1, 2) "
                          "or pass --checkpoint")
-    if cfg.preset == "tiny" and not synth.holds_other_data(cfg.data_root):  # real data is read as it is
+    if cfg.synthetic_data and not synth.holds_other_data(cfg.data_root):  # real data is read as it is
         synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)  # the embedded default, written on first use
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ensure_tokenizer(cfg)

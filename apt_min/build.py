@@ -15,8 +15,22 @@ from apt_min.model import APT, FeatureCache, fingerprint, model_files
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
 
+def fetch_known_llm(cfg):
+    """An LLM that apt_min.weights knows how to fetch (SmolLM2, the small preset's) is fetched and converted the first
+    time its folder is asked for; a no-op once it is there."""
+    from apt_min import weights
+
+    for name, (_, folder) in weights.MODELS.items():
+        if cfg.llm_path and Path(cfg.llm_path) == Path(folder):
+            try:
+                weights.build(name, folder)
+            except weights.WeightsError as e:
+                raise SystemExit(f"{folder}: {e}") from None
+
+
 def ensure_tokenizer(cfg) -> Tokenizer:
     """The LLM's tokenizer; for the tiny preset one is trained on the synthetic corpus the first time."""
+    fetch_known_llm(cfg)
     folder = Path(cfg.resolved_llm_path())
     if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
         if cfg.llm_path:
@@ -48,6 +62,7 @@ def build_encoder(cfg, device, dtype, create: bool = True):
 
 
 def load_llm(cfg, device, dtype):
+    fetch_known_llm(cfg)
     folder = Path(cfg.resolved_llm_path())
     if not (folder / "config.json").is_file():
         hint = "python train.py --stage lm" if not cfg.llm_path else f"download it into {folder}"
@@ -79,4 +94,18 @@ def untrained_apt(cfg, tokenizer, device="cpu") -> APT:
     encoder = AudioMAE(cfg.encoder_config())
     llm = Llama(cfg.stand_in_llm_config(tokenizer))
     aligner = Aligner(cfg.aligner_config(tokenizer.vocab_size))
-    return APT(encoder, aligner, llm, tokenizer).to(device)
+    return APT(encoder, aligner, llm, tokenizer, prompt_format=cfg.prompt_format).to(device)
+
+
+@torch.no_grad()
+def llm_word_table(cfg, width: int) -> torch.Tensor:
+    """The LLM's input embedding table reduced to `width` columns by PCA (its top principal directions), scaled to
+    the aligner's init std 0.02: a start for the aligner's word table in which words the LLM finds alike are already
+    near (BLIP-2's Q-Former starts from BERT for the same reason). (vocab, width)."""
+    table = Llama.from_pretrained(Path(cfg.resolved_llm_path())).model.embed_tokens.weight.double()
+    if width > table.shape[1]:
+        raise ValueError(f"the aligner is {width} wide, wider than the LLM's embeddings ({table.shape[1]})")
+    centred = table - table.mean(0)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    reduced = centred @ vectors[:, -width:].flip(1)
+    return (reduced * (0.02 / reduced.std())).float()

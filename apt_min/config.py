@@ -34,6 +34,8 @@ class Config:
     aligner_intermediate: int = 512
     num_queries: int = 16
     aligner_dropout: float = 0.1
+    aligner_init: str = "random"  # or "llm": the aligner's word table starts as the LLM's, reduced by PCA (stage 0)
+    prompt_format: str = "plain"  # how an example is laid out for the LLM (apt_min.model.PROMPT_FORMATS)
     # the tiny stand-in LLM (ignored when llm_path names a real model)
     llm_vocab: int = 1000
     llm_hidden: int = 192
@@ -54,6 +56,7 @@ class Config:
     steps_1: int = 2500
     steps_2: int = 1500
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp16 (GradScaler, CUDA) / fp32
+    cpu_bf16: bool = False  # with precision=auto: bf16 autocast on a CPU that computes bf16 natively (probed)
     task_ratios: str = ""  # e.g. "aqa=0.3,nlar=1": changes the stage's task mixture (train.py STAGES)
     grad_checkpointing: bool = False  # recompute the LLM blocks in backward (how 7B fits on a 24 GB card)
     compile_llm: bool = False  # torch.compile the frozen LLM's blocks for training (7B on an H100: 1.7x per step)
@@ -65,6 +68,11 @@ class Config:
     keep_checkpoints: int = 2
     val_batches: int = 8
     strict_audio: bool = False  # a corrupt audio file raises instead of being skipped and counted
+
+    @property
+    def synthetic_data(self) -> bool:
+        """Whether the preset runs on the synthetic benchmark, generated on first use (tiny, small)."""
+        return self.preset != "paper"
 
     def resolved_llm_path(self) -> str:
         return self.llm_path or f"{self.run_dir}/llm"
@@ -100,6 +108,14 @@ class Config:
 
 PRESETS = {
     "tiny": {},
+    # SmolLM2-135M-Instruct, a real pretrained LLM that a CPU runs (python -m apt_min.weights smollm2, fetched on
+    # first use); the tiny preset's encoder and data; an aligner of the paper's shape for a 576-d LLM
+    "small": dict(
+        preset="small", run_dir="runs/small", llm_path="weights/smollm2-135m-instruct", aligner_hidden=256,
+        aligner_layers=4, aligner_heads=4, aligner_intermediate=1024, aligner_init="llm",
+        prompt_format="smollm2-chat", cpu_bf16=True, batch_size=8, lr=5e-4, steps_0=600, steps_1=600, steps_2=400,
+        log_every=25, eval_every=200, save_every=200,
+    ),
     "paper": dict(
         preset="paper", data_root="data", run_dir="runs/paper", llm_path="weights/vicuna-7b-v1.1",
         encoder_checkpoint="weights/audiomae/pretrained.pth", target_length=1024, encoder_dim=768, encoder_depth=12,

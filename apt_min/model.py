@@ -3,6 +3,7 @@
     ("audio", path) -> fbank windows -> AudioMAE (frozen) -> features (W, N, Da)         [encode_clips, cached]
     features + the text that follows the clip -> Aligner.instruct -> (W, Q, H) -> proj -> (W*Q, D)
     sequence: [BOS] then, in the given order, text tokens or [<AUDIO>, W*Q acoustic embeddings], then the answer + EOS
+              (an instruct LLM's chat template around the segments instead of BOS: PROMPT_FORMATS)
     -> Llama (frozen) -> loss on the answer tokens and EOS only / generate()
 
 Trainable: the aligner, `proj`, and `audio_token` (one learned vector, not a vocabulary entry). Only this module
@@ -110,11 +111,28 @@ def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, st
     return feats, bad
 
 
+# How one example is laid out around its segments for the LLM: what comes before them, what comes after them (then
+# the answer and EOS). "plain" is APT's own layout (the paper, for a base LLM such as Vicuna): BOS, the segments, the
+# answer. An instruct model expects its chat template: "smollm2-chat" is SmolLM2-Instruct's, rendered for one user
+# turn with no system message (its template then inserts its default system message), generation prompt added; its
+# EOS is <|im_end|>, which closes the assistant's turn.
+PROMPT_FORMATS = {
+    "plain": {"bos": True, "before": "", "after": ""},
+    "smollm2-chat": {"bos": False,
+                     "before": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+                               "Face<|im_end|>\n<|im_start|>user\n",
+                     "after": "<|im_end|>\n<|im_start|>assistant\n"},
+}
+
+
 class APT(nn.Module):
     def __init__(self, encoder: AudioMAE, aligner: Aligner, llm: Llama, tokenizer: Tokenizer,
-                 cache: FeatureCache | None = None):
+                 cache: FeatureCache | None = None, prompt_format: str = "plain"):
         super().__init__()
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"unknown prompt format {prompt_format!r}; known: {sorted(PROMPT_FORMATS)}")
         self.encoder, self.aligner, self.llm, self.tokenizer, self.cache = encoder, aligner, llm, tokenizer, cache
+        self.prompt_format = prompt_format
         D = llm.config.hidden_size
         self.proj = nn.Linear(aligner.config.hidden_size, D)
         self.audio_token = nn.Parameter(torch.randn(D) * 0.02)  # <AUDIO>: marks where each clip begins
@@ -167,10 +185,13 @@ class APT(nn.Module):
         tok, llm = self.tokenizer, self.llm
         device, dtype = self.proj.weight.device, llm.model.embed_tokens.weight.dtype
         prompts = self.clip_prompts(batch, feats)
+        form = PROMPT_FORMATS[self.prompt_format]
+        frame = [("text", form["before"])] * bool(form["before"]), [("text", form["after"])] * bool(form["after"])
         rows = []
         for b, segments in enumerate(batch):
-            pieces, labels, clips = [torch.tensor([tok.bos_id])], [-100], iter(prompts[b])
-            for kind, value in segments:
+            start = [tok.bos_id] if form["bos"] else []
+            pieces, labels, clips = [torch.tensor(start, dtype=torch.long)], [-100] * len(start), iter(prompts[b])
+            for kind, value in [*frame[0], *segments, *frame[1]]:
                 if kind == "text":
                     ids = tok.encode(value, bos=False)
                     pieces.append(torch.tensor(ids, dtype=torch.long))
@@ -251,7 +272,8 @@ class APT(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.trainable_state().items()}
         state.pop("aligner.lm_decoder.weight", None)  # the same tensor as the aligner's word embeddings
         save_file(state, str(folder / "apt.safetensors"))
-        meta = {"aligner": asdict(self.aligner.config), "encoder": encoder_id, "llm": llm_id, **(extra or {})}
+        meta = {"aligner": asdict(self.aligner.config), "prompt_format": self.prompt_format, "encoder": encoder_id,
+                "llm": llm_id, **(extra or {})}
         (folder / "apt.json").write_text(json.dumps(meta, indent=1))
 
     @staticmethod
@@ -270,7 +292,8 @@ class APT(nn.Module):
             if meta[what]["fingerprint"] != have["fingerprint"]:
                 raise CheckpointError(f"{folder}: this APT was trained against the {what} {meta[what]}, but the "
                                       f"{what} given is {have}; load the matching {what}")
-        model = cls(encoder, Aligner(AlignerConfig(**meta["aligner"])), llm, tokenizer, cache)
+        model = cls(encoder, Aligner(AlignerConfig(**meta["aligner"])), llm, tokenizer, cache,
+                    meta.get("prompt_format", "plain"))
         load_trainable(model, folder / "apt.safetensors")
         return model
 
