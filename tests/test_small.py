@@ -1,0 +1,88 @@
+"""The small preset: SmolLM2-135M-Instruct as the frozen LLM. Its chat template against transformers' rendering, the
+aligner's word table from the LLM's by PCA against scikit-learn's, the CPU precision choice, fetching on first use,
+and the whole chain (stages 0, 1, 2 and an evaluation) for a few steps on the miniature benchmark."""
+
+import pytest
+import torch
+from conftest import MINI, opts
+
+from apt_min import build, model
+from apt_min.config import load_config
+from apt_min.llama import Llama
+from apt_min.tokenizer import Tokenizer
+
+
+def test_the_chat_layout_is_smollm2s_chat_template(smollm2, reference):
+    """embed_batch's sequence for a text-only example is exactly transformers' rendering of SmolLM2's template for
+    one user turn, then the answer and <|im_end|>; only those carry labels."""
+    folder, _ = smollm2
+    _, ref_tok = reference
+    tok = Tokenizer(folder)
+    cfg = load_config("small", {"llm_path": str(folder)})
+    apt = build.untrained_apt(cfg, tok)  # its stand-in LLM's embeddings only serve to compare positions
+    question, answer = "Is there a bell in the recording?", "yes"
+    rendered = ref_tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
+    form = model.PROMPT_FORMATS["smollm2-chat"]
+    assert form["before"] + question + form["after"] == rendered
+    want = ref_tok.encode(rendered + answer + "<|im_end|>", add_special_tokens=False)
+    x, mask, labels = apt.embed_batch([[("text", question)]], {}, [answer])
+    assert torch.equal(x[0], apt.llm.embed(torch.tensor(want)))
+    assert labels[0].tolist() == [-100] * (len(want) - 2) + want[-2:]  # "yes", <|im_end|>
+    assert tok.decode(want[-2:]) == "yes" and want[-1] == tok.eos_id
+
+
+def test_the_aligner_word_table_is_the_llms_pca(prepared):
+    """llm_word_table equals scikit-learn's PCA of the LLM's embedding table (up to each component's sign), scaled to
+    std 0.02."""
+    from sklearn.decomposition import PCA
+
+    cfg = load_config("tiny", opts(prepared))
+    table = Llama.from_pretrained(cfg.resolved_llm_path()).model.embed_tokens.weight.detach().double().numpy()
+    got = build.llm_word_table(cfg, 8).double()
+    want = torch.from_numpy(PCA(n_components=8, svd_solver="full").fit_transform(table))
+    want = want * (0.02 / want.std())
+    signs = torch.sign((got * want).sum(0))
+    assert got.shape == (table.shape[0], 8) and abs(got.std().item() - 0.02) < 1e-6
+    torch.testing.assert_close(got * signs, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("speedup, cpu_bf16, expected", [(2.4, True, torch.bfloat16), (0.7, True, None),
+                                                         (2.4, False, None)])
+def test_cpu_precision_follows_the_probe(monkeypatch, speedup, cpu_bf16, expected):
+    import train
+
+    monkeypatch.setattr(train, "cpu_bf16_speedup", lambda: speedup)
+    cfg = load_config("small", {"cpu_bf16": cpu_bf16})
+    autocast, scaler, frozen = train.amp_settings(cfg, torch.device("cpu"))
+    with autocast():
+        dtype = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+    assert dtype == (expected or torch.float32) and scaler is None and frozen == torch.float32
+
+
+def test_the_small_presets_llm_is_fetched_on_first_use(monkeypatch, tmp_path):
+    from apt_min import weights
+
+    calls = []
+    monkeypatch.setattr(weights, "build", lambda name, folder, *a: calls.append((name, str(folder))))
+    build.fetch_known_llm(load_config("small"))
+    build.fetch_known_llm(load_config("small", {"llm_path": str(tmp_path)}))  # a folder of the user's own: left be
+    assert calls == [("smollm2", "weights/smollm2-135m-instruct")]
+
+
+def test_the_small_chain_runs_and_evaluates(smollm2, prepared, tmp_path, capsys):
+    """Stages 0, 1 and 2 of the small preset for two steps each on the miniature benchmark, then an evaluation: the
+    prompt format travels with the checkpoint, and stage 0 starts from the LLM's word table."""
+    import evaluate
+    import train
+
+    folder, _ = smollm2
+    small = [o for o in MINI if not o.startswith(("--llm_", "--aligner_", "--num_queries", "--batch_size"))]
+    args = [f"--data_root={prepared / 'synth'}", f"--run_dir={tmp_path / 'run'}", *small, f"--llm_path={folder}",
+            "--preset", "small", "--batch_size=2", "--steps_0=2", "--steps_1=2", "--steps_2=2", "--precision=fp32"]
+    for stage in ("0", "1", "2"):
+        train.main(["--stage", stage, *args])
+    meta = model.APT.read_meta(tmp_path / "run" / "stage2" / "final")
+    assert meta["prompt_format"] == "smollm2-chat" and meta["aligner"]["vocab_size"] == 49152
+    evaluate.main(["--task", "clotho_aqa", "--limit", "4", "--batch-size", "4", *args])
+    assert "clotho_aqa" in capsys.readouterr().out
