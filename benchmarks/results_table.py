@@ -1,5 +1,5 @@
 """Print evaluate.py's metrics as the README's markdown results table.
-    python evaluate.py --task all && python benchmarks/results_table.py [runs/tiny/eval]
+    python evaluate.py --task all && python benchmarks/results_table.py [runs/tiny/eval [APT-tiny]]
 
 "clear margin?" says yes when APT beats the baseline by at least a tenth of the baseline's value and by at least
 0.02, "barely" when it beats it by less, and no otherwise.
@@ -22,7 +22,8 @@ def margin(apt: float, baseline: float, lower_is_better: bool = False) -> str:
 
 def main():
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny/eval")
-    print("| task | metric | APT-tiny | baseline | clear margin? | protocol (baseline) |")
+    name = sys.argv[2] if len(sys.argv) > 2 else "APT-tiny"
+    print(f"| task | metric | {name} | baseline | clear margin? | protocol (baseline) |")
     print("|---|---|---|---|---|---|")
     for task in TASKS:
         file = folder / f"metrics_{task}.json"
