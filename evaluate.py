@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from apt_min import synth
-from apt_min.build import ensure_tokenizer, load_apt
+from apt_min.build import ensure_data, ensure_tokenizer, load_apt
 from apt_min.config import load_config
 from apt_min.evaluation import CAPTION, EVALUATIONS, Options, evaluate
 from apt_min.tasks import label_text
@@ -63,8 +62,7 @@ def main(argv=None):
     if not (checkpoint / "apt.json").is_file():  # checked before anything is generated or loaded
         raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage 0, lm, 1, 2) "
                          "or pass --checkpoint")
-    if cfg.synthetic_data and not synth.holds_other_data(cfg.data_root):  # real data is read as it is
-        synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)  # the embedded default, written on first use
+    ensure_data(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ensure_tokenizer(cfg)
     apt = load_apt(cfg, checkpoint, device)

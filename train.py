@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from apt_min import data, synth
 from apt_min.aligner import Aligner, retrieval_r1, stage0_batch, stage0_losses
-from apt_min.build import build_encoder, ensure_tokenizer, feature_cache, llm_word_table, load_llm
+from apt_min.build import build_encoder, ensure_data, ensure_tokenizer, feature_cache, llm_word_table, load_llm
 from apt_min.config import load_config
 from apt_min.llama import Llama
 from apt_min.model import APT, encode_clips
@@ -660,8 +660,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world, device = setup_distributed()
     random.seed(cfg.seed)
-    if cfg.synthetic_data and rank == 0 and not synth.holds_other_data(cfg.data_root):  # real data: read as it is
-        synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)
+    if rank == 0:
+        ensure_data(cfg)
     if world > 1:
         dist.barrier()
     torch.manual_seed(cfg.seed)

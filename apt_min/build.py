@@ -28,6 +28,15 @@ def fetch_known_llm(cfg):
                 raise SystemExit(f"{folder}: {e}") from None
 
 
+def ensure_data(cfg):
+    """The synthetic benchmark under cfg.data_root, generated on first use, for the presets that run on it (tiny,
+    small); a folder of real data there is read as it is, never replaced."""
+    from apt_min import synth
+
+    if cfg.synthetic_data and not synth.holds_other_data(cfg.data_root):
+        synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)
+
+
 def ensure_tokenizer(cfg) -> Tokenizer:
     """The LLM's tokenizer; for the tiny preset one is trained on the synthetic corpus the first time."""
     fetch_known_llm(cfg)

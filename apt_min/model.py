@@ -186,12 +186,12 @@ class APT(nn.Module):
         device, dtype = self.proj.weight.device, llm.model.embed_tokens.weight.dtype
         prompts = self.clip_prompts(batch, feats)
         form = PROMPT_FORMATS[self.prompt_format]
-        frame = [("text", form["before"])] * bool(form["before"]), [("text", form["after"])] * bool(form["after"])
+        start = [tok.bos_id] if form["bos"] else []
         rows = []
         for b, segments in enumerate(batch):
-            start = [tok.bos_id] if form["bos"] else []
             pieces, labels, clips = [torch.tensor(start, dtype=torch.long)], [-100] * len(start), iter(prompts[b])
-            for kind, value in [*frame[0], *segments, *frame[1]]:
+            framed = [("text", form["before"]), *segments, ("text", form["after"])]
+            for kind, value in [(k, v) for k, v in framed if v]:  # an empty frame adds nothing
                 if kind == "text":
                     ids = tok.encode(value, bos=False)
                     pieces.append(torch.tensor(ids, dtype=torch.long))

@@ -5,12 +5,12 @@ fails, and says so."""
 
 import pytest
 import torch
+from conftest import WHEEL
 
 from apt_min import weights
 from apt_min.llama import Llama
 from apt_min.tokenizer import Tokenizer
 
-WHEEL, _ = weights.MODELS["smollm2"]
 PROMPTS = ["The capital of France is", "A dog barks and a bell rings. The sounds are", "1, 2, 3, 4,",
            "<|im_start|>user\nName a sound that a cat makes.<|im_end|>\n<|im_start|>assistant\n",
            "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n", "def add(a, b):\n    return",
