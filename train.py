@@ -35,11 +35,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from apt_min import data, synth
+from apt_min import audio, build, data, synth
 from apt_min.aligner import Aligner, retrieval_r1, stage0_batch, stage0_losses
-from apt_min.build import build_encoder, ensure_data, ensure_tokenizer, feature_cache, llm_word_table, load_llm
+from apt_min.audiomae import AudioMAE
+from apt_min.build import build_encoder, ensure_data, ensure_tokenizer, feature_cache, load_llm
 from apt_min.config import load_config
 from apt_min.llama import Llama
+from apt_min.mae import MAEDecoder, mae_loss
 from apt_min.model import APT, encode_clips
 from apt_min.tasks import normalize_answer
 
@@ -48,6 +50,8 @@ log = logging.getLogger("train")
 STAGES = {  # what each stage trains, with which loss, for how many steps (a config field), after which stage;
     # ratios: the task mixture, one task per batch (the public APT code's)
     "lm": {"trains": "the whole stand-in LLM", "loss": "next-token cross-entropy", "steps": "steps_lm"},
+    "mae": {"trains": "the encoder and a throw-away decoder (then the encoder is frozen)",
+            "loss": "masked-patch reconstruction (Audio-MAE)", "steps": "steps_mae"},
     "0": {"trains": "the aligner (encoder frozen)", "loss": "ATC + ATM + AGTG", "steps": "steps_0"},
     "1": {"trains": "the aligner without its stage-0 heads, the projection and <AUDIO> (encoder and LLM frozen)",
           "loss": "cross-entropy on the answers", "steps": "steps_1", "needs": "0",
@@ -127,6 +131,82 @@ class StandInLLM:
         print(f"stand-in LLM saved to {folder}/ (frozen from now on); validation: {metrics}")
 
 
+class PretrainEncoder:
+    """--stage mae (encoder_init=mae: the small preset): the encoder is pretrained by masked autoencoding on the
+    training clips' windows (apt_min/mae.py), as Audio-MAE's own weights were, then saved where every later stage
+    reads it, frozen. No text and no labels are used: only the training split's audio."""
+
+    def __init__(self, cfg, rank, world, device):
+        if cfg.encoder_init != "mae" or cfg.encoder_checkpoint:
+            raise SystemExit("--stage mae pretrains the encoder of a preset with --encoder_init=mae (small) and no "
+                             "--encoder_checkpoint")
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.autocast, self.scaler, _ = amp_settings(cfg, device)
+        stage_dir(cfg, "mae").mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.encoder = AudioMAE(cfg.encoder_config()).to(device).requires_grad_(True)
+        self.decoder = MAEDecoder(self.encoder.config).to(device)
+        self.module = MaskedAutoencoder(self.encoder, self.decoder)
+        self.params = dict(self.module.named_parameters())
+        self.train_windows = self.windows("train")
+        self.val_windows = self.windows("val")[:cfg.val_batches * cfg.mae_batch_size]
+        self.sampler = data.TaskSampler({"windows": list(range(len(self.train_windows)))}, {"windows": 1.0},
+                                        cfg.mae_batch_size * world, cfg.seed)
+
+    def windows(self, split) -> torch.Tensor:
+        """Every window of every clip of the split's captioning data (and for training, tagging's), as filter
+        banks (n, T, F) in float16 (2 400 training clips: 0.3 GB); a clip that cannot be read is skipped and
+        reported."""
+        cfg, paths = self.cfg, {}
+        sources = [("captioning", {}), ("captioning", {"source": "clotho"})] + [("tagging", {})] * (split == "train")
+        for task, options in sources:
+            paths |= dict.fromkeys(ex.segments[0][1] for ex in data.examples(task, cfg.data_root, split, **options))
+        windows = []
+        for p in paths:
+            try:
+                windows.append(audio.load_fbank(p, cfg.target_length, self.encoder.config.num_mel_bins).half())
+            except (audio.AudioError, OSError) as e:
+                if cfg.strict_audio:
+                    raise
+                warn([(p, str(e))])
+        return torch.cat(windows)
+
+    def micro_step(self, model, sampler):
+        _, idx = sampler.next_batch()
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # the masks: by step
+        batch = self.train_windows[idx[self.rank::self.world]].to(self.device).float()
+        with self.autocast():
+            loss = model(batch, self.cfg.mask_ratio, g)
+        return loss, 1, {"examples": len(batch)}
+
+    @torch.no_grad()
+    def validate(self):
+        g, total, bs = torch.Generator().manual_seed(0), 0.0, self.cfg.mae_batch_size
+        chunks = self.val_windows.split(bs)
+        for chunk in chunks:
+            with self.autocast():
+                total += self.module(chunk.to(self.device).float(), self.cfg.mask_ratio, g).item()
+        return {"val_loss": total / max(1, len(chunks))}
+
+    def finish(self, metrics):
+        path = Path(self.cfg.run_dir) / "encoder.safetensors"
+        self.encoder.requires_grad_(False).eval()
+        self.encoder.save(path)
+        print(f"stage mae done: the encoder is saved to {path} and frozen from now on; validation: masked-patch "
+              f"loss {metrics['val_loss']:.4f}")
+
+
+class MaskedAutoencoder(nn.Module):
+    """One forward = the masked-autoencoding loss, so DistributedDataParallel sees one call per step."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, fbank, ratio, generator):
+        return mae_loss(self.encoder, self.decoder, fbank, ratio, generator)
+
+
 class AlignStage0:
     """--stage 0: the aligner learns to read the frozen encoder's features on audio-text pairs. Every aligner weight
     trains (the stage-0 heads too); the encoder is frozen (built without gradients)."""
@@ -139,12 +219,21 @@ class AlignStage0:
         stage_dir(cfg, "0").mkdir(parents=True, exist_ok=True)
         self.cache = feature_cache(cfg, self.encoder_id)
         torch.manual_seed(cfg.seed)
-        self.aligner = Aligner(cfg.aligner_config(self.tok.vocab_size)).to(device)
-        if cfg.aligner_init == "llm":  # the word table from the LLM's own (the [DEC] row keeps its init)
-            with torch.no_grad():
-                self.aligner.word_embeddings.weight[:self.tok.vocab_size] = llm_word_table(cfg, cfg.aligner_hidden)
-        elif cfg.aligner_init != "random":
+        if cfg.aligner_init not in ("random", "llm"):
             raise SystemExit(f"--aligner_init={cfg.aligner_init!r}: expected random or llm")
+        words = build.llm_embeddings(cfg) if "llm" in (cfg.aligner_init, cfg.aligner_words) else None
+        llm_dim = words.shape[1] if cfg.aligner_words == "llm" else 0
+        self.aligner = Aligner(cfg.aligner_config(self.tok.vocab_size, llm_dim)).to(device)
+        with torch.no_grad():  # the word vectors from the LLM's own ([DEC] keeps its init)
+            if cfg.aligner_words == "llm":
+                self.aligner.attach_llm_words(words.to(device))
+                if cfg.aligner_init == "llm":
+                    weight, bias = build.llm_pca_map(words, cfg.aligner_hidden)
+                    self.aligner.word_map.weight.copy_(weight)
+                    self.aligner.word_map.bias.copy_(bias)
+            elif cfg.aligner_init == "llm":
+                weight, bias = build.llm_pca_map(words, cfg.aligner_hidden)
+                self.aligner.word_embeddings.weight[:self.tok.vocab_size] = words @ weight.T + bias
         rng = random.Random(cfg.seed)
         pairs = (data.examples("captioning", cfg.data_root, "train", rng=rng)  # audio-text pairs: captions, and
                  + data.examples("captioning", cfg.data_root, "train", source="clotho", rng=rng)  # tagging answers
@@ -252,9 +341,11 @@ class TuneAPT:
                                + data.examples("captioning", root, "train", source="clotho", rng=rng))
         if stage == "2":
             single = data.single_label_pool(root, "train")
-            # trained as 4-way 1-shot (paper); half the episodes with made-up class names, so that answering means
-            # matching the query to the supports rather than recognising a known class
-            pools["fewshot"] = lambda r: data.fewshot_episode(single, 4, 1, r, rename=r.random() < 0.5)
+            # trained as 4-way 1-shot (paper; fewshot_shapes=mixed: 2 to 5 ways, 1 to 3 shots); half the episodes
+            # with made-up class names, so that answering means matching the query to the supports rather than
+            # recognising a known class
+            pools["fewshot"] = lambda r: data.fewshot_episode(single, *episode_shape(cfg, r), r,
+                                                              rename=r.random() < 0.5)
             pools["nlar"] = data.examples("nlar", root, "train")
         ratios = parse_ratios(cfg.task_ratios, STAGES[stage]["ratios"])
         self.sampler = data.TaskSampler(pools, ratios, cfg.batch_size * world, cfg.seed)
@@ -570,7 +661,7 @@ def amp_settings(cfg, device):
 
 
 def stage_dir(cfg, stage) -> Path:
-    return Path(cfg.run_dir) / ("llm-train" if stage == "lm" else f"stage{stage}")
+    return Path(cfg.run_dir) / {"lm": "llm-train", "mae": "encoder-train"}.get(stage, f"stage{stage}")
 
 
 
@@ -578,6 +669,17 @@ def stage_dir(cfg, stage) -> Path:
 def warn(bad):
     for _, err in bad:
         log.warning("skipping audio that cannot be used: %s", err)
+
+
+def episode_shape(cfg, rng: random.Random) -> tuple[int, int]:
+    """(ways, shots) of one training episode: the paper's 4-way 1-shot, or with fewshot_shapes=mixed 2-5 ways and
+    1-3 shots (at most 12 support clips), so that the longer episodes of evaluation are not new to the model."""
+    if cfg.fewshot_shapes == "4x1":
+        return 4, 1
+    if cfg.fewshot_shapes != "mixed":
+        raise SystemExit(f"--fewshot_shapes={cfg.fewshot_shapes!r}: expected 4x1 or mixed")
+    ways = rng.randint(2, 5)
+    return ways, rng.randint(1, min(3, 12 // ways))
 
 
 def parse_ratios(text: str, base: dict) -> dict:
@@ -669,6 +771,8 @@ def main(argv=None):
         print(f"stage {args.stage} trains {STAGES[args.stage]['trains']}; loss: {STAGES[args.stage]['loss']}")
     if args.stage == "lm":
         job = StandInLLM(cfg, rank, world, device)
+    elif args.stage == "mae":
+        job = PretrainEncoder(cfg, rank, world, device)
     elif args.stage == "0":
         job = AlignStage0(cfg, rank, world, device)
     else:

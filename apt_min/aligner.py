@@ -42,6 +42,7 @@ class AlignerConfig:
     contrast_dim: int = 256  # ATC projection
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
+    llm_words: int = 0  # 0: a word table of its own (BERT's); D: the frozen LLM's (vocab, D) table through a D -> H map
 
 
 # --------------------------------------------------------------------------------------------------------- masks
@@ -150,7 +151,11 @@ class Aligner(nn.Module):
         self.dec_id = cfg.vocab_size  # decoder-start token: one extra row of the word table
         self.ln_audio = nn.LayerNorm(cfg.audio_dim)  # on the frozen encoder's output (BLIP-2's ln_vision)
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_queries, H) * 0.02)
-        self.word_embeddings = nn.Embedding(cfg.vocab_size + 1, H)
+        if cfg.llm_words:  # words as the LLM embeds them, mapped to H (attach_llm_words gives the table); [DEC]
+            self.word_map = nn.Linear(cfg.llm_words, H)  # has a row of its own
+            self.dec_embedding = nn.Parameter(torch.randn(H) * 0.02)
+        else:
+            self.word_embeddings = nn.Embedding(cfg.vocab_size + 1, H)
         self.position_embeddings = nn.Embedding(cfg.max_text_len, H)  # text only; queries have no position
         self.embed_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
         self.embed_drop = nn.Dropout(cfg.dropout)
@@ -163,15 +168,51 @@ class Aligner(nn.Module):
         self.atm_head = nn.Linear(H, 2)
         self.lm_transform = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H, eps=cfg.layer_norm_eps))
         self.lm_decoder = nn.Linear(H, cfg.vocab_size + 1)
-        self.lm_decoder.weight = self.word_embeddings.weight  # tied, as in BERT
+        if cfg.llm_words:  # tied to the word vectors as well: computed from the LLM's table in `word_logits`
+            del self.lm_decoder.weight
+        else:
+            self.lm_decoder.weight = self.word_embeddings.weight  # tied, as in BERT
         self.apply(self._init)
 
     @staticmethod
     def _init(m):  # BERT's initialisation
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+        if isinstance(m, (nn.Linear, nn.Embedding)) and isinstance(getattr(m, "weight", None), nn.Parameter):
             nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+    # ---------------------------------------------------------------------------------------------------- words
+
+    def attach_llm_words(self, table: torch.Tensor):
+        """With llm_words: the frozen LLM's input embedding table (vocab, D), read but never trained or saved here
+        (model.APT attaches its LLM's; stage 0 and the tagging protocol read it from the LLM's files)."""
+        cfg = self.config
+        if tuple(table.shape) != (cfg.vocab_size, cfg.llm_words):
+            raise ValueError(f"the aligner reads an LLM word table of shape ({cfg.vocab_size}, {cfg.llm_words}), "
+                             f"got {tuple(table.shape)}")
+        self.__dict__["llm_table"] = table  # a plain attribute: not a parameter, not in the state dict
+
+    def _llm_table(self) -> torch.Tensor:
+        table = self.__dict__.get("llm_table")
+        if table is None:
+            raise RuntimeError("this aligner reads its words from the LLM's table: call attach_llm_words first")
+        return table.detach()
+
+    def embed_words(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T), [DEC] included -> word vectors (B, T, H)."""
+        if not self.config.llm_words:
+            return self.word_embeddings(ids)
+        rows = F.embedding(ids.clamp(max=self.dec_id - 1), self._llm_table()).to(self.word_map.weight.dtype)
+        x = self.word_map(rows)
+        return torch.where((ids == self.dec_id)[..., None], self.dec_embedding.to(x.dtype), x)
+
+    def word_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """AGTG's decoder, tied to the word vectors: (..., H) -> (..., vocab + 1)."""
+        if not self.config.llm_words:
+            return self.lm_decoder(h)
+        table = self.word_map(self._llm_table().to(self.word_map.weight.dtype))  # (V, H)
+        table = torch.cat([table, self.dec_embedding[None].to(table.dtype)])
+        return F.linear(h, table.to(h.dtype), self.lm_decoder.bias.to(h.dtype))
 
     def forward(self, audio_feats=None, text_ids=None, text_mask=None, mask_fn=bidirectional_mask):
         """audio_feats (B, N, Da) or None (text alone); text_ids, text_mask (B, T) or None (queries alone).
@@ -185,7 +226,7 @@ class Aligner(nn.Module):
             if T > self.config.max_text_len:
                 raise ValueError(f"text of {T} tokens is longer than max_text_len={self.config.max_text_len}")
             pos = self.position_embeddings(torch.arange(T, device=text_ids.device))
-            parts.append(self.word_embeddings(text_ids) + pos)  # (B, T, H)
+            parts.append(self.embed_words(text_ids) + pos)  # (B, T, H)
         Q = parts[0].shape[1] if audio_feats is not None else 0
         x = self.embed_drop(self.embed_norm(torch.cat(parts, dim=1)))  # (B, Q + T, H)
         mask = None
@@ -317,7 +358,7 @@ def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, 
     dec_ids = text_ids.clone()
     dec_ids[:, 0] = aligner.dec_id
     h = aligner(audio_feats, dec_ids, text_mask, multimodal_causal_mask)
-    logits = aligner.lm_decoder(aligner.lm_transform(h[:, Q:-1]))  # (B, T - 1, V + 1): predicts tokens 1..T-1
+    logits = aligner.word_logits(aligner.lm_transform(h[:, Q:-1]))  # (B, T - 1, V + 1): predicts tokens 1..T-1
     targets = text_ids[:, 1:].masked_fill(~text_mask[:, 1:], -100)
     agtg = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=0.1)
     return {"atc": atc, "atm": atm, "agtg": agtg, "total": atc + atm + agtg}

@@ -52,13 +52,16 @@ def ensure_tokenizer(cfg) -> Tokenizer:
 
 
 def build_encoder(cfg, device, dtype, create: bool = True):
-    """The frozen Audio-MAE and its identity. Tiny preset: a seeded random encoder, saved once under run_dir so
-    every stage (and evaluate.py) uses exactly the same one."""
+    """The frozen Audio-MAE and its identity. Without a checkpoint, the preset's own, under run_dir: tiny's is a
+    seeded random encoder, saved once so every stage (and evaluate.py) uses exactly the same one; small's is
+    pretrained by `--stage mae` (encoder_init=mae)."""
     if cfg.encoder_checkpoint:
         path = Path(cfg.encoder_checkpoint)
         model = AudioMAE.from_checkpoint(path, cfg.encoder_config())
     else:
         path = Path(cfg.run_dir) / "encoder.safetensors"
+        if not path.is_file() and cfg.encoder_init == "mae":
+            raise SystemExit(f"{path}: the encoder is not pretrained yet; run `python train.py --stage mae` first")
         if not path.is_file() and not create:
             raise SystemExit(f"{path}: the tiny preset's encoder is not there; run `python train.py --stage 0` first")
         if not path.is_file():
@@ -102,19 +105,28 @@ def untrained_apt(cfg, tokenizer, device="cpu") -> APT:
     torch.manual_seed(cfg.seed)
     encoder = AudioMAE(cfg.encoder_config())
     llm = Llama(cfg.stand_in_llm_config(tokenizer))
-    aligner = Aligner(cfg.aligner_config(tokenizer.vocab_size))
+    aligner = Aligner(cfg.aligner_config(tokenizer.vocab_size, llm.config.hidden_size))
     return APT(encoder, aligner, llm, tokenizer, prompt_format=cfg.prompt_format).to(device)
 
 
+def llm_embeddings(cfg) -> torch.Tensor:
+    """The LLM's input embedding table (vocab, D), float32, read from its folder."""
+    return Llama.from_pretrained(Path(cfg.resolved_llm_path())).model.embed_tokens.weight.detach()
+
+
 @torch.no_grad()
-def llm_word_table(cfg, width: int) -> torch.Tensor:
-    """The LLM's input embedding table reduced to `width` columns by PCA (its top principal directions), scaled to
-    the aligner's init std 0.02: a start for the aligner's word table in which words the LLM finds alike are already
-    near (BLIP-2's Q-Former starts from BERT for the same reason). (vocab, width)."""
-    table = Llama.from_pretrained(Path(cfg.resolved_llm_path())).model.embed_tokens.weight.double()
+def llm_pca_map(table: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LLM's embedding table (vocab, D) reduced to `width` columns by PCA (its top principal directions), scaled
+    to the aligner's init std 0.02, as a linear map: (weight (width, D), bias (width,)) with
+    table @ weight.T + bias = the reduced table. A start for the aligner's word vectors in which words the LLM finds
+    alike are already near (BLIP-2's Q-Former starts from BERT for the same reason)."""
+    table = table.double()
     if width > table.shape[1]:
         raise ValueError(f"the aligner is {width} wide, wider than the LLM's embeddings ({table.shape[1]})")
-    centred = table - table.mean(0)
+    mean = table.mean(0)
+    centred = table - mean
     _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-    reduced = centred @ vectors[:, -width:].flip(1)
-    return (reduced * (0.02 / reduced.std())).float()
+    top = vectors[:, -width:].flip(1)  # (D, width)
+    scale = 0.02 / (centred @ top).std()
+    return (top.T * scale).float(), (-(mean @ top) * scale).float()
+

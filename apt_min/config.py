@@ -19,7 +19,7 @@ class Config:
     data_root: str = "data/synth"  # a folder in the real data sets' layouts (apt_min.data.LAYOUT)
     run_dir: str = "runs/tiny"  # stages write stage0/, stage1/, ... here; the tiny LLM goes to llm/
     llm_path: str = ""  # a Hugging Face Llama folder; "" = {run_dir}/llm, written by `--stage lm` (tiny only)
-    encoder_checkpoint: str = ""  # Audio-MAE .pth / .safetensors; "" = a seeded random encoder (tiny only)
+    encoder_checkpoint: str = ""  # Audio-MAE .pth / .safetensors; "" = the preset makes its own (encoder_init)
     synth_scale: float = 1.0  # size of the synthetic benchmark generated on first use
     # audio front end and encoder
     target_length: int = 512  # fbank frames per window (5.12 s)
@@ -27,6 +27,9 @@ class Config:
     encoder_depth: int = 2
     encoder_heads: int = 4
     output_block: int = -2  # penultimate (paper); the public APT code used the last (-1)
+    encoder_init: str = "random"  # without a checkpoint: "random" (seeded, tiny) or "mae" (--stage mae pretrains it)
+    mask_ratio: float = 0.8  # --stage mae: the share of each window's patches hidden from the encoder (Audio-MAE's)
+    mae_batch_size: int = 64  # --stage mae: windows per batch
     # aligner
     aligner_hidden: int = 128
     aligner_layers: int = 2
@@ -34,7 +37,8 @@ class Config:
     aligner_intermediate: int = 512
     num_queries: int = 16
     aligner_dropout: float = 0.1
-    aligner_init: str = "random"  # or "llm": the aligner's word table starts as the LLM's, reduced by PCA (stage 0)
+    aligner_words: str = "own"  # the aligner's word vectors: a table of its own, or "llm": the LLM's table, mapped
+    aligner_init: str = "random"  # or "llm": its word vectors start as the LLM's, reduced by PCA (stage 0)
     prompt_format: str = "plain"  # how an example is laid out for the LLM (apt_min.model.PROMPT_FORMATS)
     # the tiny stand-in LLM (ignored when llm_path names a real model)
     llm_vocab: int = 1000
@@ -52,12 +56,14 @@ class Config:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     steps_lm: int = 600
+    steps_mae: int = 1500
     steps_0: int = 600
     steps_1: int = 2500
     steps_2: int = 1500
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp16 (GradScaler, CUDA) / fp32
     cpu_bf16: bool = False  # with precision=auto: bf16 autocast on a CPU that computes bf16 natively (probed)
     task_ratios: str = ""  # e.g. "aqa=0.3,nlar=1": changes the stage's task mixture (train.py STAGES)
+    fewshot_shapes: str = "4x1"  # stage 2's episodes: 4-way 1-shot (paper) or "mixed" (2-5 ways, 1-3 shots)
     grad_checkpointing: bool = False  # recompute the LLM blocks in backward (how 7B fits on a 24 GB card)
     compile_llm: bool = False  # torch.compile the frozen LLM's blocks for training (7B on an H100: 1.7x per step)
     seed: int = 0
@@ -85,13 +91,16 @@ class Config:
         return AudioMAEConfig(target_length=self.target_length, dim=self.encoder_dim, depth=self.encoder_depth,
                               heads=self.encoder_heads, output_block=self.output_block)
 
-    def aligner_config(self, vocab_size: int):
+    def aligner_config(self, vocab_size: int, llm_dim: int = 0):
+        """llm_dim: the LLM's width, which an aligner reading the LLM's word table (aligner_words=llm) needs."""
         from apt_min.aligner import AlignerConfig
 
+        if self.aligner_words not in ("own", "llm"):
+            raise ValueError(f"--aligner_words={self.aligner_words!r}: expected own or llm")
         return AlignerConfig(vocab_size=vocab_size, audio_dim=self.encoder_dim, hidden_size=self.aligner_hidden,
                              num_layers=self.aligner_layers, num_heads=self.aligner_heads,
                              intermediate_size=self.aligner_intermediate, num_queries=self.num_queries,
-                             dropout=self.aligner_dropout)
+                             dropout=self.aligner_dropout, llm_words=llm_dim if self.aligner_words == "llm" else 0)
 
     def stand_in_llm_config(self, tokenizer):
         """The tiny preset's stand-in LLM, sized by the llm_* settings, for `tokenizer`."""
@@ -109,11 +118,14 @@ class Config:
 PRESETS = {
     "tiny": {},
     # SmolLM2-135M-Instruct, a real pretrained LLM that a CPU runs (python -m apt_min.weights smollm2, fetched on
-    # first use); the tiny preset's encoder and data; an aligner of the paper's shape for a 576-d LLM
+    # first use); the tiny preset's data; an encoder of the tiny's width, 4 blocks, pretrained by masked
+    # autoencoding (--stage mae); an aligner of the paper's shape (4 layers, cross-attention every second one) at
+    # 128 wide, reading its words through SmolLM2's own table; stage 2 weighted to episodes of several shapes
     "small": dict(
-        preset="small", run_dir="runs/small", llm_path="weights/smollm2-135m-instruct", aligner_hidden=256,
-        aligner_layers=4, aligner_heads=4, aligner_intermediate=1024, aligner_init="llm",
-        prompt_format="smollm2-chat", cpu_bf16=True, batch_size=8, lr=5e-4, steps_0=600, steps_1=600, steps_2=400,
+        preset="small", run_dir="runs/small", llm_path="weights/smollm2-135m-instruct", encoder_depth=4,
+        encoder_init="mae", aligner_hidden=128, aligner_layers=4, aligner_heads=4, aligner_intermediate=512,
+        aligner_words="llm", aligner_init="llm", prompt_format="smollm2-chat", cpu_bf16=True, batch_size=8, lr=5e-4,
+        steps_mae=600, steps_0=500, steps_1=600, steps_2=500, task_ratios="fewshot=2", fewshot_shapes="mixed",
         log_every=25, eval_every=200, save_every=200,
     ),
     "paper": dict(

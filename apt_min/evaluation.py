@@ -57,12 +57,33 @@ def generate(apt, examples, options: dict, batch_size: int = 16, desc: str = "ge
 # ------------------------------------------------------------------------------------- protocols needing the model
 
 
-def stage0_aligner(checkpoint: Path, device) -> Aligner | None:
-    """The stage-0 aligner of the run that `checkpoint` (run/stageN/final) belongs to, or None."""
+def prototype_label(episode, feats: dict) -> str:
+    """A prototypical network (Snell et al., 2017) on the frozen encoder, the few-shot experts' kind of baseline
+    (paper Table 5): each clip is its features max-pooled over windows and patches (a mean is dominated by the
+    background that fills most of a clip: on the synthetic novel classes it scores at chance); each label's
+    prototype is the mean of its support clips'; the query takes the label of the nearest prototype (Euclidean).
+    Nothing trains."""
+    def pooled(path):
+        return feats[path].float().amax((0, 1))
+    support = {}
+    for path, label in episode.target["support"]:
+        support.setdefault(label, []).append(pooled(path))
+    labels = list(support)
+    prototypes = torch.stack([torch.stack(support[label]).mean(0) for label in labels])  # (ways, D)
+    distances = (prototypes - pooled(episode.target["query"])).pow(2).sum(-1)
+    return labels[int(distances.argmin())]
+
+
+def stage0_aligner(checkpoint: Path, device, words: torch.Tensor | None = None) -> Aligner | None:
+    """The stage-0 aligner of the run that `checkpoint` (run/stageN/final) belongs to, or None. `words`: the LLM's
+    embedding table, for an aligner that reads its words there (aligner_words=llm)."""
     folder = Path(checkpoint).resolve().parent.parent / "stage0" / "final"
     if not (folder / "aligner.json").is_file():
         return None
-    return Aligner.load(folder).eval().to(device)
+    aligner = Aligner.load(folder).eval().to(device)
+    if aligner.config.llm_words and words is not None:
+        aligner.attach_llm_words(words)
+    return aligner
 
 
 @torch.no_grad()
@@ -148,7 +169,8 @@ def eval_tagging(apt, cfg, name, examples, opts):
     labels = metrics.label_matrix(examples, classes)
     outputs = generate(apt, examples, SHORT | {"max_new_tokens": 40}, opts.batch_size, "tagging")
     chance = metrics.mean_average_precision(np.random.default_rng(0).random(labels.shape), labels)
-    aligner = stage0_aligner(opts.checkpoint, apt.proj.weight.device) if opts.checkpoint else None
+    aligner = (stage0_aligner(opts.checkpoint, apt.proj.weight.device, apt.llm.model.embed_tokens.weight)
+               if opts.checkpoint else None)
     if aligner is not None:
         scores = text_branch_scores(aligner, apt.tokenizer, outputs, classes)
         rows = [("mAP", metrics.mean_average_precision(scores, labels), chance,
@@ -194,6 +216,9 @@ def eval_fewshot(apt, cfg, name, episodes, opts):
         got = generate(apt, eps, SHORT, max(1, opts.batch_size // 4), f"{n_way}-way {k_shot}-shot")
         for ep in progress(eps, f"{n_way}-way {k_shot}-shot likelihood"):
             ep.target["ranked"] = rank_labels(apt, ep)
+        feats, _ = apt.encode_clips([v for ep in eps for k, v in ep.segments if k == "audio"], strict=True)
+        for ep in eps:
+            ep.target["prototype"] = prototype_label(ep, feats)
         rows += metrics.score_fewshot(eps, got, setting)
         outputs += got
     return rows, outputs, [ep.answer for ep in episodes]

@@ -214,7 +214,8 @@ def named_label(output: str, episode):
 
 def score_fewshot(episodes, outputs, name):
     """Accuracy of the episode label each generated answer names, and of the label the LLM ranked first
-    (episode.target["ranked"]), beside chance."""
+    (episode.target["ranked"]), beside chance; where episodes carry a prototypical network's answer
+    (episode.target["prototype"]), the generated accuracy once more, beside that network's."""
     n_way = len(episodes[0].target["choices"])
     rows = _row(name, np.mean([named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]),
                 1 / n_way, f"{len(episodes)} fixed episodes; the answer is the episode label it names "
@@ -222,6 +223,12 @@ def score_fewshot(episodes, outputs, name):
     rows += _row(f"{name}, ranked", np.mean([ep.target["ranked"] == ep.target["label"] for ep in episodes]),
                  1 / n_way, 'the same episodes; the answer is the label whose "This is a sound of {label}." is '
                  "most likely to the LLM (baseline: chance)")
+    if all("prototype" in ep.target for ep in episodes):
+        rows += _row(f"{name} vs a prototypical network",
+                     np.mean([named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]),
+                     np.mean([ep.target["prototype"] == ep.target["label"] for ep in episodes]),
+                     "the generated answers, beside the nearest class mean of the frozen encoder's max-pooled features "
+                     "(a prototypical network, nothing trained) on the same episodes")
     return rows
 
 

@@ -134,6 +134,8 @@ class APT(nn.Module):
         self.encoder, self.aligner, self.llm, self.tokenizer, self.cache = encoder, aligner, llm, tokenizer, cache
         self.prompt_format = prompt_format
         D = llm.config.hidden_size
+        if aligner.config.llm_words:  # the aligner reads words through the LLM's own table
+            aligner.attach_llm_words(llm.model.embed_tokens.weight)
         self.proj = nn.Linear(aligner.config.hidden_size, D)
         self.audio_token = nn.Parameter(torch.randn(D) * 0.02)  # <AUDIO>: marks where each clip begins
         for frozen in (encoder, llm):

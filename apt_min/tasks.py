@@ -178,7 +178,8 @@ def fewshot(support, query_audio: str, query_label: str) -> Example:
         segments += [("audio", audio), ("text", PROMPTS["fewshot"][0].format(label=label_text(label)))]
     segments += [("audio", query_audio), ("text", FEWSHOT_QUERY)]
     return Example("fewshot", segments, label_text(query_label),
-                   {"label": query_label, "choices": list(dict.fromkeys(lab for _, lab in support))})
+                   {"label": query_label, "choices": list(dict.fromkeys(lab for _, lab in support)),
+                    "support": list(support), "query": query_audio})
 
 
 def nlar(audio_1: str, audio_2: str, question: str, answer: str) -> Example:

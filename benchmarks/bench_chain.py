@@ -1,5 +1,6 @@
-"""A preset's training chain, end to end: `python train.py --stage 0`, then lm (tiny only), 1 and 2, each in a fresh
-process, as a user runs them. Prints the wall time of each stage and its validation numbers before and after training.
+"""A preset's training chain, end to end: `python train.py --stage 0`, then lm (tiny only), 1 and 2 (the small
+preset: mae first), each in a fresh process, as a user runs them. Prints the wall time of each stage and its
+validation numbers before and after training.
     python benchmarks/bench_chain.py [--preset=small] [--run_dir=...] [any other --key=value for train.py]
 """
 
@@ -17,11 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def main():
     preset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--preset=")), "tiny")
     extra = [a for a in sys.argv[1:] if not a.startswith("--preset=")]
-    run_dir = Path(next((a.split("=", 1)[1] for a in extra if a.startswith("--run_dir=")),
-                        load_config(preset).run_dir))
-    stages = [("0", "stage0"), ("lm", "llm-train"), ("1", "stage1"), ("2", "stage2")]
+    run_dir = Path(next((a.split("=", 1)[1] for a in extra if a.startswith("--run_dir=")), load_config(preset).run_dir))
+    cfg = load_config(preset)
+    stages = [("mae", "encoder-train"), ("0", "stage0"), ("lm", "llm-train"), ("1", "stage1"), ("2", "stage2")]
+    skip = {"lm"} if cfg.llm_path else set()  # a preset with a real LLM has no lm stage
+    skip |= set() if cfg.encoder_init == "mae" and not cfg.encoder_checkpoint else {"mae"}
     total = 0.0
-    for stage, folder in [s for s in stages if preset == "tiny" or s[0] != "lm"]:
+    for stage, folder in [s for s in stages if s[0] not in skip]:
         t = time.time()
         subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", preset, *extra], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -304,3 +304,55 @@ def test_clip_ids_and_retrieval_recall():
         aligner.encode_text = lambda ids, mask, texts=texts: texts
         got = retrieval_r1(aligner, None, None, None, owner)
         assert got == pytest.approx({"a2t_r1": a2t, "t2a_r1": t2a})
+
+
+# ------------------------------------------------------------------------ words read from the LLM's table (small)
+
+
+def test_words_read_through_the_llms_table_are_mapped_rows_of_it(tmp_path):
+    """aligner_words=llm: a word's vector is its row of the LLM's table through the trained map, [DEC] its own
+    vector; the AGTG decoder is tied to those same vectors; the table is never part of the aligner's weights, so a
+    saved aligner is small and must be given the table again to run."""
+    torch.manual_seed(0)
+    table = torch.randn(CFG.vocab_size, 12)
+    aligner = random_aligner(llm_words=12)
+    with pytest.raises(RuntimeError, match="attach_llm_words"):
+        aligner.embed_words(torch.tensor([[1]]))
+    with pytest.raises(ValueError, match=r"\(50, 12\)"):
+        aligner.attach_llm_words(table[:, :8])
+    aligner.attach_llm_words(table)
+    ids = torch.tensor([[3, 7, CFG.vocab_size, 0]])
+    got = aligner.embed_words(ids)[0]
+    W, b = aligner.word_map.weight, aligner.word_map.bias
+    torch.testing.assert_close(got[:2], table[[3, 7]] @ W.T + b)
+    torch.testing.assert_close(got[2], aligner.dec_embedding)
+    h = torch.randn(2, CFG.hidden_size)
+    vectors = torch.cat([table @ W.T + b, aligner.dec_embedding[None]])
+    torch.testing.assert_close(aligner.word_logits(h), h @ vectors.T + aligner.lm_decoder.bias)
+    assert not any(v.shape[:1] == (CFG.vocab_size,) for v in aligner.state_dict().values())
+    aligner.save(tmp_path)
+    again = Aligner.load(tmp_path).eval()
+    audio = torch.randn(1, 6, CFG.audio_dim)
+    with pytest.raises(RuntimeError, match="attach_llm_words"):
+        again(audio, ids)
+    again.attach_llm_words(table)
+    torch.testing.assert_close(again(audio, ids), aligner(audio, ids))
+
+
+def test_an_apt_gives_its_aligner_the_llms_own_table():
+    """Inside APT the aligner reads the frozen LLM's embedding table itself: the same tensor, never a copy, and no
+    gradient reaches it."""
+    from apt_min.audiomae import AudioMAE, AudioMAEConfig
+    from apt_min.llama import Llama, LlamaConfig
+    from apt_min.model import APT
+
+    torch.manual_seed(0)
+    llm = Llama(LlamaConfig(vocab_size=CFG.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1))
+    aligner = Aligner(AlignerConfig(**{**CFG.__dict__, "llm_words": 16}))
+    encoder = AudioMAE(AudioMAEConfig(target_length=32, num_mel_bins=32, dim=CFG.audio_dim, depth=2, heads=2))
+    apt = APT(encoder, aligner, llm, tokenizer=None)
+    assert aligner.__dict__["llm_table"] is llm.model.embed_tokens.weight
+    aligner.embed_words(torch.tensor([[1, 2]])).sum().backward()
+    assert llm.model.embed_tokens.weight.grad is None and aligner.word_map.weight.grad is not None
+    assert "aligner.llm_table" not in apt.trainable_state()

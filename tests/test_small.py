@@ -1,6 +1,8 @@
 """The small preset: SmolLM2-135M-Instruct as the frozen LLM. Its chat template against transformers' rendering, the
 aligner's word table from the LLM's by PCA against scikit-learn's, the CPU precision choice, fetching on first use,
-and the whole chain (stages 0, 1, 2 and an evaluation) for a few steps on the miniature benchmark."""
+and the whole chain (stages mae, 0, 1, 2 and an evaluation) for a few steps on the miniature benchmark."""
+
+import json
 
 import pytest
 import torch
@@ -33,13 +35,15 @@ def test_the_chat_layout_is_smollm2s_chat_template(smollm2, reference):
 
 
 def test_the_aligner_word_table_is_the_llms_pca(prepared):
-    """llm_word_table equals scikit-learn's PCA of the LLM's embedding table (up to each component's sign), scaled to
-    std 0.02."""
+    """The map llm_pca_map makes takes the LLM's embedding table to scikit-learn's PCA of it (up to each component's
+    sign), scaled to std 0.02."""
     from sklearn.decomposition import PCA
 
     cfg = load_config("tiny", opts(prepared))
+    words = build.llm_embeddings(cfg)
     table = Llama.from_pretrained(cfg.resolved_llm_path()).model.embed_tokens.weight.detach().double().numpy()
-    got = build.llm_word_table(cfg, 8).double()
+    weight, bias = build.llm_pca_map(words, 8)
+    got = (words @ weight.T + bias).double()
     want = torch.from_numpy(PCA(n_components=8, svd_solver="full").fit_transform(table))
     want = want * (0.02 / want.std())
     signs = torch.sign((got * want).sum(0))
@@ -79,10 +83,15 @@ def test_the_small_chain_runs_and_evaluates(smollm2, prepared, tmp_path, capsys)
     folder, _ = smollm2
     small = [o for o in MINI if not o.startswith(("--llm_", "--aligner_", "--num_queries", "--batch_size"))]
     args = [f"--data_root={prepared / 'synth'}", f"--run_dir={tmp_path / 'run'}", *small, f"--llm_path={folder}",
-            "--preset", "small", "--batch_size=2", "--steps_0=2", "--steps_1=2", "--steps_2=2", "--precision=fp32"]
-    for stage in ("0", "1", "2"):
+            "--preset", "small", "--batch_size=2", "--steps_mae=2", "--mae_batch_size=4", "--steps_0=2",
+            "--steps_1=2", "--steps_2=2", "--precision=fp32"]
+    for stage in ("mae", "0", "1", "2"):
         train.main(["--stage", stage, *args])
     meta = model.APT.read_meta(tmp_path / "run" / "stage2" / "final")
     assert meta["prompt_format"] == "smollm2-chat" and meta["aligner"]["vocab_size"] == 49152
+    assert meta["aligner"]["llm_words"] == 576  # words through SmolLM2's own table
+    assert meta["encoder"]["path"] == str(tmp_path / "run" / "encoder.safetensors")  # the one --stage mae made
+    mae_log = [json.loads(line) for line in open(tmp_path / "run" / "encoder-train" / "log.jsonl")]
+    assert mae_log[-1]["step"] == 2 and mae_log[-1]["val_loss"] > 0
     evaluate.main(["--task", "clotho_aqa", "--limit", "4", "--batch-size", "4", *args])
     assert "clotho_aqa" in capsys.readouterr().out

@@ -1,0 +1,111 @@
+"""The encoder's masked-autoencoding pretraining (apt_min/mae.py, `train.py --stage mae`): patches in the encoder's
+order, the encoder on kept patches only, the loss on hidden patches only, and a loss that training lowers."""
+
+import pytest
+import torch
+
+from apt_min import mae
+from apt_min.audiomae import AudioMAE, AudioMAEConfig
+
+CFG = AudioMAEConfig(target_length=64, num_mel_bins=32, dim=24, depth=2, heads=2, output_block=-1)
+
+
+def windows(n=4, seed=0):
+    return torch.randn(n, CFG.target_length, CFG.num_mel_bins, generator=torch.Generator().manual_seed(seed))
+
+
+def test_patches_are_cut_in_the_encoders_token_order():
+    """Target k is the patch whose embedding is the encoder's token k: the conv's output equals the patches times
+    its kernel, row for row."""
+    torch.manual_seed(0)
+    enc, x = AudioMAE(CFG), windows()
+    conv = enc.patch_embed.proj
+    by_conv = enc.patch_embed(x[:, None])  # (B, N, D)
+    by_hand = mae.patchify(x, CFG.patch_size) @ conv.weight.reshape(CFG.dim, -1).T + conv.bias
+    torch.testing.assert_close(by_hand, by_conv, rtol=1e-5, atol=1e-5)
+    t, f, p = 2, 1, CFG.patch_size  # one patch by coordinates: time index 2, frequency index 1
+    k = t * (CFG.num_mel_bins // p) + f
+    torch.testing.assert_close(mae.patchify(x, p)[0, k], x[0, t * p:(t + 1) * p, f * p:(f + 1) * p].reshape(-1))
+
+
+def test_every_window_keeps_its_own_random_fifth():
+    keep = mae.random_keep(6, 40, 0.8, torch.Generator().manual_seed(1))
+    assert keep.shape == (6, 8)
+    assert all(len(set(row.tolist())) == 8 for row in keep)
+    assert len({tuple(sorted(row.tolist())) for row in keep}) == 6
+
+
+def test_the_encoder_on_every_patch_kept_is_the_encoder():
+    """With nothing hidden and the patches in order, the kept-patch path is AudioMAE.forward (all its blocks)."""
+    torch.manual_seed(0)
+    enc, x = AudioMAE(CFG), windows()
+    every = torch.arange(enc.num_patches).expand(len(x), -1)
+    torch.testing.assert_close(mae.encode_kept(enc, x, every), enc(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_patches_never_reach_the_encoder():
+    """Changing the spectrogram under a hidden patch changes nothing the encoder returns."""
+    torch.manual_seed(0)
+    enc, x = AudioMAE(CFG), windows(1)
+    keep = mae.random_keep(1, enc.num_patches, 0.75, torch.Generator().manual_seed(2))
+    hidden = next(k for k in range(enc.num_patches) if k not in keep[0].tolist())
+    nf, p = CFG.num_mel_bins // CFG.patch_size, CFG.patch_size
+    t, f = divmod(hidden, nf)
+    y = x.clone()
+    y[0, t * p:(t + 1) * p, f * p:(f + 1) * p] += 5.0
+    torch.testing.assert_close(mae.encode_kept(enc, y, keep), mae.encode_kept(enc, x, keep))
+
+
+def test_the_loss_is_taken_on_hidden_patches_only_against_normalised_patches():
+    torch.manual_seed(0)
+    enc, x = AudioMAE(CFG), windows()
+    dec = mae.MAEDecoder(CFG)
+    got = mae.mae_loss(enc, dec, x, 0.75, torch.Generator().manual_seed(3))
+    keep = mae.random_keep(len(x), enc.num_patches, 0.75, torch.Generator().manual_seed(3))
+    pred = dec(mae.encode_kept(enc, x, keep), keep)
+    target = mae.patchify(x, CFG.patch_size)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()  # norm_pix
+    errors = []
+    for b in range(len(x)):
+        for k in range(enc.num_patches):
+            if k not in keep[b].tolist():
+                errors.append(((pred[b, k] - target[b, k]) ** 2).mean())
+    torch.testing.assert_close(got, torch.stack(errors).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_training_lowers_the_loss_on_structured_spectrograms():
+    """Windows made of a few repeated shapes: 60 steps take the held-out masked loss well below its start."""
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.randn(3, 1, CFG.num_mel_bins, generator=g)  # a spectral shape per "class", constant over time
+
+    def batch(n):
+        pick = torch.randint(3, (n,), generator=g)
+        return shapes[pick].expand(-1, CFG.target_length, -1) + 0.1 * torch.randn(n, CFG.target_length,
+                                                                                   CFG.num_mel_bins, generator=g)
+
+    torch.manual_seed(0)
+    enc = AudioMAE(CFG).requires_grad_(True)
+    dec = mae.MAEDecoder(CFG)
+    params = [*enc.parameters(), *dec.parameters()]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    held_out = batch(16)
+
+    def loss():
+        with torch.no_grad():
+            return mae.mae_loss(enc, dec, held_out, 0.8, torch.Generator().manual_seed(9)).item()
+
+    before = loss()
+    for _ in range(60):
+        mae.mae_loss(enc, dec, batch(16), 0.8, g).backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss() < 0.7 * before
+
+
+def test_a_preset_that_pretrains_its_encoder_asks_for_the_stage(tmp_path):
+    from apt_min.build import build_encoder
+    from apt_min.config import load_config
+
+    cfg = load_config("small", {"run_dir": str(tmp_path)})
+    with pytest.raises(SystemExit, match="--stage mae"):
+        build_encoder(cfg, "cpu", torch.float32)
