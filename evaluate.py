@@ -21,6 +21,7 @@ import torch
 from apt_min.build import ensure_data, ensure_tokenizer, load_apt
 from apt_min.config import load_config
 from apt_min.evaluation import CAPTION, EVALUATIONS, Options, evaluate
+from apt_min.release import resolve_checkpoint
 from apt_min.tasks import label_text
 
 
@@ -44,7 +45,8 @@ def main(argv=None):
     ap.add_argument("--task", required=True, choices=[*EVALUATIONS, "all"])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--data-root", help="a data folder in the real layouts (default: the preset's)")
-    ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final)")
+    ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final, else the preset's "
+                    "release)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate at most this many examples per task")
     ap.add_argument("--episodes", type=int, default=100, help="few-shot episodes per setting")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -58,7 +60,7 @@ def main(argv=None):
         cfg = load_config(args.preset, rest + ([f"--data_root={args.data_root}"] if args.data_root else []))
     except ValueError as e:
         raise SystemExit(f"evaluate.py: {e}") from None
-    checkpoint = Path(args.checkpoint or Path(cfg.run_dir) / "stage2" / "final")
+    checkpoint = resolve_checkpoint(cfg, args.checkpoint)  # given, the user's own run, or the preset's release
     if not (checkpoint / "apt.json").is_file():  # checked before anything is generated or loaded
         raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage 0, lm, 1, 2) "
                          "or pass --checkpoint")

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from apt_min import audio, build, data, synth
-from apt_min.aligner import Aligner, retrieval_r1, stage0_batch, stage0_losses
+from apt_min.aligner import STAGE0_HEADS, Aligner, retrieval_r1, stage0_batch, stage0_losses
 from apt_min.audiomae import AudioMAE
 from apt_min.build import build_encoder, ensure_data, ensure_tokenizer, feature_cache, load_llm
 from apt_min.config import load_config
@@ -61,7 +61,6 @@ STAGES = {  # what each stage trains, with which loss, for how many steps (a con
           "ratios": {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45,
                      "fewshot": 0.5, "nlar": 0.5}},
 }
-STAGE0_HEADS = ("audio_proj", "text_proj", "temp", "atm_head", "lm_transform", "lm_decoder")  # unused after stage 0
 
 
 # ------------------------------------------------------------------------------------------------------- stages

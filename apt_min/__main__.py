@@ -3,15 +3,15 @@
     python -m apt_min ask --audio a.wav [--audio b.wav ...] "Which recording has more knocks?"
 
 Several clips go into one sequence in the order given, then the question; the answer is printed as it is
-generated. --checkpoint as in evaluate.py (by default the one the tiny training chain wrote); --preset and any
---key=value setting as in train.py.
+generated. --checkpoint as in evaluate.py (by default the one the preset's training chain wrote, else the preset's
+release: `--preset small` answers with the committed weights/apt-small/); --preset and any --key=value setting as in
+train.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from apt_min.audio import AudioError
 from apt_min.checkpoint import CheckpointError
@@ -21,7 +21,8 @@ def ask(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m apt_min ask", description="Answer a question about audio clips.")
     ap.add_argument("--audio", action="append", required=True, help="an audio file; repeat for several clips")
     ap.add_argument("question")
-    ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final)")
+    ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final, else the preset's "
+                    "release)")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     args, rest = ap.parse_known_args(argv)
@@ -29,10 +30,11 @@ def ask(argv=None) -> int:
 
     from apt_min.build import load_apt
     from apt_min.config import load_config
+    from apt_min.release import resolve_checkpoint
 
     try:
         cfg = load_config(args.preset, rest)
-        checkpoint = Path(args.checkpoint or Path(cfg.run_dir) / "stage2" / "final")
+        checkpoint = resolve_checkpoint(cfg, args.checkpoint)
         if not (checkpoint / "apt.json").is_file():
             raise CheckpointError(f"{checkpoint}: no trained APT there (train one with train.py, or pass "
                                   "--checkpoint)")

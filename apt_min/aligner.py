@@ -27,6 +27,8 @@ from torch import nn
 
 from apt_min.checkpoint import check_keys, safetensors_entries
 
+STAGE0_HEADS = ("audio_proj", "text_proj", "temp", "atm_head", "lm_transform", "lm_decoder")  # used by stage 0 only
+
 
 @dataclass
 class AlignerConfig:

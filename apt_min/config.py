@@ -19,6 +19,7 @@ class Config:
     data_root: str = "data/synth"  # a folder in the real data sets' layouts (apt_min.data.LAYOUT)
     run_dir: str = "runs/tiny"  # stages write stage0/, stage1/, ... here; the tiny LLM goes to llm/
     llm_path: str = ""  # a Hugging Face Llama folder; "" = {run_dir}/llm, written by `--stage lm` (tiny only)
+    release: str = ""  # a trained APT committed to the repository (apt_min.release), used where no run exists yet
     encoder_checkpoint: str = ""  # Audio-MAE .pth / .safetensors; "" = the preset makes its own (encoder_init)
     synth_scale: float = 1.0  # size of the synthetic benchmark generated on first use
     # audio front end and encoder
@@ -122,7 +123,8 @@ PRESETS = {
     # autoencoding (--stage mae); an aligner of the paper's shape (4 layers, cross-attention every second one) at
     # 128 wide, reading its words through SmolLM2's own table; stage 2 weighted to episodes of several shapes
     "small": dict(
-        preset="small", run_dir="runs/small", llm_path="weights/smollm2-135m-instruct", encoder_depth=4,
+        preset="small", run_dir="runs/small", llm_path="weights/smollm2-135m-instruct", release="weights/apt-small",
+        encoder_depth=4,
         encoder_init="mae", aligner_hidden=128, aligner_layers=4, aligner_heads=4, aligner_intermediate=512,
         aligner_words="llm", aligner_init="llm", prompt_format="smollm2-chat", cpu_bf16=True, batch_size=8, lr=5e-4,
         steps_mae=600, steps_0=500, steps_1=600, steps_2=500, task_ratios="fewshot=2", fewshot_shapes="mixed",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_min import audio
-from apt_min.aligner import Aligner, AlignerConfig
+from apt_min.aligner import STAGE0_HEADS, Aligner, AlignerConfig
 from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError, safetensors_entries
 from apt_min.llama import KVCache, Llama
@@ -296,17 +296,21 @@ class APT(nn.Module):
                                       f"{what} given is {have}; load the matching {what}")
         model = cls(encoder, Aligner(AlignerConfig(**meta["aligner"])), llm, tokenizer, cache,
                     meta.get("prompt_format", "plain"))
-        load_trainable(model, folder / "apt.safetensors")
+        # a released APT (apt_min.release) leaves out the aligner's stage-0 heads, which answering never uses
+        heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS) if meta.get("stage0_heads") is False else ()
+        load_trainable(model, folder / "apt.safetensors", heads)
         return model
 
 
-def load_trainable(model: APT, file: Path):
+def load_trainable(model: APT, file: Path, left_out: tuple[str, ...] = ()):
     """Copy a trainable-state safetensors file into `model`, strictly: every key of `trainable_state` once, with
-    its shape, except the aligner's LM decoder, which is its word table (tied) and is stored only as that."""
+    its shape, except the aligner's LM decoder, which is its word table (tied) and is stored only as that, and any
+    key starting with one of `left_out` (which keeps its initial value)."""
     from apt_min.checkpoint import check_keys
 
     targets = {k: v for k, v in model.named_parameters()} | {k: v for k, v in model.named_buffers()}
-    expected = {k: tuple(v.shape) for k, v in model.trainable_state().items() if k in targets}
+    expected = {k: tuple(v.shape) for k, v in model.trainable_state().items()
+                if k in targets and not (left_out and k.startswith(left_out))}
     entries = safetensors_entries(file)
     check_keys({file: entries}, expected, set(), (), file)
     with torch.no_grad():

@@ -17,7 +17,7 @@ taken out of the loop, on the benchmark's counting examples (train split to fit,
 If (a) and (b) stay near the majority answer while (c) and (d) do clearly better, the count is in the encoder's
 features but the tiny aligner cannot read it out, whatever the LLM does with its queries.
 
-    python benchmarks/probe_counting.py [--run_dir runs/tiny] [--steps 800] [--concat]   (4 minutes on 2 cores)
+    python benchmarks/probe_counting.py [--preset small] [--run_dir R] [--steps 800] [--concat]   (4 min on 2 cores)
 """
 
 import argparse
@@ -128,14 +128,15 @@ def fit_cnn(train, test, steps, batch, seed, frames_of):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run_dir", default="runs/tiny")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--run_dir", help="the trained run (default: the preset's)")
     ap.add_argument("--steps", type=int, default=800, help="training steps of each aligner probe (the CNN: twice)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--concat", action="store_true", help="(a), (b): the queries side by side instead of averaged")
     args = ap.parse_args()
-    cfg = load_config("tiny", [f"--run_dir={args.run_dir}"])
-    checkpoint = Path(args.run_dir) / "stage2" / "final"
+    cfg = load_config(args.preset, [f"--run_dir={args.run_dir}"] if args.run_dir else [])
+    checkpoint = Path(cfg.run_dir) / "stage2" / "final"
     if not (checkpoint / "apt.json").is_file():
         raise SystemExit(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")
     tok = ensure_tokenizer(cfg)
@@ -146,10 +147,10 @@ def main():
     truth = [ex.target["count"] for ex in test]
     common = Counter(ex.target["count"] for ex in train).most_common(1)[0][0]
     results = [(f"always {common} (the most frequent training answer)", [np.mean([t == common for t in truth])])]
-    metrics = Path(args.run_dir) / "eval" / "metrics_count.json"
+    metrics = Path(cfg.run_dir) / "eval" / "metrics_counting.json"
     if metrics.is_file():
         apt_acc = next(r["apt"] for r in json.loads(metrics.read_text()) if r["metric"] == "accuracy")
-        results.append(("APT-tiny, the LLM's answer (evaluate.py --task count)", [apt_acc]))
+        results.append((f"APT-{args.preset}, the LLM's answer (evaluate.py --task counting)", [apt_acc]))
     classes = sorted({ex.target["label"] for ex in train})
     for name, per_class in (("(a) trained aligner + one 4-way classifier, question-conditioned", None),
                             ("(b) trained aligner + a classifier per asked class", classes)):

@@ -10,7 +10,7 @@ label it names) and by ranking (the episode label whose "This is a sound of {lab
 
 A model that matches scores well above chance (0.25) in (2) and (3), not only in (1).
 
-    python benchmarks/probe_fewshot.py [--run_dir runs/tiny] [--episodes 100]   (about a minute on 2 cores)
+    python benchmarks/probe_fewshot.py [--preset small] [--run_dir R] [--episodes 100]   (tiny: a minute on 2 cores)
 """
 
 import argparse
@@ -36,11 +36,12 @@ def score(apt, episodes):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run_dir", default="runs/tiny")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--run_dir", help="the trained run (default: the preset's)")
     ap.add_argument("--episodes", type=int, default=100)
     args = ap.parse_args()
-    cfg = load_config("tiny", [f"--run_dir={args.run_dir}"])
-    checkpoint = Path(args.run_dir) / "stage2" / "final"
+    cfg = load_config(args.preset, [f"--run_dir={args.run_dir}"] if args.run_dir else [])
+    checkpoint = Path(cfg.run_dir) / "stage2" / "final"
     if not (checkpoint / "apt.json").is_file():
         raise SystemExit(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")
     ensure_tokenizer(cfg)

@@ -122,3 +122,20 @@ def reference(smollm2):
     _, gguf = smollm2
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+@pytest.fixture(scope="session")
+def small_run(smollm2, prepared, tmp_path_factory):
+    """The small preset's chain (stages mae, 0, 1 and 2) for two steps each on the miniature benchmark, against
+    SmolLM2: (run folder, the command-line settings it was trained with)."""
+    import train
+
+    folder, _ = smollm2
+    run = tmp_path_factory.mktemp("small") / "run"
+    small = [o for o in MINI if not o.startswith(("--llm_", "--aligner_", "--num_queries", "--batch_size"))]
+    args = [f"--data_root={prepared / 'synth'}", f"--run_dir={run}", *small, f"--llm_path={folder}",
+            "--preset", "small", "--batch_size=2", "--steps_mae=2", "--mae_batch_size=4", "--steps_0=2",
+            "--steps_1=2", "--steps_2=2", "--precision=fp32"]
+    for stage in ("mae", "0", "1", "2"):
+        train.main(["--stage", stage, *args])
+    return run, args

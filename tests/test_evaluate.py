@@ -129,6 +129,27 @@ def test_fewshot_reads_esc50_labels_with_underscores():
     assert table[0][1] == pytest.approx(2 / 4) and table[0][2] == pytest.approx(1 / 4)
 
 
+def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_features():
+    """Hand-worked: A's supports peak at 5 and 3 in feature 0 (max-pooled prototype (4, 0)), B's hold 2 throughout
+    ((2, 0)); the query peaks at 4 over a floor of 1: max-pooled it is A's (distance 0 against 4), though its mean
+    (1.75, 0) would be B's. Its row sets APT's generated accuracy beside the network's."""
+    def clip(*rows):
+        return torch.tensor([[list(r) for r in rows]], dtype=torch.float16)  # (W=1, N, D=2)
+
+    feats = {"a1": clip((5, 0), (0, 0), (0, 0), (0, 0)), "a2": clip((3, 0), (0, 0), (0, 0), (0, 0)),
+             "b1": clip((2, 0), (2, 0), (2, 0), (2, 0)), "q": clip((4, 0), (1, 0), (1, 0), (1, 0)),
+             "q2": clip((2, 0), (2, 0), (2, 0), (1, 0))}
+    support = [("a1", "alarm"), ("b1", "bell"), ("a2", "alarm")]
+    first, second = tasks.fewshot(support, "q", "alarm"), tasks.fewshot(support, "q2", "bell")
+    assert evaluation.prototype_label(first, feats) == "alarm"
+    assert evaluation.prototype_label(second, feats) == "bell"
+    for ep, proto in ((first, "alarm"), (second, "alarm")):
+        ep.target.update(ranked="alarm", prototype=proto)
+    rows = metrics.score_fewshot([first, second], ["alarm", "alarm"], "accuracy 2-way 2-shot")
+    assert rows[2][0] == "accuracy 2-way 2-shot vs a prototypical network"
+    assert rows[2][1] == pytest.approx(0.5) and rows[2][2] == pytest.approx(0.5)
+
+
 def test_segment_f1_hand_worked():
     f1 = metrics.segment_f1
     assert f1([(0.0, 1.0)], [(0.0, 1.0)]) == (1, 1, 1)

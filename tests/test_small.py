@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import MINI, opts
+from conftest import opts
 
 from apt_min import build, model
 from apt_min.config import load_config
@@ -74,24 +74,57 @@ def test_the_small_presets_llm_is_fetched_on_first_use(monkeypatch, tmp_path):
     assert calls == [("smollm2", "weights/smollm2-135m-instruct")]
 
 
-def test_the_small_chain_runs_and_evaluates(smollm2, prepared, tmp_path, capsys):
-    """Stages 0, 1 and 2 of the small preset for two steps each on the miniature benchmark, then an evaluation: the
-    prompt format travels with the checkpoint, and stage 0 starts from the LLM's word table."""
+def test_the_small_chain_runs_and_evaluates(small_run, capsys):
+    """The prompt format and the word source travel with the checkpoint; stage 0 read the encoder --stage mae made;
+    the result evaluates."""
     import evaluate
-    import train
 
-    folder, _ = smollm2
-    small = [o for o in MINI if not o.startswith(("--llm_", "--aligner_", "--num_queries", "--batch_size"))]
-    args = [f"--data_root={prepared / 'synth'}", f"--run_dir={tmp_path / 'run'}", *small, f"--llm_path={folder}",
-            "--preset", "small", "--batch_size=2", "--steps_mae=2", "--mae_batch_size=4", "--steps_0=2",
-            "--steps_1=2", "--steps_2=2", "--precision=fp32"]
-    for stage in ("mae", "0", "1", "2"):
-        train.main(["--stage", stage, *args])
-    meta = model.APT.read_meta(tmp_path / "run" / "stage2" / "final")
+    run, args = small_run
+    meta = model.APT.read_meta(run / "stage2" / "final")
     assert meta["prompt_format"] == "smollm2-chat" and meta["aligner"]["vocab_size"] == 49152
     assert meta["aligner"]["llm_words"] == 576  # words through SmolLM2's own table
-    assert meta["encoder"]["path"] == str(tmp_path / "run" / "encoder.safetensors")  # the one --stage mae made
-    mae_log = [json.loads(line) for line in open(tmp_path / "run" / "encoder-train" / "log.jsonl")]
+    assert meta["encoder"]["path"] == str(run / "encoder.safetensors")  # the one --stage mae made
+    mae_log = [json.loads(line) for line in open(run / "encoder-train" / "log.jsonl")]
     assert mae_log[-1]["step"] == 2 and mae_log[-1]["val_loss"] > 0
     evaluate.main(["--task", "clotho_aqa", "--limit", "4", "--batch-size", "4", *args])
     assert "clotho_aqa" in capsys.readouterr().out
+
+
+def test_a_release_is_small_checked_and_answers_as_the_run_does(small_run, tmp_path):
+    """apt_min.release: bf16 files without the stage-0 heads, the encoder cut after the block APT reads; checksums
+    verified before use; used only where the user has no run of their own; its answers' losses equal the run's to
+    bf16 rounding."""
+    from apt_min import data, release
+    from apt_min.build import load_apt
+
+    run, args = small_run
+    out = tmp_path / "apt-small"
+    sums = release.pack(run, out)
+    assert sorted(sums) == ["apt.json", "apt.safetensors", "encoder.safetensors"]
+    from safetensors.torch import load_file
+
+    state = load_file(out / "apt.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    assert not [k for k in state if k.startswith(("aligner.atm_head", "aligner.text_proj", "aligner.lm_decoder"))]
+    encoder = load_file(out / "encoder.safetensors")
+    assert {k.split(".")[1] for k in encoder if k.startswith("blocks.")} == {"0"}  # depth 2, reads block -2
+
+    cfg = load_config("small", [*(a for a in args if a.startswith("--") and "=" in a), f"--release={out}"])
+    assert release.resolve_checkpoint(cfg, None) == run / "stage2" / "final"  # the user's own run comes first
+    cfg.run_dir = str(tmp_path / "no-run")
+    assert release.resolve_checkpoint(cfg, None) == out and cfg.encoder_checkpoint == str(out / "encoder.safetensors")
+
+    examples = data.examples("aqa", cfg.data_root, "test")[:4]
+    settings = [a for a in args if a.startswith("--") and "=" in a]
+    mine = load_apt(load_config("small", settings), run / "stage2" / "final")
+    shipped = load_apt(cfg, out)
+    paths = [v for ex in examples for k, v in ex.segments if k == "audio"]
+    with torch.no_grad():
+        want, n = mine(*data.collate(examples), mine.encode_clips(paths, strict=True)[0])
+        got, m = shipped(*data.collate(examples), shipped.encode_clips(paths, strict=True)[0])
+    assert n == m and abs(got.item() - want.item()) <= 0.02 * abs(want.item())
+
+    (out / "apt.safetensors").write_bytes(b"damaged" + (out / "apt.safetensors").read_bytes()[7:])
+    cfg.encoder_checkpoint = ""
+    with pytest.raises(SystemExit, match="apt.safetensors: checksum differs"):
+        release.resolve_checkpoint(cfg, None)

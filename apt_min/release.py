@@ -1,0 +1,116 @@
+"""A trained APT as a small folder that is committed to the repository, so that a user can evaluate and ask right
+after fetching the LLM, without training:
+
+    python -m apt_min.release runs/small weights/apt-small      (from a finished run of the small preset)
+
+writes, in bfloat16:
+
+    apt.safetensors      the aligner without its stage-0 heads (answering never uses them), the projection, <AUDIO>
+    encoder.safetensors  the encoder the run pretrained (--stage mae), cut after the block APT reads: the blocks after
+                         it are never run (AudioMAE.forward), so the features are the same
+    apt.json             the run's apt.json, the encoder's identity now that of encoder.safetensors
+    SHA256SUMS           each file's checksum, as `sha256sum -c` reads it
+
+`resolve_checkpoint` is how evaluate.py and `ask` find what to load: the given folder, else the user's own run
+({run_dir}/stage2/final), else the preset's release (Config.release), whose checksums are verified first.
+Without the stage-0 heads the release cannot run the paper's tagging protocol (its text branch); evaluate.py says so
+and scores tagging by the LLM's likelihood.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from apt_min.aligner import STAGE0_HEADS
+from apt_min.audiomae import AudioMAE
+from apt_min.checkpoint import CheckpointError
+from apt_min.model import fingerprint
+
+FILES = ("apt.safetensors", "encoder.safetensors", "apt.json")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
+    """Write the release of the APT in run_dir/stage2/final (and the encoder it names) into `out`; returns
+    {file: sha256}."""
+    from safetensors.torch import load_file, save_file
+
+    final, out = Path(run_dir) / "stage2" / "final", Path(out)
+    meta = json.loads((final / "apt.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS)
+    state = {k: v.to(torch.bfloat16) for k, v in load_file(final / "apt.safetensors").items()
+             if not k.startswith(heads)}
+    save_file(state, str(out / "apt.safetensors"))
+
+    encoder = AudioMAE.from_checkpoint(meta["encoder"]["path"])
+    used = encoder.config.output_block % encoder.config.depth + 1  # blocks up to the one APT reads
+    cut = AudioMAE(dataclasses.replace(encoder.config, depth=used, output_block=-1))
+    cut.load_state_dict({k: v for k, v in encoder.state_dict().items()
+                         if not k.startswith("blocks.") or int(k.split(".")[1]) < used})
+    cut.to(torch.bfloat16).save(out / "encoder.safetensors")
+    meta["encoder"] = {"path": str(out / "encoder.safetensors"),
+                       "fingerprint": fingerprint(out / "encoder.safetensors"), "cut_from": meta["encoder"]}
+    meta["stage0_heads"] = False
+    (out / "apt.json").write_text(json.dumps(meta, indent=1))
+    sums = {name: sha256(out / name) for name in FILES}
+    (out / "SHA256SUMS").write_text("".join(f"{h}  {name}\n" for name, h in sums.items()))
+    return sums
+
+
+def verify(folder: str | Path):
+    """Every file of a release against its SHA256SUMS line; raises CheckpointError naming the file that differs."""
+    folder = Path(folder)
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        raise CheckpointError(f"{folder}: not a release (SHA256SUMS missing)")
+    for line in sums.read_text().splitlines():
+        want, name = line.split()
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name}: missing from the release")
+        if sha256(folder / name) != want:
+            raise CheckpointError(f"{folder / name}: checksum differs from SHA256SUMS (a changed or damaged file)")
+
+
+def resolve_checkpoint(cfg, given: str | None) -> Path:
+    """The APT to load: `given`, else the user's own {run_dir}/stage2/final, else the preset's verified release
+    (which then also supplies the encoder: cfg.encoder_checkpoint is set to it). Raises SystemExit when none is
+    there, saying how to get one."""
+    if given:
+        return Path(given)
+    own = Path(cfg.run_dir) / "stage2" / "final"
+    if (own / "apt.json").is_file() or not cfg.release:
+        return own
+    release = Path(cfg.release)
+    if not (release / "apt.json").is_file():
+        return own
+    try:
+        verify(release)
+    except CheckpointError as e:
+        raise SystemExit(f"the released APT cannot be used: {e}") from None
+    cfg.encoder_checkpoint = str(release / "encoder.safetensors")
+    return release
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", help="a finished run (its stage2/final and the encoder it names)")
+    ap.add_argument("out", help="the release folder to write")
+    args = ap.parse_args(argv)
+    sums = pack(args.run_dir, args.out)
+    for name, h in sums.items():
+        size = (Path(args.out) / name).stat().st_size
+        print(f"{h}  {name}  ({size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
