@@ -128,3 +128,20 @@ def test_a_release_is_small_checked_and_answers_as_the_run_does(small_run, tmp_p
     cfg.encoder_checkpoint = ""
     with pytest.raises(SystemExit, match="apt.safetensors: checksum differs"):
         release.resolve_checkpoint(cfg, None)
+
+
+def test_the_committed_release_fits_verifies_and_names_the_smollm2_a_conversion_gives(smollm2):
+    """weights/apt-small/: at most 5 MB, every file as its SHA256SUMS says, and trained against exactly the SmolLM2
+    folder that `python -m apt_min.weights smollm2` writes (the conversion is deterministic), so a user's own
+    conversion loads it."""
+    from pathlib import Path
+
+    from apt_min import release
+
+    folder = Path(__file__).resolve().parents[1] / "weights" / "apt-small"
+    release.verify(folder)
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 5_000_000
+    meta = model.APT.read_meta(folder)
+    built, _ = smollm2
+    assert meta["llm"]["fingerprint"] == model.fingerprint(*model.model_files(built))
+    assert meta["stage0_heads"] is False and meta["prompt_format"] == "smollm2-chat"
