@@ -56,8 +56,8 @@ def build_encoder(cfg, device, dtype, create: bool = True):
     seeded random encoder, saved once so every stage (and evaluate.py) uses exactly the same one; small's is
     pretrained by `--stage mae` (encoder_init=mae)."""
     if cfg.encoder_checkpoint:
-        path = Path(cfg.encoder_checkpoint)
-        model = AudioMAE.from_checkpoint(path, cfg.encoder_config())
+        path = Path(cfg.encoder_checkpoint)  # a .safetensors file carries its own config (a release's: cut short)
+        model = AudioMAE.from_checkpoint(path, None if path.suffix == ".safetensors" else cfg.encoder_config())
     else:
         path = Path(cfg.run_dir) / "encoder.safetensors"
         if not path.is_file() and cfg.encoder_init == "mae":

@@ -35,9 +35,11 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
     assert all(0 <= r["apt"] <= 1 for r in tagging.values())
     few = json.loads((out / "metrics_esc50.json").read_text())
     settings = ["accuracy 5-way 5-shot", "accuracy 12-way 5-shot", "accuracy 4-way 1-shot"]
-    assert [r["metric"] for r in few] == [m for s in settings for m in (s, f"{s}, ranked")]
-    assert [r["baseline"] for r in few] == pytest.approx([1 / 5] * 2 + [1 / 12] * 2 + [1 / 4] * 2)
-    assert all(0 <= r["apt"] <= 1 for r in few)
+    assert [r["metric"] for r in few] == [m for s in settings
+                                          for m in (s, f"{s}, ranked", f"{s} vs a prototypical network")]
+    chance = [r["baseline"] for r in few if "prototypical" not in r["metric"]]
+    assert chance == pytest.approx([1 / 5] * 2 + [1 / 12] * 2 + [1 / 4] * 2)
+    assert all(0 <= r["apt"] <= 1 and 0 <= r["baseline"] <= 1 for r in few)
     shown = [json.loads(line) for line in (out / "predictions_esc50.jsonl").read_text().splitlines()]
     assert [len(p["audio"]) for p in shown] == [26] * 3 + [61] * 3 + [5] * 3  # N * K supports and the query
     assert all(p["ranked"] in p["prompt"] and p["reference"] in p["prompt"] for p in shown)
