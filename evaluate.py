@@ -33,7 +33,7 @@ def write_results(out: Path, name, examples, rows, outputs, refs):
             record = {"id": i, "output": o, "reference": r}
             record |= {"ranked": label_text(ex.target["ranked"])} if "ranked" in ex.target else {}
             record |= {"audio": [v for k, v in ex.segments if k == "audio"],
-                       "prompt": " ".join(v for k, v in ex.segments if k == "text")}
+                       "prompt": " ".join(v for k, v in ex.segments if k in ("text", "label"))}
             f.write(json.dumps(record) + "\n")
     (out / f"metrics_{name}.json").write_text(json.dumps(
         [{"metric": m, "apt": v, "baseline": b, "protocol": p} for m, v, b, p in rows], indent=1))
@@ -64,6 +64,11 @@ def main(argv=None):
     if not (checkpoint / "apt.json").is_file():  # checked before anything is generated or loaded
         raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage 0, lm, 1, 2) "
                          "or pass --checkpoint")
+    trained = json.loads((checkpoint / "apt.json").read_text()).get("config", {}).get("fewshot_layout")
+    if trained and trained != cfg.fewshot_layout and not any(a.startswith("--fewshot_layout") for a in rest):
+        print(f"few-shot episodes laid out as {checkpoint} was trained on them: fewshot_layout={trained} "
+              f"(the {cfg.preset} preset's is {cfg.fewshot_layout}; --fewshot_layout chooses)")
+        cfg.fewshot_layout = trained
     ensure_data(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ensure_tokenizer(cfg)

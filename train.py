@@ -38,7 +38,7 @@ from tqdm import tqdm
 from apt_min import audio, build, data, synth
 from apt_min.aligner import STAGE0_HEADS, Aligner, retrieval_r1, stage0_batch, stage0_losses
 from apt_min.audiomae import AudioMAE
-from apt_min.build import build_encoder, ensure_data, ensure_tokenizer, feature_cache, load_llm
+from apt_min.build import build_encoder, ensure_data, ensure_tokenizer, feature_cache, load_llm, resolve_precision
 from apt_min.config import load_config
 from apt_min.llama import Llama
 from apt_min.mae import MAEDecoder, mae_loss
@@ -344,7 +344,7 @@ class TuneAPT:
             # with made-up class names, so that answering means matching the query to the supports rather than
             # recognising a known class
             pools["fewshot"] = lambda r: data.fewshot_episode(single, *episode_shape(cfg, r), r,
-                                                              rename=r.random() < 0.5)
+                                                              rename=r.random() < 0.5, layout=cfg.fewshot_layout)
             pools["nlar"] = data.examples("nlar", root, "train")
         ratios = parse_ratios(cfg.task_ratios, STAGES[stage]["ratios"])
         self.sampler = data.TaskSampler(pools, ratios, cfg.batch_size * world, cfg.seed)
@@ -620,43 +620,19 @@ def setup_distributed():
     return rank, world, device
 
 
-def cpu_bf16_speedup(n: int = 512) -> float:
-    """How much faster this CPU multiplies bf16 matrices than fp32 ones (best of 5 each): well above 1 where it has
-    bf16 matrix instructions (AVX512-BF16, AMX), below 1 where bf16 is emulated."""
-    a, b = torch.randn(2 * n, n), torch.randn(n, 3 * n)
-
-    def best(x, y):
-        x @ y
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(a, b) / best(a.bfloat16(), b.bfloat16())
-
-
 def amp_settings(cfg, device):
-    """(autocast context factory, GradScaler or None, dtype for the frozen modules). precision=auto: bf16 autocast
-    on CUDA; on a CPU fp32, or bf16 autocast with cpu_bf16 set where the CPU computes bf16 natively (probed)."""
-    precision = cfg.precision
-    if precision == "auto" and device.type == "cuda":
-        precision = "bf16"
-    elif precision == "auto":
-        speedup = cpu_bf16_speedup() if cfg.cpu_bf16 else 0.0
-        precision = "bf16" if speedup >= 1.5 else "fp32"
-        if cfg.cpu_bf16:
-            log.info("precision auto: %s (a bf16 matrix product runs %.1fx as fast as fp32 on this CPU)", precision,
-                     speedup)
+    """(autocast context factory, GradScaler or None, dtype for the frozen modules). precision=auto: bf16 on CUDA;
+    on a CPU bf16 where cpu_bf16 is set and the CPU computes it natively (build.resolve_precision), else fp32.
+    Under bf16 the frozen encoder and LLM are held in bf16 too (CPU and CUDA alike): autocast would cast their
+    weights to bf16 for every product anyway."""
+    precision = resolve_precision(cfg, device)
     if precision == "fp32":
         return nullcontext, None, torch.float32
     if precision == "fp16" and device.type != "cuda":
         raise SystemExit("--precision=fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    frozen = dtype if device.type == "cuda" else torch.float32
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, frozen
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, dtype
 
 
 def stage_dir(cfg, stage) -> Path:

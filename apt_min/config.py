@@ -64,6 +64,7 @@ class Config:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp16 (GradScaler, CUDA) / fp32
     cpu_bf16: bool = False  # with precision=auto: bf16 autocast on a CPU that computes bf16 natively (probed)
     task_ratios: str = ""  # e.g. "aqa=0.3,nlar=1": changes the stage's task mixture (train.py STAGES)
+    fewshot_layout: str = "paper"  # few-shot episodes as the paper interleaves them, or "list" (apt_min.tasks.fewshot)
     fewshot_shapes: str = "4x1"  # stage 2's episodes: 4-way 1-shot (paper) or "mixed" (2-5 ways, 1-3 shots)
     grad_checkpointing: bool = False  # recompute the LLM blocks in backward (how 7B fits on a 24 GB card)
     compile_llm: bool = False  # torch.compile the frozen LLM's blocks for training (7B on an H100: 1.7x per step)
@@ -121,13 +122,15 @@ PRESETS = {
     # SmolLM2-135M-Instruct, a real pretrained LLM that a CPU runs (python -m apt_min.weights smollm2, fetched on
     # first use); the tiny preset's data; an encoder of the tiny's width, 4 blocks, pretrained by masked
     # autoencoding (--stage mae); an aligner of the paper's shape (4 layers, cross-attention every second one) at
-    # 128 wide, reading its words through SmolLM2's own table; stage 2 weighted to episodes of several shapes
+    # 128 wide, reading its words through SmolLM2's own table; stage 2 weighted to episodes of several shapes, laid
+    # out as lists (each support clip directly followed by its label: tasks.fewshot)
     "small": dict(
         preset="small", run_dir="runs/small", llm_path="weights/smollm2-135m-instruct", release="weights/apt-small",
         encoder_depth=4,
         encoder_init="mae", aligner_hidden=128, aligner_layers=4, aligner_heads=4, aligner_intermediate=512,
         aligner_words="llm", aligner_init="llm", prompt_format="smollm2-chat", cpu_bf16=True, batch_size=8, lr=5e-4,
-        steps_mae=600, steps_0=500, steps_1=600, steps_2=500, task_ratios="fewshot=2", fewshot_shapes="mixed",
+        steps_mae=600, steps_0=500, steps_1=600, steps_2=500, task_ratios="fewshot=3", fewshot_shapes="mixed",
+        fewshot_layout="list",
         log_every=25, eval_every=200, save_every=200,
     ),
     "paper": dict(

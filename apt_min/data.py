@@ -385,7 +385,7 @@ def pseudo_word(rng: random.Random) -> str:
 
 
 def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: random.Random,
-                    rename: bool = False) -> Example:
+                    rename: bool = False, layout: str = "paper") -> Example:
     """N classes, K support clips each (shuffled), and one more clip of one of them as the query.
     rename=True gives the classes made-up names for this episode: the answer can then only be found by matching
     the query to the supports, which is what classes never seen in training will need (beyond the paper, which
@@ -406,7 +406,7 @@ def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: ra
     if rename:
         names = {label: pseudo_word(rng) for label in labels}
         support, answer = [(c, names[label]) for c, label in support], names[answer]
-    return tasks.fewshot(support, query, answer)
+    return tasks.fewshot(support, query, answer, layout)
 
 
 # ------------------------------------------------------------------------------------------------------ batching

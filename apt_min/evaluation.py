@@ -9,7 +9,8 @@ Names are the data sets' (audioset, audiocaps, clotho, clotho_aqa, esc50, nlar) 
 AudioSet's strong labels, the task's (sed, ter, counting). Every task's evaluation has one signature:
 `eval_<task>(apt, cfg, name, examples, opts) -> (rows, outputs, references)`. Model output is generated here; turning
 it into numbers is apt_min.metrics'. The protocols that need the model are public functions: `text_branch_scores`
-(the paper's tagging protocol), `likelihood_scores` and `rank_labels` (the closed-set protocols).
+(the paper's tagging protocol), `likelihood_scores`, `rank_labels` and `answer_and_rank` (the closed-set protocols;
+the last also generates, from the same pass).
 """
 
 from __future__ import annotations
@@ -116,6 +117,16 @@ def rank_labels(apt, episode) -> str:
     return choices[int(scores.argmax())]
 
 
+def answer_and_rank(apt, episode, feats) -> str:
+    """The episode's generated answer (greedy, as generate gives it); the label the LLM ranks first is written
+    into episode.target["ranked"]. One pass of the episode's prompt serves both."""
+    choices = episode.target["choices"]
+    said, scores = apt.answer_and_rank(episode.segments, [f"{label_text(c)}." for c in choices], feats,
+                                       SHORT["max_new_tokens"])
+    episode.target["ranked"] = choices[int(scores.argmax())]
+    return said
+
+
 def spice_jars() -> Path | None:
     """Where pycocoevalcap's SPICE looks for the Stanford CoreNLP 3.6.0 jars when they are not there (None when
     they are). Without them, SPICE would try to download them: we never let it."""
@@ -202,25 +213,24 @@ def eval_exact(apt, cfg, name, examples, opts):
 
 
 def eval_fewshot(apt, cfg, name, episodes, opts):
-    """Each setting's episodes (examples carry target["setting"] = (ways, shots)): the label the generated answer
-    names, and the label the LLM ranks first (written into each episode's target as "ranked")."""
+    """Each setting's episodes (examples carry target["setting"] = (classes, ways, shots), classes "novel" or
+    "training"): the label the generated answer names, the label the LLM ranks first (written into each episode's
+    target as "ranked") and a prototypical network's answer on the same episodes."""
     rows, outputs = [], []
-    for n_way, k_shot in FEWSHOT_SETTINGS:
-        setting = f"accuracy {n_way}-way {k_shot}-shot"
-        eps = [ep for ep in episodes if ep.target["setting"] == (n_way, k_shot)]
-        if not eps:
-            eligible = eligible_classes(data.esc50_pool(cfg.data_root, strict=True), k_shot)
-            rows += [(setting, float("nan"), 1 / n_way, f"not run: needs {n_way} classes with more than {k_shot} "
-                      f"clips; this pool has {eligible}")]
-            continue
-        got = generate(apt, eps, SHORT, max(1, opts.batch_size // 4), f"{n_way}-way {k_shot}-shot")
-        for ep in progress(eps, f"{n_way}-way {k_shot}-shot likelihood"):
-            ep.target["ranked"] = rank_labels(apt, ep)
-        feats, _ = apt.encode_clips([v for ep in eps for k, v in ep.segments if k == "audio"], strict=True)
-        for ep in eps:
-            ep.target["prototype"] = prototype_label(ep, feats)
-        rows += metrics.score_fewshot(eps, got, setting)
-        outputs += got
+    for classes, pool in fewshot_pools(cfg):
+        for n_way, k_shot in FEWSHOT_SETTINGS:
+            setting = f"accuracy {n_way}-way {k_shot}-shot" + (", training classes" if classes == "training" else "")
+            eps = [ep for ep in episodes if ep.target["setting"] == (classes, n_way, k_shot)]
+            if not eps:
+                rows += [(setting, float("nan"), 1 / n_way, f"not run: needs {n_way} classes with more than "
+                          f"{k_shot} clips; this pool has {eligible_classes(pool, k_shot)}")]
+                continue
+            feats, _ = apt.encode_clips([v for ep in eps for k, v in ep.segments if k == "audio"], strict=True)
+            got = [answer_and_rank(apt, ep, feats) for ep in progress(eps, f"{n_way}-way {k_shot}-shot {classes}")]
+            for ep in eps:
+                ep.target["prototype"] = prototype_label(ep, feats)
+            rows += metrics.score_fewshot(eps, got, setting)
+            outputs += got
     return rows, outputs, [ep.answer for ep in episodes]
 
 
@@ -261,19 +271,29 @@ def eligible_classes(pool: dict, k_shot: int) -> int:
     return sum(len(clips) > k_shot for clips in pool.values())
 
 
+def fewshot_pools(cfg) -> list[tuple[str, dict]]:
+    """The clips few-shot episodes are drawn from, by class: the novel classes (ESC-50, never trained on; the
+    paper's Table 5) and held-out test clips of the training classes under their real names (where recognising the
+    class can answer, as a reference for how much of the novel-class score matching must earn)."""
+    return [("novel", data.esc50_pool(cfg.data_root, strict=True)),
+            ("training", data.single_label_pool(cfg.data_root, "test", strict=True))]
+
+
 def examples_for(name, cfg, opts) -> list:
-    """The test split of an evaluation; for few-shot, fixed episodes of every setting its pool allows."""
+    """The test split of an evaluation; for few-shot, fixed episodes of every setting each pool allows."""
     task, options = EVALUATIONS[name]
     if task != "fewshot":
         return data.examples(task, cfg.data_root, "test", strict=True, **options)[:opts.limit or None]
-    pool, episodes = data.esc50_pool(cfg.data_root, strict=True), []
-    for n_way, k_shot in FEWSHOT_SETTINGS:
-        if eligible_classes(pool, k_shot) >= n_way:
-            rng = random.Random(f"esc50/{n_way}/{k_shot}")  # fixed episodes
-            for _ in range(opts.episodes):
-                ep = data.fewshot_episode(pool, n_way, k_shot, rng)
-                ep.target["setting"] = (n_way, k_shot)
-                episodes.append(ep)
+    episodes = []
+    for classes, pool in fewshot_pools(cfg):
+        for n_way, k_shot in FEWSHOT_SETTINGS:
+            if eligible_classes(pool, k_shot) >= n_way:
+                # fixed episodes (the novel classes' seed string as it has always been, so earlier results compare)
+                rng = random.Random(f"esc50/{n_way}/{k_shot}" + ("/training" if classes == "training" else ""))
+                for _ in range(opts.episodes):
+                    ep = data.fewshot_episode(pool, n_way, k_shot, rng, layout=cfg.fewshot_layout)
+                    ep.target["setting"] = (classes, n_way, k_shot)
+                    episodes.append(ep)
     return episodes
 
 

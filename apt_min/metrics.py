@@ -221,8 +221,8 @@ def score_fewshot(episodes, outputs, name):
                 1 / n_way, f"{len(episodes)} fixed episodes; the answer is the episode label it names "
                 "(baseline: chance)")
     rows += _row(f"{name}, ranked", np.mean([ep.target["ranked"] == ep.target["label"] for ep in episodes]),
-                 1 / n_way, 'the same episodes; the answer is the label whose "This is a sound of {label}." is '
-                 "most likely to the LLM (baseline: chance)")
+                 1 / n_way, "the same episodes; the answer is the episode label the LLM finds most likely to come "
+                 "next (baseline: chance)")
     if all("prototype" in ep.target for ep in episodes):
         rows += _row(f"{name} vs a prototypical network",
                      np.mean([named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]),

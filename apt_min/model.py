@@ -115,7 +115,8 @@ def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, st
 # the answer and EOS). "plain" is APT's own layout (the paper, for a base LLM such as Vicuna): BOS, the segments, the
 # answer. An instruct model expects its chat template: "smollm2-chat" is SmolLM2-Instruct's, rendered for one user
 # turn with no system message (its template then inserts its default system message), generation prompt added; its
-# EOS is <|im_end|>, which closes the assistant's turn.
+# EOS is <|im_end|>, which closes the assistant's turn. "after" goes where a ("turn", "") segment marks the end of the
+# user's turn (the few-shot "list" layout puts the episode in the assistant's turn), else after the segments.
 PROMPT_FORMATS = {
     "plain": {"bos": True, "before": "", "after": ""},
     "smollm2-chat": {"bos": False,
@@ -161,8 +162,8 @@ class APT(nn.Module):
 
     def clip_prompts(self, batch, feats) -> list[list[torch.Tensor]]:
         """The acoustic embeddings of every clip of every example, (W * Q, D) each, from one aligner pass. Each
-        clip's aligner pass is conditioned on the text that follows it (the instruction); a clip with no text
-        after it gets BOS alone."""
+        clip's aligner pass is conditioned on the text that follows it (the instruction; a "label" segment is not
+        one); a clip with no text after it gets BOS alone."""
         tok, jobs = self.tokenizer, []
         for b, segments in enumerate(batch):
             for i, (kind, value) in enumerate(segments):
@@ -192,9 +193,11 @@ class APT(nn.Module):
         rows = []
         for b, segments in enumerate(batch):
             pieces, labels, clips = [torch.tensor(start, dtype=torch.long)], [-100] * len(start), iter(prompts[b])
-            framed = [("text", form["before"]), *segments, ("text", form["after"])]
+            turn_ends = [] if any(k == "turn" for k, _ in segments) else [("turn", "")]  # where the user's turn ends
+            framed = [("text", form["before"]), *segments, *turn_ends]
+            framed = [("text", form["after"]) if k == "turn" else (k, v) for k, v in framed]
             for kind, value in [(k, v) for k, v in framed if v]:  # an empty frame adds nothing
-                if kind == "text":
+                if kind in ("text", "label"):
                     ids = tok.encode(value, bos=False)
                     pieces.append(torch.tensor(ids, dtype=torch.long))
                     labels += [-100] * len(ids)
@@ -236,20 +239,33 @@ class APT(nn.Module):
         """log p(answer | segments) for each of N candidate answers to one example, EOS not included: (N,): the
         likelihood protocols (tagging, few-shot). The prompt (a few-shot episode is dozens of clips) goes through the
         aligner and the LLM once, and its keys and values serve every candidate."""
+        return self.answer_and_rank(segments, answers, feats, max_new_tokens=0)[1]
+
+    @torch.no_grad()
+    def answer_and_rank(self, segments, answers, feats, max_new_tokens: int = 12) -> tuple[str, torch.Tensor]:
+        """One example's greedy answer (what generate says) and choice_logprob's scores (N,) of N candidate answers,
+        from one pass of the prompt: a few-shot episode's hundreds of positions are not run twice."""
         tok, llm = self.tokenizer, self.llm
         x, _, _ = self.embed_batch([segments], feats)  # (1, L, D)
         ids, valid = tok.pad([tok.encode(a, bos=False) for a in answers])  # (N, T), right-padded
         ids, valid = ids.to(x.device), valid.to(x.device)
         N, T = ids.shape
-        cache = KVCache(llm.config, 1, x.shape[1] + T, x.dtype, x.device)
+        cache = KVCache(llm.config, 1, x.shape[1] + max(T, max_new_tokens), x.dtype, x.device)
         last = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         last[0, -1] = True
         first = llm(inputs_embeds=x, cache=cache, logits_at=last)  # (1, V): the first answer token's
+        said, token, prompt = [], first.argmax(-1), cache.length
+        for _ in range(max_new_tokens):  # greedy; its keys and values go after the prompt's, which stay as they are
+            said.append(int(token))
+            if said[-1] == tok.eos_id or len(said) == max_new_tokens:
+                break
+            token = llm(input_ids=token[:, None], cache=cache)[:, -1].argmax(-1)
+        cache.length = prompt  # back to the prompt alone (what greedy wrote after it is overwritten or never read)
         cache.reorder(torch.zeros(N, dtype=torch.long, device=x.device))
         mask = torch.cat([torch.ones(N, cache.length, dtype=torch.bool, device=x.device), valid], 1)
         rest = llm(input_ids=ids, attention_mask=mask, cache=cache)[:, :-1]  # (N, T - 1, V): tokens 1..T-1
         logits = torch.cat([first.expand(N, -1)[:, None], rest], 1).float().log_softmax(-1)  # (N, T, V)
-        return (logits.gather(2, ids[..., None]).squeeze(2) * valid).sum(1)
+        return tok.decode(said).strip(), (logits.gather(2, ids[..., None]).squeeze(2) * valid).sum(1)
 
     @torch.no_grad()
     def generate(self, batch, feats=None, **options) -> list[str]:

@@ -1,14 +1,17 @@
 """The eight tasks as text (paper §3.3 and appendix A.2): prompts, answer formats, and parsers for model output.
 
-An `Example` is what the model sees and must say: `segments`, a list of ("audio", path) and ("text", str) in order,
-and the `answer`. Each task builder takes ground truth and returns one; with an `rng` it draws one of the task's
-paraphrases (training), without one it uses the first (evaluation). Answer formats:
+An `Example` is what the model sees and must say: `segments`, a list of ("audio", path) and ("text", str) in order
+(and, in the "list" few-shot layout, ("label", str): text the aligner does not read as an instruction, and
+("turn", "") where the user's turn ends in a chat format), and the `answer`. Each task builder takes ground truth and
+returns one; with an `rng` it draws one of the task's paraphrases (training), without one it uses the first
+(evaluation). Answer formats:
 
     tagging      "bell, siren"                      counting  "3"
     captioning   "A bell rings twice, then ..."     sed       "0.5s-1.2s; 3.0s-3.6s"   (times to 0.1 s)
     aqa, nlar    a short answer                     ter       "bell, siren"
     fewshot      support clips each followed by "This is a sound of {label}.", the query by "This is a sound of";
-                 the answer is the label
+                 the answer is the label. Layout "list" instead: an instruction, the end of the user's turn, then
+                 each support clip followed directly by "{label}.", the query clip last (the answer comes next)
 
 Parsers read generated text back; they tolerate spacing, case, trailing punctuation and number words, and return
 None / [] for output they cannot read — never an exception.
@@ -38,6 +41,8 @@ PROMPTS = {  # the first of each is the evaluation prompt
     "fewshot": ["This is a sound of {label}."],
 }
 FEWSHOT_QUERY = "This is a sound of"
+FEWSHOT_LIST_INSTRUCTION = "Each sound is followed by its name. Name the last sound."
+FEWSHOT_LAYOUTS = ("paper", "list")
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
 MULTIPLES = {"once": 1, "twice": 2, "thrice": 3}
@@ -46,7 +51,7 @@ MULTIPLES = {"once": 1, "twice": 2, "thrice": 3}
 @dataclass
 class Example:
     task: str
-    segments: list[tuple[str, str]]  # ("audio", path) | ("text", str), in order
+    segments: list[tuple[str, str]]  # ("audio", path) | ("text", str) | ("label", str) | ("turn", ""), in order
     answer: str  # what the model is trained to say (the first reference, where there are several)
     target: dict = field(default_factory=dict)  # ground truth for the metrics: labels, segments, count, references
 
@@ -171,12 +176,25 @@ def counting(audio: str, label: str, n: int, rng=None) -> Example:
                    format_count(n), {"label": label, "count": n})
 
 
-def fewshot(support, query_audio: str, query_label: str) -> Example:
-    """support: (audio, label) pairs in the order they are shown."""
-    segments = []
-    for audio, label in support:
-        segments += [("audio", audio), ("text", PROMPTS["fewshot"][0].format(label=label_text(label)))]
-    segments += [("audio", query_audio), ("text", FEWSHOT_QUERY)]
+def fewshot(support, query_audio: str, query_label: str, layout: str = "paper") -> Example:
+    """support: (audio, label) pairs in the order they are shown. layout "paper": each clip followed by the
+    sentence that names it (the paper's interleaving; each clip is aligned under that sentence, the query under "This
+    is a sound of"). layout "list" (beyond the paper): the episode as a list the model continues, each support clip
+    directly followed by its label and the query clip last, so the position that must produce the answer is the
+    query's own last prompt vector, as each label follows its clip's (the pattern a small LLM's copying heads
+    follow); every clip is aligned under the same (empty) instruction, so that query and supports are encoded alike."""
+    if layout not in FEWSHOT_LAYOUTS:
+        raise ValueError(f"few-shot layout {layout!r}: expected one of {FEWSHOT_LAYOUTS}")
+    if layout == "list":
+        segments = [("text", FEWSHOT_LIST_INSTRUCTION), ("turn", "")]
+        for audio, label in support:
+            segments += [("audio", audio), ("label", f"{label_text(label)}.\n")]
+        segments.append(("audio", query_audio))
+    else:
+        segments = []
+        for audio, label in support:
+            segments += [("audio", audio), ("text", PROMPTS["fewshot"][0].format(label=label_text(label)))]
+        segments += [("audio", query_audio), ("text", FEWSHOT_QUERY)]
     return Example("fewshot", segments, label_text(query_label),
                    {"label": query_label, "choices": list(dict.fromkeys(lab for _, lab in support)),
                     "support": list(support), "query": query_audio})

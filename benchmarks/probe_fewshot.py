@@ -10,7 +10,8 @@ label it names) and by ranking (the episode label whose "This is a sound of {lab
 
 A model that matches scores well above chance (0.25) in (2) and (3), not only in (1).
 
-    python benchmarks/probe_fewshot.py [--preset small] [--run_dir R] [--episodes 100]   (tiny: a minute on 2 cores)
+    python benchmarks/probe_fewshot.py [--preset small] [--run_dir R] [--episodes 100] [--key=value ...]
+    (tiny: a minute on 2 cores; any setting of apt_min/config.py, such as --fewshot_layout=list, can follow)
 """
 
 import argparse
@@ -22,15 +23,16 @@ import numpy as np
 from apt_min import data
 from apt_min.build import ensure_tokenizer, load_apt
 from apt_min.config import load_config
-from apt_min.evaluation import SHORT, generate, rank_labels
+from apt_min.evaluation import answer_and_rank
 from apt_min.metrics import named_label
 
 
 def score(apt, episodes):
     """(generation accuracy, ranking accuracy, a few generated answers), as evaluate.py --task esc50 scores them."""
-    outputs = generate(apt, episodes, SHORT, 8, "episodes")
+    feats, _ = apt.encode_clips([v for ep in episodes for k, v in ep.segments if k == "audio"], strict=True)
+    outputs = [answer_and_rank(apt, ep, feats) for ep in episodes]
     named = [named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]
-    ranked = [rank_labels(apt, ep) == ep.target["label"] for ep in episodes]
+    ranked = [ep.target["ranked"] == ep.target["label"] for ep in episodes]
     return np.mean(named), np.mean(ranked), outputs[:3]
 
 
@@ -39,8 +41,8 @@ def main():
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--run_dir", help="the trained run (default: the preset's)")
     ap.add_argument("--episodes", type=int, default=100)
-    args = ap.parse_args()
-    cfg = load_config(args.preset, [f"--run_dir={args.run_dir}"] if args.run_dir else [])
+    args, rest = ap.parse_known_args()  # and any setting of apt_min/config.py as --key=value
+    cfg = load_config(args.preset, rest + ([f"--run_dir={args.run_dir}"] if args.run_dir else []))
     checkpoint = Path(cfg.run_dir) / "stage2" / "final"
     if not (checkpoint / "apt.json").is_file():
         raise SystemExit(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")
@@ -54,7 +56,8 @@ def main():
                                ("(2) the same, a made-up name per class and episode", held_out, True),
                                ("(3) the novel classes", novel, False)):
         rng = random.Random(f"probe/{what}")
-        episodes = [data.fewshot_episode(pool, 4, 1, rng, rename=rename) for _ in range(args.episodes)]
+        episodes = [data.fewshot_episode(pool, 4, 1, rng, rename=rename, layout=cfg.fewshot_layout)
+                    for _ in range(args.episodes)]
         named, ranked, some = score(apt, episodes)
         print(f"{named:6.3f} {ranked:6.3f}  {what} {some}", flush=True)
 

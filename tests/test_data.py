@@ -183,6 +183,13 @@ def test_fewshot_episode():
     texts = " ".join(v for k, v in renamed.segments if k == "text")
     assert "class" not in texts and f"This is a sound of {renamed.answer}." in texts
     assert [s for s in renamed.segments if s[0] == "audio"] == [s for s in ep.segments if s[0] == "audio"]
+    listed = data.fewshot_episode(pool, n_way=4, k_shot=2, rng=random.Random(3), layout="list")
+    assert listed.answer == ep.answer and listed.target["support"] == ep.target["support"]
+    assert listed.segments[:2] == [("text", tasks.FEWSHOT_LIST_INSTRUCTION), ("turn", "")]
+    assert listed.segments[2:] == [seg for clip, label in ep.target["support"]
+                                   for seg in (("audio", clip), ("label", f"{label}.\n"))] + [("audio", audio[-1])]
+    with pytest.raises(ValueError, match="few-shot layout 'grid'"):
+        data.fewshot_episode(pool, 4, 2, random.Random(3), layout="grid")
 
 
 def test_sampler_ratios_and_resume():

@@ -12,8 +12,9 @@ import torch
 from conftest import opts
 
 import evaluate
-from apt_min import evaluation, metrics, tasks
+from apt_min import data, evaluation, metrics, tasks
 from apt_min.aligner import Aligner
+from apt_min.config import load_config
 from apt_min.evaluation import EVALUATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +36,15 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
     assert all(0 <= r["apt"] <= 1 for r in tagging.values())
     few = json.loads((out / "metrics_esc50.json").read_text())
     settings = ["accuracy 5-way 5-shot", "accuracy 12-way 5-shot", "accuracy 4-way 1-shot"]
-    assert [r["metric"] for r in few] == [m for s in settings
-                                          for m in (s, f"{s}, ranked", f"{s} vs a prototypical network")]
+    rows = [m for s in settings for m in (s, f"{s}, ranked", f"{s} vs a prototypical network")]
+    # held-out clips of the classes trained on: the miniature's test split has too few single-label clips per class
+    # for any episode, which the table says rather than drawing smaller episodes
+    rows += [f"{s}, training classes" for s in settings]
+    assert [r["metric"] for r in few] == rows
+    assert [r["protocol"].startswith("not run: needs") for r in few] == [False] * 9 + [True] * 3
     chance = [r["baseline"] for r in few if "prototypical" not in r["metric"]]
-    assert chance == pytest.approx([1 / 5] * 2 + [1 / 12] * 2 + [1 / 4] * 2)
-    assert all(0 <= r["apt"] <= 1 and 0 <= r["baseline"] <= 1 for r in few)
+    assert chance == pytest.approx([1 / 5] * 2 + [1 / 12] * 2 + [1 / 4] * 2 + [1 / 5, 1 / 12, 1 / 4])
+    assert all(0 <= r["apt"] <= 1 and 0 <= r["baseline"] <= 1 for r in few if "not run" not in r["protocol"])
     shown = [json.loads(line) for line in (out / "predictions_esc50.jsonl").read_text().splitlines()]
     assert [len(p["audio"]) for p in shown] == [26] * 3 + [61] * 3 + [5] * 3  # N * K supports and the query
     assert all(p["ranked"] in p["prompt"] and p["reference"] in p["prompt"] for p in shown)
@@ -50,6 +55,25 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
         assert caps["METEOR"]["protocol"].startswith("METEOR 1.5") and 0 < caps["METEOR"]["apt"] < 1
     else:
         assert caps["METEOR"]["protocol"] == "METEOR unavailable: Java is not installed"
+
+
+def test_fewshot_episodes_follow_the_layout_the_checkpoint_was_trained_on(trained, tmp_path, capsys):
+    """A run trained on list-layout episodes is evaluated on list-layout episodes though the preset's layout is the
+    paper's, and says so; --fewshot_layout still chooses."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained / "run" / "stage2" / "final", ckpt)
+    meta = json.loads((ckpt / "apt.json").read_text())
+    assert meta["config"]["fewshot_layout"] == "paper"  # what the miniature chain trained on
+    meta["config"]["fewshot_layout"] = "list"
+    (ckpt / "apt.json").write_text(json.dumps(meta))
+    for extra, layout in (([], "list"), (["--fewshot_layout=paper"], "paper")):
+        out = tmp_path / layout
+        evaluate.main(["--task", "esc50", "--episodes", "1", "--checkpoint", str(ckpt), "--out", str(out),
+                       *opts(trained), *extra])
+        said = capsys.readouterr().out
+        assert ("fewshot_layout=list (the tiny preset's is paper" in said) == (layout == "list")
+        shown = [json.loads(line) for line in (out / "predictions_esc50.jsonl").read_text().splitlines()]
+        assert all(("This is a sound of" in p["prompt"]) == (layout == "paper") for p in shown)
 
 
 def test_missing_checkpoint_is_explained_before_anything_is_written(tmp_path):
@@ -238,3 +262,14 @@ def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
     found = evaluation.stage0_aligner(tmp_path / "elsewhere" / "stage2" / "final", "cpu")
     mine = Aligner.load(run / "stage0" / "final")
     assert all(torch.equal(a, b) for a, b in zip(found.state_dict().values(), mine.state_dict().values()))
+
+
+def test_fewshot_pools_are_the_novel_classes_and_held_out_clips_of_the_training_classes(trained):
+    from apt_min import synth
+
+    cfg = load_config("tiny", opts(trained))
+    pools = dict(evaluation.fewshot_pools(cfg))
+    assert pools["novel"] and set(pools["novel"]) <= {c.name for c in synth.NOVEL_CLASSES}
+    assert pools["training"] and {k.lower() for k in pools["training"]} <= {c.name for c in synth.TRAIN_CLASSES}
+    trained_on = {a for clips in data.single_label_pool(cfg.data_root, "train").values() for a in clips}
+    assert not trained_on & {a for clips in pools["training"].values() for a in clips}  # held out

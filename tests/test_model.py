@@ -345,3 +345,19 @@ def test_choice_logprob_equals_scoring_each_candidate_in_its_own_row(parts):
     # relative to each value (log-probabilities of -8 to -180 here); measured <= 1.2e-7 relative, ~80x below rtol
     torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-5)
     assert len(set(shared.tolist())) == 4  # the candidates were really scored apart
+
+
+def test_answer_and_rank_is_generate_and_choice_logprob_from_one_prompt_pass(parts):
+    """The few-shot evaluation's shared pass: its answer is generate's greedy answer token for token, and its scores
+    are choice_logprob's (checked above against a padded batch with no cache), for a long answer too, whose greedy
+    keys and values must not leak into the candidates' scores."""
+    _, _, _, _, (a, b, long) = parts
+    apt = make_apt(parts).eval()
+    segments = [("audio", a), ("label", "bell.\n"), ("audio", b), ("text", "What is it?")]
+    answers = ["bell.", "a siren that wails.", "hum"]
+    feats, _ = apt.encode_clips([a, b])
+    for n in (1, 3, 20):
+        said, scores = apt.answer_and_rank(segments, answers, feats, max_new_tokens=n)
+        assert said == apt.generate([segments], feats, max_new_tokens=n)[0]
+        torch.testing.assert_close(scores, apt.choice_logprob(segments, answers, feats), rtol=1e-6, atol=1e-6)
+    assert len(apt.tokenizer.encode(said, bos=False)) > 3  # the untrained model talks on: the long case was run

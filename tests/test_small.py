@@ -34,6 +34,49 @@ def test_the_chat_layout_is_smollm2s_chat_template(smollm2, reference):
     assert tok.decode(want[-2:]) == "yes" and want[-1] == tok.eos_id
 
 
+def test_the_list_layout_puts_the_episode_in_the_assistant_turn(smollm2, reference):
+    """Few-shot layout "list" under SmolLM2's chat template: the instruction is the user's turn (transformers'
+    rendering), the episode the assistant's: each support's <AUDIO> and prompts directly followed by "{label}.\\n",
+    the query's last, then the answer; only the answer and <|im_end|> carry labels. Every clip is aligned under the
+    same instruction, so a query whose audio equals a support's gets the very same prompts (in the paper's layout
+    the label in the support's sentence changes them)."""
+    from apt_min import tasks
+
+    folder, _ = smollm2
+    _, ref_tok = reference
+    tok = Tokenizer(folder)
+    apt = build.untrained_apt(load_config("small", {"llm_path": str(folder)}), tok).eval()
+    support = [("a.wav", "dax"), ("b.wav", "tovak")]
+    torch.manual_seed(0)
+    same, other = torch.randn(1, 8, apt.aligner.config.audio_dim), torch.randn(1, 8, apt.aligner.config.audio_dim)
+    feats = {"a.wav": same, "b.wav": other, "q.wav": same}  # the query's audio is the first support's
+    ep = tasks.fewshot(support, "q.wav", "dax", layout="list")
+    x, _, labels = apt.embed_batch([ep.segments], feats, [ep.answer])
+    rendered = ref_tok.apply_chat_template([{"role": "user", "content": tasks.FEWSHOT_LIST_INSTRUCTION}],
+                                           tokenize=False, add_generation_prompt=True)
+    head, Q = ref_tok.encode(rendered, add_special_tokens=False), apt.aligner.config.num_queries
+    want = [*head, None, *ref_tok.encode("dax.\n", add_special_tokens=False), None,
+            *ref_tok.encode("tovak.\n", add_special_tokens=False), None,
+            *ref_tok.encode("dax<|im_end|>", add_special_tokens=False)]
+    spans, at = [], 0  # each None is one clip: <AUDIO> and Q prompt vectors
+    for t in want:
+        if t is None:
+            spans.append(slice(at, at + 1 + Q))
+            at += 1 + Q
+        else:
+            assert torch.equal(x[0, at], apt.llm.embed(torch.tensor(t))), at
+            at += 1
+    answer = ref_tok.encode("dax<|im_end|>", add_special_tokens=False)
+    assert at == x.shape[1] and labels[0, -len(answer):].tolist() == answer and (labels[0] != -100).sum() == len(answer)
+    assert all(torch.equal(x[0, s.start], apt.audio_token) for s in spans)
+    torch.testing.assert_close(x[0, spans[2]], x[0, spans[0]], rtol=0, atol=0)  # query == the support it matches
+    assert not torch.allclose(x[0, spans[1]], x[0, spans[0]])
+    paper = tasks.fewshot(support, "q.wav", "dax")
+    xp, _, _ = apt.embed_batch([paper.segments], feats, [paper.answer])
+    clips = (xp[0] == apt.audio_token).all(-1).nonzero()[:, 0]
+    assert not torch.allclose(xp[0, clips[0]:clips[0] + 1 + Q], xp[0, clips[2]:clips[2] + 1 + Q])
+
+
 def test_the_aligner_word_table_is_the_llms_pca(prepared):
     """The map llm_pca_map makes takes the LLM's embedding table to scikit-learn's PCA of it (up to each component's
     sign), scaled to std 0.02."""
@@ -56,12 +99,12 @@ def test_the_aligner_word_table_is_the_llms_pca(prepared):
 def test_cpu_precision_follows_the_probe(monkeypatch, speedup, cpu_bf16, expected):
     import train
 
-    monkeypatch.setattr(train, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(build, "cpu_bf16_speedup", lambda: speedup)
     cfg = load_config("small", {"cpu_bf16": cpu_bf16})
     autocast, scaler, frozen = train.amp_settings(cfg, torch.device("cpu"))
     with autocast():
         dtype = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
-    assert dtype == (expected or torch.float32) and scaler is None and frozen == torch.float32
+    assert dtype == (expected or torch.float32) and scaler is None and frozen == (expected or torch.float32)
 
 
 def test_the_small_presets_llm_is_fetched_on_first_use(monkeypatch, tmp_path):
