@@ -238,6 +238,27 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
+class SharedPrefix:
+    """The keys and values of a prefix that every row of a batch begins with (an instruct model's system turn), run
+    through the frozen LLM once: a forward given it attends to the prefix as if each row began with it, without
+    recomputing it. Nothing is ever written into it, so autograd may keep what a training step reads from it."""
+
+    def __init__(self, llm: Llama, ids: torch.Tensor):
+        """ids (P,): the prefix's tokens. Run as the batches will be: under the autocast in force, if any."""
+        device = ids.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else llm.lm_head.weight.dtype
+        cache = KVCache(llm.config, 1, len(ids), dtype, ids.device)
+        with torch.no_grad():
+            llm(input_ids=ids[None], cache=cache, logits_at=torch.zeros(1, len(ids), dtype=torch.bool))
+        self.k, self.v, self.length = cache.k, cache.v, len(ids)  # (L, 1, nkv, P, hd) each
+
+    def update(self, layer: int, k, v):
+        """The prefix's keys and values of `layer` before the batch's own: (B, nkv, P + T, hd) each."""
+        B = k.shape[0]
+        return (torch.cat([self.k[layer].expand(B, -1, -1, -1), k], dim=2),
+                torch.cat([self.v[layer].expand(B, -1, -1, -1), v], dim=2))
+
+
 # ------------------------------------------------------------------------------------------------------------ model
 
 
@@ -264,15 +285,18 @@ class Llama(nn.Module):
         return self.model.embed_tokens(input_ids)  # (B, T, D)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, logits_at=None,
-                cache: KVCache | None = None):
+                cache: KVCache | None = None, prefix: SharedPrefix | None = None):
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, past + T), 1 for tokens, 0 for padding
         (left or right); logits_at (B, T) bool: return logits (N, V) at those positions only, else (B, T, V).
-        Positions count tokens only, so a left-padded row sees the same positions as the unpadded one."""
+        Positions count tokens only, so a left-padded row sees the same positions as the unpadded one.
+        prefix: the past is a prefix shared by every row, computed once (training; not with a cache)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if cache is not None and prefix is not None:
+            raise ValueError("pass a cache or a shared prefix, not both")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
-        past = cache.length if cache is not None else 0
+        past = cache.length if cache is not None else prefix.length if prefix is not None else 0
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
         if attention_mask is not None and bool(attention_mask.all()):
@@ -286,9 +310,10 @@ class Llama(nn.Module):
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 # keep only each block's input; recompute the block in backward (memory for time)
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, is_causal, None, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, is_causal, prefix, i,
+                                                      use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, is_causal, cache, i)
+                x = block(x, cos, sin, mask, is_causal, cache or prefix, i)
         if cache is not None:
             cache.length += T
         if logits_at is not None:

@@ -26,7 +26,7 @@ from apt_min import audio
 from apt_min.aligner import STAGE0_HEADS, Aligner, AlignerConfig
 from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError, safetensors_entries
-from apt_min.llama import KVCache, Llama
+from apt_min.llama import KVCache, Llama, SharedPrefix
 from apt_min.tokenizer import Tokenizer
 
 
@@ -134,6 +134,7 @@ class APT(nn.Module):
             raise ValueError(f"unknown prompt format {prompt_format!r}; known: {sorted(PROMPT_FORMATS)}")
         self.encoder, self.aligner, self.llm, self.tokenizer, self.cache = encoder, aligner, llm, tokenizer, cache
         self.prompt_format = prompt_format
+        self.share_prefix, self._prefixes = True, {}  # training skips the common opening (shared_prefix)
         D = llm.config.hidden_size
         if aligner.config.llm_words:  # the aligner reads words through the LLM's own table
             aligner.attach_llm_words(llm.model.embed_tokens.weight)
@@ -182,19 +183,38 @@ class APT(nn.Module):
             out[b].append(p.reshape(-1, p.shape[-1]))  # (W * Q, D), windows in time order
         return out
 
-    def embed_batch(self, batch, feats, answers=None, left_pad: bool = False):
+    def prefix_ids(self) -> list[int]:
+        """The tokens every example begins with under this prompt format: BOS and/or the template's opening."""
+        form = PROMPT_FORMATS[self.prompt_format]
+        return ([self.tokenizer.bos_id] if form["bos"] else []) + self.tokenizer.encode(form["before"], bos=False)
+
+    def shared_prefix(self) -> SharedPrefix | None:
+        """The common opening of every example (SmolLM2's system turn: 24 tokens), through the frozen LLM once
+        per device and autocast setting: training steps then skip those positions. None where it is one token or
+        less (plain format: BOS alone) or `share_prefix` is off."""
+        ids = self.prefix_ids()
+        if not self.share_prefix or len(ids) < 2:
+            return None
+        device = self.proj.weight.device
+        key = (device, torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type))
+        if key not in self._prefixes:
+            self._prefixes[key] = SharedPrefix(self.llm, torch.tensor(ids, device=device))
+        return self._prefixes[key]
+
+    def embed_batch(self, batch, feats, answers=None, left_pad: bool = False, after_prefix: bool = False):
         """Interleaved input embeddings (B, L, D), mask (B, L) and labels (B, L): -100 except the answer tokens
-        and the EOS that closes them. Right padding for training, left padding for generation."""
+        and the EOS that closes them. Right padding for training, left padding for generation. after_prefix: leave
+        out the prefix_ids every row begins with (a SharedPrefix supplies them)."""
         tok, llm = self.tokenizer, self.llm
         device, dtype = self.proj.weight.device, llm.model.embed_tokens.weight.dtype
         prompts = self.clip_prompts(batch, feats)
         form = PROMPT_FORMATS[self.prompt_format]
-        start = [tok.bos_id] if form["bos"] else []
+        start = [tok.bos_id] if form["bos"] and not after_prefix else []
         rows = []
         for b, segments in enumerate(batch):
             pieces, labels, clips = [torch.tensor(start, dtype=torch.long)], [-100] * len(start), iter(prompts[b])
             turn_ends = [] if any(k == "turn" for k, _ in segments) else [("turn", "")]  # where the user's turn ends
-            framed = [("text", form["before"]), *segments, *turn_ends]
+            framed = [("text", "" if after_prefix else form["before"]), *segments, *turn_ends]
             framed = [("text", form["after"]) if k == "turn" else (k, v) for k, v in framed]
             for kind, value in [(k, v) for k, v in framed if v]:  # an empty frame adds nothing
                 if kind in ("text", "label"):
@@ -223,10 +243,14 @@ class APT(nn.Module):
     def _answer_logits(self, batch, answers, feats):
         """Logits (N, V) at the N positions that predict an answer token or EOS, those targets (N,), and the row
         each belongs to (N,)."""
-        x, mask, labels = self.embed_batch(batch, feats, answers)
+        prefix = self.shared_prefix()
+        x, mask, labels = self.embed_batch(batch, feats, answers, after_prefix=prefix is not None)
         at = torch.zeros_like(mask)
         at[:, :-1] = labels[:, 1:] != -100  # positions whose next token is an answer token
-        logits = self.llm(inputs_embeds=x, attention_mask=mask, logits_at=at)  # (N, V): only where a loss is taken
+        if prefix is not None:
+            mask = torch.cat([mask.new_ones(len(mask), prefix.length), mask], dim=1)
+        # (N, V): logits only where a loss is taken
+        logits = self.llm(inputs_embeds=x, attention_mask=mask, logits_at=at, prefix=prefix)
         return logits, labels[:, 1:][at[:, :-1]], at.nonzero()[:, 0]
 
     def forward(self, batch, answers, feats):

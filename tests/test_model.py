@@ -161,6 +161,38 @@ def test_bf16_autocast_on_cpu(parts):
         assert error <= 0.1, (k, error)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["same length", "padded"])
+def test_shared_prefix_gives_the_full_sequences_loss_and_gradients(parts, padded):
+    """Under a chat template every example begins with the same system turn; training runs it through the frozen
+    LLM once (SharedPrefix) and the batch attends to its keys and values. The loss and every trainable gradient
+    must be those of the full sequences, rows right-padded or not."""
+    _, tok, _, _, (a, b, _) = parts
+    apt = make_apt(parts)
+    apt.prompt_format = "smollm2-chat"  # its opening: the tiny tokenizer spells it in dozens of pieces
+    assert len(apt.prefix_ids()) > 10
+    feats, _ = apt.encode_clips([a, b])
+    batch = [[("audio", a), ("text", "How many times?")], [("audio", b), ("text", "Summarize")]]
+    answers = ["3", "bell, siren" if padded else "2"]
+
+    def loss_and_grads(share):
+        apt.share_prefix = share
+        apt.zero_grad(set_to_none=True)
+        loss, n = apt(batch, answers, feats)
+        loss.backward()
+        return loss.item(), n, {k: p.grad.clone() for k, p in apt.named_parameters() if p.grad is not None}
+
+    full, shared = loss_and_grads(False), loss_and_grads(True)
+    assert apt.shared_prefix().length == len(apt.prefix_ids())
+    assert shared[1] == full[1] and shared[0] == pytest.approx(full[0], rel=1e-5)
+    assert shared[2].keys() == full[2].keys() and len(full[2]) > 4
+    for k, grad in full[2].items():
+        assert torch.allclose(shared[2][k], grad, rtol=1e-4, atol=1e-6), k
+    x, _, _ = apt.embed_batch(batch, feats, answers, after_prefix=True)
+    assert x.shape[1] == apt.embed_batch(batch, feats, answers)[0].shape[1] - len(apt.prefix_ids())
+    apt.prompt_format = "plain"  # BOS alone: nothing worth sharing
+    assert apt.shared_prefix() is None
+
+
 def test_loss_falls_when_overfitting(parts):
     _, _, _, _, (a, b, _) = parts
     apt = make_apt(parts)

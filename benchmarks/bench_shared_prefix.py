@@ -1,0 +1,66 @@
+"""What the shared prefix buys a training step: under SmolLM2's chat template every example opens with the same
+24-token system turn, which the frozen LLM now runs once (model.SharedPrefix) instead of in every row.
+
+Real training steps of the small preset (its trained APT: your run, else the release; SmolLM2 fetched if absent),
+forward + backward on batches drawn as stage 1 and stage 2 draw them, in the precision the run would use; each batch
+timed with the prefix shared and with it recomputed in every row, the two alternating; the mean step over the same
+batches (a stage's time is their sum: long few-shot steps count as they weigh), and the ratio (>1: faster).
+    python benchmarks/bench_shared_prefix.py [--batches 24]
+"""
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py, at the repository's root
+import train  # noqa: E402
+from apt_min import data
+from apt_min.build import fetch_known_llm, load_apt
+from apt_min.config import load_config
+from apt_min.release import resolve_checkpoint
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=24)
+    args = ap.parse_args()
+    cfg = load_config("small")
+    fetch_known_llm(cfg)
+    apt = load_apt(cfg, resolve_checkpoint(cfg, None)).train()
+    autocast, _, _ = train.amp_settings(cfg, torch.device("cpu"))
+    root, rng = cfg.data_root, random.Random(0)
+    pools = {t: data.examples(t, root, "train", rng=rng) for t in ("tagging", "aqa", "sed", "ter", "counting")}
+    pools["captioning"] = data.examples("captioning", root, "train", rng=rng)
+    single = data.single_label_pool(root, "train")
+    pools["fewshot"] = lambda r: data.fewshot_episode(single, *train.episode_shape(cfg, r), r,
+                                                      layout=cfg.fewshot_layout)
+    pools["nlar"] = data.examples("nlar", root, "train")
+    print(f"small preset, {train.resolve_precision(cfg, torch.device('cpu'))}, batch {cfg.batch_size}, "
+          f"prefix {len(apt.prefix_ids())} tokens, threads {torch.get_num_threads()}")
+    for stage in ("1", "2"):
+        ratios = train.parse_ratios(cfg.task_ratios, train.STAGES[stage]["ratios"])
+        sampler = data.TaskSampler(pools, ratios, cfg.batch_size, seed=1)
+        times = {True: [], False: []}
+        for i in range(args.batches + 1):  # the first batch warms up and is not counted
+            _, batch = sampler.next_batch()
+            feats, _ = apt.encode_clips([v for ex in batch for k, v in ex.segments if k == "audio"])
+            for share in (True, False) if i % 2 else (False, True):
+                apt.share_prefix = share
+                t = time.perf_counter()
+                with autocast():
+                    loss, n = apt(*data.collate(batch), feats)
+                (loss / n).backward()
+                apt.zero_grad(set_to_none=True)
+                if i:
+                    times[share].append(time.perf_counter() - t)
+        full, shared = statistics.mean(times[False]), statistics.mean(times[True])
+        print(f"stage {stage} step: prefix in every row {full:.3f} s | shared {shared:.3f} s ({full / shared:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

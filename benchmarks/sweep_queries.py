@@ -1,0 +1,61 @@
+"""How many queries (acoustic prompt vectors per clip) the aligner should have: for each count, stage 0 then stage 1
+at a short budget, from the same frozen encoder, each stage in a fresh process. Prints stage 1's validation loss and
+AQA accuracy beside each count's time, so the preset's `num_queries` is chosen by measurement.
+
+The runs go to {run_dir}/sweep-queries/q{N}/; they share the preset run's encoder (for the small preset, run
+`python train.py --stage mae --preset small` first) and its feature cache (the encoder's output does not depend on
+the query count).
+    python benchmarks/sweep_queries.py [--preset small] [--counts 8,16,32] [--steps_0 300] [--steps_1 150]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from apt_min.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--counts", default="8,16,32")
+    ap.add_argument("--steps_0", type=int, default=300)
+    ap.add_argument("--steps_1", type=int, default=150)
+    args = ap.parse_args()
+    cfg = load_config(args.preset)
+    base = ROOT / cfg.run_dir
+    encoder = base / "encoder.safetensors"
+    if cfg.encoder_init == "mae" and not encoder.is_file():
+        raise SystemExit(f"{encoder}: no pretrained encoder; run python train.py --stage mae --preset {args.preset}")
+    print(f"{args.preset}: stage 0 {args.steps_0} steps, stage 1 {args.steps_1} steps per count")
+    print(f"{'queries':>7} {'stage 0 s':>9} {'stage 1 s':>9} {'a2t R@1':>8} {'val loss':>8} {'AQA acc':>8}")
+    for count in [int(c) for c in args.counts.split(",")]:
+        run = base / "sweep-queries" / f"q{count}"
+        run.mkdir(parents=True, exist_ok=True)
+        for shared in ("encoder.safetensors", "features"):
+            if (base / shared).exists() and not (run / shared).exists():
+                (run / shared).symlink_to((base / shared).resolve())
+        seconds = []
+        for stage in ("0", "1"):
+            t = time.time()
+            subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", args.preset,
+                            f"--run_dir={run}", f"--num_queries={count}", f"--steps_0={args.steps_0}",
+                            f"--steps_1={args.steps_1}", "--eval_every=100000", "--save_every=100000"],
+                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            seconds.append(time.time() - t)
+        last = {}
+        for stage in ("stage0", "stage1"):
+            for line in (run / stage / "log.jsonl").read_text().splitlines():
+                entry = json.loads(line)
+                last |= {k: v for k, v in entry.items() if k.startswith("val") or k.endswith("_r1")}
+        print(f"{count:7d} {seconds[0]:9.1f} {seconds[1]:9.1f} {last['a2t_r1']:8.3f} {last['val_loss']:8.3f} "
+              f"{last['val_aqa_accuracy']:8.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
