@@ -1,5 +1,5 @@
 """What the shared prefix buys a training step: under SmolLM2's chat template every example opens with the same
-24-token system turn, which the frozen LLM now runs once (model.SharedPrefix) instead of in every row.
+24-token system turn, which the frozen LLM now runs once (llama.SharedPrefix) instead of in every row.
 
 Real training steps of the small preset (its trained APT: your run, else the release; SmolLM2 fetched if absent),
 forward + backward on batches drawn as stage 1 and stage 2 draw them, in the precision the run would use; each batch
