@@ -192,13 +192,14 @@ class APT(nn.Module):
         """The common opening of every example (SmolLM2's system turn: 24 tokens), through the frozen LLM once
         per device and autocast setting: training steps then skip those positions. None where it is one token or
         less (plain format: BOS alone) or `share_prefix` is off."""
-        ids = self.prefix_ids()
-        if not self.share_prefix or len(ids) < 2:
+        if not self.share_prefix:
             return None
         device = self.proj.weight.device
-        key = (device, torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type))
+        key = (self.prompt_format, device,
+               torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type))
         if key not in self._prefixes:
-            self._prefixes[key] = SharedPrefix(self.llm, torch.tensor(ids, device=device))
+            ids = self.prefix_ids()
+            self._prefixes[key] = SharedPrefix(self.llm, torch.tensor(ids, device=device)) if len(ids) > 1 else None
         return self._prefixes[key]
 
     def embed_batch(self, batch, feats, answers=None, left_pad: bool = False, after_prefix: bool = False):
@@ -209,12 +210,12 @@ class APT(nn.Module):
         device, dtype = self.proj.weight.device, llm.model.embed_tokens.weight.dtype
         prompts = self.clip_prompts(batch, feats)
         form = PROMPT_FORMATS[self.prompt_format]
-        start = [tok.bos_id] if form["bos"] and not after_prefix else []
+        start = [] if after_prefix else self.prefix_ids()
         rows = []
         for b, segments in enumerate(batch):
             pieces, labels, clips = [torch.tensor(start, dtype=torch.long)], [-100] * len(start), iter(prompts[b])
             turn_ends = [] if any(k == "turn" for k, _ in segments) else [("turn", "")]  # where the user's turn ends
-            framed = [("text", "" if after_prefix else form["before"]), *segments, *turn_ends]
+            framed = [*segments, *turn_ends]
             framed = [("text", form["after"]) if k == "turn" else (k, v) for k, v in framed]
             for kind, value in [(k, v) for k, v in framed if v]:  # an empty frame adds nothing
                 if kind in ("text", "label"):
