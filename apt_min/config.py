@@ -122,16 +122,15 @@ PRESETS = {
     # SmolLM2-135M-Instruct, a real pretrained LLM that a CPU runs (python -m apt_min.weights smollm2, fetched on
     # first use); the tiny preset's data; an encoder of the tiny's width, 4 blocks, pretrained by masked
     # autoencoding (--stage mae); an aligner of the paper's shape (4 layers, cross-attention every second one) at
-    # 128 wide, reading its words through SmolLM2's own table; stage 2 weighted to episodes of several shapes, laid
-    # out as lists (each support clip directly followed by its label: tasks.fewshot)
+    # 128 wide with 8 queries per clip (benchmarks/README.md: the query count), reading its words through SmolLM2's
+    # own table; stage 2 weighted to episodes of several shapes, laid out as lists (each support clip directly
+    # followed by its label: tasks.fewshot); the steps fit the chain under an hour on 2 cores (README, Performance)
     "small": dict(
         preset="small", run_dir="runs/small", llm_path="weights/smollm2-135m-instruct", release="weights/apt-small",
-        encoder_depth=4,
-        encoder_init="mae", aligner_hidden=128, aligner_layers=4, aligner_heads=4, aligner_intermediate=512,
-        num_queries=8, aligner_words="llm", aligner_init="llm", prompt_format="smollm2-chat", cpu_bf16=True, batch_size=8,
-        lr=5e-4, steps_mae=800, steps_0=400, steps_1=700, steps_2=500, task_ratios="fewshot=3,aqa=0.3",
-        fewshot_shapes="mixed",
-        fewshot_layout="list",
+        encoder_depth=4, encoder_init="mae", aligner_hidden=128, aligner_layers=4, aligner_heads=4,
+        aligner_intermediate=512, num_queries=8, aligner_words="llm", aligner_init="llm", prompt_format="smollm2-chat",
+        cpu_bf16=True, batch_size=8, lr=5e-4, steps_mae=800, steps_0=400, steps_1=700, steps_2=500,
+        task_ratios="fewshot=3,aqa=0.3", fewshot_shapes="mixed", fewshot_layout="list",
         log_every=25, eval_every=200, save_every=200,
     ),
     "paper": dict(

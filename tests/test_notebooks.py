@@ -17,25 +17,30 @@ PRINTED = {  # what each notebook must print (sizes that do not depend on the mi
                                     " trained: ATC ", "retrieval R@1 on these clips: {'a2t_r1': "],
     "03_llm_and_acoustic_prompts.ipynb": ["files: ['config.json', 'model.safetensors', 'tokenizer.model']",
                                           "without the cache, the same tokens: True", "labelled positions: ",
-                                          "= BOS + 2 x (<AUDIO> + "],
+                                          "= BOS + 2 x (<AUDIO> + ", "positions = template (",
+                                          "before the segments: '<|im_start|>system"],
     "04_tagging.ipynb": ["mAP, paper protocol (text branch): ",
                          "AP of one class by hand equals metrics.average_precision: True"],
     "05_captioning.ipynb": ["BLEU by hand equals metrics.bleu: True", "SPICE: ",
-                            "baseline caption (the most frequent training caption): "],
+                            "baseline caption (the most frequent training caption): ", "\n  small: ",
+                            "tiny   small  baseline"],
     "06_question_answering.ipynb": ["three annotators ['Two.', '2', 'three'] -> trained answer 'two' | scored against "
                                     "'2'", "accuracy, yes/no questions", "rows: truth yes, no; columns: said yes"],
     "07_detection_and_retrieval.ipynb": ["metrics.segment_f1 (matched, predicted, true): ",
                                          "detection segment F1: APT ", "retrieval accuracy: APT "],
     "08_counting.ipynb": ["'twice'                -> 2", "mean absolute error  APT ", "true counts: "],
     "09_fewshot.ipynb": [" positions = BOS + 5 x (<AUDIO> + ", "training classes, made-up names ",
-                         "ranked answer changed in "],
+                         "ranked answer changed in ", "small gen", "vs a prototypical network"],
     "10_nlar.ipynb": ["always 'yes' (the paper's baseline): ", "the answer flipped with the clips in ",
-                      "accuracy: original order "],
+                      "accuracy: original order ", "APT-small accuracy: original order "],
     "11_training_stages.ipynb": ["steps logged once each after resuming: True", "stage 0 trains ",
                                  "resumed run's per-step losses equal the uninterrupted run's: True"],
     "12_paper_scale.ipynb": ["encoder tokens             (2, 512, 768)", "logits                     (2, 53, 32000)",
                              "trained in stages 1-2: 15.7 M parameters"],
 }
+
+
+SMALL_BESIDE_TINY = ("03_llm_and_acoustic_prompts.ipynb", "05_captioning.ipynb", "09_fewshot.ipynb", "10_nlar.ipynb")
 
 
 def printed(nb) -> str:
@@ -61,12 +66,17 @@ def test_committed_outputs_are_complete(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, trained, monkeypatch):
+def test_notebook_runs(path, trained, monkeypatch, request):
     import nbformat  # from jupyter, in requirements.txt
     from nbclient import NotebookClient
 
     monkeypatch.setenv("APT_MIN_RUN_DIR", str(trained / "run"))
     monkeypatch.setenv("APT_MIN_DATA_ROOT", str(trained / "synth"))
+    if path.name in SMALL_BESIDE_TINY:  # the small preset's miniature run, against SmolLM2
+        small_run, _ = request.getfixturevalue("small_run")
+        folder, _ = request.getfixturevalue("smollm2")
+        monkeypatch.setenv("APT_MIN_SMALL_RUN_DIR", str(small_run))
+        monkeypatch.setenv("APT_MIN_SMALL_LLM", str(folder))
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
