@@ -334,18 +334,8 @@ class TuneAPT:
         self.module = self.model
         stage_dir(cfg, stage).mkdir(parents=True, exist_ok=True)
 
-        rng, root = random.Random(cfg.seed), cfg.data_root
-        pools = {t: data.examples(t, root, "train", rng=rng) for t in ("tagging", "aqa", "sed", "ter", "counting")}
-        pools["captioning"] = (data.examples("captioning", root, "train", rng=rng)
-                               + data.examples("captioning", root, "train", source="clotho", rng=rng))
-        if stage == "2":
-            single = data.single_label_pool(root, "train")
-            # trained as 4-way 1-shot (paper; fewshot_shapes=mixed: 2 to 5 ways, 1 to 3 shots); half the episodes
-            # with made-up class names, so that answering means matching the query to the supports rather than
-            # recognising a known class
-            pools["fewshot"] = lambda r: data.fewshot_episode(single, *episode_shape(cfg, r), r,
-                                                              rename=r.random() < 0.5, layout=cfg.fewshot_layout)
-            pools["nlar"] = data.examples("nlar", root, "train")
+        root = cfg.data_root
+        pools = training_pools(cfg, stage)
         ratios = parse_ratios(cfg.task_ratios, STAGES[stage]["ratios"])
         self.sampler = data.TaskSampler(pools, ratios, cfg.batch_size * world, cfg.seed)
         val_tasks = ["captioning", "aqa"] + (["nlar"] if stage == "2" else [])
@@ -644,6 +634,23 @@ def stage_dir(cfg, stage) -> Path:
 def warn(bad):
     for _, err in bad:
         log.warning("skipping audio that cannot be used: %s", err)
+
+
+def training_pools(cfg, stage: str) -> dict:
+    """What stage 1 or 2 samples each task's examples from (a list, or a function of an rng that draws one)."""
+    rng, root = random.Random(cfg.seed), cfg.data_root
+    pools = {t: data.examples(t, root, "train", rng=rng) for t in ("tagging", "aqa", "sed", "ter", "counting")}
+    pools["captioning"] = (data.examples("captioning", root, "train", rng=rng)
+                           + data.examples("captioning", root, "train", source="clotho", rng=rng))
+    if stage == "2":
+        single = data.single_label_pool(root, "train")
+        # trained as 4-way 1-shot (paper; fewshot_shapes=mixed: 2 to 5 ways, 1 to 3 shots); half the episodes
+        # with made-up class names, so that answering means matching the query to the supports rather than
+        # recognising a known class
+        pools["fewshot"] = lambda r: data.fewshot_episode(single, *episode_shape(cfg, r), r,
+                                                          rename=r.random() < 0.5, layout=cfg.fewshot_layout)
+        pools["nlar"] = data.examples("nlar", root, "train")
+    return pools
 
 
 def episode_shape(cfg, rng: random.Random) -> tuple[int, int]:

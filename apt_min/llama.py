@@ -172,7 +172,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
         self.sdpa = True  # False: the written-out path of `attend`
 
-    def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | SharedPrefix | None, layer: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -249,7 +249,8 @@ class SharedPrefix:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else llm.lm_head.weight.dtype
         cache = KVCache(llm.config, 1, len(ids), dtype, ids.device)
         with torch.no_grad():
-            llm(input_ids=ids[None], cache=cache, logits_at=torch.zeros(1, len(ids), dtype=torch.bool))
+            none = torch.zeros(1, len(ids), dtype=torch.bool, device=ids.device)  # no logits: keys and values only
+            llm(input_ids=ids[None], cache=cache, logits_at=none)
         self.k, self.v, self.length = cache.k, cache.v, len(ids)  # (L, 1, nkv, P, hd) each
 
     def update(self, layer: int, k, v):

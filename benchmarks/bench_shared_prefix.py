@@ -9,7 +9,6 @@ batches (a stage's time is their sum: long few-shot steps count as they weigh), 
 """
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -33,18 +32,11 @@ def main():
     fetch_known_llm(cfg)
     apt = load_apt(cfg, resolve_checkpoint(cfg, None)).train()
     autocast, _, _ = train.amp_settings(cfg, torch.device("cpu"))
-    root, rng = cfg.data_root, random.Random(0)
-    pools = {t: data.examples(t, root, "train", rng=rng) for t in ("tagging", "aqa", "sed", "ter", "counting")}
-    pools["captioning"] = data.examples("captioning", root, "train", rng=rng)
-    single = data.single_label_pool(root, "train")
-    pools["fewshot"] = lambda r: data.fewshot_episode(single, *train.episode_shape(cfg, r), r,
-                                                      layout=cfg.fewshot_layout)
-    pools["nlar"] = data.examples("nlar", root, "train")
     print(f"small preset, {train.resolve_precision(cfg, torch.device('cpu'))}, batch {cfg.batch_size}, "
           f"prefix {len(apt.prefix_ids())} tokens, threads {torch.get_num_threads()}")
     for stage in ("1", "2"):
         ratios = train.parse_ratios(cfg.task_ratios, train.STAGES[stage]["ratios"])
-        sampler = data.TaskSampler(pools, ratios, cfg.batch_size, seed=1)
+        sampler = data.TaskSampler(train.training_pools(cfg, stage), ratios, cfg.batch_size, seed=1)
         times = {True: [], False: []}
         for i in range(args.batches + 1):  # the first batch warms up and is not counted
             _, batch = sampler.next_batch()
