@@ -45,6 +45,7 @@ class AlignerConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     llm_words: int = 0  # 0: a word table of its own (BERT's); D: the frozen LLM's (vocab, D) table through a D -> H map
+    input_norm_eps: float = 1e-5  # ln_audio's: BLIP-2's ln_vision; InstructBLIP's post_layernorm has 1e-6
 
 
 # --------------------------------------------------------------------------------------------------------- masks
@@ -151,7 +152,7 @@ class Aligner(nn.Module):
         self.config = cfg
         H = cfg.hidden_size
         self.dec_id = cfg.vocab_size  # decoder-start token: one extra row of the word table
-        self.ln_audio = nn.LayerNorm(cfg.audio_dim)  # on the frozen encoder's output (BLIP-2's ln_vision)
+        self.ln_audio = nn.LayerNorm(cfg.audio_dim, eps=cfg.input_norm_eps)  # on the frozen encoder's output
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_queries, H) * 0.02)
         if cfg.llm_words:  # words as the LLM embeds them, mapped to H (attach_llm_words gives the table); [DEC]
             self.word_map = nn.Linear(cfg.llm_words, H)  # has a row of its own

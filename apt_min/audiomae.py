@@ -40,6 +40,10 @@ class AudioMAEConfig:
     output_block: int = -2  # whose patch tokens are returned: -2 penultimate (paper §4.1), -1 last (public APT code)
 
     @property
+    def hidden(self) -> int:  # the MLP's width
+        return int(self.dim * self.mlp_ratio)
+
+    @property
     def grid(self) -> tuple[int, int]:
         return self.target_length // self.patch_size, self.num_mel_bins // self.patch_size  # (time, frequency)
 
@@ -89,12 +93,15 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: AudioMAEConfig):
+    """A pre-LN ViT block. Audio-MAE's (ViT-B: 768-d, 12 heads, MLP 3072) and, in `vision.py`, EVA ViT-g's
+    (1408-d, 16 heads, MLP 6144) are this same block."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.attn = Attention(cfg.dim, cfg.heads)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, hidden)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -102,12 +109,12 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, cfg: AudioMAEConfig):
+    def __init__(self, channels: int, dim: int, patch: int):
         super().__init__()
-        self.proj = nn.Conv2d(1, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
 
-    def forward(self, x):  # (B, 1, T, F)
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, T/16, F/16) -> (B, N, D), time-major
+    def forward(self, x):  # (B, C, H, W): a spectrogram (B, 1, T, F), an image (B, 3, 224, 224)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, H/p, W/p) -> (B, N, D), rows first (time-major)
 
 
 class AudioMAE(nn.Module):
@@ -121,10 +128,10 @@ class AudioMAE(nn.Module):
                              f"multiples of patch_size={cfg.patch_size}")
         if not -cfg.depth <= cfg.output_block < cfg.depth:
             raise ValueError(f"output_block={cfg.output_block} is outside the {cfg.depth} blocks")
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(1, cfg.dim, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.register_buffer("pos_embed", sincos_position_table(cfg)[None])  # (1, 1 + N, D), saved with the weights
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.hidden) for _ in range(cfg.depth))
         self._init()
         self.requires_grad_(False)
         self.eval()

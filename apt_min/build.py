@@ -14,7 +14,7 @@ import torch
 from apt_min.aligner import Aligner
 from apt_min.audiomae import AudioMAE
 from apt_min.llama import Llama
-from apt_min.model import APT, FeatureCache, fingerprint, model_files
+from apt_min.model import APT, FeatureCache, fingerprint, model_files, weight_probe
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
 log = logging.getLogger("apt_min")
@@ -86,7 +86,7 @@ def load_llm(cfg, device, dtype):
         raise SystemExit(f"{folder}: no LLM there yet; run `{hint}` first")
     llm = Llama.from_pretrained(folder, dtype=dtype, device=device)
     llm.gradient_checkpointing = cfg.grad_checkpointing
-    return llm, {"path": str(folder), "fingerprint": fingerprint(*model_files(folder))}
+    return llm, {"path": str(folder), "fingerprint": fingerprint(*model_files(folder)), "probe": weight_probe(llm)}
 
 
 @functools.cache

@@ -62,6 +62,12 @@ class LlamaConfig:
             raw = json.loads(file.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, file)
+
+    @classmethod
+    def from_dict(cls, raw: dict, file: str | Path) -> LlamaConfig:
+        """The fields of a config.json (or of a `text_config` inside one), read as `from_json` reads them; `file`
+        names where they come from in errors."""
         arch = raw.get("architectures") or []
         if raw.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
             raise CheckpointError(f"{file}: model_type={raw.get('model_type')!r}, architectures={arch}: "
@@ -333,11 +339,16 @@ class Llama(nn.Module):
         cfg = LlamaConfig.from_json(path / "config.json")
         raw = json.loads((path / "config.json").read_text())
         dtype = resolve_dtype(dtype, auto=raw.get("torch_dtype") or raw.get("dtype"))
+        return cls.from_shards(cfg, checkpoint_tensors(path), dtype, device, path)
+
+    @classmethod
+    def from_shards(cls, cfg: LlamaConfig, shards: dict, dtype: torch.dtype, device, path: Path) -> Llama:
+        """The model of `cfg` filled from indexed weight files ({file: {key: reader}}, keys as ours), strictly:
+        from_pretrained's own folder, or the `language_model.` part of a bigger checkpoint (InstructBLIP's)."""
         with torch.device("meta"):
             model = cls(cfg).to(dtype)
         shapes = {k: tuple(p.shape) for k, p in model.named_parameters(remove_duplicate=False)}
         optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # tied: lm_head.weight is the embedding
-        shards = checkpoint_tensors(path)
         check_keys(shards, shapes, optional, DROPPED, path)
         model.to_empty(device=device)  # allocate, uninitialised; every tensor is filled below
         model.tie_weights()

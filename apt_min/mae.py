@@ -50,7 +50,7 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(enc.dim, dim)
         self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.register_buffer("pos_embed", sincos_position_table(self.config)[None, 1:], persistent=False)  # (1,N,d)
-        self.blocks = nn.ModuleList(Block(self.config) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, self.config.hidden) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, enc.patch_size ** 2)
 

@@ -44,6 +44,33 @@ def model_files(folder: Path) -> list[Path]:
     return sorted([*folder.glob("config.json"), *folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")])
 
 
+def weight_probe(llm: Llama, n: int = 16) -> list:
+    """A few of the LLM's weights at fixed places, as numbers: [[name, flat index, value], ...]. It identifies the
+    weights whatever files and dtype hold them: InstructBLIP keeps its Vicuna inside its own shards, in float32, with
+    rows added after the vocabulary's (a flat index of the first rows means the same entry in both tables)."""
+    params = dict(llm.named_parameters())
+    last = llm.config.num_hidden_layers - 1
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+             f"model.layers.{last}.mlp.down_proj.weight", "model.norm.weight"]
+    probe = []
+    for name in names:
+        flat = params[name].detach().reshape(-1)
+        for k in range(n):
+            i = (k * 2_654_435_761 + 12_345) % flat.numel()  # spread over the tensor, the same every time
+            probe.append([name, i, float(flat[i])])
+    return probe
+
+
+def same_weights(probe: list, llm: Llama, rtol: float = 1e-2) -> bool:
+    """Whether `llm` holds the probed weights (to bf16 rounding: the same LLM in another dtype still matches)."""
+    params = dict(llm.named_parameters())
+    if any(name not in params or i >= params[name].numel() for name, i, _ in probe):
+        return False
+    want = torch.tensor([v for _, _, v in probe], dtype=torch.float64)
+    have = torch.tensor([float(params[name].detach().reshape(-1)[i]) for name, i, _ in probe], dtype=torch.float64)
+    return bool((have - want).abs().max() <= rtol * want.abs().max())
+
+
 class FeatureCache:
     """Encoder features per audio file, computed once: one safetensors file each under `folder`, and in memory.
     The key covers the file (path, size, mtime), the front end (window length) and the encoder's fingerprint, so
@@ -117,8 +144,11 @@ def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, st
 # turn with no system message (its template then inserts its default system message), generation prompt added; its
 # EOS is <|im_end|>, which closes the assistant's turn. "after" goes where a ("turn", "") segment marks the end of the
 # user's turn (the few-shot "list" layout puts the episode in the assistant's turn), else after the segments.
+# "instructblip" is InstructBLIP's (and APT-BLIP-2's, blip2.py): the soft prompts first, then the text as the LLM's
+# tokenizer writes it, BOS first ("bos": "text" puts BOS before the first text segment instead of at the start).
 PROMPT_FORMATS = {
     "plain": {"bos": True, "before": "", "after": ""},
+    "instructblip": {"bos": "text", "before": "", "after": ""},
     "smollm2-chat": {"bos": False,
                      "before": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
                                "Face<|im_end|>\n<|im_start|>user\n",
@@ -186,7 +216,8 @@ class APT(nn.Module):
     def prefix_ids(self) -> list[int]:
         """The tokens every example begins with under this prompt format: BOS and/or the template's opening."""
         form = PROMPT_FORMATS[self.prompt_format]
-        return ([self.tokenizer.bos_id] if form["bos"] else []) + self.tokenizer.encode(form["before"], bos=False)
+        bos = [self.tokenizer.bos_id] if form["bos"] is True else []  # "text": BOS comes later, before the text
+        return bos + self.tokenizer.encode(form["before"], bos=False)
 
     def shared_prefix(self) -> SharedPrefix | None:
         """The common opening of every example (SmolLM2's system turn: 24 tokens), through the frozen LLM once
@@ -205,7 +236,9 @@ class APT(nn.Module):
     def embed_batch(self, batch, feats, answers=None, left_pad: bool = False, after_prefix: bool = False):
         """Interleaved input embeddings (B, L, D), mask (B, L) and labels (B, L): -100 except the answer tokens
         and the EOS that closes them. Right padding for training, left padding for generation. after_prefix: leave
-        out the prefix_ids every row begins with (a SharedPrefix supplies them)."""
+        out the prefix_ids every row begins with (a SharedPrefix supplies them). Segments: ("text" | "label", str),
+        ("audio", path), ("turn", ""), and ("prompts", (n, D) tensor): soft prompts made by another model (APT-BLIP-2's
+        visual queries), placed as they are."""
         tok, llm = self.tokenizer, self.llm
         device, dtype = self.proj.weight.device, llm.model.embed_tokens.weight.dtype
         prompts = self.clip_prompts(batch, feats)
@@ -217,9 +250,14 @@ class APT(nn.Module):
             turn_ends = [] if any(k == "turn" for k, _ in segments) else [("turn", "")]  # where the user's turn ends
             framed = [*segments, *turn_ends]
             framed = [("text", form["after"]) if k == "turn" else (k, v) for k, v in framed]
-            for kind, value in [(k, v) for k, v in framed if v]:  # an empty frame adds nothing
-                if kind in ("text", "label"):
-                    ids = tok.encode(value, bos=False)
+            bos_before_text = form["bos"] == "text"
+            for kind, value in [(k, v) for k, v in framed if not isinstance(v, str) or v]:  # empty text adds nothing
+                if kind == "prompts":
+                    pieces.append(value)
+                    labels += [-100] * len(value)
+                elif kind in ("text", "label"):
+                    ids = tok.encode(value, bos=bos_before_text)
+                    bos_before_text = False
                     pieces.append(torch.tensor(ids, dtype=torch.long))
                     labels += [-100] * len(ids)
                 else:
@@ -231,7 +269,7 @@ class APT(nn.Module):
                 pieces.append(torch.tensor(ids, dtype=torch.long))
                 labels += ids
             embeds = [llm.embed(p.to(device)) if p.dtype == torch.long else p for p in pieces]
-            rows.append((torch.cat([e.to(dtype) for e in embeds]), torch.tensor(labels)))
+            rows.append((torch.cat([e.to(device, dtype) for e in embeds]), torch.tensor(labels)))
         L = max(len(e) for e, _ in rows)
         x = torch.zeros(len(rows), L, rows[0][0].shape[-1], dtype=dtype, device=device)
         mask = torch.zeros(len(rows), L, dtype=torch.bool, device=device)
@@ -332,15 +370,23 @@ class APT(nn.Module):
         folder = Path(folder)
         meta = cls.read_meta(folder)
         for what, have in (("encoder", encoder_id), ("llm", llm_id)):
-            if meta[what]["fingerprint"] != have["fingerprint"]:
-                raise CheckpointError(f"{folder}: this APT was trained against the {what} {meta[what]}, but the "
-                                      f"{what} given is {have}; load the matching {what}")
+            same = meta[what]["fingerprint"] == have["fingerprint"]
+            if not same and what == "llm" and "probe" in meta["llm"]:  # other files may hold the same LLM (blip2.py)
+                same = same_weights(meta["llm"]["probe"], llm)
+            if not same:
+                raise CheckpointError(f"{folder}: this APT was trained against the {what} {short(meta[what])}, but "
+                                      f"the {what} given is {short(have)}; load the matching {what}")
         model = cls(encoder, Aligner(AlignerConfig(**meta["aligner"])), llm, tokenizer, cache,
                     meta.get("prompt_format", "plain"))
         # a released APT (apt_min.release) leaves out the aligner's stage-0 heads, which answering never uses
         heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS) if meta.get("stage0_heads") is False else ()
         load_trainable(model, folder / "apt.safetensors", heads)
         return model
+
+
+def short(identity: dict) -> dict:
+    """A model's identity for a message: its path and fingerprint (a weight probe is too long to print)."""
+    return {k: v for k, v in identity.items() if k != "probe"}
 
 
 def load_trainable(model: APT, file: Path, left_out: tuple[str, ...] = ()):

@@ -73,11 +73,12 @@ class Tokenizer:
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
-        """Text of `ids`, up to the first EOS; BOS, EOS and padding are left out."""
+        """Text of `ids`, up to the first EOS; BOS, EOS and padding are left out, and so are ids beyond this
+        vocabulary (rows an LLM added to its table, as InstructBLIP's Vicuna has [PAD] and <image> after Vicuna's)."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         if self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
-        ids = [i for i in ids if i not in (self.bos_id, self.pad_id)]
+        ids = [i for i in ids if i not in (self.bos_id, self.pad_id) and 0 <= i < self.vocab_size]
         return self.sp.Decode(ids) if self.sp is not None else self.hf.decode(ids, skip_special_tokens=True)
 
     def pad(self, seqs: list[list[int]], side: str = "right"):

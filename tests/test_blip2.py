@@ -1,0 +1,236 @@
+"""APT-BLIP-2: InstructBLIP loaded from a Hugging Face folder against transformers' own model, image processing
+against its processor, the three modes' sequences, and the refusal of an APT trained against another LLM."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from apt_min.aligner import Aligner, AlignerConfig
+from apt_min.audiomae import AudioMAE, AudioMAEConfig
+from apt_min.blip2 import APTBLIP2, MODES, InstructBLIP, avqa_prompt, named_option
+from apt_min.checkpoint import CheckpointError
+from apt_min.llama import Llama
+from apt_min.model import APT, fingerprint, model_files, weight_probe
+from apt_min.tokenizer import Tokenizer, train_sentencepiece
+from tests.helpers import assert_close_rel
+
+Q = 4  # visual queries per frame
+WORDS = ["what", "is", "making", "the", "sound", "dog", "car", "bell", "cat", "choose", "correct", "option", "to",
+         "following", "question", "options", "answer", "which", "animal", "barks", "loud", "red", "blue"]
+CORPUS = ["Choose the correct option to the following question: What is making the sound? Options: 0 dog; 1 car; "
+          "2 bell; 3 cat. Answer:", "Which animal barks? A dog barks.", "The red car is loud."] * 60
+
+
+def randomize(model):
+    """Beyond transformers' small init, so that every path visibly matters (as tests/helpers.hf_llama does)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 2.5 / p.shape[-1] ** 0.5) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny random InstructBLIP saved the way the real one is: save_pretrained (several safetensors shards + index),
+    the LLM's tokenizer at the top, the Q-Former's BERT tokenizer in qformer_tokenizer/, preprocessor_config.json."""
+    from transformers import (BertTokenizerFast, BlipImageProcessorPil, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration)
+
+    folder = tmp_path_factory.mktemp("instructblip")
+    train_sentencepiece(CORPUS, folder / "tokenizer.model", vocab_size=320)
+    vocab = folder / "bert-vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz",
+                                *"0123456789", *"?:;.,"]) + "\n")
+    bert = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    bert.save_pretrained(folder / "qformer_tokenizer")
+    BlipImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = InstructBlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=28, patch_size=14, layer_norm_eps=1e-6),
+        qformer_config=dict(vocab_size=len(bert) + 1, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                            intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=128),
+        text_config=dict(model_type="llama", vocab_size=352, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                         rms_norm_eps=1e-5, max_position_embeddings=512),
+        num_query_tokens=Q, image_token_index=351)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    randomize(model)
+    model.save_pretrained(folder, max_shard_size="100KB")
+    return folder, model, bert
+
+
+@pytest.fixture(scope="module")
+def blip(hf_folder):
+    return InstructBLIP.from_pretrained(hf_folder[0])
+
+
+def frames(n=2, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_loads_strictly_with_shards(hf_folder):
+    folder = hf_folder[0]
+    assert len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert len(list(folder.glob("model-*.safetensors"))) > 2  # really sharded
+    # a stored key no part reads is refused, naming it
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    broken = folder.parent / "broken"
+    broken.mkdir()
+    for f in folder.iterdir():
+        if f.is_file():
+            (broken / f.name).symlink_to(f)
+    (broken / "qformer_tokenizer").symlink_to(folder / "qformer_tokenizer")
+    (broken / "model.safetensors.index.json").unlink()
+    index["weight_map"]["vision_model.extra.weight"] = next(iter(index["weight_map"].values()))
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="vision_model.extra.weight"):
+        InstructBLIP.from_pretrained(broken)
+
+
+def test_image_processing_matches_transformers(hf_folder, blip):
+    from transformers import BlipImageProcessorPil
+
+    ref = BlipImageProcessorPil.from_pretrained(hf_folder[0])
+    for image in frames(3):
+        ours = blip.processing(image)
+        theirs = torch.as_tensor(np.asarray(ref(image, return_tensors="np").pixel_values[0]))
+        assert ours.shape == (3, 28, 28)
+        assert_close_rel(ours, theirs, 1e-6)
+
+
+def test_qformer_tokenizer_matches_transformers(hf_folder, blip):
+    bert = hf_folder[2]
+    for text in ["What is making the sound?", "Choose the correct option: 0 dog; 1 car.", "UPPER case, digits 42"]:
+        ids, mask = blip.qformer_tokenizer([text])
+        assert ids[0][mask[0]].tolist() == bert(text).input_ids
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_frames_and_logits_match_transformers(hf_folder, dtype, rel):
+    folder, hf, bert = hf_folder
+    blip = InstructBLIP.from_pretrained(folder).to(dtype)
+    hf = hf.to(dtype)
+    prompt = "What is making the sound?"
+    pixels = torch.stack([blip.processing(f) for f in frames(2)]).to(dtype)
+    qids = bert([prompt] * 2, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf.get_image_features(pixels, qformer_input_ids=qids.input_ids,
+                                    qformer_attention_mask=qids.attention_mask).pooler_output  # (2, Q, D)
+        ours = blip.frame_prompts(pixels, prompt)
+    assert ours.shape == (2 * Q, 48)
+    assert_close_rel(ours, ref.reshape(2 * Q, 48), rel)
+
+    # the whole model on one frame, video only: [Q visual queries][BOS prompt] -> logits at every position
+    apt = tiny_apt(blip)
+    model = APTBLIP2(blip, apt.to(dtype))
+    x, mask, _ = apt.embed_batch([model.segments(prompt, "video", pixels[:1])], {})
+    text = Tokenizer(folder).encode(prompt)  # BOS first, as InstructBLIP's processor writes it
+    input_ids = torch.tensor([[351] * Q + text])
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels[:1], qformer_input_ids=qids.input_ids[:1],
+                 qformer_attention_mask=qids.attention_mask[:1], input_ids=input_ids).logits
+        ours = blip.llm(inputs_embeds=x, attention_mask=mask)
+    assert ours.shape == ref.shape == (1, Q + len(text), 352)
+    assert_close_rel(ours, ref, rel)
+
+
+def tiny_apt(blip, seed=0):
+    """An APT around `blip`'s LLM with a small random encoder and aligner (trained or not, the glue is the same)."""
+    torch.manual_seed(seed)
+    encoder = AudioMAE(AudioMAEConfig(target_length=64, dim=32, depth=2, heads=2))
+    aligner = Aligner(AlignerConfig(vocab_size=blip.tokenizer.vocab_size, audio_dim=32, hidden_size=32, num_layers=2,
+                                    num_heads=2, intermediate_size=64, num_queries=3, dropout=0.0))
+    return APT(encoder, aligner, blip.llm, blip.tokenizer).eval()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("avqa") / "clip.wav"
+    t = np.arange(int(1.0 * 16000)) / 16000
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)  # two 0.64 s windows
+    return str(path)
+
+
+def test_the_three_modes_build_the_papers_sequences(blip, clip):
+    apt = tiny_apt(blip)
+    model = APTBLIP2(blip, apt)
+    pixels = torch.stack([blip.processing(f) for f in frames(2)])
+    prompt = avqa_prompt("What is making the sound?", ["dog", "car", "bell", "cat"])
+    feats = apt.encode_clips([clip])[0]
+    visual = blip.frame_prompts(pixels, prompt)  # (2 * Q, D)
+    acoustic = apt.clip_prompts([[("audio", clip), ("text", prompt)]], feats)[0][0]  # (2 windows * 3, D)
+    text = blip.llm.embed(torch.tensor(blip.tokenizer.encode(prompt)))  # BOS + prompt
+    audio_part = torch.cat([apt.audio_token[None], acoustic])
+    want = {"audio-visual": [visual, audio_part, text], "video": [visual, text], "audio": [audio_part, text]}
+    for mode in MODES:
+        x, mask, _ = apt.embed_batch([model.segments(prompt, mode, pixels, clip)], feats)
+        expected = torch.cat(want[mode])
+        assert x.shape[1] == len(expected) and bool(mask.all()), mode
+        torch.testing.assert_close(x[0], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="needs audio"):
+        model.segments(prompt, "audio-visual", pixels, None)
+    with pytest.raises(ValueError, match="unknown mode"):
+        model.segments(prompt, "smell", pixels, clip)
+
+
+def test_answers_name_an_option_and_rank_all(blip, clip):
+    model = APTBLIP2(blip, tiny_apt(blip))
+    pixels = torch.stack([blip.processing(f) for f in frames(2)])
+    options = ["dog", "car", "bell", "cat"]
+    for mode in MODES:
+        named, said, scores = model.answer("What is making the sound?", options, mode, pixels, clip)
+        assert scores.shape == (4,) and bool(torch.isfinite(scores).all()) and bool((scores < 0).all())
+        assert named == named_option(said, options)
+    # the likelihood of each option is that of its text after the prompt
+    prompt = avqa_prompt("What is making the sound?", options)
+    segments = model.segments(prompt, "video", pixels)
+    x, mask, labels = model.apt.embed_batch([segments], {}, ["bell"])
+    logp = blip.llm(inputs_embeds=x, attention_mask=mask)[0, :-1].log_softmax(-1)
+    targets = labels[0, 1:]
+    at = targets != -100
+    want = logp[at].gather(1, targets[at][:, None]).squeeze(1)[:-1].sum()  # the option's tokens, EOS not counted
+    assert float(model.answer("What is making the sound?", options, "video", pixels)[2][2]) == pytest.approx(
+        float(want), abs=1e-4)
+
+
+def test_named_option():
+    options = ["dog", "car", "bell", "cat"]
+    assert named_option("2", options) == 2
+    assert named_option(" 1 car", options) == 1
+    assert named_option("(3) cat", options) == 3
+    assert named_option("It is a bell.", options) == 2
+    assert named_option("a dog or a cat", options) == -1  # several
+    assert named_option("7", options) == -1
+    assert named_option("no idea", options) == -1
+
+
+def test_an_apt_of_another_llm_is_refused(hf_folder, blip, tmp_path):
+    """The APT must have been trained against the InstructBLIP's LLM: the same weights, even in other files."""
+    folder, hf, _ = hf_folder
+    vicuna = tmp_path / "vicuna"  # the same LLM as a folder of its own, as an APT is trained against it
+    hf.language_model.save_pretrained(vicuna)
+    llm = Llama.from_pretrained(vicuna)
+    enc_id = {"path": "enc", "fingerprint": "e"}
+    same_id = {"path": str(vicuna), "fingerprint": fingerprint(*model_files(vicuna)), "probe": weight_probe(llm)}
+    assert same_id["fingerprint"] != blip.identity["fingerprint"]  # different files ...
+    apt = tiny_apt(blip)
+    apt.save(tmp_path / "apt-same", enc_id, same_id)
+    plugged = APTBLIP2.plug(blip, tmp_path / "apt-same", apt.encoder, enc_id)  # ... the same weights: accepted
+    torch.testing.assert_close(plugged.apt.proj.weight, apt.proj.weight)
+
+    other = Llama(llm.config)  # another LLM of the same shape
+    randomize(other)
+    other_id = {"path": "other", "fingerprint": "f", "probe": weight_probe(other)}
+    apt.save(tmp_path / "apt-other", enc_id, other_id)
+    with pytest.raises(CheckpointError, match="trained against the llm"):
+        APTBLIP2.plug(blip, tmp_path / "apt-other", apt.encoder, enc_id)
+    # an APT saved before probes were recorded can be checked by its files only
+    apt.save(tmp_path / "apt-old", enc_id, {"path": str(vicuna), "fingerprint": same_id["fingerprint"]})
+    with pytest.raises(CheckpointError, match="trained against the llm"):
+        APTBLIP2.plug(blip, tmp_path / "apt-old", apt.encoder, enc_id)
