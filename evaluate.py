@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from apt_min.build import ensure_data, ensure_tokenizer, load_apt
+from apt_min import data, synth_av
+from apt_min.build import ensure_data, ensure_tokenizer, load_apt, load_apt_blip2
 from apt_min.config import load_config
-from apt_min.evaluation import CAPTION, EVALUATIONS, Options, evaluate
+from apt_min.evaluation import CAPTION, EVALUATIONS, Options, eval_avqa, evaluate
 from apt_min.release import resolve_checkpoint
 from apt_min.tasks import label_text
 
@@ -42,7 +43,8 @@ def write_results(out: Path, name, examples, rows, outputs, refs):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="Any setting of apt_min/config.py can follow as --key=value.")
-    ap.add_argument("--task", required=True, choices=[*EVALUATIONS, "all"])
+    ap.add_argument("--task", required=True, choices=[*EVALUATIONS, "all", "avqa"],
+                    help="all: every audio task; avqa: APT-BLIP-2 (the APT plugged into the vision side)")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--data-root", help="a data folder in the real layouts (default: the preset's)")
     ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final, else the preset's "
@@ -64,30 +66,52 @@ def main(argv=None):
     if not (checkpoint / "apt.json").is_file():  # checked before anything is generated or loaded
         raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage 0, lm, 1, 2) "
                          "or pass --checkpoint")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    opts = Options(batch_size=args.batch_size, limit=args.limit, episodes=args.episodes, checkpoint=checkpoint,
+                   caption=CAPTION | {"num_beams": args.num_beams, "repetition_penalty": args.repetition_penalty,
+                                      "max_new_tokens": args.max_new_tokens})
+    out = Path(args.out or Path(cfg.run_dir) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.task == "avqa":
+        return run_avqa(cfg, checkpoint, opts, out, device)
     trained = json.loads((checkpoint / "apt.json").read_text()).get("config", {}).get("fewshot_layout")
     if trained and trained != cfg.fewshot_layout and not any(a.startswith("--fewshot_layout") for a in rest):
         print(f"few-shot episodes laid out as {checkpoint} was trained on them: fewshot_layout={trained} "
               f"(the {cfg.preset} preset's is {cfg.fewshot_layout}; --fewshot_layout chooses)")
         cfg.fewshot_layout = trained
     ensure_data(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     ensure_tokenizer(cfg)
     apt = load_apt(cfg, checkpoint, device)
-    opts = Options(batch_size=args.batch_size, limit=args.limit, episodes=args.episodes, checkpoint=checkpoint,
-                   caption=CAPTION | {"num_beams": args.num_beams, "repetition_penalty": args.repetition_penalty,
-                                      "max_new_tokens": args.max_new_tokens})
-    out = Path(args.out or Path(cfg.run_dir) / "eval")
-    out.mkdir(parents=True, exist_ok=True)
     report = []
     for name in EVALUATIONS if args.task == "all" else [args.task]:
         examples, rows, outputs, refs = evaluate(name, apt, cfg, opts)
         write_results(out, name, examples, rows, outputs, refs)
         report += [(name, *row) for row in rows]
-    print(f"\n{'task':<11} {'metric':<32} {'APT':>8} {'baseline':>9}  protocol")
+    print_report(report, out)
+
+
+def print_report(report, out: Path, width: int = 32):
+    print(f"\n{'task':<11} {'metric':<{width}} {'APT':>8} {'baseline':>9}  protocol")
     for name, m, v, b, p in report:
         base = "" if b is None else f"{b:9.3f}"
-        print(f"{name:<11} {m:<32} {v:8.3f} {base:>9}  {p}")
+        print(f"{name:<11} {m:<{width}} {v:8.3f} {base:>9}  {p}")
     print(f"\npredictions and metrics written to {out}/")
+
+
+def run_avqa(cfg, checkpoint: Path, opts: Options, out: Path, device):
+    """APT-BLIP-2 on AVQA: the APT plugged, untrained further, into the vision side (a real InstructBLIP with
+    --vision_path, else the embedded default's, from `train.py --stage vision`), in the three modes."""
+    if cfg.synthetic_data and not cfg.vision_path:
+        ensure_data(cfg)
+        synth_av.generate(cfg.data_root, cfg.seed)
+    model = load_apt_blip2(cfg, checkpoint, device)
+    items = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, cfg.strict_audio)
+    rows, records = eval_avqa(model, items, opts)
+    with open(out / "predictions_avqa.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    (out / "metrics_avqa.json").write_text(json.dumps(
+        [{"metric": m, "apt": v, "baseline": b, "protocol": p} for m, v, b, p in rows], indent=1))
+    print_report([("avqa", *row) for row in rows], out, width=40)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -35,7 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from apt_min import audio, build, data, synth
+from apt_min import audio, build, data, synth, synth_av
 from apt_min.aligner import STAGE0_HEADS, Aligner, retrieval_r1, stage0_batch, stage0_losses
 from apt_min.audiomae import AudioMAE
 from apt_min.build import build_encoder, ensure_data, ensure_tokenizer, feature_cache, load_llm, resolve_precision
@@ -60,6 +61,9 @@ STAGES = {  # what each stage trains, with which loss, for how many steps (a con
           "loss": "cross-entropy on the answers", "steps": "steps_2", "needs": "1",
           "ratios": {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45,
                      "fewshot": 0.5, "nlar": 0.5}},
+    # APT-BLIP-2's embedded default: the picture side, trained apart from the APT, which is plugged in afterwards
+    "vision": {"trains": "a small vision side: ViT, visual aligner and projection (the LLM and the APT frozen)",
+               "loss": "cross-entropy on the answers about pictures", "steps": "steps_vision", "needs": "2"},
 }
 
 
@@ -386,6 +390,115 @@ class TuneAPT:
               ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
+class TrainVision:
+    """--stage vision (APT-BLIP-2's embedded default): a small vision side of InstructBLIP's shape (a ViT, a visual
+    aligner reading its own WordPiece words, a projection) learns to tell the frozen LLM what a picture shows,
+    from the synthetic pictures and their object names (synth_av): our stand-in for BLIP-2's own training. It never
+    hears a sound. Its sequences are the trained APT's (the same prompt format, built by the same code), with the
+    visual queries where a clip's acoustic prompts would go; nothing of the APT trains. The APT, which never saw a
+    picture, is plugged in afterwards: `evaluate.py --task avqa`."""
+
+    def __init__(self, cfg, rank, world, device):
+        if cfg.vision_path:
+            raise SystemExit("--stage vision trains the embedded default's vision side; with --vision_path set, "
+                             "the vision side is given")
+        from apt_min.blip2 import InstructBLIP, avqa_prompt, train_qformer_tokenizer
+        from apt_min.release import resolve_checkpoint
+        from apt_min.vision import ImageProcessing
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        if rank == 0:
+            synth_av.generate(cfg.data_root, cfg.seed)
+        if world > 1:
+            dist.barrier()
+        self.tok = ensure_tokenizer(cfg)
+        self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
+        checkpoint = resolve_checkpoint(cfg, None)  # the user's own stage-2 APT, else the preset's release
+        if not (checkpoint / "apt.json").is_file():
+            raise SystemExit(f"--stage vision builds its sequences as the trained APT does, which is not in "
+                             f"{checkpoint}/; run `python train.py --stage 2` first")
+        encoder, encoder_id = build_encoder(cfg, device, frozen_dtype)
+        llm, self.llm_id = load_llm(cfg, device, frozen_dtype)
+        self.apt = APT.load(checkpoint, encoder, llm, self.tok, encoder_id, self.llm_id).to(device).eval()
+        self.apt.requires_grad_(False)
+        self.out = stage_dir(cfg, "vision")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+        root = Path(cfg.data_root)
+        records = {s: json.loads((root / "vision" / f"pictures_{s}.json").read_text()) for s in ("train", "val")}
+        for recs in records.values():
+            for r in recs:
+                r["frames"] = [str(root / f) for f in r["frames"]]
+        rng = random.Random(cfg.seed)
+        texts = [synth_av.picture_example(r, k, rng)[1] for r in records["train"] for k in synth_av.PICTURE_TASKS]
+        names = [c.name for c in synth.TRAIN_CLASSES]
+        texts += [avqa_prompt(q, names[:4]) for q in synth_av.QUESTIONS.values()] + names  # AVQA's questions too
+        qtok = train_qformer_tokenizer(texts, self.out / "qformer_tokenizer", vocab_size=600)
+        vit, qformer = cfg.vision_configs(qtok.hf.get_vocab_size() - 1)
+        torch.manual_seed(cfg.seed)
+        self.blip = InstructBLIP(vit, qformer, llm, self.tok, qtok, ImageProcessing(size=cfg.vision_image))
+        self.blip.to(device)
+        for name in self.blip.trainable_state():
+            self.blip.get_parameter(name).requires_grad_(True)
+        self.module = PictureLoss(self.blip, self.apt)
+        self.params = {k: p for k, p in self.module.named_parameters() if p.requires_grad}
+        pools = {kind: (lambda r, kind=kind: synth_av.picture_example(r.choice(records["train"]), kind, r))
+                 for kind in synth_av.PICTURE_TASKS}
+        self.sampler = data.TaskSampler(pools, dict.fromkeys(synth_av.PICTURE_TASKS, 1.0), cfg.batch_size * world,
+                                        cfg.seed)
+        vrng = random.Random(cfg.seed + 1)
+        self.val = [synth_av.picture_example(r, synth_av.PICTURE_TASKS[i % 4], vrng)
+                    for i, r in enumerate(records["val"][:cfg.val_batches * cfg.batch_size])]
+
+    def micro_step(self, model, sampler):
+        task, batch = sampler.next_batch()
+        mine = batch[self.rank::self.world]
+        with self.autocast():
+            loss_sum, n = model(mine)
+        return loss_sum, n, {"task": task, "examples": len(mine)}
+
+    @torch.no_grad()
+    def validate(self):
+        """The answer loss on validation pictures, and how often the pictured object ranks first among four."""
+        total, count, bs = 0.0, 0, self.cfg.batch_size
+        with self.autocast():
+            for i in range(0, len(self.val), bs):
+                s, n = self.module(self.val[i:i + bs])
+                total, count = total + s.item(), count + n
+            hits, choices = 0, [ex for ex in self.val if ex[1].startswith("Choose")][:48]
+            for frames, prompt, answer in choices:
+                options = re.findall(r"\d (\w+)[;.]", prompt)
+                scores = self.apt.choice_logprob(self.module.segments([(frames, prompt, answer)])[0], options, {})
+                hits += options[int(scores.argmax())] == answer
+        return {"val_loss": total / max(count, 1), "val_choice_accuracy": hits / max(1, len(choices))}
+
+    def finish(self, metrics):
+        final = self.out / "final"
+        self.blip.save_vision(final, self.llm_id, {"config": json.loads(self.cfg.to_json())})
+        print(f"stage vision done: the vision side is saved to {final}/; validation: " +
+              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+class PictureLoss(nn.Module):
+    """One forward = the answer loss of a batch of (frames, prompt, answer), so DistributedDataParallel sees one
+    call per step: each frame's visual queries, read with the prompt, then the APT's sequence of them."""
+
+    def __init__(self, blip, apt):
+        super().__init__()
+        self.blip, self.apt = blip, apt
+
+    def segments(self, examples):
+        pixels = [torch.stack([self.blip.processing(f) for f in frames]) for frames, _, _ in examples]
+        counts = [len(p) for p in pixels]
+        prompts = [prompt for (_, prompt, _), k in zip(examples, counts) for _ in range(k)]
+        visual = self.blip.visual_prompts(torch.cat(pixels), prompts)  # (frames in all, Q, D)
+        return [[("prompts", v.reshape(-1, v.shape[-1])), ("text", prompt)]
+                for v, (_, prompt, _) in zip(visual.split(counts), examples)]
+
+    def forward(self, examples):
+        return self.apt(self.segments(examples), [answer for _, _, answer in examples], {})
+
+
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
@@ -626,7 +739,8 @@ def amp_settings(cfg, device):
 
 
 def stage_dir(cfg, stage) -> Path:
-    return Path(cfg.run_dir) / {"lm": "llm-train", "mae": "encoder-train"}.get(stage, f"stage{stage}")
+    named = {"lm": "llm-train", "mae": "encoder-train", "vision": "vision"}
+    return Path(cfg.run_dir) / named.get(stage, f"stage{stage}")
 
 
 
@@ -757,6 +871,8 @@ def main(argv=None):
         job = PretrainEncoder(cfg, rank, world, device)
     elif args.stage == "0":
         job = AlignStage0(cfg, rank, world, device)
+    elif args.stage == "vision":
+        job = TrainVision(cfg, rank, world, device)
     else:
         job = TuneAPT(cfg, args.stage, rank, world, device)
     metrics = fit(cfg, args.stage, job, args.resume, rank, world, stage_dir(cfg, args.stage))

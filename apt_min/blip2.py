@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from apt_min.aligner import STAGE0_HEADS, Aligner, AlignerConfig
-from apt_min.checkpoint import CheckpointError, check_keys, checkpoint_tensors, resolve_dtype
+from apt_min.checkpoint import CheckpointError, check_keys, checkpoint_tensors, resolve_dtype, safetensors_entries
 from apt_min.llama import Llama, LlamaConfig
-from apt_min.model import APT, fingerprint, model_files
+from apt_min.model import APT, fingerprint, model_files, same_weights, short
 from apt_min.tokenizer import Tokenizer
 from apt_min.vision import ImageEncoder, ImageProcessing, ViTConfig
 
@@ -116,6 +116,19 @@ class QFormerTokenizer:
         return ids, mask
 
 
+def train_qformer_tokenizer(texts, folder: str | Path, vocab_size: int = 2000) -> QFormerTokenizer:
+    """A lower-cased BERT WordPiece tokenizer learned on `texts` (the vision stage's stand-in for BERT's own),
+    written to folder/tokenizer.json."""
+    from tokenizers import BertWordPieceTokenizer
+
+    hf = BertWordPieceTokenizer(lowercase=True)
+    hf.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                           show_progress=False)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    hf.save(str(Path(folder) / "tokenizer.json"))
+    return QFormerTokenizer(folder)
+
+
 class InstructBLIP(nn.Module):
     """The frozen image side of InstructBLIP and its LLM: `frame_prompts` turns frames into the LLM's soft prompts."""
 
@@ -131,15 +144,65 @@ class InstructBLIP(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def visual_prompts(self, pixels: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """pixels (N, 3, S, S), each frame read with its instruction -> soft prompts (N, Q, D) (with gradients, for
+        the vision stage)."""
+        dtype, device = self.proj.weight.dtype, self.proj.weight.device
+        ids, mask = self.qformer_tokenizer(instructions)
+        tokens = self.vision(pixels.to(device, dtype))  # (N, 1 + P, Dv)
+        queries = self.qformer.instruct(tokens, ids.to(device), mask.to(device))  # (N, Q, H)
+        return self.proj(queries)  # (N, Q, D)
+
     @torch.no_grad()
     def frame_prompts(self, pixels: torch.Tensor, instruction: str) -> torch.Tensor:
         """pixels (F, 3, S, S), the frames of one video, each read with the same instruction -> (F * Q, D), frame by
         frame in time order."""
-        dtype, device = self.proj.weight.dtype, self.proj.weight.device
-        ids, mask = self.qformer_tokenizer([instruction] * len(pixels))
-        tokens = self.vision(pixels.to(device, dtype))  # (F, 1 + N, Dv)
-        queries = self.qformer.instruct(tokens, ids.to(device), mask.to(device))  # (F, Q, H)
-        return self.proj(queries).reshape(-1, self.proj.out_features)  # (F * Q, D)
+        return self.visual_prompts(pixels, [instruction] * len(pixels)).reshape(-1, self.proj.out_features)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The vision side without the LLM and the aligner's unused stage-0 heads: what `save_vision` writes."""
+        heads = tuple(f"qformer.{h}" for h in STAGE0_HEADS)
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("llm.", *heads))}
+
+    def save_vision(self, folder: str | Path, llm_id: dict, extra: dict | None = None):
+        """A vision side trained here (`train.py --stage vision`): vision.safetensors, vision.json (the configs and
+        the identity of the LLM it was trained against) and its Q-Former tokenizer."""
+        from dataclasses import asdict
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        (folder / "qformer_tokenizer").mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.trainable_state().items()},
+                  str(folder / "vision.safetensors"))
+        self.qformer_tokenizer.hf.save(str(folder / "qformer_tokenizer" / "tokenizer.json"))
+        meta = {"vit": asdict(self.vision.config), "qformer": asdict(self.qformer.config),
+                "processing": asdict(self.processing), "llm": llm_id, **(extra or {})}
+        (folder / "vision.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load_vision(cls, folder: str | Path, llm: Llama, tokenizer: Tokenizer, llm_id: dict) -> InstructBLIP:
+        """A vision side written by `save_vision`, around `llm`, which must be the LLM it was trained against."""
+        folder = Path(folder)
+        if not (folder / "vision.json").is_file():
+            raise CheckpointError(f"{folder}: no trained vision side (vision.json); run `python train.py --stage "
+                                  "vision` or set --vision_path to an InstructBLIP folder")
+        meta = json.loads((folder / "vision.json").read_text())
+        if meta["llm"]["fingerprint"] != llm_id["fingerprint"] and not same_weights(meta["llm"].get("probe", []),
+                                                                                   llm):
+            raise CheckpointError(f"{folder}: this vision side was trained against the llm {short(meta['llm'])}, "
+                                  f"but the llm given is {short(llm_id)}")
+        model = cls(ViTConfig(**meta["vit"]), AlignerConfig(**meta["qformer"]), llm, tokenizer,
+                    QFormerTokenizer(folder / "qformer_tokenizer"), ImageProcessing(**meta["processing"]))
+        targets = dict(model.named_parameters())
+        entries = safetensors_entries(folder / "vision.safetensors")
+        expected = {k: tuple(v.shape) for k, v in model.trainable_state().items()}
+        check_keys({folder / "vision.safetensors": entries}, expected, set(), (), folder)
+        with torch.no_grad():
+            for key, read in entries.items():
+                read(targets[key])
+        model.identity = llm_id
+        return model.to(llm.model.embed_tokens.weight.device).eval()
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: str | torch.dtype = torch.float32,
@@ -235,41 +298,49 @@ def named_option(said: str, options: list[str]) -> int:
 
 class APTBLIP2:
     """An APT and an InstructBLIP sharing one frozen LLM; nothing here is trained. The APT reads the same prompt as
-    the visual Q-Former does (its instruction), and the sequence is InstructBLIP's: soft prompts, then BOS and the
-    text (`PROMPT_FORMATS["instructblip"]`)."""
+    the visual Q-Former does (its instruction). The sequence is InstructBLIP's for a real InstructBLIP: soft prompts,
+    then BOS and the text (`PROMPT_FORMATS["instructblip"]`); a vision side trained here against an instruct LLM
+    (`train.py --stage vision`) uses the APT's own format, the visual queries first inside it."""
 
-    def __init__(self, blip: InstructBLIP, apt: APT):
+    def __init__(self, blip: InstructBLIP, apt: APT, prompt_format: str | None = "instructblip"):
         if apt.llm is not blip.llm:
             raise ValueError("the APT must be built around the InstructBLIP's own LLM (APTBLIP2.plug does that)")
         self.blip, self.apt = blip, apt
-        apt.prompt_format = "instructblip"
+        apt.prompt_format = prompt_format or apt.prompt_format  # None: the APT's own
         apt.eval()
 
     @classmethod
-    def plug(cls, blip: InstructBLIP, apt_folder: str | Path, encoder, encoder_id: dict, cache=None) -> APTBLIP2:
+    def plug(cls, blip: InstructBLIP, apt_folder: str | Path, encoder, encoder_id: dict, cache=None,
+             prompt_format: str | None = "instructblip") -> APTBLIP2:
         """Load a trained APT around `blip`'s LLM. It must be the LLM the APT was trained against: the same files,
         or the same weights (the APT's weight probe; InstructBLIP holds its Vicuna in its own shards). Otherwise a
         CheckpointError says which LLM the APT needs."""
         apt = APT.load(apt_folder, encoder, blip.llm, blip.tokenizer, encoder_id, blip.identity, cache)
-        return cls(blip, apt)
+        return cls(blip, apt, prompt_format)
 
-    def segments(self, prompt: str, mode: str, frames: torch.Tensor | None = None, audio: str | None = None):
+    @staticmethod
+    def segments(prompt: str, mode: str, visual: torch.Tensor | None = None, audio: str | None = None):
         """The sequence of one question as APT segments: [visual queries of each frame][<AUDIO> + acoustic][prompt].
-        frames (F, 3, S, S) as `vision.ImageProcessing` makes them; audio a file path."""
+        visual: the frames' soft prompts (InstructBLIP.frame_prompts); audio: a file path."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {list(MODES)}")
-        video, hear = MODES[mode]
-        if (video and frames is None) or (hear and audio is None):
-            raise ValueError(f"mode {mode!r} needs {'frames' if video and frames is None else 'audio'}")
-        return ([("prompts", self.blip.frame_prompts(frames, prompt))] if video else []) \
-            + ([("audio", audio)] if hear else []) + [("text", prompt)]
+        see, hear = MODES[mode]
+        if (see and visual is None) or (hear and audio is None):
+            raise ValueError(f"mode {mode!r} needs {'frames' if see and visual is None else 'audio'}")
+        return ([("prompts", visual)] if see else []) + ([("audio", audio)] if hear else []) + [("text", prompt)]
 
     @torch.no_grad()
-    def answer(self, question: str, options: list[str], mode: str, frames=None, audio=None, max_new_tokens: int = 8):
-        """One multiple-choice question: (the option it names or -1, what it said, log-likelihood of each option's
-        text after the prompt (N,))."""
+    def answer(self, question: str, options: list[str], modes=tuple(MODES), frames: torch.Tensor | None = None,
+               audio: str | None = None, max_new_tokens: int = 8) -> dict:
+        """One multiple-choice question in each of `modes`: {mode: (the option it names or -1, what it said,
+        log-likelihood of each option's text after the prompt (N,))}. frames (F, 3, S, S) as `processing` makes
+        them; each frame and the clip are read once for all modes."""
         prompt = avqa_prompt(question, options)
-        segments = self.segments(prompt, mode, frames, audio)
-        feats = self.apt.encode_clips([audio], strict=True)[0] if MODES[mode][1] else {}
-        said, scores = self.apt.answer_and_rank(segments, options, feats, max_new_tokens)
-        return named_option(said, options), said, scores
+        visual = self.blip.frame_prompts(frames, prompt) if any(MODES[m][0] for m in modes) else None
+        feats = self.apt.encode_clips([audio], strict=True)[0] if any(MODES[m][1] for m in modes) else {}
+        out = {}
+        for mode in modes:
+            said, scores = self.apt.answer_and_rank(self.segments(prompt, mode, visual, audio), options, feats,
+                                                    max_new_tokens)
+            out[mode] = (named_option(said, options), said, scores)
+        return out

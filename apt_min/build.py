@@ -137,6 +137,27 @@ def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
                     feature_cache(cfg, encoder_id)).to(device).eval()
 
 
+def load_apt_blip2(cfg, checkpoint: str | Path, device="cpu"):
+    """APT-BLIP-2: the trained APT plugged into the preset's vision side. With cfg.vision_path, a real InstructBLIP
+    folder, whose LLM the APT must have been trained against, in InstructBLIP's sequence format; else the vision
+    side `train.py --stage vision` trained against the preset's LLM, in the APT's own format."""
+    from apt_min.blip2 import APTBLIP2, InstructBLIP
+
+    dtype = torch.bfloat16 if resolve_precision(cfg, device) in ("bf16", "fp16") else torch.float32
+    encoder, encoder_id = build_encoder(cfg, device, dtype, create=False)
+    cache = feature_cache(cfg, encoder_id)
+    if cfg.vision_path:
+        blip = InstructBLIP.from_pretrained(cfg.vision_path, dtype, device)
+        return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, "instructblip")
+    folder = Path(cfg.run_dir) / "vision" / "final"
+    if not (folder / "vision.json").is_file():
+        raise SystemExit(f"{folder}: no vision side yet; run `python train.py --stage vision` (or set --vision_path "
+                         "to an InstructBLIP folder)")
+    llm, llm_id = load_llm(cfg, device, dtype)
+    blip = InstructBLIP.load_vision(folder, llm, ensure_tokenizer(cfg), llm_id)
+    return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, None)
+
+
 def untrained_apt(cfg, tokenizer, device="cpu") -> APT:
     """An APT made from a config alone, nothing trained and nothing read from disk or generated: a seeded random
     encoder, a fresh aligner and a random stand-in LLM of the preset's sizes, for `tokenizer` (any Tokenizer, such as

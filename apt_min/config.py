@@ -41,6 +41,16 @@ class Config:
     aligner_words: str = "own"  # the aligner's word vectors: a table of its own, or "llm": the LLM's table, mapped
     aligner_init: str = "random"  # or "llm": its word vectors start as the LLM's, reduced by PCA (stage 0)
     prompt_format: str = "plain"  # how an example is laid out for the LLM (apt_min.model.PROMPT_FORMATS)
+    # APT-BLIP-2 (blip2.py): the vision side an APT is plugged into, and AVQA
+    vision_path: str = ""  # an InstructBLIP folder (Hugging Face layout); "" = {run_dir}/vision/final (--stage vision)
+    avqa_frames: int = 2  # frames per video, evenly spaced over those extracted (the public APT code: 10 at 1 fps)
+    vision_image: int = 64  # --stage vision: the small ViT's picture size, patch, width, depth, heads
+    vision_patch: int = 8
+    vision_dim: int = 128
+    vision_depth: int = 4
+    vision_heads: int = 4
+    vision_queries: int = 8  # visual queries per frame (InstructBLIP: 32)
+    steps_vision: int = 600
     # the tiny stand-in LLM (ignored when llm_path names a real model)
     llm_vocab: int = 1000
     llm_hidden: int = 192
@@ -104,6 +114,19 @@ class Config:
                              intermediate_size=self.aligner_intermediate, num_queries=self.num_queries,
                              dropout=self.aligner_dropout, llm_words=llm_dim if self.aligner_words == "llm" else 0)
 
+    def vision_configs(self, qformer_vocab: int):
+        """--stage vision: the small ViT and the visual aligner (the audio aligner's shape, its own words)."""
+        from apt_min.aligner import AlignerConfig
+        from apt_min.vision import ViTConfig
+
+        vit = ViTConfig(image_size=self.vision_image, patch_size=self.vision_patch, dim=self.vision_dim,
+                        depth=self.vision_depth, heads=self.vision_heads, hidden=4 * self.vision_dim)
+        qformer = AlignerConfig(vocab_size=qformer_vocab, audio_dim=self.vision_dim, hidden_size=self.aligner_hidden,
+                                num_layers=self.aligner_layers, num_heads=self.aligner_heads,
+                                intermediate_size=self.aligner_intermediate, num_queries=self.vision_queries,
+                                dropout=self.aligner_dropout, input_norm_eps=1e-6)
+        return vit, qformer
+
     def stand_in_llm_config(self, tokenizer):
         """The tiny preset's stand-in LLM, sized by the llm_* settings, for `tokenizer`."""
         from apt_min.llama import LlamaConfig
@@ -139,6 +162,7 @@ PRESETS = {
         encoder_heads=12, aligner_hidden=256, aligner_layers=4, aligner_heads=4, aligner_intermediate=1024,
         num_queries=32, batch_size=8, grad_accum=4, lr=1e-4, warmup_steps=2000, steps_0=100_000, steps_1=100_000,
         steps_2=50_000, log_every=50, eval_every=5000, save_every=5000, grad_checkpointing=True,
+        vision_path="weights/instructblip-vicuna-7b", avqa_frames=10,
     ),
 }
 

@@ -45,7 +45,9 @@ LAYOUT = {  # relative to the data root; {split} and the audio pattern's fields 
     "wavcaps": {"json": "wavcaps/json_files/{subset}.json", "audio": "wavcaps/{subset}/{stem}.flac"},
     "esc50": {"csv": "esc50/meta/esc50.csv", "audio": "esc50/audio/{filename}"},
     "nlar": {"json": "nlar/nlar_{split}.json", "audio": "audio/{name}"},
-    "avqa": {"json": "avqa/{split}_qa.json", "video": "avqa/videos/{video_name}.mp4"},
+    # AVQA's videos (avqa/videos/{video_name}.mp4) are read as extracted frames and 16 kHz audio (README: ffmpeg)
+    "avqa": {"json": "avqa/{split}_qa.json", "frames": "avqa/frames/{video_name}",
+             "audio": "avqa/audio/{video_name}.wav", "splits": {"train": "train", "val": "val", "test": "val"}},
 }
 
 
@@ -234,6 +236,37 @@ class AudioFiles:
 
 
 # ------------------------------------------------------------------------------------------------------ examples
+
+
+def avqa_items(root, split: str = "test", frames: int = 10, strict: bool = False, layout: dict | None = None):
+    """AVQA questions whose frames and audio are on disk: [{"question", "options", "answer" (index), "relation",
+    "video", "frames" (`frames` paths, evenly spaced over those extracted, in time order), "audio"}]. A video without
+    its audio or frames is skipped, counted and reported (strict=True raises instead). The test split is AVQA's val."""
+    lay, root = (layout or LAYOUT)["avqa"], Path(root)
+    path = root / lay["json"].format(split=lay["splits"].get(split, split))
+    files = AudioFiles(root, lay["audio"], path, strict)
+    out, no_frames = [], []
+    for item in read_avqa(path):
+        name = item["video_name"]
+        folder = root / lay["frames"].format(video_name=name)
+        images = sorted([*folder.glob("*.jpg"), *folder.glob("*.png")]) if folder.is_dir() else []
+        if not images:
+            if strict:
+                raise FileNotFoundError(f"{folder}: no frames (*.jpg, *.png) for video {name} listed in {path}")
+            no_frames.append(name)
+            continue
+        audio = files(video_name=name)
+        if audio is None:
+            continue
+        pick = [images[round(i * (len(images) - 1) / max(1, frames - 1))] for i in range(min(frames, len(images)))]
+        out.append({"question": item["question_text"], "options": [str(c) for c in item["multi_choice"]],
+                    "answer": int(item["answer"]), "relation": item.get("question_relation", ""), "video": name,
+                    "frames": [str(f) for f in pick], "audio": audio})
+    files.report()
+    if no_frames:
+        log.warning("%d of the videos listed in %s have no frames under %s (e.g. %s); their questions are skipped "
+                    "(strict=True raises instead)", len(no_frames), path, root / lay["frames"], no_frames[:3])
+    return out
 
 
 def examples(task: str, root, split: str, *, source: str | None = None, rng: random.Random | None = None,

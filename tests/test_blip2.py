@@ -35,8 +35,12 @@ def randomize(model):
 def hf_folder(tmp_path_factory):
     """A tiny random InstructBLIP saved the way the real one is: save_pretrained (several safetensors shards + index),
     the LLM's tokenizer at the top, the Q-Former's BERT tokenizer in qformer_tokenizer/, preprocessor_config.json."""
-    from transformers import (BertTokenizerFast, BlipImageProcessorPil, InstructBlipConfig,
-                              InstructBlipForConditionalGeneration)
+    from transformers import (
+        BertTokenizerFast,
+        BlipImageProcessorPil,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+    )
 
     folder = tmp_path_factory.mktemp("instructblip")
     train_sentencepiece(CORPUS, folder / "tokenizer.model", vocab_size=320)
@@ -129,7 +133,7 @@ def test_frames_and_logits_match_transformers(hf_folder, dtype, rel):
     # the whole model on one frame, video only: [Q visual queries][BOS prompt] -> logits at every position
     apt = tiny_apt(blip)
     model = APTBLIP2(blip, apt.to(dtype))
-    x, mask, _ = apt.embed_batch([model.segments(prompt, "video", pixels[:1])], {})
+    x, mask, _ = apt.embed_batch([model.segments(prompt, "video", blip.frame_prompts(pixels[:1], prompt))], {})
     text = Tokenizer(folder).encode(prompt)  # BOS first, as InstructBLIP's processor writes it
     input_ids = torch.tensor([[351] * Q + text])
     with torch.no_grad():
@@ -169,34 +173,36 @@ def test_the_three_modes_build_the_papers_sequences(blip, clip):
     audio_part = torch.cat([apt.audio_token[None], acoustic])
     want = {"audio-visual": [visual, audio_part, text], "video": [visual, text], "audio": [audio_part, text]}
     for mode in MODES:
-        x, mask, _ = apt.embed_batch([model.segments(prompt, mode, pixels, clip)], feats)
+        x, mask, _ = apt.embed_batch([model.segments(prompt, mode, visual, clip)], feats)
         expected = torch.cat(want[mode])
         assert x.shape[1] == len(expected) and bool(mask.all()), mode
         torch.testing.assert_close(x[0], expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="needs audio"):
-        model.segments(prompt, "audio-visual", pixels, None)
+        model.segments(prompt, "audio-visual", visual, None)
     with pytest.raises(ValueError, match="unknown mode"):
-        model.segments(prompt, "smell", pixels, clip)
+        model.segments(prompt, "smell", visual, clip)
 
 
 def test_answers_name_an_option_and_rank_all(blip, clip):
     model = APTBLIP2(blip, tiny_apt(blip))
     pixels = torch.stack([blip.processing(f) for f in frames(2)])
     options = ["dog", "car", "bell", "cat"]
-    for mode in MODES:
-        named, said, scores = model.answer("What is making the sound?", options, mode, pixels, clip)
+    answers = model.answer("What is making the sound?", options, MODES, pixels, clip)
+    assert set(answers) == set(MODES)
+    for named, said, scores in answers.values():
         assert scores.shape == (4,) and bool(torch.isfinite(scores).all()) and bool((scores < 0).all())
         assert named == named_option(said, options)
     # the likelihood of each option is that of its text after the prompt
     prompt = avqa_prompt("What is making the sound?", options)
-    segments = model.segments(prompt, "video", pixels)
+    segments = model.segments(prompt, "video", blip.frame_prompts(pixels, prompt))
     x, mask, labels = model.apt.embed_batch([segments], {}, ["bell"])
     logp = blip.llm(inputs_embeds=x, attention_mask=mask)[0, :-1].log_softmax(-1)
     targets = labels[0, 1:]
     at = targets != -100
     want = logp[at].gather(1, targets[at][:, None]).squeeze(1)[:-1].sum()  # the option's tokens, EOS not counted
-    assert float(model.answer("What is making the sound?", options, "video", pixels)[2][2]) == pytest.approx(
-        float(want), abs=1e-4)
+    assert float(answers["video"][2][2]) == pytest.approx(float(want), abs=1e-4)
+    # a mode that needs no audio reads none
+    assert set(model.answer("What is making the sound?", options, ["video"], pixels)) == {"video"}
 
 
 def test_named_option():

@@ -1,0 +1,239 @@
+"""The embedded audio-visual default (APT-BLIP-2, paper §4.4): synthetic videos whose pictured objects are the sources
+of the synthetic sounds, with AVQA-style questions, and the image-text pairs the small vision side learns from.
+
+Each of the 24 training sound classes gets a look, one of six shapes in one of four colours (`LOOKS`: a bell is a
+red circle). A picture is a pale, noisy background with a few such objects; a video is a few frames of one picture
+whose objects drift a little, paired with a sound scene (`synth.make_scene`) in which some pictured objects sound,
+one stays silent and one sound comes from outside the picture. Each video has one question of AVQA's form, four
+options, whose answer needs
+
+    both   "Which object is making a sound?"   pictured AND heard (distractors: pictured but silent, heard but not
+                                               pictured, neither), so picture alone or sound alone leaves two
+    view   "Which object can be seen?"         pictured (distractors: heard but not pictured, neither x 2)
+    sound  "Which object can be heard?"        heard but not pictured (distractors: pictured but silent, neither x 2)
+
+in AVQA's own layout, with the frames and audio extracted as `data.py` documents for the real set:
+
+    avqa/val_qa.json                         [{id, video_name, video_id, question_text, multi_choice, answer,
+                                               question_relation (Both | View | Sound), question_type}]
+    avqa/frames/{video_name}/{k:02d}.jpg     the frames, in time order
+    avqa/audio/{video_name}.wav              16 kHz mono
+    vision/pictures_{train,val}.json         [{"frames": [...], "objects": [...]}]: the vision stage's pictures
+    vision/pictures/*.png
+
+No question or picture here is ever seen by the APT, which is trained on sound alone; the vision side sees pictures
+and their object names, never a sound. `python -m apt_min.synth_av --out data/synth` (a second run does nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from apt_min import synth
+
+VERSION = 1
+SIZE = 64  # pixels, square
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
+COLOURS = {"red": (215, 45, 45), "green": (40, 160, 70), "blue": (45, 85, 215), "yellow": (225, 190, 25)}
+LOOKS = {c.name: look for c, look in zip(synth.TRAIN_CLASSES, itertools.product(SHAPES, COLOURS))}
+QUESTIONS = {"both": "Which object is making a sound?", "view": "Which object can be seen?",
+             "sound": "Which object can be heard?"}
+RELATION = {"both": "Both", "view": "View", "sound": "Sound"}
+KINDS = ("both", "both", "view", "sound")  # half the questions need both
+
+
+# -------------------------------------------------------------------------------------------------------- pictures
+
+
+def _shape(draw, shape: str, box, fill):
+    x0, y0, x1, y1 = box
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif shape == "star":
+        angles = np.linspace(-np.pi / 2, 3 * np.pi / 2, 11)[:-1]
+        radii = [r if i % 2 == 0 else r * 0.45 for i in range(10)]
+        draw.polygon([(cx + q * np.cos(a), cy + q * np.sin(a)) for q, a in zip(radii, angles)], fill=fill)
+    elif shape == "cross":
+        w = r * 0.38
+        draw.rectangle((cx - w, y0, cx + w, y1), fill=fill)
+        draw.rectangle((x0, cy - w, x1, cy + w), fill=fill)
+
+
+def layout(rng: np.random.Generator, n: int) -> list[tuple[int, int, int]]:
+    """Places for n objects: (x, y, size) boxes that do not overlap, inside the picture."""
+    for _ in range(200):
+        boxes = []
+        for _ in range(n):
+            s = int(rng.integers(15, 22))
+            boxes.append((int(rng.integers(2, SIZE - s - 2)), int(rng.integers(2, SIZE - s - 2)), s))
+        if all(a[0] + a[2] + 2 <= b[0] or b[0] + b[2] + 2 <= a[0] or a[1] + a[2] + 2 <= b[1]
+               or b[1] + b[2] + 2 <= a[1] for a, b in itertools.combinations(boxes, 2)):
+            return boxes
+    raise RuntimeError(f"no room for {n} objects in a {SIZE}-pixel picture")
+
+
+def draw_frames(rng: np.random.Generator, objects: list[str], frames: int):
+    """The frames (Pillow images) of one picture of `objects`: a pale noisy background, each object in its look,
+    drifting up to two pixels from frame to frame."""
+    from PIL import Image, ImageDraw
+
+    boxes = layout(rng, len(objects))
+    background = rng.integers(185, 250, size=3)
+    out = []
+    for _ in range(frames):
+        pixels = np.clip(background + rng.normal(0, 8, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        for name, (x, y, s) in zip(objects, boxes):
+            dx, dy = rng.integers(-2, 3, size=2)
+            shape, colour = LOOKS[name]
+            _shape(draw, shape, (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[colour])
+        out.append(image)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- questions
+
+
+def av_question(rng: random.Random, kind: str, pictured: list[str], heard: list[str]):
+    """(question, four options, the answer's index) for one video: see the module's table."""
+    names = [c.name for c in synth.TRAIN_CLASSES]
+    both = [n for n in pictured if n in heard]
+    silent = [n for n in pictured if n not in heard]
+    offscreen = [n for n in heard if n not in pictured]
+    neither = [n for n in names if n not in pictured and n not in heard]
+    if kind == "both":
+        answer, distractors = rng.choice(both), [rng.choice(silent), rng.choice(offscreen)]
+    elif kind == "view":
+        answer, distractors = rng.choice(pictured), [rng.choice(offscreen)]
+    else:
+        answer, distractors = rng.choice(offscreen), [rng.choice(silent)]
+    options = [answer, *distractors, *rng.sample(neither, 4 - 1 - len(distractors))]
+    rng.shuffle(options)
+    return QUESTIONS[kind], options, options.index(answer)
+
+
+def make_video(rng: np.random.Generator, trng: random.Random, length: float, frames: int):
+    """One video: (frames, audio, pictured objects, heard objects). Pictured: one or two that sound and one that is
+    silent; heard: those, and one more from outside the picture."""
+    names = [c.name for c in synth.TRAIN_CLASSES]
+    chosen = trng.sample(names, 4)
+    sounding = chosen[:trng.choice((1, 2))]
+    silent, offscreen = chosen[2], chosen[3]
+    pictured = sounding + [silent]
+    trng.shuffle(pictured)
+    heard = sounding + [offscreen]
+    audio, _ = synth.make_scene(rng, [synth.BY_NAME[n] for n in heard], length, n_types=(len(heard), len(heard)))
+    return draw_frames(rng, pictured, frames), audio, pictured, heard
+
+
+# ------------------------------------------------------------------------------------------- the vision stage's tasks
+
+PICTURE_TASKS = ("objects", "describe", "choose", "yesno")
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def picture_example(record: dict, kind: str, rng: random.Random) -> tuple[list[str], str, str]:
+    """One training example of the vision stage from a picture record: (its frames, the prompt, the answer).
+    objects: "What objects are in the picture?" -> "bell, drum" (as tagging answers); describe: "Describe the
+    picture." -> "A picture of a bell and a drum."; choose: AVQA's prompt for "Which object can be seen?" over one
+    pictured and three absent objects -> the pictured one's name; yesno: "Is there a drum in the picture?"."""
+    from apt_min.blip2 import avqa_prompt
+
+    objects = record["objects"]
+    absent = [c.name for c in synth.TRAIN_CLASSES if c.name not in objects]
+    if kind == "objects":
+        return record["frames"], "What objects are in the picture?", ", ".join(objects)
+    if kind == "describe":
+        return record["frames"], "Describe the picture.", f"A picture of {_and([synth.an(o) for o in objects])}."
+    if kind == "choose":
+        answer = rng.choice(objects)
+        options = [answer, *rng.sample(absent, 3)]
+        rng.shuffle(options)
+        return record["frames"], avqa_prompt(QUESTIONS["view"], options), answer
+    if kind == "yesno":
+        there = rng.random() < 0.5
+        name = rng.choice(objects if there else absent)
+        return record["frames"], f"Is there {synth.an(name)} in the picture?", "yes" if there else "no"
+    raise ValueError(f"unknown picture task {kind!r}; one of {PICTURE_TASKS}")
+
+
+# -------------------------------------------------------------------------------------------------------- writing
+
+
+def generate(out: str | Path, seed: int = 0, videos: int = 300, pictures: tuple[int, int] = (3000, 200),
+             frames: int = 4, length: float = 5.12) -> Path:
+    """Write the audio-visual set under `out` (beside the synthetic benchmark: out/avqa, out/vision) unless the same
+    arguments already wrote it (then return at once)."""
+    out = Path(out)
+    args = {"version": VERSION, "seed": seed, "videos": videos, "pictures": list(pictures), "frames": frames,
+            "length": length}
+    manifest = out / "avqa" / "synth_av.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("args") == args:
+        return out
+    for folder in (out / "avqa", out / "vision"):
+        if folder.exists():
+            shutil.rmtree(folder)
+    rng, trng = np.random.default_rng(seed + 7), random.Random(seed + 7)
+
+    items = []
+    for i in range(videos):
+        name = f"synth{i:05d}_000000"  # AVQA's video names are VGGSound's: {YTID}_{start:06d}
+        images, audio, pictured, heard = make_video(rng, trng, length, frames)
+        for k, image in enumerate(images):
+            path = out / "avqa" / "frames" / name / f"{k:02d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path, quality=95)
+        synth.write_wav(out / "avqa" / "audio" / f"{name}.wav", audio)
+        kind = KINDS[i % len(KINDS)]
+        question, options, answer = av_question(trng, kind, pictured, heard)
+        items.append({"id": i, "video_name": name, "video_id": i, "question_text": question,
+                      "multi_choice": options, "answer": answer, "question_relation": RELATION[kind],
+                      "question_type": "Which", "pictured": pictured, "heard": heard})
+    (out / "avqa" / "val_qa.json").write_text(json.dumps(items, indent=1))
+
+    for split, count in zip(("train", "val"), pictures):
+        records = []
+        for i in range(count):
+            objects = trng.sample([c.name for c in synth.TRAIN_CLASSES], trng.choice((1, 2, 3)))
+            paths = []
+            for k, image in enumerate(draw_frames(rng, objects, trng.choice((1, 2)))):
+                path = out / "vision" / "pictures" / f"{split}{i:05d}_{k}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path)
+                paths.append(str(path.relative_to(out)))
+            records.append({"frames": paths, "objects": objects})
+        (out / "vision" / f"pictures_{split}.json").write_text(json.dumps(records, indent=1))
+    manifest.write_text(json.dumps({"args": args, "looks": LOOKS}, indent=1))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="data/synth")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--videos", type=int, default=300)
+    args = ap.parse_args()
+    generate(args.out, args.seed, args.videos)
+    print(f"wrote {args.out}/avqa and {args.out}/vision")
+
+
+if __name__ == "__main__":
+    main()
