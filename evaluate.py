@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from apt_min import data, synth_av
-from apt_min.build import ensure_data, ensure_tokenizer, load_apt, load_apt_blip2
+from apt_min import data
+from apt_min.build import ensure_av_data, ensure_data, ensure_tokenizer, load_apt, load_apt_blip2
 from apt_min.config import load_config
 from apt_min.evaluation import CAPTION, EVALUATIONS, Options, eval_avqa, evaluate
 from apt_min.release import resolve_checkpoint
@@ -101,9 +101,8 @@ def print_report(report, out: Path, width: int = 32):
 def run_avqa(cfg, checkpoint: Path, opts: Options, out: Path, device):
     """APT-BLIP-2 on AVQA: the APT plugged, untrained further, into the vision side (a real InstructBLIP with
     --vision_path, else the embedded default's, from `train.py --stage vision`), in the three modes."""
-    if cfg.synthetic_data and not cfg.vision_path:
-        ensure_data(cfg)
-        synth_av.generate(cfg.data_root, cfg.seed)
+    if not cfg.vision_path:
+        ensure_av_data(cfg)
     model = load_apt_blip2(cfg, checkpoint, device)
     items = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, cfg.strict_audio)
     rows, records = eval_avqa(model, items, opts)

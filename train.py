@@ -62,8 +62,9 @@ STAGES = {  # what each stage trains, with which loss, for how many steps (a con
           "ratios": {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45,
                      "fewshot": 0.5, "nlar": 0.5}},
     # APT-BLIP-2's embedded default: the picture side, trained apart from the APT, which is plugged in afterwards
-    "vision": {"trains": "a small vision side: ViT, visual aligner and projection (the LLM and the APT frozen)",
-               "loss": "cross-entropy on the answers about pictures", "steps": "steps_vision", "needs": "2"},
+    "vision": {"trains": "a small vision side: the visual aligner and projection (ViT, LLM and APT frozen)",
+               "loss": "cross-entropy on the answers about pictures, + ATC + ATM + AGTG on picture-description pairs",
+               "steps": "steps_vision", "needs": "2"},
 }
 
 
@@ -393,8 +394,11 @@ class TuneAPT:
 class TrainVision:
     """--stage vision (APT-BLIP-2's embedded default): a small vision side of InstructBLIP's shape (a ViT, a visual
     aligner reading its own WordPiece words, a projection) learns to tell the frozen LLM what a picture shows,
-    from the synthetic pictures and their object names (synth_av): our stand-in for BLIP-2's own training. It never
-    hears a sound. Its sequences are the trained APT's (the same prompt format, built by the same code), with the
+    from the synthetic pictures and their object names (synth_av): our stand-in for BLIP-2's own training. The ViT
+    is a seeded random one, frozen, as the tiny preset's audio encoder is (BLIP-2 freezes its pretrained ViT; a ViT
+    trained here from scratch alongside the aligner did not learn the objects in 1 000 steps, while the aligner
+    learns to read a frozen random one's patch tokens); the aligner and the projection train. It never hears a
+    sound. Its sequences are the trained APT's (the same prompt format, built by the same code), with the
     visual queries where a clip's acoustic prompts would go; nothing of the APT trains. The APT, which never saw a
     picture, is plugged in afterwards: `evaluate.py --task avqa`."""
 
@@ -408,7 +412,7 @@ class TrainVision:
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         if rank == 0:
-            synth_av.generate(cfg.data_root, cfg.seed)
+            build.ensure_av_data(cfg)
         if world > 1:
             dist.barrier()
         self.tok = ensure_tokenizer(cfg)
@@ -424,38 +428,42 @@ class TrainVision:
         self.out = stage_dir(cfg, "vision")
         self.out.mkdir(parents=True, exist_ok=True)
 
-        root = Path(cfg.data_root)
-        records = {s: json.loads((root / "vision" / f"pictures_{s}.json").read_text()) for s in ("train", "val")}
-        for recs in records.values():
-            for r in recs:
-                r["frames"] = [str(root / f) for f in r["frames"]]
+        root, names = Path(cfg.data_root), [c.name for c in synth.TRAIN_CLASSES]
+        val = json.loads((root / "vision" / "pictures_val.json").read_text())
+        for r in val:
+            r["frames"] = [str(root / f) for f in r["frames"]]
         rng = random.Random(cfg.seed)
-        texts = [synth_av.picture_example(r, k, rng)[1] for r in records["train"] for k in synth_av.PICTURE_TASKS]
-        names = [c.name for c in synth.TRAIN_CLASSES]
+        texts = [text for _ in range(300) for k in synth_av.PICTURE_TASKS  # prompts, answers and descriptions
+                 for text in synth_av.picture_example({"frames": [], "objects": rng.sample(names, 3)}, k, rng)[1:]]
         texts += [avqa_prompt(q, names[:4]) for q in synth_av.QUESTIONS.values()] + names  # AVQA's questions too
         qtok = train_qformer_tokenizer(texts, self.out / "qformer_tokenizer", vocab_size=600)
-        vit, qformer = cfg.vision_configs(qtok.hf.get_vocab_size() - 1)
+        vit, qformer = cfg.vision_configs(qtok.hf.get_vocab_size())  # its [DEC] row is the one after
         torch.manual_seed(cfg.seed)
         self.blip = InstructBLIP(vit, qformer, llm, self.tok, qtok, ImageProcessing(size=cfg.vision_image))
         self.blip.to(device)
-        for name in self.blip.trainable_state():
-            self.blip.get_parameter(name).requires_grad_(True)
+        for name, p in self.blip.named_parameters():  # the aligner (its stage-0 heads too: PictureLoss) and proj
+            p.requires_grad_(name.startswith(("qformer.", "proj.")))
         self.module = PictureLoss(self.blip, self.apt)
         self.params = {k: p for k, p in self.module.named_parameters() if p.requires_grad}
-        pools = {kind: (lambda r, kind=kind: synth_av.picture_example(r.choice(records["train"]), kind, r))
-                 for kind in synth_av.PICTURE_TASKS}
+        pools = {kind: (lambda r, kind=kind: synth_av.picture_example(synth_av.random_picture(r), kind, r))
+                 for kind in synth_av.PICTURE_TASKS}  # a fresh picture for every example, seeded by the step
         self.sampler = data.TaskSampler(pools, dict.fromkeys(synth_av.PICTURE_TASKS, 1.0), cfg.batch_size * world,
                                         cfg.seed)
         vrng = random.Random(cfg.seed + 1)
         self.val = [synth_av.picture_example(r, synth_av.PICTURE_TASKS[i % 4], vrng)
-                    for i, r in enumerate(records["val"][:cfg.val_batches * cfg.batch_size])]
+                    for i, r in enumerate(val[:cfg.val_batches * cfg.batch_size])]
 
     def micro_step(self, model, sampler):
         task, batch = sampler.next_batch()
         mine = batch[self.rank::self.world]
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # hard negatives: by step
+        ids = torch.arange(len(mine)) + (sampler.step * self.world + self.rank) * len(mine)  # one id per picture
         with self.autocast():
-            loss_sum, n = model(mine)
-        return loss_sum, n, {"task": task, "examples": len(mine)}
+            answer_sum, n, parts = model(mine, ids.to(self.device), g)
+        # the answer loss (a mean over its tokens) plus the picture-text losses (batch means), as one sum over n
+        info = {"task": task, "examples": len(mine), "answer": (answer_sum / n).item(),
+                **{k: parts[k].item() for k in ("atc", "atm", "agtg")}}
+        return answer_sum + parts["total"] * n, n, info
 
     @torch.no_grad()
     def validate(self):
@@ -463,13 +471,13 @@ class TrainVision:
         total, count, bs = 0.0, 0, self.cfg.batch_size
         with self.autocast():
             for i in range(0, len(self.val), bs):
-                s, n = self.module(self.val[i:i + bs])
+                s, n = self.apt(self.module.segments(self.val[i:i + bs]), [ex[2] for ex in self.val[i:i + bs]], {})
                 total, count = total + s.item(), count + n
             hits, choices = 0, [ex for ex in self.val if ex[1].startswith("Choose")][:48]
-            for frames, prompt, answer in choices:
-                options = re.findall(r"\d (\w+)[;.]", prompt)
-                scores = self.apt.choice_logprob(self.module.segments([(frames, prompt, answer)])[0], options, {})
-                hits += options[int(scores.argmax())] == answer
+            for example in choices:
+                options = re.findall(r"\d (\w+)[;.]", example[1])
+                scores = self.apt.choice_logprob(self.module.segments([example])[0], options, {})
+                hits += options[int(scores.argmax())] == example[2]
         return {"val_loss": total / max(count, 1), "val_choice_accuracy": hits / max(1, len(choices))}
 
     def finish(self, metrics):
@@ -480,23 +488,37 @@ class TrainVision:
 
 
 class PictureLoss(nn.Module):
-    """One forward = the answer loss of a batch of (frames, prompt, answer), so DistributedDataParallel sees one
-    call per step: each frame's visual queries, read with the prompt, then the APT's sequence of them."""
+    """One forward = the losses of a batch of (frames, prompt, answer, description), so DistributedDataParallel sees
+    one call per step. The LLM's loss on the answer, each frame's visual queries read with the prompt and laid out
+    as the APT lays out a clip's; and BLIP-2's first-stage losses (`aligner.stage0_losses`: contrastive, matching,
+    generation) between the first frame and the picture's description, which teach a ViT learned from scratch
+    what the objects are far faster than the LLM's loss alone (BLIP-2 trains them one after the other, from a
+    pretrained ViT; here both at once)."""
 
     def __init__(self, blip, apt):
         super().__init__()
         self.blip, self.apt = blip, apt
 
-    def segments(self, examples):
-        pixels = [torch.stack([self.blip.processing(f) for f in frames]) for frames, _, _ in examples]
+    def segments(self, examples, tokens=None):
+        """The examples as APT segments: [visual queries of each frame][prompt]. tokens: the frames' ViT tokens,
+        if already computed."""
+        pixels = [torch.stack([self.blip.processing(f) for f in ex[0]]) for ex in examples]
         counts = [len(p) for p in pixels]
-        prompts = [prompt for (_, prompt, _), k in zip(examples, counts) for _ in range(k)]
-        visual = self.blip.visual_prompts(torch.cat(pixels), prompts)  # (frames in all, Q, D)
-        return [[("prompts", v.reshape(-1, v.shape[-1])), ("text", prompt)]
-                for v, (_, prompt, _) in zip(visual.split(counts), examples)]
+        prompts = [ex[1] for ex, k in zip(examples, counts) for _ in range(k)]
+        visual = self.blip.visual_prompts(torch.cat(pixels), prompts, tokens)  # (frames in all, Q, D)
+        return [[("prompts", v.reshape(-1, v.shape[-1])), ("text", ex[1])]
+                for v, ex in zip(visual.split(counts), examples)]
 
-    def forward(self, examples):
-        return self.apt(self.segments(examples), [answer for _, _, answer in examples], {})
+    def forward(self, examples, picture_ids, generator):
+        """-> (the answer loss summed over its tokens, their count, the picture-text losses {atc, atm, agtg, total})."""
+        pixels = [torch.stack([self.blip.processing(f) for f in ex[0]]) for ex in examples]
+        device = self.blip.proj.weight.device
+        tokens = self.blip.vision(torch.cat(pixels).to(device))  # (frames in all, 1 + P, Dv)
+        first = torch.cumsum(torch.tensor([0] + [len(p) for p in pixels[:-1]]), 0).to(device)
+        ids, mask = self.blip.qformer_tokenizer([ex[3] for ex in examples])  # [CLS] ... [SEP], as BOS ... EOS
+        parts = stage0_losses(self.blip.qformer, tokens[first], ids.to(device), mask.to(device), picture_ids, generator)
+        answer_sum, n = self.apt(self.segments(examples, tokens), [ex[2] for ex in examples], {})
+        return answer_sum, n, parts
 
 
 # ------------------------------------------------------------------------------------------------------ the loop

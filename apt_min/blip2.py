@@ -120,10 +120,12 @@ def train_qformer_tokenizer(texts, folder: str | Path, vocab_size: int = 2000) -
     """A lower-cased BERT WordPiece tokenizer learned on `texts` (the vision stage's stand-in for BERT's own),
     written to folder/tokenizer.json."""
     from tokenizers import BertWordPieceTokenizer
+    from tokenizers.processors import BertProcessing
 
     hf = BertWordPieceTokenizer(lowercase=True)
     hf.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-                           show_progress=False)
+                           min_frequency=1, show_progress=False)
+    hf.post_processor = BertProcessing(("[SEP]", hf.token_to_id("[SEP]")), ("[CLS]", hf.token_to_id("[CLS]")))
     Path(folder).mkdir(parents=True, exist_ok=True)
     hf.save(str(Path(folder) / "tokenizer.json"))
     return QFormerTokenizer(folder)
@@ -144,12 +146,12 @@ class InstructBLIP(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def visual_prompts(self, pixels: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+    def visual_prompts(self, pixels: torch.Tensor, instructions: list[str], tokens=None) -> torch.Tensor:
         """pixels (N, 3, S, S), each frame read with its instruction -> soft prompts (N, Q, D) (with gradients, for
-        the vision stage)."""
+        the vision stage; `tokens`: the frames' ViT tokens (N, 1 + P, Dv), if already computed)."""
         dtype, device = self.proj.weight.dtype, self.proj.weight.device
         ids, mask = self.qformer_tokenizer(instructions)
-        tokens = self.vision(pixels.to(device, dtype))  # (N, 1 + P, Dv)
+        tokens = self.vision(pixels.to(device, dtype)) if tokens is None else tokens  # (N, 1 + P, Dv)
         queries = self.qformer.instruct(tokens, ids.to(device), mask.to(device))  # (N, Q, H)
         return self.proj(queries)  # (N, Q, D)
 

@@ -42,6 +42,17 @@ def ensure_data(cfg):
         synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)
 
 
+def ensure_av_data(cfg):
+    """The synthetic audio-visual set (synth_av: AVQA-style videos, the vision stage's validation pictures) beside
+    the synthetic benchmark, sized by synth_scale, for the presets that run on it."""
+    from apt_min import synth, synth_av
+
+    ensure_data(cfg)
+    if cfg.synthetic_data and not synth.holds_other_data(cfg.data_root):
+        synth_av.generate(cfg.data_root, cfg.seed, videos=max(8, round(300 * cfg.synth_scale)),
+                          pictures=max(8, round(200 * cfg.synth_scale)))
+
+
 def ensure_tokenizer(cfg) -> Tokenizer:
     """The LLM's tokenizer; for the tiny preset one is trained on the synthetic corpus the first time."""
     fetch_known_llm(cfg)

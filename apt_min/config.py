@@ -44,10 +44,10 @@ class Config:
     # APT-BLIP-2 (blip2.py): the vision side an APT is plugged into, and AVQA
     vision_path: str = ""  # an InstructBLIP folder (Hugging Face layout); "" = {run_dir}/vision/final (--stage vision)
     avqa_frames: int = 2  # frames per video, evenly spaced over those extracted (the public APT code: 10 at 1 fps)
-    vision_image: int = 64  # --stage vision: the small ViT's picture size, patch, width, depth, heads
-    vision_patch: int = 8
+    vision_image: int = 64  # --stage vision: the small ViT's picture size, patch, width, depth and heads
+    vision_patch: int = 16  # the synthetic pictures put one object per 16-pixel cell (synth_av.layout)
     vision_dim: int = 128
-    vision_depth: int = 4
+    vision_depth: int = 1  # a seeded random ViT, frozen (as tiny's audio encoder): one block keeps its tokens apart
     vision_heads: int = 4
     vision_queries: int = 8  # visual queries per frame (InstructBLIP: 32)
     steps_vision: int = 600

@@ -240,3 +240,28 @@ def test_an_apt_of_another_llm_is_refused(hf_folder, blip, tmp_path):
     apt.save(tmp_path / "apt-old", enc_id, {"path": str(vicuna), "fingerprint": same_id["fingerprint"]})
     with pytest.raises(CheckpointError, match="trained against the llm"):
         APTBLIP2.plug(blip, tmp_path / "apt-old", apt.encoder, enc_id)
+
+
+def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):
+    """A vision side trained here (train.py --stage vision) round-trips through save_vision / load_vision around the
+    LLM it was trained against, and is refused around another."""
+    from apt_min.blip2 import train_qformer_tokenizer
+    from apt_min.vision import ViTConfig
+
+    qtok = train_qformer_tokenizer(["a picture of a bell", "which object can be seen?"] * 20, tmp_path / "qtok")
+    assert qtok(["a bell"])[0][0].tolist()[0] == qtok.hf.token_to_id("[CLS]")  # BERT's framing: [CLS] ... [SEP]
+    vit = ViTConfig(image_size=28, patch_size=14, dim=16, depth=1, heads=2, hidden=32)
+    qformer = AlignerConfig(vocab_size=qtok.hf.get_vocab_size(), audio_dim=16, hidden_size=16, num_layers=2,
+                            num_heads=2, intermediate_size=32, num_queries=3, dropout=0.0)
+    torch.manual_seed(1)
+    side = InstructBLIP(vit, qformer, blip.llm, blip.tokenizer, qtok)
+    randomize(side.qformer)
+    llm_id = {"path": "llm", "fingerprint": "abc", "probe": weight_probe(blip.llm)}
+    side.save_vision(tmp_path / "side", llm_id)
+    back = InstructBLIP.load_vision(tmp_path / "side", blip.llm, blip.tokenizer, llm_id)
+    pixels = torch.stack([back.processing(f) for f in frames(2)])
+    torch.testing.assert_close(back.frame_prompts(pixels, "a bell?"), side.frame_prompts(pixels, "a bell?"))
+    other = Llama(blip.llm.config)
+    randomize(other)
+    with pytest.raises(CheckpointError, match="trained against the llm"):
+        InstructBLIP.load_vision(tmp_path / "side", other, blip.tokenizer, {"path": "other", "fingerprint": "x"})

@@ -1,0 +1,152 @@
+"""The audio-visual default: synthetic videos and questions, AVQA's reader, the AVQA scores, and the miniature chain
+through the vision stage and `evaluate.py --task avqa`."""
+
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from apt_min import data, synth, synth_av
+from apt_min.blip2 import MODES
+from apt_min.evaluation import Options, eval_avqa
+from tests.conftest import copy_of, opts
+
+NAMES = [c.name for c in synth.TRAIN_CLASSES]
+
+
+@pytest.fixture(scope="module")
+def av(tmp_path_factory):
+    out = tmp_path_factory.mktemp("av")
+    synth_av.generate(out, seed=3, videos=24, pictures=6)
+    return out
+
+
+def test_every_class_has_its_own_look():
+    assert set(synth_av.LOOKS) == set(NAMES)
+    assert len(set(synth_av.LOOKS.values())) == len(NAMES)
+
+
+def test_questions_need_what_their_relation_says(av):
+    items = json.loads((av / "avqa" / "val_qa.json").read_text())
+    assert len(items) == 24 and {i["question_relation"] for i in items} == {"Both", "View", "Sound"}
+    for item in items:
+        options, answer = item["multi_choice"], item["multi_choice"][item["answer"]]
+        pictured, heard = set(item["pictured"]), set(item["heard"])
+        assert len(options) == len(set(options)) == 4 and set(options) <= set(NAMES)
+        if item["question_relation"] == "Both":  # the answer alone is pictured and heard; each sense alone leaves two
+            assert answer in pictured & heard
+            assert sum(o in pictured for o in options) == 2 and sum(o in heard for o in options) == 2
+            assert [o in pictured and o in heard for o in options].count(True) == 1
+        elif item["question_relation"] == "View":
+            assert answer in pictured and [o in pictured for o in options].count(True) == 1
+        else:
+            assert answer in heard - pictured and [o in heard for o in options].count(True) == 1
+
+
+def test_the_audio_holds_the_heard_objects_and_the_frames_the_pictured(av):
+    """The sound scene's events are exactly the heard classes; each frame shows the pictured objects' colours."""
+    items = json.loads((av / "avqa" / "val_qa.json").read_text())
+    rng, trng = np.random.default_rng(3 + 7), random.Random(3 + 7)  # generate's own seeds: the same draws again
+    frames, audio, pictured, heard = synth_av.make_video(rng, trng, 5.12, 4)
+    assert (pictured, heard) == (items[0]["pictured"], items[0]["heard"])
+    wav, rate = sf.read(av / "avqa" / "audio" / f"{items[0]['video_name']}.wav")
+    assert rate == 16000 and len(wav) == len(audio) and np.abs(wav - audio).max() < 1e-3
+    from PIL import Image
+
+    image = np.asarray(Image.open(av / "avqa" / "frames" / items[0]["video_name"] / "00.jpg")).astype(int)
+    for name in pictured:
+        colour = np.array(synth_av.COLOURS[synth_av.LOOKS[name][1]])
+        assert (np.abs(image - colour).sum(-1) < 60).sum() > 12, name  # its colour, which no pale background has
+
+
+def test_avqa_items_spaces_frames_and_skips_what_is_missing(av, tmp_path, caplog):
+    items = data.avqa_items(av, "test", frames=2)
+    assert len(items) == 24
+    first = items[0]
+    assert [f.split("/")[-1] for f in first["frames"]] == ["00.jpg", "03.jpg"]  # the first and the last of four
+    assert first["audio"].endswith(f"{first['video']}.wav") and first["options"][first["answer"]]
+    assert len(data.avqa_items(av, "test", frames=10)[0]["frames"]) == 4  # no more than were extracted
+
+    broken = tmp_path / "root"  # one video without audio, one without frames: both skipped, counted, named
+    (broken / "avqa").mkdir(parents=True)
+    (broken / "avqa" / "val_qa.json").symlink_to(av / "avqa" / "val_qa.json")
+    (broken / "avqa" / "frames").mkdir()
+    (broken / "avqa" / "audio").mkdir()
+    for item in json.loads((av / "avqa" / "val_qa.json").read_text())[2:]:
+        (broken / "avqa" / "frames" / item["video_name"]).symlink_to(av / "avqa" / "frames" / item["video_name"])
+    for item in json.loads((av / "avqa" / "val_qa.json").read_text())[1:]:
+        name = f"{item['video_name']}.wav"
+        (broken / "avqa" / "audio" / name).symlink_to(av / "avqa" / "audio" / name)
+    with caplog.at_level(logging.WARNING):
+        assert len(data.avqa_items(broken, "test")) == 22
+    assert "have no frames" in caplog.text and "synth00000_000000" in caplog.text
+    with pytest.raises(FileNotFoundError, match="no frames"):
+        data.avqa_items(broken, "test", strict=True)
+
+
+class Scripted:
+    """A stand-in for APTBLIP2 whose answers are given per video: (named option, ranked option) per mode."""
+
+    class blip:  # noqa: N801
+        processing = staticmethod(lambda path: torch.zeros(3, 4, 4))
+
+    def __init__(self, script):
+        self.script = script
+
+    def answer(self, question, options, modes, frames, audio):
+        video = audio.split("/")[-1][:-4]
+        out = {}
+        for mode in modes:
+            named, ranked = self.script[video][mode]
+            scores = torch.full((4,), -5.0)
+            scores[ranked] = -1.0
+            out[mode] = (named, str(named), scores)
+        return out
+
+
+def test_avqa_scores_on_scripted_answers():
+    items = [{"question": "q", "options": list("abcd"), "answer": a, "relation": r, "video": f"v{i}",
+              "frames": ["f"], "audio": f"/x/v{i}.wav"} for i, (a, r) in enumerate([(0, "Both"), (1, "Both"),
+                                                                                   (1, "View"), (3, "Sound")])]
+    script = {"v0": {"audio-visual": (0, 0), "video": (-1, 2), "audio": (0, 1)},
+              "v1": {"audio-visual": (1, 1), "video": (1, 1), "audio": (2, 1)},
+              "v2": {"audio-visual": (1, 0), "video": (1, 1), "audio": (3, 3)},
+              "v3": {"audio-visual": (3, 3), "video": (0, 0), "audio": (3, 3)}}
+    rows, records = eval_avqa(Scripted(script), items, Options())
+    got = {m: round(v, 4) for m, v, _, _ in rows}
+    assert got["audio-visual, option named"] == 1.0 and got["audio-visual, option likelihood"] == 0.75
+    assert got["video, option named"] == 0.5 and got["video, option likelihood"] == 0.5
+    assert got["audio, option named"] == 0.5 and got["audio, option likelihood"] == 0.5
+    assert got["audio-visual, likelihood, Both (2)"] == 1.0 and got["video, likelihood, Both (2)"] == 0.5
+    assert got["audio, likelihood, Sound (1)"] == 1.0 and got["audio-visual, likelihood, View (1)"] == 0.0
+    assert {b for _, _, b, _ in rows[:6]} == {0.5}  # always option 1, the most frequent answer: 2 of 4
+    assert records[2]["audio-visual"] == {"said": "1", "named": 1, "ranked": 0}
+
+
+def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
+    """The miniature chain goes on through the vision stage (a few steps), then APT-BLIP-2 answers in three modes."""
+    import evaluate
+    import train
+
+    tmp = copy_of(trained, tmp_path)
+    vision = ["--vision_dim=32", "--vision_depth=1", "--vision_heads=2", "--vision_queries=2", "--steps_vision=3"]
+    train.main(["--stage", "vision", *opts(tmp, *vision)])
+    final = tmp / "run" / "vision" / "final"
+    assert {"vision.json", "vision.safetensors"} <= {f.name for f in final.iterdir()}
+    saved = json.loads((final / "vision.json").read_text())
+    assert saved["qformer"]["num_queries"] == 2 and saved["vit"]["depth"] == 1
+    log = [json.loads(line) for line in (tmp / "run" / "vision" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+
+    evaluate.main(["--task", "avqa", "--limit", "6", *opts(tmp, *vision), f"--out={tmp / 'eval'}"])
+    metrics = json.loads((tmp / "eval" / "metrics_avqa.json").read_text())
+    assert [m["metric"] for m in metrics[:6]] == [f"{mode}, {how}" for mode in MODES
+                                                  for how in ("option named", "option likelihood")]
+    assert all(0 <= m["apt"] <= 1 for m in metrics)
+    predictions = [json.loads(line) for line in (tmp / "eval" / "predictions_avqa.jsonl").read_text().splitlines()]
+    assert len(predictions) == 6 and set(MODES) <= set(predictions[0])
+    assert "avqa" in capsys.readouterr().out
