@@ -82,6 +82,19 @@ def trained(prepared, tmp_path_factory):
     return tmp
 
 
+VISION = ["--vision_dim=32", "--vision_depth=1", "--vision_heads=2", "--vision_queries=2", "--steps_vision=3"]
+
+
+@pytest.fixture(scope="session")
+def with_vision(trained, tmp_path_factory):
+    """The miniature chain's APT and a vision side trained a few steps beside it (APT-BLIP-2's embedded default)."""
+    tmp = copy_of(trained, tmp_path_factory.mktemp("vision"))
+    import train
+
+    train.main(["--stage", "vision", *opts(tmp, *VISION)])
+    return tmp
+
+
 def copy_of(prepared, tmp_path):
     shutil.copytree(prepared / "run", tmp_path / "run")
     (tmp_path / "synth").symlink_to(prepared / "synth")

@@ -13,7 +13,7 @@ import torch
 from apt_min import data, synth, synth_av
 from apt_min.blip2 import MODES
 from apt_min.evaluation import Options, eval_avqa
-from tests.conftest import copy_of, opts
+from tests.conftest import VISION, copy_of, opts
 
 NAMES = [c.name for c in synth.TRAIN_CLASSES]
 
@@ -133,7 +133,7 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     import train
 
     tmp = copy_of(trained, tmp_path)
-    vision = ["--vision_dim=32", "--vision_depth=1", "--vision_heads=2", "--vision_queries=2", "--steps_vision=3"]
+    vision = VISION
     train.main(["--stage", "vision", *opts(tmp, *vision)])
     final = tmp / "run" / "vision" / "final"
     assert {"vision.json", "vision.safetensors"} <= {f.name for f in final.iterdir()}

@@ -37,6 +37,9 @@ PRINTED = {  # what each notebook must print (sizes that do not depend on the mi
                                  "resumed run's per-step losses equal the uninterrupted run's: True"],
     "12_paper_scale.ipynb": ["encoder tokens             (2, 512, 768)", "logits                     (2, 53, 32000)",
                              "trained in stages 1-2: 15.7 M parameters"],
+    "13_audio_visual.ipynb": ["24 looks: bell = red circle, siren = green circle", "the same LLM object in both: True",
+                              "audio-visual  positions = ", "visual + <AUDIO> + ", "audio-visual, option likelihood",
+                              "EVA ViT-g/14 on the meta device: 39 blocks, 1408-d, 256 + 1 tokens per frame"],
 }
 
 
@@ -70,8 +73,10 @@ def test_notebook_runs(path, trained, monkeypatch, request):
     import nbformat  # from jupyter, in requirements.txt
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("APT_MIN_RUN_DIR", str(trained / "run"))
-    monkeypatch.setenv("APT_MIN_DATA_ROOT", str(trained / "synth"))
+    run = request.getfixturevalue("with_vision") if path.name == "13_audio_visual.ipynb" else trained
+    monkeypatch.setenv("APT_MIN_RUN_DIR", str(run / "run"))
+    monkeypatch.setenv("APT_MIN_DATA_ROOT", str(run / "synth"))
+    monkeypatch.setenv("APT_MIN_AVQA_LIMIT", "6")
     if path.name in SMALL_BESIDE_TINY:  # the small preset's miniature run, against SmolLM2
         small_run, _ = request.getfixturevalue("small_run")
         folder, _ = request.getfixturevalue("smollm2")
