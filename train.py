@@ -491,18 +491,21 @@ class PictureLoss(nn.Module):
     """One forward = the losses of a batch of (frames, prompt, answer, description), so DistributedDataParallel sees
     one call per step. The LLM's loss on the answer, each frame's visual queries read with the prompt and laid out
     as the APT lays out a clip's; and BLIP-2's first-stage losses (`aligner.stage0_losses`: contrastive, matching,
-    generation) between the first frame and the picture's description, which teach a ViT learned from scratch
-    what the objects are far faster than the LLM's loss alone (BLIP-2 trains them one after the other, from a
-    pretrained ViT; here both at once)."""
+    generation) between the first frame and the picture's description, which teach the aligner to read the frozen
+    ViT's tokens far faster than the LLM's loss alone (BLIP-2 trains them one after the other; here both at once)."""
 
     def __init__(self, blip, apt):
         super().__init__()
         self.blip, self.apt = blip, apt
 
-    def segments(self, examples, tokens=None):
-        """The examples as APT segments: [visual queries of each frame][prompt]. tokens: the frames' ViT tokens,
-        if already computed."""
-        pixels = [torch.stack([self.blip.processing(f) for f in ex[0]]) for ex in examples]
+    def pixels(self, examples) -> list[torch.Tensor]:
+        """Each example's frames as pixels (F, 3, S, S)."""
+        return [torch.stack([self.blip.processing(f) for f in ex[0]]) for ex in examples]
+
+    def segments(self, examples, pixels=None, tokens=None):
+        """The examples as APT segments: [visual queries of each frame][prompt]. pixels, tokens: the frames' pixels
+        and ViT tokens, if already computed."""
+        pixels = pixels or self.pixels(examples)
         counts = [len(p) for p in pixels]
         prompts = [ex[1] for ex, k in zip(examples, counts) for _ in range(k)]
         visual = self.blip.visual_prompts(torch.cat(pixels), prompts, tokens)  # (frames in all, Q, D)
@@ -511,13 +514,13 @@ class PictureLoss(nn.Module):
 
     def forward(self, examples, picture_ids, generator):
         """-> (the answer loss summed over its tokens, their count, the picture-text losses {atc, atm, agtg, total})."""
-        pixels = [torch.stack([self.blip.processing(f) for f in ex[0]]) for ex in examples]
+        pixels = self.pixels(examples)
         device = self.blip.proj.weight.device
         tokens = self.blip.vision(torch.cat(pixels).to(device))  # (frames in all, 1 + P, Dv)
         first = torch.cumsum(torch.tensor([0] + [len(p) for p in pixels[:-1]]), 0).to(device)
         ids, mask = self.blip.qformer_tokenizer([ex[3] for ex in examples])  # [CLS] ... [SEP], as BOS ... EOS
         parts = stage0_losses(self.blip.qformer, tokens[first], ids.to(device), mask.to(device), picture_ids, generator)
-        answer_sum, n = self.apt(self.segments(examples, tokens), [ex[2] for ex in examples], {})
+        answer_sum, n = self.apt(self.segments(examples, pixels, tokens), [ex[2] for ex in examples], {})
         return answer_sum, n, parts
 
 

@@ -26,8 +26,8 @@ from torch import nn
 from apt_min.aligner import STAGE0_HEADS, Aligner, AlignerConfig
 from apt_min.checkpoint import CheckpointError, check_keys, checkpoint_tensors, resolve_dtype, safetensors_entries
 from apt_min.llama import Llama, LlamaConfig
-from apt_min.model import APT, fingerprint, model_files, same_weights, short
-from apt_min.tokenizer import Tokenizer
+from apt_min.model import APT, fingerprint, model_files, same_llm, short
+from apt_min.tokenizer import Tokenizer, pad_ids
 from apt_min.vision import ImageEncoder, ImageProcessing, ViTConfig
 
 # Hugging Face InstructBLIP key -> ours (the first pattern that matches wins; every stored key must match one)
@@ -107,13 +107,7 @@ class QFormerTokenizer:
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts -> ids (B, T) and mask (B, T), right-padded."""
-        seqs = [self.hf.encode(t).ids for t in texts]
-        T = max(map(len, seqs))
-        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), True
-        return ids, mask
+        return pad_ids([self.hf.encode(t).ids for t in texts], self.pad_id)
 
 
 def train_qformer_tokenizer(texts, folder: str | Path, vocab_size: int = 2000) -> QFormerTokenizer:
@@ -161,7 +155,7 @@ class InstructBLIP(nn.Module):
         frame in time order."""
         return self.visual_prompts(pixels, [instruction] * len(pixels)).reshape(-1, self.proj.out_features)
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
+    def vision_state(self) -> dict[str, torch.Tensor]:
         """The vision side without the LLM and the aligner's unused stage-0 heads: what `save_vision` writes."""
         heads = tuple(f"qformer.{h}" for h in STAGE0_HEADS)
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("llm.", *heads))}
@@ -175,7 +169,7 @@ class InstructBLIP(nn.Module):
 
         folder = Path(folder)
         (folder / "qformer_tokenizer").mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.trainable_state().items()},
+        save_file({k: v.detach().contiguous() for k, v in self.vision_state().items()},
                   str(folder / "vision.safetensors"))
         self.qformer_tokenizer.hf.save(str(folder / "qformer_tokenizer" / "tokenizer.json"))
         meta = {"vit": asdict(self.vision.config), "qformer": asdict(self.qformer.config),
@@ -190,15 +184,14 @@ class InstructBLIP(nn.Module):
             raise CheckpointError(f"{folder}: no trained vision side (vision.json); run `python train.py --stage "
                                   "vision` or set --vision_path to an InstructBLIP folder")
         meta = json.loads((folder / "vision.json").read_text())
-        if meta["llm"]["fingerprint"] != llm_id["fingerprint"] and not same_weights(meta["llm"].get("probe", []),
-                                                                                   llm):
+        if not same_llm(meta["llm"], llm_id, llm):
             raise CheckpointError(f"{folder}: this vision side was trained against the llm {short(meta['llm'])}, "
                                   f"but the llm given is {short(llm_id)}")
         model = cls(ViTConfig(**meta["vit"]), AlignerConfig(**meta["qformer"]), llm, tokenizer,
                     QFormerTokenizer(folder / "qformer_tokenizer"), ImageProcessing(**meta["processing"]))
         targets = dict(model.named_parameters())
         entries = safetensors_entries(folder / "vision.safetensors")
-        expected = {k: tuple(v.shape) for k, v in model.trainable_state().items()}
+        expected = {k: tuple(v.shape) for k, v in model.vision_state().items()}
         check_keys({folder / "vision.safetensors": entries}, expected, set(), (), folder)
         with torch.no_grad():
             for key, read in entries.items():
@@ -260,10 +253,8 @@ class InstructBLIP(nn.Module):
         llm = Llama.from_shards(LlamaConfig.from_dict(t, folder / "config.json"), llm_shards, dtype, device, folder)
         model = cls(vit, qformer, llm, Tokenizer(folder), QFormerTokenizer(folder / "qformer_tokenizer"),
                     ImageProcessing.read(folder))
-        heads = tuple(f"qformer.{h}" for h in STAGE0_HEADS)
-        targets = {k: p for k, p in model.named_parameters() if not k.startswith(("llm.", *heads))}
         rest = {f: {k: e for k, e in entries.items() if not k.startswith("llm.")} for f, entries in shards.items()}
-        check_keys(rest, {k: tuple(p.shape) for k, p in targets.items()}, set(), (), folder)
+        check_keys(rest, {k: tuple(v.shape) for k, v in model.vision_state().items()}, set(), (), folder)
         model.to(device, dtype)
         targets = dict(model.named_parameters())
         with torch.no_grad():

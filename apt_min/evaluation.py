@@ -295,14 +295,13 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None):
             protocol = (f"4-way accuracy over {len(records)} questions (baseline: always option {fixed})"
                         if not rows else "")
             rows.append((f"{mode}, {how}", acc, baseline, protocol))
+    protocol = "questions that need the picture and the sound (Both), the picture (View), the sound (Sound)"
     for relation in sorted({r["relation"] for r in records} - {""}):
         part = [r for r in records if r["relation"] == relation]
         for mode in modes:
             acc = sum(r[mode]["ranked"] == r["answer"] for r in part) / len(part)
-            rows.append((f"{mode}, likelihood, {relation} ({len(part)})", acc, None,
-                         "questions that need the picture and the sound (Both), the picture (View), the sound (Sound)"
-                         if relation == sorted({r['relation'] for r in records} - {''})[0] and mode == modes[0]
-                         else ""))
+            rows.append((f"{mode}, likelihood, {relation} ({len(part)})", acc, None, protocol))
+            protocol = ""  # said once, on the first of these rows
     return rows, records
 
 

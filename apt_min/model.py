@@ -61,6 +61,15 @@ def weight_probe(llm: Llama, n: int = 16) -> list:
     return probe
 
 
+def same_llm(saved: dict, given: dict, llm: Llama) -> bool:
+    """Whether `llm` (identified by `given`) is the LLM a saved part was trained against (identified by `saved`):
+    the same files, or, where the saved identity has a weight probe, the same weights (other files may hold the
+    same LLM: InstructBLIP keeps its Vicuna in its own shards, blip2.py)."""
+    if saved["fingerprint"] == given["fingerprint"]:
+        return True
+    return "probe" in saved and same_weights(saved["probe"], llm)
+
+
 def same_weights(probe: list, llm: Llama, rtol: float = 1e-2) -> bool:
     """Whether `llm` holds the probed weights (to bf16 rounding: the same LLM in another dtype still matches)."""
     params = dict(llm.named_parameters())
@@ -369,11 +378,10 @@ class APT(nn.Module):
         """Rebuild a saved APT around the given encoder and LLM, which must be the ones it was trained against."""
         folder = Path(folder)
         meta = cls.read_meta(folder)
+        same = {"encoder": meta["encoder"]["fingerprint"] == encoder_id["fingerprint"],
+                "llm": same_llm(meta["llm"], llm_id, llm)}
         for what, have in (("encoder", encoder_id), ("llm", llm_id)):
-            same = meta[what]["fingerprint"] == have["fingerprint"]
-            if not same and what == "llm" and "probe" in meta["llm"]:  # other files may hold the same LLM (blip2.py)
-                same = same_weights(meta["llm"]["probe"], llm)
-            if not same:
+            if not same[what]:
                 raise CheckpointError(f"{folder}: this APT was trained against the {what} {short(meta[what])}, but "
                                       f"the {what} given is {short(have)}; load the matching {what}")
         model = cls(encoder, Aligner(AlignerConfig(**meta["aligner"])), llm, tokenizer, cache,

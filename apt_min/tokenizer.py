@@ -84,16 +84,21 @@ class Tokenizer:
     def pad(self, seqs: list[list[int]], side: str = "right"):
         """Stack id lists into (B, T) ids and a (B, T) bool mask, padding on the right (training) or the left
         (generation, so every row ends at its last token)."""
-        if side not in ("left", "right"):
-            raise ValueError(f"side must be 'left' or 'right', not {side!r}")
-        T = max(map(len, seqs))
-        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            span = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-            ids[i, span] = torch.tensor(s, dtype=torch.long)
-            mask[i, span] = True
-        return ids, mask
+        return pad_ids(seqs, self.pad_id, side)
+
+
+def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right"):
+    """Id lists -> (B, T) ids padded with pad_id on `side`, and a (B, T) bool mask of the real tokens."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        span = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = True
+    return ids, mask
 
 
 def train_sentencepiece(texts, path: str | Path, vocab_size: int) -> Path:
