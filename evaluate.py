@@ -110,7 +110,7 @@ def run_avqa(cfg, checkpoint: Path, opts: Options, out: Path, device):
         f.writelines(json.dumps(r) + "\n" for r in records)
     (out / "metrics_avqa.json").write_text(json.dumps(
         [{"metric": m, "apt": v, "baseline": b, "protocol": p} for m, v, b, p in rows], indent=1))
-    print_report([("avqa", *row) for row in rows], out, width=40)
+    print_report([("avqa", *row) for row in rows], out, width=44)
 
 
 if __name__ == "__main__":

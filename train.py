@@ -444,6 +444,7 @@ class TrainVision:
         for name, p in self.blip.named_parameters():  # the aligner (its stage-0 heads too: PictureLoss) and proj
             p.requires_grad_(name.startswith(("qformer.", "proj.")))
         self.module = PictureLoss(self.blip, self.apt)
+        self.unused_parameters = cfg.vision_align_steps > 0  # DDP: the projection has no gradient while aligning
         self.params = {k: p for k, p in self.module.named_parameters() if p.requires_grad}
         pools = {kind: (lambda r, kind=kind: synth_av.picture_example(synth_av.random_picture(r), kind, r))
                  for kind in synth_av.PICTURE_TASKS}  # a fresh picture for every example, seeded by the step
@@ -454,11 +455,20 @@ class TrainVision:
                     for i, r in enumerate(val[:cfg.val_batches * cfg.batch_size])]
 
     def micro_step(self, model, sampler):
+        aligning = sampler.step // self.cfg.grad_accum < self.cfg.vision_align_steps
         task, batch = sampler.next_batch()
-        mine = batch[self.rank::self.world]
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # hard negatives: by step
+        if aligning:  # first phase: a larger batch of fresh pictures (its own seed by step), no LLM
+            rng = random.Random(f"{self.cfg.seed}/align/{sampler.step}/{self.rank}")
+            batch = [synth_av.picture_example(synth_av.random_picture(rng), "describe", rng)
+                     for _ in range(self.cfg.vision_align_batch)]
+        mine = batch if aligning else batch[self.rank::self.world]
         ids = torch.arange(len(mine)) + (sampler.step * self.world + self.rank) * len(mine)  # one id per picture
         with self.autocast():
+            if aligning:
+                parts = model(mine, ids.to(self.device), g, answer=False)
+                return parts["total"], 1, {"task": "align", "examples": len(mine),
+                                           **{k: parts[k].item() for k in ("atc", "atm", "agtg")}}
             answer_sum, n, parts = model(mine, ids.to(self.device), g)
         # the answer loss (a mean over its tokens) plus the picture-text losses (batch means), as one sum over n
         info = {"task": task, "examples": len(mine), "answer": (answer_sum / n).item(),
@@ -467,7 +477,9 @@ class TrainVision:
 
     @torch.no_grad()
     def validate(self):
-        """The answer loss on validation pictures, and how often the pictured object ranks first among four."""
+        """The answer loss on validation pictures; how often the pictured object ranks first among four; and where
+        the pictured objects rank among all the looks' names (0 = first; chance (n - 1) / 2), asked what the picture
+        shows: what the LLM has learned to read from the visual queries."""
         total, count, bs = 0.0, 0, self.cfg.batch_size
         with self.autocast():
             for i in range(0, len(self.val), bs):
@@ -478,7 +490,13 @@ class TrainVision:
                 options = re.findall(r"\d (\w+)[;.]", example[1])
                 scores = self.apt.choice_logprob(self.module.segments([example])[0], options, {})
                 hits += options[int(scores.argmax())] == example[2]
-        return {"val_loss": total / max(count, 1), "val_choice_accuracy": hits / max(1, len(choices))}
+            names, ranks = [c.name for c in synth.TRAIN_CLASSES], []
+            for example in [ex for ex in self.val if ex[1] == "What objects are in the picture?"][:48]:
+                scores = self.apt.choice_logprob(self.module.segments([example])[0], names, {})
+                order = [names[i] for i in scores.argsort(descending=True)]
+                ranks += [order.index(o) for o in example[2].split(", ")]
+        return {"val_loss": total / max(count, 1), "val_choice_accuracy": hits / max(1, len(choices)),
+                "val_object_rank": sum(ranks) / max(1, len(ranks))}
 
     def finish(self, metrics):
         final = self.out / "final"
@@ -512,14 +530,17 @@ class PictureLoss(nn.Module):
         return [[("prompts", v.reshape(-1, v.shape[-1])), ("text", ex[1])]
                 for v, ex in zip(visual.split(counts), examples)]
 
-    def forward(self, examples, picture_ids, generator):
-        """-> (the answer loss summed over its tokens, their count, the picture-text losses {atc, atm, agtg, total})."""
+    def forward(self, examples, picture_ids, generator, answer=True):
+        """-> (the answer loss summed over its tokens, their count, the picture-text losses {atc, atm, agtg, total});
+        with answer=False, the picture-text losses alone (the first phase: the LLM does not run)."""
         pixels = self.pixels(examples)
         device = self.blip.proj.weight.device
         tokens = self.blip.vision(torch.cat(pixels).to(device))  # (frames in all, 1 + P, Dv)
         first = torch.cumsum(torch.tensor([0] + [len(p) for p in pixels[:-1]]), 0).to(device)
         ids, mask = self.blip.qformer_tokenizer([ex[3] for ex in examples])  # [CLS] ... [SEP], as BOS ... EOS
         parts = stage0_losses(self.blip.qformer, tokens[first], ids.to(device), mask.to(device), picture_ids, generator)
+        if not answer:
+            return parts
         answer_sum, n = self.apt(self.segments(examples, pixels, tokens), [ex[2] for ex in examples], {})
         return answer_sum, n, parts
 
@@ -536,7 +557,8 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
     over every item of its grad_accum micro-batches on every process: exactly one batch grad_accum * world times as
     large. job.validate() -> {name: value}. Returns the last validation."""
     total = getattr(cfg, STAGES[stage]["steps"])
-    wrapped = DDP(job.module) if world > 1 else job.module
+    unused = getattr(job, "unused_parameters", False)  # parameters some steps give no gradient
+    wrapped = DDP(job.module, find_unused_parameters=unused) if world > 1 else job.module
     opt = make_optimizer(job.params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg, total))
     ckpts, step, skipped = Checkpoints(out / "checkpoints", cfg.keep_checkpoints), 0, 0

@@ -11,7 +11,8 @@ InstructBLIP's parts are ours, not new code: the image encoder is the ViT of `au
 own BERT WordPiece tokenizer), its LLM our `Llama`. `InstructBLIP.from_pretrained` reads a Hugging Face InstructBLIP
 folder strictly through one name map (`NAME_MAP`). `APTBLIP2` builds the sequences of the three modes the paper
 compares (audio-visual, video only, audio only) and answers multiple-choice questions by the option it names and by
-the likelihood of each option.
+the likelihood of each option's text, both after AVQA's prompt, which lists the options, and after the question
+alone (the cloze form: an LLM too small to read an option list is scored on what it would say).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -280,6 +282,15 @@ def avqa_prompt(question: str, options: list[str]) -> str:
     return AVQA_PROMPT.format(question=question, **{f"c{i}": c for i, c in enumerate(options)})
 
 
+class Answer(NamedTuple):
+    """One multiple-choice question answered in one mode."""
+
+    named: int  # the option the model names after AVQA's prompt (named_option), -1 for none
+    said: str  # what it said there (greedy)
+    scores: torch.Tensor  # (N,) log-likelihood of each option's text after AVQA's prompt, which lists the options
+    cloze: torch.Tensor  # (N,) the same after the question alone, the options not listed (the cloze form)
+
+
 def named_option(said: str, options: list[str]) -> int:
     """The option an answer names: its number ("2", "2 dog") or, failing that, the one option whose text it contains;
     -1 when it names none or several (scored as wrong)."""
@@ -325,15 +336,17 @@ class APTBLIP2:
     @torch.no_grad()
     def answer(self, question: str, options: list[str], modes=tuple(MODES), frames: torch.Tensor | None = None,
                audio: str | None = None, max_new_tokens: int = 8) -> dict:
-        """One multiple-choice question in each of `modes`: {mode: (the option it names or -1, what it said,
-        log-likelihood of each option's text after the prompt (N,))}. frames (F, 3, S, S) as `processing` makes
-        them; each frame and the clip are read once for all modes."""
-        prompt = avqa_prompt(question, options)
-        visual = self.blip.frame_prompts(frames, prompt) if any(MODES[m][0] for m in modes) else None
-        feats = self.apt.encode_clips([audio], strict=True)[0] if any(MODES[m][1] for m in modes) else {}
-        out = {}
-        for mode in modes:
-            said, scores = self.apt.answer_and_rank(self.segments(prompt, mode, visual, audio), options, feats,
-                                                    max_new_tokens)
-            out[mode] = (named_option(said, options), said, scores)
-        return out
+        """One multiple-choice question in each of `modes`: {mode: Answer}, asked twice: with AVQA's prompt (the
+        option named, and each option's likelihood) and as the question alone (each option's likelihood: cloze).
+        frames (F, 3, S, S) as `processing` makes them; the clip is encoded once for all modes and both prompts
+        (the visual and acoustic queries read each prompt as their instruction)."""
+        see, hear = any(MODES[m][0] for m in modes), any(MODES[m][1] for m in modes)
+        feats = self.apt.encode_clips([audio], strict=True)[0] if hear else {}
+        asked = []
+        for prompt, tokens in ((avqa_prompt(question, options), max_new_tokens), (question, 0)):
+            visual = self.blip.frame_prompts(frames, prompt) if see else None
+            asked.append({m: self.apt.answer_and_rank(self.segments(prompt, m, visual, audio), options, feats, tokens)
+                          for m in modes})
+        listed, alone = asked
+        return {m: Answer(named_option(listed[m][0], options), listed[m][0], listed[m][1], alone[m][1])
+                for m in modes}

@@ -50,7 +50,9 @@ class Config:
     vision_depth: int = 1  # a seeded random ViT, frozen (as tiny's audio encoder): one block keeps its tokens apart
     vision_heads: int = 4
     vision_queries: int = 8  # visual queries per frame (InstructBLIP: 32)
-    steps_vision: int = 1500
+    steps_vision: int = 4000  # in all: the first vision_align_steps align pictures and texts without the LLM
+    vision_align_steps: int = 500  # BLIP-2's first stage (contrastive, matching, generation), then its second
+    vision_align_batch: int = 64  # pictures per alignment step (only the ViT and the aligner run: cheap)
     # the tiny stand-in LLM (ignored when llm_path names a real model)
     llm_vocab: int = 1000
     llm_hidden: int = 192
@@ -153,7 +155,7 @@ PRESETS = {
         encoder_depth=4, encoder_init="mae", aligner_hidden=128, aligner_layers=4, aligner_heads=4,
         aligner_intermediate=512, num_queries=8, aligner_words="llm", aligner_init="llm", prompt_format="smollm2-chat",
         cpu_bf16=True, batch_size=8, lr=5e-4, steps_mae=800, steps_0=400, steps_1=700, steps_2=500,
-        task_ratios="fewshot=3,aqa=0.3", fewshot_shapes="mixed", fewshot_layout="list", steps_vision=600,
+        task_ratios="fewshot=3,aqa=0.3", fewshot_shapes="mixed", fewshot_layout="list", steps_vision=2000,
         log_every=25, eval_every=200, save_every=200,
     ),
     "paper": dict(

@@ -268,9 +268,11 @@ EVALUATORS = {"tagging": eval_tagging, "captioning": eval_captioning, "aqa": eva
 
 def eval_avqa(model, items: list[dict], opts: Options, modes=None):
     """AVQA (paper §4.4, Table 7) with APT-BLIP-2 (blip2.APTBLIP2): four-way accuracy in each mode (audio-visual,
-    video only, audio only), by the option the model names and by the likelihood of each option's text, beside the
-    fixed-answer baseline (always the most frequent answer position; chance is 0.25), and by what each question
-    needs (AVQA's question_relation; the synthetic set's Both / View / Sound). Returns (rows, records)."""
+    video only, audio only) by three protocols: the option the model names after AVQA's prompt (the paper's), the
+    likeliest option's text after that prompt, and the likeliest after the question alone (cloze: the options not
+    listed, for an LLM too small to read an option list); beside the fixed-answer baseline (always the most frequent
+    answer position; chance is 0.25); and both likelihoods by what each question needs (AVQA's question_relation;
+    the synthetic set's Both / View / Sound). Returns (rows, records)."""
     from apt_min.blip2 import MODES
 
     modes = list(modes or MODES)
@@ -283,25 +285,27 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None):
         answers = model.answer(item["question"], item["options"], modes, pixels, item["audio"])
         records.append({"video": item["video"], "question": item["question"], "options": item["options"],
                         "answer": item["answer"], "relation": item["relation"],
-                        **{m: {"said": said, "named": named, "ranked": int(scores.argmax())}
-                           for m, (named, said, scores) in answers.items()}})
+                        **{m: {"said": a.said, "named": a.named, "ranked": int(a.scores.argmax()),
+                               "cloze": int(a.cloze.argmax())} for m, a in answers.items()}})
     positions = [r["answer"] for r in records]
     fixed = max(set(positions), key=positions.count)
     baseline = sum(p == fixed for p in positions) / len(records)
+    hows = {"named": "option named", "ranked": "option likelihood", "cloze": "cloze likelihood"}
     rows = []
     for mode in modes:
-        for how, key in (("option named", "named"), ("option likelihood", "ranked")):
+        for key, how in hows.items():
             acc = sum(r[mode][key] == r["answer"] for r in records) / len(records)
             protocol = (f"4-way accuracy over {len(records)} questions (baseline: always option {fixed})"
                         if not rows else "")
             rows.append((f"{mode}, {how}", acc, baseline, protocol))
     protocol = "questions that need the picture and the sound (Both), the picture (View), the sound (Sound)"
-    for relation in sorted({r["relation"] for r in records} - {""}):
-        part = [r for r in records if r["relation"] == relation]
-        for mode in modes:
-            acc = sum(r[mode]["ranked"] == r["answer"] for r in part) / len(part)
-            rows.append((f"{mode}, likelihood, {relation} ({len(part)})", acc, None, protocol))
-            protocol = ""  # said once, on the first of these rows
+    for key in ("ranked", "cloze"):
+        for relation in sorted({r["relation"] for r in records} - {""}):
+            part = [r for r in records if r["relation"] == relation]
+            for mode in modes:
+                acc = sum(r[mode][key] == r["answer"] for r in part) / len(part)
+                rows.append((f"{mode}, {hows[key]}, {relation} ({len(part)})", acc, None, protocol))
+                protocol = ""  # said once, on the first of these rows
     return rows, records
 
 

@@ -9,8 +9,10 @@ options, whose answer needs
 
     both   "Which object is making a sound?"   pictured AND heard (distractors: pictured but silent, heard but not
                                                pictured, neither), so picture alone or sound alone leaves two
-    view   "Which object can be seen?"         pictured (distractors: heard but not pictured, neither x 2)
-    sound  "Which object can be heard?"        heard but not pictured (distractors: pictured but silent, neither x 2)
+    view   "Which object can be seen?"         the silent pictured one (distractors: neither seen nor heard x 3), so
+                                               the picture alone answers and the sound says nothing
+    sound  "Which object can be heard?"        the one heard but not pictured (distractors: neither x 3), so the sound
+                                               alone answers and the picture says nothing
 
 in AVQA's own layout, with the frames and audio extracted as `data.py` documents for the real set:
 
@@ -38,7 +40,7 @@ import numpy as np
 
 from apt_min import synth
 
-VERSION = 1
+VERSION = 2  # 2: View and Sound questions without the other sense's distractor
 SIZE = 64  # pixels, square
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLOURS = {"red": (215, 45, 45), "green": (40, 160, 70), "blue": (45, 85, 215), "yellow": (225, 190, 25)}
@@ -123,10 +125,8 @@ def av_question(rng: random.Random, kind: str, pictured: list[str], heard: list[
     neither = [n for n in names if n not in pictured and n not in heard]
     if kind == "both":
         answer, distractors = rng.choice(both), [rng.choice(silent), rng.choice(offscreen)]
-    elif kind == "view":
-        answer, distractors = rng.choice(pictured), [rng.choice(offscreen)]
-    else:
-        answer, distractors = rng.choice(offscreen), [rng.choice(silent)]
+    else:  # one sense answers; the other has nothing to say about any option (no cross-sense trap)
+        answer, distractors = rng.choice(silent if kind == "view" else offscreen), []
     options = [answer, *distractors, *rng.sample(neither, 4 - 1 - len(distractors))]
     rng.shuffle(options)
     return QUESTIONS[kind], options, options.index(answer)

@@ -82,7 +82,8 @@ def trained(prepared, tmp_path_factory):
     return tmp
 
 
-VISION = ["--vision_dim=32", "--vision_depth=1", "--vision_heads=2", "--vision_queries=2", "--steps_vision=3"]
+VISION = ["--vision_dim=32", "--vision_depth=1", "--vision_heads=2", "--vision_queries=2", "--steps_vision=3",
+          "--vision_align_steps=1", "--vision_align_batch=4"]  # one step without the LLM, two with it
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from apt_min import data, synth, synth_av
-from apt_min.blip2 import MODES
+from apt_min.blip2 import MODES, Answer
 from apt_min.evaluation import Options, eval_avqa
 from tests.conftest import VISION, copy_of, opts
 
@@ -41,10 +41,12 @@ def test_questions_need_what_their_relation_says(av):
             assert answer in pictured & heard
             assert sum(o in pictured for o in options) == 2 and sum(o in heard for o in options) == 2
             assert [o in pictured and o in heard for o in options].count(True) == 1
-        elif item["question_relation"] == "View":
-            assert answer in pictured and [o in pictured for o in options].count(True) == 1
-        else:
+        elif item["question_relation"] == "View":  # the picture alone answers; no option is heard
+            assert answer in pictured - heard and [o in pictured for o in options].count(True) == 1
+            assert not set(options) & heard
+        else:  # the sound alone answers; no option is pictured
             assert answer in heard - pictured and [o in heard for o in options].count(True) == 1
+            assert not set(options) & pictured
 
 
 def test_the_audio_holds_the_heard_objects_and_the_frames_the_pictured(av):
@@ -101,10 +103,10 @@ class Scripted:
         video = audio.split("/")[-1][:-4]
         out = {}
         for mode in modes:
-            named, ranked = self.script[video][mode]
-            scores = torch.full((4,), -5.0)
-            scores[ranked] = -1.0
-            out[mode] = (named, str(named), scores)
+            named, ranked, cloze = self.script[video][mode]
+            scores, alone = torch.full((4,), -5.0), torch.full((4,), -5.0)
+            scores[ranked], alone[cloze] = -1.0, -1.0
+            out[mode] = Answer(named, str(named), scores, alone)
         return out
 
 
@@ -112,19 +114,25 @@ def test_avqa_scores_on_scripted_answers():
     items = [{"question": "q", "options": list("abcd"), "answer": a, "relation": r, "video": f"v{i}",
               "frames": ["f"], "audio": f"/x/v{i}.wav"} for i, (a, r) in enumerate([(0, "Both"), (1, "Both"),
                                                                                    (1, "View"), (3, "Sound")])]
-    script = {"v0": {"audio-visual": (0, 0), "video": (-1, 2), "audio": (0, 1)},
-              "v1": {"audio-visual": (1, 1), "video": (1, 1), "audio": (2, 1)},
-              "v2": {"audio-visual": (1, 0), "video": (1, 1), "audio": (3, 3)},
-              "v3": {"audio-visual": (3, 3), "video": (0, 0), "audio": (3, 3)}}
+    # per video and mode: (the option named, the likeliest after AVQA's prompt, the likeliest after the question)
+    script = {"v0": {"audio-visual": (0, 0, 0), "video": (-1, 2, 0), "audio": (0, 1, 2)},
+              "v1": {"audio-visual": (1, 1, 1), "video": (1, 1, 3), "audio": (2, 1, 1)},
+              "v2": {"audio-visual": (1, 0, 1), "video": (1, 1, 1), "audio": (3, 3, 0)},
+              "v3": {"audio-visual": (3, 3, 3), "video": (0, 0, 2), "audio": (3, 3, 3)}}
     rows, records = eval_avqa(Scripted(script), items, Options())
     got = {m: round(v, 4) for m, v, _, _ in rows}
     assert got["audio-visual, option named"] == 1.0 and got["audio-visual, option likelihood"] == 0.75
+    assert got["audio-visual, cloze likelihood"] == 1.0 and got["video, cloze likelihood"] == 0.5
     assert got["video, option named"] == 0.5 and got["video, option likelihood"] == 0.5
     assert got["audio, option named"] == 0.5 and got["audio, option likelihood"] == 0.5
-    assert got["audio-visual, likelihood, Both (2)"] == 1.0 and got["video, likelihood, Both (2)"] == 0.5
-    assert got["audio, likelihood, Sound (1)"] == 1.0 and got["audio-visual, likelihood, View (1)"] == 0.0
-    assert {b for _, _, b, _ in rows[:6]} == {0.5}  # always option 1, the most frequent answer: 2 of 4
-    assert records[2]["audio-visual"] == {"said": "1", "named": 1, "ranked": 0}
+    assert got["audio, cloze likelihood"] == 0.5
+    assert got["audio-visual, option likelihood, Both (2)"] == 1.0 and got["video, option likelihood, Both (2)"] == 0.5
+    assert got["audio, option likelihood, Sound (1)"] == 1.0
+    assert got["audio-visual, option likelihood, View (1)"] == 0.0
+    assert got["audio-visual, cloze likelihood, View (1)"] == 1.0 and got["video, cloze likelihood, Both (2)"] == 0.5
+    assert got["audio, cloze likelihood, Both (2)"] == 0.5 and got["video, cloze likelihood, Sound (1)"] == 0.0
+    assert {b for _, _, b, _ in rows[:9]} == {0.5}  # always option 1, the most frequent answer: 2 of 4
+    assert records[2]["audio-visual"] == {"said": "1", "named": 1, "ranked": 0, "cloze": 1}
 
 
 def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
@@ -140,12 +148,16 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     saved = json.loads((final / "vision.json").read_text())
     assert saved["qformer"]["num_queries"] == 2 and saved["vit"]["depth"] == 1
     log = [json.loads(line) for line in (tmp / "run" / "vision" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    # the first phase aligns pictures and texts without the LLM (no answer loss), then the LLM's answers join in
+    assert "loss_align" in steps[0] and "answer" not in steps[0] and steps[0]["atc"] > 0
+    assert all("answer" in r and "loss_align" not in r for r in steps[1:])
 
     evaluate.main(["--task", "avqa", "--limit", "6", *opts(tmp, *vision), f"--out={tmp / 'eval'}"])
     metrics = json.loads((tmp / "eval" / "metrics_avqa.json").read_text())
-    assert [m["metric"] for m in metrics[:6]] == [f"{mode}, {how}" for mode in MODES
-                                                  for how in ("option named", "option likelihood")]
+    assert [m["metric"] for m in metrics[:9]] == [f"{mode}, {how}" for mode in MODES
+                                                  for how in ("option named", "option likelihood", "cloze likelihood")]
     assert all(0 <= m["apt"] <= 1 for m in metrics)
     predictions = [json.loads(line) for line in (tmp / "eval" / "predictions_avqa.jsonl").read_text().splitlines()]
     assert len(predictions) == 6 and set(MODES) <= set(predictions[0])

@@ -189,18 +189,21 @@ def test_answers_name_an_option_and_rank_all(blip, clip):
     options = ["dog", "car", "bell", "cat"]
     answers = model.answer("What is making the sound?", options, MODES, pixels, clip)
     assert set(answers) == set(MODES)
-    for named, said, scores in answers.values():
-        assert scores.shape == (4,) and bool(torch.isfinite(scores).all()) and bool((scores < 0).all())
+    for named, said, scores, cloze in answers.values():
+        for s in (scores, cloze):
+            assert s.shape == (4,) and bool(torch.isfinite(s).all()) and bool((s < 0).all())
         assert named == named_option(said, options)
-    # the likelihood of each option is that of its text after the prompt
-    prompt = avqa_prompt("What is making the sound?", options)
-    segments = model.segments(prompt, "video", blip.frame_prompts(pixels, prompt))
-    x, mask, labels = model.apt.embed_batch([segments], {}, ["bell"])
-    logp = blip.llm(inputs_embeds=x, attention_mask=mask)[0, :-1].log_softmax(-1)
-    targets = labels[0, 1:]
-    at = targets != -100
-    want = logp[at].gather(1, targets[at][:, None]).squeeze(1)[:-1].sum()  # the option's tokens, EOS not counted
-    assert float(answers["video"][2][2]) == pytest.approx(float(want), abs=1e-4)
+    # the likelihood of each option is that of its text after AVQA's prompt (scores) or after the question alone
+    # (cloze), the visual queries reading that same text as their instruction
+    for prompt, got in ((avqa_prompt("What is making the sound?", options), answers["video"].scores),
+                        ("What is making the sound?", answers["video"].cloze)):
+        segments = model.segments(prompt, "video", blip.frame_prompts(pixels, prompt))
+        x, mask, labels = model.apt.embed_batch([segments], {}, ["bell"])
+        logp = blip.llm(inputs_embeds=x, attention_mask=mask)[0, :-1].log_softmax(-1)
+        targets = labels[0, 1:]
+        at = targets != -100
+        want = logp[at].gather(1, targets[at][:, None]).squeeze(1)[:-1].sum()  # the option's tokens, not EOS
+        assert float(got[2]) == pytest.approx(float(want), abs=1e-4)
     # a mode that needs no audio reads none
     assert set(model.answer("What is making the sound?", options, ["video"], pixels)) == {"video"}
 

@@ -38,7 +38,7 @@ PRINTED = {  # what each notebook must print (sizes that do not depend on the mi
     "12_paper_scale.ipynb": ["encoder tokens             (2, 512, 768)", "logits                     (2, 53, 32000)",
                              "trained in stages 1-2: 15.7 M parameters"],
     "13_audio_visual.ipynb": ["24 looks: bell = red circle, siren = green circle", "the same LLM object in both: True",
-                              "audio-visual  positions = ", "visual + <AUDIO> + ", "audio-visual, option likelihood",
+                              "audio-visual  positions = ", "visual + <AUDIO> + ", "audio-visual, cloze likelihood",
                               "EVA ViT-g/14 on the meta device: 39 blocks, 1408-d, 256 + 1 tokens per frame"],
 }
 
