@@ -63,7 +63,8 @@ STAGES = {  # what each stage trains, with which loss, for how many steps (a con
                      "fewshot": 0.5, "nlar": 0.5}},
     # APT-BLIP-2's embedded default: the picture side, trained apart from the APT, which is plugged in afterwards
     "vision": {"trains": "a small vision side: the visual aligner and projection (ViT, LLM and APT frozen)",
-               "loss": "cross-entropy on the answers about pictures, + ATC + ATM + AGTG on picture-description pairs",
+               "loss": "ATC + ATM + AGTG on picture-description pairs (alone for the first vision_align_steps), "
+                       "+ cross-entropy on the answers about pictures",
                "steps": "steps_vision", "needs": "2"},
 }
 
@@ -397,8 +398,10 @@ class TrainVision:
     from the synthetic pictures and their object names (synth_av): our stand-in for BLIP-2's own training. The ViT
     is a seeded random one, frozen, as the tiny preset's audio encoder is (BLIP-2 freezes its pretrained ViT; a ViT
     trained here from scratch alongside the aligner did not learn the objects in 1 000 steps, while the aligner
-    learns to read a frozen random one's patch tokens); the aligner and the projection train. It never hears a
-    sound. Its sequences are the trained APT's (the same prompt format, built by the same code), with the
+    learns to read a frozen random one's patch tokens); the aligner and the projection train. As BLIP-2 trains its
+    Q-Former, two phases: for the first `vision_align_steps` the picture-text losses alone on larger batches
+    (`vision_align_batch`; the LLM does not run), then the LLM's answer loss with those losses beside it. It never
+    hears a sound. Its sequences are the trained APT's (the same prompt format, built by the same code), with the
     visual queries where a clip's acoustic prompts would go; nothing of the APT trains. The APT, which never saw a
     picture, is plugged in afterwards: `evaluate.py --task avqa`."""
 

@@ -52,7 +52,7 @@ class Config:
     vision_queries: int = 8  # visual queries per frame (InstructBLIP: 32)
     steps_vision: int = 4000  # in all: the first vision_align_steps align pictures and texts without the LLM
     vision_align_steps: int = 500  # BLIP-2's first stage (contrastive, matching, generation), then its second
-    vision_align_batch: int = 64  # pictures per alignment step (only the ViT and the aligner run: cheap)
+    vision_align_batch: int = 64  # pictures per alignment step and process (only the ViT and the aligner run)
     # the tiny stand-in LLM (ignored when llm_path names a real model)
     llm_vocab: int = 1000
     llm_hidden: int = 192

@@ -208,7 +208,7 @@ def eval_captioning(apt, cfg, name, examples, opts):
 def eval_exact(apt, cfg, name, examples, opts):
     """AQA and NLAR: a short answer, scored by normalised exact match."""
     outputs = generate(apt, examples, SHORT, opts.batch_size, name)
-    rows = metrics.score_exact(examples, outputs, yes_no=name == "clotho_aqa")
+    rows = metrics.score_exact(examples, outputs, yes_no=name == "clotho_aqa", always="yes" if name == "nlar" else None)
     return rows, outputs, [ex.target["answer"] for ex in examples]
 
 

@@ -191,14 +191,18 @@ def score_captions(examples, outputs, baseline_caption: str):
     return rows
 
 
-def score_exact(examples, outputs, yes_no: bool = False):
+def score_exact(examples, outputs, yes_no: bool = False, always: str | None = None):
     """Normalised exact match (AQA, NLAR), beside always giving the most frequent answer; with yes_no (Clotho-AQA)
-    also on the yes/no questions alone."""
+    also on the yes/no questions alone; with `always` (NLAR: "yes", the paper's fixed answer, Table 6) the same
+    accuracy once more, beside always giving that answer."""
     truth = [ex.target["answer"] for ex in examples]
     hits = [normalize_answer(o) == t for o, t in zip(outputs, truth)]
     fixed = majority(truth)
     rows = _row("accuracy", np.mean(hits), np.mean([t == fixed for t in truth]),
                 f"normalised exact match (baseline: always {fixed!r}, the most frequent answer)")
+    if always is not None:
+        rows += _row(f"accuracy vs always {always!r}", np.mean(hits), np.mean([t == always for t in truth]),
+                     f"(baseline: always {always!r}, the paper's fixed answer)")
     yn = [i for i, t in enumerate(truth) if t in ("yes", "no")] if yes_no else []
     if yn:
         fixed = majority([truth[i] for i in yn])

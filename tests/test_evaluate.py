@@ -138,6 +138,11 @@ def test_exact_match_normalises_answers():
             tasks.nlar("b.wav", "a.wav", "Which recording contains the bell?", "second")]
     table = metrics.score_exact(nlar, ["The first.", "no", "second"])
     assert len(table) == 1 and table[0][1] == pytest.approx(2 / 3)
+    nlar.append(tasks.nlar("b.wav", "a.wav", "Which recording is longer?", "first"))
+    table = metrics.score_exact(nlar, ["The first.", "no", "second", "second"], always="yes")  # the paper's baseline
+    assert [r[0] for r in table] == ["accuracy", "accuracy vs always 'yes'"]
+    assert table[0][1] == table[1][1] == pytest.approx(2 / 4)
+    assert table[0][2] == pytest.approx(2 / 4) and table[1][2] == pytest.approx(1 / 4)  # always "first" / "yes"
 
 
 def test_fewshot_reads_esc50_labels_with_underscores():
