@@ -1,0 +1,71 @@
+"""What each side of APT-BLIP-2 tells the LLM, before any multiple choice: where the objects a video shows, or the
+sounds it holds, rank among all 24 names the LLM could say.
+
+For each synthetic AVQA video (`apt_min/synth_av.py`), every name of the training classes is scored as the whole
+answer (its log-likelihood after the prompt, EOS not counted), and the ranks of the heard objects (audio only: the
+APT) and of the pictured objects (video only: the vision side) are averaged; chance is 11.5 (0 = first). Three
+prompts: the APT's tagging prompt (or "What objects are in the picture?" for the pictures), the question alone
+("Which object can be heard?" / "... seen?"), and AVQA's prompt with its four options listed. A side that ranks its
+objects well after the first two but not after the third carries what the question needs, and loses it to the
+option list (the tiny stand-in LLM never read one: README, Results, APT-BLIP-2).
+
+    python benchmarks/probe_avqa.py [--preset small] [--videos 60]   (after --stage vision; 40 s for tiny on 2 cores)
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apt_min import data, synth, tasks
+from apt_min.blip2 import avqa_prompt
+from apt_min.build import load_apt_blip2
+from apt_min.config import load_config
+from apt_min.release import resolve_checkpoint
+
+
+def mean_rank(apt, segments, feats, names, wanted) -> list[int]:
+    scores = apt.choice_logprob(segments, names, feats)
+    order = [names[i] for i in scores.argsort(descending=True)]
+    return [order.index(n) for n in wanted]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--videos", type=int, default=60)
+    args = ap.parse_args()
+    cfg = load_config(args.preset, {})
+    model = load_apt_blip2(cfg, resolve_checkpoint(cfg, None))
+    apt, names = model.apt, [c.name for c in synth.TRAIN_CLASSES]
+    truth = {q["video_name"]: q for q in json.loads((Path(cfg.data_root) / "avqa" / "val_qa.json").read_text())}
+    items = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, True)[:args.videos]
+    heard_prompts = {"tagging prompt": tasks.prompt("tagging", random.Random(0)),
+                     "question alone": "Which object can be heard?", "AVQA's prompt": None}
+    seen_prompts = {"tagging prompt": "What objects are in the picture?",
+                    "question alone": "Which object can be seen?", "AVQA's prompt": None}
+    ranks = {(side, k): [] for side in ("heard", "pictured") for k in heard_prompts}
+    with torch.no_grad():
+        for item in items:
+            video = truth[item["video"]]
+            feats = apt.encode_clips([item["audio"]], strict=True)[0]
+            pixels = torch.stack([model.blip.processing(f) for f in item["frames"]])
+            for k in heard_prompts:
+                prompt = heard_prompts[k] or avqa_prompt(item["question"], item["options"])
+                ranks["heard", k] += mean_rank(apt, [("audio", item["audio"]), ("text", prompt)], feats, names,
+                                               video["heard"])
+                prompt = seen_prompts[k] or avqa_prompt(item["question"], item["options"])
+                visual = model.blip.frame_prompts(pixels, prompt)
+                ranks["pictured", k] += mean_rank(apt, [("prompts", visual), ("text", prompt)], {}, names,
+                                                  video["pictured"])
+    print(f"{args.preset}: mean rank among {len(names)} names (0 = first; chance {(len(names) - 1) / 2}), "
+          f"{len(items)} videos")
+    for (side, k), r in ranks.items():
+        print(f"  {side:<9} objects, {k:<15} {np.mean(r):5.2f}")
+
+
+if __name__ == "__main__":
+    main()
