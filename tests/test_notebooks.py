@@ -31,7 +31,7 @@ PRINTED = {  # what each notebook must print (sizes that do not depend on the mi
     "08_counting.ipynb": ["'twice'                -> 2", "mean absolute error  APT ", "true counts: "],
     "09_fewshot.ipynb": [" positions = BOS + 5 x (<AUDIO> + ", "training classes, made-up names ",
                          "ranked answer changed in ", "small gen", "vs a prototypical network"],
-    "10_nlar.ipynb": ["always 'yes' (the paper's baseline): ", "the answer flipped with the clips in ",
+    "10_nlar.ipynb": ["accuracy vs always 'yes': APT ", "the answer flipped with the clips in ",
                       "accuracy: original order ", "APT-small accuracy: original order "],
     "11_training_stages.ipynb": ["steps logged once each after resuming: True", "stage 0 trains ",
                                  "resumed run's per-step losses equal the uninterrupted run's: True"],
