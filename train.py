@@ -808,11 +808,14 @@ def training_pools(cfg, stage: str) -> dict:
                            + data.examples("captioning", root, "train", source="clotho", rng=rng))
     if stage == "2":
         single = data.single_label_pool(root, "train")
-        # trained as 4-way 1-shot (paper; fewshot_shapes=mixed: 2 to 5 ways, 1 to 3 shots); half the episodes
-        # with made-up class names, so that answering means matching the query to the supports rather than
-        # recognising a known class
+        # trained as 4-way 1-shot (paper; fewshot_shapes=mixed: 2 to 5 ways, 1 to 3 shots); a share of the
+        # episodes (fewshot_made_up: half in tiny and small, none in paper) with made-up class names, so that
+        # answering means matching the query to the supports rather than recognising a known class
+        if not 0 <= cfg.fewshot_made_up <= 1:
+            raise SystemExit(f"--fewshot_made_up={cfg.fewshot_made_up}: a share of the episodes, from 0 to 1")
         pools["fewshot"] = lambda r: data.fewshot_episode(single, *episode_shape(cfg, r), r,
-                                                          rename=r.random() < 0.5, layout=cfg.fewshot_layout)
+                                                          rename=r.random() < cfg.fewshot_made_up,
+                                                          layout=cfg.fewshot_layout)
         pools["nlar"] = data.examples("nlar", root, "train")
     return pools
 

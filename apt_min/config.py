@@ -78,6 +78,7 @@ class Config:
     task_ratios: str = ""  # e.g. "aqa=0.3,nlar=1": changes the stage's task mixture (train.py STAGES)
     fewshot_layout: str = "paper"  # few-shot episodes as the paper interleaves them, or "list" (apt_min.tasks.fewshot)
     fewshot_shapes: str = "4x1"  # stage 2's episodes: 4-way 1-shot (paper) or "mixed" (2-5 ways, 1-3 shots)
+    fewshot_made_up: float = 0.5  # stage 2's episodes with made-up class names (the paper's: none, its real labels)
     grad_checkpointing: bool = False  # recompute the LLM blocks in backward (how 7B fits on a 24 GB card)
     compile_llm: bool = False  # torch.compile the frozen LLM's blocks for training (7B on an H100: 1.7x per step)
     seed: int = 0
@@ -164,7 +165,7 @@ PRESETS = {
         encoder_heads=12, aligner_hidden=256, aligner_layers=4, aligner_heads=4, aligner_intermediate=1024,
         num_queries=32, batch_size=8, grad_accum=4, lr=1e-4, warmup_steps=2000, steps_0=100_000, steps_1=100_000,
         steps_2=50_000, log_every=50, eval_every=5000, save_every=5000, grad_checkpointing=True,
-        vision_path="weights/instructblip-vicuna-7b", avqa_frames=10,
+        vision_path="weights/instructblip-vicuna-7b", avqa_frames=10, fewshot_made_up=0.0,
     ),
 }
 

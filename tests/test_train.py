@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -258,6 +259,23 @@ def test_task_ratios_change_the_mixture_and_unknown_tasks_are_named():
     assert train.parse_ratios("", base) == base
     with pytest.raises(SystemExit, match=r"--task_ratios: unknown task 'speech'"):
         train.parse_ratios("speech=1", base)
+
+
+def test_made_up_names_in_training_episodes_are_a_setting(trained):
+    """fewshot_made_up: the share of stage 2's episodes whose classes get made-up names (paper: none)."""
+    from apt_min import synth
+
+    real = {c.name for c in synth.TRAIN_CLASSES}
+
+    def made_up(share):
+        cfg = train.load_config("tiny", {"data_root": str(trained / "synth"), "fewshot_made_up": share})
+        episodes = [train.training_pools(cfg, "2")["fewshot"](random.Random(i)) for i in range(40)]
+        return sum(ep.answer not in real for ep in episodes)
+
+    assert made_up(0.0) == 0 and made_up(1.0) == 40 and 5 < made_up(0.5) < 35
+    assert train.load_config("paper", {}).fewshot_made_up == 0.0
+    with pytest.raises(SystemExit, match="fewshot_made_up"):
+        made_up(1.5)
 
 
 def test_precision_settings():
