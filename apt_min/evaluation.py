@@ -202,6 +202,7 @@ def eval_captioning(apt, cfg, name, examples, opts):
     fixed = metrics.majority([ex.answer for ex in train])  # the most frequent training caption
     rows = metrics.score_captions(examples, outputs, fixed)
     rows += java_metrics([ex.target["references"] for ex in examples], outputs)
+    rows += metrics.spider(rows)
     return rows, outputs, [ex.target["references"][0] for ex in examples]
 
 

@@ -191,6 +191,15 @@ def score_captions(examples, outputs, baseline_caption: str):
     return rows
 
 
+def spider(rows) -> list:
+    """SPIDEr, the paper's headline caption metric: the mean of CIDEr-D and SPICE, from a caption table's rows; a row
+    saying it is unavailable when SPICE is (its own row says why)."""
+    got = {metric: value for metric, value, _, _ in rows}
+    if not np.isfinite(got.get("SPICE", float("nan"))):
+        return _row("SPIDEr", float("nan"), None, "SPIDEr unavailable: it needs SPICE (see its row)")
+    return _row("SPIDEr", (got["CIDEr-D"] + got["SPICE"]) / 2, None, "(CIDEr-D + SPICE) / 2")
+
+
 def score_exact(examples, outputs, yes_no: bool = False, always: str | None = None):
     """Normalised exact match (AQA, NLAR), beside always giving the most frequent answer; with yes_no (Clotho-AQA)
     also on the yes/no questions alone; with `always` (NLAR: "yes", the paper's fixed answer, Table 6) the same

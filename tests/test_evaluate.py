@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import opts
@@ -51,6 +52,7 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
     caps = {r["metric"]: r for r in json.loads((out / "metrics_audiocaps.json").read_text())}
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D", "METEOR", "SPICE"} <= caps.keys()
     assert caps["SPICE"]["protocol"].startswith("SPICE unavailable: pycocoevalcap's spice/lib lacks")  # said so
+    assert caps["SPIDEr"]["protocol"].startswith("SPIDEr unavailable: it needs SPICE")  # and so is SPIDEr
     if shutil.which("java"):  # METEOR runs in Java; without it the row says so
         assert caps["METEOR"]["protocol"].startswith("METEOR 1.5") and 0 < caps["METEOR"]["apt"] < 1
     else:
@@ -120,6 +122,13 @@ def test_captions_score_perfect_and_hand_worked_answers():
     table = {m: v for m, v, _, _ in metrics.score_captions(one, ["A dog runs."], "rain")}
     assert table["BLEU-1"] == pytest.approx(2 / 3, rel=1e-8) and table["BLEU-2"] == pytest.approx(3 ** -0.5, rel=1e-8)
     assert table["ROUGE-L"] == pytest.approx(2 / 3)  # LCS 2 of 3 both ways
+
+
+def test_spider_is_the_mean_of_cider_d_and_spice():
+    rows = [("CIDEr-D", 0.5, 0.1, ""), ("METEOR", 0.2, None, ""), ("SPICE", 0.125, None, "")]
+    assert metrics.spider(rows) == [("SPIDEr", pytest.approx(0.3125), None, "(CIDEr-D + SPICE) / 2")]
+    [(name, value, base, protocol)] = metrics.spider(rows[:2] + [("SPICE", float("nan"), None, "no jars")])
+    assert name == "SPIDEr" and np.isnan(value) and base is None and "needs SPICE" in protocol
 
 
 def test_exact_match_normalises_answers():
