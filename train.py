@@ -513,7 +513,8 @@ class PictureLoss(nn.Module):
     one call per step. The LLM's loss on the answer, each frame's visual queries read with the prompt and laid out
     as the APT lays out a clip's; and BLIP-2's first-stage losses (`aligner.stage0_losses`: contrastive, matching,
     generation) between the first frame and the picture's description, which teach the aligner to read the frozen
-    ViT's tokens far faster than the LLM's loss alone (BLIP-2 trains them one after the other; here both at once)."""
+    ViT's tokens far faster than the LLM's loss alone (as BLIP-2, the stage runs them alone first, then beside the
+    answer loss: TrainVision)."""
 
     def __init__(self, blip, apt):
         super().__init__()
@@ -537,8 +538,8 @@ class PictureLoss(nn.Module):
         """-> (the answer loss summed over its tokens, their count, the picture-text losses {atc, atm, agtg, total});
         with answer=False, the picture-text losses alone (the first phase: the LLM does not run)."""
         pixels = self.pixels(examples)
-        device = self.blip.proj.weight.device
-        tokens = self.blip.vision(torch.cat(pixels).to(device))  # (frames in all, 1 + P, Dv)
+        tokens = self.blip.frame_tokens(torch.cat(pixels))  # (frames in all, 1 + P, Dv)
+        device = tokens.device
         first = torch.cumsum(torch.tensor([0] + [len(p) for p in pixels[:-1]]), 0).to(device)
         ids, mask = self.blip.qformer_tokenizer([ex[3] for ex in examples])  # [CLS] ... [SEP], as BOS ... EOS
         parts = stage0_losses(self.blip.qformer, tokens[first], ids.to(device), mask.to(device), picture_ids, generator)

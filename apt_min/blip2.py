@@ -145,17 +145,21 @@ class InstructBLIP(nn.Module):
     def visual_prompts(self, pixels: torch.Tensor, instructions: list[str], tokens=None) -> torch.Tensor:
         """pixels (N, 3, S, S), each frame read with its instruction -> soft prompts (N, Q, D) (with gradients, for
         the vision stage; `tokens`: the frames' ViT tokens (N, 1 + P, Dv), if already computed)."""
-        dtype, device = self.proj.weight.dtype, self.proj.weight.device
         ids, mask = self.qformer_tokenizer(instructions)
-        tokens = self.vision(pixels.to(device, dtype)) if tokens is None else tokens  # (N, 1 + P, Dv)
+        tokens = self.frame_tokens(pixels) if tokens is None else tokens  # (N, 1 + P, Dv)
+        device = tokens.device
         queries = self.qformer.instruct(tokens, ids.to(device), mask.to(device))  # (N, Q, H)
         return self.proj(queries)  # (N, Q, D)
 
+    def frame_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (N, 3, S, S) -> the frozen image encoder's tokens (N, 1 + P, Dv)."""
+        return self.vision(pixels.to(self.proj.weight.device, self.proj.weight.dtype))
+
     @torch.no_grad()
-    def frame_prompts(self, pixels: torch.Tensor, instruction: str) -> torch.Tensor:
+    def frame_prompts(self, pixels: torch.Tensor, instruction: str, tokens=None) -> torch.Tensor:
         """pixels (F, 3, S, S), the frames of one video, each read with the same instruction -> (F * Q, D), frame by
-        frame in time order."""
-        return self.visual_prompts(pixels, [instruction] * len(pixels)).reshape(-1, self.proj.out_features)
+        frame in time order. tokens: the frames' encoder tokens (frame_tokens), if already computed."""
+        return self.visual_prompts(pixels, [instruction] * len(pixels), tokens).reshape(-1, self.proj.out_features)
 
     def vision_state(self) -> dict[str, torch.Tensor]:
         """The vision side without the LLM and the aligner's unused stage-0 heads: what `save_vision` writes."""
@@ -338,13 +342,14 @@ class APTBLIP2:
                audio: str | None = None, max_new_tokens: int = 8) -> dict:
         """One multiple-choice question in each of `modes`: {mode: Answer}, asked twice: with AVQA's prompt (the
         option named, and each option's likelihood) and as the question alone (each option's likelihood: cloze).
-        frames (F, 3, S, S) as `processing` makes them; the clip is encoded once for all modes and both prompts
-        (the visual and acoustic queries read each prompt as their instruction)."""
+        frames (F, 3, S, S) as `processing` makes them; the frames and the clip are encoded once for all modes and
+        both prompts (the visual and acoustic queries read each prompt as their instruction)."""
         see, hear = any(MODES[m][0] for m in modes), any(MODES[m][1] for m in modes)
         feats = self.apt.encode_clips([audio], strict=True)[0] if hear else {}
+        seen = self.blip.frame_tokens(frames) if see else None
         asked = []
         for prompt, tokens in ((avqa_prompt(question, options), max_new_tokens), (question, 0)):
-            visual = self.blip.frame_prompts(frames, prompt) if see else None
+            visual = self.blip.frame_prompts(frames, prompt, seen) if see else None
             asked.append({m: self.apt.answer_and_rank(self.segments(prompt, m, visual, audio), options, feats, tokens)
                           for m in modes})
         listed, alone = asked
