@@ -9,6 +9,12 @@ Tasks (apt_min/evaluation.py, EVALUATIONS): audioset (tagging), audiocaps and cl
 audio, prompt, output, reference) and metrics (JSON) under --out, and prints a table whose every row names its
 protocol, beside a trivial baseline computed on the same data (chance, majority or fixed answer). Any config setting
 can follow as --key=value.
+
+Real copies of the data sets always miss some clips: a clip that is listed but not on disk, or that cannot be decoded,
+is skipped and counted (--strict aborts instead). The table's last row per task says on how many clips the scores
+stand and how many were lost, and missing_{task}.txt in --out lists those files with why. A split that lists nothing,
+or has nothing left to score, is an error naming its data; every error about the user's files or settings is one
+line, without a traceback.
 """
 
 import argparse
@@ -21,13 +27,15 @@ import torch
 from apt_min import data
 from apt_min.build import ensure_av_data, ensure_data, ensure_tokenizer, load_apt, load_apt_blip2
 from apt_min.config import load_config
-from apt_min.evaluation import CAPTION, EVALUATIONS, Options, eval_avqa, evaluate
+from apt_min.errors import clean_exit
+from apt_min.evaluation import CAPTION, EVALUATIONS, Options, avqa_coverage_row, coverage_row, eval_avqa, evaluate
 from apt_min.release import resolve_checkpoint
 from apt_min.tasks import label_text
 
 
-def write_results(out: Path, name, examples, rows, outputs, refs):
-    """predictions_{name}.jsonl (each example's clips, prompt, output and reference) and metrics_{name}.json."""
+def write_results(out: Path, name, examples, rows, outputs, refs, coverage: data.Coverage | None = None):
+    """predictions_{name}.jsonl (each example's clips, prompt, output and reference), metrics_{name}.json and, where
+    clips were lost, missing_{name}.txt (one per line: path, tab, why)."""
     with open(out / f"predictions_{name}.jsonl", "w") as f:
         for i, (o, r) in enumerate(zip(outputs, refs)):
             ex = examples[i]
@@ -36,10 +44,20 @@ def write_results(out: Path, name, examples, rows, outputs, refs):
             record |= {"audio": [v for k, v in ex.segments if k == "audio"],
                        "prompt": " ".join(v for k, v in ex.segments if k in ("text", "label"))}
             f.write(json.dumps(record) + "\n")
+    write_metrics(out, name, rows, coverage)
+
+
+def write_metrics(out: Path, name, rows, coverage: data.Coverage | None):
     (out / f"metrics_{name}.json").write_text(json.dumps(
         [{"metric": m, "apt": v, "baseline": b, "protocol": p} for m, v, b, p in rows], indent=1))
+    missing = out / f"missing_{name}.txt"
+    if coverage and coverage.lines():
+        missing.write_text("".join(line + "\n" for line in coverage.lines()))
+    else:
+        missing.unlink(missing_ok=True)  # none lost this time: no stale list from an earlier run
 
 
+@clean_exit("evaluate.py")
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="Any setting of apt_min/config.py can follow as --key=value.")
@@ -57,17 +75,17 @@ def main(argv=None):
     ap.add_argument("--repetition-penalty", type=float, default=CAPTION["repetition_penalty"],
                     help="captioning repetition penalty (APT code: 1.5)")
     ap.add_argument("--max-new-tokens", type=int, default=CAPTION["max_new_tokens"], help="captioning length limit")
+    ap.add_argument("--strict", action="store_true", help="abort on a listed clip that is missing or cannot be "
+                    "decoded (default: skip it, count it and list it in missing_{task}.txt)")
     args, rest = ap.parse_known_args(argv)
-    try:
-        cfg = load_config(args.preset, rest + ([f"--data_root={args.data_root}"] if args.data_root else []))
-    except ValueError as e:
-        raise SystemExit(f"evaluate.py: {e}") from None
+    cfg = load_config(args.preset, rest + ([f"--data_root={args.data_root}"] if args.data_root else []))
     checkpoint = resolve_checkpoint(cfg, args.checkpoint)  # given, the user's own run, or the preset's release
     if not (checkpoint / "apt.json").is_file():  # checked before anything is generated or loaded
         raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage 0, lm, 1, 2) "
                          "or pass --checkpoint")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = Options(batch_size=args.batch_size, limit=args.limit, episodes=args.episodes, checkpoint=checkpoint,
+                   strict=args.strict or cfg.strict_audio,
                    caption=CAPTION | {"num_beams": args.num_beams, "repetition_penalty": args.repetition_penalty,
                                       "max_new_tokens": args.max_new_tokens})
     out = Path(args.out or Path(cfg.run_dir) / "eval")
@@ -85,7 +103,8 @@ def main(argv=None):
     report = []
     for name in EVALUATIONS if args.task == "all" else [args.task]:
         examples, rows, outputs, refs = evaluate(name, apt, cfg, opts)
-        write_results(out, name, examples, rows, outputs, refs)
+        rows.append(coverage_row(name, examples, opts.coverage, opts))  # on how many clips; what was lost
+        write_results(out, name, examples, rows, outputs, refs, opts.coverage)
         report += [(name, *row) for row in rows]
     print_report(report, out)
 
@@ -94,7 +113,8 @@ def print_report(report, out: Path, width: int = 32):
     print(f"\n{'task':<11} {'metric':<{width}} {'APT':>8} {'baseline':>9}  protocol")
     for name, m, v, b, p in report:
         base = "" if b is None else f"{b:9.3f}"
-        print(f"{name:<11} {m:<{width}} {v:8.3f} {base:>9}  {p}")
+        value = f"{v:8d}" if isinstance(v, int) else f"{v:8.3f}"  # a count (clips scored), else a score
+        print(f"{name:<11} {m:<{width}} {value} {base:>9}  {p}")
     print(f"\npredictions and metrics written to {out}/")
 
 
@@ -104,12 +124,13 @@ def run_avqa(cfg, checkpoint: Path, opts: Options, out: Path, device):
     if not cfg.vision_path:
         ensure_av_data(cfg)
     model = load_apt_blip2(cfg, checkpoint, device)
-    items = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, cfg.strict_audio)
-    rows, records = eval_avqa(model, items, opts)
+    coverage = data.Coverage()
+    items = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, opts.strict, coverage=coverage)
+    rows, records = eval_avqa(model, items, opts, coverage=coverage)
+    rows.append(avqa_coverage_row(records, coverage))
     with open(out / "predictions_avqa.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    (out / "metrics_avqa.json").write_text(json.dumps(
-        [{"metric": m, "apt": v, "baseline": b, "protocol": p} for m, v, b, p in rows], indent=1))
+    write_metrics(out, "avqa", rows, coverage)
     print_report([("avqa", *row) for row in rows], out, width=44)
 
 

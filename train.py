@@ -41,6 +41,7 @@ from apt_min.aligner import STAGE0_HEADS, Aligner, retrieval_r1, stage0_batch, s
 from apt_min.audiomae import AudioMAE
 from apt_min.build import build_encoder, ensure_data, ensure_tokenizer, feature_cache, load_llm, resolve_precision
 from apt_min.config import load_config
+from apt_min.errors import SettingError, clean_exit
 from apt_min.llama import Llama
 from apt_min.mae import MAEDecoder, mae_loss
 from apt_min.model import APT, encode_clips
@@ -239,12 +240,10 @@ class AlignStage0:
             elif cfg.aligner_init == "llm":
                 weight, bias = build.llm_pca_map(words, cfg.aligner_hidden)
                 self.aligner.word_embeddings.weight[:self.tok.vocab_size] = words @ weight.T + bias
-        rng = random.Random(cfg.seed)
-        pairs = (data.examples("captioning", cfg.data_root, "train", rng=rng)  # audio-text pairs: captions, and
-                 + data.examples("captioning", cfg.data_root, "train", source="clotho", rng=rng)  # tagging answers
-                 + data.examples("tagging", cfg.data_root, "train", rng=rng))
+        pairs = stage0_pairs(cfg, random.Random(cfg.seed))
         self.val = data.examples("captioning", cfg.data_root, "val")[:cfg.val_batches * cfg.batch_size]
-        self.sampler = data.TaskSampler({"pairs": pairs}, {"pairs": 1.0}, cfg.batch_size * world, cfg.seed)
+        batch = cfg.stage0_batch_size or cfg.batch_size  # one contrastive batch per process (gathered across them)
+        self.sampler = data.TaskSampler({"pairs": pairs}, {"pairs": 1.0}, batch * world, cfg.seed)
         self.module = Stage0Losses(self.aligner)
         self.params = dict(self.aligner.named_parameters())
 
@@ -329,7 +328,7 @@ class TuneAPT:
         if stage == "1":
             aligner = Aligner.load(prev, dropout=cfg.aligner_dropout)
             torch.manual_seed(cfg.seed)
-            model = APT(encoder, aligner, llm, self.tok, cache, cfg.prompt_format)
+            model = APT(encoder, aligner, llm, self.tok, cache, cfg.prompt_format, cfg.instruction_bos)
         else:
             model = APT.load(prev, encoder, llm, self.tok, self.encoder_id, self.llm_id, cache)
         self.model = model.to(device)
@@ -564,7 +563,8 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
     unused = getattr(job, "unused_parameters", False)  # parameters some steps give no gradient
     wrapped = DDP(job.module, find_unused_parameters=unused) if world > 1 else job.module
     opt = make_optimizer(job.params, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg, total))
+    warmup = cfg.warmup_steps_0 if stage == "0" and cfg.warmup_steps_0 else cfg.warmup_steps  # stage 0's own
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg, total, warmup))
     ckpts, step, skipped = Checkpoints(out / "checkpoints", cfg.keep_checkpoints), 0, 0
     if resume:
         step, skipped = restore(ckpts, job, opt, sched)
@@ -804,11 +804,14 @@ def warn(bad):
 def training_pools(cfg, stage: str) -> dict:
     """What stage 1 or 2 samples each task's examples from (a list, or a function of an rng that draws one)."""
     rng, root = random.Random(cfg.seed), cfg.data_root
-    pools = {t: data.examples(t, root, "train", rng=rng) for t in ("tagging", "aqa", "sed", "ter", "counting")}
-    pools["captioning"] = (data.examples("captioning", root, "train", rng=rng)
-                           + data.examples("captioning", root, "train", source="clotho", rng=rng))
+    pools = {"tagging": tagging_examples(cfg, rng)}
+    pools |= {t: data.examples(t, root, "train", rng=rng) for t in ("aqa", "sed", "ter", "counting")}
+    pools["captioning"] = caption_examples(cfg, sources(cfg, "caption_sources"), rng)
     if stage == "2":
-        single = data.single_label_pool(root, "train")
+        single = {}  # AudioSet's single-label clips by label, over the tagging sources
+        for source in sources(cfg, "tagging_sources"):
+            for label, clips in data.single_label_pool(root, source).items():
+                single.setdefault(label, []).extend(clips)
         # trained as 4-way 1-shot (paper; fewshot_shapes=mixed: 2 to 5 ways, 1 to 3 shots); a share of the
         # episodes (fewshot_made_up: half in tiny and small, none in paper) with made-up class names, so that
         # answering means matching the query to the supports rather than recognising a known class
@@ -819,6 +822,42 @@ def training_pools(cfg, stage: str) -> dict:
                                                           layout=cfg.fewshot_layout)
         pools["nlar"] = data.examples("nlar", root, "train")
     return pools
+
+
+def sources(cfg, setting: str) -> list[str]:
+    """A sources setting (caption_sources, tagging_sources, stage0_sources) as a list; each name is checked, so a
+    misspelt one is an error naming the setting rather than a data set silently left out."""
+    names = [s.strip() for s in getattr(cfg, setting).split(",") if s.strip()]
+    if setting == "tagging_sources":
+        known = sorted(set(data.LAYOUT["audioset"]["segments"]) - {"test"})
+    else:
+        known = ["audiocaps", "clotho", "wavcaps:<subset>"] + ["tagging"] * (setting == "stage0_sources")
+    for name in names:
+        if name not in known and not (name.startswith("wavcaps:") and "wavcaps:<subset>" in known):
+            raise SettingError(f"--{setting}: unknown source {name!r}; known: {', '.join(known)}")
+    if not names:
+        raise SettingError(f"--{setting} names no source; known: {', '.join(known)}")
+    return names
+
+
+def stage0_pairs(cfg, rng) -> list:
+    """Stage 0's audio-text pairs: the captions of each caption source and the tagging answers of the tagging
+    sources, as stage0_sources names them (tiny, small: AudioCaps, Clotho, AudioSet; paper: AudioSet, WavCaps)."""
+    pairs = []
+    for source in sources(cfg, "stage0_sources"):
+        pairs += tagging_examples(cfg, rng) if source == "tagging" else caption_examples(cfg, [source], rng)
+    return pairs
+
+
+def caption_examples(cfg, names: list[str], rng) -> list:
+    """Training captions of the given sources (audiocaps, clotho, wavcaps:<subset>), one example per caption."""
+    return [ex for name in names for ex in data.examples("captioning", cfg.data_root, "train", source=name, rng=rng)]
+
+
+def tagging_examples(cfg, rng) -> list:
+    """Tagging's training examples from AudioSet's segment lists named by tagging_sources."""
+    return [ex for name in sources(cfg, "tagging_sources") for ex in data.examples("tagging", cfg.data_root, name,
+                                                                                    rng=rng)]
 
 
 def episode_shape(cfg, rng: random.Random) -> tuple[int, int]:
@@ -881,11 +920,12 @@ class Checkpoints:
         return load_file(str(where / "weights.safetensors")), torch.load(where / "state.pt", weights_only=True)
 
 
-def cosine_schedule(cfg, total):
+def cosine_schedule(cfg, total, warmup: int):
+    """The learning rate's factor by step: linear warm-up over `warmup` steps, then cosine down to min_lr_ratio."""
     def factor(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
@@ -898,6 +938,7 @@ def make_optimizer(params: dict[str, nn.Parameter], cfg):
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
 
 
+@clean_exit("train.py")
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="Any setting of apt_min/config.py can be given as --key=value.")
@@ -905,10 +946,9 @@ def main(argv=None):
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--resume", action="store_true")
     args, rest = ap.parse_known_args(argv)
-    try:
-        cfg = load_config(args.preset, rest)
-    except ValueError as e:
-        raise SystemExit(f"train.py: {e}") from None
+    cfg = load_config(args.preset, rest)
+    for setting in ("caption_sources", "tagging_sources", "stage0_sources"):  # a misspelt source stops any stage
+        sources(cfg, setting)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world, device = setup_distributed()
     random.seed(cfg.seed)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from apt_min.audio import AudioError
 from apt_min.checkpoint import CheckpointError
+from apt_min.errors import UserError
 
 
 def ask(argv=None) -> int:
@@ -40,7 +40,7 @@ def ask(argv=None) -> int:
                                   "--checkpoint)")
         apt = load_apt(cfg, checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
         feats, bad = apt.encode_clips(args.audio)
-    except (ValueError, CheckpointError, OSError) as e:
+    except UserError as e:  # a file or setting the user gave: the message alone, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     if bad:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return ask(argv[1:])
-    except AudioError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apt_min.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -31,7 +33,7 @@ NORM_MEAN, NORM_STD = -4.2677393, 4.5689974  # Audio-MAE's AudioSet fbank statis
 _resample_logged: set[int] = set()
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
     """An audio file that cannot be used; the message names the file and what is wrong with it."""
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from apt_min.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A model folder or weight file that cannot be loaded as asked; the message names the file and the keys."""
 
 

@@ -11,6 +11,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from apt_min.errors import SettingError
+
 
 @dataclass
 class Config:
@@ -22,6 +24,10 @@ class Config:
     release: str = ""  # a trained APT committed to the repository (apt_min.release), used where no run exists yet
     encoder_checkpoint: str = ""  # Audio-MAE .pth / .safetensors; "" = the preset makes its own (encoder_init)
     synth_scale: float = 1.0  # size of the synthetic benchmark generated on first use
+    # which data each stage trains on: comma-separated sources, each a file of apt_min.data.LAYOUT
+    caption_sources: str = "audiocaps,clotho"  # stages 1-2's captions: audiocaps, clotho, wavcaps:<subset>
+    tagging_sources: str = "balanced"  # AudioSet's segment lists for tagging and few-shot: balanced, unbalanced
+    stage0_sources: str = "audiocaps,clotho,tagging"  # stage 0's audio-text pairs: caption sources, tagging
     # audio front end and encoder
     target_length: int = 512  # fbank frames per window (5.12 s)
     encoder_dim: int = 128
@@ -41,6 +47,7 @@ class Config:
     aligner_words: str = "own"  # the aligner's word vectors: a table of its own, or "llm": the LLM's table, mapped
     aligner_init: str = "random"  # or "llm": its word vectors start as the LLM's, reduced by PCA (stage 0)
     prompt_format: str = "plain"  # how an example is laid out for the LLM (apt_min.model.PROMPT_FORMATS)
+    instruction_bos: bool = False  # stages 1-2: the aligner reads BOS before the instruction, as stage 0's texts
     # APT-BLIP-2 (blip2.py): the vision side an APT is plugged into, and AVQA
     vision_path: str = ""  # an InstructBLIP folder (Hugging Face layout); "" = {run_dir}/vision/final (--stage vision)
     avqa_frames: int = 2  # frames per video, evenly spaced over those extracted (the public APT code: 10 at 1 fps)
@@ -66,6 +73,8 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
+    warmup_steps_0: int = 0  # stage 0's own warm-up (0: warmup_steps); the public APT code: 5 000, 2 000 after
+    stage0_batch_size: int = 0  # stage 0's batch per process, one contrastive batch (0: batch_size)
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     steps_lm: int = 600
@@ -111,7 +120,7 @@ class Config:
         from apt_min.aligner import AlignerConfig
 
         if self.aligner_words not in ("own", "llm"):
-            raise ValueError(f"--aligner_words={self.aligner_words!r}: expected own or llm")
+            raise SettingError(f"--aligner_words={self.aligner_words!r}: expected own or llm")
         return AlignerConfig(vocab_size=vocab_size, audio_dim=self.encoder_dim, hidden_size=self.aligner_hidden,
                              num_layers=self.aligner_layers, num_heads=self.aligner_heads,
                              intermediate_size=self.aligner_intermediate, num_queries=self.num_queries,
@@ -143,6 +152,8 @@ class Config:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
+WAVCAPS = "wavcaps:AudioSet_SL,wavcaps:BBC_Sound_Effects,wavcaps:FreeSound,wavcaps:SoundBible"  # its 4 subsets
+
 PRESETS = {
     "tiny": {},
     # SmolLM2-135M-Instruct, a real pretrained LLM that a CPU runs (python -m apt_min.weights smollm2, fetched on
@@ -166,6 +177,10 @@ PRESETS = {
         num_queries=32, batch_size=8, grad_accum=4, lr=1e-4, warmup_steps=2000, steps_0=100_000, steps_1=100_000,
         steps_2=50_000, log_every=50, eval_every=5000, save_every=5000, grad_checkpointing=True,
         vision_path="weights/instructblip-vicuna-7b", avqa_frames=10, fewshot_made_up=0.0,
+        # the paper's data (§4.1): captions from WavCaps beside AudioCaps and Clotho, AudioSet's 2 M clips, and
+        # stage 0 on AudioSet + WavCaps; stage 0's own warm-up, a contrastive batch of its own, BOS as in stage 0
+        caption_sources="audiocaps,clotho," + WAVCAPS, tagging_sources="balanced,unbalanced",
+        stage0_sources="tagging," + WAVCAPS, warmup_steps_0=5000, stage0_batch_size=128, instruction_bos=True,
     ),
 }
 
@@ -177,31 +192,31 @@ def _parse(name: str, kind: str, text: str):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--{name}: expected true or false, got {text!r}")
+        raise SettingError(f"--{name}: expected true or false, got {text!r}")
     try:
         return {"int": int, "float": float, "str": str}[kind](text)
     except ValueError:
-        raise ValueError(f"--{name}: expected {kind}, got {text!r}") from None
+        raise SettingError(f"--{name}: expected {kind}, got {text!r}") from None
 
 
 def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None) -> Config:
     """The preset, then `--key=value` strings (or a dict) on top. Unknown presets and keys are errors."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+        raise SettingError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
     cfg = Config(**PRESETS[preset])
     kinds = {f.name: f.type for f in dataclasses.fields(Config)}
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides or []]
     for key, value in items:
         key = key.replace("-", "_")
         if key not in kinds:
-            raise ValueError(f"unknown setting --{key}; known: {', '.join(sorted(kinds))}")
+            raise SettingError(f"unknown setting --{key}; known: {', '.join(sorted(kinds))}")
         setattr(cfg, key, _parse(key, kinds[key], value) if isinstance(value, str) else value)
     return cfg
 
 
 def _split(option: str) -> tuple[str, str]:
     if not option.startswith("--") or "=" not in option:
-        raise ValueError(f"expected --key=value, got {option!r}")
+        raise SettingError(f"expected --key=value, got {option!r}")
     key, value = option[2:].split("=", 1)
     return key, value
 

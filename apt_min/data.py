@@ -5,7 +5,8 @@ plain records; a row it cannot read raises `DataError` naming the file and line.
 (`synth.py`) writes the same formats, so one path serves both. Where audio lives differs between download tools:
 `LAYOUT` gives each data set's files and audio path pattern relative to a data root; pass `layout=` to override.
 Audio that a list names but that is not on disk is counted and skipped with one warning per file (strict=True raises
-instead) — never silently.
+instead) — never silently; a `Coverage` passed in records which files were listed and which were missing. A list
+with no rows is an error naming the file.
 
     examples(task, root, split)        -> list[tasks.Example]   (evaluation: fixed prompts, all references)
     TaskSampler(pools, ratios, ...)    -> one task per batch, drawn by ratio; seeded and resumable
@@ -24,17 +25,21 @@ from collections import defaultdict
 from pathlib import Path
 
 from apt_min import tasks
+from apt_min.errors import MissingFileError, SettingError, UserError
 from apt_min.tasks import Example
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file that cannot be read as its format says; the message names the file and line."""
 
 
 LAYOUT = {  # relative to the data root; {split} and the audio pattern's fields are filled per record
-    "audioset": {"segments": {"train": "audioset/balanced_train_segments.csv", "test": "audioset/eval_segments.csv"},
+    "audioset": {"segments": {"train": "audioset/balanced_train_segments.csv",  # tagging_sources' names: train or
+                              "balanced": "audioset/balanced_train_segments.csv",  # balanced (22 k clips),
+                              "unbalanced": "audioset/unbalanced_train_segments.csv",  # unbalanced (2 M)
+                              "test": "audioset/eval_segments.csv"},
                  "strong": {"train": "audioset/audioset_train_strong.tsv", "test": "audioset/audioset_eval_strong.tsv"},
                  "classes": "audioset/class_labels_indices.csv", "names": "audioset/mid_to_display_name.tsv",
                  "audio": "audio/Y{ytid}.wav"},  # PANNs' naming; AST/Audio-MAE's is "{ytid}_{start:.3f}.flac"
@@ -42,7 +47,10 @@ LAYOUT = {  # relative to the data root; {split} and the audio pattern's fields 
     "clotho": {"csv": "clotho/clotho_captions_{split}.csv", "audio": "clotho/{split}/{file_name}",
                "splits": {"train": "development", "val": "validation", "test": "evaluation"}},
     "clotho_aqa": {"csv": "clotho_aqa/clotho_aqa_{split}.csv", "audio": "clotho_aqa/audio_files/{file_name}"},
-    "wavcaps": {"json": "wavcaps/json_files/{subset}.json", "audio": "wavcaps/{subset}/{stem}.flac"},
+    # WavCaps: one JSON per subset, named as its release names them (a subset not listed: json_files/{subset}.json)
+    "wavcaps": {"json": "wavcaps/json_files/{subset}/{name}.json", "audio": "wavcaps/{subset}/{stem}.flac",
+                "names": {"AudioSet_SL": "as_final", "BBC_Sound_Effects": "bbc_final", "FreeSound": "fsd_final",
+                          "SoundBible": "sb_final"}},
     "esc50": {"csv": "esc50/meta/esc50.csv", "audio": "esc50/audio/{filename}"},
     "nlar": {"json": "nlar/nlar_{split}.json", "audio": "audio/{name}"},
     # AVQA's videos (avqa/videos/{video_name}.mp4) are read as extracted frames and 16 kHz audio (README: ffmpeg)
@@ -58,7 +66,7 @@ def _text(path: Path) -> str:
     """File contents as text: UTF-8, or ISO-8859-1 (Clotho's metadata) where UTF-8 fails."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
+        raise MissingFileError(f"{path}: no such data file")
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
@@ -87,6 +95,13 @@ def _float(path, line, value, what):
         raise DataError(f"{path}:{line}: {what} {value!r} is not a number") from None
 
 
+def _listed(path, records):
+    """records, unless the file lists nothing (a header and no rows): an empty split is an error, not a result."""
+    if not records:
+        raise DataError(f"{path}: lists nothing (no rows after the header)")
+    return records
+
+
 def read_audioset_segments(path) -> list[tuple[str, float, float, list[str]]]:
     """AudioSet's segments CSV: '#' comment lines, then `YTID, start_seconds, end_seconds, "mid,mid,..."`."""
     out = []
@@ -98,12 +113,12 @@ def read_audioset_segments(path) -> list[tuple[str, float, float, list[str]]]:
         if len(row) != 4 or not row[3]:
             raise DataError(f"{path}:{line}: expected YTID, start, end, \"labels\"; found {row}")
         out.append((row[0], _float(path, line, row[1], "start"), _float(path, line, row[2], "end"), row[3].split(",")))
-    return out
+    return _listed(path, out)
 
 
 def read_class_labels(path) -> dict[str, str]:
     """class_labels_indices.csv -> {mid: display name}, in index order."""
-    return {r["mid"]: r["display_name"] for _, r in _rows(path, ["index", "mid", "display_name"])}
+    return _listed(path, {r["mid"]: r["display_name"] for _, r in _rows(path, ["index", "mid", "display_name"])})
 
 
 def read_mid_to_name(path) -> dict[str, str]:
@@ -115,7 +130,7 @@ def read_mid_to_name(path) -> dict[str, str]:
             if len(parts) != 2:
                 raise DataError(f"{path}:{line}: expected `mid<TAB>display name`, found {text!r}")
             out[parts[0]] = parts[1]
-    return out
+    return _listed(path, out)
 
 
 def read_strong_labels(path) -> dict[tuple[str, float], list[tuple[str, float, float]]]:
@@ -128,7 +143,7 @@ def read_strong_labels(path) -> dict[tuple[str, float], list[tuple[str, float, f
             raise DataError(f"{path}:{line}: segment_id {r['segment_id']!r} is not YTID_milliseconds")
         on, off = (_float(path, line, r[k], k) for k in ("start_time_seconds", "end_time_seconds"))
         out[(ytid, int(ms) / 1000)].append((r["label"], on, off))
-    return dict(out)
+    return _listed(path, dict(out))
 
 
 def read_audiocaps(path) -> list[tuple[int, str, int, str]]:
@@ -138,13 +153,14 @@ def read_audiocaps(path) -> list[tuple[int, str, int, str]]:
         if not r["audiocap_id"].isdigit() or not r["start_time"].isdigit():
             raise DataError(f"{path}:{line}: audiocap_id and start_time must be whole numbers: {r}")
         out.append((int(r["audiocap_id"]), r["youtube_id"], int(r["start_time"]), r["caption"].strip()))
-    return out
+    return _listed(path, out)
 
 
 def read_clotho_captions(path) -> list[tuple[str, list[str]]]:
     """clotho_captions_*.csv -> (file_name, five captions)."""
     header = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
-    return [(r["file_name"], [r[f"caption_{i}"].strip() for i in range(1, 6)]) for _, r in _rows(path, header)]
+    return _listed(path, [(r["file_name"], [r[f"caption_{i}"].strip() for i in range(1, 6)])
+                          for _, r in _rows(path, header)])
 
 
 def read_clotho_aqa(path) -> list[tuple[str, str, list[str], list[str]]]:
@@ -154,7 +170,7 @@ def read_clotho_aqa(path) -> list[tuple[str, str, list[str], list[str]]]:
         entry = grouped.setdefault((r["file_name"], r["QuestionText"].strip()), ([], []))
         entry[0].append(r["answer"])
         entry[1].append(r["confidence"])
-    return [(f, q, a, c) for (f, q), (a, c) in grouped.items()]
+    return _listed(path, [(f, q, a, c) for (f, q), (a, c) in grouped.items()])
 
 
 def read_wavcaps(path) -> list[dict]:
@@ -168,7 +184,7 @@ def read_wavcaps(path) -> list[dict]:
     for i, item in enumerate(raw["data"]):
         if not isinstance(item, dict) or not {"id", "caption"} <= item.keys():
             raise DataError(f"{path}: data[{i}] lacks 'id' or 'caption': {item}")
-    return raw["data"]
+    return _listed(path, raw["data"])
 
 
 def read_esc50(path) -> list[tuple[str, int, int, str]]:
@@ -178,7 +194,7 @@ def read_esc50(path) -> list[tuple[str, int, int, str]]:
         if not r["fold"].isdigit() or not r["target"].isdigit():
             raise DataError(f"{path}:{line}: fold and target must be whole numbers: {r}")
         out.append((r["filename"], int(r["fold"]), int(r["target"]), r["category"]))
-    return out
+    return _listed(path, out)
 
 
 def _json_list(path, keys) -> list[dict]:
@@ -191,7 +207,7 @@ def _json_list(path, keys) -> list[dict]:
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or not set(keys) <= item.keys():
             raise DataError(f"{path}: item {i} lacks one of {keys}: {item}")
-    return raw
+    return _listed(path, raw)
 
 
 def read_nlar(path) -> list[dict]:
@@ -211,21 +227,40 @@ def read_avqa(path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------- audio on disk
 
 
+class Coverage:
+    """What a split's lists named and what of it could be used: {path: the list that names it} for the distinct
+    files listed, those not on disk, and {path: why} for those that could not be decoded (evaluation fills that in,
+    as it encodes them). Evaluation reports it beside its scores; nothing is dropped without being counted here."""
+
+    def __init__(self):
+        self.listed, self.missing, self.unreadable = {}, {}, {}
+
+    def lines(self) -> list[str]:
+        """One line per file that could not be used: path, tab, why."""
+        return ([f"{p}\tmissing (listed in {src})" for p, src in self.missing.items()]
+                + [f"{p}\tunreadable: {why}" for p, why in self.unreadable.items()])
+
+
 class AudioFiles:
     """Resolves records to audio paths under a data root; counts what is missing and warns once per source."""
 
-    def __init__(self, root: Path, pattern: str, source: Path, strict: bool):
+    def __init__(self, root: Path, pattern: str, source: Path, strict: bool, coverage: Coverage | None = None):
         self.root, self.pattern, self.source, self.strict = Path(root), pattern, source, strict
         self.seen = self.missing = 0
+        self.coverage = coverage
 
     def __call__(self, **fields) -> str | None:
         path = self.root / self.pattern.format(**fields)
         self.seen += 1
+        if self.coverage is not None:
+            self.coverage.listed.setdefault(str(path), str(self.source))
         if path.is_file():
             return str(path)
         if self.strict:
-            raise FileNotFoundError(f"{path}: audio listed in {self.source} is not on disk")
+            raise MissingFileError(f"{path}: audio listed in {self.source} is not on disk")
         self.missing += 1
+        if self.coverage is not None:
+            self.coverage.missing[str(path)] = str(self.source)
         return None
 
     def report(self):
@@ -238,13 +273,14 @@ class AudioFiles:
 # ------------------------------------------------------------------------------------------------------ examples
 
 
-def avqa_items(root, split: str = "test", frames: int = 10, strict: bool = False, layout: dict | None = None):
+def avqa_items(root, split: str = "test", frames: int = 10, strict: bool = False, layout: dict | None = None,
+               coverage: Coverage | None = None):
     """AVQA questions whose frames and audio are on disk: [{"question", "options", "answer" (index), "relation",
     "video", "frames" (`frames` paths, evenly spaced over those extracted, in time order), "audio"}]. A video without
     its audio or frames is skipped, counted and reported (strict=True raises instead). The test split is AVQA's val."""
     lay, root = (layout or LAYOUT)["avqa"], Path(root)
     path = root / lay["json"].format(split=lay["splits"].get(split, split))
-    files = AudioFiles(root, lay["audio"], path, strict)
+    files = AudioFiles(root, lay["audio"], path, strict, coverage)
     out, no_frames = [], []
     for item in read_avqa(path):
         name = item["video_name"]
@@ -252,8 +288,10 @@ def avqa_items(root, split: str = "test", frames: int = 10, strict: bool = False
         images = sorted([*folder.glob("*.jpg"), *folder.glob("*.png")]) if folder.is_dir() else []
         if not images:
             if strict:
-                raise FileNotFoundError(f"{folder}: no frames (*.jpg, *.png) for video {name} listed in {path}")
+                raise MissingFileError(f"{folder}: no frames (*.jpg, *.png) for video {name} listed in {path}")
             no_frames.append(name)
+            if coverage is not None:
+                coverage.listed[str(folder)] = coverage.missing[str(folder)] = str(path)
             continue
         audio = files(video_name=name)
         if audio is None:
@@ -270,28 +308,29 @@ def avqa_items(root, split: str = "test", frames: int = 10, strict: bool = False
 
 
 def examples(task: str, root, split: str, *, source: str | None = None, rng: random.Random | None = None,
-             strict: bool = False, layout: dict | None = None) -> list[Example]:
+             strict: bool = False, layout: dict | None = None, coverage: Coverage | None = None) -> list[Example]:
     """All examples of `task` in `split` of the data under `root`. rng=None gives evaluation examples (first
     prompts; captioning with all references per clip); an rng gives training ones (drawn paraphrases, one example
-    per caption). source picks the captioning set: audiocaps (default), clotho or wavcaps:<subset>."""
+    per caption). source picks the captioning set: audiocaps (default), clotho or wavcaps:<subset>. coverage: where the
+files listed and those missing are recorded."""
     L, root = layout or LAYOUT, Path(root)
     if task == "tagging":
-        return _audioset(L, root, split, strict, lambda audio, names, _: [tasks.tagging(audio, names, rng)])
+        return _audioset(L, root, split, strict, lambda audio, names, _: [tasks.tagging(audio, names, rng)], coverage)
     if task in ("sed", "ter", "counting"):
-        return _strong(L, root, split, task, rng, strict)
+        return _strong(L, root, split, task, rng, strict, coverage)
     if task == "captioning":
-        return _captions(L, root, split, source or "audiocaps", rng, strict)
+        return _captions(L, root, split, source or "audiocaps", rng, strict, coverage)
     if task == "aqa":
         lay = L["clotho_aqa"]
         path = root / lay["csv"].format(split=split)
-        files = AudioFiles(root, lay["audio"], path, strict)
+        files = AudioFiles(root, lay["audio"], path, strict, coverage)
         out = [tasks.aqa(a, q, answers) for f, q, answers, _ in read_clotho_aqa(path) if (a := files(file_name=f))]
         files.report()
         return out
     if task == "nlar":
         lay = L["nlar"]
         path = root / lay["json"].format(split=split)
-        files = AudioFiles(root, lay["audio"], path, strict)
+        files = AudioFiles(root, lay["audio"], path, strict, coverage)
         out = []
         for item in read_nlar(path):
             a1, a2 = files(name=item["audio_1"]), files(name=item["audio_2"])
@@ -308,12 +347,12 @@ def _names(L, root) -> dict[str, str]:
     return read_class_labels(root / L["audioset"]["classes"])
 
 
-def _audioset(L, root, split, strict, build):
+def _audioset(L, root, split, strict, build, coverage=None):
     lay = L["audioset"]
     if split not in lay["segments"]:
-        raise ValueError(f"AudioSet has no {split!r} split here; it has {sorted(lay['segments'])}")
+        raise DataError(f"AudioSet has no {split!r} split here; it has {sorted(lay['segments'])}")
     path, names = root / lay["segments"][split], _names(L, root)
-    files = AudioFiles(root, lay["audio"], path, strict)
+    files = AudioFiles(root, lay["audio"], path, strict, coverage)
     out = []
     for ytid, start, _end, mids in read_audioset_segments(path):
         unknown = [m for m in mids if m not in names]
@@ -325,13 +364,13 @@ def _audioset(L, root, split, strict, build):
     return out
 
 
-def _strong(L, root, split, task, rng, strict):
+def _strong(L, root, split, task, rng, strict, coverage=None):
     lay = L["audioset"]
     if split not in lay["strong"]:
-        raise ValueError(f"AudioSet strong labels have no {split!r} split here; they have {sorted(lay['strong'])}")
+        raise DataError(f"AudioSet strong labels have no {split!r} split here; they have {sorted(lay['strong'])}")
     path = root / lay["strong"][split]
     names = read_mid_to_name(root / lay["names"])
-    files = AudioFiles(root, lay["audio"], path, strict)
+    files = AudioFiles(root, lay["audio"], path, strict, coverage)
     out = []
     for (ytid, start), rows in read_strong_labels(path).items():
         audio = files(ytid=ytid, start=start)
@@ -355,11 +394,11 @@ def _strong(L, root, split, task, rng, strict):
     return out
 
 
-def _captions(L, root, split, source, rng, strict):
+def _captions(L, root, split, source, rng, strict, coverage=None):
     if source == "audiocaps":
         lay = L["audiocaps"]
         path = root / lay["csv"].format(split=split)
-        files = AudioFiles(root, lay["audio"], path, strict)
+        files = AudioFiles(root, lay["audio"], path, strict, coverage)
         by_clip = {}
         for _, ytid, start, caption in read_audiocaps(path):
             by_clip.setdefault((ytid, start), []).append(caption)
@@ -368,12 +407,13 @@ def _captions(L, root, split, source, rng, strict):
         lay = L["clotho"]
         name = lay["splits"][split]
         path = root / lay["csv"].format(split=name)
-        files = AudioFiles(root, lay["audio"].replace("{split}", name), path, strict)
+        files = AudioFiles(root, lay["audio"].replace("{split}", name), path, strict, coverage)
         pairs = [(files(file_name=f), caps) for f, caps in read_clotho_captions(path)]
     elif source.startswith("wavcaps:"):
         lay, subset = L["wavcaps"], source.split(":", 1)[1]
-        path = root / lay["json"].format(subset=subset)
-        files = AudioFiles(root, lay["audio"].replace("{subset}", subset), path, strict)
+        name = lay.get("names", {}).get(subset)
+        path = root / (lay["json"].format(subset=subset, name=name) if name else f"wavcaps/json_files/{subset}.json")
+        files = AudioFiles(root, lay["audio"].replace("{subset}", subset), path, strict, coverage)
         pairs = [(files(stem=Path(str(d["id"])).stem, **d), [d["caption"]]) for d in read_wavcaps(path)]
     else:
         raise ValueError(f"unknown captioning source {source!r}: audiocaps, clotho or wavcaps:<subset>")
@@ -386,11 +426,11 @@ def _captions(L, root, split, source, rng, strict):
 # ------------------------------------------------------------------------------------------------------ few-shot
 
 
-def esc50_pool(root, folds=(1, 2, 3, 4, 5), strict=False, layout=None) -> dict[str, list[str]]:
+def esc50_pool(root, folds=(1, 2, 3, 4, 5), strict=False, layout=None, coverage=None) -> dict[str, list[str]]:
     """ESC-50 clips by category: {label: [audio paths]}."""
     lay = (layout or LAYOUT)["esc50"]
     path = Path(root) / lay["csv"]
-    files = AudioFiles(root, lay["audio"], path, strict)
+    files = AudioFiles(root, lay["audio"], path, strict, coverage)
     pool = defaultdict(list)
     for fname, fold, _, category in read_esc50(path):
         if fold in folds and (a := files(filename=fname)):
@@ -399,7 +439,7 @@ def esc50_pool(root, folds=(1, 2, 3, 4, 5), strict=False, layout=None) -> dict[s
     return dict(pool)
 
 
-def single_label_pool(root, split="train", strict=False, layout=None) -> dict[str, list[str]]:
+def single_label_pool(root, split="train", strict=False, layout=None, coverage=None) -> dict[str, list[str]]:
     """AudioSet clips that carry exactly one label, by label: the training pool for few-shot episodes."""
     pool = defaultdict(list)
 
@@ -408,7 +448,7 @@ def single_label_pool(root, split="train", strict=False, layout=None) -> dict[st
             pool[names[0]].append(audio)
         return []
 
-    _audioset(layout or LAYOUT, Path(root), split, strict, keep)
+    _audioset(layout or LAYOUT, Path(root), split, strict, keep, coverage)
     return dict(pool)
 
 
@@ -425,7 +465,7 @@ def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: ra
     trains on real names only)."""
     eligible = sorted(label for label, clips in pool.items() if len(clips) > k_shot)
     if len(eligible) < n_way:
-        raise ValueError(f"a {n_way}-way {k_shot}-shot episode needs {n_way} classes with more than {k_shot} clips; "
+        raise DataError(f"a {n_way}-way {k_shot}-shot episode needs {n_way} classes with more than {k_shot} clips; "
                          f"this pool has {len(eligible)}")
     labels = rng.sample(eligible, n_way)
     answer = rng.choice(labels)
@@ -453,7 +493,7 @@ class TaskSampler:
 
     def __init__(self, pools: dict, ratios: dict[str, float], batch_size: int, seed: int = 0):
         if unknown := set(ratios) - set(pools):
-            raise ValueError(f"ratios for tasks without data: {sorted(unknown)}")
+            raise SettingError(f"ratios for tasks without data: {sorted(unknown)}")
         self.pools = pools
         self.tasks = [t for t in ratios if ratios[t] > 0]
         self.weights = [ratios[t] for t in self.tasks]

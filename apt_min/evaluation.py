@@ -45,6 +45,8 @@ class Options:
     episodes: int = 100  # few-shot episodes per setting
     caption: dict = field(default_factory=lambda: dict(CAPTION))  # captioning's decoding
     checkpoint: Path | None = None  # the APT evaluated; the stage-0 aligner is looked for in its run folder
+    coverage: data.Coverage | None = None  # set by evaluate: what the last evaluation's data listed and lost
+    strict: bool = False  # a listed clip that is missing or unreadable raises, instead of being skipped and counted
 
 
 def generate(apt, examples, options: dict, batch_size: int = 16, desc: str = "generating") -> list[str]:
@@ -267,24 +269,35 @@ EVALUATORS = {"tagging": eval_tagging, "captioning": eval_captioning, "aqa": eva
               "fewshot": eval_fewshot, "sed": eval_sed, "ter": eval_ter, "counting": eval_counting}
 
 
-def eval_avqa(model, items: list[dict], opts: Options, modes=None):
+def eval_avqa(model, items: list[dict], opts: Options, modes=None, coverage: data.Coverage | None = None):
     """AVQA (paper §4.4, Table 7) with APT-BLIP-2 (blip2.APTBLIP2): four-way accuracy in each mode (audio-visual,
     video only, audio only) by three protocols: the option the model names after AVQA's prompt (the paper's), the
     likeliest option's text after that prompt, and the likeliest after the question alone (cloze: the options not
     listed, for an LLM too small to read an option list); beside the fixed-answer baseline (always the most frequent
     answer position; chance is 0.25); and both likelihoods by what each question needs (AVQA's question_relation;
-    the synthetic set's Both / View / Sound). Returns (rows, records)."""
+    the synthetic set's Both / View / Sound). A video whose clip or a frame cannot be decoded is skipped and
+    recorded in `coverage` (opts.strict: an error; `avqa_coverage_row` says how many were scored and lost).
+    Returns (rows, records)."""
     from apt_min.blip2 import MODES
+    from apt_min.vision import ImageError
 
-    modes = list(modes or MODES)
+    modes, coverage = list(modes or MODES), coverage or data.Coverage()
     items = items[:opts.limit] if opts.limit else items
-    if not items:
-        raise SystemExit("avqa: no question whose frames and audio are on disk")
+    bad = {}
+    for i in range(0, len(items), 64):
+        bad |= dict(model.apt.encode_clips([it["audio"] for it in items[i:i + 64]], opts.strict)[1])
+    coverage.unreadable |= bad
     records = []
-    for item in progress(items, "avqa"):
-        pixels = torch.stack([model.blip.processing(f) for f in item["frames"]])
+    for item in progress([it for it in items if it["audio"] not in bad], "avqa"):
+        try:
+            pixels = torch.stack([model.blip.processing(f) for f in item["frames"]])
+        except ImageError as e:
+            if opts.strict:
+                raise
+            coverage.unreadable[str(Path(item["frames"][0]).parent)] = str(e)
+            continue
         answers = model.answer(item["question"], item["options"], modes, pixels, item["audio"])
-        records.append({"video": item["video"], "question": item["question"], "options": item["options"],
+        records.append({"video_name": item["video"], "question": item["question"], "options": item["options"],
                         "answer": item["answer"], "relation": item["relation"],
                         **{m: {"said": a.said, "named": a.named, "ranked": int(a.scores.argmax()),
                                "cloze": int(a.cloze.argmax())} for m, a in answers.items()}})
@@ -299,6 +312,10 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None):
             protocol = (f"4-way accuracy over {len(records)} questions (baseline: always option {fixed})"
                         if not rows else "")
             rows.append((f"{mode}, {how}", acc, baseline, protocol))
+    if not records:
+        raise data.DataError(f"avqa: nothing to score: of the {len(coverage.listed)} videos listed, "
+                             f"{len(coverage.missing)} lack their frames or audio and {len(coverage.unreadable)} "
+                             f"cannot be decoded (e.g. {coverage.lines()[:2]})")
     protocol = "questions that need the picture and the sound (Both), the picture (View), the sound (Sound)"
     for key in ("ranked", "cloze"):
         for relation in sorted({r["relation"] for r in records} - {""}):
@@ -310,26 +327,37 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None):
     return rows, records
 
 
+def avqa_coverage_row(records, coverage: data.Coverage) -> tuple:
+    """("videos scored", how many videos the scored questions are on, None, what the test data listed and lost)."""
+    videos = len({r["video_name"] for r in records})
+    lost = len(coverage.missing) + len(coverage.unreadable)
+    return ("videos scored", videos, None, f"{len(records)} questions on {videos} videos; the test data lists "
+            f"{len(coverage.listed)} videos' clips or frames: {len(coverage.missing)} missing, "
+            f"{len(coverage.unreadable)} unreadable" + (" (listed in missing_avqa.txt)" if lost else ""))
+
+
 def eligible_classes(pool: dict, k_shot: int) -> int:
     """How many classes of a few-shot pool can give K supports and a query."""
     return sum(len(clips) > k_shot for clips in pool.values())
 
 
-def fewshot_pools(cfg) -> list[tuple[str, dict]]:
+def fewshot_pools(cfg, strict: bool = True, coverage: data.Coverage | None = None) -> list[tuple[str, dict]]:
     """The clips few-shot episodes are drawn from, by class: the novel classes (ESC-50, never trained on; the
     paper's Table 5) and held-out test clips of the training classes under their real names (where recognising the
     class can answer, as a reference for how much of the novel-class score matching must earn)."""
-    return [("novel", data.esc50_pool(cfg.data_root, strict=True)),
-            ("training", data.single_label_pool(cfg.data_root, "test", strict=True))]
+    return [("novel", data.esc50_pool(cfg.data_root, strict=strict, coverage=coverage)),
+            ("training", data.single_label_pool(cfg.data_root, "test", strict=strict, coverage=coverage))]
 
 
-def examples_for(name, cfg, opts) -> list:
-    """The test split of an evaluation; for few-shot, fixed episodes of every setting each pool allows."""
+def examples_for(name, cfg, opts, coverage: data.Coverage | None = None) -> list:
+    """The test split of an evaluation (clips not on disk skipped and recorded in `coverage`, or with opts.strict an
+    error); for few-shot, fixed episodes of every setting each pool allows."""
     task, options = EVALUATIONS[name]
     if task != "fewshot":
-        return data.examples(task, cfg.data_root, "test", strict=True, **options)[:opts.limit or None]
+        found = data.examples(task, cfg.data_root, "test", strict=opts.strict, coverage=coverage, **options)
+        return found[:opts.limit or None]
     episodes = []
-    for classes, pool in fewshot_pools(cfg):
+    for classes, pool in fewshot_pools(cfg, opts.strict, coverage):
         for n_way, k_shot in FEWSHOT_SETTINGS:
             if eligible_classes(pool, k_shot) >= n_way:
                 # fixed episodes (the novel classes' seed string as it has always been, so earlier results compare)
@@ -341,8 +369,44 @@ def examples_for(name, cfg, opts) -> list:
     return episodes
 
 
+def clips_of(examples) -> list[str]:
+    """The distinct audio files of the examples, in order."""
+    return list(dict.fromkeys(v for ex in examples for k, v in ex.segments if k == "audio"))
+
+
+def readable(apt, examples, coverage: data.Coverage, strict: bool = False, chunk: int = 64) -> list:
+    """The examples whose every clip the encoder can decode (their features go to the cache, so nothing is decoded
+    twice); the clips that cannot be are recorded in `coverage` with why, and their examples dropped (strict: the
+    first one raises, naming the file)."""
+    bad = {}
+    paths = clips_of(examples)
+    for i in range(0, len(paths), chunk):
+        bad |= dict(apt.encode_clips(paths[i:i + chunk], strict)[1])
+    coverage.unreadable |= bad
+    return [ex for ex in examples if not any(v in bad for k, v in ex.segments if k == "audio")]
+
+
+def coverage_row(name, examples, coverage: data.Coverage, opts: Options) -> tuple:
+    """("clips scored", how many distinct clips the scored examples hold, None, what the split listed and what of it
+    was missing or unreadable, and where those are listed)."""
+    lost = len(coverage.missing) + len(coverage.unreadable)
+    text = (f"scored on {len(clips_of(examples))} clips; the test data lists {len(coverage.listed)}: "
+            f"{len(coverage.missing)} missing, {len(coverage.unreadable)} unreadable")
+    text += f" (listed in missing_{name}.txt)" if lost else ""
+    text += "; --limit took the first examples" if opts.limit and EVALUATIONS[name][0] != "fewshot" else ""
+    return ("clips scored", len(clips_of(examples)), None, text)
+
+
 def evaluate(name, apt, cfg, opts: Options):
-    """One evaluation: (examples, rows, outputs, references)."""
-    examples = examples_for(name, cfg, opts)
+    """One evaluation: (examples, rows, outputs, references). Clips that are missing or cannot be decoded are
+    skipped (opts.strict: an error) and counted in `opts.coverage` (evaluate.py adds its `coverage_row` to the
+    table). Nothing left to score is an error naming the data."""
+    coverage = data.Coverage()
+    examples = readable(apt, examples_for(name, cfg, opts, coverage), coverage, opts.strict)
+    opts.coverage = coverage
+    if not examples:
+        raise data.DataError(f"{name}: nothing to score under {cfg.data_root}: of the {len(coverage.listed)} clips "
+                             f"its test data lists, {len(coverage.missing)} are missing and {len(coverage.unreadable)} "
+                             f"unreadable (e.g. {coverage.lines()[:2]})")
     rows, outputs, refs = EVALUATORS[EVALUATIONS[name][0]](apt, cfg, name, examples, opts)
     return examples, rows, outputs, refs

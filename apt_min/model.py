@@ -26,6 +26,7 @@ from apt_min import audio
 from apt_min.aligner import STAGE0_HEADS, Aligner, AlignerConfig
 from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError, safetensors_entries
+from apt_min.errors import SettingError
 from apt_min.llama import KVCache, Llama, SharedPrefix
 from apt_min.tokenizer import Tokenizer
 
@@ -167,12 +168,14 @@ PROMPT_FORMATS = {
 
 class APT(nn.Module):
     def __init__(self, encoder: AudioMAE, aligner: Aligner, llm: Llama, tokenizer: Tokenizer,
-                 cache: FeatureCache | None = None, prompt_format: str = "plain"):
+                 cache: FeatureCache | None = None, prompt_format: str = "plain", instruction_bos: bool = False):
+        """instruction_bos: the aligner reads each clip's instruction after BOS, as it read every stage-0 text (the
+        paper preset's way); without, the instruction alone (how the tiny and small APTs were trained)."""
         super().__init__()
         if prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"unknown prompt format {prompt_format!r}; known: {sorted(PROMPT_FORMATS)}")
+            raise SettingError(f"unknown prompt format {prompt_format!r}; known: {sorted(PROMPT_FORMATS)}")
         self.encoder, self.aligner, self.llm, self.tokenizer, self.cache = encoder, aligner, llm, tokenizer, cache
-        self.prompt_format = prompt_format
+        self.prompt_format, self.instruction_bos = prompt_format, instruction_bos
         self.share_prefix, self._prefixes = True, {}  # training skips the common opening (shared_prefix)
         D = llm.config.hidden_size
         if aligner.config.llm_words:  # the aligner reads words through the LLM's own table
@@ -209,7 +212,8 @@ class APT(nn.Module):
             for i, (kind, value) in enumerate(segments):
                 if kind == "audio":
                     instruction = next((v for k, v in segments[i + 1:] if k == "text"), "")
-                    jobs.append((b, feats[value], tok.encode(instruction, bos=False) or [tok.bos_id]))
+                    ids = tok.encode(instruction, bos=self.instruction_bos) or [tok.bos_id]
+                    jobs.append((b, feats[value], ids))
         out = [[] for _ in batch]
         if not jobs:
             return out
@@ -362,8 +366,8 @@ class APT(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.trainable_state().items()}
         state.pop("aligner.lm_decoder.weight", None)  # the same tensor as the aligner's word embeddings
         save_file(state, str(folder / "apt.safetensors"))
-        meta = {"aligner": asdict(self.aligner.config), "prompt_format": self.prompt_format, "encoder": encoder_id,
-                "llm": llm_id, **(extra or {})}
+        meta = {"aligner": asdict(self.aligner.config), "prompt_format": self.prompt_format,
+                "instruction_bos": self.instruction_bos, "encoder": encoder_id, "llm": llm_id, **(extra or {})}
         (folder / "apt.json").write_text(json.dumps(meta, indent=1))
 
     @staticmethod
@@ -385,7 +389,7 @@ class APT(nn.Module):
                 raise CheckpointError(f"{folder}: this APT was trained against the {what} {short(meta[what])}, but "
                                       f"the {what} given is {short(have)}; load the matching {what}")
         model = cls(encoder, Aligner(AlignerConfig(**meta["aligner"])), llm, tokenizer, cache,
-                    meta.get("prompt_format", "plain"))
+                    meta.get("prompt_format", "plain"), meta.get("instruction_bos", False))
         # a released APT (apt_min.release) leaves out the aligner's stage-0 heads, which answering never uses
         heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS) if meta.get("stage0_heads") is False else ()
         load_trainable(model, folder / "apt.safetensors", heads)

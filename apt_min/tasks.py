@@ -23,6 +23,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from apt_min.errors import SettingError
+
 TASKS = ("tagging", "captioning", "aqa", "sed", "ter", "counting", "fewshot", "nlar")
 
 PROMPTS = {  # the first of each is the evaluation prompt
@@ -184,7 +186,7 @@ def fewshot(support, query_audio: str, query_label: str, layout: str = "paper") 
     query's own last prompt vector, as each label follows its clip's (the pattern a small LLM's copying heads
     follow); every clip is aligned under the same (empty) instruction, so that query and supports are encoded alike."""
     if layout not in FEWSHOT_LAYOUTS:
-        raise ValueError(f"few-shot layout {layout!r}: expected one of {FEWSHOT_LAYOUTS}")
+        raise SettingError(f"few-shot layout {layout!r}: expected one of {FEWSHOT_LAYOUTS}")
     if layout == "list":
         segments = [("text", FEWSHOT_LIST_INSTRUCTION), ("turn", "")]
         for audio, label in support:

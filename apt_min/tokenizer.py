@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from apt_min.checkpoint import CheckpointError
+from apt_min.errors import MissingFileError
+
 
 class Tokenizer:
     def __init__(self, path: str | Path):
@@ -21,7 +24,7 @@ class Tokenizer:
         file = next((f for f in (path / "tokenizer.model", path / "tokenizer.json") if f.is_file()), None) \
             if path.is_dir() else (path if path.is_file() else None)
         if file is None:
-            raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json found")
+            raise MissingFileError(f"{path}: no tokenizer.model or tokenizer.json found")
         self.file = file
         if file.suffix == ".model":
             import sentencepiece as spm
@@ -30,7 +33,7 @@ class Tokenizer:
             try:
                 self.sp.Load(str(file))
             except (OSError, RuntimeError) as e:
-                raise ValueError(f"{file}: not a sentencepiece model ({e})") from None
+                raise CheckpointError(f"{file}: not a sentencepiece model ({e})") from None
             self.hf = None
             self.vocab_size = self.sp.GetPieceSize()
             self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
@@ -42,7 +45,7 @@ class Tokenizer:
             try:
                 self.hf = HFTokenizer.from_file(str(file))
             except Exception as e:
-                raise ValueError(f"{file}: not a tokenizers JSON file ({e})") from None
+                raise CheckpointError(f"{file}: not a tokenizers JSON file ({e})") from None
             self.sp = None
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
             special = self._special_tokens(folder)
@@ -51,7 +54,8 @@ class Tokenizer:
             unk = self.hf.token_to_id(special["unk"]) if "unk" in special else None
             self.pad_id = next(i for i in (pad, unk, self.eos_id) if i is not None)  # <unk>, as with sentencepiece
             if self.bos_id is None or self.eos_id is None:
-                raise ValueError(f"{file}: BOS {special['bos']!r} or EOS {special['eos']!r} is not in the vocabulary")
+                raise CheckpointError(f"{file}: BOS {special['bos']!r} or EOS {special['eos']!r} is not in the "
+                                      "vocabulary")
 
     @staticmethod
     def _special_tokens(folder: Path) -> dict:

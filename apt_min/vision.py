@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from apt_min.audiomae import Block, PatchEmbed
+from apt_min.errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,6 +78,10 @@ class ImageEncoder(nn.Module):
 # ------------------------------------------------------------------------------------------------------ pixels
 
 
+class ImageError(UserError, ValueError):
+    """An image file that cannot be read; the message names it."""
+
+
 @dataclass
 class ImageProcessing:
     """BLIP's evaluation transform; `read` takes the values of a `preprocessor_config.json`."""
@@ -108,7 +113,7 @@ class ImageProcessing:
                 with Image.open(image) as im:
                     image = im.convert("RGB")
             except (OSError, ValueError) as e:  # missing, unreadable or not an image: name the file
-                raise ValueError(f"{image}: cannot be read as an image ({e})") from None
+                raise ImageError(f"{image}: cannot be read as an image ({e})") from None
         image = image.convert("RGB").resize((self.size, self.size), resample=self.resample)
         x = np.asarray(image, dtype=np.float32) * self.rescale  # (S, S, 3)
         x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)

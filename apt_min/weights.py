@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from apt_min.errors import UserError
 
-class WeightsError(RuntimeError):
+
+class WeightsError(UserError, RuntimeError):
     pass
 
 

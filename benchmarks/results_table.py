@@ -31,6 +31,7 @@ def main():
             continue
         for row in json.loads(file.read_text()):
             apt = "—" if row["apt"] is None or math.isnan(row["apt"]) else f"{row['apt']:.3f}"
+            apt = str(row["apt"]) if isinstance(row["apt"], int) else apt  # a count: clips scored
             base = "" if row["baseline"] is None else f"{row['baseline']:.3f}"
             verdict = ""
             if row["baseline"] is not None and apt != "—":

@@ -12,7 +12,7 @@ import torch
 
 from apt_min import data, synth, synth_av
 from apt_min.blip2 import MODES, Answer
-from apt_min.evaluation import Options, eval_avqa
+from apt_min.evaluation import Options, avqa_coverage_row, eval_avqa
 from tests.conftest import VISION, copy_of, opts
 
 NAMES = [c.name for c in synth.TRAIN_CLASSES]
@@ -96,6 +96,9 @@ class Scripted:
     class blip:  # noqa: N801
         processing = staticmethod(lambda path: torch.zeros(3, 4, 4))
 
+    class apt:  # noqa: N801 -- a clip named "broken" cannot be decoded
+        encode_clips = staticmethod(lambda paths, strict: ({}, [(p, "not audio") for p in paths if "broken" in p]))
+
     def __init__(self, script):
         self.script = script
 
@@ -119,7 +122,15 @@ def test_avqa_scores_on_scripted_answers():
               "v1": {"audio-visual": (1, 1, 1), "video": (1, 1, 3), "audio": (2, 1, 1)},
               "v2": {"audio-visual": (1, 0, 1), "video": (1, 1, 1), "audio": (3, 3, 0)},
               "v3": {"audio-visual": (3, 3, 3), "video": (0, 0, 2), "audio": (3, 3, 3)}}
-    rows, records = eval_avqa(Scripted(script), items, Options())
+    broken = dict(items[0], video="v4", audio="/x/broken.wav")  # skipped and counted, not scored
+    coverage = data.Coverage()
+    coverage.listed = {it["audio"]: "val_qa.json" for it in [*items, broken]}
+    rows, records = eval_avqa(Scripted(script), [*items, broken], Options(), coverage=coverage)
+    assert [r["video_name"] for r in records] == ["v0", "v1", "v2", "v3"] and coverage.unreadable == {broken["audio"]:
+                                                                                                "not audio"}
+    assert avqa_coverage_row(records, coverage) == (
+        "videos scored", 4, None, "4 questions on 4 videos; the test data lists 5 videos' clips or frames: 0 missing, "
+        "1 unreadable (listed in missing_avqa.txt)")
     got = {m: round(v, 4) for m, v, _, _ in rows}
     assert got["audio-visual, option named"] == 1.0 and got["audio-visual, option likelihood"] == 0.75
     assert got["audio-visual, cloze likelihood"] == 1.0 and got["video, cloze likelihood"] == 0.5
@@ -158,7 +169,9 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     metrics = json.loads((tmp / "eval" / "metrics_avqa.json").read_text())
     assert [m["metric"] for m in metrics[:9]] == [f"{mode}, {how}" for mode in MODES
                                                   for how in ("option named", "option likelihood", "cloze likelihood")]
+    *metrics, scored = metrics
     assert all(0 <= m["apt"] <= 1 for m in metrics)
+    assert scored["metric"] == "videos scored" and " 0 missing, 0 unreadable" in scored["protocol"]
     predictions = [json.loads(line) for line in (tmp / "eval" / "predictions_avqa.jsonl").read_text().splitlines()]
     assert len(predictions) == 6 and set(MODES) <= set(predictions[0])
     assert "avqa" in capsys.readouterr().out

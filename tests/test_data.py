@@ -103,7 +103,7 @@ def test_clotho_latin1_and_spaces(tmp_path):
 def test_wavcaps_esc50_nlar_avqa(tmp_path):
     wav = {"num_captions_per_audio": 1, "data": [{"id": "Yb0RFKhbpFJA.wav", "caption": "Wind blows", "audio":
                                                   "wav_path", "duration": 10.0, "description": "x"}]}
-    write(tmp_path / "wavcaps/json_files/AudioSet_SL.json", json.dumps(wav))
+    write(tmp_path / "wavcaps/json_files/AudioSet_SL/as_final.json", json.dumps(wav))  # as WavCaps names it
     touch_audio(tmp_path, "wavcaps/AudioSet_SL/Yb0RFKhbpFJA.flac")
     ex = data.examples("captioning", tmp_path, "train", source="wavcaps:AudioSet_SL", rng=random.Random(0))
     assert ex[0].answer == "Wind blows" and ex[0].segments[0][1].endswith("AudioSet_SL/Yb0RFKhbpFJA.flac")

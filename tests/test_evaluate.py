@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,13 +30,18 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
     for task in EVALUATIONS:
         rows = json.loads((out / f"metrics_{task}.json").read_text())
         assert rows and all(r["protocol"] is not None for r in rows), task
+        *rows, scored = rows  # the last row: on how many clips the scores stand, and that nothing was lost
+        assert scored["metric"] == "clips scored" and scored["apt"] > 0, task
+        assert re.search(r"lists \d+: 0 missing, 0 unreadable", scored["protocol"]), (task, scored)
+        assert not (out / f"missing_{task}.txt").exists()
         preds = [json.loads(line) for line in (out / f"predictions_{task}.jsonl").read_text().splitlines()]
         assert preds and all({"output", "reference"} <= p.keys() for p in preds), task
         assert task in table
-    tagging = {r["metric"] + r["protocol"][:12]: r for r in json.loads((out / "metrics_audioset.json").read_text())}
+    tagging = json.loads((out / "metrics_audioset.json").read_text())[:-1]
+    tagging = {r["metric"] + r["protocol"][:12]: r for r in tagging}
     assert any("paper protoc" in k for k in tagging) and any("LLM likeliho" in k for k in tagging)
     assert all(0 <= r["apt"] <= 1 for r in tagging.values())
-    few = json.loads((out / "metrics_esc50.json").read_text())
+    few = json.loads((out / "metrics_esc50.json").read_text())[:-1]
     settings = ["accuracy 5-way 5-shot", "accuracy 12-way 5-shot", "accuracy 4-way 1-shot"]
     rows = [m for s in settings for m in (s, f"{s}, ranked", f"{s} vs a prototypical network")]
     # held-out clips of the classes trained on: the miniature's test split has too few single-label clips per class
@@ -76,6 +82,89 @@ def test_fewshot_episodes_follow_the_layout_the_checkpoint_was_trained_on(traine
         assert ("fewshot_layout=list (the tiny preset's is paper" in said) == (layout == "list")
         shown = [json.loads(line) for line in (out / "predictions_esc50.jsonl").read_text().splitlines()]
         assert all(("This is a sound of" in p["prompt"]) == (layout == "paper") for p in shown)
+
+
+def data_with_faults(trained, tmp_path) -> tuple[Path, list[Path]]:
+    """A copy of the miniature's data (a link per file) where the first Clotho-AQA test clip is missing and the
+    second is not audio: what real copies of the data sets look like."""
+    root = tmp_path / "synth"
+    shutil.copytree(trained / "synth", root, copy_function=os.symlink)
+    listed = data.read_clotho_aqa(root / "clotho_aqa" / "clotho_aqa_test.csv")
+    gone, broken = [root / "clotho_aqa" / "audio_files" / f for f in dict.fromkeys(f for f, *_ in listed)][:2]
+    gone.unlink()
+    broken.unlink()
+    broken.write_bytes(b"RIFF, but nothing after it")
+    return root, [gone, broken]
+
+
+def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained, tmp_path, capsys):
+    root, (gone, broken) = data_with_faults(trained, tmp_path)
+    listed = len({f for f, *_ in data.read_clotho_aqa(root / "clotho_aqa" / "clotho_aqa_test.csv")})
+    out = tmp_path / "eval"
+    args = ["--task", "clotho_aqa", "--out", str(out), *opts(trained), f"--data_root={root}"]
+    evaluate.main(args)
+    table = capsys.readouterr().out
+    *_, scored = json.loads((out / "metrics_clotho_aqa.json").read_text())
+    assert scored["metric"] == "clips scored" and scored["apt"] == listed - 2
+    assert scored["protocol"] == (f"scored on {listed - 2} clips; the test data lists {listed}: 1 missing, "
+                                  "1 unreadable (listed in missing_clotho_aqa.txt)")
+    assert f"clips scored {' ' * 20}{listed - 2:8d}" in table  # a count, printed as one
+    lost = dict(line.split("\t") for line in (out / "missing_clotho_aqa.txt").read_text().splitlines())
+    assert lost.keys() == {str(gone), str(broken)}
+    assert lost[str(gone)].startswith("missing (listed in") and lost[str(gone)].endswith("clotho_aqa_test.csv)")
+    assert lost[str(broken)].startswith(f"unreadable: {broken}: ")
+    preds = [json.loads(line) for line in (out / "predictions_clotho_aqa.jsonl").read_text().splitlines()]
+    assert preds and not {str(gone), str(broken)} & {a for p in preds for a in p["audio"]}
+    with pytest.raises(SystemExit, match=f"evaluate.py: error: {re.escape(str(gone))}: audio listed in .* not on disk"):
+        evaluate.main([*args, "--strict"])
+    gone.write_bytes(b"")  # on disk again, but empty: --strict stops at it too
+    broken.unlink()
+    broken.symlink_to(trained / "synth" / broken.relative_to(root))
+    with pytest.raises(SystemExit, match=f"evaluate.py: error: {re.escape(str(gone))}: empty file"):
+        evaluate.main([*args, "--strict"])
+    evaluate.main(args)  # and without --strict the list is rewritten: one unreadable, none missing
+    assert (out / "missing_clotho_aqa.txt").read_text() == f"{gone}\tunreadable: {gone}: empty file (0 bytes)\n"
+
+
+def test_an_empty_split_and_a_broken_file_are_one_clean_line_without_traceback(trained, tmp_path):
+    """Errors about the user's files end evaluate.py and train.py with one line naming the file (non-zero status),
+    no traceback; an annotation file with a header and no rows is such an error, not an empty evaluation."""
+    root, _ = data_with_faults(trained, tmp_path)
+    test_csv = root / "clotho_aqa" / "clotho_aqa_test.csv"
+    header = test_csv.read_text().splitlines()[0]
+    test_csv.unlink()
+    test_csv.write_text(header + "\n")
+    settings = [*opts(trained), f"--data_root={root}", f"--run_dir={tmp_path / 'run'}"]
+    shutil.copytree(trained / "run", tmp_path / "run", ignore=shutil.ignore_patterns("features", "eval"))
+
+    def fails(script, *args):
+        run = subprocess.run([sys.executable, ROOT / script, *args, *settings], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=300)
+        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+        return run.stderr.strip().splitlines()[-1]
+
+    said = fails("evaluate.py", "--task", "clotho_aqa")
+    assert said == f"evaluate.py: error: {test_csv}: lists nothing (no rows after the header)"
+    captions = root / "audiocaps" / "train.csv"
+    rows = captions.read_text().splitlines()
+    captions.unlink()
+    captions.write_text("\n".join(rows[:3] + ["17,x1Fh-zm9tbR,0"] + rows[4:]) + "\n")  # line 4: no caption
+    said = fails("train.py", "--stage", "0")
+    assert said.startswith(f"train.py: error: {captions}:4: expected 4 fields, found 3")
+
+
+def test_clean_exit_keeps_the_traceback_for_bugs():
+    from apt_min.errors import UserError, clean_exit
+
+    @clean_exit("prog")
+    def fails(error):
+        raise error
+
+    with pytest.raises(SystemExit, match=r"^prog: error: data.csv:3: bad$"):
+        fails(data.DataError("data.csv:3: bad"))
+    with pytest.raises(KeyError):  # not about the user's files: a bug, raised as it is
+        fails(KeyError("x"))
+    assert issubclass(data.DataError, UserError) and issubclass(evaluation.data.MissingFileError, FileNotFoundError)
 
 
 def test_missing_checkpoint_is_explained_before_anything_is_written(tmp_path):
@@ -263,6 +352,8 @@ def test_results_table_names_the_margin(trained, capsys, monkeypatch):
     assert lines[0].startswith("| task | metric | APT-tiny | baseline | clear margin?")
     count = [line for line in lines if line.startswith("| counting | accuracy |")]
     assert len(count) == 1 and count[0].split(" | ")[4] in ("yes", "barely", "**no**")
+    scored = [line.split(" | ") for line in lines if line.startswith("| counting | clips scored |")]
+    assert len(scored) == 1 and scored[0][2].isdigit() and scored[0][4] == ""  # a count, no margin
 
 
 def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):

@@ -111,6 +111,30 @@ def test_a_clip_of_several_windows_is_aligned_window_by_window(parts):
         assert rel_max_error(swapped[:4], prompts[8:]) <= 1e-5
 
 
+def test_instruction_bos_puts_bos_before_each_instruction_and_is_saved_with_the_apt(parts, tmp_path, monkeypatch):
+    """With instruction_bos (the paper preset) the aligner reads [BOS] + instruction, as every stage-0 text starts
+    with BOS; without (tiny, small) the instruction alone. A clip with no text after it reads BOS either way. The
+    choice is the APT's own: saved in apt.json, restored by load (old checkpoints: without)."""
+    _, tok, encoder, llm, (a, b, _) = parts
+    feats = make_apt(parts).encode_clips([a, b])[0]
+    question = "How many times?"
+    read = []
+    for bos in (False, True):
+        apt = make_apt(parts)
+        apt.instruction_bos = bos
+        read.clear()
+        monkeypatch.setattr(apt.aligner, "instruct", lambda w, ids, mask: read.append((ids, mask.bool())) or
+                            torch.zeros(len(w), 4, 32))
+        apt.clip_prompts([[("audio", a), ("text", question)], [("audio", b)]], feats)
+        ids, mask = read[0]
+        words = tok.encode(question, bos=False)
+        assert ids[0][mask[0]].tolist() == [tok.bos_id] * bos + words and ids[1][mask[1]].tolist() == [tok.bos_id]
+    ids = ({"fingerprint": "enc-1"}, {"fingerprint": "llm-1"})
+    apt.save(tmp_path / "apt", *ids)
+    assert APT.load(tmp_path / "apt", encoder, llm, tok, *ids).instruction_bos is True
+    assert make_apt(parts).instruction_bos is False
+
+
 def test_only_trainable_tensors_learn(parts):
     _, _, encoder, llm, (a, b, _) = parts
     apt = make_apt(parts)

@@ -205,7 +205,7 @@ def test_corrupt_audio_is_skipped_and_counted(prepared, tmp_path):
     train.main(["--stage", "1", *opts(tmp)])
     records = [json.loads(line) for line in (tmp / "run" / "stage1" / "log.jsonl").read_text().splitlines()]
     assert max(r.get("skipped_audio", 0) for r in records) > 0
-    with pytest.raises(Exception, match=r"not a readable audio file"):
+    with pytest.raises(SystemExit, match=r"^train.py: error: .*\.wav: not a readable audio file"):  # one clean line
         train.main(["--stage", "1", *opts(tmp, "--strict_audio=true")])
 
 
@@ -276,6 +276,63 @@ def test_made_up_names_in_training_episodes_are_a_setting(trained):
     assert train.load_config("paper", {}).fewshot_made_up == 0.0
     with pytest.raises(SystemExit, match="fewshot_made_up"):
         made_up(1.5)
+
+
+def test_data_sources_are_settings_and_the_paper_preset_reads_the_papers(trained, tmp_path):
+    """caption_sources, tagging_sources and stage0_sources choose what the stages train on, among the files of
+    data.LAYOUT: here a WavCaps subset over three of the miniature's clips and an unbalanced AudioSet list of two
+    rows join in. A misspelt source is an error naming the setting, not a data set silently left out."""
+    root = tmp_path / "synth"
+    shutil.copytree(trained / "synth", root, copy_function=os.symlink)
+    clips = sorted((root / "audio").glob("*.wav"))[:3]
+    (root / "wavcaps" / "FreeSound").mkdir(parents=True)
+    for clip in clips:
+        (root / "wavcaps" / "FreeSound" / f"{clip.stem}.flac").symlink_to(clip)
+    listing = {"data": [{"id": clip.stem, "caption": f"a caption from wavcaps {i}"} for i, clip in enumerate(clips)]}
+    (root / "wavcaps" / "json_files" / "FreeSound").mkdir(parents=True)
+    (root / "wavcaps" / "json_files" / "FreeSound" / "fsd_final.json").write_text(json.dumps(listing))
+    balanced = (root / "audioset" / "balanced_train_segments.csv").read_text().splitlines()
+    rows = [line for line in balanced if not line.startswith("#")]
+    (root / "audioset" / "unbalanced_train_segments.csv").write_text("\n".join(balanced[:3] + rows[:2]) + "\n")
+
+    def pools(**settings):
+        cfg = train.load_config("tiny", {"data_root": str(root), **settings})
+        return train.training_pools(cfg, "1"), train.stage0_pairs(cfg, random.Random(0))
+
+    base, base0 = pools()
+    assert len(base0) == len(base["captioning"]) + len(base["tagging"])  # AudioCaps + Clotho + AudioSet
+    more, more0 = pools(caption_sources="audiocaps,clotho,wavcaps:FreeSound", tagging_sources="balanced,unbalanced",
+                        stage0_sources="tagging,wavcaps:FreeSound")
+    wavcaps = [ex.answer for ex in more["captioning"] if "/wavcaps/" in ex.segments[0][1]]
+    assert sorted(wavcaps) == [f"a caption from wavcaps {i}" for i in range(3)]
+    assert len(more["captioning"]) == len(base["captioning"]) + 3 and len(more["tagging"]) == len(base["tagging"]) + 2
+    assert len(more0) == len(more["tagging"]) + 3  # AudioSet and WavCaps only, as the paper's stage 0
+    assert {ex.answer for ex in more0} >= set(wavcaps)
+    assert not {ex.answer for ex in base["captioning"]} & {ex.answer for ex in more0}  # no AudioCaps, no Clotho
+    for setting, value in (("caption_sources", "audiocap"), ("tagging_sources", "test"), ("stage0_sources", ""),
+                           ("tagging_sources", "wavcaps:FreeSound")):
+        with pytest.raises(SystemExit, match=f"--{setting}"):
+            train.main(["--stage", "1", *opts(tmp_path), f"--{setting}={value}"])  # before anything runs
+    paper = train.load_config("paper", {})
+    assert train.sources(paper, "caption_sources")[2:] == [f"wavcaps:{s}" for s in data.LAYOUT["wavcaps"]["names"]]
+    assert train.sources(paper, "stage0_sources")[0] == "tagging" and paper.tagging_sources == "balanced,unbalanced"
+
+
+def test_stage_0_has_its_own_contrastive_batch_and_warm_up(prepared, tmp_path):
+    """stage0_batch_size: stage 0's batch per process, one contrastive batch (the paper preset's 128 against its
+    micro-batch of 8); warmup_steps_0: stage 0's warm-up (paper 5 000, other stages 2 000)."""
+    tmp = copy_of(prepared, tmp_path)
+    shutil.rmtree(tmp / "run" / "stage0")
+    train.main(["--stage", "0", *opts(tmp, "--steps_0=2", "--warmup_steps_0=4", "--stage0_batch_size=6")])
+    log = [json.loads(line) for line in (tmp / "run" / "stage0" / "log.jsonl").read_text().splitlines()]
+    first = next(r for r in log if r["step"] == 1 and "lr" in r)
+    assert first["lr"] == pytest.approx(1e-3 * 2 / 4)  # the second of 4 warm-up steps (warmup_steps=2 would give 1e-3)
+    cfg = train.load_config("tiny", [*opts(tmp, "--stage0_batch_size=6")])
+    job = train.AlignStage0(cfg, 0, 1, torch.device("cpu"))
+    loss, _, info = job.micro_step(job.module, job.sampler)
+    assert job.sampler.batch_size == 6 and info["examples"] == 6 and loss.isfinite()
+    paper = train.load_config("paper", {})
+    assert (paper.stage0_batch_size, paper.warmup_steps_0, paper.warmup_steps) == (128, 5000, 2000)
 
 
 def test_precision_settings():

@@ -1,0 +1,37 @@
+"""Errors about the user's files and settings, told apart from bugs.
+
+Every error this package raises about something a user gave it (a data file, an audio clip, a checkpoint, a setting)
+is a `UserError`, and its message names the file or setting and what is wrong. The entry points (`train.py`,
+`evaluate.py`, `python -m apt_min ask`) print such a message alone and exit with a non-zero status; any other
+exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+class UserError(Exception):
+    """Something the user gave cannot be used as it is; the message says which and why."""
+
+
+class SettingError(UserError, ValueError):
+    """A preset or setting that does not exist or does not parse, or settings that contradict each other."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file that the data layout or a list names is not on disk."""
+
+
+def clean_exit(program: str):
+    """A decorator for an entry point's main: a UserError becomes SystemExit with its message, which Python prints
+    on stderr, alone, exiting with status 1; every other exception propagates unchanged, traceback and all."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except UserError as e:
+                raise SystemExit(f"{program}: error: {e}") from None
+        return run
+    return wrap
