@@ -4,13 +4,17 @@
     python train.py --stage 1 --preset paper --batch_size=4                      (--key=value overrides any setting)
     torchrun --standalone --nproc_per_node 2 train.py --stage 1                  (DistributedDataParallel)
     python train.py --stage 1 --resume                                           (continue from the last checkpoint)
+    python train.py --stage caption_ft --caption_ft_source=clotho                (§4.2: 2 epochs on one caption set)
 
 Read from the top: the STAGES table; each stage as a class that builds what it needs, says what is frozen and what
 trains, and gives the loss of one micro-batch (`micro_step`) and its validation; then `fit`, the loop every stage
 shares (accumulation, clipping, schedule, logging, validation, checkpoints, resume); then the machinery it uses.
 
 Stage 0 aligns the aligner with audio-text losses (ATC + ATM + AGTG, BLIP-2's first stage); stages 1 and 2 tune it
-against the frozen LLM on a multi-task mixture, one task per batch (stage 2 adds few-shot episodes and NLAR).
+against the frozen LLM on a multi-task mixture, one task per batch (stage 2 adds few-shot episodes and NLAR);
+`--stage caption_ft` tunes stage 2's result on one caption set alone. Which data sets each stage reads is a setting
+(caption_sources, tagging_sources, stage0_sources: `sources`). An error about the user's files or settings ends
+the run with one line (apt_min/errors.py).
 `--stage lm` (tiny preset only) pretrains the small stand-in LLM on the synthetic corpus, the part Vicuna's own
 pretraining plays; it is frozen afterwards, like Vicuna.
 """
@@ -37,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from apt_min import audio, build, data, synth, synth_av
-from apt_min.aligner import STAGE0_HEADS, Aligner, retrieval_r1, stage0_batch, stage0_losses
+from apt_min.aligner import STAGE0_HEADS, Aligner, pad_tokens, retrieval_r1, stage0_batch, stage0_losses
 from apt_min.audiomae import AudioMAE
 from apt_min.build import build_encoder, ensure_data, ensure_tokenizer, feature_cache, load_llm, resolve_precision
 from apt_min.config import load_config
@@ -62,6 +66,11 @@ STAGES = {  # what each stage trains, with which loss, for how many steps (a con
           "loss": "cross-entropy on the answers", "steps": "steps_2", "needs": "1",
           "ratios": {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45,
                      "fewshot": 0.5, "nlar": 0.5}},
+    # §4.2: before the captioning comparison (Table 4) the multi-task APT is fine-tuned on one caption set alone
+    "caption_ft": {"trains": "the aligner without its stage-0 heads, the projection and <AUDIO> (encoder and LLM "
+                             "frozen), on one caption set (caption_ft_source)",
+                   "loss": "cross-entropy on the captions", "steps": "steps_caption_ft", "needs": "2",
+                   "ratios": {"captioning": 1.0}},
     # APT-BLIP-2's embedded default: the picture side, trained apart from the APT, which is plugged in afterwards
     "vision": {"trains": "a small vision side: the visual aligner and projection (ViT, LLM and APT frozen)",
                "loss": "ATC + ATM + AGTG on picture-description pairs (alone for the first vision_align_steps), "
@@ -244,25 +253,26 @@ class AlignStage0:
         self.val = data.examples("captioning", cfg.data_root, "val")[:cfg.val_batches * cfg.batch_size]
         batch = cfg.stage0_batch_size or cfg.batch_size  # one contrastive batch per process (gathered across them)
         self.sampler = data.TaskSampler({"pairs": pairs}, {"pairs": 1.0}, batch * world, cfg.seed)
-        self.module = Stage0Losses(self.aligner)
+        self.module = Stage0Losses(self.aligner, cfg.atm_negatives)
         self.params = dict(self.aligner.named_parameters())
 
-    def first_windows(self, examples):
-        """The examples whose clip could be encoded, each clip's first window (a caption describes the clip; the
-        paper preset's 10.24 s window holds a whole AudioCaps clip), and how many were skipped."""
+    def whole_clips(self, examples):
+        """The examples whose clip could be encoded, each clip's features (W, N, Da): every window, since a caption
+        describes the whole clip (a 15-30 s Clotho clip spans up to three 10.24 s windows, which the aligner then
+        reads as one sequence), and how many were skipped."""
         feats, bad = encode_clips(self.encoder, [ex.segments[0][1] for ex in examples], self.cache,
                                   self.cfg.strict_audio)
         warn(bad)
         keep = [ex for ex in examples if ex.segments[0][1] in feats]
-        return keep, [feats[ex.segments[0][1]][0] for ex in keep], len(examples) - len(keep)
+        return keep, [feats[ex.segments[0][1]] for ex in keep], len(examples) - len(keep)
 
     def losses(self, model, examples, generator, together=True):
         """The three stage-0 losses of a batch, or None when no example is usable (`together`: in every process,
         since under DDP all must run the same forwards)."""
-        keep, windows, skipped = self.first_windows(examples)
+        keep, clips, skipped = self.whole_clips(examples)
         if (nothing_to_train(keep, self.world, self.device) if together else not keep):
             return None, keep, skipped
-        batch = stage0_batch([ex.answer for ex in keep], windows, [ex.segments[0][1] for ex in keep], self.tok,
+        batch = stage0_batch([ex.answer for ex in keep], clips, [ex.segments[0][1] for ex in keep], self.tok,
                              self.device)
         with self.autocast():
             return model(*batch, generator), keep, skipped
@@ -280,12 +290,13 @@ class AlignStage0:
     def validate(self):
         first_caption = [dataclasses.replace(ex, answer=ex.target["references"][0]) for ex in self.val]
         parts, _, _ = self.losses(self.module, first_caption, torch.Generator().manual_seed(0), together=False)
-        keep, windows, _ = self.first_windows(self.val)  # retrieval over every reference of each clip
+        keep, clips, _ = self.whole_clips(self.val)  # retrieval over every reference of each clip
         caps = [(i, c) for i, ex in enumerate(keep) for c in ex.target["references"]]
         ids, mask = self.tok.pad([self.tok.encode(c, eos=True) for _, c in caps])
         owner = torch.tensor([i for i, _ in caps], device=self.device)
-        audio_feats = torch.stack(windows).to(self.device).float()
-        r1 = retrieval_r1(self.aligner, audio_feats, ids.to(self.device), mask.to(self.device), owner)
+        audio_feats, heard = pad_tokens(clips)
+        r1 = retrieval_r1(self.aligner, audio_feats.to(self.device).float(), ids.to(self.device),
+                          mask.to(self.device), owner, None if heard is None else heard.to(self.device))
         return {"val_loss": parts["total"].item(), **r1}
 
     def finish(self, metrics):
@@ -299,17 +310,19 @@ class AlignStage0:
 class Stage0Losses(nn.Module):
     """One forward = all three stage-0 losses, so DistributedDataParallel sees one call per step."""
 
-    def __init__(self, aligner):
+    def __init__(self, aligner, atm_negatives: str = "global"):
         super().__init__()
-        self.aligner = aligner
+        self.aligner, self.atm_negatives = aligner, atm_negatives
 
-    def forward(self, audio_feats, ids, mask, clip_ids, generator):
-        return stage0_losses(self.aligner, audio_feats, ids, mask, clip_ids, generator)
+    def forward(self, audio_feats, ids, mask, clip_ids, audio_mask, generator):
+        return stage0_losses(self.aligner, audio_feats, ids, mask, clip_ids, audio_mask, generator, self.atm_negatives)
 
 
 class TuneAPT:
     """--stage 1 and 2: the aligner (from stage 0, then stage 1) is tuned against the frozen LLM, whose loss on each
-    answer is the training signal; the encoder and the LLM stay frozen (APT freezes them itself)."""
+    answer is the training signal; the encoder and the LLM stay frozen (APT freezes them itself). --stage
+    caption_ft: stage 2's APT fine-tuned the same way on one caption set's training captions for caption_ft_epochs
+    passes (paper §4.2: two epochs on AudioCaps, or on Clotho, before Table 4's comparison)."""
 
     def __init__(self, cfg, stage, rank, world, device):
         self.cfg, self.stage, self.rank, self.world, self.device = cfg, stage, rank, world, device
@@ -317,6 +330,8 @@ class TuneAPT:
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
         needs = STAGES[stage]["needs"]
         prev = stage_dir(cfg, needs) / "final"
+        if stage == "caption_ft" and cfg.caption_ft_source not in ("audiocaps", "clotho"):
+            raise SettingError(f"--caption_ft_source={cfg.caption_ft_source!r}: audiocaps or clotho (the paper's two)")
         if not (prev / ("aligner.json" if stage == "1" else "apt.json")).is_file():
             raise SystemExit(f"stage {stage} starts from stage {needs}'s result, which is not in {prev}/; run "
                              f"`python train.py --stage {needs}` first")
@@ -328,7 +343,8 @@ class TuneAPT:
         if stage == "1":
             aligner = Aligner.load(prev, dropout=cfg.aligner_dropout)
             torch.manual_seed(cfg.seed)
-            model = APT(encoder, aligner, llm, self.tok, cache, cfg.prompt_format, cfg.instruction_bos)
+            model = APT(encoder, aligner, llm, self.tok, cache, cfg.prompt_format, cfg.instruction_bos,
+                        cfg.long_audio)
         else:
             model = APT.load(prev, encoder, llm, self.tok, self.encoder_id, self.llm_id, cache)
         self.model = model.to(device)
@@ -340,12 +356,19 @@ class TuneAPT:
         stage_dir(cfg, stage).mkdir(parents=True, exist_ok=True)
 
         root = cfg.data_root
-        pools = training_pools(cfg, stage)
-        ratios = parse_ratios(cfg.task_ratios, STAGES[stage]["ratios"])
+        if stage == "caption_ft":  # one caption set, a whole number of passes over it
+            pools = {"captioning": caption_examples(cfg, [cfg.caption_ft_source], random.Random(cfg.seed))}
+            ratios = STAGES[stage]["ratios"]
+            cfg.steps_caption_ft = cfg.steps_caption_ft or caption_ft_steps(cfg, len(pools["captioning"]), world)
+        else:
+            pools = training_pools(cfg, stage)
+            ratios = parse_ratios(cfg.task_ratios, STAGES[stage]["ratios"])
         self.sampler = data.TaskSampler(pools, ratios, cfg.batch_size * world, cfg.seed)
-        val_tasks = ["captioning", "aqa"] + (["nlar"] if stage == "2" else [])
-        per = max(1, cfg.val_batches * cfg.batch_size // len(val_tasks))
-        self.val = {t: data.examples(t, root, "val")[:per] for t in val_tasks}
+        val_tasks = {"1": ["captioning", "aqa"], "2": ["captioning", "aqa", "nlar"], "caption_ft": ["captioning"]}
+        per = max(1, cfg.val_batches * cfg.batch_size // len(val_tasks[stage]))
+        source = {"source": cfg.caption_ft_source} if stage == "caption_ft" else {}
+        self.val = {t: data.examples(t, root, "val", **(source if t == "captioning" else {}))[:per]
+                    for t in val_tasks[stage]}
 
     def usable(self, examples):
         """The examples whose every clip could be encoded, and those features."""
@@ -377,6 +400,8 @@ class TuneAPT:
                     s, n = self.model(*data.collate(chunk), feats)
                     total, count = total + s.item(), count + n
             metrics["val_loss"] = total / max(count, 1)
+            if "aqa" not in self.val:
+                return metrics
             qa, feats = self.usable(self.val["aqa"][:64])
             got = self.model.generate([ex.segments for ex in qa], feats, max_new_tokens=8) if qa else []
             metrics["val_aqa_accuracy"] = sum(normalize_answer(g) == ex.target["answer"]
@@ -385,8 +410,8 @@ class TuneAPT:
 
     def finish(self, metrics):
         final = stage_dir(self.cfg, self.stage) / "final"
-        self.model.save(final, self.encoder_id, self.llm_id,
-                        {"stage": int(self.stage), "config": json.loads(self.cfg.to_json())})
+        stage = self.stage if self.stage == "caption_ft" else int(self.stage)
+        self.model.save(final, self.encoder_id, self.llm_id, {"stage": stage, "config": json.loads(self.cfg.to_json())})
         print(f"stage {self.stage} done: APT saved to {final}/; validation: " +
               ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
@@ -541,7 +566,8 @@ class PictureLoss(nn.Module):
         device = tokens.device
         first = torch.cumsum(torch.tensor([0] + [len(p) for p in pixels[:-1]]), 0).to(device)
         ids, mask = self.blip.qformer_tokenizer([ex[3] for ex in examples])  # [CLS] ... [SEP], as BOS ... EOS
-        parts = stage0_losses(self.blip.qformer, tokens[first], ids.to(device), mask.to(device), picture_ids, generator)
+        parts = stage0_losses(self.blip.qformer, tokens[first], ids.to(device), mask.to(device), picture_ids,
+                              generator=generator)
         if not answer:
             return parts
         answer_sum, n = self.apt(self.segments(examples, pixels, tokens), [ex[2] for ex in examples], {})
@@ -790,7 +816,8 @@ def amp_settings(cfg, device):
 
 
 def stage_dir(cfg, stage) -> Path:
-    named = {"lm": "llm-train", "mae": "encoder-train", "vision": "vision"}
+    named = {"lm": "llm-train", "mae": "encoder-train", "vision": "vision",
+             "caption_ft": f"caption_ft-{cfg.caption_ft_source}"}
     return Path(cfg.run_dir) / named.get(stage, f"stage{stage}")
 
 
@@ -838,6 +865,12 @@ def sources(cfg, setting: str) -> list[str]:
     if not names:
         raise SettingError(f"--{setting} names no source; known: {', '.join(known)}")
     return names
+
+
+def caption_ft_steps(cfg, captions: int, world: int) -> int:
+    """Optimizer steps for caption_ft_epochs passes over `captions` training captions (each step takes
+    batch_size * grad_accum * world of them)."""
+    return max(1, math.ceil(cfg.caption_ft_epochs * captions / (cfg.batch_size * cfg.grad_accum * world)))
 
 
 def stage0_pairs(cfg, rng) -> list:

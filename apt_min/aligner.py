@@ -19,6 +19,7 @@ import json
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -137,11 +138,11 @@ class Layer(nn.Module):
         self.ffn_query = FeedForward(cfg)
         self.ffn_text = FeedForward(cfg)
 
-    def forward(self, x, audio, mask, Q: int):
+    def forward(self, x, audio, mask, Q: int, heard=None):
         x = self.self_attn(x, x, mask)  # (B, Q + T, H)
         queries, text = x[:, :Q], x[:, Q:]
         if self.cross_attn is not None and Q:
-            queries = self.cross_attn(queries, audio)  # only the queries hear the audio
+            queries = self.cross_attn(queries, audio, heard)  # only the queries hear the audio (its real tokens)
         parts = ([self.ffn_query(queries)] if Q else []) + ([self.ffn_text(text)] if text.shape[1] else [])
         return torch.cat(parts, dim=1)
 
@@ -217,9 +218,10 @@ class Aligner(nn.Module):
         table = torch.cat([table, self.dec_embedding[None].to(table.dtype)])
         return F.linear(h, table.to(h.dtype), self.lm_decoder.bias.to(h.dtype))
 
-    def forward(self, audio_feats=None, text_ids=None, text_mask=None, mask_fn=bidirectional_mask):
-        """audio_feats (B, N, Da) or None (text alone); text_ids, text_mask (B, T) or None (queries alone).
-        Returns the hidden states (B, Q + T, H): query outputs first, then text outputs."""
+    def forward(self, audio_feats=None, text_ids=None, text_mask=None, mask_fn=bidirectional_mask, audio_mask=None):
+        """audio_feats (B, N, Da) or None (text alone); text_ids, text_mask (B, T) or None (queries alone);
+        audio_mask (B, N) bool or None: which audio tokens the queries may hear (clips of different lengths padded
+        to one N). Returns the hidden states (B, Q + T, H): query outputs first, then text outputs."""
         parts = []
         if audio_feats is not None:
             audio_feats = self.ln_audio(audio_feats)
@@ -236,8 +238,9 @@ class Aligner(nn.Module):
         if text_ids is not None:
             text_mask = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
             mask = mask_fn(Q, text_mask)
+        heard = None if audio_mask is None else audio_mask.bool()[:, None, None, :]  # (B, 1, 1, N)
         for layer in self.layers:
-            x = layer(x, audio_feats, mask, Q)
+            x = layer(x, audio_feats, mask, Q, heard)
         return x
 
     def save(self, folder, extra: dict | None = None):
@@ -266,18 +269,18 @@ class Aligner(nn.Module):
                 read(targets[k])
         return aligner
 
-    def instruct(self, audio_feats, instr_ids=None, instr_mask=None):
+    def instruct(self, audio_feats, instr_ids=None, instr_mask=None, audio_mask=None):
         """Stages 1-2: the queries read the audio and the instruction together (bidirectional), as InstructBLIP's
         Q-Former does. (B, N, Da) + (B, T) -> query outputs (B, Q, H)."""
-        return self(audio_feats, instr_ids, instr_mask, bidirectional_mask)[:, :self.config.num_queries]
+        return self(audio_feats, instr_ids, instr_mask, bidirectional_mask, audio_mask)[:, :self.config.num_queries]
 
     def encode_text(self, text_ids, text_mask=None):
         """The text branch alone: the first token's output, projected and L2-normalised. (B, T) -> (B, E)."""
         return F.normalize(self.text_proj(self(None, text_ids, text_mask)[:, 0]), dim=-1)
 
-    def encode_audio(self, audio_feats):
+    def encode_audio(self, audio_feats, audio_mask=None):
         """The query branch alone: every query output, projected and L2-normalised. (B, N, Da) -> (B, Q, E)."""
-        return F.normalize(self.audio_proj(self(audio_feats)), dim=-1)
+        return F.normalize(self.audio_proj(self(audio_feats, audio_mask=audio_mask)), dim=-1)
 
 
 # -------------------------------------------------------------------------------------------------- stage 0 losses
@@ -299,6 +302,19 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def gather_all(x: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) from every process, concatenated along dim 0, without gradient; dim 1 padded with zeros to the
+    longest (texts differ in length between processes). Without torch.distributed, x itself."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    width = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    x = F.pad(x.detach(), (0, 0) * (x.dim() - 2) + (0, int(width) - x.shape[1])).contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 
@@ -328,39 +344,58 @@ def hard_negatives(sim, positives, generator=None):
     return torch.multinomial(weights.to(on), 1, generator=generator).squeeze(1).to(weights.device), valid
 
 
-def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, generator=None) -> dict:
+def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, audio_mask=None, generator=None,
+                  atm_negatives: str = "global") -> dict:
     """ATC + ATM + AGTG on a batch of audio-text pairs (BLIP-2's first stage). audio_feats (B, N, Da);
     text_ids, text_mask (B, T), each caption starting with BOS (its output is the text's summary for ATC) and
     ending with EOS; clip_ids (B,) int64 naming the clip of each pair (several captions of one clip are positives of
-    each other). Returns {"atc", "atm", "agtg", "total"}, each a scalar tensor."""
+    each other). ATC contrasts every pair with those of all processes; ATM's hard negatives come from this process's
+    batch (atm_negatives="local") or, as BLIP-2 draws them, from every process's ("global"; the same with one
+    process). audio_mask (B, N) bool: which audio tokens are real, where clips of different lengths are padded
+    (None: all). Returns {"atc", "atm", "agtg", "total"}, scalar tensors."""
+    if atm_negatives not in ("local", "global"):
+        raise ValueError(f"atm_negatives={atm_negatives!r}: expected local or global")
     Q, text_mask = aligner.config.num_queries, text_mask.bool()
     keys = caption_keys(text_ids, text_mask)
     positives = ((clip_ids[:, None] == gather_with_grad(clip_ids)[None, :])
                  | (keys[:, None] == gather_with_grad(keys)[None, :]))  # (B, B_all)
 
     # ATC: one pass under the unimodal mask gives both branches: queries that heard only audio, text only text
-    h = aligner(audio_feats, text_ids, text_mask, unimodal_mask)
+    h = aligner(audio_feats, text_ids, text_mask, unimodal_mask, audio_mask)
     audio_emb = F.normalize(aligner.audio_proj(h[:, :Q]), dim=-1)  # (B, Q, E)
     text_emb = F.normalize(aligner.text_proj(h[:, Q]), dim=-1)  # (B, E)
     atc, sim_a2t, sim_t2a = atc_loss(audio_emb, text_emb, aligner.temp, positives)
 
-    # ATM: is this pair a match? positives, plus per pair a hard negative text and a hard negative audio (drawn
-    # from this process's batch)
+    # ATM: is this pair a match? positives, plus per pair a hard negative text and a hard negative audio, drawn
+    # from this process's pairs or from every process's
     B = audio_feats.shape[0]
-    local = slice(0, B) if sim_a2t.shape[1] == B else slice(dist.get_rank() * B, (dist.get_rank() + 1) * B)
-    local_pos = positives[:, local]
-    neg_text, ok_t = hard_negatives(sim_a2t[:, local], local_pos, generator)  # for each audio, a wrong text
-    neg_audio, ok_a = hard_negatives(sim_t2a[:, local], local_pos, generator)  # for each text, a wrong audio
-    audio_idx = torch.cat([torch.arange(B, device=clip_ids.device), torch.nonzero(ok_t).squeeze(1), neg_audio[ok_a]])
-    text_idx = torch.cat([torch.arange(B, device=clip_ids.device), neg_text[ok_t], torch.nonzero(ok_a).squeeze(1)])
-    labels = (torch.arange(audio_idx.numel(), device=clip_ids.device) < B).long()  # 1 = match
-    h = aligner(audio_feats[audio_idx], text_ids[text_idx], text_mask[text_idx], bidirectional_mask)
+    if sim_a2t.shape[1] == B or atm_negatives == "local":
+        pool = slice(0, B) if sim_a2t.shape[1] == B else slice(dist.get_rank() * B, (dist.get_rank() + 1) * B)
+        pool_audio, pool_heard, pool_ids, pool_mask = audio_feats, audio_mask, text_ids, text_mask
+    else:  # every process's pairs (no gradient flows through them: the audio is frozen features, the text ids)
+        pool = slice(None)
+        if audio_mask is None:  # clips may still differ in length between processes
+            audio_mask = torch.ones(audio_feats.shape[:2], dtype=torch.bool, device=audio_feats.device)
+        pool_audio, pool_heard, pool_ids, pool_mask = map(gather_all, (audio_feats, audio_mask, text_ids, text_mask))
+    neg_text, ok_t = hard_negatives(sim_a2t[:, pool], positives[:, pool], generator)  # for each audio, a wrong text
+    neg_audio, ok_a = hard_negatives(sim_t2a[:, pool], positives[:, pool], generator)  # for each text, a wrong audio
+    pad_t, pad_a = pool_ids.shape[1] - text_ids.shape[1], pool_audio.shape[1] - audio_feats.shape[1]  # to the pool's
+    ids, mask, audio = F.pad(text_ids, (0, pad_t)), F.pad(text_mask, (0, pad_t)), F.pad(audio_feats, (0, 0, 0, pad_a))
+    audio_in = torch.cat([audio, audio[ok_t], pool_audio[neg_audio[ok_a]]])
+    ids_in = torch.cat([ids, pool_ids[neg_text[ok_t]], ids[ok_a]])
+    mask_in = torch.cat([mask, pool_mask[neg_text[ok_t]], mask[ok_a]])
+    heard_in = None
+    if audio_mask is not None:
+        heard = F.pad(audio_mask, (0, pad_a))
+        heard_in = torch.cat([heard, heard[ok_t], pool_heard[neg_audio[ok_a]]])
+    labels = (torch.arange(len(audio_in), device=clip_ids.device) < B).long()  # 1 = match
+    h = aligner(audio_in, ids_in, mask_in, bidirectional_mask, heard_in)
     atm = F.cross_entropy(aligner.atm_head(h[:, :Q]).mean(1), labels)  # logits averaged over the queries
 
     # AGTG: generate the caption from the queries; [DEC] replaces BOS; each token sees the queries and earlier text
     dec_ids = text_ids.clone()
     dec_ids[:, 0] = aligner.dec_id
-    h = aligner(audio_feats, dec_ids, text_mask, multimodal_causal_mask)
+    h = aligner(audio_feats, dec_ids, text_mask, multimodal_causal_mask, audio_mask)
     logits = aligner.word_logits(aligner.lm_transform(h[:, Q:-1]))  # (B, T - 1, V + 1): predicts tokens 1..T-1
     targets = text_ids[:, 1:].masked_fill(~text_mask[:, 1:], -100)
     agtg = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=0.1)
@@ -376,21 +411,43 @@ def clip_ids(paths) -> torch.Tensor:
     return torch.tensor([zlib.crc32(p.encode()) for p in paths])
 
 
+class Stage0Batch(NamedTuple):
+    audio_feats: torch.Tensor  # (B, N, Da) float32
+    text_ids: torch.Tensor  # (B, T), BOS ... EOS
+    text_mask: torch.Tensor  # (B, T) bool
+    clip_ids: torch.Tensor  # (B,) int64
+    audio_mask: torch.Tensor | None  # (B, N) bool where clips differ in length, else None
+
+
+def pad_tokens(clip_feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clips' audio tokens, each (N_i, Da) or a whole clip's windows (W_i, N, Da) read as one sequence of W_i * N,
+    as one batch (B, max N_i, Da), zero-padded, with the mask (B, max N_i) of the real tokens (None where every clip
+    has the same length)."""
+    flat = [f.reshape(-1, f.shape[-1]) for f in clip_feats]
+    longest = max(len(f) for f in flat)
+    if all(len(f) == longest for f in flat):
+        return torch.stack(flat), None
+    feats = torch.stack([F.pad(f, (0, 0, 0, longest - len(f))) for f in flat])
+    return feats, torch.arange(longest)[None] < torch.tensor([len(f) for f in flat])[:, None]
+
+
 def stage0_batch(captions: list[str], clip_feats: list[torch.Tensor], paths: list[str], tokenizer, device):
-    """Audio-text pairs as `stage0_losses` takes them: clip_feats, one (N, Da) per pair (the window the caption is
-    paired with), become audio_feats (B, N, Da) in float32; captions become text_ids, text_mask (B, T), each with BOS
-    and EOS; paths give the clip ids (B,). Returns (audio_feats, text_ids, text_mask, clip_ids), on `device`."""
+    """Audio-text pairs as `stage0_losses` takes them: clip_feats, one per pair (the window the caption is paired
+    with (N, Da), or the whole clip's windows (W, N, Da), which the aligner then reads as one sequence), become
+    audio_feats (B, N, Da) in float32 (padded, with audio_mask, where clips differ in length); captions become
+    text_ids, text_mask (B, T), each with BOS and EOS; paths give the clip ids (B,). A Stage0Batch on `device`."""
     ids, mask = tokenizer.pad([tokenizer.encode(c, eos=True) for c in captions])
-    audio_feats = torch.stack(clip_feats).to(device).float()
-    return audio_feats, ids.to(device), mask.to(device), clip_ids(paths).to(device)
+    audio_feats, audio_mask = pad_tokens(clip_feats)
+    return Stage0Batch(audio_feats.to(device).float(), ids.to(device), mask.to(device), clip_ids(paths).to(device),
+                       None if audio_mask is None else audio_mask.to(device))
 
 
 @torch.no_grad()
-def retrieval_r1(aligner: Aligner, audio_feats, text_ids, text_mask, owner) -> dict:
+def retrieval_r1(aligner: Aligner, audio_feats, text_ids, text_mask, owner, audio_mask=None) -> dict:
     """Audio<->text retrieval with the ATC embeddings: audio_feats (A, N, Da), captions text_ids, text_mask (C, T),
     owner (C,) the clip each caption describes (a clip may have several). Similarity is the best-matching query's
     cosine, as in ATC. Returns R@1 each way: {"a2t_r1", "t2a_r1"}."""
-    a = aligner.encode_audio(audio_feats)  # (A, Q, E)
+    a = aligner.encode_audio(audio_feats, audio_mask)  # (A, Q, E)
     t = aligner.encode_text(text_ids, text_mask)  # (C, E)
     sim = torch.einsum("aqe,ce->acq", a, t).amax(-1)  # (A, C)
     a2t = (owner[sim.argmax(1)] == torch.arange(a.shape[0], device=owner.device)).float().mean().item()

@@ -48,6 +48,7 @@ class Config:
     aligner_init: str = "random"  # or "llm": its word vectors start as the LLM's, reduced by PCA (stage 0)
     prompt_format: str = "plain"  # how an example is laid out for the LLM (apt_min.model.PROMPT_FORMATS)
     instruction_bos: bool = False  # stages 1-2: the aligner reads BOS before the instruction, as stage 0's texts
+    long_audio: str = "windows"  # a clip of several windows: each window its own prompts, or "all" at once (paper)
     # APT-BLIP-2 (blip2.py): the vision side an APT is plugged into, and AVQA
     vision_path: str = ""  # an InstructBLIP folder (Hugging Face layout); "" = {run_dir}/vision/final (--stage vision)
     avqa_frames: int = 2  # frames per video, evenly spaced over those extracted (the public APT code: 10 at 1 fps)
@@ -75,6 +76,7 @@ class Config:
     warmup_steps: int = 50
     warmup_steps_0: int = 0  # stage 0's own warm-up (0: warmup_steps); the public APT code: 5 000, 2 000 after
     stage0_batch_size: int = 0  # stage 0's batch per process, one contrastive batch (0: batch_size)
+    atm_negatives: str = "global"  # stage 0's ATM hard negatives from every process's batch (BLIP-2), or "local"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     steps_lm: int = 600
@@ -82,6 +84,9 @@ class Config:
     steps_0: int = 600
     steps_1: int = 2500
     steps_2: int = 1500
+    steps_caption_ft: int = 0  # --stage caption_ft: 0 = caption_ft_epochs passes over caption_ft_source's captions
+    caption_ft_epochs: float = 2.0  # paper §4.2: two epochs on AudioCaps, or on Clotho, before Table 4
+    caption_ft_source: str = "audiocaps"  # or clotho; the result goes to {run_dir}/caption_ft-{source}/
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp16 (GradScaler, CUDA) / fp32
     cpu_bf16: bool = False  # with precision=auto: bf16 autocast on a CPU that computes bf16 natively (probed)
     task_ratios: str = ""  # e.g. "aqa=0.3,nlar=1": changes the stage's task mixture (train.py STAGES)
@@ -172,7 +177,7 @@ PRESETS = {
     ),
     "paper": dict(
         preset="paper", data_root="data", run_dir="runs/paper", llm_path="weights/vicuna-7b-v1.1",
-        encoder_checkpoint="weights/audiomae/pretrained.pth", target_length=1024, encoder_dim=768, encoder_depth=12,
+        encoder_checkpoint="weights/audiomae/finetuned.pth", target_length=1024, encoder_dim=768, encoder_depth=12,
         encoder_heads=12, aligner_hidden=256, aligner_layers=4, aligner_heads=4, aligner_intermediate=1024,
         num_queries=32, batch_size=8, grad_accum=4, lr=1e-4, warmup_steps=2000, steps_0=100_000, steps_1=100_000,
         steps_2=50_000, log_every=50, eval_every=5000, save_every=5000, grad_checkpointing=True,
@@ -181,6 +186,7 @@ PRESETS = {
         # stage 0 on AudioSet + WavCaps; stage 0's own warm-up, a contrastive batch of its own, BOS as in stage 0
         caption_sources="audiocaps,clotho," + WAVCAPS, tagging_sources="balanced,unbalanced",
         stage0_sources="tagging," + WAVCAPS, warmup_steps_0=5000, stage0_batch_size=128, instruction_bos=True,
+        long_audio="all",
     ),
 }
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_min import audio
-from apt_min.aligner import STAGE0_HEADS, Aligner, AlignerConfig
+from apt_min.aligner import STAGE0_HEADS, Aligner, AlignerConfig, pad_tokens
 from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError, safetensors_entries
 from apt_min.errors import SettingError
@@ -168,14 +168,20 @@ PROMPT_FORMATS = {
 
 class APT(nn.Module):
     def __init__(self, encoder: AudioMAE, aligner: Aligner, llm: Llama, tokenizer: Tokenizer,
-                 cache: FeatureCache | None = None, prompt_format: str = "plain", instruction_bos: bool = False):
+                 cache: FeatureCache | None = None, prompt_format: str = "plain", instruction_bos: bool = False,
+                 long_audio: str = "windows"):
         """instruction_bos: the aligner reads each clip's instruction after BOS, as it read every stage-0 text (the
-        paper preset's way); without, the instruction alone (how the tiny and small APTs were trained)."""
+        paper preset's way); without, the instruction alone (how the tiny and small APTs were trained). long_audio:
+        how a clip longer than one window becomes prompts: "windows", each window its own num_queries prompts, in
+        time order (the public APT code's way); "all", the aligner reads every window's tokens at once and gives
+        num_queries prompts for the whole clip (the paper's, §3.1)."""
         super().__init__()
+        if long_audio not in ("windows", "all"):
+            raise SettingError(f"long_audio={long_audio!r}: expected windows or all")
         if prompt_format not in PROMPT_FORMATS:
             raise SettingError(f"unknown prompt format {prompt_format!r}; known: {sorted(PROMPT_FORMATS)}")
         self.encoder, self.aligner, self.llm, self.tokenizer, self.cache = encoder, aligner, llm, tokenizer, cache
-        self.prompt_format, self.instruction_bos = prompt_format, instruction_bos
+        self.prompt_format, self.instruction_bos, self.long_audio = prompt_format, instruction_bos, long_audio
         self.share_prefix, self._prefixes = True, {}  # training skips the common opening (shared_prefix)
         D = llm.config.hidden_size
         if aligner.config.llm_words:  # the aligner reads words through the LLM's own table
@@ -204,9 +210,10 @@ class APT(nn.Module):
     # ------------------------------------------------------------------------------------------------ inputs
 
     def clip_prompts(self, batch, feats) -> list[list[torch.Tensor]]:
-        """The acoustic embeddings of every clip of every example, (W * Q, D) each, from one aligner pass. Each
-        clip's aligner pass is conditioned on the text that follows it (the instruction; a "label" segment is not
-        one); a clip with no text after it gets BOS alone."""
+        """The acoustic embeddings of every clip of every example, from one aligner pass: (W * Q, D) each, a clip's
+        W windows each aligned on its own, in time order (long_audio="windows"), or (Q, D), the aligner reading all
+        of a clip's windows at once ("all"). Each clip's aligner pass is conditioned on the text that follows it
+        (the instruction; a "label" segment is not one); a clip with no text after it gets BOS alone."""
         tok, jobs = self.tokenizer, []
         for b, segments in enumerate(batch):
             for i, (kind, value) in enumerate(segments):
@@ -217,8 +224,16 @@ class APT(nn.Module):
         out = [[] for _ in batch]
         if not jobs:
             return out
-        device = self.proj.weight.device
-        windows = torch.cat([f.to(device, self.proj.weight.dtype) for _, f, _ in jobs])  # (sum W, N, Da)
+        device, dtype = self.proj.weight.device, self.proj.weight.dtype
+        if self.long_audio == "all":  # one sequence per clip: every window's tokens, padded to the longest clip
+            clips, heard = pad_tokens([f for _, f, _ in jobs])  # (J, max W * N, Da), mask or None
+            ids, mask = tok.pad([ids for _, _, ids in jobs])
+            queries = self.aligner.instruct(clips.to(device, dtype), ids.to(device), mask.to(device),
+                                            None if heard is None else heard.to(device))  # (J, Q, H)
+            for (b, _, _), p in zip(jobs, self.proj(queries)):
+                out[b].append(p)  # (Q, D)
+            return out
+        windows = torch.cat([f.to(device, dtype) for _, f, _ in jobs])  # (sum W, N, Da)
         ids, mask = tok.pad([ids for _, clip, ids in jobs for _ in range(len(clip))])  # each window: its clip's text
         queries = self.aligner.instruct(windows, ids.to(device), mask.to(device))  # (sum W, Q, H)
         prompts = self.proj(queries)  # (sum W, Q, D)
@@ -367,7 +382,8 @@ class APT(nn.Module):
         state.pop("aligner.lm_decoder.weight", None)  # the same tensor as the aligner's word embeddings
         save_file(state, str(folder / "apt.safetensors"))
         meta = {"aligner": asdict(self.aligner.config), "prompt_format": self.prompt_format,
-                "instruction_bos": self.instruction_bos, "encoder": encoder_id, "llm": llm_id, **(extra or {})}
+                "instruction_bos": self.instruction_bos, "long_audio": self.long_audio, "encoder": encoder_id,
+                "llm": llm_id, **(extra or {})}
         (folder / "apt.json").write_text(json.dumps(meta, indent=1))
 
     @staticmethod
@@ -389,7 +405,8 @@ class APT(nn.Module):
                 raise CheckpointError(f"{folder}: this APT was trained against the {what} {short(meta[what])}, but "
                                       f"the {what} given is {short(have)}; load the matching {what}")
         model = cls(encoder, Aligner(AlignerConfig(**meta["aligner"])), llm, tokenizer, cache,
-                    meta.get("prompt_format", "plain"), meta.get("instruction_bos", False))
+                    meta.get("prompt_format", "plain"), meta.get("instruction_bos", False),
+                    meta.get("long_audio", "windows"))
         # a released APT (apt_min.release) leaves out the aligner's stage-0 heads, which answering never uses
         heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS) if meta.get("stage0_heads") is False else ()
         load_trainable(model, folder / "apt.safetensors", heads)

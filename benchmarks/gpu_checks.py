@@ -7,6 +7,10 @@
    frozen modules stored in bf16), then stage 1 again in fp16 with a GradScaler, in fp32, and in bf16 with the LLM's
    blocks compiled (--compile_llm=true); each run must finish with finite losses and change the trainable weights.
    Then evaluate.py --task all on the bf16 chain's result.
+3. The paper preset's stage 0 at a contrastive batch of 400 (the top of the public code's range; issue 17): the
+   paper-sized aligner (4 layers, 256 wide, 32 queries) on 400 clips' Audio-MAE tokens (512 x 768 each, random here:
+   the encoder is frozen and its features cached), ATC + ATM + AGTG forward and backward under bf16 autocast and one
+   AdamW step: it must run with finite losses; its time and peak memory are printed.
 
 Prints one table at the end.  python benchmarks/gpu_checks.py [--out DIR]
 """
@@ -139,6 +143,37 @@ def training(out: Path):
         row("evaluate.py --task all on the GPU-trained checkpoint", f"exit {rc}, {sec:.0f} s {err}", rc == 0)
 
 
+def stage0_at_batch(batch: int = 400):
+    from apt_min.aligner import Aligner, stage0_losses
+    from apt_min.config import load_config
+
+    cfg = load_config("paper")
+    aligner = Aligner(cfg.aligner_config(vocab_size=32000)).to(DEVICE)
+    opt = torch.optim.AdamW(aligner.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(0)
+    audio = torch.randn(batch, 512, cfg.encoder_dim, generator=g).to(DEVICE)
+    ids = torch.randint(3, 32000, (batch, 30), generator=g).to(DEVICE)
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    clips = torch.arange(batch, device=DEVICE)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    t0 = time.time()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        parts = stage0_losses(aligner, audio, ids, mask, clips, generator=g)
+    parts["total"].backward()
+    opt.step()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    took = time.time() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+    finite = all(math.isfinite(v.item()) for v in parts.values())
+    row(f"paper stage 0, one step at batch {batch} (ATC, ATM, AGTG; bf16)",
+        f"{took:.2f} s, peak {peak:.1f} GiB, losses " + ", ".join(f"{k} {v.item():.3f}" for k, v in parts.items()),
+        finite)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -154,6 +189,7 @@ def main():
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     numerics()
     training(out)
+    stage0_at_batch(400 if DEVICE == "cuda" else 16)
     print("\n| check | result | |\n| --- | --- | --- |")
     for r in ROWS:
         print("| " + " | ".join(r) + " |")

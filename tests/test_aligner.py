@@ -193,13 +193,13 @@ def test_stage0_losses_fall_together_when_overfitting():
     clip = torch.arange(6)
     opt = torch.optim.AdamW(aligner.parameters(), lr=5e-3)
     g = torch.Generator().manual_seed(0)
-    first = {k: v.item() for k, v in stage0_losses(aligner, audio, ids, mask, clip, g).items()}
+    first = {k: v.item() for k, v in stage0_losses(aligner, audio, ids, mask, clip, generator=g).items()}
     for _ in range(250):  # ATM plateaus, then drops (after about 150 steps here): matching needs both sides
-        losses = stage0_losses(aligner, audio, ids, mask, clip, g)
+        losses = stage0_losses(aligner, audio, ids, mask, clip, generator=g)
         opt.zero_grad()
         losses["total"].backward()
         opt.step()
-    last = {k: v.item() for k, v in stage0_losses(aligner.eval(), audio, ids, mask, clip, g).items()}
+    last = {k: v.item() for k, v in stage0_losses(aligner.eval(), audio, ids, mask, clip, generator=g).items()}
     for k in ("atc", "atm", "agtg"):
         assert last[k] < 0.5 * first[k], (k, first[k], last[k])
 
@@ -215,7 +215,8 @@ def _distributed_worker(rank, world, rendezvous, audio, ids, mask, clip, out):
     positives = clip[part][:, None] == gather_with_grad(clip[part])[None]
     loss, _, _ = atc_loss(a, t, aligner.temp, positives)
     loss.backward()
-    losses = stage0_losses(aligner, audio[part], ids[part], mask[part], clip[part], torch.Generator().manual_seed(7))
+    losses = stage0_losses(aligner, audio[part], ids[part], mask[part], clip[part],
+                           generator=torch.Generator().manual_seed(7), atm_negatives="local")
     out[rank] = {"atc": loss.item(), "grad": aligner.query_tokens.grad.clone(),
                  "stage0": {k: v.item() for k, v in losses.items()}}
     torch.distributed.destroy_process_group()
@@ -232,7 +233,8 @@ def test_stage0_across_two_processes(tmp_path, monkeypatch):
     """Two gloo processes with half the batch each (as under torchrun, without a port: a file rendezvous).
     ATC: the mean of their losses equals one process on the whole batch (every text is contrasted with every audio
     of the global batch), and each process's gradient treats the other's features as constants, as BLIP-2 does.
-    ATM and AGTG: each process equals one process on its half alone (hard negatives come from its own batch)."""
+    ATM (atm_negatives="local") and AGTG: each process equals one process on its half alone (hard negatives come
+    from its own batch)."""
     import apt_min.aligner as al
 
     audio, ids, mask = batch(B=4, T=6, seed=5)
@@ -273,10 +275,79 @@ def test_stage0_across_two_processes(tmp_path, monkeypatch):
     for rank in (0, 1):
         half = slice(2 * rank, 2 * rank + 2)
         alone = stage0_losses(random_aligner(), audio[half], ids[half], mask[half], clip[half],
-                              torch.Generator().manual_seed(7))
+                              generator=torch.Generator().manual_seed(7), atm_negatives="local")
         assert out[rank]["stage0"]["atm"] == pytest.approx(alone["atm"].item(), rel=1e-5)
         assert out[rank]["stage0"]["agtg"] == pytest.approx(alone["agtg"].item(), rel=1e-5)
         assert out[rank]["stage0"]["atc"] == pytest.approx(out[rank]["atc"], rel=1e-5)
+
+
+def _atm_pairs(aligner, *args, **kwargs):
+    """stage0_losses, and how many pairs its ATM head scored (matches and drawn negatives)."""
+    seen = []
+    hook = aligner.atm_head.register_forward_hook(lambda module, inputs, output: seen.append(len(output)))
+    losses = stage0_losses(aligner, *args, **kwargs)
+    hook.remove()
+    return {k: v.item() for k, v in losses.items()}, seen[0]
+
+
+def _atm_worker(rank, world, rendezvous, audio, ids, mask, clip, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    aligner, B = random_aligner(), audio.shape[0] // world
+    part = slice(rank * B, (rank + 1) * B)
+    width = int(mask[part].sum(1).max())  # each process's texts as long as its longest
+    out[rank] = {how: _atm_pairs(aligner, audio[part], ids[part, :width], mask[part, :width], clip[part],
+                                 generator=torch.Generator().manual_seed(7), atm_negatives=how)
+                 for how in ("local", "global")}
+    torch.distributed.destroy_process_group()
+
+
+def test_atm_negatives_can_come_from_every_process(tmp_path):
+    """Each process holds the two captions of one clip, so its own batch offers ATM no negative at all: with
+    atm_negatives="local" ATM scores the 2 matches alone; with "global" (BLIP-2's way) it also draws a wrong text
+    and a wrong audio for each pair from the other process (6 pairs), texts of different lengths padded to the
+    longest. ATC and AGTG do not change; with one process the two settings are one."""
+    audio, ids, mask = batch(B=4, T=6, seed=5)
+    mask[2:, 4:] = False  # the second process's captions are shorter: its text tensors are 4 wide, the first's 6
+    clip = torch.tensor([0, 0, 1, 1])
+    out = mp.Manager().dict()
+    mp.spawn(_atm_worker, args=(2, tmp_path / "rendezvous", audio, ids, mask, clip, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        (local, local_pairs), (world, world_pairs) = out[rank]["local"], out[rank]["global"]
+        assert local_pairs == 2 and world_pairs == 6
+        assert local["atc"] == pytest.approx(world["atc"], rel=1e-6) and local["atm"] != world["atm"]
+        assert local["agtg"] == pytest.approx(world["agtg"], rel=1e-5)
+    one = {how: _atm_pairs(random_aligner(), audio, ids, mask, clip, generator=torch.Generator().manual_seed(7),
+                           atm_negatives=how) for how in ("local", "global")}
+    assert one["local"][0]["atm"] == one["global"][0]["atm"] and one["global"][1] == 12
+
+
+def test_clips_of_different_lengths_are_padded_and_masked():
+    """pad_tokens reads a whole clip's windows (W, N, Da) as one sequence and pads shorter clips, with the mask of
+    the real tokens; the queries never hear the padding: each clip's embedding equals its own, alone, and every
+    stage-0 loss is unchanged when a batch is padded further."""
+    from apt_min.aligner import pad_tokens
+
+    aligner = random_aligner().eval()
+    g = torch.Generator().manual_seed(3)
+    long, short = torch.randn(3, 4, CFG.audio_dim, generator=g), torch.randn(1, 4, CFG.audio_dim, generator=g)
+    feats, heard = pad_tokens([long, short])
+    assert feats.shape == (2, 12, CFG.audio_dim) and heard.sum(1).tolist() == [12, 4]
+    assert torch.equal(feats[0], long.reshape(12, -1)) and not feats[1, 4:].any()
+    assert pad_tokens([long, long])[1] is None  # one length: no mask
+    with torch.no_grad():
+        both = aligner.encode_audio(feats, heard)
+        torch.testing.assert_close(both[1], aligner.encode_audio(short)[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(both[0], aligner.encode_audio(long.reshape(1, 12, -1))[0], rtol=1e-5, atol=1e-6)
+        audio, ids, mask = batch(B=4, T=6, seed=5)
+        clip = torch.arange(4)
+        padded = torch.cat([audio, torch.randn(4, 5, CFG.audio_dim)], dim=1)  # 5 more tokens each, masked out
+        real = torch.arange(padded.shape[1])[None].expand(4, -1) < audio.shape[1]
+        for how in ("local", "global"):
+            plain = stage0_losses(aligner, audio, ids, mask, clip, generator=torch.Generator().manual_seed(1),
+                                  atm_negatives=how)
+            more = stage0_losses(aligner, padded, ids, mask, clip, real, torch.Generator().manual_seed(1), how)
+            for k in ("atc", "atm", "agtg"):
+                assert more[k].item() == pytest.approx(plain[k].item(), rel=1e-5), (how, k)
 
 
 def _others_detached(x, mine):
@@ -296,7 +367,7 @@ def test_clip_ids_and_retrieval_recall():
     # embeddings made by hand: clip i's queries point at axis i; caption j at the axis of clip owner_of[j] or not
     audio = torch.eye(3)[:, None, :].expand(3, 2, 3)  # (A, Q, E)
     owner = torch.tensor([0, 0, 1, 2])
-    aligner.encode_audio = lambda feats: audio
+    aligner.encode_audio = lambda feats, heard=None: audio
     for texts, a2t, t2a in ((torch.eye(3)[owner], 1.0, 1.0),  # every caption matches its clip
                             # clip 0's captions point at clip 1: clip 1 retrieves caption 0 (wrong), clip 0 scores all
                             # captions 0 and takes the first (its own), clip 2 its own; captions: 2 of 4 right

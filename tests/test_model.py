@@ -135,6 +135,32 @@ def test_instruction_bos_puts_bos_before_each_instruction_and_is_saved_with_the_
     assert make_apt(parts).instruction_bos is False
 
 
+def test_long_audio_all_reads_a_whole_clip_at_once(parts, tmp_path):
+    """long_audio="all" (the paper's §3.1): a clip of any length becomes num_queries prompts, the aligner reading
+    all its windows' tokens as one sequence; batched beside a one-window clip (padded, masked) it gives what it gives
+    alone. The setting is the APT's own, saved and restored with it."""
+    _, tok, encoder, llm, (short, _, long) = parts
+    apt = make_apt(parts).eval()
+    apt.long_audio = "all"
+    feats, _ = apt.encode_clips([short, long])
+    question = "How many times?"
+    with torch.no_grad():
+        both = apt.clip_prompts([[("audio", short), ("text", question)], [("audio", long), ("text", question)]], feats)
+        ids = torch.tensor([tok.encode(question, bos=False)])
+        whole = feats[long].float().reshape(1, -1, feats[long].shape[-1])  # (1, 3 N, Da)
+        alone = apt.proj(apt.aligner.instruct(whole, ids))[0]
+        assert both[1][0].shape == (4, 48) and rel_max_error(both[1][0], alone) <= 1e-5
+        one = apt.proj(apt.aligner.instruct(feats[short].float(), ids))[0]
+        assert rel_max_error(both[0][0], one) <= 1e-5  # the short clip, padded in the batch, as alone
+        assert rel_max_error(both[1][0], apt.proj(apt.aligner.instruct(whole[:, :feats[short].shape[1]], ids))[0]) \
+            > 1e-3  # the later windows are heard
+    ids = ({"fingerprint": "enc-1"}, {"fingerprint": "llm-1"})
+    apt.save(tmp_path / "apt", *ids)
+    assert APT.load(tmp_path / "apt", encoder, llm, tok, *ids).long_audio == "all"
+    with pytest.raises(ValueError, match="long_audio='some'"):
+        APT(encoder, apt.aligner, llm, tok, long_audio="some")
+
+
 def test_only_trainable_tensors_learn(parts):
     _, _, encoder, llm, (a, b, _) = parts
     apt = make_apt(parts)

@@ -1,6 +1,7 @@
 """train.py end to end on a miniature of the tiny preset: stages, resume after SIGKILL, DDP, atomic checkpoints."""
 
 import json
+import math
 import os
 import random
 import shutil
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import train
-from apt_min import data
+from apt_min import data, evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -333,6 +334,28 @@ def test_stage_0_has_its_own_contrastive_batch_and_warm_up(prepared, tmp_path):
     assert job.sampler.batch_size == 6 and info["examples"] == 6 and loss.isfinite()
     paper = train.load_config("paper", {})
     assert (paper.stage0_batch_size, paper.warmup_steps_0, paper.warmup_steps) == (128, 5000, 2000)
+
+
+def test_caption_fine_tuning_makes_whole_passes_over_one_caption_set(trained, tmp_path):
+    """--stage caption_ft (paper §4.2, before Table 4): stage 2's APT tuned on one caption set's training captions
+    alone, for caption_ft_epochs passes; saved beside the stages in caption_ft-{source}/ (so evaluation finds the
+    run's stage-0 aligner)."""
+    tmp = copy_of(trained, tmp_path)
+    captions = data.examples("captioning", tmp / "synth", "train", source="clotho", rng=random.Random(0))
+    train.main(["--stage", "caption_ft", *opts(tmp, "--caption_ft_source=clotho", "--caption_ft_epochs=0.5")])
+    folder = tmp / "run" / "caption_ft-clotho"
+    steps = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    assert len(steps) == math.ceil(0.5 * len(captions) / 4) and len(steps) > 4  # batch_size 4 (the miniature's)
+    assert all({k for k in r if k.startswith("loss_")} == {"loss_captioning"} for r in steps)
+    meta = json.loads((folder / "final" / "apt.json").read_text())
+    assert meta["stage"] == "caption_ft" and meta["config"]["caption_ft_source"] == "clotho"
+    before = load_file(str(tmp / "run" / "stage2" / "final" / "apt.safetensors"))
+    after = load_file(str(folder / "final" / "apt.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert evaluation.stage0_aligner(folder / "final", "cpu") is not None
+    with pytest.raises(SystemExit, match="--caption_ft_source='wavcaps:FreeSound': audiocaps or clotho"):
+        train.main(["--stage", "caption_ft", *opts(tmp, "--caption_ft_source=wavcaps:FreeSound")])
 
 
 def test_precision_settings():
