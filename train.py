@@ -330,8 +330,6 @@ class TuneAPT:
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
         needs = STAGES[stage]["needs"]
         prev = stage_dir(cfg, needs) / "final"
-        if stage == "caption_ft" and cfg.caption_ft_source not in ("audiocaps", "clotho"):
-            raise SettingError(f"--caption_ft_source={cfg.caption_ft_source!r}: audiocaps or clotho (the paper's two)")
         if not (prev / ("aligner.json" if stage == "1" else "apt.json")).is_file():
             raise SystemExit(f"stage {stage} starts from stage {needs}'s result, which is not in {prev}/; run "
                              f"`python train.py --stage {needs}` first")

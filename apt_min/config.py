@@ -205,8 +205,17 @@ def _parse(name: str, kind: str, text: str):
         raise SettingError(f"--{name}: expected {kind}, got {text!r}") from None
 
 
+CHOICES = {  # the settings that name one of a few ways; anything else is an error before a run starts
+    "encoder_init": ("random", "mae"), "aligner_words": ("own", "llm"), "aligner_init": ("random", "llm"),
+    "prompt_format": ("plain", "smollm2-chat", "instructblip"), "precision": ("auto", "bf16", "fp16", "fp32"),
+    "fewshot_layout": ("paper", "list"), "fewshot_shapes": ("4x1", "mixed"), "atm_negatives": ("global", "local"),
+    "long_audio": ("windows", "all"), "caption_ft_source": ("audiocaps", "clotho"),
+}
+
+
 def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None) -> Config:
-    """The preset, then `--key=value` strings (or a dict) on top. Unknown presets and keys are errors."""
+    """The preset, then `--key=value` strings (or a dict) on top. Unknown presets and keys, and values outside a
+    setting's CHOICES, are errors."""
     if preset not in PRESETS:
         raise SettingError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
     cfg = Config(**PRESETS[preset])
@@ -217,6 +226,9 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
         if key not in kinds:
             raise SettingError(f"unknown setting --{key}; known: {', '.join(sorted(kinds))}")
         setattr(cfg, key, _parse(key, kinds[key], value) if isinstance(value, str) else value)
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise SettingError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
     return cfg
 
 

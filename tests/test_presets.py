@@ -12,6 +12,17 @@ from apt_min.model import APT
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
 
+def test_a_setting_that_names_one_of_a_few_ways_is_checked_before_anything_runs():
+    from apt_min.config import CHOICES
+    from apt_min.errors import SettingError
+
+    for preset in ("tiny", "small", "paper"):
+        load_config(preset)  # every preset's own values are among the choices
+    for key, allowed in CHOICES.items():
+        with pytest.raises(SettingError, match=f"--{key}='nonsense': expected one of {', '.join(allowed)}"):
+            load_config("tiny", [f"--{key}=nonsense"])
+
+
 def test_overrides():
     cfg = load_config("paper", ["--batch_size=2", "--grad_checkpointing=false", "--lr=3e-5"])
     assert (cfg.batch_size, cfg.grad_checkpointing, cfg.lr, cfg.num_queries) == (2, False, 3e-5, 32)

@@ -354,7 +354,7 @@ def test_caption_fine_tuning_makes_whole_passes_over_one_caption_set(trained, tm
     after = load_file(str(folder / "final" / "apt.safetensors"))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     assert evaluation.stage0_aligner(folder / "final", "cpu") is not None
-    with pytest.raises(SystemExit, match="--caption_ft_source='wavcaps:FreeSound': audiocaps or clotho"):
+    with pytest.raises(SystemExit, match="--caption_ft_source='wavcaps:FreeSound': expected one of audiocaps, clotho"):
         train.main(["--stage", "caption_ft", *opts(tmp, "--caption_ft_source=wavcaps:FreeSound")])
 
 
