@@ -301,6 +301,10 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None, coverage: dat
                         "answer": item["answer"], "relation": item["relation"],
                         **{m: {"said": a.said, "named": a.named, "ranked": int(a.scores.argmax()),
                                "cloze": int(a.cloze.argmax())} for m, a in answers.items()}})
+    if not records:
+        raise data.DataError(f"avqa: nothing to score: of the {len(coverage.listed)} videos listed, "
+                             f"{len(coverage.missing)} lack their frames or audio and {len(coverage.unreadable)} "
+                             f"cannot be decoded (e.g. {coverage.lines()[:2]})")
     positions = [r["answer"] for r in records]
     fixed = max(set(positions), key=positions.count)
     baseline = sum(p == fixed for p in positions) / len(records)
@@ -312,10 +316,6 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None, coverage: dat
             protocol = (f"4-way accuracy over {len(records)} questions (baseline: always option {fixed})"
                         if not rows else "")
             rows.append((f"{mode}, {how}", acc, baseline, protocol))
-    if not records:
-        raise data.DataError(f"avqa: nothing to score: of the {len(coverage.listed)} videos listed, "
-                             f"{len(coverage.missing)} lack their frames or audio and {len(coverage.unreadable)} "
-                             f"cannot be decoded (e.g. {coverage.lines()[:2]})")
     protocol = "questions that need the picture and the sound (Both), the picture (View), the sound (Sound)"
     for key in ("ranked", "cloze"):
         for relation in sorted({r["relation"] for r in records} - {""}):

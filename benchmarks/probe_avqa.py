@@ -9,7 +9,8 @@ prompts: the APT's tagging prompt (or "What objects are in the picture?" for the
 objects well after the first two but not after the third carries what the question needs, and loses it to the
 option list (the tiny stand-in LLM never read one: README, Results, APT-BLIP-2).
 
-    python benchmarks/probe_avqa.py [--preset small] [--videos 60]   (after --stage vision; 40 s for tiny on 2 cores)
+    python benchmarks/probe_avqa.py [--preset small] [--videos 60] [--key=value ...]   (after --stage vision; 40 s
+                                                                                         for tiny on 2 cores)
 """
 
 import argparse
@@ -37,8 +38,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--videos", type=int, default=60)
-    args = ap.parse_args()
-    cfg = load_config(args.preset, {})
+    args, rest = ap.parse_known_args()
+    cfg = load_config(args.preset, rest)  # any setting as --key=value (--run_dir=... probes another run)
     model = load_apt_blip2(cfg, resolve_checkpoint(cfg, None))
     apt, names = model.apt, [c.name for c in synth.TRAIN_CLASSES]
     truth = {q["video_name"]: q for q in json.loads((Path(cfg.data_root) / "avqa" / "val_qa.json").read_text())}

@@ -128,6 +128,11 @@ def test_avqa_scores_on_scripted_answers():
     rows, records = eval_avqa(Scripted(script), [*items, broken], Options(), coverage=coverage)
     assert [r["video_name"] for r in records] == ["v0", "v1", "v2", "v3"] and coverage.unreadable == {broken["audio"]:
                                                                                                 "not audio"}
+    lone = data.Coverage()
+    lone.listed = {broken["audio"]: "val_qa.json"}
+    with pytest.raises(data.DataError, match="avqa: nothing to score: of the 1 videos listed, 0 lack their frames or "
+                       "audio and 1 cannot be decoded"):
+        eval_avqa(Scripted(script), [broken], Options(), coverage=lone)
     assert avqa_coverage_row(records, coverage) == (
         "videos scored", 4, None, "4 questions on 4 videos; the test data lists 5 videos' clips or frames: 0 missing, "
         "1 unreadable (listed in missing_avqa.txt)")
