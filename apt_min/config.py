@@ -124,8 +124,6 @@ class Config:
         """llm_dim: the LLM's width, which an aligner reading the LLM's word table (aligner_words=llm) needs."""
         from apt_min.aligner import AlignerConfig
 
-        if self.aligner_words not in ("own", "llm"):
-            raise SettingError(f"--aligner_words={self.aligner_words!r}: expected own or llm")
         return AlignerConfig(vocab_size=vocab_size, audio_dim=self.encoder_dim, hidden_size=self.aligner_hidden,
                              num_layers=self.aligner_layers, num_heads=self.aligner_heads,
                              intermediate_size=self.aligner_intermediate, num_queries=self.num_queries,

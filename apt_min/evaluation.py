@@ -389,12 +389,12 @@ def readable(apt, examples, coverage: data.Coverage, strict: bool = False, chunk
 def coverage_row(name, examples, coverage: data.Coverage, opts: Options) -> tuple:
     """("clips scored", how many distinct clips the scored examples hold, None, what the split listed and what of it
     was missing or unreadable, and where those are listed)."""
-    lost = len(coverage.missing) + len(coverage.unreadable)
-    text = (f"scored on {len(clips_of(examples))} clips; the test data lists {len(coverage.listed)}: "
+    lost, scored = len(coverage.missing) + len(coverage.unreadable), len(clips_of(examples))
+    text = (f"scored on {scored} clips; the test data lists {len(coverage.listed)}: "
             f"{len(coverage.missing)} missing, {len(coverage.unreadable)} unreadable")
     text += f" (listed in missing_{name}.txt)" if lost else ""
     text += "; --limit took the first examples" if opts.limit and EVALUATIONS[name][0] != "fewshot" else ""
-    return ("clips scored", len(clips_of(examples)), None, text)
+    return ("clips scored", scored, None, text)
 
 
 def evaluate(name, apt, cfg, opts: Options):
