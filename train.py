@@ -588,6 +588,8 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
     warmup = cfg.warmup_steps_0 if stage == "0" and cfg.warmup_steps_0 else cfg.warmup_steps  # stage 0's own
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg, total, warmup))
     ckpts, step, skipped = Checkpoints(out / "checkpoints", cfg.keep_checkpoints), 0, 0
+    if not resume and rank == 0:
+        set_aside_previous_run(out)
     if resume:
         step, skipped = restore(ckpts, job, opt, sched)
         if rank == 0:
@@ -770,6 +772,22 @@ def truncate_log(path: Path, step: int):
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
+
+
+def set_aside_previous_run(out: Path):
+    """A fresh run (no --resume) where a previous run of the stage left its log and checkpoints: they move to
+    {out}/previous/ (replacing an older one there), so the new log holds this run's steps once, and this run's
+    checkpoints are not pruned in favour of the previous run's higher-numbered ones."""
+    old = [p for p in (out / "log.jsonl", out / "checkpoints") if p.exists()]
+    if not old:
+        return
+    previous = out / "previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir(parents=True)
+    for p in old:
+        p.rename(previous / p.name)
+    print(f"a fresh run: the previous run's {' and '.join(p.name for p in old)} moved to {previous}/ "
+          f"(--resume continues a run instead)")
 
 
 def nothing_to_train(keep: list, world: int, device) -> bool:

@@ -295,12 +295,12 @@ def caption_keys(text_ids, text_mask) -> torch.Tensor:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from every process along dim 0; the local slice keeps its gradient (the others are constants).
-    Without torch.distributed, x itself."""
+    """Concatenate x from every process along dim 0 (their batches may differ in size: a process that skipped an
+    unreadable clip has fewer pairs); the local slice keeps its gradient (the others are constants). Without
+    torch.distributed, x itself."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+    parts = gather_parts(x.detach())
     parts[dist.get_rank()] = x
     return torch.cat(parts)
 
@@ -312,10 +312,26 @@ def gather_all(x: torch.Tensor) -> torch.Tensor:
         return x
     width = torch.tensor([x.shape[1]], device=x.device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
-    x = F.pad(x.detach(), (0, 0) * (x.dim() - 2) + (0, int(width) - x.shape[1])).contiguous()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
+    return torch.cat(gather_parts(F.pad(x.detach(), (0, 0) * (x.dim() - 2) + (0, int(width) - x.shape[1]))))
+
+
+def gather_parts(x: torch.Tensor) -> list[torch.Tensor]:
+    """[x of process 0, x of process 1, ...] (no gradient), each at its own length in dim 0; the other dims must
+    agree. all_gather needs equal shapes, so each is padded to the longest and cut back after."""
+    sizes = batch_sizes(x.shape[0], x.device)
+    padded = torch.cat([x, x.new_zeros(max(sizes) - x.shape[0], *x.shape[1:])]).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [p[:n] for p, n in zip(parts, sizes)]
+
+
+def batch_sizes(n: int, device=None) -> list[int]:
+    """Every process's n (its batch size), in rank order; [n] without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [n]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([n], device=device))
+    return [int(k) for k in sizes]
 
 
 def atc_loss(audio_emb, text_emb, temp, positives, label_smoothing: float = 0.1):
@@ -370,7 +386,8 @@ def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, 
     # from this process's pairs or from every process's
     B = audio_feats.shape[0]
     if sim_a2t.shape[1] == B or atm_negatives == "local":
-        pool = slice(0, B) if sim_a2t.shape[1] == B else slice(dist.get_rank() * B, (dist.get_rank() + 1) * B)
+        start = 0 if sim_a2t.shape[1] == B else sum(batch_sizes(B, audio_feats.device)[:dist.get_rank()])
+        pool = slice(start, start + B)
         pool_audio, pool_heard, pool_ids, pool_mask = audio_feats, audio_mask, text_ids, text_mask
     else:  # every process's pairs (no gradient flows through them: the audio is frozen features, the text ids)
         pool = slice(None)

@@ -9,8 +9,15 @@ prompts: the APT's tagging prompt (or "What objects are in the picture?" for the
 objects well after the first two but not after the third carries what the question needs, and loses it to the
 option list (the tiny stand-in LLM never read one: README, Results, APT-BLIP-2).
 
-    python benchmarks/probe_avqa.py [--preset small] [--videos 60] [--key=value ...]   (after --stage vision; 40 s
-                                                                                         for tiny on 2 cores)
+Then whether the LLM combines the two sides, on the questions that need both ("Which object is making a sound?",
+asked alone: cloze). Their four options are the answer (pictured and heard), an object only pictured, one only heard
+and one neither, so the likeliest option says what the LLM followed: a side that it reads picks a pictured (or heard)
+option far above half the time; combining both picks the answer. Each mode's rates of a pictured, a heard and the
+right option, for video only, audio only, audio + video in AVQA's order and reversed, and with another video's
+picture or sound put first (the LLM told of two clips or two pictures, the question not saying which).
+
+    python benchmarks/probe_avqa.py [--preset small] [--videos 60] [--both 80] [--key=value ...]
+                                    (after --stage vision; 1 min for tiny on 2 cores, 5 for small)
 """
 
 import argparse
@@ -38,6 +45,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--videos", type=int, default=60)
+    ap.add_argument("--both", type=int, default=80, help="questions that need both senses, for the second part")
     args, rest = ap.parse_known_args()
     cfg = load_config(args.preset, rest)  # any setting as --key=value (--run_dir=... probes another run)
     model = load_apt_blip2(cfg, resolve_checkpoint(cfg, None))
@@ -53,7 +61,7 @@ def main():
         for item in items:
             video = truth[item["video"]]
             feats = apt.encode_clips([item["audio"]], strict=True)[0]
-            pixels = torch.stack([model.blip.processing(f) for f in item["frames"]])
+            pixels = frames(model, item)
             for k in heard_prompts:
                 prompt = heard_prompts[k] or avqa_prompt(item["question"], item["options"])
                 ranks["heard", k] += mean_rank(apt, [("audio", item["audio"]), ("text", prompt)], feats, names,
@@ -66,6 +74,40 @@ def main():
           f"{len(items)} videos")
     for (side, k), r in ranks.items():
         print(f"  {side:<9} objects, {k:<15} {np.mean(r):5.2f}")
+    both = [i for i in data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, True) if i["relation"] == "Both"]
+    combined(model, both[:args.both], truth)
+
+
+MIXES = {"video only": "V", "audio only": "A", "audio + video": "VA", "video after audio": "AV",
+         "audio after another video": "vA", "video after another video": "vV",
+         "audio after another clip": "aA", "video after another clip": "aV"}  # v, a: the previous question's
+
+
+def combined(model, items, truth):
+    """The second part (module docstring): for each mode, how often the likeliest option is pictured, heard, right."""
+    apt, picks = model.apt, {m: np.zeros(3) for m in MIXES}
+    with torch.no_grad():
+        prev = items[-1]
+        for item in items:
+            video, q = truth[item["video"]], item["question"]
+            feats = apt.encode_clips([item["audio"], prev["audio"]], strict=True)[0]
+            parts = {"V": ("prompts", model.blip.frame_prompts(frames(model, item), q)), "A": ("audio", item["audio"]),
+                     "v": ("prompts", model.blip.frame_prompts(frames(model, prev), q)), "a": ("audio", prev["audio"])}
+            for mode, code in MIXES.items():
+                scores = apt.choice_logprob([parts[c] for c in code] + [("text", q)], item["options"], feats)
+                said = item["options"][int(scores.argmax())]
+                right = item["options"][item["answer"]]
+                picks[mode] += [said in video["pictured"], said in video["heard"], said == right]
+            prev = item
+    print(f"questions that need both, asked alone ({len(items)}): how often the likeliest option is pictured, heard, "
+          f"right (chance 0.50, 0.50, 0.25)")
+    for mode, (pictured, heard, right) in picks.items():
+        n = len(items)
+        print(f"  {mode:<27} pictured {pictured / n:.3f}  heard {heard / n:.3f}  right {right / n:.3f}")
+
+
+def frames(model, item) -> torch.Tensor:
+    return torch.stack([model.blip.processing(f) for f in item["frames"]])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The aligner against transformers' BLIP-2 / InstructBLIP Q-Formers; its masks; hard negatives; stage-0 losses."""
 
+import math
 import re
 
 import pytest
@@ -279,6 +280,42 @@ def test_stage0_across_two_processes(tmp_path, monkeypatch):
         assert out[rank]["stage0"]["atm"] == pytest.approx(alone["atm"].item(), rel=1e-5)
         assert out[rank]["stage0"]["agtg"] == pytest.approx(alone["agtg"].item(), rel=1e-5)
         assert out[rank]["stage0"]["atc"] == pytest.approx(out[rank]["atc"], rel=1e-5)
+
+
+def _unequal_worker(rank, world, rendezvous, audio, ids, mask, clip, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    part = slice(0, 3) if rank == 0 else slice(3, 4)  # one process skipped two of its clips
+    out[rank] = {how: {k: v.item() for k, v in stage0_losses(
+        random_aligner(), audio[part], ids[part], mask[part], clip[part], generator=torch.Generator().manual_seed(7),
+        atm_negatives=how).items()} for how in ("local", "global")}
+    torch.distributed.destroy_process_group()
+
+
+def test_stage0_across_processes_with_batches_of_different_sizes(tmp_path, monkeypatch):
+    """Under torchrun a process that skipped unreadable clips holds fewer pairs than the others (here 3 and 1):
+    the gathers still line up (all_gather needs equal shapes). Each process's ATC equals its rows' loss against the
+    whole batch in one process, and local ATM equals that process's pairs alone (its rows found at their offset)."""
+    import apt_min.aligner as al
+
+    audio, ids, mask = batch(B=4, T=6, seed=5)
+    ids[:, 0] = 1
+    clip = torch.arange(4)
+    out = mp.Manager().dict()
+    mp.spawn(_unequal_worker, args=(2, tmp_path / "rendezvous", audio, ids, mask, clip, out), nprocs=2, join=True)
+    aligner = random_aligner()
+    a, t = _atc_embeddings(aligner, audio, ids, mask)
+    for rank, rows in ((0, slice(0, 3)), (1, slice(3, 4))):
+        mine_a, mine_t = a[rows], t[rows]
+        full = {id(mine_a): a, id(mine_t): t}
+        with monkeypatch.context() as m:
+            m.setattr(al, "gather_with_grad", lambda x, full=full: full[id(x)])
+            expected, _, _ = al.atc_loss(mine_a, mine_t, aligner.temp, clip[rows][:, None] == clip[None])
+        assert out[rank]["local"]["atc"] == pytest.approx(expected.item(), rel=1e-5)
+        assert out[rank]["global"]["atc"] == pytest.approx(expected.item(), rel=1e-5)
+        alone = stage0_losses(random_aligner(), audio[rows], ids[rows], mask[rows], clip[rows],
+                              generator=torch.Generator().manual_seed(7), atm_negatives="local")
+        assert out[rank]["local"]["atm"] == pytest.approx(alone["atm"].item(), rel=1e-5)
+        assert math.isfinite(out[rank]["global"]["atm"]) and out[rank]["global"]["atm"] != alone["atm"].item()
 
 
 def _atm_pairs(aligner, *args, **kwargs):

@@ -96,6 +96,23 @@ def test_resume_after_sigkill_continues_where_the_checkpoint_left_off(prepared, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_fresh_run_sets_the_previous_runs_log_and_checkpoints_aside(prepared, tmp_path):
+    """Run a stage for 6 steps, then afresh (no --resume) for 2: the log holds the new run's steps once, its
+    checkpoints are the new run's (not pruned in favour of the old step_0000006), so --resume finds them; the old
+    run's log and checkpoints are kept in previous/."""
+    tmp = copy_of(prepared, tmp_path)
+    train.main(["--stage", "1", *opts(tmp, "--steps_1=6", "--save_every=2", "--log_every=1", "--keep_checkpoints=2")])
+    train.main(["--stage", "1", *opts(tmp, "--steps_1=2", "--save_every=1", "--log_every=1", "--keep_checkpoints=2")])
+    folder = tmp / "run" / "stage1"
+    assert [r["step"] for r in log_records(tmp, "stage1")] == [0, 1, 2, 2]  # validation, steps, validation
+    assert sorted(p.name for p in (folder / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002"]
+    assert train.Checkpoints(folder / "checkpoints", 2).load()[1]["step"] == 2
+    old = [json.loads(line)["step"] for line in (folder / "previous" / "log.jsonl").read_text().splitlines()]
+    assert max(old) == 6 and (folder / "previous" / "checkpoints" / "step_0000006").is_dir()
+    train.main(["--stage", "1", "--resume", *opts(tmp, "--steps_1=2", "--save_every=1", "--log_every=1")])
+    assert [r["step"] for r in log_records(tmp, "stage1")] == [0, 1, 2, 2]  # resumed at its end: nothing more
+
+
 def crash_at_batch(monkeypatch, n):
     """Make the n-th training batch raise, as if the process died there (validation draws no batches)."""
     calls, real = [0], data.TaskSampler.next_batch
