@@ -16,8 +16,8 @@ option far above half the time; combining both picks the answer. Each mode's rat
 right option, for video only, audio only, audio + video in AVQA's order and reversed, and with another video's
 picture or sound put first (the LLM told of two clips or two pictures, the question not saying which).
 
-    python benchmarks/probe_avqa.py [--preset small] [--videos 60] [--both 80] [--key=value ...]
-                                    (after --stage vision; 1 min for tiny on 2 cores, 5 for small)
+    python benchmarks/probe_avqa.py [--preset small] [--videos 60] [--both 150] [--key=value ...]
+                                    (after --stage vision; 2 min for tiny on 2 cores, 5-10 for small)
 """
 
 import argparse
@@ -45,7 +45,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--videos", type=int, default=60)
-    ap.add_argument("--both", type=int, default=80, help="questions that need both senses, for the second part")
+    ap.add_argument("--both", type=int, default=150, help="questions that need both senses, for the second part")
     args, rest = ap.parse_known_args()
     cfg = load_config(args.preset, rest)  # any setting as --key=value (--run_dir=... probes another run)
     model = load_apt_blip2(cfg, resolve_checkpoint(cfg, None))
@@ -75,7 +75,11 @@ def main():
     for (side, k), r in ranks.items():
         print(f"  {side:<9} objects, {k:<15} {np.mean(r):5.2f}")
     both = [i for i in data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, True) if i["relation"] == "Both"]
-    combined(model, both[:args.both], truth)
+    rates = sides_followed(model, both[:args.both], truth)
+    print(f"questions that need both, asked alone ({min(len(both), args.both)}): how often the likeliest option is "
+          f"pictured, heard, right (chance 0.50, 0.50, 0.25)")
+    for mode, (pictured, heard, right) in rates.items():
+        print(f"  {mode:<27} pictured {pictured:.3f}  heard {heard:.3f}  right {right:.3f}")
 
 
 MIXES = {"video only": "V", "audio only": "A", "audio + video": "VA", "video after audio": "AV",
@@ -83,8 +87,9 @@ MIXES = {"video only": "V", "audio only": "A", "audio + video": "VA", "video aft
          "audio after another clip": "aA", "video after another clip": "aV"}  # v, a: the previous question's
 
 
-def combined(model, items, truth):
-    """The second part (module docstring): for each mode, how often the likeliest option is pictured, heard, right."""
+def sides_followed(model, items, truth) -> dict[str, np.ndarray]:
+    """The second part (module docstring): {mode: [how often the likeliest option is pictured, heard, right]} over
+    `items`, questions that need both senses (data.avqa_items); truth: val_qa.json's records by video name."""
     apt, picks = model.apt, {m: np.zeros(3) for m in MIXES}
     with torch.no_grad():
         prev = items[-1]
@@ -99,11 +104,7 @@ def combined(model, items, truth):
                 right = item["options"][item["answer"]]
                 picks[mode] += [said in video["pictured"], said in video["heard"], said == right]
             prev = item
-    print(f"questions that need both, asked alone ({len(items)}): how often the likeliest option is pictured, heard, "
-          f"right (chance 0.50, 0.50, 0.25)")
-    for mode, (pictured, heard, right) in picks.items():
-        n = len(items)
-        print(f"  {mode:<27} pictured {pictured / n:.3f}  heard {heard / n:.3f}  right {right / n:.3f}")
+    return {mode: counts / len(items) for mode, counts in picks.items()}
 
 
 def frames(model, item) -> torch.Tensor:

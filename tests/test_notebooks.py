@@ -39,6 +39,7 @@ PRINTED = {  # what each notebook must print (sizes that do not depend on the mi
                              "trained in stages 1-2: 15.7 M parameters"],
     "13_audio_visual.ipynb": ["24 looks: bell = red circle, siren = green circle", "the same LLM object in both: True",
                               "audio-visual  positions = ", "visual + <AUDIO> + ", "audio-visual, cloze likelihood",
+                              "audio after another video   pictured 0.",
                               "EVA ViT-g/14 on the meta device: 39 blocks, 1408-d, 256 + 1 tokens per frame"],
 }
 
