@@ -870,7 +870,7 @@ def sources(cfg, setting: str) -> list[str]:
     misspelt one is an error naming the setting rather than a data set silently left out."""
     names = [s.strip() for s in getattr(cfg, setting).split(",") if s.strip()]
     if setting == "tagging_sources":
-        known = sorted(set(data.LAYOUT["audioset"]["segments"]) - {"test"})
+        known = sorted(set(data.LAYOUT["audioset"]["segments"]) - {"train", "test"})  # splits' names, not sources
     else:
         known = ["audiocaps", "clotho", "wavcaps:<subset>"] + ["tagging"] * (setting == "stage0_sources")
     for name in names:
@@ -878,6 +878,8 @@ def sources(cfg, setting: str) -> list[str]:
             raise SettingError(f"--{setting}: unknown source {name!r}; known: {', '.join(known)}")
     if not names:
         raise SettingError(f"--{setting} names no source; known: {', '.join(known)}")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise SettingError(f"--{setting} names {', '.join(twice)} twice: each source's examples would be drawn twice")
     return names
 
 

@@ -36,9 +36,9 @@ class DataError(UserError, ValueError):
 
 
 LAYOUT = {  # relative to the data root; {split} and the audio pattern's fields are filled per record
-    "audioset": {"segments": {"train": "audioset/balanced_train_segments.csv",  # tagging_sources' names: train or
-                              "balanced": "audioset/balanced_train_segments.csv",  # balanced (22 k clips),
-                              "unbalanced": "audioset/unbalanced_train_segments.csv",  # unbalanced (2 M)
+    "audioset": {"segments": {"train": "audioset/balanced_train_segments.csv",  # the train split (the readers')
+                              "balanced": "audioset/balanced_train_segments.csv",  # tagging_sources' names: balanced
+                              "unbalanced": "audioset/unbalanced_train_segments.csv",  # (22 k clips), unbalanced (2 M)
                               "test": "audioset/eval_segments.csv"},
                  "strong": {"train": "audioset/audioset_train_strong.tsv", "test": "audioset/audioset_eval_strong.tsv"},
                  "classes": "audioset/class_labels_indices.csv", "names": "audioset/mid_to_display_name.tsv",

@@ -328,7 +328,8 @@ def test_data_sources_are_settings_and_the_paper_preset_reads_the_papers(trained
     assert {ex.answer for ex in more0} >= set(wavcaps)
     assert not {ex.answer for ex in base["captioning"]} & {ex.answer for ex in more0}  # no AudioCaps, no Clotho
     for setting, value in (("caption_sources", "audiocap"), ("tagging_sources", "test"), ("stage0_sources", ""),
-                           ("tagging_sources", "wavcaps:FreeSound")):
+                           ("tagging_sources", "wavcaps:FreeSound"), ("tagging_sources", "train,balanced"),
+                           ("caption_sources", "clotho,audiocaps,clotho")):
         with pytest.raises(SystemExit, match=f"--{setting}"):
             train.main(["--stage", "1", *opts(tmp_path), f"--{setting}={value}"])  # before anything runs
     paper = train.load_config("paper", {})
