@@ -230,6 +230,17 @@ def _atc_embeddings(aligner, audio, ids, mask):
     return a, t
 
 
+def _in_two_processes(worker, tmp_path):
+    """Four audio-text pairs (texts starting with BOS, one clip each) and what `worker` reports from two gloo
+    processes given them (as under torchrun, without a port: a file rendezvous): (audio, ids, mask, clip, out)."""
+    audio, ids, mask = batch(B=4, T=6, seed=5)
+    ids[:, 0] = 1
+    clip = torch.arange(4)
+    out = mp.Manager().dict()
+    mp.spawn(worker, args=(2, tmp_path / "rendezvous", audio, ids, mask, clip, out), nprocs=2, join=True)
+    return audio, ids, mask, clip, out
+
+
 def test_stage0_across_two_processes(tmp_path, monkeypatch):
     """Two gloo processes with half the batch each (as under torchrun, without a port: a file rendezvous).
     ATC: the mean of their losses equals one process on the whole batch (every text is contrasted with every audio
@@ -238,11 +249,7 @@ def test_stage0_across_two_processes(tmp_path, monkeypatch):
     from its own batch)."""
     import apt_min.aligner as al
 
-    audio, ids, mask = batch(B=4, T=6, seed=5)
-    ids[:, 0] = 1
-    clip = torch.arange(4)
-    out = mp.Manager().dict()
-    mp.spawn(_distributed_worker, args=(2, tmp_path / "rendezvous", audio, ids, mask, clip, out), nprocs=2, join=True)
+    audio, ids, mask, clip, out = _in_two_processes(_distributed_worker, tmp_path)
 
     aligner = random_aligner()
     whole, _, _ = al.atc_loss(*_atc_embeddings(aligner, audio, ids, mask), aligner.temp, clip[:, None] == clip[None])
@@ -297,11 +304,7 @@ def test_stage0_across_processes_with_batches_of_different_sizes(tmp_path, monke
     whole batch in one process, and local ATM equals that process's pairs alone (its rows found at their offset)."""
     import apt_min.aligner as al
 
-    audio, ids, mask = batch(B=4, T=6, seed=5)
-    ids[:, 0] = 1
-    clip = torch.arange(4)
-    out = mp.Manager().dict()
-    mp.spawn(_unequal_worker, args=(2, tmp_path / "rendezvous", audio, ids, mask, clip, out), nprocs=2, join=True)
+    audio, ids, mask, clip, out = _in_two_processes(_unequal_worker, tmp_path)
     aligner = random_aligner()
     a, t = _atc_embeddings(aligner, audio, ids, mask)
     for rank, rows in ((0, slice(0, 3)), (1, slice(3, 4))):
