@@ -12,7 +12,8 @@
    the encoder is frozen and its features cached), ATC + ATM + AGTG forward and backward under bf16 autocast and one
    AdamW step: it must run with finite losses; its time and peak memory are printed.
 
-Prints one table at the end.  python benchmarks/gpu_checks.py [--out DIR]
+Prints one table at the end.  python benchmarks/gpu_checks.py [--out DIR] [--parts numerics,training,stage0]
+(--smoke: the same on the CPU, at stage-0 batch 16: a test of the script, run by tests/test_benchmarks.py)
 """
 
 import argparse
@@ -63,6 +64,7 @@ def numerics():
     row("Llama logits, fp32 on GPU vs transformers fp32 (rel. error)", f"{e32:.1e}", e32 < 1e-5)
     row("Llama logits, bf16: ours vs transformers, both against fp32", f"{e16:.2e} vs {h16:.2e}", e16 < 1.5 * h16)
 
+    sys.path.insert(0, str(ROOT / "tests"))
     from test_audiomae import to_hf  # the weight mapping the CPU parity test uses
 
     cfg = AudioMAEConfig()  # the paper's ViT-B/16 on 10.24 s windows
@@ -178,6 +180,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--smoke", action="store_true", help="run on the CPU (a test of this script, not of the GPU)")
+    ap.add_argument("--parts", default="numerics,training,stage0", help="which of the three checks to run")
     args = ap.parse_args()
     global DEVICE
     DEVICE = "cpu" if args.smoke else DEVICE
@@ -187,9 +190,15 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}", flush=True)
-    numerics()
-    training(out)
-    stage0_at_batch(400 if DEVICE == "cuda" else 16)
+    parts = args.parts.split(",")
+    if unknown := set(parts) - {"numerics", "training", "stage0"}:
+        sys.exit(f"--parts: unknown {sorted(unknown)}; choose from numerics, training, stage0")
+    if "numerics" in parts:
+        numerics()
+    if "training" in parts:
+        training(out)
+    if "stage0" in parts:
+        stage0_at_batch(400 if DEVICE == "cuda" else 16)
     print("\n| check | result | |\n| --- | --- | --- |")
     for r in ROWS:
         print("| " + " | ".join(r) + " |")
