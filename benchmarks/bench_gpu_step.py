@@ -111,7 +111,7 @@ def main():
             step()
             if device == "cuda":
                 torch.cuda.synchronize()
-        key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
         print(f"\none step, the operations that take most of it (by {key}):")
         print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
 
