@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from apt_min.aligner import (
     Aligner,
@@ -203,6 +204,26 @@ def test_stage0_losses_fall_together_when_overfitting():
     last = {k: v.item() for k, v in stage0_losses(aligner.eval(), audio, ids, mask, clip, generator=g).items()}
     for k in ("atc", "atm", "agtg"):
         assert last[k] < 0.5 * first[k], (k, first[k], last[k])
+
+
+def test_atc_temperature_is_held_within_blip2s_bounds():
+    """BLIP-2 clamps the learned temperature to [0.001, 0.5] before dividing: a trained temperature outside that
+    range divides as its bound does, and the bounds themselves are used as they are."""
+    from apt_min.aligner import atc_loss
+
+    g = torch.Generator().manual_seed(0)
+    audio = F.normalize(torch.randn(4, 3, 8, generator=g), dim=-1)
+    text = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    positives = torch.eye(4, dtype=torch.bool)
+    best = torch.einsum("bqe,ce->bcq", audio, text).amax(-1)  # (B, B): the best-matching query
+
+    def sims(temp):
+        return atc_loss(audio, text, torch.tensor(temp), positives)[1]
+
+    torch.testing.assert_close(sims(1e-5), best / 0.001)
+    torch.testing.assert_close(sims(0.002), best / 0.002)
+    torch.testing.assert_close(sims(0.5), best / 0.5)
+    torch.testing.assert_close(sims(3.0), best / 0.5)
 
 
 def _distributed_worker(rank, world, rendezvous, audio, ids, mask, clip, out):
