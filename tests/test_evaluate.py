@@ -241,6 +241,11 @@ def test_exact_match_normalises_answers():
     assert [r[0] for r in table] == ["accuracy", "accuracy vs always 'yes'"]
     assert table[0][1] == table[1][1] == pytest.approx(2 / 4)
     assert table[0][2] == pytest.approx(2 / 4) and table[1][2] == pytest.approx(1 / 4)  # always "first" / "yes"
+    later = [tasks.aqa("a.wav", "Is it raining?", "no"), tasks.aqa("b.wav", "Is it raining?", "yes"),
+             tasks.aqa("c.wav", "Is it raining?", "yes")]  # the most frequent answer is not the first one
+    [(_, _, base, protocol)] = metrics.score_exact(later, ["no", "no", "no"])
+    assert base == pytest.approx(2 / 3) and "always 'yes'" in protocol
+    assert metrics.majority(["b", "a", "a", "b"]) == "b"  # among equals, the first seen
 
 
 def test_fewshot_reads_esc50_labels_with_underscores():
