@@ -387,3 +387,20 @@ def test_precision_settings():
     autocast, scaler, frozen = train.amp_settings(train.load_config("tiny", {}), cpu)  # auto: fp32 on a CPU
     with autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_an_optimizer_step_rescales_to_the_windows_mean_then_clips():
+    """optimizer_step on a window of two micro-batches of 2 and 6 items (the first backpropagated over 2, as fit
+    does): the gradient becomes the mean over all 8, its norm is logged, and the update is clipped to grad_clip."""
+    p = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    window = train.Window(world=1)
+    for n in (2, 6):
+        window.add(torch.tensor(float(n)), n, {})
+    p.grad = torch.tensor([30.0, 40.0])  # norm 50 over the first micro-batch's 2 items: 12.5 over all 8
+    job = SimpleNamespace(params={"p": p}, scaler=None)
+    grad_norm = train.optimizer_step(SimpleNamespace(grad_clip=1.0), job, opt, sched, window)
+    assert grad_norm.item() == pytest.approx(12.5)
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.6, -0.8]))  # one SGD step of the clipped unit gradient
+    assert p.grad is None  # cleared for the next window
