@@ -294,11 +294,16 @@ def caption_keys(text_ids, text_mask) -> torch.Tensor:
     return (text_ids.masked_fill(~text_mask.bool(), 0) * powers).sum(1) + text_mask.sum(1)
 
 
+def distributed() -> bool:
+    """True under torch.distributed with more than one process: only then do the gathers below communicate."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from every process along dim 0 (their batches may differ in size: a process that skipped an
     unreadable clip has fewer pairs); the local slice keeps its gradient (the others are constants). Without
     torch.distributed, x itself."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return x
     parts = gather_parts(x.detach())
     parts[dist.get_rank()] = x
@@ -308,7 +313,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def gather_all(x: torch.Tensor) -> torch.Tensor:
     """x (B, T, ...) from every process, concatenated along dim 0, without gradient; dim 1 padded with zeros to the
     longest (texts differ in length between processes). Without torch.distributed, x itself."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return x
     width = torch.tensor([x.shape[1]], device=x.device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
@@ -327,7 +332,7 @@ def gather_parts(x: torch.Tensor) -> list[torch.Tensor]:
 
 def batch_sizes(n: int, device=None) -> list[int]:
     """Every process's n (its batch size), in rank order; [n] without torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return [n]
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([n], device=device))
