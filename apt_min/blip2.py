@@ -310,21 +310,23 @@ class APTBLIP2:
     then BOS and the text (`PROMPT_FORMATS["instructblip"]`); a vision side trained here against an instruct LLM
     (`train.py --stage vision`) uses the APT's own format, the visual queries first inside it."""
 
-    def __init__(self, blip: InstructBLIP, apt: APT, prompt_format: str | None = "instructblip"):
+    def __init__(self, blip: InstructBLIP, apt: APT, prompt_format: str | None = "instructblip",
+                 blocks_apart: bool = False):
         if apt.llm is not blip.llm:
             raise ValueError("the APT must be built around the InstructBLIP's own LLM (APTBLIP2.plug does that)")
-        self.blip, self.apt = blip, apt
+        self.blip, self.apt, self.blocks_apart = blip, apt, blocks_apart
         apt.prompt_format = prompt_format or apt.prompt_format  # None: the APT's own
         apt.eval()
 
     @classmethod
     def plug(cls, blip: InstructBLIP, apt_folder: str | Path, encoder, encoder_id: dict, cache=None,
-             prompt_format: str | None = "instructblip") -> APTBLIP2:
+             prompt_format: str | None = "instructblip", blocks_apart: bool = False) -> APTBLIP2:
         """Load a trained APT around `blip`'s LLM. It must be the LLM the APT was trained against: the same files,
         or the same weights (the APT's weight probe; InstructBLIP holds its Vicuna in its own shards). Otherwise a
-        CheckpointError says which LLM the APT needs."""
+        CheckpointError says which LLM the APT needs. blocks_apart: the visual and the acoustic prompts do not see
+        each other (config.avqa_blocks_apart)."""
         apt = APT.load(apt_folder, encoder, blip.llm, blip.tokenizer, encoder_id, blip.identity, cache)
-        return cls(blip, apt, prompt_format)
+        return cls(blip, apt, prompt_format, blocks_apart)
 
     @staticmethod
     def segments(prompt: str, mode: str, visual: torch.Tensor | None = None, audio: str | None = None):
@@ -350,8 +352,8 @@ class APTBLIP2:
         asked = []
         for prompt, tokens in ((avqa_prompt(question, options), max_new_tokens), (question, 0)):
             visual = self.blip.frame_prompts(frames, prompt, seen) if see else None
-            asked.append({m: self.apt.answer_and_rank(self.segments(prompt, m, visual, audio), options, feats, tokens)
-                          for m in modes})
+            asked.append({m: self.apt.answer_and_rank(self.segments(prompt, m, visual, audio), options, feats, tokens,
+                                                      self.blocks_apart) for m in modes})
         listed, alone = asked
         return {m: Answer(named_option(listed[m][0], options), listed[m][0], listed[m][1], alone[m][1])
                 for m in modes}

@@ -159,14 +159,14 @@ def load_apt_blip2(cfg, checkpoint: str | Path, device="cpu"):
     cache = feature_cache(cfg, encoder_id)
     if cfg.vision_path:
         blip = InstructBLIP.from_pretrained(cfg.vision_path, dtype, device)
-        return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, "instructblip")
+        return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, "instructblip", cfg.avqa_blocks_apart)
     folder = Path(cfg.run_dir) / "vision" / "final"
     if not (folder / "vision.json").is_file():
         raise SystemExit(f"{folder}: no vision side yet; run `python train.py --stage vision` (or set --vision_path "
                          "to an InstructBLIP folder)")
     llm, llm_id = load_llm(cfg, device, dtype)
     blip = InstructBLIP.load_vision(folder, llm, ensure_tokenizer(cfg), llm_id)
-    return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, None)
+    return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, None, cfg.avqa_blocks_apart)
 
 
 def untrained_apt(cfg, tokenizer, device="cpu") -> APT:

@@ -52,6 +52,9 @@ class Config:
     # APT-BLIP-2 (blip2.py): the vision side an APT is plugged into, and AVQA
     vision_path: str = ""  # an InstructBLIP folder (Hugging Face layout); "" = {run_dir}/vision/final (--stage vision)
     avqa_frames: int = 2  # frames per video, evenly spaced over those extracted (the public APT code: 10 at 1 fps)
+    # the visual and the acoustic prompts kept apart: neither block attends to the other, the text after reads both
+    # (ours, for a small LLM: each block then reaches the LLM as in its own training; the paper: plain causal, False)
+    avqa_blocks_apart: bool = False
     vision_image: int = 64  # --stage vision: the small ViT's picture size, patch, width, depth and heads
     vision_patch: int = 16  # the synthetic pictures put one object per 16-pixel cell (synth_av.layout)
     vision_dim: int = 128
@@ -164,14 +167,16 @@ PRESETS = {
     # autoencoding (--stage mae); an aligner of the paper's shape (4 layers, cross-attention every second one) at
     # 128 wide with 8 queries per clip (benchmarks/README.md: the query count), reading its words through SmolLM2's
     # own table; stage 2 weighted to episodes of several shapes, laid out as lists (each support clip directly
-    # followed by its label: tasks.fewshot); the steps fit the chain under an hour on 2 cores (README, Performance)
+    # followed by its label: tasks.fewshot); the steps fit the chain under an hour on 2 cores (README, Performance);
+    # APT-BLIP-2 keeps the visual and the acoustic prompts apart (SmolLM2 reads only the first block otherwise:
+    # README, Results, APT-BLIP-2)
     "small": dict(
         preset="small", run_dir="runs/small", llm_path="weights/smollm2-135m-instruct", release="weights/apt-small",
         encoder_depth=4, encoder_init="mae", aligner_hidden=128, aligner_layers=4, aligner_heads=4,
         aligner_intermediate=512, num_queries=8, aligner_words="llm", aligner_init="llm", prompt_format="smollm2-chat",
         cpu_bf16=True, batch_size=8, lr=5e-4, steps_mae=800, steps_0=400, steps_1=700, steps_2=500,
         task_ratios="fewshot=3,aqa=0.3", fewshot_shapes="mixed", fewshot_layout="list", steps_vision=2000,
-        log_every=25, eval_every=200, save_every=200,
+        avqa_blocks_apart=True, log_every=25, eval_every=200, save_every=200,
     ),
     "paper": dict(
         preset="paper", data_root="data", run_dir="runs/paper", llm_path="weights/vicuna-7b-v1.1",

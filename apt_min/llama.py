@@ -292,11 +292,12 @@ class Llama(nn.Module):
         return self.model.embed_tokens(input_ids)  # (B, T, D)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, logits_at=None,
-                cache: KVCache | None = None, prefix: SharedPrefix | None = None):
+                cache: KVCache | None = None, prefix: SharedPrefix | None = None, blocks=None):
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, past + T), 1 for tokens, 0 for padding
         (left or right); logits_at (B, T) bool: return logits (N, V) at those positions only, else (B, T, V).
         Positions count tokens only, so a left-padded row sees the same positions as the unpadded one.
-        prefix: the past is a prefix shared by every row, computed once (training; not with a cache)."""
+        prefix: the past is a prefix shared by every row, computed once (training; not with a cache).
+        blocks (B, past + T) long, or None: blocks kept apart (causal_padding_mask)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if cache is not None and prefix is not None:
@@ -312,7 +313,9 @@ class Llama(nn.Module):
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
         else:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-        mask, is_causal = causal_padding_mask(attention_mask, T, past, x.device)
+        if blocks is not None and blocks.shape != (B, past + T):
+            raise ValueError(f"blocks has shape {tuple(blocks.shape)}, expected {(B, past + T)}")
+        mask, is_causal = causal_padding_mask(attention_mask, T, past, x.device, blocks)
         cos, sin = rope_cos_sin(rope_frequencies(self.config), positions, x.dtype)
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
@@ -500,7 +503,7 @@ class Llama(nn.Module):
         return done_tokens[:, 0, :int(done_len[:, 0].max())]  # (B, L): slots are sorted best first
 
 
-def causal_padding_mask(attention_mask, T: int, past: int, device):
+def causal_padding_mask(attention_mask, T: int, past: int, device, blocks=None):
     """Who may attend to whom, for T new queries after `past` cached positions. Returns (mask, is_causal):
     (None, True) or (None, False) when no tensor is needed, else a (B, 1, T, past + T) bool mask, True = visible.
 
@@ -509,8 +512,22 @@ def causal_padding_mask(attention_mask, T: int, past: int, device):
         b       .  .  x  x  .
         c       .  .  x  x  x
     A padded query would see nothing and turn the softmax into NaN; it is allowed to see itself instead (its output
-    is never used)."""
+    is never used).
+
+    blocks (B, past + T) long, or None: 0 for an ordinary position, k > 0 for the k-th block of soft prompts. A
+    position of one block does not see another block's; everything else sees as above (APT-BLIP-2's `blocks_apart`:
+    each block reads only the text before it and itself, as in its own training; the text after reads them all):
+
+        key:     t  V  V  A  A  q    t, q = text, V V = one block, A A = another
+        A       x  .  .  x  .  .
+        A       x  .  .  x  x  .
+        q       x  x  x  x  x  x"""
     S = past + T
+    if blocks is not None and int(blocks.max()) > 1:  # one block or none: nothing to keep apart
+        mask, _ = causal_padding_mask(attention_mask, T, past, device)
+        mask = mask if mask is not None else torch.ones(T, S, dtype=torch.bool, device=device).tril(past)[None, None]
+        q, k = blocks[:, past:, None].to(device), blocks[:, None, :].to(device)  # (B, T, 1), (B, 1, S)
+        return mask & ~((q > 0) & (k > 0) & (q != k))[:, None], False
     if attention_mask is None and T == 1:
         return None, False  # one new token sees all cached keys
     if attention_mask is None and past == 0:

@@ -261,12 +261,14 @@ class APT(nn.Module):
             self._prefixes[key] = SharedPrefix(self.llm, torch.tensor(ids, device=device)) if len(ids) > 1 else None
         return self._prefixes[key]
 
-    def embed_batch(self, batch, feats, answers=None, left_pad: bool = False, after_prefix: bool = False):
+    def embed_batch(self, batch, feats, answers=None, left_pad: bool = False, after_prefix: bool = False,
+                    with_blocks: bool = False):
         """Interleaved input embeddings (B, L, D), mask (B, L) and labels (B, L): -100 except the answer tokens
         and the EOS that closes them. Right padding for training, left padding for generation. after_prefix: leave
         out the prefix_ids every row begins with (a SharedPrefix supplies them). Segments: ("text" | "label", str),
         ("audio", path), ("turn", ""), and ("prompts", (n, D) tensor): soft prompts made by another model (APT-BLIP-2's
-        visual queries), placed as they are."""
+        visual queries), placed as they are. with_blocks: also the blocks (B, L) long: 0 for text and padding, k for
+        the k-th block of soft prompts in the row (a clip's <AUDIO> and acoustic prompts, or a "prompts" segment)."""
         tok, llm = self.tokenizer, self.llm
         device, dtype = self.proj.weight.device, llm.model.embed_tokens.weight.dtype
         prompts = self.clip_prompts(batch, feats)
@@ -275,6 +277,7 @@ class APT(nn.Module):
         rows = []
         for b, segments in enumerate(batch):
             pieces, labels, clips = [torch.tensor(start, dtype=torch.long)], [-100] * len(start), iter(prompts[b])
+            blocks, block = [0] * len(start), 0  # block: how many blocks of soft prompts so far
             turn_ends = [] if any(k == "turn" for k, _ in segments) else [("turn", "")]  # where the user's turn ends
             framed = [*segments, *turn_ends]
             framed = [("text", form["after"]) if k == "turn" else (k, v) for k, v in framed]
@@ -283,29 +286,36 @@ class APT(nn.Module):
                 if kind == "prompts":
                     pieces.append(value)
                     labels += [-100] * len(value)
+                    block += 1
+                    blocks += [block] * len(value)
                 elif kind in ("text", "label"):
                     ids = tok.encode(value, bos=bos_before_text)
                     bos_before_text = False
                     pieces.append(torch.tensor(ids, dtype=torch.long))
                     labels += [-100] * len(ids)
+                    blocks += [0] * len(ids)
                 else:
                     acoustic = next(clips)
                     pieces.append(torch.cat([self.audio_token[None].to(acoustic.dtype), acoustic]))  # (1 + WQ, D)
                     labels += [-100] * len(pieces[-1])
+                    block += 1
+                    blocks += [block] * len(pieces[-1])
             if answers is not None:
                 ids = tok.encode(answers[b], bos=False) + [tok.eos_id]
                 pieces.append(torch.tensor(ids, dtype=torch.long))
                 labels += ids
+                blocks += [0] * len(ids)
             embeds = [llm.embed(p.to(device)) if p.dtype == torch.long else p for p in pieces]
-            rows.append((torch.cat([e.to(device, dtype) for e in embeds]), torch.tensor(labels)))
-        L = max(len(e) for e, _ in rows)
+            rows.append((torch.cat([e.to(device, dtype) for e in embeds]), torch.tensor(labels), torch.tensor(blocks)))
+        L = max(len(e) for e, _, _ in rows)
         x = torch.zeros(len(rows), L, rows[0][0].shape[-1], dtype=dtype, device=device)
         mask = torch.zeros(len(rows), L, dtype=torch.bool, device=device)
         labels = torch.full((len(rows), L), -100, dtype=torch.long, device=device)
-        for b, (e, lab) in enumerate(rows):
+        blocks = torch.zeros(len(rows), L, dtype=torch.long, device=device)
+        for b, (e, lab, blk) in enumerate(rows):
             span = slice(L - len(e), L) if left_pad else slice(0, len(e))
-            x[b, span], mask[b, span], labels[b, span] = e, True, lab.to(device)
-        return x, mask, labels
+            x[b, span], mask[b, span], labels[b, span], blocks[b, span] = e, True, lab.to(device), blk.to(device)
+        return (x, mask, labels, blocks) if with_blocks else (x, mask, labels)
 
     def _answer_logits(self, batch, answers, feats):
         """Logits (N, V) at the N positions that predict an answer token or EOS, those targets (N,), and the row
@@ -326,25 +336,27 @@ class APT(nn.Module):
         return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
 
     @torch.no_grad()
-    def choice_logprob(self, segments, answers, feats) -> torch.Tensor:
+    def choice_logprob(self, segments, answers, feats, blocks_apart: bool = False) -> torch.Tensor:
         """log p(answer | segments) for each of N candidate answers to one example, EOS not included: (N,): the
         likelihood protocols (tagging, few-shot). The prompt (a few-shot episode is dozens of clips) goes through the
         aligner and the LLM once, and its keys and values serve every candidate."""
-        return self.answer_and_rank(segments, answers, feats, max_new_tokens=0)[1]
+        return self.answer_and_rank(segments, answers, feats, max_new_tokens=0, blocks_apart=blocks_apart)[1]
 
     @torch.no_grad()
-    def answer_and_rank(self, segments, answers, feats, max_new_tokens: int = 12) -> tuple[str, torch.Tensor]:
+    def answer_and_rank(self, segments, answers, feats, max_new_tokens: int = 12,
+                        blocks_apart: bool = False) -> tuple[str, torch.Tensor]:
         """One example's greedy answer (what generate says) and choice_logprob's scores (N,) of N candidate answers,
-        from one pass of the prompt: a few-shot episode's hundreds of positions are not run twice."""
+        from one pass of the prompt: a few-shot episode's hundreds of positions are not run twice. blocks_apart: no
+        block of soft prompts sees another (llama.causal_padding_mask; APT-BLIP-2's setting); the text sees all."""
         tok, llm = self.tokenizer, self.llm
-        x, _, _ = self.embed_batch([segments], feats)  # (1, L, D)
+        x, _, _, blocks = self.embed_batch([segments], feats, with_blocks=True)  # (1, L, D), (1, L)
         ids, valid = tok.pad([tok.encode(a, bos=False) for a in answers])  # (N, T), right-padded
         ids, valid = ids.to(x.device), valid.to(x.device)
         N, T = ids.shape
         cache = KVCache(llm.config, 1, x.shape[1] + max(T, max_new_tokens), x.dtype, x.device)
         last = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         last[0, -1] = True
-        first = llm(inputs_embeds=x, cache=cache, logits_at=last)  # (1, V): the first answer token's
+        first = llm(inputs_embeds=x, cache=cache, logits_at=last, blocks=blocks if blocks_apart else None)  # (1, V)
         said, token, prompt = [], first.argmax(-1), cache.length
         for _ in range(max_new_tokens):  # greedy; its keys and values go after the prompt's, which stay as they are
             said.append(int(token))

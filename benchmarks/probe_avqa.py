@@ -99,7 +99,8 @@ def sides_followed(model, items, truth) -> dict[str, np.ndarray]:
             parts = {"V": ("prompts", model.blip.frame_prompts(frames(model, item), q)), "A": ("audio", item["audio"]),
                      "v": ("prompts", model.blip.frame_prompts(frames(model, prev), q)), "a": ("audio", prev["audio"])}
             for mode, code in MIXES.items():
-                scores = apt.choice_logprob([parts[c] for c in code] + [("text", q)], item["options"], feats)
+                scores = apt.choice_logprob([parts[c] for c in code] + [("text", q)], item["options"], feats,
+                                            model.blocks_apart)
                 said = item["options"][int(scores.argmax())]
                 right = item["options"][item["answer"]]
                 picks[mode] += [said in video["pictured"], said in video["heard"], said == right]

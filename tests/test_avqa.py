@@ -12,7 +12,10 @@ import torch
 
 from apt_min import data, synth, synth_av
 from apt_min.blip2 import MODES, Answer
+from apt_min.build import load_apt_blip2
+from apt_min.config import load_config
 from apt_min.evaluation import Options, avqa_coverage_row, eval_avqa
+from apt_min.release import resolve_checkpoint
 from tests.conftest import VISION, copy_of, opts
 
 NAMES = [c.name for c in synth.TRAIN_CLASSES]
@@ -180,3 +183,7 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     predictions = [json.loads(line) for line in (tmp / "eval" / "predictions_avqa.jsonl").read_text().splitlines()]
     assert len(predictions) == 6 and set(MODES) <= set(predictions[0])
     assert "avqa" in capsys.readouterr().out
+    # the setting that keeps the visual and the acoustic prompts apart reaches the model (tiny: off, as the paper)
+    for setting, apart in (([], False), (["--avqa_blocks_apart=true"], True)):
+        cfg = load_config("tiny", [*opts(tmp, *vision), *setting])
+        assert load_apt_blip2(cfg, resolve_checkpoint(cfg, None)).blocks_apart is apart

@@ -208,6 +208,30 @@ def test_answers_name_an_option_and_rank_all(blip, clip):
     assert set(model.answer("What is making the sound?", options, ["video"], pixels)) == {"video"}
 
 
+def test_blocks_apart_changes_only_the_sequence_that_holds_both(blip, clip):
+    """avqa_blocks_apart: the visual and the acoustic prompts do not see each other. A mode with one block answers as
+    before; audio-visual's scores are those of one full pass with the blocks kept apart (through the cache, as
+    answer_and_rank does it), and differ from the plain sequence's."""
+    pixels = torch.stack([blip.processing(f) for f in frames(2)])
+    options, question = ["dog", "car", "bell", "cat"], "What is making the sound?"
+    plain = APTBLIP2(blip, tiny_apt(blip)).answer(question, options, MODES, pixels, clip)
+    model = APTBLIP2(blip, tiny_apt(blip), blocks_apart=True)
+    apart = model.answer(question, options, MODES, pixels, clip)
+    for mode in ("video", "audio"):
+        assert apart[mode].said == plain[mode].said and torch.equal(apart[mode].scores, plain[mode].scores)
+        assert torch.equal(apart[mode].cloze, plain[mode].cloze)
+    assert (apart["audio-visual"].cloze - plain["audio-visual"].cloze).abs().max() > 1e-3
+    feats = model.apt.encode_clips([clip])[0]
+    segments = model.segments(question, "audio-visual", blip.frame_prompts(pixels, question), clip)
+    x, mask, labels, blocks = model.apt.embed_batch([segments], feats, ["bell"], with_blocks=True)
+    assert sorted(set(blocks[0].tolist())) == [0, 1, 2] and int((blocks == 1).sum()) == 2 * Q
+    assert int((blocks == 2).sum()) == 1 + 2 * 3  # <AUDIO> and two windows' three queries
+    logp = blip.llm(inputs_embeds=x, attention_mask=mask, blocks=blocks)[0, :-1].log_softmax(-1)
+    targets = labels[0, 1:]
+    at = targets != -100
+    want = logp[at].gather(1, targets[at][:, None]).squeeze(1)[:-1].sum()
+    assert float(apart["audio-visual"].cloze[2]) == pytest.approx(float(want), abs=1e-4)
+
 def test_named_option():
     options = ["dog", "car", "bell", "cat"]
     assert named_option("2", options) == 2

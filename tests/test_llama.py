@@ -370,3 +370,47 @@ def test_transformers_4_config_spelling(tmp_path, old, new):
     raw.update(old, torch_dtype="float16", transformers_version="4.31.0")
     (folder / "config.json").write_text(json.dumps(raw))
     _assert_logits_match(hf, Llama.from_pretrained(folder))
+
+
+def test_blocks_apart_mask_drawing():
+    """causal_padding_mask's drawing for blocks kept apart: t V V A A q (APT-BLIP-2's avqa_blocks_apart)."""
+    blocks = torch.tensor([[0, 1, 1, 2, 2, 0]])
+    m, causal = causal_padding_mask(None, 6, 0, "cpu", blocks)
+    assert not causal
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0, 0],
+                             [1, 1, 1, 0, 0, 0],
+                             [1, 0, 0, 1, 0, 0],   # the second block does not see the first
+                             [1, 0, 0, 1, 1, 0],
+                             [1, 1, 1, 1, 1, 1]], dtype=torch.bool)  # the text after sees both
+    assert torch.equal(m[0, 0], expected)
+    # with left padding, and for the last two queries after four cached positions
+    padded = torch.cat([blocks.new_zeros(1, 1), blocks], 1)
+    m, _ = causal_padding_mask(torch.tensor([[0, 1, 1, 1, 1, 1, 1]]), 7, 0, "cpu", padded)
+    assert torch.equal(m[0, 0, 1:, 1:], expected) and not bool(m[0, 0, 1:, 0].any())
+    m, _ = causal_padding_mask(None, 2, 4, "cpu", blocks)
+    assert torch.equal(m[0, 0], expected[4:])
+    # one block (or none) leaves the causal mask as it was
+    assert causal_padding_mask(None, 6, 0, "cpu", torch.tensor([[0, 1, 1, 1, 0, 0]])) == (None, True)
+
+
+@torch.no_grad()
+def test_a_block_kept_apart_does_not_see_the_other(pair):
+    """With blocks apart, what the second block of soft prompts computes does not depend on the first block at all,
+    while the text after them reads both; without, the second block reads the first."""
+    llm = pair[1]
+    torch.manual_seed(0)
+    D = llm.config.hidden_size
+    text, first, second, after = (torch.randn(1, n, D) for n in (3, 4, 5, 2))
+    other = torch.randn(1, 4, D)  # another first block
+    blocks = torch.tensor([[0] * 3 + [1] * 4 + [2] * 5 + [0] * 2])
+    out = {}
+    for name, f in (("first", first), ("other", other)):
+        x = torch.cat([text, f, second, after], 1)
+        out[name, True] = llm(inputs_embeds=x, blocks=blocks)[0]
+        out[name, False] = llm(inputs_embeds=x)[0]
+    b2 = slice(7, 12)
+    assert_close_rel(out["first", True][b2], out["other", True][b2], 1e-6)
+    assert (out["first", False][b2] - out["other", False][b2]).abs().max() > 1e-2  # joint: the block reads the other
+    assert (out["first", True][-1] - out["other", True][-1]).abs().max() > 1e-2  # the text after reads both
+    assert_close_rel(out["first", True][:7], out["first", False][:7], 1e-6)  # what comes before is as it was
