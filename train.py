@@ -341,6 +341,8 @@ class TuneAPT:
             torch.manual_seed(cfg.seed)
             model = APT(encoder, aligner, llm, self.tok, cache, cfg.prompt_format, cfg.instruction_bos,
                         cfg.long_audio)
+            if cfg.proj_init == "words":
+                model.start_proj_from_words()
         else:
             model = APT.load(prev, encoder, llm, self.tok, self.encoder_id, self.llm_id, cache)
         self.model = model.to(device)

@@ -46,6 +46,8 @@ class Config:
     aligner_dropout: float = 0.1
     aligner_words: str = "own"  # the aligner's word vectors: a table of its own, or "llm": the LLM's table, mapped
     aligner_init: str = "random"  # or "llm": its word vectors start as the LLM's, reduced by PCA (stage 0)
+    proj_init: str = "random"  # or "words" (aligner_words=llm): the projection starts as the way back of the
+    # aligner's word map, so a query reaches the LLM near the words the aligner finds it like (stage 1; ours)
     prompt_format: str = "plain"  # how an example is laid out for the LLM (apt_min.model.PROMPT_FORMATS)
     instruction_bos: bool = False  # stages 1-2: the aligner reads BOS before the instruction, as stage 0's texts
     long_audio: str = "windows"  # a clip of several windows: each window its own prompts, or "all" at once (paper)
@@ -210,6 +212,7 @@ def _parse(name: str, kind: str, text: str):
 
 CHOICES = {  # the settings that name one of a few ways; anything else is an error before a run starts
     "encoder_init": ("random", "mae"), "aligner_words": ("own", "llm"), "aligner_init": ("random", "llm"),
+    "proj_init": ("random", "words"),
     "prompt_format": ("plain", "smollm2-chat", "instructblip"), "precision": ("auto", "bf16", "fp16", "fp32"),
     "fewshot_layout": ("paper", "list"), "fewshot_shapes": ("4x1", "mixed"), "atm_negatives": ("global", "local"),
     "long_audio": ("windows", "all"), "caption_ft_source": ("audiocaps", "clotho"),
@@ -232,6 +235,9 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise SettingError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    if cfg.proj_init == "words" and cfg.aligner_words != "llm":
+        raise SettingError("--proj_init=words starts the projection from the aligner's map of the LLM's words, "
+                           "which only --aligner_words=llm has")
     return cfg
 
 

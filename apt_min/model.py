@@ -192,6 +192,25 @@ class APT(nn.Module):
             frozen.requires_grad_(False)
             frozen.eval()
 
+    @torch.no_grad()
+    def start_proj_from_words(self):
+        """proj_init=words, before stage 1: the projection starts as the way back of the aligner's word map. The
+        aligner (aligner_words=llm) reads an LLM word e as W e + b, W (H, D); the projection becomes c W^T with the
+        LLM's mean word as its bias, c chosen so that a query of LayerNorm's size (sqrt(H); H <= D, so W's rows
+        span the queries' space) lands at a word's typical distance from that mean. Then a query's projection,
+        taken against the LLM's words (each less the mean), scores them as the aligner's own dot product with
+        their word vectors does: a query reaches the LLM near the words the aligner finds it like, rather than in
+        a random direction several times a word's length (nn.Linear's start)."""
+        if not self.aligner.config.llm_words:
+            raise SettingError("proj_init=words needs an aligner that reads the LLM's words (aligner_words=llm)")
+        table = self.llm.model.embed_tokens.weight.float()
+        mean = table.mean(0)
+        spread = (table - mean).norm(dim=1).mean()  # a word's typical distance from the mean word
+        W = self.aligner.word_map.weight.float()  # (H, D)
+        size = torch.linalg.svdvals(W).mean() * W.shape[0] ** 0.5  # |W^T q| for a query q of length sqrt(H)
+        self.proj.weight.copy_(W.T * (spread / size))
+        self.proj.bias.copy_(mean)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.encoder.eval()  # frozen parts never switch to training behaviour

@@ -488,3 +488,39 @@ def test_an_apt_gives_its_aligner_the_llms_own_table():
     aligner.embed_words(torch.tensor([[1, 2]])).sum().backward()
     assert llm.model.embed_tokens.weight.grad is None and aligner.word_map.weight.grad is not None
     assert "aligner.llm_table" not in apt.trainable_state()
+
+
+def test_proj_from_words_scores_the_llms_words_as_the_aligner_does():
+    """proj_init=words: a query's projection, against the LLM's words less their mean, gives each word the score
+    the aligner's own dot product with that word's vector gives it (up to one positive factor), lands at a word's
+    typical distance from the mean word, and is refused for an aligner with a word table of its own."""
+    from apt_min.audiomae import AudioMAE, AudioMAEConfig
+    from apt_min.errors import SettingError
+    from apt_min.llama import Llama, LlamaConfig
+    from apt_min.model import APT
+
+    torch.manual_seed(0)
+    llm = Llama(LlamaConfig(vocab_size=CFG.vocab_size, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1))
+    encoder = AudioMAE(AudioMAEConfig(target_length=32, num_mel_bins=32, dim=CFG.audio_dim, depth=2, heads=2))
+    aligner = Aligner(AlignerConfig(**{**CFG.__dict__, "llm_words": 64}))
+    with torch.no_grad():
+        aligner.word_map.weight.normal_()  # as after training: not the init's scale
+        aligner.word_map.bias.normal_()
+    apt = APT(encoder, aligner, llm, tokenizer=None)
+    apt.start_proj_from_words()
+    table = llm.model.embed_tokens.weight.detach()
+    mean = table.mean(0)
+    torch.testing.assert_close(apt.proj.bias.detach(), mean)
+    queries = F.layer_norm(torch.randn(64, CFG.hidden_size), (CFG.hidden_size,))  # the aligner's output's size
+    with torch.no_grad():
+        reached = (apt.proj(queries) - mean) @ (table - mean).T  # (64, V)
+        aligner_scores = queries @ (aligner.word_map(table) - aligner.word_map(mean)).T
+        length = (apt.proj(queries) - mean).norm(dim=1).mean()
+    factor = reached.norm() / aligner_scores.norm()
+    torch.testing.assert_close(reached, factor * aligner_scores, rtol=1e-4, atol=1e-4)
+    spread = (table - mean).norm(dim=1).mean()
+    assert 0.8 < float(length / spread) < 1.25
+    own = APT(encoder, Aligner(CFG), llm, tokenizer=None)
+    with pytest.raises(SettingError, match="aligner_words=llm"):
+        own.start_proj_from_words()

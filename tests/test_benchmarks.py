@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,3 +29,23 @@ def test_gpu_checks_numerics_and_stage0_run_on_the_cpu():
 def test_gpu_step_benchmark_runs_on_the_cpu_and_profiles():
     out = run("benchmarks/bench_gpu_step.py", "--small", "--batch", "2", "--profile")
     assert "MFU" in out and "aten::mm" in out, out
+
+
+def test_probe_prompts_readout_is_scikit_learns_logistic_regression():
+    """The read-out of benchmarks/probe_prompts.py (hand-written: L-BFGS on binary cross-entropy with an L2 weight)
+    fits the same model as scikit-learn's LogisticRegression, one per class, at the matching strength: its mean over
+    N rows and C classes plus l2 |w|^2 is, per class, scikit-learn's sum of losses plus |w|^2 / (2 C_sk) with
+    C_sk = 1 / (2 N C l2)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from benchmarks.probe_prompts import fit_readout
+
+    rng = np.random.default_rng(0)
+    n, f, c, l2 = 120, 6, 3, 0.01
+    x = rng.normal(size=(n, f))
+    y = (x @ rng.normal(size=(f, c)) + rng.normal(size=(n, c)) > 0).astype(float)
+    w = fit_readout(torch.from_numpy(x), torch.from_numpy(y), l2).numpy()
+    for k in range(c):
+        ref = LogisticRegression(C=1 / (2 * n * c * l2), tol=1e-10, max_iter=10_000).fit(x, y[:, k])
+        np.testing.assert_allclose(w[:-1, k], ref.coef_[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(w[-1, k], ref.intercept_[0], rtol=1e-4, atol=1e-5)

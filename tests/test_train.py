@@ -404,3 +404,20 @@ def test_an_optimizer_step_rescales_to_the_windows_mean_then_clips():
     assert grad_norm.item() == pytest.approx(12.5)
     torch.testing.assert_close(p.detach(), torch.tensor([-0.6, -0.8]))  # one SGD step of the clipped unit gradient
     assert p.grad is None  # cleared for the next window
+
+
+def test_proj_init_words_reaches_stage_1_and_needs_the_llms_words(prepared, tmp_path, monkeypatch):
+    """--proj_init=words starts stage 1's projection from the aligner's word map (start_proj_from_words, checked in
+    test_aligner), once, before the first step; a preset whose aligner has its own word table is refused before
+    anything runs."""
+    from apt_min.model import APT
+
+    with pytest.raises(SystemExit, match="--proj_init=words .* --aligner_words=llm"):
+        train.main(["--stage", "1", *opts(tmp_path), "--proj_init=words"])
+    calls = []
+    monkeypatch.setattr(APT, "start_proj_from_words", lambda self: calls.append(self.proj.weight.clone()))
+    tmp = copy_of(prepared, tmp_path)
+    train.main(["--stage", "1", *opts(tmp, "--steps_1=1", "--proj_init=words", "--aligner_words=llm")])
+    assert len(calls) == 1
+    train.main(["--stage", "1", *opts(tmp, "--steps_1=1")])
+    assert len(calls) == 1  # the default leaves nn.Linear's start
