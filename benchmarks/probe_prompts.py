@@ -33,11 +33,16 @@ from apt_min.evaluation import audioset_classes, likelihood_scores
 from apt_min.release import resolve_checkpoint
 
 
+def with_bias(x: torch.Tensor) -> torch.Tensor:
+    """x (N, F) with a column of ones appended: the read-out's last weight row is its bias."""
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+
+
 def fit_readout(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 200) -> torch.Tensor:
     """Weights (F + 1, C) of a multi-label logistic regression on standardised x (N, F) with 0/1 labels y (N, C):
     mean binary cross-entropy plus l2 times the squared weights (not the bias), minimised by L-BFGS."""
     w = torch.zeros(x.shape[1] + 1, y.shape[1], dtype=torch.float64, requires_grad=True)
-    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    xb = with_bias(x)
     opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
 
     def loss():
@@ -57,12 +62,13 @@ def readout_map(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test
     xt = torch.from_numpy((test - mean) / std).double()
     y = torch.from_numpy(y_train).double()
     cut = len(x) * 4 // 5
-    best = max((metrics.mean_average_precision(
-        (torch.cat([x[cut:], torch.ones(len(x) - cut, 1, dtype=x.dtype)], 1) @ fit_readout(x[:cut], y[:cut], l2)
-         ).numpy(), y_train[cut:]), l2) for l2 in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
-    w = fit_readout(x, y, best[1])
-    scores = (torch.cat([xt, torch.ones(len(xt), 1, dtype=xt.dtype)], 1) @ w).numpy()
-    return metrics.mean_average_precision(scores, y_test), best[1]
+
+    def held_out(l2):
+        return metrics.mean_average_precision((with_bias(x[cut:]) @ fit_readout(x[:cut], y[:cut], l2)).numpy(),
+                                              y_train[cut:])
+
+    l2 = max((1e-5, 1e-4, 1e-3, 1e-2, 1e-1), key=held_out)
+    return metrics.mean_average_precision((with_bias(xt) @ fit_readout(x, y, l2)).numpy(), y_test), l2
 
 
 @torch.no_grad()
@@ -101,7 +107,6 @@ def main():
     ap.add_argument("--test", type=int, default=200, help="test clips they (and the LLM) are scored on")
     args, rest = ap.parse_known_args()
     cfg = load_config(args.preset, rest)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     checkpoint = resolve_checkpoint(cfg, args.checkpoint)
     apt = load_apt(cfg, checkpoint)
     classes = audioset_classes(cfg)
