@@ -328,7 +328,17 @@ class TuneAPT:
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
         needs = STAGES[stage]["needs"]
         prev = stage_dir(cfg, needs) / "final"
-        if not (prev / ("aligner.json" if stage == "1" else "apt.json")).is_file():
+        if cfg.start_from and stage == "1":
+            raise SystemExit("--start_from names a trained APT for stage 2 or caption_ft to continue; stage 1 starts "
+                             "from stage 0's aligner")
+        if cfg.start_from:
+            prev = Path(cfg.start_from)
+            if not (prev / "apt.json").is_file():
+                raise SystemExit(f"--start_from={cfg.start_from}: no trained APT there (no apt.json)")
+            if prev.resolve() == (stage_dir(cfg, stage) / "final").resolve():
+                raise SystemExit(f"--start_from={cfg.start_from} is where this run saves its result, which would "
+                                 "overwrite it; continue into another --run_dir")
+        elif not (prev / ("aligner.json" if stage == "1" else "apt.json")).is_file():
             raise SystemExit(f"stage {stage} starts from stage {needs}'s result, which is not in {prev}/; run "
                              f"`python train.py --stage {needs}` first")
         encoder, self.encoder_id = build_encoder(cfg, device, frozen_dtype)

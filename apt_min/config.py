@@ -92,6 +92,8 @@ class Config:
     steps_caption_ft: int = 0  # --stage caption_ft: 0 = caption_ft_epochs passes over caption_ft_source's captions
     caption_ft_epochs: float = 2.0  # paper §4.2: two epochs on AudioCaps, or on Clotho, before Table 4
     caption_ft_source: str = "audiocaps"  # or clotho; the result goes to {run_dir}/caption_ft-{source}/
+    start_from: str = ""  # stage 2 / caption_ft: a trained APT folder to start from instead of the previous stage's
+    # result (stage 2 continued with another task mixture: how the small release was made, README; ours)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp16 (GradScaler, CUDA) / fp32
     cpu_bf16: bool = False  # with precision=auto: bf16 autocast on a CPU that computes bf16 natively (probed)
     task_ratios: str = ""  # e.g. "aqa=0.3,nlar=1": changes the stage's task mixture (train.py STAGES)

@@ -16,8 +16,15 @@ option far above half the time; combining both picks the answer. Each mode's rat
 right option, for video only, audio only, audio + video in AVQA's order and reversed, and with another video's
 picture or sound put first (the LLM told of two clips or two pictures, the question not saying which).
 
-    python benchmarks/probe_avqa.py [--preset small] [--videos 60] [--both 150] [--key=value ...]
-                                    (after --stage vision; 2 min for tiny on 2 cores, 5-10 for small)
+Third, what the picture does to the sound: on 75 questions of each kind (cloze), how often the right option is the
+likeliest with the sound alone, the picture alone, both (in AVQA's order, with the preset's attention), both with the
+picture cut to one frame or its prompts halved, the sound after a picture that says nothing (the mean of all the
+questions' visual prompts), and the picture after the sound. On questions only the sound answers, none of the options
+is pictured, so a picture that costs accuracy there does so by drowning the sound, not by pointing elsewhere.
+
+    python benchmarks/probe_avqa.py [--preset small] [--videos 60] [--both 150] [--each 75] [--parts 1,2,3]
+                                    [--key=value ...]
+    (after --stage vision; 3 min for tiny on 2 cores, 10-15 for small)
 """
 
 import argparse
@@ -46,7 +53,10 @@ def main():
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--videos", type=int, default=60)
     ap.add_argument("--both", type=int, default=150, help="questions that need both senses, for the second part")
+    ap.add_argument("--each", type=int, default=75, help="questions of each kind, for the third part")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run")
     args, rest = ap.parse_known_args()
+    parts = set(args.parts.split(","))
     cfg = load_config(args.preset, rest)  # any setting as --key=value (--run_dir=... probes another run)
     model = load_apt_blip2(cfg, resolve_checkpoint(cfg, None))
     apt, names = model.apt, [c.name for c in synth.TRAIN_CLASSES]
@@ -58,7 +68,7 @@ def main():
                     "question alone": "Which object can be seen?", "AVQA's prompt": None}
     ranks = {(side, k): [] for side in ("heard", "pictured") for k in heard_prompts}
     with torch.no_grad():
-        for item in items:
+        for item in items if "1" in parts else []:
             video = truth[item["video"]]
             feats = apt.encode_clips([item["audio"]], strict=True)[0]
             pixels = frames(model, item)
@@ -70,16 +80,25 @@ def main():
                 visual = model.blip.frame_prompts(pixels, prompt)
                 ranks["pictured", k] += mean_rank(apt, [("prompts", visual), ("text", prompt)], {}, names,
                                                   video["pictured"])
-    print(f"{args.preset}: mean rank among {len(names)} names (0 = first; chance {(len(names) - 1) / 2}), "
-          f"{len(items)} videos")
-    for (side, k), r in ranks.items():
-        print(f"  {side:<9} objects, {k:<15} {np.mean(r):5.2f}")
-    both = [i for i in data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, True) if i["relation"] == "Both"]
-    rates = sides_followed(model, both[:args.both], truth)
-    print(f"questions that need both, asked alone ({min(len(both), args.both)}): how often the likeliest option is "
-          f"pictured, heard, right (chance 0.50, 0.50, 0.25)")
-    for mode, (pictured, heard, right) in rates.items():
-        print(f"  {mode:<27} pictured {pictured:.3f}  heard {heard:.3f}  right {right:.3f}")
+    if "1" in parts:
+        print(f"{args.preset}: mean rank among {len(names)} names (0 = first; chance {(len(names) - 1) / 2}), "
+              f"{len(items)} videos")
+        for (side, k), r in ranks.items():
+            print(f"  {side:<9} objects, {k:<15} {np.mean(r):5.2f}")
+    every = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, True)
+    if "2" in parts:
+        both = [i for i in every if i["relation"] == "Both"]
+        rates = sides_followed(model, both[:args.both], truth)
+        print(f"questions that need both, asked alone ({min(len(both), args.both)}): how often the likeliest option "
+              f"is pictured, heard, right (chance 0.50, 0.50, 0.25)")
+        for mode, (pictured, heard, right) in rates.items():
+            print(f"  {mode:<27} pictured {pictured:.3f}  heard {heard:.3f}  right {right:.3f}")
+    if "3" in parts:
+        kinds = {k: [i for i in every if i["relation"] == k][:args.each] for k in ("Sound", "Both", "View")}
+        right = picture_and_sound(model, kinds, model.blip.qformer.config.num_queries)
+        print("right, asked alone (cloze; chance 0.25): " + "  ".join(f"{k} ({len(v)})" for k, v in kinds.items()))
+        for variant, rates in right.items():
+            print(f"  {variant:<40} " + "  ".join(f"{rates[k]:.3f}" for k in kinds))
 
 
 MIXES = {"video only": "V", "audio only": "A", "audio + video": "VA", "video after audio": "AV",
@@ -106,6 +125,39 @@ def sides_followed(model, items, truth) -> dict[str, np.ndarray]:
                 picks[mode] += [said in video["pictured"], said in video["heard"], said == right]
             prev = item
     return {mode: counts / len(items) for mode, counts in picks.items()}
+
+
+def picture_and_sound(model, kinds: dict[str, list], per_frame: int) -> dict[str, dict[str, float]]:
+    """The third part (module docstring): {variant: {kind: how often the right option is the likeliest}}, each
+    question asked alone (cloze); kinds: {relation: data.avqa_items}; per_frame: visual prompts per frame."""
+    apt = model.apt
+    with torch.no_grad():
+        seen = {i["video"]: model.blip.frame_prompts(frames(model, i), i["question"]) for v in kinds.values()
+                for i in v}
+    blank = torch.stack(list(seen.values())).mean(0)  # a picture that says nothing: the mean of them all
+    right = {}
+    with torch.no_grad():
+        for kind, items in kinds.items():
+            for item in items:
+                feats = apt.encode_clips([item["audio"]], strict=True)[0]
+                for name, parts in variants(item, seen[item["video"]], blank, per_frame).items():
+                    scores = apt.choice_logprob(parts, item["options"], feats, model.blocks_apart)
+                    right.setdefault(name, dict.fromkeys(kinds, 0.0))[kind] += \
+                        (int(scores.argmax()) == item["answer"]) / len(items)
+    return right
+
+
+def variants(item, visual: torch.Tensor, blank: torch.Tensor, per_frame: int) -> dict[str, list]:
+    """The third part's sequences of one question, asked alone: visual, its frames' prompts (F * Q, D); blank, a
+    picture that says nothing, of the same shape."""
+    sound, question = ("audio", item["audio"]), ("text", item["question"])
+    return {"audio only": [sound, question],
+            "video only": [("prompts", visual), question],
+            "audio + video": [("prompts", visual), sound, question],
+            "audio + video, one frame": [("prompts", visual[:per_frame]), sound, question],
+            "audio + video, the visual prompts halved": [("prompts", 0.5 * visual), sound, question],
+            "audio after a picture that says nothing": [("prompts", blank), sound, question],
+            "video after audio": [sound, ("prompts", visual), question]}
 
 
 def frames(model, item) -> torch.Tensor:

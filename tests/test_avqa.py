@@ -187,3 +187,32 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     for setting, apart in (([], False), (["--avqa_blocks_apart=true"], True)):
         cfg = load_config("tiny", [*opts(tmp, *vision), *setting])
         assert load_apt_blip2(cfg, resolve_checkpoint(cfg, None)).blocks_apart is apart
+
+
+def test_probe_avqa_asks_as_the_evaluation_does(with_vision):
+    """benchmarks/probe_avqa.py, its third part: the sequences of audio only, video only and audio + video score the
+    options exactly as the evaluation's cloze form does (APTBLIP2.answer), the one-frame sequence holds the first
+    frame's prompts alone, and the rates it returns count those scores' right answers."""
+    from benchmarks.probe_avqa import frames, picture_and_sound, variants
+
+    cfg = load_config("tiny", opts(with_vision, *VISION))
+    model = load_apt_blip2(cfg, resolve_checkpoint(cfg, None))
+    items = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, True)
+    kinds = {k: [i for i in items if i["relation"] == k][:2] for k in ("Sound", "Both", "View")}
+    per_frame = model.blip.qformer.config.num_queries
+    want = {name: dict.fromkeys(kinds, 0.0) for name in ("audio only", "video only", "audio + video")}
+    for kind, chosen in kinds.items():
+        for item in chosen:
+            pixels = frames(model, item)
+            visual = model.blip.frame_prompts(pixels, item["question"])
+            asked = variants(item, visual, torch.zeros_like(visual), per_frame)
+            answers = model.answer(item["question"], item["options"], frames=pixels, audio=item["audio"])
+            feats = model.apt.encode_clips([item["audio"]], strict=True)[0]
+            for name, mode in (("audio only", "audio"), ("video only", "video"), ("audio + video", "audio-visual")):
+                got = model.apt.choice_logprob(asked[name], item["options"], feats, model.blocks_apart)
+                torch.testing.assert_close(got, answers[mode].cloze)
+                want[name][kind] += (int(answers[mode].cloze.argmax()) == item["answer"]) / len(chosen)
+            torch.testing.assert_close(asked["audio + video, one frame"][0][1],
+                                       model.blip.frame_prompts(pixels[:1], item["question"]))
+    right = picture_and_sound(model, kinds, per_frame)
+    assert len(right) == 7 and all(right[name] == pytest.approx(want[name]) for name in want)

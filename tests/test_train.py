@@ -376,6 +376,32 @@ def test_caption_fine_tuning_makes_whole_passes_over_one_caption_set(trained, tm
         train.main(["--stage", "caption_ft", *opts(tmp, "--caption_ft_source=wavcaps:FreeSound")])
 
 
+def test_start_from_continues_stage_2_from_a_trained_apt(trained, tmp_path):
+    """--start_from: stage 2 starts from the given APT instead of stage 1's result (how the small release continues
+    the chain's stage 2 with another mixture); with lr 0 its result is that APT exactly. Refused: for stage 1, a
+    folder with no APT, and the run's own stage-2 result, which the continuation would overwrite."""
+    tmp = copy_of(trained, tmp_path)
+    start = tmp / "start"
+    shutil.copytree(tmp / "run" / "stage2" / "final", start)
+    stage1 = load_file(str(tmp / "run" / "stage1" / "final" / "apt.safetensors"))
+    given = load_file(str(start / "apt.safetensors"))
+    assert any(not torch.equal(stage1[k], given[k]) for k in given)
+    train.main(["--stage", "2", *opts(tmp, "--steps_2=1", "--lr=0", f"--start_from={start}")])
+    out = tmp / "run" / "stage2" / "final"
+    after = load_file(str(out / "apt.safetensors"))
+    assert after.keys() == given.keys() and all(torch.equal(after[k], given[k]) for k in given)
+    assert json.loads((out / "apt.json").read_text())["config"]["start_from"] == str(start)
+    train.main(["--stage", "2", *opts(tmp, "--steps_2=1", "--lr=0")])  # the default: stage 1's result
+    after = load_file(str(out / "apt.safetensors"))
+    assert all(torch.equal(after[k], stage1[k]) for k in stage1)
+    with pytest.raises(SystemExit, match="stage 1 starts from stage 0's aligner"):
+        train.main(["--stage", "1", *opts(tmp, f"--start_from={start}")])
+    with pytest.raises(SystemExit, match="no trained APT there"):
+        train.main(["--stage", "2", *opts(tmp, f"--start_from={tmp / 'synth'}")])
+    with pytest.raises(SystemExit, match="would overwrite it"):
+        train.main(["--stage", "2", *opts(tmp, f"--start_from={out}")])
+
+
 def test_precision_settings():
     cpu = torch.device("cpu")
     with pytest.raises(SystemExit, match=r"--precision=fp16 needs a CUDA device"):
