@@ -19,8 +19,9 @@ picture or sound put first (the LLM told of two clips or two pictures, the quest
 Third, what the picture does to the sound: on 75 questions of each kind (cloze), how often the right option is the
 likeliest with the sound alone, the picture alone, both (in AVQA's order, with the preset's attention), both with the
 picture cut to one frame or its prompts halved, the sound after a picture that says nothing (the mean of all the
-questions' visual prompts), and the picture after the sound. On questions only the sound answers, none of the options
-is pictured, so a picture that costs accuracy there does so by drowning the sound, not by pointing elsewhere.
+questions' visual prompts), each block named in the text before it, and the picture after the sound. On questions
+only the sound answers, none of the options is pictured, so a picture that costs accuracy there does so by drowning
+the sound, not by pointing elsewhere.
 
     python benchmarks/probe_avqa.py [--preset small] [--videos 60] [--both 150] [--each 75] [--parts 1,2,3]
                                     [--key=value ...]
@@ -98,7 +99,7 @@ def main():
         right = picture_and_sound(model, kinds, model.blip.qformer.config.num_queries)
         print("right, asked alone (cloze; chance 0.25): " + "  ".join(f"{k} ({len(v)})" for k, v in kinds.items()))
         for variant, rates in right.items():
-            print(f"  {variant:<40} " + "  ".join(f"{rates[k]:.3f}" for k in kinds))
+            print(f"  {variant:<42} " + "  ".join(f"{rates[k]:.3f}" for k in kinds))
 
 
 MIXES = {"video only": "V", "audio only": "A", "audio + video": "VA", "video after audio": "AV",
@@ -157,6 +158,8 @@ def variants(item, visual: torch.Tensor, blank: torch.Tensor, per_frame: int) ->
             "audio + video, one frame": [("prompts", visual[:per_frame]), sound, question],
             "audio + video, the visual prompts halved": [("prompts", 0.5 * visual), sound, question],
             "audio after a picture that says nothing": [("prompts", blank), sound, question],
+            "audio + video, each block named before it": [("text", "The picture:"), ("prompts", visual),
+                                                          ("text", "The sound:"), sound, question],
             "video after audio": [sound, ("prompts", visual), question]}
 
 

@@ -215,4 +215,4 @@ def test_probe_avqa_asks_as_the_evaluation_does(with_vision):
             torch.testing.assert_close(asked["audio + video, one frame"][0][1],
                                        model.blip.frame_prompts(pixels[:1], item["question"]))
     right = picture_and_sound(model, kinds, per_frame)
-    assert len(right) == 7 and all(right[name] == pytest.approx(want[name]) for name in want)
+    assert len(right) == 8 and all(right[name] == pytest.approx(want[name]) for name in want)
