@@ -328,10 +328,7 @@ class TuneAPT:
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
         needs = STAGES[stage]["needs"]
         prev = stage_dir(cfg, needs) / "final"
-        if cfg.start_from and stage == "1":
-            raise SystemExit("--start_from names a trained APT for stage 2 or caption_ft to continue; stage 1 starts "
-                             "from stage 0's aligner")
-        if cfg.start_from:
+        if cfg.start_from:  # (main refuses it for stage 1)
             prev = Path(cfg.start_from)
             if not (prev / "apt.json").is_file():
                 raise SystemExit(f"--start_from={cfg.start_from}: no trained APT there (no apt.json)")
@@ -340,7 +337,8 @@ class TuneAPT:
                                  "overwrite it; continue into another --run_dir")
         elif not (prev / ("aligner.json" if stage == "1" else "apt.json")).is_file():
             raise SystemExit(f"stage {stage} starts from stage {needs}'s result, which is not in {prev}/; run "
-                             f"`python train.py --stage {needs}` first")
+                             f"`python train.py --stage {needs}` first (or, for a run that continued another APT, "
+                             "give its --start_from again)")
         encoder, self.encoder_id = build_encoder(cfg, device, frozen_dtype)
         llm, self.llm_id = load_llm(cfg, device, frozen_dtype)
         if cfg.compile_llm:
@@ -1008,6 +1006,9 @@ def main(argv=None):
     cfg = load_config(args.preset, rest)
     for setting in ("caption_sources", "tagging_sources", "stage0_sources"):  # a misspelt source stops any stage
         sources(cfg, setting)
+    if cfg.start_from and args.stage not in ("2", "caption_ft"):
+        raise SystemExit(f"--start_from names a trained APT for stage 2 or caption_ft to continue; stage {args.stage} "
+                         "does not start from one")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world, device = setup_distributed()
     random.seed(cfg.seed)

@@ -55,11 +55,15 @@ def main():
     ap.add_argument("--videos", type=int, default=60)
     ap.add_argument("--both", type=int, default=150, help="questions that need both senses, for the second part")
     ap.add_argument("--each", type=int, default=75, help="questions of each kind, for the third part")
-    ap.add_argument("--parts", default="1,2,3", help="which parts to run")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run, of 1, 2 and 3")
+    ap.add_argument("--checkpoint", help="another APT (with --encoder_checkpoint=... where it needs another encoder); "
+                                         "default: the preset's run, else its release")
     args, rest = ap.parse_known_args()
-    parts = set(args.parts.split(","))
+    parts = {p.strip() for p in args.parts.split(",")}
+    if not parts or not parts <= {"1", "2", "3"}:
+        raise SystemExit(f"--parts={args.parts}: name parts 1, 2 and 3, separated by commas")
     cfg = load_config(args.preset, rest)  # any setting as --key=value (--run_dir=... probes another run)
-    model = load_apt_blip2(cfg, resolve_checkpoint(cfg, None))
+    model = load_apt_blip2(cfg, resolve_checkpoint(cfg, args.checkpoint))
     apt, names = model.apt, [c.name for c in synth.TRAIN_CLASSES]
     truth = {q["video_name"]: q for q in json.loads((Path(cfg.data_root) / "avqa" / "val_qa.json").read_text())}
     items = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, True)[:args.videos]
@@ -96,6 +100,9 @@ def main():
             print(f"  {mode:<27} pictured {pictured:.3f}  heard {heard:.3f}  right {right:.3f}")
     if "3" in parts:
         kinds = {k: [i for i in every if i["relation"] == k][:args.each] for k in ("Sound", "Both", "View")}
+        kinds = {k: v for k, v in kinds.items() if v}  # a kind the data has no question of is left out
+        if not kinds:
+            raise SystemExit("the third part needs questions with a relation (Sound, Both, View); these have none")
         right = picture_and_sound(model, kinds, model.blip.qformer.config.num_queries)
         print("right, asked alone (cloze; chance 0.25): " + "  ".join(f"{k} ({len(v)})" for k, v in kinds.items()))
         for variant, rates in right.items():
@@ -132,16 +139,16 @@ def picture_and_sound(model, kinds: dict[str, list], per_frame: int) -> dict[str
     """The third part (module docstring): {variant: {kind: how often the right option is the likeliest}}, each
     question asked alone (cloze); kinds: {relation: data.avqa_items}; per_frame: visual prompts per frame."""
     apt = model.apt
-    with torch.no_grad():
-        seen = {i["video"]: model.blip.frame_prompts(frames(model, i), i["question"]) for v in kinds.values()
-                for i in v}
-    blank = torch.stack(list(seen.values())).mean(0)  # a picture that says nothing: the mean of them all
-    right = {}
+    with torch.no_grad():  # each question's own (the visual aligner reads the question), in question order
+        seen = [model.blip.frame_prompts(frames(model, i), i["question"]) for v in kinds.values() for i in v]
+    full = max(len(v) for v in seen)  # a video with fewer frames extracted than asked for has fewer prompts
+    blank = torch.stack([v for v in seen if len(v) == full]).mean(0)  # a picture that says nothing: their mean
+    right, seen = {}, iter(seen)
     with torch.no_grad():
         for kind, items in kinds.items():
             for item in items:
                 feats = apt.encode_clips([item["audio"]], strict=True)[0]
-                for name, parts in variants(item, seen[item["video"]], blank, per_frame).items():
+                for name, parts in variants(item, next(seen), blank, per_frame).items():
                     scores = apt.choice_logprob(parts, item["options"], feats, model.blocks_apart)
                     right.setdefault(name, dict.fromkeys(kinds, 0.0))[kind] += \
                         (int(scores.argmax()) == item["answer"]) / len(items)

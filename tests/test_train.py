@@ -394,12 +394,14 @@ def test_start_from_continues_stage_2_from_a_trained_apt(trained, tmp_path):
     train.main(["--stage", "2", *opts(tmp, "--steps_2=1", "--lr=0")])  # the default: stage 1's result
     after = load_file(str(out / "apt.safetensors"))
     assert all(torch.equal(after[k], stage1[k]) for k in stage1)
-    with pytest.raises(SystemExit, match="stage 1 starts from stage 0's aligner"):
-        train.main(["--stage", "1", *opts(tmp, f"--start_from={start}")])
+    for stage in ("1", "0", "vision"):  # refused before any data is made
+        with pytest.raises(SystemExit, match=f"stage {stage} does not start from one"):
+            train.main(["--stage", stage, *opts(tmp, f"--start_from={start}")])
     with pytest.raises(SystemExit, match="no trained APT there"):
         train.main(["--stage", "2", *opts(tmp, f"--start_from={tmp / 'synth'}")])
-    with pytest.raises(SystemExit, match="would overwrite it"):
-        train.main(["--stage", "2", *opts(tmp, f"--start_from={out}")])
+    for same in (out, f"{tmp}/run/./stage2/../stage2/final"):  # however it is spelt
+        with pytest.raises(SystemExit, match="would overwrite it"):
+            train.main(["--stage", "2", *opts(tmp, f"--start_from={same}")])
 
 
 def test_precision_settings():
