@@ -64,33 +64,10 @@ def main():
         raise SystemExit(f"--parts={args.parts}: name parts 1, 2 and 3, separated by commas")
     cfg = load_config(args.preset, rest)  # any setting as --key=value (--run_dir=... probes another run)
     model = load_apt_blip2(cfg, resolve_checkpoint(cfg, args.checkpoint))
-    apt, names = model.apt, [c.name for c in synth.TRAIN_CLASSES]
     truth = {q["video_name"]: q for q in json.loads((Path(cfg.data_root) / "avqa" / "val_qa.json").read_text())}
-    items = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, True)[:args.videos]
-    heard_prompts = {"tagging prompt": tasks.prompt("tagging", random.Random(0)),
-                     "question alone": "Which object can be heard?", "AVQA's prompt": None}
-    seen_prompts = {"tagging prompt": "What objects are in the picture?",
-                    "question alone": "Which object can be seen?", "AVQA's prompt": None}
-    ranks = {(side, k): [] for side in ("heard", "pictured") for k in heard_prompts}
-    with torch.no_grad():
-        for item in items if "1" in parts else []:
-            video = truth[item["video"]]
-            feats = apt.encode_clips([item["audio"]], strict=True)[0]
-            pixels = frames(model, item)
-            for k in heard_prompts:
-                prompt = heard_prompts[k] or avqa_prompt(item["question"], item["options"])
-                ranks["heard", k] += mean_rank(apt, [("audio", item["audio"]), ("text", prompt)], feats, names,
-                                               video["heard"])
-                prompt = seen_prompts[k] or avqa_prompt(item["question"], item["options"])
-                visual = model.blip.frame_prompts(pixels, prompt)
-                ranks["pictured", k] += mean_rank(apt, [("prompts", visual), ("text", prompt)], {}, names,
-                                                  video["pictured"])
-    if "1" in parts:
-        print(f"{args.preset}: mean rank among {len(names)} names (0 = first; chance {(len(names) - 1) / 2}), "
-              f"{len(items)} videos")
-        for (side, k), r in ranks.items():
-            print(f"  {side:<9} objects, {k:<15} {np.mean(r):5.2f}")
     every = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, True)
+    if "1" in parts:
+        first_part(model, every[:args.videos], truth, args.preset)
     if "2" in parts:
         both = [i for i in every if i["relation"] == "Both"]
         rates = sides_followed(model, both[:args.both], truth)
@@ -107,6 +84,33 @@ def main():
         print("right, asked alone (cloze; chance 0.25): " + "  ".join(f"{k} ({len(v)})" for k, v in kinds.items()))
         for variant, rates in right.items():
             print(f"  {variant:<42} " + "  ".join(f"{rates[k]:.3f}" for k in kinds))
+
+
+def first_part(model, items, truth, preset: str):
+    """The first part (module docstring): the heard and the pictured objects' mean rank among all names, printed."""
+    apt, names = model.apt, [c.name for c in synth.TRAIN_CLASSES]
+    heard_prompts = {"tagging prompt": tasks.prompt("tagging", random.Random(0)),
+                     "question alone": "Which object can be heard?", "AVQA's prompt": None}
+    seen_prompts = {"tagging prompt": "What objects are in the picture?",
+                    "question alone": "Which object can be seen?", "AVQA's prompt": None}
+    ranks = {(side, k): [] for side in ("heard", "pictured") for k in heard_prompts}
+    with torch.no_grad():
+        for item in items:
+            video = truth[item["video"]]
+            feats = apt.encode_clips([item["audio"]], strict=True)[0]
+            pixels = frames(model, item)
+            for k in heard_prompts:
+                prompt = heard_prompts[k] or avqa_prompt(item["question"], item["options"])
+                ranks["heard", k] += mean_rank(apt, [("audio", item["audio"]), ("text", prompt)], feats, names,
+                                               video["heard"])
+                prompt = seen_prompts[k] or avqa_prompt(item["question"], item["options"])
+                visual = model.blip.frame_prompts(pixels, prompt)
+                ranks["pictured", k] += mean_rank(apt, [("prompts", visual), ("text", prompt)], {}, names,
+                                                  video["pictured"])
+    print(f"{preset}: mean rank among {len(names)} names (0 = first; chance {(len(names) - 1) / 2}), "
+          f"{len(items)} videos")
+    for (side, k), r in ranks.items():
+        print(f"  {side:<9} objects, {k:<15} {np.mean(r):5.2f}")
 
 
 MIXES = {"video only": "V", "audio only": "A", "audio + video": "VA", "video after audio": "AV",
@@ -138,20 +142,19 @@ def sides_followed(model, items, truth) -> dict[str, np.ndarray]:
 def picture_and_sound(model, kinds: dict[str, list], per_frame: int) -> dict[str, dict[str, float]]:
     """The third part (module docstring): {variant: {kind: how often the right option is the likeliest}}, each
     question asked alone (cloze); kinds: {relation: data.avqa_items}; per_frame: visual prompts per frame."""
-    apt = model.apt
-    with torch.no_grad():  # each question's own (the visual aligner reads the question), in question order
-        seen = [model.blip.frame_prompts(frames(model, i), i["question"]) for v in kinds.values() for i in v]
+    apt, asked = model.apt, [(kind, item) for kind, items in kinds.items() for item in items]
+    with torch.no_grad():  # each question's own (the visual aligner reads the question)
+        seen = [model.blip.frame_prompts(frames(model, item), item["question"]) for _, item in asked]
     full = max(len(v) for v in seen)  # a video with fewer frames extracted than asked for has fewer prompts
     blank = torch.stack([v for v in seen if len(v) == full]).mean(0)  # a picture that says nothing: their mean
-    right, seen = {}, iter(seen)
+    right = {}
     with torch.no_grad():
-        for kind, items in kinds.items():
-            for item in items:
-                feats = apt.encode_clips([item["audio"]], strict=True)[0]
-                for name, parts in variants(item, next(seen), blank, per_frame).items():
-                    scores = apt.choice_logprob(parts, item["options"], feats, model.blocks_apart)
-                    right.setdefault(name, dict.fromkeys(kinds, 0.0))[kind] += \
-                        (int(scores.argmax()) == item["answer"]) / len(items)
+        for (kind, item), visual in zip(asked, seen):
+            feats = apt.encode_clips([item["audio"]], strict=True)[0]
+            for name, parts in variants(item, visual, blank, per_frame).items():
+                scores = apt.choice_logprob(parts, item["options"], feats, model.blocks_apart)
+                right.setdefault(name, dict.fromkeys(kinds, 0.0))[kind] += \
+                    (int(scores.argmax()) == item["answer"]) / len(kinds[kind])
     return right
 
 
