@@ -274,9 +274,11 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None, coverage: dat
     video only, audio only) by three protocols: the option the model names after AVQA's prompt (the paper's), the
     likeliest option's text after that prompt, and the likeliest after the question alone (cloze: the options not
     listed, for an LLM too small to read an option list); beside the fixed-answer baseline (always the most frequent
-    answer position; chance is 0.25); and both likelihoods by what each question needs (AVQA's question_relation;
-    the synthetic set's Both / View / Sound). A video whose clip or a frame cannot be decoded is skipped and
-    recorded in `coverage` (opts.strict: an error; `avqa_coverage_row` says how many were scored and lost).
+    answer position; chance is 0.25); whether audio + video beats each sense alone beyond luck (the exact McNemar
+    test's p on the questions one gets right and the other wrong); and both likelihoods by what each question
+    needs (AVQA's question_relation; the synthetic set's Both / View / Sound). A video whose clip or a frame cannot
+    be decoded is skipped and recorded in `coverage` (opts.strict: an error; `avqa_coverage_row` says how many
+    were scored and lost).
     Returns (rows, records)."""
     from apt_min.blip2 import MODES
     from apt_min.vision import ImageError
@@ -316,6 +318,12 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None, coverage: dat
             protocol = (f"4-way accuracy over {len(records)} questions (baseline: always option {fixed})"
                         if not rows else "")
             rows.append((f"{mode}, {how}", acc, baseline, protocol))
+    for other in [m for m in ("video", "audio") if "audio-visual" in modes and m in modes]:
+        for key, how in hows.items():  # is audio + video better than one sense alone, beyond luck?
+            b = sum(r["audio-visual"][key] == r["answer"] != r[other][key] for r in records)
+            c = sum(r[other][key] == r["answer"] != r["audio-visual"][key] for r in records)
+            rows.append((f"audio-visual vs {other}, {how}: p", metrics.mcnemar_exact(b, c), None,
+                         f"exact two-sided McNemar test: right with audio + video only {b}, with {other} only {c}"))
     protocol = "questions that need the picture and the sound (Both), the picture (View), the sound (Sound)"
     for key in ("ranked", "cloze"):
         for relation in sorted({r["relation"] for r in records} - {""}):

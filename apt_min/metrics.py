@@ -6,6 +6,7 @@
     bleu(references, hypotheses)                          -> [BLEU-1, ..., BLEU-4], corpus level
     rouge_l(references, hypotheses)                       -> mean ROUGE-L (LCS F-measure, beta 1.2)
     cider_d(references, hypotheses)                       -> mean CIDEr-D (tf-idf n-grams, clipped, length penalty)
+    mcnemar_exact(b, c)                                   -> two-sided p of two systems' paired right/wrong answers
 
 Captions go in as plain strings; references[i] is the list of references of hypotheses[i].
 
@@ -145,6 +146,20 @@ def cider_d(references, hypotheses, n: int = 4, sigma: float = 6.0) -> float:
                 total[k] += cos * math.exp(-((lh - lr) ** 2) / (2 * sigma**2))
         scores.append(total.mean() / len(rs) * 10.0)
     return float(np.mean(scores))
+
+
+# ------------------------------------------------------------------------------------------------ significance
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """The exact two-sided McNemar test of two systems scored on the same questions: b questions only the first gets
+    right, c only the second (those both get right or both wrong say nothing of which is better). If neither were
+    better, each of the b + c would go either way as a fair coin: the p-value is the chance of a split at least as
+    uneven as min(b, c) against the rest, on either side (1.0 for an even split). Checked against scipy's binomtest."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 # ------------------------------------------------------------------------------------------------- task scores

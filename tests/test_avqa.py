@@ -152,6 +152,13 @@ def test_avqa_scores_on_scripted_answers():
     assert got["audio, cloze likelihood, Both (2)"] == 0.5 and got["video, cloze likelihood, Sound (1)"] == 0.0
     assert {b for _, _, b, _ in rows[:9]} == {0.5}  # always option 1, the most frequent answer: 2 of 4
     assert records[2]["audio-visual"] == {"said": "1", "named": 1, "ranked": 0, "cloze": 1}
+    # audio + video against each sense alone: right only with both / only with the one (exact McNemar: 2 / 0 -> 0.5)
+    assert got["audio-visual vs video, cloze likelihood: p"] == 0.5
+    assert got["audio-visual vs audio, option named: p"] == 0.5
+    assert got["audio-visual vs audio, option likelihood: p"] == 1.0  # 1 / 0
+    protocols = {m: p for m, _, _, p in rows}
+    assert protocols["audio-visual vs video, option likelihood: p"] == (
+        "exact two-sided McNemar test: right with audio + video only 2, with video only 1")
 
 
 def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Metrics against the implementations people cite: scikit-learn's AP, pycocoevalcap's BLEU / ROUGE-L / CIDEr-D
-and its Stanford PTB tokenizer."""
+and its Stanford PTB tokenizer, scipy's exact binomial test (McNemar's)."""
 
 import shutil
 
@@ -37,6 +37,15 @@ def test_map_equals_scikit_learn():
     labels[:, 0] = False  # a class without positives is left out of the mean, not counted as 0
     assert metrics.mean_average_precision(scores, labels) == pytest.approx(
         average_precision_score(labels[:, 1:], scores[:, 1:], average="macro"))
+
+
+def test_mcnemar_equals_scipy_binomial_test():
+    from scipy.stats import binomtest  # scikit-learn's own dependency
+
+    for b, c in [(42, 21), (21, 42), (60, 48), (0, 5), (5, 0), (7, 7), (1, 0), (0, 0), (250, 190), (3, 11)]:
+        expected = binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
+        assert metrics.mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12, abs=1e-300)
+    assert metrics.mcnemar_exact(42, 21) < 0.05 < metrics.mcnemar_exact(60, 48)
 
 
 def _coco(refs, hyps):
