@@ -156,6 +156,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     right, c only the second (those both get right or both wrong say nothing of which is better). If neither were
     better, each of the b + c would go either way as a fair coin: the p-value is the chance of a split at least as
     uneven as min(b, c) against the rest, on either side (1.0 for an even split). Checked against scipy's binomtest."""
+    b, c = int(b), int(c)  # numpy's integers would overflow in 2 ** n
     n, k = b + c, min(b, c)
     if n == 0:
         return 1.0

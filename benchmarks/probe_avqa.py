@@ -23,9 +23,15 @@ questions' visual prompts), each block named in the text before it, and the pict
 only the sound answers, none of the options is pictured, so a picture that costs accuracy there does so by drowning
 the sound, not by pointing elsewhere.
 
-    python benchmarks/probe_avqa.py [--preset small] [--videos 60] [--both 150] [--each 75] [--parts 1,2,3]
+Fourth, the most any two sides could give the LLM: each question's pictured and heard objects told in words before
+it (no soft prompts; "The picture shows a bell and a drum. The sound is of a drum and a hiss.", or as lists, "Seen:
+bell, drum. Heard: drum, hiss."), all questions, the question alone (cloze) and AVQA's prompt: what the LLM itself
+makes of both senses' content, a ceiling for audio + video over each sense alone (exact McNemar p of both against
+each).
+
+    python benchmarks/probe_avqa.py [--preset small] [--videos 60] [--both 150] [--each 75] [--parts 1,2,3,4]
                                     [--key=value ...]
-    (after --stage vision; 3 min for tiny on 2 cores, 10-15 for small)
+    (after --stage vision; 3 min for tiny on 2 cores, 10-15 for small, the fourth part 9 more)
 """
 
 import argparse
@@ -36,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apt_min import data, synth, tasks
+from apt_min import data, metrics, synth, tasks
 from apt_min.blip2 import avqa_prompt
 from apt_min.build import load_apt_blip2
 from apt_min.config import load_config
@@ -55,13 +61,13 @@ def main():
     ap.add_argument("--videos", type=int, default=60)
     ap.add_argument("--both", type=int, default=150, help="questions that need both senses, for the second part")
     ap.add_argument("--each", type=int, default=75, help="questions of each kind, for the third part")
-    ap.add_argument("--parts", default="1,2,3", help="which parts to run, of 1, 2 and 3")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run, of 1, 2, 3 and 4")
     ap.add_argument("--checkpoint", help="another APT (with --encoder_checkpoint=... where it needs another encoder); "
                                          "default: the preset's run, else its release")
     args, rest = ap.parse_known_args()
     parts = {p.strip() for p in args.parts.split(",")}
-    if not parts or not parts <= {"1", "2", "3"}:
-        raise SystemExit(f"--parts={args.parts}: name parts 1, 2 and 3, separated by commas")
+    if not parts or not parts <= {"1", "2", "3", "4"}:
+        raise SystemExit(f"--parts={args.parts}: name parts 1, 2, 3 and 4, separated by commas")
     cfg = load_config(args.preset, rest)  # any setting as --key=value (--run_dir=... probes another run)
     model = load_apt_blip2(cfg, resolve_checkpoint(cfg, args.checkpoint))
     truth = {q["video_name"]: q for q in json.loads((Path(cfg.data_root) / "avqa" / "val_qa.json").read_text())}
@@ -84,6 +90,20 @@ def main():
         print("right, asked alone (cloze; chance 0.25): " + "  ".join(f"{k} ({len(v)})" for k, v in kinds.items()))
         for variant, rates in right.items():
             print(f"  {variant:<42} " + "  ".join(f"{rates[k]:.3f}" for k in kinds))
+    if "4" in parts:
+        print(f"each question's objects told in words, all {len(every)} questions: right overall and by what the "
+              f"question needs; exact McNemar p of both senses against each alone")
+        for phrasing in WORDS:
+            for listed in (False, True):
+                right = told_in_words(model, every, truth, phrasing, listed)
+                p = {m: metrics.mcnemar_exact(sum(right["both"] & ~right[m]), sum(right[m] & ~right["both"]))
+                     for m in ("picture", "sound")}
+                print(f"  {phrasing}, {'AVQA prompt' if listed else 'cloze'}: " + "  ".join(
+                    f"{m} {right[m].mean():.3f}" for m in ("picture", "sound", "both")) +
+                    f"  (p against the picture {p['picture']:.3f}, the sound {p['sound']:.3f})")
+                for kind in sorted({i["relation"] for i in every}):
+                    at = np.array([i["relation"] == kind for i in every])
+                    print(f"    {kind:<6} ({at.sum()}) " + "  ".join(f"{m} {right[m][at].mean():.3f}" for m in right))
 
 
 def first_part(model, items, truth, preset: str):
@@ -171,6 +191,34 @@ def variants(item, visual: torch.Tensor, blank: torch.Tensor, per_frame: int) ->
             "audio + video, each block named before it": [("text", "The picture:"), ("prompts", visual),
                                                           ("text", "The sound:"), sound, question],
             "video after audio": [sound, ("prompts", visual), question]}
+
+
+WORDS = {"sentences": lambda seen, heard: (f"The picture shows {_and(seen)}.", f"The sound is of {_and(heard)}."),
+         "lists": lambda seen, heard: ("Seen: " + ", ".join(seen) + ".", "Heard: " + ", ".join(heard) + ".")}
+
+
+def _and(names) -> str:
+    return " and ".join(synth.an(n) for n in names)
+
+
+def in_words(video: dict, phrasing: str) -> dict[str, str]:
+    """The fourth part's words in place of each side: {"picture", "sound", "both": the text before the question};
+    video: the question's val_qa.json record (its pictured and heard objects)."""
+    seen, heard = WORDS[phrasing](video["pictured"], video["heard"])
+    return {"picture": seen, "sound": heard, "both": f"{seen} {heard}"}
+
+
+def told_in_words(model, items, truth, phrasing: str, listed: bool) -> dict[str, np.ndarray]:
+    """The fourth part (module docstring): {"picture", "sound", "both": whether each of `items` is answered right}
+    with its objects told in words (in_words) before the question alone, or before AVQA's prompt (listed)."""
+    right = {m: [] for m in ("picture", "sound", "both")}
+    with torch.no_grad():
+        for item in items:
+            question = avqa_prompt(item["question"], item["options"]) if listed else item["question"]
+            for m, told in in_words(truth[item["video"]], phrasing).items():
+                scores = model.apt.choice_logprob([("text", f"{told} {question}")], item["options"], {})
+                right[m].append(int(scores.argmax()) == item["answer"])
+    return {m: np.array(r) for m, r in right.items()}
 
 
 def frames(model, item) -> torch.Tensor:

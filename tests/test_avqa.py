@@ -4,6 +4,7 @@ through the vision stage and `evaluate.py --task avqa`."""
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import soundfile as sf
 import torch
 
 from apt_min import data, synth, synth_av
-from apt_min.blip2 import MODES, Answer
+from apt_min.blip2 import MODES, Answer, avqa_prompt
 from apt_min.build import load_apt_blip2
 from apt_min.config import load_config
 from apt_min.evaluation import Options, avqa_coverage_row, eval_avqa
@@ -223,3 +224,29 @@ def test_probe_avqa_asks_as_the_evaluation_does(with_vision):
                                        model.blip.frame_prompts(pixels[:1], item["question"]))
     right = picture_and_sound(model, kinds, per_frame)
     assert len(right) == 8 and all(right[name] == pytest.approx(want[name]) for name in want)
+
+
+def test_probe_avqa_tells_each_sense_in_words(with_vision):
+    """benchmarks/probe_avqa.py, its fourth part: each side's content in words (the pictured objects as seen, the
+    heard as heard), and its rates are the questions whose likeliest option, after those words, is the answer."""
+    from benchmarks.probe_avqa import in_words, told_in_words
+
+    video = {"pictured": ["wind", "drum"], "heard": ["drum", "hiss"]}
+    assert in_words(video, "sentences") == {
+        "picture": "The picture shows a wind and a drum.", "sound": "The sound is of a drum and a hiss.",
+        "both": "The picture shows a wind and a drum. The sound is of a drum and a hiss."}
+    assert in_words(video, "lists")["both"] == "Seen: wind, drum. Heard: drum, hiss."
+    cfg = load_config("tiny", opts(with_vision, *VISION))
+    model = load_apt_blip2(cfg, resolve_checkpoint(cfg, None))
+    truth = {q["video_name"]: q for q in json.loads((Path(cfg.data_root) / "avqa" / "val_qa.json").read_text())}
+    items = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, True)[:4]
+    for listed in (False, True):
+        right = told_in_words(model, items, truth, "sentences", listed)
+        for m in ("picture", "sound", "both"):
+            want = []
+            for item in items:
+                question = avqa_prompt(item["question"], item["options"]) if listed else item["question"]
+                told = in_words(truth[item["video"]], "sentences")[m]
+                scores = model.apt.choice_logprob([("text", f"{told} {question}")], item["options"], {})
+                want.append(int(scores.argmax()) == item["answer"])
+            assert right[m].tolist() == want

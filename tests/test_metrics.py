@@ -46,6 +46,8 @@ def test_mcnemar_equals_scipy_binomial_test():
         expected = binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
         assert metrics.mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12, abs=1e-300)
     assert metrics.mcnemar_exact(42, 21) < 0.05 < metrics.mcnemar_exact(60, 48)
+    counts = np.array([True] * 70 + [False] * 41)  # counts as numpy sums give them
+    assert metrics.mcnemar_exact(counts.sum(), (~counts).sum()) == pytest.approx(binomtest(41, 111, 0.5).pvalue)
 
 
 def _coco(refs, hyps):
