@@ -328,7 +328,7 @@ class TuneAPT:
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
         needs = STAGES[stage]["needs"]
         prev = stage_dir(cfg, needs) / "final"
-        if cfg.start_from:  # (main refuses it for stage 1)
+        if cfg.start_from:  # (main takes it only for stage 2 and caption_ft)
             prev = Path(cfg.start_from)
             if not (prev / "apt.json").is_file():
                 raise SystemExit(f"--start_from={cfg.start_from}: no trained APT there (no apt.json)")

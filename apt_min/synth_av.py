@@ -159,7 +159,8 @@ def random_picture(rng: random.Random) -> dict:
     return {"frames": frames, "objects": objects}
 
 
-def _and(names: list[str]) -> str:
+def and_list(names: list[str]) -> str:
+    """"a, b and c": names joined as a sentence lists them."""
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
@@ -173,7 +174,7 @@ def picture_example(record: dict, kind: str, rng: random.Random) -> tuple[list, 
 
     objects, frames = record["objects"], record["frames"]
     absent = [c.name for c in synth.TRAIN_CLASSES if c.name not in objects]
-    description = f"A picture of {_and([synth.an(o) for o in objects])}."
+    description = f"A picture of {and_list([synth.an(o) for o in objects])}."
     if kind == "objects":
         return frames, "What objects are in the picture?", ", ".join(objects), description
     if kind == "describe":

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apt_min import data, metrics, synth, tasks
+from apt_min import data, metrics, synth, synth_av, tasks
 from apt_min.blip2 import avqa_prompt
 from apt_min.build import load_apt_blip2
 from apt_min.config import load_config
@@ -93,6 +93,7 @@ def main():
     if "4" in parts:
         print(f"each question's objects told in words, all {len(every)} questions: right overall and by what the "
               f"question needs; exact McNemar p of both senses against each alone")
+        masks = {k: np.array([i["relation"] == k for i in every]) for k in sorted({i["relation"] for i in every})}
         for phrasing in WORDS:
             for listed in (False, True):
                 right = told_in_words(model, every, truth, phrasing, listed)
@@ -101,8 +102,7 @@ def main():
                 print(f"  {phrasing}, {'AVQA prompt' if listed else 'cloze'}: " + "  ".join(
                     f"{m} {right[m].mean():.3f}" for m in ("picture", "sound", "both")) +
                     f"  (p against the picture {p['picture']:.3f}, the sound {p['sound']:.3f})")
-                for kind in sorted({i["relation"] for i in every}):
-                    at = np.array([i["relation"] == kind for i in every])
+                for kind, at in masks.items():
                     print(f"    {kind:<6} ({at.sum()}) " + "  ".join(f"{m} {right[m][at].mean():.3f}" for m in right))
 
 
@@ -193,12 +193,13 @@ def variants(item, visual: torch.Tensor, blank: torch.Tensor, per_frame: int) ->
             "video after audio": [sound, ("prompts", visual), question]}
 
 
-WORDS = {"sentences": lambda seen, heard: (f"The picture shows {_and(seen)}.", f"The sound is of {_and(heard)}."),
+def _sentences(seen, heard):
+    said = [synth_av.and_list([synth.an(n) for n in names]) for names in (seen, heard)]
+    return f"The picture shows {said[0]}.", f"The sound is of {said[1]}."
+
+
+WORDS = {"sentences": _sentences,
          "lists": lambda seen, heard: ("Seen: " + ", ".join(seen) + ".", "Heard: " + ", ".join(heard) + ".")}
-
-
-def _and(names) -> str:
-    return " and ".join(synth.an(n) for n in names)
 
 
 def in_words(video: dict, phrasing: str) -> dict[str, str]:

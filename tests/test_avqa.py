@@ -236,6 +236,9 @@ def test_probe_avqa_tells_each_sense_in_words(with_vision):
         "picture": "The picture shows a wind and a drum.", "sound": "The sound is of a drum and a hiss.",
         "both": "The picture shows a wind and a drum. The sound is of a drum and a hiss."}
     assert in_words(video, "lists")["both"] == "Seen: wind, drum. Heard: drum, hiss."
+    three = {"pictured": ["bell", "drum", "wind"], "heard": ["drum"]}
+    assert in_words(three, "sentences")["both"] == ("The picture shows a bell, a drum and a wind. "
+                                                    "The sound is of a drum.")
     cfg = load_config("tiny", opts(with_vision, *VISION))
     model = load_apt_blip2(cfg, resolve_checkpoint(cfg, None))
     truth = {q["video_name"]: q for q in json.loads((Path(cfg.data_root) / "avqa" / "val_qa.json").read_text())}
