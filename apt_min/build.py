@@ -13,7 +13,8 @@ import torch
 
 from apt_min.aligner import Aligner
 from apt_min.audiomae import AudioMAE
-from apt_min.llama import Llama
+from apt_min.errors import SettingError
+from apt_min.llama import Llama, LlamaConfig
 from apt_min.model import APT, FeatureCache, fingerprint, model_files, weight_probe
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
@@ -95,8 +96,12 @@ def load_llm(cfg, device, dtype):
     if not (folder / "config.json").is_file():
         hint = "python train.py --stage lm" if not cfg.llm_path else f"download it into {folder}"
         raise SystemExit(f"{folder}: no LLM there yet; run `{hint}` first")
+    blocks = LlamaConfig.from_json(folder / "config.json").num_hidden_layers
+    if cfg.grad_checkpointing_keep > blocks:
+        raise SettingError(f"--grad_checkpointing_keep={cfg.grad_checkpointing_keep}: the LLM in {folder} has "
+                           f"{blocks} blocks")
     llm = Llama.from_pretrained(folder, dtype=dtype, device=device)
-    llm.gradient_checkpointing = cfg.grad_checkpointing
+    llm.gradient_checkpointing, llm.blocks_kept = cfg.grad_checkpointing, cfg.grad_checkpointing_keep
     return llm, {"path": str(folder), "fingerprint": fingerprint(*model_files(folder)), "probe": weight_probe(llm)}
 
 

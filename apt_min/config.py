@@ -101,6 +101,8 @@ class Config:
     fewshot_shapes: str = "4x1"  # stage 2's episodes: 4-way 1-shot (paper) or "mixed" (2-5 ways, 1-3 shots)
     fewshot_made_up: float = 0.5  # stage 2's episodes with made-up class names (the paper's: none, its real labels)
     grad_checkpointing: bool = False  # recompute the LLM blocks in backward (how 7B fits on a 24 GB card)
+    grad_checkpointing_keep: int = 0  # with it, the LLM's last N blocks keep their activations instead: less
+    # recomputation for more memory (benchmarks/bench_gpu_step.py --keep finds the N a card holds)
     compile_llm: bool = False  # torch.compile the frozen LLM's blocks for training (7B on an H100: 1.7x per step)
     seed: int = 0
     # bookkeeping
@@ -237,6 +239,9 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise SettingError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    if cfg.grad_checkpointing_keep < 0:
+        raise SettingError(f"--grad_checkpointing_keep={cfg.grad_checkpointing_keep}: expected a number of blocks, "
+                           ">= 0")
     if cfg.proj_init == "words" and cfg.aligner_words != "llm":
         raise SettingError("--proj_init=words starts the projection from the aligner's map of the LLM's words, "
                            "which only --aligner_words=llm has")

@@ -276,6 +276,7 @@ class Llama(nn.Module):
         self.model = DecoderStack(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.blocks_kept = 0  # with checkpointing: the last blocks_kept blocks keep their activations (not recomputed)
         self.tie_weights()
 
     def compile_blocks(self):
@@ -317,8 +318,9 @@ class Llama(nn.Module):
             raise ValueError(f"blocks has shape {tuple(blocks.shape)}, expected {(B, past + T)}")
         mask, is_causal = causal_padding_mask(attention_mask, T, past, x.device, blocks)
         cos, sin = rope_cos_sin(rope_frequencies(self.config), positions, x.dtype)
+        recomputed = len(self.model.layers) - self.blocks_kept
         for i, block in enumerate(self.model.layers):
-            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+            if self.gradient_checkpointing and i < recomputed and torch.is_grad_enabled() and cache is None:
                 # keep only each block's input; recompute the block in backward (memory for time)
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, is_causal, prefix, i,
                                                       use_reentrant=False)

@@ -1,14 +1,19 @@
 """One stage-1 training step of APT on a Vicuna-7B-shaped LLM (random weights) in bf16 with gradient checkpointing,
 batch 8, on a GPU: peak GPU memory, tokens/s and model-FLOPs utilisation, one line each. Goal: fits in 24 GB;
-MFU >= 45 % at the batch a 24 GB card holds (issue 17). `--profile` adds where one step's time goes: the operations
-that take most of it (torch.profiler), to say what limits the MFU. (`--small` runs the same code on a CPU-sized
+MFU >= 45 % at the batch a 24 GB card holds (issue 17). `--keep 0,8,16` measures, on the same model, several
+numbers of the LLM's last blocks that keep their activations instead of being recomputed (the training setting
+grad_checkpointing_keep), and names the fastest that fits a 24 GB card. `--profile` adds where one step's time goes:
+the operations that take most of it (torch.profiler), and the device's time by kind (matrix products, attention,
+fused kernels, the rest) against the clock, to say what limits the MFU. (`--small` runs the same code on a CPU-sized
 model: a smoke test of the script itself.)
 
 Model FLOPs per token, frozen LLM: forward 2N plus backward to the activations 2N (no weight gradients),
 plus attention; the trainable aligner's share is counted the usual way (6 x its parameters per query token).
-Recomputation for checkpointing is not counted (that is what makes it *model* FLOPs utilisation).
-    python benchmarks/bench_gpu_step.py [--batch 8] [--answer_words 40] [--no-checkpointing] [--peak_tflops 989]
-                                        [--compile] [--profile]
+Recomputation for checkpointing is not counted (that is what makes it *model* FLOPs utilisation); the hardware's
+utilisation, printed beside it, counts it, so MFU / hardware utilisation is the share of the work that is not
+recomputation.
+    python benchmarks/bench_gpu_step.py [--batch 8] [--answer_words 40] [--no-checkpointing] [--keep 0[,N...]]
+                                        [--peak_tflops 989] [--compile] [--profile]
 """
 
 import argparse
@@ -38,13 +43,20 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile each LLM block (a measurement: the step's "
                     "fixed costs are kernel launches, which compiling fuses)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one step: the top operations")
+    ap.add_argument("--keep", default="0", help="comma-separated numbers of the LLM's last blocks kept out of the "
+                    "recomputation (grad_checkpointing_keep), each measured in turn")
+    ap.add_argument("--card_gib", type=float, default=22.5, help="a setting fits a 24 GB card when torch's memory at "
+                    "its peak (reserved) is at most this: 24 GB less the CUDA context and some headroom")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
+    keeps = sorted({int(k) for k in args.keep.split(",")})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
     llm_cfg = LlamaConfig() if not args.small else LlamaConfig(hidden_size=256, intermediate_size=688,
                                                                num_hidden_layers=2, num_attention_heads=4,
                                                                num_key_value_heads=4)
+    if not all(0 <= k <= llm_cfg.num_hidden_layers for k in keeps):
+        raise SystemExit(f"--keep {args.keep}: each between 0 and {llm_cfg.num_hidden_layers} (the LLM's blocks)")
     enc_cfg = AudioMAEConfig() if not args.small else AudioMAEConfig(dim=64, depth=2, heads=2)
     with tempfile.TemporaryDirectory() as tmp:
         train_sentencepiece([" ".join(WORDS)] * 50, Path(tmp) / "tokenizer.model", 300)
@@ -76,18 +88,6 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up (and compilation)
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    repeats = 3
-    for _ in range(repeats):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t) / repeats
     x, mask, _ = apt.embed_batch(batch, feats, answers)
     tokens = int(mask.sum())
     n_llm = sum(p.numel() for p in llm.parameters()) - llm_cfg.vocab_size * llm_cfg.hidden_size  # minus the lookup
@@ -95,17 +95,51 @@ def main():
     attention = 4 * L * T * D  # per token: scores and values, forward; doubled below for backward
     n_aligner = sum(p.numel() for p in aligner.parameters())
     flops = tokens * (4 * n_llm + 2 * attention) + 6 * n_aligner * args.batch * aligner.config.num_queries
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    per_block = sum(p.numel() for p in llm.model.layers[0].parameters())  # a recomputed block runs forward again
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}; LLM {n_llm / 1e9:.2f} B parameters, batch {args.batch}, sequence {T} tokens, "
           f"gradient checkpointing {'on' if args.checkpointing else 'off'}, "
           f"compiled blocks {'yes' if args.compile else 'no'}")
-    print(f"peak GPU memory: {peak:.1f} GiB (goal with checkpointing at batch 8: under 24 GiB)")
-    print(f"throughput: {tokens / seconds:.0f} tokens/s ({seconds * 1e3:.0f} ms per step)")
-    print(f"MFU: {flops / seconds / (args.peak_tflops * 1e12):.1%} of {args.peak_tflops:.0f} TFLOP/s (goal: >= 45 %)")
+    step()  # warm-up (and compilation)
+    results = {}
+    for kept in keeps if args.checkpointing else [L]:
+        llm.blocks_kept = kept
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # so that the reserved peak is this setting's own
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        repeats = 3
+        for _ in range(repeats):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t) / repeats
+        recomputed = (L - kept) * tokens * (2 * per_block + 4 * T * D)
+        mfu = flops / seconds / (args.peak_tflops * 1e12)
+        hfu = (flops + recomputed) / seconds / (args.peak_tflops * 1e12)
+        if device == "cuda":
+            allocated, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+            memory = (f"peak GPU memory {allocated:.1f} GiB allocated, {reserved:.1f} GiB reserved (fits a 24 GB "
+                      f"card: {'yes' if reserved <= args.card_gib else 'no'})")
+        else:
+            reserved, memory = 0.0, "peak GPU memory: n/a on the CPU"
+        results[kept] = (mfu, reserved, seconds)
+        what = f"{L - kept} of {L} blocks recomputed" if args.checkpointing else "nothing recomputed"
+        print(f"{what}: {memory}; throughput {tokens / seconds:.0f} tokens/s ({seconds * 1e3:.0f} ms per step); "
+              f"MFU {mfu:.1%} (hardware {hfu:.1%}) of {args.peak_tflops:.0f} TFLOP/s")
+    fitting = {k: r for k, r in results.items() if r[1] <= args.card_gib} if device == "cuda" else {}
+    best = max(fitting or results, key=lambda k: (fitting or results)[k][0])
+    which = ("that fits a 24 GB card" if fitting else "measured (none fits a 24 GB card)" if device == "cuda" else
+             "measured (memory is not measured on the CPU)")
+    mfu = results[best][0]
+    print(f"MFU: {mfu:.1%} of {args.peak_tflops:.0f} TFLOP/s (goal: >= 45 %: {'met' if mfu >= 0.45 else 'not met'}), "
+          f"the fastest {which}: {L - best if args.checkpointing else 0} of {L} blocks recomputed")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        llm.blocks_kept = best
         kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=kinds) as prof:
             step()
@@ -114,6 +148,36 @@ def main():
         key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
         print(f"\none step, the operations that take most of it (by {key}):")
         print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+        by_kind = time_by_kind(prof, device)
+        busy = sum(by_kind.values())
+        clock = results[best][2] * 1e6
+        print(f"one step: {clock / 1e3:.0f} ms on the clock (unprofiled), the {device.upper()} busy "
+              f"{busy / 1e3:.0f} ms ({busy / clock:.0%}); of that, " +
+              ", ".join(f"{k} {v / 1e3:.0f} ms ({v / busy:.0%})" for k, v in by_kind.items()))
+
+
+KINDS = {  # lower-case pieces of kernel (GPU) or operator (CPU) names; the first kind that matches takes the time
+    "attention": ("flash", "fmha", "attention", "sdpa"),
+    "matrix products": ("gemm", "nvjet", "xmma", "cutlass", "s16816", "aten::mm", "aten::addmm", "aten::bmm"),
+    "fused (compiled)": ("triton",),
+}
+
+
+def time_by_kind(prof, device: str) -> dict[str, float]:
+    """A profiled step's self time in microseconds by kind (KINDS, and "other"): the GPU's kernels on a GPU, the
+    operators on a CPU. On a GPU their sum against the step's clock time says how busy the GPU was."""
+    from torch.autograd import DeviceType
+
+    on_gpu = device == "cuda"
+    totals = {k: 0.0 for k in [*KINDS, "other"]}
+    for event in prof.key_averages():
+        if (event.device_type == DeviceType.CUDA) != on_gpu:
+            continue
+        time_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        name = event.key.lower()
+        kind = next((k for k, pieces in KINDS.items() if any(p in name for p in pieces)), "other")
+        totals[kind] += time_us
+    return totals
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 (their --smoke / --small modes run the same code on CPU-sized work), so a broken import or argument is found before
 it costs GPU time."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,18 @@ def test_gpu_checks_numerics_and_stage0_run_on_the_cpu():
 
 
 def test_gpu_step_benchmark_runs_on_the_cpu_and_profiles():
-    out = run("benchmarks/bench_gpu_step.py", "--small", "--batch", "2", "--profile")
+    """Each --keep setting is measured (its own line); the profile's table and its time by kind, whose parts add up
+    to the busy time, the profiler's own total, and include the matrix products."""
+    out = run("benchmarks/bench_gpu_step.py", "--small", "--batch", "2", "--keep", "1,0", "--profile")
     assert "MFU" in out and "aten::mm" in out, out
+    measured = re.findall(r"^(\d) of 2 blocks recomputed: .* MFU [\d.]+% \(hardware [\d.]+%\)", out, re.M)
+    assert measured == ["2", "1"], out
+    busy, parts = re.search(r"the CPU busy (\d+) ms \(\d+%\); of that, (.*)", out).groups()
+    ms = {k: int(v) for k, v in re.findall(r"(?:^|, )([a-z ()]+) (\d+) ms \(\d+%\)", parts)}
+    assert set(ms) == {"attention", "matrix products", "fused (compiled)", "other"}, out
+    assert abs(sum(ms.values()) - int(busy)) <= 2 and ms["matrix products"] > 0, out
+    total = float(re.search(r"Self CPU time total: ([\d.]+)ms", out).group(1))  # the profiler's own sum
+    assert abs(int(busy) - total) <= 1, out
 
 
 def test_probe_prompts_readout_is_scikit_learns_logistic_regression():

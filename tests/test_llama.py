@@ -95,21 +95,22 @@ def test_gradients_reach_inputs_embeds_of_frozen_model(pair):
 def test_gradient_checkpointing_changes_memory_not_results(pair64, monkeypatch):
     """APT trains with the LLM frozen and `gradient_checkpointing` on: the loss and the gradients (to the soft
     prompts, and to the weights should they be trained) must be those of the plain forward, and the checkpointing
-    must really happen (each block runs again in backward)."""
+    must really happen (each block runs again in backward), except in the last `blocks_kept` blocks, which keep their
+    activations (grad_checkpointing_keep: less recomputation for more memory)."""
     _, ours = pair64
     ours = copy.deepcopy(ours).train()
     ids, target = torch.randint(3, 96, (2, 8)), torch.randint(3, 96, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[1, 5:] = False  # right padding: the padding mask must reach the recomputed blocks too
     block_runs = []  # a pre-hook: the recomputation stops early, once it has what backward needs, before the end
-    for block in ours.model.layers:
-        block.register_forward_pre_hook(lambda *_: block_runs.append(1))
+    for i, block in enumerate(ours.model.layers):
+        block.register_forward_pre_hook(lambda *_, i=i: block_runs.append(i))
     calls = []
     real = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
-    def run(checkpointing, frozen):
-        ours.gradient_checkpointing = checkpointing
+    def run(checkpointing, frozen, kept=0):
+        ours.gradient_checkpointing, ours.blocks_kept = checkpointing, kept
         ours.zero_grad(set_to_none=True)
         for p in ours.parameters():
             p.requires_grad_(not frozen)
@@ -122,16 +123,19 @@ def test_gradient_checkpointing_changes_memory_not_results(pair64, monkeypatch):
     L = ours.config.num_hidden_layers
     for frozen in (True, False):
         plain = run(False, frozen)
-        assert len(calls) == 0 and len(block_runs) == L
-        block_runs.clear()
-        checkpointed = run(True, frozen)
-        assert len(calls) == L and len(block_runs) == 2 * L  # each block runs again in backward
-        calls.clear()
-        block_runs.clear()
-        assert checkpointed.keys() == plain.keys()
+        assert len(calls) == 0 and block_runs == list(range(L))
         assert frozen or "model.layers.0.self_attn.q_proj.weight" in plain
-        for name in plain:
-            assert_close_rel(checkpointed[name], plain[name], 1e-12)  # the same float64 operations: measured 0.0
+        for kept in (0, 1, L):
+            block_runs.clear()
+            checkpointed = run(True, frozen, kept)
+            # each block but the last `kept` runs again in backward, the last first
+            assert len(calls) == L - kept
+            assert block_runs == list(range(L)) + list(reversed(range(L - kept)))
+            calls.clear()
+            assert checkpointed.keys() == plain.keys()
+            for name in plain:
+                assert_close_rel(checkpointed[name], plain[name], 1e-12)  # the same float64 operations: measured 0.0
+        block_runs.clear()
     with torch.no_grad():  # nothing to save for backward: no checkpointing (nor in generate, which uses the cache)
         ours(ids)
     assert len(calls) == 0

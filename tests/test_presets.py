@@ -34,6 +34,25 @@ def test_overrides():
         load_config("huge")
 
 
+def test_grad_checkpointing_keep_reaches_the_llm_and_is_checked(tmp_path):
+    """--grad_checkpointing_keep=N: the LLM the stages load keeps its last N blocks' activations; a negative N, or
+    more blocks than the LLM has, is a setting error before anything trains."""
+    from helpers import hf_llama
+
+    from apt_min.build import load_llm
+    from apt_min.errors import SettingError
+
+    _, folder = hf_llama(tmp_path, shards=False)  # 3 blocks
+    cfg = load_config("tiny", [f"--llm_path={folder}", "--grad_checkpointing=true", "--grad_checkpointing_keep=2"])
+    llm, _ = load_llm(cfg, "cpu", torch.float32)
+    assert (llm.gradient_checkpointing, llm.blocks_kept) == (True, 2)
+    assert load_llm(load_config("tiny", [f"--llm_path={folder}"]), "cpu", torch.float32)[0].blocks_kept == 0
+    with pytest.raises(SettingError, match=f"--grad_checkpointing_keep=4: the LLM in {folder} has 3 blocks"):
+        load_llm(load_config("tiny", [f"--llm_path={folder}", "--grad_checkpointing_keep=4"]), "cpu", torch.float32)
+    with pytest.raises(SettingError, match="--grad_checkpointing_keep=-1: expected a number of blocks, >= 0"):
+        load_config("tiny", ["--grad_checkpointing_keep=-1"])
+
+
 def test_paper_preset_fits_together_at_full_size(tmp_path):
     cfg = load_config("paper")
     train_sentencepiece(["Describe the audio clip concisely. A dog barks."] * 50, tmp_path / "tokenizer.model", 300)
