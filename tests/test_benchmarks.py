@@ -60,3 +60,24 @@ def test_probe_prompts_readout_is_scikit_learns_logistic_regression():
         ref = LogisticRegression(C=1 / (2 * n * c * l2), tol=1e-10, max_iter=10_000).fit(x, y[:, k])
         np.testing.assert_allclose(w[:-1, k], ref.coef_[0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(w[-1, k], ref.intercept_[0], rtol=1e-4, atol=1e-5)
+
+
+def test_block_memory_counts_what_a_frozen_block_keeps_for_backward():
+    """benchmarks/block_memory.py: per token, in hidden-size units of bf16 values. As written a block keeps its two
+    norms' float32 inputs (2 x 2), q, k, v and the attention's output (4), and the SwiGLU's gate, up and SiLU output
+    (3 x F/D); compiled, the norms' inputs in bf16 (2) and the SiLU recomputed (2 x F/D). Besides, float32 statistics
+    per row: the two norms' scales and a log-sum-exp per head. No weight's input is kept (all frozen)."""
+    from apt_min.llama import Block, LlamaConfig
+    from benchmarks.block_memory import saved_per_token
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=100)
+    block = Block(cfg).to(torch.bfloat16).requires_grad_(False)
+    ratio = cfg.intermediate_size / cfg.hidden_size
+    stats = (2 + cfg.num_attention_heads) * 4 / (2 * cfg.hidden_size)  # float32 values in bf16 hidden-size units
+    eager = saved_per_token(block, cfg) / (2 * cfg.hidden_size)
+    assert eager == 4 + 4 + 3 * ratio + stats
+    block.compile()
+    saved_per_token(block, cfg)
+    compiled = saved_per_token(block, cfg) / (2 * cfg.hidden_size)
+    assert compiled == 2 + 4 + 2 * ratio + stats
