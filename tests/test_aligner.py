@@ -206,6 +206,51 @@ def test_stage0_losses_fall_together_when_overfitting():
         assert last[k] < 0.5 * first[k], (k, first[k], last[k])
 
 
+def test_stage0_losses_are_blip2s_three_passes():
+    """stage0_losses runs the aligner three times, as BLIP-2's first stage does. ATC under the unimodal mask; ATM
+    under the bidirectional mask, on each true pair, each audio with a hard-negative text and each text with a
+    hard-negative audio (never one of its positives: another caption of its clip, or the same caption of another
+    clip), labelled match / no match, its logits averaged over the queries; AGTG under the multimodal causal mask,
+    the caption with [DEC] in place of BOS, each token predicting the next, label smoothing 0.1."""
+    aligner = random_aligner()
+    audio, ids, mask = batch(B=4, T=6, seed=5)
+    ids[3] = ids[0]  # clips 0 and 3 have the same caption: positives of each other
+    mask[3] = mask[0]
+    clip = torch.tensor([0, 1, 2, 3])
+    positives = [{j for j in range(4) if j == i or torch.equal(ids[j], ids[i])} for i in range(4)]
+    calls = []
+    real = aligner.forward
+
+    def spy(*args):
+        calls.append((*args, real(*args)))
+        return calls[-1][-1]
+
+    aligner.forward = spy
+    B, Q = 4, CFG.num_queries
+    for seed in range(10):
+        calls.clear()
+        losses = stage0_losses(aligner, audio, ids, mask, clip, generator=torch.Generator().manual_seed(seed))
+        (a0, t0, m0, f0, _, _), (a1, t1, m1, f1, _, h1), (a2, t2, m2, f2, _, h2) = calls
+        assert (f0, f1, f2) == (unimodal_mask, bidirectional_mask, multimodal_causal_mask)
+        assert torch.equal(t0, ids) and torch.equal(a0, audio) and torch.equal(a2, audio)
+        # ATM: the true pairs first, then (audio i, a negative text), then (a negative audio, text i)
+        assert len(a1) == 3 * B and torch.equal(a1[:B], audio) and torch.equal(t1[:B], ids)
+        assert torch.equal(a1[B:2 * B], audio) and torch.equal(t1[2 * B:], ids) and torch.equal(m1[2 * B:], mask)
+        for i in range(B):
+            assert not any(torch.equal(t1[B + i], ids[j]) for j in positives[i]), (seed, i)  # audio i's wrong text
+            heard = next(j for j in range(B) if torch.equal(a1[2 * B + i], audio[j]))  # text i's wrong audio
+            assert heard not in positives[i], (seed, i, heard)
+        labels = torch.tensor([1] * B + [0] * 2 * B)
+        atm = F.cross_entropy(aligner.atm_head(h1[:, :Q]).mean(1), labels)
+        torch.testing.assert_close(losses["atm"], atm)
+        # AGTG
+        assert (t2[:, 0] == aligner.dec_id).all() and torch.equal(t2[:, 1:], ids[:, 1:]) and torch.equal(m2, mask)
+        logits = aligner.word_logits(aligner.lm_transform(h2[:, Q:-1]))
+        agtg = F.cross_entropy(logits[mask[:, 1:]], ids[:, 1:][mask[:, 1:]], label_smoothing=0.1)
+        torch.testing.assert_close(losses["agtg"], agtg)
+        torch.testing.assert_close(losses["total"], losses["atc"] + losses["atm"] + losses["agtg"])
+
+
 def test_atc_temperature_is_held_within_blip2s_bounds():
     """BLIP-2 clamps the learned temperature to [0.001, 0.5] before dividing: a trained temperature outside that
     range divides as its bound does, and the bounds themselves are used as they are."""

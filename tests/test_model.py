@@ -111,6 +111,28 @@ def test_a_clip_of_several_windows_is_aligned_window_by_window(parts):
         assert rel_max_error(swapped[:4], prompts[8:]) <= 1e-5
 
 
+def test_each_clip_is_aligned_under_the_text_that_follows_it(parts):
+    """The aligner reads each clip with the first text segment after it as its instruction (a few-shot episode's
+    support clips each under the sentence that names it, the query under the question), a "label" segment is not
+    one, and a clip with no text after it gets BOS alone."""
+    _, tok, _, _, (a, b, _) = parts
+    apt = make_apt(parts).eval()
+    feats, _ = apt.encode_clips([a, b])
+    row = [("audio", a), ("text", "This is a sound of hum."), ("audio", b), ("label", "3"),
+           ("text", "How many times?"), ("audio", a)]
+    with torch.no_grad():
+        prompts = apt.clip_prompts([row], feats)[0]
+
+        def alone(clip, ids):
+            return apt.proj(apt.aligner.instruct(feats[clip].float(), torch.tensor([ids])))[0]
+
+        expected = [alone(a, tok.encode("This is a sound of hum.", bos=False)),
+                    alone(b, tok.encode("How many times?", bos=False)), alone(a, [tok.bos_id])]
+    assert len(prompts) == 3
+    for got, want in zip(prompts, expected):
+        assert rel_max_error(got, want) <= 1e-5  # batched and single passes round differently (as above)
+
+
 def test_instruction_bos_puts_bos_before_each_instruction_and_is_saved_with_the_apt(parts, tmp_path, monkeypatch):
     """With instruction_bos (the paper preset) the aligner reads [BOS] + instruction, as every stage-0 text starts
     with BOS; without (tiny, small) the instruction alone. A clip with no text after it reads BOS either way. The
@@ -357,7 +379,8 @@ def test_aligner_load_error_names_the_file(parts, tmp_path):
 def test_feature_cache_serves_fresh_features(parts, tmp_path):
     """encode_clips through a FeatureCache: a rewritten file (same size, only its mtime differs, the hardest case for
     the key) gets features of its new audio, equal to a fresh encoder pass; an unchanged file is served from the
-    cache without running the encoder; a new FeatureCache on the same folder serves the same features from disk."""
+    cache without running the encoder; a new FeatureCache on the same folder serves the same features from disk,
+    and one of another setting (encoder, window length) does not."""
     _, _, encoder, _, _ = parts
     apt = make_apt(parts)
     clip = tmp_path / "clip.wav"
@@ -399,6 +422,9 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
             from_disk, ran = encode()
             assert ran == 0, f"not served from disk (memory={memory})"
             assert from_disk.dtype == torch.float16 and torch.equal(from_disk, new)
+        apt.cache = FeatureCache(tmp_path / "cache", setting="T=64|enc-2")  # another encoder or front end
+        _, ran = encode()
+        assert ran == 1, "features of another setting served"
     finally:
         hook.remove()
 

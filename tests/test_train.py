@@ -434,6 +434,51 @@ def test_an_optimizer_step_rescales_to_the_windows_mean_then_clips():
     assert p.grad is None  # cleared for the next window
 
 
+def test_a_windows_logs_are_means_over_its_items_and_micro_batches():
+    """Window.logs: the loss is the mean over every item of the window (and per task over that task's items); other
+    values a micro-batch reports (stage 0's ATC, ATM, AGTG) are averaged over the micro-batches."""
+    window = train.Window(world=1)
+    window.add(torch.tensor(6.0), 2, {"task": "aqa", "atc": 1.0, "examples": 2})
+    window.add(torch.tensor(2.0), 6, {"task": "captioning", "atc": 3.0, "examples": 6})
+    window.add(torch.tensor(4.0), 2, {"task": "aqa", "atc": 5.0, "examples": 2})
+    assert window.logs() == pytest.approx({"loss": 12 / 10, "loss_aqa": 10 / 4, "loss_captioning": 2 / 6, "atc": 3.0})
+
+
+def test_learning_rate_warms_up_then_falls_along_a_cosine_to_its_floor():
+    """cosine_schedule: linear warm-up to the full rate over `warmup` steps, then half a cosine down to min_lr_ratio
+    at the last step, where it stays."""
+    factor = train.cosine_schedule(SimpleNamespace(min_lr_ratio=0.1), total=14, warmup=4)
+    assert [factor(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert factor(9) == pytest.approx(0.55)  # half way down: (1 + 0.1) / 2
+    assert factor(14) == pytest.approx(0.1) and factor(20) == pytest.approx(0.1)
+
+
+def test_weight_decay_falls_on_matrices_only():
+    """make_optimizer: AdamW (0.9, 0.999) with weight decay on parameters of two or more dimensions (the query
+    tokens are (1, Q, H)); none on biases, norms, the temperature or <AUDIO>."""
+    cfg = train.load_config("tiny", {})
+    params = {"matrix": nn.Parameter(torch.zeros(3, 4)), "queries": nn.Parameter(torch.zeros(1, 2, 3)),
+              "bias": nn.Parameter(torch.zeros(4)), "temp": nn.Parameter(torch.tensor(0.07))}
+    decay, rest = train.make_optimizer(params, cfg).param_groups
+    assert cfg.weight_decay > 0 and (decay["weight_decay"], rest["weight_decay"]) == (cfg.weight_decay, 0.0)
+    assert [p.shape for p in decay["params"]] == [(3, 4), (1, 2, 3)] and [p.shape for p in rest["params"]] == [(4,), ()]
+    assert decay["betas"] == (0.9, 0.999)
+
+
+def test_caption_fine_tuning_steps_and_training_episode_shapes():
+    """caption_ft_steps: enough steps of batch_size * grad_accum * world captions for caption_ft_epochs whole passes
+    (the last step may be short, never missing). episode_shape: the paper's 4-way 1-shot, or with fewshot_shapes=mixed
+    every shape of 2-5 ways and 1-3 shots with at most 12 support clips."""
+    cfg = SimpleNamespace(caption_ft_epochs=2, batch_size=3, grad_accum=2)
+    assert train.caption_ft_steps(cfg, 10, world=1) == 4  # 20 captions, 6 a step
+    assert train.caption_ft_steps(cfg, 10, world=2) == 2  # 12 a step
+    assert train.caption_ft_steps(cfg, 9, world=1) == 3
+    rng = random.Random(0)
+    assert train.episode_shape(SimpleNamespace(fewshot_shapes="4x1"), rng) == (4, 1)
+    shapes = {train.episode_shape(SimpleNamespace(fewshot_shapes="mixed"), rng) for _ in range(1000)}
+    assert shapes == {(ways, shots) for ways in range(2, 6) for shots in range(1, 4) if ways * shots <= 12}
+
+
 def test_proj_init_words_reaches_stage_1_and_needs_the_llms_words(prepared, tmp_path, monkeypatch):
     """--proj_init=words starts stage 1's projection from the aligner's word map (start_proj_from_words, checked in
     test_aligner), once, before the first step; a preset whose aligner has its own word table is refused before
