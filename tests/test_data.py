@@ -47,6 +47,17 @@ def test_audioset_broken_rows_name_file_and_line(tmp_path, line, problem):
         data.read_audioset_segments(path)
 
 
+def test_a_segment_labelled_with_an_unknown_class_names_the_file(tmp_path):
+    """A segments list whose labels are not all in class_labels_indices.csv (a list from another AudioSet release):
+    a DataError naming the file, the clip and the labels, not a KeyError."""
+    write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)
+    write(tmp_path / "audioset/eval_segments.csv", AUDIOSET.replace("/m/03l9g", "/m/0unknown"))
+    touch_audio(tmp_path, "audio/Y--4gqARaEJE.wav", "audio/Y--BfvyPmVMo.wav")
+    with pytest.raises(DataError, match=r"eval_segments.csv: --BfvyPmVMo has labels not in class_labels_indices.csv: "
+                                        r"\['/m/0unknown'\]"):
+        data.examples("tagging", tmp_path, "test")
+
+
 def test_strong_labels(tmp_path):
     tsv = ("segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
            "s9d-2nhuJCQ_30000\t2.627\t7.237\t/m/053hz1\n"
@@ -239,13 +250,16 @@ def test_temporal_retrieval_examples(tmp_path):
         ("What happens between 0.0s and 2.0s?", "male speech, man speaking, dog")]
     assert ex[0].target["labels"] == ["Male speech, man speaking", "Dog"]
     # training: one random event per clip, its span widened by up to 0.5 s each side; its label is in the answer
+    widened = 0
     for seed in range(20):
         (t,) = data.examples("ter", tmp_path, "train", rng=random.Random(seed))
         start, end = (float(x) for x in re.findall(r"(\d+\.\d)s", t.segments[1][1]))
+        widened += (start, end) not in {(4.0, 5.0), (1.5, 2.5), (0.0, 2.0)}
         inside = [lab for lab, on, off in [("Male speech, man speaking", 4.0, 5.0), ("Dog", 1.5, 2.5),
                                            ("Male speech, man speaking", 0.0, 2.0)]
                   if start <= on and off <= end and on - start <= 0.5 + 1e-9 and end - off <= 0.5 + 1e-9]
         assert inside and set(inside) <= set(t.target["labels"]), (seed, start, end)
+    assert widened >= 10  # most windows are wider than their event (each side: 0 to 0.5 s, drawn)
 
 
 def test_esc50_pool_by_category_and_fold(tmp_path, caplog):

@@ -284,6 +284,51 @@ def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_fea
     assert rows[2][1] == pytest.approx(0.5) and rows[2][2] == pytest.approx(0.5)
 
 
+def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
+    """The likelihood protocols, the LLM's scores scripted: tagging scores each class by the likelihood of
+    "{class}." after the clip and "This is a sound of"; few-shot scores the episode's labels after the episode and
+    ranks the best first (its "ranked" answer, beside the greedy one from the same pass). The paper's tagging
+    protocol embeds the answer and each class name as stage 0 trained the text branch: a caption, BOS ... EOS."""
+    from types import SimpleNamespace
+
+    from apt_min.aligner import AlignerConfig, stage0_batch
+    from apt_min.tokenizer import Tokenizer, train_sentencepiece
+
+    asked = []
+    scripted = iter([torch.tensor([0.5, -1.0]), torch.tensor([-2.0, 0.25]), torch.tensor([-3.0, 1.0, 0.0])])
+
+    def choice_logprob(segments, answers, feats):
+        asked.append((segments, answers))
+        return next(scripted)
+
+    apt = SimpleNamespace(encode_clips=lambda paths, strict: ({}, []), choice_logprob=choice_logprob,
+                          answer_and_rank=lambda segments, answers, feats, n: ("a bell", torch.tensor([0.0, 2.0, 1.0])))
+    clips = [tasks.tagging("a.wav", ["Dog"]), tasks.tagging("b.wav", ["Male speech, man speaking"])]
+    scores = evaluation.likelihood_scores(apt, clips, ["Dog", "Male speech, man speaking"])
+    np.testing.assert_array_equal(scores, [[0.5, -1.0], [-2.0, 0.25]])
+    assert asked[1] == ([("audio", "b.wav"), ("text", "This is a sound of")], ["dog.", "male speech, man speaking."])
+    episode = tasks.fewshot([("s1.wav", "alarm"), ("s2.wav", "chirping_birds"), ("s3.wav", "dog")], "q.wav", "dog")
+    assert evaluation.rank_labels(apt, episode) == "chirping_birds"
+    assert asked[2] == (episode.segments, ["alarm.", "chirping birds.", "dog."])
+    assert evaluation.answer_and_rank(apt, episode, {}) == "a bell" and episode.target["ranked"] == "chirping_birds"
+
+    train_sentencepiece(["a dog barks", "a bell rings twice", "male speech"] * 30, tmp_path / "tokenizer.model", 320)
+    tok = Tokenizer(tmp_path)
+    torch.manual_seed(0)
+    aligner = Aligner(AlignerConfig(vocab_size=tok.vocab_size, audio_dim=8, hidden_size=16, num_layers=2,
+                                    num_heads=2, intermediate_size=32, num_queries=2, dropout=0.0)).eval()
+    with torch.no_grad():  # beyond BERT's small start, where every text embeds alike (cosines 0.99999)
+        for p in aligner.parameters():
+            p.normal_(0, 0.3)
+    got = evaluation.text_branch_scores(aligner, tok, ["a dog barks"], ["Bell", "male_speech"])
+    with torch.no_grad():
+        def caption(text):  # as stage 0 reads a caption
+            b = stage0_batch([text], [torch.zeros(2, 8)], ["x.wav"], tok, "cpu")
+            return aligner.encode_text(b.text_ids, b.text_mask)[0]
+        want = [float(caption("a dog barks") @ caption(c)) for c in ("bell", "male speech")]
+    np.testing.assert_allclose(got[0], want, rtol=1e-5)
+
+
 def test_segment_f1_hand_worked():
     f1 = metrics.segment_f1
     assert f1([(0.0, 1.0)], [(0.0, 1.0)]) == (1, 1, 1)
