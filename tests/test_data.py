@@ -190,6 +190,15 @@ def test_fewshot_episode():
     assert audio[-1].startswith(ep.answer.replace("class", "c"))
     with pytest.raises(ValueError, match="needs 12 classes"):
         data.fewshot_episode(pool, 12, 5, random.Random(0))
+    # a class with exactly k clips has none left for a query: never in an episode; supports come shuffled
+    small = {"a": ["a0", "a1", "a2"], "b": ["b0", "b1", "b2"], "c": ["c0", "c1"]}
+    with pytest.raises(DataError, match="a 3-way 2-shot episode needs 3 classes with more than 2 clips; this pool "
+                                        "has 2"):
+        data.fewshot_episode(small, 3, 2, random.Random(0))
+    episodes = [data.fewshot_episode(small, 2, 2, random.Random(seed)) for seed in range(30)]
+    assert all(set(ep.target["choices"]) == {"a", "b"} for ep in episodes)
+    orders = [[label for _, label in ep.target["support"]] for ep in episodes]
+    assert any(order[0] != order[1] for order in orders)  # a class's two supports are not always side by side
     renamed = data.fewshot_episode(pool, n_way=4, k_shot=2, rng=random.Random(3), rename=True)
     texts = " ".join(v for k, v in renamed.segments if k == "text")
     assert "class" not in texts and f"This is a sound of {renamed.answer}." in texts
@@ -213,6 +222,7 @@ def test_sampler_ratios_and_resume():
     assert abs(share["fewshot"] - 0.2) < 0.03 and abs(share["tagging"] - 0.4) < 0.04
     taken = [x for task, b in seen if task == "tagging" for x in b]
     assert sorted(taken[:7]) == sorted(pools["tagging"])  # every example once per pass
+    assert sorted(taken[7:14]) == sorted(pools["tagging"]) and taken[7:14] != taken[:7]  # each pass reshuffled
     a = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
     first = [a.next_batch() for _ in range(10)]
     state = json.loads(json.dumps(a.state_dict()))  # survives a JSON round trip (checkpoints)

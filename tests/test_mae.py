@@ -56,6 +56,21 @@ def test_hidden_patches_never_reach_the_encoder():
     torch.testing.assert_close(mae.encode_kept(enc, y, keep), mae.encode_kept(enc, x, keep))
 
 
+def test_the_decoder_puts_each_kept_token_in_its_place_and_knows_where_each_hidden_one_is():
+    """Every hidden patch is the same mask token until the decoder adds its position: its predictions for hidden
+    patches differ from place to place. The kept patches' tokens go to their own places: the same keep set in
+    another order predicts the same patches."""
+    torch.manual_seed(0)
+    enc, x = AudioMAE(CFG), windows(1)
+    dec = mae.MAEDecoder(CFG)
+    keep = mae.random_keep(1, enc.num_patches, 0.75, torch.Generator().manual_seed(4))
+    pred = dec(mae.encode_kept(enc, x, keep), keep)[0]  # (N, P)
+    hidden = [k for k in range(enc.num_patches) if k not in keep[0].tolist()]
+    assert (pred[hidden[0]] - pred[hidden[1:]]).abs().amax(-1).min() > 1e-3
+    shuffled = keep[:, torch.randperm(keep.shape[1])]
+    torch.testing.assert_close(dec(mae.encode_kept(enc, x, shuffled), shuffled)[0], pred, rtol=1e-5, atol=1e-5)
+
+
 def test_the_loss_is_taken_on_hidden_patches_only_against_normalised_patches():
     torch.manual_seed(0)
     enc, x = AudioMAE(CFG), windows()
