@@ -140,6 +140,9 @@ def test_avqa_scores_on_scripted_answers():
     assert avqa_coverage_row(records, coverage) == (
         "videos scored", 4, None, "4 questions on 4 videos; the test data lists 5 videos' clips or frames: 0 missing, "
         "1 unreadable (listed in missing_avqa.txt)")
+    two = [records[0], dict(records[0], question="another question on v0"), records[1]]  # AVQA asks several a video
+    assert avqa_coverage_row(two, coverage)[1:3] == (2, None)
+    assert avqa_coverage_row(two, coverage)[3].startswith("3 questions on 2 videos;")
     got = {m: round(v, 4) for m, v, _, _ in rows}
     assert got["audio-visual, option named"] == 1.0 and got["audio-visual, option likelihood"] == 0.75
     assert got["audio-visual, cloze likelihood"] == 1.0 and got["video, cloze likelihood"] == 0.5
