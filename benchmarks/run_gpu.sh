@@ -10,6 +10,12 @@ OUT=${OUT:-gpu-out}
 BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then  # packages the machine's image lacks (benchmarks/gpu_wheels.sh)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # apt_min and train.py from this checkout, not installed there
+python3 -c "import soundfile" 2>/dev/null || echo "soundfile is missing: the training checks will fail (run benchmarks/gpu_wheels.sh here and carry .whl)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 step() {  # name, limit in seconds, command...
