@@ -1,0 +1,66 @@
+"""How many of the synthetic benchmark's order questions have no single right answer because two kinds of sound
+start at the same moment (onsets lie on a 100 ms grid): "Which sound is heard first?", "Which sound starts last?",
+"Does the X start before the Y?" (AQA) and "Do the two recordings start with the same sound?" (NLAR). The benchmark is
+generated again into a temporary folder (about 25 s) with its question writers watched; every split is counted.
+    python benchmarks/synth_ties.py
+"""
+
+import collections
+import tempfile
+
+from apt_min import synth
+
+
+def first_onsets(events) -> dict[str, float]:
+    onsets = {}
+    for e in events:  # sorted by onset
+        onsets.setdefault(e.label, e.onset)
+    return onsets
+
+
+def tied(values, last=False) -> bool:
+    """Whether the earliest (or the latest) of `values` is shared."""
+    v = sorted(values, reverse=last)
+    return len(v) > 1 and v[0] == v[1]
+
+
+def ambiguous_aqa(question: str, events) -> bool:
+    onsets = first_onsets(events)
+    if question == "Which sound is heard first?":
+        return tied(onsets.values())
+    if question == "Which sound starts last?":
+        return tied(onsets.values(), last=True)
+    if " start before the " in question:
+        x, y = question[len("Does the "):-1].split(" start before the ")
+        return onsets[x] == onsets[y]
+    return False
+
+
+def main():
+    counts = collections.defaultdict(lambda: [0, 0])  # task -> [questions, ambiguous]
+    aqa, nlar = synth.aqa_questions, synth.nlar_questions
+
+    def watched_aqa(rng, events, vocabulary):
+        questions = aqa(rng, events, vocabulary)
+        for q, _ in questions:
+            counts["AQA"][0] += 1
+            counts["AQA"][1] += ambiguous_aqa(q, events)
+        return questions
+
+    def watched_nlar(rng, ev1, ev2, k=3):
+        questions = nlar(rng, ev1, ev2, k)
+        for q, _ in questions:
+            counts["NLAR"][0] += 1
+            counts["NLAR"][1] += q.startswith("Do the two recordings start") and (
+                tied(first_onsets(ev1).values()) or tied(first_onsets(ev2).values()))
+        return questions
+
+    synth.aqa_questions, synth.nlar_questions = watched_aqa, watched_nlar
+    with tempfile.TemporaryDirectory() as folder:
+        synth.generate(folder)
+    for task, (n, bad) in counts.items():
+        print(f"{task}: {bad} of {n} questions ({bad / n:.1%}) ask about an order that two sounds share")
+
+
+if __name__ == "__main__":
+    main()
