@@ -46,7 +46,8 @@ def main():
     ap.add_argument("--keep", default="0", help="comma-separated numbers of the LLM's last blocks kept out of the "
                     "recomputation (grad_checkpointing_keep), each measured in turn")
     ap.add_argument("--card_gib", type=float, default=22.5, help="a setting fits a 24 GB card when torch's memory at "
-                    "its peak (reserved) is at most this: 24 GB less the CUDA context and some headroom")
+                    "its peak (reserved) is at most this: a 24 GiB card (RTX 3090 / 4090) less the CUDA context and "
+                    "some headroom; an A10 or L4 (about 22.5 GiB in all) needs about 21")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     keeps = sorted({int(k) for k in args.keep.split(",")})
@@ -95,7 +96,10 @@ def main():
     attention = 4 * L * T * D  # per token: scores and values, forward; doubled below for backward
     n_aligner = sum(p.numel() for p in aligner.parameters())
     flops = tokens * (4 * n_llm + 2 * attention) + 6 * n_aligner * args.batch * aligner.config.num_queries
-    per_block = sum(p.numel() for p in llm.model.layers[0].parameters())  # a recomputed block runs forward again
+    # a recomputed block runs forward again: all of it when compiled (one graph); as written, the recomputation stops
+    # once it has what backward needs (checkpoint's early stop), before the frozen down projection, which keeps nothing
+    block = llm.model.layers[0]
+    per_block = sum(p.numel() for p in block.parameters()) - (0 if args.compile else block.mlp.down_proj.weight.numel())
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}; LLM {n_llm / 1e9:.2f} B parameters, batch {args.batch}, sequence {T} tokens, "
           f"gradient checkpointing {'on' if args.checkpointing else 'off'}, "
@@ -134,7 +138,8 @@ def main():
     which = ("that fits a 24 GB card" if fitting else "measured (none fits a 24 GB card)" if device == "cuda" else
              "measured (memory is not measured on the CPU)")
     mfu = results[best][0]
-    print(f"MFU: {mfu:.1%} of {args.peak_tflops:.0f} TFLOP/s (goal: >= 45 %: {'met' if mfu >= 0.45 else 'not met'}), "
+    verdict = ("met" if mfu >= 0.45 else "not met") if fitting else "not judged: the goal is at a batch that fits"
+    print(f"MFU: {mfu:.1%} of {args.peak_tflops:.0f} TFLOP/s (goal: >= 45 % on a 24 GB card: {verdict}), "
           f"the fastest {which}: {L - best if args.checkpointing else 0} of {L} blocks recomputed")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

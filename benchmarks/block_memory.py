@@ -4,9 +4,11 @@ the recomputation costs (training setting grad_checkpointing_keep; bench_gpu_ste
 The block runs as in training (bf16 autocast, weights frozen, gradients flowing to its input), once as written and
 once compiled (torch.compile, as --compile_llm=true), and every tensor autograd saves is counted once (a tensor all
 blocks share, RoPE's cos and sin, is left out; so are the weights). Counted in bf16 values per token per hidden unit,
-then in GiB at Vicuna-7B's width for a step of `--batch` sequences of `--seq` tokens. Frozen weights need no saved
-inputs for their matrix products, so what is left is the norms' inputs, attention's q, k, v and output, and the
-SwiGLU's two branches (and, as written, the SiLU's output and the norms' float32 copies, which compiling recomputes).
+then in GiB at Vicuna-7B's width for a step of `--batch` sequences of `--seq` tokens, net of the block's input (one
+value per hidden unit), which a recomputed block's checkpoint keeps as well: what keeping a block adds. Frozen weights
+need no saved inputs for their matrix products, so what is left is the norms' inputs, attention's q, k, v and output,
+and the SwiGLU's two branches (and, as written, the SiLU's output and the norms' float32 copies, which compiling
+recomputes). Measured on the CPU's kernels and compiler; a GPU's may keep slightly different statistics.
     python benchmarks/block_memory.py [--batch 32] [--seq 170] [--no-compile]
 """
 
@@ -50,15 +52,16 @@ def main():
                       num_key_value_heads=4, vocab_size=100)
     torch.manual_seed(0)
     block = Block(cfg).to(torch.bfloat16).requires_grad_(False)
-    print(f"one block, kept for backward: bf16 values per token per hidden unit; GiB per block at Vicuna-7B's width "
+    print(f"one block, kept for backward: bf16 values per token per hidden unit; GiB at Vicuna-7B's width "
           f"(hidden {VICUNA.hidden_size}), batch {args.batch} x {args.seq} tokens")
     for how in ["as written", "compiled"] if args.compile else ["as written"]:
         if how == "compiled":
             block.compile()
             saved_per_token(block, cfg)  # compiles; the count is the second call's
         units = saved_per_token(block, cfg) / (2 * cfg.hidden_size)
-        gib = units * 2 * VICUNA.hidden_size * args.batch * args.seq / 2**30
-        print(f"{how}: {units:.2f} values per hidden unit, {gib:.2f} GiB per block")
+        gib = (units - 1) * 2 * VICUNA.hidden_size * args.batch * args.seq / 2**30
+        print(f"{how}: {units:.2f} values per hidden unit, {units - 1:.2f} beyond the block's input: {gib:.2f} GiB "
+              "more per block kept")
 
 
 if __name__ == "__main__":
