@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -63,6 +64,58 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
         assert caps["METEOR"]["protocol"].startswith("METEOR 1.5") and 0 < caps["METEOR"]["apt"] < 1
     else:
         assert caps["METEOR"]["protocol"] == "METEOR unavailable: Java is not installed"
+
+
+def test_each_evaluation_takes_its_documented_data_baseline_and_vocabulary(trained, monkeypatch):
+    """With the model's answers scripted: --limit keeps the first N test examples; captioning's baseline is the most
+    frequent training caption; Clotho-AQA adds the yes/no rows and NLAR the fixed "yes"; TER reads an answer against
+    every class name the data set has, so naming a class the window lacks is wrong even where no test window has
+    that class; the novel classes' few-shot episodes come from the seeds they always did (results compare across
+    versions); a class with exactly K clips cannot give an episode its query."""
+    monkeypatch.setattr(evaluation, "java_metrics", lambda refs, outputs: [])  # METEOR / SPICE: not the point here
+    cfg = load_config("tiny", opts(trained))
+
+    class Scripted:  # says what `say` gives for each example (found by its segments)
+        def __init__(self, examples, say):
+            self.said = {id(ex.segments): say(ex) for ex in examples}
+
+        def generate(self, batch, **options):
+            return [self.said[id(segments)] for segments in batch]
+
+    full = evaluation.examples_for("clotho_aqa", cfg, evaluation.Options())
+    aqa = evaluation.examples_for("clotho_aqa", cfg, evaluation.Options(limit=40))
+    assert len(full) > 40 and [ex.segments for ex in aqa] == [ex.segments for ex in full[:40]]
+    rows, _, _ = evaluation.eval_exact(Scripted(aqa, lambda ex: ex.answer), cfg, "clotho_aqa", aqa,
+                                       evaluation.Options())
+    assert [r[0] for r in rows] == ["accuracy", "accuracy, yes/no questions"] and rows[0][1] == 1.0
+    nlar = evaluation.examples_for("nlar", cfg, evaluation.Options(limit=20))
+    rows, _, _ = evaluation.eval_exact(Scripted(nlar, lambda ex: "yes"), cfg, "nlar", nlar, evaluation.Options())
+    assert [r[0] for r in rows] == ["accuracy", "accuracy vs always 'yes'"] and rows[1][1] == rows[1][2]
+
+    caps = evaluation.examples_for("audiocaps", cfg, evaluation.Options(limit=20))
+    rows, _, _ = evaluation.eval_captioning(Scripted(caps, lambda ex: "a bell rings."), cfg, "audiocaps", caps,
+                                            evaluation.Options())
+    train = data.examples("captioning", cfg.data_root, "train", source="audiocaps", rng=random.Random(0))
+    fixed = metrics.majority([ex.answer for ex in train])
+    assert fixed != metrics.majority([c for ex in caps for c in ex.target["references"]])  # else this proves nothing
+    refs = [ex.target["references"] for ex in caps]
+    assert rows[0][0] == "BLEU-1" and rows[0][2] == pytest.approx(metrics.bleu(refs, [fixed] * len(caps))[0])
+
+    ter = evaluation.examples_for("ter", cfg, evaluation.Options(limit=20))
+    names = data.read_mid_to_name(Path(cfg.data_root) / data.LAYOUT["audioset"]["names"]).values()
+    extra = sorted(set(names) - {label for ex in ter for label in ex.target["labels"]})[0]
+    rows, _, _ = evaluation.eval_ter(Scripted(ter, lambda ex: f"{ex.answer}, {tasks.label_text(extra)}"), cfg,
+                                     "ter", ter, evaluation.Options())
+    assert rows[0][1] == 0.0  # every answer names one class too many
+    rows, _, _ = evaluation.eval_ter(Scripted(ter, lambda ex: ex.answer), cfg, "ter", ter, evaluation.Options())
+    assert rows[0][1] == 1.0
+
+    episodes = evaluation.examples_for("esc50", cfg, evaluation.Options(episodes=2))
+    rng = random.Random("esc50/5/5")
+    pool = data.esc50_pool(cfg.data_root)
+    again = [data.fewshot_episode(pool, 5, 5, rng, layout=cfg.fewshot_layout) for _ in range(2)]
+    assert [ep.segments for ep in episodes[:2]] == [ep.segments for ep in again]
+    assert evaluation.eligible_classes({"a": ["1", "2", "3"], "b": ["1", "2"]}, 2) == 1
 
 
 def test_fewshot_episodes_follow_the_layout_the_checkpoint_was_trained_on(trained, tmp_path, capsys):
