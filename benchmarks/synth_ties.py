@@ -18,25 +18,18 @@ def first_onsets(events) -> dict[str, float]:
     return onsets
 
 
-def tied(values, last=False) -> bool:
-    """Whether the earliest (or the latest) of `values` is shared."""
-    v = sorted(values, reverse=last)
-    return len(v) > 1 and v[0] == v[1]
-
-
-def openers(events) -> set[str]:
-    """The kinds of sound that start first (several when they start together)."""
+def openers(events, last=False) -> set[str]:
+    """The kinds of sound whose first occurrence starts first (last=True: last); several when they start together."""
     onsets = first_onsets(events)
-    return {label for label, t in onsets.items() if t == min(onsets.values())}
+    edge = (max if last else min)(onsets.values())
+    return {label for label, t in onsets.items() if t == edge}
 
 
 def ambiguous_aqa(question: str, events) -> bool:
-    onsets = first_onsets(events)
-    if question == "Which sound is heard first?":
-        return tied(onsets.values())
-    if question == "Which sound starts last?":
-        return tied(onsets.values(), last=True)
+    if question in ("Which sound is heard first?", "Which sound starts last?"):
+        return len(openers(events, last=question.endswith("last?"))) > 1
     if " start before the " in question:
+        onsets = first_onsets(events)
         x, y = question[len("Does the "):-1].split(" start before the ")
         return onsets[x] == onsets[y]
     return False
