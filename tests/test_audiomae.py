@@ -101,6 +101,31 @@ def test_other_grids():
         model(torch.randn(1, 1024, 128))
 
 
+def test_output_block_must_be_one_of_the_blocks():
+    for block in (-3, -1, 0, 2):
+        assert AudioMAE(AudioMAEConfig(dim=32, depth=3, heads=2, output_block=block)).config.output_block == block
+    for block in (-4, 3):
+        with pytest.raises(ValueError, match=f"output_block={block} is outside the 3 blocks"):
+            AudioMAE(AudioMAEConfig(dim=32, depth=3, heads=2, output_block=block))
+
+
+def test_initialisation_is_audio_maes():
+    """A fresh encoder (the tiny preset's) starts as Audio-MAE's: Xavier-uniform matrices (the patch projection as a
+    matrix), zero biases, CLS drawn with std 0.02, LayerNorms at identity."""
+    torch.manual_seed(0)
+    model = AudioMAE(AudioMAEConfig(dim=256, depth=2, heads=4))
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert not p.any(), name
+        elif "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name != "cls_token":
+            w = p.reshape(p.shape[0], -1)
+            bound = math.sqrt(6 / sum(w.shape))
+            assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05), name
+    assert model.cls_token.std().item() == pytest.approx(0.02, rel=0.2)
+
+
 def test_frozen():
     model = random_encoder()
     assert not model.training and not any(p.requires_grad for p in model.parameters())

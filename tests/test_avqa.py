@@ -69,6 +69,42 @@ def test_the_audio_holds_the_heard_objects_and_the_frames_the_pictured(av):
         assert (np.abs(image - colour).sum(-1) < 60).sum() > 12, name  # its colour, which no pale background has
 
 
+def test_each_object_sits_in_a_cell_of_its_own():
+    """layout's boxes lie each inside one 16-pixel cell (so inside one ViT patch cut on the same grid), no two in the
+    same cell, within the picture."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4, 16):
+        for _ in range(50):
+            boxes = synth_av.layout(rng, n)
+            cells = [(x // synth_av.CELL, y // synth_av.CELL) for x, y, _ in boxes]
+            assert len(set(cells)) == n
+            for (x, y, s), (cx, cy) in zip(boxes, cells):
+                assert 11 <= s <= 14 and (x + s - 1) // synth_av.CELL == cx and (y + s - 1) // synth_av.CELL == cy
+                assert x + s <= synth_av.SIZE and y + s <= synth_av.SIZE
+
+
+def test_the_vision_stages_questions_are_true_of_the_picture():
+    """picture_example's answers: the objects and the description name exactly the pictured ones; "choose" offers one
+    pictured object among three absent ones; "yesno" asks about pictured and absent objects about equally, and
+    answers truly."""
+    import re
+
+    rng, answers = random.Random(0), []
+    for _ in range(400):
+        record = synth_av.random_picture(rng)
+        objects = set(record["objects"])
+        _, _, listed, description = synth_av.picture_example(record, "objects", rng)
+        assert set(listed.split(", ")) == objects and set(re.findall(r"\w+", description)) & set(NAMES) == objects
+        _, prompt, answer, _ = synth_av.picture_example(record, "choose", rng)
+        options = [o for o in NAMES if f" {o}" in prompt]
+        assert answer in objects and len(options) == 4 and [o in objects for o in options].count(True) == 1
+        _, prompt, answer, _ = synth_av.picture_example(record, "yesno", rng)
+        name = re.fullmatch(r"Is there an? (\w+) in the picture\?", prompt)[1]
+        assert answer == ("yes" if name in objects else "no")
+        answers.append(answer)
+    assert 0.4 < answers.count("yes") / len(answers) < 0.6
+
+
 def test_avqa_items_spaces_frames_and_skips_what_is_missing(av, tmp_path, caplog):
     items = data.avqa_items(av, "test", frames=2)
     assert len(items) == 24

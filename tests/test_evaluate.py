@@ -438,6 +438,18 @@ def test_ask_about_two_clips(trained):
     assert r.returncode == 2 and "missing.wav: no such audio file" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_ask_puts_the_clips_in_the_order_given_before_the_question(trained, monkeypatch):
+    from apt_min import __main__
+    from apt_min.model import APT
+
+    clips = [str(p) for p in sorted((trained / "synth" / "audio").glob("*.wav"))[:2]]
+    asked = []
+    monkeypatch.setattr(APT, "generate", lambda self, batch, feats, **kw: asked.append(batch))
+    question = "Which recording contains the bell?"
+    assert __main__.main(["ask", "--audio", clips[1], "--audio", clips[0], question, *opts(trained)]) == 0
+    assert asked == [[[("audio", clips[1]), ("audio", clips[0]), ("text", question)]]]
+
+
 def test_results_table_names_the_margin(trained, capsys, monkeypatch):
     from benchmarks import results_table
 

@@ -164,6 +164,37 @@ def test_not_llama(folder):
         Llama.from_pretrained(folder)
 
 
+def test_not_silu(folder):
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(raw | {"hidden_act": "gelu"}))
+    with pytest.raises(CheckpointError, match="hidden_act='gelu'; Llama uses 'silu'"):
+        Llama.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("field", ["torch_dtype", "dtype"])  # transformers 4.x's spelling, 5.x's
+def test_auto_takes_the_configs_dtype(folder, field):
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(raw | {field: "bfloat16"}))
+    model = Llama.from_pretrained(folder, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_fields_a_config_leaves_out_take_transformers_defaults(tmp_path):
+    """A config.json with only the shape: every other field as transformers' LlamaConfig fills it."""
+    import transformers
+
+    from apt_min.llama import LlamaConfig
+
+    shape = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 160,
+             "num_hidden_layers": 2, "num_attention_heads": 4}
+    ours, theirs = LlamaConfig.from_dict(shape, "config.json"), transformers.LlamaConfig(**shape)
+    for field in ("num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+                  "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_scaling is None
+
+
 def test_no_weights(folder):
     for f in folder.glob("*.safetensors*"):
         f.unlink()
@@ -276,3 +307,6 @@ def test_save_pretrained_round_trip(tmp_path, tied):
         theirs = LlamaForCausalLM.from_pretrained(tmp_path / "out")
         assert torch.equal(again(ids), ours(ids))
         assert_close_rel(again.double()(ids), theirs.double()(ids).logits, 1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")  # the same tensors stored as transformers stores them
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == \
+        load_file(tmp_path / "theirs" / "model.safetensors").keys()

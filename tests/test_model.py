@@ -265,6 +265,23 @@ def test_shared_prefix_gives_the_full_sequences_loss_and_gradients(parts, padded
     assert apt.shared_prefix() is None
 
 
+def test_shared_prefix_under_bf16_autocast_is_computed_in_bf16(parts):
+    """Under autocast the prefix's keys and values are made as the batch's are (bf16), so the shared and the full
+    sequences give the same loss to bf16's precision."""
+    _, _, _, _, (a, b, _) = parts
+    apt = make_apt(parts)
+    apt.prompt_format = "smollm2-chat"
+    feats, _ = apt.encode_clips([a, b])
+    batch = [[("audio", a), ("text", "How many times?")], [("audio", b), ("text", "Summarize")]]
+    losses = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for share in (False, True):
+            apt.share_prefix = share
+            losses.append(apt(batch, ["3", "bell, siren"], feats)[0].item())
+        assert apt.shared_prefix().k.dtype == torch.bfloat16
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+
 def test_loss_falls_when_overfitting(parts):
     _, _, _, _, (a, b, _) = parts
     apt = make_apt(parts)

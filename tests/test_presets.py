@@ -32,6 +32,23 @@ def test_overrides():
         load_config("tiny", ["--grad_checkpointing=maybe"])
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         load_config("huge")
+    for on, off in (("true", "false"), ("yes", "no"), ("1", "0"), ("on", "off"), ("True", "OFF")):
+        assert load_config("tiny", [f"--grad-checkpointing={on}", f"--cpu-bf16={off}"]).grad_checkpointing
+        assert not load_config("tiny", [f"--grad_checkpointing={off}"]).grad_checkpointing
+    assert load_config("tiny", ["--warmup-steps-0=7"]).warmup_steps_0 == 7  # dashes as in --max-new-tokens
+
+
+def test_the_tiny_encoder_is_the_seeds(tmp_path):
+    """Without a checkpoint, tiny's encoder is drawn from the run's seed: the same in every run of that seed."""
+    from apt_min.build import build_encoder
+
+    def encoder(run, seed):
+        return build_encoder(load_config("tiny", [f"--run_dir={tmp_path / run}", f"--seed={seed}",
+                                                  "--encoder_dim=32"]), "cpu", torch.float32)[0].state_dict()
+
+    a, b, c = encoder("a", 0), encoder("b", 0), encoder("c", 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
 
 
 def test_grad_checkpointing_keep_reaches_the_llm_and_is_checked(tmp_path):
@@ -123,3 +140,5 @@ def test_an_untrained_apt_from_a_config_alone(tmp_path):
     feats = {"a.wav": apt.encoder(torch.randn(1, cfg.target_length, 128))}
     x, mask, _ = apt.embed_batch([[("audio", "a.wav"), ("text", "Describe the audio clip concisely.")]], feats)
     assert x.shape == (1, 1 + 1 + 8 + len(tok.encode("Describe the audio clip concisely.", bos=False)), 64)
+    cfg.prompt_format = "smollm2-chat"
+    assert untrained_apt(cfg, tok).prompt_format == "smollm2-chat"

@@ -128,3 +128,166 @@ def test_nlar_answers_flip_when_the_clips_swap():
     assert answers["In which recording is the bell louder?"] == "first"
     assert answers["Which recording contains the drip?"] == "second"
     assert all(a in ("yes", "no", "first", "second", "both", "neither", "equal") for _, a in forward)  # closed set
+
+
+# ------------------------------------------------- the ground truth, read for its meaning (not re-derived by the code)
+WORDS = ["zero", "one", "two", "three", "four"]
+
+
+def first_onsets(events):
+    out = {}
+    for e in events:
+        out[e.label] = min(out.get(e.label, e.onset), e.onset)
+    return out
+
+
+def aqa_truth(question, events):
+    """The answer a listener gives to one of the Clotho-AQA-style questions about `events`, from the question's
+    words alone; None where the order of two sounds that start together would decide it (ties: README, 'Not built
+    yet')."""
+    import re
+
+    n, start = synth.counts(events), first_onsets(events)
+
+    def yes(flag):
+        return "yes" if flag else "no"
+
+    def alone(label, pick):  # the label that starts first (pick=min) or last (max), None on a tie
+        best = pick(start.values())
+        return label if sum(t == best for t in start.values()) == 1 and start[label] == best else None
+
+    if m := re.fullmatch(r"Is there an? (\w+) in the recording\?", question):
+        return yes(m[1] in n)
+    if m := re.fullmatch(r"Is there an? (\w+) or an? (\w+)\?", question):
+        return yes(m[1] in n or m[2] in n)
+    if m := re.fullmatch(r"Does the (\w+) occur more than once\?", question):
+        return yes(n.get(m[1], 0) > 1)
+    if m := re.fullmatch(r"Does the (\w+) start before the (\w+)\?", question):
+        return None if start[m[1]] == start[m[2]] else yes(start[m[1]] < start[m[2]])
+    if m := re.fullmatch(r"How many times does the (\w+) occur\?", question):
+        return WORDS[n.get(m[1], 0)]
+    if question in ("Which sound is heard first?", "Which sound starts last?"):
+        pick = min if "first" in question else max
+        winners = [x for x in start if alone(x, pick)]
+        return winners[0] if winners else None
+    raise AssertionError(f"a question the checker does not know: {question!r}")
+
+
+def nlar_truth(question, ev1, ev2):
+    """The answer to one of the NLAR-style questions about two clips, from its words alone (None on a tie of two
+    sounds that start together, as aqa_truth)."""
+    import re
+
+    n1, n2 = synth.counts(ev1), synth.counts(ev2)
+
+    def compare(a, b, close=0.0):
+        return "equal" if abs(a - b) <= close else ("first" if a > b else "second")
+
+    def opening(events):  # the sound a clip starts with, None when two start together
+        firsts = [e for e in events if e.onset == min(x.onset for x in events)]
+        return firsts[0].label if len({e.label for e in firsts}) == 1 else None
+
+    if m := re.fullmatch(r"Which recording contains the (\w+)\?", question):
+        return {(True, True): "both", (True, False): "first", (False, True): "second"}[(m[1] in n1, m[1] in n2)]
+    if m := re.fullmatch(r"In which recording does the (\w+) occur more often\?", question):
+        return compare(n1.get(m[1], 0), n2.get(m[1], 0))
+    if m := re.fullmatch(r"In which recording does the (\w+) last longer in total\?", question):
+        total = [sum(e.offset - e.onset for e in ev if e.label == m[1]) for ev in (ev1, ev2)]
+        return compare(*total, close=0.05)  # equal on the 100 ms grid
+    if m := re.fullmatch(r"In which recording is the (\w+) louder\?", question):
+        loudest = [max(e.gain_db for e in ev if e.label == m[1]) for ev in (ev1, ev2)]
+        assert abs(loudest[0] - loudest[1]) >= 3, f"{question}: asked though hardly audible ({loudest})"
+        return compare(*loudest)
+    if question == "Do the two recordings start with the same sound?":
+        a, b = opening(ev1), opening(ev2)
+        return None if a is None or b is None else ("yes" if a == b else "no")
+    if question == "Do the recordings share any sound?":
+        return "yes" if set(n1) & set(n2) else "no"
+    if question == "Which recording has more kinds of sound?":
+        return compare(len(n1), len(n2))
+    raise AssertionError(f"a question the checker does not know: {question!r}")
+
+
+def test_every_answer_is_true_of_its_scene(bench):
+    """Each AQA and NLAR answer the benchmark holds is what its question means for the scene's events; every clip
+    has two yes, two no and two one-word questions; many more draws of the same questions over the pool's scenes
+    (every template, counts up to four) are true as well."""
+    _, truth = bench
+    checked = 0
+    for split in ("train", "val", "test"):
+        for _, events, _, questions in truth["clotho"][split]:
+            kinds = [a if a in ("yes", "no") else "word" for _, a in questions]
+            assert sorted(kinds) == ["no", "no", "word", "word", "yes", "yes"]
+            for q, a in questions:
+                assert aqa_truth(q, events) in (a, None), (q, a, events)
+                checked += 1
+        scenes = {f"Y{yid}.wav": events for yid, events, _ in truth["pool"][split]}
+        for item in truth["nlar"][split]:  # both clips from this split's pool: no test clip is trained on
+            ev1, ev2 = scenes[item["audio_1"]], scenes[item["audio_2"]]
+            assert nlar_truth(item["question"], ev1, ev2) in (item["answer"], None), item
+    pool = [events for split in truth["pool"].values() for _, events, _ in split]
+    names = [c.name for c in synth.TRAIN_CLASSES]
+    rng, asked = random.Random(0), set()
+    for i, events in enumerate(pool):
+        for q, a in synth.aqa_questions(rng, events, names) + synth.nlar_questions(None, events, pool[i - 1]):
+            ok = aqa_truth(q, events) if "recording" not in q or "Is there" in q else \
+                nlar_truth(q, events, pool[i - 1])
+            assert ok in (a, None), (q, a)
+            asked.add((q.split(" the ")[0], a if a in WORDS else ""))
+    assert {("How many times does", w) for w in WORDS[1:4]} <= asked  # counts beyond two were among them
+    assert checked >= 60
+
+
+def test_captions_are_distinct_and_name_every_sound(bench):
+    import re
+
+    _, truth = bench
+    names = {c.name for c in synth.CLASSES}
+    for split in truth["pool"].values():
+        for _, events, caps in split:
+            assert len(set(caps)) == len(caps) == 5
+            for cap in caps:
+                said = set(re.findall(r"\w+", cap.lower())) & names
+                assert said == {e.label for e in events}, (cap, events)
+
+
+def test_esc_clips_are_spread_over_five_folds(bench):
+    _, truth = bench
+    folds = {}
+    for _, fold, _, category, *_ in truth["esc50"]:
+        folds.setdefault(category, []).append(fold)
+    for category, got in folds.items():
+        counts = [got.count(f) for f in range(1, 6)]
+        assert min(counts) >= 1 and max(counts) - min(counts) <= 1, (category, counts)
+
+
+def test_a_scene_sounds_exactly_where_and_as_loud_as_its_events_say(monkeypatch):
+    """With the background silenced (the one noise as long as the scene; every draw otherwise the same), the audio is
+    zero outside the events' spans and sounds inside each; one sound never overlaps itself (at least 100 ms apart);
+    and events heard alone peak in the ratio of their gains."""
+    real_noise, length = synth._noise, 5.12
+    n = int(round(length * synth.SR))
+
+    def quiet_background(rng, count, color="white"):
+        x = real_noise(rng, count, color)
+        return np.zeros_like(x) if count == n else x
+
+    monkeypatch.setattr(synth, "_noise", quiet_background)
+    rng, ratios = np.random.default_rng(5), 0
+    for _ in range(12):
+        audio, events = synth.make_scene(rng, synth.TRAIN_CLASSES, length)
+        spans = [(int(round(e.onset * synth.SR)), int(round(e.offset * synth.SR))) for e in events]
+        inside = np.zeros(n, dtype=bool)
+        for a, b in spans:
+            inside[a:b] = True
+        assert not audio[~inside].any()
+        assert all(np.abs(audio[a:b]).max() > 1e-3 for a, b in spans)
+        for label in {e.label for e in events}:
+            own = sorted((e.onset, e.offset) for e in events if e.label == label)
+            assert all(b_on >= a_off + synth.GRID - 1e-9 for (_, a_off), (b_on, _) in zip(own, own[1:])), own
+        alone = [(e, np.abs(audio[a:b]).max()) for e, (a, b) in zip(events, spans)
+                 if not any(o is not e and o.onset < e.offset and e.onset < o.offset for o in events)]
+        for (e1, p1), (e2, p2) in zip(alone, alone[1:]):
+            assert p1 / p2 == pytest.approx(10 ** ((e1.gain_db - e2.gain_db) / 20), rel=2e-3)
+            ratios += 1
+    assert ratios >= 5

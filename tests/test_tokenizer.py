@@ -42,6 +42,21 @@ def test_tokenizer_json_gives_the_same_ids(folder, tmp_path):
         assert js.decode(js.encode(text, eos=True)) == text
 
 
+def test_special_tokens_written_as_objects(folder, tmp_path):
+    """tokenizer_config.json as older transformers wrote it (Vicuna v1.1's): each special token an AddedToken object;
+    its content is the token."""
+    import json
+
+    from transformers import LlamaTokenizer
+
+    LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        k: {"__type": "AddedToken", "content": t, "lstrip": False, "normalized": True, "rstrip": False,
+            "single_word": False} for k, t in (("bos_token", "</s>"), ("eos_token", "<s>"), ("unk_token", "<unk>"))}))
+    tok = Tokenizer(tmp_path)  # BOS and EOS swapped on purpose: they must come from the file, not from defaults
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
+
+
 def test_decode_stops_at_eos_and_drops_padding(folder):
     tok = Tokenizer(folder)
     ids = tok.encode("A dog barks.", eos=True) + tok.encode("junk after eos", bos=False)

