@@ -162,6 +162,7 @@ def test_parsers_tolerate_variations():
     assert tasks.parse_segments(" 0.5 s - 1.2s ;3s to 3.6 seconds.") == [(0.5, 1.2), (3.0, 3.6)]
     assert tasks.parse_count("It occurs three times.") == 3 and tasks.parse_count("twice") == 2
     assert tasks.parse_labels("Dog, speech.", ["Speech", "Dog"]) == ["Dog", "Speech"]
+    assert tasks.parse_labels("A train passes, then a drumroll.", ["rain", "drum"]) == []  # whole words only
     assert tasks.normalize_answer(" Yes. ") == "yes" and tasks.normalize_answer("The two") == "2"
 
 

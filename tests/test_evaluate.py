@@ -299,6 +299,12 @@ def test_exact_match_normalises_answers():
     [(_, _, base, protocol)] = metrics.score_exact(later, ["no", "no", "no"])
     assert base == pytest.approx(2 / 3) and "always 'yes'" in protocol
     assert metrics.majority(["b", "a", "a", "b"]) == "b"  # among equals, the first seen
+    mixed = [tasks.aqa("a.wav", f"How many? {i}", "two") for i in range(3)] + \
+        [tasks.aqa("a.wav", "Is it raining?", a) for a in ("no", "no", "yes")]
+    rows = metrics.score_exact(mixed, ["2"] * 6, yes_no=True)  # always '2' overall, always 'no' among yes/no
+    assert rows[0][2] == pytest.approx(3 / 6) and rows[1][2] == pytest.approx(2 / 3)
+    assert tasks.aqa("a.wav", "Is it raining?", ["No", "Yes", "yes."]).target["answer"] == "yes"  # the annotators' most
+    # frequent answer, not the first
 
 
 def test_fewshot_reads_esc50_labels_with_underscores():
@@ -331,10 +337,11 @@ def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_fea
     assert evaluation.prototype_label(first, feats) == "alarm"
     assert evaluation.prototype_label(second, feats) == "bell"
     for ep, proto in ((first, "alarm"), (second, "alarm")):
-        ep.target.update(ranked="alarm", prototype=proto)
-    rows = metrics.score_fewshot([first, second], ["alarm", "alarm"], "accuracy 2-way 2-shot")
+        ep.target.update(ranked="bell", prototype=proto)
+    rows = metrics.score_fewshot([first, second], ["alarm", "bell"], "accuracy 2-way 2-shot")
     assert rows[2][0] == "accuracy 2-way 2-shot vs a prototypical network"
-    assert rows[2][1] == pytest.approx(0.5) and rows[2][2] == pytest.approx(0.5)
+    assert rows[1][1] == pytest.approx(0.5)  # ranked "bell" both times
+    assert rows[2][1] == pytest.approx(1.0) and rows[2][2] == pytest.approx(0.5)  # generated, beside the prototype
 
 
 def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
@@ -390,13 +397,15 @@ def test_segment_f1_hand_worked():
     assert f1([(0.0, 1.0), (0.1, 1.0)], [(0.0, 1.0)]) == (1, 2, 1)  # a reference is matched once
     assert f1([(2.0, 3.0), (0.0, 1.0)], [(0.0, 1.0), (2.2, 3.0)]) == (2, 2, 2)  # in any order
     assert f1([], [(0.0, 1.0)]) == (0, 0, 1) and f1([(0.0, 1.0)], []) == (0, 1, 0)
-    exs = [tasks.sed("a.wav", "Dog", [(0.5, 1.2), (3.0, 3.6)]), tasks.sed("a.wav", "chirping_birds", [(0.0, 5.0)])]
+    exs = [tasks.sed("a.wav", "Dog", [(3.0, 3.6), (0.5, 1.2)]), tasks.sed("a.wav", "chirping_birds", [(0.0, 4.0)])]
+    assert exs[0].answer == "0.5s-1.2s; 3.0s-3.6s" and exs[0].target["segments"] == [(0.5, 1.2), (3.0, 3.6)]
     (perfect,) = metrics.score_sed(exs, [ex.answer for ex in exs])
     assert perfect[1] == 1.0
     # 1 of 2 dog segments found, one false alarm; birds found: 2 matched, 3 predicted, 3 true -> F1 2*2/6
     (row,) = metrics.score_sed(exs, ["0.5s-1.1s; 6s-7s", "0.0s to 4.5s"])
     assert row[1] == pytest.approx(4 / 6)
-    assert row[2] == pytest.approx(2 * 1 / (2 + 3))  # the whole clip (0-5 s), once per query: only the birds
+    assert row[2] == pytest.approx(2 * 1 / (2 + 3))  # the whole clip (0-4 s, the latest end), once per query: only
+    # the birds
 
 
 def test_temporal_retrieval_with_commas_and_underscores_in_labels():
@@ -418,6 +427,8 @@ def test_counting_reads_numbers_and_words():
     assert table[0][1] == pytest.approx(2 / 4) and table[0][2] == pytest.approx(2 / 4)  # baseline: always 3
     assert table[1][1] == pytest.approx((0 + 0 + 1 + 2) / 4)  # "??" counts as 0
     assert table[1][2] == pytest.approx((0 + 0 + 2 + 1) / 4)
+    exs = [tasks.counting("a.wav", "Dog", n) for n in (1, 1, 4, 5, 6)]  # most frequent 1, median 4
+    assert metrics.score_counting(exs, ["1"] * 5)[1][2] == pytest.approx((0 + 0 + 3 + 4 + 5) / 5)
 
 
 def test_ask_about_two_clips(trained):

@@ -55,11 +55,23 @@ def _coco(refs, hyps):
             {i: [" ".join(metrics.caption_tokens(h))] for i, h in enumerate(hyps)})
 
 
+# BLEU's corner cases, each a corpus of its own (the brevity penalty is the corpus's): hypotheses longer than their
+# references, repeating n-grams more often than any one reference holds them (clipped at the largest count in one
+# reference, not the sum); and a hypothesis exactly between two reference lengths (the shorter is taken)
+LONGER = [(["a dog barks", "the dog barks loudly"], "a dog barks a dog barks a dog barks"),
+          (["rain falls on a roof", "rain on the roof"], "rain rain rain falls on the roof today")]
+BETWEEN = [(["one bell rings twice", "one bell rings twice then stops"], "one bell rings twice loudly")]
+
+
 def test_caption_metrics_equal_pycocoevalcap():
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
+    for corpus in (LONGER, BETWEEN):
+        refs, hyps = [r for r, _ in corpus], [h for _, h in corpus]
+        ref_bleu, _ = Bleu(4).compute_score(*_coco(refs, hyps), verbose=0)
+        assert np.allclose(metrics.bleu(refs, hyps), ref_bleu, atol=1e-9), corpus
     refs, hyps = [r for r, _ in CAPTIONS], [h for _, h in CAPTIONS]
     gts, res = _coco(refs, hyps)
     ref_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)

@@ -279,7 +279,7 @@ def test_shared_prefix_under_bf16_autocast_is_computed_in_bf16(parts):
             apt.share_prefix = share
             losses.append(apt(batch, ["3", "bell, siren"], feats)[0].item())
         assert apt.shared_prefix().k.dtype == torch.bfloat16
-    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)  # measured: equal; bf16 kernels differ between CPUs
 
 
 def test_loss_falls_when_overfitting(parts):

@@ -2,6 +2,7 @@
 
 import hashlib
 import random
+import re
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_nlar_answers_flip_when_the_clips_swap():
     assert all(a in ("yes", "no", "first", "second", "both", "neither", "equal") for _, a in forward)  # closed set
 
 
-# ------------------------------------------------- the ground truth, read for its meaning (not re-derived by the code)
+# ----------------------------------------------- the ground truth, read for its meaning (not re-derived by the code)
 WORDS = ["zero", "one", "two", "three", "four"]
 
 
@@ -142,105 +143,102 @@ def first_onsets(events):
 
 
 def aqa_truth(question, events):
-    """The answer a listener gives to one of the Clotho-AQA-style questions about `events`, from the question's
-    words alone; None where the order of two sounds that start together would decide it (ties: README, 'Not built
-    yet')."""
-    import re
-
+    """(template, answer): which Clotho-AQA-style question this is, and the answer a listener gives about `events`,
+    from the question's words alone; the answer is None where the order of two sounds that start together would
+    decide it (ties: README, 'Not built yet')."""
     n, start = synth.counts(events), first_onsets(events)
 
     def yes(flag):
         return "yes" if flag else "no"
 
-    def alone(label, pick):  # the label that starts first (pick=min) or last (max), None on a tie
-        best = pick(start.values())
-        return label if sum(t == best for t in start.values()) == 1 and start[label] == best else None
-
     if m := re.fullmatch(r"Is there an? (\w+) in the recording\?", question):
-        return yes(m[1] in n)
+        return "present", yes(m[1] in n)
     if m := re.fullmatch(r"Is there an? (\w+) or an? (\w+)\?", question):
-        return yes(m[1] in n or m[2] in n)
+        return "either", yes(m[1] in n or m[2] in n)
     if m := re.fullmatch(r"Does the (\w+) occur more than once\?", question):
-        return yes(n.get(m[1], 0) > 1)
+        return "repeated", yes(n.get(m[1], 0) > 1)
     if m := re.fullmatch(r"Does the (\w+) start before the (\w+)\?", question):
-        return None if start[m[1]] == start[m[2]] else yes(start[m[1]] < start[m[2]])
+        return "before", None if start[m[1]] == start[m[2]] else yes(start[m[1]] < start[m[2]])
     if m := re.fullmatch(r"How many times does the (\w+) occur\?", question):
-        return WORDS[n.get(m[1], 0)]
+        return "how many", WORDS[n.get(m[1], 0)]
     if question in ("Which sound is heard first?", "Which sound starts last?"):
-        pick = min if "first" in question else max
-        winners = [x for x in start if alone(x, pick)]
-        return winners[0] if winners else None
+        best = (min if "first" in question else max)(start.values())
+        tied = [x for x, t in start.items() if t == best]
+        return question, tied[0] if len(tied) == 1 else None
     raise AssertionError(f"a question the checker does not know: {question!r}")
 
 
 def nlar_truth(question, ev1, ev2):
-    """The answer to one of the NLAR-style questions about two clips, from its words alone (None on a tie of two
-    sounds that start together, as aqa_truth)."""
-    import re
-
+    """(template, answer) for one of the NLAR-style questions about two clips, from its words alone (the answer None
+    where two sounds that start together leave it open, as in aqa_truth)."""
     n1, n2 = synth.counts(ev1), synth.counts(ev2)
 
     def compare(a, b, close=0.0):
         return "equal" if abs(a - b) <= close else ("first" if a > b else "second")
 
-    def opening(events):  # the sound a clip starts with, None when two start together
-        firsts = [e for e in events if e.onset == min(x.onset for x in events)]
-        return firsts[0].label if len({e.label for e in firsts}) == 1 else None
+    def openers(events):  # the sounds a clip starts with: more than one when they start together
+        return {e.label for e in events if e.onset == min(x.onset for x in events)}
 
     if m := re.fullmatch(r"Which recording contains the (\w+)\?", question):
-        return {(True, True): "both", (True, False): "first", (False, True): "second"}[(m[1] in n1, m[1] in n2)]
+        where = {(True, True): "both", (True, False): "first", (False, True): "second"}
+        return "contains", where[(m[1] in n1, m[1] in n2)]
     if m := re.fullmatch(r"In which recording does the (\w+) occur more often\?", question):
-        return compare(n1.get(m[1], 0), n2.get(m[1], 0))
+        return "more often", compare(n1.get(m[1], 0), n2.get(m[1], 0))
     if m := re.fullmatch(r"In which recording does the (\w+) last longer in total\?", question):
         total = [sum(e.offset - e.onset for e in ev if e.label == m[1]) for ev in (ev1, ev2)]
-        return compare(*total, close=0.05)  # equal on the 100 ms grid
+        return "longer", compare(*total, close=0.05)  # equal on the 100 ms grid
     if m := re.fullmatch(r"In which recording is the (\w+) louder\?", question):
         loudest = [max(e.gain_db for e in ev if e.label == m[1]) for ev in (ev1, ev2)]
         assert abs(loudest[0] - loudest[1]) >= 3, f"{question}: asked though hardly audible ({loudest})"
-        return compare(*loudest)
+        return "louder", compare(*loudest)
     if question == "Do the two recordings start with the same sound?":
-        a, b = opening(ev1), opening(ev2)
-        return None if a is None or b is None else ("yes" if a == b else "no")
+        same = {a == b for a in openers(ev1) for b in openers(ev2)}  # one value unless a tie leaves it open
+        return "same start", ("yes" if same.pop() else "no") if len(same) == 1 else None
     if question == "Do the recordings share any sound?":
-        return "yes" if set(n1) & set(n2) else "no"
+        return "share", "yes" if set(n1) & set(n2) else "no"
     if question == "Which recording has more kinds of sound?":
-        return compare(len(n1), len(n2))
+        return "more kinds", compare(len(n1), len(n2))
     raise AssertionError(f"a question the checker does not know: {question!r}")
 
 
 def test_every_answer_is_true_of_its_scene(bench):
     """Each AQA and NLAR answer the benchmark holds is what its question means for the scene's events; every clip
-    has two yes, two no and two one-word questions; many more draws of the same questions over the pool's scenes
-    (every template, counts up to four) are true as well."""
+    has two yes, two no and two one-word questions; both clips of an NLAR pair come from its split. Then many more
+    draws of the same questions over the pool's scenes: every template is asked, counts up to four included, and
+    every answer is true."""
     _, truth = bench
-    checked = 0
+    checked = {"aqa": 0, "nlar": 0}
     for split in ("train", "val", "test"):
         for _, events, _, questions in truth["clotho"][split]:
             kinds = [a if a in ("yes", "no") else "word" for _, a in questions]
             assert sorted(kinds) == ["no", "no", "word", "word", "yes", "yes"]
             for q, a in questions:
-                assert aqa_truth(q, events) in (a, None), (q, a, events)
-                checked += 1
+                assert aqa_truth(q, events)[1] in (a, None), (q, a, events)
+                checked["aqa"] += 1
         scenes = {f"Y{yid}.wav": events for yid, events, _ in truth["pool"][split]}
         for item in truth["nlar"][split]:  # both clips from this split's pool: no test clip is trained on
             ev1, ev2 = scenes[item["audio_1"]], scenes[item["audio_2"]]
-            assert nlar_truth(item["question"], ev1, ev2) in (item["answer"], None), item
+            assert nlar_truth(item["question"], ev1, ev2)[1] in (item["answer"], None), item
+            checked["nlar"] += 1
+    assert checked["aqa"] >= 60 and checked["nlar"] >= 50, checked
     pool = [events for split in truth["pool"].values() for _, events, _ in split]
     names = [c.name for c in synth.TRAIN_CLASSES]
-    rng, asked = random.Random(0), set()
+    rng, templates, counts = random.Random(0), set(), set()
     for i, events in enumerate(pool):
-        for q, a in synth.aqa_questions(rng, events, names) + synth.nlar_questions(None, events, pool[i - 1]):
-            ok = aqa_truth(q, events) if "recording" not in q or "Is there" in q else \
-                nlar_truth(q, events, pool[i - 1])
-            assert ok in (a, None), (q, a)
-            asked.add((q.split(" the ")[0], a if a in WORDS else ""))
-    assert {("How many times does", w) for w in WORDS[1:4]} <= asked  # counts beyond two were among them
-    assert checked >= 60
+        for _ in range(3):
+            for q, a in synth.aqa_questions(rng, events, names):
+                template, expected = aqa_truth(q, events)
+                assert expected in (a, None), (q, a)
+                templates.add(template)
+                counts.add(a if template == "how many" else None)
+        for q, a in synth.nlar_questions(None, events, pool[i - 1]):
+            template, expected = nlar_truth(q, events, pool[i - 1])
+            assert expected in (a, None), (q, a)
+            templates.add(template)
+    assert len(templates) == 7 + 7 and {"one", "two", "three", "four"} <= counts, (templates, counts)
 
 
 def test_captions_are_distinct_and_name_every_sound(bench):
-    import re
-
     _, truth = bench
     names = {c.name for c in synth.CLASSES}
     for split in truth["pool"].values():
@@ -256,6 +254,7 @@ def test_esc_clips_are_spread_over_five_folds(bench):
     folds = {}
     for _, fold, _, category, *_ in truth["esc50"]:
         folds.setdefault(category, []).append(fold)
+    assert len(folds) == len(synth.NOVEL_CLASSES)
     for category, got in folds.items():
         counts = [got.count(f) for f in range(1, 6)]
         assert min(counts) >= 1 and max(counts) - min(counts) <= 1, (category, counts)

