@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from safetensors.torch import save_file
 
 from apt_min.aligner import Aligner, AlignerConfig
 from apt_min.audiomae import AudioMAE, AudioMAEConfig
@@ -82,19 +83,63 @@ def test_loads_strictly_with_shards(hf_folder):
     folder = hf_folder[0]
     assert len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]) > 0
     assert len(list(folder.glob("model-*.safetensors"))) > 2  # really sharded
-    # a stored key no part reads is refused, naming it
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    broken = folder.parent / "broken"
-    broken.mkdir()
+    # a stored key no part reads is refused, naming it; the position ids older transformers stored are left out
+    for extra, refused in (("vision_model.extra.weight", True), ("qformer.embeddings.position_ids", False)):
+        copy = linked_copy(folder, folder.parent / f"with-{extra}")
+        save_file({extra: torch.zeros(3)}, copy / "model-extra.safetensors")
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        index["weight_map"][extra] = "model-extra.safetensors"
+        (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+        if refused:
+            with pytest.raises(CheckpointError, match=f"keys no part of InstructBLIP reads: \\['{extra}'\\]"):
+                InstructBLIP.from_pretrained(copy)
+        else:
+            InstructBLIP.from_pretrained(copy)
+
+
+def linked_copy(folder, to, but=("model.safetensors.index.json", "config.json")):
+    """`folder` as links in `to`, except the files named in `but`, which are copied (a test may rewrite them)."""
+    import shutil
+
+    to.mkdir()
     for f in folder.iterdir():
-        if f.is_file():
-            (broken / f.name).symlink_to(f)
-    (broken / "qformer_tokenizer").symlink_to(folder / "qformer_tokenizer")
-    (broken / "model.safetensors.index.json").unlink()
-    index["weight_map"]["vision_model.extra.weight"] = next(iter(index["weight_map"].values()))
-    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="vision_model.extra.weight"):
-        InstructBLIP.from_pretrained(broken)
+        (to / f.name).symlink_to(f) if f.name not in but else shutil.copy(f, to / f.name)
+    return to
+
+
+def test_fields_a_config_leaves_out_take_transformers_defaults(hf_folder, tmp_path):
+    """transformers writes into config.json only what differs from its defaults (InstructBLIP-Vicuna's own config
+    names few fields): a field left out reads as transformers' default for it. And a config of another architecture
+    (other activations, biases, position embeddings, an encoder-decoder LLM) is refused, naming what differs."""
+    from transformers import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig, LlamaConfig
+
+    folder = hf_folder[0]
+    copy = linked_copy(folder, tmp_path / "sparse")
+    raw = json.loads((folder / "config.json").read_text())
+    left_out = {"vision_config": ["layer_norm_eps", "hidden_act", "qkv_bias"],
+                "qformer_config": ["layer_norm_eps", "hidden_act", "position_embedding_type"],
+                "text_config": ["rms_norm_eps", "max_position_embeddings"]}
+    sparse = raw | {part: {k: v for k, v in raw[part].items() if k not in keys} for part, keys in left_out.items()}
+    (copy / "config.json").write_text(json.dumps(sparse))
+    model = InstructBLIP.from_pretrained(copy)
+    vision, qformer, text = InstructBlipVisionConfig(), InstructBlipQFormerConfig(), LlamaConfig()
+    assert model.vision.config.norm_eps == vision.layer_norm_eps
+    assert model.qformer.config.layer_norm_eps == qformer.layer_norm_eps
+    assert (model.llm.config.rms_norm_eps, model.llm.config.max_position_embeddings) == \
+        (text.rms_norm_eps, text.max_position_embeddings)
+    (copy / "config.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "num_query_tokens"}))
+    queries = InstructBlipConfig().num_query_tokens
+    with pytest.raises(CheckpointError, match=rf"qformer.query_tokens in .*: expected \(1, {queries}, 32\)"):
+        InstructBLIP.from_pretrained(copy)  # the fixture has 4 queries; left out, 32 are expected
+    for part, field, value in (("vision_config", "hidden_act", "relu"), ("vision_config", "qkv_bias", False),
+                               ("qformer_config", "hidden_act", "relu"),
+                               ("qformer_config", "position_embedding_type", "relative_key")):
+        (copy / "config.json").write_text(json.dumps(raw | {part: raw[part] | {field: value}}))
+        with pytest.raises(CheckpointError, match=f"not an InstructBLIP this code reads \\({part}.{field}="):
+            InstructBLIP.from_pretrained(copy)
+    (copy / "config.json").write_text(json.dumps(raw | {"use_decoder_only_language_model": False}))
+    with pytest.raises(CheckpointError, match="an encoder-decoder language model"):
+        InstructBLIP.from_pretrained(copy)
 
 
 def test_image_processing_matches_transformers(hf_folder, blip):
@@ -106,6 +151,47 @@ def test_image_processing_matches_transformers(hf_folder, blip):
         theirs = torch.as_tensor(np.asarray(ref(image, return_tensors="np").pixel_values[0]))
         assert ours.shape == (3, 28, 28)
         assert_close_rel(ours, theirs, 1e-6)
+
+
+def test_image_processing_reads_the_folders_settings(tmp_path):
+    """Size, resampling filter, rescale factor, mean and std all come from preprocessor_config.json (here none of
+    them BLIP's defaults); a `shortest_edge` size is read as the square's side; an image that cannot be read is an
+    error naming its file."""
+    from transformers import BlipImageProcessorPil
+
+    from apt_min.vision import ImageError, ImageProcessing
+
+    BlipImageProcessorPil(size={"height": 20, "width": 20}, resample=2, rescale_factor=1 / 200,
+                          image_mean=[0.3, 0.5, 0.7], image_std=[0.2, 0.25, 0.3]).save_pretrained(tmp_path)
+    ours, ref = ImageProcessing.read(tmp_path), BlipImageProcessorPil.from_pretrained(tmp_path)
+    for image in frames(3):
+        theirs = torch.as_tensor(np.asarray(ref(image, return_tensors="np").pixel_values[0]))
+        assert_close_rel(ours(image), theirs, 1e-6)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 24}}))
+    assert ImageProcessing.read(tmp_path).size == 24
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    for bad in (tmp_path / "missing.jpg", tmp_path / "notes.jpg"):
+        with pytest.raises(ImageError, match=f"{bad}: cannot be read as an image"):
+            ours(bad)
+
+
+def test_qformer_tokenizer_from_a_vocabulary_file(hf_folder, tmp_path):
+    """A qformer_tokenizer/ with only BERT's vocab.txt (older checkpoints): lower-cased unless its tokenizer_config
+    says do_lower_case false, as transformers' BertTokenizer reads it."""
+    import shutil
+
+    from transformers import BertTokenizer
+
+    from apt_min.blip2 import QFormerTokenizer
+
+    vocab = hf_folder[0] / "bert-vocab.txt"
+    shutil.copy(vocab, tmp_path / "vocab.txt")
+    text = "What is making the Sound? Choose: 0 dog"
+    for lower in (True, False):
+        if not lower:
+            (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+        ids, mask = QFormerTokenizer(tmp_path)([text])
+        assert ids[0][mask[0]].tolist() == BertTokenizer(str(vocab), do_lower_case=lower)(text).input_ids
 
 
 def test_qformer_tokenizer_matches_transformers(hf_folder, blip):
@@ -238,6 +324,7 @@ def test_named_option():
     assert named_option("2", options) == 2
     assert named_option(" 1 car", options) == 1
     assert named_option("(3) cat", options) == 3
+    assert named_option("(2)", options) == 2
     assert named_option("It is a bell.", options) == 2
     assert named_option("a dog or a cat", options) == -1  # several
     assert named_option("7", options) == -1

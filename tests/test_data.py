@@ -133,6 +133,31 @@ def test_wavcaps_esc50_nlar_avqa(tmp_path):
         data.read_avqa(write(tmp_path / "val_qa.json", json.dumps(avqa)))
 
 
+def test_files_as_spreadsheets_and_annotators_leave_them(tmp_path):
+    """What real copies carry: a UTF-8 byte-order mark (a CSV saved by a spreadsheet), blank lines, spaces around a
+    caption or after a question (one question, however spaced, is one question)."""
+    caps = write(tmp_path / "caps.csv", "\ufeffaudiocap_id,youtube_id,start_time,caption\r\n\r\n"
+                                        "97151,vfY_TJq7n_U,130,  Ducks quack over rustling \r\n,,,\r\n")
+    assert data.read_audiocaps(caps) == [(97151, "vfY_TJq7n_U", 130, "Ducks quack over rustling")]
+    aqa = write(tmp_path / "aqa.csv", "file_name,QuestionText,answer,confidence\n"
+                                      "a.wav,Is a bell ringing?,yes,yes\na.wav,Is a bell ringing? ,yes,yes\n")
+    assert data.read_clotho_aqa(aqa) == [("a.wav", "Is a bell ringing?", ["yes", "yes"], ["yes", "yes"])]
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("segments.csv", AUDIOSET + 'abcdefghijk, 0.000, 10.000, "/m/0jbk", extra\n', r"segments.csv:6: expected YTID"),
+    ("esc50.csv", "filename,fold,target,category,esc10,src_file,take\n1-1-A-0.wav,one,0,dog,True,1,A\n",
+     r"esc50.csv:2: fold and target must be whole numbers"),
+    ("wavcaps.json", json.dumps({"data": [{"id": "a.wav", "caption": "Wind"}, {"id": "b.wav"}]}),
+     r"wavcaps.json: data\[1\] lacks 'id' or 'caption'"),
+], ids=["segments", "esc50", "wavcaps"])
+def test_a_broken_row_of_any_reader_names_the_file(tmp_path, name, text, problem):
+    reader = {"segments.csv": data.read_audioset_segments, "esc50.csv": data.read_esc50,
+              "wavcaps.json": data.read_wavcaps}[name]
+    with pytest.raises(DataError, match=problem):
+        reader(write(tmp_path / name, text))
+
+
 def test_missing_audio_is_counted_and_skipped_or_raised(tmp_path, caplog):
     write(tmp_path / "audioset/eval_segments.csv", AUDIOSET)
     write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)

@@ -71,6 +71,19 @@ def test_the_decoder_puts_each_kept_token_in_its_place_and_knows_where_each_hidd
     torch.testing.assert_close(dec(mae.encode_kept(enc, x, shuffled), shuffled)[0], pred, rtol=1e-5, atol=1e-5)
 
 
+def test_the_decoder_reads_the_encoder_through_its_final_norm():
+    """The encoder's tokens reach the decoder through Audio-MAE's final LayerNorm (`norm`, which the released
+    encoder does not use): with that norm's scale at zero, what the encoder says no longer matters."""
+    torch.manual_seed(0)
+    enc, dec = AudioMAE(CFG), mae.MAEDecoder(CFG)
+    keep = mae.random_keep(1, enc.num_patches, 0.75, torch.Generator().manual_seed(4))
+    a, b = (mae.encode_kept(enc, windows(1, seed), keep) for seed in (1, 2))
+    assert not torch.allclose(dec(a, keep), dec(b, keep))
+    with torch.no_grad():
+        dec.encoder_norm.weight.zero_()
+    torch.testing.assert_close(dec(a, keep), dec(b, keep))
+
+
 def test_the_loss_is_taken_on_hidden_patches_only_against_normalised_patches():
     torch.manual_seed(0)
     enc, x = AudioMAE(CFG), windows()

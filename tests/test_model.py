@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -442,8 +443,29 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
         apt.cache = FeatureCache(tmp_path / "cache", setting="T=64|enc-2")  # another encoder or front end
         _, ran = encode()
         assert ran == 1, "features of another setting served"
+        shutil.rmtree(tmp_path / "cache")  # what this process encoded stays in its memory
+        _, ran = encode()
+        assert ran == 0, "features in memory read again"
     finally:
         hook.remove()
+
+
+def test_identities_of_weights(parts, tmp_path):
+    """fingerprint tells apart files that share a name and their first MiB but not their size (a copy cut short);
+    a weight probe that names a tensor the LLM has not, or a place beyond it, does not match (and does not fail)."""
+    from apt_min.model import fingerprint, same_weights, weight_probe
+
+    data = np.random.default_rng(0).bytes(3 << 20)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "model.safetensors").write_bytes(data)
+    (tmp_path / "b" / "model.safetensors").write_bytes(data[:2 << 20])
+    assert fingerprint(tmp_path / "a" / "model.safetensors") != fingerprint(tmp_path / "b" / "model.safetensors")
+    llm = parts[3]
+    probe = weight_probe(llm)
+    assert same_weights(probe, llm)
+    assert not same_weights(probe + [["model.layers.99.mlp.up_proj.weight", 0, 0.0]], llm)
+    assert not same_weights(probe + [["model.norm.weight", 10 ** 9, 0.0]], llm)
 
 
 def test_generate_batch_equals_one_by_one(parts):
