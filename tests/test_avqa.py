@@ -96,6 +96,7 @@ def test_the_vision_stages_questions_are_true_of_the_picture():
         assert set(listed.split(", ")) == objects and set(re.findall(r"\w+", description)) & set(NAMES) == objects
         _, prompt, answer, _ = synth_av.picture_example(record, "choose", rng)
         options = re.search(r"Options: 0 (\w+); 1 (\w+); 2 (\w+); 3 (\w+)\. Answer:$", prompt).groups()
+        assert len(set(options)) == 4 and set(options) <= set(NAMES)
         assert [o for o in options if o in objects] == [answer]
         _, prompt, answer, _ = synth_av.picture_example(record, "yesno", rng)
         name = re.fullmatch(r"Is there an? (\w+) in the picture\?", prompt)[1]

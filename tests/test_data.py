@@ -152,6 +152,8 @@ def test_files_as_spreadsheets_and_annotators_leave_them(tmp_path):
      r"wavcaps.json: data\[1\] lacks 'id' or 'caption'"),
 ], ids=["segments", "esc50", "wavcaps"])
 def test_a_broken_row_of_any_reader_names_the_file(tmp_path, name, text, problem):
+    """A row with a field too many, a fold that is not a number, a WavCaps item without its caption: a DataError
+    naming the file (and the line, where the format has lines)."""
     reader = {"segments.csv": data.read_audioset_segments, "esc50.csv": data.read_esc50,
               "wavcaps.json": data.read_wavcaps}[name]
     with pytest.raises(DataError, match=problem):

@@ -303,8 +303,8 @@ def test_exact_match_normalises_answers():
         [tasks.aqa("a.wav", "Is it raining?", a) for a in ("no", "no", "yes")]
     rows = metrics.score_exact(mixed, ["2"] * 6, yes_no=True)  # always '2' overall, always 'no' among yes/no
     assert rows[0][2] == pytest.approx(3 / 6) and rows[1][2] == pytest.approx(2 / 3)
-    assert tasks.aqa("a.wav", "Is it raining?", ["No", "Yes", "yes."]).target["answer"] == "yes"  # the annotators' most
-    # frequent answer, not the first
+    # the annotators' most frequent answer, not the first
+    assert tasks.aqa("a.wav", "Is it raining?", ["No", "Yes", "yes."]).target["answer"] == "yes"
 
 
 def test_fewshot_reads_esc50_labels_with_underscores():
@@ -397,15 +397,17 @@ def test_segment_f1_hand_worked():
     assert f1([(0.0, 1.0), (0.1, 1.0)], [(0.0, 1.0)]) == (1, 2, 1)  # a reference is matched once
     assert f1([(2.0, 3.0), (0.0, 1.0)], [(0.0, 1.0), (2.2, 3.0)]) == (2, 2, 2)  # in any order
     assert f1([], [(0.0, 1.0)]) == (0, 0, 1) and f1([(0.0, 1.0)], []) == (0, 1, 0)
-    exs = [tasks.sed("a.wav", "Dog", [(3.0, 3.6), (0.5, 1.2)]), tasks.sed("a.wav", "chirping_birds", [(0.0, 4.0)])]
+    exs = [tasks.sed("a.wav", "Dog", [(3.0, 3.6), (0.5, 1.2)]), tasks.sed("a.wav", "chirping_birds", [(0.0, 4.0)]),
+           tasks.sed("a.wav", "Rain", [(2.0, 4.0)])]
     assert exs[0].answer == "0.5s-1.2s; 3.0s-3.6s" and exs[0].target["segments"] == [(0.5, 1.2), (3.0, 3.6)]
     (perfect,) = metrics.score_sed(exs, [ex.answer for ex in exs])
     assert perfect[1] == 1.0
-    # 1 of 2 dog segments found, one false alarm; birds found: 2 matched, 3 predicted, 3 true -> F1 2*2/6
-    (row,) = metrics.score_sed(exs, ["0.5s-1.1s; 6s-7s", "0.0s to 4.5s"])
-    assert row[1] == pytest.approx(4 / 6)
-    assert row[2] == pytest.approx(2 * 1 / (2 + 3))  # the whole clip (0-4 s, the latest end), once per query: only
-    # the birds
+    # 1 of 2 dog segments found, one false alarm; birds and rain found: 3 matched, 4 predicted, 4 true -> F1 2*3/8
+    (row,) = metrics.score_sed(exs, ["0.5s-1.1s; 6s-7s", "0.0s to 4.5s", "2s-4s"])
+    assert row[1] == pytest.approx(6 / 8)
+    # the whole clip (0-4 s: the latest end of any query's segments), once per query: the birds, and the rain by IoU
+    # exactly 0.5 (an end of 3.6 s or 5 s would miss it)
+    assert row[2] == pytest.approx(2 * 2 / (3 + 4))
 
 
 def test_temporal_retrieval_with_commas_and_underscores_in_labels():

@@ -56,9 +56,10 @@ def _coco(refs, hyps):
 
 
 # BLEU's corner cases, each a corpus of its own (the brevity penalty is the corpus's): hypotheses longer than their
-# references, repeating n-grams more often than any one reference holds them (clipped at the largest count in one
-# reference, not the sum); and a hypothesis exactly between two reference lengths (the shorter is taken)
-LONGER = [(["a dog barks", "the dog barks loudly"], "a dog barks a dog barks a dog barks"),
+# references, repeating n-grams more often than any one reference holds them, as often as all of them together
+# (clipped at the largest count in one reference, not the sum); and a hypothesis exactly between two reference
+# lengths (the shorter is taken)
+LONGER = [(["a dog barks", "the dog barks loudly"], "a dog barks a dog barks"),
           (["rain falls on a roof", "rain on the roof"], "rain rain rain falls on the roof today")]
 BETWEEN = [(["one bell rings twice", "one bell rings twice then stops"], "one bell rings twice loudly")]
 

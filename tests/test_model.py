@@ -15,7 +15,7 @@ from apt_min.aligner import Aligner, AlignerConfig
 from apt_min.audiomae import AudioMAE, AudioMAEConfig
 from apt_min.checkpoint import CheckpointError
 from apt_min.llama import Llama, LlamaConfig
-from apt_min.model import APT, FeatureCache, load_trainable
+from apt_min.model import APT, FeatureCache, fingerprint, load_trainable, same_weights, weight_probe
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
 TEXTS = ["Summarize the audio with key words.", "bell, siren", "This is a sound of hum.", "How many times?", "3"]
@@ -445,7 +445,7 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
         assert ran == 1, "features of another setting served"
         shutil.rmtree(tmp_path / "cache")  # what this process encoded stays in its memory
         _, ran = encode()
-        assert ran == 0, "features in memory read again"
+        assert ran == 0, "features held in memory encoded again"
     finally:
         hook.remove()
 
@@ -453,8 +453,6 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
 def test_identities_of_weights(parts, tmp_path):
     """fingerprint tells apart files that share a name and their first MiB but not their size (a copy cut short);
     a weight probe that names a tensor the LLM has not, or a place beyond it, does not match (and does not fail)."""
-    from apt_min.model import fingerprint, same_weights, weight_probe
-
     data = np.random.default_rng(0).bytes(3 << 20)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
