@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from apt_min import data, synth, tasks
+from benchmarks.synth_ties import first_onsets, openers
 
 SCALE = 0.02  # 40/4/4 pool scenes, 8/2/2 Clotho scenes, 7 ESC clips per novel class, 20/2/2 NLAR pairs
 
@@ -135,13 +136,6 @@ def test_nlar_answers_flip_when_the_clips_swap():
 WORDS = ["zero", "one", "two", "three", "four"]
 
 
-def first_onsets(events):
-    out = {}
-    for e in events:
-        out[e.label] = min(out.get(e.label, e.onset), e.onset)
-    return out
-
-
 def aqa_truth(question, events):
     """(template, answer): which Clotho-AQA-style question this is, and the answer a listener gives about `events`,
     from the question's words alone; the answer is None where the order of two sounds that start together would
@@ -162,9 +156,8 @@ def aqa_truth(question, events):
     if m := re.fullmatch(r"How many times does the (\w+) occur\?", question):
         return "how many", WORDS[n.get(m[1], 0)]
     if question in ("Which sound is heard first?", "Which sound starts last?"):
-        best = (min if "first" in question else max)(start.values())
-        tied = [x for x, t in start.items() if t == best]
-        return question, tied[0] if len(tied) == 1 else None
+        tied = openers(events, last=question.endswith("last?"))
+        return question, tied.pop() if len(tied) == 1 else None
     raise AssertionError(f"a question the checker does not know: {question!r}")
 
 
@@ -175,9 +168,6 @@ def nlar_truth(question, ev1, ev2):
 
     def compare(a, b, close=0.0):
         return "equal" if abs(a - b) <= close else ("first" if a > b else "second")
-
-    def openers(events):  # the sounds a clip starts with: more than one when they start together
-        return {e.label for e in events if e.onset == min(x.onset for x in events)}
 
     if m := re.fullmatch(r"Which recording contains the (\w+)\?", question):
         where = {(True, True): "both", (True, False): "first", (False, True): "second"}
