@@ -20,7 +20,6 @@ pretraining plays; it is frozen afterwards, like Vicuna.
 """
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -286,8 +285,8 @@ class AlignStage0:
 
     @torch.no_grad()
     def validate(self):
-        first_caption = [dataclasses.replace(ex, answer=ex.target["references"][0]) for ex in self.val]
-        parts, _, _ = self.losses(self.module, first_caption, torch.Generator().manual_seed(0), together=False)
+        # the loss pairs each clip with its first reference (an evaluation example's answer)
+        parts, _, _ = self.losses(self.module, self.val, torch.Generator().manual_seed(0), together=False)
         keep, clips, _ = self.whole_clips(self.val)  # retrieval over every reference of each clip
         caps = [(i, c) for i, ex in enumerate(keep) for c in ex.target["references"]]
         ids, mask = self.tok.pad([self.tok.encode(c, eos=True) for _, c in caps])
@@ -845,8 +844,6 @@ def stage_dir(cfg, stage) -> Path:
     return Path(cfg.run_dir) / named.get(stage, f"stage{stage}")
 
 
-
-
 def warn(bad):
     for _, err in bad:
         log.warning("skipping audio that cannot be used: %s", err)
@@ -859,10 +856,7 @@ def training_pools(cfg, stage: str) -> dict:
     pools |= {t: data.examples(t, root, "train", rng=rng) for t in ("aqa", "sed", "ter", "counting")}
     pools["captioning"] = caption_examples(cfg, sources(cfg, "caption_sources"), rng)
     if stage == "2":
-        single = {}  # AudioSet's single-label clips by label, over the tagging sources
-        for source in sources(cfg, "tagging_sources"):
-            for label, clips in data.single_label_pool(root, source).items():
-                single.setdefault(label, []).extend(clips)
+        single = fewshot_pool(cfg)
         # trained as 4-way 1-shot (paper; fewshot_shapes=mixed: 2 to 5 ways, 1 to 3 shots); a share of the
         # episodes (fewshot_made_up: half in tiny and small, none in paper) with made-up class names, so that
         # answering means matching the query to the supports rather than recognising a known class
@@ -873,6 +867,16 @@ def training_pools(cfg, stage: str) -> dict:
                                                           layout=cfg.fewshot_layout)
         pools["nlar"] = data.examples("nlar", root, "train")
     return pools
+
+
+def fewshot_pool(cfg) -> dict[str, list[str]]:
+    """What stage 2's few-shot episodes are drawn from: AudioSet's single-label clips by label, over every list
+    that tagging_sources names."""
+    single = {}
+    for source in sources(cfg, "tagging_sources"):
+        for label, clips in data.single_label_pool(cfg.data_root, source).items():
+            single.setdefault(label, []).extend(clips)
+    return single
 
 
 def sources(cfg, setting: str) -> list[str]:

@@ -4,6 +4,7 @@ around them. Shared by train.py, evaluate.py and `python -m apt_min ask`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -71,7 +72,8 @@ def ensure_tokenizer(cfg) -> Tokenizer:
 def build_encoder(cfg, device, dtype, create: bool = True):
     """The frozen Audio-MAE and its identity. Without a checkpoint, the preset's own, under run_dir: tiny's is a
     seeded random encoder, saved once so every stage (and evaluate.py) uses exactly the same one; small's is
-    pretrained by `--stage mae` (encoder_init=mae)."""
+    pretrained by `--stage mae` (encoder_init=mae). Once saved, a run's encoder is the run's: settings that
+    disagree with it (encoder_dim, target_length, ...) are named in a warning and not used."""
     if cfg.encoder_checkpoint:
         path = Path(cfg.encoder_checkpoint)  # a .safetensors file carries its own config (a release's: cut short)
         model = AudioMAE.from_checkpoint(path, None if path.suffix == ".safetensors" else cfg.encoder_config())
@@ -87,6 +89,11 @@ def build_encoder(cfg, device, dtype, create: bool = True):
             path.parent.mkdir(parents=True, exist_ok=True)
             enc.save(path)
         model = AudioMAE.from_checkpoint(path)
+        asked, built = dataclasses.asdict(cfg.encoder_config()), dataclasses.asdict(model.config)
+        if differ := [k for k in asked if asked[k] != built[k]]:
+            log.warning("%s was built with %s; the settings' %s are not used: the run keeps the encoder it has "
+                        "(another --run_dir, or that file removed, builds a new one)", path,
+                        ", ".join(f"{k}={built[k]}" for k in differ), ", ".join(f"{k}={asked[k]}" for k in differ))
     return model.to(device, dtype), {"path": str(path), "fingerprint": fingerprint(path)}
 
 

@@ -1,6 +1,7 @@
 """The front end: Kaldi fbank parity with torchaudio, Audio-MAE's normalisation, and every kind of awkward file."""
 
 import math
+import struct
 import subprocess
 import sys
 import textwrap
@@ -180,6 +181,33 @@ def test_truncated_wav(tmp_path):
     (tmp_path / "cut.wav").write_bytes(data[:len(data) // 2])
     with pytest.raises(AudioError, match=r"cut.wav: truncated WAV: the header declares 32000 bytes"):
         audio.load(tmp_path / "cut.wav")
+
+
+def riff_wav(pcm: bytes, info: bytes = b"", data_size: int | None = None) -> bytes:
+    """A 16 kHz mono 16-bit WAV written byte by byte: RIFF header, fmt chunk, an optional LIST chunk (padded to an
+    even size, as RIFF pads every chunk), then the data chunk with the size given (default: the true one)."""
+    body = b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16)
+    if info:
+        body += b"LIST" + struct.pack("<I", len(info)) + info + b"\0" * (len(info) & 1)
+    body += b"data" + struct.pack("<I", len(pcm) if data_size is None else data_size) + pcm
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_the_wav_check_walks_chunks_as_riff_lays_them_out(tmp_path):
+    """The truncation check finds the data chunk behind an odd-sized chunk (and its pad byte), in a file named .WAV
+    too; a streaming tool's placeholder size (0xFFFFFFFF: length unknown when the header was written) is no
+    truncation."""
+    samples = (np.arange(16000) % 200 - 100).astype("<i2")
+    whole = riff_wav(samples.tobytes(), info=b"INFOa")  # a 5-byte chunk: one pad byte follows
+    (tmp_path / "odd.wav").write_bytes(whole)
+    torch.testing.assert_close(audio.load(tmp_path / "odd.wav"), torch.from_numpy(samples / 32768).float())
+    for name in ("cut.wav", "CUT.WAV"):
+        (tmp_path / name).write_bytes(whole[:-10000])
+        with pytest.raises(AudioError, match=f"{name}: truncated WAV: the header declares 32000 bytes of audio, "
+                                             "the file holds 22000"):
+            audio.load(tmp_path / name)
+    (tmp_path / "streamed.wav").write_bytes(riff_wav(samples.tobytes(), data_size=0xFFFFFFFF))
+    assert audio.load(tmp_path / "streamed.wav").shape == (16000,)
 
 
 def test_no_samples(tmp_path):

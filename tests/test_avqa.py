@@ -201,6 +201,37 @@ def test_avqa_scores_on_scripted_answers():
         "exact two-sided McNemar test: right with audio + video only 2, with video only 1")
 
 
+def test_avqa_skips_videos_whose_frames_cannot_be_read_and_compares_only_the_modes_it_runs():
+    """A video whose frames cannot be decoded is skipped and recorded by its frames' folder (strict: an error naming
+    the file); questions with no relation (AVQA's may lack one) get no per-relation row; without the audio-visual
+    mode there is nothing to compare the senses with, so no McNemar rows."""
+    from apt_min.vision import ImageError
+
+    class Unreadable(Scripted):
+        class blip:  # noqa: N801 -- frames under a folder named "bad" cannot be decoded
+            @staticmethod
+            def processing(path):
+                if "/bad/" in path:
+                    raise ImageError(f"{path}: not an image")
+                return torch.zeros(3, 4, 4)
+
+    items = [{"question": "q", "options": list("abcd"), "answer": i % 2, "relation": ["Both", "", "View"][i],
+              "video": f"v{i}", "frames": [f"/x/v{i}/00.jpg"], "audio": f"/x/v{i}.wav"} for i in range(3)]
+    bad = dict(items[0], video="v3", frames=["/x/bad/00.jpg"], audio="/x/v3.wav")
+    script = {f"v{i}": dict.fromkeys(MODES, (0, 0, 0)) for i in range(4)}
+    coverage = data.Coverage()
+    rows, records = eval_avqa(Unreadable(script), [*items, bad], Options(), coverage=coverage)
+    assert [r["video_name"] for r in records] == ["v0", "v1", "v2"]
+    assert coverage.unreadable == {"/x/bad": "/x/bad/00.jpg: not an image"}
+    names = [m for m, *_ in rows]
+    assert {m.split(", ")[-1] for m in names if m.endswith(")")} == {"Both (1)", "View (1)"}
+    assert sum(m.endswith(": p") for m in names) == 6  # against video and against audio, by three protocols
+    with pytest.raises(ImageError, match="/x/bad/00.jpg: not an image"):
+        eval_avqa(Unreadable(script), [*items, bad], Options(strict=True))
+    rows, _ = eval_avqa(Unreadable(script), items, Options(), modes=["video", "audio"])
+    assert rows and not any(m.endswith(": p") or m.startswith("audio-visual") for m, *_ in rows)
+
+
 def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     """The miniature chain goes on through the vision stage (a few steps), then APT-BLIP-2 answers in three modes."""
     import evaluate

@@ -9,6 +9,7 @@ import pytest
 
 from apt_min import data, tasks
 from apt_min.data import DataError
+from apt_min.errors import SettingError
 
 AUDIOSET = ('# Segments csv created Sun Mar  5 10:54:31 2017\n'
             '# num_ytids=22160, num_segs=22160, num_unique_labels=527, num_positive_labels=52882\n'
@@ -231,6 +232,10 @@ def test_fewshot_episode():
     texts = " ".join(v for k, v in renamed.segments if k == "text")
     assert "class" not in texts and f"This is a sound of {renamed.answer}." in texts
     assert [s for s in renamed.segments if s[0] == "audio"] == [s for s in ep.segments if s[0] == "audio"]
+    for seed in range(300):  # made-up names: one per class, never two alike, each a pronounceable word
+        names = set(data.fewshot_episode(pool, n_way=8, k_shot=1, rng=random.Random(seed), rename=True).target[
+            "choices"])
+        assert len(names) == 8 and all(re.fullmatch(r"([bdfgklmnprstvz][aeiou]){2}[kmnst]", n) for n in names)
     listed = data.fewshot_episode(pool, n_way=4, k_shot=2, rng=random.Random(3), layout="list")
     assert listed.answer == ep.answer and listed.target["support"] == ep.target["support"]
     assert listed.segments[:2] == [("text", tasks.FEWSHOT_LIST_INSTRUCTION), ("turn", "")]
@@ -238,6 +243,14 @@ def test_fewshot_episode():
                                    for seg in (("audio", clip), ("label", f"{label}.\n"))] + [("audio", audio[-1])]
     with pytest.raises(ValueError, match="few-shot layout 'grid'"):
         data.fewshot_episode(pool, 4, 2, random.Random(3), layout="grid")
+
+
+def test_a_made_up_name_drawn_twice_is_drawn_again(monkeypatch):
+    words = iter(["tovak", "tovak", "lemin", "tovak", "rasut"])
+    monkeypatch.setattr(data, "pseudo_word", lambda rng: next(words))
+    pool = {f"class{i}": [f"c{i}_{j}.wav" for j in range(3)] for i in range(3)}
+    episode = data.fewshot_episode(pool, n_way=3, k_shot=1, rng=random.Random(0), rename=True)
+    assert sorted(episode.target["choices"]) == ["lemin", "rasut", "tovak"]
 
 
 def test_sampler_ratios_and_resume():
@@ -253,11 +266,15 @@ def test_sampler_ratios_and_resume():
     assert sorted(taken[7:14]) == sorted(pools["tagging"]) and taken[7:14] != taken[:7]  # each pass reshuffled
     a = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
     first = [a.next_batch() for _ in range(10)]
-    state = json.loads(json.dumps(a.state_dict()))  # survives a JSON round trip (checkpoints)
+    state = a.state_dict()
+    snapshot = json.loads(json.dumps(state))  # survives a JSON round trip (checkpoints)
     rest = [a.next_batch() for _ in range(10)]
+    assert state == snapshot  # a state once taken is not changed by the batches drawn after it
     b = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
     b.load_state_dict(state)
     assert [b.next_batch() for _ in range(10)] == rest and first != rest
+    with pytest.raises(SettingError, match=r"ratios for tasks without data: \['nlar'\]"):
+        data.TaskSampler(pools, {**ratios, "nlar": 0.5}, batch_size=3)
 
 
 # ----------------------------------------------------------------------------------- temporal retrieval, ESC-50

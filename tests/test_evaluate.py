@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
         *rows, scored = rows  # the last row: on how many clips the scores stand, and that nothing was lost
         assert scored["metric"] == "clips scored" and scored["apt"] > 0, task
         assert re.search(r"lists \d+: 0 missing, 0 unreadable", scored["protocol"]), (task, scored)
+        assert scored["protocol"].endswith("--limit took the first examples") == (task != "esc50"), (task, scored)
         assert not (out / f"missing_{task}.txt").exists()
         preds = [json.loads(line) for line in (out / f"predictions_{task}.jsonl").read_text().splitlines()]
         assert preds and all({"output", "reference"} <= p.keys() for p in preds), task
@@ -135,6 +137,7 @@ def test_fewshot_episodes_follow_the_layout_the_checkpoint_was_trained_on(traine
         assert ("fewshot_layout=list (the tiny preset's is paper" in said) == (layout == "list")
         shown = [json.loads(line) for line in (out / "predictions_esc50.jsonl").read_text().splitlines()]
         assert all(("This is a sound of" in p["prompt"]) == (layout == "paper") for p in shown)
+        assert all(p["reference"] in p["prompt"] for p in shown)  # the supports' labels, in either layout
 
 
 def data_with_faults(trained, tmp_path) -> tuple[Path, list[Path]]:
@@ -154,7 +157,7 @@ def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained,
     root, (gone, broken) = data_with_faults(trained, tmp_path)
     listed = len({f for f, *_ in data.read_clotho_aqa(root / "clotho_aqa" / "clotho_aqa_test.csv")})
     out = tmp_path / "eval"
-    args = ["--task", "clotho_aqa", "--out", str(out), *opts(trained), f"--data_root={root}"]
+    args = ["--task", "clotho_aqa", "--out", str(out), *opts(trained), "--data-root", str(root)]  # the flag's spelling
     evaluate.main(args)
     table = capsys.readouterr().out
     *_, scored = json.loads((out / "metrics_clotho_aqa.json").read_text())
@@ -170,6 +173,8 @@ def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained,
     assert preds and not {str(gone), str(broken)} & {a for p in preds for a in p["audio"]}
     with pytest.raises(SystemExit, match=f"evaluate.py: error: {re.escape(str(gone))}: audio listed in .* not on disk"):
         evaluate.main([*args, "--strict"])
+    with pytest.raises(SystemExit, match=f"{re.escape(str(gone))}: audio listed in .* not on disk"):
+        evaluate.main([*args, "--strict_audio=true"])  # the setting says it too
     gone.write_bytes(b"")  # on disk again, but empty: --strict stops at it too
     broken.unlink()
     broken.symlink_to(trained / "synth" / broken.relative_to(root))
@@ -177,6 +182,15 @@ def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained,
         evaluate.main([*args, "--strict"])
     evaluate.main(args)  # and without --strict the list is rewritten: one unreadable, none missing
     assert (out / "missing_clotho_aqa.txt").read_text() == f"{gone}\tunreadable: {gone}: empty file (0 bytes)\n"
+    gone.unlink()
+    gone.symlink_to(trained / "synth" / gone.relative_to(root))
+    evaluate.main(args)  # nothing lost now: no list left over from the runs before
+    assert not (out / "missing_clotho_aqa.txt").exists()
+    for clip in (root / "clotho_aqa" / "audio_files").iterdir():
+        clip.unlink()
+    with pytest.raises(SystemExit, match=f"clotho_aqa: nothing to score under {re.escape(str(root))}: of the {listed} "
+                                         f"clips its test data lists, {listed} are missing"):
+        evaluate.main(args)
 
 
 def test_an_empty_split_and_a_broken_file_are_one_clean_line_without_traceback(trained, tmp_path):
@@ -331,11 +345,13 @@ def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_fea
 
     feats = {"a1": clip((5, 0), (0, 0), (0, 0), (0, 0)), "a2": clip((3, 0), (0, 0), (0, 0), (0, 0)),
              "b1": clip((2, 0), (2, 0), (2, 0), (2, 0)), "q": clip((4, 0), (1, 0), (1, 0), (1, 0)),
-             "q2": clip((2, 0), (2, 0), (2, 0), (1, 0))}
+             "q2": clip((2, 0), (2, 0), (2, 0), (1, 0)), "q3": clip((3.25, 0), (0, 0), (0, 0), (0, 0))}
     support = [("a1", "alarm"), ("b1", "bell"), ("a2", "alarm")]
     first, second = tasks.fewshot(support, "q", "alarm"), tasks.fewshot(support, "q2", "bell")
     assert evaluation.prototype_label(first, feats) == "alarm"
     assert evaluation.prototype_label(second, feats) == "bell"
+    # nearer A's mean (4) than B's (2), though nearer B than A's first support (5): the mean of the supports counts
+    assert evaluation.prototype_label(tasks.fewshot(support, "q3", "alarm"), feats) == "alarm"
     for ep, proto in ((first, "alarm"), (second, "alarm")):
         ep.target.update(ranked="bell", prototype=proto)
     rows = metrics.score_fewshot([first, second], ["alarm", "bell"], "accuracy 2-way 2-shot")
@@ -506,3 +522,58 @@ def test_fewshot_pools_are_the_novel_classes_and_held_out_clips_of_the_training_
     assert pools["training"] and {k.lower() for k in pools["training"]} <= {c.name for c in synth.TRAIN_CLASSES}
     trained_on = {a for clips in data.single_label_pool(cfg.data_root, "train").values() for a in clips}
     assert not trained_on & {a for clips in pools["training"].values() for a in clips}  # held out
+
+
+def test_a_stage0_aligner_that_reads_the_llms_words_gets_them_back(tmp_path):
+    """An aligner trained with aligner_words=llm saves no word table (it reads the frozen LLM's); stage0_aligner
+    hands it the LLM's table again, so its text branch embeds as it did in training."""
+    from apt_min.aligner import AlignerConfig
+
+    torch.manual_seed(0)
+    table = torch.randn(40, 12)
+    trained = Aligner(AlignerConfig(vocab_size=40, audio_dim=8, hidden_size=16, num_layers=1, num_heads=2,
+                                    intermediate_size=32, num_queries=2, dropout=0.0, llm_words=12)).eval()
+    trained.attach_llm_words(table)
+    trained.save(tmp_path / "run" / "stage0" / "final")
+    ids = torch.tensor([[1, 5, 9, 2]])
+    found = evaluation.stage0_aligner(tmp_path / "run" / "stage2" / "final", "cpu", table)
+    with torch.no_grad():
+        torch.testing.assert_close(found.encode_text(ids), trained.encode_text(ids))
+        with pytest.raises(RuntimeError, match="call attach_llm_words first"):
+            evaluation.stage0_aligner(tmp_path / "run" / "stage2" / "final", "cpu").encode_text(ids)
+
+
+def test_meteor_reads_captions_tokenised_as_the_other_caption_metrics():
+    """METEOR is given the tokens BLEU, ROUGE-L and CIDEr-D read (lower case, no punctuation): a caption that differs
+    from its reference only in case and punctuation scores as the reference itself (given as written, METEOR
+    scores it 0.50)."""
+    if shutil.which("java") is None:
+        pytest.skip("METEOR runs in Java, which is not installed here")
+    refs = [["a dog barks twice", "the dog is barking"], ["rain falls on a roof"]]
+    written = evaluation.java_metrics(refs, ["A dog, barks twice!", "Rain falls on a roof."])
+    assert written[0][0] == "METEOR" and written[0][1] == evaluation.java_metrics(refs, [r[0] for r in refs])[0][1]
+
+
+def test_each_task_decodes_as_documented(trained, monkeypatch):
+    """Greedy decoding with room for what each task answers (40 new tokens for tagging's label lists and SED's time
+    spans, 30 for TER's labels, 12 for a short answer); captioning as --num-beams and the others set it (the public
+    APT code's beam search by default)."""
+    asked = {}
+
+    def scripted(apt, examples, options, batch_size=16, desc=""):
+        asked[desc] = options
+        return [ex.answer for ex in examples]
+
+    monkeypatch.setattr(evaluation, "generate", scripted)
+    monkeypatch.setattr(evaluation, "java_metrics", lambda refs, outputs: [])
+    apt = SimpleNamespace(encode_clips=lambda paths, strict: ({}, []),  # tagging's likelihood protocol, scripted
+                          choice_logprob=lambda segments, answers, feats: torch.zeros(len(answers)))
+    cfg = load_config("tiny", opts(trained))
+    beams = evaluation.Options(caption=evaluation.CAPTION | {"num_beams": 3})
+    for name in ("audioset", "audiocaps", "clotho_aqa", "nlar", "sed", "ter", "counting"):
+        examples = evaluation.examples_for(name, cfg, evaluation.Options(limit=3))
+        evaluation.EVALUATORS[EVALUATIONS[name][0]](apt, cfg, name, examples, beams)
+    assert asked == {"tagging": {"max_new_tokens": 40}, "sed": {"max_new_tokens": 40}, "ter": {"max_new_tokens": 30},
+                     "clotho_aqa": {"max_new_tokens": 12}, "nlar": {"max_new_tokens": 12},
+                     "counting": {"max_new_tokens": 12},
+                     "captioning (audiocaps)": {"max_new_tokens": 40, "num_beams": 3, "repetition_penalty": 1.5}}

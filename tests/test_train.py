@@ -1,6 +1,8 @@
 """train.py end to end on a miniature of the tiny preset: stages, resume after SIGKILL, DDP, atomic checkpoints."""
 
+import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -9,17 +11,19 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import copy_of, opts
 from safetensors.torch import load_file
 from torch import nn
 
 import train
-from apt_min import data, evaluation
+from apt_min import audio, data, evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -494,3 +498,279 @@ def test_proj_init_words_reaches_stage_1_and_needs_the_llms_words(prepared, tmp_
     assert len(calls) == 1
     train.main(["--stage", "1", *opts(tmp, "--steps_1=1")])
     assert len(calls) == 1  # the default leaves nn.Linear's start
+
+
+# ------------------------------------------------------------------------------- each stage's parts, one at a time
+
+
+class OneBatch:
+    """A sampler that hands out one given global batch, as TaskSampler.next_batch does: (task, examples)."""
+
+    def __init__(self, task, batch):
+        self.task, self.batch, self.step = task, batch, 0
+
+    def next_batch(self):
+        self.step += 1
+        return self.task, self.batch
+
+
+def test_each_process_trains_on_its_own_share_of_the_global_batch(prepared, monkeypatch):
+    """Under DDP every stage's micro_step takes the global batch's examples rank, rank + world, ...: process 1 of 2
+    gets examples 1, 3, 5 of 7. (The update alone cannot show it: two processes that both train on the whole batch
+    average to the same gradient, at twice the work, with every example counted twice.)"""
+    batch = data.examples("aqa", prepared / "synth", "train")[:7]
+    mine = batch[1::2]
+    seen = []
+    one = torch.tensor(1.0)
+
+    lm = object.__new__(train.StandInLLM)
+    lm.rank, lm.world = 1, 2
+    lm.loss_sum = lambda model, docs: (seen.append(docs), (one, len(docs)))[1]
+    assert lm.micro_step(None, OneBatch("lm", batch))[1:] == (3, {"examples": 3}) and seen.pop() == mine
+
+    align = object.__new__(train.AlignStage0)
+    align.rank, align.world, align.cfg = 1, 2, SimpleNamespace(seed=0)
+    parts = dict.fromkeys(("total", "atc", "atm", "agtg"), one)
+    align.losses = lambda model, examples, g: (seen.append(examples), (parts, examples, 0))[1]
+    assert align.micro_step(None, OneBatch("pairs", batch))[2]["examples"] == 3 and seen.pop() == mine
+
+    tune = object.__new__(train.TuneAPT)
+    tune.rank, tune.world, tune.device, tune.autocast = 1, 2, torch.device("cpu"), nullcontext
+    tune.usable = lambda examples: (seen.append(examples), (examples, {}))[1]
+    monkeypatch.setattr(train, "nothing_to_train", lambda keep, world, device: not keep)  # no process group here
+    model = lambda *collated: (one, len(collated[0]))  # noqa: E731
+    assert tune.micro_step(model, OneBatch("aqa", batch))[2]["examples"] == 3 and seen.pop() == mine
+
+    mae = object.__new__(train.PretrainEncoder)
+    mae.rank, mae.world, mae.device, mae.autocast = 1, 2, torch.device("cpu"), nullcontext
+    mae.cfg, mae.train_windows = SimpleNamespace(seed=0, mask_ratio=0.8), torch.arange(10.0)[:, None]
+    mae_model = lambda windows, ratio, g: (seen.append(windows.flatten().tolist()), one)[1]  # noqa: E731
+    assert mae.micro_step(mae_model, OneBatch("windows", [0, 2, 4, 6, 8, 9, 7]))[2]["examples"] == 3
+    assert seen.pop() == [2.0, 6.0, 9.0]
+
+
+def test_the_stand_in_llm_learns_next_tokens_of_whole_documents_from_a_small_start(prepared, monkeypatch):
+    """--stage lm: a corpus document is BOS, its pieces' tokens, EOS (at most 1024 ids); the loss is the
+    next-token cross-entropy summed over each document's own tokens (padding never predicted nor predicting); the
+    matrices start at N(0, 0.02); validation's answer accuracy is the share of the validation documents answered."""
+    cfg = train.load_config("tiny", opts(prepared))
+    job = train.StandInLLM(cfg, 0, 1, torch.device("cpu"))
+    tok = job.tok
+    doc = ["A dog barks.", " Then rain falls."]
+    assert job.encode(doc) == [tok.bos_id, *tok.encode(doc[0], bos=False), *tok.encode(doc[1], bos=False),
+                               tok.eos_id]
+    assert len(job.encode(["rain " * 2000])) == 1024
+    matrices = [p for p in job.llm.parameters() if p.ndim >= 2]
+    assert matrices and all(abs(p.std().item() - 0.02) < 0.002 for p in matrices)
+
+    docs = [job.encode(d) for d in job.val_docs[:3]]
+    assert len({len(d) for d in docs}) > 1  # padded to the longest
+    loss_sum, count = job.loss_sum(job.llm, docs)
+    with torch.no_grad():
+        alone = [F.cross_entropy(job.llm(torch.tensor([d[:-1]]))[0], torch.tensor(d[1:]), reduction="sum")
+                 for d in docs]
+    assert count == sum(len(d) - 1 for d in docs)
+    assert loss_sum.item() == pytest.approx(sum(alone).item(), rel=1e-5)
+
+    answers = {tuple(job.encode(d[:-1])[:-1]): d[-1] for d in job.val_docs}
+    right = set(list(answers)[::2])  # every other document answered
+    monkeypatch.setattr(job.llm, "generate", lambda ids, **kw: torch.tensor(
+        [tok.encode(answers[tuple(ids[0].tolist())] if tuple(ids[0].tolist()) in right else "no idea", bos=False)]))
+    assert len(job.val_docs) < 64
+    assert job.validate()["val_answer_accuracy"] == pytest.approx(len(right) / len(job.val_docs))
+
+
+def test_stage_0_reads_whole_clips_counts_what_it_skips_and_retrieves_over_every_reference(prepared, tmp_path,
+                                                                                          monkeypatch, caplog):
+    """AlignStage0: a caption describes its whole clip, so every window of a clip longer than one (here 1.28 s
+    windows of 5 s clips) reaches the aligner; a clip that cannot be read is skipped and counted in the step's
+    record; validation's retrieval ranks every reference caption of each clip (each owned by its clip), not only
+    the first. (A run keeps the encoder it saved: a window setting that disagrees is named in a warning.)"""
+    cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--target_length=128"))
+    caplog.set_level(logging.WARNING)
+    kept = train.AlignStage0(cfg, 0, 1, torch.device("cpu"))  # the run's encoder, built for 512 frames, stays
+    assert kept.encoder.config.target_length == 512
+    assert "encoder.safetensors was built with target_length=512; the settings' target_length=128 are not used" in \
+        caplog.text
+    (tmp_path / "run" / "encoder.safetensors").unlink()
+    job = train.AlignStage0(cfg, 0, 1, torch.device("cpu"))
+    clotho = data.examples("captioning", cfg.data_root, "train", source="clotho")[:3]
+    lost = dataclasses.replace(clotho[0], segments=[("audio", str(prepared / "nowhere.wav")), *clotho[0].segments[1:]])
+    keep, clips, skipped = job.whole_clips([lost, *clotho])
+    assert keep == clotho and skipped == 1
+    windows = [audio.load_fbank(ex.segments[0][1], cfg.target_length, job.encoder.config.num_mel_bins).shape[0]
+               for ex in clotho]
+    assert [len(c) for c in clips] == windows and min(windows) > 1
+
+    loss, count, info = job.micro_step(job.module, OneBatch("pairs", [lost, *clotho]))
+    assert count == 1 and torch.isfinite(loss) and (info["examples"], info["skipped"]) == (3, 1)
+
+    seen = {}
+    monkeypatch.setattr(train, "retrieval_r1", lambda aligner, feats, ids, mask, owner, heard: seen.update(
+        rows=len(ids), owner=owner.tolist()) or {"a2t_r1": 0.0, "t2a_r1": 0.0})
+    job.validate()
+    refs = [len(ex.target["references"]) for ex in job.val]
+    assert max(refs) > 1 and seen == {"rows": sum(refs), "owner": [i for i, n in enumerate(refs) for _ in range(n)]}
+
+
+def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_with_any_lost_clip(trained, tmp_path):
+    """TuneAPT: stage 1 validates on captioning and AQA, stage 2 on NLAR too (what it adds), caption_ft on the
+    validation captions of its own caption set; an example is usable only if every one of its clips is (an NLAR pair
+    with one clip lost is dropped, not trained with the other alone)."""
+    tmp = copy_of(trained, tmp_path)
+    root, cpu = tmp / "synth", torch.device("cpu")
+    jobs = {stage: train.TuneAPT(train.load_config("tiny", opts(tmp, "--caption_ft_source=clotho")), stage, 0, 1, cpu)
+            for stage in ("1", "2", "caption_ft")}
+    assert {s: list(j.val) for s, j in jobs.items()} == {"1": ["captioning", "aqa"], "2": ["captioning", "aqa", "nlar"],
+                                                          "caption_ft": ["captioning"]}
+    clotho = data.examples("captioning", root, "val", source="clotho")
+    assert jobs["caption_ft"].val["captioning"] == clotho[:len(jobs["caption_ft"].val["captioning"])]
+    assert jobs["1"].val["captioning"] != clotho[:len(jobs["1"].val["captioning"])]  # AudioCaps
+
+    pair, other = data.examples("nlar", root, "val")[:2]
+    clips = [v for k, v in pair.segments if k == "audio"]
+    assert len(clips) == 2
+    half_lost = dataclasses.replace(pair, segments=[(k, str(tmp / "nowhere.wav") if v == clips[1] else v)
+                                                    for k, v in pair.segments])
+    keep, feats = jobs["2"].usable([half_lost, other])
+    assert keep == [other] and clips[0] in feats
+
+
+def toy_job(grad_accum_results):
+    """A stand-in stage for fit: one weight; micro_step returns the given results in turn (None: nothing usable)."""
+    module = nn.Linear(2, 1)
+    results, calls = iter(grad_accum_results), []
+
+    def micro_step(model, sampler):
+        sampler.next_batch()
+        calls.append(sampler.step)
+        n = next(results)
+        return None if n is None else (model(torch.ones(2)).sum() * n, n, {"examples": n, "skipped": 1})
+
+    job = SimpleNamespace(module=module, params=dict(module.named_parameters()), scaler=None, micro_step=micro_step,
+                          sampler=data.TaskSampler({"x": [1, 2, 3]}, {"x": 1.0}, 1), calls=calls,
+                          validate=lambda: {"val_loss": float(len(calls))})
+    return job
+
+
+def test_fit_logs_validates_and_saves_on_schedule_and_always_at_the_last_step(tmp_path):
+    """fit over 5 steps with log_every 2, eval_every 3, save_every 2: a record at steps 2, 4 and the last, 5;
+    validation before training, at 3 and at 5; checkpoints at 2, 4 and 5. A micro-batch with nothing usable is
+    skipped while the step's others still count (grad_accum 2: 10 micro-batches drawn, 9 trained)."""
+    cfg = train.load_config("tiny", {"steps_1": 5, "log_every": 2, "eval_every": 3, "save_every": 2,
+                                     "keep_checkpoints": 5, "grad_accum": 2, "warmup_steps": 1})
+    job = toy_job([None, 1, 2, 2, 2, 2, 2, 2, 2, 2])
+    metrics = train.fit(cfg, "1", job, False, 0, 1, tmp_path)
+    assert job.calls == list(range(1, 11)) and metrics == {"val_loss": 10.0}
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 5]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 5]
+    assert [r["skipped_audio"] for r in records if "loss" in r] == [3, 7, 9]  # one per micro-batch that ran
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000002", "step_0000004",
+                                                                                  "step_0000005"]
+
+
+def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generator_and_the_skip_count(tmp_path):
+    """training_state + restore: after a checkpoint at step 3 and more training, restore brings back the weights,
+    AdamW's moments, the schedule's step, the sampler's position, the torch and Python generators (what a resumed
+    run draws next) and the count of audio skipped so far."""
+    cfg = train.load_config("tiny", {"steps_1": 10, "warmup_steps": 4})
+    job = toy_job([])
+    opt = train.make_optimizer(job.params, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.cosine_schedule(cfg, 10, 4))
+
+    def step():
+        job.sampler.next_batch()
+        job.module(torch.ones(2)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+    for _ in range(3):
+        step()
+    ckpts = train.Checkpoints(tmp_path, keep=2)
+    ckpts.save(3, job.params, train.training_state(3, opt, sched, job, skipped=7))
+    saved = {k: v.detach().clone() for k, v in job.params.items()}
+    expected = (job.sampler.next_batch(), torch.rand(3), random.random(), sched.get_last_lr())
+    for _ in range(4):
+        step()
+    assert train.restore(ckpts, job, opt, sched) == (3, 7)
+    assert all(torch.equal(job.params[k], v) for k, v in saved.items())
+    assert opt.state_dict()["state"][0]["step"].item() == 3
+    got = (job.sampler.next_batch(), torch.rand(3), random.random(), sched.get_last_lr())
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2:] == expected[2:]
+    with pytest.raises(SystemExit, match="--resume: no checkpoint under"):
+        train.restore(train.Checkpoints(tmp_path / "none", keep=2), job, opt, sched)
+
+
+def test_two_processes_log_stage_0s_contrastive_loss_as_one_does(prepared, tmp_path):
+    """Stage 0 on two processes of 2 pairs each (ATC's negatives gathered from both) logs the same ATC as one process
+    of 4: each process's batch mean is averaged over the processes, not summed."""
+    args = ["--steps_0=1", "--aligner_dropout=0", "--warmup_steps=1"]
+    atc = {}
+    for name, launch, batch in (("one", [], 4), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                         "--nproc_per_node", "2"], 2)):
+        tmp = tmp_path / name
+        (tmp / "synth").parent.mkdir()
+        (tmp / "synth").symlink_to(prepared / "synth")
+        r = run([*launch, "train.py", "--stage", "0", *opts(tmp, *args, f"--batch_size={batch}")])
+        assert r.returncode == 0, r.stderr[-3000:]
+        atc[name] = [rec["atc"] for rec in log_records(tmp, "stage0") if "atc" in rec]
+    assert len(atc["one"]) == 1 and atc["two"] == pytest.approx(atc["one"], abs=2e-5)
+
+
+def test_stage_2s_few_shot_episodes_draw_on_every_tagging_source(trained, tmp_path):
+    """fewshot_pool: AudioSet's single-label clips by label, over every list tagging_sources names (here balanced
+    and an unbalanced list of two of its rows: each of those clips is then in its label's pool twice)."""
+    root = tmp_path / "synth"
+    shutil.copytree(trained / "synth", root, copy_function=os.symlink)
+    balanced = (root / "audioset" / "balanced_train_segments.csv").read_text().splitlines()
+    rows = [line for line in balanced if not line.startswith("#")]
+    (root / "audioset" / "unbalanced_train_segments.csv").write_text("\n".join(balanced[:3] + rows) + "\n")
+    one = train.fewshot_pool(train.load_config("tiny", {"data_root": str(root)}))
+    both = train.fewshot_pool(train.load_config("tiny", {"data_root": str(root),
+                                                        "tagging_sources": "balanced,unbalanced"}))
+    assert one and both.keys() == one.keys() and all(both[label] == clips + clips for label, clips in one.items())
+
+
+def test_the_vision_stage_trains_its_aligner_alone_first_then_with_the_answers(with_vision, tmp_path, monkeypatch):
+    """TrainVision: only the visual aligner and the projection train; the first vision_align_steps optimizer steps
+    (grad_accum micro-batches each) run the picture-text losses alone, then the answer loss joins them as one sum
+    whose mean over the answer's tokens is the answer's mean loss plus the three picture-text losses; every picture
+    has its own id (what ATC and ATM take as one positive pair), across steps and processes; the description is
+    paired with each example's first frame."""
+    from conftest import VISION
+
+    tmp = copy_of(with_vision, tmp_path)
+    job = train.TrainVision(train.load_config("tiny", opts(tmp, *VISION, "--grad_accum=2")), 0, 1, torch.device("cpu"))
+    assert any(n.startswith("blip.proj.") for n in job.params)
+    assert all(n.startswith(("blip.qformer.", "blip.proj.")) for n in job.params)
+
+    ids, real = [], train.stage0_losses
+    monkeypatch.setattr(train, "stage0_losses", lambda aligner, tokens, *a, **kw: (
+        ids.append(set(a[2].tolist())), seen_tokens.append(tokens), real(aligner, tokens, *a, **kw))[2])
+    seen_tokens = []
+    steps = [job.micro_step(job.module, job.sampler) for _ in range(4)]
+    assert [info["task"] == "align" for _, _, info in steps] == [True, True, False, False]
+    loss_sum, n, info = steps[2]
+    assert n > 1 and (loss_sum / n).item() == pytest.approx(info["answer"] + info["atc"] + info["atm"] + info["agtg"],
+                                                           rel=1e-5)
+    by_step = {}
+    for rank in (0, 1):  # the same steps, as each of two processes
+        job.rank, job.world = rank, 2
+        job.sampler.load_state_dict({**job.sampler.state_dict(), "step": 0})
+        for step in range(4):
+            ids.clear()
+            job.micro_step(job.module, job.sampler)
+            by_step.setdefault(step, []).append(ids[0])
+    assert all(len(mine) > 1 and not mine & theirs for mine, theirs in by_step.values())  # gathered: all distinct
+
+    frames = [ex[0][0] for ex in job.val[:3]]
+    assert len(set(frames)) == 3
+    examples = [([frames[0], frames[1]], "Describe the picture.", "x", "x"),
+                ([frames[2], frames[0], frames[1]], "Describe the picture.", "x", "x")]
+    job.module.eval()
+    seen_tokens.clear()
+    job.module(examples, torch.tensor([0, 1]), torch.Generator().manual_seed(0), answer=False)
+    first = job.blip.frame_tokens(torch.stack([job.blip.processing(f) for f in (frames[0], frames[2])]))
+    torch.testing.assert_close(seen_tokens[0], first)
