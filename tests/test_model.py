@@ -200,7 +200,11 @@ def test_only_trainable_tensors_learn(parts):
     opt.step()
     after = {k: v for k, v in [*encoder.state_dict().items(), *llm.state_dict().items()]}
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
-    assert not apt.encoder.training and not apt.llm.training and apt.train().aligner.training
+    apt.train()  # the frozen parts stay in eval mode
+    assert apt.aligner.training and not apt.encoder.training and not apt.llm.training
+    saved = set(apt.trainable_state())  # what a trained APT is, and what its checkpoint holds: no encoder, no LLM
+    assert trainable <= saved and not any(k.startswith(("encoder.", "llm.")) for k in saved)
+    assert abs(make_apt(parts, seed=1).audio_token.std().item() - 0.02) < 0.005  # <AUDIO> starts as small as a word
 
 
 def test_bf16_autocast_on_cpu(parts):
@@ -275,6 +279,7 @@ def test_shared_prefix_under_bf16_autocast_is_computed_in_bf16(parts):
     feats, _ = apt.encode_clips([a, b])
     batch = [[("audio", a), ("text", "How many times?")], [("audio", b), ("text", "Summarize")]]
     losses = []
+    assert apt.shared_prefix().k.dtype == torch.float32  # made outside autocast first: kept apart from the bf16 one
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for share in (False, True):
             apt.share_prefix = share
