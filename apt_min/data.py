@@ -476,12 +476,8 @@ def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: ra
             query = clips.pop()
         support += [(c, label) for c in clips]
     rng.shuffle(support)
-    if rename:  # a made-up word per class, no two alike (else two classes could not be told apart by name)
-        words = []
-        while len(words) < n_way:
-            word = pseudo_word(rng)
-            words += [word] * (word not in words)
-        names = dict(zip(labels, words))
+    if rename:
+        names = {label: pseudo_word(rng) for label in labels}
         support, answer = [(c, names[label]) for c, label in support], names[answer]
     return tasks.fewshot(support, query, answer, layout)
 

@@ -157,7 +157,7 @@ def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained,
     root, (gone, broken) = data_with_faults(trained, tmp_path)
     listed = len({f for f, *_ in data.read_clotho_aqa(root / "clotho_aqa" / "clotho_aqa_test.csv")})
     out = tmp_path / "eval"
-    args = ["--task", "clotho_aqa", "--out", str(out), *opts(trained), "--data-root", str(root)]  # the flag's spelling
+    args = ["--task", "clotho_aqa", "--out", str(out), *opts(trained), "--data-root", str(root)]  # the flag
     evaluate.main(args)
     table = capsys.readouterr().out
     *_, scored = json.loads((out / "metrics_clotho_aqa.json").read_text())
@@ -188,8 +188,8 @@ def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained,
     assert not (out / "missing_clotho_aqa.txt").exists()
     for clip in (root / "clotho_aqa" / "audio_files").iterdir():
         clip.unlink()
-    with pytest.raises(SystemExit, match=f"clotho_aqa: nothing to score under {re.escape(str(root))}: of the {listed} "
-                                         f"clips its test data lists, {listed} are missing"):
+    with pytest.raises(SystemExit, match=f"clotho_aqa: nothing to score under {re.escape(str(root))}: of the "
+                                         f"{listed} clips its test data lists, {listed} are missing"):
         evaluate.main(args)
 
 

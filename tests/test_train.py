@@ -595,7 +595,8 @@ def test_stage_0_reads_whole_clips_counts_what_it_skips_and_retrieves_over_every
     (tmp_path / "run" / "encoder.safetensors").unlink()
     job = train.AlignStage0(cfg, 0, 1, torch.device("cpu"))
     clotho = data.examples("captioning", cfg.data_root, "train", source="clotho")[:3]
-    lost = dataclasses.replace(clotho[0], segments=[("audio", str(prepared / "nowhere.wav")), *clotho[0].segments[1:]])
+    lost = dataclasses.replace(clotho[0], segments=[("audio", str(tmp_path / "nowhere.wav")),
+                                                    *clotho[0].segments[1:]])
     keep, clips, skipped = job.whole_clips([lost, *clotho])
     assert keep == clotho and skipped == 1
     windows = [audio.load_fbank(ex.segments[0][1], cfg.target_length, job.encoder.config.num_mel_bins).shape[0]
@@ -621,8 +622,8 @@ def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_wi
     root, cpu = tmp / "synth", torch.device("cpu")
     jobs = {stage: train.TuneAPT(train.load_config("tiny", opts(tmp, "--caption_ft_source=clotho")), stage, 0, 1, cpu)
             for stage in ("1", "2", "caption_ft")}
-    assert {s: list(j.val) for s, j in jobs.items()} == {"1": ["captioning", "aqa"], "2": ["captioning", "aqa", "nlar"],
-                                                          "caption_ft": ["captioning"]}
+    assert {s: list(j.val) for s, j in jobs.items()} == {
+        "1": ["captioning", "aqa"], "2": ["captioning", "aqa", "nlar"], "caption_ft": ["captioning"]}
     clotho = data.examples("captioning", root, "val", source="clotho")
     assert jobs["caption_ft"].val["captioning"] == clotho[:len(jobs["caption_ft"].val["captioning"])]
     assert jobs["1"].val["captioning"] != clotho[:len(jobs["1"].val["captioning"])]  # AudioCaps
@@ -742,7 +743,8 @@ def test_the_vision_stage_trains_its_aligner_alone_first_then_with_the_answers(w
     from conftest import VISION
 
     tmp = copy_of(with_vision, tmp_path)
-    job = train.TrainVision(train.load_config("tiny", opts(tmp, *VISION, "--grad_accum=2")), 0, 1, torch.device("cpu"))
+    cfg = train.load_config("tiny", opts(tmp, *VISION, "--grad_accum=2"))
+    job = train.TrainVision(cfg, 0, 1, torch.device("cpu"))
     assert any(n.startswith("blip.proj.") for n in job.params)
     assert all(n.startswith(("blip.qformer.", "blip.proj.")) for n in job.params)
 
