@@ -857,7 +857,7 @@ def training_pools(cfg, stage: str) -> dict:
     pools["captioning"] = caption_examples(cfg, sources(cfg, "caption_sources"), rng)
     if stage == "2":
         single = fewshot_pool(cfg)
-        # trained as 4-way 1-shot (paper; fewshot_shapes=mixed: 2 to 5 ways, 1 to 3 shots); a share of the
+        # trained as 4-way 1-shot (paper; fewshot_shapes=mixed: 2-5 ways, 1-3 shots, <= 12 supports); a share of the
         # episodes (fewshot_made_up: half in tiny and small, none in paper) with made-up class names, so that
         # answering means matching the query to the supports rather than recognising a known class
         if not 0 <= cfg.fewshot_made_up <= 1:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -94,7 +96,13 @@ def build_encoder(cfg, device, dtype, create: bool = True):
             log.warning("%s was built with %s; the settings' %s are not used: the run keeps the encoder it has "
                         "(another --run_dir, or that file removed, builds a new one)", path,
                         ", ".join(f"{k}={built[k]}" for k in differ), ", ".join(f"{k}={asked[k]}" for k in differ))
-    return model.to(device, dtype), {"path": str(path), "fingerprint": fingerprint(path)}
+    identity = fingerprint(path)
+    if path.suffix != ".safetensors":  # a released .pth holds weights only: the block read, the window length and
+        # the shape come from the settings, so they belong to the encoder's identity (the feature cache's key, the
+        # encoder an APT was trained against) as much as the file does
+        settings = json.dumps(dataclasses.asdict(model.config), sort_keys=True)
+        identity = hashlib.sha256(f"{identity}|{settings}".encode()).hexdigest()[:16]
+    return model.to(device, dtype), {"path": str(path), "fingerprint": identity}
 
 
 def load_llm(cfg, device, dtype):

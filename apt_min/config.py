@@ -98,7 +98,7 @@ class Config:
     cpu_bf16: bool = False  # with precision=auto: bf16 autocast on a CPU that computes bf16 natively (probed)
     task_ratios: str = ""  # e.g. "aqa=0.3,nlar=1": changes the stage's task mixture (train.py STAGES)
     fewshot_layout: str = "paper"  # few-shot episodes as the paper interleaves them, or "list" (apt_min.tasks.fewshot)
-    fewshot_shapes: str = "4x1"  # stage 2's episodes: 4-way 1-shot (paper) or "mixed" (2-5 ways, 1-3 shots)
+    fewshot_shapes: str = "4x1"  # stage 2's episodes: 4-way 1-shot (paper) or "mixed" (2-5 ways, 1-3 shots, <= 12)
     fewshot_made_up: float = 0.5  # stage 2's episodes with made-up class names (the paper's: none, its real labels)
     grad_checkpointing: bool = False  # recompute the LLM blocks in backward (how 7B fits on a 24 GB card)
     grad_checkpointing_keep: int = 0  # with it, the LLM's last N blocks keep their activations instead: less

@@ -11,6 +11,7 @@ with no rows is an error naming the file.
     examples(task, root, split)        -> list[tasks.Example]   (evaluation: fixed prompts, all references)
     TaskSampler(pools, ratios, ...)    -> one task per batch, drawn by ratio; seeded and resumable
     fewshot_episode(pool, n, k, rng)   -> an N-way K-shot episode from a labelled pool
+    caption_texts(root, split, source) -> a captioning split's captions alone (no audio needed)
 """
 
 from __future__ import annotations
@@ -395,32 +396,43 @@ def _strong(L, root, split, task, rng, strict, coverage=None):
 
 
 def _captions(L, root, split, source, rng, strict, coverage=None):
-    if source == "audiocaps":
-        lay = L["audiocaps"]
-        path = root / lay["csv"].format(split=split)
-        files = AudioFiles(root, lay["audio"], path, strict, coverage)
-        by_clip = {}
-        for _, ytid, start, caption in read_audiocaps(path):
-            by_clip.setdefault((ytid, start), []).append(caption)
-        pairs = [(files(ytid=y, start=s), caps) for (y, s), caps in by_clip.items()]
-    elif source == "clotho":
-        lay = L["clotho"]
-        name = lay["splits"][split]
-        path = root / lay["csv"].format(split=name)
-        files = AudioFiles(root, lay["audio"].replace("{split}", name), path, strict, coverage)
-        pairs = [(files(file_name=f), caps) for f, caps in read_clotho_captions(path)]
-    elif source.startswith("wavcaps:"):
-        lay, subset = L["wavcaps"], source.split(":", 1)[1]
-        name = lay.get("names", {}).get(subset)
-        path = root / (lay["json"].format(subset=subset, name=name) if name else f"wavcaps/json_files/{subset}.json")
-        files = AudioFiles(root, lay["audio"].replace("{subset}", subset), path, strict, coverage)
-        pairs = [(files(stem=Path(str(d["id"])).stem, **d), [d["caption"]]) for d in read_wavcaps(path)]
-    else:
-        raise ValueError(f"unknown captioning source {source!r}: audiocaps, clotho or wavcaps:<subset>")
+    path, pattern, records = _caption_records(L, root, split, source)
+    files = AudioFiles(root, pattern, path, strict, coverage)
+    pairs = [(files(**fields), caps) for fields, caps in records]
     files.report()
     if rng is None:
         return [tasks.captioning(a, caps) for a, caps in pairs if a]
     return [tasks.captioning(a, c, rng) for a, caps in pairs if a for c in caps]
+
+
+def _caption_records(L, root, split, source) -> tuple[Path, str, list[tuple[dict, list[str]]]]:
+    """A captioning set's annotation file, the pattern of its audio paths, and per clip (the fields that name its
+    audio in the pattern, its captions)."""
+    if source == "audiocaps":
+        lay = L["audiocaps"]
+        by_clip = {}
+        for _, ytid, start, caption in read_audiocaps(path := root / lay["csv"].format(split=split)):
+            by_clip.setdefault((ytid, start), []).append(caption)
+        return path, lay["audio"], [({"ytid": y, "start": s}, caps) for (y, s), caps in by_clip.items()]
+    if source == "clotho":
+        lay = L["clotho"]
+        name = lay["splits"][split]
+        path = root / lay["csv"].format(split=name)
+        return path, lay["audio"].replace("{split}", name), [({"file_name": f}, caps)
+                                                             for f, caps in read_clotho_captions(path)]
+    if source.startswith("wavcaps:"):
+        lay, subset = L["wavcaps"], source.split(":", 1)[1]
+        name = lay.get("names", {}).get(subset)
+        path = root / (lay["json"].format(subset=subset, name=name) if name else f"wavcaps/json_files/{subset}.json")
+        return path, lay["audio"].replace("{subset}", subset), [({"stem": Path(str(d["id"])).stem, **d},
+                                                                 [d["caption"]]) for d in read_wavcaps(path)]
+    raise ValueError(f"unknown captioning source {source!r}: audiocaps, clotho or wavcaps:<subset>")
+
+
+def caption_texts(root, split: str, source: str = "audiocaps", layout: dict | None = None) -> list[str]:
+    """Every caption of a captioning set's split, read from its annotation file alone, whether or not the audio is
+    on disk: what a text-only baseline (the most frequent training caption) needs."""
+    return [c for _, caps in _caption_records(layout or LAYOUT, Path(root), split, source)[2] for c in caps]
 
 
 # ------------------------------------------------------------------------------------------------------ few-shot

@@ -46,6 +46,7 @@ class Options:
     caption: dict = field(default_factory=lambda: dict(CAPTION))  # captioning's decoding
     checkpoint: Path | None = None  # the APT evaluated; the stage-0 aligner is looked for in its run folder
     coverage: data.Coverage | None = None  # set by evaluate: what the last evaluation's data listed and lost
+    pools: list | None = None  # set by examples_for: the few-shot pools its episodes were drawn from (fewshot_pools)
     strict: bool = False  # a listed clip that is missing or unreadable raises, instead of being skipped and counted
 
 
@@ -200,8 +201,7 @@ def eval_tagging(apt, cfg, name, examples, opts):
 
 def eval_captioning(apt, cfg, name, examples, opts):
     outputs = generate(apt, examples, opts.caption, opts.batch_size, f"captioning ({name})")
-    train = data.examples("captioning", cfg.data_root, "train", source=name, rng=random.Random(0))
-    fixed = metrics.majority([ex.answer for ex in train])  # the most frequent training caption
+    fixed = metrics.majority(data.caption_texts(cfg.data_root, "train", name))  # the most frequent training caption
     rows = metrics.score_captions(examples, outputs, fixed)
     rows += java_metrics([ex.target["references"] for ex in examples], outputs)
     rows += metrics.spider(rows)
@@ -220,7 +220,7 @@ def eval_fewshot(apt, cfg, name, episodes, opts):
     "training"): the label the generated answer names, the label the LLM ranks first (written into each episode's
     target as "ranked") and a prototypical network's answer on the same episodes."""
     rows, outputs = [], []
-    for classes, pool in fewshot_pools(cfg):
+    for classes, pool in opts.pools:  # as examples_for read them: missing clips skipped (or, strict, an error)
         for n_way, k_shot in FEWSHOT_SETTINGS:
             setting = f"accuracy {n_way}-way {k_shot}-shot" + (", training classes" if classes == "training" else "")
             eps = [ep for ep in episodes if ep.target["setting"] == (classes, n_way, k_shot)]
@@ -364,8 +364,8 @@ def examples_for(name, cfg, opts, coverage: data.Coverage | None = None) -> list
     if task != "fewshot":
         found = data.examples(task, cfg.data_root, "test", strict=opts.strict, coverage=coverage, **options)
         return found[:opts.limit or None]
-    episodes = []
-    for classes, pool in fewshot_pools(cfg, opts.strict, coverage):
+    episodes, opts.pools = [], fewshot_pools(cfg, opts.strict, coverage)
+    for classes, pool in opts.pools:
         for n_way, k_shot in FEWSHOT_SETTINGS:
             if eligible_classes(pool, k_shot) >= n_way:
                 # fixed episodes (the novel classes' seed string as it has always been, so earlier results compare)

@@ -53,16 +53,38 @@ _PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...",
 # PTB writes brackets as -LRB- etc.; the COCO code lower-cases before comparing with its (upper-case) punctuation
 # list, so they stay in as tokens: kept here the same way
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# words PTB keeps with their period (checked one by one against it), and the fused words it splits
+_ABBREVIATIONS = ("mr mrs ms dr st jr sr vs etc inc co ltd jan feb mar apr jun jul aug sep sept oct nov dec mt ft lt "
+                  "sgt gen col prof rev sq ave blvd rd dept est cf al").split()
+_FUSED = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"), "wanna": ("wan", "na"),
+          "lemme": ("lem", "me"), "gimme": ("gim", "me")}
+_ATOM = r"(?:\d+(?::\d+)+|\d+(?:[.,]\d+)+|[a-z0-9]+(?:'[a-z]+)?)"  # 10:30, 3.5 and 5,000, words (o'clock)
+_TOKEN = re.compile("|".join([
+    r"'n'", r"n't", r"'(?:s|re|ve|ll|d|m)\b",  # rock 'n' roll; the contractions split off below
+    r"[a-z](?:\.[a-z])+\.?(?![a-z0-9])",  # letters and periods: e.g. u.s. t.v. a.m
+    r"(?:" + "|".join(_ABBREVIATIONS) + r")\.(?![a-z0-9])", r"no\.(?=\s*\d)",  # mr. etc. ; no. 5
+    r"[a-z][a-z0-9]*(?:\.[a-z][a-z0-9]*)+",  # words joined by a period, no space: barks.then
+    _ATOM + r"(?:[-/]" + _ATOM + r")*",  # hyphen and slash compounds stay one token: high-pitched, 2-3, and/or
+    r"[!?]{2,}", r"\.\.\.", r"--+", r"[^\sa-z0-9]",  # !! and ?! stay, as PTB keeps them; any other symbol alone
+]))
 
 
 def caption_tokens(text: str) -> list[str]:
     """Tokens as the COCO caption evaluation sees them (its PTB tokenizer, lower-cased, punctuation removed):
-    words, numbers and contractions split the Penn Treebank way ("don't" -> "do n't", "dog's" -> "dog 's")."""
+    contractions split the Penn Treebank way ("don't" -> "do n't", "dog's" -> "dog 's", "cannot" -> "can not"),
+    compounds kept whole ("high-pitched", "2-3", "chirp/tweet", "10:30", "3.5"), abbreviations with their periods
+    ("e.g.", "mr."), quotes dropped. Equal to the PTB tokenizer on the tests' captions; it still differs on forms
+    captions hardly hold (a <tag>, a quote closed inside a word, initials such as "j. s. bach")."""
     text = text.lower().replace("\u2019", "'")
     text = re.sub(r"([a-z])n't\b", r"\1 n't", text)
     text = re.sub(r"'(s|re|ve|ll|d|m)\b", r" '\1", text)
-    tokens = re.findall(r"n't|'[a-z]+|[a-z0-9]+(?:[.,][0-9]+)*|\.\.\.|--|[^\sa-z0-9]", text)
-    return [_BRACKETS.get(t, t) for t in tokens if t not in _PUNCTUATION]
+    text = text.replace("'n'", " 'n' ")
+    tokens = []
+    for t in _TOKEN.findall(text):
+        t = "--" if t.startswith("--") else t  # a longer dash is a dash
+        if t not in _PUNCTUATION:
+            tokens.extend(_FUSED.get(t, (_BRACKETS.get(t, t),)))
+    return tokens
 
 
 def _ngrams(tokens, n):
@@ -262,17 +284,27 @@ def score_fewshot(episodes, outputs, name):
 
 
 def segment_f1(pred, ref, iou=0.5):
-    """Matched segments (IoU >= iou, each reference used once) over predicted and over reference segments:
-    (matched, predicted, reference) counts, summed over queries for F1 = 2 matched / (predicted + reference)."""
-    matched, used = 0, set()
-    for a, b in pred:
-        for j, (c, d) in enumerate(ref):
-            inter, union = max(0.0, min(b, d) - max(a, c)), max(b, d) - min(a, c)
-            if j not in used and union > 0 and inter / union >= iou:
-                used.add(j)
-                matched += 1
-                break
-    return matched, len(pred), len(ref)
+    """Matched segments (IoU >= iou, each segment in one match at most, as many matches as the segments allow: a
+    maximum bipartite matching, so the order of the predictions never changes the count) over predicted and over
+    reference segments: (matched, predicted, reference) counts, summed over queries for
+    F1 = 2 matched / (predicted + reference)."""
+    def overlap(a, b, c, d):
+        inter, union = max(0.0, min(b, d) - max(a, c)), max(b, d) - min(a, c)
+        return union > 0 and inter / union >= iou
+
+    fits = [[j for j, (c, d) in enumerate(ref) if overlap(a, b, c, d)] for a, b in pred]
+    owner = {}  # reference -> the prediction it is matched with
+
+    def match(i, tried) -> bool:  # find prediction i a reference, moving earlier matches along where that frees one
+        for j in fits[i]:
+            if j not in tried:
+                tried.add(j)
+                if j not in owner or match(owner[j], tried):
+                    owner[j] = i
+                    return True
+        return False
+
+    return sum(match(i, set()) for i in range(len(pred))), len(pred), len(ref)
 
 
 def score_sed(examples, outputs):

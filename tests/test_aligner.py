@@ -1,7 +1,10 @@
 """The aligner against transformers' BLIP-2 / InstructBLIP Q-Formers; its masks; hard negatives; stage-0 losses."""
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -210,10 +213,13 @@ def test_stage0_losses_are_blip2s_three_passes():
     """stage0_losses runs the aligner three times, as BLIP-2's first stage does. ATC under the unimodal mask; ATM
     under the bidirectional mask, on each true pair, each audio with a hard-negative text and each text with a
     hard-negative audio (never one of its positives: another caption of its clip, or the same caption of another
-    clip), labelled match / no match, its logits averaged over the queries; AGTG under the multimodal causal mask,
-    the caption with [DEC] in place of BOS, each token predicting the next, label smoothing 0.1."""
+    clip), labelled match / no match, its logits averaged over the queries, each text and each audio with its own
+    padding mask; AGTG under the multimodal causal mask, the caption with [DEC] in place of BOS, each token
+    predicting the next, label smoothing 0.1. The clips here differ in length (padded, with their masks)."""
     aligner = random_aligner()
     audio, ids, mask = batch(B=4, T=6, seed=5)
+    heard = torch.arange(audio.shape[1])[None] < torch.tensor([10, 9, 7, 4])[:, None]  # each clip's real tokens
+    audio = audio * heard[..., None]
     ids[3] = ids[0]  # clips 0 and 3 have the same caption: positives of each other
     mask[3] = mask[0]
     clip = torch.tensor([0, 1, 2, 3])
@@ -229,8 +235,17 @@ def test_stage0_losses_are_blip2s_three_passes():
     B, Q = 4, CFG.num_queries
     for seed in range(10):
         calls.clear()
-        losses = stage0_losses(aligner, audio, ids, mask, clip, generator=torch.Generator().manual_seed(seed))
-        (a0, t0, m0, f0, _, _), (a1, t1, m1, f1, _, h1), (a2, t2, m2, f2, _, h2) = calls
+        losses = stage0_losses(aligner, audio, ids, mask, clip, heard, generator=torch.Generator().manual_seed(seed))
+        (a0, t0, m0, f0, e0, h0), (a1, t1, m1, f1, e1, h1), (a2, t2, m2, f2, e2, h2) = calls
+        assert torch.equal(e0, heard) and torch.equal(e2, heard) and torch.equal(e1[:2 * B], torch.cat([heard, heard]))
+        # ATC: the best-matching query's cosine over the temperature, both ways, against the positives shared out
+        # evenly (a caption of two clips counts half for each), label smoothing 0.1
+        audio_emb, text_emb = F.normalize(aligner.audio_proj(h0[:, :Q]), dim=-1), F.normalize(
+            aligner.text_proj(h0[:, Q]), dim=-1)
+        sim = torch.einsum("aqe,te->atq", audio_emb, text_emb).amax(-1) / aligner.temp
+        share = torch.tensor([[float(j in positives[i]) / len(positives[i]) for j in range(B)] for i in range(B)])
+        atc = sum(F.cross_entropy(x, share, label_smoothing=0.1) for x in (sim, sim.T)) / 2
+        torch.testing.assert_close(losses["atc"], atc)
         assert (f0, f1, f2) == (unimodal_mask, bidirectional_mask, multimodal_causal_mask)
         assert torch.equal(t0, ids) and torch.equal(a0, audio) and torch.equal(a2, audio)
         # ATM: the true pairs first, then (audio i, a negative text), then (a negative audio, text i)
@@ -238,8 +253,10 @@ def test_stage0_losses_are_blip2s_three_passes():
         assert torch.equal(a1[B:2 * B], audio) and torch.equal(t1[2 * B:], ids) and torch.equal(m1[2 * B:], mask)
         for i in range(B):
             assert not any(torch.equal(t1[B + i], ids[j]) for j in positives[i]), (seed, i)  # audio i's wrong text
-            heard = next(j for j in range(B) if torch.equal(a1[2 * B + i], audio[j]))  # text i's wrong audio
-            assert heard not in positives[i], (seed, i, heard)
+            said = next(j for j in range(B) if torch.equal(t1[B + i], ids[j]))
+            assert torch.equal(m1[B + i], mask[said]), (seed, i)  # with that text's own padding
+            other = next(j for j in range(B) if torch.equal(a1[2 * B + i], audio[j]))  # text i's wrong audio
+            assert other not in positives[i] and torch.equal(e1[2 * B + i], heard[other]), (seed, i, other)
         labels = torch.tensor([1] * B + [0] * 2 * B)
         atm = F.cross_entropy(aligner.atm_head(h1[:, :Q]).mean(1), labels)
         torch.testing.assert_close(losses["atm"], atm)
@@ -249,6 +266,11 @@ def test_stage0_losses_are_blip2s_three_passes():
         agtg = F.cross_entropy(logits[mask[:, 1:]], ids[:, 1:][mask[:, 1:]], label_smoothing=0.1)
         torch.testing.assert_close(losses["agtg"], agtg)
         torch.testing.assert_close(losses["total"], losses["atc"] + losses["atm"] + losses["agtg"])
+    # retrieval and the tagging protocol embed with the branches ATC trained: the same vectors, one side at a time
+    aligner.forward = real
+    with torch.no_grad():
+        torch.testing.assert_close(aligner.encode_text(ids, mask), text_emb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(aligner.encode_audio(audio, heard), audio_emb, rtol=1e-5, atol=1e-6)
 
 
 def test_atc_temperature_is_held_within_blip2s_bounds():
@@ -469,6 +491,11 @@ def test_clip_ids_and_retrieval_recall():
 
     ids = clip_ids(["data/a.wav", "data/b.wav", "data/a.wav"])
     assert ids.dtype == torch.int64 and ids[0] == ids[2] != ids[1]
+    # the same in every process (a caption's positives may sit in another process's batch), whatever its hash seed
+    code = "from apt_min.aligner import clip_ids; print(clip_ids(['data/a.wav', 'data/b.wav']).tolist())"
+    other = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert other == [f"{ids[:2].tolist()}\n"] * 2
     aligner = random_aligner()
     # embeddings made by hand: clip i's queries point at axis i; caption j at the axis of clip owner_of[j] or not
     audio = torch.eye(3)[:, None, :].expand(3, 2, 3)  # (A, Q, E)

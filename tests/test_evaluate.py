@@ -193,6 +193,42 @@ def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained,
         evaluate.main(args)
 
 
+def test_few_shot_skips_and_counts_a_missing_clip_as_the_other_tasks_do(trained, tmp_path):
+    """Few-shot pools read once, as the episodes were drawn: an ESC-50 clip missing from a real copy is skipped and
+    counted (not an error at scoring time); with --strict it is the error, naming the file."""
+    root = tmp_path / "synth"
+    shutil.copytree(trained / "synth", root, copy_function=os.symlink)
+    gone = root / "esc50" / "audio" / data.read_esc50(root / "esc50" / "meta" / "esc50.csv")[0][0]
+    gone.unlink()
+    out = tmp_path / "eval"
+    args = ["--task", "esc50", "--episodes", "2", "--out", str(out), *opts(trained), "--data-root", str(root)]
+    evaluate.main(args)
+    *rows, scored = json.loads((out / "metrics_esc50.json").read_text())
+    assert "1 missing, 0 unreadable" in scored["protocol"] and sum("not run" not in r["protocol"] for r in rows) == 9
+    assert (out / "missing_esc50.txt").read_text().startswith(f"{gone}\tmissing (listed in")
+    with pytest.raises(SystemExit, match=f"{re.escape(str(gone))}: audio listed in .* not on disk"):
+        evaluate.main([*args, "--strict"])
+
+
+def test_the_caption_baseline_reads_the_training_captions_not_their_audio(trained, tmp_path):
+    """The fixed-caption baseline is the most frequent training caption: read from the annotations alone, so a copy
+    with none of the training audio (a test-only download) gets the same baseline as the whole data set."""
+    root = tmp_path / "synth"
+    shutil.copytree(trained / "synth", root, copy_function=os.symlink)
+    args = ["--task", "audiocaps", "--limit", "4", "--batch-size", "4", *opts(trained), "--data-root", str(root)]
+    evaluate.main([*args, "--out", str(tmp_path / "whole")])
+    for _, ytid, _, _ in data.read_audiocaps(root / "audiocaps" / "train.csv"):
+        (root / "audio" / f"Y{ytid}.wav").unlink()
+    evaluate.main([*args, "--out", str(tmp_path / "test-only")])
+    whole, test_only = (json.loads((tmp_path / run / "metrics_audiocaps.json").read_text())
+                        for run in ("whole", "test-only"))
+    assert [r["baseline"] for r in test_only] == [r["baseline"] for r in whole]
+    assert whole[0]["metric"] == "BLEU-1" and whole[0]["baseline"] > 0
+    captions = data.caption_texts(root, "train")
+    assert len(captions) == len(data.read_audiocaps(root / "audiocaps" / "train.csv")) and not data.examples(
+        "captioning", root, "train", rng=random.Random(0))
+
+
 def test_an_empty_split_and_a_broken_file_are_one_clean_line_without_traceback(trained, tmp_path):
     """Errors about the user's files end evaluate.py and train.py with one line naming the file (non-zero status),
     no traceback; an annotation file with a header and no rows is such an error, not an empty evaluation."""
@@ -405,6 +441,29 @@ def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
     np.testing.assert_allclose(got[0], want, rtol=1e-5)
 
 
+def test_segment_f1_finds_the_most_matches_there_are():
+    """On random small sets of segments (grid ends, so IoU ties at 0.5 and touching segments occur): the matched
+    count equals the best of every way to pair predictions with references (brute force), in any order."""
+    import itertools
+
+    rng = random.Random(0)
+
+    def fits(p, r):
+        inter, union = max(0.0, min(p[1], r[1]) - max(p[0], r[0])), max(p[1], r[1]) - min(p[0], r[0])
+        return inter / union >= 0.5
+
+    def segments(n):
+        return [tuple(sorted(rng.sample(range(7), 2))) for _ in range(n)]
+
+    for _ in range(300):
+        pred, ref = segments(rng.randint(0, 4)), segments(rng.randint(0, 4))
+        best = max((sum(fits(p, ref[j]) for p, j in zip(pred, js) if j is not None)
+                    for js in itertools.permutations(list(range(len(ref))) + [None] * len(pred), len(pred))),
+                   default=0)
+        assert metrics.segment_f1(pred, ref) == (best, len(pred), len(ref)), (pred, ref)
+        assert metrics.segment_f1(pred[::-1], ref)[0] == best
+
+
 def test_segment_f1_hand_worked():
     f1 = metrics.segment_f1
     assert f1([(0.0, 1.0)], [(0.0, 1.0)]) == (1, 1, 1)
@@ -413,6 +472,9 @@ def test_segment_f1_hand_worked():
     assert f1([(0.0, 1.0), (0.1, 1.0)], [(0.0, 1.0)]) == (1, 2, 1)  # a reference is matched once
     assert f1([(2.0, 3.0), (0.0, 1.0)], [(0.0, 1.0), (2.2, 3.0)]) == (2, 2, 2)  # in any order
     assert f1([], [(0.0, 1.0)]) == (0, 0, 1) and f1([(0.0, 1.0)], []) == (0, 1, 0)
+    # a prediction that fits two touching references: it takes the one no other prediction fits, whatever the order
+    touching = [(0.0, 1.0), (1.0, 2.0)]
+    assert f1([(0.0, 2.0), (0.0, 1.0)], touching) == f1([(0.0, 1.0), (0.0, 2.0)], touching) == (2, 2, 2)
     exs = [tasks.sed("a.wav", "Dog", [(3.0, 3.6), (0.5, 1.2)]), tasks.sed("a.wav", "chirping_birds", [(0.0, 4.0)]),
            tasks.sed("a.wav", "Rain", [(2.0, 4.0)])]
     assert exs[0].answer == "0.5s-1.2s; 3.0s-3.6s" and exs[0].target["segments"] == [(0.5, 1.2), (3.0, 3.6)]

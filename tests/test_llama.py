@@ -50,6 +50,17 @@ def test_logits_match_transformers(pair64):
 
 
 @torch.no_grad()
+def test_a_head_width_of_its_own_matches_transformers(tmp_path):
+    """config.json's head_dim, where it is not hidden_size / heads (as in Gemma-style and some Llama-family configs):
+    the projections are as wide as heads x head_dim, and the logits are transformers'."""
+    hf, folder = hf_llama(tmp_path, shards=False, head_dim=32)  # 4 heads of 32 in a 64-wide model
+    ours = Llama.from_pretrained(folder).double()
+    assert ours.config.head_dim == 32 and ours.model.layers[0].self_attn.q_proj.out_features == 128
+    ids = torch.randint(3, 96, (2, 11))
+    assert_close_rel(ours(ids), hf.double()(ids).logits, 1e-5)
+
+
+@torch.no_grad()
 def test_inputs_embeds_and_logits_at(pair):
     _, ours = pair
     ids = torch.randint(3, 96, (2, 9))
@@ -215,6 +226,30 @@ def test_list_of_eos_ids_matches_transformers(pair, num_beams):
         assert _trim(g, eos) == _trim(r, eos)
     assert got.shape[1] == max(len(_trim(r, eos)) for r in ref)
     assert {_trim(g, eos)[-1] for g in got} >= set(eos)  # both ids ended a row
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=3), dict(num_beams=4, length_penalty=0.6),
+                                      dict(num_beams=2, length_penalty=1.5)])  # longer hypotheses favoured
+def test_beam_search_among_many_endings_matches_transformers(pair, settings):
+    """EOS among the best candidates at many steps (as EOS, the ids the rows' free beams emit at one step, for each of
+    several steps): beams end while others must go on (enough candidates are kept for that), finished hypotheses
+    compete for their slots until a prompt is done (with longer hypotheses favoured, length penalty 1.5, a later one
+    would often beat those kept: transformers' rule still closes the prompt), and the output is as wide as its
+    longest row."""
+    hf, ours = pair
+    ids = torch.randint(3, 96, (3, 7))
+    free = ours.generate(ids, max_new_tokens=14, eos_token_id=-1, **settings)
+    early = 0
+    for step in range(1, 8):
+        eos = sorted({int(t) for t in free[:, step]})
+        ref = _hf_new_tokens(hf, ids, max_new_tokens=14, eos_token_id=eos, **settings)
+        got = ours.generate(ids, max_new_tokens=14, eos_token_id=eos, pad_token_id=0, **settings)
+        for r, g in zip(ref, got):
+            assert _trim(g, eos) == _trim(r, eos), (step, eos)
+        assert got.shape[1] == max(len(_trim(r, eos)) for r in ref), (step, eos)
+        early += got.shape[1] < 14
+    assert early or settings.get("length_penalty", 1.0) > 1  # every row ended early for some choice (unless long
+    # hypotheses are favoured)
 
 
 def test_kv_cache_equals_recomputing(pair):

@@ -85,12 +85,45 @@ def test_caption_metrics_equal_pycocoevalcap():
     assert metrics.bleu(refs, perfect)[3] > metrics.bleu(refs, hyps)[3]
 
 
+# captions written as people write them (AudioCaps and Clotho hold these forms): compounds, abbreviations, times,
+# quotes, contractions, fused words, runs of ! and ?, brackets and other symbols
+WRITTEN = [
+    'A high-pitched beep sounds, followed by a low-pitched hum.',
+    'A man speaks, e.g. giving a speech, then a dog barks.', 'At 10:30 a bell rings.', "'Hello' says a woman",
+    'A person cannot stop coughing', 'Wow!! A loud bang', "A car's engine revs & a horn honks",
+    'Birds chirp/tweet in the background', 'People talk @ a party, 50% louder', 'A kid yells "mom" twice',
+    "rock 'n' roll music plays", 'An 18-wheeler drives by', 'A T.V. plays', 'Mr. Smith talks',
+    "Someone's gonna sneeze and wanna go, gotta run", 'A dog barks...and barks', "The dogs' barks echo",
+    'The bell rang at 3 p.m.', "A man says 'I'm done'", '5,000 people cheer', 'A 1.5-second tone',
+    'back-and-forth sawing', 'Something is being hit (repeatedly)', 'A motor whirs -- then stops',
+    'A man speaks - then a woman', 'hmm... a bee buzzes', "A woman: 'Stop!'", 'A clock tick-tocks',
+    'Something beeps?? then stops!', 'An engine starts up, then revs 2-3 times',
+    'Birds chirping, a rooster crows (cock-a-doodle-doo)', "It's raining; there're thunderclaps",
+    "She'd say they'll come and we've gone", "A bell rings at 12:00 o'clock", 'The U.S. anthem plays',
+    'Rain falls on a tin roof;wind blows', 'A sound at 3.5kHz', 'a $5 bill is crumpled', "cats' and dogs' noises",
+    'e.g., birds', 'etc. and so on', 'A voice over a P.A. system', "Don't, won't, can't",
+    'a no. 5 bus, approx. 5 min.', 'barks.then stops', 'A 20-something man a.k.a. Dr. Who',
+    'a pre- and post-war siren --- wow!?', '[beep] {click}',
+]
+
+
+def test_written_captions_are_split_as_ptb_splits_them():
+    """What the PTB comparison below checks, in three cases that hold without Java."""
+    assert metrics.caption_tokens("A high-pitched beep, e.g. at 10:30; it cannot stop!!") == [
+        "a", "high-pitched", "beep", "e.g.", "at", "10:30", "it", "can", "not", "stop", "!!"]
+    assert metrics.caption_tokens("'Hello,' says Mr. Smith's dog (twice).") == [
+        "hello", "says", "mr.", "smith", "'s", "dog", "-lrb-", "twice", "-rrb-"]
+    assert metrics.caption_tokens("A 1.5-second tone - then 2,000 clicks...") == ["a", "1.5-second", "tone", "then",
+                                                                                   "2,000", "clicks"]
+
+
 @pytest.mark.skipif(shutil.which("java") is None, reason="the reference PTB tokenizer needs Java")
 def test_tokens_equal_the_ptb_tokenizer():
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     texts = [t for refs, hyp in CAPTIONS for t in (*refs, hyp)]
     texts += ["It's a bird's song -- isn't it?", "Two (2) dogs bark; one whines...", "A 3.5 second beep, then 10 more"]
+    texts += WRITTEN
     ref = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
     for i, t in enumerate(texts):
         assert metrics.caption_tokens(t) == ref[i][0].split(), t

@@ -52,6 +52,28 @@ def test_the_tiny_encoder_is_the_seeds(tmp_path):
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
 
 
+def test_a_pth_encoders_identity_covers_the_block_it_is_read_at(tmp_path):
+    """A released Audio-MAE .pth holds weights only: which block APT reads (output_block) and its shape come from
+    the settings. Reading another block is another encoder: another feature-cache key and another fingerprint (which
+    APT.load compares: an APT trained against the first is refused with the second). The same settings give the same
+    identity."""
+    from apt_min.build import build_encoder, feature_cache
+
+    torch.save({"model": AudioMAE(AudioMAEConfig(target_length=64, dim=32, depth=2, heads=2)).state_dict()},
+               tmp_path / "finetuned.pth")
+
+    def identity(block):
+        cfg = load_config("tiny", [f"--encoder_checkpoint={tmp_path / 'finetuned.pth'}", "--target_length=64",
+                                   "--encoder_dim=32", "--encoder_depth=2", "--encoder_heads=2",
+                                   f"--output_block={block}", f"--run_dir={tmp_path / 'run'}"])
+        _, encoder_id = build_encoder(cfg, "cpu", torch.float32)
+        return encoder_id, feature_cache(cfg, encoder_id).setting
+
+    (penultimate, key), (last, other_key) = identity(-2), identity(-1)
+    assert penultimate["fingerprint"] != last["fingerprint"] and key != other_key
+    assert identity(-2) == (penultimate, key)
+
+
 def test_grad_checkpointing_keep_reaches_the_llm_and_is_checked(tmp_path):
     """--grad_checkpointing_keep=N: the LLM the stages load keeps its last N blocks' activations; a negative N, or
     more blocks than the LLM has, is a setting error before anything trains."""

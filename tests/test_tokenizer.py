@@ -1,5 +1,7 @@
 """The tokenizer against transformers' LlamaTokenizer, on a sentencepiece model trained here."""
 
+import json
+
 import pytest
 import torch
 
@@ -40,13 +42,21 @@ def test_tokenizer_json_gives_the_same_ids(folder, tmp_path):
     for text in SAMPLES:
         assert js.encode(text, eos=True) == sp.encode(text, eos=True)
         assert js.decode(js.encode(text, eos=True)) == text
+    # Llama-2's own tokenizer.json adds BOS in its post-processor; encode adds it itself, so once
+    file = tmp_path / "tokenizer.json"
+    spec = json.loads(file.read_text())
+    bos, first, second = ({"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                          {"Sequence": {"id": "B", "type_id": 1}})
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [bos, first], "pair": [bos, first, second],
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    file.write_text(json.dumps(spec))
+    assert [Tokenizer(tmp_path).encode(text, bos=b) for text in SAMPLES for b in (True, False)] == [
+        sp.encode(text, bos=b) for text in SAMPLES for b in (True, False)]
 
 
 def test_special_tokens_written_as_objects(folder, tmp_path):
     """tokenizer_config.json as older transformers wrote it (Vicuna v1.1's): each special token an AddedToken object;
     its content is the token."""
-    import json
-
     from transformers import LlamaTokenizer
 
     LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(tmp_path)
