@@ -80,8 +80,8 @@ STAGES = {  # what each stage trains, with which loss, for how many steps (a con
 
 # ------------------------------------------------------------------------------------------------------- stages
 # Each stage object holds: module (what DistributedDataParallel wraps), params (what trains), sampler (its
-# batches), scaler (fp16's GradScaler or None); micro_step(wrapped module, sampler) -> (loss_sum, count, info) or
-# None when no example of the batch is usable; validate() -> {name: value}; finish(metrics) saves the result.
+# batches), scaler (fp16's GradScaler or None); micro_step(wrapped module, sampler) -> (loss_sum, count, info),
+# loss_sum None when no example of the batch is usable; validate() -> {name: value}; finish(metrics) saves the result.
 
 
 class StandInLLM:
@@ -264,22 +264,24 @@ class AlignStage0:
         return keep, [feats[ex.segments[0][1]] for ex in keep], len(examples) - len(keep)
 
     def losses(self, model, examples, generator, together=True):
-        """The three stage-0 losses of a batch, or None when no example is usable (`together`: in every process,
-        since under DDP all must run the same forwards)."""
+        """The three stage-0 losses of a batch, or None when no example is usable. together: a training batch, of
+        which each process holds its share: all processes skip together (under DDP all must run the same forwards)
+        and contrast with every process's pairs; else (validation, the same examples in every process) this
+        process's batch alone, so the loss does not depend on how many processes ran."""
         keep, clips, skipped = self.whole_clips(examples)
         if (nothing_to_train(keep, self.world, self.device) if together else not keep):
             return None, keep, skipped
         batch = stage0_batch([ex.answer for ex in keep], clips, [ex.segments[0][1] for ex in keep], self.tok,
                              self.device)
         with self.autocast():
-            return model(*batch, generator), keep, skipped
+            return model(*batch, generator, across_processes=together), keep, skipped
 
     def micro_step(self, model, sampler):
         _, batch = sampler.next_batch()
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # hard negatives: by step
         parts, keep, skipped = self.losses(model, batch[self.rank::self.world], g)
         if parts is None:
-            return None
+            return None, 0, {"examples": 0, "skipped": skipped}
         return parts["total"], 1, {**{k: parts[k].item() for k in ("atc", "atm", "agtg")}, "examples": len(keep),
                                    "skipped": skipped}
 
@@ -311,8 +313,9 @@ class Stage0Losses(nn.Module):
         super().__init__()
         self.aligner, self.atm_negatives = aligner, atm_negatives
 
-    def forward(self, audio_feats, ids, mask, clip_ids, audio_mask, generator):
-        return stage0_losses(self.aligner, audio_feats, ids, mask, clip_ids, audio_mask, generator, self.atm_negatives)
+    def forward(self, audio_feats, ids, mask, clip_ids, audio_mask, generator, across_processes=True):
+        return stage0_losses(self.aligner, audio_feats, ids, mask, clip_ids, audio_mask, generator, self.atm_negatives,
+                             across_processes)
 
 
 class TuneAPT:
@@ -387,7 +390,7 @@ class TuneAPT:
         mine = batch[self.rank::self.world]
         keep, feats = self.usable(mine)
         if nothing_to_train(keep, self.world, self.device):
-            return None
+            return None, 0, {"examples": 0, "skipped": len(mine) - len(keep)}
         with self.autocast():
             loss_sum, n = model(*data.collate(keep), feats)
         return loss_sum, n, {"task": task, "examples": len(keep), "skipped": len(mine) - len(keep)}
@@ -584,12 +587,13 @@ class PictureLoss(nn.Module):
 
 def fit(cfg, stage, job, resume, rank, world, out: Path):
     """The training loop every stage shares: accumulation, clipping, schedule, logging, validation, checkpoints,
-    resume. `job` is a stage object (above). job.micro_step(wrapped module, sampler) -> None when the batch is
-    empty, else (loss_sum, count, info): this process's loss summed over its `count` items (tokens, or 1 for a loss
-    that is already a batch mean), and info {"examples": int, "skipped": int, "task": name, other name: float (a
-    per-process mean, logged as the mean over processes)}. Each optimizer step's gradient is that of the mean loss
-    over every item of its grad_accum micro-batches on every process: exactly one batch grad_accum * world times as
-    large. job.validate() -> {name: value}. Returns the last validation."""
+    resume. `job` is a stage object (above). job.micro_step(wrapped module, sampler) -> (loss_sum, count, info):
+    this process's loss summed over its `count` items (tokens, or 1 for a loss that is already a batch mean), and
+    info {"examples": int, "skipped": int, "task": name, other name: float (a per-process mean, logged as the mean
+    over processes)}; loss_sum None when no process has a usable example (info still counts what was skipped).
+    Each optimizer step's gradient is that of the mean loss over every item of its grad_accum micro-batches on every
+    process: exactly one batch grad_accum * world times as large. job.validate() -> {name: value}. Returns the last
+    validation."""
     total = getattr(cfg, STAGES[stage]["steps"])
     unused = getattr(job, "unused_parameters", False)  # parameters some steps give no gradient
     wrapped = DDP(job.module, find_unused_parameters=unused) if world > 1 else job.module
@@ -600,7 +604,7 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
     if not resume and rank == 0:
         set_aside_previous_run(out)
     if resume:
-        step, skipped = restore(ckpts, job, opt, sched)
+        step, skipped = restore(ckpts, job, opt, sched, rank, world)
         if rank == 0:
             truncate_log(out / "log.jsonl", step)
     logfile = open(out / "log.jsonl", "a") if rank == 0 else None
@@ -610,14 +614,15 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"stage {stage}", dynamic_ncols=True)
     while step < total:
         window, examples, bad = accumulate(cfg, stage, job, wrapped, world, step, ckpts)
-        seen, skipped = seen + examples, skipped + bad
+        seen, skipped = seen + examples, skipped + bad  # over every process
+        lr = sched.get_last_lr()[0]  # the rate this step uses (the schedule moves on inside optimizer_step)
         grad_norm = optimizer_step(cfg, job, opt, sched, window)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            rate = seen * world / (time.time() - t0)
+            rate = seen / (time.time() - t0)
             logs = window.logs()
-            record = {"step": step, **{k: round(v, 5) for k, v in logs.items()}, "lr": sched.get_last_lr()[0],
+            record = {"step": step, **{k: round(v, 5) for k, v in logs.items()}, "lr": lr,
                       "grad_norm": round(float(grad_norm), 4), "examples_per_s": round(rate, 2),
                       "skipped_audio": skipped}
             bar.set_postfix(loss=f"{logs.get('loss', 0):.3f}", lr=f"{record['lr']:.2e}", ex_s=f"{rate:.1f}")
@@ -625,8 +630,10 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
         if step % cfg.eval_every == 0 or step == total:
             metrics = validation(job)
             log_validation(logfile, stage, step, metrics)
-        if (step % cfg.save_every == 0 or step == total) and rank == 0:
-            ckpts.save(step, job.params, training_state(step, opt, sched, job, skipped))
+        if step % cfg.save_every == 0 or step == total:
+            state = training_state(step, opt, sched, job, skipped, world)  # in every process: it gathers generators
+            if rank == 0:
+                ckpts.save(step, job.params, state)
         if world > 1:
             dist.barrier()
     bar.close()
@@ -637,14 +644,15 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
 
 def accumulate(cfg, stage, job, wrapped, world, step, ckpts):
     """Forward and backward over the step's grad_accum micro-batches. Returns (the Window, examples seen, audio
-    skipped). A non-finite loss, summed over all processes so that all of them stop together, ends the run."""
+    skipped), both counted over every process. A non-finite loss, summed over all processes so that all of them stop
+    together, ends the run."""
     job.module.train()
     window, seen, skipped = Window(world), 0, 0
     for _ in range(cfg.grad_accum):
-        result = job.micro_step(wrapped, job.sampler)
-        if result is None:
+        loss_sum, count, info = job.micro_step(wrapped, job.sampler)
+        skipped += info.get("skipped", 0)
+        if loss_sum is None:  # nothing usable in any process (they skip together)
             continue
-        loss_sum, count, info = result
         summed = window.add(loss_sum, count, info)
         if not math.isfinite(summed):
             last = ckpts.folder / "latest"
@@ -654,13 +662,20 @@ def accumulate(cfg, stage, job, wrapped, world, step, ckpts):
         loss = loss_sum / window.first.clamp(min=1) * world  # DDP averages over processes: times world
         (job.scaler.scale(loss) if job.scaler else loss).backward()
         seen += info.get("examples", 0)
-        skipped += info.get("skipped", 0)
+    if world > 1:  # every process runs the same micro-steps, so each reaches this once per step
+        counts = torch.tensor([seen, skipped], dtype=torch.float64, device=getattr(job, "device", None))
+        dist.all_reduce(counts)
+        seen, skipped = (int(c) for c in counts.tolist())
     return window, seen, skipped
 
 
 def optimizer_step(cfg, job, opt, sched, window) -> torch.Tensor:
     """The window's gradient to the mean over all its items, clipped; one AdamW step; the schedule's next step.
-    Returns the gradient norm before clipping."""
+    Returns the gradient norm before clipping. A window in which no micro-batch trained (no usable example in any
+    process) has no gradient: the schedule still moves on, the optimizer (and an fp16 loss scaler) does not."""
+    if window.first is None:
+        sched.step()
+        return torch.tensor(0.0)
     window.rescale(job.params.values())
     if job.scaler:
         job.scaler.unscale_(opt)
@@ -694,19 +709,25 @@ def log_validation(logfile, stage, step, metrics, when=None):
         tqdm.write(f"stage {stage} {when or f'step {step}'}: {shown}")
 
 
-def training_state(step, opt, sched, job, skipped) -> dict:
+def training_state(step, opt, sched, job, skipped, world: int = 1) -> dict:
     """Everything besides the weights that a resumed run needs to continue exactly: optimizer, schedule, scaler,
-    sampler and every random generator."""
+    sampler and the random generators of every process (each process draws its own dropout; with world > 1 every
+    process must call this, as it gathers them)."""
     version, internal, gauss = random.getstate()
+    mine = {"torch": torch.get_rng_state(), "py": [version, list(internal), gauss],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    generators = [mine]
+    if world > 1:
+        generators = [None] * world
+        dist.all_gather_object(generators, mine)
     return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": job.scaler.state_dict() if job.scaler else None, "sampler": job.sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "py_rng": [version, list(internal), gauss], "skipped_audio": skipped}
+            "rng": generators, "skipped_audio": skipped}
 
 
-def restore(ckpts, job, opt, sched) -> tuple[int, int]:
-    """The last checkpoint's weights and training state into this run: (its step, the audio skipped so far)."""
+def restore(ckpts, job, opt, sched, rank: int = 0, world: int = 1) -> tuple[int, int]:
+    """The last checkpoint's weights and training state into this run, each process's generators its own:
+    (its step, the audio skipped so far)."""
     found = ckpts.load()
     if found is None:
         raise SystemExit(f"--resume: no checkpoint under {ckpts.folder}")
@@ -719,10 +740,15 @@ def restore(ckpts, job, opt, sched) -> tuple[int, int]:
     if job.scaler and state.get("scaler"):
         job.scaler.load_state_dict(state["scaler"])
     job.sampler.load_state_dict(state["sampler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    version, internal, gauss = state["py_rng"]
+    generators = state["rng"]
+    if len(generators) != world:
+        log.warning("%s was written by %d processes and is resumed by %d: the batches and the random draws are no "
+                    "longer those of an uninterrupted run", ckpts.folder, len(generators), world)
+    mine = generators[rank % len(generators)]
+    torch.set_rng_state(mine["torch"])
+    if mine["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda"])
+    version, internal, gauss = mine["py"]
     random.setstate((version, tuple(internal), gauss))
     return state["step"], state["skipped_audio"]
 

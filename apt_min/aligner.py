@@ -339,12 +339,13 @@ def batch_sizes(n: int, device=None) -> list[int]:
     return [int(k) for k in sizes]
 
 
-def atc_loss(audio_emb, text_emb, temp, positives, label_smoothing: float = 0.1):
+def atc_loss(audio_emb, text_emb, temp, positives, label_smoothing: float = 0.1, across_processes: bool = True):
     """Audio-text contrastive loss. audio_emb (B, Q, E) and text_emb (B, E), L2-normalised, local to this process;
     positives (B, B_all) bool: which gathered pairs are true pairs (the same clip, or the same caption).
     Similarity = the best-matching query / temperature; cross-entropy both ways against the positives.
-    Returns (loss, sim_a2t (B, B_all), sim_t2a (B, B_all))."""
-    audio_all, text_all = gather_with_grad(audio_emb), gather_with_grad(text_emb)  # (B_all, Q, E), (B_all, E)
+    across_processes=False: this process's pairs only (B_all = B). Returns (loss, sim_a2t (B, B_all), sim_t2a)."""
+    gather = gather_with_grad if across_processes else (lambda x: x)
+    audio_all, text_all = gather(audio_emb), gather(text_emb)  # (B_all, Q, E), (B_all, E)
     temp = temp.clamp(0.001, 0.5)
     sim_a2t = torch.einsum("bqe,ce->bcq", audio_emb, text_all).amax(-1) / temp  # (B, B_all)
     sim_t2a = torch.einsum("be,cqe->bcq", text_emb, audio_all).amax(-1) / temp  # (B, B_all)
@@ -366,26 +367,27 @@ def hard_negatives(sim, positives, generator=None):
 
 
 def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, audio_mask=None, generator=None,
-                  atm_negatives: str = "global") -> dict:
+                  atm_negatives: str = "global", across_processes: bool = True) -> dict:
     """ATC + ATM + AGTG on a batch of audio-text pairs (BLIP-2's first stage). audio_feats (B, N, Da);
     text_ids, text_mask (B, T), each caption starting with BOS (its output is the text's summary for ATC) and
     ending with EOS; clip_ids (B,) int64 naming the clip of each pair (several captions of one clip are positives of
     each other). ATC contrasts every pair with those of all processes; ATM's hard negatives come from this process's
     batch (atm_negatives="local") or, as BLIP-2 draws them, from every process's ("global"; the same with one
     process). audio_mask (B, N) bool: which audio tokens are real, where clips of different lengths are padded
-    (None: all). Returns {"atc", "atm", "agtg", "total"}, scalar tensors."""
+    (None: all). across_processes=False: this process's batch alone, whatever the processes (validation, where
+    every process holds the same pairs). Returns {"atc", "atm", "agtg", "total"}, scalar tensors."""
     if atm_negatives not in ("local", "global"):
         raise ValueError(f"atm_negatives={atm_negatives!r}: expected local or global")
     Q, text_mask = aligner.config.num_queries, text_mask.bool()
     keys = caption_keys(text_ids, text_mask)
-    positives = ((clip_ids[:, None] == gather_with_grad(clip_ids)[None, :])
-                 | (keys[:, None] == gather_with_grad(keys)[None, :]))  # (B, B_all)
+    gather = gather_with_grad if across_processes else (lambda x: x)
+    positives = (clip_ids[:, None] == gather(clip_ids)[None, :]) | (keys[:, None] == gather(keys)[None, :])
 
     # ATC: one pass under the unimodal mask gives both branches: queries that heard only audio, text only text
     h = aligner(audio_feats, text_ids, text_mask, unimodal_mask, audio_mask)
     audio_emb = F.normalize(aligner.audio_proj(h[:, :Q]), dim=-1)  # (B, Q, E)
     text_emb = F.normalize(aligner.text_proj(h[:, Q]), dim=-1)  # (B, E)
-    atc, sim_a2t, sim_t2a = atc_loss(audio_emb, text_emb, aligner.temp, positives)
+    atc, sim_a2t, sim_t2a = atc_loss(audio_emb, text_emb, aligner.temp, positives, across_processes=across_processes)
 
     # ATM: is this pair a match? positives, plus per pair a hard negative text and a hard negative audio, drawn
     # from this process's pairs or from every process's

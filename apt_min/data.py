@@ -48,10 +48,15 @@ LAYOUT = {  # relative to the data root; {split} and the audio pattern's fields 
     "clotho": {"csv": "clotho/clotho_captions_{split}.csv", "audio": "clotho/{split}/{file_name}",
                "splits": {"train": "development", "val": "validation", "test": "evaluation"}},
     "clotho_aqa": {"csv": "clotho_aqa/clotho_aqa_{split}.csv", "audio": "clotho_aqa/audio_files/{file_name}"},
-    # WavCaps: one JSON per subset, named as its release names them (a subset not listed: json_files/{subset}.json)
+    # WavCaps: one JSON per subset, named as its release names them (a subset not listed: json_files/{subset}.json);
+    # its zips unpack to .../waveforms/{subset}_flac/: move each to wavcaps/{subset}/. Its blacklists name the clips
+    # that are also in the test sets of AudioCaps and Clotho, and of ESC-50 (with UrbanSound8K and VGGSound):
+    # left out of training
     "wavcaps": {"json": "wavcaps/json_files/{subset}/{name}.json", "audio": "wavcaps/{subset}/{stem}.flac",
                 "names": {"AudioSet_SL": "as_final", "BBC_Sound_Effects": "bbc_final", "FreeSound": "fsd_final",
-                          "SoundBible": "sb_final"}},
+                          "SoundBible": "sb_final"},
+                "blacklists": ["wavcaps/json_files/blacklist/blacklist_exclude_test_ac.json",
+                               "wavcaps/json_files/blacklist/blacklist_exclude_ub8k_esc50_vggsound.json"]},
     "esc50": {"csv": "esc50/meta/esc50.csv", "audio": "esc50/audio/{filename}"},
     "nlar": {"json": "nlar/nlar_{split}.json", "audio": "audio/{name}"},
     # AVQA's videos (avqa/videos/{video_name}.mp4) are read as extracted frames and 16 kHz audio (README: ffmpeg)
@@ -251,7 +256,12 @@ class AudioFiles:
         self.coverage = coverage
 
     def __call__(self, **fields) -> str | None:
-        path = self.root / self.pattern.format(**fields)
+        try:
+            path = self.root / self.pattern.format(**fields)
+        except (KeyError, IndexError, ValueError) as e:
+            raise SettingError(f"the audio path pattern {self.pattern!r} (data.LAYOUT, for the clips {self.source} "
+                               f"lists) cannot be filled ({type(e).__name__}: {e}); its fields are "
+                               f"{', '.join('{' + k + '}' for k in fields)}") from None
         self.seen += 1
         if self.coverage is not None:
             self.coverage.listed.setdefault(str(path), str(self.source))
@@ -416,6 +426,9 @@ def _caption_records(L, root, split, source) -> tuple[Path, str, list[tuple[dict
         return path, lay["audio"], [({"ytid": y, "start": s}, caps) for (y, s), caps in by_clip.items()]
     if source == "clotho":
         lay = L["clotho"]
+        if split not in lay["splits"]:
+            raise DataError(f"Clotho has no {split!r} split here; it has {sorted(lay['splits'])} (its files' "
+                            f"{', '.join(lay['splits'].values())})")
         name = lay["splits"][split]
         path = root / lay["csv"].format(split=name)
         return path, lay["audio"].replace("{split}", name), [({"file_name": f}, caps)
@@ -424,9 +437,46 @@ def _caption_records(L, root, split, source) -> tuple[Path, str, list[tuple[dict
         lay, subset = L["wavcaps"], source.split(":", 1)[1]
         name = lay.get("names", {}).get(subset)
         path = root / (lay["json"].format(subset=subset, name=name) if name else f"wavcaps/json_files/{subset}.json")
+        excluded, listed = wavcaps_blacklisted(root, subset, tuple(lay.get("blacklists", ()))), read_wavcaps(path)
+        items = [d for d in listed if Path(str(d["id"])).stem not in excluded]
+        if dropped := len(listed) - len(items):
+            log.info("%s: %d clips left out, WavCaps's blacklists name them (test clips of other data sets)", path,
+                     dropped)
         return path, lay["audio"].replace("{subset}", subset), [({"stem": Path(str(d["id"])).stem, **d},
-                                                                 [d["caption"]]) for d in read_wavcaps(path)]
+                                                                 [d["caption"]]) for d in items]
     raise ValueError(f"unknown captioning source {source!r}: audiocaps, clotho or wavcaps:<subset>")
+
+
+def wavcaps_blacklisted(root: Path, subset: str, blacklists: tuple[str, ...]) -> set[str]:
+    """The clips of one WavCaps subset that its release's blacklists name, by file stem ({"AudioSet": ["Y...wav",
+    ...], "FreeSound": ["156", ...]}: a key names the subsets it starts). A blacklist not under the data root is a
+    warning, once: the test clips it names may then be trained on."""
+    out = set()
+    for name in blacklists:
+        path = root / name
+        if not path.is_file():
+            _warn_once(f"{path}: WavCaps's blacklist is not there; the clips it names (test clips of AudioCaps, Clotho "
+                       "or ESC-50) are not left out of training")
+            continue
+        try:
+            lists = json.loads(_text(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(lists, dict):
+            raise DataError(f"{path}: expected an object of id lists by subset")
+        for key, ids in lists.items():
+            if subset == key or subset.startswith(f"{key}_"):
+                out |= {Path(str(i)).stem for i in ids}
+    return out
+
+
+_WARNED = set()
+
+
+def _warn_once(message: str):
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 def caption_texts(root, split: str, source: str = "audiocaps", layout: dict | None = None) -> list[str]:

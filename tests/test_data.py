@@ -112,6 +112,44 @@ def test_clotho_latin1_and_spaces(tmp_path):
         ("Is a bell ringing?", "yes", "yes"), ("How many rings?", "2", "two")]
 
 
+def test_wavcaps_leaves_out_the_clips_its_blacklists_name(tmp_path, caplog):
+    """WavCaps's blacklists name its clips that are also test clips of AudioCaps, Clotho or ESC-50 ({"AudioSet":
+    ["Y...wav"], "FreeSound": ["156"]}, by subset): they are never trained on. A blacklist that is not there is
+    said, once, naming the file."""
+    items = [{"id": f"{y}.wav", "caption": f"clip {y}"} for y in ("Yaaaaaaaaaaa", "Ybbbbbbbbbbb", "Ycccccccccc")]
+    write(tmp_path / "wavcaps/json_files/AudioSet_SL/as_final.json", json.dumps({"data": items}))
+    write(tmp_path / "wavcaps/json_files/FreeSound/fsd_final.json", json.dumps({"data": [
+        {"id": "156", "caption": "a test clip"}, {"id": "157", "caption": "kept"}]}))
+    touch_audio(tmp_path, *[f"wavcaps/AudioSet_SL/{d['id'][:-4]}.flac" for d in items],
+                "wavcaps/FreeSound/156.flac", "wavcaps/FreeSound/157.flac")
+    [test_ac, esc50] = [tmp_path / f for f in data.LAYOUT["wavcaps"]["blacklists"]]
+
+    def captions(subset):
+        return [ex.answer for ex in data.examples("captioning", tmp_path, "train", source=f"wavcaps:{subset}",
+                                                  rng=random.Random(0))]
+
+    write(test_ac, json.dumps({"AudioSet": ["Ybbbbbbbbbbb.wav"], "FreeSound": ["156"]}))
+    with caplog.at_level("WARNING"):
+        assert captions("AudioSet_SL") == ["clip Yaaaaaaaaaaa", "clip Ycccccccccc"]
+        assert captions("FreeSound") == ["kept"]
+    assert caplog.text.count(f"{esc50}: WavCaps's blacklist is not there") == 1  # said once
+    write(esc50, json.dumps({"AudioSet": ["Ycccccccccc.wav"]}))
+    assert captions("AudioSet_SL") == ["clip Yaaaaaaaaaaa"]
+
+
+def test_an_audio_pattern_with_a_field_its_records_lack_is_a_setting_error(tmp_path):
+    """LAYOUT's audio patterns are filled from each record's fields: a pattern naming another field (a folder per
+    split, say) is one clear error naming the pattern and the fields it may use; so is a split Clotho lacks."""
+    write(tmp_path / "audioset/eval_segments.csv", AUDIOSET)
+    write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)
+    layout = {**data.LAYOUT, "audioset": {**data.LAYOUT["audioset"], "audio": "audios/{split}/Y{ytid}.wav"}}
+    with pytest.raises(SettingError, match=r"'audios/\{split\}/Y\{ytid\}.wav' .*eval_segments.csv.*"
+                                           r"KeyError: 'split'.*its fields are \{ytid\}, \{start\}"):
+        data.examples("tagging", tmp_path, "test", layout=layout)
+    with pytest.raises(DataError, match=r"Clotho has no 'dev' split here; it has \['test', 'train', 'val'\]"):
+        data.examples("captioning", tmp_path, "dev", source="clotho")
+
+
 def test_wavcaps_esc50_nlar_avqa(tmp_path):
     wav = {"num_captions_per_audio": 1, "data": [{"id": "Yb0RFKhbpFJA.wav", "caption": "Wind blows", "audio":
                                                   "wav_path", "duration": 10.0, "description": "x"}]}

@@ -349,7 +349,7 @@ def test_stage_0_has_its_own_contrastive_batch_and_warm_up(prepared, tmp_path):
     train.main(["--stage", "0", *opts(tmp, "--steps_0=2", "--warmup_steps_0=4", "--stage0_batch_size=6")])
     log = [json.loads(line) for line in (tmp / "run" / "stage0" / "log.jsonl").read_text().splitlines()]
     first = next(r for r in log if r["step"] == 1 and "lr" in r)
-    assert first["lr"] == pytest.approx(1e-3 * 2 / 4)  # the second of 4 warm-up steps (warmup_steps=2 would give 1e-3)
+    assert first["lr"] == pytest.approx(1e-3 / 4)  # the first of 4 warm-up steps (warmup_steps=2 would give 1e-3 / 2)
     cfg = train.load_config("tiny", [*opts(tmp, "--stage0_batch_size=6")])
     job = train.AlignStage0(cfg, 0, 1, torch.device("cpu"))
     loss, _, info = job.micro_step(job.module, job.sampler)
@@ -646,7 +646,9 @@ def toy_job(grad_accum_results):
         sampler.next_batch()
         calls.append(sampler.step)
         n = next(results)
-        return None if n is None else (model(torch.ones(2)).sum() * n, n, {"examples": n, "skipped": 1})
+        if n is None:  # nothing usable: two clips lost
+            return None, 0, {"examples": 0, "skipped": 2}
+        return model(torch.ones(2)).sum() * n, n, {"examples": n, "skipped": 1}
 
     job = SimpleNamespace(module=module, params=dict(module.named_parameters()), scaler=None, micro_step=micro_step,
                           sampler=data.TaskSampler({"x": [1, 2, 3]}, {"x": 1.0}, 1), calls=calls,
@@ -657,7 +659,8 @@ def toy_job(grad_accum_results):
 def test_fit_logs_validates_and_saves_on_schedule_and_always_at_the_last_step(tmp_path):
     """fit over 5 steps with log_every 2, eval_every 3, save_every 2: a record at steps 2, 4 and the last, 5;
     validation before training, at 3 and at 5; checkpoints at 2, 4 and 5. A micro-batch with nothing usable is
-    skipped while the step's others still count (grad_accum 2: 10 micro-batches drawn, 9 trained)."""
+    skipped while the step's others still count (grad_accum 2: 10 micro-batches drawn, 9 trained), and its lost
+    clips are counted too. Each record's learning rate is the one its step used."""
     cfg = train.load_config("tiny", {"steps_1": 5, "log_every": 2, "eval_every": 3, "save_every": 2,
                                      "keep_checkpoints": 5, "grad_accum": 2, "warmup_steps": 1})
     job = toy_job([None, 1, 2, 2, 2, 2, 2, 2, 2, 2])
@@ -666,10 +669,29 @@ def test_fit_logs_validates_and_saves_on_schedule_and_always_at_the_last_step(tm
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 5]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 5]
-    assert [r["skipped_audio"] for r in records if "loss" in r] == [3, 7, 9]  # one per micro-batch that ran
+    assert [r["skipped_audio"] for r in records if "loss" in r] == [5, 9, 11]  # 2 + 1 per micro-batch after it
+    factor = train.cosine_schedule(cfg, 5, 1)
+    assert [r["lr"] for r in records if "loss" in r] == pytest.approx([cfg.lr * factor(k - 1) for k in (2, 4, 5)])
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000002", "step_0000004",
                                                                                   "step_0000005"]
 
+
+
+def test_a_step_with_nothing_to_train_leaves_the_weights_and_an_fp16_scaler_alone(tmp_path):
+    """A step none of whose micro-batches has a usable example (missing clips in a real data set) has no gradient:
+    the schedule moves on, the weights and the fp16 loss scaler are not stepped (which would fail: it has recorded
+    no gradient to unscale), and the next step trains."""
+    cfg = train.load_config("tiny", {"steps_1": 2, "log_every": 1, "eval_every": 5, "save_every": 5,
+                                     "grad_accum": 2, "warmup_steps": 1})
+    job = toy_job([None, None, 1, 1])
+    job.scaler = torch.amp.GradScaler("cpu")
+    before = {k: p.detach().clone() for k, p in job.params.items()}
+    train.fit(cfg, "1", job, False, 0, 1, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [r for r in records if "grad_norm" in r]
+    assert records[0]["grad_norm"] == 0 and "loss" not in records[0] and records[1]["grad_norm"] > 0
+    assert [r["skipped_audio"] for r in records] == [4, 6]
+    assert all(not torch.equal(before[k], p) for k, p in job.params.items())
 
 def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generator_and_the_skip_count(tmp_path):
     """training_state + restore: after a checkpoint at step 3 and more training, restore brings back the weights,
@@ -704,20 +726,66 @@ def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generato
         train.restore(train.Checkpoints(tmp_path / "none", keep=2), job, opt, sched)
 
 
-def test_two_processes_log_stage_0s_contrastive_loss_as_one_does(prepared, tmp_path):
-    """Stage 0 on two processes of 2 pairs each (ATC's negatives gathered from both) logs the same ATC as one process
-    of 4: each process's batch mean is averaged over the processes, not summed."""
+def _resume_worker(rank, world, folder, out):
+    """One of two processes: its own generators (as its own dropout draws leave them), a checkpoint written by
+    process 0 with every process's generators, draws that move them on, then restore: what each draws next."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank,
+                                         world_size=world)
+    torch.manual_seed(100 + rank)
+    random.seed(200 + rank)
+    cfg = train.load_config("tiny", {})
+    job = toy_job([])
+    opt = train.make_optimizer(job.params, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.cosine_schedule(cfg, 10, 4))
+    ckpts = train.Checkpoints(folder / "checkpoints", keep=2)
+    state = train.training_state(3, opt, sched, job, 0, world)
+    if rank == 0:
+        ckpts.save(3, job.params, state)
+    torch.distributed.barrier()
+    expected = (torch.rand(3), random.random())
+    torch.rand(5 + rank), random.random()  # the run went on
+    train.restore(ckpts, job, opt, sched, rank, world)
+    got = (torch.rand(3), random.random())
+    out[rank] = torch.equal(got[0], expected[0]) and got[1] == expected[1], expected[1]
+    torch.distributed.destroy_process_group()
+
+
+def test_each_process_resumes_its_own_generators(tmp_path):
+    """Under DDP each process draws its own dropout masks: a checkpoint keeps every process's generators and a
+    resumed process takes back its own (process 0's in every process would make the others draw differently)."""
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    mp.spawn(_resume_worker, args=(2, tmp_path, out), nprocs=2, join=True)
+    assert out[0][0] and out[1][0] and out[0][1] != out[1][1]  # each its own, and they differ
+
+
+def test_two_processes_log_stage_0_as_one_does(prepared, tmp_path):
+    """Stage 0 on two processes of 2 pairs each (ATC's negatives gathered from both) logs what one process of 4
+    does: the same ATC (each process's batch mean averaged over the processes, not summed), the audio skipped in
+    both processes' shares (every other clip is unreadable here), and the same validation loss (each process holds
+    the whole validation set: it is not contrasted with the other process's copy of it)."""
     args = ["--steps_0=1", "--aligner_dropout=0", "--warmup_steps=1"]
-    atc = {}
+    logs = {}
     for name, launch, batch in (("one", [], 4), ("two", ["-m", "torch.distributed.run", "--standalone",
                                                          "--nproc_per_node", "2"], 2)):
         tmp = tmp_path / name
-        (tmp / "synth").parent.mkdir()
-        (tmp / "synth").symlink_to(prepared / "synth")
-        r = run([*launch, "train.py", "--stage", "0", *opts(tmp, *args, f"--batch_size={batch}")])
+        shutil.copytree(prepared / "synth", tmp / "synth", copy_function=os.symlink)
+        for clip in sorted((tmp / "synth" / "audio").glob("*.wav"))[::2]:
+            clip.unlink()
+            clip.write_text("not audio")
+        val = f"--val_batches={32 // batch}"  # the same 32 validation clips
+        r = run([*launch, "train.py", "--stage", "0", *opts(tmp, *args, f"--batch_size={batch}", val)])
         assert r.returncode == 0, r.stderr[-3000:]
-        atc[name] = [rec["atc"] for rec in log_records(tmp, "stage0") if "atc" in rec]
-    assert len(atc["one"]) == 1 and atc["two"] == pytest.approx(atc["one"], abs=2e-5)
+        logs[name] = log_records(tmp, "stage0")
+    (one,), (two,) = ([rec for rec in logs[name] if "atc" in rec] for name in ("one", "two"))
+    assert two["atc"] == pytest.approx(one["atc"], abs=2e-5)
+    assert one["skipped_audio"] > 0 and two["skipped_audio"] == one["skipped_audio"]
+    # before training (after it, the weights differ a little: each process's ATC gradient holds the other's
+    # features constant, as BLIP-2's does)
+    start = {name: [r["val_loss"] for r in records if "val_loss" in r and r["step"] == 0]
+             for name, records in logs.items()}
+    assert len(start["one"]) == 1 and start["two"] == pytest.approx(start["one"], abs=2e-5)
 
 
 def test_stage_2s_few_shot_episodes_draw_on_every_tagging_source(trained, tmp_path):
