@@ -24,7 +24,7 @@ def ask(argv=None) -> int:
     ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final, else the preset's "
                     "release)")
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--max-new-tokens", type=positive, default=40)
     args, rest = ap.parse_known_args(argv)
     import torch
 
@@ -47,19 +47,39 @@ def ask(argv=None) -> int:
         for path, reason in bad:
             print(f"error: cannot use {path}: {reason}", file=sys.stderr)
         return 2
-    tok, ids, shown = apt.tokenizer, [], ""
-
-    def stream(token):  # print what the new token adds to the decoded text
-        nonlocal shown
-        ids.append(int(token[0]))
-        text = tok.decode(ids)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
-
+    stream = TextStream(apt.tokenizer.decode, lambda text: print(text, end="", flush=True))
     segments = [("audio", p) for p in args.audio] + [("text", args.question)]
-    apt.generate([segments], feats, max_new_tokens=args.max_new_tokens, streamer=stream)
+    apt.generate([segments], feats, max_new_tokens=args.max_new_tokens, streamer=lambda token: stream(int(token[0])))
+    stream.finish()
     print()
     return 0
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+class TextStream:
+    """Tokens in, text out as soon as it is whole: what each token adds to the decoded text, held back while the
+    text ends in an unfinished character (a byte-level tokenizer spells one character over several tokens, which
+    decode to U+FFFD until the last one comes); finish() writes whatever is left."""
+
+    def __init__(self, decode, write):
+        self.decode, self.write, self.ids, self.shown = decode, write, [], ""
+
+    def __call__(self, token: int):
+        self.ids.append(token)
+        self._show(self.decode(self.ids).rstrip("\ufffd"))
+
+    def finish(self):
+        self._show(self.decode(self.ids))
+
+    def _show(self, text: str):
+        if len(text) > len(self.shown):
+            self.write(text[len(self.shown):])
+            self.shown = text
 
 
 def main(argv=None) -> int:

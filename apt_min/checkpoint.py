@@ -50,9 +50,12 @@ def checkpoint_tensors(path: Path) -> dict[Path, dict]:
                                        ("pytorch_model.bin.index.json", "pytorch_model.bin", torch_entries)):
         index = path / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no 'weight_map' entry")
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise CheckpointError(f"{index}: not a JSON object") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index}: no 'weight_map' of key -> file name")
             files = sorted({path / f for f in weight_map.values()})
             if missing := [f.name for f in files if not f.is_file()]:
                 raise CheckpointError(f"{index}: lists shard files that are not there: {missing}")
@@ -90,6 +93,8 @@ def safetensors_header(file: Path) -> tuple[dict, dict, int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{file}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     return header, metadata, 8 + n
 
@@ -99,15 +104,23 @@ def safetensors_entries(file: Path) -> dict[str, _Entry]:
     would count the whole file against the process."""
     header, _, start = safetensors_header(file)
     size = file.stat().st_size
-    entries = {}
+    entries, spans = {}, []
     for name, info in header.items():
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{file}: tensor {name!r} has no dtype, shape and offsets: {info!r}")
         file_dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
         if file_dtype is None:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        begin, end = info["data_offsets"]
-        nbytes = math.prod(info["shape"]) * torch.empty(0, dtype=file_dtype).element_size()
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{file}: tensor {name!r} has a malformed shape {shape!r} or offsets {offsets!r}")
+        begin, end = offsets
+        nbytes = math.prod(shape) * torch.empty(0, dtype=file_dtype).element_size()
         if end - begin != nbytes or start + end > size:
             raise CheckpointError(f"{file}: tensor {name!r} is truncated or its offsets do not match its shape")
+        spans.append((begin, end, name))
 
         def fill(dest, file_dtype=file_dtype, offset=start + begin):
             with open(file, "rb") as f:
@@ -115,14 +128,21 @@ def safetensors_entries(file: Path) -> dict[str, _Entry]:
                 if dest.dtype == file_dtype and dest.device.type == "cpu" and dest.is_contiguous():
                     f.readinto(dest.view(-1).view(torch.uint8).numpy())  # straight from disk into the parameter
                     return
-                flat, chunk = dest.view(-1), READ_CHUNK  # else cast / move piece by piece: no full-size temp
+                whole = dest if dest.is_contiguous() else torch.empty(dest.shape, dtype=dest.dtype, device=dest.device)
+                flat, chunk = whole.view(-1), READ_CHUNK  # else cast / move piece by piece: no full-size temp
                 buf = torch.empty(min(chunk, flat.numel()), dtype=file_dtype)
                 for i in range(0, flat.numel(), chunk):
                     piece = buf[:min(chunk, flat.numel() - i)]
                     f.readinto(piece.view(torch.uint8).numpy())
                     flat[i:i + piece.numel()].copy_(piece)
+                if whole is not dest:  # a strided destination (a transposed view): filled from the whole tensor
+                    dest.copy_(whole)
 
-        entries[name] = _Entry(info["shape"], fill)
+        entries[name] = _Entry(shape, fill)
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{file}: tensors {first!r} and {second!r} overlap in the data")
     return entries
 
 

@@ -400,7 +400,8 @@ def _strong(L, root, split, task, rng, strict, coverage=None):
             for on, off in picks:
                 if rng is not None:
                     on, off = max(0.0, on - rng.randint(0, 5) / 10), off + rng.randint(0, 5) / 10
-                out.append(tasks.ter(audio, events, round(on, 1), round(off, 1), rng))
+                on, off = round(on, 1), round(off, 1)
+                out.append(tasks.ter(audio, events, on, max(off, round(on + 0.1, 1)), rng))  # never a 0 s window
     files.report()
     return out
 

@@ -154,11 +154,13 @@ def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, st
 # turn with no system message (its template then inserts its default system message), generation prompt added; its
 # EOS is <|im_end|>, which closes the assistant's turn. "after" goes where a ("turn", "") segment marks the end of the
 # user's turn (the few-shot "list" layout puts the episode in the assistant's turn), else after the segments.
-# "instructblip" is InstructBLIP's (and APT-BLIP-2's, blip2.py): the soft prompts first, then the text as the LLM's
-# tokenizer writes it, BOS first ("bos": "text" puts BOS before the first text segment instead of at the start).
+# "instructblip" is InstructBLIP's (and APT-BLIP-2's, blip2.py): the soft prompts first, then BOS and the text
+# ("bos": "text" puts BOS before the first text segment instead of at the start); its BOS is "</s>", Vicuna's EOS
+# ("bos_id": "eos"), as InstructBLIP-Vicuna was tuned (LAVIS sets its tokenizer's bos_token to "</s>", and the
+# Hugging Face folder's tokenizer_config.json says so).
 PROMPT_FORMATS = {
     "plain": {"bos": True, "before": "", "after": ""},
-    "instructblip": {"bos": "text", "before": "", "after": ""},
+    "instructblip": {"bos": "text", "bos_id": "eos", "before": "", "after": ""},
     "smollm2-chat": {"bos": False,
                      "before": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
                                "Face<|im_end|>\n<|im_start|>user\n",
@@ -301,6 +303,7 @@ class APT(nn.Module):
             framed = [*segments, *turn_ends]
             framed = [("text", form["after"]) if k == "turn" else (k, v) for k, v in framed]
             bos_before_text = form["bos"] == "text"
+            text_bos = tok.eos_id if form.get("bos_id") == "eos" else tok.bos_id
             for kind, value in [(k, v) for k, v in framed if not isinstance(v, str) or v]:  # empty text adds nothing
                 if kind == "prompts":
                     pieces.append(value)
@@ -308,7 +311,7 @@ class APT(nn.Module):
                     block += 1
                     blocks += [block] * len(value)
                 elif kind in ("text", "label"):
-                    ids = tok.encode(value, bos=bos_before_text)
+                    ids = [text_bos] * bos_before_text + tok.encode(value, bos=False)
                     bos_before_text = False
                     pieces.append(torch.tensor(ids, dtype=torch.long))
                     labels += [-100] * len(ids)

@@ -68,13 +68,24 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
 
 
 def verify(folder: str | Path):
-    """Every file of a release against its SHA256SUMS line; raises CheckpointError naming the file that differs."""
+    """Every file of a release against its SHA256SUMS line (as `sha256sum` writes them: "<hash>  <name>", or
+    "<hash> *<name>"; blank lines skipped), each of FILES listed; raises CheckpointError naming what differs."""
     folder = Path(folder)
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
         raise CheckpointError(f"{folder}: not a release (SHA256SUMS missing)")
-    for line in sums.read_text().splitlines():
-        want, name = line.split()
+    listed = {}
+    for number, line in enumerate(sums.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        want, _, name = line.strip().partition(" ")
+        name = name.lstrip(" ").removeprefix("*")
+        if len(want) != 64 or not name or any(c not in "0123456789abcdef" for c in want.lower()):
+            raise CheckpointError(f"{sums}:{number}: expected '<sha256>  <file name>', found {line!r}")
+        listed[name] = want.lower()
+    if unlisted := [name for name in FILES if name not in listed]:
+        raise CheckpointError(f"{sums}: lists no checksum for {', '.join(unlisted)}")
+    for name, want in listed.items():
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder / name}: missing from the release")
         if sha256(folder / name) != want:
@@ -82,17 +93,23 @@ def verify(folder: str | Path):
 
 
 def resolve_checkpoint(cfg, given: str | None) -> Path:
-    """The APT to load: `given`, else the user's own {run_dir}/stage2/final, else the preset's verified release
-    (which then also supplies the encoder: cfg.encoder_checkpoint is set to it). Raises SystemExit when none is
-    there, saying how to get one."""
+    """The APT to load: `given`, else the user's own {run_dir}/stage2/final, else the preset's verified release. A
+    release (a folder with SHA256SUMS, given or the preset's) is verified first and supplies the encoder too (the
+    encoder its APT was trained against, cut after the block it reads): cfg.encoder_checkpoint is set to it. Raises
+    SystemExit when the release fails its check."""
     if given:
-        return Path(given)
+        folder = Path(given)
+        return use_release(cfg, folder) if (folder / "SHA256SUMS").is_file() else folder
     own = Path(cfg.run_dir) / "stage2" / "final"
     if (own / "apt.json").is_file() or not cfg.release:
         return own
     release = Path(cfg.release)
     if not (release / "apt.json").is_file():
         return own
+    return use_release(cfg, release)
+
+
+def use_release(cfg, release: Path) -> Path:
     try:
         verify(release)
     except CheckpointError as e:

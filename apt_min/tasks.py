@@ -48,6 +48,8 @@ FEWSHOT_LAYOUTS = ("paper", "list")
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
 MULTIPLES = {"once": 1, "twice": 2, "thrice": 3}
+TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+NONE = {"no", "none", "never"}  # "no times", "never": a count of zero
 
 
 @dataclass
@@ -112,21 +114,29 @@ def parse_labels(text: str, vocabulary=None) -> list[str]:
 
 
 def parse_segments(text: str) -> list[tuple[float, float]]:
-    """ "0.5s-1.2s; 3s to 3.6 s" -> [(0.5, 1.2), (3.0, 3.6)]; pairs that end before they start are left out."""
-    num = r"(\d+(?:\.\d+)?)\s*(?:s|sec|seconds)?"
+    """ "0.5s-1.2s; 3s to 3.6 s" -> [(0.5, 1.2), (3.0, 3.6)] (also .5, sec, secs, second); pairs that end before
+    they start are left out."""
+    num = r"(\d+(?:\.\d+)?|\.\d+)\s*(?:s(?:ec(?:ond)?s?)?)?"
     pairs = re.findall(num + r"\s*(?:-|–|—|to|until)\s*" + num, text.lower())
     return [(float(a), float(b)) for a, b in pairs if float(a) <= float(b)]
 
 
 def parse_count(text: str) -> int | None:
-    """The first number in `text`, as digits, a number word, or once/twice/thrice; None when there is none."""
-    for token in re.findall(r"\d+|[a-z]+", text.lower()):
+    """The first number in `text`, as digits, a number word ("twenty-one" too), once/twice/thrice, or no / none /
+    never for zero; None when there is none."""
+    for token in re.findall(r"\d+|[a-z]+(?:-[a-z]+)?", text.lower()):
+        tens, _, unit = token.partition("-")
         if token.isdigit():
             return int(token)
-        if token in NUMBER_WORDS:
-            return NUMBER_WORDS.index(token)
-        if token in MULTIPLES:
-            return MULTIPLES[token]
+        if tens in TENS and (not unit or unit in NUMBER_WORDS[1:10]):
+            return TENS[tens] + (NUMBER_WORDS.index(unit) if unit else 0)
+        for word in (token, tens):  # "two-fold" reads as two
+            if word in NUMBER_WORDS:
+                return NUMBER_WORDS.index(word)
+            if word in MULTIPLES:
+                return MULTIPLES[word]
+            if word in NONE:
+                return 0
     return None
 
 
@@ -161,9 +171,11 @@ def sed(audio: str, label: str, segments, rng=None) -> Example:
 
 
 def labels_between(events, start: float, end: float, min_overlap: float = 0.1) -> list[str]:
-    """Labels of the events (label, onset, offset) that overlap [start, end] by at least min_overlap seconds,
-    in order of onset."""
-    hits = sorted((on, lab) for lab, on, off in events if min(off, end) - max(on, start) >= min_overlap - 1e-9)
+    """Labels of the events (label, onset, offset) that overlap [start, end] by at least min_overlap seconds (an
+    event shorter than that: by its whole length, so a short event is in the window it defines), in order of
+    onset."""
+    hits = sorted((on, lab) for lab, on, off in events
+                  if min(off, end) - max(on, start) >= min(min_overlap, off - on) - 1e-9)
     return list(dict.fromkeys(lab for _, lab in hits))
 
 

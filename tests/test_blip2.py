@@ -17,7 +17,7 @@ from apt_min.blip2 import APTBLIP2, MODES, InstructBLIP, avqa_prompt, named_opti
 from apt_min.checkpoint import CheckpointError
 from apt_min.llama import Llama
 from apt_min.model import APT, fingerprint, model_files, weight_probe
-from apt_min.tokenizer import Tokenizer, train_sentencepiece
+from apt_min.tokenizer import train_sentencepiece
 from tests.helpers import assert_close_rel
 
 Q = 4  # visual queries per frame
@@ -47,6 +47,9 @@ def hf_folder(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("instructblip")
     train_sentencepiece(CORPUS, folder / "tokenizer.model", vocab_size=320)
+    (folder / "tokenizer_config.json").write_text(json.dumps({  # as the real one: "</s>" is InstructBLIP's BOS
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>",
+        "add_bos_token": True}))
     vocab = folder / "bert-vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz",
                                 *"0123456789", *"?:;.,"]) + "\n")
@@ -221,7 +224,10 @@ def test_frames_and_logits_match_transformers(hf_folder, dtype, rel):
     apt = tiny_apt(blip)
     model = APTBLIP2(blip, apt.to(dtype))
     x, mask, _ = apt.embed_batch([model.segments(prompt, "video", blip.frame_prompts(pixels[:1], prompt))], {})
-    text = Tokenizer(folder).encode(prompt)  # BOS first, as InstructBLIP's processor writes it
+    from transformers import LlamaTokenizer
+
+    text = LlamaTokenizer.from_pretrained(str(folder))(prompt).input_ids  # as InstructBLIP's processor writes it
+    assert text[0] == 2  # its BOS: "</s>"
     input_ids = torch.tensor([[351] * Q + text])
     with torch.no_grad():
         ref = hf(pixel_values=pixels[:1], qformer_input_ids=qids.input_ids[:1],
@@ -256,7 +262,7 @@ def test_the_three_modes_build_the_papers_sequences(blip, clip):
     feats = apt.encode_clips([clip])[0]
     visual = blip.frame_prompts(pixels, prompt)  # (2 * Q, D)
     acoustic = apt.clip_prompts([[("audio", clip), ("text", prompt)]], feats)[0][0]  # (2 windows * 3, D)
-    text = blip.llm.embed(torch.tensor(blip.tokenizer.encode(prompt)))  # BOS + prompt
+    text = blip.llm.embed(torch.tensor([2, *blip.tokenizer.encode(prompt, bos=False)]))  # BOS ("</s>") + prompt
     audio_part = torch.cat([apt.audio_token[None], acoustic])
     want = {"audio-visual": [visual, audio_part, text], "video": [visual, text], "audio": [audio_part, text]}
     for mode in MODES:

@@ -230,6 +230,20 @@ def test_parsers_tolerate_variations():
     assert tasks.parse_labels("Dog, speech.", ["Speech", "Dog"]) == ["Dog", "Speech"]
     assert tasks.parse_labels("A train passes, then a drumroll.", ["rain", "drum"]) == []  # whole words only
     assert tasks.normalize_answer(" Yes. ") == "yes" and tasks.normalize_answer("The two") == "2"
+    for text in ("1.5 secs - 2 secs", "from 1.5 second to 2 seconds", "1.5sec-2sec", "1.5s–2s"):
+        assert tasks.parse_segments(text) == [(1.5, 2.0)], text
+    assert tasks.parse_segments(".5s-1s") == [(0.5, 1.0)]
+    assert [tasks.parse_count(t) for t in ("Twenty-one.", "thirty", "No times.", "never", "none", "two-fold")] == [
+        21, 30, 0, 0, 0, 2]
+
+
+def test_a_time_window_always_holds_the_event_that_defines_it():
+    """An event shorter than the 0.1 s minimum overlap still answers its own window (an AudioSet strong label of a
+    click lasts 80 ms); a longer event needs 0.1 s inside the window; a window is never 0 s long."""
+    events = [("Tick", 2.0, 2.08), ("Dog", 5.0, 7.0), ("Bird", 2.05, 3.0)]
+    assert tasks.ter("a.wav", events, 2.0, 2.1).target["labels"] == ["Tick"]  # the bird: 0.05 s inside
+    assert tasks.labels_between(events, 2.0, 2.2) == ["Tick", "Bird"]
+    assert tasks.labels_between(events, 6.95, 8.0) == []  # the dog's last 0.05 s
 
 
 def test_malformed_output_parses_to_no_answer():
@@ -344,6 +358,10 @@ def test_temporal_retrieval_examples(tmp_path):
                   if start <= on and off <= end and on - start <= 0.5 + 1e-9 and end - off <= 0.5 + 1e-9]
         assert inside and set(inside) <= set(t.target["labels"]), (seed, start, end)
     assert widened >= 10  # most windows are wider than their event (each side: 0 to 0.5 s, drawn)
+    # a 40 ms bark gets a window of 0.1 s that names it, never "between 3.0s and 3.0s" with no answer
+    write(tmp_path / "audioset/audioset_eval_strong.tsv", strong.replace("1.5\t2.5", "3.01\t3.05"))
+    windows = {e.segments[1][1]: e.answer for e in data.examples("ter", tmp_path, "test")}
+    assert windows["What happens between 3.0s and 3.1s?"] == "dog"
 
 
 def test_esc50_pool_by_category_and_fold(tmp_path, caplog):

@@ -541,6 +541,25 @@ def test_ask_puts_the_clips_in_the_order_given_before_the_question(trained, monk
     assert asked == [[[("audio", clips[1]), ("audio", clips[0]), ("text", question)]]]
 
 
+def test_ask_streams_whole_characters(capsys):
+    """A byte-level tokenizer spells one character over several tokens: the stream writes text as soon as it is
+    whole, never a half character (U+FFFD), and the whole answer by the end; --max-new-tokens must be at least 1."""
+    from apt_min.__main__ import TextStream, main
+
+    answer = "Ça sonne comme un 🎹 — 日本語, twice."
+    written = []
+    stream = TextStream(lambda ids: bytes(ids).decode("utf-8", errors="replace"), written.append)
+    for byte in answer.encode():  # one token per byte
+        stream(byte)
+    stream.finish()
+    assert "".join(written) == answer and not any("\ufffd" in w for w in written)
+    assert len(written) > 10  # it streamed, a piece at a time
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit):
+            main(["ask", "--audio", "a.wav", "--max-new-tokens", bad, "What is it?"])
+        assert f"--max-new-tokens: expected a whole number of at least 1, got '{bad}'" in capsys.readouterr().err
+
+
 def test_results_table_names_the_margin(trained, capsys, monkeypatch):
     from benchmarks import results_table
 

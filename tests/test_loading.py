@@ -268,6 +268,48 @@ def test_text_file_as_shard(folder):
         Llama.from_pretrained(folder)
 
 
+def _safetensors(path, header: dict, data: bytes = bytes(64)):
+    """A .safetensors file written by hand: the header as given (right or wrong), then the data."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header, says", [
+    ([1, 2], "header is not a JSON object"),
+    ({"x": {"dtype": "F32", "shape": [2]}}, r"'x' has a malformed shape \[2\] or offsets None"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, "malformed"),  # into the header's bytes
+    ({"x": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, "malformed"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "'x' and 'y' overlap"),
+    ({"x": "F32"}, "'x' has no dtype, shape and offsets"),
+], ids=["list", "no-offsets", "negative-offset", "negative-shape", "overlap", "not-an-object"])
+def test_a_malformed_safetensors_header_is_refused_naming_the_file(tmp_path, header, says):
+    """What the safetensors format forbids is a CheckpointError naming the file (never a tensor filled from the
+    header's bytes or from another tensor's, and never a bare KeyError or TypeError)."""
+    from apt_min.checkpoint import safetensors_entries
+
+    with pytest.raises(CheckpointError, match=f"bad.safetensors: .*{says}"):
+        safetensors_entries(_safetensors(tmp_path / "bad.safetensors", header))
+
+
+def test_a_strided_destination_is_filled_and_a_broken_index_named(tmp_path):
+    from apt_min.checkpoint import checkpoint_tensors, safetensors_entries
+
+    want = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    save_file({"w": want}, tmp_path / "w.safetensors")
+    for dtype in (torch.float32, torch.float64):  # read straight in, and cast piece by piece
+        dest = torch.zeros(3, 2, dtype=dtype).t()  # (2, 3), not contiguous
+        safetensors_entries(tmp_path / "w.safetensors")["w"](dest)
+        assert torch.equal(dest, want.to(dtype))
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a JSON object"):
+        checkpoint_tensors(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": 3}}))
+    with pytest.raises(CheckpointError, match="no 'weight_map' of key -> file name"):
+        checkpoint_tensors(tmp_path)
+
+
 def test_unknown_dtype(folder):
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         Llama.from_pretrained(folder, dtype="float8")

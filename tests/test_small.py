@@ -156,6 +156,9 @@ def test_a_release_is_small_checked_and_answers_as_the_run_does(small_run, tmp_p
     assert release.resolve_checkpoint(cfg, None) == run / "stage2" / "final"  # the user's own run comes first
     cfg.run_dir = str(tmp_path / "no-run")
     assert release.resolve_checkpoint(cfg, None) == out and cfg.encoder_checkpoint == str(out / "encoder.safetensors")
+    given = load_config("small", [*(a for a in args if a.startswith("--") and "=" in a), f"--run_dir={tmp_path}/x"])
+    assert release.resolve_checkpoint(given, str(out)) == out  # a release given as --checkpoint: checked, and it
+    assert given.encoder_checkpoint == str(out / "encoder.safetensors")  # brings its encoder too
 
     examples = data.examples("aqa", cfg.data_root, "test")[:4]
     settings = [a for a in args if a.startswith("--") and "=" in a]
@@ -171,6 +174,26 @@ def test_a_release_is_small_checked_and_answers_as_the_run_does(small_run, tmp_p
     cfg.encoder_checkpoint = ""
     with pytest.raises(SystemExit, match="apt.safetensors: checksum differs"):
         release.resolve_checkpoint(cfg, None)
+
+
+def test_a_releases_checksums_are_read_as_sha256sum_writes_them(tmp_path):
+    """SHA256SUMS as `sha256sum` writes it (text or binary mode, a blank line at the end) verifies; a file of the
+    release with no line, or a line that is not "<hash>  <name>", is a CheckpointError naming it."""
+    from apt_min import release
+    from apt_min.checkpoint import CheckpointError
+
+    for name in release.FILES:
+        (tmp_path / name).write_bytes(name.encode())
+    lines = [f"{release.sha256(tmp_path / n)}  {n}" for n in release.FILES]
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text("\n".join([lines[0], lines[1].replace("  ", " *"), lines[2], "", ""]))
+    release.verify(tmp_path)
+    sums.write_text("\n".join(lines[1:]) + "\n")  # apt.safetensors left out: a swapped file would go unseen
+    with pytest.raises(CheckpointError, match="SHA256SUMS: lists no checksum for apt.safetensors"):
+        release.verify(tmp_path)
+    sums.write_text("\n".join([*lines, "not a checksum line"]) + "\n")
+    with pytest.raises(CheckpointError, match=r"SHA256SUMS:4: expected '<sha256>  <file name>'"):
+        release.verify(tmp_path)
 
 
 def test_the_committed_release_fits_verifies_and_names_the_smollm2_a_conversion_gives(smollm2):
