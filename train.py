@@ -134,7 +134,7 @@ class StandInLLM:
         hits = 0
         for doc in self.val_docs[:64]:  # quick metric: the answer, generated from the rest of the document
             prompt = self.encode(doc[:-1])[:-1]
-            got = self.llm.generate(torch.tensor([prompt], device=self.device), max_new_tokens=24,
+            got = self.llm.generate(torch.tensor([prompt], device=self.device), max_new_tokens=64,  # > any answer
                                     eos_token_id=self.tok.eos_id)
             hits += normalize_answer(self.tok.decode(got[0])) == normalize_answer(doc[-1])
         return {"val_loss": total / max(n, 1), "val_answer_accuracy": hits / min(64, len(self.val_docs))}
@@ -355,6 +355,12 @@ class TuneAPT:
                 model.start_proj_from_words()
         else:
             model = APT.load(prev, encoder, llm, self.tok, self.encoder_id, self.llm_id, cache)
+            model.aligner.set_dropout(cfg.aligner_dropout)  # a training setting, as in stage 1
+            if differ := [k for k in ("prompt_format", "instruction_bos", "long_audio")
+                          if getattr(cfg, k) != getattr(model, k)]:
+                log.warning("%s was trained with %s; the settings' %s are not used: an APT keeps the layout it was "
+                            "trained in", prev, ", ".join(f"{k}={getattr(model, k)}" for k in differ),
+                            ", ".join(f"{k}={getattr(cfg, k)}" for k in differ))
         self.model = model.to(device)
         # what trains: the aligner without its stage-0 heads, the projection and <AUDIO>
         for name, p in self.model.aligner.named_parameters():
@@ -966,9 +972,15 @@ def parse_ratios(text: str, base: dict) -> dict:
         task, _, value = item.partition("=")
         task = task.strip()
         if task not in known:
-            raise SystemExit(f"--task_ratios: unknown task {task!r}; tasks: {', '.join(sorted(known))}")
+            raise SettingError(f"--task_ratios: unknown task {task!r}; tasks: {', '.join(sorted(known))}")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not 0 <= weight < math.inf:
+            raise SettingError(f"--task_ratios: {item.strip()!r}: expected task=weight, a weight of 0 or more")
         if task in ratios:
-            ratios[task] = float(value)
+            ratios[task] = weight
     return ratios
 
 

@@ -185,6 +185,13 @@ class Aligner(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def set_dropout(self, p: float):
+        """Every dropout of the aligner at rate p (the config records it, so a saved aligner keeps it)."""
+        self.config.dropout = p
+        for m in self.modules():
+            if isinstance(m, (nn.Dropout, Attention)):
+                m.p = p
+
     # ---------------------------------------------------------------------------------------------------- words
 
     def attach_llm_words(self, table: torch.Tensor):

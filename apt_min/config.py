@@ -242,6 +242,11 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
     if cfg.grad_checkpointing_keep < 0:
         raise SettingError(f"--grad_checkpointing_keep={cfg.grad_checkpointing_keep}: expected a number of blocks, "
                            ">= 0")
+    if cfg.grad_clip <= 0:  # clip_grad_norm_ at 0 zeroes every gradient, below 0 turns them round
+        raise SettingError(f"--grad_clip={cfg.grad_clip}: expected a gradient norm above 0")
+    if not 0 <= cfg.vision_align_steps < cfg.steps_vision:
+        raise SettingError(f"--vision_align_steps={cfg.vision_align_steps} with --steps_vision={cfg.steps_vision}: "
+                           "the vision stage needs steps with the LLM after its alignment steps")
     if cfg.proj_init == "words" and cfg.aligner_words != "llm":
         raise SettingError("--proj_init=words starts the projection from the aligner's map of the LLM's words, "
                            "which only --aligner_words=llm has")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from apt_min.config import load_config
+from apt_min.errors import SettingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def main():
     preset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--preset=")), "tiny")
     extra = [a for a in sys.argv[1:] if not a.startswith("--preset=")]
-    run_dir = Path(next((a.split("=", 1)[1] for a in extra if a.startswith("--run_dir=")), load_config(preset).run_dir))
-    cfg = load_config(preset)
+    try:
+        cfg = load_config(preset, extra)  # the settings given too: they decide which stages the chain has
+    except SettingError as e:
+        raise SystemExit(f"bench_chain.py [--preset=P] [--key=value ...]: {e}") from None
+    run_dir = Path(cfg.run_dir)
     stages = [("mae", "encoder-train"), ("0", "stage0"), ("lm", "llm-train"), ("1", "stage1"), ("2", "stage2")]
     skip = {"lm"} if cfg.llm_path else set()  # a preset with a real LLM has no lm stage
     skip |= set() if cfg.encoder_init == "mae" and not cfg.encoder_checkpoint else {"mae"}

@@ -89,13 +89,17 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    x, mask, _ = apt.embed_batch(batch, feats, answers)
-    tokens = int(mask.sum())
-    n_llm = sum(p.numel() for p in llm.parameters()) - llm_cfg.vocab_size * llm_cfg.hidden_size  # minus the lookup
-    L, D, T = llm_cfg.num_hidden_layers, llm_cfg.hidden_size, x.shape[1]
-    attention = 4 * L * T * D  # per token: scores and values, forward; doubled below for backward
+    x, mask, labels = apt.embed_batch(batch, feats, answers)
+    tokens, answered = int(mask.sum()), int((labels != -100).sum())  # logits are computed at the answers only
+    V, D = llm_cfg.vocab_size, llm_cfg.hidden_size
+    n_head = V * D  # the vocabulary projection (tied or not), run where a loss is taken
+    n_llm = sum(p.numel() for p in llm.parameters()) - V * D - (0 if llm_cfg.tie_word_embeddings else n_head)
+    L, T = llm_cfg.num_hidden_layers, x.shape[1]
+    attention = 4 * L * T * D  # per token, forward: scores and values; backward to both inputs is twice that
     n_aligner = sum(p.numel() for p in aligner.parameters())
-    flops = tokens * (4 * n_llm + 2 * attention) + 6 * n_aligner * args.batch * aligner.config.num_queries
+    # frozen weights: forward 2N, backward to the activations 2N (no weight gradients); trainable: 6N
+    flops = (tokens * (4 * n_llm + 3 * attention) + answered * 4 * n_head
+             + 6 * n_aligner * args.batch * aligner.config.num_queries)
     # a recomputed block runs forward again: all of it when compiled (one graph); as written, the recomputation stops
     # once it has what backward needs (checkpoint's early stop), before the frozen down projection, which keeps nothing
     block = llm.model.layers[0]
@@ -108,11 +112,13 @@ def main():
     results = {}
     for kept in keeps if args.checkpointing else [L]:
         llm.blocks_kept = kept
-        step()
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # so that the reserved peak is this setting's own
             torch.cuda.reset_peak_memory_stats()
+        step()  # untimed: the allocator takes this setting's memory here, not inside the timed steps
+        if device == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         repeats = 3
         for _ in range(repeats):
@@ -178,6 +184,8 @@ def time_by_kind(prof, device: str) -> dict[str, float]:
     for event in prof.key_averages():
         if (event.device_type == DeviceType.CUDA) != on_gpu:
             continue
+        if on_gpu and getattr(event, "is_user_annotation", False):  # a record_function span on the GPU's timeline:
+            continue  # it covers kernels counted already (the CPU's own spans hold self time of their own)
         time_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
         name = event.key.lower()
         kind = next((k for k, pieces in KINDS.items() if any(p in name for p in pieces)), "other")

@@ -18,22 +18,27 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # apt_min and train.py from
 python3 -c "import soundfile" 2>/dev/null || echo "soundfile is missing: the training checks will fail (run benchmarks/gpu_wheels.sh here and carry .whl)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
-step() {  # name, limit in seconds, command...
+FAILED=()
+step() {  # name, limit in seconds, command...; says how it ended (a failure or a timeout is never silent)
     local name=$1 limit=$2; shift 2
     local left=$((BUDGET - SECONDS))
-    if ((left < 45)); then echo "=== $name: skipped, under 45 s of the budget ($BUDGET s) left"; return; fi
+    if ((left < 45)); then echo "=== $name: skipped, under 45 s of the budget ($BUDGET s) left"; FAILED+=("$name (skipped)"); return; fi
     ((limit > left)) && limit=$left
     echo "=== $name (at most $limit s)"
     timeout "$limit" "$@" 2>&1 | grep --line-buffered -v "it/s]\|s/it]" | tee "$OUT/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    if ((rc == 124)); then echo "=== $name: TIMED OUT after $limit s"; FAILED+=("$name (timed out)")
+    elif ((rc != 0)); then echo "=== $name: FAILED, exit $rc"; FAILED+=("$name (exit $rc)")
+    else echo "=== $name: ok"; fi
 }
 # issue 17: the paper's stage-0 contrastive batch, and the 7B step's MFU at the batches a 24 GB card holds, with
 # 0.. of the last blocks kept out of the recomputation, and where the time goes
 step stage0_batch400 90 python3 benchmarks/gpu_checks.py --parts stage0 --out "$OUT"
 # (a compiled block kept costs about 0.43 GiB at batch 32, benchmarks/block_memory.py: 16 is past a 24 GB card)
 step gpu_step_b32_compiled 150 python3 benchmarks/bench_gpu_step.py --compile --batch 32 --keep 0,8,12,16 --profile
-step gpu_step_b16_compiled 120 python3 benchmarks/bench_gpu_step.py --compile --batch 16 --keep 0,16,24,32
+step gpu_step_b16_compiled 120 python3 benchmarks/bench_gpu_step.py --compile --batch 16 --keep 0,16,24,32 --profile
+step gpu_step_b24_compiled 120 python3 benchmarks/bench_gpu_step.py --compile --batch 24 --keep 0,12,16,20 --profile
 step gpu_checks 200 python3 benchmarks/gpu_checks.py --parts numerics,training --out "$OUT"
-step gpu_step_b24_compiled 120 python3 benchmarks/bench_gpu_step.py --compile --batch 24 --keep 0,12,16,20
 if [[ -n ${ALL:-} ]]; then
     step gpu_step_ckpt_b8 120 python3 benchmarks/bench_gpu_step.py
     step gpu_step_ckpt_b32 100 python3 benchmarks/bench_gpu_step.py --batch 32
@@ -43,3 +48,4 @@ if [[ -n ${ALL:-} ]]; then
     step audio 100 python3 benchmarks/bench_audio.py --repeats 5
 fi
 echo "=== done in $SECONDS s"
+if ((${#FAILED[@]})); then printf '=== not complete: %s\n' "${FAILED[@]}"; exit 1; fi

@@ -441,6 +441,25 @@ def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
     np.testing.assert_allclose(got[0], want, rtol=1e-5)
 
 
+def test_each_task_generates_room_for_its_longest_answer(trained, monkeypatch):
+    """Generation stops at a cap of new tokens per task: each cap holds the longest reference answer of its test
+    split, EOS included (SED's four-times events ran past the old cap of 40 and lost their last segment). Captions
+    are left out: their cap is the public APT code's 40, which the miniature's 400-word tokenizer cannot meet."""
+    from apt_min.tokenizer import Tokenizer
+
+    caps = {}
+    monkeypatch.setattr(evaluation, "generate", lambda apt, examples, options, *a: caps.setdefault(
+        examples[0].task, options["max_new_tokens"]) and [ex.answer for ex in examples])
+    cfg = load_config("tiny", opts(trained))
+    tok = Tokenizer(trained / "run" / "llm")
+    for name in ("sed", "ter", "counting", "clotho_aqa", "nlar"):
+        examples = evaluation.examples_for(name, cfg, evaluation.Options())
+        evaluation.EVALUATORS[evaluation.EVALUATIONS[name][0]](None, cfg, name, examples, evaluation.Options())
+        longest = max(len(tok.encode(ex.answer, bos=False)) + 1 for ex in examples)
+        assert caps[examples[0].task] >= longest, (name, caps, longest)
+    assert caps["sed"] >= 64
+
+
 def test_segment_f1_finds_the_most_matches_there_are():
     """On random small sets of segments (grid ends, so IoU ties at 0.5 and touching segments occur): the matched
     count equals the best of every way to pair predictions with references (brute force), in any order."""
@@ -636,7 +655,7 @@ def test_meteor_reads_captions_tokenised_as_the_other_caption_metrics():
 
 
 def test_each_task_decodes_as_documented(trained, monkeypatch):
-    """Greedy decoding with room for what each task answers (40 new tokens for tagging's label lists and SED's time
+    """Greedy decoding with room for what each task answers (40 new tokens for tagging's label lists, 96 for SED's time
     spans, 30 for TER's labels, 12 for a short answer); captioning as --num-beams and the others set it (the public
     APT code's beam search by default)."""
     asked = {}
@@ -654,7 +673,7 @@ def test_each_task_decodes_as_documented(trained, monkeypatch):
     for name in ("audioset", "audiocaps", "clotho_aqa", "nlar", "sed", "ter", "counting"):
         examples = evaluation.examples_for(name, cfg, evaluation.Options(limit=3))
         evaluation.EVALUATORS[EVALUATIONS[name][0]](apt, cfg, name, examples, beams)
-    assert asked == {"tagging": {"max_new_tokens": 40}, "sed": {"max_new_tokens": 40}, "ter": {"max_new_tokens": 30},
+    assert asked == {"tagging": {"max_new_tokens": 40}, "sed": {"max_new_tokens": 96}, "ter": {"max_new_tokens": 30},
                      "clotho_aqa": {"max_new_tokens": 12}, "nlar": {"max_new_tokens": 12},
                      "counting": {"max_new_tokens": 12},
                      "captioning (audiocaps)": {"max_new_tokens": 40, "num_beams": 3, "repetition_penalty": 1.5}}

@@ -52,6 +52,19 @@ def test_the_tiny_encoder_is_the_seeds(tmp_path):
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], c["blocks.0.attn.qkv.weight"])
 
 
+def test_settings_that_would_train_nothing_are_refused():
+    """A gradient clip at or below 0 (every gradient zeroed, or turned round) and a vision stage with no step after
+    its alignment steps (its projection would never train) are setting errors, before anything runs."""
+    from apt_min.errors import SettingError
+
+    for clip in ("0", "-1"):
+        with pytest.raises(SettingError, match=f"--grad_clip={float(clip)}: expected a gradient norm above 0"):
+            load_config("tiny", [f"--grad_clip={clip}"])
+    with pytest.raises(SettingError, match="--vision_align_steps=500 with --steps_vision=500: the vision stage"):
+        load_config("tiny", ["--steps_vision=500", "--vision_align_steps=500"])
+    assert load_config("tiny", ["--steps_vision=501", "--vision_align_steps=500"]).steps_vision == 501
+
+
 def test_a_pth_encoders_identity_covers_the_block_it_is_read_at(tmp_path):
     """A released Audio-MAE .pth holds weights only: which block APT reads (output_block) and its shape come from
     the settings. Reading another block is another encoder: another feature-cache key and another fingerprint (which

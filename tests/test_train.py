@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import train
-from apt_min import audio, data, evaluation
+from apt_min import audio, data, evaluation, tasks
+from apt_min.errors import SettingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,8 +280,29 @@ def test_task_ratios_change_the_mixture_and_unknown_tasks_are_named():
     ratios = train.parse_ratios("aqa=0.3, fewshot=1,captioning=0", base)
     assert ratios == {**base, "aqa": 0.3, "captioning": 0.0}  # fewshot belongs to stage 2: ignored here
     assert train.parse_ratios("", base) == base
-    with pytest.raises(SystemExit, match=r"--task_ratios: unknown task 'speech'"):
+    with pytest.raises(SettingError, match=r"--task_ratios: unknown task 'speech'"):
         train.parse_ratios("speech=1", base)
+    for bad in ("aqa", "aqa=x", "aqa=-1", "aqa=inf"):  # a weight that is missing, not a number, below 0
+        with pytest.raises(SettingError, match=f"--task_ratios: '{bad}': expected task=weight, a weight of 0 or more"):
+            train.parse_ratios(bad, base)
+    with pytest.raises(SystemExit, match=r"^train.py: error: --task_ratios: 'aqa=x'"):  # one line, no traceback
+        train.main(["--stage", "1", "--task_ratios=aqa=x"])
+
+
+def test_stage_2_trains_with_the_settings_dropout_and_keeps_the_apts_layout(trained, tmp_path, caplog):
+    """Stage 2 (and caption_ft) continue a saved APT: its aligner's dropout is the setting's, as in stage 1; the
+    layout it was trained in (prompt format, instruction BOS, long audio) stays, and a setting that differs is named
+    in a warning rather than silently dropped."""
+    from torch import nn
+
+    tmp = copy_of(trained, tmp_path)
+    with caplog.at_level("WARNING"):
+        job = train.TuneAPT(train.load_config("tiny", opts(tmp, "--aligner_dropout=0", "--long_audio=all")), "2", 0, 1,
+                            torch.device("cpu"))
+    rates = {m.p for m in job.model.aligner.modules() if isinstance(m, nn.Dropout) or hasattr(m, "heads")}
+    assert rates == {0.0} and job.model.aligner.config.dropout == 0.0
+    assert job.model.long_audio == "windows" and "long_audio=windows; the settings' long_audio=all are not used" in \
+        caplog.text
 
 
 def test_made_up_names_in_training_episodes_are_a_setting(trained):
@@ -573,11 +595,19 @@ def test_the_stand_in_llm_learns_next_tokens_of_whole_documents_from_a_small_sta
     assert loss_sum.item() == pytest.approx(sum(alone).item(), rel=1e-5)
 
     answers = {tuple(job.encode(d[:-1])[:-1]): d[-1] for d in job.val_docs}
-    right = set(list(answers)[::2])  # every other document answered
-    monkeypatch.setattr(job.llm, "generate", lambda ids, **kw: torch.tensor(
-        [tok.encode(answers[tuple(ids[0].tolist())] if tuple(ids[0].tolist()) in right else "no idea", bos=False)]))
+    right, caps = set(list(answers)[::2]), set()  # every other document answered
+
+    def generate(ids, max_new_tokens, **kw):
+        caps.add(max_new_tokens)
+        said = answers[tuple(ids[0].tolist())] if tuple(ids[0].tolist()) in right else "no idea"
+        return torch.tensor([tok.encode(said, bos=False)])
+
+    monkeypatch.setattr(job.llm, "generate", generate)
     assert len(job.val_docs) < 64
     assert job.validate()["val_answer_accuracy"] == pytest.approx(len(right) / len(job.val_docs))
+    four = tasks.format_segments([(0.1, 0.9), (1.3, 2.4), (2.8, 3.6), (4.1, 4.7)])  # an event heard four times
+    longest = max(len(tok.encode(a, bos=False)) + 1 for a in [four, *answers.values()])
+    assert min(caps) >= longest  # room for the longest answer and its EOS: every document can be answered
 
 
 def test_stage_0_reads_whole_clips_counts_what_it_skips_and_retrieves_over_every_reference(prepared, tmp_path,
