@@ -68,6 +68,14 @@ LAYOUT = {  # relative to the data root; {split} and the audio pattern's fields 
 # ------------------------------------------------------------------------------------------------------- readers
 
 
+def _json(path: Path):
+    """A JSON file's contents; a file that is not JSON is a DataError naming the file and line."""
+    try:
+        return json.loads(_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
 def _text(path: Path) -> str:
     """File contents as text: UTF-8, or ISO-8859-1 (Clotho's metadata) where UTF-8 fails."""
     path = Path(path)
@@ -181,10 +189,7 @@ def read_clotho_aqa(path) -> list[tuple[str, str, list[str], list[str]]]:
 
 def read_wavcaps(path) -> list[dict]:
     """A WavCaps JSON file: {"num_captions_per_audio": 1, "data": [{"id", "caption", "audio", "duration", ...}]}."""
-    try:
-        raw = json.loads(_text(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    raw = _json(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
         raise DataError(f"{path}: expected an object with a 'data' list")
     for i, item in enumerate(raw["data"]):
@@ -204,10 +209,7 @@ def read_esc50(path) -> list[tuple[str, int, int, str]]:
 
 
 def _json_list(path, keys) -> list[dict]:
-    try:
-        raw = json.loads(_text(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    raw = _json(path)
     if not isinstance(raw, list):
         raise DataError(f"{path}: expected a list of items")
     for i, item in enumerate(raw):
@@ -459,10 +461,7 @@ def wavcaps_blacklisted(root: Path, subset: str, blacklists: tuple[str, ...]) ->
             _warn_once(f"{path}: WavCaps's blacklist is not there; the clips it names (test clips of AudioCaps, Clotho "
                        "or ESC-50) are not left out of training")
             continue
-        try:
-            lists = json.loads(_text(path))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        lists = _json(path)
         if not isinstance(lists, dict):
             raise DataError(f"{path}: expected an object of id lists by subset")
         for key, ids in lists.items():
