@@ -746,7 +746,8 @@ def restore(ckpts, job, opt, sched, rank: int = 0, world: int = 1) -> tuple[int,
     if job.scaler and state.get("scaler"):
         job.scaler.load_state_dict(state["scaler"])
     job.sampler.load_state_dict(state["sampler"])
-    generators = state["rng"]
+    generators = state.get("rng") or [{"torch": state["torch_rng"], "cuda": state.get("cuda_rng"),
+                                       "py": state["py_rng"]}]  # a checkpoint written before every process's were
     if len(generators) != world:
         log.warning("%s was written by %d processes and is resumed by %d: the batches and the random draws are no "
                     "longer those of an uninterrupted run", ckpts.folder, len(generators), world)

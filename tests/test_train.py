@@ -754,6 +754,16 @@ def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generato
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2:] == expected[2:]
     with pytest.raises(SystemExit, match="--resume: no checkpoint under"):
         train.restore(train.Checkpoints(tmp_path / "none", keep=2), job, opt, sched)
+    # a checkpoint from before every process's generators were kept: one process's, under the older keys
+    state = train.training_state(3, opt, sched, job, skipped=7)
+    (mine,) = state.pop("rng")
+    state |= {"torch_rng": mine["torch"], "cuda_rng": mine["cuda"], "py_rng": mine["py"]}
+    ckpts.save(3, job.params, state)
+    expected = (torch.rand(3), random.random())
+    torch.rand(2), random.random()
+    assert train.restore(ckpts, job, opt, sched) == (3, 7)
+    got = (torch.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
 
 
 def _resume_worker(rank, world, folder, out):
