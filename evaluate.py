@@ -19,6 +19,7 @@ line, without a traceback.
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def write_metrics(out: Path, name, rows, coverage: data.Coverage | None):
 
 @clean_exit("evaluate.py")
 def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as train.py
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog="Any setting of apt_min/config.py can follow as --key=value.")
     ap.add_argument("--task", required=True, choices=[*EVALUATIONS, "all", "avqa"],
@@ -67,7 +69,8 @@ def main(argv=None):
     ap.add_argument("--data-root", help="a data folder in the real layouts (default: the preset's)")
     ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final, else the preset's "
                     "release)")
-    ap.add_argument("--limit", type=int, default=0, help="evaluate at most this many examples per task")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate at most this many examples per task (few-shot: "
+                    "--episodes)")
     ap.add_argument("--episodes", type=int, default=100, help="few-shot episodes per setting")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", help="where predictions and metrics go (default: {run_dir}/eval)")
@@ -92,11 +95,17 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "avqa":
         return run_avqa(cfg, checkpoint, opts, out, device)
-    trained = json.loads((checkpoint / "apt.json").read_text()).get("config", {}).get("fewshot_layout")
-    if trained and trained != cfg.fewshot_layout and not any(a.startswith("--fewshot_layout") for a in rest):
+    meta = json.loads((checkpoint / "apt.json").read_text())
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in rest if a.startswith("--")}  # settings typed here
+    trained = meta.get("config", {}).get("fewshot_layout")
+    if trained and trained != cfg.fewshot_layout and "fewshot_layout" not in given:
         print(f"few-shot episodes laid out as {checkpoint} was trained on them: fewshot_layout={trained} "
               f"(the {cfg.preset} preset's is {cfg.fewshot_layout}; --fewshot_layout chooses)")
         cfg.fewshot_layout = trained
+    for key in ("prompt_format", "instruction_bos", "long_audio"):  # the APT's own, whatever the settings say
+        if key in given and key in meta and getattr(cfg, key) != meta[key]:
+            print(f"--{key}={getattr(cfg, key)} is not used: {checkpoint} is evaluated as it was trained, "
+                  f"{key}={meta[key]}")
     ensure_data(cfg)
     ensure_tokenizer(cfg)
     apt = load_apt(cfg, checkpoint, device)

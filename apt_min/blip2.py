@@ -326,7 +326,7 @@ class APTBLIP2:
         CheckpointError says which LLM the APT needs. blocks_apart: the visual and the acoustic prompts do not see
         each other (config.avqa_blocks_apart)."""
         apt = APT.load(apt_folder, encoder, blip.llm, blip.tokenizer, encoder_id, blip.identity, cache)
-        return cls(blip, apt, prompt_format, blocks_apart)
+        return cls(blip, apt.to(blip.llm.lm_head.weight.device), prompt_format, blocks_apart)  # where the LLM is
 
     @staticmethod
     def segments(prompt: str, mode: str, visual: torch.Tensor | None = None, audio: str | None = None):

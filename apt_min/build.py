@@ -150,8 +150,19 @@ def resolve_precision(cfg, device) -> str:
         return "fp32"
     speedup = cpu_bf16_speedup()
     precision = "bf16" if speedup >= 1.5 else "fp32"
-    log.info("precision auto: %s (a bf16 matrix product runs %.1fx as fast as fp32 on this CPU)", precision, speedup)
+    log.info("precision auto: %s (a bf16 matrix product runs %.2fx as fast as fp32 on this CPU; bf16 from 1.5x)",
+             precision, speedup)
     return precision
+
+
+def frozen_dtype(cfg, device) -> torch.dtype:
+    """The dtype the frozen encoder and LLM are held in for evaluation, as training holds them: bf16 or fp16 where
+    the run's precision resolves to it (always bf16 on a GPU under auto; on a CPU, see resolve_precision), else fp32.
+    fp16 needs a CUDA device, as in training."""
+    precision = resolve_precision(cfg, device)
+    if precision == "fp16" and torch.device(device).type != "cuda":
+        raise SettingError("--precision=fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def feature_cache(cfg, encoder_id: dict) -> FeatureCache:
@@ -159,9 +170,9 @@ def feature_cache(cfg, encoder_id: dict) -> FeatureCache:
 
 
 def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
-    """A trained APT with the encoder and LLM it was trained against, ready to evaluate: the frozen parts in bf16
-    where the run's precision resolves to bf16 (always on a GPU; on a CPU, see resolve_precision), else fp32."""
-    dtype = torch.bfloat16 if resolve_precision(cfg, device) in ("bf16", "fp16") else torch.float32
+    """A trained APT with the encoder and LLM it was trained against, ready to evaluate: the frozen parts in the
+    run's precision (frozen_dtype)."""
+    dtype = frozen_dtype(cfg, device)
     encoder, encoder_id = build_encoder(cfg, device, dtype, create=False)
     llm, llm_id = load_llm(cfg, device, dtype)
     return APT.load(checkpoint, encoder, llm, ensure_tokenizer(cfg), encoder_id, llm_id,
@@ -174,7 +185,7 @@ def load_apt_blip2(cfg, checkpoint: str | Path, device="cpu"):
     side `train.py --stage vision` trained against the preset's LLM, in the APT's own format."""
     from apt_min.blip2 import APTBLIP2, InstructBLIP
 
-    dtype = torch.bfloat16 if resolve_precision(cfg, device) in ("bf16", "fp16") else torch.float32
+    dtype = frozen_dtype(cfg, device)
     encoder, encoder_id = build_encoder(cfg, device, dtype, create=False)
     cache = feature_cache(cfg, encoder_id)
     if cfg.vision_path:

@@ -349,7 +349,11 @@ def test_an_apt_of_another_llm_is_refused(hf_folder, blip, tmp_path):
     assert same_id["fingerprint"] != blip.identity["fingerprint"]  # different files ...
     apt = tiny_apt(blip)
     apt.save(tmp_path / "apt-same", enc_id, same_id)
-    plugged = APTBLIP2.plug(blip, tmp_path / "apt-same", apt.encoder, enc_id)  # ... the same weights: accepted
+    moved = []
+    with pytest.MonkeyPatch.context() as m:  # the APT goes where the LLM is (on a GPU: not left on the CPU)
+        m.setattr(APT, "to", lambda self, *a, **kw: moved.append(a) or self)
+        plugged = APTBLIP2.plug(blip, tmp_path / "apt-same", apt.encoder, enc_id)  # ... the same weights: accepted
+    assert moved == [(blip.llm.lm_head.weight.device,)]
     torch.testing.assert_close(plugged.apt.proj.weight, apt.proj.weight)
 
     other = Llama(llm.config)  # another LLM of the same shape

@@ -460,6 +460,23 @@ def test_each_task_generates_room_for_its_longest_answer(trained, monkeypatch):
     assert caps["sed"] >= 64
 
 
+def test_the_checkpoints_layout_is_used_and_said_unless_chosen(trained, tmp_path, capsys):
+    """evaluate.py lays few-shot episodes out as the checkpoint was trained, saying so, unless --fewshot_layout (or
+    --fewshot-layout) chooses; the prompt format, instruction BOS and long-audio mode are always the APT's own, and
+    one given on the command line that differs is said to be unused."""
+    args = ["--task", "counting", "--limit", "4", "--batch-size", "4", "--out", str(tmp_path), *opts(trained)]
+    evaluate.main([*args, "--preset", "small", "--llm_path=" + str(trained / "run" / "llm"),
+                   "--aligner_words=own", "--aligner_init=random", "--prompt_format=plain", "--encoder_init=random"])
+    said = capsys.readouterr().out
+    assert "few-shot episodes laid out as" in said and "fewshot_layout=paper (the small preset's is list" in said
+    for spelling in ("--fewshot_layout=list", "--fewshot-layout=list"):
+        evaluate.main([*args, spelling])
+        assert "few-shot episodes laid out as" not in capsys.readouterr().out, spelling
+    evaluate.main([*args, "--prompt_format=smollm2-chat", "--long-audio=all"])
+    said = capsys.readouterr().out
+    assert "--prompt_format=smollm2-chat is not used" in said and "--long_audio=all is not used" in said
+
+
 def test_segment_f1_finds_the_most_matches_there_are():
     """On random small sets of segments (grid ends, so IoU ties at 0.5 and touching segments occur): the matched
     count equals the best of every way to pair predictions with references (brute force), in any order."""

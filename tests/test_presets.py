@@ -65,6 +65,20 @@ def test_settings_that_would_train_nothing_are_refused():
     assert load_config("tiny", ["--steps_vision=501", "--vision_align_steps=500"]).steps_vision == 501
 
 
+def test_evaluation_holds_the_frozen_parts_in_the_runs_precision():
+    """frozen_dtype: bf16 and fp16 as the precision says (fp16 was held in bf16), fp32 else; fp16 on a CPU is the
+    setting error training gives."""
+    from apt_min.build import frozen_dtype
+    from apt_min.errors import SettingError
+
+    assert frozen_dtype(load_config("tiny", ["--precision=fp16"]), "cuda") == torch.float16
+    assert frozen_dtype(load_config("tiny", ["--precision=bf16"]), "cpu") == torch.bfloat16
+    assert frozen_dtype(load_config("tiny", ["--precision=fp32"]), "cuda") == torch.float32
+    assert frozen_dtype(load_config("tiny", []), "cuda") == torch.bfloat16  # auto on a GPU
+    with pytest.raises(SettingError, match="--precision=fp16 needs a CUDA device"):
+        frozen_dtype(load_config("tiny", ["--precision=fp16"]), "cpu")
+
+
 def test_a_pth_encoders_identity_covers_the_block_it_is_read_at(tmp_path):
     """A released Audio-MAE .pth holds weights only: which block APT reads (output_block) and its shape come from
     the settings. Reading another block is another encoder: another feature-cache key and another fingerprint (which

@@ -275,7 +275,7 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert state["step"] == 5 and torch.equal(w["w"], torch.full((2,), 5.0))
 
 
-def test_task_ratios_change_the_mixture_and_unknown_tasks_are_named():
+def test_task_ratios_change_the_mixture_and_unknown_tasks_are_named(prepared, tmp_path):
     base = train.STAGES["1"]["ratios"]
     ratios = train.parse_ratios("aqa=0.3, fewshot=1,captioning=0", base)
     assert ratios == {**base, "aqa": 0.3, "captioning": 0.0}  # fewshot belongs to stage 2: ignored here
@@ -286,7 +286,7 @@ def test_task_ratios_change_the_mixture_and_unknown_tasks_are_named():
         with pytest.raises(SettingError, match=f"--task_ratios: '{bad}': expected task=weight, a weight of 0 or more"):
             train.parse_ratios(bad, base)
     with pytest.raises(SystemExit, match=r"^train.py: error: --task_ratios: 'aqa=x'"):  # one line, no traceback
-        train.main(["--stage", "1", "--task_ratios=aqa=x"])
+        train.main(["--stage", "1", *opts(copy_of(prepared, tmp_path)), "--task_ratios=aqa=x"])
 
 
 def test_stage_2_trains_with_the_settings_dropout_and_keeps_the_apts_layout(trained, tmp_path, caplog):
