@@ -34,9 +34,11 @@ from apt_min.release import resolve_checkpoint
 from apt_min.tasks import label_text
 
 
-def write_results(out: Path, name, examples, rows, outputs, refs, coverage: data.Coverage | None = None):
-    """predictions_{name}.jsonl (each example's clips, prompt, output and reference), metrics_{name}.json and, where
-    clips were lost, missing_{name}.txt (one per line: path, tab, why)."""
+def write_results(out: Path, name, examples, rows, outputs, refs, coverage: data.Coverage | None = None,
+                  made: dict | None = None):
+    """predictions_{name}.jsonl (each example's clips, prompt, output and reference), metrics_{name}.json, made_
+    {name}.json (what made them: `made`, the checkpoint and options) and, where clips were lost, missing_{name}.txt
+    (one per line: path, tab, why)."""
     with open(out / f"predictions_{name}.jsonl", "w") as f:
         for i, (o, r) in enumerate(zip(outputs, refs)):
             ex = examples[i]
@@ -45,12 +47,14 @@ def write_results(out: Path, name, examples, rows, outputs, refs, coverage: data
             record |= {"audio": [v for k, v in ex.segments if k == "audio"],
                        "prompt": " ".join(v for k, v in ex.segments if k in ("text", "label"))}
             f.write(json.dumps(record) + "\n")
-    write_metrics(out, name, rows, coverage)
+    write_metrics(out, name, rows, coverage, made)
 
 
-def write_metrics(out: Path, name, rows, coverage: data.Coverage | None):
+def write_metrics(out: Path, name, rows, coverage: data.Coverage | None, made: dict | None = None):
     (out / f"metrics_{name}.json").write_text(json.dumps(
         [{"metric": m, "apt": v, "baseline": b, "protocol": p} for m, v, b, p in rows], indent=1))
+    if made is not None:  # so that a folder holding several runs' files can tell them apart (results_table.py)
+        (out / f"made_{name}.json").write_text(json.dumps(made, indent=1))
     missing = out / f"missing_{name}.txt"
     if coverage and coverage.lines():
         missing.write_text("".join(line + "\n" for line in coverage.lines()))
@@ -109,11 +113,13 @@ def main(argv=None):
     ensure_data(cfg)
     ensure_tokenizer(cfg)
     apt = load_apt(cfg, checkpoint, device)
+    made = {"checkpoint": str(checkpoint.resolve()), "preset": cfg.preset, "data_root": str(cfg.data_root),
+            "limit": args.limit, "episodes": args.episodes, "captioning": opts.caption}
     report = []
     for name in EVALUATIONS if args.task == "all" else [args.task]:
         examples, rows, outputs, refs = evaluate(name, apt, cfg, opts)
         rows.append(coverage_row(name, examples, opts.coverage, opts))  # on how many clips; what was lost
-        write_results(out, name, examples, rows, outputs, refs, opts.coverage)
+        write_results(out, name, examples, rows, outputs, refs, opts.coverage, made)
         report += [(name, *row) for row in rows]
     print_report(report, out)
 

@@ -20,9 +20,20 @@ def margin(apt: float, baseline: float, lower_is_better: bool = False) -> str:
     return "yes" if gain >= max(0.1 * abs(baseline), 0.02) else "barely"
 
 
+def runs_mixed(folder: Path) -> str:
+    """"" when every task's metrics in `folder` were made by one checkpoint with one data root and --limit (their
+    made_{task}.json files), else what differs: a table drawn from several runs would read as one model's."""
+    made = {f.stem[5:]: json.loads(f.read_text()) for f in sorted(folder.glob("made_*.json"))
+            if (folder / f"metrics_{f.stem[5:]}.json").is_file()}
+    differ = [k for k in ("checkpoint", "data_root", "limit") if len({json.dumps(m.get(k)) for m in made.values()}) > 1]
+    return "; ".join(f"{k}: " + ", ".join(f"{task} {m.get(k)}" for task, m in made.items()) for k in differ)
+
+
 def main():
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny/eval")
     name = sys.argv[2] if len(sys.argv) > 2 else "APT-tiny"
+    if mixed := runs_mixed(folder):
+        print(f"note: the metrics in {folder} come from different runs ({mixed})", file=sys.stderr)
     print(f"| task | metric | {name} | baseline | clear margin? | protocol (baseline) |")
     print("|---|---|---|---|---|---|")
     for task in TASKS:

@@ -617,6 +617,25 @@ def test_results_table_names_the_margin(trained, capsys, monkeypatch):
     assert len(scored) == 1 and scored[0][2].isdigit() and scored[0][4] == ""  # a count, no margin
 
 
+def test_each_metrics_file_says_what_made_it_and_a_mixed_folder_is_named(trained, tmp_path, capsys, monkeypatch):
+    """made_{task}.json beside each metrics file: the checkpoint, data root and options; results_table.py says when
+    the files of one folder come from different runs (here: another --limit), which would read as one model."""
+    from benchmarks import results_table
+
+    out = tmp_path / "eval"
+    args = ["--batch-size", "4", "--out", str(out), *opts(trained)]
+    evaluate.main(["--task", "counting", "--limit", "4", *args])
+    made = json.loads((out / "made_counting.json").read_text())
+    assert made["checkpoint"] == str((trained / "run" / "stage2" / "final").resolve()) and made["limit"] == 4
+    evaluate.main(["--task", "nlar", "--limit", "4", *args])
+    assert results_table.runs_mixed(out) == ""  # one run's settings
+    evaluate.main(["--task", "nlar", "--limit", "6", *args])
+    monkeypatch.setattr(sys, "argv", ["results_table.py", str(out)])
+    capsys.readouterr()
+    results_table.main()
+    assert f"note: the metrics in {out} come from different runs (limit: counting 4, nlar 6)" in capsys.readouterr().err
+
+
 def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
     """The paper's tagging protocol uses the stage-0 aligner of the run the checkpoint belongs to, wherever that run
     is, not the one under the configured run_dir."""
