@@ -42,7 +42,14 @@ from tqdm import tqdm
 from apt_min import audio, build, data, synth, synth_av
 from apt_min.aligner import STAGE0_HEADS, Aligner, pad_tokens, retrieval_r1, stage0_batch, stage0_losses
 from apt_min.audiomae import AudioMAE
-from apt_min.build import build_encoder, ensure_data, ensure_tokenizer, feature_cache, load_llm, resolve_precision
+from apt_min.build import (
+    build_encoder,
+    ensure_data,
+    ensure_tokenizer,
+    feature_cache,
+    frozen_dtype,
+    load_llm,
+)
 from apt_min.config import load_config
 from apt_min.errors import SettingError, clean_exit
 from apt_min.llama import Llama
@@ -861,13 +868,10 @@ def amp_settings(cfg, device):
     on a CPU bf16 where cpu_bf16 is set and the CPU computes it natively (build.resolve_precision), else fp32.
     Under bf16 the frozen encoder and LLM are held in bf16 too (CPU and CUDA alike): autocast would cast their
     weights to bf16 for every product anyway."""
-    precision = resolve_precision(cfg, device)
-    if precision == "fp32":
+    dtype = frozen_dtype(cfg, device)  # fp16 on a CPU is a setting error
+    if dtype == torch.float32:
         return nullcontext, None, torch.float32
-    if precision == "fp16" and device.type != "cuda":
-        raise SystemExit("--precision=fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, dtype
 
 

@@ -156,9 +156,9 @@ def resolve_precision(cfg, device) -> str:
 
 
 def frozen_dtype(cfg, device) -> torch.dtype:
-    """The dtype the frozen encoder and LLM are held in for evaluation, as training holds them: bf16 or fp16 where
-    the run's precision resolves to it (always bf16 on a GPU under auto; on a CPU, see resolve_precision), else fp32.
-    fp16 needs a CUDA device, as in training."""
+    """The dtype a run computes in and holds its frozen encoder and LLM in, training and evaluation alike: bf16 or
+    fp16 where the run's precision resolves to it (always bf16 on a GPU under auto; on a CPU, see resolve_precision),
+    else fp32. fp16 needs a CUDA device."""
     precision = resolve_precision(cfg, device)
     if precision == "fp16" and torch.device(device).type != "cuda":
         raise SettingError("--precision=fp16 needs a CUDA device; use bf16 or fp32 on a CPU")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import io
 import json
 import logging
@@ -441,12 +442,12 @@ def _caption_records(L, root, split, source) -> tuple[Path, str, list[tuple[dict
         name = lay.get("names", {}).get(subset)
         path = root / (lay["json"].format(subset=subset, name=name) if name else f"wavcaps/json_files/{subset}.json")
         excluded, listed = wavcaps_blacklisted(root, subset, tuple(lay.get("blacklists", ()))), read_wavcaps(path)
-        items = [d for d in listed if Path(str(d["id"])).stem not in excluded]
-        if dropped := len(listed) - len(items):
+        records = [({"stem": stem, **d}, [d["caption"]]) for d in listed
+                   if (stem := Path(str(d["id"])).stem) not in excluded]
+        if dropped := len(listed) - len(records):
             log.info("%s: %d clips left out, WavCaps's blacklists name them (test clips of other data sets)", path,
                      dropped)
-        return path, lay["audio"].replace("{subset}", subset), [({"stem": Path(str(d["id"])).stem, **d},
-                                                                 [d["caption"]]) for d in items]
+        return path, lay["audio"].replace("{subset}", subset), records
     raise ValueError(f"unknown captioning source {source!r}: audiocaps, clotho or wavcaps:<subset>")
 
 
@@ -470,13 +471,9 @@ def wavcaps_blacklisted(root: Path, subset: str, blacklists: tuple[str, ...]) ->
     return out
 
 
-_WARNED = set()
-
-
+@functools.cache
 def _warn_once(message: str):
-    if message not in _WARNED:
-        _WARNED.add(message)
-        log.warning("%s", message)
+    log.warning("%s", message)
 
 
 def caption_texts(root, split: str, source: str = "audiocaps", layout: dict | None = None) -> list[str]:

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -80,7 +81,7 @@ def verify(folder: str | Path):
             continue
         want, _, name = line.strip().partition(" ")
         name = name.lstrip(" ").removeprefix("*")
-        if len(want) != 64 or not name or any(c not in "0123456789abcdef" for c in want.lower()):
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", want) or not name:
             raise CheckpointError(f"{sums}:{number}: expected '<sha256>  <file name>', found {line!r}")
         listed[name] = want.lower()
     if unlisted := [name for name in FILES if name not in listed]:

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py, at the repository's root
 import train  # noqa: E402
 from apt_min import data
-from apt_min.build import fetch_known_llm, load_apt
+from apt_min.build import fetch_known_llm, load_apt, resolve_precision
 from apt_min.config import load_config
 from apt_min.release import resolve_checkpoint
 
@@ -32,7 +32,7 @@ def main():
     fetch_known_llm(cfg)
     apt = load_apt(cfg, resolve_checkpoint(cfg, None)).train()
     autocast, _, _ = train.amp_settings(cfg, torch.device("cpu"))
-    print(f"small preset, {train.resolve_precision(cfg, torch.device('cpu'))}, batch {cfg.batch_size}, "
+    print(f"small preset, {resolve_precision(cfg, torch.device('cpu'))}, batch {cfg.batch_size}, "
           f"prefix {len(apt.prefix_ids())} tokens, threads {torch.get_num_threads()}")
     for stage in ("1", "2"):
         ratios = train.parse_ratios(cfg.task_ratios, train.STAGES[stage]["ratios"])

@@ -432,7 +432,7 @@ def test_start_from_continues_stage_2_from_a_trained_apt(trained, tmp_path):
 
 def test_precision_settings():
     cpu = torch.device("cpu")
-    with pytest.raises(SystemExit, match=r"--precision=fp16 needs a CUDA device"):
+    with pytest.raises(SettingError, match=r"--precision=fp16 needs a CUDA device"):
         train.amp_settings(train.load_config("tiny", {"precision": "fp16"}), cpu)
     autocast, scaler, frozen = train.amp_settings(train.load_config("tiny", {"precision": "bf16"}), cpu)
     with autocast():
