@@ -921,7 +921,8 @@ def sources(cfg, setting: str) -> list[str]:
     misspelt one is an error naming the setting rather than a data set silently left out."""
     names = [s.strip() for s in getattr(cfg, setting).split(",") if s.strip()]
     if setting == "tagging_sources":
-        known = sorted(set(data.LAYOUT["audioset"]["segments"]) - {"train", "test"})  # splits' names, not sources
+        segments = data.layout_of(cfg.data_root)["audioset"]["segments"]
+        known = sorted(set(segments) - {"train", "test"})  # splits' names, not sources
     else:
         known = ["audiocaps", "clotho", "wavcaps:<subset>"] + ["tagging"] * (setting == "stage0_sources")
     for name in names:

@@ -3,7 +3,9 @@
 Every reader takes the file as its authors released it (the formats are documented at each reader) and returns
 plain records; a row it cannot read raises `DataError` naming the file and line. The synthetic benchmark
 (`synth.py`) writes the same formats, so one path serves both. Where audio lives differs between download tools:
-`LAYOUT` gives each data set's files and audio path pattern relative to a data root; pass `layout=` to override.
+`LAYOUT` gives each data set's files and audio path pattern relative to a data root; a `layout.json` in the data root
+replaces the entries it names, for that root (`layout_of`; e.g. {"audioset": {"audio": "audio/{ytid}_{start:.3f}.flac"}}
+for clips named as AST and Audio-MAE name them), and `layout=` overrides both.
 Audio that a list names but that is not on disk is counted and skipped with one warning per file (strict=True raises
 instead) — never silently; a `Coverage` passed in records which files were listed and which were missing. A list
 with no rows is an error naming the file.
@@ -23,6 +25,7 @@ import io
 import json
 import logging
 import random
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -64,6 +67,47 @@ LAYOUT = {  # relative to the data root; {split} and the audio pattern's fields 
     "avqa": {"json": "avqa/{split}_qa.json", "frames": "avqa/frames/{video_name}",
              "audio": "avqa/audio/{video_name}.wav", "splits": {"train": "train", "val": "val", "test": "val"}},
 }
+
+
+LAYOUT_FILE = "layout.json"  # in a data root: the LAYOUT entries that differ there
+
+
+def layout_of(root) -> dict:
+    """LAYOUT for the data under `root`: LAYOUT with the entries that root's layout.json names replaced. A name
+    LAYOUT lacks or a value of another kind is a SettingError naming the file; inside a dict-valued entry (a data
+    set's splits, WavCaps's subsets) new names may be added."""
+    path = Path(root) / LAYOUT_FILE
+    if not path.is_file():
+        return LAYOUT
+    own = _json(path)
+    merged = copy.deepcopy(LAYOUT)
+
+    def merge(into: dict, new, where: str, open_keys: bool):
+        if not isinstance(new, dict):
+            raise SettingError(f"{path}: {where or 'the file'} must be a JSON object, found {new!r}")
+        for key, value in new.items():
+            at = f"{where}.{key}" if where else key
+            if key not in into and not open_keys:
+                raise SettingError(f"{path}: {at} is not an entry of apt_min.data.LAYOUT; "
+                                   f"{where or 'it'} has {', '.join(sorted(into))}")
+            like = into[key] if key in into else next(iter(into.values()))  # a new name: as its siblings
+            if isinstance(like, dict):
+                merge(into.setdefault(key, {}), value, at, open_keys=bool(where))
+            elif isinstance(like, str) and isinstance(value, str) or isinstance(like, list) and \
+                    isinstance(value, list) and all(isinstance(v, str) for v in value):
+                into[key] = value
+            else:
+                raise SettingError(f"{path}: {at} must be {'text' if isinstance(like, str) else 'a list of texts'} "
+                                   f"as in LAYOUT ({like!r}), found {value!r}")
+
+    merge(merged, own, "", open_keys=False)
+    _announce(str(path), ", ".join(own))
+    return merged
+
+
+@functools.cache
+def _announce(path: str, names: str):
+    log.info("%s replaces data.LAYOUT's entries for %s", path, names)
 
 
 # ------------------------------------------------------------------------------------------------------- readers
@@ -228,8 +272,9 @@ def read_avqa(path) -> list[dict]:
     """AVQA train_qa.json / val_qa.json: [{id, video_name, video_id, question_text, multi_choice, answer, ...}]."""
     items = _json_list(path, ["id", "video_name", "question_text", "multi_choice", "answer"])
     for i, item in enumerate(items):
-        if len(item["multi_choice"]) != 4 or not 0 <= int(item["answer"]) < 4:
-            raise DataError(f"{path}: item {i} needs 4 choices and an answer index 0-3: {item}")
+        choices, answer = item["multi_choice"], str(item["answer"]).strip()
+        if not isinstance(choices, list) or len(choices) != 4 or answer not in ("0", "1", "2", "3"):
+            raise DataError(f"{path}: item {i} needs a list of 4 choices and an answer index 0-3: {item}")
     return items
 
 
@@ -262,8 +307,9 @@ class AudioFiles:
         try:
             path = self.root / self.pattern.format(**fields)
         except (KeyError, IndexError, ValueError) as e:
-            raise SettingError(f"the audio path pattern {self.pattern!r} (data.LAYOUT, for the clips {self.source} "
-                               f"lists) cannot be filled ({type(e).__name__}: {e}); its fields are "
+            raise SettingError(f"the audio path pattern {self.pattern!r} (data.LAYOUT or the data root's "
+                               f"{LAYOUT_FILE}, for the clips {self.source} lists) cannot be filled "
+                               f"({type(e).__name__}: {e}); its fields are "
                                f"{', '.join('{' + k + '}' for k in fields)}") from None
         self.seen += 1
         if self.coverage is not None:
@@ -287,19 +333,24 @@ class AudioFiles:
 # ------------------------------------------------------------------------------------------------------ examples
 
 
+def _in_number_order(path: Path) -> list:
+    """A sort key that puts frame 2 before frame 10 (the digits in a name compared as numbers)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
+
+
 def avqa_items(root, split: str = "test", frames: int = 10, strict: bool = False, layout: dict | None = None,
                coverage: Coverage | None = None):
     """AVQA questions whose frames and audio are on disk: [{"question", "options", "answer" (index), "relation",
     "video", "frames" (`frames` paths, evenly spaced over those extracted, in time order), "audio"}]. A video without
     its audio or frames is skipped, counted and reported (strict=True raises instead). The test split is AVQA's val."""
-    lay, root = (layout or LAYOUT)["avqa"], Path(root)
+    lay, root = (layout or layout_of(root))["avqa"], Path(root)
     path = root / lay["json"].format(split=lay["splits"].get(split, split))
     files = AudioFiles(root, lay["audio"], path, strict, coverage)
     out, no_frames = [], []
     for item in read_avqa(path):
         name = item["video_name"]
         folder = root / lay["frames"].format(video_name=name)
-        images = sorted([*folder.glob("*.jpg"), *folder.glob("*.png")]) if folder.is_dir() else []
+        images = sorted([*folder.glob("*.jpg"), *folder.glob("*.png")], key=_in_number_order) if folder.is_dir() else []
         if not images:
             if strict:
                 raise MissingFileError(f"{folder}: no frames (*.jpg, *.png) for video {name} listed in {path}")
@@ -310,7 +361,8 @@ def avqa_items(root, split: str = "test", frames: int = 10, strict: bool = False
         audio = files(video_name=name)
         if audio is None:
             continue
-        pick = [images[round(i * (len(images) - 1) / max(1, frames - 1))] for i in range(min(frames, len(images)))]
+        n = min(frames, len(images))  # a video with fewer frames than asked for gives each of its frames once
+        pick = [images[round(i * (len(images) - 1) / max(1, n - 1))] for i in range(n)]
         out.append({"question": item["question_text"], "options": [str(c) for c in item["multi_choice"]],
                     "answer": int(item["answer"]), "relation": item.get("question_relation", ""), "video": name,
                     "frames": [str(f) for f in pick], "audio": audio})
@@ -327,7 +379,7 @@ def examples(task: str, root, split: str, *, source: str | None = None, rng: ran
     prompts; captioning with all references per clip); an rng gives training ones (drawn paraphrases, one example
     per caption). source picks the captioning set: audiocaps (default), clotho or wavcaps:<subset>. coverage: where the
 files listed and those missing are recorded."""
-    L, root = layout or LAYOUT, Path(root)
+    L, root = layout or layout_of(root), Path(root)
     if task == "tagging":
         return _audioset(L, root, split, strict, lambda audio, names, _: [tasks.tagging(audio, names, rng)], coverage)
     if task in ("sed", "ter", "counting"):
@@ -479,7 +531,7 @@ def _warn_once(message: str):
 def caption_texts(root, split: str, source: str = "audiocaps", layout: dict | None = None) -> list[str]:
     """Every caption of a captioning set's split, read from its annotation file alone, whether or not the audio is
     on disk: what a text-only baseline (the most frequent training caption) needs."""
-    return [c for _, caps in _caption_records(layout or LAYOUT, Path(root), split, source)[2] for c in caps]
+    return [c for _, caps in _caption_records(layout or layout_of(root), Path(root), split, source)[2] for c in caps]
 
 
 # ------------------------------------------------------------------------------------------------------ few-shot
@@ -487,7 +539,7 @@ def caption_texts(root, split: str, source: str = "audiocaps", layout: dict | No
 
 def esc50_pool(root, folds=(1, 2, 3, 4, 5), strict=False, layout=None, coverage=None) -> dict[str, list[str]]:
     """ESC-50 clips by category: {label: [audio paths]}."""
-    lay = (layout or LAYOUT)["esc50"]
+    lay = (layout or layout_of(root))["esc50"]
     path = Path(root) / lay["csv"]
     files = AudioFiles(root, lay["audio"], path, strict, coverage)
     pool = defaultdict(list)
@@ -507,7 +559,7 @@ def single_label_pool(root, split="train", strict=False, layout=None, coverage=N
             pool[names[0]].append(audio)
         return []
 
-    _audioset(layout or LAYOUT, Path(root), split, strict, keep, coverage)
+    _audioset(layout or layout_of(root), Path(root), split, strict, keep, coverage)
     return dict(pool)
 
 

@@ -175,7 +175,8 @@ def java_metrics(refs, outputs):
 
 
 def audioset_classes(cfg) -> list[str]:
-    return list(data.read_class_labels(Path(cfg.data_root) / data.LAYOUT["audioset"]["classes"]).values())
+    root = Path(cfg.data_root)
+    return list(data.read_class_labels(root / data.layout_of(root)["audioset"]["classes"]).values())
 
 
 def eval_tagging(apt, cfg, name, examples, opts):
@@ -245,7 +246,8 @@ def eval_sed(apt, cfg, name, examples, opts):
 
 def eval_ter(apt, cfg, name, examples, opts):
     outputs = generate(apt, examples, SHORT | {"max_new_tokens": 30}, opts.batch_size, "ter")
-    names = data.read_mid_to_name(Path(cfg.data_root) / data.LAYOUT["audioset"]["names"]).values()
+    root = Path(cfg.data_root)
+    names = data.read_mid_to_name(root / data.layout_of(root)["audioset"]["names"]).values()
     vocabulary = {*names, *(label for ex in examples for label in ex.target["labels"])}
     return metrics.score_ter(examples, outputs, vocabulary), outputs, [ex.answer for ex in examples]
 
@@ -351,8 +353,9 @@ def eligible_classes(pool: dict, k_shot: int) -> int:
 
 
 def fewshot_pools(cfg, strict: bool = True, coverage: data.Coverage | None = None) -> list[tuple[str, dict]]:
-    """The clips few-shot episodes are drawn from, by class: the novel classes (ESC-50, never trained on; the
-    paper's Table 5) and held-out test clips of the training classes under their real names (where recognising the
+    """The clips few-shot episodes are drawn from, by class: ESC-50's (the paper's Table 5; on the synthetic benchmark
+    twelve classes never trained on; on the real sets clips never trained on, of classes AudioSet also names, under
+    ESC-50's names) and held-out test clips of the training classes under their real names (where recognising the
     class can answer, as a reference for how much of the novel-class score matching must earn)."""
     return [("novel", data.esc50_pool(cfg.data_root, strict=strict, coverage=coverage)),
             ("training", data.single_label_pool(cfg.data_root, "test", strict=strict, coverage=coverage))]

@@ -7,9 +7,11 @@ import re
 
 import pytest
 
-from apt_min import data, tasks
+from apt_min import data, evaluation, tasks
 from apt_min.data import DataError
+from apt_min.config import load_config
 from apt_min.errors import SettingError
+from train import sources
 
 AUDIOSET = ('# Segments csv created Sun Mar  5 10:54:31 2017\n'
             '# num_ytids=22160, num_segs=22160, num_unique_labels=527, num_positive_labels=52882\n'
@@ -150,6 +152,62 @@ def test_an_audio_pattern_with_a_field_its_records_lack_is_a_setting_error(tmp_p
         data.examples("captioning", tmp_path, "dev", source="clotho")
 
 
+def test_a_data_roots_layout_json_replaces_the_entries_it_names(tmp_path, caplog):
+    """Clips named as another download tool names them need no code change: the data root's layout.json replaces
+    LAYOUT's entries for that root (a new segments list may be added); a name LAYOUT lacks, or a value of another
+    kind, is an error naming the file."""
+    write(tmp_path / "audioset/eval_segments.csv", AUDIOSET)
+    write(tmp_path / "lists/mine.csv", AUDIOSET)
+    write(tmp_path / "lists/classes.csv", CLASSES)
+    touch_audio(tmp_path, "clips/--4gqARaEJE_0.000.flac", "clips/--BfvyPmVMo_20.000.flac")
+    layout = {"audioset": {"audio": "clips/{ytid}_{start:.3f}.flac", "segments": {"mine": "lists/mine.csv"},
+                           "classes": "lists/classes.csv"}}
+    write(tmp_path / "layout.json", json.dumps(layout))
+    with caplog.at_level(logging.INFO):
+        found = data.examples("tagging", tmp_path, "test", strict=True)
+    assert [ex.segments[0][1] for ex in found] == [str(tmp_path / "clips/--4gqARaEJE_0.000.flac"),
+                                                   str(tmp_path / "clips/--BfvyPmVMo_20.000.flac")]
+    assert len(data.examples("tagging", tmp_path, "mine", strict=True)) == 2
+    assert f"{tmp_path / 'layout.json'} replaces data.LAYOUT's entries for audioset" in caplog.text
+    assert data.layout_of(tmp_path)["audioset"]["strong"] == data.LAYOUT["audioset"]["strong"]  # the rest kept
+    assert data.LAYOUT["audioset"]["audio"] == "audio/Y{ytid}.wav"  # LAYOUT itself untouched
+    assert data.layout_of(tmp_path / "lists") is data.LAYOUT  # a root without the file
+    cfg = load_config("tiny", {"data_root": str(tmp_path), "tagging_sources": "mine"})
+    assert sources(cfg, "tagging_sources") == ["mine"]  # a source of the root's own layout
+    assert evaluation.audioset_classes(cfg)[:2] == ["Speech", "Male speech, man speaking"]
+    for wrong, says in [({"audiosets": {}}, r"audiosets is not an entry of apt_min.data.LAYOUT; it has audiocaps, "),
+                        ({"audioset": {"wav": "x"}}, r"audioset.wav is not an entry .*; audioset has audio, classes"),
+                        ({"audioset": {"audio": 3}}, r"audioset.audio must be text as in LAYOUT .*found 3"),
+                        ({"audioset": {"segments": "x.csv"}}, r"audioset.segments must be a JSON object"),
+                        ({"wavcaps": {"blacklists": "b.json"}}, r"wavcaps.blacklists must be a list of texts")]:
+        write(tmp_path / "layout.json", json.dumps(wrong))
+        with pytest.raises(SettingError, match=rf"{re.escape(str(tmp_path / 'layout.json'))}: {says}"):
+            data.examples("tagging", tmp_path, "test")
+
+
+def test_avqa_frames_in_time_order_each_once_and_a_broken_answer_named(tmp_path):
+    """Frames named without zero padding are read in time order (2 before 10); a video with fewer frames than
+    asked for gives each frame once; an answer that is not an index 0-3 is an error naming the file and item."""
+    items = [{"id": i, "video_name": f"v{i}", "question_text": "Which object is making a sound?",
+              "multi_choice": ["dog", "cat", "car", "bell"], "answer": 1} for i in range(2)]
+    write(tmp_path / "avqa/val_qa.json", json.dumps(items))
+    touch_audio(tmp_path, "avqa/audio/v0.wav", "avqa/audio/v1.wav",
+                *[f"avqa/frames/v0/{k}.jpg" for k in range(1, 12)], *[f"avqa/frames/v1/{k:02d}.jpg" for k in range(9)])
+    eleven, nine = data.avqa_items(tmp_path, "test", frames=10)
+    assert [f.split("/")[-1] for f in eleven["frames"]] == ["1.jpg", "2.jpg", "3.jpg", "4.jpg", "5.jpg", "7.jpg",
+                                                           "8.jpg", "9.jpg", "10.jpg", "11.jpg"]
+    assert [f.split("/")[-1] for f in nine["frames"]] == [f"{k:02d}.jpg" for k in range(9)]
+    assert [f.split("/")[-1] for f in data.avqa_items(tmp_path, "test", frames=3)[0]["frames"]] == \
+        ["1.jpg", "6.jpg", "11.jpg"]
+    for answer in ("b", 4, None):
+        write(tmp_path / "avqa/val_qa.json", json.dumps([items[0], {**items[1], "answer": answer}]))
+        with pytest.raises(DataError, match=r"val_qa.json: item 1 needs a list of 4 choices and an answer index 0-3"):
+            data.avqa_items(tmp_path, "test")
+    write(tmp_path / "avqa/val_qa.json", json.dumps([{**items[0], "multi_choice": "dog"}]))
+    with pytest.raises(DataError, match=r"val_qa.json: item 0 needs a list of 4 choices"):
+        data.avqa_items(tmp_path, "test")
+
+
 def test_wavcaps_esc50_nlar_avqa(tmp_path):
     wav = {"num_captions_per_audio": 1, "data": [{"id": "Yb0RFKhbpFJA.wav", "caption": "Wind blows", "audio":
                                                   "wav_path", "duration": 10.0, "description": "x"}]}
@@ -168,7 +226,7 @@ def test_wavcaps_esc50_nlar_avqa(tmp_path):
              ["a", "b", "c", "d"], "answer": 2, "question_relation": "Both", "question_type": "Which"}]
     assert data.read_avqa(write(tmp_path / "val_qa.json", json.dumps(avqa)))[0]["answer"] == 2
     avqa[0]["answer"] = 4
-    with pytest.raises(DataError, match="needs 4 choices and an answer index 0-3"):
+    with pytest.raises(DataError, match="needs a list of 4 choices and an answer index 0-3"):
         data.read_avqa(write(tmp_path / "val_qa.json", json.dumps(avqa)))
 
 
