@@ -28,7 +28,7 @@ import torch
 from apt_min import data
 from apt_min.build import ensure_av_data, ensure_data, ensure_tokenizer, load_apt, load_apt_blip2
 from apt_min.config import load_config
-from apt_min.errors import clean_exit
+from apt_min.errors import clean_exit, whole_number
 from apt_min.evaluation import CAPTION, EVALUATIONS, Options, avqa_coverage_row, coverage_row, eval_avqa, evaluate
 from apt_min.release import resolve_checkpoint
 from apt_min.tasks import label_text
@@ -73,15 +73,17 @@ def main(argv=None):
     ap.add_argument("--data-root", help="a data folder in the real layouts (default: the preset's)")
     ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final, else the preset's "
                     "release)")
-    ap.add_argument("--limit", type=int, default=0, help="evaluate at most this many examples per task (few-shot: "
-                    "--episodes)")
-    ap.add_argument("--episodes", type=int, default=100, help="few-shot episodes per setting")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--limit", type=whole_number(0), default=0, help="evaluate at most this many examples per task "
+                    "(0: all; few-shot: --episodes)")
+    ap.add_argument("--episodes", type=whole_number(1), default=100, help="few-shot episodes per setting")
+    ap.add_argument("--batch-size", type=whole_number(1), default=16)
     ap.add_argument("--out", help="where predictions and metrics go (default: {run_dir}/eval)")
-    ap.add_argument("--num-beams", type=int, default=CAPTION["num_beams"], help="captioning beams (APT code: 5)")
+    ap.add_argument("--num-beams", type=whole_number(1), default=CAPTION["num_beams"],
+                    help="captioning beams (APT code: 5)")
     ap.add_argument("--repetition-penalty", type=float, default=CAPTION["repetition_penalty"],
                     help="captioning repetition penalty (APT code: 1.5)")
-    ap.add_argument("--max-new-tokens", type=int, default=CAPTION["max_new_tokens"], help="captioning length limit")
+    ap.add_argument("--max-new-tokens", type=whole_number(1), default=CAPTION["max_new_tokens"],
+                    help="captioning length limit")
     ap.add_argument("--strict", action="store_true", help="abort on a listed clip that is missing or cannot be "
                     "decoded (default: skip it, count it and list it in missing_{task}.txt)")
     args, rest = ap.parse_known_args(argv)

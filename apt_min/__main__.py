@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from apt_min.checkpoint import CheckpointError
-from apt_min.errors import UserError
+from apt_min.errors import UserError, whole_number
 
 
 def ask(argv=None) -> int:
@@ -24,7 +24,7 @@ def ask(argv=None) -> int:
     ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final, else the preset's "
                     "release)")
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--max-new-tokens", type=positive, default=40)
+    ap.add_argument("--max-new-tokens", type=whole_number(1), default=40)
     args, rest = ap.parse_known_args(argv)
     import torch
 
@@ -53,12 +53,6 @@ def ask(argv=None) -> int:
     stream.finish()
     print()
     return 0
-
-
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 class TextStream:

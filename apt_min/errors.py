@@ -8,6 +8,7 @@ exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import functools
 
 
@@ -35,3 +36,13 @@ def clean_exit(program: str):
                 raise SystemExit(f"{program}: error: {e}") from None
         return run
     return wrap
+
+
+def whole_number(least: int):
+    """An argparse type: a whole number of at least `least`, else argparse's own error naming the option."""
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, got {text!r}")
+        return int(text)
+    parse.__name__ = f"whole number >= {least}"
+    return parse

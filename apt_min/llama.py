@@ -402,8 +402,12 @@ class Llama(nn.Module):
             raise ValueError("beam search with sampling is not supported; use num_beams=1 or do_sample=False")
         if num_beams > 1 and streamer is not None:
             raise ValueError("beam search settles its tokens only at the end: it cannot stream; use num_beams=1")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
+        if max_new_tokens == 0:  # nothing to say: (B, 0), as beam search gives
+            return torch.zeros(B, 0, dtype=torch.long, device=x.device)
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
         elif not attention_mask[:, -1].all():

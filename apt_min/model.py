@@ -359,9 +359,13 @@ class APT(nn.Module):
 
     @torch.no_grad()
     def choice_logprob(self, segments, answers, feats, blocks_apart: bool = False) -> torch.Tensor:
-        """log p(answer | segments) for each of N candidate answers to one example, EOS not included: (N,): the
-        likelihood protocols (tagging, few-shot). The prompt (a few-shot episode is dozens of clips) goes through the
-        aligner and the LLM once, and its keys and values serve every candidate."""
+        """log p(answer | segments) for each of N candidate answers to one example: (N,): the likelihood protocols
+        (tagging, few-shot, AVQA's options). A candidate is scored as a continuation, EOS not included, as language
+        models are scored on multiple choice; where one candidate's tokens begin another's (AVQA's "car" and "car
+        horn"), that one could never score lower, so then every candidate is scored with EOS after it, as a whole
+        answer. The sum favours short candidates; the protocols here give theirs a common ending ("bell."). The
+        prompt (a few-shot episode is dozens of clips) goes through the aligner and the LLM once, and its keys and
+        values serve every candidate."""
         return self.answer_and_rank(segments, answers, feats, max_new_tokens=0, blocks_apart=blocks_apart)[1]
 
     @torch.no_grad()
@@ -372,7 +376,12 @@ class APT(nn.Module):
         block of soft prompts sees another (llama.causal_padding_mask; APT-BLIP-2's setting); the text sees all."""
         tok, llm = self.tokenizer, self.llm
         x, _, _, blocks = self.embed_batch([segments], feats, with_blocks=True)  # (1, L, D), (1, L)
-        ids, valid = tok.pad([tok.encode(a, bos=False) for a in answers])  # (N, T), right-padded
+        seqs = [tok.encode(a, bos=False) for a in answers]
+        if not all(seqs):
+            raise ValueError(f"an empty candidate answer cannot be scored: {answers}")
+        if any(len(a) < len(b) and b[:len(a)] == a for a in seqs for b in seqs):
+            seqs = [a + [tok.eos_id] for a in seqs]  # one begins another: compare whole answers
+        ids, valid = tok.pad(seqs)  # (N, T), right-padded
         ids, valid = ids.to(x.device), valid.to(x.device)
         N, T = ids.shape
         cache = KVCache(llm.config, 1, x.shape[1] + max(T, max_new_tokens), x.dtype, x.device)

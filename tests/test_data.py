@@ -8,8 +8,8 @@ import re
 import pytest
 
 from apt_min import data, evaluation, tasks
-from apt_min.data import DataError
 from apt_min.config import load_config
+from apt_min.data import DataError
 from apt_min.errors import SettingError
 from train import sources
 

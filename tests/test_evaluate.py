@@ -594,6 +594,13 @@ def test_ask_streams_whole_characters(capsys):
         with pytest.raises(SystemExit):
             main(["ask", "--audio", "a.wav", "--max-new-tokens", bad, "What is it?"])
         assert f"--max-new-tokens: expected a whole number of at least 1, got '{bad}'" in capsys.readouterr().err
+    from evaluate import main as evaluate_main  # the same for evaluate.py's counts, before anything loads
+
+    for option, bad, least in [("--max-new-tokens", "0", 1), ("--num-beams", "0", 1), ("--episodes", "-1", 1),
+                               ("--batch-size", "0", 1), ("--limit", "-5", 0)]:
+        with pytest.raises(SystemExit):
+            evaluate_main(["--task", "audiocaps", option, bad])
+        assert f"{option}: expected a whole number of at least {least}, got '{bad}'" in capsys.readouterr().err
 
 
 def test_results_table_names_the_margin(trained, capsys, monkeypatch):

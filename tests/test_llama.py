@@ -294,6 +294,15 @@ def test_generate_rejects_right_padding(pair):
         ours.generate(torch.randint(3, 96, (2, 5)), attention_mask=mask)
 
 
+@pytest.mark.parametrize("settings", [{}, dict(do_sample=True), dict(num_beams=3)])
+def test_no_new_tokens_is_an_empty_answer_in_every_mode(pair, settings):
+    _, ours = pair
+    ids = torch.randint(3, 96, (2, 5))
+    assert ours.generate(ids, max_new_tokens=0, **settings).shape == (2, 0)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 0, got -1"):
+        ours.generate(ids, max_new_tokens=-1, **settings)
+
+
 @pytest.mark.parametrize("settings", [
     dict(temperature=0.7),
     dict(temperature=1.5),

@@ -497,6 +497,29 @@ def test_choice_logprob_equals_scoring_each_candidate_in_its_own_row(parts):
     assert len(set(shared.tolist())) == 4  # the candidates were really scored apart
 
 
+def test_a_candidate_that_begins_another_is_scored_as_a_whole_answer(parts):
+    """"bell" is a token prefix of "bell, siren": scored as continuations, the longer could never win, so such a set
+    is scored with EOS after each candidate (the full answer's likelihood, as training's loss counts it); a set
+    without such a pair is scored as before, and an empty candidate is refused."""
+    _, _, _, _, (a, b, long) = parts
+    apt = make_apt(parts).eval()
+    segments = [("audio", a), ("text", "Summarize the audio with key words.")]
+    feats, _ = apt.encode_clips([a])
+    answers = ["bell", "bell, siren", "hum"]
+    short = apt.tokenizer.encode("bell", bos=False)
+    assert apt.tokenizer.encode("bell, siren", bos=False)[:len(short)] == short
+    with torch.no_grad():  # the reference: each whole answer, EOS included, in its own row of a training batch
+        logits, targets, rows = apt._answer_logits([segments] * 3, answers, feats)
+        lp = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+        whole = torch.zeros(3).index_add_(0, rows, lp)
+    torch.testing.assert_close(apt.choice_logprob(segments, answers, feats), whole, rtol=1e-5, atol=1e-5)
+    plain = apt.choice_logprob(segments, ["bell", "hum"], feats)  # no prefix: no EOS, as every protocol here
+    torch.testing.assert_close(plain, apt.choice_logprob(segments, ["bell", "hum", "siren"], feats)[:2])
+    assert not torch.allclose(plain, whole[[0, 2]])
+    with pytest.raises(ValueError, match="an empty candidate answer"):
+        apt.choice_logprob(segments, ["bell", ""], feats)
+
+
 def test_answer_and_rank_is_generate_and_choice_logprob_from_one_prompt_pass(parts):
     """The few-shot evaluation's shared pass: its answer is generate's greedy answer token for token, and its scores
     are choice_logprob's (checked above against a padded batch with no cache), for a long answer too, whose greedy
