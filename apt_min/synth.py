@@ -29,12 +29,15 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from apt_min.errors import SettingError
 
 SR = 16000
 GRID = 0.1  # onsets and durations lie on a 100 ms grid: exact, readable answers
@@ -344,6 +347,7 @@ CLASSES = [SoundClass(*c) for c in [
     ("sonar", "pings", sonar, (0.6, 1.0)), ("flutter", "flutters", flutter, (0.5, 1.0)),
 ]]
 TRAIN_CLASSES, NOVEL_CLASSES = CLASSES[:24], CLASSES[24:]
+LONGEST = max(c.duration[1] for c in CLASSES)  # seconds: the shortest scene that holds every sound
 BY_NAME = {c.name: c for c in CLASSES}
 
 
@@ -374,7 +378,8 @@ def make_scene(rng: np.random.Generator, classes, length: float, n_types=(1, 4),
         for _ in range(int(rng.integers(n_times[0], n_times[1] + 1))):
             for _try in range(50):
                 dur = round(rng.uniform(*cls.duration) / GRID) * GRID
-                onset = round(rng.uniform(0, length - dur) / GRID) * GRID
+                # on the grid, and never past the end (rounding up could pass it where length is off the grid)
+                onset = min(round(rng.uniform(0, length - dur) / GRID), math.floor((length - dur) / GRID + 1e-6)) * GRID
                 if all(onset >= b + GRID or onset + dur <= a - GRID for a, b in taken):
                     break
             else:
@@ -518,6 +523,9 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, length: float =
     """Write the benchmark under `out` unless the same arguments already wrote it there (then return at once).
     A benchmark written here with other arguments is replaced; a folder that holds anything else is refused."""
     out = Path(out)
+    if length < LONGEST:
+        raise SettingError(f"a scene of {length} s cannot hold the longest sound ({LONGEST} s); give --length of at "
+                           f"least {LONGEST}")
     if holds_other_data(out):
         raise FileExistsError(f"{out}: holds files but no synth.json, so it is not a synthetic benchmark written "
                               "here; refusing to replace it (generate into an empty or new folder)")
@@ -535,6 +543,8 @@ def build(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.
     args = {"version": VERSION, "seed": seed, "scale": scale, "length": length}
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True)  # marked as ours from the start: an interrupted run is replaced by the next, not refused
+    (out / "synth.json").write_text(json.dumps({"args": None, "incomplete": "being written, or interrupted"}))
     sizes = Sizes().scaled(scale)
     rng, trng = np.random.default_rng(seed), random.Random(seed)
     names = [c.name for c in TRAIN_CLASSES]

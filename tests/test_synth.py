@@ -1,6 +1,7 @@
 """The synthetic benchmark: read back through the real-format readers, it gives the generator's ground truth."""
 
 import hashlib
+import json
 import random
 import re
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from apt_min import data, synth, tasks
+from apt_min.errors import SettingError
 from benchmarks.synth_ties import first_onsets, openers
 
 SCALE = 0.02  # 40/4/4 pool scenes, 8/2/2 Clotho scenes, 7 ESC clips per novel class, 20/2/2 NLAR pairs
@@ -99,6 +101,34 @@ def test_second_generate_is_a_no_op(tmp_path):
     before = marker.stat().st_mtime_ns
     synth.generate(tmp_path / "b", seed=1, scale=0.01)
     assert marker.stat().st_mtime_ns == before
+
+
+def test_an_interrupted_generation_is_finished_by_the_next(tmp_path, monkeypatch):
+    """A run stopped halfway (Ctrl-C) leaves a folder marked as ours but incomplete: the next run writes it again,
+    where it used to refuse the folder as another data set's."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(synth, "_write_clotho", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            synth.generate(tmp_path / "b", seed=1, scale=0.01)
+    assert (tmp_path / "b" / "audio").is_dir() and not synth.holds_other_data(tmp_path / "b")
+    synth.generate(tmp_path / "b", seed=1, scale=0.01)
+    assert json.loads((tmp_path / "b" / "synth.json").read_text())["args"]["seed"] == 1
+    assert (tmp_path / "b" / "clotho" / "clotho_captions_evaluation.csv").is_file()
+
+
+def test_every_event_lies_within_a_scene_of_any_length():
+    """Onsets are drawn on the grid and rounded, which could pass the end where the length is off the grid (5.16 s);
+    a length too short for the longest sound is refused."""
+    rng = np.random.default_rng(0)
+    for length in (5.16, 5.05, 2.0):
+        for _ in range(300):
+            _, events = synth.make_scene(rng, synth.TRAIN_CLASSES, length)
+            assert all(0 <= e.onset < e.offset <= length + 1e-9 for e in events), (length, events)
+    with pytest.raises(SettingError, match=r"a scene of 1.5 s cannot hold the longest sound \(2.0 s\)"):
+        synth.generate("unused", length=1.5)
 
 
 def test_a_folder_of_other_data_is_never_replaced(tmp_path):
