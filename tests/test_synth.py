@@ -10,7 +10,7 @@ import pytest
 
 from apt_min import data, synth, tasks
 from apt_min.errors import SettingError
-from benchmarks.synth_ties import first_onsets, openers
+from benchmarks.synth_flaws import audible_end, first_onsets, interleaved, openers
 
 SCALE = 0.02  # 40/4/4 pool scenes, 8/2/2 Clotho scenes, 7 ESC clips per novel class, 20/2/2 NLAR pairs
 
@@ -101,6 +101,21 @@ def test_second_generate_is_a_no_op(tmp_path):
     before = marker.stat().st_mtime_ns
     synth.generate(tmp_path / "b", seed=1, scale=0.01)
     assert marker.stat().st_mtime_ns == before
+
+
+def test_the_flaw_counts_measure_what_they_name():
+    """benchmarks/synth_flaws.py's measures on scenes whose answer is known: a pulse sound's audible end, and
+    whether the kinds of a scene interleave (a caption that orders them is then false)."""
+    E = synth.Event
+    assert not interleaved([E("bell", 0.0, 1.0, 0), E("bell", 1.2, 1.5, 0), E("hum", 2.0, 3.0, 0)])
+    assert interleaved([E("bell", 0.0, 1.0, 0), E("hum", 1.1, 1.5, 0), E("bell", 2.0, 3.0, 0)])
+    assert not interleaved([E("bell", 0.0, 1.0, 0), E("hum", 0.0, 1.5, 0)])  # a tie: no order to get wrong
+    sound = np.zeros(synth.SR)  # 1 s, sounding from 0.2 s to 0.5 s, then a quiet tail below -40 dB
+    sound[int(0.2 * synth.SR):int(0.5 * synth.SR)] = 1.0
+    sound[int(0.5 * synth.SR):] = 0.005
+    assert audible_end(sound) == 0.5
+    bark = synth.BY_NAME["bark"].generate(np.random.default_rng(0), 0.6)  # two barks spread over 0.6 s
+    assert audible_end(bark) < 0.6 - synth.GRID  # the annotated offset lies past the sound (a known flaw)
 
 
 def test_an_interrupted_generation_is_finished_by_the_next(tmp_path, monkeypatch):
