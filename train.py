@@ -60,7 +60,7 @@ from apt_min.tasks import normalize_answer
 log = logging.getLogger("train")
 
 STAGES = {  # what each stage trains, with which loss, for how many steps (a config field), after which stage;
-    # ratios: the task mixture, one task per batch (the public APT code's)
+    # ratios: the task mixture, one task per batch (the public APT code's; NLAR's, which it does not give, is ours)
     "lm": {"trains": "the whole stand-in LLM", "loss": "next-token cross-entropy", "steps": "steps_lm"},
     "mae": {"trains": "the encoder and a throw-away decoder (then the encoder is frozen)",
             "loss": "masked-patch reconstruction (Audio-MAE)", "steps": "steps_mae"},
@@ -611,8 +611,7 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
     unused = getattr(job, "unused_parameters", False)  # parameters some steps give no gradient
     wrapped = DDP(job.module, find_unused_parameters=unused) if world > 1 else job.module
     opt = make_optimizer(job.params, cfg)
-    warmup = cfg.warmup_steps_0 if stage == "0" and cfg.warmup_steps_0 else cfg.warmup_steps  # stage 0's own
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg, total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg, total, warmup_steps(cfg, stage, total)))
     ckpts, step, skipped = Checkpoints(out / "checkpoints", cfg.keep_checkpoints), 0, 0
     if not resume and rank == 0:
         set_aside_previous_run(out)
@@ -656,12 +655,12 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
 
 
 def accumulate(cfg, stage, job, wrapped, world, step, ckpts):
-    """Forward and backward over the step's grad_accum micro-batches. Returns (the Window, examples seen, audio
-    skipped), both counted over every process. A non-finite loss, summed over all processes so that all of them stop
-    together, ends the run."""
+    """Forward and backward over the step's grad_accum micro-batches (stage 0: grad_accum_0, if set). Returns (the
+    Window, examples seen, audio skipped), both counted over every process. A non-finite loss, summed over all
+    processes so that all of them stop together, ends the run."""
     job.module.train()
     window, seen, skipped = Window(world), 0, 0
-    for _ in range(cfg.grad_accum):
+    for _ in range(cfg.grad_accum_0 if stage == "0" and cfg.grad_accum_0 else cfg.grad_accum):
         loss_sum, count, info = job.micro_step(wrapped, job.sampler)
         skipped += info.get("skipped", 0)
         if loss_sum is None:  # nothing usable in any process (they skip together)
@@ -1023,6 +1022,14 @@ class Checkpoints:
         from safetensors.torch import load_file
 
         return load_file(str(where / "weights.safetensors")), torch.load(where / "state.pt", weights_only=True)
+
+
+def warmup_steps(cfg, stage: str, total: int) -> int:
+    """A stage's warm-up: stage 0's own (warmup_steps_0) if set, caption_ft's own or a tenth of its `total` steps,
+    else warmup_steps."""
+    if stage == "caption_ft":
+        return cfg.warmup_steps_caption_ft or max(1, total // 10)
+    return cfg.warmup_steps_0 if stage == "0" and cfg.warmup_steps_0 else cfg.warmup_steps
 
 
 def cosine_schedule(cfg, total, warmup: int):

@@ -8,9 +8,11 @@ masks (the functions below, each drawn); only the query slice cross-attends to t
 with the aligner's own word and position embeddings; id `vocab_size` is the decoder-start token [DEC].
 
 Uses: stage 0 (`stage0_losses`: ATC + ATM + AGTG), instruction-aware prompts for stages 1-2 (`instruct`), the text
-branch alone (`encode_text`, for the tagging protocol). A clip of several windows is aligned window by window: each
-window gets its own Q prompts and `model.APT.clip_prompts` concatenates them in time order, so order survives and
-every window is what the aligner was trained on.
+branch alone (`encode_text`, for the tagging protocol). A clip of several windows is aligned window by window
+(long_audio="windows"): each window gets its own Q prompts and `model.APT.clip_prompts` concatenates them in time
+order, so order survives and every window is what the aligner was trained on; or all at once ("all", the paper's
+fixed number of prompts), its queries reading every window's tokens, which carry one position code: the order of
+windows is then not seen.
 """
 
 from __future__ import annotations

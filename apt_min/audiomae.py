@@ -37,7 +37,7 @@ class AudioMAEConfig:
     depth: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
-    output_block: int = -2  # whose patch tokens are returned: -2 penultimate (paper §4.1), -1 last (public APT code)
+    output_block: int = -2  # whose patch tokens are returned: -2 penultimate (paper §3.1), -1 last (public APT code)
 
     @property
     def hidden(self) -> int:  # the MLP's width

@@ -80,7 +80,10 @@ class Config:
     weight_decay: float = 0.05
     warmup_steps: int = 50
     warmup_steps_0: int = 0  # stage 0's own warm-up (0: warmup_steps); the public APT code: 5 000, 2 000 after
+    warmup_steps_caption_ft: int = 0  # caption_ft's (0: a tenth of its steps; its few thousand steps are no place
+    # for the 2 000 of the paper's long runs, which would leave it warming up to the end)
     stage0_batch_size: int = 0  # stage 0's batch per process, one contrastive batch (0: batch_size)
+    grad_accum_0: int = 0  # stage 0's micro-batches a step (0: grad_accum); paper: 1, a step one contrastive batch
     atm_negatives: str = "global"  # stage 0's ATM hard negatives from every process's batch (BLIP-2), or "local"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -191,11 +194,12 @@ PRESETS = {
         num_queries=32, batch_size=8, grad_accum=4, lr=1e-4, warmup_steps=2000, steps_0=100_000, steps_1=100_000,
         steps_2=50_000, log_every=50, eval_every=5000, save_every=5000, grad_checkpointing=True,
         vision_path="weights/instructblip-vicuna-7b", avqa_frames=10, fewshot_made_up=0.0,
-        # the paper's data (§4.1): captions from WavCaps beside AudioCaps and Clotho, AudioSet's 2 M clips, and
-        # stage 0 on AudioSet + WavCaps; stage 0's own warm-up, a contrastive batch of its own, BOS as in stage 0
+        # the paper's data (§3.3, Table 1): captions from WavCaps beside AudioCaps and Clotho, AudioSet's 2 M clips,
+        # and stage 0 on AudioSet + WavCaps; stage 0's own warm-up, a step of one contrastive batch of its own, BOS
+        # as in stage 0
         caption_sources="audiocaps,clotho," + WAVCAPS, tagging_sources="balanced,unbalanced",
-        stage0_sources="tagging," + WAVCAPS, warmup_steps_0=5000, stage0_batch_size=128, instruction_bos=True,
-        long_audio="all",
+        stage0_sources="tagging," + WAVCAPS, warmup_steps_0=5000, stage0_batch_size=128, grad_accum_0=1,
+        instruction_bos=True, long_audio="all",
     ),
 }
 

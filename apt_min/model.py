@@ -233,8 +233,9 @@ class APT(nn.Module):
     def clip_prompts(self, batch, feats) -> list[list[torch.Tensor]]:
         """The acoustic embeddings of every clip of every example, from one aligner pass: (W * Q, D) each, a clip's
         W windows each aligned on its own, in time order (long_audio="windows"), or (Q, D), the aligner reading all
-        of a clip's windows at once ("all"). Each clip's aligner pass is conditioned on the text that follows it
-        (the instruction; a "label" segment is not one); a clip with no text after it gets BOS alone."""
+        of a clip's windows at once ("all"; which window came first is not seen there). Each clip's aligner pass is
+        conditioned on the text that follows it (the instruction; a "label" segment is not one); a clip with no
+        text after it gets BOS alone."""
         tok, jobs = self.tokenizer, []
         for b, segments in enumerate(batch):
             for i, (kind, value) in enumerate(segments):

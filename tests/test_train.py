@@ -378,6 +378,7 @@ def test_stage_0_has_its_own_contrastive_batch_and_warm_up(prepared, tmp_path):
     assert job.sampler.batch_size == 6 and info["examples"] == 6 and loss.isfinite()
     paper = train.load_config("paper", {})
     assert (paper.stage0_batch_size, paper.warmup_steps_0, paper.warmup_steps) == (128, 5000, 2000)
+    assert (paper.grad_accum_0, paper.grad_accum) == (1, 4)  # a stage-0 step is one contrastive batch
 
 
 def test_caption_fine_tuning_makes_whole_passes_over_one_caption_set(trained, tmp_path):
@@ -477,6 +478,17 @@ def test_learning_rate_warms_up_then_falls_along_a_cosine_to_its_floor():
     assert [factor(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert factor(9) == pytest.approx(0.55)  # half way down: (1 + 0.1) / 2
     assert factor(14) == pytest.approx(0.1) and factor(20) == pytest.approx(0.1)
+
+
+def test_each_stage_warms_up_over_its_own_steps():
+    """Stage 0 has its own warm-up where set; caption_ft, a fine-tune of a few thousand steps, warms up over a tenth
+    of them (the paper preset's 2 000 would leave the whole run warming up) unless given its own; the rest share
+    warmup_steps."""
+    paper = train.load_config("paper", {})
+    assert [train.warmup_steps(paper, s, 1200) for s in ("0", "1", "2", "caption_ft")] == [5000, 2000, 2000, 120]
+    assert train.warmup_steps(train.load_config("paper", {"warmup_steps_caption_ft": 300}), "caption_ft", 1200) == 300
+    tiny = train.load_config("tiny", {})
+    assert train.warmup_steps(tiny, "0", 600) == tiny.warmup_steps and train.warmup_steps(tiny, "caption_ft", 5) == 1
 
 
 def test_weight_decay_falls_on_matrices_only():
@@ -706,6 +718,18 @@ def test_fit_logs_validates_and_saves_on_schedule_and_always_at_the_last_step(tm
                                                                                   "step_0000005"]
 
 
+
+def test_a_stage_0_step_takes_its_own_number_of_micro_batches(tmp_path):
+    """grad_accum_0: the paper preset's stage-0 step is one contrastive batch (grad_accum_0=1) while its stages 1-2
+    accumulate 4; 0 leaves stage 0 at grad_accum."""
+    for stage, settings, drawn in [("0", {"grad_accum_0": 1}, [1, 2]), ("1", {"grad_accum_0": 1}, list(range(1, 7))),
+                                   ("0", {}, list(range(1, 7)))]:
+        cfg = train.load_config("tiny", {"steps_0": 2, "steps_1": 2, "grad_accum": 3, "warmup_steps": 1,
+                                         "eval_every": 5, **settings})
+        job, out = toy_job([1] * 6), tmp_path / f"{stage}{len(settings)}"
+        out.mkdir()
+        train.fit(cfg, stage, job, False, 0, 1, out)
+        assert job.calls == drawn, (stage, settings)
 
 def test_a_step_with_nothing_to_train_leaves_the_weights_and_an_fp16_scaler_alone(tmp_path):
     """A step none of whose micro-batches has a usable example (missing clips in a real data set) has no gradient:
