@@ -13,7 +13,7 @@ Recomputation for checkpointing is not counted (that is what makes it *model* FL
 utilisation, printed beside it, counts it, so MFU / hardware utilisation is the share of the work that is not
 recomputation.
     python benchmarks/bench_gpu_step.py [--batch 8] [--answer_words 40] [--no-checkpointing] [--keep 0[,N...]]
-                                        [--peak_tflops 989] [--compile] [--profile]
+                                        [--peak_tflops 0] [--compile] [--profile]
 """
 
 import argparse
@@ -30,6 +30,14 @@ from apt_min.llama import Llama, LlamaConfig
 from apt_min.model import APT
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16;
+# the first name the device's contains (an H100 SXM is "NVIDIA H100 80GB HBM3")
+
+
+def peak_tflops(device_name: str) -> float:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), 989.0)
+
+
 WORDS = "a dog barks while a car passes by and rain falls on a tin roof then a bell rings twice".split()
 
 
@@ -37,7 +45,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--answer_words", type=int, default=40, help="answer length: sets the sequence length")
-    ap.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM)")
+    ap.add_argument("--peak_tflops", type=float, default=0.0, help="the GPU's dense bf16 peak (0: from its name, "
+                    "PEAK_TFLOPS; 989 where the name is not there)")
     ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="recompute the LLM blocks in backward (what fits 7B in 24 GB)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each LLM block (a measurement: the step's "
@@ -105,6 +114,7 @@ def main():
     block = llm.model.layers[0]
     per_block = sum(p.numel() for p in block.parameters()) - (0 if args.compile else block.mlp.down_proj.weight.numel())
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    args.peak_tflops = args.peak_tflops or peak_tflops(name)
     print(f"device: {name}; LLM {n_llm / 1e9:.2f} B parameters, batch {args.batch}, sequence {T} tokens, "
           f"gradient checkpointing {'on' if args.checkpointing else 'off'}, "
           f"compiled blocks {'yes' if args.compile else 'no'}")

@@ -43,6 +43,15 @@ def test_gpu_step_benchmark_runs_on_the_cpu_and_profiles():
     assert abs(int(busy) - float(total[1]) * (1000 if total[2] == "s" else 1)) <= 1, out
 
 
+def test_mfu_is_taken_against_the_cards_own_peak():
+    """MFU's denominator follows the device's name: an H100 PCIe card (756 TFLOP/s dense bf16) is not judged against
+    the SXM card's 989, which would under-report it by a quarter."""
+    from benchmarks.bench_gpu_step import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 PCIe") == 756 and peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert peak_tflops("NVIDIA H200") == 989 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+
+
 def test_probe_prompts_readout_is_scikit_learns_logistic_regression():
     """The read-out of benchmarks/probe_prompts.py (hand-written: L-BFGS on binary cross-entropy with an L2 weight)
     fits the same model as scikit-learn's LogisticRegression, one per class, at the matching strength: its mean over
