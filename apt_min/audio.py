@@ -37,6 +37,16 @@ class AudioError(UserError, ValueError):
     """An audio file that cannot be used; the message names the file and what is wrong with it."""
 
 
+def duration(path: str | Path) -> float:
+    """A file's length in seconds, from its header (nothing decoded)."""
+    import soundfile as sf
+
+    try:
+        return sf.info(str(path)).duration
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise AudioError(f"{path}: not a readable audio file ({e})") from None
+
+
 def load(path: str | Path) -> torch.Tensor:
     """Read any file soundfile reads (wav, flac, ogg, mp3, ...), average the channels to mono, resample to 16 kHz.
     Returns (N,) float32 in [-1, 1]. Raises AudioError for a missing, empty, unreadable or truncated file and for

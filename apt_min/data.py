@@ -24,6 +24,7 @@ import functools
 import io
 import json
 import logging
+import math
 import random
 import re
 from collections import defaultdict
@@ -455,8 +456,10 @@ def _strong(L, root, split, task, rng, strict, coverage=None):
             for on, off in picks:
                 if rng is not None:
                     on, off = max(0.0, on - rng.randint(0, 5) / 10), off + rng.randint(0, 5) / 10
-                on, off = round(on, 1), round(off, 1)
-                out.append(tasks.ter(audio, events, on, max(off, round(on + 0.1, 1)), rng))  # never a 0 s window
+                # to 0.1 s, outward, so the window holds the event it was made from (an event of 0.1-0.2 s
+                # rounded inward can overlap its window by less than labels_between asks); never a 0 s window
+                on, off = math.floor(on * 10 + 1e-6) / 10, math.ceil(off * 10 - 1e-6) / 10
+                out.append(tasks.ter(audio, events, on, max(off, round(on + 0.1, 1)), rng))
     files.report()
     return out
 

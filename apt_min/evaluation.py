@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apt_min import data, metrics
+from apt_min import audio, data, metrics
 from apt_min.aligner import Aligner
 from apt_min.tasks import FEWSHOT_QUERY, label_text
 
@@ -241,7 +241,9 @@ def eval_fewshot(apt, cfg, name, episodes, opts):
 def eval_sed(apt, cfg, name, examples, opts):
     # room for every segment: an event heard four times is about 44 tokens; real strong labels hold more
     outputs = generate(apt, examples, SHORT | {"max_new_tokens": 96}, opts.batch_size, "sed")
-    return metrics.score_sed(examples, outputs), outputs, [ex.answer for ex in examples]
+    durations = {path: audio.duration(path) for path in {ex.segments[0][1] for ex in examples}}
+    return (metrics.score_sed(examples, outputs, [durations[ex.segments[0][1]] for ex in examples]), outputs,
+            [ex.answer for ex in examples])
 
 
 def eval_ter(apt, cfg, name, examples, opts):

@@ -307,14 +307,16 @@ def segment_f1(pred, ref, iou=0.5):
     return sum(match(i, set()) for i in range(len(pred))), len(pred), len(ref)
 
 
-def score_sed(examples, outputs):
-    """Segment F1 at IoU >= 0.5 over all segments of all queries, beside answering the whole clip every time."""
+def score_sed(examples, outputs, durations=None):
+    """Segment F1 at IoU >= 0.5 over all segments of all queries, beside answering the whole clip every time: 0 s to
+    each clip's duration (seconds, one per example), or without durations to the latest end among the references."""
     def f1(preds):
         m, p, r = (sum(x) for x in zip(*[segment_f1(s, ex.target["segments"]) for s, ex in zip(preds, examples)]))
         return 2 * m / (p + r) if p + r else 0.0
 
-    end = max(b for ex in examples for _, b in ex.target["segments"])
-    return _row("segment F1", f1([parse_segments(o) for o in outputs]), f1([[(0.0, end)]] * len(examples)),
+    latest = max(b for ex in examples for _, b in ex.target["segments"])
+    whole = [[(0.0, d)] for d in durations] if durations is not None else [[(0.0, latest)]] * len(examples)
+    return _row("segment F1", f1([parse_segments(o) for o in outputs]), f1(whole),
                 "IoU >= 0.5, over all segments (baseline: the whole clip for every query)")
 
 

@@ -50,6 +50,8 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "
 MULTIPLES = {"once": 1, "twice": 2, "thrice": 3}
 TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
 NONE = {"no", "none", "never"}  # "no times", "never": a count of zero
+_NUMBER = re.compile(rf"\b(?:({'|'.join(TENS)})(?:[\s-]+({'|'.join(NUMBER_WORDS[1:10])}))?"  # 21: tens, unit
+                     rf"|({'|'.join(NUMBER_WORDS)}))\b")  # or one word, zero to twenty
 
 
 @dataclass
@@ -91,11 +93,18 @@ def format_count(n: int) -> str:
     return str(n)
 
 
+def in_digits(text: str) -> str:
+    """`text` (lower case) with its number words as digits: "twenty-one" and "twenty one" -> "21", "two" -> "2"."""
+    def value(m):
+        return str(TENS[m[1]] + NUMBER_WORDS.index(m[2]) if m[2] else TENS[m[1]]) if m[1] else \
+            str(NUMBER_WORDS.index(m[3]))
+    return re.sub(_NUMBER, value, text)
+
+
 def normalize_answer(text: str) -> str:
     """For exact-match scoring (AQA, NLAR): lower case, number words as digits, no punctuation or articles."""
-    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
-    words = [str(NUMBER_WORDS.index(w)) if w in NUMBER_WORDS else w for w in words if w not in ("a", "an", "the")]
-    return " ".join(words)
+    words = re.sub(r"[^\w\s]", " ", in_digits(text.lower())).split()
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
 
 
 def parse_labels(text: str, vocabulary=None) -> list[str]:
@@ -105,7 +114,7 @@ def parse_labels(text: str, vocabulary=None) -> list[str]:
     if vocabulary is None:
         return [p.strip(" .;") for p in re.split(r"[,;]| and ", text) if p.strip(" .;")]
     found, taken = [], [False] * len(text)
-    for name in sorted(vocabulary, key=len, reverse=True):
+    for name in sorted(vocabulary, key=lambda n: (-len(n), n)):  # longest first; ties in one order, every run
         for m in re.finditer(r"(?<!\w)" + re.escape(label_text(name)) + r"(?!\w)", text):
             if not any(taken[m.start():m.end()]):
                 taken[m.start():m.end()] = [True] * (m.end() - m.start())
@@ -117,27 +126,20 @@ def parse_segments(text: str) -> list[tuple[float, float]]:
     """ "0.5s-1.2s; 3s to 3.6 s" -> [(0.5, 1.2), (3.0, 3.6)] (also .5, sec, secs, second); pairs that end before
     they start are left out."""
     num = r"(\d+(?:\.\d+)?|\.\d+)\s*(?:s(?:ec(?:ond)?s?)?)?"
-    pairs = re.findall(num + r"\s*(?:-|–|—|to|until)\s*" + num, text.lower())
+    pairs = re.findall(num + r"\s*(?:-|–|—|to|until)\s*" + num, in_digits(text.lower()))
     return [(float(a), float(b)) for a, b in pairs if float(a) <= float(b)]
 
 
 def parse_count(text: str) -> int | None:
-    """The first number in `text`, as digits, a number word ("twenty-one" too), once/twice/thrice, or no / none /
-    never for zero; None when there is none."""
-    for token in re.findall(r"\d+|[a-z]+(?:-[a-z]+)?", text.lower()):
-        tens, _, unit = token.partition("-")
-        if token.isdigit():
-            return int(token)
-        if tens in TENS and (not unit or unit in NUMBER_WORDS[1:10]):
-            return TENS[tens] + (NUMBER_WORDS.index(unit) if unit else 0)
-        for word in (token, tens):  # "two-fold" reads as two
-            if word in NUMBER_WORDS:
-                return NUMBER_WORDS.index(word)
-            if word in MULTIPLES:
-                return MULTIPLES[word]
-            if word in NONE:
-                return 0
-    return None
+    """The first number in `text`, as digits, number words ("twenty-one", "twenty one") or once/twice/thrice; else
+    zero for no / none / never ("no, three times" is 3); None when there is none."""
+    words = re.findall(r"\d+|[a-z]+", in_digits(text.lower()))  # "two-fold" reads as two
+    for word in words:
+        if word.isdigit():
+            return int(word)
+        if word in MULTIPLES:
+            return MULTIPLES[word]
+    return 0 if any(word in NONE for word in words) else None
 
 
 # ------------------------------------------------------------------------------------------------------ builders

@@ -21,11 +21,16 @@ def margin(apt: float, baseline: float, lower_is_better: bool = False) -> str:
 
 
 def runs_mixed(folder: Path) -> str:
-    """"" when every task's metrics in `folder` were made by one checkpoint with one data root and --limit (their
-    made_{task}.json files), else what differs: a table drawn from several runs would read as one model's."""
-    made = {f.stem[5:]: json.loads(f.read_text()) for f in sorted(folder.glob("made_*.json"))
-            if (folder / f"metrics_{f.stem[5:]}.json").is_file()}
-    differ = [k for k in ("checkpoint", "data_root", "limit") if len({json.dumps(m.get(k)) for m in made.values()}) > 1]
+    """"" when every task's metrics in `folder` were made by one evaluate.py call's settings (their made_{task}.json
+    files: checkpoint, data root, --limit, episodes, captioning's decoding), else what differs, or which metrics have
+    no made file to say: a table drawn from several runs would read as one model's."""
+    tasks = [f.stem[len("metrics_"):] for f in sorted(folder.glob("metrics_*.json"))]
+    unknown = [t for t in tasks if not (folder / f"made_{t}.json").is_file()]
+    if unknown:
+        return f"no made_{{task}}.json says how {', '.join(unknown)} was made"
+    made = {t: json.loads((folder / f"made_{t}.json").read_text()) for t in tasks}
+    keys = sorted({k for m in made.values() for k in m})
+    differ = [k for k in keys if len({json.dumps(m.get(k), sort_keys=True) for m in made.values()}) > 1]
     return "; ".join(f"{k}: " + ", ".join(f"{task} {m.get(k)}" for task, m in made.items()) for k in differ)
 
 

@@ -251,3 +251,12 @@ def test_ten_minutes_give_59_windows_in_bounded_memory(tmp_path):
     # between: ~1.9x above the real code's worst run and ~2x below the naive one.
     print(f"peak memory growth {growth / 1e6:.0f} MB = {growth / wave_and_output:.2f} x wave and output")
     assert growth < 4 * wave_and_output, growth
+
+
+def test_duration_reads_the_header_and_names_a_bad_file(tmp_path):
+    """audio.duration (SED's whole-clip baseline): seconds from the header, at the file's own rate."""
+    sf.write(str(tmp_path / "a.wav"), np.zeros(24000, dtype=np.float32), 8000)
+    assert audio.duration(tmp_path / "a.wav") == 3.0
+    (tmp_path / "b.wav").write_bytes(b"not audio")
+    with pytest.raises(AudioError, match=r"b.wav: not a readable audio file"):
+        audio.duration(tmp_path / "b.wav")

@@ -293,6 +293,12 @@ def test_parsers_tolerate_variations():
     assert tasks.parse_segments(".5s-1s") == [(0.5, 1.0)]
     assert [tasks.parse_count(t) for t in ("Twenty-one.", "thirty", "No times.", "never", "none", "two-fold")] == [
         21, 30, 0, 0, 0, 2]
+    assert tasks.parse_count("twenty one") == 21 and tasks.parse_count("No, three times.") == 3  # a number first
+    assert {tasks.normalize_answer(t) for t in ("21", "twenty-one", "Twenty one.", "twenty one")} == {"21"}
+    assert tasks.normalize_answer("seventeen") == "17" and tasks.normalize_answer("someone") == "someone"
+    assert tasks.parse_segments("from one to two seconds") == [(1.0, 2.0)]
+    for vocabulary in (["Car horn", "Horn toy"], ["Horn toy", "Car horn"]):  # equal lengths, overlapping in the text
+        assert tasks.parse_labels("a car horn toy", vocabulary) == ["Car horn"]  # the same reading, either order
 
 
 def test_a_time_window_always_holds_the_event_that_defines_it():
@@ -420,6 +426,13 @@ def test_temporal_retrieval_examples(tmp_path):
     write(tmp_path / "audioset/audioset_eval_strong.tsv", strong.replace("1.5\t2.5", "3.01\t3.05"))
     windows = {e.segments[1][1]: e.answer for e in data.examples("ter", tmp_path, "test")}
     assert windows["What happens between 3.0s and 3.1s?"] == "dog"
+    # strong labels in milliseconds: the window is rounded outward, so a 0.15 s bark at 1.04-1.19 s is inside its own
+    # 1.0-1.2 s window (rounded to 1.0-1.2 either way) and one at 1.06-1.14 s too (inward: 1.1-1.1, 0.04 s of it)
+    for on, off, window in [("1.04", "1.19", "1.0s and 1.2s"), ("1.06", "1.14", "1.0s and 1.2s"),
+                            ("0.96", "1.04", "0.9s and 1.1s")]:
+        write(tmp_path / "audioset/audioset_eval_strong.tsv", strong.replace("1.5\t2.5", f"{on}\t{off}"))
+        windows = {e.segments[1][1]: e.answer for e in data.examples("ter", tmp_path, "test")}
+        assert windows[f"What happens between {window}?"].endswith("dog"), (on, off, windows)
 
 
 def test_esc50_pool_by_category_and_fold(tmp_path, caplog):

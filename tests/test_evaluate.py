@@ -519,9 +519,12 @@ def test_segment_f1_hand_worked():
     # 1 of 2 dog segments found, one false alarm; birds and rain found: 3 matched, 4 predicted, 4 true -> F1 2*3/8
     (row,) = metrics.score_sed(exs, ["0.5s-1.1s; 6s-7s", "0.0s to 4.5s", "2s-4s"])
     assert row[1] == pytest.approx(6 / 8)
-    # the whole clip (0-4 s: the latest end of any query's segments), once per query: the birds, and the rain by IoU
-    # exactly 0.5 (an end of 3.6 s or 5 s would miss it)
+    # the whole clip (without durations 0-4 s: the latest end of any query's segments), once per query: the birds,
+    # and the rain by IoU exactly 0.5 (an end of 3.6 s or 5 s would miss it)
     assert row[2] == pytest.approx(2 * 2 / (3 + 4))
+    # with each clip's duration (what evaluation passes, from the files): a 4 s clip's birds, nothing of 10 s clips
+    (row,) = metrics.score_sed(exs, ["", "", ""], durations=[10.0, 4.0, 10.0])
+    assert row[1] == 0.0 and row[2] == pytest.approx(2 * 1 / (3 + 4))
 
 
 def test_temporal_retrieval_with_commas_and_underscores_in_labels():
@@ -641,6 +644,10 @@ def test_each_metrics_file_says_what_made_it_and_a_mixed_folder_is_named(trained
     capsys.readouterr()
     results_table.main()
     assert f"note: the metrics in {out} come from different runs (limit: counting 4, nlar 6)" in capsys.readouterr().err
+    evaluate.main(["--task", "nlar", "--limit", "4", "--num-beams", "2", *args])  # captioning's decoding differs
+    assert results_table.runs_mixed(out).startswith("captioning: counting {")
+    (out / "made_counting.json").unlink()  # metrics from before evaluate.py wrote made files: nothing says
+    assert results_table.runs_mixed(out) == "no made_{task}.json says how counting was made"
 
 
 def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
