@@ -50,11 +50,12 @@ from apt_min.build import (
     frozen_dtype,
     load_llm,
 )
+from apt_min.checkpoint import CheckpointError, check_keys
 from apt_min.config import load_config
 from apt_min.errors import SettingError, clean_exit
 from apt_min.llama import Llama
 from apt_min.mae import MAEDecoder, mae_loss
-from apt_min.model import APT, encode_clips
+from apt_min.model import APT, encode_clips, short
 from apt_min.tasks import normalize_answer
 
 log = logging.getLogger("train")
@@ -354,6 +355,11 @@ class TuneAPT:
             llm.compile_blocks()
         cache = feature_cache(cfg, self.encoder_id)
         if stage == "1":
+            trained_on = json.loads((prev / "aligner.json").read_text()).get("encoder")
+            if trained_on and trained_on["fingerprint"] != self.encoder_id["fingerprint"]:
+                raise CheckpointError(f"{prev}: stage 0's aligner was trained against the encoder {short(trained_on)}, "
+                                      f"but the encoder is now {short(self.encoder_id)}; run stage 0 again with this "
+                                      "encoder, or give the settings it was trained with")
             aligner = Aligner.load(prev, dropout=cfg.aligner_dropout)
             torch.manual_seed(cfg.seed)
             model = APT(encoder, aligner, llm, self.tok, cache, cfg.prompt_format, cfg.instruction_bos,
@@ -609,6 +615,9 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
     validation."""
     total = getattr(cfg, STAGES[stage]["steps"])
     unused = getattr(job, "unused_parameters", False)  # parameters some steps give no gradient
+    if world > 1:  # DDP over what trains: the frozen encoder and LLM (7 B) are neither broadcast nor synchronised
+        frozen = [n for n, p in job.module.named_parameters() if not p.requires_grad]
+        DDP._set_params_and_buffers_to_ignore_for_model(job.module, frozen + [n for n, _ in job.module.named_buffers()])
     wrapped = DDP(job.module, find_unused_parameters=unused) if world > 1 else job.module
     opt = make_optimizer(job.params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg, total, warmup_steps(cfg, stage, total)))
@@ -620,19 +629,21 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
         if rank == 0:
             truncate_log(out / "log.jsonl", step)
     logfile = open(out / "log.jsonl", "a") if rank == 0 else None
-    t0, seen, metrics = time.time(), 0, {}
+    seen, busy, metrics = 0, 0.0, {}  # examples and seconds spent training (not validating or saving)
     if step == 0:  # where validation starts, so the log shows how far training moved it
         log_validation(logfile, stage, 0, validation(job), "before training")
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"stage {stage}", dynamic_ncols=True)
     while step < total:
+        started = time.time()
         window, examples, bad = accumulate(cfg, stage, job, wrapped, world, step, ckpts)
         seen, skipped = seen + examples, skipped + bad  # over every process
         lr = sched.get_last_lr()[0]  # the rate this step uses (the schedule moves on inside optimizer_step)
         grad_norm = optimizer_step(cfg, job, opt, sched, window)
+        busy += time.time() - started
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            rate = seen / (time.time() - t0)
+            rate = seen / max(busy, 1e-9)
             logs = window.logs()
             record = {"step": step, **{k: round(v, 5) for k, v in logs.items()}, "lr": lr,
                       "grad_norm": round(float(grad_norm), 4), "examples_per_s": round(rate, 2),
@@ -744,6 +755,9 @@ def restore(ckpts, job, opt, sched, rank: int = 0, world: int = 1) -> tuple[int,
     if found is None:
         raise SystemExit(f"--resume: no checkpoint under {ckpts.folder}")
     weights, state = found
+    where = ckpts.folder / (ckpts.folder / "latest").read_text().strip()  # a run with other settings: named, refused
+    check_keys({where / "weights.safetensors": weights}, {k: tuple(p.shape) for k, p in job.params.items()}, set(),
+               (), where)
     with torch.no_grad():
         for k, v in weights.items():
             job.params[k].copy_(v)
@@ -847,6 +861,14 @@ def nothing_to_train(keep: list, world: int, device) -> bool:
     return bool(empty.item())
 
 # ---------------------------------------------------------------------------------------------------- machinery
+
+
+def own_generators(cfg, rank: int):
+    """After the job is built (its weights alike in every process), each process its own random draws (dropout):
+    process 0 goes on as a single process would, the others are seeded apart."""
+    if rank > 0:
+        torch.manual_seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
 
 
 def setup_distributed():
@@ -1067,8 +1089,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world, device = setup_distributed()
     random.seed(cfg.seed)
-    if rank == 0:
+    if rank == 0:  # what every process reads, made once, before the others look for it (they would write it too)
         ensure_data(cfg)
+        if args.stage != "mae":
+            ensure_tokenizer(cfg)
+            if args.stage != "lm":
+                build_encoder(cfg, "cpu", torch.float32)  # tiny's: seeded, saved under run_dir on first use
     if world > 1:
         dist.barrier()
     torch.manual_seed(cfg.seed)
@@ -1084,6 +1110,7 @@ def main(argv=None):
         job = TrainVision(cfg, rank, world, device)
     else:
         job = TuneAPT(cfg, args.stage, rank, world, device)
+    own_generators(cfg, rank)
     metrics = fit(cfg, args.stage, job, args.resume, rank, world, stage_dir(cfg, args.stage))
     if rank == 0:
         job.finish(metrics)

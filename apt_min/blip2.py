@@ -18,6 +18,7 @@ alone (the cloze form: an LLM too small to read an option list is scored on what
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -123,7 +124,9 @@ def train_qformer_tokenizer(texts, folder: str | Path, vocab_size: int = 2000) -
                            min_frequency=1, show_progress=False)
     hf.post_processor = BertProcessing(("[SEP]", hf.token_to_id("[SEP]")), ("[CLS]", hf.token_to_id("[CLS]")))
     Path(folder).mkdir(parents=True, exist_ok=True)
-    hf.save(str(Path(folder) / "tokenizer.json"))
+    part = Path(folder) / f"tokenizer.json.{os.getpid()}"  # whole or not at all: every process writes the same file
+    hf.save(str(part))
+    os.replace(part, Path(folder) / "tokenizer.json")
     return QFormerTokenizer(folder)
 
 

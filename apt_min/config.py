@@ -227,6 +227,13 @@ CHOICES = {  # the settings that name one of a few ways; anything else is an err
 }
 
 
+AT_LEAST_ONE = ("batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_checkpoints", "val_batches",
+                "steps_lm", "steps_mae", "steps_0", "steps_1", "steps_2", "steps_vision", "mae_batch_size",
+                "vision_align_batch")
+AT_LEAST_ZERO = ("grad_accum_0", "stage0_batch_size", "steps_caption_ft", "warmup_steps", "warmup_steps_0",
+                 "warmup_steps_caption_ft")  # 0: the default they name
+
+
 def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None) -> Config:
     """The preset, then `--key=value` strings (or a dict) on top. Unknown presets and keys, and values outside a
     setting's CHOICES, are errors."""
@@ -243,6 +250,10 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise SettingError(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    for keys, least in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):  # 0 would divide by zero, train nothing, keep
+        for key in keys:  # every checkpoint; below 0 would count backwards
+            if getattr(cfg, key) < least:
+                raise SettingError(f"--{key}={getattr(cfg, key)}: expected at least {least}")
     if cfg.grad_checkpointing_keep < 0:
         raise SettingError(f"--grad_checkpointing_keep={cfg.grad_checkpointing_keep}: expected a number of blocks, "
                            ">= 0")

@@ -63,6 +63,11 @@ def test_settings_that_would_train_nothing_are_refused():
     with pytest.raises(SettingError, match="--vision_align_steps=500 with --steps_vision=500: the vision stage"):
         load_config("tiny", ["--steps_vision=500", "--vision_align_steps=500"])
     assert load_config("tiny", ["--steps_vision=501", "--vision_align_steps=500"]).steps_vision == 501
+    for option in ("--save_every=0", "--log_every=0", "--grad_accum=0", "--keep_checkpoints=0", "--steps_1=0",
+                   "--batch_size=0", "--grad_accum_0=-1", "--warmup_steps=-5"):  # modulo by 0, no step, every
+        with pytest.raises(SettingError, match=f"{option}: expected at least"):  # checkpoint kept, none trained
+            load_config("tiny", [option])
+    assert load_config("tiny", ["--grad_accum_0=0", "--steps_caption_ft=0"]).grad_accum_0 == 0  # 0: the default
 
 
 def test_evaluation_holds_the_frozen_parts_in_the_runs_precision():

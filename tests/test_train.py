@@ -24,6 +24,7 @@ from torch import nn
 
 import train
 from apt_min import audio, data, evaluation, tasks
+from apt_min.checkpoint import CheckpointError
 from apt_min.errors import SettingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,6 +382,19 @@ def test_stage_0_has_its_own_contrastive_batch_and_warm_up(prepared, tmp_path):
     assert (paper.grad_accum_0, paper.grad_accum) == (1, 4)  # a stage-0 step is one contrastive batch
 
 
+def test_stage_1_refuses_a_stage_0_aligner_of_another_encoder(prepared, tmp_path):
+    """Stage 0 records the encoder its aligner read (aligner.json); stage 1 with another encoder (a new --stage mae,
+    another --encoder_checkpoint or --output_block) would tune an aligner on features it never saw: refused, naming
+    the folder and both encoders, as APT.load does for stages 2 on."""
+    tmp = copy_of(prepared, tmp_path)
+    meta_file = tmp / "run" / "stage0" / "final" / "aligner.json"
+    meta = json.loads(meta_file.read_text())
+    meta["encoder"]["fingerprint"] = "0123456789abcdef"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match=r"stage0/final: stage 0's aligner was trained against the encoder .*"
+                                         r"0123456789abcdef.*but the encoder is now"):
+        train.main(["--stage", "1", *opts(tmp)])
+
 def test_caption_fine_tuning_makes_whole_passes_over_one_caption_set(trained, tmp_path):
     """--stage caption_ft (paper §4.2, before Table 4): stage 2's APT tuned on one caption set's training captions
     alone, for caption_ft_epochs passes; saved beside the stages in caption_ft-{source}/ (so evaluation finds the
@@ -731,6 +745,23 @@ def test_a_stage_0_step_takes_its_own_number_of_micro_batches(tmp_path):
         train.fit(cfg, stage, job, False, 0, 1, out)
         assert job.calls == drawn, (stage, settings)
 
+def test_resuming_with_other_weights_names_the_checkpoint_and_what_differs(tmp_path):
+    """--resume copies the checkpoint's weights into the run strictly: a run whose settings changed a shape, or
+    that lost or gained a tensor, is refused naming the checkpoint and the keys (a missing key kept its fresh value
+    and a changed shape was a bare traceback)."""
+    cfg = train.load_config("tiny", {"steps_1": 2, "save_every": 1, "eval_every": 5, "warmup_steps": 1})
+    train.fit(cfg, "1", toy_job([1, 1]), False, 0, 1, tmp_path)
+    wider = toy_job([1, 1])
+    wider.module = nn.Linear(3, 1)
+    wider.params = dict(wider.module.named_parameters())
+    with pytest.raises(CheckpointError, match=r"step_0000002 \(weights.safetensors\): wrong shapes: weight in "
+                                              r"weights.safetensors: expected \(1, 3\), found"):
+        train.fit(cfg, "1", wider, True, 0, 1, tmp_path)
+    fewer = toy_job([1, 1])
+    fewer.params = {"weight": fewer.module.weight}
+    with pytest.raises(CheckpointError, match="unexpected keys: bias"):
+        train.fit(cfg, "1", fewer, True, 0, 1, tmp_path)
+
 def test_a_step_with_nothing_to_train_leaves_the_weights_and_an_fp16_scaler_alone(tmp_path):
     """A step none of whose micro-batches has a usable example (missing clips in a real data set) has no gradient:
     the schedule moves on, the weights and the fp16 loss scaler are not stepped (which would fail: it has recorded
@@ -790,6 +821,21 @@ def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generato
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
 
 
+def test_each_process_draws_its_own_dropout_after_the_weights_are_built():
+    """Every process seeds alike to build the same weights; then own_generators gives each its own draws, and
+    process 0 the draws of a single process (so one process's run is unchanged)."""
+    cfg = train.load_config("tiny", {})
+    draws = []
+    for rank in (0, 1, 2):
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        train.own_generators(cfg, rank)
+        draws.append((torch.rand(2).tolist(), random.random()))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    assert draws[0] == (torch.rand(2).tolist(), random.random())
+    assert draws[0] != draws[1] != draws[2] != draws[0]
+
 def _resume_worker(rank, world, folder, out):
     """One of two processes: its own generators (as its own dropout draws leave them), a checkpoint written by
     process 0 with every process's generators, draws that move them on, then restore: what each draws next."""
@@ -823,6 +869,56 @@ def test_each_process_resumes_its_own_generators(tmp_path):
     mp.spawn(_resume_worker, args=(2, tmp_path, out), nprocs=2, join=True)
     assert out[0][0] and out[1][0] and out[0][1] != out[1][1]  # each its own, and they differ
 
+
+class HalfFrozen(nn.Module):
+    """A trainable layer beside a frozen one and a buffer, as APT holds its trainable parts beside the frozen
+    encoder and LLM."""
+
+    def __init__(self):
+        super().__init__()
+        self.trained, self.frozen = nn.Linear(2, 1), nn.Linear(2, 1).requires_grad_(False)
+        self.register_buffer("table", torch.zeros(3))
+
+    def forward(self, x):
+        return self.trained(x) + self.frozen(x)
+
+
+def _ddp_worker(rank, world, folder, out):
+    """One of two processes training HalfFrozen with fit under DDP, its frozen weights and buffer its own."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank,
+                                         world_size=world)
+    torch.manual_seed(0)
+    module = HalfFrozen()
+    with torch.no_grad():
+        module.frozen.weight.fill_(rank)  # what a broadcast from process 0 would overwrite
+        module.table.fill_(rank)
+    x = torch.tensor([1.0, 2.0 + rank])  # each process its own batch: its own gradient
+
+    def micro_step(model, sampler):
+        sampler.next_batch()
+        return model(x).sum(), 1, {"examples": 1}
+
+    job = SimpleNamespace(module=module, params=dict(module.trained.named_parameters(prefix="trained")),
+                          scaler=None, micro_step=micro_step, validate=lambda: {},
+                          sampler=data.TaskSampler({"x": [1, 2, 3]}, {"x": 1.0}, 2))
+    cfg = train.load_config("tiny", {"steps_1": 2, "eval_every": 5, "save_every": 5, "warmup_steps": 1})
+    train.fit(cfg, "1", job, False, rank, world, folder / f"out{rank}")
+    out[rank] = (module.trained.weight.detach().clone(), float(module.frozen.weight[0, 0]), float(module.table[0]))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_synchronises_what_trains_and_leaves_the_frozen_parts_alone(tmp_path):
+    """Under torchrun, fit's DistributedDataParallel averages the trainable parameters' gradients (both processes
+    end with the same weights from different batches) and neither broadcasts nor syncs the frozen parameters and
+    buffers (for the paper preset a 7 B LLM, sent to every process at every start)."""
+    import torch.multiprocessing as mp
+
+    for rank in range(2):
+        (tmp_path / f"out{rank}").mkdir()
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, tmp_path, out), nprocs=2, join=True)
+    assert torch.equal(out[0][0], out[1][0])  # gradients averaged: one model
+    assert out[0][1:] == (0.0, 0.0) and out[1][1:] == (1.0, 1.0)  # each process kept its own frozen tensors
 
 def test_two_processes_log_stage_0_as_one_does(prepared, tmp_path):
     """Stage 0 on two processes of 2 pairs each (ATC's negatives gathered from both) logs what one process of 4
