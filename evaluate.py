@@ -147,7 +147,10 @@ def run_avqa(cfg, checkpoint: Path, opts: Options, out: Path, device):
     rows.append(avqa_coverage_row(records, coverage))
     with open(out / "predictions_avqa.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    write_metrics(out, "avqa", rows, coverage)
+    made = {"checkpoint": str(checkpoint.resolve()), "preset": cfg.preset, "data_root": str(cfg.data_root),
+            "limit": opts.limit, "vision_path": cfg.vision_path, "avqa_frames": cfg.avqa_frames,
+            "avqa_blocks_apart": cfg.avqa_blocks_apart}
+    write_metrics(out, "avqa", rows, coverage, made)
     print_report([("avqa", *row) for row in rows], out, width=44)
 
 

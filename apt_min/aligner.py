@@ -368,9 +368,11 @@ def hard_negatives(sim, positives, generator=None):
     """For each row, one column drawn with probability softmax(sim) among the non-positive columns: a negative that
     the model currently finds similar. sim, positives (B, C). Returns (index (B,), valid (B,)); a row whose columns
     are all positive has no negative (valid False)."""
-    weights = sim.detach().float().softmax(-1).masked_fill(positives, 0.0)
-    valid = weights.sum(-1) > 0
-    weights = torch.where(valid[:, None], weights, (~positives).float() + 1.0)  # placeholder rows, never used
+    # the positives left out before the softmax (as BLIP-2): after it, a dominant positive can round every
+    # negative's weight to 0 at a low temperature
+    weights = sim.detach().float().masked_fill(positives, float("-inf")).softmax(-1)
+    valid = (~positives).any(-1)
+    weights = torch.where(valid[:, None], weights.nan_to_num(0.0), (~positives).float() + 1.0)  # placeholder rows
     on = generator.device if generator is not None else weights.device  # a CPU generator draws on the CPU
     return torch.multinomial(weights.to(on), 1, generator=generator).squeeze(1).to(weights.device), valid
 
@@ -396,6 +398,8 @@ def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, 
     h = aligner(audio_feats, text_ids, text_mask, unimodal_mask, audio_mask)
     audio_emb = F.normalize(aligner.audio_proj(h[:, :Q]), dim=-1)  # (B, Q, E)
     text_emb = F.normalize(aligner.text_proj(h[:, Q]), dim=-1)  # (B, E)
+    with torch.no_grad():  # the temperature itself kept in BLIP-2's bounds (a clamped copy would lose its gradient
+        aligner.temp.clamp_(0.001, 0.5)  # for good once the parameter stepped outside)
     atc, sim_a2t, sim_t2a = atc_loss(audio_emb, text_emb, aligner.temp, positives, across_processes=across_processes)
 
     # ATM: is this pair a match? positives, plus per pair a hard negative text and a hard negative audio, drawn

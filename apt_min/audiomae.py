@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_min.checkpoint import CheckpointError, check_keys, safetensors_entries, safetensors_header, torch_entries
+from apt_min.errors import clean_exit
 
 # keys of the released checkpoints that APT does not use: the AudioSet classifier (527 x 768) and the norms that feed it
 # (finetuned.pth), the final norm, the MAE decoder and its mask token (pretrained.pth)
@@ -202,6 +203,7 @@ class AudioMAE(nn.Module):
         save_file(state, str(path), metadata={"audiomae_config": json.dumps(asdict(self.config))})
 
 
+@clean_exit("python -m apt_min.audiomae")
 def main():
     """python -m apt_min.audiomae IN.pth OUT.safetensors: convert a released checkpoint once."""
     import argparse

@@ -16,6 +16,7 @@ import torch
 
 from apt_min.aligner import Aligner
 from apt_min.audiomae import AudioMAE
+from apt_min.checkpoint import CheckpointError, checkpoint_tensors
 from apt_min.errors import SettingError
 from apt_min.llama import Llama, LlamaConfig
 from apt_min.model import APT, FeatureCache, fingerprint, model_files, weight_probe
@@ -79,6 +80,12 @@ def build_encoder(cfg, device, dtype, create: bool = True):
     if cfg.encoder_checkpoint:
         path = Path(cfg.encoder_checkpoint)  # a .safetensors file carries its own config (a release's: cut short)
         model = AudioMAE.from_checkpoint(path, None if path.suffix == ".safetensors" else cfg.encoder_config())
+        asked, built = cfg.encoder_config(), model.config
+        read = {"block read": (asked.output_block % asked.depth, built.output_block % built.depth),  # a release
+                **{k: (getattr(asked, k), getattr(built, k)) for k in ("dim", "heads", "target_length")}}  # is cut
+        if differ := [k for k, (a, b) in read.items() if a != b]:
+            log.warning("%s carries its own encoder settings (%s); the settings' %s are not used", path,
+                        ", ".join(f"{k} {read[k][1]}" for k in differ), ", ".join(f"{k} {read[k][0]}" for k in differ))
     else:
         path = Path(cfg.run_dir) / "encoder.safetensors"
         if not path.is_file() and cfg.encoder_init == "mae":
@@ -212,8 +219,15 @@ def untrained_apt(cfg, tokenizer, device="cpu") -> APT:
 
 
 def llm_embeddings(cfg) -> torch.Tensor:
-    """The LLM's input embedding table (vocab, D), float32, read from its folder."""
-    return Llama.from_pretrained(Path(cfg.resolved_llm_path())).model.embed_tokens.weight.detach()
+    """The LLM's input embedding table (vocab, D), float32, read alone from its folder (not the whole LLM: Vicuna's
+    7 B in float32 would take 27 GB)."""
+    folder = Path(cfg.resolved_llm_path())
+    for entries in checkpoint_tensors(folder).values():
+        if entry := entries.get("model.embed_tokens.weight"):
+            table = torch.empty(entry.shape, dtype=torch.float32)
+            entry(table)
+            return table
+    raise CheckpointError(f"{folder}: its weights hold no model.embed_tokens.weight (the LLM's input embeddings)")
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import argparse
 import fnmatch
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -154,6 +155,12 @@ def torch_entries(file: Path, subkey: str | None = None) -> dict[str, _Entry]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
 
+    with open(file, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"{file}: a Git LFS pointer, not the weights (the repository was cloned without "
+                              "them: `git lfs pull` there, or download the file itself)")
+
     try:
         try:
             obj = read(mmap=True)
@@ -161,8 +168,11 @@ def torch_entries(file: Path, subkey: str | None = None) -> dict[str, _Entry]:
             if "mmap" not in str(e):
                 raise
             obj = read(mmap=False)
-    except Exception as e:  # unpickling raises many types; each becomes one clear error naming the file
-        raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint ({e})") from None
+    except Exception as e:  # unpickling raises many types; each becomes one clear error naming the file (torch's
+        # advice to retry with weights_only=False, which would run whatever the file holds, is left out)
+        found = re.search(r"WeightsUnpickler error: ([^.]*)", str(e))
+        why = found[1] if found else (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint ({why})") from None
     state = obj[subkey] if isinstance(obj, dict) and subkey in obj else obj
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{file}: expected a dict of tensors" + (f" (or one under {subkey!r})" if subkey else ""))

@@ -73,7 +73,8 @@ class Config:
     llm_heads: int = 4
     llm_kv_heads: int = 2
     llm_intermediate: int = 512
-    # optimisation (paper: AdamW (0.9, 0.999), weight decay 0.05, warm-up then cosine to 0.1x, peak 1e-4)
+    # optimisation (paper: Adam, warm-up then cosine, peak 1e-4; AdamW (0.9, 0.999), weight decay 0.05, floor 0.1x
+    # as BLIP-2's code)
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3
@@ -254,6 +255,9 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
         for key in keys:  # every checkpoint; below 0 would count backwards
             if getattr(cfg, key) < least:
                 raise SettingError(f"--{key}={getattr(cfg, key)}: expected at least {least}")
+    if not -cfg.encoder_depth <= cfg.output_block < cfg.encoder_depth:
+        raise SettingError(f"--output_block={cfg.output_block}: expected a block of the encoder's {cfg.encoder_depth} "
+                           f"(-{cfg.encoder_depth} to {cfg.encoder_depth - 1}; -1 the last, -2 the penultimate)")
     if cfg.grad_checkpointing_keep < 0:
         raise SettingError(f"--grad_checkpointing_keep={cfg.grad_checkpointing_keep}: expected a number of blocks, "
                            ">= 0")

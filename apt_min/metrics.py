@@ -244,9 +244,10 @@ def score_exact(examples, outputs, yes_no: bool = False, always: str | None = No
     accuracy once more, beside always giving that answer."""
     truth = [ex.target["answer"] for ex in examples]
     hits = [normalize_answer(o) == t for o, t in zip(outputs, truth)]
-    fixed = majority(truth)
+    fixed, counts = majority(truth), Counter(truth)
+    tied = "".join(f", tied with {a!r}" for a, n in counts.items() if n == counts[fixed] and a != fixed)
     rows = _row("accuracy", np.mean(hits), np.mean([t == fixed for t in truth]),
-                f"normalised exact match (baseline: always {fixed!r}, the most frequent answer)")
+                f"normalised exact match (baseline: always {fixed!r}, the most frequent answer{tied})")
     if always is not None:
         rows += _row(f"accuracy vs always {always!r}", np.mean(hits), np.mean([t == always for t in truth]),
                      f"(baseline: always {always!r}, the paper's fixed answer)")

@@ -435,7 +435,10 @@ class APT(nn.Module):
         file = Path(folder) / "apt.json"
         if not file.is_file():
             raise CheckpointError(f"{folder}: not a trained APT (apt.json missing)")
-        return json.loads(file.read_text())
+        try:
+            return json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
     @classmethod
     def load(cls, folder, encoder, llm, tokenizer, encoder_id: dict, llm_id: dict, cache=None) -> APT:

@@ -31,6 +31,8 @@ import torch
 from apt_min.aligner import STAGE0_HEADS
 from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError
+from apt_min.config import Config, load_config
+from apt_min.errors import clean_exit
 from apt_min.model import fingerprint
 
 FILES = ("apt.safetensors", "encoder.safetensors", "apt.json")
@@ -46,6 +48,8 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
     from safetensors.torch import load_file, save_file
 
     final, out = Path(run_dir) / "stage2" / "final", Path(out)
+    if not (final / "apt.json").is_file():
+        raise CheckpointError(f"{final}: no trained APT to release (apt.json missing)")
     meta = json.loads((final / "apt.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS)
@@ -53,7 +57,7 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
              if not k.startswith(heads)}
     save_file(state, str(out / "apt.safetensors"))
 
-    encoder = AudioMAE.from_checkpoint(meta["encoder"]["path"])
+    encoder = AudioMAE.from_checkpoint(meta["encoder"]["path"], encoder_settings(final, meta))
     used = encoder.config.output_block % encoder.config.depth + 1  # blocks up to the one APT reads
     cut = AudioMAE(dataclasses.replace(encoder.config, depth=used, output_block=-1))
     cut.load_state_dict({k: v for k, v in encoder.state_dict().items()
@@ -66,6 +70,19 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
     sums = {name: sha256(out / name) for name in FILES}
     (out / "SHA256SUMS").write_text("".join(f"{h}  {name}\n" for name, h in sums.items()))
     return sums
+
+
+def encoder_settings(final: Path, meta: dict):
+    """How the run read its encoder: None for a .safetensors file (its config travels inside), else the run's
+    settings (a .pth holds weights only: the block read and the window length are the run's)."""
+    if Path(meta["encoder"]["path"]).suffix == ".safetensors":
+        return None
+    if "config" not in meta:
+        raise CheckpointError(f"{final}/apt.json: no 'config' to say how the run read its encoder "
+                              f"{meta['encoder']['path']}")
+    known = {f.name for f in dataclasses.fields(Config)}
+    return load_config(meta["config"].get("preset", "tiny"),
+                       {k: v for k, v in meta["config"].items() if k in known}).encoder_config()
 
 
 def verify(folder: str | Path):
@@ -83,6 +100,8 @@ def verify(folder: str | Path):
         name = name.lstrip(" ").removeprefix("*")
         if not re.fullmatch(r"[0-9a-fA-F]{64}", want) or not name:
             raise CheckpointError(f"{sums}:{number}: expected '<sha256>  <file name>', found {line!r}")
+        if name in listed:
+            raise CheckpointError(f"{sums}:{number}: {name} is listed twice")
         listed[name] = want.lower()
     if unlisted := [name for name in FILES if name not in listed]:
         raise CheckpointError(f"{sums}: lists no checksum for {', '.join(unlisted)}")
@@ -105,9 +124,9 @@ def resolve_checkpoint(cfg, given: str | None) -> Path:
     if (own / "apt.json").is_file() or not cfg.release:
         return own
     release = Path(cfg.release)
-    if not (release / "apt.json").is_file():
+    if not release.is_dir():
         return own
-    return use_release(cfg, release)
+    return use_release(cfg, release)  # verified: a file missing from it is named, not passed over
 
 
 def use_release(cfg, release: Path) -> Path:
@@ -119,6 +138,7 @@ def use_release(cfg, release: Path) -> Path:
     return release
 
 
+@clean_exit("python -m apt_min.release")
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", help="a finished run (its stage2/final and the encoder it names)")

@@ -24,7 +24,7 @@ def runs_mixed(folder: Path) -> str:
     """"" when every task's metrics in `folder` were made by one evaluate.py call's settings (their made_{task}.json
     files: checkpoint, data root, --limit, episodes, captioning's decoding), else what differs, or which metrics have
     no made file to say: a table drawn from several runs would read as one model's."""
-    tasks = [f.stem[len("metrics_"):] for f in sorted(folder.glob("metrics_*.json"))]
+    tasks = [t for t in TASKS if (folder / f"metrics_{t}.json").is_file()]  # the table's (not AVQA's: its own)
     unknown = [t for t in tasks if not (folder / f"made_{t}.json").is_file()]
     if unknown:
         return f"no made_{{task}}.json says how {', '.join(unknown)} was made"

@@ -188,6 +188,11 @@ def test_hard_negatives_never_return_a_positive():
         assert valid.all() and not positives[torch.arange(6), idx].any()
     everything = torch.ones(2, 2, dtype=torch.bool)  # all pairs positive: no negative exists
     assert not hard_negatives(torch.zeros(2, 2), everything, g)[1].any()
+    # at a low temperature the positive dominates the row (similarities / 0.01): its negatives still get drawn, by
+    # their own softmax (the second, 0.1 above the others, nearly always)
+    sim = torch.tensor([[0.9, -0.3, -0.2, -0.4]]) / 0.01
+    drawn = [hard_negatives(sim, torch.tensor([[True, False, False, False]]), g) for _ in range(50)]
+    assert all(valid.item() for _, valid in drawn) and sum(idx.item() == 2 for idx, _ in drawn) >= 48
 
 
 def test_stage0_losses_fall_together_when_overfitting():
@@ -291,6 +296,13 @@ def test_atc_temperature_is_held_within_blip2s_bounds():
     torch.testing.assert_close(sims(0.002), best / 0.002)
     torch.testing.assert_close(sims(0.5), best / 0.5)
     torch.testing.assert_close(sims(3.0), best / 0.5)
+    # the parameter itself is held there (as LAVIS does), so a step past a bound is not stuck with no gradient
+    aligner = random_aligner()
+    audio_in, ids, mask = batch(B=4, T=6, seed=1)
+    with torch.no_grad():
+        aligner.temp.fill_(0.6)
+    stage0_losses(aligner, audio_in, ids, mask, torch.arange(4))["total"].backward()
+    assert aligner.temp.item() == pytest.approx(0.5) and aligner.temp.grad.abs().item() > 0
 
 
 def _distributed_worker(rank, world, rendezvous, audio, ids, mask, clip, out):

@@ -190,6 +190,23 @@ def test_pickle_with_an_arbitrary_object_is_refused(tmp_path):
         AudioMAE.from_checkpoint(tmp_path / "evil.pth")
 
 
+def test_a_git_lfs_pointer_and_the_converters_mistakes_are_named(tmp_path, monkeypatch):
+    """A repository cloned without its LFS files leaves pointers where the weights should be: named as such. The
+    converters' command lines end in one line naming the file, not a traceback."""
+    import sys
+
+    from apt_min import audiomae, release
+
+    (tmp_path / "finetuned.pth").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    with pytest.raises(CheckpointError, match="finetuned.pth: a Git LFS pointer, not the weights"):
+        AudioMAE.from_checkpoint(tmp_path / "finetuned.pth")
+    monkeypatch.setattr(sys, "argv", ["audiomae", str(tmp_path / "finetuned.pth"), str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="python -m apt_min.audiomae: error: .*finetuned.pth: a Git LFS pointer"):
+        audiomae.main()
+    with pytest.raises(SystemExit, match="python -m apt_min.release: error: .*no-run/stage2/final: no trained APT"):
+        release.main([str(tmp_path / "no-run"), str(tmp_path / "out")])
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="nothing.pth: no such checkpoint file"):
         AudioMAE.from_checkpoint(tmp_path / "nothing.pth")
@@ -207,3 +224,55 @@ def test_half_precision_forward():
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     error = ((out.float() - ref).norm() / ref.norm()).item()
     assert error <= 2e-2, error
+
+
+def test_a_release_of_a_pth_encoder_reads_the_block_the_run_read(tmp_path):
+    """apt_min.release.pack cuts the encoder after the block the APT read: for a .pth (weights only) that block is
+    the run's setting (here the last, the public APT code's choice), which apt.json keeps; read with the defaults
+    (the penultimate) the release would hand the APT other features under a fingerprint of its own."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from apt_min import release
+
+    model = random_encoder(output_block=-1)
+    c = model.config
+    pth = released_checkpoint(model, tmp_path / "finetuned.pth")
+    final = tmp_path / "run" / "stage2" / "final"
+    final.mkdir(parents=True)
+    save_file({"audio_token": torch.zeros(4)}, str(final / "apt.safetensors"))
+    settings = {"preset": "paper", "encoder_dim": c.dim, "encoder_depth": c.depth, "encoder_heads": c.heads,
+                "target_length": c.target_length, "output_block": -1, "encoder_checkpoint": str(pth)}
+    (final / "apt.json").write_text(json.dumps({"encoder": {"path": str(pth), "fingerprint": "x"},
+                                                "config": settings}))
+    release.pack(tmp_path / "run", tmp_path / "out")
+    cut = AudioMAE.from_checkpoint(tmp_path / "out" / "encoder.safetensors")
+    with torch.no_grad():  # the run's encoder as the release stores it: in bf16
+        for t in [*model.parameters(), *model.buffers()]:
+            t.copy_(t.bfloat16().float())
+    fbank = torch.randn(1, c.target_length, 128)
+    assert cut.config.depth == c.depth  # every block: the last one is read
+    torch.testing.assert_close(cut(fbank), model(fbank), rtol=1e-5, atol=1e-5)
+    (final / "apt.json").write_text(json.dumps({"encoder": {"path": str(pth), "fingerprint": "x"}}))
+    with pytest.raises(CheckpointError, match=r"apt.json: no 'config' to say how the run read its encoder"):
+        release.pack(tmp_path / "run", tmp_path / "out2")
+
+
+def test_settings_a_safetensors_encoder_overrides_are_named(tmp_path, caplog):
+    """A .safetensors encoder carries its config: --output_block or --target_length given beside it are not used,
+    and a warning says so (a release's encoder, cut after the block it reads, is the same block and says nothing)."""
+    import logging
+
+    from apt_min.build import build_encoder
+    from apt_min.config import load_config
+
+    random_encoder().save(tmp_path / "enc.safetensors")  # 3 blocks, the penultimate read
+    settings = {"encoder_checkpoint": str(tmp_path / "enc.safetensors"), "encoder_dim": 64, "encoder_heads": 4,
+                "encoder_depth": 3, "target_length": 1024}
+    with caplog.at_level(logging.WARNING):
+        build_encoder(load_config("tiny", settings), "cpu", torch.float32)
+        assert "not used" not in caplog.text
+        build_encoder(load_config("tiny", {**settings, "output_block": -1}), "cpu", torch.float32)
+    assert "enc.safetensors carries its own encoder settings (block read 1); the settings' block read 2 are not" \
+        in caplog.text

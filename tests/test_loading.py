@@ -352,3 +352,16 @@ def test_save_pretrained_round_trip(tmp_path, tied):
     theirs.save_pretrained(tmp_path / "theirs")  # the same keys as transformers stores (a tied lm_head left out)
     assert load_file(tmp_path / "out" / "model.safetensors").keys() == \
         load_file(tmp_path / "theirs" / "model.safetensors").keys()
+
+
+def test_the_llms_embedding_table_is_read_alone(saved, monkeypatch):
+    """build.llm_embeddings (stage 0's --aligner_words=llm, --aligner_init=llm) reads the input embeddings from the
+    sharded folder, as float32, without building the LLM (a 7 B model in float32 is 27 GB)."""
+    from apt_min import build
+    from apt_min.config import load_config
+
+    hf, folder = saved
+    monkeypatch.setattr(Llama, "from_pretrained", lambda *a, **k: pytest.fail("the whole LLM was loaded"))
+    table = build.llm_embeddings(load_config("tiny", {"llm_path": str(folder)}))
+    assert table.dtype == torch.float32
+    assert torch.equal(table, hf.model.embed_tokens.weight.detach().float())

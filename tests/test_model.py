@@ -534,3 +534,13 @@ def test_answer_and_rank_is_generate_and_choice_logprob_from_one_prompt_pass(par
         assert said == apt.generate([segments], feats, max_new_tokens=n)[0]
         torch.testing.assert_close(scores, apt.choice_logprob(segments, answers, feats), rtol=1e-6, atol=1e-6)
     assert len(apt.tokenizer.encode(said, bos=False)) > 3  # the untrained model talks on: the long case was run
+
+
+def test_a_damaged_apt_json_is_named(tmp_path):
+    """--checkpoint at a folder whose apt.json is not JSON: a CheckpointError naming the file (a bare
+    JSONDecodeError would print a traceback for a user's mistake)."""
+    from apt_min.checkpoint import CheckpointError
+
+    (tmp_path / "apt.json").write_text('{"aligner": ')
+    with pytest.raises(CheckpointError, match=r"apt.json: not valid JSON"):
+        APT.read_meta(tmp_path)

@@ -68,6 +68,9 @@ def test_settings_that_would_train_nothing_are_refused():
         with pytest.raises(SettingError, match=f"{option}: expected at least"):  # checkpoint kept, none trained
             load_config("tiny", [option])
     assert load_config("tiny", ["--grad_accum_0=0", "--steps_caption_ft=0"]).grad_accum_0 == 0  # 0: the default
+    with pytest.raises(SettingError, match=r"--output_block=12: expected a block of the encoder's 12 \(-12 to 11;"):
+        load_config("paper", ["--output_block=12"])
+    assert load_config("paper", ["--output_block=-12"]).output_block == -12
 
 
 def test_evaluation_holds_the_frozen_parts_in_the_runs_precision():

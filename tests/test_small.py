@@ -3,6 +3,7 @@ aligner's word table from the LLM's by PCA against scikit-learn's, the CPU preci
 and the whole chain (stages mae, 0, 1, 2 and an evaluation) for a few steps on the miniature benchmark."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -194,6 +195,15 @@ def test_a_releases_checksums_are_read_as_sha256sum_writes_them(tmp_path):
     sums.write_text("\n".join([*lines, "not a checksum line"]) + "\n")
     with pytest.raises(CheckpointError, match=r"SHA256SUMS:4: expected '<sha256>  <file name>'"):
         release.verify(tmp_path)
+    sums.write_text("\n".join([f"{'0' * 64}  {release.FILES[0]}", *lines]) + "\n")  # sha256sum -c would fail it
+    with pytest.raises(CheckpointError, match=rf"SHA256SUMS:2: {release.FILES[0]} is listed twice"):
+        release.verify(tmp_path)
+    # the preset's release, damaged (apt.json gone), is named as such, not passed over for a run that is not there
+    sums.write_text("\n".join(lines) + "\n")
+    (tmp_path / "apt.json").unlink()
+    cfg = SimpleNamespace(run_dir=str(tmp_path / "no-run"), release=str(tmp_path), encoder_checkpoint="")
+    with pytest.raises(SystemExit, match=r"the released APT cannot be used: .*apt.json: missing from the release"):
+        release.resolve_checkpoint(cfg, None)
 
 
 def test_the_committed_release_fits_verifies_and_names_the_smollm2_a_conversion_gives(smollm2):
