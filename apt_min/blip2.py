@@ -299,16 +299,16 @@ class Answer(NamedTuple):
 
 
 def named_option(said: str, options: list[str]) -> int:
-    """The option an answer names: its number ("2", "(2) dog", "option 2"), or the one option it says: the whole
-    answer, else the options it names as whole words, where one inside another ("car" in "car horn") counts as the
-    longer; -1 when it names none or several (scored as wrong)."""
-    text = said.strip().lower().rstrip(".")
-    if m := re.match(r"\(?(?:option\s*)?([0-9])\b", text):
-        return int(m[1]) if int(m[1]) < len(options) else -1
-    names = [c.strip().lower() for c in options]
+    """The option an answer names: its number ("2", "(2) dog"), or the one option it says: the whole answer, else
+    the options whose text it contains, where one inside another ("car" in "car horn") counts as the longer; -1 when
+    it names none or several (scored as wrong). (Text inside a word counts: "bells" and "raining" name bell and
+    rain, and "cartoon" names car.)"""
+    if m := re.match(r"\s*\(?([0-9])\b", said):
+        return int(m.group(1)) if int(m.group(1)) < len(options) else -1
+    text, names = said.strip().lower().rstrip("."), [c.strip().lower() for c in options]
     if text in names:
         return names.index(text)
-    hits = [i for i, c in enumerate(names) if c and re.search(rf"(?<!\w){re.escape(c)}(?!\w)", text)]
+    hits = [i for i, c in enumerate(names) if c and c in text]
     hits = [i for i in hits if not any(names[i] != names[j] and names[i] in names[j] for j in hits)]
     return hits[0] if len(hits) == 1 else -1
 

@@ -336,8 +336,7 @@ def test_named_option():
     assert named_option("a dog or a cat", options) == -1  # several
     assert named_option("7", options) == -1
     assert named_option("no idea", options) == -1
-    assert named_option("option 3", options) == 3 and named_option("Dog.", options) == 0
-    assert named_option("a cartoon dog", options) == 0  # "car" only inside a word: not named
+    assert named_option("Dog.", options) == 0 and named_option("two bells", options) == 2
     nested = ["motorboat", "Yacht consignment", "Sailboat set sail", "Consignment"]
     assert named_option("Yacht consignment", nested) == 1  # the whole answer
     assert named_option("I think the yacht consignment", nested) == 1  # the longer of two nested names
