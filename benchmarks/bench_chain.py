@@ -1,6 +1,7 @@
 """A preset's training chain, end to end: `python train.py --stage 0`, then lm (tiny only), 1 and 2 (the small
 preset: mae first), each in a fresh process, as a user runs them. Prints the wall time of each stage and its
-validation numbers before and after training.
+validation numbers before and after training. Time a fresh --run_dir: a run folder's feature cache (and the
+synthetic data, once generated) spare later chains the encoder's and the generator's work.
     python benchmarks/bench_chain.py [--preset=small] [--run_dir=...] [any other --key=value for train.py]
 """
 
