@@ -226,8 +226,10 @@ def eval_fewshot(apt, cfg, name, episodes, opts):
             setting = f"accuracy {n_way}-way {k_shot}-shot" + (", training classes" if classes == "training" else "")
             eps = [ep for ep in episodes if ep.target["setting"] == (classes, n_way, k_shot)]
             if not eps:
-                rows += [(setting, float("nan"), 1 / n_way, f"not run: needs {n_way} classes with more than "
-                          f"{k_shot} clips; this pool has {eligible_classes(pool, k_shot)}")]
+                why = (f"needs {n_way} classes with more than {k_shot} clips; this pool has "
+                       f"{eligible_classes(pool, k_shot)}" if eligible_classes(pool, k_shot) < n_way else
+                       "every episode held a clip that could not be decoded (missing_esc50.txt lists them)")
+                rows += [(setting, float("nan"), 1 / n_way, f"not run: {why}")]
                 continue
             feats, _ = apt.encode_clips([v for ep in eps for k, v in ep.segments if k == "audio"], strict=True)
             got = [answer_and_rank(apt, ep, feats) for ep in progress(eps, f"{n_way}-way {k_shot}-shot {classes}")]

@@ -727,3 +727,14 @@ def test_each_task_decodes_as_documented(trained, monkeypatch):
                      "clotho_aqa": {"max_new_tokens": 12}, "nlar": {"max_new_tokens": 12},
                      "counting": {"max_new_tokens": 12},
                      "captioning (audiocaps)": {"max_new_tokens": 40, "num_beams": 3, "repetition_penalty": 1.5}}
+
+
+def test_a_few_shot_setting_left_without_episodes_says_why():
+    """A setting whose pool has too few classes is 'not run' for that reason; one whose episodes were all dropped
+    because a clip could not be decoded says that instead (not that the pool is too small)."""
+    pool = {f"class{i}": [f"c{i}_{j}.wav" for j in range(3)] for i in range(5)}  # 5 classes of 3 clips
+    rows, _, _ = evaluation.eval_fewshot(None, None, "esc50", [], SimpleNamespace(pools=[("novel", pool)]))
+    why = {metric: protocol for metric, _, _, protocol in rows}
+    assert why["accuracy 4-way 1-shot"] == ("not run: every episode held a clip that could not be decoded "
+                                            "(missing_esc50.txt lists them)")
+    assert why["accuracy 5-way 5-shot"] == "not run: needs 5 classes with more than 5 clips; this pool has 0"
