@@ -643,9 +643,9 @@ def test_each_metrics_file_says_what_made_it_and_a_mixed_folder_is_named(trained
     monkeypatch.setattr(sys, "argv", ["results_table.py", str(out)])
     capsys.readouterr()
     results_table.main()
-    assert f"note: the metrics in {out} come from different runs (limit: counting 4, nlar 6)" in capsys.readouterr().err
+    assert f"note: the metrics in {out} come from different runs (limit: nlar 6, counting 4)" in capsys.readouterr().err
     evaluate.main(["--task", "nlar", "--limit", "4", "--num-beams", "2", *args])  # captioning's decoding differs
-    assert results_table.runs_mixed(out).startswith("captioning: counting {")
+    assert results_table.runs_mixed(out).startswith("captioning: nlar {")
     (out / "made_counting.json").unlink()  # metrics from before evaluate.py wrote made files: nothing says
     assert results_table.runs_mixed(out) == "no made_{task}.json says how counting was made"
 
