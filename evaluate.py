@@ -5,10 +5,10 @@
     python evaluate.py --task esc50 --preset paper --data-root data --checkpoint runs/paper/stage2/final
 
 Tasks (apt_min/evaluation.py, EVALUATIONS): audioset (tagging), audiocaps and clotho (captioning), clotho_aqa, esc50
-(few-shot), nlar, sed (query-based detection), ter (temporal retrieval), counting. Each writes predictions (JSON lines:
-audio, prompt, output, reference) and metrics (JSON) under --out, and prints a table whose every row names its
-protocol, beside a trivial baseline computed on the same data (chance, majority or fixed answer). Any config setting
-can follow as --key=value.
+(few-shot), nlar, sed (query-based detection), ter (temporal retrieval), counting. Each writes predictions (JSON
+lines: audio, prompt, output, reference), metrics (JSON) and what made them (made_{task}.json) under --out, and prints
+a table whose every row names its protocol, beside a trivial baseline computed on the same data (chance, majority or
+fixed answer). Any config setting can follow as --key=value.
 
 Real copies of the data sets always miss some clips: a clip that is listed but not on disk, or that cannot be decoded,
 is skipped and counted (--strict aborts instead). The table's last row per task says on how many clips the scores

@@ -16,7 +16,8 @@ against the frozen LLM on a multi-task mixture, one task per batch (stage 2 adds
 (caption_sources, tagging_sources, stage0_sources: `sources`). An error about the user's files or settings ends
 the run with one line (apt_min/errors.py).
 `--stage lm` (tiny preset only) pretrains the small stand-in LLM on the synthetic corpus, the part Vicuna's own
-pretraining plays; it is frozen afterwards, like Vicuna.
+pretraining plays; it is frozen afterwards, like Vicuna. `--stage mae` (small preset) pretrains the encoder as
+Audio-MAE was, before stage 0; `--stage vision` trains the embedded default's picture side for APT-BLIP-2.
 """
 
 import argparse

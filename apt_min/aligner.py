@@ -5,7 +5,8 @@
 One stack of BERT-style post-LN layers runs over `[queries ; text]`. Self-attention mixes the two under one of three
 masks (the functions below, each drawn); only the query slice cross-attends to the audio, every
 `cross_attention_freq`-th layer; queries and text have separate feed-forward weights. Text uses the LLM's tokenizer
-with the aligner's own word and position embeddings; id `vocab_size` is the decoder-start token [DEC].
+with the aligner's own word and position embeddings (or, aligner_words=llm, the LLM's word table through a learned
+map, `word_map`); id `vocab_size` is the decoder-start token [DEC].
 
 Uses: stage 0 (`stage0_losses`: ATC + ATM + AGTG), instruction-aware prompts for stages 1-2 (`instruct`), the text
 branch alone (`encode_text`, for the tagging protocol). A clip of several windows is aligned window by window

@@ -1,6 +1,7 @@
 """The audio front end: from a file to the normalised log-mel windows that Audio-MAE reads (paper §3.1, §4.1).
 
     load(path)          -> (N,) float32 mono waveform at 16 kHz
+    duration(path)      -> seconds, from the file's header (SED's whole-clip baseline)
     kaldi_fbank(wave)   -> (F, 128) Kaldi-compatible log-mel filter banks, F = 1 + (N - 400) // 160
     fbank(wave, T)      -> (W, T, 128) normalised windows of T frames (T = 1024: 10.24 s in the paper preset)
 

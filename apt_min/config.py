@@ -1,5 +1,6 @@
-"""Presets: `tiny` (the default: CPU-sized, synthetic data, a stand-in LLM trained here) and `paper` (Audio-MAE
-ViT-B/16, a BERT-mini-sized aligner, Vicuna-7B v1.1, 10.24 s windows; paper §3.1 and §4.1).
+"""Presets: `tiny` (the default: CPU-sized, synthetic data, a stand-in LLM trained here), `small` (SmolLM2-135M-
+Instruct, a real pretrained LLM from the package index, an encoder MAE-pretrained here, the same data) and `paper`
+(Audio-MAE ViT-B/16, a BERT-mini-sized aligner, Vicuna-7B v1.1, 10.24 s windows; paper §3.1 and §4.1).
 
 One flat dataclass holds every setting; a preset is a short dict of the fields it changes; the command line
 overrides any field as `--key=value` (type-checked; an unknown key is an error that lists the known ones).

@@ -2,6 +2,7 @@
 
     ("audio", path) -> fbank windows -> AudioMAE (frozen) -> features (W, N, Da)         [encode_clips, cached]
     features + the text that follows the clip -> Aligner.instruct -> (W, Q, H) -> proj -> (W*Q, D)
+                                                   (long_audio="all", the paper preset: (1, Q, H) -> (Q, D))
     sequence: [BOS] then, in the given order, text tokens or [<AUDIO>, W*Q acoustic embeddings], then the answer + EOS
               (an instruct LLM's chat template around the segments instead of BOS: PROMPT_FORMATS)
     -> Llama (frozen) -> loss on the answer tokens and EOS only / generate()

@@ -1,13 +1,14 @@
 """A trained APT as a small folder that is committed to the repository, so that a user can evaluate and ask right
 after fetching the LLM, without training:
 
-    python -m apt_min.release runs/small weights/apt-small      (from a finished run of the small preset)
+    python -m apt_min.release runs/small-more3 weights/apt-small   (how the committed release was made: README)
 
 writes, in bfloat16:
 
     apt.safetensors      the aligner without its stage-0 heads (answering never uses them), the projection, <AUDIO>
-    encoder.safetensors  the encoder the run pretrained (--stage mae), cut after the block APT reads: the blocks after
-                         it are never run (AudioMAE.forward), so the features are the same
+    encoder.safetensors  the encoder the run read (its --stage mae result, or a .pth such as Audio-MAE's, read with
+                         the run's settings), cut after the block APT reads: the blocks after it are never run
+                         (AudioMAE.forward), so the features are the same
     apt.json             the run's apt.json, the encoder's identity now that of encoder.safetensors
     SHA256SUMS           each file's checksum, as `sha256sum -c` reads it
 
