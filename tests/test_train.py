@@ -920,6 +920,7 @@ def test_ddp_synchronises_what_trains_and_leaves_the_frozen_parts_alone(tmp_path
     assert torch.equal(out[0][0], out[1][0])  # gradients averaged: one model
     assert out[0][1:] == (0.0, 0.0) and out[1][1:] == (1.0, 1.0)  # each process kept its own frozen tensors
 
+
 def test_two_processes_log_stage_0_as_one_does(prepared, tmp_path):
     """Stage 0 on two processes of 2 pairs each (ATC's negatives gathered from both) logs what one process of 4
     does: the same ATC (each process's batch mean averaged over the processes, not summed), the audio skipped in
