@@ -922,19 +922,25 @@ def test_ddp_synchronises_what_trains_and_leaves_the_frozen_parts_alone(tmp_path
 
 
 def test_two_processes_log_stage_0_as_one_does(prepared, tmp_path):
-    """Stage 0 on two processes of 2 pairs each (ATC's negatives gathered from both) logs what one process of 4
+    """Stage 0 on two processes of 4 pairs each (ATC's negatives gathered from both) logs what one process of 8
     does: the same ATC (each process's batch mean averaged over the processes, not summed), the audio skipped in
-    both processes' shares (every other clip is unreadable here), and the same validation loss (each process holds
-    the whole validation set: it is not contrasted with the other process's copy of it)."""
+    both processes' shares (one clip of each process's share of the step's batch is unreadable here), and the same
+    validation loss (each process holds the whole validation set: it is not contrasted with the other process's
+    copy of it)."""
     args = ["--steps_0=1", "--aligner_dropout=0", "--warmup_steps=1"]
+    cfg = train.load_config("tiny", opts(prepared, *args, "--batch_size=8"))
+    pairs = train.stage0_pairs(cfg, random.Random(cfg.seed))  # the step's batch, as stage 0 draws it
+    _, batch = data.TaskSampler({"pairs": pairs}, {"pairs": 1.0}, 8, cfg.seed).next_batch()
+    clips = [Path(ex.segments[0][1]).relative_to(prepared / "synth") for ex in batch]  # process r's: clips[r::2]
+    broken = {next(c for c in clips[r::2] if clips.count(c) == 1) for r in (0, 1)}  # one clip of each share
     logs = {}
-    for name, launch, batch in (("one", [], 4), ("two", ["-m", "torch.distributed.run", "--standalone",
-                                                         "--nproc_per_node", "2"], 2)):
+    for name, launch, batch in (("one", [], 8), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                         "--nproc_per_node", "2"], 4)):
         tmp = tmp_path / name
         shutil.copytree(prepared / "synth", tmp / "synth", copy_function=os.symlink)
-        for clip in sorted((tmp / "synth" / "audio").glob("*.wav"))[::2]:
-            clip.unlink()
-            clip.write_text("not audio")
+        for clip in broken:  # AudioCaps' clips and Clotho's both
+            (tmp / "synth" / clip).unlink()
+            (tmp / "synth" / clip).write_text("not audio")
         val = f"--val_batches={32 // batch}"  # the same 32 validation clips
         r = run([*launch, "train.py", "--stage", "0", *opts(tmp, *args, f"--batch_size={batch}", val)])
         assert r.returncode == 0, r.stderr[-3000:]
