@@ -51,7 +51,7 @@ from apt_min.build import (
     frozen_dtype,
     load_llm,
 )
-from apt_min.checkpoint import CheckpointError, check_keys
+from apt_min.checkpoint import CheckpointError, check_keys, safetensors_entries
 from apt_min.config import load_config
 from apt_min.errors import SettingError, clean_exit
 from apt_min.llama import Llama
@@ -752,13 +752,10 @@ def training_state(step, opt, sched, job, skipped, world: int = 1) -> dict:
 def restore(ckpts, job, opt, sched, rank: int = 0, world: int = 1) -> tuple[int, int]:
     """The last checkpoint's weights and training state into this run, each process's generators its own:
     (its step, the audio skipped so far)."""
-    found = ckpts.load()
+    found = ckpts.load({k: tuple(p.shape) for k, p in job.params.items()})
     if found is None:
         raise SystemExit(f"--resume: no checkpoint under {ckpts.folder}")
     weights, state = found
-    where = ckpts.folder / (ckpts.folder / "latest").read_text().strip()  # a run with other settings: named, refused
-    check_keys({where / "weights.safetensors": weights}, {k: tuple(p.shape) for k, p in job.params.items()}, set(),
-               (), where)
     with torch.no_grad():
         for k, v in weights.items():
             job.params[k].copy_(v)
@@ -1037,13 +1034,18 @@ class Checkpoints:
         for old in sorted(self.folder.glob("step_???????"))[:-self.keep]:
             shutil.rmtree(old)
 
-    def load(self):
+    def load(self, expected: dict[str, tuple] | None = None):
+        """The latest checkpoint's (weights, state), or None; with `expected` ({name: shape}), its weights are
+        checked against them before any is read (a run whose settings changed a shape is refused, naming it)."""
         pointer = self.folder / "latest"
         if not pointer.is_file():
             return None
         where = self.folder / pointer.read_text().strip()
         from safetensors.torch import load_file
 
+        if expected is not None:
+            file = where / "weights.safetensors"
+            check_keys({file: safetensors_entries(file)}, expected, set(), (), where)
         return load_file(str(where / "weights.safetensors")), torch.load(where / "state.pt", weights_only=True)
 
 

@@ -315,8 +315,9 @@ def score_sed(examples, outputs, durations=None):
         m, p, r = (sum(x) for x in zip(*[segment_f1(s, ex.target["segments"]) for s, ex in zip(preds, examples)]))
         return 2 * m / (p + r) if p + r else 0.0
 
-    latest = max(b for ex in examples for _, b in ex.target["segments"])
-    whole = [[(0.0, d)] for d in durations] if durations is not None else [[(0.0, latest)]] * len(examples)
+    if durations is None:
+        durations = [max(b for ex in examples for _, b in ex.target["segments"])] * len(examples)
+    whole = [[(0.0, d)] for d in durations]
     return _row("segment F1", f1([parse_segments(o) for o in outputs]), f1(whole),
                 "IoU >= 0.5, over all segments (baseline: the whole clip for every query)")
 

@@ -96,8 +96,10 @@ def format_count(n: int) -> str:
 def in_digits(text: str) -> str:
     """`text` (lower case) with its number words as digits: "twenty-one" and "twenty one" -> "21", "two" -> "2"."""
     def value(m):
-        return str(TENS[m[1]] + NUMBER_WORDS.index(m[2]) if m[2] else TENS[m[1]]) if m[1] else \
-            str(NUMBER_WORDS.index(m[3]))
+        tens, unit, word = m.groups()
+        if word:
+            return str(NUMBER_WORDS.index(word))
+        return str(TENS[tens] + (NUMBER_WORDS.index(unit) if unit else 0))
     return re.sub(_NUMBER, value, text)
 
 
