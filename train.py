@@ -918,7 +918,8 @@ def training_pools(cfg, stage: str) -> dict:
         # answering means matching the query to the supports rather than recognising a known class
         if not 0 <= cfg.fewshot_made_up <= 1:
             raise SystemExit(f"--fewshot_made_up={cfg.fewshot_made_up}: a share of the episodes, from 0 to 1")
-        pools["fewshot"] = lambda r: data.fewshot_episode(single, *episode_shape(cfg, r), r,
+        fillable = fillable_shapes(cfg, single)
+        pools["fewshot"] = lambda r: data.fewshot_episode(single, *episode_shape(cfg, r, fillable), r,
                                                           rename=r.random() < cfg.fewshot_made_up,
                                                           layout=cfg.fewshot_layout)
         pools["nlar"] = data.examples("nlar", root, "train")
@@ -980,13 +981,40 @@ def tagging_examples(cfg, rng) -> list:
                                                                                     rng=rng)]
 
 
-def episode_shape(cfg, rng: random.Random) -> tuple[int, int]:
-    """(ways, shots) of one training episode: the paper's 4-way 1-shot, or with fewshot_shapes=mixed 2-5 ways and
-    1-3 shots (at most 12 support clips), so that the longer episodes of evaluation are not new to the model."""
+def episode_shapes(cfg) -> list[tuple[int, int]]:
+    """Every (ways, shots) a training episode may take: the paper's 4-way 1-shot, or with fewshot_shapes=mixed 2-5
+    ways and 1-3 shots (at most 12 support clips), so that the longer episodes of evaluation are not new to the
+    model."""
     if cfg.fewshot_shapes == "4x1":
-        return 4, 1
-    ways = rng.randint(2, 5)
-    return ways, rng.randint(1, min(3, 12 // ways))
+        return [(4, 1)]
+    return [(ways, shots) for ways in range(2, 6) for shots in range(1, min(3, 12 // ways) + 1)]
+
+
+def fillable_shapes(cfg, single: dict[str, list[str]]) -> set[tuple[int, int]]:
+    """The episode shapes that the few-shot pool can fill (ways classes with more than shots clips each); the rest
+    are named in a warning, and none at all is an error."""
+    shapes = episode_shapes(cfg)
+    fillable = {(w, k) for w, k in shapes if sum(len(clips) > k for clips in single.values()) >= w}
+    if not fillable:
+        raise data.DataError(f"stage 2's few-shot pool cannot fill any episode of {shapes} (ways, shots): it has "
+                        f"{sum(len(c) > 1 for c in single.values())} classes with two or more single-label clips")
+    if missing := [s for s in shapes if s not in fillable]:
+        log.warning("stage 2's few-shot pool has too few classes with enough clips for the episodes %s (ways, "
+                    "shots); drawing among the rest", missing)
+    return fillable
+
+
+def episode_shape(cfg, rng: random.Random, fillable: set | None = None) -> tuple[int, int]:
+    """(ways, shots) of one training episode (episode_shapes): drawn as before where the pool can fill every shape,
+    else drawn again among those it can (`fillable`)."""
+    if cfg.fewshot_shapes == "4x1":
+        shape = (4, 1)
+    else:
+        ways = rng.randint(2, 5)
+        shape = ways, rng.randint(1, min(3, 12 // ways))
+    if fillable is not None and shape not in fillable:
+        shape = rng.choice(sorted(fillable))
+    return shape
 
 
 def parse_ratios(text: str, base: dict) -> dict:
@@ -1058,14 +1086,13 @@ def warmup_steps(cfg, stage: str, total: int) -> int:
 
 
 def cosine_schedule(cfg, total, warmup: int):
-    """The learning rate's factor by step: linear warm-up over `warmup` steps, then cosine down to min_lr_ratio.
-    The step numbered k (from 1) takes factor(k - 1), so the peak lasts two steps and the last step's factor is a
-    hair above the floor (0.122 at 14 steps, 0.1000 at 2 500); mending it moves every trained figure, so it waits
-    for their next measurement (README, Not built yet)."""
+    """The learning rate's factor for the step numbered k + 1 (LambdaLR counts from 0): linear warm-up to the full
+    rate at the warm-up's last step, then half a cosine down to min_lr_ratio at the run's last step (total), where
+    it stays."""
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = min(1.0, (step + 1 - max(warmup, 1)) / max(1, total - max(warmup, 1)))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 

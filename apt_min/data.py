@@ -590,8 +590,13 @@ def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: ra
             query = clips.pop()
         support += [(c, label) for c in clips]
     rng.shuffle(support)
-    if rename:
-        names = {label: pseudo_word(rng) for label in labels}
+    if rename:  # different names, none of them a real class's name ("siren" can be made up)
+        names, taken = {}, {label.lower() for label in pool}
+        for label in labels:
+            while (name := pseudo_word(rng)) in taken:
+                pass
+            names[label] = name
+            taken.add(name)
         support, answer = [(c, names[label]) for c, label in support], names[answer]
     return tasks.fewshot(support, query, answer, layout)
 

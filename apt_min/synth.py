@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -41,7 +42,7 @@ from apt_min.errors import SettingError
 
 SR = 16000
 GRID = 0.1  # onsets and durations lie on a 100 ms grid: exact, readable answers
-VERSION = 1  # bump when the generated content changes
+VERSION = 2  # bump when the generated content changes (2: README, synthetic benchmark versions)
 
 
 # ------------------------------------------------------------------------------------------------ sound generators
@@ -364,14 +365,42 @@ class Event:
     label: str
     onset: float
     offset: float
-    gain_db: float
+    gain_db: float  # the sound's peak in the written file, in dB of full scale
+
+
+def in_band(x: np.ndarray) -> float:
+    """RMS of x above 20 Hz, the lowest frequency the filter banks see (brown noise holds most of its power below)."""
+    spectrum = np.fft.rfft(x)
+    spectrum[np.fft.rfftfreq(len(x), 1 / SR) < 20] = 0
+    return float(np.sqrt(np.mean(np.fft.irfft(spectrum, len(x)) ** 2)))
+
+
+FRAME = 160  # 10 ms: the filter banks' hop
+
+
+def heard_span(sound: np.ndarray, floor: float) -> tuple[float, float] | None:
+    """(start, end) in seconds from the sound's first sample, rounded outward to the grid, of the 10 ms frames in
+    which the sound stands above `floor` (the background's RMS); None where it never does."""
+    frames = len(sound) // FRAME
+    rms = np.sqrt(np.mean(sound[:frames * FRAME].reshape(frames, FRAME) ** 2, axis=1))
+    loud = np.flatnonzero(rms > floor)
+    if not len(loud):
+        return None
+    start, end = loud[0] * FRAME / SR, min((loud[-1] + 1) * FRAME / SR, len(sound) / SR)
+    return math.floor(start / GRID + 1e-6) * GRID, min(math.ceil(end / GRID - 1e-6) * GRID, len(sound) / SR)
 
 
 def make_scene(rng: np.random.Generator, classes, length: float, n_types=(1, 4), n_times=(1, 4)):
-    """Draw a scene: 1-4 event types, each 1-4 times, never overlapping itself. Returns (audio, events)."""
+    """Draw a scene: 1-4 event types, each 1-4 times, never overlapping itself, over background noise. Returns
+    (audio, events). Each event is annotated where its sound is heard above the background (a knock's last pulse
+    may end well before the slot drawn for it; a sound the background drowns is drawn again), no two events start
+    at the same moment (so "which first", "which last" and "before" always have one answer), and gain_db is the
+    sound's peak level in the written file, after the scene is scaled to its peak."""
     n = int(round(length * SR))
+    background = _peak(_noise(rng, n, rng.choice(["white", "pink", "brown"]))) * 10 ** (-rng.uniform(10, 30) / 20) * 0.3
+    floor = in_band(background)
     types = rng.choice(len(classes), size=int(rng.integers(n_types[0], n_types[1] + 1)), replace=False)
-    events, audio = [], np.zeros(n)
+    events, audio, onsets = [], np.zeros(n), set()
     for i in types:
         cls = classes[i]
         taken = []
@@ -380,21 +409,25 @@ def make_scene(rng: np.random.Generator, classes, length: float, n_types=(1, 4),
                 dur = round(rng.uniform(*cls.duration) / GRID) * GRID
                 # on the grid, and never past the end (rounding up could pass it where length is off the grid)
                 onset = min(round(rng.uniform(0, length - dur) / GRID), math.floor((length - dur) / GRID + 1e-6)) * GRID
-                if all(onset >= b + GRID or onset + dur <= a - GRID for a, b in taken):
+                if not all(onset >= b + GRID or onset + dur <= a - GRID for a, b in taken):
+                    continue
+                gain_db = float(rng.uniform(-12, 0))
+                sound = _peak(cls.generate(rng, dur)) * 10 ** (gain_db / 20)
+                span = heard_span(sound, floor)
+                if span is not None and round(onset + span[0], 3) not in onsets:
                     break
             else:
                 continue  # no room left for another occurrence
             taken.append((onset, onset + dur))
-            gain_db = float(rng.uniform(-12, 0))
-            sound = _peak(cls.generate(rng, dur)) * 10 ** (gain_db / 20)
             start = int(round(onset * SR))
             audio[start:start + len(sound)] += sound[: n - start]
-            events.append(Event(cls.name, round(onset, 3), round(onset + dur, 3), round(gain_db, 2)))
+            onsets.add(round(onset + span[0], 3))
+            events.append(Event(cls.name, round(onset + span[0], 3), round(onset + span[1], 3), gain_db))
+    audio += background
+    scale = 0.9 / (np.abs(audio).max() + 1e-9)
+    events = [Event(e.label, e.onset, e.offset, round(e.gain_db + 20 * math.log10(scale), 2)) for e in events]
     events.sort(key=lambda e: (e.onset, e.label))
-    background = _peak(_noise(rng, n, rng.choice(["white", "pink", "brown"])))
-    snr_db = rng.uniform(10, 30)
-    audio += background * 10 ** (-snr_db / 20) * 0.3
-    return (0.9 * _peak(audio)).astype(np.float32), events
+    return (audio * scale).astype(np.float32), events
 
 
 def write_wav(path: Path, audio: np.ndarray, rate: int = SR):
@@ -420,23 +453,47 @@ def an(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
+def interleaved(events) -> bool:
+    """Whether the kinds of sound take turns (bell, hum, bell): then no order of kinds is true of the scene."""
+    runs = [label for label, _ in itertools.groupby(e.label for e in events)]  # events in onset order
+    return len(runs) != len(set(runs))
+
+
+def and_list(words) -> str:
+    """"a, b and c": words joined as a sentence lists them."""
+    words = list(words)
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def captions(rng: random.Random, events, k: int = 5) -> list[str]:
-    """k different captions of a scene, from its events in order of first appearance."""
+    """k different captions of a scene, naming its kinds of sound in order of first appearance. Captions that say
+    so ("then", "in that order") only where that order is true: several kinds, each heard in one stretch."""
     order = list(dict.fromkeys(e.label for e in events))
     n = counts(events)
     acts = [f"{an(x)} {BY_NAME[x].verb}" for x in order]  # "a bell rings"
     times = [f"{an(x)} {BY_NAME[x].verb} {TIMES[n[x]]}" for x in order]  # "a bell rings twice"
     nouns = [an(x) for x in order]
-    styles = [
-        lambda: ", then ".join(times) + ".",
-        lambda: "You can hear " + " and ".join(a if n[x] == 1 else f"{a} {TIMES[n[x]]}" for a, x in zip(nouns, order))
-        + ", in that order.",
-        lambda: ", followed by ".join(nouns) + ", over background noise.",
-        lambda: "First " + ", next ".join(acts) + ".",
-        lambda: "A recording in which " + " and ".join(times) + ".",
-        lambda: "; ".join(f"{a} is heard {TIMES[n[x]]}" for a, x in zip(nouns, order)) + ".",
-        lambda: "The sounds of " + ", ".join(order) + " in sequence.",
-    ]
+    counted = [a if n[x] == 1 else f"{a} {TIMES[n[x]]}" for a, x in zip(nouns, order)]  # "a bell twice"
+    if len(order) > 1 and not interleaved(events):
+        styles = [
+            lambda: ", then ".join(times) + ".",
+            lambda: "You can hear " + " and ".join(counted) + ", in that order.",
+            lambda: ", followed by ".join(nouns) + ", over background noise.",
+            lambda: "First " + ", next ".join(acts) + ".",
+            lambda: "A recording in which " + " and ".join(times) + ".",
+            lambda: "; ".join(f"{a} is heard {TIMES[n[x]]}" for a, x in zip(nouns, order)) + ".",
+            lambda: "The sounds of " + ", ".join(order) + " in sequence.",
+        ]
+    else:  # one kind, or kinds that take turns: no word of order
+        styles = [
+            lambda: and_list(times) + ".",
+            lambda: "You can hear " + and_list(counted) + ".",
+            lambda: and_list(nouns) + " over background noise.",
+            lambda: "A recording in which " + " and ".join(times) + ".",
+            lambda: "; ".join(f"{a} is heard {TIMES[n[x]]}" for a, x in zip(nouns, order)) + ".",
+            lambda: "The sounds of " + and_list(order) + ".",
+            lambda: "Background noise with " + and_list(counted) + ".",
+        ]
     return [_cap(styles[i]()) for i in rng.sample(range(len(styles)), k)]
 
 
@@ -444,48 +501,101 @@ def _cap(s):
     return s[0].upper() + s[1:]
 
 
-def aqa_questions(rng: random.Random, events, vocabulary) -> list[tuple[str, str]]:
-    """Clotho-AQA style: two yes, two no and two single-word questions per clip, with their answers."""
+class AnswerBalance:
+    """Keeps each form of question from leaning to one answer over a split: a question is taken only while its
+    answer is among the least given of its form's answers so far, so that the form alone tells nothing."""
+
+    def __init__(self):
+        self.given = {}  # form -> {answer: times given}
+
+    def fits(self, form: str, answer: str) -> bool:
+        given = self.given.setdefault(form, dict.fromkeys(FORM_ANSWERS[form], 0))
+        return given[answer] == min(given.values())
+
+    def take(self, form: str, answer: str):
+        self.given[form][answer] += 1
+
+
+FORM_ANSWERS = {  # the closed answer sets of the yes/no and which-recording forms, which AnswerBalance evens out
+    "present": ("yes", "no"), "either": ("yes", "no"), "repeated": ("yes", "no"), "before": ("yes", "no"),
+    "contains": ("first", "second", "both"), "more often": ("first", "second", "equal"),
+    "longer": ("first", "second", "equal"), "louder": ("first", "second"), "same start": ("yes", "no"),
+    "share": ("yes", "no"), "more kinds": ("first", "second", "equal"),
+}
+
+
+def _take(rng: random.Random, candidates, k: int, balance: AnswerBalance | None) -> list[tuple[str, str]]:
+    """k of (form, question, answer) in random order, each taken only where balance says its answer fits."""
+    candidates = rng.sample(candidates, len(candidates))
+    taken = []
+    for form, q, a in candidates:
+        if len(taken) == k:
+            break
+        if balance is None or balance.fits(form, a):
+            taken.append((q, a))
+            if balance is not None:
+                balance.take(form, a)
+    return taken
+
+
+def aqa_questions(rng: random.Random, events, vocabulary,
+                  balance: AnswerBalance | None = None) -> list[tuple[str, str]]:
+    """Clotho-AQA style: four yes/no questions and two single-word ones per clip (fewer yes/no where `balance`, the
+    split's, refuses the rest), in random order, with their answers."""
     present = list(dict.fromkeys(e.label for e in events))
     absent = [c for c in vocabulary if c not in present]
-    n = counts(events)
-    yes = [(f"Is there {an(x)} in the recording?", "yes") for x in present]
-    yes += [(f"Does the {x} occur more than once?", "yes") for x in present if n[x] > 1]
-    yes += [(f"Does the {present[0]} start before the {x}?", "yes") for x in present[1:]]
-    yes += [(f"Is there {an(x)} or {an(rng.choice(absent))}?", "yes") for x in present]
-    no = [(f"Is there {an(x)} in the recording?", "no") for x in rng.sample(absent, 3)]
-    no += [(f"Does the {x} occur more than once?", "no") for x in present if n[x] == 1]
-    no += [(f"Does the {x} start before the {present[0]}?", "no") for x in present[1:]]
-    word = [(f"How many times does the {x} occur?", ["zero", "one", "two", "three", "four"][n[x]]) for x in present]
-    word += [("Which sound is heard first?", present[0]), ("Which sound starts last?", present[-1])]
-    return rng.sample(yes, min(2, len(yes))) + rng.sample(no, 2) + rng.sample(word, 2)
+    n, first = counts(events), {}
+    for e in events:
+        first.setdefault(e.label, e.onset)
+    yes_no = [("present", f"Is there {an(x)} in the recording?", "yes") for x in present]
+    yes_no += [("present", f"Is there {an(x)} in the recording?", "no") for x in rng.sample(absent, 3)]
+    for x in present:  # one present and one absent, named in either order; or two absent
+        pair = [x, rng.choice(absent)]
+        rng.shuffle(pair)
+        yes_no.append(("either", f"Is there {an(pair[0])} or {an(pair[1])}?", "yes"))
+    for _ in range(2):
+        x, y = rng.sample(absent, 2)
+        yes_no.append(("either", f"Is there {an(x)} or {an(y)}?", "no"))
+    yes_no += [("repeated", f"Does the {x} occur more than once?", "yes" if n[x] > 1 else "no") for x in present]
+    yes_no += [("before", f"Does the {x} start before the {y}?", "yes" if first[x] < first[y] else "no")
+               for x in present for y in present if x != y]
+    word = [("count", f"How many times does the {x} occur?", ["zero", "one", "two", "three", "four"][n[x]])
+            for x in present]
+    word += [("first", "Which sound is heard first?", events[0].label),
+             ("last", "Which sound starts last?", events[-1].label)]  # the kind of the last onset
+    questions = _take(rng, yes_no, 4, balance) + _take(rng, word, 2, None)
+    rng.shuffle(questions)
+    return questions
 
 
-def nlar_questions(rng: random.Random | None, ev1, ev2, k: int = 3) -> list[tuple[str, str]]:
+def nlar_questions(rng: random.Random | None, ev1, ev2, k: int = 3,
+                   balance: AnswerBalance | None = None) -> list[tuple[str, str]]:
     """k questions that need both clips (all of them when rng is None): presence, frequency, duration, loudness and
-    order; closed-set answers. Swapping the clips turns "first" into "second" and back; the other answers stay."""
+    order; closed-set answers, taken where `balance` (the split's) lets them. Swapping the clips turns "first" into
+    "second" and back; the other answers stay."""
     n1, n2 = counts(ev1), counts(ev2)
     labels = sorted(set(n1) | set(n2))
     qs = []
     for x in labels:
         where = {(True, True): "both", (True, False): "first", (False, True): "second"}[(x in n1, x in n2)]
-        qs.append((f"Which recording contains the {x}?", where))
+        qs.append(("contains", f"Which recording contains the {x}?", where))
         more = "equal" if n1.get(x, 0) == n2.get(x, 0) else ("first" if n1.get(x, 0) > n2.get(x, 0) else "second")
-        qs.append((f"In which recording does the {x} occur more often?", more))
+        qs.append(("more often", f"In which recording does the {x} occur more often?", more))
         if x in n1 and x in n2:
             d1 = round(sum(e.offset - e.onset for e in ev1 if e.label == x), 1)
             d2 = round(sum(e.offset - e.onset for e in ev2 if e.label == x), 1)
-            qs.append((f"In which recording does the {x} last longer in total?",
+            qs.append(("longer", f"In which recording does the {x} last longer in total?",
                        "equal" if d1 == d2 else ("first" if d1 > d2 else "second")))
             g1 = max(e.gain_db for e in ev1 if e.label == x)
             g2 = max(e.gain_db for e in ev2 if e.label == x)
             if abs(g1 - g2) >= 3:  # only where the difference is clearly audible
-                qs.append((f"In which recording is the {x} louder?", "first" if g1 > g2 else "second"))
-    qs.append(("Do the two recordings start with the same sound?", "yes" if ev1[0].label == ev2[0].label else "no"))
-    qs.append(("Do the recordings share any sound?", "yes" if set(n1) & set(n2) else "no"))
-    qs.append(("Which recording has more kinds of sound?",
+                qs.append(("louder", f"In which recording is the {x} louder?", "first" if g1 > g2 else "second"))
+    qs.append(("same start", "Do the two recordings start with the same sound?",
+               "yes" if ev1[0].label == ev2[0].label else "no"))
+    qs.append(("share", "Do the recordings share any sound?", "yes" if set(n1) & set(n2) else "no"))
+    qs.append(("more kinds", "Which recording has more kinds of sound?",
                "equal" if len(n1) == len(n2) else ("first" if len(n1) > len(n2) else "second")))
-    return qs if rng is None else rng.sample(qs, min(k, len(qs)))
+    return [(q, a) for _, q, a in qs] if rng is None else _take(rng, qs, k, balance)
 
 
 # --------------------------------------------------------------------------------------------------------- writing
@@ -497,7 +607,7 @@ class Sizes:
     scenes: tuple[int, int, int] = (2000, 200, 200)  # the AudioSet/AudioCaps-style pool
     clotho: tuple[int, int, int] = (400, 100, 100)  # Clotho / Clotho-AQA-style scenes
     esc_per_class: int = 40  # ESC-50-style clips per novel class, spread over 5 folds
-    nlar: tuple[int, int, int] = (1000, 100, 100)  # NLAR pairs (about three questions each)
+    nlar: tuple[int, int, int] = (1000, 100, 100)  # NLAR: a third of the questions (three to a pair, or fewer)
 
     def scaled(self, s: float) -> Sizes:
         def r(split):
@@ -568,10 +678,11 @@ def build(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.
     # Clotho and Clotho-AQA style: their own scenes, file names with spaces
     clotho = {s: [] for s in splits}
     for split, count in zip(splits, sizes.clotho):
+        balance = AnswerBalance()
         for i in range(count):
             audio, events = make_scene(rng, TRAIN_CLASSES, length)
             name = f"synthetic scene {split} {i:04d}.wav"
-            clotho[split].append((name, events, captions(trng, events), aqa_questions(trng, events, names)))
+            clotho[split].append((name, events, captions(trng, events), aqa_questions(trng, events, names, balance)))
             path = out / "clotho" / {"train": "development", "val": "validation", "test": "evaluation"}[split] / name
             write_wav(path, audio)
             _link(path, out / "clotho_aqa" / "audio_files" / name)  # Clotho-AQA reuses Clotho's audio
@@ -590,13 +701,17 @@ def build(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.
     _write_csv(out / "esc50" / "meta" / "esc50.csv",
                [["filename", "fold", "target", "category", "esc10", "src_file", "take"], *rows])
 
-    # NLAR: pairs of pool clips of the same split
+    # NLAR: pairs of pool clips of the same split, about three questions a pair, their answers balanced per form
+    # (so more pairs than `count`, at most three times as many, make up the 3 * count questions)
     nlar = {}
     for split, count in zip(splits, sizes.nlar):
         items = nlar[split] = []
-        for _ in range(count):
+        balance = AnswerBalance()
+        for _ in range(3 * count):
+            if len(items) >= 3 * count:
+                break
             (y1, e1, _), (y2, e2, _) = trng.sample(pool[split], 2)
-            for q, a in nlar_questions(trng, e1, e2):
+            for q, a in nlar_questions(trng, e1, e2, k=min(3, 3 * count - len(items)), balance=balance):
                 items.append({"audio_1": f"Y{y1}.wav", "audio_2": f"Y{y2}.wav", "question": q, "answer": a})
         path = out / "nlar" / f"nlar_{split}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -700,7 +815,7 @@ def lm_corpus(root: str | Path, split: str, seed: int = 0) -> list[list[str]]:
     for _, ytid, _, caption in data.read_audiocaps(root / "audiocaps" / f"{split}.csv"):
         caps.setdefault(ytid, []).append(caption)
     vocabulary = sorted({e.label for ev in scenes.values() for e in ev})
-    docs = []
+    docs, aqa_balance, nlar_balance = [], AnswerBalance(), AnswerBalance()
     for ytid, events in scenes.items():
         d, n = describe(events), counts(events)
         label = rng.choice(sorted(n))
@@ -714,21 +829,22 @@ def lm_corpus(root: str | Path, split: str, seed: int = 0) -> list[list[str]]:
             [d, tasks.prompt("ter", rng, start=tasks.fmt_time(start), end=tasks.fmt_time(end)),
              tasks.format_labels(tasks.labels_between(triples, start, end))],
             *([d, tasks.prompt("captioning", rng), c] for c in caps.get(ytid, [])[:2]),
-            *([d, q, a] for q, a in aqa_questions(rng, events, vocabulary)[:3]),
+            *([d, q, a] for q, a in aqa_questions(rng, events, vocabulary, aqa_balance)[:3]),
         ]
     ids = sorted(scenes)
     for _ in range(len(ids)):  # NLAR over pairs of described scenes
         a, b = rng.sample(ids, 2)
         docs += [[describe(scenes[a]), describe(scenes[b]), q, ans] for q, ans in
-                 nlar_questions(rng, scenes[a], scenes[b], k=2)]
+                 nlar_questions(rng, scenes[a], scenes[b], k=2, balance=nlar_balance)]
     single = [ev for ev in scenes.values() if len(counts(ev)) == 1]
     by_label = {}
     for ev in single:
         by_label.setdefault(ev[0].label, []).append(ev)
     eligible = [x for x, evs in by_label.items() if len(evs) >= 2]
     for _ in range(len(ids) // 2 if len(eligible) >= 4 else 0):  # 4-way 1-shot episodes
-        labels = rng.sample(eligible, 4)
-        code = {x: "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(3)) for x in labels}
+        labels, code = rng.sample(eligible, 4), {}
+        while len(set(code.values())) < len(labels):  # four different code words
+            code = {x: "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(3)) for x in labels}
         answer = rng.choice(labels)
         shots = [(x, rng.choice(by_label[x])) for x in labels]
         rng.shuffle(shots)

@@ -7,8 +7,8 @@ whose objects drift a little, paired with a sound scene (`synth.make_scene`) in 
 one stays silent and one sound comes from outside the picture. Each video has one question of AVQA's form, four
 options, whose answer needs
 
-    both   "Which object is making a sound?"   pictured AND heard (distractors: pictured but silent, heard but not
-                                               pictured, neither), so picture alone or sound alone leaves two
+    both   "Which object in the picture        pictured AND heard (distractors: pictured but silent, heard but not
+            is making a sound?"                pictured, neither), so picture alone or sound alone leaves two
     view   "Which object can be seen?"         the silent pictured one (distractors: neither seen nor heard x 3), so
                                                the picture alone answers and the sound says nothing
     sound  "Which object can be heard?"        the one heard but not pictured (distractors: neither x 3), so the sound
@@ -40,13 +40,13 @@ import numpy as np
 
 from apt_min import synth
 
-VERSION = 2  # 2: View and Sound questions without the other sense's distractor
+VERSION = 3  # 2: View and Sound questions without the other sense's distractor; 3: "in the picture"
 SIZE = 64  # pixels, square
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLOURS = {"red": (215, 45, 45), "green": (40, 160, 70), "blue": (45, 85, 215), "yellow": (225, 190, 25)}
 LOOKS = {c.name: look for c, look in zip(synth.TRAIN_CLASSES, itertools.product(SHAPES, COLOURS))}
-QUESTIONS = {"both": "Which object is making a sound?", "view": "Which object can be seen?",
-             "sound": "Which object can be heard?"}
+QUESTIONS = {"both": "Which object in the picture is making a sound?",  # not the one heard off the picture
+             "view": "Which object can be seen?", "sound": "Which object can be heard?"}
 RELATION = {"both": "Both", "view": "View", "sound": "Sound"}
 KINDS = ("both", "both", "view", "sound")  # half the questions need both
 
@@ -161,11 +161,6 @@ def random_picture(rng: random.Random) -> dict:
     return {"frames": frames, "objects": objects}
 
 
-def and_list(names: list[str]) -> str:
-    """"a, b and c": names joined as a sentence lists them."""
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
 def picture_example(record: dict, kind: str, rng: random.Random) -> tuple[list, str, str, str]:
     """One example of the vision stage from a picture record: (its frames (paths or images), the prompt, the answer,
     the picture's description, which the stage's picture-text losses pair it with).
@@ -176,7 +171,7 @@ def picture_example(record: dict, kind: str, rng: random.Random) -> tuple[list, 
 
     objects, frames = record["objects"], record["frames"]
     absent = [c.name for c in synth.TRAIN_CLASSES if c.name not in objects]
-    description = f"A picture of {and_list([synth.an(o) for o in objects])}."
+    description = f"A picture of {synth.and_list([synth.an(o) for o in objects])}."
     if kind == "objects":
         return frames, "What objects are in the picture?", ", ".join(objects), description
     if kind == "describe":
@@ -201,8 +196,8 @@ def generate(out: str | Path, seed: int = 0, videos: int = 300, pictures: int = 
     """Write the audio-visual set under `out` (beside the synthetic benchmark: out/avqa, out/vision) unless the same
     arguments already wrote it (then return at once)."""
     out = Path(out)
-    args = {"version": VERSION, "seed": seed, "videos": videos, "pictures": pictures, "frames": frames,
-            "length": length}
+    args = {"version": VERSION, "synth": synth.VERSION, "seed": seed, "videos": videos, "pictures": pictures,
+            "frames": frames, "length": length}  # synth's version: the scenes its audio is made of
     manifest = out / "avqa" / "synth_av.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("args") == args:
         return out

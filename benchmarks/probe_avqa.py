@@ -9,11 +9,11 @@ prompts: the APT's tagging prompt (or "What objects are in the picture?" for the
 objects well after the first two but not after the third carries what the question needs, and loses it to the
 option list (the tiny stand-in LLM never read one: README, Results, APT-BLIP-2).
 
-Then whether the LLM combines the two sides, on the questions that need both ("Which object is making a sound?",
-asked alone: cloze). Their four options are the answer (pictured and heard), an object only pictured, one only heard
-and one neither, so the likeliest option says what the LLM followed: a side that it reads picks a pictured (or heard)
-option far above half the time; combining both picks the answer. Each mode's rates of a pictured, a heard and the
-right option, for video only, audio only, audio + video in AVQA's order and reversed, and with another video's
+Then whether the LLM combines the two sides, on the questions that need both ("Which object in the picture is making a
+sound?", asked alone: cloze). Their four options are the answer (pictured and heard), an object only pictured, one
+only heard and one neither, so the likeliest option says what the LLM followed: a side that it reads picks a pictured
+(or heard) option far above half the time; combining both picks the answer. Each mode's rates of a pictured, a heard
+and the right option, for video only, audio only, audio + video in AVQA's order and reversed, and with another video's
 picture or sound put first (the LLM told of two clips or two pictures, the question not saying which).
 
 Third, what the picture does to the sound: on 75 questions of each kind (cloze), how often the right option is the
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apt_min import data, metrics, synth, synth_av, tasks
+from apt_min import data, metrics, synth, tasks
 from apt_min.blip2 import avqa_prompt
 from apt_min.build import load_apt_blip2
 from apt_min.config import load_config
@@ -194,7 +194,7 @@ def variants(item, visual: torch.Tensor, blank: torch.Tensor, per_frame: int) ->
 
 
 def _sentences(seen, heard):
-    said = [synth_av.and_list([synth.an(n) for n in names]) for names in (seen, heard)]
+    said = [synth.and_list([synth.an(n) for n in names]) for names in (seen, heard)]
     return f"The picture shows {said[0]}.", f"The sound is of {said[1]}."
 
 

@@ -63,7 +63,7 @@ def probe(run_dir, data_root):
         renamed += re.split(r"[.;\s]", answer(llm, tok, text, 8))[0] == names.get(doc[-1])
     print(f"(2) {len(docs)} few-shot documents (text): answered with the trained names {real / len(docs):.0%}, "
           f"with made-up names {renamed / len(docs):.0%}")
-    counting = [d for d in corpus if d[1].startswith("How many times")]
+    counting = [d for d in corpus if re.fullmatch(r"How many times does \w+ occur\?", d[1])]  # not AQA's "the X"
     hits = sum(tasks.parse_count(answer(llm, tok, d[:-1], 4)) == int(d[-1]) for d in counting)
     majority = Counter(d[-1] for d in counting).most_common(1)[0]
     print(f"(3) {len(counting)} counting documents (text): accuracy {hits / len(counting):.0%}; always "

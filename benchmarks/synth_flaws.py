@@ -1,159 +1,225 @@
 """The synthetic benchmark's known flaws, counted over every split: where its ground truth is not the whole truth of
-the audio it wrote. The benchmark is generated again into a temporary folder (about 30 s) with its writers watched,
-so what is counted is what the files hold. A fix changes the data, and so every figure trained on it; this script is
-how the next version shows each count at zero.
+the audio it wrote, or where a question's form tells its answer. The benchmark is generated again into a temporary
+folder (about a minute), and what is counted is measured here, with this script's own code, on what the files and
+the ground truth hold (never with the generator's functions that wrote them). Version 1 of the data had every flaw
+below; version 2 mended them (README, Synthetic benchmark versions), and this is how it shows.
     python benchmarks/synth_flaws.py
 
-- ties: onsets lie on a 100 ms grid, so two kinds of sound can start together, and then "Which sound is heard first?",
-  "Which sound starts last?", "Does the X start before the Y?" (AQA) and "Do the two recordings start with the same
-  sound?" (NLAR) have no single right answer;
-- loudness: NLAR's "In which recording is the X louder?" compares the events' gains before each scene is scaled to
-  its peak, and that scaling differs between scenes;
-- silent tails: a sound made of pulses (a bark, a knock) ends before its annotated offset, so detection, retrieval
-  and "last longer" count silence as the sound;
-- caption order: captions list the kinds of sound by first appearance and say "then", "in that order", "in
-  sequence", which is false where their occurrences interleave;
-- the stand-in LLM's corpus asks three of each scene's six AQA questions, always the first three: two answered yes,
-  one no, none of the one-word questions.
+- ties: two kinds of sound that start at the same moment leave "Which sound is heard first?", "Which sound starts
+  last?", "Does the X start before the Y?" (AQA) and "Do the two recordings start with the same sound?" (NLAR)
+  without a single right answer;
+- order answers: "Which sound starts last?" answered with another kind than the one of the last onset;
+- loudness: NLAR's "In which recording is the X louder?" answered against what the written files say;
+- silent ends: an event whose first or last 100 ms holds nothing louder than the scene's background (a pulse sound's
+  annotated offset past its last pulse), and, the other way, sound still heard in the 100 ms after an offset;
+- caption order: captions that order the kinds of sound ("then", "in that order", "in sequence") where their
+  occurrences interleave;
+- the forms' lean: how much of the test a question's form alone answers (each form's most frequent answer in the
+  train split), for AQA's yes/no questions and for NLAR, beside a random answer per form;
+- the stand-in LLM's corpus: the answers of its AQA documents (version 1: yes or no, never a word).
 """
 
 import collections
 import re
 import tempfile
-from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from apt_min import synth
 
 ORDER_WORDS = re.compile(r", then |in that order|followed by|^First |in sequence")  # the caption forms that order
+STEP = 0.1  # seconds: the grid of the annotations
+FRAME = 160  # 10 ms at 16 kHz
 
 
 def first_onsets(events) -> dict[str, float]:
     onsets = {}
-    for e in events:  # sorted by onset
+    for e in sorted(events, key=lambda e: e.onset):
         onsets.setdefault(e.label, e.onset)
     return onsets
 
 
-def openers(events, last=False) -> set[str]:
-    """The kinds of sound whose first occurrence starts first (last=True: last); several when they start together."""
-    onsets = first_onsets(events)
-    edge = (max if last else min)(onsets.values())
-    return {label for label, t in onsets.items() if t == edge}
+def openers(events) -> set[str]:
+    """The kinds of sound that start first; several when they start together."""
+    start = min(e.onset for e in events)
+    return {e.label for e in events if e.onset == start}
 
 
-def ambiguous_aqa(question: str, events) -> bool:
-    if question in ("Which sound is heard first?", "Which sound starts last?"):
-        return len(openers(events, last=question.endswith("last?"))) > 1
-    if " start before the " in question:
+def last_starters(events) -> set[str]:
+    """The kinds of sound of the last onset; several when two start together last."""
+    start = max(e.onset for e in events)
+    return {e.label for e in events if e.onset == start}
+
+
+def aqa_order_answers(question: str, events) -> set[str] | None:
+    """Every answer the scene allows to an order question (one, unless sounds start together); None for the rest."""
+    if question == "Which sound is heard first?":
+        return openers(events)
+    if question == "Which sound starts last?":
+        return last_starters(events)
+    if m := re.fullmatch(r"Does the (\w+) start before the (\w+)\?", question):
         onsets = first_onsets(events)
-        x, y = question[len("Does the "):-1].split(" start before the ")
-        return onsets[x] == onsets[y]
-    return False
+        x, y = onsets[m[1]], onsets[m[2]]
+        return {"yes", "no"} if x == y else {"yes" if x < y else "no"}
+    return None
 
 
 def interleaved(events) -> bool:
     """Whether some occurrence of a kind starts after an occurrence of a kind that first appears later."""
-    order = list(dict.fromkeys(e.label for e in events))
+    order = list(first_onsets(events))
     last = {x: max(e.onset for e in events if e.label == x) for x in order}
     first = first_onsets(events)
     return any(last[a] > first[b] for i, a in enumerate(order) for b in order[i + 1:])
 
 
-def audible_end(sound: np.ndarray, floor_db: float = -40) -> float:
-    """Seconds from a sound's start to its last sample within floor_db of its peak."""
-    loud = np.flatnonzero(np.abs(sound) >= np.abs(sound).max() * 10 ** (floor_db / 20))
-    return (loud[-1] + 1) / synth.SR
+def frame_levels(audio: np.ndarray) -> np.ndarray:
+    """RMS of each 10 ms frame of the audio above 20 Hz (the filter banks see nothing lower; brown noise is mostly
+    there)."""
+    spectrum = np.fft.rfft(audio.astype(np.float64))
+    spectrum[np.fft.rfftfreq(len(audio), 1 / 16000) < 20] = 0
+    x = np.fft.irfft(spectrum, len(audio))
+    frames = len(x) // FRAME
+    return np.sqrt(np.mean(x[:frames * FRAME].reshape(frames, FRAME) ** 2, axis=1))
+
+
+def silent_ends(audio: np.ndarray, events, over: float = 1.3) -> dict[str, int]:
+    """For each event whose edge no other event touches: whether its first and its last 100 ms stand above the
+    background (their RMS above `over` times the median of the 100 ms windows away from every event), and whether the
+    100 ms after its offset, where no event is annotated, does. The background's own windows are counted too (how
+    often noise alone passes: what "heard after the end" is to be read against)."""
+    level = frame_levels(audio)
+    steps = int(STEP * 16000 / FRAME)
+
+    def window(a):  # RMS over the 100 ms from frame a
+        return float(np.sqrt(np.mean(level[a:a + steps] ** 2)))
+
+    busy = np.zeros(len(level), dtype=bool)
+    for e in events:
+        busy[max(0, int(e.onset * 100) - steps):int(e.offset * 100) + steps] = True
+    quiet = [window(a) for a in range(0, len(level) - steps + 1, steps) if not busy[a:a + steps].any()]
+    if len(quiet) < 3:
+        return {}
+    floor = over * float(np.median(quiet))
+    out = collections.Counter({"background windows": len(quiet), "background above": sum(w > floor for w in quiet)})
+
+    def clear(a, b, e):  # no other event within [a, b) seconds
+        return not any(o is not e and o.onset < b and a < o.offset for o in events)
+
+    for e in events:
+        a, b = int(round(e.onset * 100)), int(round(e.offset * 100))
+        if clear(e.onset, e.onset + STEP, e):
+            out["starts checked"] += 1
+            out["silent start"] += window(a) <= floor
+        if clear(e.offset - STEP, e.offset, e):
+            out["ends checked"] += 1
+            out["silent end"] += window(b - steps) <= floor
+        if b + steps <= len(level) and clear(e.offset, e.offset + STEP, e):
+            out["after checked"] += 1
+            out["heard after the end"] += window(b) > floor
+    return out
+
+
+def alone(event, events) -> bool:
+    """Whether no other event sounds during this one."""
+    return not any(o is not event and o.onset < event.offset and event.onset < o.offset for o in events)
+
+
+def peak_in(audio: np.ndarray, event) -> float:
+    return float(np.abs(audio[int(round(event.onset * 16000)):int(round(event.offset * 16000))]).max())
+
+
+def form_of(question: str) -> str:
+    """A question's form: its words with the sound names taken out."""
+    names = "|".join(c.name for c in synth.CLASSES)
+    return re.sub(rf"\b(an? )?({names})\b", "X", question)
+
+
+def lean(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[float, float]:
+    """(accuracy on test of each form's most frequent train answer, of a random answer among each form's answers)."""
+    by_form = collections.defaultdict(collections.Counter)
+    for q, a in train:
+        by_form[form_of(q)][a] += 1
+    right = chance = 0.0
+    for q, a in test:
+        answers = by_form[form_of(q)]
+        right += bool(answers) and answers.most_common(1)[0][0] == a
+        chance += 1 / len(answers) if a in answers else 0.0
+    return right / len(test), chance / len(test)
 
 
 def main():
     count = collections.Counter()
-    tails = collections.defaultdict(list)  # class -> silent tail (s) of each occurrence
-    scale_db = {}  # id(events) -> dB by which the scene was scaled to its peak
-    make_scene, peak, aqa, nlar, captions = (synth.make_scene, synth._peak, synth.aqa_questions,
-                                             synth.nlar_questions, synth.captions)
-
-    def heard(cls):  # the class, its sounds' silent tails recorded as they are made
-        def generate(rng, dur):
-            sound = cls.generate(rng, dur)
-            tails[cls.name].append(dur - audible_end(sound))
-            return sound
-        return replace(cls, generate=generate)
-
-    def watched_scene(rng, classes, length, **kw):
-        peaks = []
-        synth._peak = lambda x: peaks.append(np.abs(x).max()) or peak(x)
-        try:
-            audio, events = make_scene(rng, [heard(c) for c in classes], length, **kw)
-        finally:
-            synth._peak = peak
-        scale_db[id(events)] = 20 * np.log10(0.9 / (peaks[-1] + 1e-9))  # the last: the mix, scaled to 0.9
-        return audio, events
-
-    def watched_aqa(rng, events, vocabulary):
-        questions = aqa(rng, events, vocabulary)
-        count["AQA"] += len(questions)
-        count["AQA tie"] += sum(ambiguous_aqa(q, events) for q, _ in questions)
-        return questions
-
-    def watched_nlar(rng, ev1, ev2, k=3):
-        questions = nlar(rng, ev1, ev2, k)
-        for q, a in questions:
-            count["NLAR"] += 1
-            if q.startswith("Do the two recordings start"):  # a tie for first that allows both answers
-                count["NLAR tie"] += len({x == y for x in openers(ev1) for y in openers(ev2)}) > 1
-            if q.endswith("louder?"):
-                x = q[len("In which recording is the "):-len(" louder?")]
-                level = [max(e.gain_db for e in ev if e.label == x) + scale_db.get(id(ev), np.nan) for ev in (ev1, ev2)]
-                said = level[0] - level[1] if a == "first" else level[1] - level[0]
-                count["louder"] += 1
-                count["louder, the files say the other"] += said < 0
-                count["louder, the files say the other by 3 dB"] += said <= -3
-        return questions
-
-    def watched_captions(rng, events, k=5):
-        written = captions(rng, events, k)
-        if len({e.label for e in events}) > 1:
-            ordering = sum(bool(ORDER_WORDS.search(c)) for c in written)
-            count["captions ordering several kinds"] += ordering
-            count["captions ordering several kinds, false"] += ordering * interleaved(events)
-        return written
-
-    taken = []  # the AQA questions the stand-in LLM's corpus takes: the first three of each scene's
-
-    def corpus_aqa(rng, events, vocabulary):
-        questions = aqa(rng, events, vocabulary)
-        taken.extend(questions[:3])
-        return questions
-
-    watched = watched_scene, watched_aqa, watched_nlar, watched_captions
     with tempfile.TemporaryDirectory() as folder:
-        try:
-            synth.make_scene, synth.aqa_questions, synth.nlar_questions, synth.captions = watched
-            synth.generate(folder)
-            synth.make_scene, synth.aqa_questions, synth.nlar_questions, synth.captions = make_scene, corpus_aqa, \
-                nlar, captions
-            synth.lm_corpus(folder, "train", 0)
-        finally:
-            synth.make_scene, synth.aqa_questions, synth.nlar_questions, synth.captions = make_scene, aqa, nlar, \
-                captions
+        root = Path(folder)
+        truth = synth.build(root)
+        scenes = [(root / "audio" / f"Y{yid}.wav", events) for split in truth["pool"].values()
+                  for yid, events, _ in split]
+        files = {"train": "development", "val": "validation", "test": "evaluation"}
+        scenes += [(root / "clotho" / files[split] / name, events) for split, rows in truth["clotho"].items()
+                   for name, events, _, _ in rows]
+        audio = {path.name: sf.read(path, dtype="float32")[0] for path, _ in scenes}
+        for path, events in scenes:
+            count.update(silent_ends(audio[path.name], events))
+        aqa = {split: [(q, a) for _, _, _, qs in rows for q, a in qs] for split, rows in truth["clotho"].items()}
+        for rows in truth["clotho"].values():
+            for _, events, _, questions in rows:
+                for q, a in questions:
+                    allowed = aqa_order_answers(q, events)
+                    if allowed is not None:
+                        count["AQA order"] += 1
+                        count["AQA tie"] += len(allowed) > 1
+                        count["AQA order, wrong"] += a not in allowed
+        for rows in truth["pool"].values():
+            for _, events, captions in rows:
+                if len({e.label for e in events}) > 1:
+                    ordering = sum(bool(ORDER_WORDS.search(c)) for c in captions)
+                    count["captions ordering"] += ordering
+                    count["captions ordering, false"] += ordering * interleaved(events)
+        pool = {f"Y{yid}.wav": events for split in truth["pool"].values() for yid, events, _ in split}
+        for items in truth["nlar"].values():
+            for item in items:
+                q, a, ev1, ev2 = item["question"], item["answer"], pool[item["audio_1"]], pool[item["audio_2"]]
+                count["NLAR"] += 1
+                if q == "Do the two recordings start with the same sound?":
+                    count["NLAR tie"] += len({x == y for x in openers(ev1) for y in openers(ev2)}) > 1
+                loudest = [max((e for e in ev if e.label == q.split()[-2]), key=lambda e: e.gain_db, default=None)
+                           for ev in (ev1, ev2)]
+                if re.fullmatch(r"In which recording is the (\w+) louder\?", q) and all(
+                        alone(e, ev) for e, ev in zip(loudest, (ev1, ev2))):  # each clip's loudest, read alone
+                    peaks = [peak_in(audio[item[f"audio_{i}"]], e) for i, e in ((1, loudest[0]), (2, loudest[1]))]
+                    said = 20 * np.log10(peaks[0] / peaks[1]) * (1 if a == "first" else -1)
+                    count["louder"] += 1
+                    count["louder, the files say the other"] += said < 0
+                    count["louder, the files say the other by 3 dB"] += said <= -3
+        nlar = {split: [(i["question"], i["answer"]) for i in items] for split, items in truth["nlar"].items()}
+        corpus = synth.lm_corpus(root, "train", 0)
+    yes_no = {split: [(q, a) for q, a in qs if a in ("yes", "no")] for split, qs in aqa.items()}
 
-    print(f"ties: AQA {count['AQA tie']} of {count['AQA']} questions ({count['AQA tie'] / count['AQA']:.1%}), "
-          f"NLAR {count['NLAR tie']} of {count['NLAR']}, ask about an order that two sounds share")
-    print(f"loudness: of {count['louder']} NLAR 'louder' questions the written files say the other clip's is louder "
-          f"in {count['louder, the files say the other']}, by 3 dB or more in "
+    print(f"ties: AQA {count['AQA tie']} of {count['AQA order']} order questions, NLAR {count['NLAR tie']} of "
+          f"{count['NLAR']}, ask about an order that two sounds share")
+    print(f"order answers: {count['AQA order, wrong']} of {count['AQA order']} AQA order questions answered with a "
+          "kind or yes/no that the onsets contradict")
+    print(f"loudness: of {count['louder']} NLAR 'louder' questions (those whose events sound alone) the written "
+          f"files say the other clip's is louder in {count['louder, the files say the other']}, by 3 dB or more in "
           f"{count['louder, the files say the other by 3 dB']}")
-    every = [t for ts in tails.values() for t in ts]
-    print(f"silent tails: {sum(t >= synth.GRID for t in every)} of {len(every)} sounds end 0.1 s or more before "
-          "their annotated offset; the worst classes (mean / largest tail, s):")
-    for name, ts in sorted(tails.items(), key=lambda kv: -np.mean(kv[1]))[:5]:
-        print(f"  {name:<10} {np.mean(ts):.2f} / {max(ts):.2f}  ({sum(t >= synth.GRID for t in ts)} of {len(ts)})")
-    print(f"caption order: {count['captions ordering several kinds, false']} of "
-          f"{count['captions ordering several kinds']} captions that order several kinds of sound order them "
-          "falsely (their occurrences interleave)")
-    forms = collections.Counter(a if a in ("yes", "no") else "one word" for _, a in taken)
-    print(f"the stand-in LLM's corpus (train): {len(taken)} AQA documents, answered {dict(forms)}")
+    print(f"silent ends: {count['silent end']} of {count['ends checked']} events end with 100 ms no louder than the "
+          f"background, {count['silent start']} of {count['starts checked']} start so; the 100 ms after the end stand "
+          f"above it after {count['heard after the end']} of {count['after checked']} (the background's own 100 ms "
+          f"windows: {count['background above']} of {count['background windows']})")
+    print(f"caption order: {count['captions ordering, false']} of {count['captions ordering']} captions that order "
+          "several kinds of sound order them falsely (their occurrences interleave)")
+    for name, train, test in (("AQA yes/no", yes_no["train"], yes_no["test"]), ("AQA all", aqa["train"], aqa["test"]),
+                              ("NLAR", nlar["train"], nlar["test"])):
+        form, chance = lean(train, test)
+        print(f"the forms' lean, {name}: the form's most frequent answer scores {form:.3f} on the {len(test)} test "
+              f"questions, a random answer per form {chance:.3f}")
+    taken = [doc[-1] for doc in corpus if len(doc) == 3 and doc[1].endswith("?") and form_of(doc[1]) in
+             {form_of(q) for q, _ in aqa["train"]}]
+    kinds = collections.Counter(a if a in ("yes", "no") else "one word" for a in taken)
+    print(f"the stand-in LLM's corpus (train): {len(taken)} AQA documents, answered {dict(kinds)}")
+
 
 if __name__ == "__main__":
     main()

@@ -486,12 +486,16 @@ def test_a_windows_logs_are_means_over_its_items_and_micro_batches():
 
 
 def test_learning_rate_warms_up_then_falls_along_a_cosine_to_its_floor():
-    """cosine_schedule: linear warm-up to the full rate over `warmup` steps, then half a cosine down to min_lr_ratio
-    at the last step, where it stays."""
+    """cosine_schedule: linear warm-up to the full rate over `warmup` steps, the full rate at the warm-up's last step
+    alone, then half a cosine down to min_lr_ratio at the run's last step, where it stays. The step numbered k takes
+    factor(k - 1), as LambdaLR gives it."""
     factor = train.cosine_schedule(SimpleNamespace(min_lr_ratio=0.1), total=14, warmup=4)
-    assert [factor(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
-    assert factor(9) == pytest.approx(0.55)  # half way down: (1 + 0.1) / 2
-    assert factor(14) == pytest.approx(0.1) and factor(20) == pytest.approx(0.1)
+    after_peak = 0.1 + 0.9 * 0.5 * (1 + math.cos(0.1 * math.pi))  # a tenth of the way down
+    assert [factor(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, after_peak])
+    assert factor(8) == pytest.approx(0.55)  # step 9, half way down: (1 + 0.1) / 2
+    assert factor(13) == pytest.approx(0.1) and factor(20) == pytest.approx(0.1)  # step 14, the last, at the floor
+    no_warmup = train.cosine_schedule(SimpleNamespace(min_lr_ratio=0.1), total=3, warmup=0)
+    assert [no_warmup(s) for s in range(3)] == pytest.approx([1.0, 0.55, 0.1])
 
 
 def test_each_stage_warms_up_over_its_own_steps():
@@ -529,6 +533,39 @@ def test_caption_fine_tuning_steps_and_training_episode_shapes():
     assert train.episode_shape(SimpleNamespace(fewshot_shapes="4x1"), rng) == (4, 1)
     shapes = {train.episode_shape(SimpleNamespace(fewshot_shapes="mixed"), rng) for _ in range(1000)}
     assert shapes == {(ways, shots) for ways in range(2, 6) for shots in range(1, 4) if ways * shots <= 12}
+
+
+def test_training_episodes_take_only_the_shapes_the_pool_can_fill(caplog):
+    """A few-shot pool of three classes (clips: 4, 4, 2) fills 2-3 ways, but 3 shots only for two classes: the
+    other shapes are named in a warning and never drawn (an episode of them stopped stage 2); a pool that fills
+    every shape draws exactly as before; one that fills none is an error that says why."""
+    mixed = SimpleNamespace(fewshot_shapes="mixed")
+    small = {"a": list("1234"), "b": list("5678"), "c": list("90")}
+    with caplog.at_level("WARNING"):
+        fillable = train.fillable_shapes(mixed, small)
+    assert fillable == {(2, 1), (2, 2), (2, 3), (3, 1)} and "(4, 1)" in caplog.text
+    rng = random.Random(0)
+    drawn = {train.episode_shape(mixed, rng, fillable) for _ in range(300)}
+    assert drawn == fillable
+    for _ in range(50):
+        data.fewshot_episode(small, *train.episode_shape(mixed, rng, fillable), rng)
+    large = {str(i): list("0123") for i in range(6)}
+    assert train.fillable_shapes(mixed, large) == set(train.episode_shapes(mixed))
+    a, b = random.Random(3), random.Random(3)
+    assert [train.episode_shape(mixed, a, set(train.episode_shapes(mixed))) for _ in range(50)] == \
+        [train.episode_shape(mixed, b) for _ in range(50)]
+    with pytest.raises(data.DataError, match="cannot fill any episode"):
+        train.fillable_shapes(mixed, {"a": ["1", "2"]})
+
+
+def test_made_up_class_names_differ_within_an_episode_and_from_real_ones(monkeypatch):
+    """fewshot_episode(rename=True): a made-up name is drawn again while it repeats one of the episode's or names a
+    real class of the pool ("siren" is one that pseudo_word can make)."""
+    words = iter(["siren", "tovak", "tovak", "bamik", "tovak", "delun", "fomas"])
+    monkeypatch.setattr(data, "pseudo_word", lambda rng: next(words))
+    pool = {"Siren": list("abcd"), **{f"class{i}": list("abcd") for i in range(3)}}
+    episode = data.fewshot_episode(pool, 4, 1, random.Random(0), rename=True)
+    assert sorted(episode.target["choices"]) == ["bamik", "delun", "fomas", "tovak"]
 
 
 def test_proj_init_words_reaches_stage_1_and_needs_the_llms_words(prepared, tmp_path, monkeypatch):
