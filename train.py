@@ -1088,7 +1088,7 @@ def warmup_steps(cfg, stage: str, total: int) -> int:
 def cosine_schedule(cfg, total, warmup: int):
     """The learning rate's factor for the step numbered k + 1 (LambdaLR counts from 0): linear warm-up to the full
     rate at the warm-up's last step, then half a cosine down to min_lr_ratio at the run's last step (total), where
-    it stays."""
+    it stays (a run no longer than its warm-up, or of one step, ends warming up or at the full rate)."""
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup

@@ -590,7 +590,7 @@ def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: ra
             query = clips.pop()
         support += [(c, label) for c in clips]
     rng.shuffle(support)
-    if rename:  # different names, none of them a real class's name ("siren" can be made up)
+    if rename:  # different names, none of them the name of a class in the pool ("siren" can be made up)
         names, taken = {}, {label.lower() for label in pool}
         for label in labels:
             while (name := pseudo_word(rng)) in taken:

@@ -548,12 +548,13 @@ def aqa_questions(rng: random.Random, events, vocabulary,
     for e in events:
         first.setdefault(e.label, e.onset)
     yes_no = [("present", f"Is there {an(x)} in the recording?", "yes") for x in present]
-    yes_no += [("present", f"Is there {an(x)} in the recording?", "no") for x in rng.sample(absent, 3)]
-    for x in present:  # one present and one absent, named in either order; or two absent
+    yes_no += [("present", f"Is there {an(x)} in the recording?", "no")
+               for x in rng.sample(absent, min(3, len(absent)))]  # a small vocabulary (a tiny split's) has few
+    for x in present if absent else []:  # one present and one absent, named in either order; or two absent
         pair = [x, rng.choice(absent)]
         rng.shuffle(pair)
         yes_no.append(("either", f"Is there {an(pair[0])} or {an(pair[1])}?", "yes"))
-    for _ in range(2):
+    for _ in range(2 if len(absent) >= 2 else 0):
         x, y = rng.sample(absent, 2)
         yes_no.append(("either", f"Is there {an(x)} or {an(y)}?", "no"))
     yes_no += [("repeated", f"Does the {x} occur more than once?", "yes" if n[x] > 1 else "no") for x in present]

@@ -31,7 +31,6 @@ from apt_min import synth
 
 ORDER_WORDS = re.compile(r", then |in that order|followed by|^First |in sequence")  # the caption forms that order
 STEP = 0.1  # seconds: the grid of the annotations
-FRAME = 160  # 10 ms at 16 kHz
 
 
 def first_onsets(events) -> dict[str, float]:
@@ -74,50 +73,49 @@ def interleaved(events) -> bool:
     return any(last[a] > first[b] for i, a in enumerate(order) for b in order[i + 1:])
 
 
-def frame_levels(audio: np.ndarray) -> np.ndarray:
-    """RMS of each 10 ms frame of the audio above 20 Hz (the filter banks see nothing lower; brown noise is mostly
-    there)."""
-    spectrum = np.fft.rfft(audio.astype(np.float64))
-    spectrum[np.fft.rfftfreq(len(audio), 1 / 16000) < 20] = 0
-    x = np.fft.irfft(spectrum, len(audio))
-    frames = len(x) // FRAME
-    return np.sqrt(np.mean(x[:frames * FRAME].reshape(frames, FRAME) ** 2, axis=1))
+def window_levels(audio: np.ndarray) -> np.ndarray:
+    """RMS of each 100 ms window of the grid (window k: k/10 s to (k+1)/10 s) above 20 Hz, each window alone: its
+    straight-line trend taken out, then its bins below 20 Hz (brown noise holds most of its power there, where the
+    filter banks see nothing). Window by window, so no sound's level leaks into the windows around it."""
+    n = int(STEP * 16000)
+    x = audio[:len(audio) // n * n].astype(np.float64).reshape(-1, n)
+    t = np.linspace(-1, 1, n)
+    slope = x @ t / (t @ t)
+    x = x - x.mean(axis=1, keepdims=True) - slope[:, None] * t
+    spectrum = np.fft.rfft(x, axis=1)
+    spectrum[:, np.fft.rfftfreq(n, 1 / 16000) < 20] = 0
+    return np.sqrt(np.mean(np.fft.irfft(spectrum, n, axis=1) ** 2, axis=1))
 
 
 def silent_ends(audio: np.ndarray, events, over: float = 1.3) -> dict[str, int]:
     """For each event whose edge no other event touches: whether its first and its last 100 ms stand above the
-    background (their RMS above `over` times the median of the 100 ms windows away from every event), and whether the
+    background (their level above `over` times the median of the windows away from every event), and whether the
     100 ms after its offset, where no event is annotated, does. The background's own windows are counted too (how
     often noise alone passes: what "heard after the end" is to be read against)."""
-    level = frame_levels(audio)
-    steps = int(STEP * 16000 / FRAME)
-
-    def window(a):  # RMS over the 100 ms from frame a
-        return float(np.sqrt(np.mean(level[a:a + steps] ** 2)))
-
+    level = window_levels(audio)
     busy = np.zeros(len(level), dtype=bool)
     for e in events:
-        busy[max(0, int(e.onset * 100) - steps):int(e.offset * 100) + steps] = True
-    quiet = [window(a) for a in range(0, len(level) - steps + 1, steps) if not busy[a:a + steps].any()]
+        busy[max(0, round(e.onset * 10) - 1):round(e.offset * 10) + 1] = True
+    quiet = level[~busy]
     if len(quiet) < 3:
         return {}
     floor = over * float(np.median(quiet))
-    out = collections.Counter({"background windows": len(quiet), "background above": sum(w > floor for w in quiet)})
+    out = collections.Counter({"background windows": len(quiet), "background above": int((quiet > floor).sum())})
 
     def clear(a, b, e):  # no other event within [a, b) seconds
-        return not any(o is not e and o.onset < b and a < o.offset for o in events)
+        return not any(o is not e and o.onset < b - 1e-6 and a + 1e-6 < o.offset for o in events)
 
     for e in events:
-        a, b = int(round(e.onset * 100)), int(round(e.offset * 100))
+        a, b = round(e.onset * 10), round(e.offset * 10)
         if clear(e.onset, e.onset + STEP, e):
             out["starts checked"] += 1
-            out["silent start"] += window(a) <= floor
+            out["silent start"] += bool(level[a] <= floor)
         if clear(e.offset - STEP, e.offset, e):
             out["ends checked"] += 1
-            out["silent end"] += window(b - steps) <= floor
-        if b + steps <= len(level) and clear(e.offset, e.offset + STEP, e):
+            out["silent end"] += bool(level[b - 1] <= floor)
+        if b < len(level) and clear(e.offset, e.offset + STEP, e):
             out["after checked"] += 1
-            out["heard after the end"] += window(b) > floor
+            out["heard after the end"] += bool(level[b] > floor)
     return out
 
 

@@ -250,9 +250,17 @@ def nlar_truth(question, ev1, ev2):
     raise AssertionError(f"a question the checker does not know: {question!r}")
 
 
-def even(answers_by_form) -> bool:
-    """Whether, within each form, the answers given differ in number by at most one (AnswerBalance's promise)."""
-    return all(max(c.values()) - min(c.values()) <= 1 for c in answers_by_form.values() if len(c) > 1)
+def even(answers_by_form, answers: dict[str, tuple]) -> bool:
+    """Whether, within each form, its possible answers (`answers`) are given equally often, give or take one (an
+    answer never given counts 0): AnswerBalance's promise."""
+    counts = {form: [given.get(a, 0) for a in answers[form]] for form, given in answers_by_form.items()}
+    return all(max(c) - min(c) <= 1 for c in counts.values())
+
+
+AQA_ANSWERS = dict.fromkeys(("present", "either", "repeated", "before"), ("yes", "no"))
+NLAR_ANSWERS = {"contains": ("first", "second", "both"), "more often": ("first", "second", "equal"),
+                "longer": ("first", "second", "equal"), "louder": ("first", "second"), "same start": ("yes", "no"),
+                "share": ("yes", "no"), "more kinds": ("first", "second", "equal")}
 
 
 def test_every_answer_is_true_of_its_scene(bench):
@@ -273,7 +281,7 @@ def test_every_answer_is_true_of_its_scene(bench):
                 assert expected == a, (q, a, events)
                 forms[template][a] += template in ("present", "either", "repeated", "before")
                 checked["aqa"] += 1
-        assert even({t: c for t, c in forms.items() if t in ("present", "either", "repeated", "before")}), forms
+        assert even({t: c for t, c in forms.items() if t in AQA_ANSWERS}, AQA_ANSWERS), forms
         scenes = {f"Y{yid}.wav": events for yid, events, _ in truth["pool"][split]}
         forms = collections.defaultdict(collections.Counter)
         for item in truth["nlar"][split]:  # both clips from this split's pool: no test clip is trained on
@@ -282,7 +290,7 @@ def test_every_answer_is_true_of_its_scene(bench):
             assert expected == item["answer"], item
             forms[template][expected] += 1
             checked["nlar"] += 1
-        assert even({t: c for t, c in forms.items() if len(c) == NLAR_ANSWERS[t]}), forms
+        assert even(forms, NLAR_ANSWERS), forms
     assert checked["aqa"] >= 60 and checked["nlar"] >= 50, checked
     pool = [events for split in truth["pool"].values() for _, events, _ in split]
     names = [c.name for c in synth.TRAIN_CLASSES]
@@ -301,7 +309,15 @@ def test_every_answer_is_true_of_its_scene(bench):
     assert len(templates) == 7 + 7 and {"one", "two", "three", "four"} <= counts, (templates, counts)
 
 
-NLAR_ANSWERS = {"contains": 3, "more often": 3, "longer": 3, "louder": 2, "same start": 2, "share": 2, "more kinds": 3}
+def test_aqa_questions_from_a_small_vocabulary():
+    """lm_corpus asks its questions over the labels of one split, which a small --synth_scale leaves few: a scene of
+    four kinds with none or one other label in the vocabulary still gets true questions (it raised ValueError)."""
+    E = synth.Event
+    events = [E("bell", 0.0, 0.5, 0), E("hum", 0.6, 1.0, 0), E("drip", 1.2, 1.5, 0), E("rain", 2.0, 3.0, 0)]
+    for vocabulary in (["bell", "hum", "drip", "rain"], ["bell", "hum", "drip", "rain", "wind"]):
+        for seed in range(20):
+            questions = synth.aqa_questions(random.Random(seed), events, vocabulary, synth.AnswerBalance())
+            assert len(questions) >= 3 and all(aqa_truth(q, events)[1] == a for q, a in questions), questions
 
 
 def test_answer_balance_evens_out_each_forms_answers_over_a_split():
@@ -323,10 +339,11 @@ def test_answer_balance_evens_out_each_forms_answers_over_a_split():
             for q, a in synth.nlar_questions(trng, events, scenes[i - 1], balance=balance):
                 nlar[nlar_truth(q, events, scenes[i - 1])[0]][a] += 1
         if balance is not None:
-            assert even(aqa) and even(nlar) and asked >= 3.5 * len(scenes), (aqa, nlar, asked)
+            assert even(aqa, AQA_ANSWERS) and even(nlar, NLAR_ANSWERS) and asked >= 3.5 * len(scenes), (aqa, nlar)
             assert sum(map(sum, map(dict.values, nlar.values()))) >= 1.2 * len(scenes)  # build draws more pairs
         else:
-            assert not even(aqa) and not even(nlar)
+            assert not even(aqa, AQA_ANSWERS) and not even(nlar, NLAR_ANSWERS)
+            assert not even({"either": aqa["either"]}, AQA_ANSWERS)  # version 1's lean: mostly yes
 
 
 def test_captions_are_distinct_name_every_sound_and_order_only_what_is_ordered(bench):
@@ -399,15 +416,18 @@ def test_events_are_annotated_where_they_are_heard_over_the_background():
     measure; version 1 annotated a knock's or a ticktock's slot, its last pulse often long over), no two events
     start together, and little sound is left after the annotated ends."""
     rng, total = np.random.default_rng(3), collections.Counter()
-    for _ in range(60):
+    for _ in range(100):
         audio, events = synth.make_scene(rng, synth.TRAIN_CLASSES, 5.12)
         assert len({e.onset for e in events}) == len(events), events
         total.update(silent_ends(audio, events))
-    assert total["ends checked"] >= 100 and total["starts checked"] >= 100, total
-    # an end is rounded up to the grid, so its last 100 ms may hold the sound's last 10 ms only: a few read as quiet
-    assert total["silent end"] <= 0.03 * total["ends checked"] and total["silent start"] == 0, total
-    assert total["heard after the end"] <= 2 * total["background above"] / total["background windows"] * \
-        total["after checked"], total  # no more often than the background alone passes, give or take
+    assert total["ends checked"] >= 150 and total["starts checked"] >= 150, total
+    # an end is rounded out to the grid, so its last 100 ms may hold only a few 10 ms frames of the sound, which the
+    # window's level can leave below the threshold: a few read as quiet (version 1: about one in five)
+    assert total["silent end"] <= 0.06 * total["ends checked"], total
+    assert total["silent start"] <= 0.02 * total["starts checked"], total
+    after, noise = (total["heard after the end"] / total["after checked"],
+                    total["background above"] / total["background windows"])
+    assert after <= noise + 0.05, total  # about as often as the background alone passes
 
 
 def test_the_llms_corpus_asks_every_kind_of_aqa_question(bench):
