@@ -9,7 +9,8 @@ writes, in bfloat16:
     encoder.safetensors  the encoder the run read (its --stage mae result, or a .pth such as Audio-MAE's, read with
                          the run's settings), cut after the block APT reads: the blocks after it are never run
                          (AudioMAE.forward), so the features are the same
-    apt.json             the run's apt.json, the encoder's identity now that of encoder.safetensors
+    apt.json             the run's apt.json, the encoder's identity now that of encoder.safetensors, and made_by:
+                         the APT's making, stage by stage (`history`)
     SHA256SUMS           each file's checksum, as `sha256sum -c` reads it
 
 `resolve_checkpoint` is how evaluate.py and `ask` find what to load: the given folder, else the user's own run
@@ -67,10 +68,37 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
     meta["encoder"] = {"path": str(out / "encoder.safetensors"),
                        "fingerprint": fingerprint(out / "encoder.safetensors"), "cut_from": meta["encoder"]}
     meta["stage0_heads"] = False
+    meta["made_by"] = history(final)
     (out / "apt.json").write_text(json.dumps(meta, indent=1))
     sums = {name: sha256(out / name) for name in FILES}
     (out / "SHA256SUMS").write_text("".join(f"{h}  {name}\n" for name, h in sums.items()))
     return sums
+
+
+STARTS_FROM = {"1": "stage0", "2": "stage1", "caption_ft": "stage2"}  # each stage's start, without --start_from
+
+
+def history(final: str | Path) -> list[dict]:
+    """How the APT in `final` was made, stage by stage from the first: each stage's run folder, steps, task mixture
+    and start, followed back from `final` through each run's --start_from and, without it, the previous stage's
+    result in the same run folder (stage 0 writes its aligner alone, without the run's settings)."""
+    made, final, seen = [], Path(final), set()
+    while final not in seen:
+        seen.add(final)
+        if (final / "aligner.json").is_file() and not (final / "apt.json").is_file():
+            made.append({"stage": "0", "run_dir": str(final.parent.parent)})
+            break
+        if not (final / "apt.json").is_file():
+            break
+        meta = json.loads((final / "apt.json").read_text())
+        cfg, stage = meta.get("config", {}), str(meta.get("stage"))
+        made.append({"stage": stage, "run_dir": cfg.get("run_dir"), "steps": cfg.get(f"steps_{stage}"),
+                     "task_ratios": cfg.get("task_ratios") or None, "start_from": cfg.get("start_from") or None})
+        if cfg.get("start_from"):
+            final = Path(cfg["start_from"])
+        elif stage in STARTS_FROM and cfg.get("run_dir"):
+            final = Path(cfg["run_dir"]) / STARTS_FROM[stage] / "final"
+    return made[::-1]
 
 
 def encoder_settings(final: Path, meta: dict):

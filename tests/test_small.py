@@ -3,6 +3,7 @@ aligner's word table from the LLM's by PCA against scikit-learn's, the CPU preci
 and the whole chain (stages mae, 0, 1, 2 and an evaluation) for a few steps on the miniature benchmark."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -152,6 +153,8 @@ def test_a_release_is_small_checked_and_answers_as_the_run_does(small_run, tmp_p
     assert not [k for k in state if k.startswith(("aligner.atm_head", "aligner.text_proj", "aligner.lm_decoder"))]
     encoder = load_file(out / "encoder.safetensors")
     assert {k.split(".")[1] for k in encoder if k.startswith("blocks.")} == {"0"}  # depth 2, reads block -2
+    made_by = json.loads((out / "apt.json").read_text())["made_by"]  # how it was made, written by pack itself
+    assert [m["stage"] for m in made_by] == ["0", "1", "2"] and made_by[-1]["run_dir"] == str(run)
 
     cfg = load_config("small", [*(a for a in args if a.startswith("--") and "=" in a), f"--release={out}"])
     assert release.resolve_checkpoint(cfg, None) == run / "stage2" / "final"  # the user's own run comes first
@@ -175,6 +178,30 @@ def test_a_release_is_small_checked_and_answers_as_the_run_does(small_run, tmp_p
     cfg.encoder_checkpoint = ""
     with pytest.raises(SystemExit, match="apt.safetensors: checksum differs"):
         release.resolve_checkpoint(cfg, None)
+
+
+def test_a_releases_history_follows_each_runs_start_back_to_stage_0(tmp_path):
+    """release.history: a continuation run (--start_from) follows its start into the chain's run, and there each
+    stage the one before it, down to stage 0's aligner; what each stage ran with comes from its apt.json."""
+    from apt_min import release
+
+    def stage(run, name, **cfg):
+        folder = tmp_path / run / f"stage{name}" / "final"
+        folder.mkdir(parents=True)
+        (folder / "apt.json").write_text(json.dumps({"stage": name, "config": {"run_dir": str(tmp_path / run), **cfg}}))
+        return folder
+
+    (tmp_path / "chain" / "stage0" / "final").mkdir(parents=True)
+    (tmp_path / "chain" / "stage0" / "final" / "aligner.json").write_text("{}")
+    stage("chain", "1", steps_1=700)
+    chain = stage("chain", "2", steps_2=500, task_ratios="fewshot=3")
+    more = stage("more", "2", steps_2=300, task_ratios="tagging=4", start_from=str(chain))
+    stage("more", "1", steps_1=1)  # a stage 1 in the continuation's folder, which its start passes over
+    made = release.history(more)
+    assert [(m["stage"], Path(m["run_dir"]).name) for m in made] == [("0", "chain"), ("1", "chain"), ("2", "chain"),
+                                                                      ("2", "more")]
+    assert [m.get("steps") for m in made] == [None, 700, 500, 300]
+    assert made[-1]["start_from"] == str(chain) and made[2]["task_ratios"] == "fewshot=3"
 
 
 def test_a_releases_checksums_are_read_as_sha256sum_writes_them(tmp_path):
