@@ -375,7 +375,7 @@ def in_band(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.fft.irfft(spectrum, len(x)) ** 2)))
 
 
-FRAME = 160  # 10 ms: the filter banks' hop
+FRAME = 160  # 10 ms: the filter banks' hop (audio.FRAME_SHIFT; this module stays free of torch)
 
 
 def heard_span(sound: np.ndarray, floor: float) -> tuple[float, float] | None:
@@ -386,7 +386,7 @@ def heard_span(sound: np.ndarray, floor: float) -> tuple[float, float] | None:
     loud = np.flatnonzero(rms > floor)
     if not len(loud):
         return None
-    start, end = loud[0] * FRAME / SR, min((loud[-1] + 1) * FRAME / SR, len(sound) / SR)
+    start, end = loud[0] * FRAME / SR, (loud[-1] + 1) * FRAME / SR
     return math.floor(start / GRID + 1e-6) * GRID, min(math.ceil(end / GRID - 1e-6) * GRID, len(sound) / SR)
 
 
