@@ -33,6 +33,7 @@ import json
 import math
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -714,6 +715,9 @@ def build(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.
             (y1, e1, _), (y2, e2, _) = trng.sample(pool[split], 2)
             for q, a in nlar_questions(trng, e1, e2, k=min(3, 3 * count - len(items)), balance=balance):
                 items.append({"audio_1": f"Y{y1}.wav", "audio_2": f"Y{y2}.wav", "question": q, "answer": a})
+        if len(items) < 3 * count:  # the balance refused too many of the pairs' questions: say so, keep what was made
+            warnings.warn(f"NLAR {split}: {len(items)} of the {3 * count} questions asked for; the {3 * count} pairs "
+                          "drawn could not give more with their answers balanced", stacklevel=2)
         path = out / "nlar" / f"nlar_{split}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(items, indent=1))

@@ -2,6 +2,7 @@
 
 import collections
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -145,6 +146,22 @@ def test_an_interrupted_generation_is_finished_by_the_next(tmp_path, monkeypatch
     synth.generate(tmp_path / "b", seed=1, scale=0.01)
     assert json.loads((tmp_path / "b" / "synth.json").read_text())["args"]["seed"] == 1
     assert (tmp_path / "b" / "clotho" / "clotho_captions_evaluation.csv").is_file()
+
+
+def test_an_nlar_split_that_falls_short_says_so(tmp_path, monkeypatch):
+    """NLAR draws up to three times as many pairs as asked for, to make three questions of each; where the answer
+    balance refuses too many, the split keeps what was made and a warning gives the count: never silently short."""
+    calls = itertools.count()
+
+    def every_other_pair(rng, ev1, ev2, k=3, balance=None):  # half the pairs give one question, the rest none
+        return [("Which recording is longer?", "first")] if next(calls) % 2 else []
+
+    monkeypatch.setattr(synth, "nlar_questions", every_other_pair)
+    with pytest.warns(UserWarning, match=r"NLAR \w+: \d+ of the \d+ questions asked for") as seen:
+        synth.generate(tmp_path / "b", seed=1, scale=0.01)
+    said = " ".join(str(w.message) for w in seen)
+    got, wanted = map(int, re.search(r"NLAR train: (\d+) of the (\d+)", said).groups())
+    assert len(json.loads((tmp_path / "b" / "nlar" / "nlar_train.json").read_text())) == got == wanted // 2 > 0
 
 
 def test_every_event_lies_within_a_scene_of_any_length():
