@@ -52,7 +52,7 @@ from apt_min.build import (
     load_llm,
 )
 from apt_min.checkpoint import CheckpointError, check_keys, safetensors_entries
-from apt_min.config import load_config
+from apt_min.config import STARTS_AFTER, load_config
 from apt_min.errors import SettingError, clean_exit
 from apt_min.llama import Llama
 from apt_min.mae import MAEDecoder, mae_loss
@@ -61,29 +61,30 @@ from apt_min.tasks import normalize_answer
 
 log = logging.getLogger("train")
 
-STAGES = {  # what each stage trains, with which loss, for how many steps (a config field), after which stage;
+STAGES = {  # what each stage trains, with which loss, for how many steps (a config field); the stage each one
+    # starts after: config.STARTS_AFTER;
     # ratios: the task mixture, one task per batch (the public APT code's; NLAR's, which it does not give, is ours)
     "lm": {"trains": "the whole stand-in LLM", "loss": "next-token cross-entropy", "steps": "steps_lm"},
     "mae": {"trains": "the encoder and a throw-away decoder (then the encoder is frozen)",
             "loss": "masked-patch reconstruction (Audio-MAE)", "steps": "steps_mae"},
     "0": {"trains": "the aligner (encoder frozen)", "loss": "ATC + ATM + AGTG", "steps": "steps_0"},
     "1": {"trains": "the aligner without its stage-0 heads, the projection and <AUDIO> (encoder and LLM frozen)",
-          "loss": "cross-entropy on the answers", "steps": "steps_1", "needs": "0",
+          "loss": "cross-entropy on the answers", "steps": "steps_1",
           "ratios": {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45}},
     "2": {"trains": "the aligner without its stage-0 heads, the projection and <AUDIO> (encoder and LLM frozen)",
-          "loss": "cross-entropy on the answers", "steps": "steps_2", "needs": "1",
+          "loss": "cross-entropy on the answers", "steps": "steps_2",
           "ratios": {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45,
                      "fewshot": 0.5, "nlar": 0.5}},
     # §4.2: before the captioning comparison (Table 4) the multi-task APT is fine-tuned on one caption set alone
     "caption_ft": {"trains": "the aligner without its stage-0 heads, the projection and <AUDIO> (encoder and LLM "
                              "frozen), on one caption set (caption_ft_source)",
-                   "loss": "cross-entropy on the captions", "steps": "steps_caption_ft", "needs": "2",
+                   "loss": "cross-entropy on the captions", "steps": "steps_caption_ft",
                    "ratios": {"captioning": 1.0}},
     # APT-BLIP-2's embedded default: the picture side, trained apart from the APT, which is plugged in afterwards
     "vision": {"trains": "a small vision side: the visual aligner and projection (ViT, LLM and APT frozen)",
                "loss": "ATC + ATM + AGTG on picture-description pairs (alone for the first vision_align_steps), "
                        "+ cross-entropy on the answers about pictures",
-               "steps": "steps_vision", "needs": "2"},
+               "steps": "steps_vision"},
 }
 
 
@@ -101,7 +102,7 @@ class StandInLLM:
             raise SystemExit("--stage lm trains the tiny stand-in LLM; with --llm_path set, the LLM is given")
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.tok = ensure_tokenizer(cfg)
-        stage_dir(cfg, "lm").mkdir(parents=True, exist_ok=True)
+        cfg.stage_dir("lm").mkdir(parents=True, exist_ok=True)
         self.train_docs = [self.encode(d) for d in synth.lm_corpus(cfg.data_root, "train", cfg.seed)]
         self.val_docs = synth.lm_corpus(cfg.data_root, "test", cfg.seed)[:cfg.val_batches * cfg.batch_size]
         torch.manual_seed(cfg.seed)
@@ -165,7 +166,7 @@ class PretrainEncoder:
                              "--encoder_checkpoint")
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.autocast, self.scaler, _ = amp_settings(cfg, device)
-        stage_dir(cfg, "mae").mkdir(parents=True, exist_ok=True)
+        cfg.stage_dir("mae").mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.encoder = AudioMAE(cfg.encoder_config()).to(device).requires_grad_(True)
         self.decoder = MAEDecoder(self.encoder.config).to(device)
@@ -239,7 +240,7 @@ class AlignStage0:
         self.tok = ensure_tokenizer(cfg)
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
         self.encoder, self.encoder_id = build_encoder(cfg, device, frozen_dtype)
-        stage_dir(cfg, "0").mkdir(parents=True, exist_ok=True)
+        cfg.stage_dir("0").mkdir(parents=True, exist_ok=True)
         self.cache = feature_cache(cfg, self.encoder_id)
         torch.manual_seed(cfg.seed)
         words = build.llm_embeddings(cfg) if "llm" in (cfg.aligner_init, cfg.aligner_words) else None
@@ -308,7 +309,7 @@ class AlignStage0:
         return {"val_loss": parts["total"].item(), **r1}
 
     def finish(self, metrics):
-        final = stage_dir(self.cfg, "0") / "final"
+        final = self.cfg.stage_dir("0") / "final"
         self.aligner.save(final, {"encoder": self.encoder_id})
         print(f"stage 0 done: aligner saved to {final}/; validation retrieval on {len(self.val)} AudioCaps-val clips: "
               f"audio->text R@1 {metrics['a2t_r1']:.3f}, text->audio R@1 {metrics['t2a_r1']:.3f} "
@@ -337,13 +338,13 @@ class TuneAPT:
         self.cfg, self.stage, self.rank, self.world, self.device = cfg, stage, rank, world, device
         self.tok = ensure_tokenizer(cfg)
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
-        needs = STAGES[stage]["needs"]
-        prev = stage_dir(cfg, needs) / "final"
+        needs = STARTS_AFTER[stage]
+        prev = cfg.stage_dir(needs) / "final"
         if cfg.start_from:  # (main takes it only for stage 2 and caption_ft)
             prev = Path(cfg.start_from)
             if not (prev / "apt.json").is_file():
                 raise SystemExit(f"--start_from={cfg.start_from}: no trained APT there (no apt.json)")
-            if prev.resolve() == (stage_dir(cfg, stage) / "final").resolve():
+            if prev.resolve() == (cfg.stage_dir(stage) / "final").resolve():
                 raise SystemExit(f"--start_from={cfg.start_from} is where this run saves its result, which would "
                                  "overwrite it; continue into another --run_dir")
         elif not (prev / ("aligner.json" if stage == "1" else "apt.json")).is_file():
@@ -381,7 +382,7 @@ class TuneAPT:
             p.requires_grad_(not name.startswith(STAGE0_HEADS))
         self.params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
         self.module = self.model
-        stage_dir(cfg, stage).mkdir(parents=True, exist_ok=True)
+        cfg.stage_dir(stage).mkdir(parents=True, exist_ok=True)
 
         root = cfg.data_root
         if stage == "caption_ft":  # one caption set, a whole number of passes over it
@@ -437,7 +438,7 @@ class TuneAPT:
         return metrics
 
     def finish(self, metrics):
-        final = stage_dir(self.cfg, self.stage) / "final"
+        final = self.cfg.stage_dir(self.stage) / "final"
         stage = self.stage if self.stage == "caption_ft" else int(self.stage)
         self.model.save(final, self.encoder_id, self.llm_id, {"stage": stage, "config": json.loads(self.cfg.to_json())})
         print(f"stage {self.stage} done: APT saved to {final}/; validation: " +
@@ -480,7 +481,7 @@ class TrainVision:
         llm, self.llm_id = load_llm(cfg, device, frozen_dtype)
         self.apt = APT.load(checkpoint, encoder, llm, self.tok, encoder_id, self.llm_id).to(device).eval()
         self.apt.requires_grad_(False)
-        self.out = stage_dir(cfg, "vision")
+        self.out = cfg.stage_dir("vision")
         self.out.mkdir(parents=True, exist_ok=True)
 
         root, names = Path(cfg.data_root), [c.name for c in synth.TRAIN_CLASSES]
@@ -894,12 +895,6 @@ def amp_settings(cfg, device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, dtype
 
 
-def stage_dir(cfg, stage) -> Path:
-    named = {"lm": "llm-train", "mae": "encoder-train", "vision": "vision",
-             "caption_ft": f"caption_ft-{cfg.caption_ft_source}"}
-    return Path(cfg.run_dir) / named.get(stage, f"stage{stage}")
-
-
 def warn(bad):
     for _, err in bad:
         log.warning("skipping audio that cannot be used: %s", err)
@@ -1144,7 +1139,7 @@ def main(argv=None):
     else:
         job = TuneAPT(cfg, args.stage, rank, world, device)
     own_generators(cfg, rank)
-    metrics = fit(cfg, args.stage, job, args.resume, rank, world, stage_dir(cfg, args.stage))
+    metrics = fit(cfg, args.stage, job, args.resume, rank, world, cfg.stage_dir(args.stage))
     if rank == 0:
         job.finish(metrics)
     if world > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from apt_min.errors import SettingError
 
@@ -165,8 +166,22 @@ class Config:
                            num_attention_heads=self.llm_heads, num_key_value_heads=self.llm_kv_heads,
                            max_position_embeddings=2048, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
 
+    def stage_dir(self, stage: str) -> Path:
+        """Where train.py's `stage` writes its log, checkpoints and result (final/) in this run."""
+        return Path(self.run_dir) / stage_folder(stage, self.caption_ft_source)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+STARTS_AFTER = {"1": "0", "2": "1", "caption_ft": "2", "vision": "2"}  # the stage whose result each one starts from
+
+
+def stage_folder(stage: str, caption_ft_source: str) -> str:
+    """The folder of the run that a training stage writes (train.py and apt_min.release both read it here)."""
+    named = {"lm": "llm-train", "mae": "encoder-train", "vision": "vision",
+             "caption_ft": f"caption_ft-{caption_ft_source}"}
+    return named.get(stage, f"stage{stage}")
 
 
 WAVCAPS = "wavcaps:AudioSet_SL,wavcaps:BBC_Sound_Effects,wavcaps:FreeSound,wavcaps:SoundBible"  # its 4 subsets

@@ -33,7 +33,7 @@ import torch
 from apt_min.aligner import STAGE0_HEADS
 from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError
-from apt_min.config import Config, load_config
+from apt_min.config import STARTS_AFTER, Config, load_config, stage_folder
 from apt_min.errors import clean_exit
 from apt_min.model import fingerprint
 
@@ -75,9 +75,6 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
     return sums
 
 
-STARTS_FROM = {"1": "stage0", "2": "stage1", "caption_ft": "stage2"}  # each stage's start, without --start_from
-
-
 def history(final: str | Path) -> list[dict]:
     """How the APT in `final` was made, stage by stage from the first: each stage's run folder, steps, task mixture
     and start, followed back from `final` through each run's --start_from and, without it, the previous stage's
@@ -96,8 +93,8 @@ def history(final: str | Path) -> list[dict]:
                      "task_ratios": cfg.get("task_ratios") or None, "start_from": cfg.get("start_from") or None})
         if cfg.get("start_from"):
             final = Path(cfg["start_from"])
-        elif stage in STARTS_FROM and cfg.get("run_dir"):
-            final = Path(cfg["run_dir"]) / STARTS_FROM[stage] / "final"
+        elif stage in STARTS_AFTER and cfg.get("run_dir"):
+            final = Path(cfg["run_dir"]) / stage_folder(STARTS_AFTER[stage], cfg.get("caption_ft_source", "")) / "final"
     return made[::-1]
 
 

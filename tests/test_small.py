@@ -202,6 +202,13 @@ def test_a_releases_history_follows_each_runs_start_back_to_stage_0(tmp_path):
                                                                       ("2", "more")]
     assert [m.get("steps") for m in made] == [None, 700, 500, 300]
     assert made[-1]["start_from"] == str(chain) and made[2]["task_ratios"] == "fewshot=3"
+    # §4.2's caption fine-tune, in its own folder of the chain's run, starts from that run's stage 2
+    tuned = tmp_path / "chain" / "caption_ft-clotho" / "final"
+    tuned.mkdir(parents=True)
+    (tuned / "apt.json").write_text(json.dumps({"stage": "caption_ft", "config": {
+        "run_dir": str(tmp_path / "chain"), "caption_ft_source": "clotho", "steps_caption_ft": 40}}))
+    assert [(m["stage"], m.get("steps")) for m in release.history(tuned)] == [("0", None), ("1", 700), ("2", 500),
+                                                                             ("caption_ft", 40)]
 
 
 def test_a_releases_checksums_are_read_as_sha256sum_writes_them(tmp_path):
