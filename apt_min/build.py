@@ -198,7 +198,7 @@ def load_apt_blip2(cfg, checkpoint: str | Path, device="cpu"):
     if cfg.vision_path:
         blip = InstructBLIP.from_pretrained(cfg.vision_path, dtype, device)
         return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, "instructblip", cfg.avqa_blocks_apart)
-    folder = Path(cfg.run_dir) / "vision" / "final"
+    folder = cfg.stage_dir("vision") / "final"
     if not (folder / "vision.json").is_file():
         raise SystemExit(f"{folder}: no vision side yet; run `python train.py --stage vision` (or set --vision_path "
                          "to an InstructBLIP folder)")

@@ -174,11 +174,12 @@ class Config:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
-STARTS_AFTER = {"1": "0", "2": "1", "caption_ft": "2", "vision": "2"}  # the stage whose result each one starts from
+STARTS_AFTER = {"1": "0", "2": "1", "caption_ft": "2"}  # the stage whose result each one starts from (vision: an APT,
+# the run's stage 2 or the release: release.resolve_checkpoint)
 
 
-def stage_folder(stage: str, caption_ft_source: str) -> str:
-    """The folder of the run that a training stage writes (train.py and apt_min.release both read it here)."""
+def stage_folder(stage: str, caption_ft_source: str = "") -> str:
+    """The folder of its run that a training stage writes (everything that looks for a stage's result reads it here)."""
     named = {"lm": "llm-train", "mae": "encoder-train", "vision": "vision",
              "caption_ft": f"caption_ft-{caption_ft_source}"}
     return named.get(stage, f"stage{stage}")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from apt_min import audio, data, metrics
 from apt_min.aligner import Aligner
+from apt_min.config import stage_folder
 from apt_min.tasks import FEWSHOT_QUERY, label_text
 
 SHORT = {"max_new_tokens": 12}  # greedy for short answers
@@ -81,7 +82,7 @@ def prototype_label(episode, feats: dict) -> str:
 def stage0_aligner(checkpoint: Path, device, words: torch.Tensor | None = None) -> Aligner | None:
     """The stage-0 aligner of the run that `checkpoint` (run/stageN/final) belongs to, or None. `words`: the LLM's
     embedding table, for an aligner that reads its words there (aligner_words=llm)."""
-    folder = Path(checkpoint).resolve().parent.parent / "stage0" / "final"
+    folder = Path(checkpoint).resolve().parent.parent / stage_folder("0") / "final"
     if not (folder / "aligner.json").is_file():
         return None
     aligner = Aligner.load(folder).eval().to(device)

@@ -49,7 +49,7 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
     {file: sha256}."""
     from safetensors.torch import load_file, save_file
 
-    final, out = Path(run_dir) / "stage2" / "final", Path(out)
+    final, out = Path(run_dir) / stage_folder("2") / "final", Path(out)
     if not (final / "apt.json").is_file():
         raise CheckpointError(f"{final}: no trained APT to release (apt.json missing)")
     meta = json.loads((final / "apt.json").read_text())
@@ -146,7 +146,7 @@ def resolve_checkpoint(cfg, given: str | None) -> Path:
     if given:
         folder = Path(given)
         return use_release(cfg, folder) if (folder / "SHA256SUMS").is_file() else folder
-    own = Path(cfg.run_dir) / "stage2" / "final"
+    own = cfg.stage_dir("2") / "final"
     if (own / "apt.json").is_file() or not cfg.release:
         return own
     release = Path(cfg.release)

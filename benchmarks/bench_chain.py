@@ -24,18 +24,17 @@ def main():
         cfg = load_config(preset, extra)  # the settings given too: they decide which stages the chain has
     except SettingError as e:
         raise SystemExit(f"bench_chain.py [--preset=P] [--key=value ...]: {e}") from None
-    run_dir = Path(cfg.run_dir)
-    stages = [("mae", "encoder-train"), ("0", "stage0"), ("lm", "llm-train"), ("1", "stage1"), ("2", "stage2")]
+    stages = ["mae", "0", "lm", "1", "2"]
     skip = {"lm"} if cfg.llm_path else set()  # a preset with a real LLM has no lm stage
     skip |= set() if cfg.encoder_init == "mae" and not cfg.encoder_checkpoint else {"mae"}
     total = 0.0
-    for stage, folder in [s for s in stages if s[0] not in skip]:
+    for stage in [s for s in stages if s not in skip]:
         t = time.time()
         subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", preset, *extra], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.time() - t
         total += seconds
-        evals = [json.loads(line) for line in (ROOT / run_dir / folder / "log.jsonl").read_text().splitlines()]
+        evals = [json.loads(line) for line in (ROOT / cfg.stage_dir(stage) / "log.jsonl").read_text().splitlines()]
         evals = [e for e in evals if any(k.startswith("val") or k.endswith("_r1") for k in e)]
         first, last = evals[0], evals[-1]
         shown = ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in first if k != "step")

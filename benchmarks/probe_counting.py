@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--concat", action="store_true", help="(a), (b): the queries side by side instead of averaged")
     args = ap.parse_args()
     cfg = load_config(args.preset, [f"--run_dir={args.run_dir}"] if args.run_dir else [])
-    checkpoint = Path(cfg.run_dir) / "stage2" / "final"
+    checkpoint = cfg.stage_dir("2") / "final"
     if not (checkpoint / "apt.json").is_file():
         raise SystemExit(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")
     tok = ensure_tokenizer(cfg)

@@ -16,7 +16,6 @@ A model that matches scores well above chance (0.25) in (2) and (3), not only in
 
 import argparse
 import random
-from pathlib import Path
 
 import numpy as np
 
@@ -43,7 +42,7 @@ def main():
     ap.add_argument("--episodes", type=int, default=100)
     args, rest = ap.parse_known_args()  # and any setting of apt_min/config.py as --key=value
     cfg = load_config(args.preset, rest + ([f"--run_dir={args.run_dir}"] if args.run_dir else []))
-    checkpoint = Path(cfg.run_dir) / "stage2" / "final"
+    checkpoint = cfg.stage_dir("2") / "final"
     if not (checkpoint / "apt.json").is_file():
         raise SystemExit(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")
     ensure_tokenizer(cfg)

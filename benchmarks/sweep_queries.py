@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from apt_min.config import load_config
+from apt_min.config import load_config, stage_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,8 @@ def main():
                            cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             seconds.append(time.time() - t)
         last = {}
-        for stage in ("stage0", "stage1"):
-            for line in (run / stage / "log.jsonl").read_text().splitlines():
+        for stage in ("0", "1"):
+            for line in (run / stage_folder(stage) / "log.jsonl").read_text().splitlines():
                 entry = json.loads(line)
                 last |= {k: v for k, v in entry.items() if k.startswith("val") or k.endswith("_r1")}
         print(f"{count:7d} {seconds[0]:9.1f} {seconds[1]:9.1f} {last['a2t_r1']:8.3f} {last['val_loss']:8.3f} "

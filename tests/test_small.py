@@ -4,7 +4,6 @@ and the whole chain (stages mae, 0, 1, 2 and an evaluation) for a few steps on t
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -235,7 +234,7 @@ def test_a_releases_checksums_are_read_as_sha256sum_writes_them(tmp_path):
     # the preset's release, damaged (apt.json gone), is named as such, not passed over for a run that is not there
     sums.write_text("\n".join(lines) + "\n")
     (tmp_path / "apt.json").unlink()
-    cfg = SimpleNamespace(run_dir=str(tmp_path / "no-run"), release=str(tmp_path), encoder_checkpoint="")
+    cfg = load_config("small", {"run_dir": str(tmp_path / "no-run"), "release": str(tmp_path)})
     with pytest.raises(SystemExit, match=r"the released APT cannot be used: .*apt.json: missing from the release"):
         release.resolve_checkpoint(cfg, None)
 
