@@ -1121,7 +1121,7 @@ def main(argv=None):
         ensure_data(cfg)
         if args.stage != "mae":
             ensure_tokenizer(cfg)
-            if args.stage != "lm":
+            if args.stage not in ("lm", "vision"):  # vision: its APT's encoder (release.resolve_checkpoint)
                 build_encoder(cfg, "cpu", torch.float32)  # tiny's: seeded, saved under run_dir on first use
     if world > 1:
         dist.barrier()

@@ -179,6 +179,24 @@ def test_a_release_is_small_checked_and_answers_as_the_run_does(small_run, tmp_p
         release.resolve_checkpoint(cfg, None)
 
 
+def test_the_vision_stage_trains_beside_a_release_in_a_run_of_its_own(small_run, tmp_path):
+    """`train.py --stage vision` in a run folder with no APT of its own takes the release and the encoder that came
+    with it (the small preset's own encoder, made by --stage mae, is not needed and not asked for)."""
+    from conftest import VISION
+
+    import train
+    from apt_min import release
+
+    run, args = small_run
+    out = tmp_path / "apt-small"
+    release.pack(run, out)
+    fresh = tmp_path / "vision-run"
+    settings = [a for a in args if not a.startswith("--run_dir=")]
+    train.main(["--stage", "vision", *settings, f"--run_dir={fresh}", f"--release={out}", *VISION])
+    assert (fresh / "vision" / "final" / "vision.json").is_file()
+    assert not (fresh / "encoder.safetensors").exists()
+
+
 def test_a_releases_history_follows_each_runs_start_back_to_stage_0(tmp_path):
     """release.history: a continuation run (--start_from) follows its start into the chain's run, and there each
     stage the one before it, down to stage 0's aligner; what each stage ran with comes from its apt.json."""
