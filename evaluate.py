@@ -138,8 +138,7 @@ def print_report(report, out: Path, width: int = 32):
 def run_avqa(cfg, checkpoint: Path, opts: Options, out: Path, device):
     """APT-BLIP-2 on AVQA: the APT plugged, untrained further, into the vision side (a real InstructBLIP with
     --vision_path, else the embedded default's, from `train.py --stage vision`), in the three modes."""
-    if not cfg.vision_path:
-        ensure_av_data(cfg)
+    ensure_av_data(cfg)  # the synthetic videos, for the presets that run on them (real data is never touched)
     model = load_apt_blip2(cfg, checkpoint, device)
     coverage = data.Coverage()
     items = data.avqa_items(cfg.data_root, "test", cfg.avqa_frames, opts.strict, coverage=coverage)

@@ -12,13 +12,12 @@ shares (accumulation, clipping, schedule, logging, validation, checkpoints, resu
 
 Stage 0 aligns the aligner with audio-text losses (ATC + ATM + AGTG, BLIP-2's first stage); stages 1 and 2 tune it
 against the frozen LLM on a multi-task mixture, one task per batch (stage 2 adds few-shot episodes and NLAR);
-`--stage caption_ft` tunes stage 2's result on one caption set alone. Which data sets each stage reads is a setting
-(caption_sources, tagging_sources, stage0_sources: `sources`). An error about the user's files or settings ends
-the run with one line (apt_min/errors.py).
-`--stage lm` (tiny preset only) pretrains the small stand-in LLM on the synthetic corpus, the part Vicuna's own
-pretraining plays; it is frozen afterwards, like Vicuna. `--stage mae` (small preset) pretrains the encoder as
-Audio-MAE was, before stage 0; `--stage vision` trains the embedded default's picture side for APT-BLIP-2.
-"""
+`--stage caption_ft` tunes stage 2's result (in a run folder without one: the preset's release) on one caption set
+alone. Which data sets each stage reads is a setting (caption_sources, tagging_sources, stage0_sources: `sources`).
+An error about the user's files or settings ends the run with one line (apt_min/errors.py). `--stage lm` (tiny preset
+only) pretrains the small stand-in LLM on the synthetic corpus, the part Vicuna's own pretraining plays; it is frozen
+afterwards, like Vicuna. `--stage mae` (small preset) pretrains the encoder as Audio-MAE was, before stage 0;
+`--stage vision` trains the embedded default's picture side for APT-BLIP-2. """
 
 import argparse
 import json
@@ -467,16 +466,16 @@ class TrainVision:
         from apt_min.vision import ImageProcessing
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        checkpoint = resolve_checkpoint(cfg, None)  # the user's own stage-2 APT, else the preset's release
+        if not (checkpoint / "apt.json").is_file():
+            raise SystemExit(f"--stage vision builds its sequences as the trained APT does, which is not in "
+                             f"{checkpoint}/; run `python train.py --stage 2` first")
         if rank == 0:
             build.ensure_av_data(cfg)
         if world > 1:
             dist.barrier()
         self.tok = ensure_tokenizer(cfg)
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
-        checkpoint = resolve_checkpoint(cfg, None)  # the user's own stage-2 APT, else the preset's release
-        if not (checkpoint / "apt.json").is_file():
-            raise SystemExit(f"--stage vision builds its sequences as the trained APT does, which is not in "
-                             f"{checkpoint}/; run `python train.py --stage 2` first")
         encoder, encoder_id = build_encoder(cfg, device, frozen_dtype)
         llm, self.llm_id = load_llm(cfg, device, frozen_dtype)
         self.apt = APT.load(checkpoint, encoder, llm, self.tok, encoder_id, self.llm_id).to(device).eval()
@@ -1100,6 +1099,22 @@ def make_optimizer(params: dict[str, nn.Parameter], cfg):
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
 
 
+def starting_apt(cfg, stage: str) -> None:
+    """Finds the trained APT a stage starts from before anything is built, so that the encoder and the LLM are the
+    ones it was trained against (release.resolve_checkpoint, take_its_parts): --start_from (a release is verified
+    and brings its encoder); for caption_ft and vision without a stage 2 of the run's own, the preset's release,
+    which caption_ft then continues as --start_from would (and says so)."""
+    from apt_min.release import resolve_checkpoint
+
+    if cfg.start_from:
+        resolve_checkpoint(cfg, cfg.start_from)
+    elif stage in ("caption_ft", "vision"):
+        found = resolve_checkpoint(cfg, None)
+        if stage == "caption_ft" and found != cfg.stage_dir("2") / "final":
+            log.info("no stage 2 in %s: caption_ft starts from the preset's release, %s", cfg.run_dir, found)
+            cfg.start_from = str(found)
+
+
 @clean_exit("train.py")
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -1115,6 +1130,8 @@ def main(argv=None):
         raise SystemExit(f"--start_from names a trained APT for stage 2 or caption_ft to continue; stage {args.stage} "
                          "does not start from one")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.stage in ("2", "caption_ft", "vision"):
+        starting_apt(cfg, args.stage)
     rank, world, device = setup_distributed()
     random.seed(cfg.seed)
     if rank == 0:  # what every process reads, made once, before the others look for it (they would write it too)

@@ -80,9 +80,18 @@ def prototype_label(episode, feats: dict) -> str:
 
 
 def stage0_aligner(checkpoint: Path, device, words: torch.Tensor | None = None) -> Aligner | None:
-    """The stage-0 aligner of the run that `checkpoint` (run/stageN/final) belongs to, or None. `words`: the LLM's
-    embedding table, for an aligner that reads its words there (aligner_words=llm)."""
-    folder = Path(checkpoint).resolve().parent.parent / stage_folder("0") / "final"
+    """The stage-0 aligner of the run that `checkpoint` (run/stageN/final) belongs to, or for a continuation run
+    (--start_from) of the run it continued (release.history follows it back), or None: none there, or a release,
+    which stands alone (its stage-0 heads are dropped). `words`: the LLM's embedding table, for an aligner that
+    reads its words there (aligner_words=llm)."""
+    from apt_min.release import history
+
+    checkpoint = Path(checkpoint)
+    folder = checkpoint.resolve().parent.parent / stage_folder("0") / "final"
+    if not (folder / "aligner.json").is_file() and not (checkpoint / "SHA256SUMS").is_file():
+        made = history(checkpoint)
+        if made and made[0]["stage"] == "0":
+            folder = Path(made[0]["run_dir"]) / stage_folder("0") / "final"
     if not (folder / "aligner.json").is_file():
         return None
     aligner = Aligner.load(folder).eval().to(device)

@@ -13,8 +13,10 @@ writes, in bfloat16:
                          the APT's making, stage by stage (`history`)
     SHA256SUMS           each file's checksum, as `sha256sum -c` reads it
 
-`resolve_checkpoint` is how evaluate.py and `ask` find what to load: the given folder, else the user's own run
-({run_dir}/stage2/final), else the preset's release (Config.release), whose checksums are verified first.
+`resolve_checkpoint` is how evaluate.py, `ask` and the stages that start from a trained APT (train.py: --start_from,
+caption_ft, vision) find what to load: the given folder, else the user's own run ({run_dir}/stage2/final), else the
+preset's release (Config.release), whose checksums are verified first; the encoder and the LLM are then the ones that
+APT was trained against (`take_its_parts`).
 Without the stage-0 heads the release cannot run the paper's tagging protocol (its text branch); evaluate.py says so
 and scores tagging by the LLM's likelihood.
 """
@@ -25,6 +27,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from apt_min.config import STARTS_AFTER, Config, load_config, stage_folder
 from apt_min.errors import clean_exit
 from apt_min.model import fingerprint
 
+log = logging.getLogger(__name__)
 FILES = ("apt.safetensors", "encoder.safetensors", "apt.json")
 
 
@@ -145,14 +149,11 @@ def resolve_checkpoint(cfg, given: str | None) -> Path:
     SystemExit when the release fails its check."""
     if given:
         folder = Path(given)
-        return use_release(cfg, folder) if (folder / "SHA256SUMS").is_file() else folder
+        return take_its_parts(cfg, use_release(cfg, folder) if (folder / "SHA256SUMS").is_file() else folder)
     own = cfg.stage_dir("2") / "final"
-    if (own / "apt.json").is_file() or not cfg.release:
-        return own
-    release = Path(cfg.release)
-    if not release.is_dir():
-        return own
-    return use_release(cfg, release)  # verified: a file missing from it is named, not passed over
+    if (own / "apt.json").is_file() or not cfg.release or not Path(cfg.release).is_dir():
+        return take_its_parts(cfg, own)
+    return take_its_parts(cfg, use_release(cfg, Path(cfg.release)))  # verified: a missing file is named
 
 
 def use_release(cfg, release: Path) -> Path:
@@ -160,8 +161,33 @@ def use_release(cfg, release: Path) -> Path:
         verify(release)
     except CheckpointError as e:
         raise SystemExit(f"the released APT cannot be used: {e}") from None
-    cfg.encoder_checkpoint = str(release / "encoder.safetensors")
+    ships = str(release / "encoder.safetensors")
+    if cfg.encoder_checkpoint and Path(cfg.encoder_checkpoint).resolve() != Path(ships).resolve():
+        log.warning("%s brings the encoder its APT was trained against; --encoder_checkpoint=%s is not used", release,
+                    cfg.encoder_checkpoint)
+    cfg.encoder_checkpoint = ships
     return release
+
+
+def take_its_parts(cfg, checkpoint: Path) -> Path:
+    """An APT answers only beside the encoder and the LLM it was trained against: its apt.json names both (and
+    APT.load checks their fingerprints). Where the settings leave them to the run folder (no --encoder_checkpoint,
+    no --llm_path: {run_dir}/encoder.safetensors and {run_dir}/llm), a checkpoint from another run folder (a
+    continuation, --checkpoint, --start_from) would find other ones there, or none: the ones its apt.json names are
+    used instead, where they are. Settings that name them are kept (APT.load then says if they differ)."""
+    if not (checkpoint / "apt.json").is_file():
+        return checkpoint
+    meta = json.loads((checkpoint / "apt.json").read_text())
+    encoder, llm = meta.get("encoder", {}).get("path"), meta.get("llm", {}).get("path")
+    own = Path(cfg.run_dir) / "encoder.safetensors"
+    if not cfg.encoder_checkpoint and encoder and Path(encoder).is_file() and Path(encoder).resolve() != own.resolve():
+        log.info("%s was trained against the encoder %s, which is used (not %s)", checkpoint, encoder, own)
+        cfg.encoder_checkpoint = encoder
+    own = Path(cfg.resolved_llm_path())
+    if not cfg.llm_path and llm and Path(llm, "config.json").is_file() and Path(llm).resolve() != own.resolve():
+        log.info("%s was trained against the LLM in %s, which is used (not %s)", checkpoint, llm, own)
+        cfg.llm_path = llm
+    return checkpoint
 
 
 @clean_exit("python -m apt_min.release")

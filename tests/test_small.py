@@ -179,9 +179,14 @@ def test_a_release_is_small_checked_and_answers_as_the_run_does(small_run, tmp_p
         release.resolve_checkpoint(cfg, None)
 
 
-def test_the_vision_stage_trains_beside_a_release_in_a_run_of_its_own(small_run, tmp_path):
-    """`train.py --stage vision` in a run folder with no APT of its own takes the release and the encoder that came
-    with it (the small preset's own encoder, made by --stage mae, is not needed and not asked for)."""
+def test_stages_that_start_from_an_apt_take_a_release_and_its_encoder_in_a_run_of_their_own(small_run, tmp_path,
+                                                                                           caplog):
+    """In a run folder with no APT of its own, the stages that start from a trained APT take the release (checked)
+    and the encoder that came with it (the small preset's own, made by --stage mae, is not asked for): --stage
+    vision; stage 2 given the release as --start_from; caption_ft, which continues the release as --start_from
+    would. An --encoder_checkpoint beside a release is named as not used."""
+    import logging
+
     from conftest import VISION
 
     import train
@@ -190,11 +195,24 @@ def test_the_vision_stage_trains_beside_a_release_in_a_run_of_its_own(small_run,
     run, args = small_run
     out = tmp_path / "apt-small"
     release.pack(run, out)
-    fresh = tmp_path / "vision-run"
-    settings = [a for a in args if not a.startswith("--run_dir=")]
-    train.main(["--stage", "vision", *settings, f"--run_dir={fresh}", f"--release={out}", *VISION])
-    assert (fresh / "vision" / "final" / "vision.json").is_file()
-    assert not (fresh / "encoder.safetensors").exists()
+    settings = [a for a in args if not a.startswith("--run_dir=")] + [f"--release={out}"]
+    shipped = {k: json.loads((out / "apt.json").read_text())["encoder"][k] for k in ("path", "fingerprint")}
+    vision, more, tuned = tmp_path / "vision-run", tmp_path / "more", tmp_path / "tuned"
+    train.main(["--stage", "vision", *settings, f"--run_dir={vision}", *VISION])
+    assert (vision / "vision" / "final" / "vision.json").is_file()
+    train.main(["--stage", "2", *settings, f"--run_dir={more}", f"--start_from={out}", "--steps_2=1"])
+    assert json.loads((more / "stage2" / "final" / "apt.json").read_text())["encoder"].items() >= shipped.items()
+    train.main(["--stage", "caption_ft", *settings, f"--run_dir={tuned}", "--steps_caption_ft=1"])
+    meta = json.loads((tuned / "caption_ft-audiocaps" / "final" / "apt.json").read_text())
+    assert meta["config"]["start_from"] == str(out) and meta["encoder"].items() >= shipped.items()
+    assert not [f for f in (vision, more, tuned) if (f / "encoder.safetensors").exists()]
+
+    keys = [a for a in settings if a.startswith("--") and "=" in a]
+    cfg = load_config("small", [*keys, f"--run_dir={tmp_path / 'none'}", "--encoder_checkpoint=mine.pth"])
+    with caplog.at_level(logging.WARNING):
+        release.resolve_checkpoint(cfg, None)
+    assert "--encoder_checkpoint=mine.pth is not used" in caplog.text
+    assert cfg.encoder_checkpoint == str(out / "encoder.safetensors")
 
 
 def test_a_releases_history_follows_each_runs_start_back_to_stage_0(tmp_path):

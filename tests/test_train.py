@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import copy_of, opts
+from conftest import MINI, copy_of, opts
 from safetensors.torch import load_file
 from torch import nn
 
@@ -443,6 +443,29 @@ def test_start_from_continues_stage_2_from_a_trained_apt(trained, tmp_path):
     for same in (out, f"{tmp}/run/./stage2/../stage2/final"):  # however it is spelt
         with pytest.raises(SystemExit, match="would overwrite it"):
             train.main(["--stage", "2", *opts(tmp, f"--start_from={same}")])
+
+
+def test_a_continuation_in_a_run_folder_of_its_own_reads_the_parts_its_apt_names(trained, tmp_path):
+    """--start_from into another --run_dir, and evaluate.py --checkpoint from one: the encoder and the LLM are the
+    ones the APT was trained against (its apt.json names both), not the new folder's own, which has none (a tokenizer
+    or an encoder made there would not be the APT's); tagging's paper protocol follows the continuation back to the
+    chain's stage-0 aligner."""
+    import evaluate
+
+    tmp = copy_of(trained, tmp_path)
+    chain, more = tmp / "run", tmp / "more"
+    settings = [f"--data_root={tmp / 'synth'}", *MINI]
+    train.main(["--stage", "2", *settings, f"--run_dir={more}", "--steps_2=1",
+                f"--start_from={chain / 'stage2' / 'final'}"])
+    meta = json.loads((more / "stage2" / "final" / "apt.json").read_text())
+    start = json.loads((chain / "stage2" / "final" / "apt.json").read_text())  # (the copy names the chain's files)
+    assert meta["encoder"] == start["encoder"] and meta["llm"] == start["llm"]
+    assert not (more / "llm").exists() and not (more / "encoder.safetensors").exists()
+    evaluate.main(["--task", "audioset", "--limit", "4", "--batch-size", "4", *settings, f"--run_dir={tmp / 'none'}",
+                   f"--checkpoint={more / 'stage2' / 'final'}", f"--out={tmp / 'eval'}"])
+    rows = json.loads((tmp / "eval" / "metrics_audioset.json").read_text())
+    assert rows[0]["protocol"].startswith("paper protocol:") and 0 <= rows[0]["apt"] <= 1
+    assert not (tmp / "none" / "llm").exists() and not (tmp / "none" / "encoder.safetensors").exists()
 
 
 def test_precision_settings():
