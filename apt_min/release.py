@@ -145,7 +145,8 @@ def verify(folder: str | Path):
 def resolve_checkpoint(cfg, given: str | None) -> Path:
     """The APT to load: `given`, else the user's own {run_dir}/stage2/final, else the preset's verified release. A
     release (a folder with SHA256SUMS, given or the preset's) is verified first and supplies the encoder too (the
-    encoder its APT was trained against, cut after the block it reads): cfg.encoder_checkpoint is set to it. Raises
+    encoder its APT was trained against, cut after the block it reads): cfg.encoder_checkpoint is set to it; for any
+    other, the encoder and the LLM its apt.json names where the settings name none (take_its_parts). Raises
     SystemExit when the release fails its check."""
     if given:
         folder = Path(given)
