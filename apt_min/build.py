@@ -189,16 +189,18 @@ def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
 def load_apt_blip2(cfg, checkpoint: str | Path, device="cpu"):
     """APT-BLIP-2: the trained APT plugged into the preset's vision side. With cfg.vision_path, a real InstructBLIP
     folder, whose LLM the APT must have been trained against, in InstructBLIP's sequence format; else the vision
-    side `train.py --stage vision` trained against the preset's LLM, in the APT's own format."""
+    side `train.py --stage vision` trained against the preset's LLM, in the APT's own format: {run_dir}/vision/final,
+    or the folder cfg.vision_path names if it holds one (vision.json)."""
     from apt_min.blip2 import APTBLIP2, InstructBLIP
 
     dtype = frozen_dtype(cfg, device)
     encoder, encoder_id = build_encoder(cfg, device, dtype, create=False)
     cache = feature_cache(cfg, encoder_id)
-    if cfg.vision_path:
+    trained_here = cfg.vision_path and (Path(cfg.vision_path) / "vision.json").is_file()
+    if cfg.vision_path and not trained_here:
         blip = InstructBLIP.from_pretrained(cfg.vision_path, dtype, device)
         return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, "instructblip", cfg.avqa_blocks_apart)
-    folder = cfg.stage_dir("vision") / "final"
+    folder = Path(cfg.vision_path) if trained_here else cfg.stage_dir("vision") / "final"
     if not (folder / "vision.json").is_file():
         raise SystemExit(f"{folder}: no vision side yet; run `python train.py --stage vision` (or set --vision_path "
                          "to an InstructBLIP folder)")

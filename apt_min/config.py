@@ -54,7 +54,8 @@ class Config:
     instruction_bos: bool = False  # stages 1-2: the aligner reads BOS before the instruction, as stage 0's texts
     long_audio: str = "windows"  # a clip of several windows: each window its own prompts, or "all" at once (paper)
     # APT-BLIP-2 (blip2.py): the vision side an APT is plugged into, and AVQA
-    vision_path: str = ""  # an InstructBLIP folder (Hugging Face layout); "" = {run_dir}/vision/final (--stage vision)
+    vision_path: str = ""  # an InstructBLIP folder (Hugging Face layout), or a vision side trained here (--stage
+    # vision: its vision/final folder); "" = {run_dir}/vision/final
     avqa_frames: int = 2  # frames per video, evenly spaced over those extracted (the public APT code: 10 at 1 fps)
     # the visual and the acoustic prompts kept apart: neither block attends to the other, the text after reads both
     # (ours, for a small LLM: each block then reaches the LLM as in its own training; the paper: plain causal, False)

@@ -261,6 +261,11 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     predictions = [json.loads(line) for line in (tmp / "eval" / "predictions_avqa.jsonl").read_text().splitlines()]
     assert len(predictions) == 6 and set(MODES) <= set(predictions[0])
     assert "avqa" in capsys.readouterr().out
+    elsewhere = [*opts(tmp, *vision, f"--vision_path={final}"), f"--run_dir={tmp / 'other'}"]  # a vision side
+    evaluate.main(["--task", "avqa", "--limit", "6", *elsewhere, f"--checkpoint={tmp / 'run' / 'stage2' / 'final'}",
+                   f"--out={tmp / 'eval2'}"])  # trained here, named by --vision_path: the same answers
+    answers = [(tmp / out / "predictions_avqa.jsonl").read_text() for out in ("eval", "eval2")]
+    assert answers[0] == answers[1]
     # the setting that keeps the visual and the acoustic prompts apart reaches the model (tiny: off, as the paper)
     for setting, apart in (([], False), (["--avqa_blocks_apart=true"], True)):
         cfg = load_config("tiny", [*opts(tmp, *vision), *setting])
