@@ -652,15 +652,27 @@ def test_each_metrics_file_says_what_made_it_and_a_mixed_folder_is_named(trained
 
 def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
     """The paper's tagging protocol uses the stage-0 aligner of the run the checkpoint belongs to, wherever that run
-    is, not the one under the configured run_dir."""
+    is, not the one under the configured run_dir: the one beside it, else the one its record leads back to
+    (release.history: the run folder its apt.json names, a continuation's --start_from), else none."""
     run = trained / "run"
-    assert evaluation.stage0_aligner(run / "stage2" / "final", "cpu") is not None
-    shutil.copytree(run / "stage2" / "final", tmp_path / "elsewhere" / "stage2" / "final")
-    assert evaluation.stage0_aligner(tmp_path / "elsewhere" / "stage2" / "final", "cpu") is None
-    shutil.copytree(run / "stage0" / "final", tmp_path / "elsewhere" / "stage0" / "final")
-    found = evaluation.stage0_aligner(tmp_path / "elsewhere" / "stage2" / "final", "cpu")
     mine = Aligner.load(run / "stage0" / "final")
-    assert all(torch.equal(a, b) for a, b in zip(found.state_dict().values(), mine.state_dict().values()))
+
+    def same(found):
+        return all(torch.equal(a, b) for a, b in zip(found.state_dict().values(), mine.state_dict().values()))
+
+    assert same(evaluation.stage0_aligner(run / "stage2" / "final", "cpu"))
+    copy = tmp_path / "elsewhere" / "stage2" / "final"
+    shutil.copytree(run / "stage2" / "final", copy)
+    assert same(evaluation.stage0_aligner(copy, "cpu"))  # followed back to the run it was trained in
+    meta = json.loads((copy / "apt.json").read_text())
+    meta["config"]["run_dir"] = str(tmp_path / "gone")
+    (copy / "apt.json").write_text(json.dumps(meta))
+    assert evaluation.stage0_aligner(copy, "cpu") is None
+    shutil.copytree(run / "stage0" / "final", tmp_path / "elsewhere" / "stage0" / "final")
+    with torch.no_grad():
+        next(mine.parameters()).add_(1.0)  # told apart from the chain's: the one beside the checkpoint is read
+    mine.save(tmp_path / "elsewhere" / "stage0" / "final")
+    assert same(evaluation.stage0_aligner(copy, "cpu"))
 
 
 def test_fewshot_pools_are_the_novel_classes_and_held_out_clips_of_the_training_classes(trained):
