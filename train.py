@@ -17,7 +17,8 @@ alone. Which data sets each stage reads is a setting (caption_sources, tagging_s
 An error about the user's files or settings ends the run with one line (apt_min/errors.py). `--stage lm` (tiny preset
 only) pretrains the small stand-in LLM on the synthetic corpus, the part Vicuna's own pretraining plays; it is frozen
 afterwards, like Vicuna. `--stage mae` (small preset) pretrains the encoder as Audio-MAE was, before stage 0;
-`--stage vision` trains the embedded default's picture side for APT-BLIP-2. """
+`--stage vision` trains the embedded default's picture side for APT-BLIP-2.
+"""
 
 import argparse
 import json
@@ -1102,15 +1103,15 @@ def make_optimizer(params: dict[str, nn.Parameter], cfg):
 def starting_apt(cfg, stage: str) -> None:
     """Finds the trained APT a stage starts from before anything is built, so that the encoder and the LLM are the
     ones it was trained against (release.resolve_checkpoint, take_its_parts): --start_from (a release is verified
-    and brings its encoder); for caption_ft and vision without a stage 2 of the run's own, the preset's release,
-    which caption_ft then continues as --start_from would (and says so)."""
+    and brings its encoder); for caption_ft without a stage 2 of the run's own, the preset's release, which it then
+    continues as --start_from would (and says so). (The vision stage resolves its APT itself: TrainVision.)"""
     from apt_min.release import resolve_checkpoint
 
     if cfg.start_from:
         resolve_checkpoint(cfg, cfg.start_from)
-    elif stage in ("caption_ft", "vision"):
+    elif stage == "caption_ft":
         found = resolve_checkpoint(cfg, None)
-        if stage == "caption_ft" and found != cfg.stage_dir("2") / "final":
+        if found != cfg.stage_dir("2") / "final":
             log.info("no stage 2 in %s: caption_ft starts from the preset's release, %s", cfg.run_dir, found)
             cfg.start_from = str(found)
 
@@ -1130,7 +1131,7 @@ def main(argv=None):
         raise SystemExit(f"--start_from names a trained APT for stage 2 or caption_ft to continue; stage {args.stage} "
                          "does not start from one")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.stage in ("2", "caption_ft", "vision"):
+    if args.stage in ("2", "caption_ft"):
         starting_apt(cfg, args.stage)
     rank, world, device = setup_distributed()
     random.seed(cfg.seed)

@@ -180,13 +180,13 @@ def take_its_parts(cfg, checkpoint: Path) -> Path:
         return checkpoint
     meta = json.loads((checkpoint / "apt.json").read_text())
     encoder, llm = meta.get("encoder", {}).get("path"), meta.get("llm", {}).get("path")
-    own = Path(cfg.run_dir) / "encoder.safetensors"
-    if not cfg.encoder_checkpoint and encoder and Path(encoder).is_file() and Path(encoder).resolve() != own.resolve():
-        log.info("%s was trained against the encoder %s, which is used (not %s)", checkpoint, encoder, own)
+    runs_encoder, runs_llm = Path(cfg.run_dir) / "encoder.safetensors", Path(cfg.resolved_llm_path())
+    if not cfg.encoder_checkpoint and encoder and Path(encoder).is_file() and \
+            Path(encoder).resolve() != runs_encoder.resolve():
+        log.info("%s was trained against the encoder %s, which is used (not %s)", checkpoint, encoder, runs_encoder)
         cfg.encoder_checkpoint = encoder
-    own = Path(cfg.resolved_llm_path())
-    if not cfg.llm_path and llm and Path(llm, "config.json").is_file() and Path(llm).resolve() != own.resolve():
-        log.info("%s was trained against the LLM in %s, which is used (not %s)", checkpoint, llm, own)
+    if not cfg.llm_path and llm and Path(llm, "config.json").is_file() and Path(llm).resolve() != runs_llm.resolve():
+        log.info("%s was trained against the LLM in %s, which is used (not %s)", checkpoint, llm, runs_llm)
         cfg.llm_path = llm
     return checkpoint
 
