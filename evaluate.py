@@ -13,8 +13,9 @@ fixed answer). Any config setting can follow as --key=value.
 Real copies of the data sets always miss some clips: a clip that is listed but not on disk, or that cannot be decoded,
 is skipped and counted (--strict aborts instead). The table's last row per task says on how many clips the scores
 stand and how many were lost, and missing_{task}.txt in --out lists those files with why. A split that lists nothing,
-or has nothing left to score, is an error naming its data; every error about the user's files or settings is one
-line, without a traceback.
+or has nothing left to score, is an error naming its data (with --task all: that task's row, the others run, and the
+exit status says how many were not run); every error about the user's files or settings is one line, without a
+traceback.
 """
 
 import argparse
@@ -26,9 +27,9 @@ from pathlib import Path
 import torch
 
 from apt_min import data
-from apt_min.build import ensure_av_data, ensure_data, ensure_tokenizer, load_apt, load_apt_blip2
+from apt_min.build import ensure_av_data, ensure_data, ensure_tokenizer, load_apt, load_apt_blip2, vision_side
 from apt_min.config import load_config
-from apt_min.errors import clean_exit, whole_number
+from apt_min.errors import MissingFileError, clean_exit, whole_number
 from apt_min.evaluation import CAPTION, EVALUATIONS, Options, avqa_coverage_row, coverage_row, eval_avqa, evaluate
 from apt_min.release import resolve_checkpoint
 from apt_min.tasks import label_text
@@ -62,6 +63,21 @@ def write_metrics(out: Path, name, rows, coverage: data.Coverage | None, made: d
         missing.unlink(missing_ok=True)  # none lost this time: no stale list from an earlier run
 
 
+def default_out(cfg, checkpoint: Path, given: bool) -> Path:
+    """Where results go without --out, so that evaluating one APT never writes over another's results: {run_dir}/eval
+    for the run's own APT (or the preset's release, standing in for it); for a --checkpoint, the eval folder of the run
+    it belongs to: {run}/eval for a run's stage-2 APT, {run}/eval-{stage folder} for another stage's
+    (runs/paper/caption_ft-audiocaps/final: runs/paper/eval-caption_ft-audiocaps), and {run_dir}/eval-{its name} for
+    a folder of its own (a release: runs/small/eval-apt-small)."""
+    if not given:
+        return Path(cfg.run_dir) / "eval"
+    checkpoint = checkpoint.resolve()  # (--checkpoint=final, given from inside its stage folder)
+    if checkpoint.name == "final":
+        run, stage = checkpoint.parent.parent, checkpoint.parent.name
+        return run / ("eval" if stage == "stage2" else f"eval-{stage}")
+    return Path(cfg.run_dir) / f"eval-{checkpoint.name}"
+
+
 @clean_exit("evaluate.py")
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as train.py
@@ -77,7 +93,8 @@ def main(argv=None):
                     "(0: all; few-shot: --episodes)")
     ap.add_argument("--episodes", type=whole_number(1), default=100, help="few-shot episodes per setting")
     ap.add_argument("--batch-size", type=whole_number(1), default=16)
-    ap.add_argument("--out", help="where predictions and metrics go (default: {run_dir}/eval)")
+    ap.add_argument("--out", help="where predictions and metrics go (default: {run_dir}/eval; with --checkpoint, "
+                    "the eval folder of the run it belongs to: default_out)")
     ap.add_argument("--num-beams", type=whole_number(1), default=CAPTION["num_beams"],
                     help="captioning beams (APT code: 5)")
     ap.add_argument("--repetition-penalty", type=float, default=CAPTION["repetition_penalty"],
@@ -97,7 +114,7 @@ def main(argv=None):
                    strict=args.strict or cfg.strict_audio,
                    caption=CAPTION | {"num_beams": args.num_beams, "repetition_penalty": args.repetition_penalty,
                                       "max_new_tokens": args.max_new_tokens})
-    out = Path(args.out or Path(cfg.run_dir) / "eval")
+    out = Path(args.out) if args.out else default_out(cfg, checkpoint, given=bool(args.checkpoint))
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "avqa":
         return run_avqa(cfg, checkpoint, opts, out, device)
@@ -117,27 +134,44 @@ def main(argv=None):
     apt = load_apt(cfg, checkpoint, device)
     made = {"checkpoint": str(checkpoint.resolve()), "preset": cfg.preset, "data_root": str(cfg.data_root),
             "limit": args.limit, "episodes": args.episodes, "captioning": opts.caption}
-    report = []
+    report, not_run = [], []
     for name in EVALUATIONS if args.task == "all" else [args.task]:
-        examples, rows, outputs, refs = evaluate(name, apt, cfg, opts)
+        try:
+            examples, rows, outputs, refs = evaluate(name, apt, cfg, opts)
+        except (data.DataError, MissingFileError) as e:  # a task's data absent or unusable: with --task all the
+            if args.task != "all" or opts.strict:       # others still run, and its row says why
+                raise
+            (out / f"predictions_{name}.jsonl").unlink(missing_ok=True)  # no earlier run's answers left beside it
+            write_metrics(out, name, [("not run", None, None, str(e))], None, made)
+            report.append((name, "not run", None, None, str(e)))
+            not_run.append(name)
+            continue
         rows.append(coverage_row(name, examples, opts.coverage, opts))  # on how many clips; what was lost
         write_results(out, name, examples, rows, outputs, refs, opts.coverage, made)
         report += [(name, *row) for row in rows]
     print_report(report, out)
+    if not_run:
+        raise SystemExit(f"evaluate.py: {len(not_run)} of {len(EVALUATIONS)} tasks not run ({', '.join(not_run)}): "
+                         "their data is missing or unusable (each one's row says why; --strict stops at the first)")
 
 
 def print_report(report, out: Path, width: int = 32):
+    """The table: a task's rows that share a protocol name it once, on the first of them (the metrics JSON names it
+    on every row)."""
     print(f"\n{'task':<11} {'metric':<{width}} {'APT':>8} {'baseline':>9}  protocol")
+    above = None
     for name, m, v, b, p in report:
         base = "" if b is None else f"{b:9.3f}"
-        value = f"{v:8d}" if isinstance(v, int) else f"{v:8.3f}"  # a count (clips scored), else a score
-        print(f"{name:<11} {m:<{width}} {value} {base:>9}  {p}")
+        value = f"{v:8d}" if isinstance(v, int) else "       —" if v is None else f"{v:8.3f}"  # a count, a score
+        print(f"{name:<11} {m:<{width}} {value} {base:>9}  {'' if (name, p) == above else p}")
+        above = (name, p)
     print(f"\npredictions and metrics written to {out}/")
 
 
 def run_avqa(cfg, checkpoint: Path, opts: Options, out: Path, device):
     """APT-BLIP-2 on AVQA: the APT plugged, untrained further, into the vision side (a real InstructBLIP with
     --vision_path, else the embedded default's, from `train.py --stage vision`), in the three modes."""
+    vision_side(cfg)  # there, before the synthetic videos are made for nothing
     ensure_av_data(cfg)  # the synthetic videos, for the presets that run on them (real data is never touched)
     model = load_apt_blip2(cfg, checkpoint, device)
     coverage = data.Coverage()

@@ -193,7 +193,7 @@ class PretrainEncoder:
                 if cfg.strict_audio:
                     raise
                 warn([(p, str(e))])
-        return torch.cat(windows)
+        return torch.cat(present(windows, f"the {split} split's audio (captioning's and tagging's clips)", cfg))
 
     def micro_step(self, model, sampler):
         _, idx = sampler.next_batch()
@@ -257,7 +257,8 @@ class AlignStage0:
                 weight, bias = build.llm_pca_map(words, cfg.aligner_hidden)
                 self.aligner.word_embeddings.weight[:self.tok.vocab_size] = words @ weight.T + bias
         pairs = stage0_pairs(cfg, random.Random(cfg.seed))
-        self.val = data.examples("captioning", cfg.data_root, "val")[:cfg.val_batches * cfg.batch_size]
+        self.val = present(data.examples("captioning", cfg.data_root, "val")[:cfg.val_batches * cfg.batch_size],
+                           "captioning's validation split", cfg)
         batch = cfg.stage0_batch_size or cfg.batch_size  # one contrastive batch per process (gathered across them)
         self.sampler = data.TaskSampler({"pairs": pairs}, {"pairs": 1.0}, batch * world, cfg.seed)
         self.module = Stage0Losses(self.aligner, cfg.atm_negatives)
@@ -338,19 +339,7 @@ class TuneAPT:
         self.cfg, self.stage, self.rank, self.world, self.device = cfg, stage, rank, world, device
         self.tok = ensure_tokenizer(cfg)
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
-        needs = STARTS_AFTER[stage]
-        prev = cfg.stage_dir(needs) / "final"
-        if cfg.start_from:  # (main takes it only for stage 2 and caption_ft)
-            prev = Path(cfg.start_from)
-            if not (prev / "apt.json").is_file():
-                raise SystemExit(f"--start_from={cfg.start_from}: no trained APT there (no apt.json)")
-            if prev.resolve() == (cfg.stage_dir(stage) / "final").resolve():
-                raise SystemExit(f"--start_from={cfg.start_from} is where this run saves its result, which would "
-                                 "overwrite it; continue into another --run_dir")
-        elif not (prev / ("aligner.json" if stage == "1" else "apt.json")).is_file():
-            raise SystemExit(f"stage {stage} starts from stage {needs}'s result, which is not in {prev}/; run "
-                             f"`python train.py --stage {needs}` first (or, for a run that continued another APT, "
-                             "give its --start_from again)")
+        prev = starting_point(cfg, stage)
         encoder, self.encoder_id = build_encoder(cfg, device, frozen_dtype)
         llm, self.llm_id = load_llm(cfg, device, frozen_dtype)
         if cfg.compile_llm:
@@ -376,6 +365,7 @@ class TuneAPT:
                 log.warning("%s was trained with %s; the settings' %s are not used: an APT keeps the layout it was "
                             "trained in", prev, ", ".join(f"{k}={getattr(model, k)}" for k in differ),
                             ", ".join(f"{k}={getattr(cfg, k)}" for k in differ))
+        build.name_unused_aligner_sizes(cfg, model.aligner, prev)
         self.model = model.to(device)
         # what trains: the aligner without its stage-0 heads, the projection and <AUDIO>
         for name, p in self.model.aligner.named_parameters():
@@ -390,14 +380,16 @@ class TuneAPT:
             ratios = STAGES[stage]["ratios"]
             cfg.steps_caption_ft = cfg.steps_caption_ft or caption_ft_steps(cfg, len(pools["captioning"]), world)
         else:
-            pools = training_pools(cfg, stage)
             ratios = parse_ratios(cfg.task_ratios, STAGES[stage]["ratios"])
+            pools = training_pools(cfg, stage, [t for t, weight in ratios.items() if weight > 0])
         self.sampler = data.TaskSampler(pools, ratios, cfg.batch_size * world, cfg.seed)
-        val_tasks = {"1": ["captioning", "aqa"], "2": ["captioning", "aqa", "nlar"], "caption_ft": ["captioning"]}
-        per = max(1, cfg.val_batches * cfg.batch_size // len(val_tasks[stage]))
+        # validated on those of these tasks that train (one set to 0 may have no data at all: NLAR's is ours);
+        # none of them training, on none (the log then shows the training loss alone)
+        val_tasks = [t for t in ("captioning", "aqa", "nlar") if ratios.get(t, 0) > 0]
+        per = max(1, cfg.val_batches * cfg.batch_size // max(1, len(val_tasks)))
         source = {"source": cfg.caption_ft_source} if stage == "caption_ft" else {}
-        self.val = {t: data.examples(t, root, "val", **(source if t == "captioning" else {}))[:per]
-                    for t in val_tasks[stage]}
+        self.val = {t: present(data.examples(t, root, "val", **(source if t == "captioning" else {}))[:per],
+                               f"{t}'s validation split", cfg) for t in val_tasks}
 
     def usable(self, examples):
         """The examples whose every clip could be encoded, and those features."""
@@ -417,8 +409,11 @@ class TuneAPT:
         return loss_sum, n, {"task": task, "examples": len(keep), "skipped": len(mine) - len(keep)}
 
     def validate(self):
-        """The answer loss on the validation split of each task, and AQA accuracy by generation."""
+        """The answer loss on the validation split of each task, and AQA accuracy by generation; nothing where no
+        task with a validation split trains."""
         metrics, bs = {}, self.cfg.batch_size
+        if not self.val:
+            return metrics
         with torch.no_grad(), self.autocast():
             total, count = 0.0, 0
             for exs in self.val.values():
@@ -727,8 +722,8 @@ def write_record(logfile, record: dict):
 
 
 def log_validation(logfile, stage, step, metrics, when=None):
-    """A validation into the log (rank 0 only) and onto the screen."""
-    if logfile:
+    """A validation into the log (rank 0 only) and onto the screen (none where the stage validates on nothing)."""
+    if logfile and metrics:
         write_record(logfile, {"step": step, **metrics})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         tqdm.write(f"stage {stage} {when or f'step {step}'}: {shown}")
@@ -826,10 +821,18 @@ class Window:
 
 def truncate_log(path: Path, step: int):
     """On resume from a checkpoint of `step`: drop the log records written after it (the stopped run may have
-    logged a few more steps before it died), so the log holds every step once."""
+    logged a few more steps before it died), so the log holds every step once; a record cut short as the run died
+    (a full disk, a kill mid-write) can only be its last line, which goes too."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+
+    def record(line):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            return {"step": math.inf}  # cut short: after the checkpoint whatever it was
+
+    keep = [line for line in path.read_text().splitlines() if line and record(line)["step"] <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
@@ -884,8 +887,9 @@ def setup_distributed():
 
 
 def amp_settings(cfg, device):
-    """(autocast context factory, GradScaler or None, dtype for the frozen modules). precision=auto: bf16 on CUDA;
-    on a CPU bf16 where cpu_bf16 is set and the CPU computes it natively (build.resolve_precision), else fp32.
+    """(autocast context factory, GradScaler or None, dtype for the frozen modules). precision=auto: bf16 on CUDA
+    (fp16 where the card has no native bf16); on a CPU bf16 where cpu_bf16 is set and the CPU computes it natively
+    (build.resolve_precision), else fp32.
     Under bf16 the frozen encoder and LLM are held in bf16 too (CPU and CUDA alike): autocast would cast their
     weights to bf16 for every product anyway."""
     dtype = frozen_dtype(cfg, device)  # fp16 on a CPU is a setting error
@@ -900,13 +904,15 @@ def warn(bad):
         log.warning("skipping audio that cannot be used: %s", err)
 
 
-def training_pools(cfg, stage: str) -> dict:
-    """What stage 1 or 2 samples each task's examples from (a list, or a function of an rng that draws one)."""
+def training_pools(cfg, stage: str, tasks: list[str]) -> dict:
+    """What stage 1 or 2 samples each of `tasks` from (a list, or a function of an rng that draws one); a task left
+    out (its ratio 0) reads none of its files."""
     rng, root = random.Random(cfg.seed), cfg.data_root
-    pools = {"tagging": tagging_examples(cfg, rng)}
-    pools |= {t: data.examples(t, root, "train", rng=rng) for t in ("aqa", "sed", "ter", "counting")}
-    pools["captioning"] = caption_examples(cfg, sources(cfg, "caption_sources"), rng)
-    if stage == "2":
+    pools = {"tagging": tagging_examples(cfg, rng)} if "tagging" in tasks else {}
+    pools |= {t: data.examples(t, root, "train", rng=rng) for t in ("aqa", "sed", "ter", "counting") if t in tasks}
+    if "captioning" in tasks:
+        pools["captioning"] = caption_examples(cfg, sources(cfg, "caption_sources"), rng)
+    if stage == "2" and "fewshot" in tasks:
         single = fewshot_pool(cfg)
         # trained as 4-way 1-shot (paper; fewshot_shapes=mixed: 2-5 ways, 1-3 shots, <= 12 supports); a share of the
         # episodes (fewshot_made_up: half in tiny and small, none in paper) with made-up class names, so that
@@ -917,8 +923,19 @@ def training_pools(cfg, stage: str) -> dict:
         pools["fewshot"] = lambda r: data.fewshot_episode(single, *episode_shape(cfg, r, fillable), r,
                                                           rename=r.random() < cfg.fewshot_made_up,
                                                           layout=cfg.fewshot_layout)
+    if stage == "2" and "nlar" in tasks:
         pools["nlar"] = data.examples("nlar", root, "train")
     return pools
+
+
+def present(examples: list, what: str, cfg) -> list:
+    """`examples`, or a DataError where none is left: every clip they list was missing (a validation score of
+    nothing would read as a perfect 0 loss)."""
+    if not examples:
+        raise data.DataError(f"{what} under {cfg.data_root}: every clip it lists is missing (the warnings above count "
+                             f"them and name the audio path pattern; a {data.LAYOUT_FILE} in the data root names your "
+                             "copies' files)")
+    return examples
 
 
 def fewshot_pool(cfg) -> dict[str, list[str]]:
@@ -1029,6 +1046,8 @@ def parse_ratios(text: str, base: dict) -> dict:
             raise SettingError(f"--task_ratios: {item.strip()!r}: expected task=weight, a weight of 0 or more")
         if task in ratios:
             ratios[task] = weight
+    if not any(ratios.values()):
+        raise SettingError(f"--task_ratios={text}: leaves this stage no task to train on (every ratio 0)")
     return ratios
 
 
@@ -1069,7 +1088,9 @@ class Checkpoints:
         if expected is not None:
             file = where / "weights.safetensors"
             check_keys({file: safetensors_entries(file)}, expected, set(), (), where)
-        return load_file(str(where / "weights.safetensors")), torch.load(where / "state.pt", weights_only=True)
+        state = torch.load(where / "state.pt", map_location="cpu", weights_only=True)  # a GPU run's optimizer state
+        # then goes to each process's own device (Optimizer.load_state_dict), or to a CPU: not all to the saving GPU
+        return load_file(str(where / "weights.safetensors")), state
 
 
 def warmup_steps(cfg, stage: str, total: int) -> int:
@@ -1116,6 +1137,25 @@ def starting_apt(cfg, stage: str) -> None:
             cfg.start_from = str(found)
 
 
+def starting_point(cfg, stage: str) -> Path:
+    """What stage 1, 2 or caption_ft starts from: the previous stage's result in the run folder, or --start_from
+    (main takes it only for stage 2 and caption_ft); its absence is an error saying what to run first."""
+    needs = STARTS_AFTER[stage]
+    prev = cfg.stage_dir(needs) / "final"
+    if cfg.start_from:
+        prev = Path(cfg.start_from)
+        if not (prev / "apt.json").is_file():
+            raise SystemExit(f"--start_from={cfg.start_from}: no trained APT there (no apt.json)")
+        if prev.resolve() == (cfg.stage_dir(stage) / "final").resolve():
+            raise SystemExit(f"--start_from={cfg.start_from} is where this run saves its result, which would "
+                             "overwrite it; continue into another --run_dir")
+    elif not (prev / ("aligner.json" if stage == "1" else "apt.json")).is_file():
+        raise SystemExit(f"stage {stage} starts from stage {needs}'s result, which is not in {prev}/; run "
+                         f"`python train.py --stage {needs}` first (or, for a run that continued another APT, "
+                         "give its --start_from again)")
+    return prev
+
+
 @clean_exit("train.py")
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -1133,6 +1173,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.stage in ("2", "caption_ft"):
         starting_apt(cfg, args.stage)
+    if args.stage in ("1", "2", "caption_ft"):
+        starting_point(cfg, args.stage)  # before the encoder is looked for: a stage 2 resumed without the
+        # --start_from it continued would be told to pretrain an encoder into a folder that has none of its own
     rank, world, device = setup_distributed()
     random.seed(cfg.seed)
     if rank == 0:  # what every process reads, made once, before the others look for it (they would write it too)

@@ -44,7 +44,7 @@ def ensure_data(cfg):
     from apt_min import synth
 
     if cfg.synthetic_data and not synth.holds_other_data(cfg.data_root):
-        synth.generate(cfg.data_root, cfg.seed, cfg.synth_scale)
+        synth.generate(cfg.data_root, cfg.synth_seed, cfg.synth_scale)
 
 
 def ensure_av_data(cfg):
@@ -54,7 +54,7 @@ def ensure_av_data(cfg):
 
     ensure_data(cfg)
     if cfg.synthetic_data and not synth.holds_other_data(cfg.data_root):
-        synth_av.generate(cfg.data_root, cfg.seed, videos=max(8, round(300 * cfg.synth_scale)),
+        synth_av.generate(cfg.data_root, cfg.synth_seed, videos=max(8, round(300 * cfg.synth_scale)),
                           pictures=max(8, round(200 * cfg.synth_scale)))
 
 
@@ -146,13 +146,17 @@ def cpu_bf16_speedup(n: int = 512) -> float:
 
 
 def resolve_precision(cfg, device) -> str:
-    """The precision a run computes in: cfg.precision, or for "auto" bf16 on CUDA and, on a CPU, bf16 where
-    cfg.cpu_bf16 is set and a bf16 matrix product runs at least 1.5x as fast as fp32 (measured), else fp32. The
-    decision and the measurement are logged."""
+    """The precision a run computes in: cfg.precision, or for "auto" bf16 on a CUDA card that computes it natively
+    (Ampere and later), fp16 on an older one (V100, T4: with a GradScaler, train.amp_settings), and on a CPU bf16
+    where cfg.cpu_bf16 is set and a bf16 matrix product runs at least 1.5x as fast as fp32 (measured), else fp32.
+    The decision and the measurement are logged."""
     if cfg.precision != "auto":
         return cfg.precision
     if torch.device(device).type == "cuda":
-        return "bf16"
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16"
+        log.info("precision auto: fp16 with a GradScaler (this GPU has no native bf16)")
+        return "fp16"
     if not cfg.cpu_bf16:
         return "fp32"
     speedup = cpu_bf16_speedup()
@@ -164,16 +168,19 @@ def resolve_precision(cfg, device) -> str:
 
 def frozen_dtype(cfg, device) -> torch.dtype:
     """The dtype a run computes in and holds its frozen encoder and LLM in, training and evaluation alike: bf16 or
-    fp16 where the run's precision resolves to it (always bf16 on a GPU under auto; on a CPU, see resolve_precision),
-    else fp32. fp16 needs a CUDA device."""
+    fp16 where the run's precision resolves to it (see resolve_precision), else fp32. fp16 needs a CUDA device."""
     precision = resolve_precision(cfg, device)
     if precision == "fp16" and torch.device(device).type != "cuda":
         raise SettingError("--precision=fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def feature_cache(cfg, encoder_id: dict) -> FeatureCache:
-    return FeatureCache(Path(cfg.run_dir) / "features", f"{cfg.target_length}|{encoder_id['fingerprint']}")
+def feature_cache(cfg, encoder_id: dict) -> FeatureCache | None:
+    """Where the frozen encoder's features are kept (cfg.feature_cache): None where they are computed each time."""
+    if cfg.feature_cache == "off":
+        return None
+    return FeatureCache(Path(cfg.run_dir) / "features", f"{cfg.target_length}|{encoder_id['fingerprint']}",
+                        memory=cfg.feature_cache == "memory")
 
 
 def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
@@ -182,8 +189,35 @@ def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
     dtype = frozen_dtype(cfg, device)
     encoder, encoder_id = build_encoder(cfg, device, dtype, create=False)
     llm, llm_id = load_llm(cfg, device, dtype)
-    return APT.load(checkpoint, encoder, llm, ensure_tokenizer(cfg), encoder_id, llm_id,
-                    feature_cache(cfg, encoder_id)).to(device).eval()
+    apt = APT.load(checkpoint, encoder, llm, ensure_tokenizer(cfg), encoder_id, llm_id, feature_cache(cfg, encoder_id))
+    name_unused_aligner_sizes(cfg, apt.aligner, checkpoint)
+    return apt.to(device).eval()
+
+
+ALIGNER_SIZES = {"aligner_hidden": "hidden_size", "aligner_layers": "num_layers", "aligner_heads": "num_heads",
+                 "aligner_intermediate": "intermediate_size", "num_queries": "num_queries"}
+
+
+def name_unused_aligner_sizes(cfg, aligner, where) -> None:
+    """A trained aligner keeps its shape (stage 0 chose it): sizes in the settings that differ from it are named in a
+    warning rather than silently not used."""
+    if differ := [k for k, field in ALIGNER_SIZES.items() if getattr(cfg, k) != getattr(aligner.config, field)]:
+        log.warning("%s holds an aligner of %s; the settings' %s are not used (stage 0 sets an aligner's shape)",
+                    where, ", ".join(f"{k}={getattr(aligner.config, ALIGNER_SIZES[k])}" for k in differ),
+                    ", ".join(f"{k}={getattr(cfg, k)}" for k in differ))
+
+
+def vision_side(cfg) -> Path | None:
+    """The vision side trained here that APT-BLIP-2 reads (a folder with vision.json: cfg.vision_path, else
+    {run_dir}/vision/final), or None where cfg.vision_path names an InstructBLIP folder; none there yet is an error
+    saying how to make one."""
+    if cfg.vision_path and not (Path(cfg.vision_path) / "vision.json").is_file():
+        return None
+    folder = Path(cfg.vision_path) if cfg.vision_path else cfg.stage_dir("vision") / "final"
+    if not (folder / "vision.json").is_file():
+        raise SystemExit(f"{folder}: no vision side yet; run `python train.py --stage vision` (or set --vision_path "
+                         "to an InstructBLIP folder)")
+    return folder
 
 
 def load_apt_blip2(cfg, checkpoint: str | Path, device="cpu"):
@@ -194,16 +228,12 @@ def load_apt_blip2(cfg, checkpoint: str | Path, device="cpu"):
     from apt_min.blip2 import APTBLIP2, InstructBLIP
 
     dtype = frozen_dtype(cfg, device)
+    folder = vision_side(cfg)
     encoder, encoder_id = build_encoder(cfg, device, dtype, create=False)
     cache = feature_cache(cfg, encoder_id)
-    trained_here = cfg.vision_path and (Path(cfg.vision_path) / "vision.json").is_file()
-    if cfg.vision_path and not trained_here:
+    if folder is None:
         blip = InstructBLIP.from_pretrained(cfg.vision_path, dtype, device)
         return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, "instructblip", cfg.avqa_blocks_apart)
-    folder = Path(cfg.vision_path) if trained_here else cfg.stage_dir("vision") / "final"
-    if not (folder / "vision.json").is_file():
-        raise SystemExit(f"{folder}: no vision side yet; run `python train.py --stage vision` (or set --vision_path "
-                         "to an InstructBLIP folder)")
     llm, llm_id = load_llm(cfg, device, dtype)
     blip = InstructBLIP.load_vision(folder, llm, ensure_tokenizer(cfg), llm_id)
     return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, None, cfg.avqa_blocks_apart)

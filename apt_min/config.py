@@ -26,6 +26,10 @@ class Config:
     release: str = ""  # a trained APT committed to the repository (apt_min.release), used where no run exists yet
     encoder_checkpoint: str = ""  # Audio-MAE .pth / .safetensors; "" = the preset makes its own (encoder_init)
     synth_scale: float = 1.0  # size of the synthetic benchmark generated on first use
+    synth_seed: int = 0  # the benchmark's own seed (not `seed`: runs of several training seeds share one test set)
+    feature_cache: str = "memory"  # the frozen encoder's features of each clip: kept on disk under {run_dir}/features
+    # and in memory ("memory": the synthetic benchmark's fit), on disk only ("disk"), or computed each time ("off":
+    # paper, where AudioSet's 2 M clips and WavCaps' 0.4 M of a minute on average would take about 4 TB on disk)
     # which data each stage trains on: comma-separated sources, each a file of apt_min.data.LAYOUT
     caption_sources: str = "audiocaps,clotho"  # stages 1-2's captions: audiocaps, clotho, wavcaps:<subset>
     tagging_sources: str = "balanced"  # AudioSet's segment lists for tagging and few-shot: balanced, unbalanced
@@ -101,7 +105,8 @@ class Config:
     caption_ft_source: str = "audiocaps"  # or clotho; the result goes to {run_dir}/caption_ft-{source}/
     start_from: str = ""  # stage 2 / caption_ft: a trained APT folder to start from instead of the previous stage's
     # result (stage 2 continued with another task mixture: how the small release was made, README; ours)
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp16 (GradScaler, CUDA) / fp32
+    precision: str = "auto"  # auto: bf16 autocast on CUDA (fp16 on a card without native bf16), fp32 on CPU;
+    # or bf16 / fp16 (GradScaler, CUDA) / fp32
     cpu_bf16: bool = False  # with precision=auto: bf16 autocast on a CPU that computes bf16 natively (probed)
     task_ratios: str = ""  # e.g. "aqa=0.3,nlar=1": changes the stage's task mixture (train.py STAGES)
     fewshot_layout: str = "paper"  # few-shot episodes as the paper interleaves them, or "list" (apt_min.tasks.fewshot)
@@ -111,7 +116,7 @@ class Config:
     grad_checkpointing_keep: int = 0  # with it, the LLM's last N blocks keep their activations instead: less
     # recomputation for more memory (benchmarks/bench_gpu_step.py --keep finds the N a card holds)
     compile_llm: bool = False  # torch.compile the frozen LLM's blocks for training (7B on an H100: 1.7x per step)
-    seed: int = 0
+    seed: int = 0  # the run's: initialisation, dropout, sampling order (the data's: synth_seed)
     # bookkeeping
     log_every: int = 25
     eval_every: int = 500
@@ -218,7 +223,7 @@ PRESETS = {
         # as in stage 0
         caption_sources="audiocaps,clotho," + WAVCAPS, tagging_sources="balanced,unbalanced",
         stage0_sources="tagging," + WAVCAPS, warmup_steps_0=5000, stage0_batch_size=128, grad_accum_0=1,
-        instruction_bos=True, long_audio="all",
+        instruction_bos=True, long_audio="all", feature_cache="off",
     ),
 }
 
@@ -243,6 +248,7 @@ CHOICES = {  # the settings that name one of a few ways; anything else is an err
     "prompt_format": ("plain", "smollm2-chat", "instructblip"), "precision": ("auto", "bf16", "fp16", "fp32"),
     "fewshot_layout": ("paper", "list"), "fewshot_shapes": ("4x1", "mixed"), "atm_negatives": ("global", "local"),
     "long_audio": ("windows", "all"), "caption_ft_source": ("audiocaps", "clotho"),
+    "feature_cache": ("memory", "disk", "off"),
 }
 
 
@@ -284,6 +290,23 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
     if not 0 <= cfg.vision_align_steps < cfg.steps_vision:
         raise SettingError(f"--vision_align_steps={cfg.vision_align_steps} with --steps_vision={cfg.steps_vision}: "
                            "the vision stage needs steps with the LLM after its alignment steps")
+    for width, heads in (("encoder_dim", "encoder_heads"), ("aligner_hidden", "aligner_heads"),
+                         ("llm_hidden", "llm_heads"), ("vision_dim", "vision_heads")):  # (a reshape would fail)
+        if getattr(cfg, heads) < 1 or getattr(cfg, width) % getattr(cfg, heads):
+            raise SettingError(f"--{heads}={getattr(cfg, heads)}: the heads split --{width}={getattr(cfg, width)} "
+                               "evenly; expected a divisor of it")
+    if (cfg.llm_hidden // cfg.llm_heads) % 2:
+        raise SettingError(f"--llm_hidden={cfg.llm_hidden}: with --llm_heads={cfg.llm_heads} a head is "
+                           f"{cfg.llm_hidden // cfg.llm_heads} wide; rotary positions turn pairs of features, so the "
+                           "stand-in LLM needs an even width per head")
+    if cfg.llm_kv_heads < 1 or cfg.llm_heads % cfg.llm_kv_heads:
+        raise SettingError(f"--llm_kv_heads={cfg.llm_kv_heads}: each key/value head serves a whole number of the "
+                           f"--llm_heads={cfg.llm_heads}; expected a divisor of it")
+    if cfg.target_length < 16 or cfg.target_length % 16:
+        raise SettingError(f"--target_length={cfg.target_length}: filter-bank frames a window, cut into 16-frame "
+                           "patches; expected a multiple of 16 (Audio-MAE: 1024, 10.24 s)")
+    if not 0 <= cfg.aligner_dropout < 1:
+        raise SettingError(f"--aligner_dropout={cfg.aligner_dropout}: expected a probability, from 0 to below 1")
     if cfg.proj_init == "words" and cfg.aligner_words != "llm":
         raise SettingError("--proj_init=words starts the projection from the aligner's map of the LLM's words, "
                            "which only --aligner_words=llm has")

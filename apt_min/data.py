@@ -611,10 +611,16 @@ class TaskSampler:
     run draws exactly the batches an uninterrupted one would."""
 
     def __init__(self, pools: dict, ratios: dict[str, float], batch_size: int, seed: int = 0):
-        if unknown := set(ratios) - set(pools):
+        if unknown := {t for t, weight in ratios.items() if weight > 0} - set(pools):
             raise SettingError(f"ratios for tasks without data: {sorted(unknown)}")
         self.pools = pools
         self.tasks = [t for t in ratios if ratios[t] > 0]
+        if not self.tasks:
+            raise SettingError("no task to train on: every task's ratio is 0")
+        if empty := [t for t in self.tasks if not callable(pools[t]) and not pools[t]]:
+            raise DataError(f"no training examples left for {', '.join(empty)}: every clip the data lists is "
+                            f"missing or was skipped (the warnings above count them and name the audio path pattern; a "
+                            f"{LAYOUT_FILE} in the data root names your copies' files)")
         self.weights = [ratios[t] for t in self.tasks]
         self.batch_size, self.seed = batch_size, seed
         self.step, self.cursor = 0, {t: 0 for t in self.tasks}  # cursor: examples taken so far from a list pool

@@ -15,6 +15,7 @@ the last also generates, from the same pass).
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from apt_min import audio, data, metrics
 from apt_min.aligner import Aligner
 from apt_min.config import stage_folder
 from apt_min.tasks import FEWSHOT_QUERY, label_text
+
+log = logging.getLogger("apt_min")
 
 SHORT = {"max_new_tokens": 12}  # greedy for short answers
 CAPTION = {"max_new_tokens": 40, "num_beams": 5, "repetition_penalty": 1.5}  # the public APT code's decoding
@@ -81,9 +84,9 @@ def prototype_label(episode, feats: dict) -> str:
 
 def stage0_aligner(checkpoint: Path, device, words: torch.Tensor | None = None) -> Aligner | None:
     """The stage-0 aligner of the run that `checkpoint` (run/stageN/final) belongs to, or for a continuation run
-    (--start_from) of the run it continued (release.history follows it back), or None: none there, or a release,
-    which stands alone (its stage-0 heads are dropped). `words`: the LLM's embedding table, for an aligner that
-    reads its words there (aligner_words=llm)."""
+    (--start_from) of the run it continued (release.history follows it back), or None: none there, one that is not
+    the APT's own (same_stage0_heads), or a release, which stands alone (its stage-0 heads are dropped). `words`:
+    the LLM's embedding table, for an aligner that reads its words there (aligner_words=llm)."""
     from apt_min.release import history
 
     checkpoint = Path(checkpoint)
@@ -95,9 +98,27 @@ def stage0_aligner(checkpoint: Path, device, words: torch.Tensor | None = None) 
     if not (folder / "aligner.json").is_file():
         return None
     aligner = Aligner.load(folder).eval().to(device)
+    if not same_stage0_heads(checkpoint, aligner):  # stage 0 run again there since, or another run's folder now
+        log.warning("%s: the stage-0 aligner in %s is not the one this APT was trained from (its stage-0 heads "
+                    "differ); the paper's tagging protocol is not run", checkpoint, folder)
+        return None
     if aligner.config.llm_words and words is not None:
         aligner.attach_llm_words(words)
     return aligner
+
+
+def same_stage0_heads(checkpoint: Path, aligner: Aligner) -> bool:
+    """Whether `aligner` is the stage-0 aligner the APT in `checkpoint` was trained from: stages 1 and 2 leave the
+    stage-0 heads (the contrastive projections and temperature) as stage 0 made them, so they must be equal. A
+    continuation of a release never is (a release drops them)."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "apt.safetensors"), "pt") as f:
+        saved = set(f.keys())
+        heads = [k for k in ("text_proj.weight", "audio_proj.weight", "temp") if f"aligner.{k}" in saved]
+        own = dict(aligner.named_parameters())
+        return bool(heads) and all(torch.equal(f.get_tensor(f"aligner.{k}").float(), own[k].detach().float().cpu())
+                                   for k in heads)
 
 
 @torch.no_grad()
@@ -202,8 +223,8 @@ def eval_tagging(apt, cfg, name, examples, opts):
                  "paper protocol: answer and class names embedded by the stage-0 aligner's text branch, cosine "
                  "(baseline: random scores)")]
     else:
-        rows = [("mAP", float("nan"), None, "paper protocol unavailable: no stage-0 aligner in the checkpoint's run "
-                 "folder")]
+        rows = [("mAP", float("nan"), None, "paper protocol unavailable: no stage-0 aligner of the checkpoint's run "
+                 "(none in its run folder or the run it continued, or one another stage 0 wrote since)")]
     rows += [("mAP", metrics.mean_average_precision(likelihood_scores(apt, examples, classes), labels), chance,
               'LLM likelihood of "This is a sound of {class}." per class (baseline: random scores)')]
     rows += metrics.score_tagging(examples, outputs, classes)
@@ -328,12 +349,10 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None, coverage: dat
     fixed = max(set(positions), key=positions.count)
     baseline = sum(p == fixed for p in positions) / len(records)
     hows = {"named": "option named", "ranked": "option likelihood", "cloze": "cloze likelihood"}
-    rows = []
+    rows, protocol = [], f"4-way accuracy over {len(records)} questions (baseline: always option {fixed})"
     for mode in modes:
         for key, how in hows.items():
             acc = sum(r[mode][key] == r["answer"] for r in records) / len(records)
-            protocol = (f"4-way accuracy over {len(records)} questions (baseline: always option {fixed})"
-                        if not rows else "")
             rows.append((f"{mode}, {how}", acc, baseline, protocol))
     for other in [m for m in ("video", "audio") if "audio-visual" in modes and m in modes]:
         for key, how in hows.items():  # is audio + video better than one sense alone, beyond luck?
@@ -348,7 +367,6 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None, coverage: dat
             for mode in modes:
                 acc = sum(r[mode][key] == r["answer"] for r in part) / len(part)
                 rows.append((f"{mode}, {hows[key]}, {relation} ({len(part)})", acc, None, protocol))
-                protocol = ""  # said once, on the first of these rows
     return rows, records
 
 
@@ -402,8 +420,8 @@ def clips_of(examples) -> list[str]:
 
 def readable(apt, examples, coverage: data.Coverage, strict: bool = False, chunk: int = 64) -> list:
     """The examples whose every clip the encoder can decode (their features go to the cache, so nothing is decoded
-    twice); the clips that cannot be are recorded in `coverage` with why, and their examples dropped (strict: the
-    first one raises, naming the file)."""
+    twice; with feature_cache=off a clip is encoded here and again when scored); the clips that cannot be are
+    recorded in `coverage` with why, and their examples dropped (strict: the first one raises, naming the file)."""
     bad = {}
     paths = clips_of(examples)
     for i in range(0, len(paths), chunk):

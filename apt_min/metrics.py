@@ -219,14 +219,12 @@ def score_captions(examples, outputs, baseline_caption: str):
     baseline giving `baseline_caption` for every clip."""
     refs = [ex.target["references"] for ex in examples]
     base = [baseline_caption] * len(examples)
-    rows = []
+    how = "COCO caption evaluation against all of a clip's references (baseline: the most frequent training " \
+          "caption for every clip)"
     b, bb = bleu(refs, outputs), bleu(refs, base)
-    for k in range(4):
-        rows += _row(f"BLEU-{k + 1}", b[k], bb[k], "corpus BLEU, COCO caption evaluation (baseline: the most "
-                     "frequent training caption for every clip)" if k == 0 else "")
-    rows += _row("ROUGE-L", rouge_l(refs, outputs), rouge_l(refs, base), "")
-    rows += _row("CIDEr-D", cider_d(refs, outputs), cider_d(refs, base), "")
-    return rows
+    rows = [(f"BLEU-{k + 1}", b[k], bb[k], how) for k in range(4)]
+    return rows + _row("ROUGE-L", rouge_l(refs, outputs), rouge_l(refs, base), how) + \
+        _row("CIDEr-D", cider_d(refs, outputs), cider_d(refs, base), how)
 
 
 def spider(rows) -> list:

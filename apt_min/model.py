@@ -243,6 +243,8 @@ class APT(nn.Module):
                 if kind == "audio":
                     instruction = next((v for k, v in segments[i + 1:] if k == "text"), "")
                     ids = tok.encode(instruction, bos=self.instruction_bos) or [tok.bos_id]
+                    ids = ids[:self.aligner.config.max_text_len]  # a longer one: its beginning, as InstructBLIP
+                    # truncates the text its Q-Former reads (the LLM still reads all of it)
                     jobs.append((b, feats[value], ids))
         out = [[] for _ in batch]
         if not jobs:

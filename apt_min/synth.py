@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apt_min.errors import SettingError
+from apt_min.errors import SettingError, clean_exit
 
 SR = 16000
 GRID = 0.1  # onsets and durations lie on a 100 ms grid: exact, readable answers
@@ -633,7 +633,9 @@ def holds_other_data(out: str | Path) -> bool:
 
 def generate(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.12) -> Path:
     """Write the benchmark under `out` unless the same arguments already wrote it there (then return at once).
-    A benchmark written here with other arguments is replaced; a folder that holds anything else is refused."""
+    One that an older VERSION of this module wrote, or whose writing was interrupted, is written again; one written
+    with another seed, scale or length is refused (other runs read it: another benchmark goes to a folder of its
+    own), and so is a folder that holds anything else."""
     out = Path(out)
     if length < LONGEST:
         raise SettingError(f"a scene of {length} s cannot hold the longest sound ({LONGEST} s); give --length of at "
@@ -643,9 +645,23 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, length: float =
                               "here; refusing to replace it (generate into an empty or new folder)")
     args = {"version": VERSION, "seed": seed, "scale": scale, "length": length}
     manifest = out / "synth.json"
-    if not (manifest.is_file() and json.loads(manifest.read_text()).get("args") == args):
-        build(out, seed, scale, length)
+    written = json.loads(manifest.read_text()).get("args") if manifest.is_file() else None
+    if written == args:
+        return out
+    if written and written.get("version") == VERSION:  # the same version, other arguments
+        refuse_to_replace(out, written, args, ("seed", "scale", "length"))
+    build(out, seed, scale, length)
     return out
+
+
+def refuse_to_replace(out: Path, written: dict, wanted: dict, keys):
+    """A SettingError: `out` holds data this module (or synth_av) wrote with other arguments, which runs read."""
+    differ = [k for k in keys if written.get(k) != wanted[k]]
+    was, now = (", ".join(f"{k} {a[k]}" for k in differ) for a in (written, wanted))
+    suffix = "-".join(f"{k}{wanted[k]}" for k in differ)
+    raise SettingError(f"{out}: holds the synthetic benchmark written with {was}, which other runs read; {now} is "
+                       f"another benchmark: give it a folder of its own (e.g. --data_root={out}-{suffix}), or remove "
+                       f"{out} to replace it (a run reads the one its --synth_seed and --synth_scale name)")
 
 
 def build(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.12) -> dict:
@@ -884,13 +900,14 @@ def plot_scene(wave, events, ax=None, title: str | None = None):
     return ax
 
 
-def main():
+@clean_exit("python -m apt_min.synth")
+def main(argv=None):
     ap = argparse.ArgumentParser(description="Generate the synthetic sound-scene benchmark.")
     ap.add_argument("--out", default="data/synth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every split size")
     ap.add_argument("--length", type=float, default=5.12, help="scene length in seconds")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = generate(args.out, args.seed, args.scale, args.length)
     digest = hashlib.sha256((out / "synth.json").read_bytes()).hexdigest()[:12]
     print(f"synthetic benchmark in {out} (manifest {digest})")

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from apt_min import synth
+from apt_min.errors import clean_exit
 
 VERSION = 3  # 2: View and Sound questions without the other sense's distractor; 3: "in the picture"
 SIZE = 64  # pixels, square
@@ -194,13 +195,17 @@ def picture_example(record: dict, kind: str, rng: random.Random) -> tuple[list, 
 def generate(out: str | Path, seed: int = 0, videos: int = 300, pictures: int = 200, frames: int = 4,
              length: float = 5.12) -> Path:
     """Write the audio-visual set under `out` (beside the synthetic benchmark: out/avqa, out/vision) unless the same
-    arguments already wrote it (then return at once)."""
+    arguments already wrote it (then return at once). One that older versions of this module or of synth wrote is
+    written again; one of the same versions but other arguments is refused, as synth.generate refuses."""
     out = Path(out)
     args = {"version": VERSION, "synth": synth.VERSION, "seed": seed, "videos": videos, "pictures": pictures,
             "frames": frames, "length": length}  # synth's version: the scenes its audio is made of
     manifest = out / "avqa" / "synth_av.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("args") == args:
+    written = json.loads(manifest.read_text()).get("args") if manifest.is_file() else None
+    if written == args:
         return out
+    if written and (written.get("version"), written.get("synth")) == (VERSION, synth.VERSION):
+        synth.refuse_to_replace(out, written, args, ("seed", "videos", "pictures", "frames", "length"))
     for folder in (out / "avqa", out / "vision"):
         if folder.exists():
             shutil.rmtree(folder)
@@ -237,12 +242,13 @@ def generate(out: str | Path, seed: int = 0, videos: int = 300, pictures: int = 
     return out
 
 
-def main():
+@clean_exit("python -m apt_min.synth_av")
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/synth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--videos", type=int, default=300)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     generate(args.out, args.seed, args.videos)
     print(f"wrote {args.out}/avqa and {args.out}/vision")
 

@@ -36,7 +36,8 @@ def main():
           f"prefix {len(apt.prefix_ids())} tokens, threads {torch.get_num_threads()}")
     for stage in ("1", "2"):
         ratios = train.parse_ratios(cfg.task_ratios, train.STAGES[stage]["ratios"])
-        sampler = data.TaskSampler(train.training_pools(cfg, stage), ratios, cfg.batch_size, seed=1)
+        pools = train.training_pools(cfg, stage, [t for t, w in ratios.items() if w > 0])
+        sampler = data.TaskSampler(pools, ratios, cfg.batch_size, seed=1)
         times = {True: [], False: []}
         for i in range(args.batches + 1):  # the first batch warms up and is not counted
             _, batch = sampler.next_batch()

@@ -148,8 +148,9 @@ def main():
     common = Counter(ex.target["count"] for ex in train).most_common(1)[0][0]
     results = [(f"always {common} (the most frequent training answer)", [np.mean([t == common for t in truth])])]
     metrics = Path(cfg.run_dir) / "eval" / "metrics_counting.json"
-    if metrics.is_file():
-        apt_acc = next(r["apt"] for r in json.loads(metrics.read_text()) if r["metric"] == "accuracy")
+    apt_acc = next((r["apt"] for r in json.loads(metrics.read_text()) if r["metric"] == "accuracy"), None) \
+        if metrics.is_file() else None  # (none in a "not run" file)
+    if apt_acc is not None:
         results.append((f"APT-{args.preset}, the LLM's answer (evaluate.py --task counting)", [apt_acc]))
     classes = sorted({ex.target["label"] for ex in train})
     for name, per_class in (("(a) trained aligner + one 4-way classifier, question-conditioned", None),

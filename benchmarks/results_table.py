@@ -45,14 +45,16 @@ def main():
         file = folder / f"metrics_{task}.json"
         if not file.is_file():
             continue
+        above = None  # a protocol is named once, on the first of the rows that share it
         for row in json.loads(file.read_text()):
+            protocol, above = ("" if row["protocol"] == above else row["protocol"]), row["protocol"]
             apt = "—" if row["apt"] is None or math.isnan(row["apt"]) else f"{row['apt']:.3f}"
             apt = str(row["apt"]) if isinstance(row["apt"], int) else apt  # a count: clips scored
             base = "" if row["baseline"] is None else f"{row['baseline']:.3f}"
             verdict = ""
             if row["baseline"] is not None and apt != "—":
                 verdict = margin(row["apt"], row["baseline"], lower_is_better="error" in row["metric"])
-            print(f"| {task} | {row['metric']} | {apt} | {base} | {verdict} | {row['protocol']} |")
+            print(f"| {task} | {row['metric']} | {apt} | {base} | {verdict} | {protocol} |")
 
 
 if __name__ == "__main__":

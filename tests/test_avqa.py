@@ -29,6 +29,27 @@ def av(tmp_path_factory):
     return out
 
 
+def test_an_audio_visual_set_that_runs_read_is_not_replaced_by_other_settings(av):
+    """As the synthetic benchmark: the same arguments are a no-op, other ones are refused (the vision stage trains
+    on this set and evaluation asks its questions), and a set that an older version wrote is written again."""
+    from apt_min.errors import SettingError
+
+    questions = av / "avqa" / "val_qa.json"
+    before = questions.stat().st_mtime_ns
+    synth_av.generate(av, seed=3, videos=24, pictures=6)
+    with pytest.raises(SettingError, match=rf"{av}: holds the synthetic benchmark written with seed 3, videos 24, "
+                                           rf"which other runs read; seed 4, videos 25 is another benchmark"):
+        synth_av.generate(av, seed=4, videos=25, pictures=6)
+    with pytest.raises(SystemExit, match=r"^python -m apt_min.synth_av: error: .*seed 3, .*seed 0"):
+        synth_av.main(["--out", str(av)])
+    assert questions.stat().st_mtime_ns == before
+    manifest = av / "avqa" / "synth_av.json"
+    old = json.loads(manifest.read_text())
+    (av / "avqa" / "synth_av.json").write_text(json.dumps({**old, "args": {**old["args"], "version": 0}}))
+    synth_av.generate(av, seed=3, videos=24, pictures=6)  # written again, as it was
+    assert json.loads(manifest.read_text()) == old and questions.stat().st_mtime_ns != before
+
+
 def test_every_class_has_its_own_look():
     assert set(synth_av.LOOKS) == set(NAMES)
     assert len(set(synth_av.LOOKS.values())) == len(NAMES)
@@ -199,6 +220,9 @@ def test_avqa_scores_on_scripted_answers():
     protocols = {m: p for m, _, _, p in rows}
     assert protocols["audio-visual vs video, option likelihood: p"] == (
         "exact two-sided McNemar test: right with audio + video only 2, with video only 1")
+    assert all(p for _, _, _, p in rows)  # every row names its protocol (the printed table, once for rows sharing it)
+    assert protocols["audio, cloze likelihood"] == "4-way accuracy over 4 questions (baseline: always option 1)"
+    assert protocols["video, cloze likelihood, Both (2)"].startswith("questions that need the picture and the sound")
 
 
 def test_avqa_skips_videos_whose_frames_cannot_be_read_and_compares_only_the_modes_it_runs():
@@ -239,6 +263,15 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
 
     tmp = copy_of(trained, tmp_path)
     vision = VISION
+    root = tmp_path / "data"  # the benchmark without its videos: none are made before the vision side is found
+    root.mkdir()
+    for entry in (trained / "synth").iterdir():
+        if entry.name not in ("avqa", "vision"):
+            (root / entry.name).symlink_to(entry)
+    with pytest.raises(SystemExit, match=rf"^{tmp / 'run' / 'vision' / 'final'}: no vision side yet; run `python "
+                                         r"train.py --stage vision`"):
+        evaluate.main(["--task", "avqa", "--limit", "2", *opts(tmp, *vision), f"--data-root={root}"])
+    assert not (root / "avqa").exists()
     train.main(["--stage", "vision", *opts(tmp, *vision)])
     final = tmp / "run" / "vision" / "final"
     assert {"vision.json", "vision.safetensors"} <= {f.name for f in final.iterdir()}

@@ -257,6 +257,18 @@ def test_a_broken_row_of_any_reader_names_the_file(tmp_path, name, text, problem
         reader(write(tmp_path / name, text))
 
 
+def test_a_sampler_refuses_a_task_with_no_examples_and_a_mixture_of_none():
+    """A training task whose examples were all skipped (every clip missing) is an error naming it before any step,
+    not a division by zero when it is first drawn; every ratio 0 is a setting error; a task at 0 needs no pool."""
+    with pytest.raises(DataError, match=r"^no training examples left for aqa: every clip the data lists is missing"):
+        data.TaskSampler({"aqa": [], "tagging": ["x"]}, {"aqa": 1.0, "tagging": 1.0}, 2)
+    with pytest.raises(SettingError, match="every task's ratio is 0"):
+        data.TaskSampler({"tagging": ["x"]}, {"tagging": 0.0}, 2)
+    sampler = data.TaskSampler({"tagging": ["x", "y"]}, {"tagging": 1.0, "aqa": 0.0}, 2)
+    task, batch = sampler.next_batch()
+    assert task == "tagging" and sorted(batch) == ["x", "y"]
+
+
 def test_missing_audio_is_counted_and_skipped_or_raised(tmp_path, caplog):
     write(tmp_path / "audioset/eval_segments.csv", AUDIOSET)
     write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)

@@ -31,7 +31,7 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
     out = trained / "run" / "eval"
     for task in EVALUATIONS:
         rows = json.loads((out / f"metrics_{task}.json").read_text())
-        assert rows and all(r["protocol"] is not None for r in rows), task
+        assert rows and all(r["protocol"] for r in rows), task  # every number names its protocol
         *rows, scored = rows  # the last row: on how many clips the scores stand, and that nothing was lost
         assert scored["metric"] == "clips scored" and scored["apt"] > 0, task
         assert re.search(r"lists \d+: 0 missing, 0 unreadable", scored["protocol"]), (task, scored)
@@ -40,6 +40,9 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
         preds = [json.loads(line) for line in (out / f"predictions_{task}.jsonl").read_text().splitlines()]
         assert preds and all({"output", "reference"} <= p.keys() for p in preds), task
         assert task in table
+    # the printed table names a protocol its rows share once: the six caption metrics of each caption set
+    assert table.count("COCO caption evaluation against all of a clip's references") == 2
+    assert re.search(r"\nclotho +CIDEr-D +[\d.]+ +[\d.]+  \n", table)
     tagging = json.loads((out / "metrics_audioset.json").read_text())[:-1]
     tagging = {r["metric"] + r["protocol"][:12]: r for r in tagging}
     assert any("paper protoc" in k for k in tagging) and any("LLM likeliho" in k for k in tagging)
@@ -191,6 +194,36 @@ def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained,
     with pytest.raises(SystemExit, match=f"clotho_aqa: nothing to score under {re.escape(str(root))}: of the "
                                          f"{listed} clips its test data lists, {listed} are missing"):
         evaluate.main(args)
+
+
+def test_task_all_runs_every_task_whose_data_is_there(trained, tmp_path, capsys, monkeypatch):
+    """A real data folder without one task's data (NLAR's is ours; a set whose clips are all named otherwise): with
+    --task all the other tasks are scored, the lacking ones' rows and metrics files say why (an earlier run's
+    predictions for them removed), and the exit status is non-zero, naming them; --strict stops at the first."""
+    monkeypatch.setattr(evaluation, "spice_jars", lambda: "absent")
+    root = tmp_path / "data"
+    shutil.copytree(trained / "synth", root, copy_function=os.symlink)
+    (root / "layout.json").write_text(json.dumps({"nlar": {"json": "gone/nlar_{split}.json"},
+                                                  "clotho_aqa": {"audio": "elsewhere/{file_name}"}}))
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "predictions_nlar.jsonl").write_text('{"output": "an earlier run\'s"}\n')
+    args = ["--task", "all", "--limit", "2", "--episodes", "1", "--batch-size", "4", *opts(trained),
+            f"--data-root={root}", f"--out={out}"]
+    with pytest.raises(SystemExit, match=r"^evaluate.py: 2 of 9 tasks not run \(clotho_aqa, nlar\): their data is "
+                                         r"missing or unusable"):
+        evaluate.main(args)
+    table = capsys.readouterr().out
+    assert re.search(rf"\nnlar +not run +— +{re.escape(str(root))}/gone/nlar_test.json: no such data file", table)
+    assert re.search(r"\nclotho_aqa +not run +— +clotho_aqa: nothing to score under", table)
+    [row] = json.loads((out / "metrics_nlar.json").read_text())
+    assert row["metric"] == "not run" and row["apt"] is None and "gone/nlar_test.json" in row["protocol"]
+    assert not (out / "predictions_nlar.jsonl").exists() and (out / "made_nlar.json").is_file()
+    for task in set(EVALUATIONS) - {"nlar", "clotho_aqa"}:  # before and after the two: scored
+        assert json.loads((out / f"metrics_{task}.json").read_text())[-1]["metric"] == "clips scored", task
+    with pytest.raises(SystemExit, match=r"^evaluate.py: error: .*/elsewhere/.*\.wav: audio listed in .*"
+                                         r"clotho_aqa_test.csv is not on disk"):
+        evaluate.main([*args, "--strict"])
 
 
 def test_few_shot_skips_and_counts_a_missing_clip_as_the_other_tasks_do(trained, tmp_path):
@@ -606,7 +639,7 @@ def test_ask_streams_whole_characters(capsys):
         assert f"{option}: expected a whole number of at least {least}, got '{bad}'" in capsys.readouterr().err
 
 
-def test_results_table_names_the_margin(trained, capsys, monkeypatch):
+def test_results_table_names_the_margin(trained, tmp_path, capsys, monkeypatch):
     from benchmarks import results_table
 
     assert results_table.margin(0.40, 0.20) == "yes" and results_table.margin(0.21, 0.20) == "barely"
@@ -625,6 +658,15 @@ def test_results_table_names_the_margin(trained, capsys, monkeypatch):
     assert len(count) == 1 and count[0].split(" | ")[4] in ("yes", "barely", "**no**")
     scored = [line.split(" | ") for line in lines if line.startswith("| counting | clips scored |")]
     assert len(scored) == 1 and scored[0][2].isdigit() and scored[0][4] == ""  # a count, no margin
+    # a protocol that rows share is named once, on the first of them (the JSON names it on every row)
+    rows = [{"metric": m, "apt": 0.5, "baseline": 0.25, "protocol": p} for m, p in
+            [("BLEU-1", "COCO"), ("BLEU-2", "COCO"), ("CIDEr-D", "COCO"), ("METEOR", "METEOR 1.5"), ("SPICE", "COCO")]]
+    (tmp_path / "metrics_audiocaps.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(sys, "argv", ["results_table.py", str(tmp_path)])
+    results_table.main()
+    named = [line.split(" | ")[5].removesuffix("|").strip() for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| audiocaps")]
+    assert named == ["COCO", "", "", "METEOR 1.5", "COCO"]
 
 
 def test_each_metrics_file_says_what_made_it_and_a_mixed_folder_is_named(trained, tmp_path, capsys, monkeypatch):
@@ -650,6 +692,37 @@ def test_each_metrics_file_says_what_made_it_and_a_mixed_folder_is_named(trained
     assert results_table.runs_mixed(out) == "no made_{task}.json says how counting was made"
 
 
+def test_another_apts_results_go_to_its_own_runs_eval_folder(trained, tmp_path, capsys, monkeypatch, caplog):
+    """Without --out, evaluating a --checkpoint writes beside the run it belongs to, never over the results of the
+    run_dir's own APT (a caption_ft APT of the paper's run wrote over its stage 2's): here stage 1's APT of a copied
+    run, then a folder of its own."""
+    from conftest import copy_of
+
+    tmp = copy_of(trained, tmp_path)
+    shutil.rmtree(tmp / "run" / "eval", ignore_errors=True)  # (other tests' results, copied with the run)
+    cfg = load_config("tiny", [f"--run_dir={tmp / 'run'}"])
+    final = tmp / "run" / "caption_ft-audiocaps" / "final"
+    assert evaluate.default_out(cfg, final, given=True) == tmp / "run" / "eval-caption_ft-audiocaps"
+    assert evaluate.default_out(cfg, Path("weights/apt-small"), given=True) == tmp / "run" / "eval-apt-small"
+    assert evaluate.default_out(cfg, Path("weights/apt-small"), given=False) == tmp / "run" / "eval"  # stands in
+    with monkeypatch.context() as m:
+        m.chdir(tmp / "run" / "stage1")
+        assert evaluate.default_out(cfg, Path("final"), given=True) == (tmp / "run" / "eval-stage1").resolve()
+    evaluate.main(["--task", "counting", "--limit", "2", "--batch-size", "4", *opts(tmp),
+                   f"--checkpoint={tmp / 'run' / 'stage1' / 'final'}"])
+    assert f"written to {tmp / 'run' / 'eval-stage1'}/" in capsys.readouterr().out
+    made = json.loads((tmp / "run" / "eval-stage1" / "made_counting.json").read_text())
+    assert made["checkpoint"] == str((tmp / "run" / "stage1" / "final").resolve())
+    assert not (tmp / "run" / "eval").exists()
+    other = tmp / "mine"
+    shutil.copytree(tmp / "run" / "stage2" / "final", other)
+    with caplog.at_level("WARNING"):  # and an aligner size asked that the APT does not have is named
+        evaluate.main(["--task", "counting", "--limit", "2", "--batch-size", "4", *opts(tmp), f"--checkpoint={other}",
+                       "--num_queries=7"])
+    assert (tmp / "run" / "eval-mine" / "metrics_counting.json").is_file() and not (tmp / "run" / "eval").exists()
+    assert "the settings' num_queries=7 are not used (stage 0 sets an aligner's shape)" in caplog.text
+
+
 def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
     """The paper's tagging protocol uses the stage-0 aligner of the run the checkpoint belongs to, wherever that run
     is, not the one under the configured run_dir: the one beside it, else the one its record leads back to
@@ -673,6 +746,23 @@ def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
         next(mine.parameters()).add_(1.0)  # told apart from the chain's: the one beside the checkpoint is read
     mine.save(tmp_path / "elsewhere" / "stage0" / "final")
     assert same(evaluation.stage0_aligner(copy, "cpu"))
+    # followed back to a folder that holds another stage 0 now (a user's own runs/small beside a continuation of
+    # the release): its heads differ from those the APT kept, so it is not read
+    chain, other = tmp_path / "chain", tmp_path / "other" / "stage2" / "final"
+    for stage, final in (("1", chain / "stage1" / "final"), ("2", chain / "stage2" / "final"), ("2", other)):
+        shutil.copytree(run / f"stage{stage}" / "final", final)
+        meta = json.loads((final / "apt.json").read_text())
+        meta["config"]["run_dir"] = str(chain)  # other: a copy of the chain's result, trained (it says) in chain
+        (final / "apt.json").write_text(json.dumps(meta))
+    mine = Aligner.load(run / "stage0" / "final")
+    mine.save(chain / "stage0" / "final")  # the one it was trained from
+    assert same(evaluation.stage0_aligner(other, "cpu"))
+    with torch.no_grad():
+        mine.text_proj.weight.add_(1.0)
+    mine.save(chain / "stage0" / "final")
+    assert evaluation.stage0_aligner(other, "cpu") is None
+    mine.save(tmp_path / "elsewhere" / "stage0" / "final")  # and beside: stage 0 run again there since
+    assert evaluation.stage0_aligner(copy, "cpu") is None
 
 
 def test_fewshot_pools_are_the_novel_classes_and_held_out_clips_of_the_training_classes(trained):
@@ -697,6 +787,12 @@ def test_a_stage0_aligner_that_reads_the_llms_words_gets_them_back(tmp_path):
                                     intermediate_size=32, num_queries=2, dropout=0.0, llm_words=12)).eval()
     trained.attach_llm_words(table)
     trained.save(tmp_path / "run" / "stage0" / "final")
+    from safetensors.torch import save_file  # the APT it began: the stage-0 heads as stage 0 left them
+
+    (tmp_path / "run" / "stage2" / "final").mkdir(parents=True)
+    save_file({f"aligner.{k}": v.detach().clone() for k, v in trained.named_parameters()
+               if k.startswith(("text_proj", "audio_proj", "temp"))}, tmp_path / "run" / "stage2" / "final" /
+              "apt.safetensors")
     ids = torch.tensor([[1, 5, 9, 2]])
     found = evaluation.stage0_aligner(tmp_path / "run" / "stage2" / "final", "cpu", table)
     with torch.no_grad():

@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 from apt_min import audio
 from apt_min.aligner import Aligner, AlignerConfig
 from apt_min.audiomae import AudioMAE, AudioMAEConfig
+from apt_min.build import feature_cache
 from apt_min.checkpoint import CheckpointError
+from apt_min.config import load_config
 from apt_min.llama import Llama, LlamaConfig
 from apt_min.model import APT, FeatureCache, fingerprint, load_trainable, same_weights, weight_probe
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
@@ -110,6 +112,24 @@ def test_a_clip_of_several_windows_is_aligned_window_by_window(parts):
         flipped = {long: feats[long].flip(0)}
         swapped = apt.clip_prompts([[("audio", long), ("text", question)]], flipped)[0][0]
         assert rel_max_error(swapped[:4], prompts[8:]) <= 1e-5
+
+
+def test_an_instruction_longer_than_the_aligner_reads_is_cut_to_its_beginning(parts):
+    """A question of more tokens than the aligner's max_text_len (a long `ask`) stopped with a ValueError; the aligner
+    reads its first max_text_len tokens, as InstructBLIP's Q-Former reads its truncated instruction: what follows
+    them changes nothing of the prompts, while the LLM's sequence keeps the whole text."""
+    _, tok, _, _, (a, _, _) = parts
+    apt = make_apt(parts).eval()
+    feats, _ = apt.encode_clips([a])
+    limit = apt.aligner.config.max_text_len
+    words = "the bell rings twice and then a hum " * limit
+    assert len(tok.encode(words, bos=False)) > limit
+    with torch.no_grad():
+        first, second = (apt.clip_prompts([[("audio", a), ("text", text)]], feats)[0][0]
+                         for text in (words, words + "which of them is louder?"))
+        assert torch.equal(first, second)
+        x, _, _ = apt.embed_batch([[("audio", a), ("text", words)]], feats)
+    assert x.shape[1] > limit
 
 
 def test_each_clip_is_aligned_under_the_text_that_follows_it(parts):
@@ -451,6 +471,16 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
         shutil.rmtree(tmp_path / "cache")  # what this process encoded stays in its memory
         _, ran = encode()
         assert ran == 0, "features held in memory encoded again"
+        # the feature_cache setting: on disk only (nothing held in memory), or none (the encoder runs every time)
+        identity = {"fingerprint": "enc-3"}
+        for mode, runs in (("disk", [1, 0]), ("off", [1, 1])):
+            apt.cache = feature_cache(load_config("tiny", [f"--run_dir={tmp_path / mode}", f"--feature_cache={mode}"]),
+                                      identity)
+            assert [encode()[1] for _ in range(2)] == runs, mode
+        assert apt.cache is None and not (tmp_path / "off").exists()
+        disk = feature_cache(load_config("tiny", [f"--run_dir={tmp_path / 'disk'}", "--feature_cache=disk"]), identity)
+        assert disk.memory is None and len(list((tmp_path / "disk" / "features").rglob("*.safetensors"))) == 1
+        assert load_config("paper").feature_cache == "off" and load_config("small").feature_cache == "memory"
     finally:
         hook.remove()
 

@@ -1,6 +1,8 @@
 """The presets: overrides are type-checked, and the paper preset's parts fit together at full size (on the meta
 device: shapes only, no memory, no download)."""
 
+import re
+
 import pytest
 import torch
 
@@ -73,16 +75,48 @@ def test_settings_that_would_train_nothing_are_refused():
     assert load_config("paper", ["--output_block=-12"]).output_block == -12
 
 
-def test_evaluation_holds_the_frozen_parts_in_the_runs_precision():
-    """frozen_dtype: bf16 and fp16 as the precision says (fp16 was held in bf16), fp32 else; fp16 on a CPU is the
-    setting error training gives."""
+def test_shapes_that_would_fail_at_the_first_forward_are_refused_before_anything_runs():
+    """Heads that do not split the width, key/value heads that do not split the heads, a window that is no whole
+    number of 16-frame patches and a dropout outside [0, 1) failed deep inside a reshape or a module's constructor;
+    each is a setting error naming it, and every preset's own values pass."""
+    from apt_min.errors import SettingError
+
+    for option, said in (("--aligner_heads=3", "the heads split --aligner_hidden=128 evenly"),
+                         ("--encoder_heads=3", "the heads split --encoder_dim=128 evenly"),
+                         ("--llm_heads=5", "the heads split --llm_hidden=192 evenly"),
+                         ("--vision_heads=0", "the heads split --vision_dim=128 evenly"),
+                         ("--llm_kv_heads=3", "serves a whole number of the --llm_heads=4"),
+                         ("--llm_hidden=196", "an even width per head"),
+                         ("--target_length=500", "expected a multiple of 16"),
+                         ("--aligner_dropout=1.5", "expected a probability")):
+        with pytest.raises(SettingError, match=rf"^{option}: .*{re.escape(said)}"):
+            load_config("tiny", [option])
+    for preset in ("tiny", "small", "paper"):
+        load_config(preset, [])
+    assert load_config("tiny", ["--aligner_heads=8", "--target_length=1024"]).aligner_heads == 8
+
+
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
+def test_evaluation_holds_the_frozen_parts_in_the_runs_precision(monkeypatch):
+    """frozen_dtype: bf16 and fp16 as the precision says (fp16 was held in bf16), fp32 else; auto on a GPU: bf16
+    where the card computes it natively, else fp16 (a V100 or T4, where bf16 would be emulated; train.amp_settings
+    then scales the loss); fp16 on a CPU is the setting error training gives."""
     from apt_min.build import frozen_dtype
     from apt_min.errors import SettingError
+    from train import amp_settings
 
     assert frozen_dtype(load_config("tiny", ["--precision=fp16"]), "cuda") == torch.float16
     assert frozen_dtype(load_config("tiny", ["--precision=bf16"]), "cpu") == torch.bfloat16
     assert frozen_dtype(load_config("tiny", ["--precision=fp32"]), "cuda") == torch.float32
-    assert frozen_dtype(load_config("tiny", []), "cuda") == torch.bfloat16  # auto on a GPU
+    native = {}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",  # a V100 says True where emulation counts
+                        lambda including_emulation=True: including_emulation or native["bf16"])
+    native["bf16"] = True  # an A100, H100
+    assert frozen_dtype(load_config("tiny", []), "cuda") == torch.bfloat16
+    native["bf16"] = False  # a V100, T4
+    assert frozen_dtype(load_config("tiny", []), "cuda") == torch.float16
+    _, scaler, dtype = amp_settings(load_config("tiny", []), torch.device("cuda"))
+    assert dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)
     with pytest.raises(SettingError, match="--precision=fp16 needs a CUDA device"):
         frozen_dtype(load_config("tiny", ["--precision=fp16"]), "cpu")
 

@@ -105,6 +105,35 @@ def test_second_generate_is_a_no_op(tmp_path):
     assert marker.stat().st_mtime_ns == before
 
 
+def test_a_benchmark_that_runs_read_is_not_replaced_by_other_settings(tmp_path, capsys):
+    """Another seed or scale for a folder the benchmark was written into would delete what other runs train and are
+    scored on: refused, naming both and a folder of its own. The run's --seed does not choose the data (synth_seed
+    does), so several training seeds share one test set. A benchmark of an older VERSION is written again."""
+    from apt_min.build import ensure_data
+    from apt_min.config import load_config
+
+    b = tmp_path / "b"
+    synth.generate(b, seed=1, scale=0.01)
+    marker = b / "audiocaps" / "train.csv"
+    before = marker.stat().st_mtime_ns
+    with pytest.raises(SettingError, match=rf"{b}: holds the synthetic benchmark written with scale 0.01, which other "
+                                           rf"runs read; scale 0.02 is another benchmark: give it a folder of its own "
+                                           rf"\(e.g. --data_root={b}-scale0.02\), or remove {b} to replace it \(a "
+                                           r"run reads the one its --synth_seed and --synth_scale name\)"):
+        synth.generate(b, seed=1, scale=0.02)
+    with pytest.raises(SystemExit, match=r"python -m apt_min.synth: error: .*seed 1, scale 0.01, .*seed 2, scale 0.5"):
+        synth.main(["--out", str(b), "--seed", "2", "--scale", "0.5"])
+    ensure_data(load_config("tiny", [f"--data_root={b}", "--seed=5", "--synth_seed=1", "--synth_scale=0.01"]))
+    with pytest.raises(SettingError, match="written with seed 1, .*; seed 0 is another"):
+        ensure_data(load_config("tiny", [f"--data_root={b}", "--seed=1", "--synth_scale=0.01"]))
+    assert marker.stat().st_mtime_ns == before
+    manifest = json.loads((b / "synth.json").read_text())
+    manifest["args"]["version"] = synth.VERSION - 1
+    (b / "synth.json").write_text(json.dumps(manifest))
+    synth.generate(b, seed=1, scale=0.01)
+    assert json.loads((b / "synth.json").read_text())["args"]["version"] == synth.VERSION
+
+
 def test_the_flaw_counts_measure_what_they_name():
     """benchmarks/synth_flaws.py's measures on scenes whose answer is known: which kinds start first and last, whether
     the kinds of a scene interleave (a caption that orders them is then false), an event's silent end and sound after
@@ -187,7 +216,7 @@ def test_a_folder_of_other_data_is_never_replaced(tmp_path):
 
     with pytest.raises(SystemExit, match="real/audioset/.*no such data file"):  # it read the folder as data, and
         # stopped there, with one clean line
-        train.main(["--stage", "1", f"--data_root={real}", f"--run_dir={tmp_path / 'run'}"])
+        train.main(["--stage", "0", f"--data_root={real}", f"--run_dir={tmp_path / 'run'}"])
     assert (real / "audiocaps" / "train.csv").is_file()
     synth.generate(tmp_path / "empty", seed=1, scale=0.01)  # an empty or new folder is generated into
     assert (tmp_path / "empty" / "synth.json").is_file()

@@ -25,7 +25,7 @@ from torch import nn
 import train
 from apt_min import audio, data, evaluation, tasks
 from apt_min.checkpoint import CheckpointError
-from apt_min.errors import SettingError
+from apt_min.errors import MissingFileError, SettingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -267,13 +267,25 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
         train.fit(cfg, "1", job, False, 0, 1, tmp_path)
 
 
-def test_only_the_newest_checkpoints_are_kept(tmp_path):
+def test_only_the_newest_checkpoints_are_kept(tmp_path, monkeypatch):
     ck = train.Checkpoints(tmp_path, keep=2)
     for step in range(1, 6):
         ck.save(step, {"w": torch.full((2,), float(step))}, {"step": step})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000004", "step_0000005"]
+    read = []  # the training state is read onto the CPU, whatever device saved it (a GPU run resumed under
+    monkeypatch.setattr(torch, "load", lambda *a, _load=torch.load, **k: read.append(k) or _load(*a, **k))  # torchrun)
     w, state = ck.load()
     assert state["step"] == 5 and torch.equal(w["w"], torch.full((2,), 5.0))
+    assert read == [{"map_location": "cpu", "weights_only": True}]
+
+
+def test_resume_drops_the_log_records_after_the_checkpoint_and_one_cut_short(tmp_path):
+    """The log holds every step once after a resume: records written after the checkpoint's step go, and so does a
+    last line the dying run wrote only in part (which stopped --resume with a JSONDecodeError)."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": k, "loss": 1.0 / k}) + "\n" for k in range(1, 6)) + '{"step": 6, "lo')
+    train.truncate_log(log, 4)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_task_ratios_change_the_mixture_and_unknown_tasks_are_named(prepared, tmp_path):
@@ -290,20 +302,73 @@ def test_task_ratios_change_the_mixture_and_unknown_tasks_are_named(prepared, tm
         train.main(["--stage", "1", *opts(copy_of(prepared, tmp_path)), "--task_ratios=aqa=x"])
 
 
+def test_a_task_set_to_0_reads_no_data_and_data_with_no_clip_left_is_one_clean_error(trained, tmp_path):
+    """A user without some data set (AudioSet's strong labels; NLAR's, which is ours) turns its tasks off with
+    --task_ratios=task=0: none of their files is read then, and stage 2 validates without NLAR. Where the clips a
+    list names are all missing (copies named otherwise than the layout says), the stage stops before training with
+    one message naming what is left empty, instead of dividing by zero many steps in or validating to a loss of 0;
+    every ratio 0 is a setting error."""
+    root = tmp_path / "data"
+    shutil.copytree(trained / "synth", root, copy_function=os.symlink)
+    (root / "layout.json").write_text(json.dumps({"audioset": {"strong": {"train": "gone/strong.tsv"}},
+                                                  "nlar": {"json": "gone/nlar_{split}.json"}}))
+    tmp = copy_of(trained, tmp_path)
+
+    def job(stage, *settings):
+        return train.TuneAPT(train.load_config("tiny", opts(tmp, f"--data_root={root}", *settings)), stage, 0, 1,
+                             torch.device("cpu"))
+
+    with pytest.raises(MissingFileError, match="gone/strong.tsv"):
+        job("1")
+    one = job("1", "--task_ratios=sed=0,ter=0,counting=0")
+    assert set(one.sampler.tasks) == {"tagging", "captioning", "aqa"} == set(one.sampler.pools)
+    with pytest.raises(MissingFileError, match="gone/nlar_train.json"):
+        job("2", "--task_ratios=sed=0,ter=0,counting=0")
+    two = job("2", "--task_ratios=sed=0,ter=0,counting=0,nlar=0")
+    assert "nlar" not in two.sampler.pools and list(two.val) == ["captioning", "aqa"]
+    with pytest.raises(SettingError, match="leaves this stage no task to train on"):
+        job("1", "--task_ratios=" + ",".join(f"{t}=0" for t in train.STAGES["1"]["ratios"]))
+    (root / "layout.json").write_text(json.dumps({"audiocaps": {"csv": "gone/{split}.csv"},  # no captions, no AQA:
+                                                  "clotho": {"csv": "gone/c_{split}.csv"},  # their validation
+                                                  "clotho_aqa": {"csv": "gone/a_{split}.csv"}}))  # splits unread too
+    tags = job("1", "--task_ratios=captioning=0,aqa=0")
+    assert set(tags.sampler.pools) == {"tagging", "sed", "ter", "counting"} and tags.val == {}
+    assert tags.validate() == {}
+
+    (root / "layout.json").write_text(json.dumps({"clotho_aqa": {"audio": "elsewhere/{file_name}"}}))
+    with pytest.raises(data.DataError, match=r"^no training examples left for aqa: every clip the data lists is"):
+        job("1")
+    with pytest.raises(SystemExit, match=r"^train.py: error: no training examples left for aqa"):  # one line, first
+        train.main(["--stage", "1", *opts(tmp, f"--data_root={root}")])
+    (root / "layout.json").write_text(json.dumps({"audiocaps": {"audio": "elsewhere/{ytid}.wav"}}))
+    with pytest.raises(SystemExit, match=rf"^train.py: error: captioning's validation split under {root}: every "
+                                         "clip it lists is missing"):
+        train.main(["--stage", "0", *opts(tmp, f"--data_root={root}")])
+    with pytest.raises(SystemExit, match=r"the val split's audio \(captioning's and tagging's clips\) under .*: every "
+                                         "clip it lists is missing"):  # --stage mae: AudioCaps and Clotho missing
+        (root / "layout.json").write_text(json.dumps({"audiocaps": {"audio": "elsewhere/{ytid}.wav"},
+                                                      "clotho": {"audio": "elsewhere/{split}/{file_name}"}}))
+        train.main(["--stage", "mae", *opts(tmp, f"--data_root={root}", "--encoder_init=mae",
+                                            f"--run_dir={tmp / 'mae'}")])
+
+
 def test_stage_2_trains_with_the_settings_dropout_and_keeps_the_apts_layout(trained, tmp_path, caplog):
     """Stage 2 (and caption_ft) continue a saved APT: its aligner's dropout is the setting's, as in stage 1; the
-    layout it was trained in (prompt format, instruction BOS, long audio) stays, and a setting that differs is named
-    in a warning rather than silently dropped."""
+    layout it was trained in (prompt format, instruction BOS, long audio) and its aligner's shape stay, and a setting
+    that differs is named in a warning rather than silently dropped."""
     from torch import nn
 
     tmp = copy_of(trained, tmp_path)
     with caplog.at_level("WARNING"):
-        job = train.TuneAPT(train.load_config("tiny", opts(tmp, "--aligner_dropout=0", "--long_audio=all")), "2", 0, 1,
-                            torch.device("cpu"))
+        job = train.TuneAPT(train.load_config("tiny", opts(tmp, "--aligner_dropout=0", "--long_audio=all",
+                                                       "--num_queries=7")), "2", 0, 1, torch.device("cpu"))
     rates = {m.p for m in job.model.aligner.modules() if isinstance(m, nn.Dropout) or hasattr(m, "heads")}
     assert rates == {0.0} and job.model.aligner.config.dropout == 0.0
     assert job.model.long_audio == "windows" and "long_audio=windows; the settings' long_audio=all are not used" in \
         caplog.text
+    queries = job.model.aligner.config.num_queries  # the aligner's shape is stage 0's: the size asked is named
+    assert queries != 7 and f"holds an aligner of num_queries={queries}; the settings' num_queries=7 are not used" \
+        in caplog.text
 
 
 def test_made_up_names_in_training_episodes_are_a_setting(trained):
@@ -314,7 +379,7 @@ def test_made_up_names_in_training_episodes_are_a_setting(trained):
 
     def made_up(share):
         cfg = train.load_config("tiny", {"data_root": str(trained / "synth"), "fewshot_made_up": share})
-        episodes = [train.training_pools(cfg, "2")["fewshot"](random.Random(i)) for i in range(40)]
+        episodes = [train.training_pools(cfg, "2", ["fewshot"])["fewshot"](random.Random(i)) for i in range(40)]
         return sum(ep.answer not in real for ep in episodes)
 
     assert made_up(0.0) == 0 and made_up(1.0) == 40 and 5 < made_up(0.5) < 35
@@ -342,7 +407,7 @@ def test_data_sources_are_settings_and_the_paper_preset_reads_the_papers(trained
 
     def pools(**settings):
         cfg = train.load_config("tiny", {"data_root": str(root), **settings})
-        return train.training_pools(cfg, "1"), train.stage0_pairs(cfg, random.Random(0))
+        return train.training_pools(cfg, "1", ["captioning", "tagging"]), train.stage0_pairs(cfg, random.Random(0))
 
     base, base0 = pools()
     assert len(base0) == len(base["captioning"]) + len(base["tagging"])  # AudioCaps + Clotho + AudioSet
@@ -466,6 +531,11 @@ def test_a_continuation_in_a_run_folder_of_its_own_reads_the_parts_its_apt_names
     rows = json.loads((tmp / "eval" / "metrics_audioset.json").read_text())
     assert rows[0]["protocol"].startswith("paper protocol:") and 0 <= rows[0]["apt"] <= 1
     assert not (tmp / "none" / "llm").exists() and not (tmp / "none" / "encoder.safetensors").exists()
+    # resumed without the --start_from it continued: told to give it again, not to pretrain an encoder (the folder
+    # has none of its own: a preset whose encoder --stage mae makes was told to run that)
+    with pytest.raises(SystemExit, match=rf"^stage 2 starts from stage 1's result, which is not in "
+                                         rf"{more}/stage1/final/; .*give its --start_from again"):
+        train.main(["--stage", "2", *settings, f"--run_dir={more}", "--encoder_init=mae", "--resume"])
 
 
 def test_precision_settings():
