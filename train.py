@@ -112,7 +112,8 @@ class StandInLLM:
                 if p.ndim >= 2:
                     p.normal_(0, 0.02)
         self.sampler = data.TaskSampler({"lm": self.train_docs}, {"lm": 1.0}, cfg.batch_size * world, cfg.seed)
-        self.module, self.scaler = self.llm, None
+        self.autocast, self.scaler, _ = amp_settings(cfg, device)  # the LLM trains in fp32 under autocast
+        self.module = self.llm
         self.params = dict(self.llm.named_parameters())
 
     def encode(self, doc):
@@ -126,7 +127,8 @@ class StandInLLM:
         ids, mask = self.tok.pad(docs)
         ids, mask = ids.to(self.device), mask.to(self.device)
         at = mask[:, 1:].clone()
-        logits = model(ids[:, :-1], attention_mask=mask[:, :-1], logits_at=at)
+        with self.autocast():
+            logits = model(ids[:, :-1], attention_mask=mask[:, :-1], logits_at=at)
         return F.cross_entropy(logits.float(), ids[:, 1:][at], reduction="sum"), int(at.sum())
 
     def micro_step(self, model, sampler):

@@ -765,6 +765,15 @@ def test_the_stand_in_llm_learns_next_tokens_of_whole_documents_from_a_small_sta
     longest = max(len(tok.encode(a, bos=False)) + 1 for a in [four, *answers.values()])
     assert min(caps) >= longest  # room for the longest answer and its EOS: every document can be answered
 
+    # the run's precision, as every stage: bf16 autocast where it resolves to bf16 (the weights train in fp32)
+    half = train.StandInLLM(train.load_config("tiny", opts(prepared, "--precision=bf16")), 0, 1, torch.device("cpu"))
+    computed = []
+    half.llm.lm_head.register_forward_hook(lambda module, args, out: computed.append(out.dtype))
+    half.loss_sum(half.llm, docs)
+    job.llm.lm_head.register_forward_hook(lambda module, args, out: computed.append(out.dtype))
+    job.loss_sum(job.llm, docs)
+    assert computed == [torch.bfloat16, torch.float32] and half.llm.lm_head.weight.dtype == torch.float32
+
 
 def test_stage_0_reads_whole_clips_counts_what_it_skips_and_retrieves_over_every_reference(prepared, tmp_path,
                                                                                           monkeypatch, caplog):
