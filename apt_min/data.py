@@ -5,7 +5,8 @@ plain records; a row it cannot read raises `DataError` naming the file and line.
 (`synth.py`) writes the same formats, so one path serves both. Where audio lives differs between download tools:
 `LAYOUT` gives each data set's files and audio path pattern relative to a data root; a `layout.json` in the data root
 replaces the entries it names, for that root (`layout_of`; e.g. {"audioset": {"audio": "audio/{ytid}_{start:.3f}.flac"}}
-for clips named as AST and Audio-MAE name them), and `layout=` overrides both.
+for clips named by their start, or "audios/{list}/**/Y{ytid}.wav" for PANNs' folders: a "**" stands for any folders
+below, the file found by its name), and `layout=` overrides both.
 Audio that a list names but that is not on disk is counted and skipped with one warning per file (strict=True raises
 instead) — never silently; a `Coverage` passed in records which files were listed and which were missing. A list
 with no rows is an error naming the file.
@@ -25,6 +26,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import re
 from collections import defaultdict
@@ -48,8 +50,8 @@ LAYOUT = {  # relative to the data root; {split} and the audio pattern's fields 
                               "test": "audioset/eval_segments.csv"},
                  "strong": {"train": "audioset/audioset_train_strong.tsv", "test": "audioset/audioset_eval_strong.tsv"},
                  "classes": "audioset/class_labels_indices.csv", "names": "audioset/mid_to_display_name.tsv",
-                 "audio": "audio/Y{ytid}.wav"},  # PANNs' naming; AST/Audio-MAE's is "{ytid}_{start:.3f}.flac"
-    "audiocaps": {"csv": "audiocaps/{split}.csv", "audio": "audio/Y{ytid}.wav"},
+                 "audio": "audio/Y{ytid}.wav"},  # fields: ytid, start, end, list (the segment file's name)
+    "audiocaps": {"csv": "audiocaps/{split}.csv", "audio": "audio/Y{ytid}.wav"},  # fields: ytid, start, split
     "clotho": {"csv": "clotho/clotho_captions_{split}.csv", "audio": "clotho/{split}/{file_name}",
                "splits": {"train": "development", "val": "validation", "test": "evaluation"}},
     "clotho_aqa": {"csv": "clotho_aqa/clotho_aqa_{split}.csv", "audio": "clotho_aqa/audio_files/{file_name}"},
@@ -123,15 +125,18 @@ def _json(path: Path):
 
 
 def _text(path: Path) -> str:
-    """File contents as text: UTF-8, or ISO-8859-1 (Clotho's metadata) where UTF-8 fails."""
+    """File contents as text: UTF-8, else Windows-1252 (a file saved from Excel: its quotes and dashes), else
+    ISO-8859-1 (Clotho's metadata), which reads any byte."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: no such data file")
     raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return raw.decode("latin-1")
 
 
 def _rows(path: Path, header: list[str], **kw):
@@ -312,6 +317,8 @@ class AudioFiles:
                                f"{LAYOUT_FILE}, for the clips {self.source} lists) cannot be filled "
                                f"({type(e).__name__}: {e}); its fields are "
                                f"{', '.join('{' + k + '}' for k in fields)}") from None
+        if "**" in path.parts:  # "audios/**/Y{ytid}.wav": the file of that name anywhere below audios/
+            path = _files_below(Path(*path.parts[:path.parts.index("**")])).get(path.name, path)
         self.seen += 1
         if self.coverage is not None:
             self.coverage.listed.setdefault(str(path), str(self.source))
@@ -329,6 +336,20 @@ class AudioFiles:
             log.warning("%d of %d audio files listed in %s are missing under %s (pattern %r); those rows are "
                         "skipped (strict=True raises instead)", self.missing, self.seen, self.source, self.root,
                         self.pattern)
+
+
+@functools.cache
+def _files_below(folder: Path) -> dict[str, Path]:
+    """Every file below `folder` by its name (read once per process): where a pattern's "**" stands for folders the
+    download tool chose, such as PANNs' unbalanced_train_segments_part00 .. part40. A name found twice is an error."""
+    found = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            if name in found:
+                raise DataError(f"{found[name]} and {Path(parent) / name}: two files of one name below {folder}, "
+                                "where an audio path pattern's ** stands for any folder")
+            found[name] = Path(parent) / name
+    return found
 
 
 # ------------------------------------------------------------------------------------------------------ examples
@@ -425,7 +446,7 @@ def _audioset(L, root, split, strict, build, coverage=None):
         unknown = [m for m in mids if m not in names]
         if unknown:
             raise DataError(f"{path}: {ytid} has labels not in class_labels_indices.csv: {unknown}")
-        if audio := files(ytid=ytid, start=start):
+        if audio := files(ytid=ytid, start=start, end=start + 10, list=path.stem):
             out += build(audio, [names[m] for m in mids], (ytid, start))
     files.report()
     return out
@@ -440,7 +461,7 @@ def _strong(L, root, split, task, rng, strict, coverage=None):
     files = AudioFiles(root, lay["audio"], path, strict, coverage)
     out = []
     for (ytid, start), rows in read_strong_labels(path).items():
-        audio = files(ytid=ytid, start=start)
+        audio = files(ytid=ytid, start=start, end=start + 10, list=path.stem)
         if not audio:
             continue
         events = sorted((names.get(m, m), on, off) for m, on, off in rows)
@@ -482,7 +503,7 @@ def _caption_records(L, root, split, source) -> tuple[Path, str, list[tuple[dict
         by_clip = {}
         for _, ytid, start, caption in read_audiocaps(path := root / lay["csv"].format(split=split)):
             by_clip.setdefault((ytid, start), []).append(caption)
-        return path, lay["audio"], [({"ytid": y, "start": s}, caps) for (y, s), caps in by_clip.items()]
+        return path, lay["audio"], [({"ytid": y, "start": s, "split": split}, caps) for (y, s), caps in by_clip.items()]
     if source == "clotho":
         lay = L["clotho"]
         if split not in lay["splits"]:
@@ -497,13 +518,35 @@ def _caption_records(L, root, split, source) -> tuple[Path, str, list[tuple[dict
         name = lay.get("names", {}).get(subset)
         path = root / (lay["json"].format(subset=subset, name=name) if name else f"wavcaps/json_files/{subset}.json")
         excluded, listed = wavcaps_blacklisted(root, subset, tuple(lay.get("blacklists", ()))), read_wavcaps(path)
+        held_out = audioset_test_ytids(L, root) if subset.startswith("AudioSet") else set()
         records = [({"stem": stem, **d}, [d["caption"]]) for d in listed
-                   if (stem := Path(str(d["id"])).stem) not in excluded]
+                   if (stem := Path(str(d["id"])).stem) not in excluded and _ytid(stem) not in held_out]
         if dropped := len(listed) - len(records):
-            log.info("%s: %d clips left out, WavCaps's blacklists name them (test clips of other data sets)", path,
-                     dropped)
+            log.info("%s: %d clips left out, WavCaps's blacklists name them or AudioSet tests on them (test clips "
+                     "of other data sets)", path, dropped)
         return path, lay["audio"].replace("{subset}", subset), records
     raise ValueError(f"unknown captioning source {source!r}: audiocaps, clotho or wavcaps:<subset>")
+
+
+def _ytid(stem: str) -> str | None:
+    """The YouTube id in a clip's name: "Y" and the 11-character id, or the id alone, maybe followed by "_start"."""
+    m = re.match(r"Y?([A-Za-z0-9_-]{11})(?:_|$)", stem)
+    return m[1] if m else None
+
+
+def audioset_test_ytids(L: dict, root: Path) -> set[str]:
+    """The YouTube ids of AudioSet's test clips (eval_segments.csv, and the strong labels' test list), which
+    WavCaps's AudioSet_SL subset holds some of (its ids: "Y" + the 11-character YouTube id ...) and its blacklists do
+    not all name: left out of training. A list not under the data root is a warning, once."""
+    lay, out = L["audioset"], set()
+    for path, read in ((root / lay["segments"]["test"], lambda p: {y for y, *_ in read_audioset_segments(p)}),
+                       (root / lay["strong"]["test"], lambda p: {y for y, _ in read_strong_labels(p)})):
+        if path.is_file():
+            out |= read(path)
+        else:
+            _warn_once(f"{path}: AudioSet's test list is not there; WavCaps's AudioSet_SL clips that it names are not "
+                       "left out of training")
+    return out
 
 
 def wavcaps_blacklisted(root: Path, subset: str, blacklists: tuple[str, ...]) -> set[str]:

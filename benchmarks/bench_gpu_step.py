@@ -30,7 +30,8 @@ from apt_min.llama import Llama, LlamaConfig
 from apt_min.model import APT
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16;
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0,
+               "A100": 312.0}  # dense bf16;
 # the first name the device's contains (an H100 SXM is "NVIDIA H100 80GB HBM3")
 
 
@@ -87,7 +88,8 @@ def main():
     params = [p for p in apt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     # encoder features stand in for 8 clips (the frozen encoder is not part of a training step once cached)
-    feats = {f"clip{i}": torch.randn(1, math.prod(enc_cfg.grid), enc_cfg.dim) for i in range(args.batch)}
+    feats = {f"clip{i}": torch.randn(1, math.prod(enc_cfg.grid), enc_cfg.dim, dtype=torch.float16)  # as cached
+             for i in range(args.batch)}
     batch = [[("audio", k), ("text", "Describe the audio clip concisely.")] for k in feats]
     answers = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(args.answer_words)) for i in range(args.batch)]
 
@@ -98,7 +100,8 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    x, mask, labels = apt.embed_batch(batch, feats, answers)
+    with torch.no_grad():  # the shapes alone: no graph of the aligner kept through the memory measurement
+        x, mask, labels = apt.embed_batch(batch, feats, answers)
     tokens, answered = int(mask.sum()), int((labels != -100).sum())  # logits are computed at the answers only
     V, D = llm_cfg.vocab_size, llm_cfg.hidden_size
     n_head = V * D  # the vocabulary projection (tied or not), run where a loss is taken

@@ -50,6 +50,7 @@ def test_mfu_is_taken_against_the_cards_own_peak():
 
     assert peak_tflops("NVIDIA H100 PCIe") == 756 and peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert peak_tflops("NVIDIA H200") == 989 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert peak_tflops("NVIDIA H200 NVL") == 835  # (not the SXM card's 989)
 
 
 def test_probe_prompts_readout_is_scikit_learns_logistic_regression():

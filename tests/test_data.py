@@ -139,6 +139,31 @@ def test_wavcaps_leaves_out_the_clips_its_blacklists_name(tmp_path, caplog):
     assert captions("AudioSet_SL") == ["clip Yaaaaaaaaaaa"]
 
 
+def test_wavcaps_audioset_clips_that_audioset_tests_on_are_left_out(tmp_path, caplog):
+    """WavCaps's AudioSet_SL subset holds clips of AudioSet's evaluation lists that its blacklists do not name
+    (about 6 000 of eval_segments.csv): the tagging and detection test clips would be trained on. Its clips whose
+    YouTube id AudioSet's test lists name are left out; lists that are not there are said, once each."""
+    items = [{"id": f"{y}.wav", "caption": f"clip {y}"} for y in ("Yaaaaaaaaaaa", "Ybbbbbbbbbbb_30.000",
+                                                                  "Yccccccccccc")]
+    write(tmp_path / "wavcaps/json_files/AudioSet_SL/as_final.json", json.dumps({"data": items}))
+    touch_audio(tmp_path, *[f"wavcaps/AudioSet_SL/{d['id'][:-4]}.flac" for d in items])
+    for blacklist in data.LAYOUT["wavcaps"]["blacklists"]:
+        write(tmp_path / blacklist, "{}")
+
+    def captions():
+        return [ex.answer for ex in data.examples("captioning", tmp_path, "train", source="wavcaps:AudioSet_SL",
+                                                  rng=random.Random(0))]
+
+    with caplog.at_level("WARNING"):
+        assert len(captions()) == 3 and len(captions()) == 3
+    for name in ("eval_segments.csv", "audioset_eval_strong.tsv"):
+        assert caplog.text.count(f"audioset/{name}: AudioSet's test list is not there") == 1
+    write(tmp_path / "audioset/eval_segments.csv", AUDIOSET.replace("--BfvyPmVMo", "aaaaaaaaaaa"))
+    write(tmp_path / "audioset/audioset_eval_strong.tsv", "segment_id\tstart_time_seconds\tend_time_seconds\t"
+          "label\nbbbbbbbbbbb_30000\t1.0\t2.5\t/m/09x0r\n")
+    assert captions() == ["clip Yccccccccccc"]
+
+
 def test_an_audio_pattern_with_a_field_its_records_lack_is_a_setting_error(tmp_path):
     """LAYOUT's audio patterns are filled from each record's fields: a pattern naming another field (a folder per
     split, say) is one clear error naming the pattern and the fields it may use; so is a split Clotho lacks."""
@@ -146,10 +171,44 @@ def test_an_audio_pattern_with_a_field_its_records_lack_is_a_setting_error(tmp_p
     write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)
     layout = {**data.LAYOUT, "audioset": {**data.LAYOUT["audioset"], "audio": "audios/{split}/Y{ytid}.wav"}}
     with pytest.raises(SettingError, match=r"'audios/\{split\}/Y\{ytid\}.wav' .*eval_segments.csv.*"
-                                           r"KeyError: 'split'.*its fields are \{ytid\}, \{start\}"):
+                                           r"KeyError: 'split'.*its fields are \{ytid\}, \{start\}, \{end\}, "
+                                           r"\{list\}"):
         data.examples("tagging", tmp_path, "test", layout=layout)
     with pytest.raises(DataError, match=r"Clotho has no 'dev' split here; it has \['test', 'train', 'val'\]"):
         data.examples("captioning", tmp_path, "dev", source="clotho")
+
+
+def test_a_download_tools_folders_are_patterns_too(tmp_path):
+    """PANNs keeps AudioSet's clips in a folder per segment list (the unbalanced one over 41 part folders), aac-
+    datasets AudioCaps's in a folder per split: AudioSet's pattern may name {list} (the segment file's name) and
+    {end}, AudioCaps's {split}, and a "**" stands for any folders below, the file found by its name (a name found
+    twice there is an error naming both). A file saved from Excel reads as Windows-1252, its quotes intact."""
+    write(tmp_path / "audioset/eval_segments.csv", AUDIOSET)
+    write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)
+    touch_audio(tmp_path, "audios/eval_segments/part00/Y--4gqARaEJE.wav",
+                "audios/eval_segments/part07/Y--BfvyPmVMo.wav")
+    write(tmp_path / "audiocaps/test.csv", "audiocap_id,youtube_id,start_time,caption\n7,abcdefghijk,30,A dog barks\n")
+    touch_audio(tmp_path, "caps/test/abcdefghijk_30_40.flac")
+    write(tmp_path / "layout.json", json.dumps({"audioset": {"audio": "audios/{list}/**/Y{ytid}.wav"},
+                                                "audiocaps": {"audio": "caps/{split}/{ytid}_{start}_{end}.flac"}}))
+    found = data.examples("tagging", tmp_path, "test", strict=True)
+    assert [ex.segments[0][1] for ex in found] == [str(tmp_path / "audios/eval_segments/part00/Y--4gqARaEJE.wav"),
+                                                   str(tmp_path / "audios/eval_segments/part07/Y--BfvyPmVMo.wav")]
+    with pytest.raises(SettingError, match=r"KeyError: 'end'.*its fields are \{ytid\}, \{start\}, \{split\}"):
+        data.examples("captioning", tmp_path, "test", source="audiocaps")  # AudioCaps lists no end
+    write(tmp_path / "layout.json", json.dumps({"audiocaps": {"audio": "caps/{split}/{ytid}_{start}_40.flac"}}))
+    [caption] = data.examples("captioning", tmp_path, "test", source="audiocaps", strict=True)
+    assert caption.segments[0][1] == str(tmp_path / "caps/test/abcdefghijk_30_40.flac")
+    touch_audio(tmp_path, "audios/eval_segments/part09/Y--BfvyPmVMo.wav")
+    data._files_below.cache_clear()  # (read once per process)
+    write(tmp_path / "layout.json", json.dumps({"audioset": {"audio": "audios/{list}/**/Y{ytid}.wav"}}))
+    with pytest.raises(DataError, match=r"part0[79]/Y--BfvyPmVMo.wav and .*part0[79]/Y--BfvyPmVMo.wav: two files of "
+                                        r"one name below .*audios/eval_segments"):
+        data.examples("tagging", tmp_path, "test")
+    aqa = "file_name,QuestionText,answer,confidence\nBell.wav,What\u2019s ringing \u201cnow\u201d?,a bell,yes\n"
+    write(tmp_path / "clotho_aqa/clotho_aqa_test.csv", aqa, "cp1252")  # bytes 0x92, 0x93, 0x94
+    [(_, question, _, _)] = data.read_clotho_aqa(tmp_path / "clotho_aqa/clotho_aqa_test.csv")
+    assert question == "What\u2019s ringing \u201cnow\u201d?"
 
 
 def test_a_data_roots_layout_json_replaces_the_entries_it_names(tmp_path, caplog):
