@@ -442,11 +442,11 @@ def _audioset(L, root, split, strict, build, coverage=None):
     path, names = root / lay["segments"][split], _names(L, root)
     files = AudioFiles(root, lay["audio"], path, strict, coverage)
     out = []
-    for ytid, start, _end, mids in read_audioset_segments(path):
+    for ytid, start, end, mids in read_audioset_segments(path):
         unknown = [m for m in mids if m not in names]
         if unknown:
             raise DataError(f"{path}: {ytid} has labels not in class_labels_indices.csv: {unknown}")
-        if audio := files(ytid=ytid, start=start, end=start + 10, list=path.stem):
+        if audio := files(ytid=ytid, start=start, end=end, list=path.stem):
             out += build(audio, [names[m] for m in mids], (ytid, start))
     files.report()
     return out
@@ -461,7 +461,7 @@ def _strong(L, root, split, task, rng, strict, coverage=None):
     files = AudioFiles(root, lay["audio"], path, strict, coverage)
     out = []
     for (ytid, start), rows in read_strong_labels(path).items():
-        audio = files(ytid=ytid, start=start, end=start + 10, list=path.stem)
+        audio = files(ytid=ytid, start=start, end=start + 10, list=path.stem)  # (strong labels: 10 s clips)
         if not audio:
             continue
         events = sorted((names.get(m, m), on, off) for m, on, off in rows)

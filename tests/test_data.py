@@ -189,6 +189,9 @@ def test_a_download_tools_folders_are_patterns_too(tmp_path):
                 "audios/eval_segments/part07/Y--BfvyPmVMo.wav")
     write(tmp_path / "audiocaps/test.csv", "audiocap_id,youtube_id,start_time,caption\n7,abcdefghijk,30,A dog barks\n")
     touch_audio(tmp_path, "caps/test/abcdefghijk_30_40.flac")
+    touch_audio(tmp_path, "dcase/Y--4gqARaEJE_0.000_10.000.wav")
+    write(tmp_path / "layout.json", json.dumps({"audioset": {"audio": "dcase/Y{ytid}_{start:.3f}_{end:.3f}.wav"}}))
+    assert len(data.examples("tagging", tmp_path, "test")) == 1  # the list's own end: 10.000, 30.000
     write(tmp_path / "layout.json", json.dumps({"audioset": {"audio": "audios/{list}/**/Y{ytid}.wav"},
                                                 "audiocaps": {"audio": "caps/{split}/{ytid}_{start}_{end}.flac"}}))
     found = data.examples("tagging", tmp_path, "test", strict=True)
