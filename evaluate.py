@@ -64,7 +64,7 @@ def write_metrics(out: Path, name, rows, coverage: data.Coverage | None, made: d
 
 
 def default_out(cfg, checkpoint: Path, given: bool) -> Path:
-    """Where results go without --out, so that evaluating one APT never writes over another's results: {run_dir}/eval
+    """Where results go without --out, so that evaluating another APT does not write over the run's own: {run_dir}/eval
     for the run's own APT (or the preset's release, standing in for it); for a --checkpoint, the eval folder of the run
     it belongs to: {run}/eval for a run's stage-2 APT, {run}/eval-{stage folder} for another stage's
     (runs/paper/caption_ft-audiocaps/final: runs/paper/eval-caption_ft-audiocaps), and {run_dir}/eval-{its name} for

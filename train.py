@@ -362,11 +362,10 @@ class TuneAPT:
         else:
             model = APT.load(prev, encoder, llm, self.tok, self.encoder_id, self.llm_id, cache)
             model.aligner.set_dropout(cfg.aligner_dropout)  # a training setting, as in stage 1
-            if differ := [k for k in ("prompt_format", "instruction_bos", "long_audio")
-                          if getattr(cfg, k) != getattr(model, k)]:
-                log.warning("%s was trained with %s; the settings' %s are not used: an APT keeps the layout it was "
-                            "trained in", prev, ", ".join(f"{k}={getattr(model, k)}" for k in differ),
-                            ", ".join(f"{k}={getattr(cfg, k)}" for k in differ))
+            layout = ("prompt_format", "instruction_bos", "long_audio")
+            build.name_settings_not_used(prev, "was trained with", {k: getattr(model, k) for k in layout},
+                                         {k: getattr(cfg, k) for k in layout}, ": an APT keeps the layout it was "
+                                         "trained in")
         build.name_unused_aligner_sizes(cfg, model.aligner, prev)
         self.model = model.to(device)
         # what trains: the aligner without its stage-0 heads, the projection and <AUDIO>

@@ -98,11 +98,9 @@ def build_encoder(cfg, device, dtype, create: bool = True):
             path.parent.mkdir(parents=True, exist_ok=True)
             enc.save(path)
         model = AudioMAE.from_checkpoint(path)
-        asked, built = dataclasses.asdict(cfg.encoder_config()), dataclasses.asdict(model.config)
-        if differ := [k for k in asked if asked[k] != built[k]]:
-            log.warning("%s was built with %s; the settings' %s are not used: the run keeps the encoder it has "
-                        "(another --run_dir, or that file removed, builds a new one)", path,
-                        ", ".join(f"{k}={built[k]}" for k in differ), ", ".join(f"{k}={asked[k]}" for k in differ))
+        name_settings_not_used(path, "was built with", dataclasses.asdict(model.config),
+                               dataclasses.asdict(cfg.encoder_config()), ": the run keeps the encoder it has (another "
+                               "--run_dir, or that file removed, builds a new one)")
     identity = fingerprint(path)
     if path.suffix != ".safetensors":  # a released .pth holds weights only: the block read, the window length and
         # the shape come from the settings, so they belong to the encoder's identity (the feature cache's key, the
@@ -194,17 +192,24 @@ def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
     return apt.to(device).eval()
 
 
+def name_settings_not_used(where, made: str, kept: dict, asked: dict, why: str) -> None:
+    """A saved part keeps what it was made with: the settings that ask otherwise (`asked`, against the part's own
+    `kept`, key by key) are named in one warning, "{where} {made} k=v; the settings' k=v are not used{why}", rather
+    than silently dropped."""
+    if differ := [k for k in asked if asked[k] != kept[k]]:
+        log.warning("%s %s %s; the settings' %s are not used%s", where, made,
+                    ", ".join(f"{k}={kept[k]}" for k in differ), ", ".join(f"{k}={asked[k]}" for k in differ), why)
+
+
 ALIGNER_SIZES = {"aligner_hidden": "hidden_size", "aligner_layers": "num_layers", "aligner_heads": "num_heads",
                  "aligner_intermediate": "intermediate_size", "num_queries": "num_queries"}
 
 
 def name_unused_aligner_sizes(cfg, aligner, where) -> None:
-    """A trained aligner keeps its shape (stage 0 chose it): sizes in the settings that differ from it are named in a
-    warning rather than silently not used."""
-    if differ := [k for k, field in ALIGNER_SIZES.items() if getattr(cfg, k) != getattr(aligner.config, field)]:
-        log.warning("%s holds an aligner of %s; the settings' %s are not used (stage 0 sets an aligner's shape)",
-                    where, ", ".join(f"{k}={getattr(aligner.config, ALIGNER_SIZES[k])}" for k in differ),
-                    ", ".join(f"{k}={getattr(cfg, k)}" for k in differ))
+    """A trained aligner keeps its shape (stage 0 chose it): sizes in the settings that differ from it are named."""
+    name_settings_not_used(where, "holds an aligner of",
+                           {k: getattr(aligner.config, field) for k, field in ALIGNER_SIZES.items()},
+                           {k: getattr(cfg, k) for k in ALIGNER_SIZES}, " (stage 0 sets an aligner's shape)")
 
 
 def vision_side(cfg) -> Path | None:

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from apt_min import audio, data, metrics
-from apt_min.aligner import Aligner
+from apt_min.aligner import STAGE0_HEADS, Aligner
 from apt_min.config import stage_folder
 from apt_min.tasks import FEWSHOT_QUERY, label_text
 
@@ -109,14 +109,14 @@ def stage0_aligner(checkpoint: Path, device, words: torch.Tensor | None = None) 
 
 def same_stage0_heads(checkpoint: Path, aligner: Aligner) -> bool:
     """Whether `aligner` is the stage-0 aligner the APT in `checkpoint` was trained from: stages 1 and 2 leave the
-    stage-0 heads (the contrastive projections and temperature) as stage 0 made them, so they must be equal. A
-    continuation of a release never is (a release drops them)."""
+    stage-0 heads (aligner.STAGE0_HEADS: the contrastive projections, temperature, matching and caption heads) as
+    stage 0 made them, so they must be equal. A continuation of a release never is (a release drops them)."""
     from safetensors import safe_open
 
+    own = {k: p for k, p in aligner.named_parameters() if k.startswith(STAGE0_HEADS)}
     with safe_open(str(checkpoint / "apt.safetensors"), "pt") as f:
         saved = set(f.keys())
-        heads = [k for k in ("text_proj.weight", "audio_proj.weight", "temp") if f"aligner.{k}" in saved]
-        own = dict(aligner.named_parameters())
+        heads = [k for k in own if f"aligner.{k}" in saved]
         return bool(heads) and all(torch.equal(f.get_tensor(f"aligner.{k}").float(), own[k].detach().float().cpu())
                                    for k in heads)
 
