@@ -28,6 +28,7 @@ from tqdm import tqdm
 from apt_min import audio, data, metrics
 from apt_min.aligner import STAGE0_HEADS, Aligner
 from apt_min.config import stage_folder
+from apt_min.model import decode_clips
 from apt_min.tasks import FEWSHOT_QUERY, label_text
 
 log = logging.getLogger("apt_min")
@@ -323,9 +324,7 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None, coverage: dat
 
     modes, coverage = list(modes or MODES), coverage or data.Coverage()
     items = items[:opts.limit] if opts.limit else items
-    bad = {}
-    for i in range(0, len(items), 64):
-        bad |= dict(model.apt.encode_clips([it["audio"] for it in items[i:i + 64]], opts.strict)[1])
+    bad = unreadable(model.apt, [it["audio"] for it in items], opts.strict)
     coverage.unreadable |= bad
     records = []
     for item in progress([it for it in items if it["audio"] not in bad], "avqa"):
@@ -418,14 +417,21 @@ def clips_of(examples) -> list[str]:
     return list(dict.fromkeys(v for ex in examples for k, v in ex.segments if k == "audio"))
 
 
-def readable(apt, examples, coverage: data.Coverage, strict: bool = False, chunk: int = 64) -> list:
-    """The examples whose every clip the encoder can decode (their features go to the cache, so nothing is decoded
-    twice; with feature_cache=off a clip is encoded here and again when scored); the clips that cannot be are
-    recorded in `coverage` with why, and their examples dropped (strict: the first one raises, naming the file)."""
-    bad = {}
-    paths = clips_of(examples)
+def unreadable(apt, paths, strict: bool = False, chunk: int = 64) -> dict:
+    """{path: why} for the clips that cannot be decoded (strict: the first one raises, naming the file). With a
+    feature cache the clips are encoded here and their features kept, so scoring reads them; without one
+    (feature_cache=off) they are only decoded here, and encoded once, when scored."""
+    bad, kept = {}, apt.cache is not None
     for i in range(0, len(paths), chunk):
-        bad |= dict(apt.encode_clips(paths[i:i + chunk], strict)[1])
+        some = paths[i:i + chunk]
+        bad |= dict((apt.encode_clips(some, strict) if kept else decode_clips(some, apt.encoder.config, strict))[1])
+    return bad
+
+
+def readable(apt, examples, coverage: data.Coverage, strict: bool = False) -> list:
+    """The examples whose every clip decodes; the clips that do not are recorded in `coverage` with why, and their
+    examples dropped (strict: the first one raises, naming the file)."""
+    bad = unreadable(apt, clips_of(examples), strict)
     coverage.unreadable |= bad
     return [ex for ex in examples if not any(v in bad for k, v in ex.segments if k == "audio")]
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from apt_min import audio
 from apt_min.aligner import STAGE0_HEADS, Aligner, AlignerConfig, pad_tokens
-from apt_min.audiomae import AudioMAE
+from apt_min.audiomae import AudioMAE, AudioMAEConfig
 from apt_min.checkpoint import CheckpointError, safetensors_entries
 from apt_min.errors import SettingError
 from apt_min.llama import KVCache, Llama, SharedPrefix
@@ -123,22 +123,30 @@ class FeatureCache:
             self.memory[key] = feats
 
 
-@torch.no_grad()
-def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, strict: bool = False):
-    """Frozen encoder features of each distinct file: ({path: (W, N, Da) float16 on the CPU}, [(path, error)]).
-    A file that cannot be used is reported in the second list (strict=True raises instead)."""
-    feats, bad, todo = {}, [], []
-    for p in dict.fromkeys(paths):
-        cached = cache.get(p) if cache and Path(p).is_file() else None  # a missing file is reported below
-        if cached is not None:
-            feats[p] = cached
-            continue
+def decode_clips(paths, config: AudioMAEConfig, strict: bool = False):
+    """Each file's fbank windows as the encoder reads them: ([(path, (W, T, F))], [(path, error)]). A file that
+    cannot be decoded is reported in the second list (strict=True raises instead)."""
+    windows, bad = [], []
+    for p in paths:
         try:
-            todo.append((p, audio.load_fbank(p, encoder.config.target_length, encoder.config.num_mel_bins)))
+            windows.append((p, audio.load_fbank(p, config.target_length, config.num_mel_bins)))
         except (audio.AudioError, OSError) as e:
             if strict:
                 raise
             bad.append((p, str(e)))
+    return windows, bad
+
+
+@torch.no_grad()
+def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, strict: bool = False):
+    """Frozen encoder features of each distinct file: ({path: (W, N, Da) float16 on the CPU}, [(path, error)]).
+    A file that cannot be used is reported in the second list (strict=True raises instead)."""
+    feats = {}
+    for p in dict.fromkeys(paths):
+        cached = cache.get(p) if cache and Path(p).is_file() else None  # a missing file is reported below
+        if cached is not None:
+            feats[p] = cached
+    todo, bad = decode_clips([p for p in dict.fromkeys(paths) if p not in feats], encoder.config, strict)
     if todo:
         windows = torch.cat([w for _, w in todo]).to(encoder.cls_token.device)  # (sum W, T, F)
         out = torch.cat([encoder(chunk) for chunk in windows.split(32)])  # (sum W, N, Da)

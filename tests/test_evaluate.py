@@ -156,6 +156,38 @@ def data_with_faults(trained, tmp_path) -> tuple[Path, list[Path]]:
     return root, [gone, broken]
 
 
+@pytest.mark.parametrize("cache", ["memory", "off"])
+def test_the_readability_check_encodes_only_what_it_keeps(trained, tmp_path, monkeypatch, cache):
+    """Which clips decode is checked before scoring: with a feature cache by encoding them (scoring then reads the
+    features), without one (the paper preset) by decoding them only, so no clip goes through the encoder twice."""
+    from apt_min.audiomae import AudioMAE
+
+    root, (gone, broken) = data_with_faults(trained, tmp_path)
+    encoded, checking = [], []
+    forward, check = AudioMAE.forward, evaluation.unreadable
+
+    def counted(self, x, *a, **k):
+        encoded.append((bool(checking), len(x)))
+        return forward(self, x, *a, **k)
+
+    def flagged(*a, **k):
+        checking.append(True)
+        try:
+            return check(*a, **k)
+        finally:
+            checking.clear()
+
+    monkeypatch.setattr(AudioMAE, "forward", counted)
+    monkeypatch.setattr(evaluation, "unreadable", flagged)
+    out = tmp_path / "eval"
+    evaluate.main(["--task", "clotho_aqa", "--out", str(out), *opts(trained), f"--data_root={root}",
+                   f"--feature_cache={cache}"])
+    *_, scored = json.loads((out / "metrics_clotho_aqa.json").read_text())
+    assert "1 missing, 1 unreadable" in scored["protocol"]  # found either way
+    in_check = sum(n for c, n in encoded if c)
+    assert (in_check > 0) == (cache == "memory") and any(not c for c, _ in encoded) == (cache == "off"), encoded
+
+
 def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained, tmp_path, capsys):
     root, (gone, broken) = data_with_faults(trained, tmp_path)
     listed = len({f for f, *_ in data.read_clotho_aqa(root / "clotho_aqa" / "clotho_aqa_test.csv")})
