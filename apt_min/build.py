@@ -62,6 +62,7 @@ def ensure_tokenizer(cfg) -> Tokenizer:
     """The LLM's tokenizer; for the tiny preset one is trained on the synthetic corpus the first time."""
     fetch_known_llm(cfg)
     folder = Path(cfg.resolved_llm_path())
+    asked = folder / "tokenizer_settings.json"  # what a trained one was asked for (its vocabulary may be smaller)
     if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
         if cfg.llm_path:
             raise SystemExit(f"{folder}: no tokenizer.model or tokenizer.json; point --llm_path at the LLM folder")
@@ -69,6 +70,11 @@ def ensure_tokenizer(cfg) -> Tokenizer:
 
         docs = synth.lm_corpus(cfg.data_root, "train", cfg.seed)
         train_sentencepiece((piece for doc in docs for piece in doc), folder / "tokenizer.model", cfg.llm_vocab)
+        asked.write_text(json.dumps({"llm_vocab": cfg.llm_vocab}))
+    elif not cfg.llm_path and asked.is_file():
+        name_settings_not_used(folder / "tokenizer.model", "was trained with", json.loads(asked.read_text()),
+                               {"llm_vocab": cfg.llm_vocab}, ": the run keeps the tokenizer its stand-in LLM and "
+                               "aligner were built on (another --run_dir trains a new one)")
     return Tokenizer(folder)
 
 
@@ -110,13 +116,23 @@ def build_encoder(cfg, device, dtype, create: bool = True):
     return model.to(device, dtype), {"path": str(path), "fingerprint": identity}
 
 
+STAND_IN_SIZES = {"llm_hidden": "hidden_size", "llm_intermediate": "intermediate_size",
+                  "llm_layers": "num_hidden_layers", "llm_heads": "num_attention_heads",
+                  "llm_kv_heads": "num_key_value_heads"}  # the settings, and the config's names for them
+
+
 def load_llm(cfg, device, dtype):
     fetch_known_llm(cfg)
     folder = Path(cfg.resolved_llm_path())
     if not (folder / "config.json").is_file():
         hint = "python train.py --stage lm" if not cfg.llm_path else f"download it into {folder}"
         raise SystemExit(f"{folder}: no LLM there yet; run `{hint}` first")
-    blocks = LlamaConfig.from_json(folder / "config.json").num_hidden_layers
+    saved = LlamaConfig.from_json(folder / "config.json")
+    blocks = saved.num_hidden_layers
+    if not cfg.llm_path:  # the stand-in `--stage lm` trained: its sizes are the run's
+        kept = {k: getattr(saved, f) for k, f in STAND_IN_SIZES.items()}
+        name_settings_not_used(folder, "holds a stand-in LLM of", kept, {k: getattr(cfg, k) for k in STAND_IN_SIZES},
+                               " (`python train.py --stage lm` trains one of those sizes)")
     if cfg.grad_checkpointing_keep > blocks:
         raise SettingError(f"--grad_checkpointing_keep={cfg.grad_checkpointing_keep}: the LLM in {folder} has "
                            f"{blocks} blocks")

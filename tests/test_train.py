@@ -61,6 +61,29 @@ def test_stage_without_its_prerequisite_says_what_to_run(prepared, tmp_path):
         train.main(["--stage", "1", "--batch_size=many"])
 
 
+def test_a_runs_tokenizer_and_stand_in_llm_are_kept_and_other_sizes_named(prepared, tmp_path, caplog):
+    """The tokenizer and the stand-in LLM of a run are made once (stage 0, --stage lm); settings asked of them
+    later are named in a warning, not silently dropped (--llm_vocab included, which the tokenizer cannot tell
+    apart from the smaller vocabulary a small corpus gives, so the asked size is kept beside it)."""
+    from apt_min import build
+
+    tmp = copy_of(prepared, tmp_path)
+    caplog.set_level(logging.WARNING)
+    same = train.load_config("tiny", opts(tmp))
+    build.ensure_tokenizer(same)
+    build.load_llm(same, torch.device("cpu"), torch.float32)
+    assert "not used" not in caplog.text
+    other = train.load_config("tiny", opts(tmp, "--llm_vocab=500", "--llm_layers=3", "--llm_heads=4"))
+    tok = build.ensure_tokenizer(other)
+    llm, _ = build.load_llm(other, torch.device("cpu"), torch.float32)
+    assert tok.vocab_size <= 400 and llm.config.num_hidden_layers == 2
+    folder = tmp / "run" / "llm"
+    assert (f"{folder / 'tokenizer.model'} was trained with llm_vocab=400; the settings' llm_vocab=500 are not used"
+            in caplog.text)
+    assert (f"{folder} holds a stand-in LLM of llm_layers=2, llm_heads=2; the settings' llm_layers=3, llm_heads=4 "
+            "are not used") in caplog.text
+
+
 def weights(tmp):
     return load_file(str(tmp / "run" / "stage1" / "final" / "apt.safetensors"))
 
