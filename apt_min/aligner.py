@@ -31,7 +31,8 @@ from torch import nn
 
 from apt_min.checkpoint import check_keys, safetensors_entries
 
-STAGE0_HEADS = ("audio_proj", "text_proj", "temp", "atm_head", "lm_transform", "lm_decoder")  # used by stage 0 only
+STAGE0_HEADS = ("audio_proj", "text_proj", "temp", "atm_head", "lm_transform", "lm_decoder")  # trained by stage 0 only
+# (its projections also serve the paper's tagging protocol: evaluation.text_branch_scores)
 
 
 @dataclass

@@ -162,14 +162,20 @@ def answer_and_rank(apt, episode, feats) -> str:
     return said
 
 
-def spice_jars() -> Path | None:
-    """Where pycocoevalcap's SPICE looks for the Stanford CoreNLP 3.6.0 jars when they are not there (None when
-    they are). Without them, SPICE would try to download them: we never let it."""
-    import pycocoevalcap.spice as spice
-
+def spice_missing() -> str | None:
+    """Why SPICE cannot run here (None when it can): it needs Java, pycocoevalcap and the Stanford CoreNLP 3.6.0 jars
+    in pycocoevalcap's spice/lib, which it would otherwise try to download: we never let it."""
+    if shutil.which("java") is None:
+        return "Java is not installed"
+    try:
+        import pycocoevalcap.spice as spice
+    except ImportError:
+        return "pycocoevalcap is not installed (pip install pycocoevalcap)"
     lib = Path(spice.__file__).parent / "lib"
-    jars = [lib / f"stanford-corenlp-3.6.0{s}.jar" for s in ("", "-models")]
-    return None if all(j.is_file() for j in jars) else lib
+    if all((lib / f"stanford-corenlp-3.6.0{s}.jar").is_file() for s in ("", "-models")):
+        return None
+    return ("pycocoevalcap's spice/lib lacks the Stanford CoreNLP 3.6.0 jars (python -m "
+            "pycocoevalcap.spice.get_stanford_models fetches them, with network)")
 
 
 def java_metrics(refs, outputs):
@@ -191,10 +197,8 @@ def java_metrics(refs, outputs):
         out.append(("METEOR", float(Meteor().compute_score(gts, res)[0]), None, "METEOR 1.5 (Java, pycocoevalcap)"))
     except Exception as e:  # the Java process can fail in many ways; the row says how
         out.append(("METEOR", float("nan"), None, f"METEOR unavailable: {e}"))
-    if spice_jars() is not None:
-        out.append(("SPICE", float("nan"), None, "SPICE unavailable: pycocoevalcap's spice/lib lacks the Stanford "
-                    "CoreNLP 3.6.0 jars (python -m pycocoevalcap.spice.get_stanford_models fetches them, with "
-                    "network)"))
+    if (why := spice_missing()) is not None:
+        out.append(("SPICE", float("nan"), None, f"SPICE unavailable: {why}"))
         return out
     try:
         out.append(("SPICE", float(Spice().compute_score(gts, res)[0]), None, "SPICE (Java, pycocoevalcap)"))

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch):
-    monkeypatch.setattr(evaluation, "spice_jars", lambda: "absent")  # SPICE would write into site-packages
+    monkeypatch.setattr(evaluation, "spice_missing", lambda: "absent here")  # SPICE would write into site-packages
     evaluate.main(["--task", "all", "--limit", "6", "--episodes", "3", "--batch-size", "4", *opts(trained)])
     table = capsys.readouterr().out
     out = trained / "run" / "eval"
@@ -63,12 +63,22 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
     assert all(p["ranked"] in p["prompt"] and p["reference"] in p["prompt"] for p in shown)
     caps = {r["metric"]: r for r in json.loads((out / "metrics_audiocaps.json").read_text())}
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D", "METEOR", "SPICE"} <= caps.keys()
-    assert caps["SPICE"]["protocol"].startswith("SPICE unavailable: pycocoevalcap's spice/lib lacks")  # said so
+    assert caps["SPICE"]["protocol"] == "SPICE unavailable: absent here"  # said so, with why
     assert caps["SPIDEr"]["protocol"].startswith("SPIDEr unavailable: it needs SPICE")  # and so is SPIDEr
     if shutil.which("java"):  # METEOR runs in Java; without it the row says so
         assert caps["METEOR"]["protocol"].startswith("METEOR 1.5") and 0 < caps["METEOR"]["apt"] < 1
     else:
         assert caps["METEOR"]["protocol"] == "METEOR unavailable: Java is not installed"
+
+
+def test_spice_says_why_it_cannot_run(monkeypatch):
+    """SPICE needs Java, pycocoevalcap and the CoreNLP jars, which cannot be fetched here: each lack is named."""
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # Java there (this test needs none)
+    assert evaluation.spice_missing().startswith("pycocoevalcap's spice/lib lacks the Stanford CoreNLP 3.6.0 jars")
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.spice", None)  # as if not installed
+    assert evaluation.spice_missing() == "pycocoevalcap is not installed (pip install pycocoevalcap)"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert evaluation.spice_missing() == "Java is not installed"
 
 
 def test_each_evaluation_takes_its_documented_data_baseline_and_vocabulary(trained, monkeypatch):
@@ -232,7 +242,7 @@ def test_task_all_runs_every_task_whose_data_is_there(trained, tmp_path, capsys,
     """A real data folder without one task's data (NLAR's is ours; a set whose clips are all named otherwise): with
     --task all the other tasks are scored, the lacking ones' rows and metrics files say why (an earlier run's
     predictions for them removed), and the exit status is non-zero, naming them; --strict stops at the first."""
-    monkeypatch.setattr(evaluation, "spice_jars", lambda: "absent")
+    monkeypatch.setattr(evaluation, "spice_missing", lambda: "absent here")
     root = tmp_path / "data"
     shutil.copytree(trained / "synth", root, copy_function=os.symlink)
     (root / "layout.json").write_text(json.dumps({"nlar": {"json": "gone/nlar_{split}.json"},
