@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from apt_min import aligner as aligner_module
 from apt_min.aligner import (
     Aligner,
     AlignerConfig,
@@ -214,7 +215,7 @@ def test_stage0_losses_fall_together_when_overfitting():
         assert last[k] < 0.5 * first[k], (k, first[k], last[k])
 
 
-def test_stage0_losses_are_blip2s_three_passes():
+def test_stage0_losses_are_blip2s_three_passes(monkeypatch):
     """stage0_losses runs the aligner three times, as BLIP-2's first stage does. ATC under the unimodal mask; ATM
     under the bidirectional mask, on each true pair, each audio with a hard-negative text and each text with a
     hard-negative audio (never one of its positives: another caption of its clip, or the same caption of another
@@ -237,9 +238,17 @@ def test_stage0_losses_are_blip2s_three_passes():
         return calls[-1][-1]
 
     aligner.forward = spy
+    drawn_from, draw = [], aligner_module.hard_negatives
+
+    def hard_negatives(sim, *args):
+        drawn_from.append(sim.detach().clone())
+        return draw(sim, *args)
+
+    monkeypatch.setattr(aligner_module, "hard_negatives", hard_negatives)
     B, Q = 4, CFG.num_queries
     for seed in range(10):
         calls.clear()
+        drawn_from.clear()
         losses = stage0_losses(aligner, audio, ids, mask, clip, heard, generator=torch.Generator().manual_seed(seed))
         (a0, t0, m0, f0, e0, h0), (a1, t1, m1, f1, e1, h1), (a2, t2, m2, f2, e2, h2) = calls
         assert torch.equal(e0, heard) and torch.equal(e2, heard) and torch.equal(e1[:2 * B], torch.cat([heard, heard]))
@@ -251,6 +260,10 @@ def test_stage0_losses_are_blip2s_three_passes():
         share = torch.tensor([[float(j in positives[i]) / len(positives[i]) for j in range(B)] for i in range(B)])
         atc = sum(F.cross_entropy(x, share, label_smoothing=0.1) for x in (sim, sim.T)) / 2
         torch.testing.assert_close(losses["atc"], atc)
+        # a wrong text for each audio is drawn by that audio's similarity to every text, a wrong audio for each text
+        # by that text's to every audio (the two differ: the matrix is not symmetric)
+        assert not torch.allclose(sim, sim.T)
+        torch.testing.assert_close(drawn_from, [sim.detach(), sim.detach().T])
         assert (f0, f1, f2) == (unimodal_mask, bidirectional_mask, multimodal_causal_mask)
         assert torch.equal(t0, ids) and torch.equal(a0, audio) and torch.equal(a2, audio)
         # ATM: the true pairs first, then (audio i, a negative text), then (a negative audio, text i)
@@ -422,12 +435,15 @@ def test_stage0_across_processes_with_batches_of_different_sizes(tmp_path, monke
 
 
 def _atm_pairs(aligner, *args, **kwargs):
-    """stage0_losses, and how many pairs its ATM head scored (matches and drawn negatives)."""
-    seen = []
+    """stage0_losses, how many pairs its ATM head scored (matches and drawn negatives), and what the ATM pass read:
+    (audio, ids, text mask, audio mask)."""
+    seen, calls, real = [], [], aligner.forward
     hook = aligner.atm_head.register_forward_hook(lambda module, inputs, output: seen.append(len(output)))
+    aligner.forward = lambda *a: (calls.append(a), real(*a))[1]
     losses = stage0_losses(aligner, *args, **kwargs)
     hook.remove()
-    return {k: v.item() for k, v in losses.items()}, seen[0]
+    audio, ids, mask, _, heard = calls[1]
+    return {k: v.item() for k, v in losses.items()}, seen[0], (audio, ids, mask, heard)
 
 
 def _atm_worker(rank, world, rendezvous, audio, ids, mask, clip, out):
@@ -451,11 +467,27 @@ def test_atm_negatives_can_come_from_every_process(tmp_path):
     clip = torch.tensor([0, 0, 1, 1])
     out = mp.Manager().dict()
     mp.spawn(_atm_worker, args=(2, tmp_path / "rendezvous", audio, ids, mask, clip, out), nprocs=2, join=True)
+    aligner, Q = random_aligner(), CFG.num_queries
     for rank in (0, 1):
-        (local, local_pairs), (world, world_pairs) = out[rank]["local"], out[rank]["global"]
+        (local, local_pairs, _), (world, world_pairs, read) = out[rank]["local"], out[rank]["global"]
         assert local_pairs == 2 and world_pairs == 6
         assert local["atc"] == pytest.approx(world["atc"], rel=1e-6) and local["atm"] != world["atm"]
         assert local["agtg"] == pytest.approx(world["agtg"], rel=1e-5)
+        # what ATM read: this process's pairs, each audio with a text of the other process's clip and each text with
+        # an audio of it, every text right-padded to the longest (6) with its own mask, every audio with its own
+        audio_in, ids_in, mask_in, heard_in = read
+        mine, theirs = [2 * rank, 2 * rank + 1], [2 - 2 * rank, 3 - 2 * rank]
+        assert ids_in.shape[1] == 6 and heard_in.all()
+        for i, j in enumerate(mine):
+            assert torch.equal(audio_in[i], audio[j]) and torch.equal(mask_in[i], mask[j])
+            assert torch.equal(audio_in[2 + i], audio[j]) and torch.equal(mask_in[4 + i], mask[j])
+            text = next(k for k in theirs if torch.equal(mask_in[2 + i], mask[k]) and torch.equal(
+                ids_in[2 + i][mask[k]], ids[k][mask[k]]))  # a wrong text, whole, right-padded
+            assert text in theirs and any(torch.equal(audio_in[4 + i], audio[k]) for k in theirs)
+        with torch.no_grad():  # and the loss is those six pairs' match / no-match cross-entropy
+            h = aligner(audio_in, ids_in, mask_in, bidirectional_mask, heard_in)
+            atm = F.cross_entropy(aligner.atm_head(h[:, :Q]).mean(1), torch.tensor([1, 1, 0, 0, 0, 0]))
+        assert world["atm"] == pytest.approx(atm.item(), rel=1e-5)
     one = {how: _atm_pairs(random_aligner(), audio, ids, mask, clip, generator=torch.Generator().manual_seed(7),
                            atm_negatives=how) for how in ("local", "global")}
     assert one["local"][0]["atm"] == one["global"][0]["atm"] and one["global"][1] == 12
