@@ -243,7 +243,7 @@ class AlignStage0:
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
         self.encoder, self.encoder_id = build_encoder(cfg, device, frozen_dtype)
         cfg.stage_dir("0").mkdir(parents=True, exist_ok=True)
-        self.cache = feature_cache(cfg, self.encoder_id)
+        self.cache = feature_cache(cfg, self.encoder_id, frozen_dtype)
         torch.manual_seed(cfg.seed)
         words = build.llm_embeddings(cfg) if "llm" in (cfg.aligner_init, cfg.aligner_words) else None
         llm_dim = words.shape[1] if cfg.aligner_words == "llm" else 0
@@ -346,7 +346,7 @@ class TuneAPT:
         llm, self.llm_id = load_llm(cfg, device, frozen_dtype)
         if cfg.compile_llm:
             llm.compile_blocks()
-        cache = feature_cache(cfg, self.encoder_id)
+        cache = feature_cache(cfg, self.encoder_id, frozen_dtype)
         if stage == "1":
             trained_on = json.loads((prev / "aligner.json").read_text()).get("encoder")
             if trained_on and trained_on["fingerprint"] != self.encoder_id["fingerprint"]:

@@ -189,12 +189,14 @@ def frozen_dtype(cfg, device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def feature_cache(cfg, encoder_id: dict) -> FeatureCache | None:
-    """Where the frozen encoder's features are kept (cfg.feature_cache): None where they are computed each time."""
+def feature_cache(cfg, encoder_id: dict, dtype: torch.dtype = torch.float32) -> FeatureCache | None:
+    """Where the frozen encoder's features are kept (cfg.feature_cache): None where they are computed each time.
+    Features an encoder computed in another dtype (bf16 on a GPU, or on a CPU that has it) are kept apart from fp32
+    ones, so a cache serves what the encoder would compute now."""
     if cfg.feature_cache == "off":
         return None
-    return FeatureCache(Path(cfg.run_dir) / "features", f"{cfg.target_length}|{encoder_id['fingerprint']}",
-                        memory=cfg.feature_cache == "memory")
+    setting = f"{cfg.target_length}|{encoder_id['fingerprint']}" + ("" if dtype == torch.float32 else f"|{dtype}")
+    return FeatureCache(Path(cfg.run_dir) / "features", setting, memory=cfg.feature_cache == "memory")
 
 
 def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
@@ -203,7 +205,8 @@ def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
     dtype = frozen_dtype(cfg, device)
     encoder, encoder_id = build_encoder(cfg, device, dtype, create=False)
     llm, llm_id = load_llm(cfg, device, dtype)
-    apt = APT.load(checkpoint, encoder, llm, ensure_tokenizer(cfg), encoder_id, llm_id, feature_cache(cfg, encoder_id))
+    apt = APT.load(checkpoint, encoder, llm, ensure_tokenizer(cfg), encoder_id, llm_id,
+                   feature_cache(cfg, encoder_id, dtype))
     name_unused_aligner_sizes(cfg, apt.aligner, checkpoint)
     return apt.to(device).eval()
 
@@ -251,7 +254,7 @@ def load_apt_blip2(cfg, checkpoint: str | Path, device="cpu"):
     dtype = frozen_dtype(cfg, device)
     folder = vision_side(cfg)
     encoder, encoder_id = build_encoder(cfg, device, dtype, create=False)
-    cache = feature_cache(cfg, encoder_id)
+    cache = feature_cache(cfg, encoder_id, dtype)
     if folder is None:
         blip = InstructBLIP.from_pretrained(cfg.vision_path, dtype, device)
         return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, "instructblip", cfg.avqa_blocks_apart)

@@ -480,6 +480,14 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
         assert apt.cache is None and not (tmp_path / "off").exists()
         disk = feature_cache(load_config("tiny", [f"--run_dir={tmp_path / 'disk'}", "--feature_cache=disk"]), identity)
         assert disk.memory is None and len(list((tmp_path / "disk" / "features").rglob("*.safetensors"))) == 1
+        # features a bf16 encoder computed are not served to an fp32 one (nor the reverse); fp32's key is as before
+        apt.cache = disk
+        assert encode()[1] == 0
+        for dtype, runs in ((torch.bfloat16, [1, 0]), (torch.float32, [0])):
+            apt.cache = feature_cache(load_config("tiny", [f"--run_dir={tmp_path / 'disk'}", "--feature_cache=disk"]),
+                                      identity, dtype)
+            assert [encode()[1] for _ in runs] == runs, dtype
+        assert disk.setting == f"{load_config('tiny').target_length}|enc-3"
         assert load_config("paper").feature_cache == "off" and load_config("small").feature_cache == "memory"
     finally:
         hook.remove()
