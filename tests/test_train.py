@@ -84,6 +84,28 @@ def test_a_runs_tokenizer_and_stand_in_llm_are_kept_and_other_sizes_named(prepar
             "are not used") in caplog.text
 
 
+def test_stage_0_starts_the_aligners_words_from_the_llms(prepared, tmp_path):
+    """aligner_init=llm: the aligner's word vectors start as the LLM's embedding table reduced by PCA to the
+    aligner's width: its own table's first V rows ([DEC] keeps its init), or, reading the LLM's table
+    (aligner_words=llm), the map from it; aligner_init=random leaves them as initialised."""
+    from apt_min import build
+
+    tmp = copy_of(prepared, tmp_path)
+    cfg = train.load_config("tiny", opts(tmp))
+    words = build.llm_embeddings(cfg)
+    weight, bias = build.llm_pca_map(words, cfg.aligner_hidden)
+    job = train.AlignStage0(train.load_config("tiny", opts(tmp, "--aligner_init=llm")), 0, 1, torch.device("cpu"))
+    table = job.aligner.word_embeddings.weight.detach()
+    V = len(words)
+    torch.testing.assert_close(table[:V], (words @ weight.T + bias).float())
+    plain = train.AlignStage0(cfg, 0, 1, torch.device("cpu")).aligner.word_embeddings.weight.detach()
+    assert torch.equal(table[V:], plain[V:]) and not torch.allclose(table[:V], plain[:V], atol=1e-3)
+    job = train.AlignStage0(train.load_config("tiny", opts(tmp, "--aligner_init=llm", "--aligner_words=llm")), 0, 1,
+                            torch.device("cpu"))
+    torch.testing.assert_close(job.aligner.word_map.weight.detach(), weight.float())
+    torch.testing.assert_close(job.aligner.word_map.bias.detach(), bias.float())
+
+
 def weights(tmp):
     return load_file(str(tmp / "run" / "stage1" / "final" / "apt.safetensors"))
 
