@@ -203,6 +203,14 @@ def test_the_paper_preset_reads_as_the_paper_and_the_public_code(tmp_path):
     assert (cfg.stage0_batch_size, cfg.warmup_steps_0, cfg.warmup_steps) == (128, 5000, 2000)
     assert (cfg.atm_negatives, cfg.instruction_bos, cfg.long_audio, cfg.fewshot_made_up) == ("global", True, "all", 0)
     assert (cfg.caption_ft_epochs, cfg.caption_ft_source) == (2.0, "audiocaps")
+    # the shapes: Audio-MAE ViT-B/16 on 10.24 s (768 wide, 12 blocks of 12 heads); the aligner BERT-mini sized (4
+    # layers, 256 wide, 4 heads), 32 queries; Vicuna-7B; the recipe: peak lr 1e-4 after 2 000 warm-up steps, the
+    # public code's batch of 8 x 4 accumulated
+    assert (cfg.target_length, cfg.encoder_dim, cfg.encoder_depth, cfg.encoder_heads) == (1024, 768, 12, 12)
+    assert (cfg.aligner_layers, cfg.aligner_hidden, cfg.aligner_heads, cfg.aligner_intermediate) == (4, 256, 4, 1024)
+    assert (cfg.num_queries, cfg.llm_path, cfg.lr, cfg.batch_size, cfg.grad_accum) == (
+        32, "weights/vicuna-7b-v1.1", 1e-4, 8, 4)
+    assert (cfg.weight_decay, cfg.min_lr_ratio) == (0.05, 0.1)  # AdamW's decay; cosine down to 0.1 x the peak
     # tiny and small keep what their committed results were trained with
     assert (tiny.instruction_bos, tiny.long_audio, tiny.caption_sources) == (False, "windows", "audiocaps,clotho")
 
