@@ -1,5 +1,6 @@
 """APT glue: interleaving, labels, what trains and what stays frozen, saving and loading, generation."""
 
+import copy
 import os
 import re
 import shutil
@@ -507,6 +508,14 @@ def test_identities_of_weights(parts, tmp_path):
     assert same_weights(probe, llm)
     assert not same_weights(probe + [["model.layers.99.mlp.up_proj.weight", 0, 0.0]], llm)
     assert not same_weights(probe + [["model.norm.weight", 10 ** 9, 0.0]], llm)
+    # the same LLM held in bf16 (as a run loads it on a GPU) matches its fp32 copy (InstructBLIP's), both ways;
+    # weights 5 % off do not
+    half = copy.deepcopy(llm).to(torch.bfloat16)
+    assert same_weights(weight_probe(half), llm) and same_weights(probe, half)
+    with torch.no_grad():
+        for p in half.parameters():
+            p.mul_(1.05)
+    assert not same_weights(probe, half)
 
 
 def test_generate_batch_equals_one_by_one(parts):
