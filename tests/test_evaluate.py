@@ -877,6 +877,24 @@ def test_each_task_decodes_as_documented(trained, monkeypatch):
                      "clotho_aqa": {"max_new_tokens": 12}, "nlar": {"max_new_tokens": 12},
                      "counting": {"max_new_tokens": 12},
                      "captioning (audiocaps)": {"max_new_tokens": 40, "num_beams": 3, "repetition_penalty": 1.5}}
+    assert evaluation.Options().caption == {"max_new_tokens": 40, "num_beams": 5, "repetition_penalty": 1.5}
+
+
+def test_sed_baseline_answers_each_clip_whole(tmp_path):
+    """SED's baseline answers every query with its whole clip, 0 s to the clip's own duration read from its file
+    (not the latest reference end of the test set, which would give a short clip a span beyond its end)."""
+    import soundfile as sf
+
+    sed = []
+    for name, seconds, event in (("long", 10.0, (0.5, 9.5)), ("short", 4.0, (0.0, 4.0))):
+        sf.write(tmp_path / f"{name}.wav", np.zeros(int(seconds * 16000), np.float32), 16000)
+        sed.append(tasks.Example("sed", [("audio", str(tmp_path / f"{name}.wav")), ("text", "When is the bell?")],
+                                 "", {"segments": [event]}))
+    apt = SimpleNamespace(generate=lambda batch, **options: ["" for _ in batch])
+    (row,), _, _ = evaluation.eval_sed(apt, None, "sed", sed, evaluation.Options())
+    assert row[:3] == ("segment F1", 0.0, 1.0)  # both clips' whole spans match (IoU 0.9 and 1)
+    assert metrics.score_sed(sed, ["", ""])[0][2] == 0.5  # [0, 9.5] for the 4 s clip would not
+
 
 
 def test_a_few_shot_setting_left_without_episodes_says_why():
