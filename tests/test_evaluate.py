@@ -688,9 +688,8 @@ def test_results_table_names_the_margin(trained, tmp_path, capsys, monkeypatch):
     assert results_table.margin(0.20, 0.20) == "**no**" and results_table.margin(0.1, 0.0) == "yes"
     assert results_table.margin(0.60, 0.78, lower_is_better=True) == "yes"
     assert results_table.margin(0.77, 0.78, lower_is_better=True) == "barely"
-    out = trained / "run" / "eval"
-    if not (out / "metrics_counting.json").is_file():
-        evaluate.main(["--task", "counting", "--limit", "4", "--batch-size", "4", *opts(trained)])
+    out = tmp_path / "eval"
+    evaluate.main(["--task", "counting", "--limit", "4", "--batch-size", "4", "--out", str(out), *opts(trained)])
     monkeypatch.setattr(sys, "argv", ["results_table.py", str(out)])
     capsys.readouterr()  # only the table below
     results_table.main()
