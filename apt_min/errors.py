@@ -24,6 +24,10 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file that the data layout or a list names is not on disk."""
 
 
+class ForeignDataError(UserError, FileExistsError):
+    """A folder holds data this package did not write (a real data set, say), which it must never replace."""
+
+
 def clean_exit(program: str):
     """A decorator for an entry point's main: a UserError becomes SystemExit with its message, which Python prints
     on stderr, alone, exiting with status 1; every other exception propagates unchanged, traceback and all."""

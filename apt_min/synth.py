@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apt_min.errors import SettingError, clean_exit
+from apt_min.errors import ForeignDataError, SettingError, clean_exit
 
 SR = 16000
 GRID = 0.1  # onsets and durations lie on a 100 ms grid: exact, readable answers
@@ -641,7 +641,7 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, length: float =
         raise SettingError(f"a scene of {length} s cannot hold the longest sound ({LONGEST} s); give --length of at "
                            f"least {LONGEST}")
     if holds_other_data(out):
-        raise FileExistsError(f"{out}: holds files but no synth.json, so it is not a synthetic benchmark written "
+        raise ForeignDataError(f"{out}: holds files but no synth.json, so it is not a synthetic benchmark written "
                               "here; refusing to replace it (generate into an empty or new folder)")
     args = {"version": VERSION, "seed": seed, "scale": scale, "length": length}
     manifest = out / "synth.json"

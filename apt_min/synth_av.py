@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from apt_min import synth
-from apt_min.errors import clean_exit
+from apt_min.errors import ForeignDataError, clean_exit
 
 VERSION = 3  # 2: View and Sound questions without the other sense's distractor; 3: "in the picture"
 SIZE = 64  # pixels, square
@@ -207,8 +207,15 @@ def generate(out: str | Path, seed: int = 0, videos: int = 300, pictures: int = 
     if written and (written.get("version"), written.get("synth")) == (VERSION, synth.VERSION):
         synth.refuse_to_replace(out, written, args, ("seed", "videos", "pictures", "frames", "length"))
     for folder in (out / "avqa", out / "vision"):
+        if not manifest.is_file() and folder.is_dir() and any(folder.iterdir()):  # real AVQA, say: never replaced
+            raise ForeignDataError(f"{folder}: holds files but {manifest} is missing, so it is not the synthetic "
+                                   "audio-visual set written here; refusing to replace it (generate into another "
+                                   "folder)")
+    for folder in (out / "avqa", out / "vision"):
         if folder.exists():
             shutil.rmtree(folder)
+    manifest.parent.mkdir(parents=True)  # marked as ours from the start: an interrupted run is replaced by the next
+    manifest.write_text(json.dumps({"args": None, "incomplete": "being written, or interrupted"}))
     rng, trng = np.random.default_rng(seed + 7), random.Random(seed + 7)
 
     items = []

@@ -50,6 +50,28 @@ def test_an_audio_visual_set_that_runs_read_is_not_replaced_by_other_settings(av
     assert json.loads(manifest.read_text()) == old and questions.stat().st_mtime_ns != before
 
 
+def test_real_audio_visual_data_is_never_replaced(tmp_path):
+    """A data folder's own AVQA (or vision folder) that this module did not write is refused, by the function and
+    by its command line (one clean line); an interrupted writing of the synthetic set is written again."""
+    from apt_min.errors import ForeignDataError
+
+    for part, file in (("avqa", "val_qa.json"), ("vision", "pictures_val.json")):
+        real = tmp_path / part
+        (real / part).mkdir(parents=True)
+        (real / part / file).write_text('[{"my": "real questions"}]')
+        with pytest.raises(ForeignDataError, match=f"{real / part}: holds files but .*synth_av.json is missing"):
+            synth_av.generate(real, videos=1, pictures=1)
+        with pytest.raises(SystemExit, match=r"^python -m apt_min.synth_av: error: .*refusing to replace it"):
+            synth_av.main(["--out", str(real), "--videos", "1"])
+        assert (real / part / file).read_text() == '[{"my": "real questions"}]'
+    cut = tmp_path / "cut"
+    (cut / "avqa").mkdir(parents=True)
+    (cut / "avqa" / "synth_av.json").write_text('{"args": null, "incomplete": "being written, or interrupted"}')
+    (cut / "avqa" / "val_qa.json").write_text("[")  # stopped part-way
+    synth_av.generate(cut, videos=1, pictures=1)
+    assert len(json.loads((cut / "avqa" / "val_qa.json").read_text())) == 1
+
+
 def test_every_class_has_its_own_look():
     assert set(synth_av.LOOKS) == set(NAMES)
     assert len(set(synth_av.LOOKS.values())) == len(NAMES)
