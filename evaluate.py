@@ -31,6 +31,7 @@ from apt_min.build import ensure_av_data, ensure_data, ensure_tokenizer, load_ap
 from apt_min.config import load_config
 from apt_min.errors import MissingFileError, clean_exit, whole_number
 from apt_min.evaluation import CAPTION, EVALUATIONS, Options, avqa_coverage_row, coverage_row, eval_avqa, evaluate
+from apt_min.model import APT
 from apt_min.release import resolve_checkpoint
 from apt_min.tasks import label_text
 
@@ -118,7 +119,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "avqa":
         return run_avqa(cfg, checkpoint, opts, out, device)
-    meta = json.loads((checkpoint / "apt.json").read_text())
+    meta = APT.read_meta(checkpoint)
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in rest if a.startswith("--")}  # settings typed here
     trained = meta.get("config", {}).get("fewshot_layout")
     if trained and trained != cfg.fewshot_layout and "fewshot_layout" not in given:

@@ -447,9 +447,15 @@ class APT(nn.Module):
         if not file.is_file():
             raise CheckpointError(f"{folder}: not a trained APT (apt.json missing)")
         try:
-            return json.loads(file.read_text())
+            meta = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        parts = ("aligner", "encoder", "llm")  # what APT.save writes and loading needs
+        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), dict) for k in parts) or \
+                "fingerprint" not in meta["encoder"]:
+            raise CheckpointError(f"{file}: not a trained APT's description (expected the entries "
+                                  f"{', '.join(parts)}, as train.py writes them)")
+        return meta
 
     @classmethod
     def load(cls, folder, encoder, llm, tokenizer, encoder_id: dict, llm_id: dict, cache=None) -> APT:

@@ -38,7 +38,7 @@ from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError
 from apt_min.config import STARTS_AFTER, Config, load_config, stage_folder
 from apt_min.errors import clean_exit
-from apt_min.model import fingerprint
+from apt_min.model import APT, fingerprint
 
 log = logging.getLogger(__name__)
 FILES = ("apt.safetensors", "encoder.safetensors", "apt.json")
@@ -56,7 +56,7 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
     final, out = Path(run_dir) / stage_folder("2") / "final", Path(out)
     if not (final / "apt.json").is_file():
         raise CheckpointError(f"{final}: no trained APT to release (apt.json missing)")
-    meta = json.loads((final / "apt.json").read_text())
+    meta = APT.read_meta(final)
     out.mkdir(parents=True, exist_ok=True)
     heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS)
     state = {k: v.to(torch.bfloat16) for k, v in load_file(final / "apt.safetensors").items()
@@ -91,7 +91,7 @@ def history(final: str | Path) -> list[dict]:
             break
         if not (final / "apt.json").is_file():
             break
-        meta = json.loads((final / "apt.json").read_text())
+        meta = APT.read_meta(final)
         cfg, stage = meta.get("config", {}), str(meta.get("stage"))
         made.append({"stage": stage, "run_dir": cfg.get("run_dir"), "steps": cfg.get(f"steps_{stage}"),
                      "task_ratios": cfg.get("task_ratios") or None, "start_from": cfg.get("start_from") or None})
@@ -178,7 +178,7 @@ def take_its_parts(cfg, checkpoint: Path) -> Path:
     used instead, where they are. Settings that name them are kept (APT.load then says if they differ)."""
     if not (checkpoint / "apt.json").is_file():
         return checkpoint
-    meta = json.loads((checkpoint / "apt.json").read_text())
+    meta = APT.read_meta(checkpoint)
     encoder, llm = meta.get("encoder", {}).get("path"), meta.get("llm", {}).get("path")
     runs_encoder, runs_llm = Path(cfg.run_dir) / "encoder.safetensors", Path(cfg.resolved_llm_path())
     if not cfg.encoder_checkpoint and encoder and Path(encoder).is_file() and \

@@ -71,6 +71,19 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
         assert caps["METEOR"]["protocol"] == "METEOR unavailable: Java is not installed"
 
 
+def test_a_checkpoint_that_is_not_an_apt_is_one_clean_error(trained, tmp_path, capsys):
+    """evaluate.py and ask given a folder whose apt.json is broken or not an APT's: the file named, no traceback."""
+    from apt_min.__main__ import main as ask_main
+
+    for text in ("{", "{}"):
+        (tmp_path / "apt.json").write_text(text)
+        with pytest.raises(SystemExit, match=f"evaluate.py: error: {re.escape(str(tmp_path / 'apt.json'))}: not "):
+            evaluate.main(["--task", "audiocaps", "--checkpoint", str(tmp_path), *opts(trained)])
+        clip = str(next((trained / "synth" / "audio").iterdir()))
+        assert ask_main(["ask", "--audio", clip, "What is heard?", "--checkpoint", str(tmp_path), *opts(trained)]) == 2
+        assert f"error: {tmp_path / 'apt.json'}: not " in capsys.readouterr().err
+
+
 def test_spice_says_why_it_cannot_run(monkeypatch):
     """SPICE needs Java, pycocoevalcap and the CoreNLP jars, which cannot be fetched here: each lack is named."""
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # Java there (this test needs none)

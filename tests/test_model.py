@@ -591,3 +591,8 @@ def test_a_damaged_apt_json_is_named(tmp_path):
     (tmp_path / "apt.json").write_text('{"aligner": ')
     with pytest.raises(CheckpointError, match=r"apt.json: not valid JSON"):
         APT.read_meta(tmp_path)
+    for text in ("{}", "[]", '{"aligner": {}, "encoder": {}, "llm": {}}'):  # JSON, but not an APT's
+        (tmp_path / "apt.json").write_text(text)
+        with pytest.raises(CheckpointError, match=r"apt.json: not a trained APT's description \(expected the "
+                                                  r"entries aligner, encoder, llm"):
+            APT.read_meta(tmp_path)
