@@ -30,8 +30,11 @@ def main():
     total = 0.0
     for stage in [s for s in stages if s not in skip]:
         t = time.time()
-        subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", preset, *extra], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", preset, *extra], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:  # train.py's own last words (its error, or a bug's traceback), not a bare exit status
+            raise SystemExit(f"bench_chain.py: stage {stage} failed (exit status {done.returncode}):\n"
+                             + "\n".join(done.stderr.strip().splitlines()[-15:]))
         seconds = time.time() - t
         total += seconds
         evals = [json.loads(line) for line in (ROOT / cfg.stage_dir(stage) / "log.jsonl").read_text().splitlines()]

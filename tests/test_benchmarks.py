@@ -93,3 +93,15 @@ def test_block_memory_counts_what_a_frozen_block_keeps_for_backward():
     saved_per_token(block, cfg)
     compiled = saved_per_token(block, cfg) / (2 * cfg.hidden_size)
     assert compiled == 2 + 4 + 2 * ratio + stats
+
+
+def test_bench_chain_says_why_a_stage_failed(tmp_path):
+    """A stage that stops (here: a data folder that is not the synthetic benchmark, which holds no AudioSet list)
+    is reported with train.py's own message, not a bare exit status."""
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    (tmp_path / "data" / "mine" / "notes.txt").write_text("not a data set")
+    done = subprocess.run([sys.executable, "benchmarks/bench_chain.py", f"--data_root={tmp_path / 'data'}",
+                           f"--run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    assert re.search(r"bench_chain.py: stage 0 failed \(exit status 1\):\n.*train.py: error: .*no such data file",
+                     done.stderr, re.S), done.stderr[-2000:]
