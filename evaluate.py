@@ -29,7 +29,7 @@ import torch
 from apt_min import data
 from apt_min.build import ensure_av_data, ensure_data, ensure_tokenizer, load_apt, load_apt_blip2, vision_side
 from apt_min.config import load_config
-from apt_min.errors import MissingFileError, clean_exit, whole_number
+from apt_min.errors import MissingFileError, SettingError, clean_exit, whole_number
 from apt_min.evaluation import CAPTION, EVALUATIONS, Options, avqa_coverage_row, coverage_row, eval_avqa, evaluate
 from apt_min.model import APT
 from apt_min.release import resolve_checkpoint
@@ -105,6 +105,9 @@ def main(argv=None):
     ap.add_argument("--strict", action="store_true", help="abort on a listed clip that is missing or cannot be "
                     "decoded (default: skip it, count it and list it in missing_{task}.txt)")
     args, rest = ap.parse_known_args(argv)
+    if any(a.split("=", 1)[0] == "--batch_size" for a in rest):  # a setting: it parses, but would pass unread
+        print(f"--batch_size is training's batch size, which evaluation does not read; evaluation batches "
+              f"--batch-size={args.batch_size} examples", file=sys.stderr)
     cfg = load_config(args.preset, rest + ([f"--data_root={args.data_root}"] if args.data_root else []))
     checkpoint = resolve_checkpoint(cfg, args.checkpoint)  # given, the user's own run, or the preset's release
     if not (checkpoint / "apt.json").is_file():  # checked before anything is generated or loaded
@@ -116,6 +119,8 @@ def main(argv=None):
                    caption=CAPTION | {"num_beams": args.num_beams, "repetition_penalty": args.repetition_penalty,
                                       "max_new_tokens": args.max_new_tokens})
     out = Path(args.out) if args.out else default_out(cfg, checkpoint, given=bool(args.checkpoint))
+    if out.exists() and not out.is_dir():
+        raise SettingError(f"--out {out}: a file; expected a folder for the predictions and metrics")
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "avqa":
         return run_avqa(cfg, checkpoint, opts, out, device)

@@ -1171,6 +1171,9 @@ def main(argv=None):
     if cfg.start_from and args.stage not in ("2", "caption_ft"):
         raise SystemExit(f"--start_from names a trained APT for stage 2 or caption_ft to continue; stage {args.stage} "
                          "does not start from one")
+    if args.resume and not (cfg.stage_dir(args.stage) / "checkpoints" / "latest").is_file():  # before any loading
+        raise SystemExit(f"--resume: no checkpoint under {cfg.stage_dir(args.stage) / 'checkpoints'} (a first run of "
+                         "the stage: leave out --resume)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.stage in ("2", "caption_ft"):
         starting_apt(cfg, args.stage)

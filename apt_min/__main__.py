@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from apt_min.checkpoint import CheckpointError
 from apt_min.errors import UserError, whole_number
@@ -26,12 +27,22 @@ def ask(argv=None) -> int:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--max-new-tokens", type=whole_number(1), default=40)
     args, rest = ap.parse_known_args(argv)
+    if words := [a for a in rest if not a.startswith("--")]:  # a question typed without quotes
+        ap.error(f"unexpected {' '.join(words)!r} after the question {args.question!r}; give the whole question "
+                 "in quotes")
+    if not args.question.strip():
+        ap.error("the question is empty")
     import torch
 
+    from apt_min import audio
     from apt_min.build import load_apt
     from apt_min.config import load_config
     from apt_min.release import resolve_checkpoint
 
+    for path in args.audio:  # before the model loads (a preset's LLM may first be fetched and converted)
+        if not Path(path).is_file():
+            print(f"error: {audio.not_a_file(path)}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(args.preset, rest)
         checkpoint = resolve_checkpoint(cfg, args.checkpoint)
@@ -44,8 +55,8 @@ def ask(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if bad:
-        for path, reason in bad:
-            print(f"error: cannot use {path}: {reason}", file=sys.stderr)
+        for _, reason in bad:  # each reason names its file
+            print(f"error: {reason}", file=sys.stderr)
         return 2
     stream = TextStream(apt.tokenizer.decode, lambda text: print(text, end="", flush=True))
     segments = [("audio", p) for p in args.audio] + [("text", args.question)]

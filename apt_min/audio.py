@@ -48,6 +48,11 @@ def duration(path: str | Path) -> float:
         raise AudioError(f"{path}: not a readable audio file ({e})") from None
 
 
+def not_a_file(path: str | Path) -> str:
+    """What is wrong with an audio path that is not a file: a folder, or nothing at all."""
+    return f"{path}: a folder, not an audio file" if Path(path).is_dir() else f"{path}: no such audio file"
+
+
 def load(path: str | Path) -> torch.Tensor:
     """Read any file soundfile reads (wav, flac, ogg, mp3, ...), average the channels to mono, resample to 16 kHz.
     Returns (N,) float32 in [-1, 1]. Raises AudioError for a missing, empty, unreadable or truncated file and for
@@ -57,7 +62,7 @@ def load(path: str | Path) -> torch.Tensor:
 
     path = Path(path)
     if not path.is_file():
-        raise AudioError(f"{path}: no such audio file")
+        raise AudioError(not_a_file(path))
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes)")
     try:

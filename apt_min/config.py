@@ -282,6 +282,9 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
     if not -cfg.encoder_depth <= cfg.output_block < cfg.encoder_depth:
         raise SettingError(f"--output_block={cfg.output_block}: expected a block of the encoder's {cfg.encoder_depth} "
                            f"(-{cfg.encoder_depth} to {cfg.encoder_depth - 1}; -1 the last, -2 the penultimate)")
+    for key in ("run_dir", "data_root"):  # folders: a file there would fail deep inside, with a traceback
+        if Path(getattr(cfg, key)).is_file():
+            raise SettingError(f"--{key}={getattr(cfg, key)}: a file; expected a folder")
     if cfg.grad_checkpointing_keep < 0:
         raise SettingError(f"--grad_checkpointing_keep={cfg.grad_checkpointing_keep}: expected a number of blocks, "
                            ">= 0")

@@ -650,10 +650,30 @@ def test_ask_about_two_clips(trained):
     bad.write_text("not audio")
     cmd[cmd.index(str(clips[1]))] = str(bad)
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and f"cannot use {bad}" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and f"error: {bad}: not a readable audio file" in r.stderr and "Traceback" not in r.stderr
+    assert "cannot use" not in r.stderr  # the reason names the file
     cmd[cmd.index(str(bad))] = str(trained / "missing.wav")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "missing.wav: no such audio file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ask_checks_its_question_and_files_before_loading_anything(trained, monkeypatch, capsys):
+    """A clip that is not a file (missing, or a folder) is named before the model loads (a preset's LLM may be
+    fetched first); an empty question, or one typed without quotes, is refused with what to do."""
+    from apt_min import __main__, build
+
+    monkeypatch.setattr(build, "load_apt", lambda *a, **k: pytest.fail("the model loaded"))
+    clip = str(next((trained / "synth" / "audio").iterdir()))
+    for given, said in (([trained / "missing.wav"], "missing.wav: no such audio file"),
+                        ([clip, trained], f"{trained}: a folder, not an audio file")):
+        assert __main__.main(["ask", *(x for p in given for x in ("--audio", str(p))), "What?", *opts(trained)]) == 2
+        assert said in capsys.readouterr().err
+    for words, said in ((["  "], "the question is empty"),
+                        (["What", "sounds", "are", "here?"], "unexpected 'sounds are here?' after the question "
+                                                             "'What'; give the whole question in quotes")):
+        with pytest.raises(SystemExit):
+            __main__.main(["ask", "--audio", clip, *words, *opts(trained)])
+        assert said in capsys.readouterr().err
 
 
 def test_ask_puts_the_clips_in_the_order_given_before_the_question(trained, monkeypatch):
@@ -692,6 +712,10 @@ def test_ask_streams_whole_characters(capsys):
         with pytest.raises(SystemExit):
             evaluate_main(["--task", "audiocaps", option, bad])
         assert f"{option}: expected a whole number of at least {least}, got '{bad}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # training's setting, which evaluation would not read: said so
+        evaluate_main(["--task", "audiocaps", "--batch_size=4", "--batch-size", "2", "--checkpoint", "nowhere"])
+    assert ("--batch_size is training's batch size, which evaluation does not read; evaluation batches "
+            "--batch-size=2 examples") in capsys.readouterr().err
 
 
 def test_results_table_names_the_margin(trained, tmp_path, capsys, monkeypatch):

@@ -96,6 +96,22 @@ def test_shapes_that_would_fail_at_the_first_forward_are_refused_before_anything
     assert load_config("tiny", ["--aligner_heads=8", "--target_length=1024"]).aligner_heads == 8
 
 
+def test_a_folder_setting_that_names_a_file_is_refused(tmp_path, capsys):
+    """--run_dir and --data_root name folders; a file there failed deep inside (NotADirectoryError), as did
+    evaluate.py's --out."""
+    import evaluate
+    from apt_min.errors import SettingError
+
+    file = tmp_path / "clip.wav"
+    file.write_bytes(b"RIFF")
+    for key in ("run_dir", "data_root"):
+        with pytest.raises(SettingError, match=rf"^--{key}={re.escape(str(file))}: a file; expected a folder"):
+            load_config("tiny", [f"--{key}={file}"])
+    with pytest.raises(SystemExit, match=rf"evaluate.py: error: --out {re.escape(str(file))}: a file; expected a "):
+        evaluate.main(["--task", "audiocaps", "--out", str(file), "--checkpoint", "weights/apt-small",
+                       "--preset", "small"])
+
+
 @pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
 def test_evaluation_holds_the_frozen_parts_in_the_runs_precision(monkeypatch):
     """frozen_dtype: bf16 and fp16 as the precision says (fp16 was held in bf16), fp32 else; auto on a GPU: bf16

@@ -51,6 +51,9 @@ def test_stages_chain_and_outputs(prepared, tmp_path):
 
 
 def test_stage_without_its_prerequisite_says_what_to_run(prepared, tmp_path):
+    with pytest.raises(SystemExit, match=r"--resume: no checkpoint under .*llm-train/checkpoints \(a first run"):
+        train.main(["--stage", "lm", "--resume", f"--run_dir={tmp_path / 'new'}"])  # said before anything is made
+    assert not (tmp_path / "new").exists()
     tmp = copy_of(prepared, tmp_path)
     shutil.rmtree(tmp / "run" / "stage0")
     with pytest.raises(SystemExit, match=r"run `python train.py --stage 0` first"):
