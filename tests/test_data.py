@@ -362,6 +362,9 @@ def test_parsers_tolerate_variations():
     assert tasks.parse_labels("Dog, speech.", ["Speech", "Dog"]) == ["Dog", "Speech"]
     assert tasks.parse_labels("A train passes, then a drumroll.", ["rain", "drum"]) == []  # whole words only
     assert tasks.normalize_answer(" Yes. ") == "yes" and tasks.normalize_answer("The two") == "2"
+    assert tasks.normalize_answer("A dog and an owl") == "dog and owl" == tasks.normalize_answer("the dog and owl")
+    assert tasks.parse_segments("1.0s-1.0s") == [(1.0, 1.0)]  # a zero-length segment is an answer (a false alarm)
+    assert [tasks.parse_count(t) for t in ("twenty-nine", "ninety nine", "twenty-ten")] == [29, 99, 20]
     for text in ("1.5 secs - 2 secs", "from 1.5 second to 2 seconds", "1.5sec-2sec", "1.5s–2s"):
         assert tasks.parse_segments(text) == [(1.5, 2.0)], text
     assert tasks.parse_segments(".5s-1s") == [(0.5, 1.0)]

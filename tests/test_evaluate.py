@@ -381,6 +381,10 @@ def test_tagging_scores_the_label_set_read_against_the_class_list():
     outputs = ["Dog, male speech, man speaking.", "male speech, man speaking", "domestic animals"]
     (row,) = metrics.score_tagging(exs, outputs, AUDIOSET)
     assert row[1] == pytest.approx(1 / 3) and row[2] == pytest.approx(1 / 3)  # baseline: one of three sets
+    # naming more than the clip's labels is wrong too (a list of every class is no answer)
+    (row,) = metrics.score_tagging(exs, ["male speech, man speaking, dog, speech", "speech", ", ".join(AUDIOSET)],
+                                   AUDIOSET)
+    assert row[1] == pytest.approx(1 / 3)
     labels = metrics.label_matrix(exs, AUDIOSET)
     assert labels.tolist() == [[0, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0]]
     assert metrics.mean_average_precision(labels.astype(float), labels) == 1.0
@@ -434,6 +438,8 @@ def test_exact_match_normalises_answers():
     assert table[0][2] == pytest.approx(2 / 4) and table[1][2] == pytest.approx(1 / 4)  # always "first" / "yes"
     later = [tasks.aqa("a.wav", "Is it raining?", "no"), tasks.aqa("b.wav", "Is it raining?", "yes"),
              tasks.aqa("c.wav", "Is it raining?", "yes")]  # the most frequent answer is not the first one
+    # an answer that says more than the answer is wrong ("yes or no" is no answer to a yes/no question)
+    assert metrics.score_exact(later, ["no, or yes", "yes or no", "yes"])[0][1] == pytest.approx(1 / 3)
     [(_, _, base, protocol)] = metrics.score_exact(later, ["no", "no", "no"])
     assert base == pytest.approx(2 / 3) and "always 'yes'" in protocol
     assert metrics.majority(["b", "a", "a", "b"]) == "b"  # among equals, the first seen
@@ -458,6 +464,10 @@ def test_fewshot_reads_esc50_labels_with_underscores():
     table = metrics.score_fewshot(eps, ["Chirping birds.", "door wood knock", "a cat", "dog"], "x")
     assert [r[0] for r in table] == ["x", "x, ranked"]
     assert table[0][1] == pytest.approx(2 / 4) and table[0][2] == pytest.approx(1 / 4)
+    # the answer is the first label named: one that names every label is right only where the right one comes first
+    every = ["chirping birds, crying baby, dog, door wood knock"] * 4
+    assert metrics.score_fewshot(eps, every, "x")[0][1] == pytest.approx(1 / 4)
+    assert metrics.score_fewshot(eps, ["dog or chirping birds", "dog", "dog", "dog"], "x")[0][1] == pytest.approx(1 / 4)
 
 
 def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_features():
