@@ -403,7 +403,7 @@ def test_malformed_output_parses_to_no_answer():
 # --------------------------------------------------------------------------------------------------- batching
 
 
-def test_fewshot_episode():
+def test_fewshot_episode(monkeypatch):
     pool = {f"class{i}": [f"c{i}_{j}.wav" for j in range(6)] for i in range(8)}
     ep = data.fewshot_episode(pool, n_way=4, k_shot=2, rng=random.Random(3))
     audio = [s[1] for s in ep.segments if s[0] == "audio"]
@@ -425,9 +425,14 @@ def test_fewshot_episode():
     texts = " ".join(v for k, v in renamed.segments if k == "text")
     assert "class" not in texts and f"This is a sound of {renamed.answer}." in texts
     assert [s for s in renamed.segments if s[0] == "audio"] == [s for s in ep.segments if s[0] == "audio"]
-    for seed in range(300):  # made-up names: pronounceable words (two alike are possible: README, Not built yet)
+    for seed in range(300):  # made-up names: pronounceable words
         names = data.fewshot_episode(pool, n_way=8, k_shot=1, rng=random.Random(seed), rename=True).target["choices"]
         assert all(re.fullmatch(r"([bdfgklmnprstvz][aeiou]){2}[kmnst]", n) for n in names)
+    # and each class its own: a word drawn twice, or a class's name, is drawn again
+    drawn = iter(["zubik", "zubik", "class1", "kipot", "zubik", "lemas", "nodus"])
+    monkeypatch.setattr(data, "pseudo_word", lambda rng: next(drawn))
+    renamed = data.fewshot_episode(pool, n_way=4, k_shot=1, rng=random.Random(0), rename=True)
+    assert sorted(renamed.target["choices"]) == ["kipot", "lemas", "nodus", "zubik"]
     listed = data.fewshot_episode(pool, n_way=4, k_shot=2, rng=random.Random(3), layout="list")
     assert listed.answer == ep.answer and listed.target["support"] == ep.target["support"]
     assert listed.segments[:2] == [("text", tasks.FEWSHOT_LIST_INSTRUCTION), ("turn", "")]

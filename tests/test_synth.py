@@ -76,6 +76,9 @@ def test_round_trip_captions_aqa_esc_nlar(bench):
                                                                        truth["pool"]["val"]}
     train = data.examples("captioning", root, "train", rng=random.Random(0))
     assert [ex.answer for ex in train] == [c[0] for _, _, c in truth["pool"]["train"]]  # one caption per clip
+    clotho = data.examples("captioning", root, "train", source="clotho", rng=random.Random(0))
+    assert [ex.answer for ex in clotho] == [c for _, _, caps, _ in truth["clotho"]["train"] for c in caps]  # each
+    assert len(clotho) == 5 * len(truth["clotho"]["train"])  # of a clip's five captions trains
     clotho = data.examples("captioning", root, "test", source="clotho")
     assert [ex.target["references"] for ex in clotho] == [c for _, _, c, _ in truth["clotho"]["test"]]
     assert all(" " in ex.segments[0][1].rsplit("/", 1)[1] for ex in clotho)  # names with spaces

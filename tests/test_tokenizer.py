@@ -72,6 +72,8 @@ def test_decode_stops_at_eos_and_drops_padding(folder):
     ids = tok.encode("A dog barks.", eos=True) + tok.encode("junk after eos", bos=False)
     assert tok.decode(ids) == "A dog barks."
     assert tok.decode(torch.tensor([tok.pad_id] * 3 + tok.encode("rain", bos=False))) == "rain"
+    # ids beyond the vocabulary (rows an LLM added to its table, InstructBLIP's [PAD] and <image>) are left out
+    assert tok.decode(tok.encode("rain", bos=False) + [tok.vocab_size, tok.vocab_size + 1]) == "rain"
 
 
 def test_pad_left_and_right(folder):
