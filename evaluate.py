@@ -124,7 +124,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "avqa":
         return run_avqa(cfg, checkpoint, opts, out, device)
-    meta = APT.read_meta(checkpoint)
+    meta = APT.read_meta(checkpoint, needs=())
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in rest if a.startswith("--")}  # settings typed here
     trained = meta.get("config", {}).get("fewshot_layout")
     if trained and trained != cfg.fewshot_layout and "fewshot_layout" not in given:

@@ -442,7 +442,8 @@ class APT(nn.Module):
         (folder / "apt.json").write_text(json.dumps(meta, indent=1))
 
     @staticmethod
-    def read_meta(folder: str | Path) -> dict:
+    def read_meta(folder: str | Path, needs=("aligner", "encoder", "llm")) -> dict:
+        """A saved APT's description (apt.json), with the entries `needs` names (loading needs all three)."""
         file = Path(folder) / "apt.json"
         if not file.is_file():
             raise CheckpointError(f"{folder}: not a trained APT (apt.json missing)")
@@ -450,11 +451,10 @@ class APT(nn.Module):
             meta = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-        parts = ("aligner", "encoder", "llm")  # what APT.save writes and loading needs
-        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), dict) for k in parts) or \
-                "fingerprint" not in meta["encoder"]:
+        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), dict) for k in needs) or \
+                ("encoder" in needs and "fingerprint" not in meta["encoder"]):
             raise CheckpointError(f"{file}: not a trained APT's description (expected the entries "
-                                  f"{', '.join(parts)}, as train.py writes them)")
+                                  f"{', '.join(needs) or 'of one'}, as train.py writes them)")
         return meta
 
     @classmethod

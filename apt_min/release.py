@@ -56,7 +56,7 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
     final, out = Path(run_dir) / stage_folder("2") / "final", Path(out)
     if not (final / "apt.json").is_file():
         raise CheckpointError(f"{final}: no trained APT to release (apt.json missing)")
-    meta = APT.read_meta(final)
+    meta = APT.read_meta(final, needs=("encoder",))
     out.mkdir(parents=True, exist_ok=True)
     heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS)
     state = {k: v.to(torch.bfloat16) for k, v in load_file(final / "apt.safetensors").items()
@@ -91,7 +91,7 @@ def history(final: str | Path) -> list[dict]:
             break
         if not (final / "apt.json").is_file():
             break
-        meta = APT.read_meta(final)
+        meta = APT.read_meta(final, needs=())
         cfg, stage = meta.get("config", {}), str(meta.get("stage"))
         made.append({"stage": stage, "run_dir": cfg.get("run_dir"), "steps": cfg.get(f"steps_{stage}"),
                      "task_ratios": cfg.get("task_ratios") or None, "start_from": cfg.get("start_from") or None})
@@ -178,7 +178,7 @@ def take_its_parts(cfg, checkpoint: Path) -> Path:
     used instead, where they are. Settings that name them are kept (APT.load then says if they differ)."""
     if not (checkpoint / "apt.json").is_file():
         return checkpoint
-    meta = APT.read_meta(checkpoint)
+    meta = APT.read_meta(checkpoint, needs=())
     encoder, llm = meta.get("encoder", {}).get("path"), meta.get("llm", {}).get("path")
     runs_encoder, runs_llm = Path(cfg.run_dir) / "encoder.safetensors", Path(cfg.resolved_llm_path())
     if not cfg.encoder_checkpoint and encoder and Path(encoder).is_file() and \
