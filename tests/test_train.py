@@ -109,6 +109,28 @@ def test_stage_0_starts_the_aligners_words_from_the_llms(prepared, tmp_path):
     torch.testing.assert_close(job.aligner.word_map.bias.detach(), bias.float())
 
 
+def test_each_stage_trains_what_its_table_says_on_its_mixture(trained, tmp_path):
+    """Stage 0 steps the whole aligner (its heads: the contrastive projections and temperature, the match and
+    caption heads); stages 1 and 2 the aligner without those heads, the projection and <AUDIO>. The mixtures are
+    the public APT code's (tagging 1, captioning 1, AQA 0.1, SED, TER and counting 0.45 each; stage 2 adds
+    few-shot 0.5), and NLAR's 0.5 ours; a stage-2 job draws every one of them."""
+    from apt_min.aligner import STAGE0_HEADS
+
+    cpu = torch.device("cpu")
+    tmp = copy_of(trained, tmp_path)
+    zero = train.AlignStage0(train.load_config("tiny", opts(tmp)), 0, 1, cpu)
+    assert zero.params.keys() == dict(zero.aligner.named_parameters()).keys()
+    assert all(any(k.startswith(h) for k in zero.params) for h in STAGE0_HEADS)
+    one = train.TuneAPT(train.load_config("tiny", opts(tmp)), "1", 0, 1, cpu)
+    aligner = [f"aligner.{k}" for k, _ in one.model.aligner.named_parameters() if not k.startswith(STAGE0_HEADS)]
+    assert sorted(one.params) == sorted([*aligner, "proj.weight", "proj.bias", "audio_token"])
+    first = {"tagging": 1.0, "captioning": 1.0, "aqa": 0.1, "sed": 0.45, "ter": 0.45, "counting": 0.45}
+    assert train.STAGES["1"]["ratios"] == first
+    assert train.STAGES["2"]["ratios"] == {**first, "fewshot": 0.5, "nlar": 0.5}
+    two = train.TuneAPT(train.load_config("tiny", opts(tmp)), "2", 0, 1, cpu)
+    assert sorted(two.sampler.tasks) == sorted(train.STAGES["2"]["ratios"])
+
+
 def weights(tmp):
     return load_file(str(tmp / "run" / "stage1" / "final" / "apt.safetensors"))
 
@@ -967,6 +989,32 @@ def test_a_step_with_nothing_to_train_leaves_the_weights_and_an_fp16_scaler_alon
     assert records[0]["grad_norm"] == 0 and "loss" not in records[0] and records[1]["grad_norm"] > 0
     assert [r["skipped_audio"] for r in records] == [4, 6]
     assert all(not torch.equal(before[k], p) for k, p in job.params.items())
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_an_fp16_loss_scaler_changes_neither_the_gradient_nor_the_step(tmp_path):
+    """fp16's loss scaler multiplies the loss by 2^16 for the backward pass; the gradient is unscaled before it is
+    clipped and logged, so a run with the scaler logs the same gradient norm and takes the same clipped steps as
+    one without (clipping the scaled gradient would shrink every step 65 536-fold). An empty window moves the
+    schedule on all the same."""
+    cfg = train.load_config("tiny", {"steps_1": 3, "log_every": 1, "eval_every": 5, "save_every": 5,
+                                     "warmup_steps": 1, "grad_clip": 0.05})
+    runs = {}
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        job = toy_job([3, None, 2])
+        job.scaler = torch.amp.GradScaler("cpu") if scaled else None
+        (tmp_path / str(scaled)).mkdir()
+        train.fit(cfg, "1", job, False, 0, 1, tmp_path / str(scaled))
+        records = [json.loads(line) for line in (tmp_path / str(scaled) / "log.jsonl").read_text().splitlines()]
+        runs[scaled] = ([(r["grad_norm"], r["lr"]) for r in records if "grad_norm" in r],
+                        {k: p.detach().clone() for k, p in job.params.items()})
+    (plain, weights), (scaled, scaled_weights) = runs[False], runs[True]
+    assert plain[0][0] > cfg.grad_clip  # clipped: the check would be empty otherwise
+    assert [n for n, _ in scaled] == pytest.approx([n for n, _ in plain], rel=1e-5)
+    assert all(torch.allclose(weights[k], scaled_weights[k], rtol=1e-5, atol=1e-7) for k in weights)
+    lrs = [lr for _, lr in plain]
+    assert lrs[0] > lrs[1] > lrs[2]  # the cosine moved on through the empty window (step 2)
+
 
 def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generator_and_the_skip_count(tmp_path):
     """training_state + restore: after a checkpoint at step 3 and more training, restore brings back the weights,
