@@ -67,6 +67,24 @@ def make_apt(parts, seed=0):
     return APT(encoder, aligner, llm, tok)
 
 
+def test_the_answer_loss_is_the_plain_next_token_cross_entropy(parts):
+    """APT.forward: the summed cross-entropy (no label smoothing) of each answer token and EOS given everything
+    before it, computed here from the LLM's logits over the whole sequence; padding and prompt positions add nothing."""
+    _, tok, _, _, (a, b, long) = parts
+    apt = make_apt(parts).eval()
+    feats, _ = apt.encode_clips([a, b, long])
+    batch = [[("audio", a), ("text", "How many times?")], [("audio", long), ("audio", b), ("text", "Summarize")]]
+    answers = ["3", "a bell rings, then a siren"]
+    with torch.no_grad():
+        loss_sum, n = apt(batch, answers, feats)
+        x, mask, labels = apt.embed_batch(batch, feats, answers)
+        logits = apt.llm(inputs_embeds=x, attention_mask=mask).float()
+        want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=-100, reduction="sum")
+    assert n == sum(len(tok.encode(t, bos=False)) + 1 for t in answers)
+    torch.testing.assert_close(loss_sum, want, rtol=1e-5, atol=1e-5)
+
+
 def test_interleaving_and_labels(parts):
     _, tok, _, _, (a, b, long) = parts
     apt = make_apt(parts)
@@ -81,6 +99,10 @@ def test_interleaving_and_labels(parts):
     assert x1.shape[1] == 1 + 2 * (1 + Q) + len(tok.encode("How many times?", bos=False)) + len(answer)
     assert not torch.allclose(x1, x2)
     assert torch.equal(x1[0, 1], apt.audio_token) and torch.equal(x1[0, 1 + 1 + Q], apt.audio_token)
+    # BOS first; then each clip's own prompts in the order the clips come (each aligned under the instruction)
+    assert torch.equal(x1[0, 0], apt.llm.model.embed_tokens.weight[tok.bos_id])
+    pa, pb = apt.clip_prompts([one], feats)[0]
+    assert torch.equal(x1[0, 2:2 + Q], pa) and torch.equal(x1[0, 3 + Q:3 + 2 * Q], pb) and not torch.allclose(pa, pb)
     assert lab1[0][lab1[0] != -100].tolist() == answer  # exactly the answer tokens and EOS
     assert (lab1[0, :-len(answer)] == -100).all()
     # a long clip contributes all its windows, in order: 1 + 3 * Q positions

@@ -226,7 +226,8 @@ def test_the_paper_preset_reads_as_the_paper_and_the_public_code(tmp_path):
     assert (cfg.aligner_layers, cfg.aligner_hidden, cfg.aligner_heads, cfg.aligner_intermediate) == (4, 256, 4, 1024)
     assert (cfg.num_queries, cfg.llm_path, cfg.lr, cfg.batch_size, cfg.grad_accum) == (
         32, "weights/vicuna-7b-v1.1", 1e-4, 8, 4)
-    assert (cfg.weight_decay, cfg.min_lr_ratio) == (0.05, 0.1)  # AdamW's decay; cosine down to 0.1 x the peak
+    assert (cfg.weight_decay, cfg.min_lr_ratio, cfg.grad_clip) == (0.05, 0.1, 1.0)  # AdamW's decay; cosine down to
+    # 0.1 x the peak; gradients clipped to norm 1
     # tiny and small keep what their committed results were trained with
     assert (tiny.instruction_bos, tiny.long_audio, tiny.caption_sources) == (False, "windows", "audiocaps,clotho")
 

@@ -990,6 +990,20 @@ def test_a_step_with_nothing_to_train_leaves_the_weights_and_an_fp16_scaler_alon
     assert [r["skipped_audio"] for r in records] == [4, 6]
     assert all(not torch.equal(before[k], p) for k, p in job.params.items())
 
+def test_validation_runs_with_dropout_off_and_training_resumes_with_it_on(tmp_path):
+    """Validation measures the model as evaluation will use it (dropout off), and the steps after it train with
+    dropout on again."""
+    cfg = train.load_config("tiny", {"steps_1": 2, "log_every": 1, "eval_every": 1, "save_every": 5,
+                                     "warmup_steps": 1})
+    job = toy_job([1, 1])
+    seen = []
+    job.validate = lambda: seen.append(("validate", job.module.training)) or {"val_loss": 0.0}
+    step = job.micro_step
+    job.micro_step = lambda model, sampler: seen.append(("train", job.module.training)) or step(model, sampler)
+    train.fit(cfg, "1", job, False, 0, 1, tmp_path)
+    assert seen == [("validate", False), ("train", True), ("validate", False), ("train", True), ("validate", False)]
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 def test_an_fp16_loss_scaler_changes_neither_the_gradient_nor_the_step(tmp_path):
     """fp16's loss scaler multiplies the loss by 2^16 for the backward pass; the gradient is unscaled before it is
