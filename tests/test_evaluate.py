@@ -494,6 +494,40 @@ def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_fea
     assert rows[2][1] == pytest.approx(1.0) and rows[2][2] == pytest.approx(0.5)  # generated, beside the prototype
 
 
+def test_tagging_scores_the_generated_answers_class_by_class(trained, monkeypatch):
+    """eval_tagging's rows, with the model scripted: the paper protocol embeds what the model generated (not the
+    references) with the checkpoint's stage-0 aligner (given the LLM's word table, which aligner_words=llm needs)
+    and takes mAP over classes; the likelihood protocol ranks classes by their likelihood, highest first."""
+    cfg = load_config("tiny", opts(trained))
+    examples = evaluation.examples_for("audioset", cfg, evaluation.Options(limit=12))
+    classes = evaluation.audioset_classes(cfg)
+    labels = metrics.label_matrix(examples, classes)
+    rng = np.random.default_rng(0)
+    branch, likely = rng.random(labels.shape), rng.random(labels.shape)
+    said = [f"answer {i}" for i in range(len(examples))]
+    by_clip = {ex.segments[0][1]: i for i, ex in enumerate(examples)}
+    words = torch.randn(5, 3)
+    apt = SimpleNamespace(generate=lambda batch, **o: [said[by_clip[b[0][1]]] for b in batch],
+                          encode_clips=lambda paths, strict: ({}, []), tokenizer="tok",
+                          choice_logprob=lambda segments, answers, feats: torch.tensor(likely[by_clip[segments[0][1]]]),
+                          proj=SimpleNamespace(weight=torch.zeros(1)),
+                          llm=SimpleNamespace(model=SimpleNamespace(embed_tokens=SimpleNamespace(weight=words))))
+    asked = {}
+    monkeypatch.setattr(evaluation, "stage0_aligner", lambda checkpoint, device, table=None: asked.update(
+        checkpoint=checkpoint, words=table) or "the stage-0 aligner")
+    monkeypatch.setattr(evaluation, "text_branch_scores", lambda aligner, tok, answers, names: asked.update(
+        aligner=aligner, answers=answers, classes=names) or branch)
+    rows, outputs, _ = evaluation.eval_tagging(apt, cfg, "audioset", examples, evaluation.Options(checkpoint="ckpt"))
+    assert outputs == said and asked["answers"] == said and asked["classes"] == classes
+    assert asked["aligner"] == "the stage-0 aligner" and asked["checkpoint"] == "ckpt" and asked["words"] is words
+    (_, paper, _, _), (_, likelihood, _, _) = rows[:2]
+    assert paper == pytest.approx(metrics.mean_average_precision(branch, labels))
+    assert likelihood == pytest.approx(metrics.mean_average_precision(likely, labels))
+    # else the checks above would not tell clips from classes, or high from low
+    assert metrics.mean_average_precision(branch.T, labels.T) != pytest.approx(paper)
+    assert metrics.mean_average_precision(-likely, labels) != pytest.approx(likelihood)
+
+
 def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
     """The likelihood protocols, the LLM's scores scripted: tagging scores each class by the likelihood of
     "{class}." after the clip and "This is a sound of"; few-shot scores the episode's labels after the episode and
@@ -512,7 +546,8 @@ def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
         return next(scripted)
 
     apt = SimpleNamespace(encode_clips=lambda paths, strict: ({}, []), choice_logprob=choice_logprob,
-                          answer_and_rank=lambda segments, answers, feats, n: ("a bell", torch.tensor([0.0, 2.0, 1.0])))
+                          answer_and_rank=lambda segments, answers, feats, n: (f"a bell ({n} tokens)",
+                                                                               torch.tensor([0.0, 2.0, 1.0])))
     clips = [tasks.tagging("a.wav", ["Dog"]), tasks.tagging("b.wav", ["Male speech, man speaking"])]
     scores = evaluation.likelihood_scores(apt, clips, ["Dog", "Male speech, man speaking"])
     np.testing.assert_array_equal(scores, [[0.5, -1.0], [-2.0, 0.25]])
@@ -520,7 +555,8 @@ def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
     episode = tasks.fewshot([("s1.wav", "alarm"), ("s2.wav", "chirping_birds"), ("s3.wav", "dog")], "q.wav", "dog")
     assert evaluation.rank_labels(apt, episode) == "chirping_birds"
     assert asked[2] == (episode.segments, ["alarm.", "chirping birds.", "dog."])
-    assert evaluation.answer_and_rank(apt, episode, {}) == "a bell" and episode.target["ranked"] == "chirping_birds"
+    assert evaluation.answer_and_rank(apt, episode, {}) == "a bell (12 tokens)"  # a short answer's room, greedy
+    assert episode.target["ranked"] == "chirping_birds"
 
     train_sentencepiece(["a dog barks", "a bell rings twice", "male speech"] * 30, tmp_path / "tokenizer.model", 320)
     tok = Tokenizer(tmp_path)
