@@ -197,6 +197,28 @@ class Scripted:
         return out
 
 
+def test_avqa_reads_every_frame_in_order_under_the_public_codes_prompt():
+    """Each question is asked with all of its video's frames, in time order, and AVQA's prompt numbers the options
+    in the order the answer index counts them (the public APT code's wording)."""
+    assert avqa_prompt("What is heard?", ["cat", "bell", "dog", "car"]) == (
+        "Choose the correct option to the following question: What is heard? Options: 0 cat; 1 bell; 2 dog; 3 car. "
+        "Answer:")
+    seen = []
+
+    class Framed(Scripted):
+        class blip:  # noqa: N801 -- a frame's pixels say which frame it was
+            processing = staticmethod(lambda path: torch.full((3, 4, 4), float(path[1:])))
+
+        def answer(self, question, options, modes, frames, audio):
+            seen.append(frames[:, 0, 0, 0].tolist())
+            return super().answer(question, options, modes, frames, audio)
+
+    item = {"question": "q", "options": list("abcd"), "answer": 0, "relation": "Both", "video": "v0",
+            "frames": [f"f{k}" for k in range(10)], "audio": "/x/v0.wav"}
+    eval_avqa(Framed({"v0": {m: (0, 0, 0) for m in MODES}}), [item], Options())
+    assert seen == [[float(k) for k in range(10)]]
+
+
 def test_avqa_scores_on_scripted_answers():
     items = [{"question": "q", "options": list("abcd"), "answer": a, "relation": r, "video": f"v{i}",
               "frames": ["f"], "audio": f"/x/v{i}.wav"} for i, (a, r) in enumerate([(0, "Both"), (1, "Both"),

@@ -219,6 +219,13 @@ def test_frames_and_logits_match_transformers(hf_folder, dtype, rel):
         ours = blip.frame_prompts(pixels, prompt)
     assert ours.shape == (2 * Q, 48)
     assert_close_rel(ours, ref.reshape(2 * Q, 48), rel)
+    two = [prompt, "Is it a dog?"]  # each frame its own instruction, of different lengths: the shorter one padded
+    qids = bert(two, return_tensors="pt", padding=True)
+    assert not qids.attention_mask.all()
+    with torch.no_grad():
+        ref = hf.get_image_features(pixels, qformer_input_ids=qids.input_ids,
+                                    qformer_attention_mask=qids.attention_mask).pooler_output
+        assert_close_rel(blip.visual_prompts(pixels, two), ref, rel)
 
     # the whole model on one frame, video only: [Q visual queries][BOS prompt] -> logits at every position
     apt = tiny_apt(blip)

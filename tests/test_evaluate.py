@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import opts
+from safetensors.torch import load_file, save_file
 
 import evaluate
 from apt_min import data, evaluation, metrics, tasks
-from apt_min.aligner import Aligner
+from apt_min.aligner import STAGE0_HEADS, Aligner
 from apt_min.config import load_config
 from apt_min.evaluation import EVALUATIONS
 
@@ -887,6 +888,15 @@ def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
     assert evaluation.stage0_aligner(other, "cpu") is None
     mine.save(tmp_path / "elsewhere" / "stage0" / "final")  # and beside: stage 0 run again there since
     assert evaluation.stage0_aligner(copy, "cpu") is None
+    # a checkpoint without stage-0 heads (a release, or its continuation) is no aligner's, however it was reached
+    own = Aligner.load(run / "stage0" / "final")
+    assert evaluation.same_stage0_heads(run / "stage2" / "final", own)
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    kept = load_file(str(run / "stage2" / "final" / "apt.safetensors"))
+    save_file({k: v for k, v in kept.items() if not k.startswith(tuple(f"aligner.{h}" for h in STAGE0_HEADS))},
+              str(headless / "apt.safetensors"))
+    assert not evaluation.same_stage0_heads(headless, own)
 
 
 def test_fewshot_pools_are_the_novel_classes_and_held_out_clips_of_the_training_classes(trained):
