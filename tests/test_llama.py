@@ -58,6 +58,12 @@ def test_a_head_width_of_its_own_matches_transformers(tmp_path):
     assert ours.config.head_dim == 32 and ours.model.layers[0].self_attn.q_proj.out_features == 128
     ids = torch.randint(3, 96, (2, 11))
     assert_close_rel(ours(ids), hf.double()(ids).logits, 1e-5)
+    got = ours.generate(ids, max_new_tokens=5, eos_token_id=-1)  # through the KV cache, heads of their own width
+    seq = ids
+    with torch.no_grad():
+        for _ in range(5):
+            seq = torch.cat([seq, ours(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, seq[:, 11:])
 
 
 @torch.no_grad()
@@ -284,6 +290,13 @@ def test_left_padded_batch_equals_one_by_one(pair, num_beams):
     ref = _hf_new_tokens(hf, ids, mask.long(), max_new_tokens=12, num_beams=num_beams, eos_token_id=eos)
     for r, g in zip(ref, batch):
         assert _trim(g, eos) == _trim(r, eos)
+    # a repetition penalty counts each row's own tokens, not the padding before them
+    batch = ours.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=num_beams, eos_token_id=eos,
+                          repetition_penalty=1.3)
+    for p, row in zip(prompts, batch):
+        alone = ours.generate(p[None], max_new_tokens=12, num_beams=num_beams, eos_token_id=eos,
+                              repetition_penalty=1.3)[0]
+        assert _trim(row, eos) == _trim(alone, eos)
 
 
 def test_generate_rejects_right_padding(pair):

@@ -302,11 +302,17 @@ def test_shared_prefix_gives_the_full_sequences_loss_and_gradients(parts, padded
         return loss.item(), n, {k: p.grad.clone() for k, p in apt.named_parameters() if p.grad is not None}
 
     full, shared = loss_and_grads(False), loss_and_grads(True)
+    apt.llm.gradient_checkpointing = True  # the blocks recomputed in the backward pass, the prefix's keys with them
+    try:
+        checkpointed = loss_and_grads(True)
+    finally:
+        apt.llm.gradient_checkpointing = False
     assert apt.shared_prefix().length == len(apt.prefix_ids())
-    assert shared[1] == full[1] and shared[0] == pytest.approx(full[0], rel=1e-5)
-    assert shared[2].keys() == full[2].keys() and len(full[2]) > 4
-    for k, grad in full[2].items():
-        assert torch.allclose(shared[2][k], grad, rtol=1e-4, atol=1e-6), k
+    for other in (shared, checkpointed):
+        assert other[1] == full[1] and other[0] == pytest.approx(full[0], rel=1e-5)
+        assert other[2].keys() == full[2].keys() and len(full[2]) > 4
+        for k, grad in full[2].items():
+            assert torch.allclose(other[2][k], grad, rtol=1e-4, atol=1e-6), k
     x, _, _ = apt.embed_batch(batch, feats, answers, after_prefix=True)
     assert x.shape[1] == apt.embed_batch(batch, feats, answers)[0].shape[1] - len(apt.prefix_ids())
     apt.prompt_format = "plain"  # BOS alone: nothing worth sharing
@@ -538,6 +544,25 @@ def test_identities_of_weights(parts, tmp_path):
         for p in half.parameters():
             p.mul_(1.05)
     assert not same_weights(probe, half)
+
+
+def test_an_llm_held_in_bf16_scores_and_generates_in_fp32(parts):
+    """On a GPU evaluation holds the frozen LLM in bf16 without autocast: candidates are still scored with fp32
+    log-softmax sums (bf16 would round each score to steps of 1/8 at -35, tying close candidates), beam search
+    with a repetition penalty runs, and the scores are those of the fp32 LLM to bf16's precision."""
+    _, _, _, _, (a, b, _) = parts
+    apt = make_apt(parts).eval()
+    half = make_apt(parts).eval()
+    half.llm = copy.deepcopy(apt.llm).to(torch.bfloat16)
+    feats, _ = apt.encode_clips([a, b])
+    segments = [("audio", a), ("text", "This is a sound of"), ("audio", b), ("text", "This is a sound of")]
+    answers = ["bell.", "a siren that wails.", "hum", "knock knock knock."]
+    want = apt.choice_logprob(segments, answers, feats)
+    got = half.choice_logprob(segments, answers, feats)
+    assert got.dtype == torch.float32 and not torch.equal(got, got.bfloat16().float())
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.5)
+    said = half.generate([segments], feats, max_new_tokens=6, num_beams=3, repetition_penalty=1.5)
+    assert isinstance(said[0], str)
 
 
 def test_generate_batch_equals_one_by_one(parts):

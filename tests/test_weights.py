@@ -131,6 +131,9 @@ def test_transformers_reads_the_converted_folder_as_it_reads_the_gguf(smollm2, r
     assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
         ref_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    made = model.generation_config  # generation_config.json: transformers' generate stops and pads as the GGUF says
+    assert (made.bos_token_id, made.eos_token_id, made.pad_token_id) == tuple(
+        ref_tok.convert_tokens_to_ids(t) for t in (ref_tok.bos_token, ref_tok.eos_token, ref_tok.pad_token))
     ids = torch.tensor([ref_tok.encode(PROMPTS[1], add_special_tokens=False)])
     with torch.no_grad():
         a, b = model(ids).logits, ref(ids).logits
