@@ -113,18 +113,18 @@ def main(argv=None):
     if not (checkpoint / "apt.json").is_file():  # checked before anything is generated or loaded
         raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage 0, lm, 1, 2) "
                          "or pass --checkpoint")
+    meta = APT.read_meta(checkpoint)  # a broken description is said before anything loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = Options(batch_size=args.batch_size, limit=args.limit, episodes=args.episodes, checkpoint=checkpoint,
                    strict=args.strict or cfg.strict_audio,
                    caption=CAPTION | {"num_beams": args.num_beams, "repetition_penalty": args.repetition_penalty,
                                       "max_new_tokens": args.max_new_tokens})
     out = Path(args.out) if args.out else default_out(cfg, checkpoint, given=bool(args.checkpoint))
-    if out.exists() and not out.is_dir():
-        raise SettingError(f"--out {out}: a file; expected a folder for the predictions and metrics")
+    if (out.exists() or out.is_symlink()) and not out.is_dir():  # a file, or a link to nothing
+        raise SettingError(f"{out}: not a folder; the predictions and metrics need one (--out chooses)")
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "avqa":
         return run_avqa(cfg, checkpoint, opts, out, device)
-    meta = APT.read_meta(checkpoint, needs=())
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in rest if a.startswith("--")}  # settings typed here
     trained = meta.get("config", {}).get("fewshot_layout")
     if trained and trained != cfg.fewshot_layout and "fewshot_layout" not in given:

@@ -27,7 +27,9 @@ def ask(argv=None) -> int:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--max-new-tokens", type=whole_number(1), default=40)
     args, rest = ap.parse_known_args(argv)
-    if words := [a for a in rest if not a.startswith("--")]:  # a question typed without quotes
+    words = [a for a in rest if not a.startswith("--")]
+    if words and not any(a.startswith("--") and "=" not in a for a in rest):  # a question typed without quotes
+        # (a bare --key takes its value with "=": load_config says so below)
         ap.error(f"unexpected {' '.join(words)!r} after the question {args.question!r}; give the whole question "
                  "in quotes")
     if not args.question.strip():
@@ -37,6 +39,7 @@ def ask(argv=None) -> int:
     from apt_min import audio
     from apt_min.build import load_apt
     from apt_min.config import load_config
+    from apt_min.model import APT
     from apt_min.release import resolve_checkpoint
 
     for path in args.audio:  # before the model loads (a preset's LLM may first be fetched and converted)
@@ -49,6 +52,7 @@ def ask(argv=None) -> int:
         if not (checkpoint / "apt.json").is_file():
             raise CheckpointError(f"{checkpoint}: no trained APT there (train one with train.py, or pass "
                                   "--checkpoint)")
+        APT.read_meta(checkpoint)  # a broken description is said before the model loads
         apt = load_apt(cfg, checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
         feats, bad = apt.encode_clips(args.audio)
     except UserError as e:  # a file or setting the user gave: the message alone, no traceback

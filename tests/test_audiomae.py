@@ -244,8 +244,8 @@ def test_a_release_of_a_pth_encoder_reads_the_block_the_run_read(tmp_path):
     save_file({"audio_token": torch.zeros(4)}, str(final / "apt.safetensors"))
     settings = {"preset": "paper", "encoder_dim": c.dim, "encoder_depth": c.depth, "encoder_heads": c.heads,
                 "target_length": c.target_length, "output_block": -1, "encoder_checkpoint": str(pth)}
-    (final / "apt.json").write_text(json.dumps({"encoder": {"path": str(pth), "fingerprint": "x"},
-                                                "config": settings}))
+    described = {"aligner": {}, "llm": {}, "encoder": {"path": str(pth), "fingerprint": "x"}}  # as a run's apt.json
+    (final / "apt.json").write_text(json.dumps({**described, "config": settings}))
     release.pack(tmp_path / "run", tmp_path / "out")
     cut = AudioMAE.from_checkpoint(tmp_path / "out" / "encoder.safetensors")
     with torch.no_grad():  # the run's encoder as the release stores it: in bf16
@@ -254,7 +254,7 @@ def test_a_release_of_a_pth_encoder_reads_the_block_the_run_read(tmp_path):
     fbank = torch.randn(1, c.target_length, 128)
     assert cut.config.depth == c.depth  # every block: the last one is read
     torch.testing.assert_close(cut(fbank), model(fbank), rtol=1e-5, atol=1e-5)
-    (final / "apt.json").write_text(json.dumps({"encoder": {"path": str(pth), "fingerprint": "x"}}))
+    (final / "apt.json").write_text(json.dumps(described))
     with pytest.raises(CheckpointError, match=r"apt.json: no 'config' to say how the run read its encoder"):
         release.pack(tmp_path / "run", tmp_path / "out2")
 

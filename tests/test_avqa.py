@@ -70,6 +70,12 @@ def test_real_audio_visual_data_is_never_replaced(tmp_path):
     (cut / "avqa" / "val_qa.json").write_text("[")  # stopped part-way
     synth_av.generate(cut, videos=1, pictures=1)
     assert len(json.loads((cut / "avqa" / "val_qa.json").read_text())) == 1
+    older = tmp_path / "older"  # inside the synthetic benchmark, a set an older version left without its manifest
+    (older / "avqa").mkdir(parents=True)
+    (older / "synth.json").write_text("{}")
+    (older / "avqa" / "val_qa.json").write_text("[")
+    synth_av.generate(older, videos=1, pictures=1)
+    assert len(json.loads((older / "avqa" / "val_qa.json").read_text())) == 1
 
 
 def test_every_class_has_its_own_look():

@@ -72,10 +72,14 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
         assert caps["METEOR"]["protocol"] == "METEOR unavailable: Java is not installed"
 
 
-def test_a_checkpoint_that_is_not_an_apt_is_one_clean_error(trained, tmp_path, capsys):
-    """evaluate.py and ask given a folder whose apt.json is broken or not an APT's: the file named, no traceback."""
+def test_a_checkpoint_that_is_not_an_apt_is_one_clean_error(trained, tmp_path, capsys, monkeypatch):
+    """evaluate.py and ask given a folder whose apt.json is broken or not an APT's: the file named, no traceback,
+    before the model loads."""
+    from apt_min import build
     from apt_min.__main__ import main as ask_main
 
+    monkeypatch.setattr(build, "load_apt", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(evaluate, "load_apt", lambda *a, **k: pytest.fail("the model loaded"))
     for text in ("{", "{}"):
         (tmp_path / "apt.json").write_text(text)
         with pytest.raises(SystemExit, match=f"evaluate.py: error: {re.escape(str(tmp_path / 'apt.json'))}: not "):
@@ -85,12 +89,21 @@ def test_a_checkpoint_that_is_not_an_apt_is_one_clean_error(trained, tmp_path, c
         assert f"error: {tmp_path / 'apt.json'}: not " in capsys.readouterr().err
 
 
-def test_spice_says_why_it_cannot_run(monkeypatch):
+def test_spice_says_why_it_cannot_run(monkeypatch, tmp_path):
     """SPICE needs Java, pycocoevalcap and the CoreNLP jars, which cannot be fetched here: each lack is named."""
+    import pycocoevalcap.spice as spice
+
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # Java there (this test needs none)
+    monkeypatch.setattr(spice, "__file__", str(tmp_path / "spice" / "__init__.py"))  # its lib/ as this test makes it
     assert evaluation.spice_missing().startswith("pycocoevalcap's spice/lib lacks the Stanford CoreNLP 3.6.0 jars")
+    (tmp_path / "spice" / "lib").mkdir(parents=True)
+    for jar in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"):
+        (tmp_path / "spice" / "lib" / jar).write_bytes(b"PK")
+    assert evaluation.spice_missing() is None
     monkeypatch.setitem(sys.modules, "pycocoevalcap.spice", None)  # as if not installed
     assert evaluation.spice_missing() == "pycocoevalcap is not installed (pip install pycocoevalcap)"
+    assert [r[3] for r in evaluation.java_metrics([["a"]], ["a"])] == [
+        f"{m} unavailable: pycocoevalcap is not installed (pip install pycocoevalcap)" for m in ("METEOR", "SPICE")]
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert evaluation.spice_missing() == "Java is not installed"
 
@@ -187,6 +200,11 @@ def test_the_readability_check_encodes_only_what_it_keeps(trained, tmp_path, mon
     from apt_min.audiomae import AudioMAE
 
     root, (gone, broken) = data_with_faults(trained, tmp_path)
+    for clip in (root / "clotho_aqa" / "audio_files").iterdir():  # copies of their own: no features of the
+        if clip.is_symlink():  # originals (other tests score them) are in the run's cache under their keys
+            target = clip.resolve()
+            clip.unlink()
+            shutil.copy(target, clip)
     encoded, checking = [], []
     forward, check = AudioMAE.forward, evaluation.unreadable
 
@@ -721,6 +739,10 @@ def test_ask_checks_its_question_and_files_before_loading_anything(trained, monk
         with pytest.raises(SystemExit):
             __main__.main(["ask", "--audio", clip, *words, *opts(trained)])
         assert said in capsys.readouterr().err
+    for given in (["What?", "--lr", "1e-4"], ["--output_block", "-2", "What?"]):  # a setting's value without "="
+        assert __main__.main(["ask", "--audio", clip, *given, *opts(trained)]) == 2
+        err = capsys.readouterr().err
+        assert "expected --key=value, got '--" in err and "quotes" not in err, err
 
 
 def test_ask_puts_the_clips_in_the_order_given_before_the_question(trained, monkeypatch):

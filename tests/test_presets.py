@@ -2,6 +2,7 @@
 device: shapes only, no memory, no download)."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,9 +108,11 @@ def test_a_folder_setting_that_names_a_file_is_refused(tmp_path, capsys):
     for key in ("run_dir", "data_root"):
         with pytest.raises(SettingError, match=rf"^--{key}={re.escape(str(file))}: a file; expected a folder"):
             load_config("tiny", [f"--{key}={file}"])
-    with pytest.raises(SystemExit, match=rf"evaluate.py: error: --out {re.escape(str(file))}: a file; expected a "):
-        evaluate.main(["--task", "audiocaps", "--out", str(file), "--checkpoint", "weights/apt-small",
-                       "--preset", "small"])
+    release = str(Path(__file__).resolve().parents[1] / "weights" / "apt-small")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    for out in (file, tmp_path / "link"):  # a file, or a link to nothing
+        with pytest.raises(SystemExit, match=rf"evaluate.py: error: {re.escape(str(out))}: not a folder; the "):
+            evaluate.main(["--task", "audiocaps", "--out", str(out), "--checkpoint", release, "--preset", "small"])
 
 
 @pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")

@@ -83,6 +83,8 @@ def test_a_runs_tokenizer_and_stand_in_llm_are_kept_and_other_sizes_named(prepar
     folder = tmp / "run" / "llm"
     assert (f"{folder / 'tokenizer.model'} was trained with llm_vocab=400; the settings' llm_vocab=500 are not used"
             in caplog.text)
+    build.ensure_tokenizer(other)  # asked for again in the same process (evaluate.py and load_apt both do): said once
+    assert caplog.text.count("the settings' llm_vocab=500 are not used") == 1
     assert (f"{folder} holds a stand-in LLM of llm_layers=2, llm_heads=2; the settings' llm_layers=3, llm_heads=4 "
             "are not used") in caplog.text
 
@@ -156,10 +158,16 @@ def test_resume_after_sigkill_continues_where_the_checkpoint_left_off(prepared, 
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = cut / "run" / "stage1" / "checkpoints" / "latest"
     deadline = time.time() + 300
-    while time.time() < deadline and not (latest.is_file() and latest.read_text() >= "step_0000006"):
+    def reached():
+        return latest.is_file() and latest.read_text() >= "step_0000006"
+
+    while time.time() < deadline and proc.poll() is None and not reached():
         time.sleep(0.02)
-    if time.time() >= deadline:  # a machine too loaded to time this, not a resume bug
-        proc.kill()
+    if not reached():
+        if proc.poll() is not None:
+            pytest.fail(f"the run to be killed ended (status {proc.returncode}) before its step-6 checkpoint")
+        proc.kill()  # a machine too loaded to time this, not a resume bug
+        proc.wait()
         pytest.fail("the run to be killed did not reach its step-6 checkpoint within 300 s")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
