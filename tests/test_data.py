@@ -478,6 +478,15 @@ def test_labels_between_hand_worked():
     assert tasks.labels_between(events, 2.5, 3.0, min_overlap=0.5) == ["Bird"]
 
 
+def test_training_prompts_are_drawn_among_each_tasks_paraphrases():
+    """Training words each instruction with one of its task's paraphrases, drawn; evaluation always with the first."""
+    for task, options in tasks.PROMPTS.items():
+        fields = {"label": "bell", "start": 1.0, "end": 2.0, "question": "Is it raining?"}
+        drawn = {tasks.prompt(task, random.Random(seed), **fields) for seed in range(60)}
+        assert drawn == {o.format(**fields) for o in options}, task
+        assert tasks.prompt(task, None, **fields) == options[0].format(**fields)
+
+
 def test_temporal_retrieval_examples(tmp_path):
     strong = ("segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
               "abcdefghijk_30000\t4.0\t5.0\t/m/05zppz\n"
@@ -504,6 +513,12 @@ def test_temporal_retrieval_examples(tmp_path):
                   if start <= on and off <= end and on - start <= 0.5 + 1e-9 and end - off <= 0.5 + 1e-9]
         assert inside and set(inside) <= set(t.target["labels"]), (seed, start, end)
     assert widened >= 10  # most windows are wider than their event (each side: 0 to 0.5 s, drawn)
+    heard = set()  # and the event a window is made from is drawn among all of the clip's events
+    for seed in range(20):
+        (t,) = data.examples("ter", tmp_path, "train", rng=random.Random(seed))
+        start, end = (float(x) for x in re.findall(r"(\d+\.\d)s", t.segments[1][1]))
+        heard |= {on for on, off in [(4.0, 5.0), (1.5, 2.5), (0.0, 2.0)] if start <= on and off <= end}
+    assert heard == {4.0, 1.5, 0.0}
     # a 40 ms bark gets a window of 0.1 s that names it, never "between 3.0s and 3.0s" with no answer
     write(tmp_path / "audioset/audioset_eval_strong.tsv", strong.replace("1.5\t2.5", "3.01\t3.05"))
     windows = {e.segments[1][1]: e.answer for e in data.examples("ter", tmp_path, "test")}

@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +91,8 @@ def test_round_trip_captions_aqa_esc_nlar(bench):
     nlar = data.examples("nlar", root, "test")
     assert [(ex.segments[2][1], ex.answer) for ex in nlar] == [(i["question"], i["answer"])
                                                                for i in truth["nlar"]["test"]]
+    assert [(Path(ex.segments[0][1]).name, Path(ex.segments[1][1]).name) for ex in nlar] == [
+        (Path(i["audio_1"]).name, Path(i["audio_2"]).name) for i in truth["nlar"]["test"]]  # "first" is audio_1
 
 
 def test_same_seed_same_bytes_other_seed_other_data(bench, tmp_path):

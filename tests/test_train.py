@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -131,6 +132,26 @@ def test_each_stage_trains_what_its_table_says_on_its_mixture(trained, tmp_path)
     assert train.STAGES["2"]["ratios"] == {**first, "fewshot": 0.5, "nlar": 0.5}
     two = train.TuneAPT(train.load_config("tiny", opts(tmp)), "2", 0, 1, cpu)
     assert sorted(two.sampler.tasks) == sorted(train.STAGES["2"]["ratios"])
+
+
+def test_training_data_is_drawn_as_documented(prepared, tmp_path):
+    """Stages 1-2 word each task's instructions with its paraphrases (not evaluation's first one alone), stage 2's
+    episodes are laid out as fewshot_layout says (the layout a checkpoint records and evaluation follows), and
+    stage 0 validates on the validation split, never on the test clips."""
+    from apt_min import tasks
+
+    tmp = copy_of(prepared, tmp_path)
+    cfg = train.load_config("tiny", opts(tmp, "--fewshot_layout=list"))
+    pools = train.training_pools(cfg, "2", list(train.STAGES["2"]["ratios"]))
+    for task in ("tagging", "captioning", "sed", "ter", "counting"):
+        first = re.compile(re.sub(r"\\\{\w+\\\}", ".+", re.escape(tasks.PROMPTS[task][0])) + "$")
+        worded = [next(v for k, v in ex.segments if k == "text") for ex in pools[task]]
+        assert 0.1 < sum(not first.match(w) for w in worded) / len(worded) < 0.95, task
+    episode = pools["fewshot"](random.Random(0))
+    assert episode.segments[:2] == [("text", tasks.FEWSHOT_LIST_INSTRUCTION), ("turn", "")]
+    job = train.AlignStage0(cfg, 0, 1, torch.device("cpu"))
+    val = {ex.segments[0][1] for ex in data.examples("captioning", cfg.data_root, "val")}
+    assert job.val and {ex.segments[0][1] for ex in job.val} <= val
 
 
 def weights(tmp):
