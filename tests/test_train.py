@@ -154,6 +154,27 @@ def test_training_data_is_drawn_as_documented(prepared, tmp_path):
     assert job.val and {ex.segments[0][1] for ex in job.val} <= val
 
 
+def test_the_encoder_pretrains_on_the_training_clips_and_validates_on_the_validation_clips(prepared, tmp_path,
+                                                                                           monkeypatch):
+    """--stage mae reads the windows of every training clip (both caption sets' and tagging's) to learn from, and
+    of the validation split's caption clips to validate on: no test clip, and no clip in both."""
+    from apt_min import audio
+
+    read = []
+    monkeypatch.setattr(audio, "load_fbank", lambda path, t, f: read.append(path) or torch.zeros(1, t, f))
+    cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--encoder_init=mae"))
+    job = train.PretrainEncoder(cfg, 0, 1, torch.device("cpu"))
+    root = cfg.data_root
+
+    def clips(task, split, **options):
+        return {ex.segments[0][1] for ex in data.examples(task, root, split, **options)}
+
+    trained = clips("captioning", "train") | clips("captioning", "train", source="clotho") | clips("tagging", "train")
+    val = clips("captioning", "val") | clips("captioning", "val", source="clotho")
+    assert set(read[:len(job.train_windows)]) == trained and set(read[len(job.train_windows):]) == val
+    assert len(read) == len(trained) + len(val) and not trained & val
+
+
 def weights(tmp):
     return load_file(str(tmp / "run" / "stage1" / "final" / "apt.safetensors"))
 
