@@ -505,6 +505,10 @@ def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_fea
     assert evaluation.prototype_label(second, feats) == "bell"
     # nearer A's mean (4) than B's (2), though nearer B than A's first support (5): the mean of the supports counts
     assert evaluation.prototype_label(tasks.fewshot(support, "q3", "alarm"), feats) == "alarm"
+    # Euclidean distance: (1, 1) is 1.41 from (0, 0) and 1.45 from (2.45, 1) (by the sum of the differences, 2
+    # against 1.45, it would be the second)
+    feats |= {"c1": clip((0, 0)), "d1": clip((2.45, 1)), "q4": clip((1, 1))}
+    assert evaluation.prototype_label(tasks.fewshot([("c1", "alarm"), ("d1", "bell")], "q4", "alarm"), feats) == "alarm"
     for ep, proto in ((first, "alarm"), (second, "alarm")):
         ep.target.update(ranked="bell", prototype=proto)
     rows = metrics.score_fewshot([first, second], ["alarm", "bell"], "accuracy 2-way 2-shot")
