@@ -177,6 +177,8 @@ def test_a_release_is_small_checked_and_answers_as_the_run_does(small_run, tmp_p
     cfg.encoder_checkpoint = ""
     with pytest.raises(SystemExit, match="apt.safetensors: checksum differs"):
         release.resolve_checkpoint(cfg, None)
+    with pytest.raises(SystemExit, match="apt.safetensors: checksum differs"):  # given by its path too
+        release.resolve_checkpoint(given, str(out))
 
 
 def test_stages_that_start_from_an_apt_take_a_release_and_its_encoder_in_a_run_of_their_own(small_run, tmp_path,

@@ -173,6 +173,15 @@ def test_the_encoder_pretrains_on_the_training_clips_and_validates_on_the_valida
     val = clips("captioning", "val") | clips("captioning", "val", source="clotho")
     assert set(read[:len(job.train_windows)]) == trained and set(read[len(job.train_windows):]) == val
     assert len(read) == len(trained) + len(val) and not trained & val
+    # the encoder trains (AudioMAE freezes itself when built), with the decoder; each step masks anew, at the
+    # setting's ratio (Audio-MAE's 0.8 by default)
+    assert any(k.startswith("encoder.") for k in job.params) and all(p.requires_grad for p in job.params.values())
+    masked = []
+    model = lambda batch, ratio, g: masked.append((ratio, torch.rand(4, generator=g))) or torch.zeros(())  # noqa: E731
+    for _ in range(2):
+        job.micro_step(model, job.sampler)
+    assert [r for r, _ in masked] == [cfg.mask_ratio] * 2 and cfg.mask_ratio == 0.8
+    assert not torch.equal(masked[0][1], masked[1][1])
 
 
 def weights(tmp):
@@ -1313,3 +1322,29 @@ def test_the_vision_stage_trains_its_aligner_alone_first_then_with_the_answers(w
     job.module(examples, torch.tensor([0, 1]), torch.Generator().manual_seed(0), answer=False)
     first = job.blip.frame_tokens(torch.stack([job.blip.processing(f) for f in (frames[0], frames[2])]))
     torch.testing.assert_close(seen_tokens[0], first)
+    # with the answers: each frame's visual queries read the example's question, the picture-text losses pair the
+    # first frame with the description, and the LLM is taught the answer
+    asked, described, taught = [], [], []
+    visual, tokenize, apt = job.blip.visual_prompts, job.blip.qformer_tokenizer, job.module.apt.forward
+    monkeypatch.setattr(job.blip, "visual_prompts", lambda pixels, texts, *a: asked.append(texts) or visual(
+        pixels, texts, *a))
+    monkeypatch.setattr(job.blip, "qformer_tokenizer", lambda texts: described.append(texts) or tokenize(texts))
+    monkeypatch.setattr(job.module.apt, "forward", lambda segments, answers, feats: taught.append(answers) or apt(
+        segments, answers, feats))
+    examples = [([frames[0], frames[1]], "Which shape is red?", "circle", "A red circle and a blue square."),
+                ([frames[2]], "Is there a star?", "no", "A green triangle.")]
+    job.module(examples, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    assert asked == [["Which shape is red?"] * 2 + ["Is there a star?"]]
+    assert described[0] == ["A red circle and a blue square.", "A green triangle."] and taught == [["circle", "no"]]
+    # the alignment phase draws vision_align_batch fresh pictures per step, each process its own
+    job.cfg.vision_align_batch, job.rank, job.world = 3, 0, 2
+    job.sampler.load_state_dict({**job.sampler.state_dict(), "step": 0})
+    drawn = {}
+    for rank in (0, 1):
+        job.rank = rank
+        job.sampler.load_state_dict({**job.sampler.state_dict(), "step": 0})
+        seen_tokens.clear()
+        job.micro_step(job.module, job.sampler)
+        drawn[rank] = seen_tokens[0]
+    assert len(drawn[0]) == 3 and not torch.allclose(drawn[0], drawn[1])
+    assert job.unused_parameters  # DDP: the projection has no gradient while aligning
