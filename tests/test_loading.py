@@ -302,6 +302,9 @@ def test_a_strided_destination_is_filled_and_a_broken_index_named(tmp_path):
         dest = torch.zeros(3, 2, dtype=dtype).t()  # (2, 3), not contiguous
         safetensors_entries(tmp_path / "w.safetensors")["w"](dest)
         assert torch.equal(dest, want.to(dtype))
+    # a destination off the CPU (a GPU's; the meta device stands in here) of the file's own dtype is filled piece by
+    # piece too: reading straight into its memory works only on the CPU
+    safetensors_entries(tmp_path / "w.safetensors")["w"](torch.empty(2, 3, device="meta"))
     (tmp_path / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a JSON object"):
         checkpoint_tensors(tmp_path)
