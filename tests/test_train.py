@@ -1108,12 +1108,16 @@ def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generato
     for _ in range(3):
         step()
     ckpts = train.Checkpoints(tmp_path, keep=2)
+    job.scaler = torch.amp.GradScaler("cpu", init_scale=512.0)  # fp16's loss scale, as the run had it
     ckpts.save(3, job.params, train.training_state(3, opt, sched, job, skipped=7))
     saved = {k: v.detach().clone() for k, v in job.params.items()}
     expected = (job.sampler.next_batch(), torch.rand(3), random.random(), sched.get_last_lr())
     for _ in range(4):
         step()
+    job.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)  # a fresh process's
     assert train.restore(ckpts, job, opt, sched) == (3, 7)
+    assert job.scaler.get_scale() == 512.0
+    job.scaler = None
     assert all(torch.equal(job.params[k], v) for k, v in saved.items())
     assert opt.state_dict()["state"][0]["step"].item() == 3
     got = (job.sampler.next_batch(), torch.rand(3), random.random(), sched.get_last_lr())
