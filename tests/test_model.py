@@ -561,8 +561,15 @@ def test_an_llm_held_in_bf16_scores_and_generates_in_fp32(parts):
     got = half.choice_logprob(segments, answers, feats)
     assert got.dtype == torch.float32 and not torch.equal(got, got.bfloat16().float())
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.5)
+    searched, search = [], half.llm._beam_search
+
+    def beams(logits, step, *rest):  # the beams are scored in fp32: the prompt's logits and every step's
+        searched.append(logits.dtype)
+        return search(logits, lambda tokens: searched.append((out := step(tokens)).dtype) or out, *rest)
+
+    half.llm._beam_search = beams
     said = half.generate([segments], feats, max_new_tokens=6, num_beams=3, repetition_penalty=1.5)
-    assert isinstance(said[0], str)
+    assert isinstance(said[0], str) and len(searched) > 1 and set(searched) == {torch.float32}
 
 
 def test_generate_batch_equals_one_by_one(parts):
