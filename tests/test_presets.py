@@ -3,6 +3,7 @@ device: shapes only, no memory, no download)."""
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,6 +43,40 @@ def test_overrides():
     assert load_config("tiny", ["--warmup-steps-0=7"]).warmup_steps_0 == 7  # dashes as in --max-new-tokens
 
 
+def test_each_setting_reaches_its_own_components_field():
+    """Every size setting goes to its own component's config (the presets share numbers between components, so a
+    setting passed to the wrong one would go unseen); each setting naming one of a few ways takes each of them."""
+    from apt_min.config import CHOICES
+
+    cfg = load_config("tiny", ["--target_length=256", "--encoder_dim=96", "--encoder_depth=3", "--encoder_heads=6",
+                               "--output_block=-3", "--aligner_hidden=80", "--aligner_layers=5", "--aligner_heads=10",
+                               "--aligner_intermediate=72", "--num_queries=7", "--aligner_dropout=0.25",
+                               "--vision_dim=48", "--vision_depth=2", "--vision_heads=3", "--vision_queries=5",
+                               "--llm_hidden=112", "--llm_layers=3", "--llm_heads=7", "--llm_kv_heads=1",
+                               "--llm_intermediate=144"])
+    e = cfg.encoder_config()
+    assert (e.target_length, e.dim, e.depth, e.heads, e.output_block) == (256, 96, 3, 6, -3)
+    a = cfg.aligner_config(vocab_size=300)
+    assert (a.vocab_size, a.audio_dim, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size, a.num_queries,
+            a.dropout) == (300, 96, 80, 5, 10, 72, 7, 0.25)
+    vit, q = cfg.vision_configs(qformer_vocab=200)
+    assert (vit.dim, vit.depth, vit.heads) == (48, 2, 3)
+    assert (q.vocab_size, q.audio_dim, q.hidden_size, q.num_layers, q.num_heads, q.num_queries) == (
+        200, 48, 80, 5, 10, 5)
+    m = cfg.stand_in_llm_config(SimpleNamespace(vocab_size=300, bos_id=1, eos_id=2))
+    assert (m.vocab_size, m.hidden_size, m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads,
+            m.intermediate_size) == (300, 112, 3, 7, 1, 144)
+    assert CHOICES == {
+        "encoder_init": ("random", "mae"), "aligner_words": ("own", "llm"), "aligner_init": ("random", "llm"),
+        "proj_init": ("random", "words"), "prompt_format": ("plain", "smollm2-chat", "instructblip"),
+        "precision": ("auto", "bf16", "fp16", "fp32"), "fewshot_layout": ("paper", "list"),
+        "fewshot_shapes": ("4x1", "mixed"), "atm_negatives": ("global", "local"), "long_audio": ("windows", "all"),
+        "caption_ft_source": ("audiocaps", "clotho"), "feature_cache": ("memory", "disk", "off")}
+    for key, ways in CHOICES.items():
+        for way in ways:  # (proj_init=words needs the aligner to read the LLM's words)
+            assert getattr(load_config("tiny", ["--aligner_words=llm", f"--{key}={way}"]), key) == way
+
+
 def test_the_tiny_encoder_is_the_seeds(tmp_path):
     """Without a checkpoint, tiny's encoder is drawn from the run's seed: the same in every run of that seed."""
     from apt_min.build import build_encoder
@@ -67,7 +102,10 @@ def test_settings_that_would_train_nothing_are_refused():
         load_config("tiny", ["--steps_vision=500", "--vision_align_steps=500"])
     assert load_config("tiny", ["--steps_vision=501", "--vision_align_steps=500"]).steps_vision == 501
     for option in ("--save_every=0", "--log_every=0", "--grad_accum=0", "--keep_checkpoints=0", "--steps_1=0",
-                   "--batch_size=0", "--grad_accum_0=-1", "--warmup_steps=-5"):  # modulo by 0, no step, every
+                   "--batch_size=0", "--grad_accum_0=-1", "--warmup_steps=-5", "--eval_every=0", "--val_batches=0",
+                   *(f"--steps_{s}=0" for s in ("lm", "mae", "0", "2", "vision")), "--mae_batch_size=0",
+                   "--vision_align_batch=0", "--stage0_batch_size=-1", "--warmup_steps_0=-1",
+                   "--steps_caption_ft=-1", "--warmup_steps_caption_ft=-1"):  # modulo by 0, no step, every
         with pytest.raises(SettingError, match=f"{option}: expected at least"):  # checkpoint kept, none trained
             load_config("tiny", [option])
     assert load_config("tiny", ["--grad_accum_0=0", "--steps_caption_ft=0"]).grad_accum_0 == 0  # 0: the default
@@ -89,7 +127,8 @@ def test_shapes_that_would_fail_at_the_first_forward_are_refused_before_anything
                          ("--llm_kv_heads=3", "serves a whole number of the --llm_heads=4"),
                          ("--llm_hidden=196", "an even width per head"),
                          ("--target_length=500", "expected a multiple of 16"),
-                         ("--aligner_dropout=1.5", "expected a probability")):
+                         ("--aligner_dropout=1.5", "expected a probability"),
+                         ("--aligner_dropout=1.0", "expected a probability")):
         with pytest.raises(SettingError, match=rf"^{option}: .*{re.escape(said)}"):
             load_config("tiny", [option])
     for preset in ("tiny", "small", "paper"):
