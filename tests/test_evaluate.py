@@ -334,6 +334,9 @@ def test_the_caption_baseline_reads_the_training_captions_not_their_audio(traine
     captions = data.caption_texts(root, "train")
     assert len(captions) == len(data.read_audiocaps(root / "audiocaps" / "train.csv")) and not data.examples(
         "captioning", root, "train", rng=random.Random(0))
+    clotho = data.caption_texts(root, "train", "clotho")  # Clotho's baseline from Clotho's own training captions
+    assert sorted(clotho) == sorted(c for ex in data.examples("captioning", root, "train", source="clotho",
+                                                                  rng=random.Random(0)) for c in [ex.answer])
 
 
 def test_an_empty_split_and_a_broken_file_are_one_clean_line_without_traceback(trained, tmp_path):

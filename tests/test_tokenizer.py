@@ -32,6 +32,16 @@ def test_ids_match_transformers(folder):
         assert tok.decode(tok.encode(text)) == ref.decode(ref(text)["input_ids"], skip_special_tokens=True) == text
 
 
+def test_digits_are_pieces_of_their_own(folder):
+    """Llama's convention: a number is spelled digit by digit (so "440" and "1.25s" tokenize alike wherever they
+    stand), and an unseen character falls back to its bytes rather than to <unk>."""
+    tok = Tokenizer(folder)
+    for text in ("440", "1.25s", "between 10.5s and 12s"):
+        pieces = [tok.decode([i]) for i in tok.encode(text, bos=False)]
+        assert all(len(p.strip()) == 1 for p in pieces if any(c.isdigit() for c in p)), (text, pieces)
+    assert tok.pad_id not in tok.encode("✓ ♫ 東京", bos=False)  # 0 is <unk>: never produced
+
+
 def test_tokenizer_json_gives_the_same_ids(folder, tmp_path):
     from transformers import LlamaTokenizer
 
