@@ -43,10 +43,13 @@ def main():
         seconds = []
         for stage in ("0", "1"):
             t = time.time()
-            subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", args.preset,
-                            f"--run_dir={run}", f"--num_queries={count}", f"--steps_0={args.steps_0}",
-                            f"--steps_1={args.steps_1}", "--eval_every=100000", "--save_every=100000"],
-                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            done = subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", args.preset,
+                                   f"--run_dir={run}", f"--num_queries={count}", f"--steps_0={args.steps_0}",
+                                   f"--steps_1={args.steps_1}", "--eval_every=100000", "--save_every=100000"],
+                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode:  # train.py's own last words, not a bare exit status
+                raise SystemExit(f"sweep_queries.py: {count} queries, stage {stage} failed (exit status "
+                                 f"{done.returncode}):\n" + "\n".join(done.stderr.strip().splitlines()[-15:]))
             seconds.append(time.time() - t)
         last = {}
         for stage in ("0", "1"):
