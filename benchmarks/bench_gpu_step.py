@@ -4,8 +4,9 @@ MFU >= 45 % at the batch a 24 GB card holds (issue 17). `--keep 0,8,16` measures
 numbers of the LLM's last blocks that keep their activations instead of being recomputed (the training setting
 grad_checkpointing_keep), and names the fastest that fits a 24 GB card. `--profile` adds where one step's time goes:
 the operations that take most of it (torch.profiler), and the device's time by kind (matrix products, attention,
-fused kernels, the rest) against the clock, to say what limits the MFU. (`--small` runs the same code on a CPU-sized
-model: a smoke test of the script itself.)
+fused kernels, the rest) against the clock, to say what limits the MFU. `--compile` compiles each LLM block (training's
+--compile_llm), after timing the uncompiled step at the first setting in the same run, and prints the ratio.
+(`--small` runs the same code on a CPU-sized model: a smoke test of the script itself.)
 
 Model FLOPs per token, frozen LLM: forward 2N plus backward to the activations 2N (no weight gradients),
 plus attention; the trainable aligner's share is counted the usual way (6 x its parameters per query token).
@@ -81,8 +82,6 @@ def main():
         for p in llm.parameters():
             p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
     llm.gradient_checkpointing = args.checkpointing
-    if args.compile:
-        llm.compile_blocks()
     encoder = AudioMAE(enc_cfg).to(device, dtype)
     aligner = Aligner(AlignerConfig(vocab_size=tok.vocab_size, audio_dim=enc_cfg.dim)).to(device)
     apt = APT(encoder, aligner, llm, tok).to(device)
@@ -131,24 +130,34 @@ def main():
     print(f"device: {name}; LLM {n_llm / 1e9:.2f} B parameters, batch {args.batch}, sequence {T} tokens, "
           f"gradient checkpointing {'on' if args.checkpointing else 'off'}, "
           f"compiled blocks {'yes' if args.compile else 'no'}")
-    step()  # warm-up (and compilation)
-    results = {}
-    for kept in keeps if args.checkpointing else [L]:
+    def timed(kept, repeats=3):
+        """Seconds per step with `kept` blocks' activations kept, after an untimed step (the allocator takes the
+        setting's memory there, not inside the timed steps); the peak memory counters start with it."""
         llm.blocks_kept = kept
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # so that the reserved peak is this setting's own
             torch.cuda.reset_peak_memory_stats()
-        step()  # untimed: the allocator takes this setting's memory here, not inside the timed steps
+        step()
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        repeats = 3
         for _ in range(repeats):
             step()
         if device == "cuda":
             torch.cuda.synchronize()
-        seconds = (time.perf_counter() - t) / repeats
+        return (time.perf_counter() - t) / repeats
+
+    settings = keeps if args.checkpointing else [L]
+    eager = None
+    if args.compile:  # the uncompiled step first, in this run, so the compiled one has its reference beside it
+        step()  # warm-up
+        eager = timed(settings[0])
+        llm.compile_blocks()
+    step()  # warm-up (and compilation)
+    results = {}
+    for kept in settings:
+        seconds = timed(kept)
         recomputed = (L - kept) * tokens * (2 * per_block + 4 * T * D)
         mfu = flops / seconds / (args.peak_tflops * 1e12)
         hfu = (flops + recomputed) / seconds / (args.peak_tflops * 1e12)
@@ -162,6 +171,9 @@ def main():
         what = f"{L - kept} of {L} blocks recomputed" if args.checkpointing else "nothing recomputed"
         print(f"{what}: {memory}; throughput {tokens / seconds:.0f} tokens/s ({seconds * 1e3:.0f} ms per step); "
               f"MFU {mfu:.1%} (hardware {hfu:.1%}) of {args.peak_tflops:.0f} TFLOP/s")
+        if eager is not None and kept == settings[0]:
+            print(f"compiled blocks against uncompiled ones, {what}, timed in this run: {eager / seconds:.2f}x "
+                  f"({eager * 1e3:.0f} ms uncompiled)")
     fitting = {k: r for k, r in results.items() if r[1] <= args.card_gib} if device == "cuda" else {}
     best = max(fitting or results, key=lambda k: (fitting or results)[k][0])
     which = ("that fits a 24 GB card" if fitting else "measured (none fits a 24 GB card)" if device == "cuda" else

@@ -44,6 +44,8 @@ def test_gpu_step_benchmark_runs_on_the_cpu_and_profiles():
     # compiled blocks inside and outside non-reentrant checkpointing: what run_gpu.sh measures first
     out = run("benchmarks/bench_gpu_step.py", "--small", "--batch", "2", "--keep", "1,0", "--compile")
     assert re.findall(r"^(\d) of 2 blocks recomputed: .* MFU", out, re.M) == ["2", "1"], out
+    assert re.search(r"^compiled blocks against uncompiled ones, 2 of 2 blocks recomputed, timed in this run: "
+                     r"[\d.]+x \(\d+ ms uncompiled\)$", out, re.M), out  # its reference measured beside it
 
 
 def test_mfu_is_taken_against_the_cards_own_peak():
