@@ -142,12 +142,12 @@ def decode_clips(paths, config: AudioMAEConfig, strict: bool = False):
 def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, strict: bool = False):
     """Frozen encoder features of each distinct file: ({path: (W, N, Da) float16 on the CPU}, [(path, error)]).
     A file that cannot be used is reported in the second list (strict=True raises instead)."""
-    feats = {}
-    for p in dict.fromkeys(paths):
+    feats, distinct = {}, list(dict.fromkeys(paths))
+    for p in distinct:
         cached = cache.get(p) if cache and Path(p).is_file() else None  # a missing file is reported below
         if cached is not None:
             feats[p] = cached
-    todo, bad = decode_clips([p for p in dict.fromkeys(paths) if p not in feats], encoder.config, strict)
+    todo, bad = decode_clips([p for p in distinct if p not in feats], encoder.config, strict)
     if todo:
         windows = torch.cat([w for _, w in todo]).to(encoder.cls_token.device)  # (sum W, T, F)
         out = torch.cat([encoder(chunk) for chunk in windows.split(32)])  # (sum W, N, Da)

@@ -206,9 +206,9 @@ def generate(out: str | Path, seed: int = 0, videos: int = 300, pictures: int = 
         return out
     if written and (written.get("version"), written.get("synth")) == (VERSION, synth.VERSION):
         synth.refuse_to_replace(out, written, args, ("seed", "videos", "pictures", "frames", "length"))
+    ours = manifest.is_file() or (out / "synth.json").is_file()  # written here, or inside the synthetic benchmark
+    # (an older version, interrupted, wrote its manifest last)
     for folder in (out / "avqa", out / "vision"):
-        ours = manifest.is_file() or (out / "synth.json").is_file()  # written here, or inside the synthetic
-        # benchmark (an older version, interrupted, wrote its manifest last)
         if not ours and folder.is_dir() and any(folder.iterdir()):  # real AVQA, say: never replaced
             raise ForeignDataError(f"{folder}: holds files but {manifest} is missing, so it is not the synthetic "
                                    "audio-visual set written here; refusing to replace it (generate into another "
