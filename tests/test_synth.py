@@ -99,8 +99,10 @@ def test_same_seed_same_bytes_other_seed_other_data(bench, tmp_path):
     root, _ = bench
     synth.build(tmp_path / "again", seed=7, scale=SCALE)
     assert tree_digest(tmp_path / "again") == tree_digest(root)
-    synth.build(tmp_path / "other", seed=8, scale=SCALE)
+    other = synth.build(tmp_path / "other", seed=8, scale=SCALE)
     assert tree_digest(tmp_path / "other") != tree_digest(root)
+    ids = [[y for y, _, _ in truth["pool"][split]] for truth in (other, bench[1]) for split in ("train", "test")]
+    assert not set(ids[0]) & set(ids[2]) and not set(ids[1]) & set(ids[3])  # the text's draws too, not the audio's
 
 
 def test_second_generate_is_a_no_op(tmp_path):
@@ -209,6 +211,13 @@ def test_every_event_lies_within_a_scene_of_any_length():
             assert all(0 <= e.onset < e.offset <= length + 1e-9 for e in events), (length, events)
     with pytest.raises(SettingError, match=r"a scene of 1.5 s cannot hold the longest sound \(2.0 s\)"):
         synth.generate("unused", length=1.5)
+
+
+def test_a_scene_exactly_as_long_as_the_longest_sound_is_accepted(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(synth, "build", lambda out, seed, scale, length: built.append(length))
+    synth.generate(tmp_path / "b", length=synth.LONGEST)
+    assert built == [synth.LONGEST]
 
 
 def test_a_folder_of_other_data_is_never_replaced(tmp_path):
@@ -404,7 +413,8 @@ def test_captions_are_distinct_name_every_sound_and_order_only_what_is_ordered(b
     there are several kinds to order."""
     _, truth = bench
     names = {c.name for c in synth.CLASSES}
-    ordered = 0
+    ordered = counted = 0
+    times = "|".join(synth.TIMES.values())
     for split in truth["pool"].values():
         for _, events, caps in split:
             assert len(set(caps)) == len(caps) == 5
@@ -414,7 +424,43 @@ def test_captions_are_distinct_name_every_sound_and_order_only_what_is_ordered(b
                 if ORDER_WORDS.search(cap):
                     assert len(said) > 1 and not interleaved(events), (cap, events)
                     ordered += 1
-    assert ordered >= 20
+                for name in said:  # "a bell rings twice", "a bell twice": each sound's own count
+                    said_times = re.search(rf"\b{name}(?: {synth.BY_NAME[name].verb})? ({times})", cap)
+                    if said_times:
+                        assert said_times[1] == synth.TIMES[synth.counts(events)[name]], (cap, events)
+                        counted += 1
+    assert ordered >= 20 and counted >= 50
+
+
+def test_each_split_holds_the_sizes_asked_for(bench):
+    """Every split as large as Sizes says: pool and Clotho scenes, ESC clips, and three NLAR questions per pair asked
+    for (the fixture's build warned of no shortfall)."""
+    _, truth = bench
+    sizes = synth.Sizes().scaled(SCALE)
+    splits = ("train", "val", "test")
+    assert [len(truth["pool"][s]) for s in splits] == list(sizes.scenes)
+    assert [len(truth["clotho"][s]) for s in splits] == list(sizes.clotho)
+    assert [len(truth["nlar"][s]) for s in splits] == [3 * n for n in sizes.nlar]
+    assert len(truth["esc50"]) == sizes.esc_per_class * len(synth.NOVEL_CLASSES)
+
+
+def test_an_esc_clip_sounds_its_own_category(tmp_path, monkeypatch):
+    """Each ESC-50 clip is a scene of the one novel class its row names (the events build throws away, caught)."""
+    scenes, make_scene = [], synth.make_scene
+
+    def recorded(rng, classes, length, **kw):
+        audio, events = make_scene(rng, classes, length, **kw)
+        scenes.append(events)
+        return audio, events
+
+    monkeypatch.setattr(synth, "make_scene", recorded)
+    truth = synth.build(tmp_path / "b", seed=2, scale=0.01)
+    sizes = synth.Sizes().scaled(0.01)
+    esc = scenes[sum(sizes.scenes) + sum(sizes.clotho):]
+    rows = sorted(truth["esc50"], key=lambda r: r[5])  # src_file: the order they were made in
+    assert len(esc) == len(rows) == sizes.esc_per_class * len(synth.NOVEL_CLASSES)
+    for events, (_, _, target, category, *_) in zip(esc, rows):
+        assert events and {e.label for e in events} == {category} == {synth.NOVEL_CLASSES[target].name}
 
 
 def test_esc_clips_are_spread_over_five_folds(bench):
@@ -491,3 +537,77 @@ def test_the_llms_corpus_asks_every_kind_of_aqa_question(bench):
         if len(doc) == 3 and re.fullmatch(r"(Is there|Does the|How many times does the|Which sound) .*\?", doc[1]):
             answers["yes/no" if doc[2] in ("yes", "no") else "word"] += 1
     assert answers["word"] >= 0.2 * sum(answers.values()) and answers["yes/no"] >= 0.4 * sum(answers.values())
+
+
+def test_the_llms_corpus_answers_what_each_described_scene_holds(tmp_path):
+    """Every lm_corpus document is true of its scene, read back from its text: the description gives the scene's
+    events and times; tagging, SED, counting and TER answer as the strong labels say; few-shot episodes describe
+    one-kind scenes under four different code words (never a class name), their labels name the scenes' classes, and
+    the query is another scene of the answer's class, under the answer's code word."""
+    rng, trng = np.random.default_rng(0), random.Random(0)
+    six, pool = synth.TRAIN_CLASSES[:6], {"train": [], "val": [], "test": []}
+    for i in range(48):  # half of them one kind of sound, so that episodes can be drawn
+        classes, kinds = (six, (1, 1)) if i % 2 else (synth.TRAIN_CLASSES, (2, 4))
+        _, events = synth.make_scene(rng, classes, 5.12, n_types=kinds)
+        pool["train"].append((synth.ytid(trng), events, synth.captions(trng, events)))
+    synth._write_audioset(tmp_path / "audioset", pool, 5.12)
+    synth._write_audiocaps(tmp_path / "audiocaps", pool, trng)
+    spans = {}  # the description's own text -> the scene's events as (label, onset, offset) at its precision
+    for _, events, _ in pool["train"]:
+        spans[synth.describe(events)] = [(e.label, tasks.fmt_time(e.onset), tasks.fmt_time(e.offset)) for e in events]
+    assert len(spans) == len(pool["train"])
+    by_times = collections.defaultdict(set)  # a one-kind scene's times -> its class
+    for _, events, _ in pool["train"]:
+        by_times[tuple((on, off) for _, on, off in spans[synth.describe(events)])].add(events[0].label)
+    said = re.compile(r"(\w+) at (\d+\.\d)s-(\d+\.\d)s")
+
+    def read(description):
+        return [tuple(m) for m in said.findall(description)]
+
+    def asked(task, text):  # the fields of the task's prompt that `text` is, or None
+        for template in tasks.PROMPTS[task]:
+            pattern = re.escape(template).replace(r"\{label\}", "(?P<label>.+)")
+            pattern = pattern.replace(r"\{start\}", r"(?P<start>[\d.]+)").replace(r"\{end\}", r"(?P<end>[\d.]+)")
+            if m := re.fullmatch(pattern, text):
+                return m.groupdict()
+        return None
+
+    kinds, names = collections.Counter(), {c.name for c in synth.CLASSES}
+    for doc in synth.lm_corpus(tmp_path, "train", 0):
+        if len(doc) == 3:
+            events = read(doc[0])
+            assert events == spans[doc[0]], doc  # the description says when each sound is
+            labels = list(dict.fromkeys(x for x, _, _ in events))
+            if asked("tagging", doc[1]) is not None:
+                assert tasks.parse_labels(doc[2]) == labels
+                kinds["tagging"] += 1
+            elif (fields := asked("sed", doc[1])) and fields["label"] in names:
+                assert doc[2] == "; ".join(f"{on}s-{off}s" for x, on, off in events if x == fields["label"]), doc
+                kinds["sed"] += 1
+            elif (fields := asked("counting", doc[1])) and fields["label"] in names:  # not AQA's "...the hiss..."
+                assert doc[2] == str(sum(x == fields["label"] for x, _, _ in events)), doc
+                kinds["counting"] += 1
+            elif fields := asked("ter", doc[1]):
+                window = (fields["start"], fields["end"])
+                assert window in {(on, off) for _, on, off in events}, doc  # one event's own span
+                start, end = map(float, window)
+                heard = [x for x, on, off in sorted(events, key=lambda e: float(e[1]))
+                         if min(float(off), end) - max(float(on), start) >= min(0.1, float(off) - float(on)) - 1e-9]
+                assert tasks.parse_labels(doc[2]) == list(dict.fromkeys(heard)), doc
+                kinds["ter"] += 1
+        elif doc[-2] == tasks.FEWSHOT_QUERY:
+            *shots, query, _, answer = doc
+            supports = [(read(d), re.fullmatch(r"This is a sound of (\w+)\.", label)[1])
+                        for d, label in zip(shots[::2], shots[1::2])]
+            codes = {}
+            for events, label in supports:
+                assert len({x for x, _, _ in events}) == 1 and not {x for x, _, _ in events} & names, doc
+                assert by_times[tuple((on, off) for _, on, off in events)] == {label}, doc
+                codes[label] = events[0][0]
+            assert len(set(codes.values())) == len(codes) == 4 and answer in codes, doc
+            asked_about = read(query)
+            assert {x for x, _, _ in asked_about} == {codes[answer]}, doc
+            assert asked_about != dict((label, ev) for ev, label in supports)[answer], doc  # another scene
+            assert answer in by_times[tuple((on, off) for _, on, off in asked_about)], doc
+            kinds["fewshot"] += 1
+    assert min(kinds[k] for k in ("tagging", "sed", "counting", "ter")) == 48 and kinds["fewshot"] >= 10, kinds
