@@ -102,20 +102,54 @@ def test_questions_need_what_their_relation_says(av):
             assert not set(options) & pictured
 
 
-def test_the_audio_holds_the_heard_objects_and_the_frames_the_pictured(av):
+def test_the_audio_holds_the_heard_objects_and_the_frames_the_pictured(av, monkeypatch):
     """The sound scene's events are exactly the heard classes; each frame shows the pictured objects' colours."""
     items = json.loads((av / "avqa" / "val_qa.json").read_text())
     rng, trng = np.random.default_rng(3 + 7), random.Random(3 + 7)  # generate's own seeds: the same draws again
+    scenes, make_scene = [], synth.make_scene
+
+    def recorded(*args, **kw):
+        audio, events = make_scene(*args, **kw)
+        scenes.append(events)
+        return audio, events
+
+    monkeypatch.setattr(synth, "make_scene", recorded)
     frames, audio, pictured, heard = synth_av.make_video(rng, trng, 5.12, 4)
+    assert len(scenes) == 1 and {e.label for e in scenes[0]} == set(heard)  # each heard object sounds, none else
+    for _ in range(30):
+        scenes.clear()
+        _, _, more_pictured, more_heard = synth_av.make_video(rng, trng, 5.12, 4)
+        assert {e.label for e in scenes[0]} == set(more_heard) and len(set(more_heard) - set(more_pictured)) == 1
     assert (pictured, heard) == (items[0]["pictured"], items[0]["heard"])
     wav, rate = sf.read(av / "avqa" / "audio" / f"{items[0]['video_name']}.wav")
     assert rate == 16000 and len(wav) == len(audio) and np.abs(wav - audio).max() < 1e-3
     from PIL import Image
 
-    image = np.asarray(Image.open(av / "avqa" / "frames" / items[0]["video_name"] / "00.jpg")).astype(int)
-    for name in pictured:
-        colour = np.array(synth_av.COLOURS[synth_av.LOOKS[name][1]])
-        assert (np.abs(image - colour).sum(-1) < 60).sum() > 12, name  # its colour, which no pale background has
+    for k in range(4):
+        image = np.asarray(Image.open(av / "avqa" / "frames" / items[0]["video_name"] / f"{k:02d}.jpg")).astype(int)
+        assert colours(image) == {synth_av.LOOKS[name][1] for name in pictured}, k
+
+
+def colours(image) -> set:
+    """The object colours that cover a few pixels of `image` (no pale background has any of them)."""
+    return {colour for colour, rgb in synth_av.COLOURS.items()
+            if (np.abs(image - np.array(rgb)).sum(-1) < 60).sum() > 12}
+
+
+def test_each_picture_shows_exactly_its_objects_and_a_set_its_frames(tmp_path):
+    """random_picture's frames (one or two) each show every object of its record and no other; generate writes as
+    many frames a video as asked, and the command line's --videos is how many videos it writes."""
+    rng = random.Random(0)
+    for _ in range(40):
+        record = synth_av.random_picture(rng)
+        assert 1 <= len(record["frames"]) <= 2
+        drawn = {synth_av.LOOKS[name][1] for name in record["objects"]}
+        assert all(colours(np.asarray(f).astype(int)) == drawn for f in record["frames"]), record
+    synth_av.generate(tmp_path / "two", seed=1, videos=2, pictures=1, frames=2)
+    written = sorted(p.name for p in (tmp_path / "two" / "avqa" / "frames").rglob("*.jpg"))
+    assert written == ["00.jpg", "00.jpg", "01.jpg", "01.jpg"]  # two videos of two frames
+    synth_av.main(["--out", str(tmp_path / "cli"), "--videos", "3"])
+    assert len(json.loads((tmp_path / "cli" / "avqa" / "val_qa.json").read_text())) == 3
 
 
 def test_each_object_sits_in_a_cell_of_its_own():
