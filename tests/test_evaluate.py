@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import opts
+from conftest import copy_of, opts
 from safetensors.torch import load_file, save_file
 
 import evaluate
@@ -752,16 +752,43 @@ def test_ask_checks_its_question_and_files_before_loading_anything(trained, monk
         assert "expected --key=value, got '--" in err and "quotes" not in err, err
 
 
-def test_ask_puts_the_clips_in_the_order_given_before_the_question(trained, monkeypatch):
+def test_ask_puts_the_clips_in_the_order_given_before_the_question(trained, monkeypatch, tmp_path, capsys):
+    """The clips in the order given, then the question, answered in at most --max-new-tokens tokens; a
+    --checkpoint folder with no APT in it is named before anything loads."""
     from apt_min import __main__
     from apt_min.model import APT
 
     clips = [str(p) for p in sorted((trained / "synth" / "audio").glob("*.wav"))[:2]]
     asked = []
-    monkeypatch.setattr(APT, "generate", lambda self, batch, feats, **kw: asked.append(batch))
+    monkeypatch.setattr(APT, "generate", lambda self, batch, feats, **kw: asked.append((batch, kw)))
     question = "Which recording contains the bell?"
-    assert __main__.main(["ask", "--audio", clips[1], "--audio", clips[0], question, *opts(trained)]) == 0
-    assert asked == [[[("audio", clips[1]), ("audio", clips[0]), ("text", question)]]]
+    assert __main__.main(["ask", "--audio", clips[1], "--audio", clips[0], "--max-new-tokens", "7", question,
+                          *opts(trained)]) == 0
+    assert [batch for batch, _ in asked] == [[[("audio", clips[1]), ("audio", clips[0]), ("text", question)]]]
+    assert asked[0][1]["max_new_tokens"] == 7
+    assert __main__.main(["ask", "--audio", clips[0], "--checkpoint", str(tmp_path), question, *opts(trained)]) == 2
+    assert f"error: {tmp_path}: no trained APT there" in capsys.readouterr().err and len(asked) == 1
+
+
+def test_an_evaluated_apt_holds_its_frozen_parts_in_the_runs_precision(trained, tmp_path):
+    """load_apt: the encoder and the LLM in the run's precision (bf16 here, asked for), the aligner trained in fp32
+    kept so, everything in evaluation mode (dropout off), the feature cache keyed by the dtype the encoder computes
+    in; a run whose encoder is gone is an error, not a new random encoder."""
+    from apt_min.build import load_apt
+
+    checkpoint = trained / "run" / "stage2" / "final"
+    apt = load_apt(load_config("tiny", [*opts(trained), "--precision=bf16"]), checkpoint)
+    assert {p.dtype for part in (apt.encoder, apt.llm) for p in part.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in apt.aligner.parameters()} == {torch.float32}
+    assert not any(m.training for m in apt.modules())
+    fp32 = load_apt(load_config("tiny", [*opts(trained), "--precision=fp32"]), checkpoint)
+    assert {p.dtype for p in fp32.encoder.parameters()} == {torch.float32}
+    assert apt.cache.setting == fp32.cache.setting + "|torch.bfloat16"
+    run = copy_of(trained, tmp_path)
+    (run / "run" / "encoder.safetensors").unlink()
+    with pytest.raises(SystemExit, match="encoder.safetensors: the tiny preset's encoder is not there"):
+        load_apt(load_config("tiny", opts(run)), run / "run" / "stage2" / "final")
+    assert not (run / "run" / "encoder.safetensors").exists()
 
 
 def test_ask_streams_whole_characters(capsys):
@@ -777,6 +804,13 @@ def test_ask_streams_whole_characters(capsys):
     stream.finish()
     assert "".join(written) == answer and not any("\ufffd" in w for w in written)
     assert len(written) > 10  # it streamed, a piece at a time
+    written.clear()
+    stream = TextStream(lambda ids: bytes(ids).decode("utf-8", errors="replace"), written.append)
+    for byte in "twice 日".encode()[:-1]:  # the answer cut short inside its last character (max-new-tokens)
+        stream(byte)
+    assert "".join(written) == "twice "
+    stream.finish()  # what is left is written, as it decodes: not silently dropped
+    assert "".join(written) == "twice \ufffd"
     for bad in ("0", "-3", "many"):
         with pytest.raises(SystemExit):
             main(["ask", "--audio", "a.wav", "--max-new-tokens", bad, "What is it?"])

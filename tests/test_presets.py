@@ -213,6 +213,8 @@ def test_grad_checkpointing_keep_reaches_the_llm_and_is_checked(tmp_path):
     cfg = load_config("tiny", [f"--llm_path={folder}", "--grad_checkpointing=true", "--grad_checkpointing_keep=2"])
     llm, _ = load_llm(cfg, "cpu", torch.float32)
     assert (llm.gradient_checkpointing, llm.blocks_kept) == (True, 2)
+    assert load_llm(load_config("tiny", [f"--llm_path={folder}", "--grad_checkpointing_keep=3"]), "cpu",
+                    torch.float32)[0].blocks_kept == 3  # every block kept: no recomputation at all
     assert load_llm(load_config("tiny", [f"--llm_path={folder}"]), "cpu", torch.float32)[0].blocks_kept == 0
     with pytest.raises(SettingError, match=f"--grad_checkpointing_keep=4: the LLM in {folder} has 3 blocks"):
         load_llm(load_config("tiny", [f"--llm_path={folder}", "--grad_checkpointing_keep=4"]), "cpu", torch.float32)
@@ -301,3 +303,24 @@ def test_an_untrained_apt_from_a_config_alone(tmp_path):
     assert x.shape == (1, 1 + 1 + 8 + len(tok.encode("Describe the audio clip concisely.", bos=False)), 64)
     cfg.prompt_format = "smollm2-chat"
     assert untrained_apt(cfg, tok).prompt_format == "smollm2-chat"
+
+
+def test_the_data_a_run_makes_follow_its_synth_seed_and_train_split(tmp_path, monkeypatch):
+    """The synthetic benchmark and the audio-visual set beside it are drawn with --synth_seed, not the run's --seed
+    (several training seeds share one test set), at --synth_scale; the tiny tokenizer learns from the train split's
+    corpus only (never the test split's text) at --llm_vocab."""
+    from apt_min import build, synth, synth_av
+
+    made = []
+    monkeypatch.setattr(synth, "generate", lambda out, seed, scale: made.append(("synth", seed, scale)))
+    monkeypatch.setattr(synth_av, "generate", lambda out, seed, videos, pictures: made.append(("av", seed, videos)))
+    build.ensure_av_data(load_config("tiny", [f"--data_root={tmp_path / 'synth'}", "--seed=5", "--synth_seed=1",
+                                              "--synth_scale=0.1"]))
+    assert made == [("synth", 1, 0.1), ("av", 1, 30)]
+    read, trained = [], []
+    monkeypatch.setattr(synth, "lm_corpus", lambda root, split, seed: read.append((split, seed)) or [["a b"]])
+    monkeypatch.setattr(build, "train_sentencepiece", lambda pieces, path, vocab: trained.append((list(pieces), vocab)))
+    monkeypatch.setattr(build, "Tokenizer", lambda folder: folder)
+    (tmp_path / "run" / "llm").mkdir(parents=True)
+    build.ensure_tokenizer(load_config("tiny", [f"--run_dir={tmp_path / 'run'}", "--seed=3", "--llm_vocab=300"]))
+    assert read == [("train", 3)] and trained == [(["a b"], 300)]

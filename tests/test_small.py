@@ -95,8 +95,8 @@ def test_the_aligner_word_table_is_the_llms_pca(prepared):
     torch.testing.assert_close(got * signs, want, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("speedup, cpu_bf16, expected", [(2.4, True, torch.bfloat16), (0.7, True, None),
-                                                         (2.4, False, None)])
+@pytest.mark.parametrize("speedup, cpu_bf16, expected", [(2.4, True, torch.bfloat16), (1.5, True, torch.bfloat16),
+                                                         (1.2, True, None), (0.7, True, None), (2.4, False, None)])
 def test_cpu_precision_follows_the_probe(monkeypatch, speedup, cpu_bf16, expected):
     import train
 
