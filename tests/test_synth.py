@@ -1,6 +1,7 @@
 """The synthetic benchmark: read back through the real-format readers, it gives the generator's ground truth."""
 
 import collections
+import csv
 import hashlib
 import itertools
 import json
@@ -72,6 +73,12 @@ def test_round_trip_tagging_and_strong_labels(bench):
 
 def test_round_trip_captions_aqa_esc_nlar(bench):
     root, truth = bench
+    with open(root / "audiocaps" / "val.csv", newline="") as f:
+        clips = [row[1] for row in list(csv.reader(f))[1:]]
+    assert sum(a != b for a, b in zip(clips, clips[1:])) > len(set(clips))  # a clip's rows apart, as in the real files
+    with open(root / "audioset" / "class_labels_indices.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [int(r[0]) for r in rows] == list(range(len(synth.TRAIN_CLASSES)))  # indices from 0, as AudioSet's
     caps = {ex.segments[0][1]: sorted(ex.target["references"]) for ex in data.examples("captioning", root, "val")}
     assert {p.rsplit("/Y", 1)[1][:-4]: r for p, r in caps.items()} == {y: sorted(c) for y, _, c in
                                                                        truth["pool"]["val"]}
@@ -420,6 +427,7 @@ def test_captions_are_distinct_name_every_sound_and_order_only_what_is_ordered(b
             assert len(set(caps)) == len(caps) == 5
             for cap in caps:
                 said = set(re.findall(r"\w+", cap.lower())) & names
+                assert not re.search(r"\b(a [aeiou]|an [^aeiou\W])", cap.lower()), cap  # "an alarm", "a bell"
                 assert said == {e.label for e in events}, (cap, events)
                 if ORDER_WORDS.search(cap):
                     assert len(said) > 1 and not interleaved(events), (cap, events)
