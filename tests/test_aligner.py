@@ -100,8 +100,8 @@ def test_query_path_matches_blip2_qformer():
     audio = batch()[0].double()
     with torch.no_grad():
         ours = aligner(audio)
-        ref = hf(query_embeds=aligner.query_tokens.expand(3, -1, -1),
-                 encoder_hidden_states=aligner.ln_audio(audio)).last_hidden_state
+        ln_vision = F.layer_norm(audio, (24,), aligner.ln_audio.weight, aligner.ln_audio.bias)  # BLIP-2's: eps 1e-5
+        ref = hf(query_embeds=aligner.query_tokens.expand(3, -1, -1), encoder_hidden_states=ln_vision).last_hidden_state
     assert ours.shape == (3, 5, 32)
     assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()  # measured: 1e-15 relative
 
@@ -125,6 +125,109 @@ def test_instruction_path_matches_instructblip_qformer():
     valid = torch.cat([torch.ones(3, 5, dtype=torch.bool), mask], 1)
     assert (ours - ref)[valid].abs().max() <= 1e-10 * ref.abs().max()  # measured: 2e-15 relative
     assert torch.equal(aligner.instruct(audio, ids, mask), ours[:, :5])
+
+
+def test_hidden_dropout_sits_where_instructblips_does(monkeypatch):
+    """Each dropout module (after the embeddings' norm, on each attention's and feed-forward's output before the
+    residual) stands where InstructBLIP's Q-Former has it: with every dropout replaced by the same halving, the two
+    still agree. (Attention-probability dropout is functional in both, off in eval mode.)"""
+    from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: 0.5 * x)
+    aligner = random_aligner()
+    hf = InstructBlipQFormerModel(InstructBlipQFormerConfig(
+        vocab_size=CFG.vocab_size + 1, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, cross_attention_frequency=2, encoder_hidden_size=24, max_position_embeddings=16)).eval()
+    hf.load_state_dict(hf_state(aligner), strict=True)
+    aligner, hf = aligner.double(), hf.double()
+    audio, ids, mask = batch()
+    audio = audio.double()
+    with torch.no_grad():
+        ours = aligner(audio, ids, mask, bidirectional_mask)
+        ref = hf(input_ids=ids, attention_mask=torch.cat([torch.ones(3, 5, dtype=torch.long), mask.long()], 1),
+                 query_embeds=aligner.query_tokens.expand(3, -1, -1),
+                 encoder_hidden_states=aligner.ln_audio(audio)).last_hidden_state
+    valid = torch.cat([torch.ones(3, 5, dtype=torch.bool), mask], 1)
+    assert (ours - ref)[valid].abs().max() <= 1e-10 * ref.abs().max()
+
+
+def test_agtg_head_is_berts_lm_prediction_head():
+    """AGTG's word prediction (lm_transform, then the decoder tied to the word table) is BERT's LM prediction head,
+    as BLIP-2's first stage uses it: dense, GELU, LayerNorm (eps 1e-12), then the word vectors and a bias."""
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLMPredictionHead
+
+    aligner = random_aligner().double()
+    head = BertLMPredictionHead(BertConfig(vocab_size=CFG.vocab_size + 1, hidden_size=32, hidden_act="gelu",
+                                           layer_norm_eps=1e-12)).double().eval()
+    with torch.no_grad():
+        dense, _, norm = aligner.lm_transform
+        for mine, theirs in ((dense, head.transform.dense), (norm, head.transform.LayerNorm)):
+            theirs.weight.copy_(mine.weight)
+            theirs.bias.copy_(mine.bias)
+        head.decoder.weight.copy_(aligner.word_embeddings.weight)
+        head.decoder.bias.copy_(aligner.lm_decoder.bias)
+        h = torch.randn(3, 7, 32, dtype=torch.double)
+        ours, ref = aligner.word_logits(aligner.lm_transform(h)), head(h)
+    assert ours.shape == (3, 7, CFG.vocab_size + 1)
+    assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert aligner.lm_decoder.weight is aligner.word_embeddings.weight  # tied, one parameter
+
+
+def test_dropout_acts_only_while_training():
+    """In eval mode an aligner with dropout computes exactly what the same aligner without it does (attention's
+    own dropout included), on every path; in training mode the dropout acts."""
+    aligner = random_aligner(dropout=0.3)
+    plain = random_aligner(dropout=0.0)
+    audio, ids, mask = batch()
+    for model in (aligner, plain):
+        model.outputs = [model(audio, ids, mask, bidirectional_mask), model.instruct(audio, ids, mask),
+                         model.encode_text(ids, mask), model.encode_audio(audio), model(audio)]
+    for got, want in zip(aligner.outputs, plain.outputs):
+        assert torch.equal(got, want)
+    aligner.train()
+    assert not torch.equal(aligner(audio), aligner(audio))
+    aligner.set_dropout(0.0)
+    for model in (aligner, plain):
+        model.layers[0].cross_attn.drop.p = 0.0  # only the cross-attention's attention-probability dropout left
+        model.layers[0].cross_attn.p = 0.5 * (model is aligner)
+    assert not torch.equal(aligner(audio), plain.train()(audio))
+
+
+def test_initialisation_is_blip2s():
+    """A fresh aligner starts as BLIP-2's Q-Former does: BERT's N(0, 0.02) for every linear map, embedding and the
+    query tokens, zero biases, unit LayerNorms, the contrastive temperature at 0.07, ln_audio's eps LayerNorm's
+    default (BLIP-2's ln_vision)."""
+    torch.manual_seed(0)
+    aligner = Aligner(AlignerConfig(vocab_size=4000, audio_dim=768, hidden_size=256, intermediate_size=1024))
+    assert aligner.temp.item() == pytest.approx(0.07) and aligner.ln_audio.eps == 1e-5
+    assert aligner.query_tokens.std().item() == pytest.approx(0.02, rel=0.03)
+    for name, m in aligner.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and m.weight.numel() >= 10_000:
+            assert m.weight.std().item() == pytest.approx(0.02, rel=0.03) and abs(m.weight.mean()) < 1e-3, name
+        if isinstance(m, torch.nn.Linear):
+            assert not m.bias.any(), name
+        if isinstance(m, torch.nn.LayerNorm):
+            assert (m.weight == 1).all() and not m.bias.any(), name
+
+
+def test_text_longer_than_the_position_table_is_refused_by_name():
+    aligner = random_aligner()
+    ids = torch.ones(1, CFG.max_text_len, dtype=torch.long)
+    assert aligner(None, ids).shape == (1, CFG.max_text_len, 32)  # exactly max_text_len: fine
+    with pytest.raises(ValueError, match=f"text of {CFG.max_text_len + 1} tokens is longer than max_text_len="
+                                         f"{CFG.max_text_len}"):
+        aligner(None, torch.ones(1, CFG.max_text_len + 1, dtype=torch.long))
+
+
+def test_caption_keys_depend_on_the_real_tokens_alone():
+    """Equal captions padded to other widths with any pad id (processes pad to their own longest) get one key; a
+    caption and the same one with a real token 0 appended do not."""
+    a = torch.tensor([[5, 9, 7, 0]])
+    ones = torch.tensor([[1, 1, 1, 0]])
+    wide = torch.tensor([[5, 9, 7, 3, 3, 3]])  # padded with 3
+    assert caption_keys(a, ones) == caption_keys(wide, torch.tensor([[1, 1, 1, 0, 0, 0]]))
+    assert caption_keys(a[:, :3], ones[:, :3]) != caption_keys(a, torch.ones(1, 4, dtype=torch.bool))
 
 
 def test_mask_patterns():
@@ -260,6 +363,8 @@ def test_stage0_losses_are_blip2s_three_passes(monkeypatch):
         share = torch.tensor([[float(j in positives[i]) / len(positives[i]) for j in range(B)] for i in range(B)])
         atc = sum(F.cross_entropy(x, share, label_smoothing=0.1) for x in (sim, sim.T)) / 2
         torch.testing.assert_close(losses["atc"], atc)
+        grads = [torch.autograd.grad(x, aligner.temp, retain_graph=True)[0] for x in (losses["atc"], atc)]
+        torch.testing.assert_close(grads[0], grads[1])  # the temperature learns from both directions
         # a wrong text for each audio is drawn by that audio's similarity to every text, a wrong audio for each text
         # by that text's to every audio (the two differ: the matrix is not symmetric)
         assert not torch.allclose(sim, sim.T)

@@ -143,16 +143,17 @@ def test_pure_silence_is_fine(tmp_path):
     assert (win[0, 98:] - normalise(0.0)).abs().max().item() <= tol
 
 
-@pytest.mark.parametrize("n", [5, 300])
+@pytest.mark.parametrize("n", [5, 300, 399, 400, 401])
 def test_a_few_samples_are_padded(tmp_path, n):
     """A clip shorter than one 25 ms frame: its mean removed, zero-padded to one 400-sample frame, then padded to
     the window and normalised. The reference is torchaudio's fbank of that wave. 5 samples sit where the Hann window
-    is ~0 (every bin lands on the floor); 300 samples give a real spectrum, and where the padding goes matters."""
+    is ~0 (every bin lands on the floor); 300 samples give a real spectrum, and where the padding goes matters;
+    399 is one sample short of a frame, 400 and 401 make one frame unpadded."""
     sf.write(tmp_path / "tiny.wav", tone(n / 16000), 16000)
     win = audio.load_fbank(tmp_path / "tiny.wav", target_length=512)
     assert win.shape == (1, 512, 128)
     x = torch.from_numpy(sf.read(tmp_path / "tiny.wav", dtype="float32")[0])  # (n,)
-    x = torch.nn.functional.pad(x - x.mean(), (0, 400 - n))
+    x = torch.nn.functional.pad(x - x.mean(), (0, max(0, 400 - n)))
     ref = torchaudio.compliance.kaldi.fbank(x[None], **KALDI_ARGS)  # (1, 128)
     ref = normalise(torch.nn.functional.pad(ref, (0, 0, 0, 511)))
     assert energy_error(win[0], ref, normalised=True) <= 1e-5  # measured 0 here
@@ -180,6 +181,10 @@ def test_truncated_wav(tmp_path):
     data = (tmp_path / "full.wav").read_bytes()
     (tmp_path / "cut.wav").write_bytes(data[:len(data) // 2])
     with pytest.raises(AudioError, match=r"cut.wav: truncated WAV: the header declares 32000 bytes"):
+        audio.load(tmp_path / "cut.wav")
+    (tmp_path / "cut.wav").write_bytes(data[:-1])  # one byte short: half a sample gone
+    with pytest.raises(AudioError, match=r"cut.wav: truncated WAV: the header declares 32000 bytes of audio, the "
+                                         r"file holds 31999"):
         audio.load(tmp_path / "cut.wav")
 
 
