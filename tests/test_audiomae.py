@@ -37,6 +37,7 @@ def random_encoder(**kw):
             p.normal_(0, 1.0 / math.sqrt(p[0].numel())) if p.dim() > 1 else p.normal_(0, 0.1)
             if name.endswith("norm1.weight") or name.endswith("norm2.weight"):
                 p.add_(1.0)
+        model.pos_embed.normal_(0, 0.1)  # a checkpoint's table is read as stored: every row matters (CLS's too)
     return model
 
 
@@ -99,6 +100,18 @@ def test_other_grids():
     assert model(torch.randn(1, 512, 64)).shape == (1, 128, 64)
     with pytest.raises(ValueError, match=r"expected fbank windows of shape \(B, 512, 64\)"):
         model(torch.randn(1, 1024, 128))
+
+
+def test_the_default_is_audio_maes_vit_b_over_10_s():
+    """AudioMAEConfig() is the released encoder's shape (ViT-B/16 over 1024 x 128 fbank frames): the converter
+    (`python -m apt_min.audiomae`) reads a .pth with it, and heads, unlike depth or width, leave every weight's shape
+    unchanged, so a wrong count would load without complaint."""
+    cfg = AudioMAEConfig()
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.hidden) == (768, 12, 12, 4.0, 3072)
+    assert (cfg.target_length, cfg.num_mel_bins, cfg.patch_size, cfg.grid) == (1024, 128, 16, (64, 8))
+    for bad in (dict(num_mel_bins=120), dict(target_length=1000)):
+        with pytest.raises(ValueError, match="must be multiples of patch_size=16"):
+            AudioMAE(AudioMAEConfig(**SMALL, **bad))
 
 
 def test_output_block_must_be_one_of_the_blocks():

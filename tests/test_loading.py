@@ -73,8 +73,11 @@ def _save_bin_shards(hf, folder, n=2):
                                                                       "weight_map": weight_map}))
 
 
-@pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("float16", torch.float16),
-                                             (torch.float32, torch.float32), ("auto", torch.float32)])
+@pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                             ("float16", torch.float16), ("fp16", torch.float16),
+                                             ("half", torch.float16), ("fp32", torch.float32),
+                                             ("float32", torch.float32), (torch.float32, torch.float32),
+                                             ("auto", torch.float32)])
 def test_loads_in_requested_dtype(saved, dtype, expected):
     hf, folder = saved
     model = Llama.from_pretrained(folder, dtype=dtype)
@@ -291,6 +294,48 @@ def test_a_malformed_safetensors_header_is_refused_naming_the_file(tmp_path, hea
 
     with pytest.raises(CheckpointError, match=f"bad.safetensors: .*{says}"):
         safetensors_entries(_safetensors(tmp_path / "bad.safetensors", header))
+
+
+def test_safetensors_bounds_are_exact(tmp_path):
+    """A file whose last tensor ends at its last byte loads, one byte less is truncated; tensors that touch are
+    fine, one byte shared is an overlap; a file of a header alone, or of empty tensors, is valid (the safetensors
+    library writes both)."""
+    from apt_min.checkpoint import safetensors_entries
+
+    x = {"x": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]}}
+    entries = safetensors_entries(_safetensors(tmp_path / "exact.safetensors", x, bytes(range(64))))
+    got = torch.empty(16)
+    entries["x"](got)
+    assert torch.equal(got.view(torch.uint8), torch.arange(64, dtype=torch.uint8))
+    with pytest.raises(CheckpointError, match="short.safetensors: tensor 'x' is truncated"):
+        safetensors_entries(_safetensors(tmp_path / "short.safetensors", x, bytes(63)))
+    two = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    safetensors_entries(_safetensors(tmp_path / "touch.safetensors",
+                                     two | {"y": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}))
+    with pytest.raises(CheckpointError, match="'x' and 'y' overlap"):
+        safetensors_entries(_safetensors(tmp_path / "shared.safetensors",
+                                         two | {"y": {"dtype": "F32", "shape": [2], "data_offsets": [7, 15]}}))
+    save_file({}, tmp_path / "none.safetensors")
+    assert safetensors_entries(tmp_path / "none.safetensors") == {}
+    save_file({"e": torch.zeros(0), "f": torch.zeros(2, 0)}, tmp_path / "empty.safetensors")
+    entries = safetensors_entries(tmp_path / "empty.safetensors")
+    assert {k: tuple(e.shape) for k, e in entries.items()} == {"e": (0,), "f": (2, 0)}
+    entries["f"](torch.empty(2, 0))
+
+
+def test_a_torch_checkpoint_of_other_things_or_the_old_format(tmp_path):
+    """A .pth whose entries are not all tensors (training state beside the weights, no "model" entry) is refused by
+    name; one in torch's pre-1.6 format, which cannot be memory-mapped, is read without the map."""
+    from apt_min.checkpoint import torch_entries
+
+    torch.save({"w": torch.ones(2), "epoch": 3}, tmp_path / "state.pth")
+    with pytest.raises(CheckpointError, match=r"state.pth: expected a dict of tensors \(or one under 'model'\)"):
+        torch_entries(tmp_path / "state.pth", "model")
+    torch.save({"model": {"w": torch.arange(3.0)}}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    entries = torch_entries(tmp_path / "old.pth", "model")
+    got = torch.empty(3)
+    entries["w"](got)
+    assert torch.equal(got, torch.arange(3.0))
 
 
 def test_a_strided_destination_is_filled_and_a_broken_index_named(tmp_path):
