@@ -496,6 +496,9 @@ def test_stage_2_trains_with_the_settings_dropout_and_keeps_the_apts_layout(trai
                                                        "--num_queries=7")), "2", 0, 1, torch.device("cpu"))
     rates = {m.p for m in job.model.aligner.modules() if isinstance(m, nn.Dropout) or hasattr(m, "heads")}
     assert rates == {0.0} and job.model.aligner.config.dropout == 0.0
+    first = train.TuneAPT(train.load_config("tiny", opts(tmp, "--aligner_dropout=0.3")), "1", 0, 1,
+                          torch.device("cpu"))  # stage 1 from stage 0's aligner (saved at the preset's 0.1)
+    assert {m.p for m in first.model.aligner.modules() if isinstance(m, nn.Dropout) or hasattr(m, "heads")} == {0.3}
     assert job.model.long_audio == "windows" and "long_audio=windows; the settings' long_audio=all are not used" in \
         caplog.text
     queries = job.model.aligner.config.num_queries  # the aligner's shape is stage 0's: the size asked is named
