@@ -388,6 +388,10 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     for setting, apart in (([], False), (["--avqa_blocks_apart=true"], True)):
         cfg = load_config("tiny", [*opts(tmp, *vision), *setting])
         assert load_apt_blip2(cfg, resolve_checkpoint(cfg, None)).blocks_apart is apart
+    (tmp / "run" / "encoder.safetensors").unlink()  # the run's encoder is gone: said, not made anew at random
+    with pytest.raises(SystemExit, match="encoder.safetensors: the tiny preset's encoder is not there"):
+        load_apt_blip2(load_config("tiny", opts(tmp, *vision)), tmp / "run" / "stage2" / "final")
+    assert not (tmp / "run" / "encoder.safetensors").exists()
 
 
 def test_probe_avqa_asks_as_the_evaluation_does(with_vision):
