@@ -677,7 +677,7 @@ def accumulate(cfg, stage, job, wrapped, world, step, ckpts):
         summed = window.add(loss_sum, count, info)
         if not math.isfinite(summed):
             last = ckpts.folder / "latest"
-            raise SystemExit(f"stage {stage}: the loss became {summed} at step {step}; stopping. The last good "
+            raise SystemExit(f"stage {stage}: the loss became {summed} at step {step + 1}; stopping. The last good "
                              f"checkpoint is {last.read_text() if last.is_file() else 'none'} in {ckpts.folder}; "
                              "try a lower --lr")
         loss = loss_sum / window.first.clamp(min=1) * world  # DDP averages over processes: times world

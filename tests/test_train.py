@@ -377,9 +377,17 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         ck.save(2, {"w": torch.zeros(3)}, {"step": 2})
     w, state = ck.load()
     assert state["step"] == 1 and torch.equal(w["w"], torch.ones(3))
+    monkeypatch.undo()  # the resumed run reaches step 2 again: its save replaces what the crash left
+    ck.save(2, {"w": torch.zeros(3)}, {"step": 2})
+    w, state = ck.load()
+    assert state["step"] == 2 and torch.equal(w["w"], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001", "step_0000002"]
 
 
-def test_non_finite_loss_stops_naming_the_step(tmp_path):
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_loss_stops_naming_the_step(tmp_path, bad):
+    """The second step's loss is not finite: the run stops naming that step as log.jsonl numbers it (2) and the
+    last good checkpoint (step 1's)."""
     cfg = train.load_config("tiny", {"steps_1": 3, "warmup_steps": 1, "eval_every": 100, "save_every": 1,
                                      "log_every": 1})
     module = nn.Linear(2, 1)
@@ -390,13 +398,15 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     def micro_step(model, sampler):
         sampler.next_batch()
         calls.append(1)
-        loss = model(torch.ones(2)).sum() * (float("nan") if len(calls) == 2 else 1.0)
+        loss = model(torch.ones(2)).sum() * (float(bad) if len(calls) == 2 else 1.0)
         return loss, 1, {}
 
     job = SimpleNamespace(module=module, params=params, sampler=sampler, scaler=None, micro_step=micro_step,
                           validate=lambda: {})
-    with pytest.raises(SystemExit, match=r"loss became nan at step 1.*last good checkpoint is step_0000001"):
+    with pytest.raises(SystemExit, match=rf"loss became -?{bad} at step 2.*last good checkpoint is step_0000001"):
         train.fit(cfg, "1", job, False, 0, 1, tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1]
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path, monkeypatch):
