@@ -964,6 +964,17 @@ def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_wi
             for stage in ("1", "2", "caption_ft")}
     assert {s: list(j.val) for s, j in jobs.items()} == {
         "1": ["captioning", "aqa"], "2": ["captioning", "aqa", "nlar"], "caption_ft": ["captioning"]}
+    # val_batches * batch_size examples (1 * 4 in the miniature) shared out among the tasks, at least one each
+    assert {s: [len(v) for v in j.val.values()] for s, j in jobs.items()} == {"1": [2, 2], "2": [1, 1, 1],
+                                                                          "caption_ft": [4]}
+    # caption_ft: whole passes over the set's captions, each step taking batch_size * world of them; or as asked
+    captions = len(data.examples("captioning", root, "train", source="clotho", rng=random.Random(0)))
+    steps = {}
+    for world, asked in ((1, []), (2, []), (1, ["--steps_caption_ft=5"])):
+        cfg = train.load_config("tiny", opts(tmp, "--caption_ft_source=clotho", "--caption_ft_epochs=2", *asked))
+        train.TuneAPT(cfg, "caption_ft", 0, world, cpu)
+        steps[world, bool(asked)] = cfg.steps_caption_ft
+    assert steps == {(1, False): math.ceil(2 * captions / 4), (2, False): math.ceil(2 * captions / 8), (1, True): 5}
     clotho = data.examples("captioning", root, "val", source="clotho")
     assert jobs["caption_ft"].val["captioning"] == clotho[:len(jobs["caption_ft"].val["captioning"])]
     assert jobs["1"].val["captioning"] != clotho[:len(jobs["1"].val["captioning"])]  # AudioCaps
