@@ -975,6 +975,24 @@ def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_wi
         train.TuneAPT(cfg, "caption_ft", 0, world, cpu)
         steps[world, bool(asked)] = cfg.steps_caption_ft
     assert steps == {(1, False): math.ceil(2 * captions / 4), (2, False): math.ceil(2 * captions / 8), (1, True): 5}
+
+    class Scored:  # a model whose every example scores loss 3 over 2 answer tokens
+        asked = []
+
+        def encode_clips(self, paths, strict):
+            return dict.fromkeys(paths), []
+
+        def __call__(self, segments, answers, feats):
+            return torch.tensor(3.0 * len(segments)), 2 * len(segments)
+
+        def generate(self, segments, feats, max_new_tokens):
+            self.asked.append(len(segments))
+            return ["?"] * len(segments)
+
+    jobs["1"].model = Scored()
+    got = jobs["1"].validate()  # the loss per answer token (not per batch); AQA's accuracy over all its examples
+    assert got == {"val_loss": 1.5, "val_aqa_accuracy": 0.0} and Scored.asked == [min(64, len(jobs["1"].val["aqa"]))]
+    assert Scored.asked[0] > 1
     clotho = data.examples("captioning", root, "val", source="clotho")
     assert jobs["caption_ft"].val["captioning"] == clotho[:len(jobs["caption_ft"].val["captioning"])]
     assert jobs["1"].val["captioning"] != clotho[:len(jobs["1"].val["captioning"])]  # AudioCaps
