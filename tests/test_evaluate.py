@@ -922,6 +922,8 @@ def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
         return all(torch.equal(a, b) for a, b in zip(found.state_dict().values(), mine.state_dict().values()))
 
     assert same(evaluation.stage0_aligner(run / "stage2" / "final", "cpu"))
+    assert not any(m.training for m in evaluation.stage0_aligner(run / "stage2" / "final", "cpu").modules())  # no
+    # dropout in the tagging protocol's scores
     copy = tmp_path / "elsewhere" / "stage2" / "final"
     shutil.copytree(run / "stage2" / "final", copy)
     assert same(evaluation.stage0_aligner(copy, "cpu"))  # followed back to the run it was trained in

@@ -1,6 +1,7 @@
 """APT glue: interleaving, labels, what trains and what stays frozen, saving and loading, generation."""
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -199,6 +200,12 @@ def test_instruction_bos_puts_bos_before_each_instruction_and_is_saved_with_the_
     apt.save(tmp_path / "apt", *ids)
     assert APT.load(tmp_path / "apt", encoder, llm, tok, *ids).instruction_bos is True
     assert make_apt(parts).instruction_bos is False
+    meta = json.loads((tmp_path / "apt" / "apt.json").read_text())
+    for key in ("prompt_format", "instruction_bos", "long_audio"):  # saved before these were settings
+        del meta[key]
+    (tmp_path / "apt" / "apt.json").write_text(json.dumps(meta))
+    old = APT.load(tmp_path / "apt", encoder, llm, tok, *ids)
+    assert (old.prompt_format, old.instruction_bos, old.long_audio) == ("plain", False, "windows")  # as they ran
 
 
 def test_long_audio_all_reads_a_whole_clip_at_once(parts, tmp_path):
