@@ -343,6 +343,21 @@ def test_missing_audio_is_counted_and_skipped_or_raised(tmp_path, caplog):
         data.examples("tagging", tmp_path, "test", strict=True)
 
 
+def test_an_nlar_pair_with_either_clip_missing_is_skipped_or_raised(tmp_path, caplog):
+    """A pair is an example only with both its clips (never one clip and a None); --strict names the missing one."""
+    items = [{"audio_1": a, "audio_2": b, "question": "Which is longer?", "answer": "first"}
+             for a, b in (("a.wav", "b.wav"), ("a.wav", "gone.wav"), ("gone.wav", "b.wav"))]
+    write(tmp_path / "nlar/nlar_test.json", json.dumps(items))
+    touch_audio(tmp_path, "audio/a.wav", "audio/b.wav")
+    with caplog.at_level(logging.WARNING, logger="apt_min.data"):
+        ex = data.examples("nlar", tmp_path, "test")
+    assert [[v for k, v in e.segments if k == "audio"] for e in ex] == [[str(tmp_path / "audio/a.wav"),
+                                                                       str(tmp_path / "audio/b.wav")]]
+    assert "nlar_test.json" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"gone.wav: audio listed in .*nlar_test.json"):
+        data.examples("nlar", tmp_path, "test", strict=True)
+
+
 # ---------------------------------------------------------------------------------------------------- parsers
 
 
