@@ -18,7 +18,7 @@ from apt_min.audiomae import AudioMAE, AudioMAEConfig
 from apt_min.build import feature_cache
 from apt_min.checkpoint import CheckpointError
 from apt_min.config import load_config
-from apt_min.llama import Llama, LlamaConfig
+from apt_min.llama import KVCache, Llama, LlamaConfig
 from apt_min.model import APT, FeatureCache, fingerprint, load_trainable, same_weights, weight_probe
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
@@ -628,7 +628,7 @@ def test_a_candidate_that_begins_another_is_scored_as_a_whole_answer(parts):
         apt.choice_logprob(segments, ["bell", ""], feats)
 
 
-def test_answer_and_rank_is_generate_and_choice_logprob_from_one_prompt_pass(parts):
+def test_answer_and_rank_is_generate_and_choice_logprob_from_one_prompt_pass(parts, monkeypatch):
     """The few-shot evaluation's shared pass: its answer is generate's greedy answer token for token, and its scores
     are choice_logprob's (checked above against a padded batch with no cache), for a long answer too, whose greedy
     keys and values must not leak into the candidates' scores."""
@@ -642,6 +642,19 @@ def test_answer_and_rank_is_generate_and_choice_logprob_from_one_prompt_pass(par
         assert said == apt.generate([segments], feats, max_new_tokens=n)[0]
         torch.testing.assert_close(scores, apt.choice_logprob(segments, answers, feats), rtol=1e-6, atol=1e-6)
     assert len(apt.tokenizer.encode(said, bos=False)) > 3  # the untrained model talks on: the long case was run
+    tok = apt.tokenizer  # candidates of one token each, an answer of many: the cache must hold the longer
+    pieces = (tok.decode([i]).strip() for i in range(3, 300))
+    short = [w for w in dict.fromkeys(pieces) if w and len(tok.encode(w, bos=False)) == 1][:2]
+    update, written = KVCache.update, []
+
+    def within(cache, layer, k, v):  # a write past the end would be dropped without a word (an empty slice)
+        written.append(cache.length + k.shape[2] <= cache.k.shape[3])
+        return update(cache, layer, k, v)
+
+    monkeypatch.setattr(KVCache, "update", within)
+    said, _ = apt.answer_and_rank(segments, short, feats, max_new_tokens=20)
+    assert len(short) == 2 and said == apt.generate([segments], feats, max_new_tokens=20)[0]
+    assert len(tok.encode(said, bos=False)) > 3 and written and all(written)
 
 
 def test_a_damaged_apt_json_is_named(tmp_path):
