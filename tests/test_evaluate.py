@@ -62,6 +62,11 @@ def test_every_task_writes_predictions_and_metrics(trained, capsys, monkeypatch)
     shown = [json.loads(line) for line in (out / "predictions_esc50.jsonl").read_text().splitlines()]
     assert [len(p["audio"]) for p in shown] == [26] * 3 + [61] * 3 + [5] * 3  # N * K supports and the query
     assert all(p["ranked"] in p["prompt"] and p["reference"] in p["prompt"] for p in shown)
+    category = {Path(f).name: c for f, _, _, c in data.read_esc50(trained / "synth" / "esc50/meta/esc50.csv")}
+    assert all(p["reference"] == tasks.label_text(category[Path(p["audio"][-1]).name]) for p in shown)  # the query's
+    clips = data.examples("captioning", trained / "synth", "test")[:6]
+    written = [json.loads(line) for line in (out / "predictions_audiocaps.jsonl").read_text().splitlines()]
+    assert [p["reference"] for p in written] == [ex.target["references"][0] for ex in clips]  # each clip's first
     caps = {r["metric"]: r for r in json.loads((out / "metrics_audiocaps.json").read_text())}
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D", "METEOR", "SPICE"} <= caps.keys()
     assert caps["SPICE"]["protocol"] == "SPICE unavailable: absent here"  # said so, with why
