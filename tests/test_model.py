@@ -657,6 +657,17 @@ def test_answer_and_rank_is_generate_and_choice_logprob_from_one_prompt_pass(par
     assert len(tok.encode(said, bos=False)) > 3 and written and all(written)
 
 
+def test_generate_names_a_clip_it_cannot_read(parts, tmp_path):
+    """generate given no features encodes the clips itself, strictly: an unreadable one is an AudioError naming it
+    (not a KeyError when its missing features are looked up)."""
+    from apt_min.audio import AudioError
+
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio")
+    with pytest.raises(AudioError, match="notes.wav"):
+        make_apt(parts).generate([[("audio", str(bad)), ("text", "What is it?")]], max_new_tokens=2)
+
+
 def test_a_damaged_apt_json_is_named(tmp_path):
     """--checkpoint at a folder whose apt.json is not JSON: a CheckpointError naming the file (a bare
     JSONDecodeError would print a traceback for a user's mistake)."""
