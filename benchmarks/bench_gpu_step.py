@@ -121,10 +121,9 @@ def main():
     per_block = sum(p.numel() for p in block.parameters()) - (0 if args.compile else block.mlp.down_proj.weight.numel())
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     if not args.peak_tflops:
-        args.peak_tflops = peak_tflops(name)
-        if args.peak_tflops is None:  # an RTX 4090 or an L4 has a far lower peak: MFU against an H100's would mislead
-            args.peak_tflops = PEAK_TFLOPS["H100"]
-        if device == "cuda" and peak_tflops(name) is None:
+        known = peak_tflops(name)
+        args.peak_tflops = known or PEAK_TFLOPS["H100"]
+        if device == "cuda" and known is None:  # an RTX 4090 or an L4 has a far lower peak: said, not assumed
             print(f"warning: {name!r} is not in PEAK_TFLOPS; MFU below is against an H100 SXM's "
                   f"{args.peak_tflops:.0f} TFLOP/s: give --peak_tflops for this card's dense bf16 peak")
     print(f"device: {name}; LLM {n_llm / 1e9:.2f} B parameters, batch {args.batch}, sequence {T} tokens, "
@@ -151,8 +150,7 @@ def main():
     settings = keeps if args.checkpointing else [L]
     eager = None
     if args.compile:  # the uncompiled step first, in this run, so the compiled one has its reference beside it
-        step()  # warm-up
-        eager = timed(settings[0])
+        eager = timed(settings[0])  # (its untimed step is the warm-up)
         llm.compile_blocks()
     step()  # warm-up (and compilation)
     results = {}

@@ -10,8 +10,8 @@
 3. The paper preset's stage 0 at a contrastive batch of 400 (the top of the public code's range; issue 17): the
    paper-sized aligner (4 layers, 256 wide, 32 queries) on 400 clips' Audio-MAE tokens (512 x 768 each, random here:
    the encoder is frozen; the paper preset computes them each step, not measured here), ATC + ATM + AGTG forward and
-   backward under bf16 autocast and one
-   AdamW step: it must run with finite losses; its time and peak memory are printed.
+   backward under bf16 autocast and one AdamW step: it must run with finite losses; its time and peak memory are
+   printed.
 
 Prints one table at the end.  python benchmarks/gpu_checks.py [--out DIR] [--parts numerics,training,stage0]
 (--smoke: the same on the CPU, at stage-0 batch 16: a test of the script, run by tests/test_benchmarks.py)

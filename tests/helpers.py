@@ -29,3 +29,19 @@ def assert_close_rel(got, ref, rel: float):
     assert got.shape == ref.shape, f"shapes differ: {tuple(got.shape)} vs {tuple(ref.shape)}"
     err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
     assert err <= rel * scale, f"max error {err:.3g} is more than {rel:g} x the scale {scale:.3g}"
+
+
+def record_scenes(monkeypatch) -> list:
+    """Every synth.make_scene call from now on appends the events it returns to the list given back (the generators
+    write the audio and keep only what they need of the events)."""
+    from apt_min import synth
+
+    scenes, make_scene = [], synth.make_scene
+
+    def recorded(*args, **kw):
+        audio, events = make_scene(*args, **kw)
+        scenes.append(events)
+        return audio, events
+
+    monkeypatch.setattr(synth, "make_scene", recorded)
+    return scenes

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import record_scenes
 
 from apt_min import data, synth, synth_av
 from apt_min.blip2 import MODES, Answer, avqa_prompt
@@ -106,14 +107,7 @@ def test_the_audio_holds_the_heard_objects_and_the_frames_the_pictured(av, monke
     """The sound scene's events are exactly the heard classes; each frame shows the pictured objects' colours."""
     items = json.loads((av / "avqa" / "val_qa.json").read_text())
     rng, trng = np.random.default_rng(3 + 7), random.Random(3 + 7)  # generate's own seeds: the same draws again
-    scenes, make_scene = [], synth.make_scene
-
-    def recorded(*args, **kw):
-        audio, events = make_scene(*args, **kw)
-        scenes.append(events)
-        return audio, events
-
-    monkeypatch.setattr(synth, "make_scene", recorded)
+    scenes = record_scenes(monkeypatch)
     frames, audio, pictured, heard = synth_av.make_video(rng, trng, 5.12, 4)
     assert len(scenes) == 1 and {e.label for e in scenes[0]} == set(heard)  # each heard object sounds, none else
     for _ in range(30):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import record_scenes
 
 from apt_min import data, synth, tasks
 from apt_min.errors import SettingError
@@ -454,14 +455,7 @@ def test_each_split_holds_the_sizes_asked_for(bench):
 
 def test_an_esc_clip_sounds_its_own_category(tmp_path, monkeypatch):
     """Each ESC-50 clip is a scene of the one novel class its row names (the events build throws away, caught)."""
-    scenes, make_scene = [], synth.make_scene
-
-    def recorded(rng, classes, length, **kw):
-        audio, events = make_scene(rng, classes, length, **kw)
-        scenes.append(events)
-        return audio, events
-
-    monkeypatch.setattr(synth, "make_scene", recorded)
+    scenes = record_scenes(monkeypatch)
     truth = synth.build(tmp_path / "b", seed=2, scale=0.01)
     sizes = synth.Sizes().scaled(0.01)
     esc = scenes[sum(sizes.scenes) + sum(sizes.clotho):]
