@@ -156,6 +156,26 @@ def test_an_instruction_longer_than_the_aligner_reads_is_cut_to_its_beginning(pa
     assert x.shape[1] > limit
 
 
+def test_an_instruction_of_exactly_max_text_len_tokens_is_read_whole(parts):
+    """The cut keeps max_text_len tokens, not one fewer: an instruction that just fits is read to its last token."""
+    _, tok, _, _, (a, _, _) = parts
+    apt = make_apt(parts).eval()
+    feats, _ = apt.encode_clips([a])
+    limit = apt.aligner.config.max_text_len
+
+    def n(text):
+        return len(tok.encode(text, bos=apt.instruction_bos))
+
+    words = "the bell rings"
+    while n(words + " bell 1") < limit:
+        words += " a"
+    pair = [words + end for end in (" bell 1", " bell 2")]  # the last token alone differs
+    assert [n(text) for text in pair] == [limit, limit]
+    with torch.no_grad():
+        first, second = (apt.clip_prompts([[("audio", a), ("text", text)]], feats)[0][0] for text in pair)
+    assert not torch.allclose(first, second)
+
+
 def test_each_clip_is_aligned_under_the_text_that_follows_it(parts):
     """The aligner reads each clip with the first text segment after it as its instruction (a few-shot episode's
     support clips each under the sentence that names it, the query under the question), a "label" segment is not
@@ -655,6 +675,50 @@ def test_answer_and_rank_is_generate_and_choice_logprob_from_one_prompt_pass(par
     said, _ = apt.answer_and_rank(segments, short, feats, max_new_tokens=20)
     assert len(short) == 2 and said == apt.generate([segments], feats, max_new_tokens=20)[0]
     assert len(tok.encode(said, bos=False)) > 3 and written and all(written)
+
+
+def steer(monkeypatch, llm, script):
+    """Make the LLM say `script` token by token (each scripted token far ahead of every other), whatever the prompt;
+    returns the list of calls made, which the caller may clear to start the script again."""
+    forward, calls = llm.forward, []
+
+    def steered(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        if len(calls) < len(script):
+            logits[..., script[len(calls)]] += 1e4
+        calls.append(1)
+        return logits
+
+    monkeypatch.setattr(llm, "forward", steered)
+    return calls
+
+
+def test_answers_are_said_without_the_whitespace_around_them(parts, monkeypatch):
+    """An LLM's answer often begins with a space (a byte-level BPE's " yes") or ends in a newline; generate and
+    answer_and_rank give the words alone, as the references are written. The LLM is steered here to spell "bell"
+    with a space before and a newline after, and stop."""
+    _, tok, _, _, (a, _, _) = parts
+    apt = make_apt(parts).eval()
+    script = tok.encode(" bell \n", bos=False) + [tok.eos_id]
+    assert tok.decode(script) == " bell \n"  # the tokens really spell the whitespace
+    calls = steer(monkeypatch, apt.llm, script)
+    segments = [("audio", a), ("text", "Summarize")]
+    assert apt.generate([segments], max_new_tokens=10) == ["bell"]
+    calls.clear()
+    feats, _ = apt.encode_clips([a])
+    assert apt.answer_and_rank(segments, ["bell", "hum"], feats, max_new_tokens=10)[0] == "bell"
+
+
+def test_generation_ends_at_the_tokenizers_eos_not_the_llm_configs(parts, monkeypatch):
+    """Where an LLM's config.json names another EOS than its tokenizer (the tokenizer is what training closed every
+    answer with), generate stops at the tokenizer's: here the config's EOS is the comma of "bell, siren"."""
+    _, tok, _, _, (a, _, _) = parts
+    apt = make_apt(parts).eval()
+    script = tok.encode("bell, siren", bos=False) + [tok.eos_id]
+    comma = next(i for i in script if tok.decode([i]).strip() == ",")
+    monkeypatch.setattr(apt.llm.config, "eos_token_id", comma)
+    steer(monkeypatch, apt.llm, script)
+    assert apt.generate([[("audio", a), ("text", "Summarize")]], max_new_tokens=10) == ["bell, siren"]
 
 
 def test_generate_names_a_clip_it_cannot_read(parts, tmp_path):
