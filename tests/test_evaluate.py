@@ -264,10 +264,16 @@ def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained,
         evaluate.main([*args, "--strict"])
     evaluate.main(args)  # and without --strict the list is rewritten: one unreadable, none missing
     assert (out / "missing_clotho_aqa.txt").read_text() == f"{gone}\tunreadable: {gone}: empty file (0 bytes)\n"
+
+    def protocol():  # the coverage row's text
+        return json.loads((out / "metrics_clotho_aqa.json").read_text())[-1]["protocol"]
+
+    assert protocol().endswith(": 0 missing, 1 unreadable (listed in missing_clotho_aqa.txt)")
     gone.unlink()
     gone.symlink_to(trained / "synth" / gone.relative_to(root))
     evaluate.main(args)  # nothing lost now: no list left over from the runs before
     assert not (out / "missing_clotho_aqa.txt").exists()
+    assert protocol() == f"scored on {listed} clips; the test data lists {listed}: 0 missing, 0 unreadable"
     for clip in (root / "clotho_aqa" / "audio_files").iterdir():
         clip.unlink()
     with pytest.raises(SystemExit, match=f"clotho_aqa: nothing to score under {re.escape(str(root))}: of the "
@@ -320,6 +326,27 @@ def test_few_shot_skips_and_counts_a_missing_clip_as_the_other_tasks_do(trained,
     assert (out / "missing_esc50.txt").read_text().startswith(f"{gone}\tmissing (listed in")
     with pytest.raises(SystemExit, match=f"{re.escape(str(gone))}: audio listed in .* not on disk"):
         evaluate.main([*args, "--strict"])
+
+
+def test_an_nlar_pair_with_one_unreadable_clip_is_skipped_and_counted(trained, tmp_path):
+    """A pair is scored only if both its clips decode: one that cannot (here the second clip of the first pair, on
+    disk but not audio) drops every pair it is in, and is counted and listed once."""
+    root = tmp_path / "synth"
+    shutil.copytree(trained / "synth", root, copy_function=os.symlink)
+    pairs = data.read_nlar(root / "nlar" / "nlar_test.json")[:8]
+    name = pairs[0]["audio_2"]
+    assert name not in {p["audio_1"] for p in pairs}  # it stands beside a clip that decodes
+    broken = root / "audio" / name
+    broken.unlink()
+    broken.write_bytes(b"RIFF, but nothing after it")
+    out = tmp_path / "eval"
+    evaluate.main(["--task", "nlar", "--limit", "8", "--out", str(out), *opts(trained), f"--data_root={root}"])
+    *_, scored = json.loads((out / "metrics_nlar.json").read_text())
+    assert "0 missing, 1 unreadable (listed in missing_nlar.txt)" in scored["protocol"]
+    preds = [json.loads(line) for line in (out / "predictions_nlar.jsonl").read_text().splitlines()]
+    kept = [p for p in pairs if name not in (p["audio_1"], p["audio_2"])]
+    assert len(preds) == len(kept) < 8 and not any(str(broken) in p["audio"] for p in preds)
+    assert (out / "missing_nlar.txt").read_text().startswith(f"{broken}\tunreadable: {broken}: ")
 
 
 def test_the_caption_baseline_reads_the_training_captions_not_their_audio(trained, tmp_path):
