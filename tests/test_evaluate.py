@@ -603,7 +603,14 @@ def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
         asked.append((segments, answers))
         return next(scripted)
 
-    apt = SimpleNamespace(encode_clips=lambda paths, strict: ({}, []), choice_logprob=choice_logprob,
+    asked_strict = []  # each protocol encodes its clips strictly: one that fails here (after the readability check)
+    # is an error naming it, not a gap in the features found later as a KeyError
+
+    def encode_clips(paths, strict):
+        asked_strict.append(strict)
+        return {}, []
+
+    apt = SimpleNamespace(encode_clips=encode_clips, choice_logprob=choice_logprob,
                           answer_and_rank=lambda segments, answers, feats, n: (f"a bell ({n} tokens)",
                                                                                torch.tensor([0.0, 2.0, 1.0])))
     clips = [tasks.tagging("a.wav", ["Dog"]), tasks.tagging("b.wav", ["Male speech, man speaking"])]
@@ -615,6 +622,7 @@ def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
     assert asked[2] == (episode.segments, ["alarm.", "chirping birds.", "dog."])
     assert evaluation.answer_and_rank(apt, episode, {}) == "a bell (12 tokens)"  # a short answer's room, greedy
     assert episode.target["ranked"] == "chirping_birds"
+    assert asked_strict == [True, True]
 
     train_sentencepiece(["a dog barks", "a bell rings twice", "male speech"] * 30, tmp_path / "tokenizer.model", 320)
     tok = Tokenizer(tmp_path)
