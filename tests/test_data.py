@@ -270,6 +270,22 @@ def test_avqa_frames_in_time_order_each_once_and_a_broken_answer_named(tmp_path)
         data.avqa_items(tmp_path, "test")
 
 
+def test_avqa_frames_may_be_png_and_a_video_without_frames_is_counted(tmp_path):
+    """Frames extracted as PNG are read as JPEG ones are; a video with no frames at all is skipped and its frame
+    folder counted as missing in the coverage (strict: an error naming the folder and the video)."""
+    items = [{"id": i, "video_name": f"v{i}", "question_text": "Which object is making a sound?",
+              "multi_choice": ["dog", "cat", "car", "bell"], "answer": 1} for i in range(2)]
+    write(tmp_path / "avqa/val_qa.json", json.dumps(items))
+    touch_audio(tmp_path, "avqa/audio/v0.wav", "avqa/audio/v1.wav", *[f"avqa/frames/v0/{k}.png" for k in range(3)])
+    coverage = data.Coverage()
+    [item] = data.avqa_items(tmp_path, "test", frames=2, coverage=coverage)
+    assert item["video"] == "v0" and [f.split("/")[-1] for f in item["frames"]] == ["0.png", "2.png"]
+    folder = str(tmp_path / "avqa/frames/v1")
+    assert coverage.missing == {folder: str(tmp_path / "avqa/val_qa.json")} and folder in coverage.listed
+    with pytest.raises(FileNotFoundError, match=r"frames/v1: no frames \(\*.jpg, \*.png\) for video v1 listed in"):
+        data.avqa_items(tmp_path, "test", strict=True)
+
+
 def test_wavcaps_esc50_nlar_avqa(tmp_path):
     wav = {"num_captions_per_audio": 1, "data": [{"id": "Yb0RFKhbpFJA.wav", "caption": "Wind blows", "audio":
                                                   "wav_path", "duration": 10.0, "description": "x"}]}
@@ -356,6 +372,44 @@ def test_an_nlar_pair_with_either_clip_missing_is_skipped_or_raised(tmp_path, ca
     assert "nlar_test.json" in caplog.text
     with pytest.raises(FileNotFoundError, match=r"gone.wav: audio listed in .*nlar_test.json"):
         data.examples("nlar", tmp_path, "test", strict=True)
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory):
+    """The synthetic benchmark at a hundredth of its size, with its audio-visual set (under a second to write)."""
+    from apt_min import synth, synth_av
+
+    out = synth.generate(tmp_path_factory.mktemp("bench") / "synth", seed=1, scale=0.01)
+    return synth_av.generate(out, seed=1, videos=3, pictures=1, frames=2)
+
+
+@pytest.mark.parametrize("task, source", [("tagging", None), ("sed", None), ("counting", None), ("ter", None),
+                                          ("captioning", "audiocaps"), ("captioning", "clotho"), ("aqa", None),
+                                          ("nlar", None), ("avqa", None)])
+def test_every_reader_skips_and_counts_a_missing_clip_or_with_strict_names_it(benchmark, tmp_path, task, source):
+    """Each task's test split with its first clip gone: skipped (with every example it is in) and recorded in the
+    coverage, or, strict, a FileNotFoundError naming it and the list that names it."""
+    import os
+    import shutil
+
+    root = tmp_path / "synth"
+    shutil.copytree(benchmark, root, copy_function=os.symlink)
+
+    def read(strict, coverage=None):  # each example's clips
+        if task == "avqa":
+            return [[item["audio"]] for item in data.avqa_items(root, "test", strict=strict, coverage=coverage)]
+        found = data.examples(task, root, "test", source=source, strict=strict, coverage=coverage)
+        return [[v for k, v in ex.segments if k == "audio"] for ex in found]
+
+    every = read(strict=True)
+    gone = every[0][0]
+    os.unlink(gone)
+    coverage = data.Coverage()
+    left = read(strict=False, coverage=coverage)
+    assert left == [clips for clips in every if gone not in clips] and left
+    assert list(coverage.missing) == [gone] and gone in coverage.listed
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(gone)}: audio listed in .* is not on disk"):
+        read(strict=True)
 
 
 # ---------------------------------------------------------------------------------------------------- parsers
