@@ -310,13 +310,16 @@ def test_wavcaps_esc50_nlar_avqa(tmp_path):
 
 def test_files_as_spreadsheets_and_annotators_leave_them(tmp_path):
     """What real copies carry: a UTF-8 byte-order mark (a CSV saved by a spreadsheet), blank lines, spaces around a
-    caption or after a question (one question, however spaced, is one question)."""
+    caption or after a question (one question, however spaced, is one question), a header with spaces."""
     caps = write(tmp_path / "caps.csv", "\ufeffaudiocap_id,youtube_id,start_time,caption\r\n\r\n"
                                         "97151,vfY_TJq7n_U,130,  Ducks quack over rustling \r\n,,,\r\n")
     assert data.read_audiocaps(caps) == [(97151, "vfY_TJq7n_U", 130, "Ducks quack over rustling")]
     aqa = write(tmp_path / "aqa.csv", "file_name,QuestionText,answer,confidence\n"
                                       "a.wav,Is a bell ringing?,yes,yes\na.wav,Is a bell ringing? ,yes,yes\n")
     assert data.read_clotho_aqa(aqa) == [("a.wav", "Is a bell ringing?", ["yes", "yes"], ["yes", "yes"])]
+    spaced = write(tmp_path / "spaced.csv", "audiocap_id, youtube_id, start_time , caption\n"
+                                            "97151,vfY_TJq7n_U,130,Ducks\n")
+    assert data.read_audiocaps(spaced) == [(97151, "vfY_TJq7n_U", 130, "Ducks")]  # a header typed with spaces
 
 
 @pytest.mark.parametrize("name, text, problem", [
