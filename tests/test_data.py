@@ -379,10 +379,10 @@ def test_an_nlar_pair_with_either_clip_missing_is_skipped_or_raised(tmp_path, ca
 
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory):
-    """The synthetic benchmark at a hundredth of its size, with its audio-visual set (under a second to write)."""
+    """The synthetic benchmark at 3 % of its size, with its audio-visual set (about a second to write)."""
     from apt_min import synth, synth_av
 
-    out = synth.generate(tmp_path_factory.mktemp("bench") / "synth", seed=1, scale=0.01)
+    out = synth.generate(tmp_path_factory.mktemp("bench") / "synth", seed=1, scale=0.03)
     return synth_av.generate(out, seed=1, videos=3, pictures=1, frames=2)
 
 
