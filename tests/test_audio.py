@@ -68,6 +68,16 @@ def test_front_end_equals_audio_mae_recipe():
     assert energy_error(ours[0], ref, normalised=True) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_waveform_of_any_float_type_is_framed_in_float32(dtype):
+    """fbank works in float32 whatever the waveform's type: a half or bfloat16 waveform (a GPU pipeline's) gives the
+    fbank of its values as float32, not one computed at 3 significant digits; a float64 one, float32 features."""
+    wave = torch.from_numpy(tone(1.0)[:, 0]).to(dtype)
+    ours = audio.fbank(wave, target_length=128)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, audio.fbank(wave.float(), target_length=128), rtol=0, atol=0)
+
+
 def test_long_audio_becomes_every_window():
     wave = torch.from_numpy(tone(25.0)[:, 0])  # 2498 frames -> windows of 1024, 1024, 450 (+ padding)
     win = audio.fbank(wave, target_length=1024)
