@@ -1131,6 +1131,36 @@ def test_an_fp16_loss_scaler_changes_neither_the_gradient_nor_the_step(tmp_path)
     assert lrs[0] > lrs[1] > lrs[2]  # the cosine moved on through the empty window (step 2)
 
 
+def test_the_logged_rate_is_the_examples_trained_over_the_seconds_spent_training(tmp_path, monkeypatch):
+    """examples_per_s: the examples trained since the run started (a micro-batch's own count of them, not its
+    items: here 5 tokens an example) over the seconds spent in training steps, validation and saving left out. On
+    a clock that a micro-batch moves on by 1 s, a validation by 100 s and a save by 50 s, steps of 1, 2, 3 and 4
+    examples log 3 / 2 s at step 2 and 10 / 4 s at step 4 (the last step's window alone would be 7 / 2 s)."""
+    clock = [0.0]
+
+    def wait(seconds):
+        clock[0] += seconds
+
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
+    save = train.Checkpoints.save
+    monkeypatch.setattr(train.Checkpoints, "save", lambda self, *a: wait(50) or save(self, *a))
+    cfg = train.load_config("tiny", {"steps_1": 4, "log_every": 2, "eval_every": 1, "save_every": 1,
+                                     "warmup_steps": 1})
+    job = toy_job([1, 2, 3, 4])
+    step = job.micro_step
+
+    def micro_step(model, sampler):
+        wait(1)
+        loss_sum, n, info = step(model, sampler)
+        return loss_sum * 5, n * 5, info
+
+    job.micro_step, job.validate = micro_step, lambda: wait(100) or {"val_loss": 0.0}
+    train.fit(cfg, "1", job, False, 0, 1, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["examples_per_s"]) for r in records if "loss" in r] == [(2, 1.5), (4, 2.5)]
+    assert clock[0] == 4 + 5 * 100 + 4 * 50  # the validations and saves did take their time
+
+
 def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generator_and_the_skip_count(tmp_path):
     """training_state + restore: after a checkpoint at step 3 and more training, restore brings back the weights,
     AdamW's moments, the schedule's step, the sampler's position, the torch and Python generators (what a resumed
