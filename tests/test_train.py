@@ -1161,6 +1161,37 @@ def test_the_logged_rate_is_the_examples_trained_over_the_seconds_spent_training
     assert clock[0] == 4 + 5 * 100 + 4 * 50  # the validations and saves did take their time
 
 
+def test_the_count_of_skipped_audio_goes_on_across_a_resume(tmp_path):
+    """skipped_audio counts the clips skipped since the run began, not since it was last resumed: the checkpoint
+    keeps the count and a resumed run goes on from it, so a run stopped during step 3 and resumed logs what an
+    uninterrupted one does (1 clip lost a micro-batch, 2 in the step with nothing usable)."""
+    cfg = train.load_config("tiny", {"steps_1": 4, "log_every": 1, "eval_every": 5, "save_every": 2,
+                                     "warmup_steps": 1})
+    logged = {}
+    for name in ("whole", "cut"):
+        out = tmp_path / name
+        out.mkdir()
+        job = toy_job([1, None, 1, 1])
+        if name == "cut":
+            step = job.micro_step
+
+            def dies_in_step_3(model, sampler, step=step):
+                if sampler.step == 2:  # steps 1 and 2 done and saved
+                    raise KeyboardInterrupt("stopped during step 3")
+                return step(model, sampler)
+
+            job.micro_step = dies_in_step_3
+            with pytest.raises(KeyboardInterrupt):
+                train.fit(cfg, "1", job, False, 0, 1, out)
+            train.fit(cfg, "1", toy_job([1, 1]), True, 0, 1, out)
+        else:
+            train.fit(cfg, "1", job, False, 0, 1, out)
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        logged[name] = [(r["step"], r["skipped_audio"]) for r in records if "skipped_audio" in r]
+    assert logged["whole"] == [(1, 1), (2, 3), (3, 4), (4, 5)] and logged["cut"] == logged["whole"]
+    assert train.Checkpoints(tmp_path / "cut" / "checkpoints", 2).load()[1]["skipped_audio"] == 5
+
+
 def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generator_and_the_skip_count(tmp_path):
     """training_state + restore: after a checkpoint at step 3 and more training, restore brings back the weights,
     AdamW's moments, the schedule's step, the sampler's position, the torch and Python generators (what a resumed
