@@ -1192,6 +1192,26 @@ def test_the_count_of_skipped_audio_goes_on_across_a_resume(tmp_path):
     assert train.Checkpoints(tmp_path / "cut" / "checkpoints", 2).load()[1]["skipped_audio"] == 5
 
 
+def test_resuming_a_finished_run_trains_and_logs_nothing_and_returns_a_validation_of_its_weights(tmp_path):
+    """--resume of a run whose last checkpoint is its last step: no batch is drawn, the log is left as it was (no
+    second validation record), and fit returns one validation, with dropout off, of the checkpoint's weights (what
+    the stage's result is saved and reported with)."""
+    cfg = train.load_config("tiny", {"steps_1": 2, "log_every": 1, "eval_every": 1, "save_every": 2,
+                                     "warmup_steps": 1})
+    train.fit(cfg, "1", toy_job([1, 1]), False, 0, 1, tmp_path)
+    log = (tmp_path / "log.jsonl").read_text()
+    saved = load_file(str(tmp_path / "checkpoints" / "step_0000002" / "weights.safetensors"))
+    job = toy_job([])
+    seen = []
+    job.validate = lambda: seen.append((job.module.training, {k: p.detach().clone() for k, p in
+                                                              job.params.items()})) or {"val_loss": 0.25}
+    assert train.fit(cfg, "1", job, True, 0, 1, tmp_path) == {"val_loss": 0.25}
+    assert job.calls == [] and (tmp_path / "log.jsonl").read_text() == log
+    ((training, validated),) = seen
+    assert not training and validated.keys() == saved.keys() and all(torch.equal(validated[k], saved[k])
+                                                                      for k in saved)
+
+
 def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generator_and_the_skip_count(tmp_path):
     """training_state + restore: after a checkpoint at step 3 and more training, restore brings back the weights,
     AdamW's moments, the schedule's step, the sampler's position, the torch and Python generators (what a resumed
