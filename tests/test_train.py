@@ -1212,6 +1212,40 @@ def test_resuming_a_finished_run_trains_and_logs_nothing_and_returns_a_validatio
                                                                       for k in saved)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_an_fp16_step_whose_gradient_overflowed_is_skipped_and_the_loss_scale_halved(tmp_path):
+    """fp16: a step whose scaled gradient is not finite (an overflow; the loss itself finite) leaves the weights
+    and AdamW's moments alone, halves the loss scale, and is logged with its loss and an infinite gradient norm; the
+    schedule moves on all the same, and the next step trains."""
+    cfg = train.load_config("tiny", {"steps_1": 2, "log_every": 1, "eval_every": 1, "save_every": 5,
+                                     "warmup_steps": 1})
+    job = toy_job([1, 1])
+    job.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    step = job.micro_step
+
+    def micro_step(model, sampler):
+        loss_sum, n, info = step(model, sampler)
+        if sampler.step == 1:
+            loss_sum.register_hook(lambda grad: grad * math.inf)
+        return loss_sum, n, info
+
+    validated = []
+    job.micro_step = micro_step
+    job.validate = lambda: validated.append([p.detach().clone() for p in job.params.values()]) or {"val_loss": 0.0}
+    train.fit(cfg, "1", job, False, 0, 1, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [r for r in records if "grad_norm" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["grad_norm"] == math.inf and math.isfinite(records[0]["loss"])
+    assert 0 < records[1]["grad_norm"] < math.inf
+    assert [r["lr"] for r in records] == pytest.approx([cfg.lr, cfg.lr * cfg.min_lr_ratio])
+    start, after_1, after_2 = validated
+    assert all(torch.equal(a, b) for a, b in zip(start, after_1))  # skipped
+    assert all(torch.isfinite(b).all() and not torch.equal(a, b) for a, b in zip(start, after_2))  # trained
+    state = train.Checkpoints(tmp_path / "checkpoints", 2).load()[1]
+    assert state["scaler"]["scale"] == 512.0 and state["optimizer"]["state"][0]["step"].item() == 1
+
+
 def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generator_and_the_skip_count(tmp_path):
     """training_state + restore: after a checkpoint at step 3 and more training, restore brings back the weights,
     AdamW's moments, the schedule's step, the sampler's position, the torch and Python generators (what a resumed
