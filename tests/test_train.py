@@ -1293,6 +1293,36 @@ def test_a_checkpoint_restores_weights_optimizer_schedule_sampler_every_generato
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
 
 
+def test_resuming_under_another_number_of_processes_says_so_and_each_takes_a_saved_generator(tmp_path, caplog):
+    """A checkpoint written by one process and resumed by two, or by two and resumed by one or three, is resumed
+    with a warning that the batches and random draws are no longer an uninterrupted run's; process r takes the
+    generators of saved process r modulo their number. The same number of processes resumes without a word."""
+    cfg = train.load_config("tiny", {})
+    job = toy_job([])
+    opt = train.make_optimizer(job.params, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.cosine_schedule(cfg, 10, 4))
+    ckpts = train.Checkpoints(tmp_path, keep=2)
+    draws = []
+    for seed in (1, 2):  # what each saved process draws next
+        torch.manual_seed(seed)
+        draws.append(torch.rand(2))
+    torch.manual_seed(1)
+    one = train.training_state(3, opt, sched, job, 0)
+    torch.manual_seed(2)
+    two = {**one, "rng": [*one["rng"], train.training_state(3, opt, sched, job, 0)["rng"][0]]}
+    caplog.set_level(logging.WARNING)
+    warning = ("{} was written by {} processes and is resumed by {}: the batches and the random draws are no longer "
+               "those of an uninterrupted run")
+    for state, rank, world, takes in ((one, 0, 1, 0), (one, 1, 2, 0), (two, 1, 2, 1), (two, 0, 1, 0), (two, 1, 3, 1)):
+        ckpts.save(3, job.params, state)
+        caplog.clear()
+        train.restore(ckpts, job, opt, sched, rank, world)
+        saved_by = len(state["rng"])
+        said = [r.getMessage() for r in caplog.records]
+        assert said == ([] if saved_by == world else [warning.format(tmp_path, saved_by, world)]), (saved_by, world)
+        assert torch.equal(torch.rand(2), draws[takes]), (saved_by, rank, world)
+
+
 def test_each_process_draws_its_own_dropout_after_the_weights_are_built():
     """Every process seeds alike to build the same weights; then own_generators gives each its own draws, and
     process 0 the draws of a single process (so one process's run is unchanged)."""
