@@ -954,6 +954,34 @@ def test_stage_0_reads_whole_clips_counts_what_it_skips_and_retrieves_over_every
     assert max(refs) > 1 and seen == {"rows": sum(refs), "owner": [i for i, n in enumerate(refs) for _ in range(n)]}
 
 
+def test_stage_0s_validation_loss_is_its_three_losses_summed_over_the_whole_validation_set(prepared, tmp_path,
+                                                                                         monkeypatch):
+    """AlignStage0.validate: the loss is ATC + ATM + AGTG on the first val_batches * batch_size clips of the
+    validation split, as one batch of this process's alone, its hard negatives drawn from a generator of its own
+    seeded 0: the same at every validation, whatever training has drawn since."""
+    cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--val_batches=2"))
+    job = train.AlignStage0(cfg, 0, 1, torch.device("cpu"))
+    assert job.val == data.examples("captioning", cfg.data_root, "val")[:8] and len(job.val) == 2 * cfg.batch_size
+    seen, real = [], train.stage0_losses
+
+    def stage0_losses(aligner, feats, ids, mask, clip_ids, audio_mask, generator, negatives, across_processes):
+        seen.append({"pairs": len(ids), "seed": generator.initial_seed(), "across_processes": across_processes})
+        parts = real(aligner, feats, ids, mask, clip_ids, audio_mask, generator, negatives, across_processes)
+        seen[-1] |= {k: v.item() for k, v in parts.items()}
+        return parts
+
+    monkeypatch.setattr(train, "stage0_losses", stage0_losses)
+    first = train.validation(job)["val_loss"]  # dropout off, as fit validates
+    torch.manual_seed(1)
+    job.sampler.next_batch()
+    assert train.validation(job)["val_loss"] == first
+    assert len(seen) == 2 and seen[0] == seen[1]
+    got = seen[0]
+    assert (got["pairs"], got["seed"], got["across_processes"]) == (8, 0, False)
+    assert first == got["total"] == pytest.approx(got["atc"] + got["atm"] + got["agtg"], rel=1e-6)
+    assert min(got["atc"], got["atm"], got["agtg"]) > 0.05  # each term counts
+
+
 def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_with_any_lost_clip(trained, tmp_path):
     """TuneAPT: stage 1 validates on captioning and AQA, stage 2 on NLAR too (what it adds), caption_ft on the
     validation captions of its own caption set; an example is usable only if every one of its clips is (an NLAR pair
