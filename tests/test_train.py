@@ -982,6 +982,33 @@ def test_stage_0s_validation_loss_is_its_three_losses_summed_over_the_whole_vali
     assert min(got["atc"], got["atm"], got["agtg"]) > 0.05  # each term counts
 
 
+def test_stage_0s_hard_negatives_are_drawn_by_step_and_a_resumed_sampler_draws_them_again():
+    """AlignStage0.micro_step draws its ATM hard negatives from a generator seeded by the run's seed and the
+    sampler's step: each step its own, whatever else has drawn from the global generators, and a sampler restored
+    to a step (--resume) draws that step's again."""
+    align = object.__new__(train.AlignStage0)
+    align.rank, align.world, align.cfg = 0, 1, SimpleNamespace(seed=3)
+    one = torch.tensor(1.0)
+    parts = dict.fromkeys(("total", "atc", "atm", "agtg"), one)
+    drawn = []
+    align.losses = lambda model, examples, g: drawn.append(torch.rand(4, generator=g)) or (parts, examples, 0)
+    sampler = data.TaskSampler({"pairs": list(range(10))}, {"pairs": 1.0}, 2, seed=3)
+    align.micro_step(None, sampler)
+    state = sampler.state_dict()
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        align.micro_step(None, sampler)
+    resumed = data.TaskSampler({"pairs": list(range(10))}, {"pairs": 1.0}, 2, seed=3)
+    resumed.load_state_dict(state)
+    torch.manual_seed(7)
+    align.micro_step(None, resumed)
+    assert torch.equal(drawn[3], drawn[1])  # step 2 again
+    assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2])
+    align.cfg = SimpleNamespace(seed=4)  # another run's seed: other negatives at the same step
+    align.micro_step(None, data.TaskSampler({"pairs": list(range(10))}, {"pairs": 1.0}, 2, seed=3))
+    assert not torch.equal(drawn[4], drawn[0])
+
+
 def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_with_any_lost_clip(trained, tmp_path):
     """TuneAPT: stage 1 validates on captioning and AQA, stage 2 on NLAR too (what it adds), caption_ft on the
     validation captions of its own caption set; an example is usable only if every one of its clips is (an NLAR pair
