@@ -982,6 +982,43 @@ def test_stage_0s_validation_loss_is_its_three_losses_summed_over_the_whole_vali
     assert min(got["atc"], got["atm"], got["agtg"]) > 0.05  # each term counts
 
 
+def test_the_stand_in_llms_and_the_encoders_validation_losses_are_means_over_their_items():
+    """StandInLLM.validate: the next-token loss summed over every validation batch's tokens over their number (a
+    batch of short documents weighs less than one of long ones); the answers scored over every validation
+    document. PretrainEncoder.validate: the masked-patch loss (each batch's own mean) averaged over the validation
+    batches of mae_batch_size windows, its masks drawn from a generator seeded 0, at the setting's mask ratio."""
+    cpu = torch.device("cpu")
+    lm = object.__new__(train.StandInLLM)
+    lm.cfg, lm.device = SimpleNamespace(batch_size=2), cpu
+    lm.val_docs = [[str(k), "yes" if k % 2 else "no"] for k in range(1, 6)]  # document k: k tokens of loss k each
+    lm.encode = lambda doc: [int(doc[0])] * int(doc[0]) if doc else []
+    batches = []
+
+    def loss_sum(model, docs):
+        batches.append(len(docs))
+        return torch.tensor(float(sum(d[0] * len(d) for d in docs))), sum(len(d) for d in docs)
+
+    lm.loss_sum = loss_sum
+    lm.llm = SimpleNamespace(generate=lambda ids, **kw: torch.tensor([[ids.shape[1] + 1]]))  # says k for prompt k
+    lm.tok = SimpleNamespace(eos_id=2, decode=lambda ids: "yes" if ids[0] % 2 else "wrong")  # k odd: right
+    got = lm.validate()
+    assert batches == [2, 2, 1]
+    assert got == {"val_loss": pytest.approx((1 + 4 + 9 + 16 + 25) / 15), "val_answer_accuracy": 3 / 5}
+
+    mae = object.__new__(train.PretrainEncoder)
+    mae.cfg, mae.device, mae.autocast = SimpleNamespace(mae_batch_size=2, mask_ratio=0.8), cpu, nullcontext
+    mae.val_windows = torch.arange(6.0)[:, None, None] ** 2  # windows 0, 1, 4, 9, 16, 25
+    asked = []
+
+    def masked_loss(chunk, ratio, g):  # a batch's loss: the mean of its windows
+        asked.append((chunk.flatten().tolist(), ratio, g.initial_seed()))
+        return chunk.mean()
+
+    mae.module = masked_loss
+    assert mae.validate() == {"val_loss": pytest.approx((0.5 + 6.5 + 20.5) / 3)}
+    assert asked == [([0.0, 1.0], 0.8, 0), ([4.0, 9.0], 0.8, 0), ([16.0, 25.0], 0.8, 0)]
+
+
 def test_stage_0s_hard_negatives_are_drawn_by_step_and_a_resumed_sampler_draws_them_again():
     """AlignStage0.micro_step draws its ATM hard negatives from a generator seeded by the run's seed and the
     sampler's step: each step its own, whatever else has drawn from the global generators, and a sampler restored
