@@ -207,12 +207,11 @@ class PretrainEncoder:
 
     @torch.no_grad()
     def validate(self):
-        g, total, bs = torch.Generator().manual_seed(0), 0.0, self.cfg.mae_batch_size
-        chunks = self.val_windows.split(bs)
-        for chunk in chunks:
+        g, total = torch.Generator().manual_seed(0), 0.0
+        for chunk in self.val_windows.split(self.cfg.mae_batch_size):  # a batch's loss is its windows' mean
             with self.autocast():
-                total += self.module(chunk.to(self.device).float(), self.cfg.mask_ratio, g).item()
-        return {"val_loss": total / max(1, len(chunks))}
+                total += self.module(chunk.to(self.device).float(), self.cfg.mask_ratio, g).item() * len(chunk)
+        return {"val_loss": total / max(1, len(self.val_windows))}  # every window weighs alike (a short last batch)
 
     def finish(self, metrics):
         path = Path(self.cfg.run_dir) / "encoder.safetensors"
@@ -764,8 +763,9 @@ def restore(ckpts, job, opt, sched, rank: int = 0, world: int = 1) -> tuple[int,
     generators = state.get("rng") or [{"torch": state["torch_rng"], "cuda": state.get("cuda_rng"),
                                        "py": state["py_rng"]}]  # a checkpoint written before every process's were
     if len(generators) != world:
-        log.warning("%s was written by %d processes and is resumed by %d: the batches and the random draws are no "
-                    "longer those of an uninterrupted run", ckpts.folder, len(generators), world)
+        log.warning("%s was written by %d process%s and is resumed by %d: the batches and the random draws are no "
+                    "longer those of an uninterrupted run", ckpts.folder, len(generators),
+                    "" if len(generators) == 1 else "es", world)
     mine = generators[rank % len(generators)]
     torch.set_rng_state(mine["torch"])
     if mine["cuda"] is not None and torch.cuda.is_available():

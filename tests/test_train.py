@@ -985,8 +985,9 @@ def test_stage_0s_validation_loss_is_its_three_losses_summed_over_the_whole_vali
 def test_the_stand_in_llms_and_the_encoders_validation_losses_are_means_over_their_items():
     """StandInLLM.validate: the next-token loss summed over every validation batch's tokens over their number (a
     batch of short documents weighs less than one of long ones); the answers scored over every validation
-    document. PretrainEncoder.validate: the masked-patch loss (each batch's own mean) averaged over the validation
-    batches of mae_batch_size windows, its masks drawn from a generator seeded 0, at the setting's mask ratio."""
+    document. PretrainEncoder.validate: the masked-patch loss over every validation window alike (each batch's own
+    mean, weighted by its windows: a short last batch weighs less), its masks drawn from a generator seeded 0, at
+    the setting's mask ratio, in batches of mae_batch_size windows."""
     cpu = torch.device("cpu")
     lm = object.__new__(train.StandInLLM)
     lm.cfg, lm.device = SimpleNamespace(batch_size=2), cpu
@@ -1017,6 +1018,8 @@ def test_the_stand_in_llms_and_the_encoders_validation_losses_are_means_over_the
     mae.module = masked_loss
     assert mae.validate() == {"val_loss": pytest.approx((0.5 + 6.5 + 20.5) / 3)}
     assert asked == [([0.0, 1.0], 0.8, 0), ([4.0, 9.0], 0.8, 0), ([16.0, 25.0], 0.8, 0)]
+    mae.cfg.mae_batch_size = 4  # batches of 4 and 2 windows: the mean of the six
+    assert mae.validate() == {"val_loss": pytest.approx((0 + 1 + 4 + 9 + 16 + 25) / 6)}
 
 
 def test_stage_0s_hard_negatives_are_drawn_by_step_and_a_resumed_sampler_draws_them_again():
@@ -1403,7 +1406,7 @@ def test_resuming_under_another_number_of_processes_says_so_and_each_takes_a_sav
     torch.manual_seed(2)
     two = {**one, "rng": [*one["rng"], train.training_state(3, opt, sched, job, 0)["rng"][0]]}
     caplog.set_level(logging.WARNING)
-    warning = ("{} was written by {} processes and is resumed by {}: the batches and the random draws are no longer "
+    warning = ("{} was written by {} and is resumed by {}: the batches and the random draws are no longer "
                "those of an uninterrupted run")
     for state, rank, world, takes in ((one, 0, 1, 0), (one, 1, 2, 0), (two, 1, 2, 1), (two, 0, 1, 0), (two, 1, 3, 1)):
         ckpts.save(3, job.params, state)
@@ -1411,7 +1414,8 @@ def test_resuming_under_another_number_of_processes_says_so_and_each_takes_a_sav
         train.restore(ckpts, job, opt, sched, rank, world)
         saved_by = len(state["rng"])
         said = [r.getMessage() for r in caplog.records]
-        assert said == ([] if saved_by == world else [warning.format(tmp_path, saved_by, world)]), (saved_by, world)
+        written = "1 process" if saved_by == 1 else f"{saved_by} processes"
+        assert said == ([] if saved_by == world else [warning.format(tmp_path, written, world)]), (saved_by, world)
         assert torch.equal(torch.rand(2), draws[takes]), (saved_by, rank, world)
 
 
