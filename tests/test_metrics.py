@@ -39,6 +39,18 @@ def test_map_equals_scikit_learn():
         average_precision_score(labels[:, 1:], scores[:, 1:], average="macro"))
 
 
+def test_map_of_hard_decisions_and_of_no_positives():
+    """Scores given as yes/no decisions (booleans, all ties within each) are ranked as numbers: the AP scikit-learn
+    gives them; a set where no class has a positive has no mAP (nan), not 0."""
+    from sklearn.metrics import average_precision_score
+
+    labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0]], dtype=bool)
+    decided = np.array([[1, 0], [1, 1], [0, 1], [0, 0], [1, 1]], dtype=bool)
+    assert metrics.mean_average_precision(decided, labels) == pytest.approx(
+        average_precision_score(labels, decided, average="macro"))
+    assert np.isnan(metrics.mean_average_precision(np.random.default_rng(0).random((5, 2)), np.zeros((5, 2), bool)))
+
+
 def test_mcnemar_equals_scipy_binomial_test():
     from scipy.stats import binomtest  # scikit-learn's own dependency
 
