@@ -53,6 +53,10 @@ _PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...",
 # PTB writes brackets as -LRB- etc.; the COCO code lower-cases before comparing with its (upper-case) punctuation
 # list, so they stay in as tokens: kept here the same way
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# typographic quotes, dashes and ellipsis read as PTB reads them (checked one by one against it): quotes and the
+# ellipsis dropped, a dash splitting what it joins ("2\u20133" -> "2 3"), the apostrophe kept in contractions
+_TYPOGRAPHIC = str.maketrans({"\u2018": "`", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": " -- ",
+                              "\u2014": " -- ", "\u2026": "..."})
 # words PTB keeps with their period (checked one by one against it), and the fused words it splits
 _ABBREVIATIONS = ("mr mrs ms dr st jr sr vs etc inc co ltd jan feb mar apr jun jul aug sep sept oct nov dec mt ft lt "
                   "sgt gen col prof rev sq ave blvd rd dept est cf al").split()
@@ -73,9 +77,10 @@ def caption_tokens(text: str) -> list[str]:
     """Tokens as the COCO caption evaluation sees them (its PTB tokenizer, lower-cased, punctuation removed):
     contractions split the Penn Treebank way ("don't" -> "do n't", "dog's" -> "dog 's", "cannot" -> "can not"),
     compounds kept whole ("high-pitched", "2-3", "chirp/tweet", "10:30", "3.5"), abbreviations with their periods
-    ("e.g.", "mr."), quotes dropped. Equal to the PTB tokenizer on the tests' captions; it still differs on forms
-    captions hardly hold (a <tag>, a quote closed inside a word, initials such as "j. s. bach")."""
-    text = text.lower().replace("\u2019", "'")
+    ("e.g.", "mr."), quotes (typographic ones too) dropped. Equal to the PTB tokenizer on the tests' captions; it
+    still differs on forms captions hardly hold (a <tag>, a quote closed inside a word, initials such as "j. s. bach").
+    """
+    text = text.lower().translate(_TYPOGRAPHIC)
     text = re.sub(r"([a-z])n't\b", r"\1 n't", text)
     text = re.sub(r"'(s|re|ve|ll|d|m)\b", r" '\1", text)
     text = text.replace("'n'", " 'n' ")

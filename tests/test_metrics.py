@@ -115,18 +115,25 @@ WRITTEN = [
     'Rain falls on a tin roof;wind blows', 'A sound at 3.5kHz', 'a $5 bill is crumpled', "cats' and dogs' noises",
     'e.g., birds', 'etc. and so on', 'A voice over a P.A. system', "Don't, won't, can't",
     'a no. 5 bus, approx. 5 min.', 'barks.then stops', 'A 20-something man a.k.a. Dr. Who',
-    'a pre- and post-war siren --- wow!?', '[beep] {click}',
+    'a pre- and post-war siren --- wow!?', '[beep] {click}', "rock'n'roll plays",
+    # typographic quotes, dashes and ellipsis, as typed by word processors and phones
+    "A dog\u2019s bark, it\u2019s loud and doesn\u2019t stop", "\u201cHello\u201d says a woman",
+    "\u2018Hello\u2019 says a woman", "A dog barks \u2013 then stops", "barks\u2014then stops",
+    "a dog barks 2\u20133 times", "wait\u2026what", "she said \u201cI can\u2019t\u201d\u2026",
+    "rock \u2018n\u2019 roll", "the dogs\u2019 barks",
 ]
 
 
 def test_written_captions_are_split_as_ptb_splits_them():
-    """What the PTB comparison below checks, in three cases that hold without Java."""
+    """What the PTB comparison below checks, in four cases that hold without Java."""
     assert metrics.caption_tokens("A high-pitched beep, e.g. at 10:30; it cannot stop!!") == [
         "a", "high-pitched", "beep", "e.g.", "at", "10:30", "it", "can", "not", "stop", "!!"]
     assert metrics.caption_tokens("'Hello,' says Mr. Smith's dog (twice).") == [
         "hello", "says", "mr.", "smith", "'s", "dog", "-lrb-", "twice", "-rrb-"]
     assert metrics.caption_tokens("A 1.5-second tone - then 2,000 clicks...") == ["a", "1.5-second", "tone", "then",
                                                                                    "2,000", "clicks"]
+    typed = "rock'n'roll \u201cWow\u201d \u2013 a dog\u2019s \u2018woof\u2019 \u2014 2\u20133 times\u2026"  # typed
+    assert metrics.caption_tokens(typed) == ["rock", "'n'", "roll", "wow", "a", "dog", "'s", "woof", "2", "3", "times"]
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="the reference PTB tokenizer needs Java")
