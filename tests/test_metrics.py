@@ -70,10 +70,11 @@ def _coco(refs, hyps):
 # BLEU's corner cases, each a corpus of its own (the brevity penalty is the corpus's): hypotheses longer than their
 # references, repeating n-grams more often than any one reference holds them, as often as all of them together
 # (clipped at the largest count in one reference, not the sum); and a hypothesis exactly between two reference
-# lengths (the shorter is taken)
+# lengths (the shorter is taken, whichever comes first)
 LONGER = [(["a dog barks", "the dog barks loudly"], "a dog barks a dog barks"),
           (["rain falls on a roof", "rain on the roof"], "rain rain rain falls on the roof today")]
 BETWEEN = [(["one bell rings twice", "one bell rings twice then stops"], "one bell rings twice loudly")]
+BETWEEN_LONGER_FIRST = [(refs[::-1], hyp) for refs, hyp in BETWEEN]
 
 
 def test_caption_metrics_equal_pycocoevalcap():
@@ -81,7 +82,7 @@ def test_caption_metrics_equal_pycocoevalcap():
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    for corpus in (LONGER, BETWEEN):
+    for corpus in (LONGER, BETWEEN, BETWEEN_LONGER_FIRST):
         refs, hyps = [r for r, _ in corpus], [h for _, h in corpus]
         ref_bleu, _ = Bleu(4).compute_score(*_coco(refs, hyps), verbose=0)
         assert np.allclose(metrics.bleu(refs, hyps), ref_bleu, atol=1e-9), corpus
