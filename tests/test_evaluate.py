@@ -452,6 +452,10 @@ def test_captions_score_perfect_and_hand_worked_answers():
     assert [table[f"BLEU-{k}"][0] for k in (1, 2, 3, 4)] == pytest.approx([1.0] * 4)
     assert table["ROUGE-L"][0] == pytest.approx(1.0)
     assert table["CIDEr-D"][0] > 1.0 and table["CIDEr-D"][1] < 0.2 * table["CIDEr-D"][0]
+    # the baseline, "rain" for every clip: BLEU-1 1 of 3 words, the brevity penalty of 3 words against 3 + 3 + 4 (each
+    # clip's closest reference length); ROUGE-L on the rain clip only, precision 1 and recall 1/3 (the best of 1/5, 1/3)
+    assert table["BLEU-1"][1] == pytest.approx(np.exp(1 - 10 / 3) / 3)
+    assert table["ROUGE-L"][1] == pytest.approx((1 + 1.2**2) * (1 / 3) / (1 / 3 + 1.2**2) / 3)
     # nothing in common with any reference: zero everywhere (BLEU's smoothing leaves < 1e-10)
     table = {m: v for m, v, _, _ in metrics.score_captions(exs, ["engines hum"] * 3, "rain")}
     assert max(table[f"BLEU-{k}"] for k in (1, 2, 3, 4)) < 1e-10 and table["ROUGE-L"] == table["CIDEr-D"] == 0.0
@@ -467,6 +471,8 @@ def test_spider_is_the_mean_of_cider_d_and_spice():
     assert metrics.spider(rows) == [("SPIDEr", pytest.approx(0.3125), None, "(CIDEr-D + SPICE) / 2")]
     [(name, value, base, protocol)] = metrics.spider(rows[:2] + [("SPICE", float("nan"), None, "no jars")])
     assert name == "SPIDEr" and np.isnan(value) and base is None and "needs SPICE" in protocol
+    [(_, value, _, protocol)] = metrics.spider(rows[:2])  # no SPICE row at all: unavailable too, not a KeyError
+    assert np.isnan(value) and "needs SPICE" in protocol
 
 
 def test_exact_match_normalises_answers():
@@ -495,7 +501,9 @@ def test_exact_match_normalises_answers():
     # an answer that says more than the answer is wrong ("yes or no" is no answer to a yes/no question)
     assert metrics.score_exact(later, ["no, or yes", "yes or no", "yes"])[0][1] == pytest.approx(1 / 3)
     [(_, _, base, protocol)] = metrics.score_exact(later, ["no", "no", "no"])
-    assert base == pytest.approx(2 / 3) and "always 'yes'" in protocol
+    assert base == pytest.approx(2 / 3) and "always 'yes'" in protocol and "tied" not in protocol
+    [(_, _, base, protocol)] = metrics.score_exact(later[:2], ["no", "no"])  # one "no", one "yes": a tie, said
+    assert base == 0.5 and protocol.endswith("(baseline: always 'no', the most frequent answer, tied with 'yes')")
     assert metrics.majority(["b", "a", "a", "b"]) == "b"  # among equals, the first seen
     mixed = [tasks.aqa("a.wav", f"How many? {i}", "two") for i in range(3)] + \
         [tasks.aqa("a.wav", "Is it raining?", a) for a in ("no", "no", "yes")]
@@ -522,6 +530,8 @@ def test_fewshot_reads_esc50_labels_with_underscores():
     every = ["chirping birds, crying baby, dog, door wood knock"] * 4
     assert metrics.score_fewshot(eps, every, "x")[0][1] == pytest.approx(1 / 4)
     assert metrics.score_fewshot(eps, ["dog or chirping birds", "dog", "dog", "dog"], "x")[0][1] == pytest.approx(1 / 4)
+    # chance is one in the episode's labels (4), however many episodes there are
+    assert [r[2] for r in metrics.score_fewshot(eps[:2], every[:2], "x")] == [pytest.approx(1 / 4)] * 2
 
 
 def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_features():
@@ -550,6 +560,9 @@ def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_fea
     assert rows[2][0] == "accuracy 2-way 2-shot vs a prototypical network"
     assert rows[1][1] == pytest.approx(0.5)  # ranked "bell" both times
     assert rows[2][1] == pytest.approx(1.0) and rows[2][2] == pytest.approx(0.5)  # generated, beside the prototype
+    assert rows[0][2] == pytest.approx(1 / 2)  # chance: 2 labels among the 3 supports
+    del second.target["prototype"]  # the network's answer for some episodes only: no row beside it
+    assert [r[0] for r in metrics.score_fewshot([first, second], ["alarm", "bell"], "x")] == ["x", "x, ranked"]
 
 
 def test_tagging_scores_the_generated_answers_class_by_class(trained, monkeypatch):
@@ -708,6 +721,8 @@ def test_segment_f1_hand_worked():
     assert f1([(0.0, 1.0), (0.1, 1.0)], [(0.0, 1.0)]) == (1, 2, 1)  # a reference is matched once
     assert f1([(2.0, 3.0), (0.0, 1.0)], [(0.0, 1.0), (2.2, 3.0)]) == (2, 2, 2)  # in any order
     assert f1([], [(0.0, 1.0)]) == (0, 0, 1) and f1([(0.0, 1.0)], []) == (0, 1, 0)
+    assert f1([(1.0, 1.0)], [(1.0, 1.0)]) == (0, 1, 1)  # zero-length spans (parse_segments keeps them): no match
+    assert f1([(0.0, 1.0)], [(2.0, 3.0)], iou=0.0) == (1, 1, 1)  # segments apart have IoU 0, not below it
     # a prediction that fits two touching references: it takes the one no other prediction fits, whatever the order
     touching = [(0.0, 1.0), (1.0, 2.0)]
     assert f1([(0.0, 2.0), (0.0, 1.0)], touching) == f1([(0.0, 1.0), (0.0, 2.0)], touching) == (2, 2, 2)
@@ -736,6 +751,9 @@ def test_temporal_retrieval_with_commas_and_underscores_in_labels():
     assert perfect[1] == 1.0
     (row,) = metrics.score_ter(exs, ["chirping birds and male speech, man speaking", "speech, dog"], vocab)
     assert row[1] == pytest.approx(1 / 2)  # order does not matter; an extra label does
+    many = [f"Label {c}" for c in "JIHGFEDCBA"]  # a window of ten labels: the baseline names them in sorted order
+    [(_, _, _, protocol)] = metrics.score_ter([tasks.Example("ter", [], "", {"labels": many})], [""], many)
+    assert protocol == f"exact set of labels (baseline: always {', '.join(sorted(many)).lower()!r})"
 
 
 def test_counting_reads_numbers_and_words():
@@ -748,6 +766,9 @@ def test_counting_reads_numbers_and_words():
     assert table[1][2] == pytest.approx((0 + 0 + 2 + 1) / 4)
     exs = [tasks.counting("a.wav", "Dog", n) for n in (1, 1, 4, 5, 6)]  # most frequent 1, median 4
     assert metrics.score_counting(exs, ["1"] * 5)[1][2] == pytest.approx((0 + 0 + 3 + 4 + 5) / 5)
+    # an unreadable answer is never right, not even where the count is 0 (it counts as 0 for the error alone)
+    table = metrics.score_counting([tasks.counting("a.wav", "Dog", n) for n in (0, 0, 2)], ["??", "never", "2"])
+    assert table[0][1] == pytest.approx(2 / 3) and table[1][1] == 0.0
 
 
 def test_ask_about_two_clips(trained):
