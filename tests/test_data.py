@@ -448,6 +448,15 @@ def test_parsers_tolerate_variations():
     assert tasks.parse_segments("from one to two seconds") == [(1.0, 2.0)]
     for vocabulary in (["Car horn", "Horn toy"], ["Horn toy", "Car horn"]):  # equal lengths, overlapping in the text
         assert tasks.parse_labels("a car horn toy", vocabulary) == ["Car horn"]  # the same reading, either order
+    assert [tasks.parse_count(t) for t in ("once", "Thrice.", "twenty  one")] == [1, 3, 21]  # two spaces in a number
+    assert tasks.normalize_answer("A high-pitched beep") == "high pitched beep"  # a hyphen parts words, as a space
+    for text in ("1.5s until 2s; 3s\u20144s", "1.5S - 2S; 3 SECONDS TO 4 SECONDS"):  # until, an em dash, capitals
+        assert tasks.parse_segments(text) == [(1.5, 2.0), (3.0, 4.0)], text
+    assert tasks.parse_labels("dog, a Dog and dog", ["Dog", "Cat"]) == ["Dog"]  # named three times: listed once
+    # without a vocabulary: split at commas, semicolons and "and", each part trimmed of spaces and periods, none empty
+    assert tasks.parse_labels("Dog and cat; bird.") == ["dog", "cat", "bird"]
+    assert tasks.parse_labels("dog, , cat ;") == ["dog", "cat"] and tasks.parse_labels("") == []
+    assert tasks.label_text(" chirping_birds ") == "chirping birds"  # a class name read with spaces around it
 
 
 def test_a_time_window_always_holds_the_event_that_defines_it():
