@@ -568,6 +568,27 @@ def test_training_prompts_are_drawn_among_each_tasks_paraphrases():
         assert tasks.prompt(task, None, **fields) == options[0].format(**fields)
 
 
+def test_each_builder_writes_its_prompt_and_answer_as_documented():
+    """The evaluation prompts name a class as label_text writes it and give times to 0.1 s; the answer is the first
+    reference (captioning), the written form of the annotators' most frequent answer, lower case without its period
+    (AQA), the answer trimmed (NLAR, scored normalised); a few-shot episode's sentences name its labels as label_text
+    writes them, its choices are the support labels once each in the order shown, and an unknown layout is refused."""
+    assert tasks.sed("a.wav", "chirping_birds", [(0.0, 1.0)]).segments[1][1] == "When does chirping birds happen?"
+    assert tasks.counting("a.wav", "Dog", 2).segments[1][1] == "How many times does dog occur?"
+    assert tasks.ter("a.wav", [], 1, 2.04).segments[1][1] == "What happens between 1.0s and 2.0s?"
+    caption = tasks.captioning("a.wav", ["A dog barks.", "Barking", "A dog is barking"])
+    assert caption.answer == "A dog barks." and caption.target["references"][1:] == ["Barking", "A dog is barking"]
+    assert tasks.aqa("a.wav", "Is it raining?", ["No", "Yes.", "yes"]).answer == "yes"
+    nlar = tasks.nlar("a.wav", "b.wav", "Which recording holds the bell?", " The first. ")
+    assert nlar.answer == "The first." and nlar.target["answer"] == "first"
+    episode = tasks.fewshot([("s1.wav", "dog"), ("s2.wav", "chirping_birds"), ("s3.wav", "dog")], "q.wav", "dog")
+    assert episode.target["choices"] == ["dog", "chirping_birds"]
+    assert episode.segments[3] == ("text", "This is a sound of chirping birds.")
+    for layout in ("List", "x"):
+        with pytest.raises(SettingError, match=f"few-shot layout '{layout}'"):
+            tasks.fewshot([("s1.wav", "dog")], "q.wav", "dog", layout=layout)
+
+
 def test_temporal_retrieval_examples(tmp_path):
     strong = ("segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
               "abcdefghijk_30000\t4.0\t5.0\t/m/05zppz\n"
