@@ -33,12 +33,16 @@ def test_every_window_keeps_its_own_random_fifth():
     assert keep.shape == (6, 8)
     assert all(len(set(row.tolist())) == 8 for row in keep)
     assert len({tuple(sorted(row.tolist())) for row in keep}) == 6
+    assert mae.random_keep(3, 8, 0.8).shape == (3, 2)  # round(1.6): the nearest count, not the one below
+    assert mae.random_keep(3, 8, 0.99).shape == (3, 1)  # round(0.08) is 0, but a window always keeps one patch
 
 
 def test_the_encoder_on_every_patch_kept_is_the_encoder():
-    """With nothing hidden and the patches in order, the kept-patch path is AudioMAE.forward (all its blocks)."""
+    """With nothing hidden and the patches in order, the kept-patch path is AudioMAE.forward (all its blocks), CLS
+    with its position row added as there (zeros in the sin-cos table, but a loaded `pos_embed` is what it holds)."""
     torch.manual_seed(0)
     enc, x = AudioMAE(CFG), windows()
+    enc.pos_embed[:, 0] = torch.randn(CFG.dim)
     every = torch.arange(enc.num_patches).expand(len(x), -1)
     torch.testing.assert_close(mae.encode_kept(enc, x, every), enc(x), rtol=1e-5, atol=1e-5)
 
@@ -84,9 +88,44 @@ def test_the_decoder_reads_the_encoder_through_its_final_norm():
     torch.testing.assert_close(dec(a, keep), dec(b, keep))
 
 
-def test_the_loss_is_taken_on_hidden_patches_only_against_normalised_patches():
+def test_the_decoder_by_hand_at_a_width_of_its_own():
+    """A decoder of another width, depth and number of heads than its encoder, in float64, against its steps done
+    by hand: Audio-MAE's final norm (eps 1e-6) on the encoder's tokens and a linear map to the decoder's width; the
+    mask token in every hidden place and each kept token in its own; the fixed sin-cos table at the decoder's width,
+    patch k's row for patch k (CLS's row left out); each of its `depth` blocks in turn; a norm (eps 1e-6); a linear
+    map to each patch's 16 x 16 values. The encoder's tokens are tiny (variance 1e-8), so that the eps counts."""
+    from torch.nn.functional import layer_norm
+
+    from apt_min.audiomae import sincos_position_table
+
     torch.manual_seed(0)
-    enc, x = AudioMAE(CFG), windows()
+    dim, depth, heads, n = 16, 3, 4, 8
+    dec = mae.MAEDecoder(CFG, dim=dim, depth=depth, heads=heads).double()
+    assert len(dec.blocks) == depth and [b.attn.heads for b in dec.blocks] == [heads] * depth
+    keep = mae.random_keep(2, n, 0.75, torch.Generator().manual_seed(5))
+    tokens = 1e-4 * torch.randn(2, 2, CFG.dim, dtype=torch.float64)
+    norm = dec.encoder_norm
+    x = layer_norm(tokens, (CFG.dim,), norm.weight, norm.bias, eps=1e-6) @ dec.embed.weight.T + dec.embed.bias
+    full = dec.mask_token.expand(2, n, dim).clone()
+    for b in range(2):
+        for j, k in enumerate(keep[b].tolist()):
+            full[b, k] = x[b, j]
+    table = sincos_position_table(AudioMAEConfig(target_length=CFG.target_length, num_mel_bins=CFG.num_mel_bins,
+                                                 dim=dim))
+    full = full + table[1:].double()
+    for block in dec.blocks:
+        full = block(full)
+    want = layer_norm(full, (dim,), dec.norm.weight, dec.norm.bias, eps=1e-6) @ dec.pred.weight.T + dec.pred.bias
+    assert want.shape == (2, n, CFG.patch_size ** 2)
+    torch.testing.assert_close(dec(tokens, keep), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_the_loss_is_taken_on_hidden_patches_only_against_normalised_patches(scale):
+    """Audio-MAE's norm_pix_loss: each patch less its mean, over the root of its (unbiased) variance plus 1e-6; on
+    quiet windows (scale 1e-3, variance near 1e-6) that 1e-6 is half the denominator."""
+    torch.manual_seed(0)
+    enc, x = AudioMAE(CFG), scale * windows()
     dec = mae.MAEDecoder(CFG)
     got = mae.mae_loss(enc, dec, x, 0.75, torch.Generator().manual_seed(3))
     keep = mae.random_keep(len(x), enc.num_patches, 0.75, torch.Generator().manual_seed(3))
