@@ -181,6 +181,82 @@ def test_image_processing_reads_the_folders_settings(tmp_path):
             ours(bad)
 
 
+def test_the_defaults_are_instructblip_vicunas(tmp_path):
+    """ViTConfig's defaults are transformers' InstructBLIP vision defaults (EVA ViT-g/14 less its last block: 1 + 256
+    tokens); ImageProcessing's are BLIP's (CLIP's mean and std, 1/255, bicubic) at InstructBLIP's 224 px, and a
+    folder without a preprocessor_config.json reads as them."""
+    from dataclasses import asdict
+
+    from transformers import BlipImageProcessorPil, InstructBlipVisionConfig
+
+    from apt_min.vision import ImageProcessing, ViTConfig
+
+    ref, vit = InstructBlipVisionConfig(), ViTConfig()
+    assert asdict(vit) == {"image_size": ref.image_size, "patch_size": ref.patch_size, "channels": 3,
+                           "dim": ref.hidden_size, "depth": ref.num_hidden_layers, "heads": ref.num_attention_heads,
+                           "hidden": ref.intermediate_size, "norm_eps": ref.layer_norm_eps}
+    assert vit.num_patches == 256
+    blip = BlipImageProcessorPil()
+    assert ImageProcessing() == ImageProcessing(size=ref.image_size, mean=tuple(blip.image_mean),
+                                                std=tuple(blip.image_std), rescale=blip.rescale_factor,
+                                                resample=blip.resample)
+    assert ImageProcessing.read(tmp_path) == ImageProcessing()
+
+
+def test_the_image_encoder_matches_transformers():
+    """The image encoder alone against transformers' InstructBLIP ViT (its last block's tokens, before the norm
+    that our split gives the aligner), at settings of its own: 42 px (3 x 3 patches), norm eps 1e-3, in float64
+    and fed float32 pixels. It is frozen from construction, and refuses images of another shape, naming it."""
+    from transformers import InstructBlipVisionConfig, InstructBlipVisionModel
+
+    from apt_min.blip2 import rename
+    from apt_min.vision import ImageEncoder, ViTConfig
+
+    torch.manual_seed(0)
+    hf = InstructBlipVisionModel(InstructBlipVisionConfig(
+        hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, image_size=42,
+        patch_size=14, layer_norm_eps=1e-3)).eval()
+    randomize(hf)
+    ours = ImageEncoder(ViTConfig(image_size=42, patch_size=14, dim=32, depth=2, heads=4, hidden=80, norm_eps=1e-3))
+    assert not any(p.requires_grad for p in ours.parameters())
+    state = {rename(f"vision_model.{k}"): v for k, v in hf.state_dict().items() if not k.startswith("post_layernorm")}
+    ours.load_state_dict({k.removeprefix("vision."): v for k, v in state.items()})
+    ours, hf = ours.double(), hf.double()
+    pixels = torch.randn(2, 3, 42, 42)
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels.double(), output_hidden_states=True).hidden_states[-1]
+        got = ours(pixels)
+    assert got.shape == ref.shape == (2, 1 + 9, 32)
+    assert_close_rel(got, ref, 1e-10)
+    with pytest.raises(ValueError, match=re.escape("expected images of shape (B, 3, 42, 42), got (2, 1, 42, 42)")):
+        ours(pixels[:, :1])
+
+
+def test_image_processing_of_files_and_of_other_modes(hf_folder, tmp_path):
+    """A frame given as a file reads as the same frame given as an image; grey and RGBA images become RGB as
+    transformers' processor makes them; a size written as a number is the square's side and one not written is
+    InstructBLIP's 224; a path Python cannot open (a NUL in it) is an error naming it, as a missing file is."""
+    from transformers import BlipImageProcessorPil
+
+    from apt_min.vision import ImageError, ImageProcessing
+
+    ours, ref = ImageProcessing.read(hf_folder[0]), BlipImageProcessorPil.from_pretrained(hf_folder[0])
+    image = frames(1)[0]
+    for mode in ("L", "RGBA", "P"):
+        other = image.convert(mode)
+        other.save(tmp_path / f"frame-{mode}.png")
+        theirs = torch.as_tensor(np.asarray(ref(other, return_tensors="np").pixel_values[0]))
+        assert_close_rel(ours(other), theirs, 1e-6)
+        assert_close_rel(ours(tmp_path / f"frame-{mode}.png"), theirs, 1e-6)
+        assert_close_rel(ours(str(tmp_path / f"frame-{mode}.png")), theirs, 1e-6)
+    for written, size in (({"size": 20}, 20), ({"image_mean": [0.5, 0.5, 0.5]}, 224)):
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(written))
+        assert ImageProcessing.read(tmp_path).size == size
+    bad = f"{tmp_path}/frame\x00.png"
+    with pytest.raises(ImageError, match=re.escape(f"{bad}: cannot be read as an image")):
+        ours(bad)
+
+
 def test_qformer_tokenizer_from_a_vocabulary_file(hf_folder, tmp_path):
     """A qformer_tokenizer/ with only BERT's vocab.txt (older checkpoints): lower-cased unless its tokenizer_config
     says do_lower_case false, as transformers' BertTokenizer reads it."""
