@@ -99,15 +99,20 @@ def test_loads_strictly_with_shards(hf_folder, tmp_path):
     folder = hf_folder[0]
     assert len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]) > 0
     assert len(list(folder.glob("model-*.safetensors"))) > 2  # really sharded
-    # a stored key no part reads is refused, naming it; the position ids older transformers stored are left out
-    for extra, refused in (("vision_model.extra.weight", True), ("qformer.embeddings.position_ids", False)):
-        copy = linked_copy(folder, tmp_path / f"with-{extra}")
-        save_file({extra: torch.zeros(3)}, copy / "model-extra.safetensors")
+    # a stored key no part reads is refused, naming it (one that holds a known name further in, too: a name is
+    # matched from its start); the position ids older transformers stored are left out; of many, eight are named
+    nine = [f"vision_model.extra{i}.weight" for i in range(9)]
+    for extras, refused in ((["vision_model.extra.weight"], re.escape("['vision_model.extra.weight']")),
+                            (["old.query_tokens"], re.escape("['old.query_tokens']")),
+                            (["qformer.embeddings.position_ids"], None),
+                            (nine, r"\[('vision_model\.extra\d\.weight'(, )?){8}\] \.\.\. \(9 in all\)$")):
+        copy = linked_copy(folder, tmp_path / f"with-{extras[0]}")
+        save_file({extra: torch.zeros(3) for extra in extras}, copy / "model-extra.safetensors")
         index = json.loads((folder / "model.safetensors.index.json").read_text())
-        index["weight_map"][extra] = "model-extra.safetensors"
+        index["weight_map"].update({extra: "model-extra.safetensors" for extra in extras})
         (copy / "model.safetensors.index.json").write_text(json.dumps(index))
         if refused:
-            with pytest.raises(CheckpointError, match=re.escape(f"keys no part of InstructBLIP reads: ['{extra}']")):
+            with pytest.raises(CheckpointError, match=f"keys no part of InstructBLIP reads: {refused}"):
                 InstructBLIP.from_pretrained(copy)
         else:
             InstructBLIP.from_pretrained(copy)
@@ -126,6 +131,7 @@ def test_fields_a_config_leaves_out_take_transformers_defaults(hf_folder, tmp_pa
                 "qformer_config": ["layer_norm_eps", "hidden_act", "position_embedding_type"],
                 "text_config": ["rms_norm_eps", "max_position_embeddings"]}
     sparse = raw | {part: {k: v for k, v in raw[part].items() if k not in keys} for part, keys in left_out.items()}
+    del sparse["use_decoder_only_language_model"]  # left out as transformers' default (True): decoder-only
     (copy / "config.json").write_text(json.dumps(sparse))
     model = InstructBLIP.from_pretrained(copy)
     vision, qformer, text = InstructBlipVisionConfig(), InstructBlipQFormerConfig(), LlamaConfig()
@@ -184,12 +190,20 @@ def test_image_processing_reads_the_folders_settings(tmp_path):
 def test_the_defaults_are_instructblip_vicunas(tmp_path):
     """ViTConfig's defaults are transformers' InstructBLIP vision defaults (EVA ViT-g/14 less its last block: 1 + 256
     tokens); ImageProcessing's are BLIP's (CLIP's mean and std, 1/255, bicubic) at InstructBLIP's 224 px, and a
-    folder without a preprocessor_config.json reads as them."""
+    folder without a preprocessor_config.json reads as them. The defaults a config.json may leave out are
+    transformers' own: its InstructBLIP vision and Q-Former configs' and its LlamaConfig's."""
     from dataclasses import asdict
 
-    from transformers import BlipImageProcessorPil, InstructBlipVisionConfig
+    from transformers import BlipImageProcessorPil, InstructBlipQFormerConfig, InstructBlipVisionConfig, LlamaConfig
 
+    from apt_min.blip2 import QFORMER_DEFAULTS, TEXT_DEFAULTS, VISION_DEFAULTS
     from apt_min.vision import ImageProcessing, ViTConfig
+
+    for ours, theirs in ((VISION_DEFAULTS, InstructBlipVisionConfig()), (QFORMER_DEFAULTS, InstructBlipQFormerConfig()),
+                         (TEXT_DEFAULTS, LlamaConfig())):
+        known = {k: v for k, v in ours.items() if hasattr(theirs, k)}
+        assert known == {k: getattr(theirs, k) for k in known}
+        assert set(ours) - set(known) <= {"position_embedding_type"}  # a field transformers 5 no longer has
 
     ref, vit = InstructBlipVisionConfig(), ViTConfig()
     assert asdict(vit) == {"image_size": ref.image_size, "patch_size": ref.patch_size, "channels": 3,
@@ -320,6 +334,27 @@ def test_frames_and_logits_match_transformers(hf_folder, dtype, rel):
     assert_close_rel(ours, ref, rel)
 
 
+def test_loads_in_the_dtype_asked_or_the_one_its_config_names(hf_folder, blip, tmp_path):
+    """Every part (the image encoder, the Q-Former and its projection, the LLM) is loaded in the dtype asked, and the
+    frames' prompts come out in it, their image tokens close to float32's (the randomised Q-Former magnifies bfloat16's
+    rounding many times). With dtype "auto", config.json's own torch_dtype (or `dtype`, transformers 5's name for it)
+    is read before its LLM's, and float32 where none is written."""
+    folder = hf_folder[0]
+    half = InstructBLIP.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    pixels = torch.stack([blip.processing(f) for f in frames(2)])
+    assert half.frame_prompts(pixels, "What is making the sound?").dtype == torch.bfloat16
+    assert_close_rel(half.frame_tokens(pixels), blip.frame_tokens(pixels), 3e-2)
+    copy = linked_copy(folder, tmp_path / "auto")
+    raw = json.loads((folder / "config.json").read_text())
+    top = {k: v for k, v in raw.items() if k not in ("dtype", "torch_dtype")}
+    llm_bf16 = {"text_config": raw["text_config"] | {"torch_dtype": "bfloat16"}}
+    for written, want in (({"dtype": "bfloat16"}, torch.bfloat16), (llm_bf16, torch.bfloat16), ({}, torch.float32),
+                          ({"torch_dtype": "float16", **llm_bf16}, torch.float16)):
+        (copy / "config.json").write_text(json.dumps(top | written))
+        assert {p.dtype for p in InstructBLIP.from_pretrained(copy, dtype="auto").parameters()} == {want}, written
+
+
 def tiny_apt(blip, seed=0):
     """An APT around `blip`'s LLM with a small random encoder and aligner (trained or not, the glue is the same)."""
     torch.manual_seed(seed)
@@ -355,15 +390,28 @@ def test_the_three_modes_build_the_papers_sequences(blip, clip):
         torch.testing.assert_close(x[0], expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="needs audio"):
         model.segments(prompt, "audio-visual", visual, None)
+    for mode in ("video", "audio-visual"):
+        with pytest.raises(ValueError, match=f"mode '{mode}' needs frames"):
+            model.segments(prompt, mode, None, clip)
+    with pytest.raises(ValueError, match="an AVQA question has 4 options, got 3"):
+        avqa_prompt("What is making the sound?", ["dog", "car", "bell"])
     with pytest.raises(ValueError, match="unknown mode"):
         model.segments(prompt, "smell", visual, clip)
 
 
-def test_answers_name_an_option_and_rank_all(blip, clip):
+def test_answers_name_an_option_and_rank_all(blip, clip, monkeypatch, tmp_path):
+    """Each mode's answer: what the model says greedily in max_new_tokens after AVQA's prompt, the option that names,
+    and each option's likelihood after that prompt and after the question alone. The frames go through the image
+    encoder once for all modes and both prompts; a clip that cannot be read is an error naming it."""
+    from apt_min.audio import AudioError
+
     model = APTBLIP2(blip, tiny_apt(blip))
     pixels = torch.stack([blip.processing(f) for f in frames(2)])
     options = ["dog", "car", "bell", "cat"]
+    encoded, forward = [], blip.vision.forward
+    monkeypatch.setattr(blip.vision, "forward", lambda x: encoded.append(len(x)) or forward(x))
     answers = model.answer("What is making the sound?", options, MODES, pixels, clip)
+    assert encoded == [2]
     assert set(answers) == set(MODES)
     for named, said, scores, cloze in answers.values():
         for s in (scores, cloze):
@@ -380,8 +428,15 @@ def test_answers_name_an_option_and_rank_all(blip, clip):
         at = targets != -100
         want = logp[at].gather(1, targets[at][:, None]).squeeze(1)[:-1].sum()  # the option's tokens, not EOS
         assert float(got[2]) == pytest.approx(float(want), abs=1e-4)
+    prompt = avqa_prompt("What is making the sound?", options)
+    said, _ = model.apt.answer_and_rank(model.segments(prompt, "video", blip.frame_prompts(pixels, prompt)), options,
+                                        {}, 8)
+    assert said and answers["video"].said == said
     # a mode that needs no audio reads none
     assert set(model.answer("What is making the sound?", options, ["video"], pixels)) == {"video"}
+    missing = tmp_path / "missing.wav"
+    with pytest.raises(AudioError, match=re.escape(f"{missing}: no such audio file")):
+        model.answer("What is making the sound?", options, ["audio"], None, str(missing))
 
 
 def test_blocks_apart_changes_only_the_sequence_that_holds_both(blip, clip):
@@ -409,6 +464,16 @@ def test_blocks_apart_changes_only_the_sequence_that_holds_both(blip, clip):
     want = logp[at].gather(1, targets[at][:, None]).squeeze(1)[:-1].sum()
     assert float(apart["audio-visual"].cloze[2]) == pytest.approx(float(want), abs=1e-4)
 
+def test_the_apt_answers_in_eval_mode_and_in_instructblips_format_unless_told(blip):
+    """APT-BLIP-2 puts the APT in eval mode (its aligner's dropout off) whatever mode it came in, and sets its prompt
+    format to InstructBLIP's, or leaves the APT's own where the format given is None."""
+    apt = tiny_apt(blip).train()
+    assert apt.prompt_format == "plain" and apt.aligner.training
+    model = APTBLIP2(blip, apt, prompt_format=None)
+    assert model.apt.prompt_format == "plain" and not any(m.training for m in model.apt.modules())
+    assert APTBLIP2(blip, tiny_apt(blip)).apt.prompt_format == "instructblip"
+
+
 def test_named_option():
     options = ["dog", "car", "bell", "cat"]
     assert named_option("2", options) == 2
@@ -417,9 +482,12 @@ def test_named_option():
     assert named_option("(2)", options) == 2
     assert named_option("It is a bell.", options) == 2
     assert named_option("a dog or a cat", options) == -1  # several
-    assert named_option("7", options) == -1
+    assert named_option("7", options) == -1 and named_option("4", options) == -1  # options are 0 to 3
+    assert named_option("10 dogs", options) == 0  # "10" is no option's number; its words name the dog
     assert named_option("no idea", options) == -1
     assert named_option("Dog.", options) == 0 and named_option("two bells", options) == 2
+    assert named_option("Dog", [" dog ", "car", "bell", "cat"]) == 0  # an option's text is read stripped
+    assert named_option("no idea", ["dog", "", "bell", "cat"]) == -1  # an empty option is named by nothing
     nested = ["motorboat", "Yacht consignment", "Sailboat set sail", "Consignment"]
     assert named_option("Yacht consignment", nested) == 1  # the whole answer
     assert named_option("I think the yacht consignment", nested) == 1  # the longer of two nested names
@@ -468,10 +536,16 @@ def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):
                             num_heads=2, intermediate_size=32, num_queries=3, dropout=0.0)
     torch.manual_seed(1)
     side = InstructBLIP(vit, qformer, blip.llm, blip.tokenizer, qtok)
+    assert not any(p.requires_grad for p in side.parameters())  # frozen whole (the vision stage unfreezes its part)
     randomize(side.qformer)
     llm_id = {"path": "llm", "fingerprint": "abc", "probe": weight_probe(blip.llm)}
-    side.save_vision(tmp_path / "side", llm_id)
-    back = InstructBLIP.load_vision(tmp_path / "side", blip.llm, blip.tokenizer, llm_id)
+    side.save_vision(tmp_path / "side", llm_id, {"config": {"seed": 7}})
+    assert json.loads((tmp_path / "side" / "vision.json").read_text())["config"] == {"seed": 7}
+    moved, to = [], InstructBLIP.to
+    with pytest.MonkeyPatch.context() as m:  # it goes where the LLM is (on a GPU: not left on the CPU)
+        m.setattr(InstructBLIP, "to", lambda self, *a, **kw: moved.append(a) or to(self, *a, **kw))
+        back = InstructBLIP.load_vision(tmp_path / "side", blip.llm, blip.tokenizer, llm_id)
+    assert moved == [(blip.llm.model.embed_tokens.weight.device,)] and back.identity == llm_id
     pixels = torch.stack([back.processing(f) for f in frames(2)])
     torch.testing.assert_close(back.frame_prompts(pixels, "a bell?"), side.frame_prompts(pixels, "a bell?"))
     other = Llama(blip.llm.config)
