@@ -99,6 +99,11 @@ class ImageProcessing:
             return cls()
         raw = json.loads(file.read_text())
         size = raw.get("size", {})
+        if isinstance(size, dict) and size.get("width", size.get("height")) != size.get("height"):
+            from apt_min.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{file}: an image size of {size['height']} x {size['width']} (height x width); "
+                                  "the vision encoder reads square images, as BLIP's processing makes them")
         size = size.get("height", size.get("shortest_edge", 224)) if isinstance(size, dict) else size
         return cls(size=int(size), mean=tuple(raw.get("image_mean", CLIP_MEAN)),
                    std=tuple(raw.get("image_std", CLIP_STD)), rescale=float(raw.get("rescale_factor", 1 / 255)),

@@ -266,6 +266,11 @@ def test_image_processing_of_files_and_of_other_modes(hf_folder, tmp_path):
     for written, size in (({"size": 20}, 20), ({"image_mean": [0.5, 0.5, 0.5]}, 224)):
         (tmp_path / "preprocessor_config.json").write_text(json.dumps(written))
         assert ImageProcessing.read(tmp_path).size == size
+    for height, width in ((20, 30), (30, 20)):  # another shape than the encoder's square: refused, not squashed
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": height, "width": width}}))
+        with pytest.raises(CheckpointError, match=rf"preprocessor_config.json: an image size of {height} x {width} "
+                                                  r"\(height x width\); the vision encoder reads square images"):
+            ImageProcessing.read(tmp_path)
     bad = f"{tmp_path}/frame\x00.png"
     with pytest.raises(ImageError, match=re.escape(f"{bad}: cannot be read as an image")):
         ours(bad)
