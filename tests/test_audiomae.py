@@ -272,6 +272,62 @@ def test_a_release_of_a_pth_encoder_reads_the_block_the_run_read(tmp_path):
         release.pack(tmp_path / "run", tmp_path / "out2")
 
 
+def test_a_release_keeps_what_answering_reads_in_bf16_and_lists_each_file_as_sha256sum_does(tmp_path):
+    """apt_min.release.pack with a .safetensors encoder (3 blocks, the penultimate read) and a run whose settings say
+    another block (a .safetensors file carries its own, as training read it): the encoder is cut after block 2 of 3
+    and gives the file's features (bf16-rounded); apt.safetensors keeps every tensor but the stage-0 heads, in bf16;
+    apt.json names the cut encoder with its fingerprint and where it was cut from, no stage-0 heads, and the APT's
+    making; SHA256SUMS is exactly what `sha256sum apt.safetensors encoder.safetensors apt.json` prints; a run whose
+    apt.json names no encoder path is named."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from apt_min import release
+    from apt_min.aligner import STAGE0_HEADS
+    from apt_min.model import fingerprint
+
+    model = random_encoder()
+    c = model.config
+    run = tmp_path / "run"
+    final = run / "stage2" / "final"
+    final.mkdir(parents=True)
+    model.save(run / "encoder.safetensors")
+    kept = {"audio_token": torch.randn(8), "aligner.query_tokens": torch.randn(4, 8), "proj.weight": torch.randn(8, 8)}
+    heads = {f"aligner.{h}.weight": torch.randn(3) for h in STAGE0_HEADS}
+    save_file(kept | heads, str(final / "apt.safetensors"))
+    settings = {"preset": "tiny", "run_dir": str(run), "steps_2": 7, "encoder_dim": c.dim, "encoder_depth": c.depth,
+                "encoder_heads": c.heads, "target_length": c.target_length, "output_block": -1}
+    named = {"path": str(run / "encoder.safetensors"), "fingerprint": "x"}
+    (final / "apt.json").write_text(json.dumps({"stage": "2", "aligner": {}, "llm": {}, "encoder": named,
+                                                "stage0_heads": True, "config": settings}))
+    out = tmp_path / "out"
+    sums = release.pack(run, out)
+
+    state = load_file(out / "apt.safetensors")
+    assert state.keys() == kept.keys() and all(torch.equal(state[k], v.bfloat16()) for k, v in kept.items())
+    cut = AudioMAE.from_checkpoint(out / "encoder.safetensors")
+    assert (cut.config.depth, cut.pos_embed.dtype) == (2, torch.float32)  # stored in bf16, read back as float32
+    assert all(t.dtype == torch.bfloat16 for t in load_file(out / "encoder.safetensors").values())
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.copy_(t.bfloat16().float())
+    fbank = torch.randn(1, c.target_length, 128)
+    torch.testing.assert_close(cut(fbank), model(fbank), rtol=1e-5, atol=1e-5)
+    meta = json.loads((out / "apt.json").read_text())
+    assert meta["encoder"] == {"path": str(out / "encoder.safetensors"),
+                               "fingerprint": fingerprint(out / "encoder.safetensors"), "cut_from": named}
+    assert meta["stage0_heads"] is False and meta["made_by"] == release.history(final) != []
+    digests = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in release.FILES}
+    assert sums == digests
+    assert (out / "SHA256SUMS").read_text() == "".join(f"{digests[n]}  {n}\n" for n in
+                                                       ("apt.safetensors", "encoder.safetensors", "apt.json"))
+    (final / "apt.json").write_text(json.dumps({"aligner": {}, "llm": {}, "encoder": {"fingerprint": "x"}}))
+    with pytest.raises(CheckpointError, match=r"apt.json: names no encoder path to cut the release's encoder from"):
+        release.pack(run, tmp_path / "out2")
+
+
 def test_settings_a_safetensors_encoder_overrides_are_named(tmp_path, caplog):
     """A .safetensors encoder carries its config: --output_block or --target_length given beside it are not used,
     and a warning says so (a release's encoder, cut after the block it reads, is the same block and says nothing)."""

@@ -219,7 +219,8 @@ def test_stages_that_start_from_an_apt_take_a_release_and_its_encoder_in_a_run_o
 
 def test_a_releases_history_follows_each_runs_start_back_to_stage_0(tmp_path):
     """release.history: a continuation run (--start_from) follows its start into the chain's run, and there each
-    stage the one before it, down to stage 0's aligner; what each stage ran with comes from its apt.json."""
+    stage the one before it, down to stage 0's aligner; what each stage ran with comes from its apt.json (a setting
+    left unset, "" in apt.json, is recorded as None)."""
     from apt_min import release
 
     def stage(run, name, **cfg):
@@ -230,8 +231,9 @@ def test_a_releases_history_follows_each_runs_start_back_to_stage_0(tmp_path):
 
     (tmp_path / "chain" / "stage0" / "final").mkdir(parents=True)
     (tmp_path / "chain" / "stage0" / "final" / "aligner.json").write_text("{}")
-    stage("chain", "1", steps_1=700)
+    stage("chain", "1", steps_1=700, task_ratios="", start_from="")  # as train.py writes unset settings
     chain = stage("chain", "2", steps_2=500, task_ratios="fewshot=3")
+    (chain / "aligner.json").write_text("{}")  # an aligner's file beside an APT's description: still that APT
     more = stage("more", "2", steps_2=300, task_ratios="tagging=4", start_from=str(chain))
     stage("more", "1", steps_1=1)  # a stage 1 in the continuation's folder, which its start passes over
     made = release.history(more)
@@ -239,6 +241,7 @@ def test_a_releases_history_follows_each_runs_start_back_to_stage_0(tmp_path):
                                                                       ("2", "more")]
     assert [m.get("steps") for m in made] == [None, 700, 500, 300]
     assert made[-1]["start_from"] == str(chain) and made[2]["task_ratios"] == "fewshot=3"
+    assert made[1]["task_ratios"] is None and made[1]["start_from"] is None
     # §4.2's caption fine-tune, in its own folder of the chain's run, starts from that run's stage 2
     tuned = tmp_path / "chain" / "caption_ft-clotho" / "final"
     tuned.mkdir(parents=True)
@@ -275,6 +278,101 @@ def test_a_releases_checksums_are_read_as_sha256sum_writes_them(tmp_path):
     cfg = load_config("small", {"run_dir": str(tmp_path / "no-run"), "release": str(tmp_path)})
     with pytest.raises(SystemExit, match=r"the released APT cannot be used: .*apt.json: missing from the release"):
         release.resolve_checkpoint(cfg, None)
+
+
+def test_a_release_is_verified_byte_for_byte_and_what_is_not_one_is_named(tmp_path):
+    """verify: a file changed after packing (same size) is named; a folder without SHA256SUMS is not a release; a
+    checksum written in capitals (sha256sum -c reads it) verifies."""
+    from apt_min import release
+    from apt_min.checkpoint import CheckpointError
+
+    for name in release.FILES:
+        (tmp_path / name).write_bytes(name.encode())
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text("".join(f"{release.sha256(tmp_path / n).upper()}  {n}\n" for n in release.FILES))
+    release.verify(tmp_path)
+    (tmp_path / "encoder.safetensors").write_bytes(b"ENCODER.safetensors")
+    with pytest.raises(CheckpointError, match="encoder.safetensors: checksum differs from SHA256SUMS"):
+        release.verify(tmp_path)
+    sums.unlink()
+    with pytest.raises(CheckpointError, match=r"not a release \(SHA256SUMS missing\)"):
+        release.verify(tmp_path)
+
+
+def fake_release(folder, **described):
+    """A folder in a release's layout (its files' contents stand-ins), apt.json as `described`, SHA256SUMS right."""
+    from apt_min import release
+
+    folder.mkdir(parents=True)
+    for name in release.FILES:
+        (folder / name).write_bytes(name.encode())
+    (folder / "apt.json").write_text(json.dumps(described))
+    (folder / "SHA256SUMS").write_text("".join(f"{release.sha256(folder / n)}  {n}\n" for n in release.FILES))
+    return folder
+
+
+def test_which_apt_is_loaded_the_given_one_the_runs_own_or_the_verified_release(tmp_path, caplog):
+    """resolve_checkpoint without a trained APT at hand: the user's own run's stage 2 comes first; else the preset's
+    release, verified, which brings its encoder (an --encoder_checkpoint naming that same file, however spelt, is
+    no conflict and draws no warning; another one is named as not used); a release given by its path is verified
+    too; a preset's release that is not there leaves the run's own folder (whose loading then names what is
+    missing)."""
+    import logging
+
+    from apt_min import release
+
+    shipped = fake_release(tmp_path / "apt-small", encoder={"path": "gone/encoder.safetensors"})
+    ships = str(shipped / "encoder.safetensors")
+    cfg = load_config("tiny", {"run_dir": str(tmp_path / "run"), "release": str(shipped)})
+    own = tmp_path / "run" / "stage2" / "final"
+    assert release.resolve_checkpoint(cfg, None) == shipped and cfg.encoder_checkpoint == ships
+    with caplog.at_level(logging.WARNING):
+        cfg.encoder_checkpoint = f"{tmp_path}/./apt-small/../apt-small/encoder.safetensors"
+        assert release.resolve_checkpoint(cfg, None) == shipped and cfg.encoder_checkpoint == ships
+        assert "is not used" not in caplog.text
+        cfg.encoder_checkpoint = "mine.pth"
+        assert release.resolve_checkpoint(cfg, None) == shipped and cfg.encoder_checkpoint == ships
+        assert "--encoder_checkpoint=mine.pth is not used" in caplog.text
+    missing = load_config("tiny", {"run_dir": str(tmp_path / "run"), "release": str(tmp_path / "not-here")})
+    assert release.resolve_checkpoint(missing, None) == own and missing.encoder_checkpoint == ""
+    own.mkdir(parents=True)
+    (own / "apt.json").write_text(json.dumps({"encoder": {}, "llm": {}}))
+    cfg.encoder_checkpoint = ""
+    assert release.resolve_checkpoint(cfg, None) == own and cfg.encoder_checkpoint == ""
+    (shipped / "apt.json").write_text(json.dumps({"encoder": {"path": "elsewhere"}}))  # changed after packing
+    given = load_config("tiny", {"run_dir": str(tmp_path / "run")})
+    with pytest.raises(SystemExit, match=r"the released APT cannot be used: .*apt.json: checksum differs"):
+        release.resolve_checkpoint(given, str(shipped))
+
+
+def test_a_checkpoint_from_another_run_brings_the_encoder_and_llm_its_apt_json_names(tmp_path):
+    """take_its_parts: where the settings leave the encoder and the LLM to the run folder, a checkpoint trained in
+    another run brings the ones its apt.json names, where they are (an encoder file, an LLM folder with its
+    config.json); settings that name them are kept; parts that are gone, or a checkpoint in the run's own folder,
+    change nothing; a folder without apt.json is returned as it is."""
+    from apt_min import release
+
+    chain = tmp_path / "chain"
+    (chain / "llm").mkdir(parents=True)
+    (chain / "llm" / "config.json").write_text("{}")
+    (chain / "encoder.safetensors").write_bytes(b"encoder")
+    final = chain / "stage2" / "final"
+    final.mkdir(parents=True)
+    names = {"encoder": {"path": str(chain / "encoder.safetensors")}, "llm": {"path": str(chain / "llm")}}
+    (final / "apt.json").write_text(json.dumps(names))
+
+    def parts(checkpoint, **settings):
+        cfg = load_config("tiny", {"run_dir": str(tmp_path / "more"), **settings})
+        assert release.take_its_parts(cfg, checkpoint) == checkpoint
+        return cfg.encoder_checkpoint, cfg.llm_path
+
+    assert parts(final) == (str(chain / "encoder.safetensors"), str(chain / "llm"))
+    assert parts(final, encoder_checkpoint="mine.pth", llm_path="my-llm") == ("mine.pth", "my-llm")
+    assert parts(final, run_dir=str(chain)) == ("", "")  # its own run: the run folder's parts are its
+    assert parts(tmp_path / "no-apt") == ("", "")
+    (chain / "llm" / "config.json").unlink()  # an LLM folder without its config: not one to load
+    (chain / "encoder.safetensors").unlink()
+    assert parts(final) == ("", "")
 
 
 def test_the_committed_release_fits_verifies_and_names_the_smollm2_a_conversion_gives(smollm2):
