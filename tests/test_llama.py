@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel, hf_llama
 
-from apt_min.llama import Llama, attend, causal_padding_mask, top_k_top_p
+from apt_min.llama import Llama, RMSNorm, attend, causal_padding_mask, top_k_top_p
 
 CONFIGS = {"mha-untied": dict(kv_heads=4, tied=False), "gqa-tied": dict(kv_heads=2, tied=True)}
 
@@ -174,6 +174,28 @@ def test_mask_drawings():
     assert torch.equal(m[0, 0], torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float16, 300.0), (torch.bfloat16, 1.0)])
+def test_rms_norm_in_half_precision_is_transformers(dtype, scale):
+    """RMSNorm normalises in float32 whatever the model's dtype, casts back, then scales by its weight in the model's
+    dtype, as transformers' LlamaRMSNorm does: in float16, activations of a few hundred (whose squares overflow
+    float16) come out finite and right, and in both half dtypes the result is transformers' to the bit (the same
+    operations in the same order; a weight that is not all ones makes the two roundings visible)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(64, 1e-5), LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_(1.0, 0.3)
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(4, 64) * scale
+    got = ours.to(dtype)(x.to(dtype))
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert torch.equal(got, ref.to(dtype)(x.to(dtype)))
+    # and near float32's: half precision's own roundings (input, normalised value, product) measured 5.1e-4 (float16)
+    # and 4.7e-3 (bfloat16) of the scale
+    assert_close_rel(got, ours.float()(x), 5e-2)
+
+
 def test_attend_grouped_query_matches_repeated_heads():
     q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     ref = attend(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), None, True, sdpa=False)
@@ -256,6 +278,107 @@ def test_beam_search_among_many_endings_matches_transformers(pair, settings):
         early += got.shape[1] < 14
     assert early or settings.get("length_penalty", 1.0) > 1  # every row ended early for some choice (unless long
     # hypotheses are favoured)
+
+
+def test_without_pad_token_id_finished_rows_are_padded_with_the_first_eos(pair):
+    """With several EOS ids and no pad_token_id, a row that has ended is filled with the first EOS id, whichever
+    ended it, as transformers does: the whole output is transformers'."""
+    hf, ours = pair
+    torch.manual_seed(1)
+    ids = torch.randint(3, 96, (3, 7))
+    free = ours.generate(ids, max_new_tokens=12, eos_token_id=-1)
+    eos = [int(free[2, 2]), int(free[0, 3])]
+    assert eos[0] != eos[1]
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                      eos_token_id=eos)[:, 7:]
+    got = ours.generate(ids, max_new_tokens=12, eos_token_id=eos)
+    assert torch.equal(got, ref)
+    # a row ended by the second EOS, early, and padded with the first
+    ends = [len(_trim(g, eos)) for g in got]
+    assert any(g[n - 1] == eos[1] and n < got.shape[1] for g, n in zip(got.tolist(), ends))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_runs_the_llm_once_per_new_token(pair, num_beams):
+    """The pass over the prompt gives the first token and one pass per token gives the next: n new tokens cost n
+    passes, none spent on logits that would be thrown away (after the last token, or, greedy, once every row has
+    ended)."""
+    _, ours = pair
+    passes = []
+    hook = ours.model.norm.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        ids = torch.randint(3, 96, (2, 6))
+        assert ours.generate(ids, max_new_tokens=7, num_beams=num_beams, eos_token_id=-1).shape[1] == 7
+        assert len(passes) == 7
+        if num_beams == 1:
+            eos = [int(t) for t in ours.generate(ids, max_new_tokens=7, eos_token_id=-1)[:, 2]]
+            passes.clear()
+            got = ours.generate(ids, max_new_tokens=7, eos_token_id=eos)
+            assert got.shape[1] == len(passes) <= 3  # both rows end by their third token
+    finally:
+        hook.remove()
+
+
+def _bigram_llama(tmp_path, logits: dict):
+    """A one-layer transformers Llama whose next token depends on the current one alone, with the logits chosen:
+    16 tokens, one-hot embeddings, blocks that add nothing (o_proj and down_proj zero), and an lm_head that turns
+    the normed one-hot of token i into logits[i] (a row of 16; rows not given: nearly flat, distinct values). Beam
+    search can then be led through a chosen scenario. Returns (the transformers model, ours loaded from its folder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    V = 16
+    cfg = LlamaConfig(vocab_size=V, hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    table = torch.tensor([logits.get(i, [-0.01 * j for j in range(V)]) for i in range(V)])  # (current, next)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(torch.eye(V))
+        hf.model.layers[0].self_attn.o_proj.weight.zero_()
+        hf.model.layers[0].mlp.down_proj.weight.zero_()
+        hf.lm_head.weight.copy_(table.T * (1 / V + 1e-5) ** 0.5)  # RMSNorm scales a one-hot by 1 / sqrt(1/16 + eps)
+    hf.save_pretrained(tmp_path)
+    return hf, Llama.from_pretrained(tmp_path)
+
+
+TOKENS = dict(P=3, A=4, B=5, C=6, D=7, E1=8, E2=9, E3=10)  # the tokens of the scenarios below
+
+
+def _row(**at):
+    """Logits of the 16 tokens: -100 (never chosen) except at the tokens named."""
+    row = [-100.0] * 16
+    for name, value in at.items():
+        row[TOKENS[name]] = value
+    return row
+
+
+def _beam_outputs(hf, ours, eos):
+    """Ours and transformers' answers to the prompt P, by beam search with 2 beams, trimmed after the EOS."""
+    ids = torch.tensor([[TOKENS["P"]]])
+    ref = _hf_new_tokens(hf, ids, max_new_tokens=10, num_beams=2, eos_token_id=eos)
+    got = ours.generate(ids, max_new_tokens=10, num_beams=2, eos_token_id=eos, pad_token_id=0)
+    return _trim(got[0], eos), _trim(ref[0], eos)
+
+
+def test_beam_search_keeps_a_beam_behind_several_endings(tmp_path):
+    """After P the best tokens are A, then three EOS ids, then B; after A all 16 are about equally likely, after B the
+    first EOS is certain. Of 2 beams, A and B go on: (1 + 3 EOS ids) x 2 candidates are kept, as transformers keeps,
+    so B is not lost behind the three endings, and B E1 (score -1.82 / 2) beats E1 alone (-1.52)."""
+    hf, ours = _bigram_llama(tmp_path, {3: _row(A=0.0, E1=-0.1, E2=-0.2, E3=-0.3, B=-0.4),
+                                        5: _row(E1=100.0)})
+    got, ref = _beam_outputs(hf, ours, [8, 9, 10])
+    assert got == ref == [5, 8]
+
+
+def test_beam_search_stops_when_the_best_beam_only_ties_the_worst_finished(tmp_path):
+    """After P: E1 (log p -0.31), A (-1.51); after A: E2 or C, equally likely; after C and D: D, certainly. At the
+    second step A E2 fills the last finished slot with -2.21 / 2, and the best running beam, A C, scores exactly as
+    much: it cannot do better, and the prompt is closed (transformers' rule: go on only while strictly better), so the
+    answer is E1, although A C D D ... would have scored -2.21 / 10 at the length limit."""
+    hf, ours = _bigram_llama(tmp_path, {3: _row(E1=0.0, A=-1.2, B=-2.7), 4: _row(E2=0.0, C=0.0),
+                                        6: _row(D=100.0), 7: _row(D=100.0)})
+    got, ref = _beam_outputs(hf, ours, [8, 9])
+    assert got == ref == [8]
 
 
 def test_kv_cache_equals_recomputing(pair):
@@ -401,7 +524,8 @@ def _assert_logits_match(hf, ours, T=40):
 def test_rope_scaling_matches_transformers(tmp_path, scaling):
     hf, folder = hf_llama(tmp_path, shards=False, rope_parameters={"rope_theta": 500.0, **scaling})
     ours = Llama.from_pretrained(folder)
-    assert ours.config.rope_scaling["rope_type"] == scaling["rope_type"]
+    # theta is read into rope_theta alone: the scaling settings are the config's, no more, as save_pretrained writes
+    assert ours.config.rope_scaling == scaling and ours.config.rope_theta == 500.0
     _assert_logits_match(hf, ours)
 
 
