@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from apt_min.tokenizer import Tokenizer, train_sentencepiece
+from apt_min.checkpoint import CheckpointError
+from apt_min.tokenizer import Tokenizer, pad_ids, train_sentencepiece
 
 CORPUS = ["A dog barks twice while a car passes by.", "Summarize the audio with key words.",
           "When does the siren happen?", "Between 1.25s and 3.50s a bell rings; then a 440 Hz tone.",
@@ -81,9 +82,13 @@ def test_decode_stops_at_eos_and_drops_padding(folder):
     tok = Tokenizer(folder)
     ids = tok.encode("A dog barks.", eos=True) + tok.encode("junk after eos", bos=False)
     assert tok.decode(ids) == "A dog barks."
+    assert tok.decode([tok.eos_id] + tok.encode("rain", bos=False)) == ""  # an answer that ends at once is empty
     assert tok.decode(torch.tensor([tok.pad_id] * 3 + tok.encode("rain", bos=False))) == "rain"
     # ids beyond the vocabulary (rows an LLM added to its table, InstructBLIP's [PAD] and <image>) are left out
     assert tok.decode(tok.encode("rain", bos=False) + [tok.vocab_size, tok.vocab_size + 1]) == "rain"
+    # and so are negative ones (generate pads with -1 where it is asked to stop at -1 alone), which sentencepiece and
+    # tokenizers would refuse
+    assert tok.decode([-1] + tok.encode("rain", bos=False) + [-1]) == "rain"
 
 
 def test_pad_left_and_right(folder):
@@ -94,6 +99,83 @@ def test_pad_left_and_right(folder):
     assert ids[1, -len(b):].tolist() == b and not mask[1, :len(a) - len(b)].any() and mask[1, -len(b):].all()
     ids, mask = tok.pad([a, b], side="right")
     assert ids[1, :len(b)].tolist() == b and (ids[1, len(b):] == tok.pad_id).all() and mask.sum() == len(a) + len(b)
+
+
+def test_pad_ids_pads_with_the_id_given_and_knows_its_sides():
+    """pad_ids fills with the pad id it is given (not 0, <unk> in Llama's tokenizers), on either side; any other side is
+    refused by name."""
+    ids, mask = pad_ids([[5, 6, 7], [8]], pad_id=9, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[True] * 3, [True, False, False]]
+    ids, mask = pad_ids([[5, 6, 7], [8]], pad_id=9, side="left")
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8]] and mask.tolist() == [[True] * 3, [False, False, True]]
+    with pytest.raises(ValueError, match="side must be 'left' or 'right', not 'middle'"):
+        pad_ids([[5], [6, 7]], pad_id=9, side="middle")
+
+
+def test_a_pad_piece_of_its_own_is_the_padding(tmp_path):
+    """A sentencepiece model with a pad piece pads with it, at id 0 too (where Llama's models, which have none, keep
+    <unk>, the padding then)."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.Train(sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=300, model_type="bpe",
+                                   pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False, num_threads=1,
+                                   minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    tok = Tokenizer(tmp_path)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3) and tok.sp.unk_id() == 1
+
+
+def test_special_tokens_of_a_tokenizer_json_folder(folder, tmp_path):
+    """Where only tokenizer.json is read: without tokenizer_config.json BOS and EOS are Llama's <s> and </s>; a
+    pad_token the config names is the padding, before <unk> (Llama fine-tunes often pad with </s>); an EOS it names
+    that tokenizers does not hold special (an ordinary piece) still ends the text and is left out of it; a BOS or EOS
+    the vocabulary lacks is refused by name; and the config is read next to a tokenizer.json given as a file."""
+    from transformers import LlamaTokenizer
+
+    LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    config.unlink()
+    tok = Tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    config.write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}))
+    assert (Tokenizer(tmp_path).pad_id, Tokenizer(tmp_path / "tokenizer.json").pad_id) == (2, 2)
+    comma = tok.encode(",", bos=False)[-1]
+    config.write_text(json.dumps({"eos_token": tok.hf.id_to_token(comma), "unk_token": "<unk>"}))
+    tok = Tokenizer(tmp_path / "tokenizer.json")
+    assert tok.eos_id == comma and tok.decode(tok.encode("rain, then a bell", bos=False)) == "rain"
+    config.write_text(json.dumps({"bos_token": "<nope>", "eos_token": "</s>"}))
+    with pytest.raises(CheckpointError, match="BOS '<nope>' or EOS '</s>' is not in the vocabulary"):
+        Tokenizer(tmp_path)
+
+
+def test_tokens_a_tokenizer_json_adds(folder, tmp_path):
+    """tokenizer.json may add tokens after the model's pieces (InstructBLIP's Vicuna adds [PAD] and <image>, chat
+    models their turn markers): they count in vocab_size, and decode gives transformers' decode(skip_special_tokens=
+    True): an ordinary added token as written, a special one left out."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(tmp_path)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    hf.add_tokens(["<image>"])
+    hf.add_special_tokens(["<|turn|>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok, ref = Tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.vocab_size == len(ref) == Tokenizer(folder).vocab_size + 2
+    ids = tok.encode("rain", bos=False) + [hf.token_to_id("<image>"), hf.token_to_id("<|turn|>")] + tok.encode(
+        " bell", bos=False)
+    assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True) == "rain<image> bell"
+
+
+def test_a_folder_with_both_files_is_read_through_tokenizer_model(folder, tmp_path):
+    """A model folder holding tokenizer.model and tokenizer.json (as Vicuna's do) is read through sentencepiece."""
+    (tmp_path / "tokenizer.model").write_bytes((folder / "tokenizer.model").read_bytes())
+    (tmp_path / "tokenizer.json").write_text("{}")  # unreadable: reading it would fail
+    tok = Tokenizer(tmp_path)
+    assert tok.file.name == "tokenizer.model" and tok.encode("rain") == Tokenizer(folder).encode("rain")
 
 
 def test_bad_files(tmp_path):
