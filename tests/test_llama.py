@@ -10,13 +10,14 @@ the logits by up to 4.4e-7 of their scale (measured): hence 1e-5.
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel, hf_llama
 
-from apt_min.llama import Llama, RMSNorm, attend, causal_padding_mask, top_k_top_p
+from apt_min.llama import KVCache, Llama, LlamaConfig, RMSNorm, SharedPrefix, attend, causal_padding_mask, top_k_top_p
 
 CONFIGS = {"mha-untied": dict(kv_heads=4, tied=False), "gqa-tied": dict(kv_heads=2, tied=True)}
 
@@ -153,8 +154,10 @@ def test_gradient_checkpointing_changes_memory_not_results(pair64, monkeypatch):
             for name in plain:
                 assert_close_rel(checkpointed[name], plain[name], 1e-12)  # the same float64 operations: measured 0.0
         block_runs.clear()
-    with torch.no_grad():  # nothing to save for backward: no checkpointing (nor in generate, which uses the cache)
+    ours.gradient_checkpointing, ours.blocks_kept = True, 0
+    with torch.no_grad():  # nothing to save for backward: no checkpointing
         ours(ids)
+    ours(ids[:, :3], cache=KVCache(ours.config, 2, 3, torch.float64, "cpu"))  # nor through a cache (generate's)
     assert len(calls) == 0
 
 
@@ -381,6 +384,37 @@ def test_beam_search_stops_when_the_best_beam_only_ties_the_worst_finished(tmp_p
     assert got == ref == [8]
 
 
+def test_beam_search_fills_a_row_that_ended_with_pad_token_id(tmp_path):
+    """Beam search returns each row up to its EOS, then pad_token_id to the width of the longest row (here the
+    prompt P of the tie above ends at once, while after C, D follows D to the length limit)."""
+    _, ours = _bigram_llama(tmp_path, {3: _row(E1=0.0, A=-1.2, B=-2.7), 4: _row(E2=0.0, C=0.0),
+                                        6: _row(D=100.0), 7: _row(D=100.0)})
+    got = ours.generate(torch.tensor([[3], [6]]), max_new_tokens=10, num_beams=2, eos_token_id=[8, 9], pad_token_id=15)
+    assert got.tolist() == [[8] + [15] * 9, [7] * 10]
+
+
+def test_what_cannot_be_done_is_refused_by_name(pair):
+    """Beam search with sampling; a config whose heads are not a multiple of its key/value heads; both or neither of
+    input_ids and inputs_embeds; a cache and a shared prefix together; an attention mask or blocks of another length
+    than past + T: each is refused, saying what is wrong."""
+    _, ours = pair
+    ids = torch.randint(3, 96, (2, 5))
+    with pytest.raises(ValueError, match="beam search with sampling is not supported"):
+        ours.generate(ids, num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not a multiple of num_key_value_heads=3"):
+        LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
+    for given in (dict(input_ids=ids, inputs_embeds=ours.embed(ids)), {}):
+        with pytest.raises(ValueError, match="pass exactly one of input_ids and inputs_embeds"):
+            ours(**given)
+    cache = KVCache(ours.config, 2, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="pass a cache or a shared prefix, not both"):
+        ours(ids, cache=cache, prefix=SharedPrefix(ours, ids[0, :3]))
+    with pytest.raises(ValueError, match=re.escape("attention_mask has shape (2, 4), expected (2, 5)")):
+        ours(ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match=re.escape("blocks has shape (2, 4), expected (2, 5)")):
+        ours(ids, blocks=torch.zeros(2, 4, dtype=torch.long))
+
+
 def test_kv_cache_equals_recomputing(pair):
     _, ours = pair
     ids = torch.randint(3, 96, (2, 6))
@@ -506,6 +540,7 @@ def test_top_k_top_p_filter():
     assert kept(top_p=0.9) == [True, True, True, False]
     assert kept(top_k=2) == [True, True, False, False]
     assert kept(top_k=3, top_p=0.7) == [True, True, False, False]
+    assert kept(top_k=10) == [True] * 4  # more than there are: all, as transformers' top-k keeps
 
 
 # -------------------------------------------------------------------------------------------------- rotary settings

@@ -81,7 +81,7 @@ def _save_bin_shards(hf, folder, n=2):
 def test_loads_in_requested_dtype(saved, dtype, expected):
     hf, folder = saved
     model = Llama.from_pretrained(folder, dtype=dtype)
-    assert {p.dtype for p in model.parameters()} == {expected}
+    assert {p.dtype for p in model.parameters()} == {expected} and not model.training  # frozen: in eval mode
     ref = hf.state_dict()["model.layers.1.mlp.up_proj.weight"].to(expected)
     assert torch.equal(model.model.layers[1].mlp.up_proj.weight, ref)
 
@@ -196,6 +196,10 @@ def test_fields_a_config_leaves_out_take_transformers_defaults():
                   "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id"):
         assert getattr(ours, field) == getattr(theirs, field), field
     assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_scaling is None
+    # num_key_value_heads written as null is left out too: transformers fills it with the number of heads
+    nulls = {**shape, "num_key_value_heads": None}
+    assert LlamaConfig.from_dict(nulls, "config.json").num_key_value_heads == \
+        transformers.LlamaConfig(**nulls).num_key_value_heads == 4
 
 
 def test_no_weights(folder):
