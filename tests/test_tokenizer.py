@@ -112,20 +112,21 @@ def test_pad_ids_pads_with_the_id_given_and_knows_its_sides():
         pad_ids([[5], [6, 7]], pad_id=9, side="middle")
 
 
-def test_a_pad_piece_of_its_own_is_the_padding(tmp_path):
+@pytest.mark.parametrize("ids, pad", [(dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3), 0),
+                                     (dict(pad_id=-1, unk_id=2, bos_id=0, eos_id=1), 2)], ids=["pad at 0", "unk at 2"])
+def test_a_sentencepiece_model_pads_with_its_pad_piece_or_else_its_unk(tmp_path, ids, pad):
     """A sentencepiece model with a pad piece pads with it, at id 0 too (where Llama's models, which have none, keep
-    <unk>, the padding then)."""
+    <unk>); one without pads with its <unk>, wherever it stands."""
     import io
 
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.Train(sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=300, model_type="bpe",
-                                   pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False, num_threads=1,
-                                   minloglevel=2)
+                                   hard_vocab_limit=False, num_threads=1, minloglevel=2, **ids)
     (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
     tok = Tokenizer(tmp_path)
-    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3) and tok.sp.unk_id() == 1
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.sp.unk_id()) == (pad, ids["bos_id"], ids["eos_id"], ids["unk_id"])
 
 
 def test_special_tokens_of_a_tokenizer_json_folder(folder, tmp_path):
