@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from apt_min.audiomae import Block, PatchEmbed
+from apt_min.checkpoint import CheckpointError
 from apt_min.errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -100,8 +101,6 @@ class ImageProcessing:
         raw = json.loads(file.read_text())
         size = raw.get("size", {})
         if isinstance(size, dict) and size.get("width", size.get("height")) != size.get("height"):
-            from apt_min.checkpoint import CheckpointError
-
             raise CheckpointError(f"{file}: an image size of {size['height']} x {size['width']} (height x width); "
                                   "the vision encoder reads square images, as BLIP's processing makes them")
         size = size.get("height", size.get("shortest_edge", 224)) if isinstance(size, dict) else size
