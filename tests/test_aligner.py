@@ -85,10 +85,13 @@ def batch(B=3, T=7, N=10, seed=1):
     return audio, ids, mask
 
 
-def test_query_path_matches_blip2_qformer():
+@pytest.mark.parametrize("eps", [1e-5, 1e-6], ids=["BLIP-2's ln_vision", "InstructBLIP's post_layernorm"])
+def test_query_path_matches_blip2_qformer(eps):
+    """The query path is BLIP-2's Q-Former, reading the encoder's tokens through ln_audio with the eps the config
+    names (the paper preset's 1e-6 is InstructBLIP's vision post_layernorm)."""
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-    aligner = random_aligner()
+    aligner = random_aligner(input_norm_eps=eps)
     hf = Blip2QFormerModel(Blip2QFormerConfig(
         vocab_size=CFG.vocab_size + 1, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
         intermediate_size=64, cross_attention_frequency=2, encoder_hidden_size=24, max_position_embeddings=16)).eval()
@@ -100,7 +103,7 @@ def test_query_path_matches_blip2_qformer():
     audio = batch()[0].double()
     with torch.no_grad():
         ours = aligner(audio)
-        ln_vision = F.layer_norm(audio, (24,), aligner.ln_audio.weight, aligner.ln_audio.bias)  # BLIP-2's: eps 1e-5
+        ln_vision = F.layer_norm(audio, (24,), aligner.ln_audio.weight, aligner.ln_audio.bias, eps)
         ref = hf(query_embeds=aligner.query_tokens.expand(3, -1, -1), encoder_hidden_states=ln_vision).last_hidden_state
     assert ours.shape == (3, 5, 32)
     assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()  # measured: 1e-15 relative
@@ -177,6 +180,24 @@ def test_dropout_acts_only_while_training():
     assert not torch.equal(aligner(audio), plain.train()(audio))
 
 
+def test_set_dropout_reaches_every_dropout_and_is_saved(tmp_path):
+    """set_dropout(p) sets every dropout of the aligner, the attention probabilities' included (at 0 a training-mode
+    pass is the eval-mode one), and records p in the config, so a saved aligner keeps it; Aligner.load's overrides
+    replace what was saved (stage 1 loads stage 0's aligner with its own dropout)."""
+    aligner = random_aligner(dropout=0.3)
+    audio, ids, mask = batch()
+    with torch.no_grad():
+        want = aligner(audio, ids, mask, bidirectional_mask)
+        aligner.set_dropout(0.0)
+        torch.testing.assert_close(aligner.train()(audio, ids, mask, bidirectional_mask), want)
+    aligner.set_dropout(0.2)
+    assert aligner.config.dropout == 0.2
+    aligner.save(tmp_path)
+    for overrides, p in (({}, 0.2), ({"dropout": 0.05}, 0.05)):
+        again = Aligner.load(tmp_path, **overrides)
+        assert again.config.dropout == p and again.layers[0].cross_attn.p == p and again.embed_drop.p == p
+
+
 def test_initialisation_is_blip2s():
     """A fresh aligner starts as BLIP-2's Q-Former does: BERT's N(0, 0.02) for every linear map, embedding and the
     query tokens, zero biases, unit LayerNorms, the contrastive temperature at 0.07, ln_audio's eps LayerNorm's
@@ -192,6 +213,9 @@ def test_initialisation_is_blip2s():
             assert not m.bias.any(), name
         if isinstance(m, torch.nn.LayerNorm):
             assert (m.weight == 1).all() and not m.bias.any(), name
+    # reading the LLM's words, [DEC] has a vector of its own: it starts as BERT's word vectors do
+    words = Aligner(AlignerConfig(vocab_size=50, hidden_size=256, intermediate_size=64, llm_words=64))
+    assert words.dec_embedding.std().item() == pytest.approx(0.02, rel=0.2)
 
 
 def test_text_longer_than_the_position_table_is_refused_by_name():
@@ -205,12 +229,14 @@ def test_text_longer_than_the_position_table_is_refused_by_name():
 
 def test_caption_keys_depend_on_the_real_tokens_alone():
     """Equal captions padded to other widths with any pad id (processes pad to their own longest) get one key; a
-    caption and the same one with a real token 0 appended do not."""
+    caption and the same one with a real token 0 appended do not, nor the same tokens in another order."""
     a = torch.tensor([[5, 9, 7, 0]])
     ones = torch.tensor([[1, 1, 1, 0]])
     wide = torch.tensor([[5, 9, 7, 3, 3, 3]])  # padded with 3
     assert caption_keys(a, ones) == caption_keys(wide, torch.tensor([[1, 1, 1, 0, 0, 0]]))
     assert caption_keys(a[:, :3], ones[:, :3]) != caption_keys(a, torch.ones(1, 4, dtype=torch.bool))
+    # the same tokens in another order are another caption ("a dog chases a cat", "a cat chases a dog")
+    assert caption_keys(a[:, :3], ones[:, :3]) != caption_keys(a[:, [2, 1, 0]], ones[:, :3])
 
 
 def test_mask_patterns():
@@ -379,6 +405,12 @@ def test_stage0_losses_are_blip2s_three_passes(monkeypatch):
         torch.testing.assert_close(aligner.encode_audio(audio, heard), audio_emb, rtol=1e-5, atol=1e-6)
 
 
+def test_an_unknown_atm_negatives_is_refused_by_name():
+    audio, ids, mask = batch()
+    with pytest.raises(ValueError, match="atm_negatives='all': expected local or global"):
+        stage0_losses(random_aligner(), audio, ids, mask, torch.arange(3), atm_negatives="all")
+
+
 def test_atc_temperature_is_held_within_blip2s_bounds():
     """BLIP-2 clamps the learned temperature to [0.001, 0.5] before dividing: a trained temperature outside that
     range divides as its bound does, and the bounds themselves are used as they are."""
@@ -419,8 +451,10 @@ def _distributed_worker(rank, world, rendezvous, audio, ids, mask, clip, out):
     loss.backward()
     losses = stage0_losses(aligner, audio[part], ids[part], mask[part], clip[part],
                            generator=torch.Generator().manual_seed(7), atm_negatives="local")
+    alone = stage0_losses(aligner, audio[part], ids[part], mask[part], clip[part],  # validation: ATM's negatives too
+                          generator=torch.Generator().manual_seed(7), across_processes=False)  # from its own pairs
     out[rank] = {"atc": loss.item(), "grad": aligner.query_tokens.grad.clone(),
-                 "stage0": {k: v.item() for k, v in losses.items()}}
+                 "stage0": {k: v.item() for k, v in losses.items()}, "alone": {k: v.item() for k, v in alone.items()}}
     torch.distributed.destroy_process_group()
 
 
@@ -447,7 +481,8 @@ def test_stage0_across_two_processes(tmp_path, monkeypatch):
     ATC: the mean of their losses equals one process on the whole batch (every text is contrasted with every audio
     of the global batch), and each process's gradient treats the other's features as constants, as BLIP-2 does.
     ATM (atm_negatives="local") and AGTG: each process equals one process on its half alone (hard negatives come
-    from its own batch)."""
+    from its own batch). across_processes=False (validation, every process holding the same pairs): each process equals
+    one process on its half alone, every loss, ATM's negatives drawn from its own pairs (not from another's)."""
     import apt_min.aligner as al
 
     audio, ids, mask, clip, out = _in_two_processes(_distributed_worker, tmp_path)
@@ -488,20 +523,26 @@ def test_stage0_across_two_processes(tmp_path, monkeypatch):
         assert out[rank]["stage0"]["atm"] == pytest.approx(alone["atm"].item(), rel=1e-5)
         assert out[rank]["stage0"]["agtg"] == pytest.approx(alone["agtg"].item(), rel=1e-5)
         assert out[rank]["stage0"]["atc"] == pytest.approx(out[rank]["atc"], rel=1e-5)
+        assert out[rank]["alone"] == pytest.approx({k: v.item() for k, v in alone.items()}, rel=1e-5)
 
 
 def _unequal_worker(rank, world, rendezvous, audio, ids, mask, clip, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     part = slice(0, 3) if rank == 0 else slice(3, 4)  # one process skipped two of its clips
+    feats, heard = audio[part], None
+    if rank == 0:  # and its clips are longer (3 tokens of padding, masked): the global pool has two audio lengths
+        feats = torch.cat([feats, torch.randn(3, 3, feats.shape[2], generator=torch.Generator().manual_seed(0))], 1)
+        heard = torch.arange(feats.shape[1])[None].expand(3, -1) < audio.shape[1]
     out[rank] = {how: {k: v.item() for k, v in stage0_losses(
-        random_aligner(), audio[part], ids[part], mask[part], clip[part], generator=torch.Generator().manual_seed(7),
+        random_aligner(), feats, ids[part], mask[part], clip[part], heard, generator=torch.Generator().manual_seed(7),
         atm_negatives=how).items()} for how in ("local", "global")}
     torch.distributed.destroy_process_group()
 
 
 def test_stage0_across_processes_with_batches_of_different_sizes(tmp_path, monkeypatch):
-    """Under torchrun a process that skipped unreadable clips holds fewer pairs than the others (here 3 and 1):
-    the gathers still line up (all_gather needs equal shapes). Each process's ATC equals its rows' loss against the
+    """Under torchrun a process that skipped unreadable clips holds fewer pairs than the others (here 3 and 1), and
+    its clips may be padded to another length (here 13 tokens, 10 real, and 10): the gathers still line up
+    (all_gather needs equal shapes). Each process's ATC equals its rows' loss against the
     whole batch in one process, and local ATM equals that process's pairs alone (its rows found at their offset)."""
     import apt_min.aligner as al
 
@@ -581,6 +622,25 @@ def test_atm_negatives_can_come_from_every_process(tmp_path):
     assert one["local"][0]["atm"] == one["global"][0]["atm"] and one["global"][1] == 12
 
 
+def test_stage0_batch_reads_each_caption_between_bos_and_eos():
+    """stage0_batch: each caption as stage 0 reads it, BOS ... EOS, right-padded with its mask; the clips as float32
+    tokens (a whole clip's windows read as one sequence), padded with the mask of the real ones; one id per path."""
+    from types import SimpleNamespace
+
+    from apt_min.aligner import clip_ids, stage0_batch
+    from apt_min.tokenizer import pad_ids
+
+    tok = SimpleNamespace(encode=lambda text, bos=True, eos=False: [1] * bos + [ord(c) - 90 for c in text] + [2] * eos,
+                          pad=lambda seqs: pad_ids(seqs, 0))
+    long, short = torch.randn(2, 4, 6).half(), torch.randn(3, 6).half()  # two windows of 4 tokens; one of 3
+    got = stage0_batch(["abc", "d"], [long, short], ["x.wav", "y.wav"], tok, "cpu")
+    assert got.text_ids.tolist() == [[1, 7, 8, 9, 2], [1, 10, 2, 0, 0]]
+    assert got.text_mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert got.audio_feats.dtype == torch.float32 and got.audio_feats.shape == (2, 8, 6)
+    assert torch.equal(got.audio_feats[0], long.reshape(8, 6).float()) and got.audio_mask.sum(1).tolist() == [8, 3]
+    assert torch.equal(got.clip_ids, clip_ids(["x.wav", "y.wav"]))
+
+
 def test_clips_of_different_lengths_are_padded_and_masked():
     """pad_tokens reads a whole clip's windows (W, N, Da) as one sequence and pads shorter clips, with the mask of
     the real tokens; the queries never hear the padding: each clip's embedding equals its own, alone, and every
@@ -640,6 +700,13 @@ def test_clip_ids_and_retrieval_recall():
         aligner.encode_text = lambda ids, mask, texts=texts: texts
         got = retrieval_r1(aligner, None, None, None, owner)
         assert got == pytest.approx({"a2t_r1": a2t, "t2a_r1": t2a})
+    # the best-matching query decides, not the queries' mean: clip 0's queries point at axes 0 and 2, clip 1's both
+    # at (0.8, 0.6, 0); caption 0 (axis 0) scores 1 with clip 0 and 0.8 with clip 1 (by the mean 0.5 and 0.8),
+    # caption 1 (axis 1) 0 and 0.6; clip 1 prefers caption 0 (0.8 > 0.6): R@1 1/2 audio to text, 1 text to audio
+    aligner.encode_audio = lambda feats, heard=None: torch.tensor([[[1.0, 0, 0], [0, 0, 1]], [[0.8, 0.6, 0]] * 2])
+    aligner.encode_text = lambda ids, mask: torch.eye(3)[:2]
+    got = retrieval_r1(aligner, None, None, None, torch.tensor([0, 1]))
+    assert got == pytest.approx({"a2t_r1": 1 / 2, "t2a_r1": 1.0})
 
 
 # ------------------------------------------------------------------------ words read from the LLM's table (small)
@@ -654,8 +721,9 @@ def test_words_read_through_the_llms_table_are_mapped_rows_of_it(tmp_path):
     aligner = random_aligner(llm_words=12)
     with pytest.raises(RuntimeError, match="attach_llm_words"):
         aligner.embed_words(torch.tensor([[1]]))
-    with pytest.raises(ValueError, match=r"\(50, 12\)"):
-        aligner.attach_llm_words(table[:, :8])
+    for wrong in (table[:, :8], table[:-1]):  # another width, or another vocabulary
+        with pytest.raises(ValueError, match=r"\(50, 12\)"):
+            aligner.attach_llm_words(wrong)
     aligner.attach_llm_words(table)
     ids = torch.tensor([[3, 7, CFG.vocab_size, 0]])
     got = aligner.embed_words(ids)[0]
@@ -665,6 +733,14 @@ def test_words_read_through_the_llms_table_are_mapped_rows_of_it(tmp_path):
     h = torch.randn(2, CFG.hidden_size)
     vectors = torch.cat([table @ W.T + b, aligner.dec_embedding[None]])
     torch.testing.assert_close(aligner.word_logits(h), h @ vectors.T + aligner.lm_decoder.bias)
+    last = torch.tensor([[CFG.vocab_size - 1]])  # the vocabulary's last word is a word of the table, not [DEC]
+    torch.testing.assert_close(aligner.embed_words(last)[0, 0], table[-1] @ W.T + b)
+    # the table is read, never trained, even one that would take a gradient
+    live = table.clone().requires_grad_()
+    aligner.attach_llm_words(live)
+    (aligner.embed_words(ids).sum() + aligner.word_logits(h).sum()).backward()
+    assert live.grad is None and aligner.word_map.weight.grad is not None
+    aligner.attach_llm_words(table)
     assert not any(v.shape[:1] == (CFG.vocab_size,) for v in aligner.state_dict().values())
     aligner.save(tmp_path)
     again = Aligner.load(tmp_path).eval()
