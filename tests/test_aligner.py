@@ -785,6 +785,7 @@ def test_proj_from_words_scores_the_llms_words_as_the_aligner_does():
     encoder = AudioMAE(AudioMAEConfig(target_length=32, num_mel_bins=32, dim=CFG.audio_dim, depth=2, heads=2))
     aligner = Aligner(AlignerConfig(**{**CFG.__dict__, "llm_words": 64}))
     with torch.no_grad():
+        llm.model.embed_tokens.weight.add_(1.0)  # the words share a common offset, as a trained LLM's do
         aligner.word_map.weight.normal_()  # as after training: not the init's scale
         aligner.word_map.bias.normal_()
     apt = APT(encoder, aligner, llm, tokenizer=None)

@@ -19,7 +19,16 @@ from apt_min.build import feature_cache
 from apt_min.checkpoint import CheckpointError
 from apt_min.config import load_config
 from apt_min.llama import KVCache, Llama, LlamaConfig
-from apt_min.model import APT, FeatureCache, fingerprint, load_trainable, same_weights, weight_probe
+from apt_min.model import (
+    APT,
+    PROMPT_FORMATS,
+    FeatureCache,
+    fingerprint,
+    load_trainable,
+    model_files,
+    same_weights,
+    weight_probe,
+)
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
 TEXTS = ["Summarize the audio with key words.", "bell, siren", "This is a sound of hum.", "How many times?", "3"]
@@ -114,6 +123,58 @@ def test_interleaving_and_labels(parts):
     _, m, _ = apt.embed_batch(batch, feats, ["3", "bell, siren"])
     _, ml, _ = apt.embed_batch(batch, feats, left_pad=True)
     assert m[:, 0].all() and ml[:, -1].all()
+
+
+def test_a_chat_template_frames_the_users_turn_once(parts):
+    """smollm2-chat: the template's opening, the segments, then the close of the user's turn and the assistant's
+    opening, once: after the segments, or where a ("turn", "") segment ends the user's turn (the few-shot "list"
+    layout puts the episode in the assistant's turn); then the answer and EOS."""
+    _, tok, _, _, (a, _, _) = parts
+    apt = make_apt(parts).eval()
+    apt.prompt_format = "smollm2-chat"
+    form = PROMPT_FORMATS["smollm2-chat"]
+    feats, _ = apt.encode_clips([a])
+    question = "How many times?"
+    with torch.no_grad():
+        def acoustic_of(segments):  # <AUDIO>, then the clip's prompts under what follows it
+            return torch.cat([apt.audio_token[None], apt.clip_prompts([segments], feats)[0][0]])
+
+        acoustic = acoustic_of([("audio", a), ("text", question)])
+        acoustic_alone = acoustic_of([("audio", a), ("label", "3")])  # no text after it: BOS alone
+
+        def words(text):
+            return apt.llm.embed(torch.tensor(tok.encode(text, bos=False)))
+
+        for segments, pieces in (
+                ([("audio", a), ("text", question)], [acoustic, words(question), words(form["after"])]),
+                ([("text", question), ("turn", ""), ("audio", a), ("label", "3")],
+                 [words(question), words(form["after"]), acoustic_alone, words("3")])):
+            x, _, labels = apt.embed_batch([segments], feats, ["bell"])
+            answer = tok.encode("bell", bos=False) + [tok.eos_id]
+            want = torch.cat([words(form["before"]), *pieces, apt.llm.embed(torch.tensor(answer))])
+            assert x.shape[1] == len(want)
+            torch.testing.assert_close(x[0], want, rtol=0, atol=0)
+            assert labels[0][labels[0] != -100].tolist() == answer
+
+
+def test_instructblips_layout_puts_its_bos_before_the_first_text(parts):
+    """instructblip: no BOS at the start; the soft prompts as they come, then BOS (Vicuna's EOS, "</s>", as
+    InstructBLIP was tuned) once, before the first text that says something (an empty text adds nothing)."""
+    _, tok, _, _, (a, _, _) = parts
+    apt = make_apt(parts).eval()
+    apt.prompt_format = "instructblip"
+    feats, _ = apt.encode_clips([a])
+    visual = torch.randn(3, 48)
+    segments = [("prompts", visual), ("text", ""), ("audio", a), ("text", "How many"), ("text", " times?")]
+    with torch.no_grad():
+        acoustic = apt.clip_prompts([segments], feats)[0][0]
+        x, _, _, blocks = apt.embed_batch([segments], feats, with_blocks=True)
+        want = torch.cat([visual, apt.audio_token[None], acoustic, apt.llm.embed(torch.tensor(
+            [tok.eos_id, *tok.encode("How many", bos=False), *tok.encode(" times?", bos=False)]))])
+    assert x.shape[1] == len(want)
+    torch.testing.assert_close(x[0], want, rtol=0, atol=0)
+    # each block of soft prompts numbered in order (<AUDIO> with its clip's), the text 0
+    assert blocks[0].tolist() == [1] * 3 + [2] * (1 + len(acoustic)) + [0] * (len(want) - 4 - len(acoustic))
 
 
 def rel_max_error(x, ref):
@@ -329,6 +390,9 @@ def test_shared_prefix_gives_the_full_sequences_loss_and_gradients(parts, padded
         return loss.item(), n, {k: p.grad.clone() for k, p in apt.named_parameters() if p.grad is not None}
 
     full, shared = loss_and_grads(False), loss_and_grads(True)
+    apt.share_prefix = False  # the reference really ran the whole sequences
+    assert apt.shared_prefix() is None
+    apt.share_prefix = True
     apt.llm.gradient_checkpointing = True  # the blocks recomputed in the backward pass, the prefix's keys with them
     try:
         checkpointed = loss_and_grads(True)
@@ -389,8 +453,9 @@ def test_save_load_and_mismatch(parts, tmp_path):
     apt.save(tmp_path / "apt", *ids)
     again = APT.load(tmp_path / "apt", encoder, llm, tok, *ids)
     assert all(torch.equal(v, again.trainable_state()[k]) for k, v in apt.trainable_state().items())
-    with pytest.raises(CheckpointError, match="trained against the llm .*llm-1.*the llm given is .*llm-2"):
-        APT.load(tmp_path / "apt", encoder, llm, tok, ids[0], {"fingerprint": "llm-2"})
+    with pytest.raises(CheckpointError, match="trained against the llm .*llm-1.*the llm given is .*llm-2") as e:
+        APT.load(tmp_path / "apt", encoder, llm, tok, ids[0], {"fingerprint": "llm-2", "probe": weight_probe(llm)})
+    assert "probe" not in str(e.value)  # an identity's weight probe (64 numbers) is left out of the message
     with pytest.raises(CheckpointError, match="not a trained APT"):
         APT.load(tmp_path, encoder, llm, tok, *ids)
 
@@ -404,6 +469,26 @@ def test_load_refuses_another_encoder(parts, tmp_path):
     apt.save(tmp_path / "apt", {"fingerprint": "enc-1"}, llm_id)
     with pytest.raises(CheckpointError, match="trained against the encoder .*enc-1.*the encoder given is .*enc-2"):
         APT.load(tmp_path / "apt", encoder, llm, tok, {"fingerprint": "enc-2"}, llm_id)
+
+
+def test_a_release_without_the_stage0_heads_loads(parts, tmp_path):
+    """A released APT (apt.json: stage0_heads false) leaves out the aligner's stage-0 heads, which answering never
+    uses: it loads, every other tensor read; an APT that does not say so and lacks them is refused."""
+    from apt_min.aligner import STAGE0_HEADS
+
+    _, tok, encoder, llm, _ = parts
+    ids = ({"fingerprint": "enc-1"}, {"fingerprint": "llm-1"})
+    apt = make_apt(parts, seed=3)
+    apt.save(tmp_path / "apt", *ids)
+    heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS)
+    edit_weights(tmp_path / "apt" / "apt.safetensors", lambda s: [s.pop(k) for k in list(s) if k.startswith(heads)])
+    with pytest.raises(CheckpointError, match=r"missing keys: aligner\."):
+        APT.load(tmp_path / "apt", encoder, llm, tok, *ids)
+    meta = json.loads((tmp_path / "apt" / "apt.json").read_text())
+    (tmp_path / "apt" / "apt.json").write_text(json.dumps({**meta, "stage0_heads": False}))
+    released = APT.load(tmp_path / "apt", encoder, llm, tok, *ids).trainable_state()
+    kept = [k for k in apt.trainable_state() if not k.startswith(heads)]
+    assert len(kept) > 10 and all(torch.equal(released[k], apt.trainable_state()[k]) for k in kept)
 
 
 def edit_weights(file, edit):
@@ -549,6 +634,50 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
         hook.remove()
 
 
+def test_feature_cache_keys_on_the_whole_path_and_the_size(parts, tmp_path):
+    """The cache key holds a file's full path and its size besides its mtime: a file of the same name, size and mtime
+    in another folder, or one rewritten at another length with its mtime set back, gets its own features; features
+    read from disk are then held in memory; what is stored is float16 whatever it is given; a missing file is
+    reported in the list of bad ones, with a cache as without."""
+    _, _, encoder, _, _ = parts
+    apt = make_apt(parts)
+    apt.cache = FeatureCache(tmp_path / "cache", setting="T=64|enc-1")
+    paths = []
+    for folder, freq in (("x", 300), ("y", 700)):
+        (tmp_path / folder).mkdir()
+        t = np.arange(8000) / 16000
+        paths.append(tmp_path / folder / "clip.wav")
+        sf.write(paths[-1], (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
+        os.utime(paths[-1], ns=(10**18, 10**18))
+    x, y = map(str, paths)
+
+    def fresh(path):
+        with torch.no_grad():
+            return encoder(audio.load_fbank(path, 64, 128)).to(torch.float16)
+
+    got_x, got_y = apt.encode_clips([x])[0][x], apt.encode_clips([y])[0][y]
+    assert torch.equal(got_x, fresh(x)) and torch.equal(got_y, fresh(y)) and not torch.equal(got_x, got_y)
+    t = np.arange(16000) / 16000  # 1 s: two windows, another size; the mtime set back to what it was
+    sf.write(x, (0.3 * np.sin(2 * np.pi * 500 * t)).astype(np.float32), 16000)
+    os.utime(x, ns=(10**18, 10**18))
+    got = apt.encode_clips([x])[0][x]
+    assert got.shape[0] == 2 and torch.equal(got, fresh(x))
+    apt.cache = FeatureCache(tmp_path / "cache", setting="T=64|enc-1")  # a new process: read from disk, then held
+    assert torch.equal(apt.encode_clips([y])[0][y], got_y)
+    shutil.rmtree(tmp_path / "cache")
+    calls = []
+    hook = encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        assert torch.equal(apt.encode_clips([y])[0][y], got_y) and not calls
+    finally:
+        hook.remove()
+    apt.cache.put(y, torch.ones(3, 4))  # float32 given: float16 held and stored
+    assert apt.cache.get(y).dtype == torch.float16
+    assert [load_file(f)["features"].dtype for f in (tmp_path / "cache").rglob("*.safetensors")] == [torch.float16]
+    missing = str(tmp_path / "missing.wav")
+    assert apt.encode_clips([missing])[1][0][0] == missing
+
+
 def test_identities_of_weights(parts, tmp_path):
     """fingerprint tells apart files that share a name and their first MiB but not their size (a copy cut short);
     a weight probe that names a tensor the LLM has not, or a place beyond it, does not match (and does not fail)."""
@@ -558,6 +687,21 @@ def test_identities_of_weights(parts, tmp_path):
     (tmp_path / "a" / "model.safetensors").write_bytes(data)
     (tmp_path / "b" / "model.safetensors").write_bytes(data[:2 << 20])
     assert fingerprint(tmp_path / "a" / "model.safetensors") != fingerprint(tmp_path / "b" / "model.safetensors")
+    # nor ones of one size that differ within the first MiB (here at its 5000th byte); the order files are given in
+    # does not matter; the identity is 16 hex digits
+    changed = bytearray(data)
+    changed[5000] ^= 1
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "model.safetensors").write_bytes(bytes(changed))
+    a = tmp_path / "a"
+    assert fingerprint(a / "model.safetensors") != fingerprint(tmp_path / "c" / "model.safetensors")
+    for name in ("config.json", "tokenizer.model", "pytorch_model-00001-of-00002.bin"):
+        (a / name).write_text(name)
+    assert fingerprint(a / "config.json", a / "model.safetensors") == fingerprint(a / "model.safetensors",
+                                                                                   a / "config.json")
+    assert re.fullmatch("[0-9a-f]{16}", fingerprint(a / "config.json"))
+    # an LLM's files: its config (a changed rope_theta is another LLM) and its weights, not its tokenizer
+    assert model_files(a) == [a / "config.json", a / "model.safetensors", a / "pytorch_model-00001-of-00002.bin"]
     llm = parts[3]
     probe = weight_probe(llm)
     assert same_weights(probe, llm)
@@ -571,6 +715,22 @@ def test_identities_of_weights(parts, tmp_path):
         for p in half.parameters():
             p.mul_(1.05)
     assert not same_weights(probe, half)
+    # the probe reads places spread over each tensor: tensors that differ only in their second half differ
+    late = copy.deepcopy(llm)
+    with torch.no_grad():
+        for p in late.parameters():
+            p.view(-1)[p.numel() // 2:] += 1.0
+    assert not same_weights(probe, late)
+    # the tolerance is relative to the weights' size: an LLM of tiny weights and its copy 5 % off differ
+    tiny = copy.deepcopy(llm)
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.mul_(1e-3)
+    tiny_probe = weight_probe(tiny)
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.mul_(1.05)
+    assert not same_weights(tiny_probe, tiny)
 
 
 def test_an_llm_held_in_bf16_scores_and_generates_in_fp32(parts):
@@ -597,6 +757,45 @@ def test_an_llm_held_in_bf16_scores_and_generates_in_fp32(parts):
     half.llm._beam_search = beams
     said = half.generate([segments], feats, max_new_tokens=6, num_beams=3, repetition_penalty=1.5)
     assert isinstance(said[0], str) and len(searched) > 1 and set(searched) == {torch.float32}
+
+
+def test_candidates_are_scored_by_fp32_log_softmax_of_bf16_logits(parts, monkeypatch):
+    """An LLM held in bf16 gives bf16 logits: a candidate's score is the sum of their log-softmax taken in fp32 (in
+    bf16 each term would be rounded, to steps of 1/16 near -10). Here the LLM gives one bf16 row at every position,
+    so each score is a sum of that row's log-probabilities, computed by hand in float64."""
+    _, tok, _, _, (a, _, _) = parts
+    apt = make_apt(parts).eval()
+    feats, _ = apt.encode_clips([a])
+    V = apt.llm.config.vocab_size
+    row = (torch.randn(V, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    forward = apt.llm.forward
+    monkeypatch.setattr(apt.llm, "forward", lambda *args, **kwargs: row.expand(
+        *forward(*args, **kwargs).shape[:-1], V))
+    answers = ["bell.", "hum"]
+    got = apt.choice_logprob([("audio", a), ("text", "This is a sound of")], answers, feats)
+    logp = row.double().log_softmax(-1)
+    want = torch.stack([logp[tok.encode(x, bos=False)].sum() for x in answers])
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_choice_logprob_keeps_blocks_apart_when_asked(parts):
+    """blocks_apart=True: no block of soft prompts sees another (APT-BLIP-2's setting); each candidate's score is that
+    of one full pass with the blocks kept apart, EOS not counted, and differs from the plain pass's."""
+    _, tok, _, _, (a, b, _) = parts
+    apt = make_apt(parts).eval()
+    feats, _ = apt.encode_clips([a, b])
+    segments = [("audio", a), ("text", "This is a sound of"), ("audio", b), ("text", "What is it?")]
+    answers = ["bell.", "hum"]
+    apart = apt.choice_logprob(segments, answers, feats, blocks_apart=True)
+    with torch.no_grad():
+        want = []
+        for answer in answers:
+            x, mask, labels, blocks = apt.embed_batch([segments], feats, [answer], with_blocks=True)
+            logp = apt.llm(inputs_embeds=x, attention_mask=mask, blocks=blocks)[0, :-1].float().log_softmax(-1)
+            at = labels[0, 1:] != -100
+            want.append(logp[at].gather(1, labels[0, 1:][at][:, None])[:-1].sum())  # EOS not counted
+    torch.testing.assert_close(apart, torch.stack(want), rtol=1e-5, atol=1e-5)
+    assert (apart - apt.choice_logprob(segments, answers, feats)).abs().max() > 1e-3
 
 
 def test_generate_batch_equals_one_by_one(parts):
@@ -642,6 +841,9 @@ def test_a_candidate_that_begins_another_is_scored_as_a_whole_answer(parts):
         whole = torch.zeros(3).index_add_(0, rows, lp)
     torch.testing.assert_close(apt.choice_logprob(segments, answers, feats), whole, rtol=1e-5, atol=1e-5)
     plain = apt.choice_logprob(segments, ["bell", "hum"], feats)  # no prefix: no EOS, as every protocol here
+    # "bell." and "bell, siren" share their first tokens, yet neither begins the other: no EOS either
+    assert apt.choice_logprob(segments, ["bell.", "bell, siren"], feats)[0] == pytest.approx(
+        apt.choice_logprob(segments, ["bell.", "hum"], feats)[0].item(), rel=1e-6)
     torch.testing.assert_close(plain, apt.choice_logprob(segments, ["bell", "hum", "siren"], feats)[:2])
     assert not torch.allclose(plain, whole[[0, 2]])
     with pytest.raises(ValueError, match="an empty candidate answer"):
