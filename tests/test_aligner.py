@@ -306,6 +306,10 @@ def test_hard_negatives_never_return_a_positive():
     sim = torch.tensor([[0.9, -0.3, -0.2, -0.4]]) / 0.01
     drawn = [hard_negatives(sim, torch.tensor([[True, False, False, False]]), g) for _ in range(50)]
     assert all(valid.item() for _, valid in drawn) and sum(idx.item() == 2 for idx, _ in drawn) >= 48
+    # drawn, not picked: a negative log 3 above another (3 times its weight) is drawn 3 times in 4, not always
+    sim = torch.tensor([[5.0, 0.0, math.log(3.0)]])
+    drawn = [hard_negatives(sim, torch.tensor([[True, False, False]]), g)[0].item() for _ in range(400)]
+    assert set(drawn) == {1, 2} and 0.68 < drawn.count(2) / 400 < 0.82
 
 
 def test_stage0_losses_fall_together_when_overfitting():
@@ -740,6 +744,8 @@ def test_words_read_through_the_llms_table_are_mapped_rows_of_it(tmp_path):
     aligner.attach_llm_words(live)
     (aligner.embed_words(ids).sum() + aligner.word_logits(h).sum()).backward()
     assert live.grad is None and aligner.word_map.weight.grad is not None
+    aligner.attach_llm_words(table.bfloat16())  # an LLM held in bf16: its rows read in the map's dtype
+    torch.testing.assert_close(aligner.embed_words(last)[0, 0], table[-1].bfloat16().float() @ W.T + b)
     aligner.attach_llm_words(table)
     assert not any(v.shape[:1] == (CFG.vocab_size,) for v in aligner.state_dict().values())
     aligner.save(tmp_path)

@@ -292,27 +292,31 @@ def test_instruction_bos_puts_bos_before_each_instruction_and_is_saved_with_the_
 def test_long_audio_all_reads_a_whole_clip_at_once(parts, tmp_path):
     """long_audio="all" (the paper's §3.1): a clip of any length becomes num_queries prompts, the aligner reading
     all its windows' tokens as one sequence; batched beside a one-window clip (padded, masked) it gives what it gives
-    alone. The setting is the APT's own, saved and restored with it."""
+    alone, each under its own instruction (the shorter one padded, masked). The setting is the APT's own, saved and
+    restored with it."""
     _, tok, encoder, llm, (short, _, long) = parts
     apt = make_apt(parts).eval()
     apt.long_audio = "all"
     feats, _ = apt.encode_clips([short, long])
-    question = "How many times?"
+    question, other = "How many times?", "Summarize"
+    assert len(tok.encode(other, bos=False)) < len(tok.encode(question, bos=False))
     with torch.no_grad():
-        both = apt.clip_prompts([[("audio", short), ("text", question)], [("audio", long), ("text", question)]], feats)
+        both = apt.clip_prompts([[("audio", short), ("text", question)], [("audio", long), ("text", other)]], feats)
         ids = torch.tensor([tok.encode(question, bos=False)])
         whole = feats[long].float().reshape(1, -1, feats[long].shape[-1])  # (1, 3 N, Da)
-        alone = apt.proj(apt.aligner.instruct(whole, ids))[0]
+        alone = apt.proj(apt.aligner.instruct(whole, torch.tensor([tok.encode(other, bos=False)])))[0]
         assert both[1][0].shape == (4, 48) and rel_max_error(both[1][0], alone) <= 1e-5
         one = apt.proj(apt.aligner.instruct(feats[short].float(), ids))[0]
         assert rel_max_error(both[0][0], one) <= 1e-5  # the short clip, padded in the batch, as alone
-        assert rel_max_error(both[1][0], apt.proj(apt.aligner.instruct(whole[:, :feats[short].shape[1]], ids))[0]) \
-            > 1e-3  # the later windows are heard
+        assert rel_max_error(alone, apt.proj(apt.aligner.instruct(whole[:, :feats[short].shape[1]], torch.tensor(
+            [tok.encode(other, bos=False)])))[0]) > 1e-3  # the later windows are heard
     ids = ({"fingerprint": "enc-1"}, {"fingerprint": "llm-1"})
     apt.save(tmp_path / "apt", *ids)
     assert APT.load(tmp_path / "apt", encoder, llm, tok, *ids).long_audio == "all"
     with pytest.raises(ValueError, match="long_audio='some'"):
         APT(encoder, apt.aligner, llm, tok, long_audio="some")
+    with pytest.raises(ValueError, match="unknown prompt format 'chat'; known: "):
+        APT(encoder, apt.aligner, llm, tok, prompt_format="chat")
 
 
 def test_only_trainable_tensors_learn(parts):
@@ -932,6 +936,32 @@ def test_generate_names_a_clip_it_cannot_read(parts, tmp_path):
     bad.write_text("not audio")
     with pytest.raises(AudioError, match="notes.wav"):
         make_apt(parts).generate([[("audio", str(bad)), ("text", "What is it?")]], max_new_tokens=2)
+
+
+def test_encode_clips_reads_each_file_once_and_reports_what_it_cannot_read(parts, monkeypatch):
+    """A path given twice is encoded once; a file the system cannot read (an OSError: an I/O error, a file gone
+    between listing and reading) is reported with the reason, not raised, unless strict."""
+    _, _, encoder, _, (a, b, _) = parts
+    apt = make_apt(parts)
+    batches = []
+    hook = encoder.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    try:
+        feats, bad = apt.encode_clips([a, a])
+    finally:
+        hook.remove()
+    assert list(feats) == [a] and batches == [1] and not bad
+    load = audio.load_fbank
+
+    def failing(path, *args):
+        if path == b:
+            raise OSError(5, "Input/output error")
+        return load(path, *args)
+
+    monkeypatch.setattr(audio, "load_fbank", failing)
+    feats, bad = apt.encode_clips([a, b])
+    assert list(feats) == [a] and bad == [(b, "[Errno 5] Input/output error")]
+    with pytest.raises(OSError, match="Input/output error"):
+        apt.encode_clips([b], strict=True)
 
 
 def test_a_damaged_apt_json_is_named(tmp_path):
