@@ -409,6 +409,23 @@ def test_stage0_losses_are_blip2s_three_passes(monkeypatch):
         torch.testing.assert_close(aligner.encode_audio(audio, heard), audio_emb, rtol=1e-5, atol=1e-6)
 
 
+def test_stage0_losses_ignore_what_the_padding_holds():
+    """Whatever ids the padding holds, every stage-0 loss is the same: the text is never heard there, and two equal
+    captions (of clips 0 and 3 here) are still found equal, positives of each other, when their padding differs."""
+    aligner = random_aligner()
+    audio, ids, mask = batch(B=4, T=6, seed=5)
+    mask[0, 4:] = False
+    ids[3], mask[3] = ids[0], mask[0]
+    clean = ids.masked_fill(~mask, 0)
+    junk = clean.clone()
+    junk[0, 4:], junk[3, 4:] = 7, 9
+    with torch.no_grad():
+        got = [stage0_losses(aligner, audio, x, mask, torch.arange(4), generator=torch.Generator().manual_seed(2))
+               for x in (clean, junk)]
+    assert {k: v.item() for k, v in got[1].items()} == pytest.approx({k: v.item() for k, v in got[0].items()},
+                                                                     rel=1e-6)
+
+
 def test_an_unknown_atm_negatives_is_refused_by_name():
     audio, ids, mask = batch()
     with pytest.raises(ValueError, match="atm_negatives='all': expected local or global"):

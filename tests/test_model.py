@@ -455,8 +455,10 @@ def test_save_load_and_mismatch(parts, tmp_path):
     apt = make_apt(parts, seed=3)
     ids = ({"fingerprint": "enc-1"}, {"fingerprint": "llm-1"})
     apt.save(tmp_path / "apt", *ids)
-    again = APT.load(tmp_path / "apt", encoder, llm, tok, *ids)
+    cache = FeatureCache(tmp_path / "features", setting="T=64|enc-1")
+    again = APT.load(tmp_path / "apt", encoder, llm, tok, *ids, cache=cache)
     assert all(torch.equal(v, again.trainable_state()[k]) for k, v in apt.trainable_state().items())
+    assert again.cache is cache  # the features the loaded APT reads come through the cache given
     with pytest.raises(CheckpointError, match="trained against the llm .*llm-1.*the llm given is .*llm-2") as e:
         APT.load(tmp_path / "apt", encoder, llm, tok, ids[0], {"fingerprint": "llm-2", "probe": weight_probe(llm)})
     assert "probe" not in str(e.value)  # an identity's weight probe (64 numbers) is left out of the message
@@ -706,6 +708,8 @@ def test_identities_of_weights(parts, tmp_path):
     assert re.fullmatch("[0-9a-f]{16}", fingerprint(a / "config.json"))
     # an LLM's files: its config (a changed rope_theta is another LLM) and its weights, not its tokenizer
     assert model_files(a) == [a / "config.json", a / "model.safetensors", a / "pytorch_model-00001-of-00002.bin"]
+    shutil.copy(a / "model.safetensors", a / "model-00001-of-00001.safetensors")  # the same bytes, another name
+    assert fingerprint(a / "model.safetensors") != fingerprint(a / "model-00001-of-00001.safetensors")
     llm = parts[3]
     probe = weight_probe(llm)
     assert same_weights(probe, llm)
