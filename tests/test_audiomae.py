@@ -345,3 +345,8 @@ def test_settings_a_safetensors_encoder_overrides_are_named(tmp_path, caplog):
         build_encoder(load_config("tiny", {**settings, "output_block": -1}), "cpu", torch.float32)
     assert "enc.safetensors carries its own encoder settings (block read 1); the settings' block read 2 are not" \
         in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # its width and window too (heads must split the width they ask)
+        build_encoder(load_config("tiny", {**settings, "encoder_dim": 32, "target_length": 512}), "cpu", torch.float32)
+    assert ("carries its own encoder settings (dim 64, target_length 1024); the settings' dim 32, target_length 512 "
+            "are not used") in caplog.text

@@ -324,3 +324,187 @@ def test_the_data_a_run_makes_follow_its_synth_seed_and_train_split(tmp_path, mo
     (tmp_path / "run" / "llm").mkdir(parents=True)
     build.ensure_tokenizer(load_config("tiny", [f"--run_dir={tmp_path / 'run'}", "--seed=3", "--llm_vocab=300"]))
     assert read == [("train", 3)] and trained == [(["a b"], 300)]
+
+
+def test_settings_are_read_whole_and_checked_at_both_ends():
+    """A value may hold "=" itself (task_ratios); an option without its leading "--" is refused as one (not read from
+    its third character on); a number that is not the setting's type is a setting error naming it; each range check
+    refuses its lower end too: a block before the encoder's first, negative alignment steps or dropout, no key/value
+    head, a window of no patch."""
+    from apt_min.errors import SettingError
+
+    assert load_config("tiny", ["--task_ratios=aqa=0.3,nlar=1"]).task_ratios == "aqa=0.3,nlar=1"
+    for option in ("xxlr=1e-4", "lr=1e-4"):
+        with pytest.raises(SettingError, match=f"expected --key=value, got '{option}'"):
+            load_config("tiny", [option])
+    with pytest.raises(SettingError, match=r"^--batch_size: expected int, got '2.5'$"):
+        load_config("tiny", ["--batch_size=2.5"])
+    with pytest.raises(SettingError, match=r"^--output_block=-13: expected a block of the encoder's 12 \(-12 to 11"):
+        load_config("paper", ["--output_block=-13"])
+    for option, said in (("--vision_align_steps=-1", "the vision stage needs steps"),
+                         ("--aligner_dropout=-0.1", "expected a probability"),
+                         ("--llm_kv_heads=0", "expected a divisor of it"),
+                         ("--target_length=0", "expected a multiple of 16")):
+        with pytest.raises(SettingError, match=rf"^{option}[: ].*{re.escape(said)}"):
+            load_config("tiny", [option])
+    # rotary positions need an even width per head, nothing more: 24 wide in 4 heads is 6 a head
+    assert load_config("tiny", ["--llm_hidden=24", "--llm_heads=4"]).llm_hidden == 24
+
+
+def test_the_visual_side_and_the_word_source_follow_the_settings():
+    """The visual aligner takes the audio aligner's feed-forward width and dropout (only its queries and input differ),
+    reads the frozen ViT through InstructBLIP's 1e-6 post-layernorm eps, over a ViT whose MLP is 4x its width (ViT's);
+    the aligner reads the LLM's word table only with aligner_words=llm."""
+    cfg = load_config("tiny", ["--aligner_intermediate=72", "--aligner_dropout=0.25", "--vision_dim=48",
+                               "--vision_heads=3"])
+    vit, q = cfg.vision_configs(qformer_vocab=200)
+    assert (vit.hidden, q.intermediate_size, q.dropout, q.input_norm_eps) == (4 * 48, 72, 0.25, 1e-6)
+    assert load_config("tiny").aligner_config(300, llm_dim=64).llm_words == 0
+    assert load_config("tiny", ["--aligner_words=llm"]).aligner_config(300, llm_dim=64).llm_words == 64
+
+
+def test_each_stage_writes_where_the_readme_says_and_starts_from_the_one_before():
+    """README: a stage's result in {run_dir}/stage<N>/final/, the stand-in LLM's log in llm-train/, caption
+    fine-tuning in caption_ft-{source}/ (README's runs/paper/caption_ft-audiocaps/final); the chain 0 -> 1 -> 2 ->
+    caption_ft (DESIGN §3; §4.2 fine-tunes the multi-task APT of stage 2)."""
+    from apt_min.config import STARTS_AFTER, stage_folder
+
+    cfg = load_config("tiny", ["--run_dir=runs/x", "--caption_ft_source=clotho"])
+    assert [cfg.stage_dir(s) for s in ("0", "2", "lm", "caption_ft")] == [
+        Path("runs/x/stage0"), Path("runs/x/stage2"), Path("runs/x/llm-train"), Path("runs/x/caption_ft-clotho")]
+    assert stage_folder("caption_ft", "audiocaps") == "caption_ft-audiocaps"
+    assert STARTS_AFTER == {"1": "0", "2": "1", "caption_ft": "2"}
+
+
+def test_the_paper_presets_other_choices_read_as_documented():
+    """docs/choices.md: ten AVQA frames (the public code: one a second of a 10 s clip), plain prompts (the paper's,
+    for Vicuna), 4-way 1-shot episodes laid out as the paper's; README: InstructBLIP-Vicuna-7B in
+    weights/instructblip-vicuna-7b/; WavCaps's four subsets as its release names them (data.LAYOUT); real data, not the
+    synthetic benchmark's folder; gradient checkpointing on (how 7B trains on one card); Audio-MAE's 80 % mask
+    (README, mae.py)."""
+    from apt_min import data
+    from apt_min.config import WAVCAPS
+
+    cfg, tiny = load_config("paper"), load_config("tiny")
+    assert (cfg.avqa_frames, cfg.prompt_format, cfg.fewshot_shapes, cfg.fewshot_layout) == (10, "plain", "4x1", "paper")
+    assert cfg.vision_path == "weights/instructblip-vicuna-7b"
+    assert sorted(s.removeprefix("wavcaps:") for s in WAVCAPS.split(",")) == sorted(data.LAYOUT["wavcaps"]["names"])
+    assert not cfg.synthetic_data and cfg.data_root != tiny.data_root
+    assert cfg.grad_checkpointing and not tiny.grad_checkpointing
+    assert cfg.mask_ratio == tiny.mask_ratio == 0.8
+
+
+def test_a_runs_own_encoder_is_kept_in_the_dtype_asked_and_never_made_where_it_should_be_there(tmp_path, caplog):
+    """build_encoder: the encoder in the dtype asked; a run's encoder, once saved, is the run's: another
+    --encoder_dim is named in a warning and not used; create=False (evaluation) is an error where the run has none,
+    and makes none."""
+    import logging
+
+    from apt_min.build import build_encoder
+
+    run = tmp_path / "run"
+    cfg = load_config("tiny", [f"--run_dir={run}", "--encoder_dim=32"])
+    with pytest.raises(SystemExit, match=r"encoder.safetensors: the tiny preset's encoder is not there; run "):
+        build_encoder(cfg, "cpu", torch.float32, create=False)
+    assert not (run / "encoder.safetensors").exists()
+    encoder, _ = build_encoder(cfg, "cpu", torch.bfloat16)
+    assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
+    with caplog.at_level(logging.WARNING):
+        encoder, _ = build_encoder(load_config("tiny", [f"--run_dir={run}", "--encoder_dim=64"]), "cpu", torch.float32)
+    assert encoder.config.dim == 32
+    assert f"{run / 'encoder.safetensors'} was built with dim=32; the settings' dim=64 are not used" in caplog.text
+
+
+def test_the_llm_folder_is_checked_and_known_by_its_weights(tmp_path):
+    """load_llm: no LLM yet says how to get one (the stand-in: --stage lm; a --llm_path: download it); the LLM's
+    fingerprint covers its weights, not only its config."""
+    from helpers import hf_llama
+
+    from apt_min.build import load_llm
+
+    with pytest.raises(SystemExit, match=r"no LLM there yet; run `python train.py --stage lm` first"):
+        load_llm(load_config("tiny", [f"--run_dir={tmp_path / 'run'}"]), "cpu", torch.float32)
+    with pytest.raises(SystemExit, match=rf"no LLM there yet; run `download it into {re.escape(str(tmp_path))}"):
+        load_llm(load_config("tiny", [f"--llm_path={tmp_path}"]), "cpu", torch.float32)
+    ids = [load_llm(load_config("tiny", [f"--llm_path={hf_llama(tmp_path / str(seed), seed=seed, shards=False)[1]}"]),
+                    "cpu", torch.float32)[1]["fingerprint"] for seed in (0, 1)]
+    assert ids[0] != ids[1]  # the same config.json, other weights
+
+
+def test_the_tokenizer_of_a_given_llm_is_read_never_trained(tmp_path, monkeypatch, caplog):
+    """--llm_path: its tokenizer.model or tokenizer.json (SmolLM2's) is read; none there is an error, not a
+    tokenizer trained into the user's folder; the stand-in's llm_vocab is not named against it (it is ignored where
+    llm_path names a model)."""
+    import logging
+
+    from apt_min import build
+
+    monkeypatch.setattr(build, "train_sentencepiece", lambda *a: pytest.fail("a tokenizer was trained"))
+    monkeypatch.setattr(build, "Tokenizer", lambda folder: folder)
+    with pytest.raises(SystemExit, match="no tokenizer.model or tokenizer.json; point --llm_path at the LLM folder"):
+        build.ensure_tokenizer(load_config("tiny", [f"--llm_path={tmp_path}"]))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert build.ensure_tokenizer(load_config("tiny", [f"--llm_path={tmp_path}"])) == tmp_path
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    (tmp_path / "tokenizer_settings.json").write_text('{"llm_vocab": 300}')  # a run's llm/ folder, given as llm_path
+    with caplog.at_level(logging.WARNING):
+        build.ensure_tokenizer(load_config("tiny", [f"--llm_path={tmp_path}", "--llm_vocab=500"]))
+    assert "not used" not in caplog.text
+
+
+def test_only_the_synthetic_presets_write_data_and_never_over_real_data(tmp_path, monkeypatch):
+    """ensure_data / ensure_av_data: the paper preset reads data, never generates any; a folder of real data under a
+    synthetic preset's --data_root is read as it is (no benchmark written over it, no error); the audio-visual set's
+    pictures follow --synth_scale (200 at scale 1, at least 8)."""
+    from apt_min import build, synth, synth_av
+
+    made = []
+    monkeypatch.setattr(synth, "generate", lambda out, seed, scale: made.append(("synth", scale)))
+    monkeypatch.setattr(synth_av, "generate", lambda out, seed, videos, pictures: made.append(("av", videos, pictures)))
+    build.ensure_av_data(load_config("paper", [f"--data_root={tmp_path / 'empty'}"]))
+    assert made == []
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "audiocaps").mkdir()
+    build.ensure_av_data(load_config("tiny", [f"--data_root={real}"]))
+    assert made == []
+    build.ensure_av_data(load_config("tiny", [f"--data_root={tmp_path / 'a'}", "--synth_scale=0.1"]))
+    build.ensure_av_data(load_config("tiny", [f"--data_root={tmp_path / 'b'}", "--synth_scale=0.01"]))
+    assert made == [("synth", 0.1), ("av", 30, 20), ("synth", 0.01), ("av", 8, 8)]
+
+
+def test_a_trained_aligners_every_size_is_named_against_the_settings(caplog):
+    """name_unused_aligner_sizes: each of the five sizes stage 0 fixes (width, layers, heads, feed-forward, queries)
+    that the settings ask otherwise is named."""
+    import logging
+
+    from apt_min.build import name_unused_aligner_sizes
+
+    aligner = SimpleNamespace(config=AlignerConfig(vocab_size=10, hidden_size=64, num_layers=3, num_heads=2,
+                                                   intermediate_size=96, num_queries=5))
+    with caplog.at_level(logging.WARNING):
+        name_unused_aligner_sizes(load_config("tiny"), aligner, "ckpt")
+    assert ("ckpt holds an aligner of aligner_hidden=64, aligner_layers=3, aligner_heads=2, aligner_intermediate=96, "
+            "num_queries=5; the settings' aligner_hidden=128, aligner_layers=2, aligner_heads=4, "
+            "aligner_intermediate=512, num_queries=16 are not used") in caplog.text
+
+
+def test_the_llms_words_are_reduced_to_their_top_principal_directions():
+    """llm_pca_map on a table whose spread is known by hand: words spread 4, 3, 2, 1 along the first four axes (the
+    rest constant 5): a width of 2 keeps the two widest axes, widest first, centred, scaled to std 0.02."""
+    from apt_min.build import llm_pca_map
+
+    torch.manual_seed(0)
+    n = 4000
+    table = torch.full((n, 6), 5.0)
+    table[:, :4] = torch.randn(n, 4) * torch.tensor([4.0, 3.0, 2.0, 1.0]) + 7.0
+    weight, bias = llm_pca_map(table, 2)
+    reduced = table @ weight.T + bias
+    assert reduced.mean(0).abs().max() < 1e-4  # centred
+    assert abs(reduced.std().item() - 0.02) < 1e-4
+    directions = weight / weight.norm(dim=1, keepdim=True)
+    assert torch.allclose(directions.abs(), torch.eye(6)[:2], atol=0.05)  # axis 0 (spread 4), then axis 1 (3)
+    assert reduced[:, 0].std() > 1.2 * reduced[:, 1].std()
+    with pytest.raises(ValueError, match="the aligner is 7 wide, wider than the LLM's embeddings"):
+        llm_pca_map(table, 7)
