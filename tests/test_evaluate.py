@@ -1124,3 +1124,67 @@ def test_a_few_shot_setting_left_without_episodes_says_why():
     assert why["accuracy 4-way 1-shot"] == ("not run: every episode held a clip that could not be decoded "
                                             "(missing_esc50.txt lists them)")
     assert why["accuracy 5-way 5-shot"] == "not run: needs 5 classes with more than 5 clips; this pool has 0"
+
+
+def test_ask_runs_the_tiny_preset_on_the_gpu_there_is_and_writes_a_whole_line(tmp_path, monkeypatch, capsys):
+    """ask with the model stubbed: --audio is required and only `ask` is a command (else the usage); the tiny
+    preset by default (config: the default preset), on CUDA where there is a card; the checkpoint's description is
+    read before the model loads; the streamed answer then a newline; clips the model cannot read are each named, and
+    nothing is generated; an empty question and a setting without "=" are refused before anything loads."""
+    from apt_min import __main__, build, release
+    from apt_min.model import APT
+
+    clip = tmp_path / "a.wav"
+    clip.write_bytes(b"RIFF")
+    (tmp_path / "apt.json").write_text("{}")
+    did, bad = [], []
+
+    class Stub:
+        tokenizer = SimpleNamespace(decode=lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+
+        def encode_clips(self, paths):
+            return {}, [(p, f"{p}: unreadable here") for p in bad]
+
+        def generate(self, batch, feats, max_new_tokens, streamer):
+            did.append("generate")
+            for byte in "é ok".encode():
+                streamer(torch.tensor([byte]))
+
+    monkeypatch.setattr(release, "resolve_checkpoint", lambda cfg, given: tmp_path)
+    monkeypatch.setattr(APT, "read_meta", lambda folder: did.append(("meta", folder)))
+    monkeypatch.setattr(build, "load_apt", lambda cfg, checkpoint, device: did.append((cfg.preset, device)) or Stub())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert __main__.main(["ask", "--audio", str(clip), "What?"]) == 0
+    assert did == [("meta", tmp_path), ("tiny", "cuda"), "generate"]
+    assert capsys.readouterr().out == "é ok\n"
+    bad[:] = [str(clip), str(clip)]
+    assert __main__.main(["ask", "--audio", str(clip), "--audio", str(clip), "What?"]) == 2
+    assert capsys.readouterr().err.count(f"error: {clip}: unreadable here") == 2 and did.count("generate") == 1
+    for argv, said in ((["ask", "What?"], "the following arguments are required: --audio"),
+                       (["ask", "--audio", str(clip), " "], "the question is empty")):
+        with pytest.raises(SystemExit):
+            __main__.main(argv)
+        assert said in capsys.readouterr().err
+    assert __main__.main(["ask", "--audio", str(clip), "What?", "--lr", "1e-4"]) == 2
+    assert "expected --key=value, got '--lr'" in capsys.readouterr().err
+    for argv in ([], ["tell", "--audio", str(clip), "What?"]):
+        assert __main__.main(argv) == 2
+        assert "python -m apt_min ask --audio a.wav" in capsys.readouterr().err
+    assert len(did) == 5  # nothing more loaded after the run with unreadable clips
+
+
+def test_ask_says_a_users_mistake_in_one_line_and_lets_a_bug_show_its_traceback(monkeypatch, capsys):
+    """main: a UserError from anywhere in ask (a missing file, say) is one line on stderr and exit status 2; any other
+    error (a ValueError of the code's own) keeps its traceback."""
+    from apt_min import __main__
+    from apt_min.errors import MissingFileError
+
+    def fails(argv):
+        raise raised
+
+    monkeypatch.setattr(__main__, "ask", fails)
+    raised = MissingFileError("x.wav: no such audio file")
+    assert __main__.main(["ask"]) == 2 and capsys.readouterr().err == "error: x.wav: no such audio file\n"
+    raised = ValueError("a bug")
+    with pytest.raises(ValueError, match="a bug"):
+        __main__.main(["ask"])

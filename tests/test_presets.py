@@ -508,3 +508,25 @@ def test_the_llms_words_are_reduced_to_their_top_principal_directions():
     assert reduced[:, 0].std() > 1.2 * reduced[:, 1].std()
     with pytest.raises(ValueError, match="the aligner is 7 wide, wider than the LLM's embeddings"):
         llm_pca_map(table, 7)
+
+
+def test_the_cpu_bf16_probe_is_fp32s_best_time_over_bf16s(monkeypatch):
+    """cpu_bf16_speedup: how much faster bf16 multiplies than fp32, each timed by its best run after a warm-up: on a
+    clock where fp32's best timed product takes 3 and bf16's 1, 3x (fp32's untimed warm-up the quickest of all, bf16's
+    the slowest)."""
+    from apt_min import build
+
+    clock = [0.0]
+    takes = {torch.float32: iter([1, 4, 3, 5, 3, 6]), torch.bfloat16: iter([9, 2, 1, 7, 1, 1])}
+
+    def product(a, b):
+        clock[0] += next(takes[a.dtype])
+        return a  # nothing computed
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", product)
+    monkeypatch.setattr(build, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    build.cpu_bf16_speedup.cache_clear()
+    try:
+        assert build.cpu_bf16_speedup(8) == 3.0
+    finally:
+        build.cpu_bf16_speedup.cache_clear()
