@@ -65,13 +65,15 @@ def test_strong_labels(tmp_path):
     tsv = ("segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
            "s9d-2nhuJCQ_30000\t2.627\t7.237\t/m/053hz1\n"
            "s9d-2nhuJCQ_30000\t0.000\t10.000\t/m/03m9d0z\n"
-           "a_b_cdefghi_0\t1.5\t2.25\t/m/0jbk\n")
+           "a_b_cdefghi_0\t1.5\t2.25\t/m/0jbk\n"
+           "zyxwvutsrqp_12345\t0.5\t1.0\t/m/0jbk\n")
     labels = data.read_strong_labels(write(tmp_path / "strong.tsv", tsv))
+    assert labels[("zyxwvutsrqp", 12.345)] == [("/m/0jbk", 0.5, 1.0)]  # a clip start in milliseconds, not seconds
     assert labels[("s9d-2nhuJCQ", 30.0)] == [("/m/053hz1", 2.627, 7.237), ("/m/03m9d0z", 0.0, 10.0)]
     assert labels[("a_b_cdefghi", 0.0)] == [("/m/0jbk", 1.5, 2.25)]  # ids may contain '_': split at the last
     with pytest.raises(DataError, match=r"strong2.tsv:2: segment_id 'nomilliseconds'"):
         data.read_strong_labels(write(tmp_path / "strong2.tsv", tsv.replace("s9d-2nhuJCQ_30000", "nomilliseconds")))
-    mids = data.read_mid_to_name(write(tmp_path / "m.tsv", "/g/11b630rrvh\tKettle whistle\n/m/0jbk\tAnimal\n"))
+    mids = data.read_mid_to_name(write(tmp_path / "m.tsv", "/g/11b630rrvh\tKettle whistle\n  \n/m/0jbk\tAnimal\n"))
     assert mids == {"/g/11b630rrvh": "Kettle whistle", "/m/0jbk": "Animal"}
     with pytest.raises(DataError, match=r"m2.tsv:2: expected `mid<TAB>display name`"):
         data.read_mid_to_name(write(tmp_path / "m2.tsv", "/m/0jbk\tAnimal\n/m/x Dog\n"))
@@ -88,6 +90,8 @@ def test_audiocaps(tmp_path):
     ex = data.examples("captioning", tmp_path, "test")  # a clip's rows need not be adjacent
     refs = ["Rustling occurs; ducks quack and water splashes", "Ducks quack over rustling"]
     assert ex[0].target["references"] == refs
+    drawn = data.examples("captioning", tmp_path, "test", rng=random.Random(0))  # training: one per caption
+    assert sorted(e.answer for e in drawn) == sorted([*refs, "A man speaks, then a dog barks"])
     with pytest.raises(DataError, match=r"val.csv:2: audiocap_id and start_time must be whole numbers"):
         data.read_audiocaps(write(tmp_path / "val.csv", text.replace("130,Rustling", "13.5,Rustling")))
     with pytest.raises(DataError, match=r"x.csv:1: expected the header"):
@@ -99,7 +103,7 @@ def test_clotho_latin1_and_spaces(tmp_path):
            "Distorted AM Radio noise.wav,a radio hums,static crackles,noise plays,a caf\xe9 radio,a,b\n"
     with pytest.raises(DataError, match=r"clotho_captions_evaluation.csv:2: expected 6 fields, found 7"):
         data.read_clotho_captions(write(tmp_path / "clotho/clotho_captions_evaluation.csv", caps, "latin-1"))
-    write(tmp_path / "clotho/clotho_captions_evaluation.csv", caps.replace(",a,b\n", ",ab\n"), "latin-1")
+    write(tmp_path / "clotho/clotho_captions_evaluation.csv", caps.replace(",a,b\n", ", ab \n"), "latin-1")
     rows = data.read_clotho_captions(tmp_path / "clotho/clotho_captions_evaluation.csv")
     assert rows == [("Distorted AM Radio noise.wav", ["a radio hums", "static crackles", "noise plays",
                                                        "a caf\xe9 radio", "ab"])]
@@ -137,6 +141,9 @@ def test_wavcaps_leaves_out_the_clips_its_blacklists_name(tmp_path, caplog):
     assert caplog.text.count(f"{esc50}: WavCaps's blacklist is not there") == 1  # said once
     write(esc50, json.dumps({"AudioSet": ["Ycccccccccc.wav"]}))
     assert captions("AudioSet_SL") == ["clip Yaaaaaaaaaaa"]
+    write(esc50, json.dumps(["Ycccccccccc.wav"]))
+    with pytest.raises(DataError, match=r"blacklist_exclude_ub8k_esc50_vggsound.json: expected an object of id lists"):
+        captions("AudioSet_SL")
 
 
 def test_wavcaps_audioset_clips_that_audioset_tests_on_are_left_out(tmp_path, caplog):
@@ -162,6 +169,14 @@ def test_wavcaps_audioset_clips_that_audioset_tests_on_are_left_out(tmp_path, ca
     write(tmp_path / "audioset/audioset_eval_strong.tsv", "segment_id\tstart_time_seconds\tend_time_seconds\t"
           "label\nbbbbbbbbbbb_30000\t1.0\t2.5\t/m/09x0r\n")
     assert captions() == ["clip Yccccccccccc"]
+    # a subset of one's own, not named in LAYOUT (its JSON: json_files/{subset}.json), whose name starts with
+    # AudioSet is read against AudioSet's test lists too; a clip named by its id alone is known by it, and a name
+    # whose 11 characters after the Y run on is not that id
+    more = [{"id": f"{y}.flac", "caption": f"clip {y}"} for y in ("aaaaaaaaaaa", "Yaaaaaaaaaaab", "ddddddddddd")]
+    write(tmp_path / "wavcaps/json_files/AudioSet_more.json", json.dumps({"data": more}))
+    touch_audio(tmp_path, *[f"wavcaps/AudioSet_more/{d['id'][:-5]}.flac" for d in more])
+    assert [ex.answer for ex in data.examples("captioning", tmp_path, "train", source="wavcaps:AudioSet_more",
+                                              rng=random.Random(0))] == ["clip Yaaaaaaaaaaab", "clip ddddddddddd"]
 
 
 def test_an_audio_pattern_with_a_field_its_records_lack_is_a_setting_error(tmp_path):
@@ -214,6 +229,18 @@ def test_a_download_tools_folders_are_patterns_too(tmp_path):
     assert question == "What\u2019s ringing \u201cnow\u201d?"
 
 
+def test_caption_texts_read_the_captions_where_the_data_roots_layout_puts_them(tmp_path):
+    """The captions a text-only baseline needs are read from the file the data root's layout.json names, or the one
+    a layout given names, whether or not any audio is there."""
+    write(tmp_path / "lists/caps_train.csv", "audiocap_id,youtube_id,start_time,caption\n1,abcdefghijk,30,A dog\n"
+                                               "2,abcdefghijk,30,A dog barks\n")
+    write(tmp_path / "layout.json", json.dumps({"audiocaps": {"csv": "lists/caps_{split}.csv"}}))
+    assert data.caption_texts(tmp_path, "train") == ["A dog", "A dog barks"]
+    (tmp_path / "layout.json").unlink()
+    layout = {**data.LAYOUT, "audiocaps": {**data.LAYOUT["audiocaps"], "csv": "lists/caps_{split}.csv"}}
+    assert data.caption_texts(tmp_path, "train", layout=layout) == ["A dog", "A dog barks"]
+
+
 def test_a_data_roots_layout_json_replaces_the_entries_it_names(tmp_path, caplog):
     """Clips named as another download tool names them need no code change: the data root's layout.json replaces
     LAYOUT's entries for that root (a new segments list may be added); a name LAYOUT lacks, or a value of another
@@ -241,7 +268,8 @@ def test_a_data_roots_layout_json_replaces_the_entries_it_names(tmp_path, caplog
                         ({"audioset": {"wav": "x"}}, r"audioset.wav is not an entry .*; audioset has audio, classes"),
                         ({"audioset": {"audio": 3}}, r"audioset.audio must be text as in LAYOUT .*found 3"),
                         ({"audioset": {"segments": "x.csv"}}, r"audioset.segments must be a JSON object"),
-                        ({"wavcaps": {"blacklists": "b.json"}}, r"wavcaps.blacklists must be a list of texts")]:
+                        ({"wavcaps": {"blacklists": "b.json"}}, r"wavcaps.blacklists must be a list of texts"),
+                        ({"wavcaps": {"blacklists": ["b.json", 3]}}, r"wavcaps.blacklists must be a list of texts")]:
         write(tmp_path / "layout.json", json.dumps(wrong))
         with pytest.raises(SettingError, match=rf"{re.escape(str(tmp_path / 'layout.json'))}: {says}"):
             data.examples("tagging", tmp_path, "test")
@@ -261,6 +289,14 @@ def test_avqa_frames_in_time_order_each_once_and_a_broken_answer_named(tmp_path)
     assert [f.split("/")[-1] for f in nine["frames"]] == [f"{k:02d}.jpg" for k in range(9)]
     assert [f.split("/")[-1] for f in data.avqa_items(tmp_path, "test", frames=3)[0]["frames"]] == \
         ["1.jpg", "6.jpg", "11.jpg"]
+    assert [f.split("/")[-1] for f in data.avqa_items(tmp_path, "test", frames=1)[0]["frames"]] == ["1.jpg"]
+    # options given as numbers are read as text, an answer written as text with spaces as its index; AVQA's
+    # question_relation is kept, and a question without one has none
+    write(tmp_path / "avqa/val_qa.json", json.dumps([{**items[0], "multi_choice": [1, 2, 3, 4], "answer": " 2 ",
+                                                      "question_relation": "Both"}, items[1]]))
+    first, second = data.avqa_items(tmp_path, "test", frames=1)
+    assert (first["options"], first["answer"], first["relation"]) == (["1", "2", "3", "4"], 2, "Both")
+    assert (second["options"], second["answer"], second["relation"]) == (["dog", "cat", "car", "bell"], 1, "")
     for answer in ("b", 4, None):
         write(tmp_path / "avqa/val_qa.json", json.dumps([items[0], {**items[1], "answer": answer}]))
         with pytest.raises(DataError, match=r"val_qa.json: item 1 needs a list of 4 choices and an answer index 0-3"):
@@ -270,18 +306,22 @@ def test_avqa_frames_in_time_order_each_once_and_a_broken_answer_named(tmp_path)
         data.avqa_items(tmp_path, "test")
 
 
-def test_avqa_frames_may_be_png_and_a_video_without_frames_is_counted(tmp_path):
-    """Frames extracted as PNG are read as JPEG ones are; a video with no frames at all is skipped and its frame
-    folder counted as missing in the coverage (strict: an error naming the folder and the video)."""
+def test_avqa_frames_may_be_png_and_a_video_without_frames_is_counted(tmp_path, caplog):
+    """Frames extracted as PNG are read as JPEG ones are; a video with no frames at all is skipped, said once, and
+    its frame folder counted as missing in the coverage, whose lines name it and the list that named it (strict: an
+    error naming the folder and the video)."""
     items = [{"id": i, "video_name": f"v{i}", "question_text": "Which object is making a sound?",
               "multi_choice": ["dog", "cat", "car", "bell"], "answer": 1} for i in range(2)]
     write(tmp_path / "avqa/val_qa.json", json.dumps(items))
     touch_audio(tmp_path, "avqa/audio/v0.wav", "avqa/audio/v1.wav", *[f"avqa/frames/v0/{k}.png" for k in range(3)])
     coverage = data.Coverage()
-    [item] = data.avqa_items(tmp_path, "test", frames=2, coverage=coverage)
+    with caplog.at_level(logging.WARNING, logger="apt_min.data"):
+        [item] = data.avqa_items(tmp_path, "test", frames=2, coverage=coverage)
     assert item["video"] == "v0" and [f.split("/")[-1] for f in item["frames"]] == ["0.png", "2.png"]
     folder = str(tmp_path / "avqa/frames/v1")
     assert coverage.missing == {folder: str(tmp_path / "avqa/val_qa.json")} and folder in coverage.listed
+    assert coverage.lines() == [f"{folder}\tmissing (listed in {tmp_path / 'avqa/val_qa.json'})"]
+    assert "1 of the videos listed in" in caplog.text and "have no frames" in caplog.text and "['v1']" in caplog.text
     with pytest.raises(FileNotFoundError, match=r"frames/v1: no frames \(\*.jpg, \*.png\) for video v1 listed in"):
         data.avqa_items(tmp_path, "test", strict=True)
 
@@ -315,27 +355,72 @@ def test_files_as_spreadsheets_and_annotators_leave_them(tmp_path):
                                         "97151,vfY_TJq7n_U,130,  Ducks quack over rustling \r\n,,,\r\n")
     assert data.read_audiocaps(caps) == [(97151, "vfY_TJq7n_U", 130, "Ducks quack over rustling")]
     aqa = write(tmp_path / "aqa.csv", "file_name,QuestionText,answer,confidence\n"
-                                      "a.wav,Is a bell ringing?,yes,yes\na.wav,Is a bell ringing? ,yes,yes\n")
-    assert data.read_clotho_aqa(aqa) == [("a.wav", "Is a bell ringing?", ["yes", "yes"], ["yes", "yes"])]
+                                      "a.wav,Is a bell ringing?,Yes,yes\nb.wav,Is a bell ringing?,no,maybe\n"
+                                      "a.wav,Is a bell ringing? ,yes,no\n")
+    assert data.read_clotho_aqa(aqa) == [("a.wav", "Is a bell ringing?", ["Yes", "yes"], ["yes", "no"]),
+                                         ("b.wav", "Is a bell ringing?", ["no"], ["maybe"])]  # as written, per clip
     spaced = write(tmp_path / "spaced.csv", "audiocap_id, youtube_id, start_time , caption\n"
                                             "97151,vfY_TJq7n_U,130,Ducks\n")
     assert data.read_audiocaps(spaced) == [(97151, "vfY_TJq7n_U", 130, "Ducks")]  # a header typed with spaces
 
 
-@pytest.mark.parametrize("name, text, problem", [
-    ("segments.csv", AUDIOSET + 'abcdefghijk, 0.000, 10.000, "/m/0jbk", extra\n', r"segments.csv:6: expected YTID"),
-    ("esc50.csv", "filename,fold,target,category,esc10,src_file,take\n1-1-A-0.wav,one,0,dog,True,1,A\n",
+def test_a_file_no_codepage_reads_is_latin1_and_an_empty_or_blank_row_is_no_row(tmp_path):
+    """Bytes that are neither UTF-8 nor Windows-1252 (0x81 and 0x8d are undefined there) read as ISO-8859-1, each
+    byte its own character, as Clotho's metadata is written; an empty file has no header, a DataError naming it; a
+    row of cells holding only spaces (a spreadsheet's) is a blank row, skipped like an empty one."""
+    caps = "file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n" \
+           "a.wav,one\x81,two,three\x8d,four,five\n"
+    rows = data.read_clotho_captions(write(tmp_path / "c.csv", caps, "latin-1"))
+    assert rows == [("a.wav", ["one\x81", "two", "three\x8d", "four", "five"])]
+    with pytest.raises(DataError, match=r"empty.csv:1: expected the header audiocap_id,youtube_id,start_time,caption, "
+                                        r"found None"):
+        data.read_audiocaps(write(tmp_path / "empty.csv", ""))
+    blank = write(tmp_path / "blank.csv", "audiocap_id,youtube_id,start_time,caption\n  ,  , ,  \n"
+                                          "7,abcdefghijk,30,A dog barks\n")
+    assert data.read_audiocaps(blank) == [(7, "abcdefghijk", 30, "A dog barks")]
+
+
+AUDIOCAPS_HEAD = "audiocap_id,youtube_id,start_time,caption\n"
+STRONG_HEAD = "segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
+AVQA_ITEM = {"id": 1, "video_name": "v", "question_text": "What?", "multi_choice": ["a", "b", "c", "d"], "answer": 2}
+
+
+@pytest.mark.parametrize("reader, name, text, problem", [
+    ("audioset_segments", "segments.csv", AUDIOSET + 'abcdefghijk, 0.000, 10.000, "/m/0jbk", extra\n',
+     r"segments.csv:6: expected YTID"),
+    ("audioset_segments", "segments.csv", AUDIOSET + 'abcdefghijk, 0.000, 10.000, ""\n',
+     r"segments.csv:6: expected YTID"),
+    ("mid_to_name", "names.tsv", "/m/0jbk\tAnimal\n/m/0bt9lr\tDog\tDomestic\n", r"names.tsv:2: expected `mid<TAB>"),
+    ("strong_labels", "strong.tsv", STRONG_HEAD + "_30000\t1.0\t2.0\t/m/0jbk\n", r"strong.tsv:2: segment_id '_30000'"),
+    ("strong_labels", "strong.tsv", STRONG_HEAD + "abcdefghijk_30.000\t1.0\t2.0\t/m/0jbk\n",
+     r"strong.tsv:2: segment_id 'abcdefghijk_30.000' is not YTID_milliseconds"),
+    ("audiocaps", "caps.csv", AUDIOCAPS_HEAD + "7,abcdefghijk,30,A dog\nx8,abcdefghijk,40,A cat\n",
+     r"caps.csv:3: audiocap_id and start_time must be whole numbers"),
+    ("esc50", "esc50.csv", "filename,fold,target,category,esc10,src_file,take\n1-1-A-0.wav,one,0,dog,True,1,A\n",
      r"esc50.csv:2: fold and target must be whole numbers"),
-    ("wavcaps.json", json.dumps({"data": [{"id": "a.wav", "caption": "Wind"}, {"id": "b.wav"}]}),
+    ("esc50", "esc50.csv", "filename,fold,target,category,esc10,src_file,take\n1-1-A-0.wav,1,zero,dog,True,1,A\n",
+     r"esc50.csv:2: fold and target must be whole numbers"),
+    ("wavcaps", "wavcaps.json", json.dumps({"data": [{"id": "a.wav", "caption": "Wind"}, {"id": "b.wav"}]}),
      r"wavcaps.json: data\[1\] lacks 'id' or 'caption'"),
-], ids=["segments", "esc50", "wavcaps"])
-def test_a_broken_row_of_any_reader_names_the_file(tmp_path, name, text, problem):
-    """A row with a field too many, a fold that is not a number, a WavCaps item without its caption: a DataError
-    naming the file (and the line, where the format has lines)."""
-    reader = {"segments.csv": data.read_audioset_segments, "esc50.csv": data.read_esc50,
-              "wavcaps.json": data.read_wavcaps}[name]
+    ("wavcaps", "wavcaps.json", json.dumps([{"id": "a.wav", "caption": "Wind"}]),
+     r"wavcaps.json: expected an object with a 'data' list"),
+    ("wavcaps", "wavcaps.json", json.dumps({"num_captions_per_audio": 1}),
+     r"wavcaps.json: expected an object with a 'data' list"),
+    ("nlar", "nlar.json", json.dumps({"audio_1": "a.wav", "audio_2": "b.wav", "question": "?", "answer": "yes"}),
+     r"nlar.json: expected a list of items"),
+    ("nlar", "nlar.json", json.dumps(["a.wav"]), r"nlar.json: item 0 lacks one of"),
+    ("avqa", "val_qa.json", json.dumps([{**AVQA_ITEM, "multi_choice": ["a", "b", "c", "d", "e"]}]),
+     r"val_qa.json: item 0 needs a list of 4 choices"),
+], ids=["segments", "segments-no-labels", "names-three-fields", "strong-no-ytid", "strong-seconds", "audiocaps-id",
+        "esc50-fold", "esc50-target", "wavcaps", "wavcaps-list", "wavcaps-no-data", "nlar-object",
+        "nlar-not-an-item", "avqa-five"])
+def test_a_broken_row_of_any_reader_names_the_file(tmp_path, reader, name, text, problem):
+    """A row with a field too many or its labels empty, a segment id without its YouTube id or its milliseconds, an
+    id, fold or target that is not a whole number, a WavCaps file or item not as released, an NLAR file that is not
+    a list of items, an AVQA question with five choices: a DataError naming the file (and the line, where the format
+    has lines)."""
     with pytest.raises(DataError, match=problem):
-        reader(write(tmp_path / name, text))
+        getattr(data, f"read_{reader}")(write(tmp_path / name, text))
 
 
 def test_a_sampler_refuses_a_task_with_no_examples_and_a_mixture_of_none():
@@ -360,6 +445,55 @@ def test_missing_audio_is_counted_and_skipped_or_raised(tmp_path, caplog):
     assert len(caplog.records) == 1 and "1 of 2 audio files listed in" in caplog.text
     with pytest.raises(FileNotFoundError, match=r"Y--BfvyPmVMo.wav: audio listed in .*eval_segments.csv"):
         data.examples("tagging", tmp_path, "test", strict=True)
+    touch_audio(tmp_path, "audio/Y--BfvyPmVMo.wav")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="apt_min.data"):
+        assert len(data.examples("tagging", tmp_path, "test")) == 2
+    assert not caplog.records  # nothing missing: nothing said
+
+
+def test_a_clip_a_folder_pattern_cannot_find_is_counted_and_a_pattern_that_cannot_format_is_named(tmp_path):
+    """With a "**" pattern a clip found in no folder below is missing like any other (counted, listed where it was
+    looked for; strict: the error); a format its field cannot take ({start:d} of a float) is a SettingError naming
+    the pattern; the strong labels' clips fill {end} with their start and 10 s."""
+    write(tmp_path / "audioset/eval_segments.csv", AUDIOSET)
+    write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)
+    touch_audio(tmp_path, "audios/eval_segments/part00/Y--4gqARaEJE.wav")
+    write(tmp_path / "layout.json", json.dumps({"audioset": {"audio": "audios/{list}/**/Y{ytid}.wav"}}))
+    data._files_below.cache_clear()  # (read once per process)
+    coverage = data.Coverage()
+    [found] = data.examples("tagging", tmp_path, "test", coverage=coverage)
+    assert found.segments[0][1] == str(tmp_path / "audios/eval_segments/part00/Y--4gqARaEJE.wav")
+    assert list(coverage.missing) == [str(tmp_path / "audios/eval_segments/**/Y--BfvyPmVMo.wav")]
+    with pytest.raises(FileNotFoundError, match=r"\*\*/Y--BfvyPmVMo.wav: audio listed in .*eval_segments.csv"):
+        data.examples("tagging", tmp_path, "test", strict=True)
+    layout = {**data.LAYOUT, "audioset": {**data.LAYOUT["audioset"], "audio": "audio/Y{ytid}_{start:d}.wav"}}
+    with pytest.raises(SettingError, match=r"'audio/Y\{ytid\}_\{start:d\}.wav' .*eval_segments.csv.*ValueError"):
+        data.examples("tagging", tmp_path, "test", layout=layout)
+    layout["audioset"]["audio"] = "audio/{0}.wav"  # a field by position: records fill fields by name
+    with pytest.raises(SettingError, match=r"'audio/\{0\}.wav' .*IndexError"):
+        data.examples("tagging", tmp_path, "test", layout=layout)
+    write(tmp_path / "audioset/audioset_eval_strong.tsv", "segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
+                                                            "abcdefghijk_30000\t1.0\t2.5\t/m/0jbk\n")
+    write(tmp_path / "audioset/mid_to_display_name.tsv", "/m/0jbk\tAnimal\n")
+    touch_audio(tmp_path, "dcase/Yabcdefghijk_30.000_40.000.wav")
+    write(tmp_path / "layout.json", json.dumps({"audioset": {"audio": "dcase/Y{ytid}_{start:.3f}_{end:.3f}.wav"}}))
+    [sed] = data.examples("sed", tmp_path, "test", strict=True)
+    assert sed.segments[0][1] == str(tmp_path / "dcase/Yabcdefghijk_30.000_40.000.wav")
+
+
+def test_strong_labels_count_each_class_and_a_class_without_a_name_keeps_its_mid(tmp_path):
+    """Counting: each class of a clip, with how many of its events the clip holds (not the clip's events of every
+    class); a class that mid_to_display_name.tsv does not name is called by its mid rather than dropped."""
+    write(tmp_path / "audioset/audioset_eval_strong.tsv", "segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
+          "abcdefghijk_30000\t1.0\t2.0\t/m/0bt9lr\nabcdefghijk_30000\t4.0\t5.0\t/m/0bt9lr\n"
+          "abcdefghijk_30000\t6.0\t7.0\t/m/0bt9lr\nabcdefghijk_30000\t3.0\t3.5\t/m/0unnamed\n")
+    write(tmp_path / "audioset/mid_to_display_name.tsv", "/m/0bt9lr\tDog\n")
+    touch_audio(tmp_path, "audio/Yabcdefghijk.wav")
+    counts = {ex.target["label"]: ex.target["count"] for ex in data.examples("counting", tmp_path, "test")}
+    assert counts == {"Dog": 3, "/m/0unnamed": 1}
+    spans = {ex.target["label"]: ex.target["segments"] for ex in data.examples("sed", tmp_path, "test")}
+    assert spans == {"Dog": [(1.0, 2.0), (4.0, 5.0), (6.0, 7.0)], "/m/0unnamed": [(3.0, 3.5)]}
 
 
 def test_an_nlar_pair_with_either_clip_missing_is_skipped_or_raised(tmp_path, caplog):
@@ -389,9 +523,11 @@ def benchmark(tmp_path_factory):
 @pytest.mark.parametrize("task, source", [("tagging", None), ("sed", None), ("counting", None), ("ter", None),
                                           ("captioning", "audiocaps"), ("captioning", "clotho"), ("aqa", None),
                                           ("nlar", None), ("avqa", None)])
-def test_every_reader_skips_and_counts_a_missing_clip_or_with_strict_names_it(benchmark, tmp_path, task, source):
-    """Each task's test split with its first clip gone: skipped (with every example it is in) and recorded in the
-    coverage, or, strict, a FileNotFoundError naming it and the list that names it."""
+def test_every_reader_skips_and_counts_a_missing_clip_or_with_strict_names_it(benchmark, tmp_path, task, source,
+                                                                             caplog):
+    """Each task's test split with its first clip gone: skipped (with every example it is in), said in the log
+    naming the list, and recorded in the coverage, or, strict, a FileNotFoundError naming it and the list that
+    names it."""
     import os
     import shutil
 
@@ -408,8 +544,10 @@ def test_every_reader_skips_and_counts_a_missing_clip_or_with_strict_names_it(be
     gone = every[0][0]
     os.unlink(gone)
     coverage = data.Coverage()
-    left = read(strict=False, coverage=coverage)
+    with caplog.at_level(logging.WARNING, logger="apt_min.data"):
+        left = read(strict=False, coverage=coverage)
     assert left == [clips for clips in every if gone not in clips] and left
+    assert re.search(r"\d+ of \d+ audio files listed in .* are missing under", caplog.text), caplog.text
     assert list(coverage.missing) == [gone] and gone in coverage.listed
     with pytest.raises(FileNotFoundError, match=rf"^{re.escape(gone)}: audio listed in .* is not on disk"):
         read(strict=True)
@@ -514,6 +652,10 @@ def test_fewshot_episode(monkeypatch):
     monkeypatch.setattr(data, "pseudo_word", lambda rng: next(drawn))
     renamed = data.fewshot_episode(pool, n_way=4, k_shot=1, rng=random.Random(0), rename=True)
     assert sorted(renamed.target["choices"]) == ["kipot", "lemas", "nodus", "zubik"]
+    drawn = iter(["zubik", "kipot", "lemas", "nodus", "bados"])  # "zubik" is a class's name, however written
+    renamed = data.fewshot_episode({**pool, "Zubik": pool["class0"]}, n_way=4, k_shot=1, rng=random.Random(0),
+                                   rename=True)
+    assert sorted(renamed.target["choices"]) == ["bados", "kipot", "lemas", "nodus"]
     listed = data.fewshot_episode(pool, n_way=4, k_shot=2, rng=random.Random(3), layout="list")
     assert listed.answer == ep.answer and listed.target["support"] == ep.target["support"]
     assert listed.segments[:2] == [("text", tasks.FEWSHOT_LIST_INSTRUCTION), ("turn", "")]
@@ -521,6 +663,16 @@ def test_fewshot_episode(monkeypatch):
                                    for seg in (("audio", clip), ("label", f"{label}.\n"))] + [("audio", audio[-1])]
     with pytest.raises(ValueError, match="few-shot layout 'grid'"):
         data.fewshot_episode(pool, 4, 2, random.Random(3), layout="grid")
+    # a pool read in another order (another file system's listing) gives the same episodes from the same seed
+    backwards = dict(reversed(pool.items()))
+    assert data.fewshot_episode(backwards, 4, 2, random.Random(3)).segments == ep.segments
+
+
+def test_the_single_label_pool_holds_the_clips_with_exactly_one_label(tmp_path):
+    write(tmp_path / "audioset/eval_segments.csv", AUDIOSET)
+    write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)
+    touch_audio(tmp_path, "audio/Y--4gqARaEJE.wav", "audio/Y--BfvyPmVMo.wav")
+    assert data.single_label_pool(tmp_path, "test") == {"Hammer": [str(tmp_path / "audio/Y--BfvyPmVMo.wav")]}
 
 
 def test_sampler_ratios_and_resume():
@@ -545,6 +697,36 @@ def test_sampler_ratios_and_resume():
     assert [b.next_batch() for _ in range(10)] == rest and first != rest
     with pytest.raises(SettingError, match=r"ratios for tasks without data: \['nlar'\]"):
         data.TaskSampler(pools, {**ratios, "nlar": 0.5}, batch_size=3)
+
+
+def test_a_resumed_sampler_takes_its_seed_from_the_state_and_leaves_the_state_as_it_was():
+    """The state holds the seed: a sampler made with another seed draws on as the saved one would; drawing on does
+    not change the state it was loaded from (a checkpoint's, saved again later); the seed chooses the tasks drawn,
+    not only the order within each pool."""
+    pools = {"tagging": [f"t{i}" for i in range(7)], "captioning": [f"c{i}" for i in range(5)]}
+    ratios = {"tagging": 1.0, "captioning": 1.0}
+    a = data.TaskSampler(pools, ratios, batch_size=2, seed=1)
+    for _ in range(5):
+        a.next_batch()
+    state = a.state_dict()
+    saved = json.loads(json.dumps(state))
+    rest = [a.next_batch() for _ in range(20)]
+    b = data.TaskSampler(pools, ratios, batch_size=2, seed=0)
+    b.load_state_dict(state)
+    assert [b.next_batch() for _ in range(20)] == rest
+    assert state == saved
+
+    def tasks_drawn(seed):
+        sampler = data.TaskSampler(pools, ratios, 1, seed)
+        return [sampler.next_batch()[0] for _ in range(30)]
+
+    assert tasks_drawn(0) != tasks_drawn(1)
+
+
+def test_collate_gives_every_examples_segments_and_answer_in_order():
+    batch = [tasks.counting("a.wav", "Dog", 2), tasks.aqa("b.wav", "Is it raining?", ["yes"])]
+    segments, answers = data.collate(batch)
+    assert segments == [batch[0].segments, batch[1].segments] and answers == ["2", "yes"]
 
 
 # ----------------------------------------------------------------------------------- temporal retrieval, ESC-50
@@ -621,6 +803,16 @@ def test_temporal_retrieval_examples(tmp_path):
         start, end = (float(x) for x in re.findall(r"(\d+\.\d)s", t.segments[1][1]))
         heard |= {on for on, off in [(4.0, 5.0), (1.5, 2.5), (0.0, 2.0)] if start <= on and off <= end}
     assert heard == {4.0, 1.5, 0.0}
+    # one event: each side widened by 0, 0.1, ... or 0.5 s, every one of them drawn over 60 seeds
+    write(tmp_path / "audioset/audioset_train_strong.tsv", strong.split("\n", 2)[0] + "\nabcdefghijk_30000\t4.0\t5.0\t"
+                                                                                   "/m/05zppz\n")
+    sides = set()
+    for seed in range(60):
+        (t,) = data.examples("ter", tmp_path, "train", rng=random.Random(seed))
+        start, end = (float(x) for x in re.findall(r"(\d+\.\d)s", t.segments[1][1]))
+        sides.add((round(4.0 - start, 1), round(end - 5.0, 1)))
+    steps = {0.0, 0.1, 0.2, 0.3, 0.4, 0.5}
+    assert {a for a, _ in sides} == steps and {b for _, b in sides} == steps
     # a 40 ms bark gets a window of 0.1 s that names it, never "between 3.0s and 3.0s" with no answer
     write(tmp_path / "audioset/audioset_eval_strong.tsv", strong.replace("1.5\t2.5", "3.01\t3.05"))
     windows = {e.segments[1][1]: e.answer for e in data.examples("ter", tmp_path, "test")}
