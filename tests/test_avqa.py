@@ -276,6 +276,10 @@ def test_avqa_scores_on_scripted_answers():
     assert avqa_coverage_row(records, coverage) == (
         "videos scored", 4, None, "4 questions on 4 videos; the test data lists 5 videos' clips or frames: 0 missing, "
         "1 unreadable (listed in missing_avqa.txt)")
+    whole = data.Coverage()
+    whole.listed = {it["audio"]: "val_qa.json" for it in items}
+    assert avqa_coverage_row(records, whole)[3] == ("4 questions on 4 videos; the test data lists 4 videos' clips or "
+                                                    "frames: 0 missing, 0 unreadable")  # nothing lost: no list named
     two = [records[0], dict(records[0], question="another question on v0"), records[1]]  # AVQA asks several a video
     assert avqa_coverage_row(two, coverage)[1:3] == (2, None)
     assert avqa_coverage_row(two, coverage)[3].startswith("3 questions on 2 videos;")

@@ -103,6 +103,7 @@ def test_spice_says_why_it_cannot_run(monkeypatch, tmp_path):
     assert evaluation.spice_missing().startswith("pycocoevalcap's spice/lib lacks the Stanford CoreNLP 3.6.0 jars")
     (tmp_path / "spice" / "lib").mkdir(parents=True)
     for jar in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"):
+        assert evaluation.spice_missing().startswith("pycocoevalcap's spice/lib lacks")  # both jars are needed
         (tmp_path / "spice" / "lib" / jar).write_bytes(b"PK")
     assert evaluation.spice_missing() is None
     monkeypatch.setitem(sys.modules, "pycocoevalcap.spice", None)  # as if not installed
@@ -575,7 +576,7 @@ def test_tagging_scores_the_generated_answers_class_by_class(trained, monkeypatc
     labels = metrics.label_matrix(examples, classes)
     rng = np.random.default_rng(0)
     branch, likely = rng.random(labels.shape), rng.random(labels.shape)
-    said = [f"answer {i}" for i in range(len(examples))]
+    said = [ex.answer if i % 3 == 0 else f"answer {i}" for i, ex in enumerate(examples)]  # every third: its labels
     by_clip = {ex.segments[0][1]: i for i, ex in enumerate(examples)}
     words = torch.randn(5, 3)
     apt = SimpleNamespace(generate=lambda batch, **o: [said[by_clip[b[0][1]]] for b in batch],
@@ -591,9 +592,16 @@ def test_tagging_scores_the_generated_answers_class_by_class(trained, monkeypatc
     rows, outputs, _ = evaluation.eval_tagging(apt, cfg, "audioset", examples, evaluation.Options(checkpoint="ckpt"))
     assert outputs == said and asked["answers"] == said and asked["classes"] == classes
     assert asked["aligner"] == "the stage-0 aligner" and asked["checkpoint"] == "ckpt" and asked["words"] is words
-    (_, paper, _, _), (_, likelihood, _, _) = rows[:2]
+    (_, paper, chance, _), (_, likelihood, chance_too, _) = rows[:2]
     assert paper == pytest.approx(metrics.mean_average_precision(branch, labels))
     assert likelihood == pytest.approx(metrics.mean_average_precision(likely, labels))
+    # beside both: the mAP of random scores (seeded, so that reruns compare), not of no ranking at all
+    seeded = metrics.mean_average_precision(np.random.default_rng(0).random(labels.shape), labels)
+    assert chance == chance_too == pytest.approx(seeded) and chance != pytest.approx(
+        metrics.mean_average_precision(np.zeros(labels.shape), labels))
+    # and the answers read as label sets: every third names its clip's labels exactly
+    [(metric, exact, _, _)] = rows[2:]
+    assert metric == "exact label set" and exact == pytest.approx(len(range(0, len(examples), 3)) / len(examples))
     # else the checks above would not tell clips from classes, or high from low
     assert metrics.mean_average_precision(branch.T, labels.T) != pytest.approx(paper)
     assert metrics.mean_average_precision(-likely, labels) != pytest.approx(likelihood)
@@ -972,7 +980,7 @@ def test_another_apts_results_go_to_its_own_runs_eval_folder(trained, tmp_path, 
     assert "the settings' num_queries=7 are not used (stage 0 sets an aligner's shape)" in caplog.text
 
 
-def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
+def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path, caplog):
     """The paper's tagging protocol uses the stage-0 aligner of the run the checkpoint belongs to, wherever that run
     is, not the one under the configured run_dir: the one beside it, else the one its record leads back to
     (release.history: the run folder its apt.json names, a continuation's --start_from), else none."""
@@ -1023,6 +1031,14 @@ def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path):
     save_file({k: v for k, v in kept.items() if not k.startswith(tuple(f"aligner.{h}" for h in STAGE0_HEADS))},
               str(headless / "apt.safetensors"))
     assert not evaluation.same_stage0_heads(headless, own)
+    # a release (SHA256SUMS beside it) stands alone: its record, which names the run it was cut from, is not followed
+    # to that run's stage-0 aligner, which could only be refused for the heads the release dropped, with a warning
+    shutil.copy(run / "stage2" / "final" / "apt.json", headless)
+    (headless / "SHA256SUMS").write_text("")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="apt_min"):
+        assert evaluation.stage0_aligner(headless, "cpu") is None
+    assert not caplog.records
 
 
 def test_fewshot_pools_are_the_novel_classes_and_held_out_clips_of_the_training_classes(trained):
@@ -1124,6 +1140,65 @@ def test_a_few_shot_setting_left_without_episodes_says_why():
     assert why["accuracy 4-way 1-shot"] == ("not run: every episode held a clip that could not be decoded "
                                             "(missing_esc50.txt lists them)")
     assert why["accuracy 5-way 5-shot"] == "not run: needs 5 classes with more than 5 clips; this pool has 0"
+    four = {f"class{i}": [f"c{i}_{j}.wav" for j in range(2)] for i in range(4)}  # just enough for 4-way 1-shot
+    rows, _, _ = evaluation.eval_fewshot(None, None, "esc50", [], SimpleNamespace(pools=[("novel", four)]))
+    assert {m: p for m, _, _, p in rows}["accuracy 4-way 1-shot"].startswith("not run: every episode held a clip")
+
+
+def test_temporal_retrieval_reads_answers_against_the_windows_own_labels_too(tmp_path):
+    """A class that mid_to_display_name.tsv does not name keeps its mid as its label (data.py): an answer naming it
+    is read against the windows' own labels as well as the names file, and is right."""
+    (tmp_path / "audioset").mkdir()
+    (tmp_path / "audioset" / "mid_to_display_name.tsv").write_text("/m/0bt9lr\tDog\n/m/07yv9\tVehicle\n")
+    ex = tasks.ter("a.wav", [("Dog", 1.0, 2.0), ("/m/0unnamed", 1.5, 2.5)], 1.0, 2.0)
+    apt = SimpleNamespace(generate=lambda batch, **options: ["dog, /m/0unnamed"] * len(batch))
+    [(metric, accuracy, _, _)], _, _ = evaluation.eval_ter(apt, SimpleNamespace(data_root=str(tmp_path)), "ter", [ex],
+                                                           evaluation.Options())
+    assert (metric, accuracy) == ("accuracy", 1.0)
+
+
+def test_the_training_classes_episodes_are_drawn_from_their_own_fixed_seed(monkeypatch):
+    """Held-out clips of the training classes give fixed episodes too, from a seed of their own
+    ("esc50/{ways}/{shots}/training"), not the novel classes' draws repeated on another pool."""
+    pool = {f"class{i}": [f"c{i}_{j}.wav" for j in range(7)] for i in range(12)}
+    monkeypatch.setattr(evaluation, "fewshot_pools", lambda cfg, strict, coverage: [("novel", pool),
+                                                                                    ("training", pool)])
+    episodes = evaluation.examples_for("esc50", SimpleNamespace(fewshot_layout="paper"), evaluation.Options(episodes=2))
+    for n_way, k_shot in evaluation.FEWSHOT_SETTINGS:
+        for classes, suffix in (("novel", ""), ("training", "/training")):
+            rng = random.Random(f"esc50/{n_way}/{k_shot}{suffix}")
+            want = [data.fewshot_episode(pool, n_way, k_shot, rng).segments for _ in range(2)]
+            assert [ep.segments for ep in episodes if ep.target["setting"] == (classes, n_way, k_shot)] == want
+
+
+def test_a_clip_of_several_questions_is_checked_once():
+    """The readability check decodes each distinct clip once, in the order first listed (AVQA asks several
+    questions of a video), chunk by chunk, and reports the ones that fail by path."""
+    asked = []
+
+    def encode_clips(paths, strict):
+        asked.append(list(paths))
+        return {}, [(p, "not audio") for p in paths if p.startswith("bad")]
+
+    apt = SimpleNamespace(cache=True, encode_clips=encode_clips)
+    assert evaluation.unreadable(apt, ["a.wav", "bad.wav", "a.wav", "b.wav", "bad.wav"]) == {"bad.wav": "not audio"}
+    assert asked == [["a.wav", "bad.wav", "b.wav"]]
+    asked.clear()  # in chunks, every clip in one of them
+    clips = ["a.wav", "b.wav", "c.wav", "bad1.wav", "d.wav", "bad2.wav", "e.wav"]
+    assert evaluation.unreadable(apt, clips, chunk=3) == {"bad1.wav": "not audio", "bad2.wav": "not audio"}
+    assert asked == [clips[:3], clips[3:6], clips[6:]]
+
+
+def test_short_answers_are_scored_and_shown_against_the_normalised_answer():
+    """Clotho-AQA and NLAR write, as each prediction's reference, the answer exact match compares with: the
+    annotators' most frequent answer in digits, the NLAR answer without its article and period."""
+    examples = [tasks.aqa("a.wav", "How many rings?", ["two", "2", "three"]),
+                tasks.nlar("a.wav", "b.wav", "Which is louder?", " The first. ")]
+    apt = SimpleNamespace(generate=lambda batch, **options: ["2", "first"][:len(batch)])
+    _, outputs, refs = evaluation.eval_exact(apt, None, "clotho_aqa", examples[:1], evaluation.Options())
+    assert outputs == ["2"] and refs == ["2"]
+    _, _, refs = evaluation.eval_exact(apt, None, "nlar", examples[1:], evaluation.Options())
+    assert refs == ["first"]
 
 
 def test_ask_runs_the_tiny_preset_on_the_gpu_there_is_and_writes_a_whole_line(tmp_path, monkeypatch, capsys):
