@@ -181,7 +181,8 @@ def test_wavcaps_audioset_clips_that_audioset_tests_on_are_left_out(tmp_path, ca
 
 def test_an_audio_pattern_with_a_field_its_records_lack_is_a_setting_error(tmp_path):
     """LAYOUT's audio patterns are filled from each record's fields: a pattern naming another field (a folder per
-    split, say) is one clear error naming the pattern and the fields it may use; so is a split Clotho lacks."""
+    split, say) is one clear error naming the pattern and the fields it may use; so is a split Clotho or AudioSet
+    lacks."""
     write(tmp_path / "audioset/eval_segments.csv", AUDIOSET)
     write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)
     layout = {**data.LAYOUT, "audioset": {**data.LAYOUT["audioset"], "audio": "audios/{split}/Y{ytid}.wav"}}
@@ -191,6 +192,12 @@ def test_an_audio_pattern_with_a_field_its_records_lack_is_a_setting_error(tmp_p
         data.examples("tagging", tmp_path, "test", layout=layout)
     with pytest.raises(DataError, match=r"Clotho has no 'dev' split here; it has \['test', 'train', 'val'\]"):
         data.examples("captioning", tmp_path, "dev", source="clotho")
+    with pytest.raises(DataError, match=r"AudioSet has no 'dev' split here; it has \['balanced', 'test', 'train', "
+                                        r"'unbalanced'\]"):
+        data.examples("tagging", tmp_path, "dev")
+    with pytest.raises(DataError, match=r"AudioSet strong labels have no 'dev' split here; they have \['test', "
+                                        r"'train'\]"):
+        data.examples("sed", tmp_path, "dev")
 
 
 def test_a_download_tools_folders_are_patterns_too(tmp_path):
@@ -445,6 +452,9 @@ def test_missing_audio_is_counted_and_skipped_or_raised(tmp_path, caplog):
     assert len(caplog.records) == 1 and "1 of 2 audio files listed in" in caplog.text
     with pytest.raises(FileNotFoundError, match=r"Y--BfvyPmVMo.wav: audio listed in .*eval_segments.csv"):
         data.examples("tagging", tmp_path, "test", strict=True)
+    (tmp_path / "audio/Y--BfvyPmVMo.wav").mkdir()  # a folder of the clip's name is not the clip
+    assert len(data.examples("tagging", tmp_path, "test")) == 1
+    (tmp_path / "audio/Y--BfvyPmVMo.wav").rmdir()
     touch_audio(tmp_path, "audio/Y--BfvyPmVMo.wav")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="apt_min.data"):
@@ -673,6 +683,9 @@ def test_the_single_label_pool_holds_the_clips_with_exactly_one_label(tmp_path):
     write(tmp_path / "audioset/class_labels_indices.csv", CLASSES)
     touch_audio(tmp_path, "audio/Y--4gqARaEJE.wav", "audio/Y--BfvyPmVMo.wav")
     assert data.single_label_pool(tmp_path, "test") == {"Hammer": [str(tmp_path / "audio/Y--BfvyPmVMo.wav")]}
+    write(tmp_path / "audioset/balanced_train_segments.csv", AUDIOSET.replace("--BfvyPmVMo", "zyxwvutsrqp"))
+    touch_audio(tmp_path, "audio/Yzyxwvutsrqp.wav")
+    assert data.single_label_pool(tmp_path) == {"Hammer": [str(tmp_path / "audio/Yzyxwvutsrqp.wav")]}  # by default
 
 
 def test_sampler_ratios_and_resume():
@@ -686,6 +699,8 @@ def test_sampler_ratios_and_resume():
     taken = [x for task, b in seen if task == "tagging" for x in b]
     assert sorted(taken[:7]) == sorted(pools["tagging"])  # every example once per pass
     assert sorted(taken[7:14]) == sorted(pools["tagging"]) and taken[7:14] != taken[:7]  # each pass reshuffled
+    episodes = [x for task, b in seen if task == "fewshot" for x in b]
+    assert len(set(episodes)) == len(episodes)  # a builder draws with the step's generator: a new episode each time
     a = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
     first = [a.next_batch() for _ in range(10)]
     state = a.state_dict()
@@ -803,14 +818,15 @@ def test_temporal_retrieval_examples(tmp_path):
         start, end = (float(x) for x in re.findall(r"(\d+\.\d)s", t.segments[1][1]))
         heard |= {on for on, off in [(4.0, 5.0), (1.5, 2.5), (0.0, 2.0)] if start <= on and off <= end}
     assert heard == {4.0, 1.5, 0.0}
-    # one event: each side widened by 0, 0.1, ... or 0.5 s, every one of them drawn over 60 seeds
-    write(tmp_path / "audioset/audioset_train_strong.tsv", strong.split("\n", 2)[0] + "\nabcdefghijk_30000\t4.0\t5.0\t"
+    # one event: each side widened by 0, 0.1, ... or 0.5 s, every one of them drawn over 60 seeds (at 0.7 s and
+    # 1.1 s, where 0.7 - 0.2 and 1.1 + 0.1 are a hair off 0.5 and 1.2 in floats: still rounded to them)
+    write(tmp_path / "audioset/audioset_train_strong.tsv", strong.split("\n", 2)[0] + "\nabcdefghijk_30000\t0.7\t1.1\t"
                                                                                    "/m/05zppz\n")
     sides = set()
     for seed in range(60):
         (t,) = data.examples("ter", tmp_path, "train", rng=random.Random(seed))
         start, end = (float(x) for x in re.findall(r"(\d+\.\d)s", t.segments[1][1]))
-        sides.add((round(4.0 - start, 1), round(end - 5.0, 1)))
+        sides.add((round(0.7 - start, 1), round(end - 1.1, 1)))
     steps = {0.0, 0.1, 0.2, 0.3, 0.4, 0.5}
     assert {a for a, _ in sides} == steps and {b for _, b in sides} == steps
     # a 40 ms bark gets a window of 0.1 s that names it, never "between 3.0s and 3.0s" with no answer
