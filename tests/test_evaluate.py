@@ -631,9 +631,11 @@ def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
         asked_strict.append(strict)
         return {}, []
 
-    apt = SimpleNamespace(encode_clips=encode_clips, choice_logprob=choice_logprob,
-                          answer_and_rank=lambda segments, answers, feats, n: (f"a bell ({n} tokens)",
-                                                                               torch.tensor([0.0, 2.0, 1.0])))
+    def answer_and_rank(segments, answers, feats, n):
+        asked.append((segments, answers))
+        return f"a bell ({n} tokens)", torch.tensor([0.0, 2.0, 1.0])
+
+    apt = SimpleNamespace(encode_clips=encode_clips, choice_logprob=choice_logprob, answer_and_rank=answer_and_rank)
     clips = [tasks.tagging("a.wav", ["Dog"]), tasks.tagging("b.wav", ["Male speech, man speaking"])]
     scores = evaluation.likelihood_scores(apt, clips, ["Dog", "Male speech, man speaking"])
     np.testing.assert_array_equal(scores, [[0.5, -1.0], [-2.0, 0.25]])
@@ -642,6 +644,7 @@ def test_closed_set_protocols_ask_the_llm_as_documented(tmp_path):
     assert evaluation.rank_labels(apt, episode) == "chirping_birds"
     assert asked[2] == (episode.segments, ["alarm.", "chirping birds.", "dog."])
     assert evaluation.answer_and_rank(apt, episode, {}) == "a bell (12 tokens)"  # a short answer's room, greedy
+    assert asked[3] == (episode.segments, ["alarm.", "chirping birds.", "dog."])  # the same sentences, one pass
     assert episode.target["ranked"] == "chirping_birds"
     assert asked_strict == [True, True]
 
@@ -1075,6 +1078,48 @@ def test_a_stage0_aligner_that_reads_the_llms_words_gets_them_back(tmp_path):
         torch.testing.assert_close(found.encode_text(ids), trained.encode_text(ids))
         with pytest.raises(RuntimeError, match="call attach_llm_words first"):
             evaluation.stage0_aligner(tmp_path / "run" / "stage2" / "final", "cpu").encode_text(ids)
+
+
+def test_few_shot_encodes_its_episodes_clips_strictly():
+    """The episodes' clips passed the readability check before: one that fails when the setting encodes them is an
+    error naming it (strict), not a gap in the features found later as a KeyError."""
+    pool = {f"class{i}": [f"c{i}_{j}.wav" for j in range(2)] for i in range(4)}
+    rng = random.Random(0)
+    episodes = [data.fewshot_episode(pool, 4, 1, rng) for _ in range(2)]
+    for ep in episodes:
+        ep.target["setting"] = ("novel", 4, 1)
+    asked = []
+
+    def encode_clips(paths, strict):
+        asked.append(strict)
+        return {p: torch.ones(1, 2, 3) for p in paths}, []
+
+    apt = SimpleNamespace(encode_clips=encode_clips,
+                          answer_and_rank=lambda segments, answers, feats, n: ("x", torch.zeros(len(answers))))
+    rows, _, _ = evaluation.eval_fewshot(apt, None, "esc50", episodes, SimpleNamespace(pools=[("novel", pool)]))
+    assert asked == [True] and "accuracy 4-way 1-shot" in [r[0] for r in rows]
+
+
+def test_meteor_is_given_every_reference_of_each_clip(monkeypatch):
+    """METEOR scores each caption against all of its clip's references (as BLEU, ROUGE-L and CIDEr-D do), tokenised
+    as they read them; here its Java process is stood in for, so the test needs no Java."""
+    import pycocoevalcap.meteor.meteor as meteor
+
+    given = {}
+
+    class Meteor:
+        def compute_score(self, gts, res):
+            given.update(gts=gts, res=res)
+            return 0.25, None
+
+    monkeypatch.setattr(meteor, "Meteor", Meteor)
+    monkeypatch.setattr(evaluation, "java_missing", lambda: None)
+    monkeypatch.setattr(evaluation, "spice_missing", lambda: "absent here")
+    refs = [["A dog barks twice.", "The dog is barking!"], ["Rain falls on a roof."]]
+    rows = evaluation.java_metrics(refs, ["A dog, barks.", "Rain."])
+    assert rows[0][:2] == ("METEOR", 0.25)
+    assert given == {"gts": {0: ["a dog barks twice", "the dog is barking"], 1: ["rain falls on a roof"]},
+                     "res": {0: ["a dog barks"], 1: ["rain"]}}
 
 
 def test_meteor_reads_captions_tokenised_as_the_other_caption_metrics():
