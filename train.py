@@ -30,6 +30,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -694,7 +695,9 @@ def optimizer_step(cfg, job, opt, sched, window) -> torch.Tensor:
     Returns the gradient norm before clipping. A window in which no micro-batch trained (no usable example in any
     process) has no gradient: the schedule still moves on, the optimizer (and an fp16 loss scaler) does not."""
     if window.first is None:
-        sched.step()
+        with warnings.catch_warnings():  # torch warns of a schedule moved before any optimizer step: on purpose
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+            sched.step()
         return torch.tensor(0.0)
     window.rescale(job.params.values())
     if job.scaler:

@@ -1170,6 +1170,7 @@ def test_resuming_with_other_weights_names_the_checkpoint_and_what_differs(tmp_p
     with pytest.raises(CheckpointError, match="unexpected keys: bias"):
         train.fit(cfg, "1", fewer, True, 0, 1, tmp_path)
 
+@pytest.mark.filterwarnings("error::UserWarning")  # torch's warning of a schedule stepped first: not shown
 def test_a_step_with_nothing_to_train_leaves_the_weights_and_an_fp16_scaler_alone(tmp_path):
     """A step none of whose micro-batches has a usable example (missing clips in a real data set) has no gradient:
     the schedule moves on, the weights and the fp16 loss scaler are not stepped (which would fail: it has recorded
@@ -1185,6 +1186,7 @@ def test_a_step_with_nothing_to_train_leaves_the_weights_and_an_fp16_scaler_alon
     assert records[0]["grad_norm"] == 0 and "loss" not in records[0] and records[1]["grad_norm"] > 0
     assert [r["skipped_audio"] for r in records] == [4, 6]
     assert all(not torch.equal(before[k], p) for k, p in job.params.items())
+
 
 def test_validation_runs_with_dropout_off_and_training_resumes_with_it_on(tmp_path):
     """Validation measures the model as evaluation will use it (dropout off), and the steps after it train with
