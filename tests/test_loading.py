@@ -7,6 +7,7 @@ import copy
 import json
 import re
 import shutil
+import struct
 
 import pytest
 import torch
@@ -417,3 +418,155 @@ def test_the_llms_embedding_table_is_read_alone(saved, monkeypatch):
     table = build.llm_embeddings(load_config("tiny", {"llm_path": str(folder)}))
     assert table.dtype == torch.float32
     assert torch.equal(table, hf.model.embed_tokens.weight.detach().float())
+
+
+@pytest.mark.parametrize("header, says", [
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 8]}}, "malformed"),  # three offsets
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}}, "malformed"),  # not integers
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, "malformed"),  # end before begin
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}},  # 4 bytes more than 2 float32
+     "truncated or its offsets do not match"),
+], ids=["three-offsets", "float-offsets", "reversed-offsets", "longer-than-shape"])
+def test_offsets_must_be_two_integers_spanning_exactly_the_shape(tmp_path, header, says):
+    """The format's data_offsets are [begin, end) in bytes, integers, and end - begin is the shape's size exactly."""
+    from apt_min.checkpoint import safetensors_entries
+
+    with pytest.raises(CheckpointError, match=f"bad.safetensors: tensor 'x' .*{says}"):
+        safetensors_entries(_safetensors(tmp_path / "bad.safetensors", header))
+
+
+def test_a_bad_header_length_or_header_bytes_are_named(tmp_path):
+    """The first 8 bytes give the header's length: 0, or more than the bytes after them, is a bad length (even when
+    what follows would parse); header bytes that are not UTF-8 are not JSON."""
+    from apt_min.checkpoint import safetensors_entries
+
+    (tmp_path / "zero.safetensors").write_bytes(bytes(8) + b"{}")
+    (tmp_path / "long.safetensors").write_bytes((2 + 8).to_bytes(8, "little") + b"{}")  # claims 8 bytes too many
+    for name in ("zero.safetensors", "long.safetensors"):
+        with pytest.raises(CheckpointError, match=f"{name}: not a safetensors file \\(bad header length\\)"):
+            safetensors_entries(tmp_path / name)
+    raw = b'{"\xff": 1}'
+    (tmp_path / "latin.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    with pytest.raises(CheckpointError, match=r"latin.safetensors: not a safetensors file \(header is not JSON\)"):
+        safetensors_entries(tmp_path / "latin.safetensors")
+
+
+def test_tensors_listed_out_of_offset_order_do_not_overlap(tmp_path):
+    """The header may list tensors in any order; overlap is judged on their byte ranges, not on the listing."""
+    from apt_min.checkpoint import safetensors_entries
+
+    header = {"y": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+              "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    data = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+    entries = safetensors_entries(_safetensors(tmp_path / "order.safetensors", header, data))
+    got = torch.empty(2)
+    entries["y"](got)
+    assert got.tolist() == [3.0, 4.0]
+
+
+def test_every_safetensors_dtype_is_read_as_stored(tmp_path):
+    """Each of the format's integer and bool dtypes, written by the safetensors library, reads back bit for bit, into
+    its own dtype and cast into float64 (200 as U8 is 200, not -56)."""
+    from apt_min.checkpoint import safetensors_entries
+
+    values = [0, 1, 100, 127]
+    tensors = {"i64": torch.tensor(values + [-2 ** 40]), "i32": torch.tensor(values + [-70000], dtype=torch.int32),
+               "i16": torch.tensor(values + [-300], dtype=torch.int16),
+               "i8": torch.tensor(values + [-5], dtype=torch.int8),
+               "u8": torch.tensor(values + [200], dtype=torch.uint8),
+               "b": torch.tensor([True, False, True, True, False])}
+    save_file(tensors, tmp_path / "ints.safetensors")
+    entries = safetensors_entries(tmp_path / "ints.safetensors")
+    for key, want in tensors.items():
+        got = torch.empty_like(want)
+        entries[key](got)
+        assert got.dtype == want.dtype and torch.equal(got, want), key
+        wide = torch.empty(5, dtype=torch.float64)
+        entries[key](wide)
+        assert wide.tolist() == [float(v) for v in want.tolist()], key
+
+
+def test_reading_allocates_no_full_size_temporary(tmp_path, monkeypatch):
+    """A tensor of the destination's dtype goes straight from disk into it: no allocation at all. A cast goes through
+    one buffer of at most READ_CHUNK elements, and never more than the tensor holds."""
+    import apt_min.checkpoint
+    from apt_min.checkpoint import safetensors_entries
+
+    want = torch.arange(6, dtype=torch.float32)
+    save_file({"w": want}, tmp_path / "w.safetensors")
+    entry = safetensors_entries(tmp_path / "w.safetensors")["w"]
+    same, wide = torch.empty(6), torch.empty(6, dtype=torch.float64)
+    sizes, empty = [], torch.empty
+
+    def recording(*shape, **kw):
+        t = empty(*shape, **kw)
+        sizes.append(t.numel())
+        return t
+
+    monkeypatch.setattr(apt_min.checkpoint.torch, "empty", recording)
+    entry(same)
+    assert sizes == [] and torch.equal(same, want)
+    entry(wide)
+    monkeypatch.undo()
+    assert sum(sizes) <= 6 and torch.equal(wide, want.double())
+
+
+def test_weight_files_must_be_files_and_an_index_an_object(tmp_path):
+    """A folder named like a weight file or an index is not one: skipped when looking for weights, listed as not there
+    when a shard; an index that is JSON but not an object is named."""
+    from apt_min.checkpoint import checkpoint_tensors
+
+    (tmp_path / "model.safetensors.index.json").mkdir()
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match="no weights found"):
+        checkpoint_tensors(tmp_path)
+    shutil.rmtree(tmp_path / "model.safetensors.index.json")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"lists shard files that are not there: \['model.safetensors'\]"):
+        checkpoint_tensors(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a JSON object"):
+        checkpoint_tensors(tmp_path)
+
+
+def test_resolve_dtype_refuses_a_torch_dtype_it_does_not_list():
+    from apt_min.checkpoint import resolve_dtype
+
+    assert resolve_dtype(torch.bfloat16) is torch.bfloat16
+    for dtype in (torch.float64, torch.int8):
+        with pytest.raises(ValueError, match="unknown dtype"):
+            resolve_dtype(dtype)
+
+
+def test_a_torch_file_that_is_not_a_dict_and_an_unpickling_error_are_named(tmp_path):
+    """A .pth holding a bare tensor is refused by name (not a RuntimeError from looking for "model" in a tensor); a
+    refused global is reported with torch's reason, without its "WeightsUnpickler error:" prefix."""
+    from apt_min.checkpoint import torch_entries
+
+    torch.save(torch.ones(3), tmp_path / "bare.pth")
+    with pytest.raises(CheckpointError, match=r"bare.pth: expected a dict of tensors \(or one under 'model'\)"):
+        torch_entries(tmp_path / "bare.pth", "model")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("run",))
+
+    torch.save({"w": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"evil.pth: cannot be read as a weights-only torch checkpoint "
+                                              r"\(Unsupported global"):
+        torch_entries(tmp_path / "evil.pth")
+
+
+def test_key_problems_name_the_files_and_list_at_most_eight_keys(tmp_path):
+    """check_keys' message: the folder, then every weight file by name, then the keys sorted, the first 8 of each
+    kind listed and the count given when there are more."""
+    from apt_min.checkpoint import _Entry, check_keys
+
+    shards = {tmp_path / "b.safetensors": {"x": _Entry((2,), None)}, tmp_path / "a.safetensors": {}}
+    expected = {f"k{i:02d}": (1,) for i in range(10)} | {"x": (2,)}
+    with pytest.raises(CheckpointError) as e:
+        check_keys(shards, expected, set(), (), tmp_path)
+    listed = ", ".join(f"k{i:02d}" for i in range(8))
+    assert str(e.value) == f"{tmp_path} (a.safetensors, b.safetensors): missing keys: {listed} ... (10 in all)"
+    with pytest.raises(CheckpointError, match=r"missing keys: k00, k01$"):
+        check_keys(shards, {"k00": (1,), "k01": (1,), "x": (2,)}, set(), (), tmp_path)
