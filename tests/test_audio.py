@@ -275,3 +275,31 @@ def test_duration_reads_the_header_and_names_a_bad_file(tmp_path):
     (tmp_path / "b.wav").write_bytes(b"not audio")
     with pytest.raises(AudioError, match=r"b.wav: not a readable audio file"):
         audio.duration(tmp_path / "b.wav")
+
+
+def test_a_folder_is_named_as_one(tmp_path):
+    with pytest.raises(AudioError, match=f"{tmp_path}: a folder, not an audio file"):
+        audio.load(tmp_path)
+
+
+def test_a_rate_is_logged_once(tmp_path, caplog, monkeypatch):
+    """Resampling is logged the first time each rate is seen, not once per file."""
+    monkeypatch.setattr(audio, "_resample_logged", set())
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, np.zeros(1100, dtype=np.float32), 11025)
+    with caplog.at_level("INFO", logger="apt_min.audio"):
+        for name in ("a.wav", "b.wav", "a.wav"):
+            audio.load(tmp_path / name)
+    assert [r.getMessage() for r in caplog.records] == [f"resampling audio from 11025 Hz to 16000 Hz (first seen in "
+                                                        f"{tmp_path / 'a.wav'})"]
+
+
+def test_load_fbank_passes_the_number_of_mel_bins(tmp_path):
+    """load_fbank(path, T, 64): torchaudio's 64-bin fbank of the mean-removed clip, padded to T and normalised."""
+    sf.write(tmp_path / "c.wav", tone(0.5), 16000, subtype="FLOAT")
+    x = torch.from_numpy(sf.read(tmp_path / "c.wav", dtype="float32")[0])
+    ref = torchaudio.compliance.kaldi.fbank((x - x.mean())[None], **(KALDI_ARGS | {"num_mel_bins": 64}))  # (48, 64)
+    ref = normalise(torch.nn.functional.pad(ref, (0, 0, 0, 64 - ref.shape[0])))
+    win = audio.load_fbank(tmp_path / "c.wav", target_length=64, num_mel_bins=64)
+    assert win.shape == (1, 64, 64)
+    assert energy_error(win[0], ref, normalised=True) <= 1e-5
