@@ -43,6 +43,8 @@ def test_an_audio_visual_set_that_runs_read_is_not_replaced_by_other_settings(av
         synth_av.generate(av, seed=4, videos=25, pictures=6)
     with pytest.raises(SystemExit, match=r"^python -m apt_min.synth_av: error: .*seed 3, .*seed 0"):
         synth_av.main(["--out", str(av)])
+    with pytest.raises(SettingError, match=r"written with frames 4, which .*; frames 2 is another"):
+        synth_av.generate(av, seed=3, videos=24, pictures=6, frames=2)
     assert questions.stat().st_mtime_ns == before
     manifest = av / "avqa" / "synth_av.json"
     old = json.loads(manifest.read_text())
@@ -122,6 +124,7 @@ def test_the_audio_holds_the_heard_objects_and_the_frames_the_pictured(av, monke
     for k in range(4):
         image = np.asarray(Image.open(av / "avqa" / "frames" / items[0]["video_name"] / f"{k:02d}.jpg")).astype(int)
         assert colours(image) == {synth_av.LOOKS[name][1] for name in pictured}, k
+        assert np.abs(image - np.asarray(frames[k]).astype(int)).mean() < 7, k  # a fine JPEG (Pillow's 75: 7.4)
 
 
 def colours(image) -> set:
@@ -448,3 +451,129 @@ def test_probe_avqa_tells_each_sense_in_words(with_vision):
                 scores = model.apt.choice_logprob([("text", f"{told} {question}")], item["options"], {})
                 want.append(int(scores.argmax()) == item["answer"])
             assert right[m].tolist() == want
+
+
+def test_a_quarter_of_the_questions_need_the_picture_a_quarter_the_sound_and_half_both(av):
+    """docs/choices.md: a quarter ask "Which object can be seen?" (View), a quarter "Which object can be heard?"
+    (Sound), half "Which object in the picture is making a sound?" (Both); the answer may stand at any of the four
+    places (none is given away by its position)."""
+    from collections import Counter
+
+    items = json.loads((av / "avqa" / "val_qa.json").read_text())
+    asked = Counter((i["question_relation"], i["question_text"]) for i in items)
+    assert asked == {("Both", "Which object in the picture is making a sound?"): 12,
+                     ("View", "Which object can be seen?"): 6, ("Sound", "Which object can be heard?"): 6}
+    rng, places = random.Random(0), Counter()
+    for _ in range(400):
+        _, options, answer = synth_av.av_question(rng, rng.choice(synth_av.KINDS), NAMES[:3], NAMES[1:2] + NAMES[3:4])
+        places[answer] += 1
+    assert set(places) == {0, 1, 2, 3} and min(places.values()) > 60
+
+
+def test_videos_draw_every_class_and_one_or_two_pictured_objects_sound(monkeypatch):
+    """make_video: over all 24 classes, a picture of one or two sounding objects and one silent one (which may stand
+    anywhere in the pictured list), and one more object heard from outside the picture."""
+    monkeypatch.setattr(synth, "make_scene", lambda rng, classes, length, n_types: (np.zeros(8), []))
+    monkeypatch.setattr(synth_av, "draw_frames", lambda rng, objects, frames: [])
+    rng, trng = np.random.default_rng(0), random.Random(0)
+    used, sounding, silent_at = set(), set(), set()
+    for _ in range(200):
+        _, _, pictured, heard = synth_av.make_video(rng, trng, 5.12, 4)
+        used |= {*pictured, *heard}
+        sounding.add(len(set(pictured) & set(heard)))
+        [silent] = set(pictured) - set(heard)
+        silent_at.add(pictured.index(silent))
+        assert len(set(heard) - set(pictured)) == 1 and len(set(pictured)) == len(pictured)
+    assert used == set(NAMES) and sounding == {1, 2} and silent_at == {0, 1, 2}
+
+
+def test_the_six_shapes_differ():
+    """Each look is a shape and a colour: the six shapes, drawn in the same box, differ from each other by more than
+    a few pixels (else two looks of one colour could not be told apart)."""
+    import itertools
+
+    from PIL import Image, ImageDraw
+
+    masks = {}
+    for shape in synth_av.SHAPES:
+        image = Image.new("L", (16, 16))
+        synth_av._shape(ImageDraw.Draw(image), shape, (1, 1, 14, 14), 255)
+        masks[shape] = np.asarray(image) > 0
+    for a, b in itertools.combinations(synth_av.SHAPES, 2):
+        assert (masks[a] != masks[b]).sum() >= 10, (a, b)
+
+
+def test_objects_drift_a_pixel_at_most_over_a_pale_background():
+    """draw_frames: each object stays within a pixel of its layout box (and does drift), on a pale background."""
+    drifted = False
+    for seed in range(20):
+        name = NAMES[seed]
+        [(x, y, s)] = synth_av.layout(np.random.default_rng(seed), 1)  # draw_frames's first draws
+        frames = synth_av.draw_frames(np.random.default_rng(seed), [name], 4)
+        starts = set()
+        for frame in frames:
+            pixels = np.asarray(frame).astype(int)
+            at = np.abs(pixels - np.array(synth_av.COLOURS[synth_av.LOOKS[name][1]])).sum(-1) < 60
+            ys, xs = np.nonzero(at)
+            assert xs.min() >= x - 1 and ys.min() >= y - 1 and xs.max() <= x + s + 1 and ys.max() <= y + s + 1
+            starts.add((xs.min(), ys.min()))
+            outside = np.ones((synth_av.SIZE, synth_av.SIZE), bool)
+            outside[max(0, y - 2):y + s + 3, max(0, x - 2):x + s + 3] = False
+            assert (pixels[outside].min(-1) >= 150).mean() > 0.99  # pale
+        drifted |= len(starts) > 1
+    assert drifted
+
+
+def test_the_written_set_is_in_avqas_form_and_its_pictures_are_each_their_own_files(av):
+    """val_qa.json: one id and one video_id per video, the question_type the question's first word (AVQA's types);
+    the vision stage's validation pictures: every frame its own file, read back as the picture drawn, showing its
+    record's objects."""
+    from PIL import Image
+
+    items = json.loads((av / "avqa" / "val_qa.json").read_text())
+    for key in ("id", "video_id", "video_name"):
+        assert len({i[key] for i in items}) == len(items), key
+    assert all(i["question_type"] == i["question_text"].split()[0] for i in items)
+    records = json.loads((av / "vision" / "pictures_val.json").read_text())
+    paths = [p for r in records for p in r["frames"]]
+    assert len(set(paths)) == len(paths) > len(records)  # some pictures have two frames
+    for record in records:
+        drawn = {synth_av.LOOKS[name][1] for name in record["objects"]}
+        assert all(colours(np.asarray(Image.open(av / p)).astype(int)) == drawn for p in record["frames"])
+    looks = json.loads((av / "avqa" / "synth_av.json").read_text())["looks"]
+    assert {name: tuple(look) for name, look in looks.items()} == synth_av.LOOKS  # which look each class has
+
+
+def test_pictures_hold_one_to_three_objects_in_one_or_two_frames_and_describe_them():
+    """random_picture: one to three objects (a video's picture has two or three), in one or two frames;
+    picture_example's description is the documented sentence, and an unknown task is refused."""
+    rng, counts, frames = random.Random(1), set(), set()
+    for _ in range(60):
+        record = synth_av.random_picture(rng)
+        counts.add(len(record["objects"]))
+        frames.add(len(record["frames"]))
+    assert counts == {1, 2, 3} and frames == {1, 2}
+    _, _, _, description = synth_av.picture_example({"frames": [], "objects": ["bell", "drum"]}, "describe", rng)
+    assert description == "A picture of a bell and a drum."
+    with pytest.raises(ValueError, match="unknown picture task 'draw'"):
+        synth_av.picture_example({"frames": [], "objects": ["bell"]}, "draw", rng)
+
+
+def test_the_command_line_writes_the_set_a_full_size_run_makes(tmp_path, monkeypatch):
+    """`python -m apt_min.synth_av` with its defaults writes what build.ensure_av_data writes at synth_scale 1, so
+    the one after the other is a no-op, not a refusal."""
+    import inspect
+
+    from apt_min import build
+
+    asked = {}
+    monkeypatch.setattr(synth_av, "generate", lambda out, seed, **kw: asked.update(seed=seed, **kw))
+    monkeypatch.setattr(build, "ensure_data", lambda cfg: None)
+    build.ensure_av_data(load_config("tiny", [f"--data_root={tmp_path / 'synth'}", "--synth_scale=1"]))
+    monkeypatch.undo()
+    defaults = {k: p.default for k, p in inspect.signature(synth_av.generate).parameters.items() if k != "out"}
+    args = {"version": synth_av.VERSION, "synth": synth.VERSION, **defaults, **asked}
+    (tmp_path / "synth" / "avqa").mkdir(parents=True)
+    (tmp_path / "synth" / "avqa" / "synth_av.json").write_text(json.dumps({"args": args}))
+    synth_av.main(["--out", str(tmp_path / "synth")])  # the same arguments: nothing written, nothing refused
+    assert not (tmp_path / "synth" / "avqa" / "val_qa.json").exists()
