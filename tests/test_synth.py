@@ -543,9 +543,10 @@ def test_the_llms_corpus_asks_every_kind_of_aqa_question(bench):
 
 def test_the_llms_corpus_answers_what_each_described_scene_holds(tmp_path):
     """Every lm_corpus document is true of its scene, read back from its text: the description gives the scene's
-    events and times; tagging, SED, counting and TER answer as the strong labels say; few-shot episodes describe
-    one-kind scenes under four different code words (never a class name), their labels name the scenes' classes, and
-    the query is another scene of the answer's class, under the answer's code word."""
+    events and times; tagging, SED, counting and TER answer as the strong labels say, captioning with the scene's own
+    caption; few-shot episodes describe one-kind scenes under four different code words (never a class name), their
+    labels name the scenes' classes, and the query is another scene of the answer's class, under the answer's code
+    word."""
     rng, trng = np.random.default_rng(0), random.Random(0)
     six, pool = synth.TRAIN_CLASSES[:6], {"train": [], "val": [], "test": []}
     for i in range(48):  # half of them one kind of sound, so that episodes can be drawn
@@ -558,6 +559,7 @@ def test_the_llms_corpus_answers_what_each_described_scene_holds(tmp_path):
     for _, events, _ in pool["train"]:
         spans[synth.describe(events)] = [(e.label, tasks.fmt_time(e.onset), tasks.fmt_time(e.offset)) for e in events]
     assert len(spans) == len(pool["train"])
+    written = {synth.describe(events): caps for _, events, caps in pool["train"]}
     by_times = collections.defaultdict(set)  # a one-kind scene's times -> its class
     for _, events, _ in pool["train"]:
         by_times[tuple((on, off) for _, on, off in spans[synth.describe(events)])].add(events[0].label)
@@ -589,6 +591,9 @@ def test_the_llms_corpus_answers_what_each_described_scene_holds(tmp_path):
             elif (fields := asked("counting", doc[1])) and fields["label"] in names:  # not AQA's "...the hiss..."
                 assert doc[2] == str(sum(x == fields["label"] for x, _, _ in events)), doc
                 kinds["counting"] += 1
+            elif asked("captioning", doc[1]) is not None:
+                assert doc[2] in written[doc[0]], doc  # the scene's own caption
+                kinds["captioning"] += 1
             elif fields := asked("ter", doc[1]):
                 window = (fields["start"], fields["end"])
                 assert window in {(on, off) for _, on, off in events}, doc  # one event's own span
@@ -612,4 +617,69 @@ def test_the_llms_corpus_answers_what_each_described_scene_holds(tmp_path):
             assert asked_about != dict((label, ev) for ev, label in supports)[answer], doc  # another scene
             assert answer in by_times[tuple((on, off) for _, on, off in asked_about)], doc
             kinds["fewshot"] += 1
-    assert min(kinds[k] for k in ("tagging", "sed", "counting", "ter")) == 48 and kinds["fewshot"] >= 10, kinds
+    assert min(kinds[k] for k in ("tagging", "sed", "counting", "ter", "captioning")) == 48, kinds
+    assert kinds["fewshot"] >= 10, kinds
+
+
+def test_ytids_are_youtube_like_and_unique_and_the_smallest_scale_still_pairs_clips(tmp_path, monkeypatch):
+    """YTIDs are 11 characters of YouTube's alphabet; an id drawn twice is drawn again (so no clip's audio overwrites
+    another's, across splits too); and however small the scale, every split keeps two clips, as an NLAR pair needs,
+    and every novel class enough clips for a 5-shot episode."""
+    monkeypatch.setattr(synth, "ytid", lambda rng: f"{rng.randrange(8):011d}")  # 6 clips of 8 ids: some drawn twice
+    truth = synth.build(tmp_path / "b", seed=3, scale=0.0001)
+    ids = [y for s in ("train", "val", "test") for y, _, _ in truth["pool"][s]]
+    assert all(len(truth["pool"][s]) >= 2 and len(truth["clotho"][s]) >= 2 for s in ("train", "val", "test"))
+    assert len(set(ids)) == len(ids) == len(list((tmp_path / "b" / "audio").glob("Y*.wav")))
+    esc = collections.Counter(category for _, _, _, category, *_ in truth["esc50"])
+    assert len(esc) == len(synth.NOVEL_CLASSES) and min(esc.values()) >= 5 + 1  # the paper's 5 shots and a query
+    monkeypatch.undo()
+    rng = random.Random(0)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{11}", synth.ytid(rng)) for _ in range(200))
+
+
+def test_aqa_rows_are_three_annotators_whose_answers_need_normalising(bench):
+    """Clotho-AQA gives each question three annotators' answers, written differently ("yes", "Yes", "yes."): a
+    reader that skips normalising cannot match them."""
+    root, _ = bench
+    for split in ("train", "val", "test"):
+        for _, _, answers, _ in data.read_clotho_aqa(root / "clotho_aqa" / f"clotho_aqa_{split}.csv"):
+            assert len(answers) == 3 and len(set(answers)) > 1, answers
+            assert len({tasks.normalize_answer(a) for a in answers}) == 1, answers
+
+
+def test_esc_metadata_lists_its_files_in_name_order_as_the_real_one(bench):
+    root, _ = bench
+    with open(root / "esc50" / "meta" / "esc50.csv", newline="") as f:
+        names = [r[0] for r in list(csv.reader(f))[1:]]
+    assert names == sorted(names)
+
+
+def test_both_audioset_name_files_name_each_class_alike(bench):
+    """class_labels_indices.csv and mid_to_display_name.tsv give a class the one display name (the strong labels'
+    readers take it from the second, the weak labels' from the first)."""
+    root, _ = bench
+    names = data.read_mid_to_name(root / "audioset" / "mid_to_display_name.tsv")
+    assert data.read_class_labels(root / "audioset" / "class_labels_indices.csv") == names
+    assert sorted(names) == sorted(synth.mid(c.name) for c in synth.TRAIN_CLASSES)
+    lines = (root / "audioset" / "class_labels_indices.csv").read_text().splitlines()[1:]
+    assert all(re.fullmatch(r'\d+,/m/\w+,"[^"]+"', line) for line in lines), lines  # names quoted, as AudioSet's
+
+
+def test_no_written_sample_clips_and_the_manifest_names_the_novel_classes(bench):
+    """Scenes leave headroom (a clipped peak would be louder in the file than gain_db says), and synth.json's
+    "novel" are the classes the few-shot set holds, none of them in the training vocabulary."""
+    import soundfile as sf
+
+    root, truth = bench
+    for path in sorted((root / "audio").glob("*.wav"))[:10]:
+        assert np.abs(sf.read(path, dtype="int16")[0].astype(int)).max() < 32767, path
+    manifest = json.loads((root / "synth.json").read_text())
+    assert set(manifest["novel"]) == {category for _, _, _, category, *_ in truth["esc50"]}
+    names = data.read_mid_to_name(root / "audioset" / "mid_to_display_name.tsv").values()
+    assert manifest["novel"] and not set(manifest["novel"]) & {n.lower() for n in names}
+
+
+def test_in_band_measures_only_what_lies_above_20_hz():
+    t = np.arange(synth.SR) / synth.SR
+    assert synth.in_band(np.sin(2 * np.pi * 5 * t)) < 0.01  # below the filter banks' lowest frequency: not heard
+    assert synth.in_band(np.sin(2 * np.pi * 1000 * t)) == pytest.approx(np.sqrt(0.5), rel=1e-3)
