@@ -786,6 +786,20 @@ def test_each_builder_writes_its_prompt_and_answer_as_documented():
             tasks.fewshot([("s1.wav", "dog")], "q.wav", "dog", layout=layout)
 
 
+def test_the_evaluation_prompts_are_the_papers_and_the_list_layout_names_labels_as_the_prompts_do():
+    """Tagging and captioning are asked as the paper asks them (§4.2, §4.3; appendix A.2 lists "Summarize the audio
+    succinctly." among the caption prompts); a "list" episode is its instruction, the end of the user's turn, each
+    support clip followed by its label as label_text writes it (as the answer is written), the query clip last."""
+    assert tasks.tagging("a.wav", ["Dog"]).segments[1] == ("text", "Summarize the audio with key words.")
+    assert tasks.captioning("a.wav", "A dog barks.").segments[1] == ("text", "Describe the audio clip concisely.")
+    assert "Summarize the audio succinctly." in tasks.PROMPTS["captioning"][1:]
+    episode = tasks.fewshot([("s1.wav", "chirping_birds"), ("s2.wav", "Dog")], "q.wav", "chirping_birds", layout="list")
+    assert episode.segments == [("text", "Each sound is followed by its name. Name the last sound."), ("turn", ""),
+                                ("audio", "s1.wav"), ("label", "chirping birds.\n"), ("audio", "s2.wav"),
+                                ("label", "dog.\n"), ("audio", "q.wav")]
+    assert episode.answer == "chirping birds"
+
+
 def test_temporal_retrieval_examples(tmp_path):
     strong = ("segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
               "abcdefghijk_30000\t4.0\t5.0\t/m/05zppz\n"
