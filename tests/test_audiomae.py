@@ -100,6 +100,11 @@ def test_other_grids():
     assert model(torch.randn(1, 512, 64)).shape == (1, 128, 64)
     with pytest.raises(ValueError, match=r"expected fbank windows of shape \(B, 512, 64\)"):
         model(torch.randn(1, 1024, 128))
+    with pytest.raises(ValueError, match=r"expected fbank windows of shape \(B, 512, 64\)"):
+        model(torch.randn(1, 520, 64))  # half a patch too long: the patching would drop the last 8 frames unsaid
+    # the MLP's width is dim x mlp_ratio, whatever the ratio
+    wide = AudioMAE(AudioMAEConfig(dim=32, depth=1, heads=2, mlp_ratio=2.5, output_block=0)).blocks[0].mlp
+    assert (wide.fc1.out_features, wide.fc2.in_features) == (80, 80)
 
 
 def test_the_default_is_audio_maes_vit_b_over_10_s():
