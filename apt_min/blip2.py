@@ -306,7 +306,7 @@ def named_option(said: str, options: list[str]) -> int:
     if m := re.match(r"\s*\(?([0-9])\b", said):
         return int(m.group(1)) if int(m.group(1)) < len(options) else -1
     text, names = said.strip().lower().rstrip("."), [c.strip().lower() for c in options]
-    if text in names:
+    if text and text in names:  # an empty answer names no option, not an empty one
         return names.index(text)
     hits = [i for i, c in enumerate(names) if c and c in text]
     hits = [i for i in hits if not any(names[i] != names[j] and names[i] in names[j] for j in hits)]

@@ -152,6 +152,15 @@ def test_fields_a_config_leaves_out_take_transformers_defaults(hf_folder, tmp_pa
     (copy / "config.json").write_text(json.dumps(raw | {"use_decoder_only_language_model": False}))
     with pytest.raises(CheckpointError, match="an encoder-decoder language model"):
         InstructBLIP.from_pretrained(copy)
+    # the Q-Former's layout is read from the config: cross-attention in every layer expects layer 1's, which these
+    # weights (every second layer, transformers' default) lack; and a BLIP-2 folder is no InstructBLIP
+    (copy / "config.json").write_text(json.dumps(raw | {"qformer_config": raw["qformer_config"]
+                                                        | {"cross_attention_frequency": 1}}))
+    with pytest.raises(CheckpointError, match=r"missing keys: qformer\.layers\.1\.cross_attn\."):
+        InstructBLIP.from_pretrained(copy)
+    (copy / "config.json").write_text(json.dumps(raw | {"model_type": "blip-2"}))
+    with pytest.raises(CheckpointError, match="model_type='blip-2', not 'instructblip'"):
+        InstructBLIP.from_pretrained(copy)
 
 
 def test_image_processing_matches_transformers(hf_folder, blip):
@@ -286,9 +295,9 @@ def test_qformer_tokenizer_from_a_vocabulary_file(hf_folder, tmp_path):
     vocab = hf_folder[0] / "bert-vocab.txt"
     shutil.copy(vocab, tmp_path / "vocab.txt")
     text = "What is making the Sound? Choose: 0 dog"
-    for lower in (True, False):
-        if not lower:
-            (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    for lower, config in ((True, None), (True, {"model_max_length": 512}), (False, {"do_lower_case": False})):
+        if config is not None:  # a config that does not say keeps BERT's default: lower-cased
+            (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
         ids, mask = QFormerTokenizer(tmp_path)([text])
         assert ids[0][mask[0]].tolist() == BertTokenizer(str(vocab), do_lower_case=lower)(text).input_ids
 
@@ -400,6 +409,8 @@ def test_the_three_modes_build_the_papers_sequences(blip, clip):
             model.segments(prompt, mode, None, clip)
     with pytest.raises(ValueError, match="an AVQA question has 4 options, got 3"):
         avqa_prompt("What is making the sound?", ["dog", "car", "bell"])
+    with pytest.raises(ValueError, match="an AVQA question has 4 options, got 5"):  # not the fifth left unlisted
+        avqa_prompt("What is making the sound?", ["dog", "car", "bell", "cat", "bird"])
     with pytest.raises(ValueError, match="unknown mode"):
         model.segments(prompt, "smell", visual, clip)
 
@@ -493,6 +504,9 @@ def test_named_option():
     assert named_option("Dog.", options) == 0 and named_option("two bells", options) == 2
     assert named_option("Dog", [" dog ", "car", "bell", "cat"]) == 0  # an option's text is read stripped
     assert named_option("no idea", ["dog", "", "bell", "cat"]) == -1  # an empty option is named by nothing
+    assert named_option("", ["dog", "", "bell", "cat"]) == named_option(".", ["dog", "", "bell", "cat"]) == -1  # nor
+    assert named_option(" 3", options) == 3  # a number after a space
+    assert named_option("Dog.", ["dog", "car", "dog", "cat"]) == 0  # the whole answer: an option listed twice, first
     nested = ["motorboat", "Yacht consignment", "Sailboat set sail", "Consignment"]
     assert named_option("Yacht consignment", nested) == 1  # the whole answer
     assert named_option("I think the yacht consignment", nested) == 1  # the longer of two nested names
@@ -515,6 +529,11 @@ def test_an_apt_of_another_llm_is_refused(hf_folder, blip, tmp_path):
         plugged = APTBLIP2.plug(blip, tmp_path / "apt-same", apt.encoder, enc_id)  # ... the same weights: accepted
     assert moved == [(blip.llm.lm_head.weight.device,)]
     torch.testing.assert_close(plugged.apt.proj.weight, apt.proj.weight)
+    # an APT that recorded InstructBLIP's own files (no weight probe) is accepted by them
+    own_id = {"path": str(folder), "fingerprint": fingerprint(*model_files(folder))}
+    apt.save(tmp_path / "apt-own-files", enc_id, own_id)
+    assert blip.identity == own_id
+    APTBLIP2.plug(blip, tmp_path / "apt-own-files", apt.encoder, enc_id)
 
     other = Llama(llm.config)  # another LLM of the same shape
     randomize(other)
@@ -522,6 +541,8 @@ def test_an_apt_of_another_llm_is_refused(hf_folder, blip, tmp_path):
     apt.save(tmp_path / "apt-other", enc_id, other_id)
     with pytest.raises(CheckpointError, match="trained against the llm"):
         APTBLIP2.plug(blip, tmp_path / "apt-other", apt.encoder, enc_id)
+    with pytest.raises(ValueError, match="the APT must be built around the InstructBLIP's own LLM"):
+        APTBLIP2(blip, APT(apt.encoder, apt.aligner, other, blip.tokenizer))  # even one of the same shape
     # an APT saved before probes were recorded can be checked by its files only
     apt.save(tmp_path / "apt-old", enc_id, {"path": str(vicuna), "fingerprint": same_id["fingerprint"]})
     with pytest.raises(CheckpointError, match="trained against the llm"):
