@@ -607,6 +607,19 @@ def test_parsers_tolerate_variations():
     assert tasks.label_text(" chirping_birds ") == "chirping birds"  # a class name read with spaces around it
 
 
+def test_every_number_word_reads_as_its_value():
+    """Zero to twenty and the tens, in a count and in a short answer, each its value; a number glued to a letter
+    ("x3") is still the first number."""
+    words = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+             "seventeen eighteen nineteen twenty").split()
+    for n, word in enumerate(words):
+        assert tasks.parse_count(f"{word} times") == n and tasks.normalize_answer(word.capitalize()) == str(n), word
+    for word, n in {"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
+                    "ninety": 90}.items():
+        assert tasks.parse_count(word) == n and tasks.parse_count(f"{word}-four") == n + 4, word
+    assert tasks.parse_count("it barks x3") == 3
+
+
 def test_a_time_window_always_holds_the_event_that_defines_it():
     """An event shorter than the 0.1 s minimum overlap still answers its own window (an AudioSet strong label of a
     click lasts 80 ms); a longer event needs 0.1 s inside the window; a window is never 0 s long."""
