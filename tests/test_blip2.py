@@ -161,6 +161,14 @@ def test_fields_a_config_leaves_out_take_transformers_defaults(hf_folder, tmp_pa
     (copy / "config.json").write_text(json.dumps(raw | {"model_type": "blip-2"}))
     with pytest.raises(CheckpointError, match="model_type='blip-2', not 'instructblip'"):
         InstructBLIP.from_pretrained(copy)
+    # norm eps written (none of them the defaults): the ViT's blocks and the norm over its output (post_layernorm,
+    # the aligner's input norm) take the vision config's, the Q-Former's own norms the Q-Former config's
+    eps = {"vision_config": raw["vision_config"] | {"layer_norm_eps": 1e-5},
+           "qformer_config": raw["qformer_config"] | {"layer_norm_eps": 1e-7}}
+    (copy / "config.json").write_text(json.dumps(raw | eps))
+    model = InstructBLIP.from_pretrained(copy)
+    assert model.vision.blocks[0].norm1.eps == model.qformer.ln_audio.eps == 1e-5
+    assert model.qformer.embed_norm.eps == 1e-7
 
 
 def test_image_processing_matches_transformers(hf_folder, blip):
@@ -557,6 +565,7 @@ def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):
 
     qtok = train_qformer_tokenizer(["a picture of a bell", "which object can be seen?"] * 20, tmp_path / "qtok")
     assert qtok(["a bell"])[0][0].tolist()[0] == qtok.hf.token_to_id("[CLS]")  # BERT's framing: [CLS] ... [SEP]
+    assert torch.equal(qtok(["A Bell?"])[0], qtok(["a bell?"])[0])  # lower-cased, as it was learned
     vit = ViTConfig(image_size=28, patch_size=14, dim=16, depth=1, heads=2, hidden=32)
     qformer = AlignerConfig(vocab_size=qtok.hf.get_vocab_size(), audio_dim=16, hidden_size=16, num_layers=2,
                             num_heads=2, intermediate_size=32, num_queries=3, dropout=0.0)
