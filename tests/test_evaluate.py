@@ -440,6 +440,9 @@ def test_tagging_scores_the_label_set_read_against_the_class_list():
     (row,) = metrics.score_tagging(exs, ["male speech, man speaking, dog, speech", "speech", ", ".join(AUDIOSET)],
                                    AUDIOSET)
     assert row[1] == pytest.approx(1 / 3)
+    # the baseline is the most frequent label set, not the first clip's: {Speech} twice in three clips
+    later = [exs[2], exs[1], tasks.tagging("d.wav", ["Speech"])]
+    assert metrics.score_tagging(later, ["dog"] * 3, AUDIOSET)[0][2] == pytest.approx(2 / 3)
     labels = metrics.label_matrix(exs, AUDIOSET)
     assert labels.tolist() == [[0, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 0]]
     assert metrics.mean_average_precision(labels.astype(float), labels) == 1.0
