@@ -561,7 +561,7 @@ def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):
     """A vision side trained here (train.py --stage vision) round-trips through save_vision / load_vision around the
     LLM it was trained against, and is refused around another."""
     from apt_min.blip2 import train_qformer_tokenizer
-    from apt_min.vision import ViTConfig
+    from apt_min.vision import ImageProcessing, ViTConfig
 
     qtok = train_qformer_tokenizer(["a picture of a bell", "which object can be seen?"] * 20, tmp_path / "qtok")
     assert qtok(["a bell"])[0][0].tolist()[0] == qtok.hf.token_to_id("[CLS]")  # BERT's framing: [CLS] ... [SEP]
@@ -570,7 +570,8 @@ def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):
     qformer = AlignerConfig(vocab_size=qtok.hf.get_vocab_size(), audio_dim=16, hidden_size=16, num_layers=2,
                             num_heads=2, intermediate_size=32, num_queries=3, dropout=0.0)
     torch.manual_seed(1)
-    side = InstructBLIP(vit, qformer, blip.llm, blip.tokenizer, qtok)
+    processing = ImageProcessing(size=28, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), rescale=1 / 200, resample=2)
+    side = InstructBLIP(vit, qformer, blip.llm, blip.tokenizer, qtok, processing)
     assert not any(p.requires_grad for p in side.parameters())  # frozen whole (the vision stage unfreezes its part)
     randomize(side.qformer)
     llm_id = {"path": "llm", "fingerprint": "abc", "probe": weight_probe(blip.llm)}
@@ -581,6 +582,8 @@ def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):
         m.setattr(InstructBLIP, "to", lambda self, *a, **kw: moved.append(a) or to(self, *a, **kw))
         back = InstructBLIP.load_vision(tmp_path / "side", blip.llm, blip.tokenizer, llm_id)
     assert moved == [(blip.llm.model.embed_tokens.weight.device,)] and back.identity == llm_id
+    assert (back.vision.config, back.qformer.config) == (vit, qformer)  # as saved, and its frames read alike:
+    assert torch.equal(back.processing(frames(1)[0]), processing(frames(1)[0]))  # the side's own processing
     pixels = torch.stack([back.processing(f) for f in frames(2)])
     torch.testing.assert_close(back.frame_prompts(pixels, "a bell?"), side.frame_prompts(pixels, "a bell?"))
     other = Llama(blip.llm.config)
