@@ -225,6 +225,29 @@ def test_a_git_lfs_pointer_and_the_converters_mistakes_are_named(tmp_path, monke
         release.main([str(tmp_path / "no-run"), str(tmp_path / "out")])
 
 
+def test_the_converter_writes_the_released_encoder_with_its_settings(tmp_path, monkeypatch, capsys):
+    """`python -m apt_min.audiomae IN.pth OUT.safetensors` reads the .pth with AudioMAEConfig()'s settings (the
+    released encoder's; here its sizes shrunk to SMALL, nothing else changed) and writes them with the weights: the
+    paper's penultimate block (-2), every tensor as read."""
+    import dataclasses
+    import sys
+
+    from apt_min import audiomae
+
+    model = random_encoder()
+    released_checkpoint(model, tmp_path / "finetuned.pth")
+    read = AudioMAE.from_checkpoint
+    monkeypatch.setattr(AudioMAE, "from_checkpoint", lambda path, cfg=None: read(
+        path, dataclasses.replace(cfg or AudioMAEConfig(), **SMALL)))
+    monkeypatch.setattr(sys, "argv", ["audiomae", str(tmp_path / "finetuned.pth"), str(tmp_path / "enc.safetensors")])
+    audiomae.main()
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'enc.safetensors'}"
+    back = read(tmp_path / "enc.safetensors")
+    assert back.config == AudioMAEConfig(**SMALL) and back.config.output_block == -2
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="nothing.pth: no such checkpoint file"):
         AudioMAE.from_checkpoint(tmp_path / "nothing.pth")
