@@ -122,11 +122,12 @@ WRITTEN = [
     "\u2018Hello\u2019 says a woman", "A dog barks \u2013 then stops", "barks\u2014then stops",
     "a dog barks 2\u20133 times", "wait\u2026what", "she said \u201cI can\u2019t\u201d\u2026",
     "rock \u2018n\u2019 roll", "the dogs\u2019 barks",
+    "the Dr.Who theme plays", "a crowd in St.Louis cheers",  # an abbreviation joined to a word: one token
 ]
 
 
 def test_written_captions_are_split_as_ptb_splits_them():
-    """What the PTB comparison below checks, in four cases that hold without Java."""
+    """What the PTB comparison below checks, in five cases that hold without Java."""
     assert metrics.caption_tokens("A high-pitched beep, e.g. at 10:30; it cannot stop!!") == [
         "a", "high-pitched", "beep", "e.g.", "at", "10:30", "it", "can", "not", "stop", "!!"]
     assert metrics.caption_tokens("'Hello,' says Mr. Smith's dog (twice).") == [
@@ -135,6 +136,7 @@ def test_written_captions_are_split_as_ptb_splits_them():
                                                                                    "2,000", "clicks"]
     typed = "rock'n'roll \u201cWow\u201d \u2013 a dog\u2019s \u2018woof\u2019 \u2014 2\u20133 times\u2026"  # typed
     assert metrics.caption_tokens(typed) == ["rock", "'n'", "roll", "wow", "a", "dog", "'s", "woof", "2", "3", "times"]
+    assert metrics.caption_tokens("The Dr.Who theme") == ["the", "dr.who", "theme"]  # not "dr." "who"
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="the reference PTB tokenizer needs Java")
