@@ -92,6 +92,14 @@ def test_position_table_layout():
         a, b = k % 64, k // 64
         expected = torch.cat([torch.sin(a * omega), torch.cos(a * omega), torch.sin(b * omega), torch.cos(b * omega)])
         assert (table[1 + k].double() - expected).abs().max().item() <= 2.0**-24, k
+    # at ViT-B's width (192 frequencies 10000^(-i/192) per quarter) too: computed in float64 and rounded once, as
+    # Audio-MAE's numpy table is (angles up to 63 rad: float32 frequencies would be off by some 4e-6)
+    table = sincos_position_table(AudioMAEConfig()).double()
+    omega = 10000.0 ** (-torch.arange(192, dtype=torch.float64) / 192)
+    for k in (1, 63, 64, 300, 511):
+        a, b = k % 64, k // 64
+        expected = torch.cat([torch.sin(a * omega), torch.cos(a * omega), torch.sin(b * omega), torch.cos(b * omega)])
+        assert (table[1 + k] - expected).abs().max().item() <= 2.0**-24, k
 
 
 def test_other_grids():
