@@ -590,3 +590,10 @@ def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):
     randomize(other)
     with pytest.raises(CheckpointError, match="trained against the llm"):
         InstructBLIP.load_vision(tmp_path / "side", other, blip.tokenizer, {"path": "other", "fingerprint": "x"})
+    # every tensor of the side must be in its file: one missing is named, not left at its initial value
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "side" / "vision.safetensors")
+    save_file({k: v for k, v in stored.items() if k != "proj.weight"}, tmp_path / "side" / "vision.safetensors")
+    with pytest.raises(CheckpointError, match="missing keys: proj.weight"):
+        InstructBLIP.load_vision(tmp_path / "side", blip.llm, blip.tokenizer, llm_id)
