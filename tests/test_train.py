@@ -157,12 +157,13 @@ def test_training_data_is_drawn_as_documented(prepared, tmp_path):
 def test_the_encoder_pretrains_on_the_training_clips_and_validates_on_the_validation_clips(prepared, tmp_path,
                                                                                            monkeypatch):
     """--stage mae reads the windows of every training clip (both caption sets' and tagging's) to learn from, and
-    of the validation split's caption clips to validate on: no test clip, and no clip in both."""
+    of the validation split's caption clips to validate on: no test clip, and no clip in both; it validates on
+    val_batches batches of mae_batch_size windows."""
     from apt_min import audio
 
     read = []
     monkeypatch.setattr(audio, "load_fbank", lambda path, t, f: read.append(path) or torch.zeros(1, t, f))
-    cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--encoder_init=mae"))
+    cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--encoder_init=mae", "--mae_batch_size=3"))
     job = train.PretrainEncoder(cfg, 0, 1, torch.device("cpu"))
     root = cfg.data_root
 
@@ -173,6 +174,7 @@ def test_the_encoder_pretrains_on_the_training_clips_and_validates_on_the_valida
     val = clips("captioning", "val") | clips("captioning", "val", source="clotho")
     assert set(read[:len(job.train_windows)]) == trained and set(read[len(job.train_windows):]) == val
     assert len(read) == len(trained) + len(val) and not trained & val
+    assert len(job.val_windows) == cfg.val_batches * cfg.mae_batch_size < len(val)  # a clip: one window here
     # the encoder trains (AudioMAE freezes itself when built), with the decoder; each step masks anew, at the
     # setting's ratio (Audio-MAE's 0.8 by default)
     assert any(k.startswith("encoder.") for k in job.params) and all(p.requires_grad for p in job.params.values())
@@ -182,6 +184,55 @@ def test_the_encoder_pretrains_on_the_training_clips_and_validates_on_the_valida
         job.micro_step(model, job.sampler)
     assert [r for r, _ in masked] == [cfg.mask_ratio] * 2 and cfg.mask_ratio == 0.8
     assert not torch.equal(masked[0][1], masked[1][1])
+
+
+def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_clip_it_cannot_read(
+        prepared, tmp_path, monkeypatch, caplog):
+    """--stage mae is refused where the encoder is not the preset's own to pretrain: given (--encoder_checkpoint)
+    or a seeded random one (encoder_init=random, tiny's). A training clip that cannot be read is skipped with a
+    warning naming it, and with strict_audio ends the run."""
+    from apt_min import audio
+
+    cpu = torch.device("cpu")
+    for settings in (["--encoder_init=mae", "--encoder_checkpoint=given.safetensors"], []):
+        with pytest.raises(SystemExit, match=r"--stage mae pretrains the encoder of a preset with --encoder_init=mae"):
+            train.PretrainEncoder(train.load_config("tiny", opts(tmp_path, *settings)), 0, 1, cpu)
+    cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--encoder_init=mae"))
+    clips = {ex.segments[0][1] for task, options in (("captioning", {}), ("captioning", {"source": "clotho"}),
+                                                     ("tagging", {}))
+             for ex in data.examples(task, cfg.data_root, "train", **options)}
+    bad = sorted(clips)[0]
+
+    def load_fbank(path, t, f):
+        if path == bad:
+            raise audio.AudioError(f"{path}: not audio")
+        return torch.zeros(1, t, f)
+
+    monkeypatch.setattr(audio, "load_fbank", load_fbank)
+    caplog.set_level(logging.WARNING)
+    job = train.PretrainEncoder(cfg, 0, 1, cpu)
+    assert len(job.train_windows) == len(clips) - 1 and f"{bad}: not audio" in caplog.text
+    strict = train.load_config("tiny", opts(tmp_path, "--encoder_init=mae", "--strict_audio=true"))
+    with pytest.raises(audio.AudioError, match=f"{re.escape(bad)}: not audio"):
+        train.PretrainEncoder(strict, 0, 1, cpu)
+
+
+def test_every_stage_draws_one_global_batch_for_all_its_processes(trained, tmp_path, monkeypatch):
+    """Each micro-step draws one global batch, of which each of the world processes takes its share (rank, rank +
+    world, ...): so the batch drawn is world times the batch a process trains on (batch_size; stage 0's
+    stage0_batch_size where set; --stage mae's mae_batch_size), whatever the number of processes."""
+    from apt_min import audio
+
+    monkeypatch.setattr(audio, "load_fbank", lambda path, t, f: torch.zeros(1, t, f))
+    tmp, cpu = copy_of(trained, tmp_path), torch.device("cpu")
+    cfg = train.load_config("tiny", opts(tmp, "--stage0_batch_size=3"))
+    mae = train.load_config("tiny", opts(tmp, "--encoder_init=mae", "--mae_batch_size=5"))
+    for world in (1, 2):
+        jobs = {"lm": train.StandInLLM(cfg, 0, world, cpu), "mae": train.PretrainEncoder(mae, 0, world, cpu),
+                "0": train.AlignStage0(cfg, 0, world, cpu), "1": train.TuneAPT(cfg, "1", 0, world, cpu),
+                "2": train.TuneAPT(cfg, "2", 0, world, cpu)}
+        got = {stage: job.sampler.batch_size for stage, job in jobs.items()}
+        assert got == {"lm": 4 * world, "mae": 5 * world, "0": 3 * world, "1": 4 * world, "2": 4 * world}, world
 
 
 def weights(tmp):
@@ -707,9 +758,9 @@ def test_an_optimizer_step_rescales_to_the_windows_mean_then_clips():
         window.add(torch.tensor(float(n)), n, {})
     p.grad = torch.tensor([30.0, 40.0])  # norm 50 over the first micro-batch's 2 items: 12.5 over all 8
     job = SimpleNamespace(params={"p": p}, scaler=None)
-    grad_norm = train.optimizer_step(SimpleNamespace(grad_clip=1.0), job, opt, sched, window)
+    grad_norm = train.optimizer_step(SimpleNamespace(grad_clip=0.5), job, opt, sched, window)
     assert grad_norm.item() == pytest.approx(12.5)
-    torch.testing.assert_close(p.detach(), torch.tensor([-0.6, -0.8]))  # one SGD step of the clipped unit gradient
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.3, -0.4]))  # one SGD step of the gradient clipped to 0.5
     assert p.grad is None  # cleared for the next window
 
 
@@ -863,6 +914,10 @@ def test_each_process_trains_on_its_own_share_of_the_global_batch(prepared, monk
     monkeypatch.setattr(train, "nothing_to_train", lambda keep, world, device: not keep)  # no process group here
     model = lambda *collated: (one, len(collated[0]))  # noqa: E731
     assert tune.micro_step(model, OneBatch("aqa", batch))[2]["examples"] == 3 and seen.pop() == mine
+    tune.usable = lambda examples: (examples[1:], {})  # an example with a lost clip: skipped, not trained
+    assert tune.micro_step(model, OneBatch("aqa", batch))[2] == {"task": "aqa", "examples": 2, "skipped": 1}
+    tune.usable = lambda examples: ([], {})  # none left: the step has nothing to train
+    assert tune.micro_step(model, OneBatch("aqa", batch)) == (None, 0, {"examples": 0, "skipped": 3})
 
     mae = object.__new__(train.PretrainEncoder)
     mae.rank, mae.world, mae.device, mae.autocast = 1, 2, torch.device("cpu"), nullcontext
@@ -875,7 +930,8 @@ def test_each_process_trains_on_its_own_share_of_the_global_batch(prepared, monk
 def test_the_stand_in_llm_learns_next_tokens_of_whole_documents_from_a_small_start(prepared, monkeypatch):
     """--stage lm: a corpus document is BOS, its pieces' tokens, EOS (at most 1024 ids); the loss is the
     next-token cross-entropy summed over each document's own tokens (padding never predicted nor predicting); the
-    matrices start at N(0, 0.02); validation's answer accuracy is the share of the validation documents answered."""
+    matrices start at N(0, 0.02); it validates on documents it does not train on (the corpus's test split), and
+    validation's answer accuracy is the share of the validation documents answered."""
     cfg = train.load_config("tiny", opts(prepared))
     job = train.StandInLLM(cfg, 0, 1, torch.device("cpu"))
     tok = job.tok
@@ -885,6 +941,8 @@ def test_the_stand_in_llm_learns_next_tokens_of_whole_documents_from_a_small_sta
     assert len(job.encode(["rain " * 2000])) == 1024
     matrices = [p for p in job.llm.parameters() if p.ndim >= 2]
     assert matrices and all(abs(p.std().item() - 0.02) < 0.002 for p in matrices)
+    trained_on = {tuple(d) for d in job.train_docs}
+    assert job.val_docs and not any(tuple(job.encode(d)) in trained_on for d in job.val_docs)
 
     docs = [job.encode(d) for d in job.val_docs[:3]]
     assert len({len(d) for d in docs}) > 1  # padded to the longest
@@ -924,8 +982,10 @@ def test_stage_0_reads_whole_clips_counts_what_it_skips_and_retrieves_over_every
                                                                                           monkeypatch, caplog):
     """AlignStage0: a caption describes its whole clip, so every window of a clip longer than one (here 1.28 s
     windows of 5 s clips) reaches the aligner; a clip that cannot be read is skipped and counted in the step's
-    record; validation's retrieval ranks every reference caption of each clip (each owned by its clip), not only
-    the first. (A run keeps the encoder it saved: a window setting that disagrees is named in a warning.)"""
+    record, and where another process has no usable example this one skips the step too (under DDP all run the
+    same forwards); validation's retrieval ranks every reference caption of each clip (each owned by its clip), not
+    only the first, each tokenised as training's captions are (BOS ... EOS). (A run keeps the encoder it saved: a
+    window setting that disagrees is named in a warning.)"""
     cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--target_length=128"))
     caplog.set_level(logging.WARNING)
     kept = train.AlignStage0(cfg, 0, 1, torch.device("cpu"))  # the run's encoder, built for 512 frames, stays
@@ -946,26 +1006,32 @@ def test_stage_0_reads_whole_clips_counts_what_it_skips_and_retrieves_over_every
     loss, count, info = job.micro_step(job.module, OneBatch("pairs", [lost, *clotho]))
     assert count == 1 and torch.isfinite(loss) and (info["examples"], info["skipped"]) == (3, 1)
 
+    monkeypatch.setattr(train, "nothing_to_train", lambda keep, world, device: True)  # another process has none
+    assert job.micro_step(job.module, OneBatch("pairs", clotho)) == (None, 0, {"examples": 0, "skipped": 0})
+
     seen = {}
     monkeypatch.setattr(train, "retrieval_r1", lambda aligner, feats, ids, mask, owner, heard: seen.update(
-        rows=len(ids), owner=owner.tolist()) or {"a2t_r1": 0.0, "t2a_r1": 0.0})
-    job.validate()
+        rows=len(ids), owner=owner.tolist(), ends={(int(i[0]), int(i[m].tolist()[-1])) for i, m in zip(ids, mask)})
+        or {"a2t_r1": 0.0, "t2a_r1": 0.0})
+    job.validate()  # (its loss: this process's batch alone, with no other process to ask)
     refs = [len(ex.target["references"]) for ex in job.val]
-    assert max(refs) > 1 and seen == {"rows": sum(refs), "owner": [i for i, n in enumerate(refs) for _ in range(n)]}
+    assert max(refs) > 1 and seen.pop("ends") == {(job.tok.bos_id, job.tok.eos_id)}
+    assert seen == {"rows": sum(refs), "owner": [i for i, n in enumerate(refs) for _ in range(n)]}
 
 
 def test_stage_0s_validation_loss_is_its_three_losses_summed_over_the_whole_validation_set(prepared, tmp_path,
                                                                                          monkeypatch):
     """AlignStage0.validate: the loss is ATC + ATM + AGTG on the first val_batches * batch_size clips of the
     validation split, as one batch of this process's alone, its hard negatives drawn from a generator of its own
-    seeded 0: the same at every validation, whatever training has drawn since."""
-    cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--val_batches=2"))
+    seeded 0: the same at every validation, whatever training has drawn since; with the run's ATM negatives."""
+    cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--val_batches=2", "--atm_negatives=local"))
     job = train.AlignStage0(cfg, 0, 1, torch.device("cpu"))
     assert job.val == data.examples("captioning", cfg.data_root, "val")[:8] and len(job.val) == 2 * cfg.batch_size
     seen, real = [], train.stage0_losses
 
     def stage0_losses(aligner, feats, ids, mask, clip_ids, audio_mask, generator, negatives, across_processes):
-        seen.append({"pairs": len(ids), "seed": generator.initial_seed(), "across_processes": across_processes})
+        seen.append({"pairs": len(ids), "seed": generator.initial_seed(), "across_processes": across_processes,
+                     "negatives": negatives})
         parts = real(aligner, feats, ids, mask, clip_ids, audio_mask, generator, negatives, across_processes)
         seen[-1] |= {k: v.item() for k, v in parts.items()}
         return parts
@@ -977,7 +1043,7 @@ def test_stage_0s_validation_loss_is_its_three_losses_summed_over_the_whole_vali
     assert train.validation(job)["val_loss"] == first
     assert len(seen) == 2 and seen[0] == seen[1]
     got = seen[0]
-    assert (got["pairs"], got["seed"], got["across_processes"]) == (8, 0, False)
+    assert (got["pairs"], got["seed"], got["across_processes"], got["negatives"]) == (8, 0, False, "local")
     assert first == got["total"] == pytest.approx(got["atc"] + got["atm"] + got["agtg"], rel=1e-6)
     assert min(got["atc"], got["atm"], got["agtg"]) > 0.05  # each term counts
 
@@ -1052,7 +1118,8 @@ def test_stage_0s_hard_negatives_are_drawn_by_step_and_a_resumed_sampler_draws_t
 def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_with_any_lost_clip(trained, tmp_path):
     """TuneAPT: stage 1 validates on captioning and AQA, stage 2 on NLAR too (what it adds), caption_ft on the
     validation captions of its own caption set; an example is usable only if every one of its clips is (an NLAR pair
-    with one clip lost is dropped, not trained with the other alone)."""
+    with one clip lost is dropped, not trained with the other alone). AQA's accuracy takes an answer as evaluation
+    does (normalised: case, punctuation, articles), generated with room for the longest training answer."""
     tmp = copy_of(trained, tmp_path)
     root, cpu = tmp / "synth", torch.device("cpu")
     jobs = {stage: train.TuneAPT(train.load_config("tiny", opts(tmp, "--caption_ft_source=clotho")), stage, 0, 1, cpu)
@@ -1072,7 +1139,7 @@ def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_wi
     assert steps == {(1, False): math.ceil(2 * captions / 4), (2, False): math.ceil(2 * captions / 8), (1, True): 5}
 
     class Scored:  # a model whose every example scores loss 3 over 2 answer tokens
-        asked = []
+        asked, room, says = [], [], None  # says: segments -> the answer generated (None: "?")
 
         def encode_clips(self, paths, strict):
             return dict.fromkeys(paths), []
@@ -1082,12 +1149,19 @@ def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_wi
 
         def generate(self, segments, feats, max_new_tokens):
             self.asked.append(len(segments))
-            return ["?"] * len(segments)
+            self.room.append(max_new_tokens)
+            return [Scored.says(s) if Scored.says else "?" for s in segments]
 
     jobs["1"].model = Scored()
     got = jobs["1"].validate()  # the loss per answer token (not per batch); AQA's accuracy over all its examples
     assert got == {"val_loss": 1.5, "val_aqa_accuracy": 0.0} and Scored.asked == [min(64, len(jobs["1"].val["aqa"]))]
     assert Scored.asked[0] > 1
+    written = {str(ex.segments): f"The {ex.target['answer'].upper()}." for ex in jobs["1"].val["aqa"]}
+    Scored.says = lambda segments: written[str(segments)]
+    assert jobs["1"].validate()["val_aqa_accuracy"] == 1.0
+    tok = jobs["1"].tok
+    longest = max(len(tok.encode(ex.answer, bos=False)) + 1 for ex in data.examples("aqa", root, "train"))
+    assert min(Scored.room) >= longest > 2  # its EOS too
     clotho = data.examples("captioning", root, "val", source="clotho")
     assert jobs["caption_ft"].val["captioning"] == clotho[:len(jobs["caption_ft"].val["captioning"])]
     assert jobs["1"].val["captioning"] != clotho[:len(jobs["1"].val["captioning"])]  # AudioCaps
@@ -1124,7 +1198,8 @@ def test_fit_logs_validates_and_saves_on_schedule_and_always_at_the_last_step(tm
     """fit over 5 steps with log_every 2, eval_every 3, save_every 2: a record at steps 2, 4 and the last, 5;
     validation before training, at 3 and at 5; checkpoints at 2, 4 and 5. A micro-batch with nothing usable is
     skipped while the step's others still count (grad_accum 2: 10 micro-batches drawn, 9 trained), and its lost
-    clips are counted too. Each record's learning rate is the one its step used."""
+    clips are counted too. Each record's learning rate is the one its step used, and its gradient norm the
+    unclipped norm of the gradient of the mean item's loss (here w . (1, 1) + b: the gradient (1, 1, 1))."""
     cfg = train.load_config("tiny", {"steps_1": 5, "log_every": 2, "eval_every": 3, "save_every": 2,
                                      "keep_checkpoints": 5, "grad_accum": 2, "warmup_steps": 1})
     job = toy_job([None, 1, 2, 2, 2, 2, 2, 2, 2, 2])
@@ -1136,6 +1211,7 @@ def test_fit_logs_validates_and_saves_on_schedule_and_always_at_the_last_step(tm
     assert [r["skipped_audio"] for r in records if "loss" in r] == [5, 9, 11]  # 2 + 1 per micro-batch after it
     factor = train.cosine_schedule(cfg, 5, 1)
     assert [r["lr"] for r in records if "loss" in r] == pytest.approx([cfg.lr * factor(k - 1) for k in (2, 4, 5)])
+    assert [r["grad_norm"] for r in records if "loss" in r] == pytest.approx([math.sqrt(3)] * 3, abs=1e-4)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000002", "step_0000004",
                                                                                   "step_0000005"]
 
@@ -1507,6 +1583,50 @@ def _ddp_worker(rank, world, folder, out):
     torch.distributed.destroy_process_group()
 
 
+class PartlyUsed(nn.Module):
+    """Two trainable layers, one of which no step uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.idle = nn.Linear(2, 1), nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def _unused_worker(rank, world, folder, out):
+    """One of two processes training, with fit under DDP, a stage whose steps leave a trainable layer without a
+    gradient (the vision stage's projection while it aligns): job.unused_parameters."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank,
+                                         world_size=world)
+    torch.manual_seed(0)
+    module = PartlyUsed()
+
+    def micro_step(model, sampler):
+        sampler.next_batch()
+        return model(torch.tensor([1.0, 2.0 + rank])).sum(), 1, {"examples": 1}
+
+    job = SimpleNamespace(module=module, params=dict(module.named_parameters()), scaler=None, micro_step=micro_step,
+                          validate=lambda: {}, sampler=data.TaskSampler({"x": [1, 2, 3]}, {"x": 1.0}, 2),
+                          unused_parameters=True)
+    cfg = train.load_config("tiny", {"steps_1": 3, "eval_every": 5, "save_every": 5, "warmup_steps": 1})
+    train.fit(cfg, "1", job, False, rank, world, folder / f"out{rank}")
+    out[rank] = module.used.weight.detach().clone()
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_trains_a_stage_whose_steps_leave_some_parameters_without_a_gradient(tmp_path):
+    """A stage that says some steps give some of its parameters no gradient (unused_parameters) trains under DDP
+    (which otherwise stops at the second step, waiting for the missing gradients)."""
+    import torch.multiprocessing as mp
+
+    for rank in range(2):
+        (tmp_path / f"out{rank}").mkdir()
+    out = mp.Manager().dict()
+    mp.spawn(_unused_worker, args=(2, tmp_path, out), nprocs=2, join=True)
+    assert torch.equal(out[0], out[1])
+
+
 def test_ddp_synchronises_what_trains_and_leaves_the_frozen_parts_alone(tmp_path):
     """Under torchrun, fit's DistributedDataParallel averages the trainable parameters' gradients (both processes
     end with the same weights from different batches) and neither broadcasts nor syncs the frozen parameters and
@@ -1578,8 +1698,9 @@ def test_the_vision_stage_trains_its_aligner_alone_first_then_with_the_answers(w
     from conftest import VISION
 
     tmp = copy_of(with_vision, tmp_path)
-    cfg = train.load_config("tiny", opts(tmp, *VISION, "--grad_accum=2"))
+    cfg = train.load_config("tiny", opts(tmp, *VISION, "--grad_accum=2", "--val_batches=2"))
     job = train.TrainVision(cfg, 0, 1, torch.device("cpu"))
+    assert len(job.val) == cfg.val_batches * cfg.batch_size  # validation pictures, as every stage's examples
     assert any(n.startswith("blip.proj.") for n in job.params)
     assert all(n.startswith(("blip.qformer.", "blip.proj.")) for n in job.params)
 
@@ -1637,3 +1758,37 @@ def test_the_vision_stage_trains_its_aligner_alone_first_then_with_the_answers(w
         drawn[rank] = seen_tokens[0]
     assert len(drawn[0]) == 3 and not torch.allclose(drawn[0], drawn[1])
     assert job.unused_parameters  # DDP: the projection has no gradient while aligning
+
+
+def test_the_vision_stages_validation_scores_its_choices_and_ranks_every_pictured_object():
+    """TrainVision.validate: the answer loss per answer token over the validation pictures; the share of the
+    "which object can be seen" questions whose answer the APT scores highest of the four offered; and the mean
+    place (0 = first) among all the looks' names of every object a picture shows, asked what the picture shows.
+    Here the APT prefers an option the earlier it is listed, and the looks' names in their own order."""
+    from apt_min import synth, synth_av
+    from apt_min.blip2 import avqa_prompt
+
+    names = [c.name for c in synth.TRAIN_CLASSES]
+    a, b, c, d = names[:4]
+    choose = avqa_prompt(synth_av.QUESTIONS["view"], [a, b, c, d])
+    val = [([], choose, a, ""), ([], choose, c, ""),  # the first option: right, then wrong
+           ([], "What objects are in the picture?", f"{names[2]}, {names[5]}", ""),  # places 2 and 5
+           ([], "What objects are in the picture?", names[1], ""),  # place 1
+           ([], "Describe the picture.", f"A picture of {synth.an(a)}.", "")]
+    job = object.__new__(train.TrainVision)
+    job.cfg, job.autocast, job.val = SimpleNamespace(batch_size=2), nullcontext, val
+    job.module = SimpleNamespace(segments=lambda examples: [ex[1] for ex in examples])
+    offered = []
+
+    class APT:
+        def __call__(self, segments, answers, feats):  # loss 3 over 2 tokens an example
+            return torch.tensor(3.0 * len(answers)), 2 * len(answers)
+
+        def choice_logprob(self, prompt, options, feats):
+            offered.append(options)
+            return -torch.arange(float(len(options)))
+
+    job.apt = APT()
+    got = job.validate()
+    assert offered == [[a, b, c, d], [a, b, c, d], names, names]
+    assert got == {"val_loss": 1.5, "val_choice_accuracy": 0.5, "val_object_rank": pytest.approx((2 + 5 + 1) / 3)}
