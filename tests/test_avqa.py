@@ -3,7 +3,10 @@ through the vision stage and `evaluate.py --task avqa`."""
 
 import json
 import logging
+import os
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -390,6 +393,16 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
                    f"--out={tmp / 'eval2'}"])  # trained here, named by --vision_path: the same answers
     answers = [(tmp / out / "predictions_avqa.jsonl").read_text() for out in ("eval", "eval2")]
     assert answers[0] == answers[1]
+    made = json.loads((tmp / "eval" / "made_avqa.json").read_text())  # what made them: the frames a video too
+    cfg = load_config("tiny", opts(tmp, *vision))
+    assert (made["limit"], made["avqa_frames"], made["avqa_blocks_apart"]) == (6, cfg.avqa_frames, False)
+    lost = tmp_path / "lost"  # a copy whose first test video has lost its audio: --strict stops there
+    shutil.copytree(trained / "synth", lost, copy_function=os.symlink)
+    gone = Path(data.avqa_items(lost, "test", cfg.avqa_frames)[0]["audio"])
+    gone.unlink()
+    with pytest.raises(SystemExit, match=rf"^evaluate.py: error: {re.escape(str(gone))}: audio listed in "):
+        evaluate.main(["--task", "avqa", "--limit", "2", "--strict", *opts(tmp, *vision), f"--data-root={lost}",
+                       f"--out={tmp / 'eval3'}"])
     # the setting that keeps the visual and the acoustic prompts apart reaches the model (tiny: off, as the paper)
     for setting, apart in (([], False), (["--avqa_blocks_apart=true"], True)):
         cfg = load_config("tiny", [*opts(tmp, *vision), *setting])

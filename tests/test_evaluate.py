@@ -413,10 +413,62 @@ def test_clean_exit_keeps_the_traceback_for_bugs():
     assert issubclass(data.DataError, UserError) and issubclass(evaluation.data.MissingFileError, FileNotFoundError)
 
 
+def test_the_command_lines_options_reach_the_evaluation(trained, tmp_path, monkeypatch):
+    """evaluate.py's defaults are the evaluation's own (Options: every example, 100 episodes a few-shot setting, as
+    the README's table reports them, the public APT code's captioning decoding), and each option given reaches it."""
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def evaluated(name, apt, cfg, options):
+        asked.append(options)
+        raise Stop
+
+    monkeypatch.setattr(evaluate, "evaluate", evaluated)
+    monkeypatch.setattr(evaluate, "load_apt", lambda cfg, checkpoint, device: None)
+    args = ["--task", "audiocaps", "--out", str(tmp_path), *opts(trained)]
+    for extra in ([], ["--limit", "3", "--episodes", "7", "--batch-size", "2", "--num-beams", "2",
+                       "--repetition-penalty", "1.2", "--max-new-tokens", "9", "--strict"]):
+        with pytest.raises(Stop):
+            evaluate.main([*args, *extra])
+    default, given = ((o.batch_size, o.limit, o.episodes, o.caption, o.strict) for o in asked)
+    plain = evaluation.Options()
+    assert default == (plain.batch_size, 0, 100, evaluation.CAPTION, False) and plain.caption == evaluation.CAPTION
+    assert given == (2, 3, 7, {"num_beams": 2, "repetition_penalty": 1.2, "max_new_tokens": 9}, True)
+
+
+def test_the_printed_table_shows_scores_and_baselines_alike_and_counts_whole(tmp_path, capsys):
+    """print_report: a score and its baseline to three places, side by side; a count as a whole number; no
+    baseline, no number."""
+    evaluate.print_report([("nlar", "accuracy", 0.5, 0.25, "exact match"),
+                           ("nlar", "clips scored", 12, None, "scored on 12 clips")], tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"nlar +accuracy +0\.500 +0\.250  exact match", lines[2]), lines
+    assert re.fullmatch(r"nlar +clips scored +12 +  scored on 12 clips", lines[3]), lines
+
+
+def test_the_synthetic_benchmark_is_made_where_the_data_root_has_none(trained, tmp_path):
+    """evaluate.py on a preset that runs on the synthetic benchmark makes it first where the data root is empty,
+    as train.py does."""
+    tmp = copy_of(trained, tmp_path)
+    fresh = tmp_path / "fresh"
+    evaluate.main(["--task", "counting", "--limit", "2", "--batch-size", "2", *opts(tmp), f"--data_root={fresh}",
+                   f"--out={tmp_path / 'eval'}"])
+    *_, scored = json.loads((tmp_path / "eval" / "metrics_counting.json").read_text())
+    assert scored["apt"] == 2 and len(data.examples("counting", fresh, "test")) >= 2
+
+
 def test_missing_checkpoint_is_explained_before_anything_is_written(tmp_path):
     with pytest.raises(SystemExit, match="no trained APT there"):
         evaluate.main(["--task", "nlar", f"--run_dir={tmp_path / 'run'}", f"--data_root={tmp_path / 'synth'}"])
     assert list(tmp_path.iterdir()) == []  # no data generated, no folder made
+    empty = tmp_path / "stage2" / "final"  # a folder, but no APT in it (a save that never finished)
+    empty.mkdir(parents=True)
+    with pytest.raises(SystemExit, match=rf"^{re.escape(str(empty))}: no trained APT there; train one"):
+        evaluate.main(["--task", "nlar", f"--checkpoint={empty}", f"--run_dir={tmp_path / 'run'}",
+                       f"--data_root={tmp_path / 'synth'}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage2"]
 
 
 # ------------------------------------------------------------------------ scoring, on hand-worked answers
@@ -693,9 +745,12 @@ def test_the_checkpoints_layout_is_used_and_said_unless_chosen(trained, tmp_path
     one given on the command line that differs is said to be unused."""
     args = ["--task", "counting", "--limit", "4", "--batch-size", "4", "--out", str(tmp_path), *opts(trained)]
     evaluate.main([*args, "--preset", "small", "--llm_path=" + str(trained / "run" / "llm"),
-                   "--aligner_words=own", "--aligner_init=random", "--prompt_format=plain", "--encoder_init=random"])
+                   "--aligner_words=own", "--aligner_init=random", "--encoder_init=random"])
     said = capsys.readouterr().out
     assert "few-shot episodes laid out as" in said and "fewshot_layout=paper (the small preset's is list" in said
+    assert "is not used" not in said  # the small preset's prompt format, not typed here: nothing to say of it
+    evaluate.main(args)  # the tiny preset's layout is the one the APT was trained on: nothing to say
+    assert "few-shot episodes laid out as" not in capsys.readouterr().out
     for spelling in ("--fewshot_layout=list", "--fewshot-layout=list"):
         evaluate.main([*args, spelling])
         assert "few-shot episodes laid out as" not in capsys.readouterr().out, spelling
@@ -966,13 +1021,16 @@ def test_another_apts_results_go_to_its_own_runs_eval_folder(trained, tmp_path, 
     cfg = load_config("tiny", [f"--run_dir={tmp / 'run'}"])
     final = tmp / "run" / "caption_ft-audiocaps" / "final"
     assert evaluate.default_out(cfg, final, given=True) == tmp / "run" / "eval-caption_ft-audiocaps"
+    assert evaluate.default_out(cfg, tmp / "run" / "stage2" / "final", given=True) == tmp / "run" / "eval"
     assert evaluate.default_out(cfg, Path("weights/apt-small"), given=True) == tmp / "run" / "eval-apt-small"
     assert evaluate.default_out(cfg, Path("weights/apt-small"), given=False) == tmp / "run" / "eval"  # stands in
     with monkeypatch.context() as m:
         m.chdir(tmp / "run" / "stage1")
         assert evaluate.default_out(cfg, Path("final"), given=True) == (tmp / "run" / "eval-stage1").resolve()
-    evaluate.main(["--task", "counting", "--limit", "2", "--batch-size", "4", *opts(tmp),
-                   f"--checkpoint={tmp / 'run' / 'stage1' / 'final'}"])
+    with monkeypatch.context() as m:  # a checkpoint given relative to where evaluate.py runs
+        m.chdir(tmp)
+        evaluate.main(["--task", "counting", "--limit", "2", "--batch-size", "4", *opts(tmp),
+                       "--checkpoint=run/stage1/final"])
     assert f"written to {tmp / 'run' / 'eval-stage1'}/" in capsys.readouterr().out
     made = json.loads((tmp / "run" / "eval-stage1" / "made_counting.json").read_text())
     assert made["checkpoint"] == str((tmp / "run" / "stage1" / "final").resolve())
