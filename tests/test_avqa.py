@@ -387,7 +387,8 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     assert scored["metric"] == "videos scored" and " 0 missing, 0 unreadable" in scored["protocol"]
     predictions = [json.loads(line) for line in (tmp / "eval" / "predictions_avqa.jsonl").read_text().splitlines()]
     assert len(predictions) == 6 and set(MODES) <= set(predictions[0])
-    assert "avqa" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "\navqa " in table and "videos scored" in table and f"metrics written to {tmp / 'eval'}/" in table
     elsewhere = [*opts(tmp, *vision, f"--vision_path={final}"), f"--run_dir={tmp / 'other'}"]  # a vision side
     evaluate.main(["--task", "avqa", "--limit", "6", *elsewhere, f"--checkpoint={tmp / 'run' / 'stage2' / 'final'}",
                    f"--out={tmp / 'eval2'}"])  # trained here, named by --vision_path: the same answers
@@ -396,6 +397,9 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     made = json.loads((tmp / "eval" / "made_avqa.json").read_text())  # what made them: the frames a video too
     cfg = load_config("tiny", opts(tmp, *vision))
     assert (made["limit"], made["avqa_frames"], made["avqa_blocks_apart"]) == (6, cfg.avqa_frames, False)
+    assert (made["preset"], made["data_root"], made["vision_path"]) == ("tiny", str(cfg.data_root), "")
+    made = json.loads((tmp / "eval2" / "made_avqa.json").read_text())
+    assert made["vision_path"] == str(final)
     lost = tmp_path / "lost"  # a copy whose first test video has lost its audio: --strict stops there
     shutil.copytree(trained / "synth", lost, copy_function=os.symlink)
     gone = Path(data.avqa_items(lost, "test", cfg.avqa_frames)[0]["audio"])
@@ -403,6 +407,9 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     with pytest.raises(SystemExit, match=rf"^evaluate.py: error: {re.escape(str(gone))}: audio listed in "):
         evaluate.main(["--task", "avqa", "--limit", "2", "--strict", *opts(tmp, *vision), f"--data-root={lost}",
                        f"--out={tmp / 'eval3'}"])
+    evaluate.main(["--task", "avqa", "--limit", "2", *opts(tmp, *vision), f"--data-root={lost}",
+                   f"--out={tmp / 'eval3'}"])  # without: skipped, counted and listed
+    assert (tmp / "eval3" / "missing_avqa.txt").read_text().startswith(f"{gone}\tmissing (listed in ")
     # the setting that keeps the visual and the acoustic prompts apart reaches the model (tiny: off, as the paper)
     for setting, apart in (([], False), (["--avqa_blocks_apart=true"], True)):
         cfg = load_config("tiny", [*opts(tmp, *vision), *setting])

@@ -748,6 +748,7 @@ def test_the_checkpoints_layout_is_used_and_said_unless_chosen(trained, tmp_path
                    "--aligner_words=own", "--aligner_init=random", "--encoder_init=random"])
     said = capsys.readouterr().out
     assert "few-shot episodes laid out as" in said and "fewshot_layout=paper (the small preset's is list" in said
+    assert json.loads((tmp_path / "made_counting.json").read_text())["preset"] == "small"
     assert "is not used" not in said  # the small preset's prompt format, not typed here: nothing to say of it
     evaluate.main(args)  # the tiny preset's layout is the one the APT was trained on: nothing to say
     assert "few-shot episodes laid out as" not in capsys.readouterr().out
