@@ -120,6 +120,28 @@ def test_the_decoder_by_hand_at_a_width_of_its_own():
     torch.testing.assert_close(dec(tokens, keep), want, rtol=1e-12, atol=1e-12)
 
 
+def test_the_decoders_defaults_are_two_blocks_at_the_encoders_width_as_audio_maes_blocks_are():
+    """Left to its defaults (as train.py makes it), the decoder is two blocks at the encoder's width and number of
+    heads, each Audio-MAE's (MLP 4 x the width, norms at eps 1e-6); its mask token is drawn as Audio-MAE draws it,
+    normal with std 0.02."""
+    dec = mae.MAEDecoder(CFG)
+    assert len(dec.blocks) == 2 and dec.embed.out_features == CFG.dim
+    for block in dec.blocks:
+        assert block.attn.heads == CFG.heads and block.mlp.fc1.out_features == 4 * CFG.dim
+        assert block.norm1.eps == block.norm2.eps == 1e-6
+    wide = mae.MAEDecoder(CFG, dim=4096, depth=0).mask_token
+    assert abs(wide.mean().item()) < 2e-3 and abs(wide.std().item() - 0.02) < 2e-3
+    # the loss's masking ratio left out is Audio-MAE's 0.8: of 20 patches, 4 kept (0.75 would keep 5)
+    cfg = AudioMAEConfig(target_length=160, num_mel_bins=32, dim=24, depth=1, heads=2, output_block=-1)
+    enc, x = AudioMAE(cfg), torch.randn(2, 160, 32)
+    dec = mae.MAEDecoder(cfg)
+
+    def loss(*ratio):
+        return mae.mae_loss(enc, dec, x, *ratio, generator=torch.Generator().manual_seed(3))
+
+    assert loss() == loss(0.8) != loss(0.75)
+
+
 @pytest.mark.parametrize("scale", [1.0, 1e-3])
 def test_the_loss_is_taken_on_hidden_patches_only_against_normalised_patches(scale):
     """Audio-MAE's norm_pix_loss: each patch less its mean, over the root of its (unbiased) variance plus 1e-6; on
@@ -176,3 +198,15 @@ def test_a_preset_that_pretrains_its_encoder_asks_for_the_stage(tmp_path):
     cfg = load_config("small", {"run_dir": str(tmp_path)})
     with pytest.raises(SystemExit, match="--stage mae"):
         build_encoder(cfg, "cpu", torch.float32)
+
+
+def test_the_loss_under_autocast_is_the_loss():
+    """Training runs the stage under autocast (bf16 or fp16 on a GPU): the encoder's tokens come to the decoder in
+    the lower precision while its mask token stays float32, and the loss is still the float32 one, to bf16's
+    precision (here on the CPU)."""
+    torch.manual_seed(0)
+    enc, dec, x = AudioMAE(CFG), mae.MAEDecoder(CFG), windows()
+    want = mae.mae_loss(enc, dec, x, 0.8, torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mae.mae_loss(enc, dec, x, 0.8, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=0)
