@@ -249,7 +249,7 @@ def test_the_image_encoder_matches_transformers():
         patch_size=14, layer_norm_eps=1e-3)).eval()
     randomize(hf)
     ours = ImageEncoder(ViTConfig(image_size=42, patch_size=14, dim=32, depth=2, heads=4, hidden=80, norm_eps=1e-3))
-    assert not any(p.requires_grad for p in ours.parameters())
+    assert not any(p.requires_grad for p in ours.parameters()) and not ours.training
     state = {rename(f"vision_model.{k}"): v for k, v in hf.state_dict().items() if not k.startswith("post_layernorm")}
     ours.load_state_dict({k.removeprefix("vision."): v for k, v in state.items()})
     ours, hf = ours.double(), hf.double()
@@ -261,6 +261,14 @@ def test_the_image_encoder_matches_transformers():
     assert_close_rel(got, ref, 1e-10)
     with pytest.raises(ValueError, match=re.escape("expected images of shape (B, 3, 42, 42), got (2, 1, 42, 42)")):
         ours(pixels[:, :1])
+    with pytest.raises(ValueError, match=re.escape("expected images of shape (B, 3, 42, 42), got (2, 3, 28, 28)")):
+        ours(pixels[..., :28, :28])  # whole patches still, but not the positions the encoder has
+    with pytest.raises(ValueError, match="image_size=40 is not a multiple of patch_size=14"):
+        ImageEncoder(ViTConfig(image_size=40, patch_size=14, dim=32, depth=1, heads=4, hidden=80))
+    # CLS and the position table are drawn as EVA's ViT draws them, with std 0.02
+    wide = ImageEncoder(ViTConfig(image_size=28, patch_size=14, dim=4096, depth=0, heads=1, hidden=1))
+    for drawn in (wide.cls_token, wide.pos_embed):
+        assert abs(drawn.mean().item()) < 2e-3 and abs(drawn.std().item() - 0.02) < 2e-3
 
 
 def test_image_processing_of_files_and_of_other_modes(hf_folder, tmp_path):
@@ -283,6 +291,9 @@ def test_image_processing_of_files_and_of_other_modes(hf_folder, tmp_path):
     for written, size in (({"size": 20}, 20), ({"image_mean": [0.5, 0.5, 0.5]}, 224)):
         (tmp_path / "preprocessor_config.json").write_text(json.dumps(written))
         assert ImageProcessing.read(tmp_path).size == size
+    left = BlipImageProcessorPil.from_pretrained(tmp_path)  # what the file leaves out: BLIP's, the size InstructBLIP's
+    assert ImageProcessing.read(tmp_path) == ImageProcessing(size=224, mean=(0.5, 0.5, 0.5), std=tuple(left.image_std),
+                                                             rescale=left.rescale_factor, resample=left.resample)
     for height, width in ((20, 30), (30, 20)):  # another shape than the encoder's square: refused, not squashed
         (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": height, "width": width}}))
         with pytest.raises(CheckpointError, match=rf"preprocessor_config.json: an image size of {height} x {width} "
