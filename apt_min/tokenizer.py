@@ -50,12 +50,12 @@ class Tokenizer:
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
             special = self._special_tokens(folder)
             self.bos_id, self.eos_id = self.hf.token_to_id(special["bos"]), self.hf.token_to_id(special["eos"])
-            pad = self.hf.token_to_id(special["pad"]) if "pad" in special else None
-            unk = self.hf.token_to_id(special["unk"]) if "unk" in special else None
-            self.pad_id = next(i for i in (pad, unk, self.eos_id) if i is not None)  # <unk>, as with sentencepiece
             if self.bos_id is None or self.eos_id is None:
                 raise CheckpointError(f"{file}: BOS {special['bos']!r} or EOS {special['eos']!r} is not in the "
                                       "vocabulary")
+            pad = self.hf.token_to_id(special["pad"]) if "pad" in special else None
+            unk = self.hf.token_to_id(special["unk"]) if "unk" in special else None
+            self.pad_id = next(i for i in (pad, unk, self.eos_id) if i is not None)  # <unk>, as with sentencepiece
 
     @staticmethod
     def _special_tokens(folder: Path) -> dict:

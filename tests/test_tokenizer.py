@@ -1,6 +1,7 @@
 """The tokenizer against transformers' LlamaTokenizer, on a sentencepiece model trained here."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ SAMPLES = ["A dog barks twice.", "This is a sound of", "When does siren happen? 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
+    folder = tmp_path_factory.mktemp("tok") / "made"  # a folder not there yet: train_sentencepiece makes it
     train_sentencepiece(CORPUS, folder / "tokenizer.model", vocab_size=400)
     return folder
 
@@ -127,6 +128,7 @@ def test_a_sentencepiece_model_pads_with_its_pad_piece_or_else_its_unk(tmp_path,
     (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
     tok = Tokenizer(tmp_path)
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.sp.unk_id()) == (pad, ids["bos_id"], ids["eos_id"], ids["unk_id"])
+    assert tok.pad([[5, 6], [7]])[0].tolist() == [[5, 6], [7, pad]]  # and pad fills with it
 
 
 def test_special_tokens_of_a_tokenizer_json_folder(folder, tmp_path):
@@ -150,6 +152,27 @@ def test_special_tokens_of_a_tokenizer_json_folder(folder, tmp_path):
     config.write_text(json.dumps({"bos_token": "<nope>", "eos_token": "</s>"}))
     with pytest.raises(CheckpointError, match="BOS '<nope>' or EOS '</s>' is not in the vocabulary"):
         Tokenizer(tmp_path)
+    config.write_text(json.dumps({"bos_token": "<s>", "eos_token": "<nope>"}))
+    with pytest.raises(CheckpointError, match="BOS '<s>' or EOS '<nope>' is not in the vocabulary"):
+        Tokenizer(tmp_path)
+
+
+def test_a_tokenizer_json_naming_no_pad_or_unk_pads_with_eos_not_a_piece_of_text(tmp_path):
+    """A tokenizer.json whose config names neither a pad nor an unk token (here a word-level vocabulary whose id 0 is
+    an ordinary word) pads with EOS, never with a piece of text: decoding keeps every word before EOS, id 0's too."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    hf = HFTokenizer(WordLevel({"rain": 0, "<s>": 1, "</s>": 2, "bell": 3}, unk_token="bell"))
+    hf.pre_tokenizer = Whitespace()
+    hf.add_special_tokens(["<s>", "</s>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = Tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
+    assert tok.encode("rain bell rain", eos=True) == [1, 0, 3, 0, 2]
+    assert tok.decode(tok.encode("rain bell rain", eos=True) + [3]) == "rain bell rain"
 
 
 def test_tokens_a_tokenizer_json_adds(folder, tmp_path):
@@ -180,8 +203,14 @@ def test_a_folder_with_both_files_is_read_through_tokenizer_model(folder, tmp_pa
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
+    """A folder without a tokenizer, and a tokenizer.model or tokenizer.json that cannot be read, are refused, naming
+    the folder or the file."""
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path}: no tokenizer.model or tokenizer.json")):
         Tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_text("not a model")
-    with pytest.raises(ValueError, match="tokenizer.model: not a sentencepiece model"):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'tokenizer.model'}: not a sentencepiece model")):
+        Tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").unlink()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'tokenizer.json'}: not a tokenizers JSON file")):
         Tokenizer(tmp_path)
