@@ -44,6 +44,13 @@ def test_digits_are_pieces_of_their_own(folder):
     assert tok.pad_id not in tok.encode("✓ ♫ 東京", bos=False)  # 0 is <unk>: never produced
 
 
+def test_the_vocabulary_asked_is_met_where_the_corpus_allows_and_is_a_ceiling_where_not(tmp_path):
+    """train_sentencepiece makes the vocabulary size asked; a corpus too small for it (a miniature run's few
+    sentences) gives a smaller vocabulary, not an error, and a tokenizer that still spells everything."""
+    assert Tokenizer(train_sentencepiece(CORPUS, tmp_path / "a" / "tokenizer.model", vocab_size=300)).vocab_size == 300
+    tok = Tokenizer(train_sentencepiece(CORPUS[:2], tmp_path / "b" / "tokenizer.model", vocab_size=400))
+    assert tok.vocab_size < 400 and all(tok.decode(tok.encode(text)) == text for text in SAMPLES)
+
 def test_tokenizer_json_gives_the_same_ids(folder, tmp_path):
     from transformers import LlamaTokenizer
 
