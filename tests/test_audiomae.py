@@ -250,6 +250,10 @@ def test_the_converter_writes_the_released_encoder_with_its_settings(tmp_path, m
     monkeypatch.setattr(sys, "argv", ["audiomae", str(tmp_path / "finetuned.pth"), str(tmp_path / "enc.safetensors")])
     audiomae.main()
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'enc.safetensors'}"
+    monkeypatch.setattr(sys, "argv", ["audiomae", "--help"])  # its help says what it does: main's docstring
+    with pytest.raises(SystemExit):
+        audiomae.main()
+    assert "IN.pth OUT.safetensors: convert a released checkpoint once." in " ".join(capsys.readouterr().out.split())
     back = read(tmp_path / "enc.safetensors")
     assert back.config == AudioMAEConfig(**SMALL) and back.config.output_block == -2
     for key, tensor in model.state_dict().items():

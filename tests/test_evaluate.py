@@ -413,6 +413,24 @@ def test_clean_exit_keeps_the_traceback_for_bugs():
     assert issubclass(data.DataError, UserError) and issubclass(evaluation.data.MissingFileError, FileNotFoundError)
 
 
+def test_whole_number_reads_whole_numbers_from_its_least_up(capsys):
+    """whole_number(least) stands in for argparse's int: an int, `least` itself included, spaces around it allowed as
+    int allows them; a digit that int cannot read (a superscript two) is argparse's own error, naming the option and
+    what was expected."""
+    import argparse
+
+    from apt_min.errors import whole_number
+
+    assert (whole_number(1)("1"), whole_number(0)("0"), whole_number(1)(" 12 ")) == (1, 0, int(" 12 "))
+    assert type(whole_number(1)("3")) is int
+    ap = argparse.ArgumentParser(prog="p")
+    ap.add_argument("--n", type=whole_number(2))
+    assert ap.parse_args(["--n", "2"]).n == 2
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--n", "\u00b2"])
+    assert "argument --n: invalid whole number >= 2 value: '\u00b2'" in capsys.readouterr().err
+
+
 def test_the_command_lines_options_reach_the_evaluation(trained, tmp_path, monkeypatch):
     """evaluate.py's defaults are the evaluation's own (Options: every example, 100 episodes a few-shot setting, as
     the README's table reports them, the public APT code's captioning decoding), and each option given reaches it."""
