@@ -207,6 +207,8 @@ def test_a_folder_with_both_files_is_read_through_tokenizer_model(folder, tmp_pa
     (tmp_path / "tokenizer.json").write_text("{}")  # unreadable: reading it would fail
     tok = Tokenizer(tmp_path)
     assert tok.file.name == "tokenizer.model" and tok.encode("rain") == Tokenizer(folder).encode("rain")
+    (tmp_path / "tokenizer.model").rename(tmp_path / "llama.model")  # a model file given by path, under any name
+    assert Tokenizer(tmp_path / "llama.model").encode("rain") == Tokenizer(folder).encode("rain")
 
 
 def test_bad_files(tmp_path):
