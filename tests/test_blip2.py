@@ -299,6 +299,9 @@ def test_image_processing_of_files_and_of_other_modes(hf_folder, tmp_path):
         with pytest.raises(CheckpointError, match=rf"preprocessor_config.json: an image size of {height} x {width} "
                                                   r"\(height x width\); the vision encoder reads square images"):
             ImageProcessing.read(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"width": 30}}))  # a width alone
+    with pytest.raises(CheckpointError, match=r"preprocessor_config.json: an image size of no height x 30 "):
+        ImageProcessing.read(tmp_path)
     bad = f"{tmp_path}/frame\x00.png"
     with pytest.raises(ImageError, match=re.escape(f"{bad}: cannot be read as an image")):
         ours(bad)
