@@ -101,9 +101,10 @@ class ImageProcessing:
         raw = json.loads(file.read_text())
         size = raw.get("size", {})
         if isinstance(size, dict) and "width" in size and size.get("height") != size["width"]:
-            raise CheckpointError(f"{file}: an image size of {size.get('height', 'no height')} x {size['width']} "
-                                  "(height x width); the vision encoder reads square images, as BLIP's processing "
-                                  "makes them")
+            shape = (f"{size['height']} x {size['width']} (height x width)" if "height" in size
+                     else f"width {size['width']} and no height")
+            raise CheckpointError(f"{file}: an image size of {shape}; the vision encoder reads square images, as "
+                                  "BLIP's processing makes them")
         size = size.get("height", size.get("shortest_edge", 224)) if isinstance(size, dict) else size
         return cls(size=int(size), mean=tuple(raw.get("image_mean", CLIP_MEAN)),
                    std=tuple(raw.get("image_std", CLIP_STD)), rescale=float(raw.get("rescale_factor", 1 / 255)),

@@ -231,12 +231,13 @@ def test_every_stage_draws_one_global_batch_for_all_its_processes(trained, tmp_p
     tmp, cpu = copy_of(trained, tmp_path), torch.device("cpu")
     cfg = train.load_config("tiny", opts(tmp, "--stage0_batch_size=3"))
     mae = train.load_config("tiny", opts(tmp, "--encoder_init=mae", "--mae_batch_size=5"))
-    for world in (1, 2):
-        jobs = {"lm": train.StandInLLM(cfg, 0, world, cpu), "mae": train.PretrainEncoder(mae, 0, world, cpu),
-                "0": train.AlignStage0(cfg, 0, world, cpu), "1": train.TuneAPT(cfg, "1", 0, world, cpu),
-                "2": train.TuneAPT(cfg, "2", 0, world, cpu)}
-        got = {stage: job.sampler.batch_size for stage, job in jobs.items()}
-        assert got == {"lm": 4 * world, "mae": 5 * world, "0": 3 * world, "1": 4 * world, "2": 4 * world}, world
+    world = 3  # processes, as torchrun would start them
+    jobs = {"lm": train.StandInLLM(cfg, 0, world, cpu), "mae": train.PretrainEncoder(mae, 0, world, cpu),
+            "0": train.AlignStage0(cfg, 0, world, cpu), "1": train.TuneAPT(cfg, "1", 0, world, cpu),
+            "2": train.TuneAPT(cfg, "2", 0, world, cpu)}
+    got = {stage: job.sampler.batch_size for stage, job in jobs.items()}
+    b = cfg.batch_size
+    assert got == {"lm": b * world, "mae": 5 * world, "0": 3 * world, "1": b * world, "2": b * world}
 
 
 def weights(tmp):
@@ -678,6 +679,10 @@ def test_caption_fine_tuning_makes_whole_passes_over_one_caption_set(trained, tm
     before = load_file(str(tmp / "run" / "stage2" / "final" / "apt.safetensors"))
     after = load_file(str(folder / "final" / "apt.safetensors"))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    train.main(["--stage", "caption_ft", *opts(tmp, "--caption_ft_source=audiocaps", "--caption_ft_epochs=0.05",
+                                               "--lr=0")])  # with lr 0 its result is where it started: stage 2's
+    after = load_file(str(tmp / "run" / "caption_ft-audiocaps" / "final" / "apt.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert evaluation.stage0_aligner(folder / "final", "cpu") is not None
     with pytest.raises(SystemExit, match="--caption_ft_source='wavcaps:FreeSound': expected one of audiocaps, clotho"):
         train.main(["--stage", "caption_ft", *opts(tmp, "--caption_ft_source=wavcaps:FreeSound")])
@@ -1570,11 +1575,12 @@ def test_each_process_resumes_its_own_generators(tmp_path):
 
 class HalfFrozen(nn.Module):
     """A trainable layer beside a frozen one and a buffer, as APT holds its trainable parts beside the frozen
-    encoder and LLM."""
+    encoder and LLM, and a trainable layer no step uses (as the vision stage's projection while it aligns)."""
 
     def __init__(self):
         super().__init__()
         self.trained, self.frozen = nn.Linear(2, 1), nn.Linear(2, 1).requires_grad_(False)
+        self.idle = nn.Linear(2, 1)
         self.register_buffer("table", torch.zeros(3))
 
     def forward(self, x):
@@ -1591,68 +1597,33 @@ def _ddp_worker(rank, world, folder, out):
         module.frozen.weight.fill_(rank)  # what a broadcast from process 0 would overwrite
         module.table.fill_(rank)
     x = torch.tensor([1.0, 2.0 + rank])  # each process its own batch: its own gradient
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
 
     def micro_step(model, sampler):
         sampler.next_batch()
         return model(x).sum(), 1, {"examples": 1}
 
-    job = SimpleNamespace(module=module, params=dict(module.trained.named_parameters(prefix="trained")),
-                          scaler=None, micro_step=micro_step, validate=lambda: {},
+    job = SimpleNamespace(module=module, params={n: p for n, p in module.named_parameters() if p.requires_grad},
+                          scaler=None, micro_step=micro_step, validate=lambda: {}, unused_parameters=True,
                           sampler=data.TaskSampler({"x": [1, 2, 3]}, {"x": 1.0}, 2))
     cfg = train.load_config("tiny", {"steps_1": 2, "eval_every": 5, "save_every": 5, "warmup_steps": 1})
     train.fit(cfg, "1", job, False, rank, world, folder / f"out{rank}")
-    out[rank] = (module.trained.weight.detach().clone(), float(module.frozen.weight[0, 0]), float(module.table[0]))
+    cpu = torch.device("cpu")
+    out[rank] = (module.trained.weight.detach().clone(), float(module.frozen.weight[0, 0]), float(module.table[0]),
+                 not torch.equal(module.trained.weight, before["trained.weight"]),
+                 torch.equal(module.idle.weight, before["idle.weight"]),
+                 train.nothing_to_train([] if rank else ["an example"], world, cpu),  # one process has none
+                 train.nothing_to_train(["an example"], world, cpu))
     torch.distributed.destroy_process_group()
-
-
-class PartlyUsed(nn.Module):
-    """Two trainable layers, one of which no step uses."""
-
-    def __init__(self):
-        super().__init__()
-        self.used, self.idle = nn.Linear(2, 1), nn.Linear(2, 1)
-
-    def forward(self, x):
-        return self.used(x)
-
-
-def _unused_worker(rank, world, folder, out):
-    """One of two processes training, with fit under DDP, a stage whose steps leave a trainable layer without a
-    gradient (the vision stage's projection while it aligns): job.unused_parameters."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank,
-                                         world_size=world)
-    torch.manual_seed(0)
-    module = PartlyUsed()
-
-    def micro_step(model, sampler):
-        sampler.next_batch()
-        return model(torch.tensor([1.0, 2.0 + rank])).sum(), 1, {"examples": 1}
-
-    job = SimpleNamespace(module=module, params=dict(module.named_parameters()), scaler=None, micro_step=micro_step,
-                          validate=lambda: {}, sampler=data.TaskSampler({"x": [1, 2, 3]}, {"x": 1.0}, 2),
-                          unused_parameters=True)
-    cfg = train.load_config("tiny", {"steps_1": 3, "eval_every": 5, "save_every": 5, "warmup_steps": 1})
-    train.fit(cfg, "1", job, False, rank, world, folder / f"out{rank}")
-    out[rank] = module.used.weight.detach().clone()
-    torch.distributed.destroy_process_group()
-
-
-def test_ddp_trains_a_stage_whose_steps_leave_some_parameters_without_a_gradient(tmp_path):
-    """A stage that says some steps give some of its parameters no gradient (unused_parameters) trains under DDP
-    (which otherwise stops at the second step, waiting for the missing gradients)."""
-    import torch.multiprocessing as mp
-
-    for rank in range(2):
-        (tmp_path / f"out{rank}").mkdir()
-    out = mp.Manager().dict()
-    mp.spawn(_unused_worker, args=(2, tmp_path, out), nprocs=2, join=True)
-    assert torch.equal(out[0], out[1])
 
 
 def test_ddp_synchronises_what_trains_and_leaves_the_frozen_parts_alone(tmp_path):
     """Under torchrun, fit's DistributedDataParallel averages the trainable parameters' gradients (both processes
     end with the same weights from different batches) and neither broadcasts nor syncs the frozen parameters and
-    buffers (for the paper preset a 7 B LLM, sent to every process at every start)."""
+    buffers (for the paper preset a 7 B LLM, sent to every process at every start). A stage that says some steps
+    give some of its parameters no gradient (job.unused_parameters) trains (DDP otherwise raises at the second
+    step: it expected those gradients). nothing_to_train asks every process: where one has no usable example, all
+    skip."""
     import torch.multiprocessing as mp
 
     for rank in range(2):
@@ -1660,7 +1631,8 @@ def test_ddp_synchronises_what_trains_and_leaves_the_frozen_parts_alone(tmp_path
     out = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, tmp_path, out), nprocs=2, join=True)
     assert torch.equal(out[0][0], out[1][0])  # gradients averaged: one model
-    assert out[0][1:] == (0.0, 0.0) and out[1][1:] == (1.0, 1.0)  # each process kept its own frozen tensors
+    assert out[0][1:3] == (0.0, 0.0) and out[1][1:3] == (1.0, 1.0)  # each process kept its own frozen tensors
+    assert out[0][3:] == out[1][3:] == (True, True, True, False)  # trained; the unused layer left; asked of all
 
 
 def test_two_processes_log_stage_0_as_one_does(prepared, tmp_path):
