@@ -43,6 +43,42 @@ def test_classes():
         assert np.isfinite(a).all() and np.abs(a).max() > 0.01 and not np.allclose(a[:len(b)], b[:len(a)])
 
 
+def test_an_envelope_rises_over_its_attack_and_falls_over_its_release():
+    """_env: a linear rise from silence over `attack` seconds, full level, a linear fall to silence over `release`."""
+    env = synth._env(synth.SR, attack=0.01, release=0.05)
+    a, r = int(0.01 * synth.SR), int(0.05 * synth.SR)
+    assert env[0] == 0 and env[-1] == 0
+    assert (np.diff(env[:a]) > 0).all() and (env[a:-r] == 1).all() and (np.diff(env[-r:]) < 0).all()
+
+
+def test_noise_colours_spread_their_power_over_the_octaves_as_their_names_say():
+    """White noise's power doubles with each octave up (flat per hertz), pink's (1/f) stays the same in each octave,
+    brown's (1/f^2) halves."""
+    rng, n = np.random.default_rng(0), 8 * synth.SR
+    f = np.fft.rfftfreq(n, 1 / synth.SR)
+    for color, ratio in (("white", 2.0), ("pink", 1.0), ("brown", 0.5)):
+        power = np.abs(np.fft.rfft(synth._noise(rng, n, color))) ** 2
+        octaves = np.array([power[(f >= lo) & (f < 2 * lo)].sum() for lo in (250, 500, 1000, 2000)])
+        assert np.allclose(octaves[1:] / octaves[:-1], ratio, rtol=0.15), (color, octaves)
+
+
+def test_band_noise_holds_power_only_within_its_band():
+    x = synth._band(np.random.default_rng(0), synth.SR, 1000, 2000)
+    power, f = np.abs(np.fft.rfft(x)) ** 2, np.fft.rfftfreq(synth.SR, 1 / synth.SR)
+    inside = (f >= 1000) & (f <= 2000)
+    assert power[~inside].sum() < 1e-9 * power[inside].sum()
+
+
+def test_pulses_are_count_copies_spread_evenly_and_added_in_full():
+    """_pulses: copy k starts k/count of the way through; copies that overlap add up; the last is cut at the end."""
+    out = synth._pulses(None, 1.0, 4, lambda rng: np.ones(10))
+    assert list(np.flatnonzero(np.diff(np.r_[0.0, out]) > 0)) == [0, 4000, 8000, 12000] and out.sum() == 40
+    out = synth._pulses(None, 1.0, 2, lambda rng: np.ones(10000))  # at 0 and at 8000 samples, the second cut to 8000
+    assert len(out) == synth.SR and (out[:8000] == 1).all() and (out[8000:10000] == 2).all()
+    assert (out[10000:] == 1).all()
+
+
+
 def test_novel_classes_never_reach_training_files(bench):
     root, _ = bench
     novel = {c.name for c in synth.NOVEL_CLASSES}
@@ -410,9 +446,19 @@ def test_answer_balance_evens_out_each_forms_answers_over_a_split():
         if balance is not None:
             assert even(aqa, AQA_ANSWERS) and even(nlar, NLAR_ANSWERS) and asked >= 3.5 * len(scenes), (aqa, nlar)
             assert sum(map(sum, map(dict.values, nlar.values()))) >= 1.2 * len(scenes)  # build draws more pairs
+            # and no form shut out: each answer of each form given again and again (one each, then none, where the
+            # balance waits on an answer the candidates never give)
+            assert len(aqa) == 4 and min(min(c[a] for a in AQA_ANSWERS[f]) for f, c in aqa.items()) >= 30, aqa
+            assert len(nlar) == 7 and min(min(c[a] for a in NLAR_ANSWERS[f]) for f, c in nlar.items()) >= 2, nlar
         else:
             assert not even(aqa, AQA_ANSWERS) and not even(nlar, NLAR_ANSWERS)
             assert not even({"either": aqa["either"]}, AQA_ANSWERS)  # version 1's lean: mostly yes
+
+
+def test_each_forms_balance_is_over_the_answers_it_can_give():
+    """AnswerBalance evens each form's answers over the closed set that form can give: an answer it never gives
+    ("equal" loudness: only a clear difference is asked about) would hold the others at one each, the form shut out."""
+    assert synth.FORM_ANSWERS == {**AQA_ANSWERS, **NLAR_ANSWERS}
 
 
 def test_captions_are_distinct_name_every_sound_and_order_only_what_is_ordered(bench):
@@ -441,6 +487,21 @@ def test_captions_are_distinct_name_every_sound_and_order_only_what_is_ordered(b
     assert ordered >= 20 and counted >= 50
 
 
+def test_and_list_joins_words_as_a_sentence_lists_them():
+    assert [synth.and_list(w) for w in (["bell"], ["bell", "hum"], ["bell", "hum", "drip"])] == [
+        "bell", "bell and hum", "bell, hum and drip"]
+
+
+def test_a_caption_counts_each_sound_heard_more_than_once():
+    """"You can hear a bell twice and a hum": a sound's count is said where it is heard more than once, in the
+    ordered captions and in those of kinds that take turns alike."""
+    E = synth.Event
+    ordered = [E("bell", 0.0, 0.5, 0), E("bell", 1.0, 1.5, 0), E("hum", 2.0, 3.0, 0)]
+    turns = [E("bell", 0.0, 0.5, 0), E("hum", 1.0, 1.5, 0), E("bell", 2.0, 3.0, 0)]
+    assert "You can hear a bell twice and a hum, in that order." in synth.captions(random.Random(0), ordered, k=7)
+    assert "You can hear a bell twice and a hum." in synth.captions(random.Random(0), turns, k=7)
+
+
 def test_each_split_holds_the_sizes_asked_for(bench):
     """Every split as large as Sizes says: pool and Clotho scenes, ESC clips, and three NLAR questions per pair asked
     for (the fixture's build warned of no shortfall)."""
@@ -451,6 +512,13 @@ def test_each_split_holds_the_sizes_asked_for(bench):
     assert [len(truth["clotho"][s]) for s in splits] == list(sizes.clotho)
     assert [len(truth["nlar"][s]) for s in splits] == [3 * n for n in sizes.nlar]
     assert len(truth["esc50"]) == sizes.esc_per_class * len(synth.NOVEL_CLASSES)
+
+
+def test_the_full_scale_benchmark_has_the_sizes_the_readme_reports():
+    """README's results were measured on the full-scale benchmark: "the test data lists 200" pool clips, NLAR's
+    questions number 3 600 over the three splits, and the few-shot set has ESC-50's 40 clips a class."""
+    full = synth.Sizes()
+    assert full.scenes[2] == 200 and 3 * sum(full.nlar) == 3600 and full.esc_per_class == 40
 
 
 def test_an_esc_clip_sounds_its_own_category(tmp_path, monkeypatch):
@@ -528,6 +596,16 @@ def test_events_are_annotated_where_they_are_heard_over_the_background():
     after, noise = (total["heard after the end"] / total["after checked"],
                     total["background above"] / total["background windows"])
     assert after <= noise + 0.05, total  # about as often as the background alone passes
+
+
+def test_a_scene_lies_over_background_noise_from_its_first_sample_to_its_last():
+    """make_scene: the events sound "over background noise", which fills the whole scene: no 10 ms frame of it is
+    silent, not before the first event, between events or after the last."""
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        audio, events = synth.make_scene(rng, synth.TRAIN_CLASSES, 5.12)
+        frames = audio[:len(audio) // synth.FRAME * synth.FRAME].reshape(-1, synth.FRAME)
+        assert (np.sqrt((frames.astype(float) ** 2).mean(axis=1)) > 1e-4).all(), events
 
 
 def test_the_llms_corpus_asks_every_kind_of_aqa_question(bench):
@@ -660,7 +738,7 @@ def test_both_audioset_name_files_name_each_class_alike(bench):
     root, _ = bench
     names = data.read_mid_to_name(root / "audioset" / "mid_to_display_name.tsv")
     assert data.read_class_labels(root / "audioset" / "class_labels_indices.csv") == names
-    assert sorted(names) == sorted(synth.mid(c.name) for c in synth.TRAIN_CLASSES)
+    assert sorted(names) == sorted(f"/m/syn_{c.name}" for c in synth.TRAIN_CLASSES)  # mid()'s form: /m/syn_bell
     lines = (root / "audioset" / "class_labels_indices.csv").read_text().splitlines()[1:]
     assert all(re.fullmatch(r'\d+,/m/\w+,"[^"]+"', line) for line in lines), lines  # names quoted, as AudioSet's
 
@@ -679,7 +757,33 @@ def test_no_written_sample_clips_and_the_manifest_names_the_novel_classes(bench)
     assert manifest["novel"] and not set(manifest["novel"]) & {n.lower() for n in names}
 
 
+def test_written_clips_are_16_khz_as_long_as_their_scenes_and_peak_just_below_full_scale(bench):
+    """Every clip reads back at the 16 kHz it was made at, as long as its scene (5.12 s; ESC-50's 5 s), scaled so
+    that its peak lies within 1 dB of full scale (headroom, but no quiet file wasting the 16 bits)."""
+    import soundfile as sf
+
+    root, _ = bench
+    for folder, seconds in (("audio", 5.12), ("clotho/evaluation", 5.12), ("clotho_aqa/audio_files", 5.12),
+                            ("esc50/audio", 5.0)):
+        paths = sorted((root / folder).glob("*.wav"))
+        assert paths, folder
+        for path in paths[:5]:
+            audio, rate = sf.read(path)
+            assert rate == synth.SR and len(audio) == round(seconds * synth.SR), path
+            assert -1.0 <= 20 * np.log10(np.abs(audio).max()) < 0, path
+
+
 def test_in_band_measures_only_what_lies_above_20_hz():
     t = np.arange(synth.SR) / synth.SR
     assert synth.in_band(np.sin(2 * np.pi * 5 * t)) < 0.01  # below the filter banks' lowest frequency: not heard
     assert synth.in_band(np.sin(2 * np.pi * 1000 * t)) == pytest.approx(np.sqrt(0.5), rel=1e-3)
+
+
+def test_a_heard_span_is_rounded_outward_to_the_grid_and_never_past_the_sound():
+    """heard_span: the 10 ms frames above the floor, widened to whole 100 ms steps (start down, end up), but never
+    beyond the sound's own last sample."""
+    sound = np.zeros(synth.SR)
+    sound[int(0.16 * synth.SR):int(0.42 * synth.SR)] = 1.0  # heard from 0.16 s to 0.42 s
+    assert synth.heard_span(sound, 0.1) == pytest.approx((0.1, 0.5))
+    assert synth.heard_span(np.ones(int(0.35 * synth.SR)), 0.1) == pytest.approx((0.0, 0.35))  # ends off the grid
+    assert synth.heard_span(0.01 * np.ones(synth.SR), 0.1) is None
