@@ -139,6 +139,58 @@ def test_round_trip_captions_aqa_esc_nlar(bench):
         (Path(i["audio_1"]).name, Path(i["audio_2"]).name) for i in truth["nlar"]["test"]]  # "first" is audio_1
 
 
+def test_nlar_pairs_two_different_clips(bench):
+    """NLAR's questions "need both clips": each pairs two different recordings, never a clip with itself."""
+    _, truth = bench
+    for split, items in truth["nlar"].items():
+        assert items and all(i["audio_1"] != i["audio_2"] for i in items), split
+
+
+def test_clotho_aqa_audio_is_clothos_own_file_not_a_link_that_a_move_breaks(bench):
+    """Clotho-AQA reuses Clotho's audio through a hard link (or a copy): a file in its own right, the same bytes, still
+    there when the folder is moved, as a symbolic link to an absolute path would not be."""
+    root, truth = bench
+    for name, *_ in truth["clotho"]["test"]:
+        own, reused = root / "clotho" / "evaluation" / name, root / "clotho_aqa" / "audio_files" / name
+        assert not reused.is_symlink() and reused.read_bytes() == own.read_bytes()
+
+
+def test_an_audioset_segment_spans_its_clip_from_start_to_end(bench):
+    """Each segments-file row gives start_seconds and end_seconds of the clip's audio: 0.000 to its length (5.120),
+    as long as the written file."""
+    import soundfile as sf
+
+    root, _ = bench
+    for fname in ("balanced_train_segments.csv", "eval_segments.csv"):
+        rows = [line.split(", ") for line in (root / "audioset" / fname).read_text().splitlines()
+                if not line.startswith("#")]
+        assert rows
+        for yid, start, end, _ in rows[:5]:
+            assert float(start) == 0 and float(end) == pytest.approx(sf.info(root / "audio" / f"Y{yid}.wav").duration)
+
+
+def test_audiocaps_rows_have_their_own_ids_and_start_where_the_audioset_segment_does(bench):
+    """audiocap_id names one caption row across the three files; start_time (whole seconds) is where the clip starts
+    in its video, the start_seconds of the same clip's AudioSet segment (0: the written audio is the whole clip)."""
+    root, _ = bench
+    starts = {}
+    for fname in ("balanced_train_segments.csv", "eval_segments.csv"):
+        for line in (root / "audioset" / fname).read_text().splitlines():
+            if not line.startswith("#"):
+                yid, start, *_ = line.split(", ")
+                starts[yid] = float(start)
+    ids = []
+    for split in ("train", "val", "test"):
+        with open(root / "audiocaps" / f"{split}.csv", newline="") as f:
+            for audiocap_id, yid, start_time, _ in list(csv.reader(f))[1:]:
+                ids.append(audiocap_id)
+                assert int(start_time) == starts.get(yid, 0), (yid, start_time)
+    assert len(set(ids)) == len(ids)
+    for split in ("train", "val", "test"):  # CRLF line ends, as the released files have them
+        raw = (root / "audiocaps" / f"{split}.csv").read_bytes()
+        assert raw.endswith(b"\r\n") and raw.count(b"\n") == raw.count(b"\r\n"), split
+
+
 def test_same_seed_same_bytes_other_seed_other_data(bench, tmp_path):
     root, _ = bench
     synth.build(tmp_path / "again", seed=7, scale=SCALE)
@@ -264,6 +316,24 @@ def test_a_scene_exactly_as_long_as_the_longest_sound_is_accepted(tmp_path, monk
     assert built == [synth.LONGEST]
 
 
+def test_the_command_line_asks_for_the_default_benchmark(tmp_path, monkeypatch):
+    """python -m apt_min.synth --out DIR: seed 0, scale 1.0 and 5.12 s scenes (the module's "by default"), the
+    defaults generate and the presets use too."""
+    import inspect
+
+    asked = []
+
+    def recorded(out, seed, scale, length):
+        asked.append((seed, scale, length))
+        (Path(out) / "synth.json").write_text("{}")
+        return Path(out)
+
+    monkeypatch.setattr(synth, "generate", recorded)
+    synth.main(["--out", str(tmp_path)])
+    defaults = inspect.signature(synth.build).parameters
+    assert asked == [(0, 1.0, 5.12)] == [tuple(defaults[k].default for k in ("seed", "scale", "length"))]
+
+
 def test_a_folder_of_other_data_is_never_replaced(tmp_path):
     """The tiny preset pointed at real data (or any folder not written by synth) must read it, not delete it."""
     real = tmp_path / "real"
@@ -277,6 +347,8 @@ def test_a_folder_of_other_data_is_never_replaced(tmp_path):
         # stopped there, with one clean line
         train.main(["--stage", "0", f"--data_root={real}", f"--run_dir={tmp_path / 'run'}"])
     assert (real / "audiocaps" / "train.csv").is_file()
+    (tmp_path / "made").mkdir()
+    assert not synth.holds_other_data(tmp_path / "made")  # an empty folder holds nothing to keep
     synth.generate(tmp_path / "empty", seed=1, scale=0.01)  # an empty or new folder is generated into
     assert (tmp_path / "empty" / "synth.json").is_file()
 
@@ -699,6 +771,25 @@ def test_the_llms_corpus_answers_what_each_described_scene_holds(tmp_path):
     assert kinds["fewshot"] >= 10, kinds
 
 
+def test_describe_writes_a_scene_as_its_docstring_shows():
+    E = synth.Event
+    events = [E("bell", 0.1, 0.9, 0), E("siren", 1.1, 1.8, 0)]
+    assert synth.describe(events) == "bell at 0.1s-0.9s; siren at 1.1s-1.8s."
+    assert synth.describe(events, {"bell": "kzt"}) == "kzt at 0.1s-0.9s; siren at 1.1s-1.8s."
+
+
+def test_the_llms_corpus_has_four_way_episodes_as_soon_as_four_classes_allow_them(tmp_path):
+    """A 4-way 1-shot episode needs four classes, each with two one-kind scenes (a shot and a query): with exactly
+    four such classes, lm_corpus writes episodes."""
+    rng, trng, pool = np.random.default_rng(0), random.Random(0), {"train": [], "val": [], "test": []}
+    for i in range(16):
+        _, events = synth.make_scene(rng, [synth.TRAIN_CLASSES[i % 4]], 5.12, n_types=(1, 1))
+        pool["train"].append((synth.ytid(trng), events, synth.captions(trng, events)))
+    synth._write_audioset(tmp_path / "audioset", pool, 5.12)
+    synth._write_audiocaps(tmp_path / "audiocaps", pool, trng)
+    assert any(doc[-2] == tasks.FEWSHOT_QUERY for doc in synth.lm_corpus(tmp_path, "train", 0))
+
+
 def test_ytids_are_youtube_like_and_unique_and_the_smallest_scale_still_pairs_clips(tmp_path, monkeypatch):
     """YTIDs are 11 characters of YouTube's alphabet; an id drawn twice is drawn again (so no clip's audio overwrites
     another's, across splits too); and however small the scale, every split keeps two clips, as an NLAR pair needs,
@@ -725,11 +816,23 @@ def test_aqa_rows_are_three_annotators_whose_answers_need_normalising(bench):
             assert len({tasks.normalize_answer(a) for a in answers}) == 1, answers
 
 
+def test_every_aqa_answer_is_given_with_confidence(bench):
+    """Clotho-AQA's confidence column says whether the annotator was sure; the synthetic answers are exact: "yes"."""
+    root, _ = bench
+    for split in ("train", "val", "test"):
+        with open(root / "clotho_aqa" / f"clotho_aqa_{split}.csv", newline="", encoding="latin-1") as f:
+            rows = list(csv.DictReader(f))
+        assert rows and {r["confidence"] for r in rows} == {"yes"}, split
+
+
 def test_esc_metadata_lists_its_files_in_name_order_as_the_real_one(bench):
     root, _ = bench
     with open(root / "esc50" / "meta" / "esc50.csv", newline="") as f:
-        names = [r[0] for r in list(csv.reader(f))[1:]]
+        rows = list(csv.reader(f))[1:]
+    names = [r[0] for r in rows]
     assert names == sorted(names)
+    for name, fold, target, _, _, src_file, take in rows:  # as 1-100032-A-0.wav: fold, source, take, target
+        assert name == f"{fold}-{src_file}-{take}-{target}.wav", name
 
 
 def test_both_audioset_name_files_name_each_class_alike(bench):
