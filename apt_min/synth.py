@@ -767,15 +767,17 @@ def _write_audioset(root: Path, pool, length):
                                                           for c in TRAIN_CLASSES))
     for split, fname, strong in (("train", "balanced_train_segments.csv", "audioset_train_strong.tsv"),
                                  ("test", "eval_segments.csv", "audioset_eval_strong.tsv")):
-        lines = ["# Segments csv created by apt_min.synth\n", f"# num_ytids={len(pool[split])}, "
-                 f"num_segs={len(pool[split])}, num_unique_labels={len(TRAIN_CLASSES)}, num_positive_labels=0\n",
-                 "# YTID, start_seconds, end_seconds, positive_labels\n"]
+        rows, positives = [], 0
         tsv = ["segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"]
         for yid, events, _ in pool[split]:
-            labels = ",".join(mid(x) for x in dict.fromkeys(e.label for e in events))
-            lines.append(f'{yid}, 0.000, {length:.3f}, "{labels}"\n')
+            labels = [mid(x) for x in dict.fromkeys(e.label for e in events)]
+            rows.append(f'{yid}, 0.000, {length:.3f}, "{",".join(labels)}"\n')
+            positives += len(labels)
             tsv += [f"{yid}_0\t{e.onset:.3f}\t{e.offset:.3f}\t{mid(e.label)}\n" for e in events]
-        (root / fname).write_text("".join(lines))
+        (root / fname).write_text("".join([
+            "# Segments csv created by apt_min.synth\n",
+            f"# num_ytids={len(rows)}, num_segs={len(rows)}, num_unique_labels={len(TRAIN_CLASSES)}, "
+            f"num_positive_labels={positives}\n", "# YTID, start_seconds, end_seconds, positive_labels\n", *rows]))
         (root / strong).write_text("".join(tsv))
 
 

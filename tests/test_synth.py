@@ -171,16 +171,19 @@ def test_an_audioset_segment_spans_its_clip_from_start_to_end(bench):
 
 def test_an_audioset_segments_header_counts_its_rows_and_the_class_list(bench):
     """The second comment line, as AudioSet's: num_ytids and num_segs count the file's rows, num_unique_labels the
-    classes that class_labels_indices.csv lists (527 in both of the released files)."""
+    classes that class_labels_indices.csv lists (527 in both of the released files), num_positive_labels the labels
+    of all its rows together."""
     root, _ = bench
     with open(root / "audioset" / "class_labels_indices.csv", newline="") as f:
         classes = len(list(csv.reader(f))) - 1
     for fname in ("balanced_train_segments.csv", "eval_segments.csv"):
         lines = (root / "audioset" / fname).read_text().splitlines()
         header = dict(re.findall(r"(\w+)=(\d+)", lines[1]))
-        rows = sum(not line.startswith("#") for line in lines)
-        assert (int(header["num_ytids"]), int(header["num_segs"]), int(header["num_unique_labels"])) == (
-            rows, rows, classes), lines[1]
+        rows = [line for line in lines if not line.startswith("#")]
+        positives = sum(len(next(csv.reader([row], skipinitialspace=True))[3].split(",")) for row in rows)
+        assert (int(header["num_ytids"]), int(header["num_segs"]), int(header["num_unique_labels"]),
+                int(header["num_positive_labels"])) == (len(rows), len(rows), classes, positives), lines[1]
+        assert positives > len(rows)  # some clips hold more than one class
 
 
 def test_audiocaps_rows_have_their_own_ids_and_start_where_the_audioset_segment_does(bench):
