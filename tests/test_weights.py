@@ -80,7 +80,9 @@ def test_digits_are_split_apart_first_as_smollm2s_own_tokenizer_does(smollm2, re
 
 def test_config_is_the_models_shape(smollm2):
     """config.json as transformers reads it equals transformers' reading of the GGUF (the shape, the context, the
-    norm's epsilon, the rope base, BOS / EOS / padding ids), and its tokenizer truncates at that context."""
+    norm's epsilon, the rope base, BOS / EOS / padding ids), and its tokenizer truncates at that context, holds the
+    chat template and adds BOS where the GGUF says to."""
+    from gguf import GGUFReader
     from transformers import AutoConfig, AutoTokenizer
 
     folder, gguf = smollm2
@@ -91,7 +93,10 @@ def test_config_is_the_models_shape(smollm2):
                                    "vocab_size", "tie_word_embeddings", "rope_theta")} == {
         "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
         "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 100000.0}
-    assert "<|im_start|>assistant" in json.loads((smollm2[0] / "tokenizer_config.json").read_text())["chat_template"]
+    made = json.loads((smollm2[0] / "tokenizer_config.json").read_text())
+    assert "<|im_start|>assistant" in made["chat_template"]
+    # the GGUF's own flag, read by the gguf package: SmolLM2 is prompted without BOS
+    assert made["add_bos_token"] is bool(GGUFReader(gguf).fields["tokenizer.ggml.add_bos_token"].contents()) is False
 
 
 def test_a_second_build_is_a_no_op_and_an_incomplete_folder_is_rebuilt(smollm2, downloads):
