@@ -146,6 +146,17 @@ def test_wavcaps_leaves_out_the_clips_its_blacklists_name(tmp_path, caplog):
         captions("AudioSet_SL")
 
 
+def test_a_wavcaps_layout_without_names_or_blacklists(tmp_path, caplog):
+    """A layout= whose WavCaps entry gives only its files ("json", "audio"): a subset's JSON is then
+    json_files/{subset}.json, and no blacklist is read or warned about."""
+    lay = {"wavcaps": {"json": "unused/{subset}/{name}.json", "audio": "wavcaps/{subset}/{stem}.flac"}}
+    write(tmp_path / "wavcaps/json_files/FreeSound.json", json.dumps({"data": [{"id": "156", "caption": "kept"}]}))
+    touch_audio(tmp_path, "wavcaps/FreeSound/156.flac")
+    with caplog.at_level("WARNING"):
+        ex = data.examples("captioning", tmp_path, "train", source="wavcaps:FreeSound", layout=lay)
+    assert [e.answer for e in ex] == ["kept"] and "blacklist" not in caplog.text
+
+
 def test_wavcaps_audioset_clips_that_audioset_tests_on_are_left_out(tmp_path, caplog):
     """WavCaps's AudioSet_SL subset holds clips of AudioSet's evaluation lists that its blacklists do not name
     (about 6 000 of eval_segments.csv): the tagging and detection test clips would be trained on. Its clips whose
