@@ -319,9 +319,10 @@ def test_avqa_frames_in_time_order_each_once_and_a_broken_answer_named(tmp_path)
         write(tmp_path / "avqa/val_qa.json", json.dumps([items[0], {**items[1], "answer": answer}]))
         with pytest.raises(DataError, match=r"val_qa.json: item 1 needs a list of 4 choices and an answer index 0-3"):
             data.avqa_items(tmp_path, "test")
-    write(tmp_path / "avqa/val_qa.json", json.dumps([{**items[0], "multi_choice": "dog"}]))
-    with pytest.raises(DataError, match=r"val_qa.json: item 0 needs a list of 4 choices"):
-        data.avqa_items(tmp_path, "test")
+    for text in ("dog", "bird"):  # a text is not a list of choices, even one of 4 letters
+        write(tmp_path / "avqa/val_qa.json", json.dumps([{**items[0], "multi_choice": text}]))
+        with pytest.raises(DataError, match=r"val_qa.json: item 0 needs a list of 4 choices"):
+            data.avqa_items(tmp_path, "test")
 
 
 def test_avqa_frames_may_be_png_and_a_video_without_frames_is_counted(tmp_path, caplog):
