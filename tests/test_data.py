@@ -474,6 +474,16 @@ def test_missing_audio_is_counted_and_skipped_or_raised(tmp_path, caplog):
     assert not caplog.records  # nothing missing: nothing said
 
 
+def test_two_stars_inside_a_file_name_are_part_of_the_name(tmp_path):
+    """Only a "**" that is a whole folder of the pattern stands for any folders; a listed file whose own name holds
+    "**" is that file."""
+    write(tmp_path / "clotho_aqa/clotho_aqa_test.csv",
+          "file_name,QuestionText,answer,confidence\nStars **.wav,Is it loud?,yes,yes\n")
+    touch_audio(tmp_path, "clotho_aqa/audio_files/Stars **.wav")
+    [ex] = data.examples("aqa", tmp_path, "test")
+    assert ex.segments[0][1] == str(tmp_path / "clotho_aqa/audio_files/Stars **.wav")
+
+
 def test_a_clip_a_folder_pattern_cannot_find_is_counted_and_a_pattern_that_cannot_format_is_named(tmp_path):
     """With a "**" pattern a clip found in no folder below is missing like any other (counted, listed where it was
     looked for; strict: the error); a format its field cannot take ({start:d} of a float) is a SettingError naming
