@@ -740,6 +740,10 @@ def test_sampler_ratios_and_resume():
     first = [a.next_batch() for _ in range(10)]
     state = a.state_dict()
     snapshot = json.loads(json.dumps(state))  # survives a JSON round trip (checkpoints)
+    # the state counts the batches drawn and the examples each list pool gave (a builder's pool: none)
+    assert state["step"] == 10 and state["cursor"] == {
+        "tagging": 3 * sum(task == "tagging" for task, _ in first),
+        "captioning": 3 * sum(task == "captioning" for task, _ in first), "fewshot": 0}
     rest = [a.next_batch() for _ in range(10)]
     assert state == snapshot  # a state once taken is not changed by the batches drawn after it
     b = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
