@@ -135,10 +135,12 @@ def test_wavcaps_leaves_out_the_clips_its_blacklists_name(tmp_path, caplog):
                                                   rng=random.Random(0))]
 
     write(test_ac, json.dumps({"AudioSet": ["Ybbbbbbbbbbb.wav"], "FreeSound": ["156"]}))
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         assert captions("AudioSet_SL") == ["clip Yaaaaaaaaaaa", "clip Ycccccccccc"]
         assert captions("FreeSound") == ["kept"]
     assert caplog.text.count(f"{esc50}: WavCaps's blacklist is not there") == 1  # said once
+    for subset, name in (("AudioSet_SL", "as_final"), ("FreeSound", "fsd_final")):  # how many were left out: said
+        assert f"{subset}/{name}.json: 1 clips left out" in caplog.text
     write(esc50, json.dumps({"AudioSet": ["Ycccccccccc.wav"]}))
     assert captions("AudioSet_SL") == ["clip Yaaaaaaaaaaa"]
     write(esc50, json.dumps(["Ycccccccccc.wav"]))
