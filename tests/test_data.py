@@ -369,6 +369,15 @@ def test_wavcaps_esc50_nlar_avqa(tmp_path):
         data.read_avqa(write(tmp_path / "val_qa.json", json.dumps(avqa)))
 
 
+def test_a_data_file_that_is_not_there_is_a_missing_file(tmp_path):
+    """A list that is not on disk is a FileNotFoundError naming it (a file missing), not a DataError (a file that
+    is there but cannot be read)."""
+    for read, name in ((data.read_esc50, "esc50.csv"), (data.read_avqa, "val_qa.json")):
+        with pytest.raises(FileNotFoundError, match=rf"{name}: no such data file") as caught:
+            read(tmp_path / name)
+        assert not isinstance(caught.value, DataError)
+
+
 def test_files_as_spreadsheets_and_annotators_leave_them(tmp_path):
     """What real copies carry: a UTF-8 byte-order mark (a CSV saved by a spreadsheet), blank lines, spaces around a
     caption or after a question (one question, however spaced, is one question), a header with spaces."""
