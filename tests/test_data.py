@@ -910,7 +910,7 @@ def test_esc50_pool_by_category_and_fold(tmp_path, caplog):
     rows = ["1-100032-A-0.wav,1,0,dog,True,100032,A", "1-110389-A-0.wav,1,0,dog,True,110389,A",
             "2-100648-A-14.wav,2,14,chirping_birds,False,100648,A",
             "3-102583-A-14.wav,3,14,chirping_birds,False,102583,A",
-            "4-110389-A-0.wav,4,0,dog,True,110389,A"]
+            "4-110389-A-0.wav,4,0,dog,True,110389,A", "5-9032-A-0.wav,5,0,dog,True,9032,A"]
     write(tmp_path / "esc50/meta/esc50.csv", "filename,fold,target,category,esc10,src_file,take\n" + "\n".join(rows))
     touch_audio(tmp_path, *[f"esc50/audio/{r.split(',')[0]}" for r in rows if not r.startswith("4-")])
     audio = tmp_path / "esc50" / "audio"
@@ -919,5 +919,5 @@ def test_esc50_pool_by_category_and_fold(tmp_path, caplog):
         "chirping_birds": [str(audio / "2-100648-A-14.wav"), str(audio / "3-102583-A-14.wav")]}
     assert data.esc50_pool(tmp_path, folds=(2,)) == {"chirping_birds": [str(audio / "2-100648-A-14.wav")]}
     with caplog.at_level(logging.WARNING, logger="apt_min.data"):
-        everything = data.esc50_pool(tmp_path)  # fold 4's clip is not on disk: counted, said once
-    assert len(everything["dog"]) == 2 and "1 of 5 audio files listed in" in caplog.text
+        everything = data.esc50_pool(tmp_path)  # all five folds; fold 4's clip is not on disk: counted, said once
+    assert len(everything["dog"]) == 3 and "1 of 6 audio files listed in" in caplog.text
