@@ -369,6 +369,17 @@ def test_wavcaps_esc50_nlar_avqa(tmp_path):
         data.read_avqa(write(tmp_path / "val_qa.json", json.dumps(avqa)))
 
 
+def test_a_task_or_captioning_source_examples_cannot_build_is_refused(tmp_path):
+    """examples() refuses, before reading anything, a task it does not know, few-shot (its examples are episodes,
+    built by fewshot_episode) and a captioning source other than audiocaps, clotho or wavcaps:<subset>."""
+    with pytest.raises(ValueError, match=r"unknown task 'speech'"):
+        data.examples("speech", tmp_path, "test")
+    with pytest.raises(ValueError, match=r"few-shot examples are episodes: use .*fewshot_episode"):
+        data.examples("fewshot", tmp_path, "test")
+    with pytest.raises(ValueError, match=r"unknown captioning source 'wavcaps'"):
+        data.examples("captioning", tmp_path, "test", source="wavcaps")
+
+
 def test_a_data_file_that_is_not_there_is_a_missing_file(tmp_path):
     """A list that is not on disk is a FileNotFoundError naming it (a file missing), not a DataError (a file that
     is there but cannot be read)."""
