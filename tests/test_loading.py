@@ -533,6 +533,8 @@ def test_resolve_dtype_refuses_a_torch_dtype_it_does_not_list():
     from apt_min.checkpoint import resolve_dtype
 
     assert resolve_dtype(torch.bfloat16) is torch.bfloat16
+    assert resolve_dtype("auto") is torch.float32  # a config without torch_dtype: float32, as the docstring says
+    assert resolve_dtype("auto", "bfloat16") is torch.bfloat16
     for dtype in (torch.float64, torch.int8):
         with pytest.raises(ValueError, match="unknown dtype"):
             resolve_dtype(dtype)
@@ -570,3 +572,6 @@ def test_key_problems_name_the_files_and_list_at_most_eight_keys(tmp_path):
     assert str(e.value) == f"{tmp_path} (a.safetensors, b.safetensors): missing keys: {listed} ... (10 in all)"
     with pytest.raises(CheckpointError, match=r"missing keys: k00, k01$"):
         check_keys(shards, {"k00": (1,), "k01": (1,), "x": (2,)}, set(), (), tmp_path)
+    eight = {f"k{i:02d}": (1,) for i in range(8)} | {"x": (2,)}  # exactly eight: all listed, no count
+    with pytest.raises(CheckpointError, match=rf"missing keys: {listed}$"):
+        check_keys(shards, eight, set(), (), tmp_path)
