@@ -1265,6 +1265,8 @@ def test_a_few_shot_setting_left_without_episodes_says_why():
     assert why["accuracy 4-way 1-shot"] == ("not run: every episode held a clip that could not be decoded "
                                             "(missing_esc50.txt lists them)")
     assert why["accuracy 5-way 5-shot"] == "not run: needs 5 classes with more than 5 clips; this pool has 0"
+    assert {m: b for m, _, b, _ in rows}["accuracy 5-way 5-shot"] == 1 / 5  # chance stays beside the row not run
+    assert {m: b for m, _, b, _ in rows}["accuracy 4-way 1-shot"] == 1 / 4
     four = {f"class{i}": [f"c{i}_{j}.wav" for j in range(2)] for i in range(4)}  # just enough for 4-way 1-shot
     rows, _, _ = evaluation.eval_fewshot(None, None, "esc50", [], SimpleNamespace(pools=[("novel", four)]))
     assert {m: p for m, _, _, p in rows}["accuracy 4-way 1-shot"].startswith("not run: every episode held a clip")
