@@ -628,6 +628,11 @@ def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_fea
     # against 1.45, it would be the second)
     feats |= {"c1": clip((0, 0)), "d1": clip((2.45, 1)), "q4": clip((1, 1))}
     assert evaluation.prototype_label(tasks.fewshot([("c1", "alarm"), ("d1", "bell")], "q4", "alarm"), feats) == "alarm"
+    # max-pooled over windows too: a query of two windows peaking at 4 in one and 0 in the other is (4, 0), nearer
+    # A's prototype (5, 0) than B's (mean of (0, 0) and (2, 0): (1, 0)); averaged over windows, (2, 0), it is B's
+    feats |= {"q5": torch.tensor([[[4, 0]], [[0, 0]]], dtype=torch.float16)}  # (W=2, N=1, D=2)
+    assert evaluation.prototype_label(tasks.fewshot([("c1", "bell"), ("a1", "alarm"), ("b1", "bell")], "q5", "alarm"),
+                                      feats) == "alarm"
     for ep, proto in ((first, "alarm"), (second, "alarm")):
         ep.target.update(ranked="bell", prototype=proto)
     rows = metrics.score_fewshot([first, second], ["alarm", "bell"], "accuracy 2-way 2-shot")
