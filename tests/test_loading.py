@@ -465,8 +465,8 @@ def test_tensors_listed_out_of_offset_order_do_not_overlap(tmp_path):
 
 
 def test_every_safetensors_dtype_is_read_as_stored(tmp_path):
-    """Each of the format's integer and bool dtypes, written by the safetensors library, reads back bit for bit, into
-    its own dtype and cast into float64 (200 as U8 is 200, not -56)."""
+    """Each of the format's integer and bool dtypes, and F64, written by the safetensors library, reads back bit for
+    bit, into its own dtype and cast into float64 (200 as U8 is 200, not -56)."""
     from apt_min.checkpoint import safetensors_entries
 
     values = [0, 1, 100, 127]
@@ -474,7 +474,8 @@ def test_every_safetensors_dtype_is_read_as_stored(tmp_path):
                "i16": torch.tensor(values + [-300], dtype=torch.int16),
                "i8": torch.tensor(values + [-5], dtype=torch.int8),
                "u8": torch.tensor(values + [200], dtype=torch.uint8),
-               "b": torch.tensor([True, False, True, True, False])}
+               "b": torch.tensor([True, False, True, True, False]),
+               "f64": torch.tensor([0.1, 1, 100, 127, -2 ** 40], dtype=torch.float64)}  # F64 too
     save_file(tensors, tmp_path / "ints.safetensors")
     entries = safetensors_entries(tmp_path / "ints.safetensors")
     for key, want in tensors.items():
