@@ -1185,6 +1185,28 @@ def test_few_shot_encodes_its_episodes_clips_strictly():
     assert asked == [True] and "accuracy 4-way 1-shot" in [r[0] for r in rows]
 
 
+def test_a_failed_spice_run_says_why_in_a_line_of_120_characters_at_most(monkeypatch):
+    """SPICE's Java process failing leaves a NaN row whose protocol gives the start of the error, cut at 120
+    characters (its Java traceback would fill the table); the classes are stood in for, so no Java is needed."""
+    import pycocoevalcap.meteor.meteor as meteor
+    import pycocoevalcap.spice.spice as spice
+
+    class Meteor:
+        def compute_score(self, gts, res):
+            return 0.25, None
+
+    class Spice:
+        def compute_score(self, gts, res):
+            raise RuntimeError("e" * 300)
+
+    monkeypatch.setattr(meteor, "Meteor", Meteor)
+    monkeypatch.setattr(spice, "Spice", Spice)
+    monkeypatch.setattr(evaluation, "java_missing", lambda: None)
+    monkeypatch.setattr(evaluation, "spice_missing", lambda: None)
+    rows = evaluation.java_metrics([["a dog barks"]], ["a dog"])
+    assert rows[1][0] == "SPICE" and np.isnan(rows[1][1]) and rows[1][3] == "SPICE unavailable: " + "e" * 120
+
+
 def test_meteor_is_given_every_reference_of_each_clip(monkeypatch):
     """METEOR scores each caption against all of its clip's references (as BLEU, ROUGE-L and CIDEr-D do), tokenised
     as they read them; here its Java process is stood in for, so the test needs no Java."""
