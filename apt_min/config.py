@@ -9,6 +9,7 @@ overrides any field as `--key=value` (type-checked; an unknown key is an error t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,14 +264,15 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
     """The preset, then `--key=value` strings (or a dict) on top. Unknown presets and keys, and values outside a
     setting's CHOICES, are errors."""
     if preset not in PRESETS:
-        raise SettingError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+        raise SettingError(f"unknown preset {preset!r}{_near(preset, PRESETS, repr)}; presets: {sorted(PRESETS)}")
     cfg = Config(**PRESETS[preset])
     kinds = {f.name: f.type for f in dataclasses.fields(Config)}
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides or []]
     for key, value in items:
         key = key.replace("-", "_")
         if key not in kinds:
-            raise SettingError(f"unknown setting --{key}; known: {', '.join(sorted(kinds))}")
+            raise SettingError(f"unknown setting --{key}{_near(key, kinds, '--{}'.format)}; "
+                               f"known: {', '.join(sorted(kinds))}")
         setattr(cfg, key, _parse(key, kinds[key], value) if isinstance(value, str) else value)
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
@@ -314,6 +316,12 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
         raise SettingError("--proj_init=words starts the projection from the aligner's map of the LLM's words, "
                            "which only --aligner_words=llm has")
     return cfg
+
+
+def _near(name: str, known, show) -> str:
+    """' (did you mean X?)' for the known name closest to a mistyped one, or '' where none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {show(close[0])}?)" if close else ""
 
 
 def _split(option: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ import torch
 from apt_min.aligner import Aligner, AlignerConfig
 from apt_min.audiomae import AudioMAE, AudioMAEConfig
 from apt_min.config import load_config
+from apt_min.errors import SettingError
 from apt_min.llama import Llama, LlamaConfig
 from apt_min.model import APT
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
@@ -34,13 +35,24 @@ def test_overrides():
         load_config("tiny", ["--batchsize=2"])
     with pytest.raises(ValueError, match="--grad_checkpointing: expected true or false"):
         load_config("tiny", ["--grad_checkpointing=maybe"])
-    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+    with pytest.raises(ValueError, match="unknown preset 'huge'; presets"):  # nothing close: no guess
         load_config("huge")
     for on, off in (("true", "false"), ("yes", "no"), ("1", "0"), ("on", "off"), ("True", "OFF")):
         # the small preset's own values: grad_checkpointing off, cpu_bf16 on
         cfg = load_config("small", [f"--grad-checkpointing={on}", f"--cpu-bf16={off}"])
         assert cfg.grad_checkpointing and not cfg.cpu_bf16
     assert load_config("tiny", ["--warmup-steps-0=7"]).warmup_steps_0 == 7  # dashes as in --max-new-tokens
+
+
+def test_a_mistyped_name_is_answered_with_the_closest_known_one():
+    with pytest.raises(SettingError, match=r"unknown setting --stepz_0 \(did you mean --steps_0\?\); known: "):
+        load_config("tiny", ["--stepz_0=3"])
+    with pytest.raises(SettingError, match=r"--num_query \(did you mean --num_queries\?\)"):
+        load_config("tiny", {"num_query": 3})
+    with pytest.raises(SettingError, match=r"unknown preset 'tinny' \(did you mean 'tiny'\?\); presets: "):
+        load_config("tinny")
+    with pytest.raises(SettingError, match=r"unknown setting --qwerty; known: aligner_dropout, "):
+        load_config("tiny", ["--qwerty=1"])
 
 
 def test_each_setting_reaches_its_own_components_field():
