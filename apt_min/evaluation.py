@@ -454,6 +454,8 @@ def coverage_row(name, examples, coverage: data.Coverage, opts: Options) -> tupl
     text = (f"scored on {scored} clips; the test data lists {len(coverage.listed)}: "
             f"{len(coverage.missing)} missing, {len(coverage.unreadable)} unreadable")
     text += f" (listed in missing_{name}.txt)" if lost else ""
+    unused = len(coverage.listed) - lost - scored  # few-shot: the fixed episodes need not draw every clip
+    text += f"; {unused} drawn into no episode" if unused > 0 and EVALUATIONS[name][0] == "fewshot" else ""
     text += "; --limit took the first examples" if opts.limit and EVALUATIONS[name][0] != "fewshot" else ""
     return ("clips scored", scored, None, text)
 

@@ -236,6 +236,24 @@ def test_the_readability_check_encodes_only_what_it_keeps(trained, tmp_path, mon
     assert (in_check > 0) == (cache == "memory") and any(not c for c, _ in encoded) == (cache == "off"), encoded
 
 
+def test_coverage_row_says_how_many_clips_no_few_shot_episode_drew():
+    """Few-shot's fixed episodes need not draw every clip of its pools: the clips neither lost nor scored are counted
+    as drawn into no episode; every other task scores each clip it lists, so nothing is said there."""
+    coverage = data.Coverage()
+    coverage.listed = {f"{c}.wav": "esc50.csv" for c in "abcdef"}
+    coverage.missing = {"f.wav": "esc50.csv"}
+    episode = tasks.Example("fewshot", [("audio", "a.wav"), ("label", "dog"), ("audio", "b.wav"), ("audio", "a.wav")],
+                            "dog")
+    expected = "scored on 2 clips; the test data lists 6: 1 missing, 0 unreadable (listed in missing_{}.txt)"
+    assert evaluation.coverage_row("esc50", [episode], coverage, evaluation.Options()) == (
+        "clips scored", 2, None, expected.format("esc50") + "; 3 drawn into no episode")
+    assert evaluation.coverage_row("nlar", [episode], coverage, evaluation.Options())[3] == expected.format("nlar")
+    coverage.listed = {"a.wav": "esc50.csv", "b.wav": "esc50.csv"}
+    coverage.missing = {}
+    assert evaluation.coverage_row("esc50", [episode], coverage, evaluation.Options())[3] == (
+        "scored on 2 clips; the test data lists 2: 0 missing, 0 unreadable")
+
+
 def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained, tmp_path, capsys):
     root, (gone, broken) = data_with_faults(trained, tmp_path)
     listed = len({f for f, *_ in data.read_clotho_aqa(root / "clotho_aqa" / "clotho_aqa_test.csv")})
