@@ -17,7 +17,7 @@ import torch
 from apt_min.aligner import Aligner
 from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError, checkpoint_tensors
-from apt_min.errors import SettingError
+from apt_min.errors import MissingFileError, SettingError
 from apt_min.llama import Llama, LlamaConfig
 from apt_min.model import APT, FeatureCache, fingerprint, model_files, weight_probe
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
@@ -35,7 +35,7 @@ def fetch_known_llm(cfg):
             try:
                 weights.build(name, folder)
             except weights.WeightsError as e:
-                raise SystemExit(f"{folder}: {e}") from None
+                raise weights.WeightsError(f"{folder}: {e}") from None
 
 
 def ensure_data(cfg):
@@ -68,7 +68,8 @@ def ensure_tokenizer(cfg) -> Tokenizer:
     asked = folder / "tokenizer_settings.json"  # what a trained one was asked for (its vocabulary may be smaller)
     if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
         if cfg.llm_path:
-            raise SystemExit(f"{folder}: no tokenizer.model or tokenizer.json; point --llm_path at the LLM folder")
+            raise MissingFileError(f"{folder}: no tokenizer.model or tokenizer.json; point --llm_path at the LLM "
+                                   "folder")
         from apt_min import synth  # the tiny preset only: the synthetic corpus
 
         docs = synth.lm_corpus(cfg.data_root, "train", cfg.seed)
@@ -99,9 +100,11 @@ def build_encoder(cfg, device, dtype, create: bool = True):
     else:
         path = Path(cfg.run_dir) / "encoder.safetensors"
         if not path.is_file() and cfg.encoder_init == "mae":
-            raise SystemExit(f"{path}: the encoder is not pretrained yet; run `python train.py --stage mae` first")
+            raise MissingFileError(f"{path}: the encoder is not pretrained yet; run `python train.py --stage mae` "
+                                   "first")
         if not path.is_file() and not create:
-            raise SystemExit(f"{path}: the tiny preset's encoder is not there; run `python train.py --stage 0` first")
+            raise MissingFileError(f"{path}: the tiny preset's encoder is not there; run `python train.py --stage 0` "
+                                   "first")
         if not path.is_file():
             torch.manual_seed(cfg.seed)
             enc = AudioMAE(cfg.encoder_config())
@@ -130,7 +133,7 @@ def load_llm(cfg, device, dtype):
     folder = Path(cfg.resolved_llm_path())
     if not (folder / "config.json").is_file():
         hint = "python train.py --stage lm" if not cfg.llm_path else f"download it into {folder}"
-        raise SystemExit(f"{folder}: no LLM there yet; run `{hint}` first")
+        raise MissingFileError(f"{folder}: no LLM there yet; run `{hint}` first")
     saved = LlamaConfig.from_json(folder / "config.json")
     blocks = saved.num_hidden_layers
     if not cfg.llm_path:  # the stand-in `--stage lm` trained: its sizes are the run's
@@ -243,8 +246,8 @@ def vision_side(cfg) -> Path | None:
         return None
     folder = Path(cfg.vision_path) if cfg.vision_path else cfg.stage_dir("vision") / "final"
     if not (folder / "vision.json").is_file():
-        raise SystemExit(f"{folder}: no vision side yet; run `python train.py --stage vision` (or set --vision_path "
-                         "to an InstructBLIP folder)")
+        raise MissingFileError(f"{folder}: no vision side yet; run `python train.py --stage vision` (or set "
+                               "--vision_path to an InstructBLIP folder)")
     return folder
 
 

@@ -21,7 +21,8 @@ class SettingError(UserError, ValueError):
 
 
 class MissingFileError(UserError, FileNotFoundError):
-    """A file that the data layout or a list names is not on disk."""
+    """A file that the settings, the data layout or a list name is not on disk (a run's LLM, encoder or tokenizer not
+    made yet, a listed clip)."""
 
 
 class ForeignDataError(UserError, FileExistsError):

@@ -19,6 +19,7 @@ from apt_min import data, synth, synth_av
 from apt_min.blip2 import MODES, Answer, avqa_prompt
 from apt_min.build import load_apt_blip2
 from apt_min.config import load_config
+from apt_min.errors import MissingFileError
 from apt_min.evaluation import Options, avqa_coverage_row, eval_avqa
 from apt_min.release import resolve_checkpoint
 from tests.conftest import VISION, copy_of, opts
@@ -362,7 +363,8 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     for entry in (trained / "synth").iterdir():
         if entry.name not in ("avqa", "vision"):
             (root / entry.name).symlink_to(entry)
-    with pytest.raises(SystemExit, match=rf"^{tmp / 'run' / 'vision' / 'final'}: no vision side yet; run `python "
+    with pytest.raises(SystemExit, match=rf"^evaluate.py: error: {tmp / 'run' / 'vision' / 'final'}: no vision side "
+                                         rf"yet; run `python "
                                          r"train.py --stage vision`"):
         evaluate.main(["--task", "avqa", "--limit", "2", *opts(tmp, *vision), f"--data-root={root}"])
     assert not (root / "avqa").exists()
@@ -415,7 +417,7 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
         cfg = load_config("tiny", [*opts(tmp, *vision), *setting])
         assert load_apt_blip2(cfg, resolve_checkpoint(cfg, None)).blocks_apart is apart
     (tmp / "run" / "encoder.safetensors").unlink()  # the run's encoder is gone: said, not made anew at random
-    with pytest.raises(SystemExit, match="encoder.safetensors: the tiny preset's encoder is not there"):
+    with pytest.raises(MissingFileError, match="encoder.safetensors: the tiny preset's encoder is not there"):
         load_apt_blip2(load_config("tiny", opts(tmp, *vision)), tmp / "run" / "stage2" / "final")
     assert not (tmp / "run" / "encoder.safetensors").exists()
 

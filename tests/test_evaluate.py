@@ -20,6 +20,7 @@ import evaluate
 from apt_min import data, evaluation, metrics, tasks
 from apt_min.aligner import STAGE0_HEADS, Aligner
 from apt_min.config import load_config
+from apt_min.errors import MissingFileError
 from apt_min.evaluation import EVALUATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -958,7 +959,7 @@ def test_an_evaluated_apt_holds_its_frozen_parts_in_the_runs_precision(trained, 
     assert apt.cache.setting == fp32.cache.setting + "|torch.bfloat16"
     run = copy_of(trained, tmp_path)
     (run / "run" / "encoder.safetensors").unlink()
-    with pytest.raises(SystemExit, match="encoder.safetensors: the tiny preset's encoder is not there"):
+    with pytest.raises(MissingFileError, match="encoder.safetensors: the tiny preset's encoder is not there"):
         load_apt(load_config("tiny", opts(run)), run / "run" / "stage2" / "final")
     assert not (run / "run" / "encoder.safetensors").exists()
 

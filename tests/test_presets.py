@@ -11,7 +11,7 @@ import torch
 from apt_min.aligner import Aligner, AlignerConfig
 from apt_min.audiomae import AudioMAE, AudioMAEConfig
 from apt_min.config import load_config
-from apt_min.errors import SettingError
+from apt_min.errors import MissingFileError, SettingError
 from apt_min.llama import Llama, LlamaConfig
 from apt_min.model import APT
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
@@ -416,8 +416,12 @@ def test_a_runs_own_encoder_is_kept_in_the_dtype_asked_and_never_made_where_it_s
 
     run = tmp_path / "run"
     cfg = load_config("tiny", [f"--run_dir={run}", "--encoder_dim=32"])
-    with pytest.raises(SystemExit, match=r"encoder.safetensors: the tiny preset's encoder is not there; run "):
+    with pytest.raises(MissingFileError, match=r"encoder.safetensors: the tiny preset's encoder is not there; run "):
         build_encoder(cfg, "cpu", torch.float32, create=False)
+    assert not (run / "encoder.safetensors").exists()
+    with pytest.raises(MissingFileError, match=r"encoder.safetensors: the encoder is not pretrained yet; run `python "
+                                               r"train.py --stage mae` first"):  # small's: never made at random
+        build_encoder(load_config("small", [f"--run_dir={run}"]), "cpu", torch.float32)
     assert not (run / "encoder.safetensors").exists()
     encoder, _ = build_encoder(cfg, "cpu", torch.bfloat16)
     assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
@@ -434,9 +438,9 @@ def test_the_llm_folder_is_checked_and_known_by_its_weights(tmp_path):
 
     from apt_min.build import load_llm
 
-    with pytest.raises(SystemExit, match=r"no LLM there yet; run `python train.py --stage lm` first"):
+    with pytest.raises(MissingFileError, match=r"no LLM there yet; run `python train.py --stage lm` first"):
         load_llm(load_config("tiny", [f"--run_dir={tmp_path / 'run'}"]), "cpu", torch.float32)
-    with pytest.raises(SystemExit, match=rf"no LLM there yet; run `download it into {re.escape(str(tmp_path))}"):
+    with pytest.raises(MissingFileError, match=rf"no LLM there yet; run `download it into {re.escape(str(tmp_path))}"):
         load_llm(load_config("tiny", [f"--llm_path={tmp_path}"]), "cpu", torch.float32)
     ids = [load_llm(load_config("tiny", [f"--llm_path={hf_llama(tmp_path / str(seed), seed=seed, shards=False)[1]}"]),
                     "cpu", torch.float32)[1]["fingerprint"] for seed in (0, 1)]
@@ -453,7 +457,8 @@ def test_the_tokenizer_of_a_given_llm_is_read_never_trained(tmp_path, monkeypatc
 
     monkeypatch.setattr(build, "train_sentencepiece", lambda *a: pytest.fail("a tokenizer was trained"))
     monkeypatch.setattr(build, "Tokenizer", lambda folder: folder)
-    with pytest.raises(SystemExit, match="no tokenizer.model or tokenizer.json; point --llm_path at the LLM folder"):
+    with pytest.raises(MissingFileError, match="no tokenizer.model or tokenizer.json; point --llm_path at the LLM "
+                                               "folder"):
         build.ensure_tokenizer(load_config("tiny", [f"--llm_path={tmp_path}"]))
     (tmp_path / "tokenizer.json").write_text("{}")
     assert build.ensure_tokenizer(load_config("tiny", [f"--llm_path={tmp_path}"])) == tmp_path
