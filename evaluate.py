@@ -14,8 +14,8 @@ Real copies of the data sets always miss some clips: a clip that is listed but n
 is skipped and counted (--strict aborts instead). The table's last row per task says on how many clips the scores
 stand and how many were lost, and missing_{task}.txt in --out lists those files with why. A split that lists nothing,
 or has nothing left to score, is an error naming its data (with --task all: that task's row, the others run, and a
-last line says how many were not run, exiting with status 1); every error about the user's files or settings is one line, without a
-traceback.
+last line says how many were not run, exiting with status 1); every error about the user's files or settings is one
+line, without a traceback.
 """
 
 import argparse

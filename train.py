@@ -1010,7 +1010,7 @@ def fillable_shapes(cfg, single: dict[str, list[str]]) -> set[tuple[int, int]]:
     """The episode shapes that the few-shot pool can fill (ways classes with more than shots clips each); the rest
     are named in a warning, and none at all is an error."""
     shapes = episode_shapes(cfg)
-    fillable = {(w, k) for w, k in shapes if sum(len(clips) > k for clips in single.values()) >= w}
+    fillable = {(w, k) for w, k in shapes if len(data.fillable_classes(single, k)) >= w}
     if not fillable:
         raise data.DataError(f"stage 2's few-shot pool cannot fill any episode of {shapes} (ways, shots): it has "
                              f"{sum(len(c) > 1 for c in single.values())} classes with two or more single-label clips")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_min.checkpoint import check_keys, safetensors_entries
+from apt_min.llama import draw
 
 STAGE0_HEADS = ("audio_proj", "text_proj", "temp", "atm_head", "lm_transform", "lm_decoder")  # trained by stage 0 only
 # (its projections also serve the paper's tagging protocol: evaluation.text_branch_scores)
@@ -375,8 +376,7 @@ def hard_negatives(sim, positives, generator=None):
     weights = sim.detach().float().masked_fill(positives, float("-inf")).softmax(-1)
     valid = (~positives).any(-1)
     weights = torch.where(valid[:, None], weights.nan_to_num(0.0), (~positives).float() + 1.0)  # placeholder rows
-    on = generator.device if generator is not None else weights.device  # a CPU generator draws on the CPU
-    return torch.multinomial(weights.to(on), 1, generator=generator).squeeze(1).to(weights.device), valid
+    return draw(weights, generator), valid
 
 
 def stage0_losses(aligner: Aligner, audio_feats, text_ids, text_mask, clip_ids, audio_mask=None, generator=None,

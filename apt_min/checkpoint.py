@@ -1,5 +1,6 @@
 """Reading weight files safely: safetensors parsed by hand, torch files only with weights_only=True, every key
-checked before any tensor is read. Used by the Llama loader and the Audio-MAE encoder.
+checked before any tensor is read. Used by every loader here: the LLM, the encoder, the aligner, an APT, the vision
+side and training's checkpoints.
 
 A model folder in Hugging Face's layout holds `model.safetensors`, or shards listed in `model.safetensors.index.json`
 (or the older `pytorch_model.bin` / `pytorch_model.bin.index.json`). `checkpoint_tensors` indexes them without reading

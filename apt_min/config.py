@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apt_min.errors import SettingError
+from apt_min.tasks import FEWSHOT_LAYOUTS
 
 
 @dataclass
@@ -81,8 +82,8 @@ class Config:
     llm_heads: int = 4
     llm_kv_heads: int = 2
     llm_intermediate: int = 512
-    # optimisation (paper: Adam, warm-up then cosine, peak 1e-4; AdamW (0.9, 0.999), weight decay 0.05, floor 0.1x
-    # as BLIP-2's code)
+    # optimisation (paper §4.1: Adam, 2 000 warm-up steps then cosine; the peak 1e-4, AdamW (0.9, 0.999), weight
+    # decay 0.05 and floor 0.1x as BLIP-2's code)
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3
@@ -247,7 +248,7 @@ CHOICES = {  # the settings that name one of a few ways; anything else is an err
     "encoder_init": ("random", "mae"), "aligner_words": ("own", "llm"), "aligner_init": ("random", "llm"),
     "proj_init": ("random", "words"),
     "prompt_format": ("plain", "smollm2-chat", "instructblip"), "precision": ("auto", "bf16", "fp16", "fp32"),
-    "fewshot_layout": ("paper", "list"), "fewshot_shapes": ("4x1", "mixed"), "atm_negatives": ("global", "local"),
+    "fewshot_layout": FEWSHOT_LAYOUTS, "fewshot_shapes": ("4x1", "mixed"), "atm_negatives": ("global", "local"),
     "long_audio": ("windows", "all"), "caption_ft_source": ("audiocaps", "clotho"),
     "feature_cache": ("memory", "disk", "off"),
 }

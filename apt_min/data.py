@@ -614,13 +614,18 @@ def pseudo_word(rng: random.Random) -> str:
     return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2)) + rng.choice("kmnst")
 
 
+def fillable_classes(pool: dict[str, list[str]], k_shot: int) -> list[str]:
+    """The classes of a few-shot pool that can give K supports and a query (more than K clips each), sorted."""
+    return sorted(label for label, clips in pool.items() if len(clips) > k_shot)
+
+
 def fewshot_episode(pool: dict[str, list[str]], n_way: int, k_shot: int, rng: random.Random,
                     rename: bool = False, layout: str = "paper") -> Example:
     """N classes, K support clips each (shuffled), and one more clip of one of them as the query.
     rename=True gives the classes made-up names for this episode: the answer can then only be found by matching
     the query to the supports, which is what classes never seen in training will need (beyond the paper, which
     trains on real names only)."""
-    eligible = sorted(label for label, clips in pool.items() if len(clips) > k_shot)
+    eligible = fillable_classes(pool, k_shot)
     if len(eligible) < n_way:
         raise DataError(f"a {n_way}-way {k_shot}-shot episode needs {n_way} classes with more than {k_shot} clips; "
                          f"this pool has {len(eligible)}")
@@ -689,10 +694,6 @@ class TaskSampler:
             self.cursor[task] += 1
         self.step += 1
         return task, batch
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
     def state_dict(self) -> dict:
         return {"step": self.step, "cursor": dict(self.cursor), "seed": self.seed}

@@ -147,7 +147,7 @@ def rank_labels(apt, episode) -> str:
     """The episode label the LLM finds most likely after the query: the closed-set protocol, beside generation.
     It asks less of the LLM than naming the label (the candidates are given), but as much of the matching."""
     choices = episode.target["choices"]
-    feats, _ = apt.encode_clips([v for k, v in episode.segments if k == "audio"], strict=True)
+    feats, _ = apt.encode_clips(clips_of([episode]), strict=True)
     scores = apt.choice_logprob(episode.segments, [f"{label_text(c)}." for c in choices], feats)
     return choices[int(scores.argmax())]
 
@@ -274,7 +274,7 @@ def eval_fewshot(apt, cfg, name, episodes, opts):
                        "every episode held a clip that could not be decoded (missing_esc50.txt lists them)")
                 rows += [(setting, float("nan"), 1 / n_way, f"not run: {why}")]
                 continue
-            feats, _ = apt.encode_clips([v for ep in eps for k, v in ep.segments if k == "audio"], strict=True)
+            feats, _ = apt.encode_clips(clips_of(eps), strict=True)
             got = [answer_and_rank(apt, ep, feats) for ep in progress(eps, f"{n_way}-way {k_shot}-shot {classes}")]
             for ep in eps:
                 ep.target["prototype"] = prototype_label(ep, feats)
@@ -356,7 +356,7 @@ def eval_avqa(model, items: list[dict], opts: Options, modes=None, coverage: dat
                              f"{len(coverage.missing)} lack their frames or audio and {len(coverage.unreadable)} "
                              f"cannot be decoded (e.g. {coverage.lines()[:2]})")
     positions = [r["answer"] for r in records]
-    fixed = max(set(positions), key=positions.count)
+    fixed = metrics.majority(positions)  # the most frequent position (the first seen among equals)
     baseline = sum(p == fixed for p in positions) / len(records)
     hows = {"named": "option named", "ranked": "option likelihood", "cloze": "cloze likelihood"}
     rows, protocol = [], f"4-way accuracy over {len(records)} questions (baseline: always option {fixed})"
@@ -391,7 +391,7 @@ def avqa_coverage_row(records, coverage: data.Coverage) -> tuple:
 
 def eligible_classes(pool: dict, k_shot: int) -> int:
     """How many classes of a few-shot pool can give K supports and a query."""
-    return sum(len(clips) > k_shot for clips in pool.values())
+    return len(data.fillable_classes(pool, k_shot))
 
 
 def fewshot_pools(cfg, strict: bool = True, coverage: data.Coverage | None = None) -> list[tuple[str, dict]]:

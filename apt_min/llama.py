@@ -1,4 +1,4 @@
-"""The frozen LLM of APT: a plain Llama decoder (paper §3.2 and §4.1 use Vicuna-7B, a Llama fine-tune).
+"""The frozen LLM of APT: a plain Llama decoder (paper §3.1: frozen; §4.1: Vicuna-7B v1.1, a Llama fine-tune).
 
 This file knows nothing of audio. Soft prompts enter through `inputs_embeds`, exactly like word embeddings do.
 

@@ -267,21 +267,21 @@ def named_label(output: str, episode):
     return next(iter(parse_labels(output, episode.target["choices"])), None)
 
 
-def score_fewshot(episodes, outputs, name):
+def score_fewshot(episodes, outputs, setting):
     """Accuracy of the episode label each generated answer names, and of the label the LLM ranked first
     (episode.target["ranked"]), beside chance; where episodes carry a prototypical network's answer
-    (episode.target["prototype"]), the generated accuracy once more, beside that network's."""
+    (episode.target["prototype"]), the generated accuracy once more, beside that network's. `setting` names the
+    rows ("accuracy 5-way 5-shot")."""
     n_way = len(episodes[0].target["choices"])
-    rows = _row(name, np.mean([named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]),
-                1 / n_way, f"{len(episodes)} fixed episodes; the answer is the episode label it names "
-                "(baseline: chance)")
-    rows += _row(f"{name}, ranked", np.mean([ep.target["ranked"] == ep.target["label"] for ep in episodes]),
+    generated = np.mean([named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)])
+    rows = _row(setting, generated, 1 / n_way, f"{len(episodes)} fixed episodes; the answer is the episode label it "
+                "names (baseline: chance)")
+    rows += _row(f"{setting}, ranked", np.mean([ep.target["ranked"] == ep.target["label"] for ep in episodes]),
                  1 / n_way, "the same episodes; the answer is the episode label the LLM finds most likely to come "
                  "next (baseline: chance)")
     if all("prototype" in ep.target for ep in episodes):
-        rows += _row(f"{name} vs a prototypical network",
-                     np.mean([named_label(o, ep) == ep.target["label"] for o, ep in zip(outputs, episodes)]),
-                     np.mean([ep.target["prototype"] == ep.target["label"] for ep in episodes]),
+        prototype = np.mean([ep.target["prototype"] == ep.target["label"] for ep in episodes])
+        rows += _row(f"{setting} vs a prototypical network", generated, prototype,
                      "the generated answers, beside the nearest class mean of the frozen encoder's max-pooled features "
                      "(a prototypical network, nothing trained) on the same episodes")
     return rows

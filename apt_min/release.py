@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -39,13 +38,10 @@ from apt_min.checkpoint import CheckpointError
 from apt_min.config import STARTS_AFTER, Config, load_config, stage_folder
 from apt_min.errors import clean_exit
 from apt_min.model import APT, fingerprint
+from apt_min.weights import sha256
 
 log = logging.getLogger(__name__)
 FILES = ("apt.safetensors", "encoder.safetensors", "apt.json")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:

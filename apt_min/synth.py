@@ -39,11 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
+from apt_min.data import LAYOUT
 from apt_min.errors import ForeignDataError, SettingError, clean_exit
 
 SR = 16000
 GRID = 0.1  # onsets and durations lie on a 100 ms grid: exact, readable answers
 VERSION = 2  # bump when the generated content changes (2: README, synthetic benchmark versions)
+CLOTHO_SPLITS = LAYOUT["clotho"]["splits"]  # our split -> the folder and file name Clotho gives it
 
 
 # ------------------------------------------------------------------------------------------------ sound generators
@@ -701,7 +703,7 @@ def build(out: str | Path, seed: int = 0, scale: float = 1.0, length: float = 5.
             audio, events = make_scene(rng, TRAIN_CLASSES, length)
             name = f"synthetic scene {split} {i:04d}.wav"
             clotho[split].append((name, events, captions(trng, events), aqa_questions(trng, events, names, balance)))
-            path = out / "clotho" / {"train": "development", "val": "validation", "test": "evaluation"}[split] / name
+            path = out / "clotho" / CLOTHO_SPLITS[split] / name
             write_wav(path, audio)
             _link(path, out / "clotho_aqa" / "audio_files" / name)  # Clotho-AQA reuses Clotho's audio
     _write_clotho(out, clotho, trng)
@@ -796,7 +798,7 @@ def _write_audiocaps(root: Path, pool, trng):
 
 
 def _write_clotho(out: Path, clotho, trng):
-    for split, name in (("train", "development"), ("val", "validation"), ("test", "evaluation")):
+    for split, name in CLOTHO_SPLITS.items():
         rows = [["file_name"] + [f"caption_{i}" for i in range(1, 6)]]
         rows += [[fname, *caps] for fname, _, caps, _ in clotho[split]]
         _write_csv(out / "clotho" / f"clotho_captions_{name}.csv", rows)

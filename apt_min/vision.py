@@ -9,8 +9,8 @@ value biases only; InstructBLIP's checkpoint stores them fused with zeros for th
 as it is. The norm after the last block belongs, in our split, to the visual aligner (its `ln_audio`, BLIP-2's
 `ln_vision`), as the audio side's does.
 
-`pixels` is BLIP's image processing (InstructBLIP's `preprocessor_config.json`): RGB, bicubic resize to 224 x 224 with
-Pillow, scaled to [0, 1], normalised by CLIP's mean and std.
+`ImageProcessing` is BLIP's image transform (InstructBLIP's `preprocessor_config.json`): RGB, bicubic resize to
+224 x 224 with Pillow, scaled to [0, 1], normalised by CLIP's mean and std.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class ViTConfig:
 
 class ImageEncoder(nn.Module):
     """Frozen from construction (no gradients, eval mode), as APT-BLIP-2 never trains it; the `vision` stage of the
-    embedded default trains a small one and freezes it after (`train.py --stage vision`)."""
+    embedded default keeps a small seeded random one frozen throughout and trains only the visual aligner and its
+    projection (`train.py --stage vision`)."""
 
     def __init__(self, cfg: ViTConfig | None = None):
         super().__init__()
@@ -64,7 +65,8 @@ class ImageEncoder(nn.Module):
         self.eval()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (B, 3, S, S) as `pixels` makes them -> every token of the last block (B, 1 + N, D), CLS first."""
+        """pixels (B, 3, S, S), as `ImageProcessing` makes them -> every token of the last block (B, 1 + N, D), CLS
+        first."""
         cfg = self.config
         if pixels.shape[1:] != (cfg.channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"expected images of shape (B, {cfg.channels}, {cfg.image_size}, {cfg.image_size}), "
