@@ -111,8 +111,8 @@ def main(argv=None):
     cfg = load_config(args.preset, rest + ([f"--data_root={args.data_root}"] if args.data_root else []))
     checkpoint = resolve_checkpoint(cfg, args.checkpoint)  # given, the user's own run, or the preset's release
     if not (checkpoint / "apt.json").is_file():  # checked before anything is generated or loaded
-        raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage 0, lm, 1, 2) "
-                         "or pass --checkpoint")
+        raise SystemExit(f"{checkpoint}: no trained APT there; train one (python train.py --stage "
+                         f"{', '.join(cfg.chain())}, in turn) or pass --checkpoint")
     meta = APT.read_meta(checkpoint)  # a broken description is said before anything loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     opts = Options(batch_size=args.batch_size, limit=args.limit, episodes=args.episodes, checkpoint=checkpoint,

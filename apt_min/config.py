@@ -135,6 +135,12 @@ class Config:
     def resolved_llm_path(self) -> str:
         return self.llm_path or f"{self.run_dir}/llm"
 
+    def chain(self) -> list[str]:
+        """The train.py stages that make this preset's APT, in order: `mae` where the encoder is pretrained here
+        (small), 0, `lm` where the LLM is the stand-in trained here (tiny), 1, 2."""
+        mae = self.encoder_init == "mae" and not self.encoder_checkpoint
+        return [s for s in ("mae", "0", "lm", "1", "2") if (s != "mae" or mae) and (s != "lm" or not self.llm_path)]
+
     # each component's own config, from these settings (the one place the mapping is written)
 
     def encoder_config(self):

@@ -24,11 +24,8 @@ def main():
         cfg = load_config(preset, extra)  # the settings given too: they decide which stages the chain has
     except SettingError as e:
         raise SystemExit(f"bench_chain.py [--preset=P] [--key=value ...]: {e}") from None
-    stages = ["mae", "0", "lm", "1", "2"]
-    skip = {"lm"} if cfg.llm_path else set()  # a preset with a real LLM has no lm stage
-    skip |= set() if cfg.encoder_init == "mae" and not cfg.encoder_checkpoint else {"mae"}
     total = 0.0
-    for stage in [s for s in stages if s not in skip]:
+    for stage in cfg.chain():
         t = time.time()
         done = subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", preset, *extra], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

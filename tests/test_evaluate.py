@@ -497,7 +497,8 @@ def test_the_synthetic_benchmark_is_made_where_the_data_root_has_none(trained, t
 
 
 def test_missing_checkpoint_is_explained_before_anything_is_written(tmp_path):
-    with pytest.raises(SystemExit, match="no trained APT there"):
+    with pytest.raises(SystemExit, match=r"no trained APT there; train one \(python train.py --stage 0, lm, 1, 2, in "
+                                         r"turn\) or pass --checkpoint"):
         evaluate.main(["--task", "nlar", f"--run_dir={tmp_path / 'run'}", f"--data_root={tmp_path / 'synth'}"])
     assert list(tmp_path.iterdir()) == []  # no data generated, no folder made
     empty = tmp_path / "stage2" / "final"  # a folder, but no APT in it (a save that never finished)

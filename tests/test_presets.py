@@ -44,6 +44,17 @@ def test_overrides():
     assert load_config("tiny", ["--warmup-steps-0=7"]).warmup_steps_0 == 7  # dashes as in --max-new-tokens
 
 
+def test_each_presets_training_chain():
+    """The stages that make a preset's APT: tiny trains its stand-in LLM, small pretrains its encoder, paper does
+    neither; given an encoder checkpoint, small does not pretrain one, given an LLM, tiny trains none."""
+    assert load_config("tiny").chain() == ["0", "lm", "1", "2"]
+    assert load_config("small").chain() == ["mae", "0", "1", "2"]
+    assert load_config("paper").chain() == ["0", "1", "2"]
+    assert load_config("small", {"encoder_checkpoint": "e.safetensors"}).chain() == ["0", "1", "2"]
+    assert load_config("tiny", {"llm_path": "weights/some-llm"}).chain() == ["0", "1", "2"]
+    assert load_config("tiny", {"encoder_init": "mae"}).chain() == ["mae", "0", "lm", "1", "2"]
+
+
 def test_a_mistyped_name_is_answered_with_the_closest_known_one():
     with pytest.raises(SettingError, match=r"unknown setting --stepz_0 \(did you mean --steps_0\?\); known: "):
         load_config("tiny", ["--stepz_0=3"])
