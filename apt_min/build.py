@@ -68,8 +68,8 @@ def ensure_tokenizer(cfg) -> Tokenizer:
     asked = folder / "tokenizer_settings.json"  # what a trained one was asked for (its vocabulary may be smaller)
     if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
         if cfg.llm_path:
-            raise MissingFileError(f"{folder}: no tokenizer.model or tokenizer.json; point --llm_path at the LLM "
-                                   "folder")
+            raise MissingFileError(f"{folder}: no tokenizer.model or tokenizer.json; download the LLM (Hugging "
+                                   "Face layout) into it, or point --llm_path at the LLM's folder")
         from apt_min import synth  # the tiny preset only: the synthetic corpus
 
         docs = synth.lm_corpus(cfg.data_root, "train", cfg.seed)

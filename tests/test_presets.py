@@ -468,8 +468,8 @@ def test_the_tokenizer_of_a_given_llm_is_read_never_trained(tmp_path, monkeypatc
 
     monkeypatch.setattr(build, "train_sentencepiece", lambda *a: pytest.fail("a tokenizer was trained"))
     monkeypatch.setattr(build, "Tokenizer", lambda folder: folder)
-    with pytest.raises(MissingFileError, match="no tokenizer.model or tokenizer.json; point --llm_path at the LLM "
-                                               "folder"):
+    with pytest.raises(MissingFileError, match=r"no tokenizer.model or tokenizer.json; download the LLM \(Hugging "
+                                               r"Face layout\) into it, or point --llm_path at the LLM's folder"):
         build.ensure_tokenizer(load_config("tiny", [f"--llm_path={tmp_path}"]))
     (tmp_path / "tokenizer.json").write_text("{}")
     assert build.ensure_tokenizer(load_config("tiny", [f"--llm_path={tmp_path}"])) == tmp_path
