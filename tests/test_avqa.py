@@ -265,6 +265,16 @@ def test_avqa_reads_every_frame_in_order_under_the_public_codes_prompt():
     assert seen == [[float(k) for k in range(10)]]
 
 
+def test_avqa_baseline_among_equally_frequent_answers_is_the_first_seen():
+    """The fixed-answer baseline is the most frequent correct option; among equals the first seen, the rule every
+    other task's majority baseline follows (metrics.majority)."""
+    items = [{"question": "q", "options": list("abcd"), "answer": a, "relation": "Both", "video": f"v{i}",
+              "frames": ["f"], "audio": f"/x/v{i}.wav"} for i, a in enumerate([2, 0, 2, 0])]
+    script = {f"v{i}": {m: (0, 0, 0) for m in MODES} for i in range(4)}
+    rows, _ = eval_avqa(Scripted(script), items, Options())
+    assert rows[0][2] == 0.5 and rows[0][3] == "4-way accuracy over 4 questions (baseline: always option 2)"
+
+
 def test_avqa_scores_on_scripted_answers():
     items = [{"question": "q", "options": list("abcd"), "answer": a, "relation": r, "video": f"v{i}",
               "frames": ["f"], "audio": f"/x/v{i}.wav"} for i, (a, r) in enumerate([(0, "Both"), (1, "Both"),
