@@ -464,7 +464,8 @@ def _strong(L, root, split, task, rng, strict, coverage=None):
         audio = files(ytid=ytid, start=start, end=start + 10, list=path.stem)  # (strong labels: 10 s clips)
         if not audio:
             continue
-        events = sorted((names.get(m, m), on, off) for m, on, off in rows)
+        events = sorted({(names.get(m, m), on, off) for m, on, off in rows})  # a row repeated exactly (label and
+        # times) is one event annotated twice, not two: counting would count it twice, detection match it twice
         by_label = defaultdict(list)
         for label, on, off in events:
             by_label[label].append((on, off))

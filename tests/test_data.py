@@ -538,16 +538,18 @@ def test_a_clip_a_folder_pattern_cannot_find_is_counted_and_a_pattern_that_canno
 
 def test_strong_labels_count_each_class_and_a_class_without_a_name_keeps_its_mid(tmp_path):
     """Counting: each class of a clip, with how many of its events the clip holds (not the clip's events of every
-    class); a class that mid_to_display_name.tsv does not name is called by its mid rather than dropped."""
+    class); a class that mid_to_display_name.tsv does not name is called by its mid rather than dropped; a row
+    repeated exactly (the same class and times) is one event, where the same times of another class are not."""
     write(tmp_path / "audioset/audioset_eval_strong.tsv", "segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"
           "abcdefghijk_30000\t1.0\t2.0\t/m/0bt9lr\nabcdefghijk_30000\t4.0\t5.0\t/m/0bt9lr\n"
-          "abcdefghijk_30000\t6.0\t7.0\t/m/0bt9lr\nabcdefghijk_30000\t3.0\t3.5\t/m/0unnamed\n")
+          "abcdefghijk_30000\t6.0\t7.0\t/m/0bt9lr\nabcdefghijk_30000\t3.0\t3.5\t/m/0unnamed\n"
+          "abcdefghijk_30000\t4.0\t5.0\t/m/0bt9lr\nabcdefghijk_30000\t4.0\t5.0\t/m/0unnamed\n")
     write(tmp_path / "audioset/mid_to_display_name.tsv", "/m/0bt9lr\tDog\n")
     touch_audio(tmp_path, "audio/Yabcdefghijk.wav")
     counts = {ex.target["label"]: ex.target["count"] for ex in data.examples("counting", tmp_path, "test")}
-    assert counts == {"Dog": 3, "/m/0unnamed": 1}
+    assert counts == {"Dog": 3, "/m/0unnamed": 2}
     spans = {ex.target["label"]: ex.target["segments"] for ex in data.examples("sed", tmp_path, "test")}
-    assert spans == {"Dog": [(1.0, 2.0), (4.0, 5.0), (6.0, 7.0)], "/m/0unnamed": [(3.0, 3.5)]}
+    assert spans == {"Dog": [(1.0, 2.0), (4.0, 5.0), (6.0, 7.0)], "/m/0unnamed": [(3.0, 3.5), (4.0, 5.0)]}
 
 
 def test_an_nlar_pair_with_either_clip_missing_is_skipped_or_raised(tmp_path, caplog):
