@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -19,7 +18,7 @@ from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError, checkpoint_tensors
 from apt_min.errors import MissingFileError, SettingError
 from apt_min.llama import Llama, LlamaConfig
-from apt_min.model import APT, FeatureCache, fingerprint, model_files, weight_probe
+from apt_min.model import APT, FeatureCache, encoder_identity, fingerprint, model_files, weight_probe
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
 log = logging.getLogger("apt_min")
@@ -114,13 +113,7 @@ def build_encoder(cfg, device, dtype, create: bool = True):
         name_settings_not_used(path, "was built with", dataclasses.asdict(model.config),
                                dataclasses.asdict(cfg.encoder_config()), ": the run keeps the encoder it has (another "
                                "--run_dir, or that file removed, builds a new one)")
-    identity = fingerprint(path)
-    if path.suffix != ".safetensors":  # a released .pth holds weights only: the block read, the window length and
-        # the shape come from the settings, so they belong to the encoder's identity (the feature cache's key, the
-        # encoder an APT was trained against) as much as the file does
-        settings = json.dumps(dataclasses.asdict(model.config), sort_keys=True)
-        identity = hashlib.sha256(f"{identity}|{settings}".encode()).hexdigest()[:16]
-    return model.to(device, dtype), {"path": str(path), "fingerprint": identity}
+    return model.to(device, dtype), {"path": str(path), "fingerprint": encoder_identity(path, model.config)}
 
 
 STAND_IN_SIZES = {"llm_hidden": "hidden_size", "llm_intermediate": "intermediate_size",

@@ -42,6 +42,17 @@ def fingerprint(*files) -> str:
     return h.hexdigest()[:16]
 
 
+def encoder_identity(path: str | Path, config: AudioMAEConfig) -> str:
+    """An encoder's identity as an APT records it (the feature cache's key, the encoder it was trained against): its
+    file's fingerprint; for a released .pth, which holds weights only, with the settings it was read with (the block
+    read, the window length and the shape belong to what the APT saw as much as the file does)."""
+    identity = fingerprint(path)
+    if Path(path).suffix != ".safetensors":
+        settings = json.dumps(asdict(config), sort_keys=True)
+        identity = hashlib.sha256(f"{identity}|{settings}".encode()).hexdigest()[:16]
+    return identity
+
+
 def model_files(folder: Path) -> list[Path]:
     return sorted([*folder.glob("config.json"), *folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")])
 

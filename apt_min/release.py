@@ -37,7 +37,7 @@ from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError
 from apt_min.config import STARTS_AFTER, Config, load_config, stage_folder
 from apt_min.errors import clean_exit
-from apt_min.model import APT, fingerprint
+from apt_min.model import APT, encoder_identity, fingerprint
 from apt_min.weights import sha256
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,17 @@ def pack(run_dir: str | Path, out: str | Path) -> dict[str, str]:
     meta = APT.read_meta(final)  # what loading the release will need
     if "path" not in meta["encoder"]:
         raise CheckpointError(f"{final / 'apt.json'}: names no encoder path to cut the release's encoder from")
+    encoder = AudioMAE.from_checkpoint(meta["encoder"]["path"], encoder_settings(final, meta))
+    if (now := encoder_identity(meta["encoder"]["path"], encoder.config)) != meta["encoder"].get("fingerprint"):
+        raise CheckpointError(f"{meta['encoder']['path']}: not the encoder {final} was trained against (its "
+                              f"fingerprint is {now}, {final / 'apt.json'} records {meta['encoder'].get('fingerprint')}"
+                              "): was it pretrained again or replaced since? Nothing released")
     out.mkdir(parents=True, exist_ok=True)
     heads = tuple(f"aligner.{h}" for h in STAGE0_HEADS)
     state = {k: v.to(torch.bfloat16) for k, v in load_file(final / "apt.safetensors").items()
              if not k.startswith(heads)}
     save_file(state, str(out / "apt.safetensors"))
 
-    encoder = AudioMAE.from_checkpoint(meta["encoder"]["path"], encoder_settings(final, meta))
     used = encoder.config.output_block % encoder.config.depth + 1  # blocks up to the one APT reads
     cut = AudioMAE(dataclasses.replace(encoder.config, depth=used, output_block=-1))
     cut.load_state_dict({k: v for k, v in encoder.state_dict().items()

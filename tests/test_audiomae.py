@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import re
 
 import pytest
 import torch
@@ -282,12 +283,15 @@ def test_half_precision_forward():
 def test_a_release_of_a_pth_encoder_reads_the_block_the_run_read(tmp_path):
     """apt_min.release.pack cuts the encoder after the block the APT read: for a .pth (weights only) that block is
     the run's setting (here the last, the public APT code's choice), which apt.json keeps; read with the defaults
-    (the penultimate) the release would hand the APT other features under a fingerprint of its own."""
+    (the penultimate) the release would hand the APT other features under a fingerprint of its own. The encoder's
+    identity is the one training records (build_encoder: the file with the settings it was read with)."""
     import json
 
     from safetensors.torch import save_file
 
     from apt_min import release
+    from apt_min.build import build_encoder
+    from apt_min.config import load_config
 
     model = random_encoder(output_block=-1)
     c = model.config
@@ -297,7 +301,8 @@ def test_a_release_of_a_pth_encoder_reads_the_block_the_run_read(tmp_path):
     save_file({"audio_token": torch.zeros(4)}, str(final / "apt.safetensors"))
     settings = {"preset": "paper", "encoder_dim": c.dim, "encoder_depth": c.depth, "encoder_heads": c.heads,
                 "target_length": c.target_length, "output_block": -1, "encoder_checkpoint": str(pth)}
-    described = {"aligner": {}, "llm": {}, "encoder": {"path": str(pth), "fingerprint": "x"}}  # as a run's apt.json
+    _, trained_on = build_encoder(load_config("paper", settings), "cpu", torch.float32)
+    described = {"aligner": {}, "llm": {}, "encoder": trained_on}  # as a run's apt.json
     (final / "apt.json").write_text(json.dumps({**described, "config": settings}))
     release.pack(tmp_path / "run", tmp_path / "out")
     cut = AudioMAE.from_checkpoint(tmp_path / "out" / "encoder.safetensors")
@@ -318,7 +323,8 @@ def test_a_release_keeps_what_answering_reads_in_bf16_and_lists_each_file_as_sha
     and gives the file's features (bf16-rounded); apt.safetensors keeps every tensor but the stage-0 heads, in bf16;
     apt.json names the cut encoder with its fingerprint and where it was cut from, no stage-0 heads, and the APT's
     making; SHA256SUMS is exactly what `sha256sum apt.safetensors encoder.safetensors apt.json` prints; a run whose
-    apt.json names no encoder path is named."""
+    apt.json names no encoder path is named, and so is an encoder file that is no longer the one the APT was trained
+    against (pretrained again, say), before anything is written."""
     import hashlib
     import json
 
@@ -326,6 +332,8 @@ def test_a_release_keeps_what_answering_reads_in_bf16_and_lists_each_file_as_sha
 
     from apt_min import release
     from apt_min.aligner import STAGE0_HEADS
+    from apt_min.build import build_encoder
+    from apt_min.config import load_config
     from apt_min.model import fingerprint
 
     model = random_encoder()
@@ -339,7 +347,7 @@ def test_a_release_keeps_what_answering_reads_in_bf16_and_lists_each_file_as_sha
     save_file(kept | heads, str(final / "apt.safetensors"))
     settings = {"preset": "tiny", "run_dir": str(run), "steps_2": 7, "encoder_dim": c.dim, "encoder_depth": c.depth,
                 "encoder_heads": c.heads, "target_length": c.target_length, "output_block": -1}
-    named = {"path": str(run / "encoder.safetensors"), "fingerprint": "x"}
+    _, named = build_encoder(load_config("tiny", settings), "cpu", torch.float32)  # as training records it
     (final / "apt.json").write_text(json.dumps({"stage": "2", "aligner": {}, "llm": {}, "encoder": named,
                                                 "stage0_heads": True, "config": settings}))
     out = tmp_path / "out"
@@ -363,6 +371,14 @@ def test_a_release_keeps_what_answering_reads_in_bf16_and_lists_each_file_as_sha
     assert sums == digests
     assert (out / "SHA256SUMS").read_text() == "".join(f"{digests[n]}  {n}\n" for n in
                                                        ("apt.safetensors", "encoder.safetensors", "apt.json"))
+    (final / "apt.json").write_text(json.dumps({"stage": "2", "aligner": {}, "llm": {}, "encoder": named,
+                                                "stage0_heads": True, "config": settings}))
+    random_encoder(dim=c.dim).save(run / "encoder.safetensors")  # the run's encoder made again: other weights
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(named['path'])}: not the encoder {re.escape(str(final))} "
+                                              r"was trained against \(its fingerprint is [0-9a-f]{16}, .*apt.json "
+                                              rf"records {named['fingerprint']}\)"):
+        release.pack(run, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
     (final / "apt.json").write_text(json.dumps({"aligner": {}, "llm": {}, "encoder": {"fingerprint": "x"}}))
     with pytest.raises(CheckpointError, match=r"apt.json: names no encoder path to cut the release's encoder from"):
         release.pack(run, tmp_path / "out2")
