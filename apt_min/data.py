@@ -700,6 +700,12 @@ class TaskSampler:
         return {"step": self.step, "cursor": dict(self.cursor), "seed": self.seed}
 
     def load_state_dict(self, state: dict):
+        """Continue where `state` (a checkpoint's) stopped; its seed is kept. A checkpoint drawn from other tasks
+        (a cursor per task it drew from) is refused: the draws could not continue, and a task new to it has no place."""
+        if set(state["cursor"]) != set(self.tasks):
+            raise SettingError(f"the checkpoint was trained on the tasks {sorted(state['cursor'])} and these "
+                               f"settings draw {sorted(self.tasks)}: resume with the run's own --task_ratios (or start "
+                               "a new run)")
         self.step, self.seed, self.cursor = state["step"], state["seed"], copy.deepcopy(state["cursor"])
 
 

@@ -773,6 +773,14 @@ def test_sampler_ratios_and_resume():
     b = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
     b.load_state_dict(state)
     assert [b.next_batch() for _ in range(10)] == rest and first != rest
+    for other in ({"tagging": 1.0, "captioning": 1.0}, {**ratios, "aqa": 1.0}):  # a task fewer, a task more
+        with pytest.raises(SettingError, match=r"the checkpoint was trained on the tasks \['captioning', 'fewshot', "
+                                               r"'tagging'\] and these settings draw \[.*\]: resume with the run's "
+                                               r"own --task_ratios"):
+            data.TaskSampler({**pools, "aqa": ["q"]}, other, batch_size=3, seed=1).load_state_dict(state)
+    reweighted = data.TaskSampler(pools, {**ratios, "fewshot": 2.0}, batch_size=3, seed=1)  # the same tasks
+    reweighted.load_state_dict(state)
+    assert reweighted.step == 10
     with pytest.raises(SettingError, match=r"ratios for tasks without data: \['nlar'\]"):
         data.TaskSampler(pools, {**ratios, "nlar": 0.5}, batch_size=3)
 
