@@ -54,7 +54,7 @@ from apt_min.build import (
 )
 from apt_min.checkpoint import CheckpointError, check_keys, safetensors_entries
 from apt_min.config import STARTS_AFTER, load_config
-from apt_min.errors import SettingError, clean_exit
+from apt_min.errors import MissingFileError, SettingError, clean_exit
 from apt_min.llama import Llama
 from apt_min.mae import MAEDecoder, mae_loss
 from apt_min.model import APT, encode_clips, short
@@ -99,8 +99,7 @@ class StandInLLM:
     """--stage lm: the tiny preset's LLM, trained from scratch on the synthetic corpus; every weight trains."""
 
     def __init__(self, cfg, rank, world, device):
-        if cfg.llm_path:
-            raise SystemExit("--stage lm trains the tiny stand-in LLM; with --llm_path set, the LLM is given")
+        stage_applies(cfg, "lm")
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.tok = ensure_tokenizer(cfg)
         cfg.stage_dir("lm").mkdir(parents=True, exist_ok=True)
@@ -164,9 +163,7 @@ class PretrainEncoder:
     reads it, frozen. No text and no labels are used: only the training split's audio."""
 
     def __init__(self, cfg, rank, world, device):
-        if cfg.encoder_init != "mae" or cfg.encoder_checkpoint:
-            raise SystemExit("--stage mae pretrains the encoder of a preset with --encoder_init=mae (small) and no "
-                             "--encoder_checkpoint")
+        stage_applies(cfg, "mae")
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.autocast, self.scaler, _ = amp_settings(cfg, device)
         cfg.stage_dir("mae").mkdir(parents=True, exist_ok=True)
@@ -455,9 +452,7 @@ class TrainVision:
     picture, is plugged in afterwards: `evaluate.py --task avqa`."""
 
     def __init__(self, cfg, rank, world, device):
-        if cfg.vision_path:
-            raise SystemExit("--stage vision trains the embedded default's vision side; with --vision_path set, "
-                             "the vision side is given")
+        stage_applies(cfg, "vision")
         from apt_min.blip2 import InstructBLIP, avqa_prompt, train_qformer_tokenizer
         from apt_min.release import resolve_checkpoint
         from apt_min.vision import ImageProcessing
@@ -471,6 +466,11 @@ class TrainVision:
             build.ensure_av_data(cfg)
         if world > 1:
             dist.barrier()
+        root, names = Path(cfg.data_root), [c.name for c in synth.TRAIN_CLASSES]
+        if not (root / "vision" / "pictures_val.json").is_file():
+            raise MissingFileError(f"{root / 'vision' / 'pictures_val.json'}: not there; --stage vision trains on the "
+                                   "synthetic pictures, made only beside the synthetic benchmark (this --data_root "
+                                   "holds other data, or the preset reads real data)")
         self.tok = ensure_tokenizer(cfg)
         self.autocast, self.scaler, frozen_dtype = amp_settings(cfg, device)
         encoder, encoder_id = build_encoder(cfg, device, frozen_dtype)
@@ -480,7 +480,6 @@ class TrainVision:
         self.out = cfg.stage_dir("vision")
         self.out.mkdir(parents=True, exist_ok=True)
 
-        root, names = Path(cfg.data_root), [c.name for c in synth.TRAIN_CLASSES]
         val = json.loads((root / "vision" / "pictures_val.json").read_text())
         for r in val:
             r["frames"] = [str(root / f) for f in r["frames"]]
@@ -1160,6 +1159,19 @@ def starting_point(cfg, stage: str) -> Path:
     return prev
 
 
+def stage_applies(cfg, stage: str):
+    """The stages only some presets have are refused where the settings give what they would make (main asks first,
+    before any data is generated or any model fetched)."""
+    if stage == "lm" and cfg.llm_path:
+        raise SettingError("--stage lm trains the tiny stand-in LLM; with --llm_path set, the LLM is given")
+    if stage == "mae" and (cfg.encoder_init != "mae" or cfg.encoder_checkpoint):
+        raise SettingError("--stage mae pretrains the encoder of a preset with --encoder_init=mae (small) and no "
+                           "--encoder_checkpoint")
+    if stage == "vision" and cfg.vision_path:
+        raise SettingError("--stage vision trains the embedded default's vision side; with --vision_path set, the "
+                           "vision side is given")
+
+
 @clean_exit("train.py")
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -1171,6 +1183,7 @@ def main(argv=None):
     cfg = load_config(args.preset, rest)
     for setting in ("caption_sources", "tagging_sources", "stage0_sources"):  # a misspelt source stops any stage
         sources(cfg, setting)
+    stage_applies(cfg, args.stage)
     if cfg.start_from and args.stage not in ("2", "caption_ft"):
         raise SystemExit(f"--start_from names a trained APT for stage 2 or caption_ft to continue; stage {args.stage} "
                          "does not start from one")

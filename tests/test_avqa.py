@@ -378,6 +378,13 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
                                          r"train.py --stage vision`"):
         evaluate.main(["--task", "avqa", "--limit", "2", *opts(tmp, *vision), f"--data-root={root}"])
     assert not (root / "avqa").exists()
+    real = tmp_path / "real"  # a folder of other data: no synthetic pictures are made there, and none are there
+    real.mkdir()
+    (real / "audioset").symlink_to(trained / "synth" / "audioset")
+    with pytest.raises(SystemExit, match=rf"^train.py: error: {re.escape(str(real / 'vision' / 'pictures_val.json'))}: "
+                                         r"not there; --stage vision trains on the synthetic pictures"):
+        train.main(["--stage", "vision", *opts(tmp, *vision), f"--data_root={real}"])
+    assert [p.name for p in real.iterdir()] == ["audioset"]
     train.main(["--stage", "vision", *opts(tmp, *vision)])
     final = tmp / "run" / "vision" / "final"
     assert {"vision.json", "vision.safetensors"} <= {f.name for f in final.iterdir()}

@@ -199,7 +199,7 @@ def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_
 
     cpu = torch.device("cpu")
     for settings in (["--encoder_init=mae", "--encoder_checkpoint=given.safetensors"], []):
-        with pytest.raises(SystemExit, match=r"--stage mae pretrains the encoder of a preset with --encoder_init=mae"):
+        with pytest.raises(SettingError, match=r"--stage mae pretrains the encoder of a preset with --encoder_init="):
             train.PretrainEncoder(train.load_config("tiny", opts(tmp_path, *settings)), 0, 1, cpu)
     cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--encoder_init=mae"))
     clips = {ex.segments[0][1] for task, options in (("captioning", {}), ("captioning", {"source": "clotho"}),
@@ -1260,10 +1260,29 @@ def test_resuming_with_other_weights_names_the_checkpoint_and_what_differs(tmp_p
         train.fit(cfg, "1", fewer, True, 0, 1, tmp_path)
 
 def test_the_stand_in_llm_is_trained_only_where_no_llm_is_given(tmp_path):
-    with pytest.raises(SystemExit, match=r"^--stage lm trains the tiny stand-in LLM; with --llm_path set, the LLM is "
-                                         r"given$"):
+    with pytest.raises(SettingError, match=r"^--stage lm trains the tiny stand-in LLM; with --llm_path set, the LLM is "
+                                           r"given$"):
         train.StandInLLM(train.load_config("tiny", opts(tmp_path, "--llm_path=weights/an-llm")), 0, 1,
                          torch.device("cpu"))
+
+
+@pytest.mark.parametrize("stage, preset, says", [
+    ("lm", "paper", "--stage lm trains the tiny stand-in LLM"),
+    ("lm", "small", "--stage lm trains the tiny stand-in LLM"),
+    ("mae", "tiny", "--stage mae pretrains the encoder of a preset with --encoder_init=mae"),
+    ("vision", "tiny", "--stage vision trains the embedded default's vision side; with --vision_path set")])
+def test_a_stage_the_preset_does_not_have_is_refused_before_anything_is_made(tmp_path, monkeypatch, stage, preset,
+                                                                              says):
+    """Before the benchmark is generated, a tokenizer trained or an LLM fetched: the refusal is the stage's own, not
+    an error about a file the stage would never have read."""
+    from apt_min import build
+
+    monkeypatch.setattr(build, "fetch_known_llm", lambda cfg: pytest.fail("an LLM was fetched"))
+    extra = ["--vision_path=weights/instructblip"] if stage == "vision" else []
+    with pytest.raises(SystemExit, match=rf"^train.py: error: {re.escape(says)}"):
+        train.main(["--stage", stage, "--preset", preset, f"--run_dir={tmp_path / 'run'}",
+                    f"--data_root={tmp_path / 'data'}", *extra])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_process_with_no_usable_example_has_nothing_to_train():
