@@ -121,12 +121,18 @@ STAND_IN_SIZES = {"llm_hidden": "hidden_size", "llm_intermediate": "intermediate
                   "llm_kv_heads": "num_key_value_heads"}  # the settings, and the config's names for them
 
 
+def no_llm_yet(cfg, folder: Path, why: str = "") -> MissingFileError:
+    """The error for an LLM folder without its config.json, saying how to fill it."""
+    todo = ("run `python train.py --stage lm` first" if not cfg.llm_path else
+            "download it (Hugging Face layout) into that folder")
+    return MissingFileError(f"{folder}: no LLM there yet{why}; {todo}")
+
+
 def load_llm(cfg, device, dtype):
     fetch_known_llm(cfg)
     folder = Path(cfg.resolved_llm_path())
     if not (folder / "config.json").is_file():
-        hint = "python train.py --stage lm" if not cfg.llm_path else f"download it into {folder}"
-        raise MissingFileError(f"{folder}: no LLM there yet; run `{hint}` first")
+        raise no_llm_yet(cfg, folder)
     saved = LlamaConfig.from_json(folder / "config.json")
     blocks = saved.num_hidden_layers
     if not cfg.llm_path:  # the stand-in `--stage lm` trained: its sizes are the run's
@@ -278,6 +284,8 @@ def llm_embeddings(cfg) -> torch.Tensor:
     """The LLM's input embedding table (vocab, D), float32, read alone from its folder (not the whole LLM: Vicuna's
     7 B in float32 would take 27 GB)."""
     folder = Path(cfg.resolved_llm_path())
+    if not (folder / "config.json").is_file():  # the aligner reads the LLM's words from stage 0 on
+        raise no_llm_yet(cfg, folder, ", and the aligner reads its words (--aligner_words or --aligner_init llm)")
     for entries in checkpoint_tensors(folder).values():
         if entry := entries.get("model.embed_tokens.weight"):
             table = torch.empty(entry.shape, dtype=torch.float32)

@@ -137,9 +137,12 @@ class Config:
 
     def chain(self) -> list[str]:
         """The train.py stages that make this preset's APT, in order: `mae` where the encoder is pretrained here
-        (small), 0, `lm` where the LLM is the stand-in trained here (tiny), 1, 2."""
+        (small), 0, `lm` where the LLM is the stand-in trained here (tiny; before stage 0 where the aligner reads the
+        LLM's words from the start), 1, 2."""
         mae = self.encoder_init == "mae" and not self.encoder_checkpoint
-        return [s for s in ("mae", "0", "lm", "1", "2") if (s != "mae" or mae) and (s != "lm" or not self.llm_path)]
+        lm = [] if self.llm_path else ["lm"]
+        early = "llm" in (self.aligner_words, self.aligner_init)
+        return ["mae"] * mae + lm * early + ["0"] + lm * (not early) + ["1", "2"]
 
     # each component's own config, from these settings (the one place the mapping is written)
 
