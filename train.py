@@ -178,13 +178,17 @@ class PretrainEncoder:
                                         cfg.mae_batch_size * world, cfg.seed)
 
     def windows(self, split) -> torch.Tensor:
-        """Every window of every clip of the split's captioning data (and for training, tagging's), as filter
-        banks (n, T, F) in float16 (2 400 training clips: 0.3 GB); a clip that cannot be read is skipped and
-        reported."""
-        cfg, paths = self.cfg, {}
-        sources = [("captioning", {}), ("captioning", {"source": "clotho"})] + [("tagging", {})] * (split == "train")
-        for task, options in sources:
-            paths |= dict.fromkeys(ex.segments[0][1] for ex in data.examples(task, cfg.data_root, split, **options))
+        """Every window of every clip of the split's captioning data (caption_sources; for training, tagging's too:
+        tagging_sources), as filter banks (n, T, F) in float16 (2 400 training clips: 0.3 GB); a clip that cannot be
+        read is skipped and reported. Validation reads the held-out clips of the caption sources that have them
+        (AudioCaps', Clotho's; WavCaps has no split)."""
+        cfg, captions = self.cfg, sources(self.cfg, "caption_sources")
+        if split == "train":
+            found = caption_examples(cfg, captions, None) + tagging_examples(cfg, None)
+        else:
+            found = [ex for name in captions if not name.startswith("wavcaps:")
+                     for ex in data.examples("captioning", cfg.data_root, split, source=name)]
+        paths = dict.fromkeys(ex.segments[0][1] for ex in found)
         windows = []
         for p in paths:
             try:

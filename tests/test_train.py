@@ -194,14 +194,16 @@ def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_
         prepared, tmp_path, monkeypatch, caplog):
     """--stage mae is refused where the encoder is not the preset's own to pretrain: given (--encoder_checkpoint)
     or a seeded random one (encoder_init=random, tiny's). A training clip that cannot be read is skipped with a
-    warning naming it, and with strict_audio ends the run."""
+    warning naming it, and with strict_audio ends the run. The clips are the caption sources' (with tagging's, in
+    training), as the settings name them: with AudioCaps alone, no Clotho clip is read."""
     from apt_min import audio
 
     cpu = torch.device("cpu")
     for settings in (["--encoder_init=mae", "--encoder_checkpoint=given.safetensors"], []):
         with pytest.raises(SettingError, match=r"--stage mae pretrains the encoder of a preset with --encoder_init="):
             train.PretrainEncoder(train.load_config("tiny", opts(tmp_path, *settings)), 0, 1, cpu)
-    cfg = train.load_config("tiny", opts(copy_of(prepared, tmp_path), "--encoder_init=mae"))
+    copied = copy_of(prepared, tmp_path)
+    cfg = train.load_config("tiny", opts(copied, "--encoder_init=mae"))
     clips = {ex.segments[0][1] for task, options in (("captioning", {}), ("captioning", {"source": "clotho"}),
                                                      ("tagging", {}))
              for ex in data.examples(task, cfg.data_root, "train", **options)}
@@ -219,6 +221,14 @@ def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_
     strict = train.load_config("tiny", opts(tmp_path, "--encoder_init=mae", "--strict_audio=true"))
     with pytest.raises(audio.AudioError, match=f"{re.escape(bad)}: not audio"):
         train.PretrainEncoder(strict, 0, 1, cpu)
+    read = []
+    monkeypatch.setattr(audio, "load_fbank", lambda path, t, f: read.append(path) or torch.zeros(1, t, f))
+    train.PretrainEncoder(train.load_config("tiny", opts(copied, "--encoder_init=mae", "--caption_sources=audiocaps")),
+                          0, 1, cpu)
+    audiocaps = {split: {ex.segments[0][1] for ex in data.examples("captioning", cfg.data_root, split)}
+                 for split in ("train", "val")}
+    tagging = {ex.segments[0][1] for ex in data.examples("tagging", cfg.data_root, "train")}
+    assert set(read) == audiocaps["train"] | tagging | audiocaps["val"] and len(read) == len(set(read))
 
 
 def test_every_stage_draws_one_global_batch_for_all_its_processes(trained, tmp_path, monkeypatch):
