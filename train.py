@@ -92,7 +92,8 @@ STAGES = {  # what each stage trains, with which loss, for how many steps (a con
 # ------------------------------------------------------------------------------------------------------- stages
 # Each stage object holds: module (what DistributedDataParallel wraps), params (what trains), sampler (its
 # batches), scaler (fp16's GradScaler or None); micro_step(wrapped module, sampler) -> (loss_sum, count, info),
-# loss_sum None when no example of the batch is usable; validate() -> {name: value}; finish(metrics) saves the result.
+# loss_sum None when this process, or any other, has no usable example this micro-step (all skip it together:
+# nothing_to_train); validate() -> {name: value}; finish(metrics) saves the result.
 
 
 class StandInLLM:
@@ -277,12 +278,13 @@ class AlignStage0:
         keep = [ex for ex in examples if ex.segments[0][1] in feats]
         return keep, [feats[ex.segments[0][1]] for ex in keep], len(examples) - len(keep)
 
-    def losses(self, model, examples, generator, together=True):
+    def losses(self, model, examples, generator, together=True, found=None):
         """The three stage-0 losses of a batch, or None when no example is usable. together: a training batch, of
         which each process holds its share: all processes skip together (under DDP all must run the same forwards)
         and contrast with every process's pairs; else (validation, the same examples in every process) this
-        process's batch alone, so the loss does not depend on how many processes ran."""
-        keep, clips, skipped = self.whole_clips(examples)
+        process's batch alone, so the loss does not depend on how many processes ran. found: whole_clips(examples)
+        where the caller has it already."""
+        keep, clips, skipped = found or self.whole_clips(examples)
         if (nothing_to_train(keep, self.world, self.device) if together else not keep):
             return None, keep, skipped
         batch = stage0_batch([ex.answer for ex in keep], clips, [ex.segments[0][1] for ex in keep], self.tok,
@@ -302,8 +304,9 @@ class AlignStage0:
     @torch.no_grad()
     def validate(self):
         # the loss pairs each clip with its first reference (an evaluation example's answer)
-        parts, _, _ = self.losses(self.module, self.val, torch.Generator().manual_seed(0), together=False)
-        keep, clips, _ = self.whole_clips(self.val)  # retrieval over every reference of each clip
+        found = self.whole_clips(self.val)  # encoded once, for the loss and for retrieval
+        parts, _, _ = self.losses(self.module, self.val, torch.Generator().manual_seed(0), together=False, found=found)
+        keep, clips, _ = found  # retrieval over every reference of each clip
         caps = [(i, c) for i, ex in enumerate(keep) for c in ex.target["references"]]
         ids, mask = self.tok.pad([self.tok.encode(c, eos=True) for _, c in caps])
         owner = torch.tensor([i for i, _ in caps], device=self.device)
@@ -610,7 +613,8 @@ def fit(cfg, stage, job, resume, rank, world, out: Path):
     resume. `job` is a stage object (above). job.micro_step(wrapped module, sampler) -> (loss_sum, count, info):
     this process's loss summed over its `count` items (tokens, or 1 for a loss that is already a batch mean), and
     info {"examples": int, "skipped": int, "task": name, other name: float (a per-process mean, logged as the mean
-    over processes)}; loss_sum None when no process has a usable example (info still counts what was skipped).
+    over processes)}; loss_sum None when any process has no usable example, all of them skipping the micro-step
+    together (nothing_to_train; info still counts what was skipped).
     Each optimizer step's gradient is that of the mean loss over every item of its grad_accum micro-batches on every
     process: exactly one batch grad_accum * world times as large. job.validate() -> {name: value}. Returns the last
     validation."""
@@ -1026,11 +1030,12 @@ def fillable_shapes(cfg, single: dict[str, list[str]]) -> set[tuple[int, int]]:
 def episode_shape(cfg, rng: random.Random, fillable: set | None = None) -> tuple[int, int]:
     """(ways, shots) of one training episode (episode_shapes): drawn as before where the pool can fill every shape,
     else drawn again among those it can (`fillable`)."""
-    if cfg.fewshot_shapes == "4x1":
-        shape = (4, 1)
-    else:
-        ways = rng.randint(2, 5)
-        shape = ways, rng.randint(1, min(3, 12 // ways))
+    shapes = episode_shapes(cfg)
+    if len(shapes) == 1:
+        shape = shapes[0]
+    else:  # the ways first, then the shots those ways allow (each uniform)
+        ways = rng.choice(sorted({w for w, _ in shapes}))
+        shape = ways, rng.choice([k for w, k in shapes if w == ways])
     if fillable is not None and shape not in fillable:
         shape = rng.choice(sorted(fillable))
     return shape

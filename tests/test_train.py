@@ -231,6 +231,19 @@ def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_
     assert set(read) == audiocaps["train"] | tagging | audiocaps["val"] and len(read) == len(set(read))
 
 
+def test_stage0_validation_encodes_its_clips_once(trained, tmp_path, monkeypatch):
+    """Stage 0's validation reads each clip's features once for its loss and its retrieval: without a feature cache
+    (the paper preset's) the encoder would run over them twice, and an unreadable clip be reported twice."""
+    cfg = train.load_config("tiny", opts(copy_of(trained, tmp_path), "--feature_cache=off"))
+    job = train.AlignStage0(cfg, 0, 1, torch.device("cpu"))
+    calls, encode = [], train.encode_clips
+    monkeypatch.setattr(train, "encode_clips", lambda enc, paths, *a: calls.append(list(paths)) or encode(enc, paths,
+                                                                                                           *a))
+    metrics = job.validate()
+    assert calls == [[ex.segments[0][1] for ex in job.val]]
+    assert {"val_loss", "a2t_r1", "t2a_r1"} <= metrics.keys()
+
+
 def test_every_stage_draws_one_global_batch_for_all_its_processes(trained, tmp_path, monkeypatch):
     """Each micro-step draws one global batch, of which each of the world processes takes its share (rank, rank +
     world, ...): so the batch drawn is world times the batch a process trains on (batch_size; stage 0's
