@@ -195,10 +195,13 @@ def test_training_lowers_the_loss_on_structured_spectrograms():
 def test_a_preset_that_pretrains_its_encoder_asks_for_the_stage(tmp_path):
     from apt_min.build import build_encoder
     from apt_min.config import load_config
+    from apt_min.errors import MissingFileError
 
     cfg = load_config("small", {"run_dir": str(tmp_path)})
-    with pytest.raises(SystemExit, match="--stage mae"):
+    with pytest.raises(MissingFileError, match=r"encoder.safetensors: the encoder is not pretrained yet; run `python "
+                                               r"train.py --stage mae` first"):  # never made at random
         build_encoder(cfg, "cpu", torch.float32)
+    assert not (tmp_path / "encoder.safetensors").exists()
 
 
 def test_the_loss_under_autocast_is_the_loss():
