@@ -343,7 +343,8 @@ class Llama(nn.Module):
             raise CheckpointError(f"{path}: no such model directory (expected config.json and *.safetensors)")
         cfg = LlamaConfig.from_json(path / "config.json")
         raw = json.loads((path / "config.json").read_text())
-        dtype = resolve_dtype(dtype, auto=raw.get("torch_dtype") or raw.get("dtype"))
+        # "auto": 5.x's "dtype" or 4.x's "torch_dtype"; where a config holds both, "dtype" wins, as in transformers
+        dtype = resolve_dtype(dtype, auto=raw.get("dtype") or raw.get("torch_dtype"))
         return cls.from_shards(cfg, checkpoint_tensors(path), dtype, device, path)
 
     @classmethod

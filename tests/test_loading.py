@@ -184,6 +184,19 @@ def test_auto_takes_the_configs_dtype(folder, field):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_auto_takes_dtype_over_torch_dtype_as_transformers_does(folder):
+    """A config.json holding both spellings, at odds: "dtype" (5.x's) wins, as transformers' own dtype="auto"
+    reads it."""
+    from transformers import LlamaForCausalLM
+
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(raw | {"dtype": "bfloat16", "torch_dtype": "float16"}))
+    theirs = LlamaForCausalLM.from_pretrained(folder, dtype="auto")
+    assert {p.dtype for p in theirs.parameters()} == {torch.bfloat16}
+    model = Llama.from_pretrained(folder, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 def test_fields_a_config_leaves_out_take_transformers_defaults():
     """A config.json with only the shape: every other field as transformers' LlamaConfig fills it."""
     import transformers
