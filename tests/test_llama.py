@@ -634,3 +634,47 @@ def test_a_block_kept_apart_does_not_see_the_other(pair):
     assert (out["first", False][b2] - out["other", False][b2]).abs().max() > 1e-2  # joint: the block reads the other
     assert (out["first", True][-1] - out["other", True][-1]).abs().max() > 1e-2  # the text after reads both
     assert_close_rel(out["first", True][:7], out["first", False][:7], 1e-6)  # what comes before is as it was
+
+
+# ------------------------------------------------------------------------------------------------ shared prefix
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-5), (torch.bfloat16, 5e-2)])
+def test_a_shared_prefix_gives_the_whole_sequences_logits(pair, dtype, rel):
+    """Rows that all begin with the same tokens, run as a SharedPrefix and then their own tokens (right-padded): the
+    logits after the prefix are those of the whole rows run at once. The prefix is held in the LLM's own dtype, a
+    bfloat16 LLM's included (outside autocast), and its pass computes no logits (only keys and values)."""
+    llm = copy.deepcopy(pair[1]).to(dtype)
+    ids = torch.randint(3, 96, (2, 11))
+    ids[1, :4] = ids[0, :4]
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 9:] = False
+    rows = []
+    hook = llm.lm_head.register_forward_hook(lambda _, args, __: rows.append(args[0].shape[0]))
+    try:
+        prefix = SharedPrefix(llm, ids[0, :4])
+    finally:
+        hook.remove()
+    assert rows == [0]  # the vocabulary projection ran on no position
+    assert prefix.length == 4 and prefix.k.dtype == prefix.v.dtype == dtype
+    got = llm(ids[:, 4:], attention_mask=mask, prefix=prefix)  # (2, 7, V)
+    whole = llm(ids, attention_mask=mask)[:, 4:]
+    # measured 0.0 in both dtypes: the same operations on the same values. Other CPUs' kernels may block the matmuls
+    # of the two shapes differently: float64 as the parity tests allow (RMSNorm's float32 step, see above), bfloat16
+    # a dozen of its roundings (2^-8 each)
+    assert_close_rel(got[mask[:, 4:]], whole[mask[:, 4:]], rel)
+
+
+def test_a_llama_built_with_tied_embeddings_holds_one_table(tmp_path):
+    """Llama(config) with tie_word_embeddings (the tiny preset's stand-in LLM is built so): lm_head is the embedding
+    table itself, as in transformers' LlamaForCausalLM, so what save_pretrained writes (the table once) reads back
+    into the same logits."""
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ours = Llama(cfg).eval()
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ours.save_pretrained(tmp_path)
+    ids = torch.randint(3, 96, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(Llama.from_pretrained(tmp_path)(ids), ours(ids))
