@@ -420,6 +420,30 @@ def test_save_pretrained_round_trip(tmp_path, tied):
         load_file(tmp_path / "theirs" / "model.safetensors").keys()
 
 
+def test_save_pretrained_writes_transformers_4_spelling_too(tmp_path):
+    """config.json as save_pretrained writes it, cut to the fields transformers 4.x reads (rope_theta, rope_scaling,
+    torch_dtype: no 5.x rope_parameters), still describes the model: a bfloat16 LLM with linear rope scaling reads
+    back, in transformers (dtype="auto") and here, in bfloat16 with the scaling, giving the same logits."""
+    from transformers import LlamaForCausalLM
+
+    scaling = {"rope_type": "linear", "factor": 4.0}
+    _, folder = hf_llama(tmp_path / "src", shards=False, rope_parameters={"rope_theta": 500.0, **scaling})
+    ours = Llama.from_pretrained(folder, dtype="bf16")
+    ours.save_pretrained(tmp_path / "out")
+    file = tmp_path / "out" / "config.json"
+    raw = json.loads(file.read_text())
+    assert "dtype" not in raw
+    del raw["rope_parameters"]
+    file.write_text(json.dumps(raw))
+    again = Llama.from_pretrained(tmp_path / "out", dtype="auto")
+    assert {p.dtype for p in again.parameters()} == {torch.bfloat16}
+    assert again.config.rope_scaling == scaling and again.config.rope_theta == 500.0
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert {p.dtype for p in theirs.parameters()} == {torch.bfloat16}
+    ids = torch.randint(3, 96, (2, 40))  # positions well past where the scaling shows
+    with torch.no_grad():
+        assert_close_rel(again.double()(ids), theirs.double()(ids).logits, 1e-5)
+
 def test_the_llms_embedding_table_is_read_alone(saved, monkeypatch):
     """build.llm_embeddings (stage 0's --aligner_words=llm, --aligner_init=llm) reads the input embeddings from the
     sharded folder, as float32, without building the LLM (a 7 B model in float32 is 27 GB)."""
