@@ -74,8 +74,9 @@ class LlamaConfig:
                                   "not a Llama architecture (expected model_type 'llama')")
         if raw.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{file}: hidden_act={raw['hidden_act']!r}; Llama uses 'silu'")
-        # transformers 5 folds theta and scaling into one dict `rope_parameters`; 4.x had rope_theta + rope_scaling
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        # transformers 5 folds theta and scaling into one dict `rope_parameters`; 4.x had rope_theta + rope_scaling.
+        # Where both dicts are given, rope_scaling replaces rope_parameters whole, as transformers 5 reads them
+        rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "linear", "llama3"):

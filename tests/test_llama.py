@@ -592,6 +592,36 @@ def test_transformers_4_config_spelling(tmp_path, old, new):
     _assert_logits_match(hf, Llama.from_pretrained(folder))
 
 
+
+# the rotary settings given twice, at odds (a 4.x config.json that 5.x fields were added to by hand) -> what
+# transformers 5 makes of it: rope_scaling, where given, replaces rope_parameters whole (its rope_theta included), and
+# a rope_theta inside the dict chosen comes before the top-level one
+AT_ODDS = {
+    "rope_scaling over rope_parameters": {"rope_parameters": {"rope_type": "linear", "factor": 4.0,
+                                                              "rope_theta": 500.0},
+                                          "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    "rope_parameters' theta over the top-level one": {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+                                                      "rope_theta": 700.0},
+    "rope_scaling's theta over the top-level one": {"rope_scaling": {"type": "linear", "factor": 4.0,
+                                                                     "rope_theta": 500.0}, "rope_theta": 700.0},
+}
+
+
+@pytest.mark.parametrize("fields", list(AT_ODDS.values()), ids=list(AT_ODDS))
+def test_rotary_settings_given_twice_read_as_transformers_reads_them(tmp_path, fields):
+    from transformers import LlamaForCausalLM
+
+    _, folder = hf_llama(tmp_path, shards=False)
+    raw = json.loads((folder / "config.json").read_text())
+    raw = {k: v for k, v in raw.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")} | fields
+    (folder / "config.json").write_text(json.dumps(raw))
+    hf = LlamaForCausalLM.from_pretrained(folder).eval()
+    ours = Llama.from_pretrained(folder)
+    theirs = hf.config.rope_parameters
+    assert ours.config.rope_theta == theirs["rope_theta"]
+    assert (ours.config.rope_scaling or {}).get("factor") == theirs.get("factor")
+    _assert_logits_match(hf, ours)
+
 def test_blocks_apart_mask_drawing():
     """causal_padding_mask's drawing for blocks kept apart: t V V A A q (APT-BLIP-2's avqa_blocks_apart)."""
     blocks = torch.tensor([[0, 1, 1, 2, 2, 0]])
