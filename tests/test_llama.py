@@ -161,6 +161,30 @@ def test_gradient_checkpointing_changes_memory_not_results(pair64, monkeypatch):
     assert len(calls) == 0
 
 
+
+def test_gradient_checkpointing_reads_the_shared_prefix(pair64):
+    """Checkpointed blocks attend to a SharedPrefix's keys and values, as the plain ones do (APT trains so after an
+    instruct LLM's system turn): the loss is the whole rows', and the gradient to the inputs the plain forward's."""
+    _, ours = pair64
+    ours = copy.deepcopy(ours)
+    ids = torch.randint(3, 96, (2, 10))
+    ids[1, :4] = ids[0, :4]
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 8:] = False  # right padding
+    prefix = SharedPrefix(ours, ids[0, :4])
+    with torch.no_grad():
+        whole = ours(ids, attention_mask=mask)[:, 4:][mask[:, 4:]].logsumexp(-1).sum()
+    got = {}
+    for checkpointing in (False, True):
+        ours.gradient_checkpointing = checkpointing
+        x = ours.embed(ids[:, 4:]).detach().requires_grad_(True)
+        loss = ours(inputs_embeds=x, attention_mask=mask, prefix=prefix)[mask[:, 4:]].logsumexp(-1).sum()
+        loss.backward()
+        got[checkpointing] = loss, x.grad
+    assert_close_rel(got[False][0], whole, 1e-5)  # as the parity tests allow (see above)
+    assert_close_rel(got[True][0], got[False][0], 1e-12)  # the same float64 operations: measured 0.0
+    assert_close_rel(got[True][1], got[False][1], 1e-12)
+
 def test_mask_drawings():
     m, causal = causal_padding_mask(torch.tensor([[0, 0, 1, 1, 1]]), 5, 0, "cpu")
     assert not causal
@@ -640,6 +664,10 @@ def test_blocks_apart_mask_drawing():
     assert torch.equal(m[0, 0, 1:, 1:], expected) and not bool(m[0, 0, 1:, 0].any())
     m, _ = causal_padding_mask(None, 2, 4, "cpu", blocks)
     assert torch.equal(m[0, 0], expected[4:])
+    # one query after the cached positions (a step of generation): the text after, and the second block's last
+    for past in (5, 4):
+        m, _ = causal_padding_mask(None, 1, past, "cpu", blocks[:, :past + 1])
+        assert torch.equal(m[0, 0], expected[past:past + 1, :past + 1])
     # one block (or none) leaves the causal mask as it was
     assert causal_padding_mask(None, 6, 0, "cpu", torch.tensor([[0, 1, 1, 1, 0, 0]])) == (None, True)
 
