@@ -7,13 +7,13 @@ import torch
 
 def hf_llama(tmp: Path, *, kv_heads=2, tied=False, vocab=96, seed=0, shards=True, **extra):
     """Build a transformers LlamaForCausalLM with random weights, save it with save_pretrained (forced into several
-    safetensors shards), and return (the HF model, the folder)."""
+    safetensors shards), and return (the HF model, the folder). `extra`: more config fields, or others than these."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                      tie_word_embeddings=tied, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **extra)
+    cfg = LlamaConfig(**{**dict(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                                tie_word_embeddings=tied, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2), **extra})
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # the default init gives near-uniform logits and repetitive text; these weights give
         for p in model.parameters():  # varied continuations whose top two logits are well apart

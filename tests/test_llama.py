@@ -67,6 +67,18 @@ def test_a_head_width_of_its_own_matches_transformers(tmp_path):
     assert torch.equal(got, seq[:, 11:])
 
 
+
+@torch.no_grad()
+def test_far_positions_and_a_large_norm_epsilon_match_transformers(tmp_path):
+    """Rotary angles from exact positions far into a sequence (past 256, where bfloat16 no longer holds every
+    integer), and RMSNorm with the config's own epsilon (0.5: large enough to show against activations of order 1;
+    the other tests' 1e-5 hides in the rounding): the logits are transformers'."""
+    hf, folder = hf_llama(tmp_path, shards=False, rms_norm_eps=0.5, max_position_embeddings=512)
+    ours = Llama.from_pretrained(folder).double()
+    assert ours.config.rms_norm_eps == 0.5
+    ids = torch.randint(3, 96, (1, 300))
+    assert_close_rel(ours(ids)[0, 250:], hf.double()(ids).logits[0, 250:], 1e-5)
+
 @torch.no_grad()
 def test_inputs_embeds_and_logits_at(pair):
     _, ours = pair

@@ -12,6 +12,7 @@ import struct
 import pytest
 import torch
 from helpers import assert_close_rel, hf_llama
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from apt_min.checkpoint import CheckpointError
@@ -418,6 +419,10 @@ def test_save_pretrained_round_trip(tmp_path, tied):
     theirs.save_pretrained(tmp_path / "theirs")  # the same keys as transformers stores (a tied lm_head left out)
     assert load_file(tmp_path / "out" / "model.safetensors").keys() == \
         load_file(tmp_path / "theirs" / "model.safetensors").keys()
+    # and the same header metadata as transformers writes ({"format": "pt"}: the framework the tensors are for)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as a, \
+            safe_open(tmp_path / "theirs" / "model.safetensors", "pt") as b:
+        assert a.metadata() == b.metadata() == {"format": "pt"}
 
 
 def test_save_pretrained_writes_transformers_4_spelling_too(tmp_path):
