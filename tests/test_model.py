@@ -713,6 +713,11 @@ def test_identities_of_weights(parts, tmp_path):
     llm = parts[3]
     probe = weight_probe(llm)
     assert same_weights(probe, llm)
+    # 16 places in each of the embedding table, the first q_proj, the last down_proj and the final norm
+    last = llm.config.num_hidden_layers - 1
+    assert [name for name, _, _ in probe] == [name for name in (
+        "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+        f"model.layers.{last}.mlp.down_proj.weight", "model.norm.weight") for _ in range(16)]
     assert not same_weights(probe + [["model.layers.99.mlp.up_proj.weight", 0, 0.0]], llm)
     assert not same_weights(probe + [["model.norm.weight", 10 ** 9, 0.0]], llm)
     # the same LLM held in bf16 (as a run loads it on a GPU) matches its fp32 copy (InstructBLIP's), both ways;
@@ -786,24 +791,49 @@ def test_candidates_are_scored_by_fp32_log_softmax_of_bf16_logits(parts, monkeyp
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
 
 
-def test_choice_logprob_keeps_blocks_apart_when_asked(parts):
-    """blocks_apart=True: no block of soft prompts sees another (APT-BLIP-2's setting); each candidate's score is that
-    of one full pass with the blocks kept apart, EOS not counted, and differs from the plain pass's."""
-    _, tok, _, _, (a, b, _) = parts
+def test_the_answer_loss_of_an_llm_held_in_bf16_is_summed_in_fp32(parts):
+    """An LLM held in bf16 (outside autocast) gives bf16 logits: the loss is the fp32 cross-entropy of those logits
+    (computed here in float64), not a bf16 sum, which would round a loss of this size to steps of 1/8 or more."""
+    _, _, _, _, (a, b, _) = parts
     apt = make_apt(parts).eval()
+    apt.llm = copy.deepcopy(apt.llm).to(torch.bfloat16)
     feats, _ = apt.encode_clips([a, b])
-    segments = [("audio", a), ("text", "This is a sound of"), ("audio", b), ("text", "What is it?")]
-    answers = ["bell.", "hum"]
-    apart = apt.choice_logprob(segments, answers, feats, blocks_apart=True)
+    batch = [[("audio", a), ("text", "How many times?")], [("audio", b), ("text", "Summarize")]]
+    answers = ["3", "a bell rings, then a siren"]
     with torch.no_grad():
-        want = []
-        for answer in answers:
-            x, mask, labels, blocks = apt.embed_batch([segments], feats, [answer], with_blocks=True)
-            logp = apt.llm(inputs_embeds=x, attention_mask=mask, blocks=blocks)[0, :-1].float().log_softmax(-1)
-            at = labels[0, 1:] != -100
-            want.append(logp[at].gather(1, labels[0, 1:][at][:, None])[:-1].sum())  # EOS not counted
-    torch.testing.assert_close(apart, torch.stack(want), rtol=1e-5, atol=1e-5)
-    assert (apart - apt.choice_logprob(segments, answers, feats)).abs().max() > 1e-3
+        loss, n = apt(batch, answers, feats)
+        logits, targets, _ = apt._answer_logits(batch, answers, feats)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32 and n == len(targets)
+    want = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="sum")
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_shared_prefix_is_made_for_each_autocast_dtype(parts, dtype):
+    """The shared prefix is kept per autocast dtype: made under bf16 autocast it is not served under fp16 autocast
+    (nor the other way round): each gets keys and values of its own dtype."""
+    apt = make_apt(parts)
+    apt.prompt_format = "smollm2-chat"
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    for d in (other, dtype):
+        with torch.autocast("cpu", dtype=d):
+            assert apt.shared_prefix().k.dtype == d
+
+
+def test_answer_and_rank_runs_the_llm_once_per_token_said_and_once_for_the_candidates(parts, monkeypatch):
+    """n tokens said cost n passes (the prompt's pass gives the first, each later one a pass over the token before
+    it; none after the last), and the candidates one more, all of them together. The LLM is steered to say "bell"
+    over and over, never EOS."""
+    _, tok, _, _, (a, _, _) = parts
+    apt = make_apt(parts).eval()
+    feats, _ = apt.encode_clips([a])
+    script = tok.encode("bell bell bell bell bell", bos=False)
+    calls = steer(monkeypatch, apt.llm, script)
+    for n in (1, 4):
+        calls.clear()
+        said, _ = apt.answer_and_rank([("audio", a), ("text", "What is it?")], ["bell.", "hum"], feats,
+                                      max_new_tokens=n)
+        assert said == tok.decode(script[:n]).strip() and len(calls) == n + 1
 
 
 def test_generate_batch_equals_one_by_one(parts):
