@@ -125,6 +125,18 @@ def test_interleaving_and_labels(parts):
     assert m[:, 0].all() and ml[:, -1].all()
 
 
+
+def test_an_answer_is_learned_as_given_whitespace_included(parts):
+    """The labels are the answer's own tokens as the tokenizer spells the text given (here a space before and a
+    newline after, which this tokenizer keeps), then EOS: embed_batch does not tidy the answer."""
+    _, tok, _, _, (a, _, _) = parts
+    apt = make_apt(parts)
+    feats, _ = apt.encode_clips([a])
+    answer = " bell \n"
+    assert tok.encode(answer, bos=False) != tok.encode(answer.strip(), bos=False)
+    _, _, labels = apt.embed_batch([[("audio", a), ("text", "Summarize")]], feats, [answer])
+    assert labels[0][labels[0] != -100].tolist() == tok.encode(answer, bos=False) + [tok.eos_id]
+
 def test_a_chat_template_frames_the_users_turn_once(parts):
     """smollm2-chat: the template's opening, the segments, then the close of the user's turn and the assistant's
     opening, once: after the segments, or where a ("turn", "") segment ends the user's turn (the few-shot "list"
@@ -321,7 +333,10 @@ def test_long_audio_all_reads_a_whole_clip_at_once(parts, tmp_path):
 
 def test_only_trainable_tensors_learn(parts):
     _, _, encoder, llm, (a, b, _) = parts
+    encoder.train()  # handed over in training mode: the APT puts its frozen parts in eval mode itself
+    llm.train()
     apt = make_apt(parts)
+    assert not encoder.training and not llm.training
     frozen = {k: v.clone() for k, v in [*encoder.state_dict().items(), *llm.state_dict().items()]}
     feats, _ = apt.encode_clips([a, b])
     batch = [[("audio", a), ("text", "How many times?")], [("audio", b), ("text", "How many times?")]]
