@@ -242,7 +242,8 @@ class InstructBLIP(nn.Module):
             intermediate_size=q["intermediate_size"], num_queries=raw.get("num_query_tokens", 32),
             cross_attention_freq=q["cross_attention_frequency"], max_text_len=q["max_position_embeddings"],
             dropout=0.0, layer_norm_eps=q["layer_norm_eps"], input_norm_eps=v["layer_norm_eps"])
-        dtype = resolve_dtype(dtype, auto=raw.get("torch_dtype") or raw.get("dtype") or t.get("torch_dtype"))
+        # "auto": the top's "dtype" (5.x) before its "torch_dtype" (4.x), as transformers reads them; else the LLM's
+        dtype = resolve_dtype(dtype, auto=raw.get("dtype") or raw.get("torch_dtype") or t.get("torch_dtype"))
 
         shards, unnamed = {}, []
         for file, entries in checkpoint_tensors(folder).items():

@@ -392,6 +392,19 @@ def test_loads_in_the_dtype_asked_or_the_one_its_config_names(hf_folder, blip, t
         assert {p.dtype for p in InstructBLIP.from_pretrained(copy, dtype="auto").parameters()} == {want}, written
 
 
+
+def test_auto_takes_dtype_over_torch_dtype_as_transformers_does(hf_folder, tmp_path):
+    """A config.json holding both spellings at the top, at odds: "dtype" (5.x's) wins, as transformers' own
+    dtype="auto" reads it."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    copy = linked_copy(hf_folder[0], tmp_path / "both")
+    raw = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(raw | {"dtype": "bfloat16", "torch_dtype": "float16"}))
+    theirs = InstructBlipForConditionalGeneration.from_pretrained(copy, dtype="auto")
+    assert {p.dtype for p in theirs.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in InstructBLIP.from_pretrained(copy, dtype="auto").parameters()} == {torch.bfloat16}
+
 def tiny_apt(blip, seed=0):
     """An APT around `blip`'s LLM with a small random encoder and aligner (trained or not, the glue is the same)."""
     torch.manual_seed(seed)
