@@ -338,7 +338,8 @@ class Llama(nn.Module):
         """Load a Hugging Face Llama folder: config.json + model.safetensors, or shards listed in
         model.safetensors.index.json (pytorch_model*.bin is read with weights_only=True where no safetensors exist).
         Tensors are read one at a time straight into the target dtype: no second full copy is held.
-        dtype: float32/fp32, bfloat16/bf16, float16/fp16, a torch.dtype, or "auto" (the config's torch_dtype)."""
+        dtype: float32/fp32, bfloat16/bf16, float16/fp16, a torch.dtype, or "auto" (the config's dtype or
+        torch_dtype)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such model directory (expected config.json and *.safetensors)")
