@@ -429,6 +429,17 @@ def test_beam_search_fills_a_row_that_ended_with_pad_token_id(tmp_path):
     assert got.tolist() == [[8] + [15] * 9, [7] * 10]
 
 
+
+def test_token_0_can_be_the_eos(tmp_path):
+    """eos_token_id=0 (SmolLM2's <|endoftext|> is id 0) ends a row as any other id does, as in transformers, rather
+    than falling back to the config's EOS: after P the bigram model says 0, and 0 again after it."""
+    hf, ours = _bigram_llama(tmp_path, {3: [0.0] + [-100.0] * 15})
+    ids = torch.tensor([[TOKENS["P"]]])
+    assert _hf_new_tokens(hf, ids, max_new_tokens=6, eos_token_id=0).tolist() == [[0]]
+    for num_beams in (1, 2):
+        assert ours.generate(ids, max_new_tokens=6, num_beams=num_beams, eos_token_id=0).tolist() == [[0]]
+    assert ours.generate(ids, max_new_tokens=6).tolist() == [[0] * 6]  # the config's EOS (2) never comes
+
 def test_what_cannot_be_done_is_refused_by_name(pair):
     """Beam search with sampling; a config whose heads are not a multiple of its key/value heads; both or neither of
     input_ids and inputs_embeds; a cache and a shared prefix together; an attention mask or blocks of another length

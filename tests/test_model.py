@@ -115,6 +115,9 @@ def test_interleaving_and_labels(parts):
     assert torch.equal(x1[0, 2:2 + Q], pa) and torch.equal(x1[0, 3 + Q:3 + 2 * Q], pb) and not torch.allclose(pa, pb)
     assert lab1[0][lab1[0] != -100].tolist() == answer  # exactly the answer tokens and EOS
     assert (lab1[0, :-len(answer)] == -100).all()
+    # the blocks of soft prompts (for blocks_apart): each clip's <AUDIO> and prompts its own, BOS and the text none
+    blocks = apt.embed_batch([one], feats, ["3"], with_blocks=True)[3][0].tolist()
+    assert blocks == [0] + [1] * (1 + Q) + [2] * (1 + Q) + [0] * (x1.shape[1] - 3 - 2 * Q)
     # a long clip contributes all its windows, in order: 1 + 3 * Q positions
     x3, _, _ = apt.embed_batch([[("audio", long), ("text", "How many times?")]], feats)
     assert x3.shape[1] == 1 + 1 + 3 * Q + len(tok.encode("How many times?", bos=False))
