@@ -244,6 +244,18 @@ def test_stage0_validation_encodes_its_clips_once(trained, tmp_path, monkeypatch
     assert {"val_loss", "a2t_r1", "t2a_r1"} <= metrics.keys()
 
 
+def test_stage1_validation_answers_aqa_from_the_features_its_loss_read(trained, tmp_path):
+    """Stages 1-2's validation encodes each chunk of each task once, for the loss; the AQA answers that follow read
+    those features again, not the encoder (which, without a feature cache, would run over 64 clips once more)."""
+    cfg = train.load_config("tiny", opts(copy_of(trained, tmp_path), "--feature_cache=off"))
+    job = train.TuneAPT(cfg, "1", 0, 1, torch.device("cpu"))
+    calls, encode = [], job.model.encode_clips
+    job.model.encode_clips = lambda paths, strict=False: calls.append(list(paths)) or encode(paths, strict)
+    metrics = job.validate()
+    chunks = sum(math.ceil(len(exs) / cfg.batch_size) for exs in job.val.values())
+    assert "aqa" in job.val and len(calls) == chunks and {"val_loss", "val_aqa_accuracy"} <= metrics.keys()
+
+
 def test_every_stage_draws_one_global_batch_for_all_its_processes(trained, tmp_path, monkeypatch):
     """Each micro-step draws one global batch, of which each of the world processes takes its share (rank, rank +
     world, ...): so the batch drawn is world times the batch a process trains on (batch_size; stage 0's
