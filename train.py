@@ -1021,7 +1021,7 @@ def fillable_shapes(cfg, single: dict[str, list[str]]) -> set[tuple[int, int]]:
     fillable = {(w, k) for w, k in shapes if len(data.fillable_classes(single, k)) >= w}
     if not fillable:
         raise data.DataError(f"stage 2's few-shot pool cannot fill any episode of {shapes} (ways, shots): it has "
-                             f"{sum(len(c) > 1 for c in single.values())} classes with two or more single-label clips")
+                             f"{len(data.fillable_classes(single, 1))} classes with two or more single-label clips")
     if missing := [s for s in shapes if s not in fillable]:
         log.warning("stage 2's few-shot pool has too few classes with enough clips for the episodes %s (ways, "
                     "shots); drawing among the rest", missing)
