@@ -482,13 +482,18 @@ def stage0_batch(captions: list[str], clip_feats: list[torch.Tensor], paths: lis
 
 
 @torch.no_grad()
-def retrieval_r1(aligner: Aligner, audio_feats, text_ids, text_mask, owner, audio_mask=None) -> dict:
-    """Audio<->text retrieval with the ATC embeddings: audio_feats (A, N, Da), captions text_ids, text_mask (C, T),
-    owner (C,) the clip each caption describes (a clip may have several). Similarity is the best-matching query's
-    cosine, as in ATC. Returns R@1 each way: {"a2t_r1", "t2a_r1"}."""
+def retrieval_similarity(aligner: Aligner, audio_feats, text_ids, text_mask, audio_mask=None) -> torch.Tensor:
+    """Every clip's similarity to every caption with the ATC embeddings, as ATC scores a pair: the best-matching
+    query's cosine. audio_feats (A, N, Da), text_ids, text_mask (C, T) -> (A, C)."""
     a = aligner.encode_audio(audio_feats, audio_mask)  # (A, Q, E)
     t = aligner.encode_text(text_ids, text_mask)  # (C, E)
-    sim = torch.einsum("aqe,ce->acq", a, t).amax(-1)  # (A, C)
-    a2t = (owner[sim.argmax(1)] == torch.arange(a.shape[0], device=owner.device)).float().mean().item()
+    return torch.einsum("aqe,ce->acq", a, t).amax(-1)
+
+
+def retrieval_r1(aligner: Aligner, audio_feats, text_ids, text_mask, owner, audio_mask=None) -> dict:
+    """Audio<->text retrieval by `retrieval_similarity`: captions text_ids, text_mask (C, T), owner (C,) the clip
+    each caption describes (a clip may have several). Returns R@1 each way: {"a2t_r1", "t2a_r1"}."""
+    sim = retrieval_similarity(aligner, audio_feats, text_ids, text_mask, audio_mask)  # (A, C)
+    a2t = (owner[sim.argmax(1)] == torch.arange(sim.shape[0], device=owner.device)).float().mean().item()
     t2a = (sim.argmax(0) == owner).float().mean().item()
     return {"a2t_r1": a2t, "t2a_r1": t2a}

@@ -55,7 +55,7 @@ KINDS = ("both", "both", "view", "sound")  # half the questions need both
 # -------------------------------------------------------------------------------------------------------- pictures
 
 
-def _shape(draw, shape: str, box, fill):
+def draw_shape(draw, shape: str, box, fill):
     x0, y0, x1, y1 = box
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
     if shape == "circle":
@@ -111,7 +111,7 @@ def draw_frames(rng: np.random.Generator, objects: list[str], frames: int):
         for name, (x, y, s) in zip(objects, boxes):
             dx, dy = rng.integers(-1, 2, size=2)
             shape, colour = LOOKS[name]
-            _shape(draw, shape, (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[colour])
+            draw_shape(draw, shape, (x + dx, y + dy, x + dx + s, y + dy + s), COLOURS[colour])
         out.append(image)
     return out
 

@@ -544,7 +544,7 @@ def test_the_six_shapes_differ():
     masks = {}
     for shape in synth_av.SHAPES:
         image = Image.new("L", (16, 16))
-        synth_av._shape(ImageDraw.Draw(image), shape, (1, 1, 14, 14), 255)
+        synth_av.draw_shape(ImageDraw.Draw(image), shape, (1, 1, 14, 14), 255)
         masks[shape] = np.asarray(image) > 0
     for a, b in itertools.combinations(synth_av.SHAPES, 2):
         assert (masks[a] != masks[b]).sum() >= 25, (a, b)
