@@ -317,6 +317,34 @@ def test_a_release_of_a_pth_encoder_reads_the_block_the_run_read(tmp_path):
         release.pack(tmp_path / "run", tmp_path / "out2")
 
 
+def test_a_pth_encoders_identity_holds_the_settings_it_was_read_with(tmp_path):
+    """A released .pth holds weights only: the block read comes from the settings, so the same file read with
+    another output_block gives other features and is another encoder to an APT (the feature cache's key, the encoder
+    it was trained against); read twice alike, it is the same one. A .safetensors file carries its settings: its
+    identity is its file's fingerprint."""
+    from apt_min.build import build_encoder
+    from apt_min.config import load_config
+    from apt_min.model import fingerprint
+
+    model = random_encoder(output_block=-1)
+    c = model.config
+    pth = released_checkpoint(model, tmp_path / "finetuned.pth")
+    shape = {"encoder_dim": c.dim, "encoder_depth": c.depth, "encoder_heads": c.heads, "target_length": c.target_length}
+
+    def identity(checkpoint, block):
+        cfg = load_config("paper", {**shape, "encoder_checkpoint": str(checkpoint), "output_block": block})
+        return build_encoder(cfg, "cpu", torch.float32)[1]
+
+    last, penultimate = identity(pth, -1), identity(pth, -2)
+    assert last["path"] == penultimate["path"] == str(pth)
+    assert last["fingerprint"] != penultimate["fingerprint"]
+    assert fingerprint(pth) not in (last["fingerprint"], penultimate["fingerprint"])
+    assert identity(pth, -1) == last
+    saved = tmp_path / "encoder.safetensors"
+    model.save(saved)
+    assert identity(saved, -2)["fingerprint"] == fingerprint(saved)
+
+
 def test_a_release_keeps_what_answering_reads_in_bf16_and_lists_each_file_as_sha256sum_does(tmp_path):
     """apt_min.release.pack with a .safetensors encoder (3 blocks, the penultimate read) and a run whose settings say
     another block (a .safetensors file carries its own, as training read it): the encoder is cut after block 2 of 3
