@@ -302,6 +302,8 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
                            ">= 0")
     if cfg.grad_clip <= 0:  # clip_grad_norm_ at 0 zeroes every gradient, below 0 turns them round
         raise SettingError(f"--grad_clip={cfg.grad_clip}: expected a gradient norm above 0")
+    if not cfg.caption_ft_epochs > 0:  # 0 or below (or nan) took one step of caption_ft, silently
+        raise SettingError(f"--caption_ft_epochs={cfg.caption_ft_epochs}: expected a number of passes above 0")
     if not 0 <= cfg.vision_align_steps < cfg.steps_vision:
         raise SettingError(f"--vision_align_steps={cfg.vision_align_steps} with --steps_vision={cfg.steps_vision}: "
                            "the vision stage needs steps with the LLM after its alignment steps")

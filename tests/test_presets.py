@@ -125,13 +125,18 @@ def test_the_tiny_encoder_is_the_seeds(tmp_path):
 
 
 def test_settings_that_would_train_nothing_are_refused():
-    """A gradient clip at or below 0 (every gradient zeroed, or turned round) and a vision stage with no step after
-    its alignment steps (its projection would never train) are setting errors, before anything runs."""
+    """A gradient clip at or below 0 (every gradient zeroed, or turned round), caption_ft passes at or below 0 (it
+    took one step whatever they said) and a vision stage with no step after its alignment steps (its projection would
+    never train) are setting errors, before anything runs."""
     from apt_min.errors import SettingError
 
     for clip in ("0", "-1"):
         with pytest.raises(SettingError, match=f"--grad_clip={float(clip)}: expected a gradient norm above 0"):
             load_config("tiny", [f"--grad_clip={clip}"])
+    for epochs in ("0", "-2"):  # caption_ft would take one step whatever that said
+        with pytest.raises(SettingError, match=f"--caption_ft_epochs={float(epochs)}: expected a number of passes"):
+            load_config("tiny", [f"--caption_ft_epochs={epochs}"])
+    assert load_config("tiny", ["--caption_ft_epochs=0.5"]).caption_ft_epochs == 0.5
     with pytest.raises(SettingError, match="--vision_align_steps=500 with --steps_vision=500: the vision stage"):
         load_config("tiny", ["--steps_vision=500", "--vision_align_steps=500"])
     assert load_config("tiny", ["--steps_vision=501", "--vision_align_steps=500"]).steps_vision == 501
