@@ -342,6 +342,31 @@ def test_a_fresh_run_sets_the_previous_runs_log_and_checkpoints_aside(prepared, 
     assert [r["step"] for r in log_records(tmp, "stage1")] == [0, 1, 2, 2]  # resumed at its end: nothing more
 
 
+def test_a_third_fresh_run_replaces_the_runs_set_aside_before(tmp_path, capsys):
+    """previous/ holds the run before the last one alone: a fresh run with a previous/ already there replaces it
+    (the older run's log and checkpoints go), and says what it moved."""
+    (tmp_path / "checkpoints" / "step_0000004").mkdir(parents=True)
+    (tmp_path / "log.jsonl").write_text("first\n")
+    train.set_aside_previous_run(tmp_path)
+    (tmp_path / "log.jsonl").write_text("second\n")
+    train.set_aside_previous_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
+    assert [p.name for p in (tmp_path / "previous").iterdir()] == ["log.jsonl"]
+    assert (tmp_path / "previous" / "log.jsonl").read_text() == "second\n"
+    assert capsys.readouterr().out.splitlines()[-1] == (f"a fresh run: the previous run's log.jsonl moved to "
+                                                        f"{tmp_path / 'previous'}/ (--resume continues a run instead)")
+
+
+def test_a_validation_of_nothing_is_neither_logged_nor_shown(tmp_path, capsys):
+    """A stage that validates on nothing (every validated task set to 0) returns no metrics: no log record and no
+    line on the screen, where a validation's are both."""
+    with open(tmp_path / "log.jsonl", "a") as logfile:
+        train.log_validation(logfile, "1", 0, {}, "before training")
+        train.log_validation(logfile, "1", 4, {"val_loss": 0.5})
+    assert (tmp_path / "log.jsonl").read_text() == '{"step": 4, "val_loss": 0.5}\n'
+    assert capsys.readouterr().out == "stage 1 step 4: val_loss 0.5000\n"
+
+
 def crash_at_batch(monkeypatch, n):
     """Make the n-th training batch raise, as if the process died there (validation draws no batches)."""
     calls, real = [0], data.TaskSampler.next_batch
@@ -512,6 +537,17 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path, monkeypatch):
     assert read == [{"map_location": "cpu", "weights_only": True}]
 
 
+def test_a_save_cut_short_is_not_counted_among_the_kept_checkpoints(tmp_path):
+    """The step_N.tmp folder of a save a crash cut short (at step 9, say, in a run later resumed from an earlier
+    checkpoint) is neither a checkpoint nor counted as one: keep=2 still keeps the two newest whole checkpoints."""
+    ck = train.Checkpoints(tmp_path, keep=2)
+    (tmp_path / "step_0000009.tmp").mkdir(parents=True)
+    for step in range(1, 6):
+        ck.save(step, {"w": torch.full((2,), float(step))}, {"step": step})
+    assert sorted(p.name for p in tmp_path.glob("step_???????")) == ["step_0000004", "step_0000005"]
+    assert ck.load()[1]["step"] == 5
+
+
 def test_resume_drops_the_log_records_after_the_checkpoint_and_one_cut_short(tmp_path):
     """The log holds every step once after a resume: records written after the checkpoint's step go, and so does a
     last line the dying run wrote only in part (which stopped --resume with a JSONDecodeError)."""
@@ -519,6 +555,8 @@ def test_resume_drops_the_log_records_after_the_checkpoint_and_one_cut_short(tmp
     log.write_text("".join(json.dumps({"step": k, "loss": 1.0 / k}) + "\n" for k in range(1, 6)) + '{"step": 6, "lo')
     train.truncate_log(log, 4)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    train.truncate_log(tmp_path / "gone.jsonl", 4)  # a run whose log was removed resumes, and starts a new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
 
 
 def test_task_ratios_change_the_mixture_and_unknown_tasks_are_named(prepared, tmp_path):
@@ -624,6 +662,41 @@ def test_made_up_names_in_training_episodes_are_a_setting(trained):
         made_up(1.5)
 
 
+def test_the_encoders_pretraining_reads_the_clips_its_sources_name(prepared, tmp_path, monkeypatch):
+    """--stage mae trains on the clips of every source caption_sources and tagging_sources name: here a WavCaps
+    subset of three clips, and an unbalanced AudioSet list that names clips no caption set trains on (AudioSet's
+    test clips) join in. It validates on the held-out clips of the caption sources that have a split: AudioCaps'
+    here; WavCaps has none, so none of its clips is validated on."""
+    from apt_min import audio
+
+    root = tmp_path / "synth"
+    shutil.copytree(prepared / "synth", root, copy_function=os.symlink)
+    (root / "wavcaps" / "FreeSound").mkdir(parents=True)
+    (root / "wavcaps" / "json_files" / "FreeSound").mkdir(parents=True)
+    clips = sorted((root / "audio").glob("*.wav"))[:3]
+    for clip in clips:
+        (root / "wavcaps" / "FreeSound" / f"{clip.stem}.flac").symlink_to(clip)
+    listing = {"data": [{"id": clip.stem, "caption": f"a caption from wavcaps {i}"} for i, clip in enumerate(clips)]}
+    (root / "wavcaps" / "json_files" / "FreeSound" / "fsd_final.json").write_text(json.dumps(listing))
+    (root / "audioset" / "unbalanced_train_segments.csv").write_text(
+        (root / "audioset" / "eval_segments.csv").read_text())
+    read = []
+    monkeypatch.setattr(audio, "load_fbank", lambda path, t, f: read.append(path) or torch.zeros(1, t, f))
+    cfg = train.load_config("tiny", opts(tmp_path, "--encoder_init=mae", "--tagging_sources=balanced,unbalanced",
+                                         "--caption_sources=audiocaps,wavcaps:FreeSound"))
+    job = train.PretrainEncoder(cfg, 0, 1, torch.device("cpu"))
+
+    def clips_of(task, split, **options):
+        return {ex.segments[0][1] for ex in data.examples(task, str(root), split, **options)}
+
+    wavcaps = {str(root / "wavcaps" / "FreeSound" / f"{clip.stem}.flac") for clip in clips}
+    listed_alone = clips_of("tagging", "test") - clips_of("captioning", "train") - clips_of("tagging", "train")
+    assert listed_alone and not wavcaps & clips_of("captioning", "train")
+    trained = clips_of("captioning", "train") | wavcaps | clips_of("tagging", "train") | listed_alone
+    assert set(read[:len(job.train_windows)]) == trained and len(job.train_windows) == len(trained)
+    assert set(read[len(job.train_windows):]) == clips_of("captioning", "val")
+
+
 def test_data_sources_are_settings_and_the_paper_preset_reads_the_papers(trained, tmp_path):
     """caption_sources, tagging_sources and stage0_sources choose what the stages train on, among the files of
     data.LAYOUT: here a WavCaps subset over three of the miniature's clips and an unbalanced AudioSet list of two
@@ -660,6 +733,8 @@ def test_data_sources_are_settings_and_the_paper_preset_reads_the_papers(trained
                            ("caption_sources", "clotho,audiocaps,clotho"), ("caption_sources", "tagging")):
         with pytest.raises(SystemExit, match=f"--{setting}"):
             train.main(["--stage", "1", *opts(tmp_path), f"--{setting}={value}"])  # before anything runs
+    spaced = train.load_config("tiny", {"data_root": str(root), "caption_sources": " audiocaps , clotho,"})
+    assert train.sources(spaced, "caption_sources") == ["audiocaps", "clotho"]  # as a shell may quote it
     paper = train.load_config("paper", {})
     assert train.sources(paper, "caption_sources")[2:] == [f"wavcaps:{s}" for s in data.LAYOUT["wavcaps"]["names"]]
     assert train.sources(paper, "stage0_sources")[0] == "tagging" and paper.tagging_sources == "balanced,unbalanced"
@@ -865,6 +940,8 @@ def test_caption_fine_tuning_steps_and_training_episode_shapes():
     assert train.caption_ft_steps(cfg, 9, world=1) == 3
     rng = random.Random(0)
     assert train.episode_shape(SimpleNamespace(fewshot_shapes="4x1"), rng) == (4, 1)
+    assert rng.random() == random.Random(0).random()  # the one shape takes no random number: the episode drawn after
+    # it is the one the same generator drew before shapes were a setting
     shapes = {train.episode_shape(SimpleNamespace(fewshot_shapes="mixed"), rng) for _ in range(1000)}
     assert shapes == {(ways, shots) for ways in range(2, 6) for shots in range(1, 4) if ways * shots <= 12}
 
