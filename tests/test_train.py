@@ -1300,6 +1300,20 @@ def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_wi
     assert keep == [other] and clips[0] in feats
 
 
+def test_a_validation_chunk_whose_every_clip_is_lost_is_passed_over(trained, tmp_path):
+    """TuneAPT.validate: a chunk of validation examples none of which has its clips adds nothing to the loss (there
+    is nothing to score): the loss is that of the other tasks' examples alone."""
+    tmp = copy_of(trained, tmp_path)
+    job = train.TuneAPT(train.load_config("tiny", opts(tmp)), "1", 0, 1, torch.device("cpu"))
+    captions, questions = job.val["captioning"], job.val["aqa"]
+    job.val = {"aqa": questions}
+    alone = train.validation(job)  # in eval mode, as fit validates
+    lost = [dataclasses.replace(ex, segments=[(k, str(tmp / "nowhere.wav") if k == "audio" else v)
+                                              for k, v in ex.segments]) for ex in captions]
+    job.val = {"captioning": lost, "aqa": questions}
+    assert train.validation(job) == alone and alone["val_loss"] > 0
+
+
 def toy_job(grad_accum_results):
     """A stand-in stage for fit: one weight; micro_step returns the given results in turn (None: nothing usable)."""
     module = nn.Linear(2, 1)
