@@ -1828,6 +1828,18 @@ def test_stage_2s_few_shot_episodes_draw_on_every_tagging_source(trained, tmp_pa
     assert one and both.keys() == one.keys() and all(both[label] == clips + clips for label, clips in one.items())
 
 
+def test_the_vision_stage_without_a_trained_apt_says_to_train_one_before_anything_is_made(prepared, tmp_path):
+    """--stage vision builds its sequences as the trained APT does: a run with no stage 2 (and no release) is told
+    to train it, before anything is loaded."""
+    from conftest import VISION
+
+    tmp = copy_of(prepared, tmp_path)
+    with pytest.raises(SystemExit, match=r"--stage vision builds its sequences as the trained APT does, which is not "
+                                         rf"in {re.escape(str(tmp / 'run' / 'stage2' / 'final'))}/; run `python "
+                                         r"train.py --stage 2` first"):
+        train.main(["--stage", "vision", *opts(tmp, *VISION)])
+
+
 def test_the_vision_stage_trains_its_aligner_alone_first_then_with_the_answers(with_vision, tmp_path, monkeypatch):
     """TrainVision: only the visual aligner and the projection train; the first vision_align_steps optimizer steps
     (grad_accum micro-batches each) run the picture-text losses alone, then the answer loss joins them as one sum
@@ -1840,6 +1852,10 @@ def test_the_vision_stage_trains_its_aligner_alone_first_then_with_the_answers(w
     cfg = train.load_config("tiny", opts(tmp, *VISION, "--grad_accum=2", "--val_batches=2"))
     job = train.TrainVision(cfg, 0, 1, torch.device("cpu"))
     assert len(job.val) == cfg.val_batches * cfg.batch_size  # validation pictures, as every stage's examples
+    asked = [ex[1] for ex in job.val]  # each of the four picture tasks in turn, so that each is validated
+    assert len(asked) == 8 and asked[0::4] == ["What objects are in the picture?"] * 2
+    assert asked[1::4] == ["Describe the picture."] * 2 and all("Which object can be seen?" in a for a in asked[2::4])
+    assert all(re.fullmatch(r"Is there an? [a-z ]+ in the picture\?", a) for a in asked[3::4]), asked
     assert any(n.startswith("blip.proj.") for n in job.params)
     assert all(n.startswith(("blip.qformer.", "blip.proj.")) for n in job.params)
 
