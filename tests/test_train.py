@@ -1478,9 +1478,10 @@ def test_an_fp16_loss_scaler_changes_neither_the_gradient_nor_the_step(tmp_path)
 
 def test_the_logged_rate_is_the_examples_trained_over_the_seconds_spent_training(tmp_path, monkeypatch):
     """examples_per_s: the examples trained since the run started (a micro-batch's own count of them, not its
-    items: here 5 tokens an example) over the seconds spent in training steps, validation and saving left out. On
-    a clock that a micro-batch moves on by 1 s, a validation by 100 s and a save by 50 s, steps of 1, 2, 3 and 4
-    examples log 3 / 2 s at step 2 and 10 / 4 s at step 4 (the last step's window alone would be 7 / 2 s)."""
+    items: here 5 tokens an example) over the seconds spent in training steps, validation and saving left out, to
+    the hundredth. On a clock that a micro-batch moves on by 1 s, a validation by 100 s and a save by 50 s, steps of
+    1, 2, 3 and 4 examples log 3 / 2 s at step 2 and 10 / 4 s at step 4 (the last step's window alone would be
+    7 / 2 s); with micro-batches of 0.4 s (steps shorter than a second), 3 / 0.8 s and 10 / 1.6 s."""
     clock = [0.0]
 
     def wait(seconds):
@@ -1491,19 +1492,26 @@ def test_the_logged_rate_is_the_examples_trained_over_the_seconds_spent_training
     monkeypatch.setattr(train.Checkpoints, "save", lambda self, *a: wait(50) or save(self, *a))
     cfg = train.load_config("tiny", {"steps_1": 4, "log_every": 2, "eval_every": 1, "save_every": 1,
                                      "warmup_steps": 1})
-    job = toy_job([1, 2, 3, 4])
-    step = job.micro_step
 
-    def micro_step(model, sampler):
-        wait(1)
-        loss_sum, n, info = step(model, sampler)
-        return loss_sum * 5, n * 5, info
+    def rates(seconds, out):
+        job = toy_job([1, 2, 3, 4])
+        step = job.micro_step
 
-    job.micro_step, job.validate = micro_step, lambda: wait(100) or {"val_loss": 0.0}
-    train.fit(cfg, "1", job, False, 0, 1, tmp_path)
-    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["examples_per_s"]) for r in records if "loss" in r] == [(2, 1.5), (4, 2.5)]
+        def micro_step(model, sampler):
+            wait(seconds)
+            loss_sum, n, info = step(model, sampler)
+            return loss_sum * 5, n * 5, info
+
+        job.micro_step, job.validate = micro_step, lambda: wait(100) or {"val_loss": 0.0}
+        clock[0] = 0.0
+        out.mkdir()
+        train.fit(cfg, "1", job, False, 0, 1, out)
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        return [(r["step"], r["examples_per_s"]) for r in records if "loss" in r]
+
+    assert rates(1, tmp_path / "a") == [(2, 1.5), (4, 2.5)]
     assert clock[0] == 4 + 5 * 100 + 4 * 50  # the validations and saves did take their time
+    assert rates(0.4, tmp_path / "b") == [(2, 3.75), (4, 6.25)]
 
 
 def test_the_count_of_skipped_audio_goes_on_across_a_resume(tmp_path):
