@@ -57,6 +57,10 @@ def test_stage_without_its_prerequisite_says_what_to_run(prepared, tmp_path):
         train.main(["--stage", "lm", "--resume", f"--run_dir={tmp_path / 'new'}"])  # said before anything is made
     assert not (tmp_path / "new").exists()
     tmp = copy_of(prepared, tmp_path)
+    with pytest.raises(SystemExit, match=r"stage caption_ft starts from stage 2's result, which is not in "
+                                         rf"{re.escape(str(tmp_path / 'new2' / 'stage2' / 'final'))}/"):
+        train.main(["--stage", "caption_ft", *opts(tmp, f"--run_dir={tmp_path / 'new2'}")])
+    assert not (tmp_path / "new2").exists()  # no tokenizer, no encoder made first
     shutil.rmtree(tmp / "run" / "stage0")
     with pytest.raises(SystemExit, match=r"run `python train.py --stage 0` first"):
         train.main(["--stage", "1", *opts(tmp)])
@@ -620,7 +624,8 @@ def test_a_task_set_to_0_reads_no_data_and_data_with_no_clip_left_is_one_clean_e
         (root / "layout.json").write_text(json.dumps({"audiocaps": {"audio": "elsewhere/{ytid}.wav"},
                                                       "clotho": {"audio": "elsewhere/{split}/{file_name}"}}))
         train.main(["--stage", "mae", *opts(tmp, f"--data_root={root}", "--encoder_init=mae",
-                                            f"--run_dir={tmp / 'mae'}")])
+                                            f"--run_dir={tmp / 'mae'}", f"--llm_path={tmp / 'no-llm-yet'}")])
+        # (the encoder pretrains without the LLM, or its tokenizer, downloaded yet)
 
 
 def test_stage_2_trains_with_the_settings_dropout_and_keeps_the_apts_layout(trained, tmp_path, caplog):
