@@ -320,8 +320,8 @@ def test_a_release_of_a_pth_encoder_reads_the_block_the_run_read(tmp_path):
 def test_a_pth_encoders_identity_holds_the_settings_it_was_read_with(tmp_path):
     """A released .pth holds weights only: the block read comes from the settings, so the same file read with
     another output_block gives other features and is another encoder to an APT (the feature cache's key, the encoder
-    it was trained against); read twice alike, it is the same one. A .safetensors file carries its settings: its
-    identity is its file's fingerprint."""
+    it was trained against); read twice alike, it is the same one, and another file read alike is another. A
+    .safetensors file carries its settings: its identity is its file's fingerprint."""
     from apt_min.build import build_encoder
     from apt_min.config import load_config
     from apt_min.model import fingerprint
@@ -340,6 +340,8 @@ def test_a_pth_encoders_identity_holds_the_settings_it_was_read_with(tmp_path):
     assert last["fingerprint"] != penultimate["fingerprint"]
     assert fingerprint(pth) not in (last["fingerprint"], penultimate["fingerprint"])
     assert identity(pth, -1) == last
+    other = released_checkpoint(random_encoder(output_block=-1), tmp_path / "other.pth")
+    assert identity(other, -1)["fingerprint"] != last["fingerprint"]  # other weights, the same settings
     saved = tmp_path / "encoder.safetensors"
     model.save(saved)
     assert identity(saved, -2)["fingerprint"] == fingerprint(saved)

@@ -973,8 +973,9 @@ def test_training_episodes_take_only_the_shapes_the_pool_can_fill(caplog):
     a, b = random.Random(3), random.Random(3)
     assert [train.episode_shape(mixed, a, set(train.episode_shapes(mixed))) for _ in range(50)] == \
         [train.episode_shape(mixed, b) for _ in range(50)]
-    with pytest.raises(data.DataError, match="cannot fill any episode"):
-        train.fillable_shapes(mixed, {"a": ["1", "2"]})
+    with pytest.raises(data.DataError, match=r"cannot fill any episode .* it has 1 classes with two or more "
+                                             "single-label clips"):
+        train.fillable_shapes(mixed, {"a": ["1", "2"], "b": ["3"]})
 
 
 def test_made_up_class_names_differ_within_an_episode_and_from_real_ones(monkeypatch):
