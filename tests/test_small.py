@@ -117,6 +117,13 @@ def test_the_small_presets_llm_is_fetched_on_first_use(monkeypatch, tmp_path):
     build.fetch_known_llm(load_config("small", {"llm_path": str(tmp_path)}))  # a folder of the user's own: left be
     assert calls == [("smollm2", "weights/smollm2-135m-instruct")]
 
+    def fails(name, folder, *a):
+        raise weights.WeightsError("the download stopped halfway")
+
+    monkeypatch.setattr(weights, "build", fails)  # a failure names the folder it was fetching into
+    with pytest.raises(weights.WeightsError, match=r"^weights/smollm2-135m-instruct: the download stopped halfway$"):
+        build.fetch_known_llm(load_config("small"))
+
 
 def test_the_small_chain_runs_and_evaluates(small_run, capsys):
     """The prompt format and the word source travel with the checkpoint; stage 0 read the encoder --stage mae made;
