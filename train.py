@@ -1172,9 +1172,9 @@ def starting_point(cfg, stage: str) -> Path:
 def stage_applies(cfg, stage: str):
     """The stages only some presets have are refused where the settings give what they would make (main asks first,
     before any data is generated or any model fetched)."""
-    if stage == "lm" and cfg.llm_path:
+    if stage == "lm" and stage not in cfg.chain():  # Config.chain: which presets have the lm and mae stages
         raise SettingError("--stage lm trains the tiny stand-in LLM; with --llm_path set, the LLM is given")
-    if stage == "mae" and (cfg.encoder_init != "mae" or cfg.encoder_checkpoint):
+    if stage == "mae" and stage not in cfg.chain():
         raise SettingError("--stage mae pretrains the encoder of a preset with --encoder_init=mae (small) and no "
                            "--encoder_checkpoint")
     if stage == "vision" and cfg.vision_path:
