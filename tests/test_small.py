@@ -258,6 +258,39 @@ def test_a_releases_history_follows_each_runs_start_back_to_stage_0(tmp_path):
                                                                              ("caption_ft", 40)]
 
 
+def test_a_releases_history_ends_where_a_stage_names_no_run_folder_or_starts_from_itself(tmp_path):
+    """release.history follows a stage back only through what its apt.json names: a stage whose settings name no run
+    folder (an apt.json written by hand) is the first one; a stage 2 continued in place (--start_from its own final
+    folder) is listed once."""
+    from apt_min import release
+
+    final = tmp_path / "run" / "stage2" / "final"
+    final.mkdir(parents=True)
+    (final / "apt.json").write_text(json.dumps({"stage": "2", "config": {"steps_2": 5}}))
+    assert release.history(final) == [{"stage": "2", "run_dir": None, "steps": 5, "task_ratios": None,
+                                       "start_from": None}]
+    (final / "apt.json").write_text(json.dumps({"stage": "2", "config": {
+        "run_dir": str(tmp_path / "run"), "steps_2": 7, "start_from": str(final)}}))
+    assert release.history(final) == [{"stage": "2", "run_dir": str(tmp_path / "run"), "steps": 7,
+                                       "task_ratios": None, "start_from": str(final)}]
+
+
+def test_a_pth_encoder_is_released_as_its_run_read_it(tmp_path):
+    """encoder_settings: a .pth holds weights only, so its shape and the block read are the run's settings in its
+    apt.json: the run's preset (small: 4 blocks) with the run's own settings on top, keys that are not settings left
+    out; an apt.json that names no preset was written with the default one (tiny: 2 blocks); a .safetensors encoder
+    carries its own settings (None)."""
+    from apt_min import release
+
+    final, pth = tmp_path / "final", {"path": str(tmp_path / "audiomae.pth")}
+    small = release.encoder_settings(final, {"encoder": pth, "config": {
+        "preset": "small", "output_block": -3, "a_setting_of_another_version": 1}})
+    assert (small.depth, small.output_block, small.dim) == (4, -3, 128)
+    default = release.encoder_settings(final, {"encoder": pth, "config": {"output_block": -1}})
+    assert (default.depth, default.output_block, default.dim) == (2, -1, 128)
+    assert release.encoder_settings(final, {"encoder": {"path": "encoder.safetensors"}}) is None
+
+
 def test_a_releases_checksums_are_read_as_sha256sum_writes_them(tmp_path):
     """SHA256SUMS as `sha256sum` writes it (text or binary mode, a blank line at the end) verifies; a file of the
     release with no line, or a line that is not "<hash>  <name>", is a CheckpointError naming it."""
@@ -285,6 +318,20 @@ def test_a_releases_checksums_are_read_as_sha256sum_writes_them(tmp_path):
     cfg = load_config("small", {"run_dir": str(tmp_path / "no-run"), "release": str(tmp_path)})
     with pytest.raises(SystemExit, match=r"the released APT cannot be used: .*apt.json: missing from the release"):
         release.resolve_checkpoint(cfg, None)
+
+
+def test_a_checksum_line_without_a_file_name_is_named_as_malformed(tmp_path):
+    """verify: a SHA256SUMS line that holds a checksum but no file name (beside a line for each file) is a malformed
+    line, named by its number, not a file of the release that is missing."""
+    from apt_min import release
+    from apt_min.checkpoint import CheckpointError
+
+    for name in release.FILES:
+        (tmp_path / name).write_bytes(name.encode())
+    lines = [f"{release.sha256(tmp_path / n)}  {n}" for n in release.FILES]
+    (tmp_path / "SHA256SUMS").write_text("\n".join([*lines, release.sha256(tmp_path / "apt.json")]) + "\n")
+    with pytest.raises(CheckpointError, match=r"SHA256SUMS:4: expected '<sha256>  <file name>', found '[0-9a-f]{64}'"):
+        release.verify(tmp_path)
 
 
 def test_a_release_is_verified_byte_for_byte_and_what_is_not_one_is_named(tmp_path):
@@ -380,6 +427,24 @@ def test_a_checkpoint_from_another_run_brings_the_encoder_and_llm_its_apt_json_n
     (chain / "llm" / "config.json").unlink()  # an LLM folder without its config: not one to load
     (chain / "encoder.safetensors").unlink()
     assert parts(final) == ("", "")
+
+
+def test_a_checkpoint_in_its_own_run_keeps_the_runs_parts_however_the_folder_is_spelt(tmp_path):
+    """take_its_parts compares files, not spellings: a checkpoint whose apt.json names its run's own encoder and LLM
+    keeps the settings as they are (the run folder's parts) when --run_dir spells that folder another way."""
+    from apt_min import release
+
+    chain = tmp_path / "chain"
+    (chain / "llm").mkdir(parents=True)
+    (chain / "llm" / "config.json").write_text("{}")
+    (chain / "encoder.safetensors").write_bytes(b"encoder")
+    final = chain / "stage2" / "final"
+    final.mkdir(parents=True)
+    (final / "apt.json").write_text(json.dumps({"encoder": {"path": str(chain / "encoder.safetensors")},
+                                                "llm": {"path": str(chain / "llm")}}))
+    cfg = load_config("tiny", {"run_dir": str(tmp_path / "other" / ".." / "chain")})
+    assert release.take_its_parts(cfg, final) == final
+    assert (cfg.encoder_checkpoint, cfg.llm_path) == ("", "")
 
 
 def test_the_committed_release_fits_verifies_and_names_the_smollm2_a_conversion_gives(smollm2):
