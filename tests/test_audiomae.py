@@ -414,6 +414,39 @@ def test_a_release_keeps_what_answering_reads_in_bf16_and_lists_each_file_as_sha
         release.pack(run, tmp_path / "out2")
 
 
+def test_the_release_command_prints_each_files_checksum_and_size(tmp_path, capsys):
+    """`python -m apt_min.release RUN OUT` packs the run's APT and prints one line per file of the release, in
+    SHA256SUMS's order: the file's sha256, its name and its size in MB."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    from apt_min import release
+    from apt_min.build import build_encoder
+    from apt_min.config import load_config
+
+    model = random_encoder()
+    c = model.config
+    run = tmp_path / "run"
+    final = run / "stage2" / "final"
+    final.mkdir(parents=True)
+    model.save(run / "encoder.safetensors")
+    save_file({"audio_token": torch.randn(8)}, str(final / "apt.safetensors"))
+    settings = {"preset": "tiny", "run_dir": str(run), "encoder_dim": c.dim, "encoder_depth": c.depth,
+                "encoder_heads": c.heads, "target_length": c.target_length}
+    _, named = build_encoder(load_config("tiny", settings), "cpu", torch.float32)
+    (final / "apt.json").write_text(json.dumps({"stage": "2", "aligner": {}, "llm": {}, "encoder": named,
+                                                "config": settings}))
+    out = tmp_path / "out"
+    release.main([str(run), str(out)])
+    files = ("apt.safetensors", "encoder.safetensors", "apt.json")
+    sizes = {n: (out / n).stat().st_size for n in files}
+    assert sizes["encoder.safetensors"] > 10_000  # so that its size in MB is not 0.00
+    assert capsys.readouterr().out.splitlines() == [
+        f"{hashlib.sha256((out / n).read_bytes()).hexdigest()}  {n}  ({sizes[n] / 1e6:.2f} MB)" for n in files]
+
+
 def test_settings_a_safetensors_encoder_overrides_are_named(tmp_path, caplog):
     """A .safetensors encoder carries its config: --output_block or --target_length given beside it are not used,
     and a warning says so (a release's encoder, cut after the block it reads, is the same block and says nothing)."""
