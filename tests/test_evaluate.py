@@ -1422,6 +1422,36 @@ def test_ask_runs_the_tiny_preset_on_the_gpu_there_is_and_writes_a_whole_line(tm
     assert len(did) == 5  # nothing more loaded after the run with unreadable clips
 
 
+def test_ask_answers_in_at_most_40_tokens_by_default_and_writes_an_answer_cut_short(tmp_path, monkeypatch, capsys):
+    """ask with the model stubbed: without --max-new-tokens an answer is at most 40 tokens long; an answer whose
+    last character is cut short (the tokens ran out inside it) is still written out, as it decodes, then the
+    newline."""
+    from apt_min import __main__, build, release
+    from apt_min.model import APT
+
+    clip = tmp_path / "a.wav"
+    clip.write_bytes(b"RIFF")
+    asked = []
+
+    class Stub:
+        tokenizer = SimpleNamespace(decode=lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+
+        def encode_clips(self, paths):
+            return {}, []
+
+        def generate(self, batch, feats, max_new_tokens, streamer):
+            asked.append(max_new_tokens)
+            for byte in "ok 日".encode()[:-1]:
+                streamer(torch.tensor([byte]))
+
+    monkeypatch.setattr(release, "resolve_checkpoint", lambda cfg, given: tmp_path)
+    (tmp_path / "apt.json").write_text("{}")
+    monkeypatch.setattr(APT, "read_meta", lambda folder: None)
+    monkeypatch.setattr(build, "load_apt", lambda cfg, checkpoint, device: Stub())
+    assert __main__.main(["ask", "--audio", str(clip), "What?"]) == 0
+    assert asked == [40] and capsys.readouterr().out == "ok \ufffd\n"
+
+
 def test_ask_says_a_users_mistake_in_one_line_and_lets_a_bug_show_its_traceback(monkeypatch, capsys):
     """main: a UserError from anywhere in ask (a missing file, say) is one line on stderr and exit status 2; any other
     error (a ValueError of the code's own) keeps its traceback."""
