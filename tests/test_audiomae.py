@@ -415,8 +415,8 @@ def test_a_release_keeps_what_answering_reads_in_bf16_and_lists_each_file_as_sha
 
 
 def test_the_release_command_prints_each_files_checksum_and_size(tmp_path, capsys):
-    """`python -m apt_min.release RUN OUT` packs the run's APT and prints one line per file of the release, in
-    SHA256SUMS's order: the file's sha256, its name and its size in MB."""
+    """`python -m apt_min.release RUN OUT` packs the run's APT into OUT (made, its parents too) and prints one line
+    per file of the release, in SHA256SUMS's order: the file's sha256, its name and its size in MB."""
     import hashlib
     import json
 
@@ -438,7 +438,7 @@ def test_the_release_command_prints_each_files_checksum_and_size(tmp_path, capsy
     _, named = build_encoder(load_config("tiny", settings), "cpu", torch.float32)
     (final / "apt.json").write_text(json.dumps({"stage": "2", "aligner": {}, "llm": {}, "encoder": named,
                                                 "config": settings}))
-    out = tmp_path / "out"
+    out = tmp_path / "releases" / "new" / "apt-tiny"
     release.main([str(run), str(out)])
     files = ("apt.safetensors", "encoder.safetensors", "apt.json")
     sizes = {n: (out / n).stat().st_size for n in files}
