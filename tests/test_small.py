@@ -334,6 +334,25 @@ def test_a_checksum_line_without_a_file_name_is_named_as_malformed(tmp_path):
         release.verify(tmp_path)
 
 
+def test_every_file_that_sha256sums_lists_is_verified_not_only_the_releases_own(tmp_path):
+    """verify checks each line of SHA256SUMS: a file listed beside the release's own (a README, say), changed after
+    packing, is named; so is one listed but gone."""
+    from apt_min import release
+    from apt_min.checkpoint import CheckpointError
+
+    for name in (*release.FILES, "README.md"):
+        (tmp_path / name).write_bytes(name.encode())
+    (tmp_path / "SHA256SUMS").write_text("".join(f"{release.sha256(tmp_path / n)}  {n}\n"
+                                                 for n in (*release.FILES, "README.md")))
+    release.verify(tmp_path)
+    (tmp_path / "README.md").write_text("changed")
+    with pytest.raises(CheckpointError, match="README.md: checksum differs from SHA256SUMS"):
+        release.verify(tmp_path)
+    (tmp_path / "README.md").unlink()
+    with pytest.raises(CheckpointError, match="README.md: missing from the release"):
+        release.verify(tmp_path)
+
+
 def test_a_release_is_verified_byte_for_byte_and_what_is_not_one_is_named(tmp_path):
     """verify: a file changed after packing (same size) is named; a folder without SHA256SUMS is not a release; a
     checksum written in capitals (sha256sum -c reads it) verifies."""
