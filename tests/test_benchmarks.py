@@ -2,12 +2,15 @@
 (their --smoke / --small modes run the same code on CPU-sized work), so a broken import or argument is found before
 it costs GPU time."""
 
+import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +114,37 @@ def test_bench_chain_says_why_a_stage_failed(tmp_path):
     assert done.returncode == 1
     assert re.search(r"bench_chain.py: stage 0 failed \(exit status 1\):\n.*train.py: error: .*no such data file",
                      done.stderr, re.S), done.stderr[-2000:]
+
+
+def test_bench_two_jobs_times_each_setting_against_the_job_alone(prepared, tmp_path, monkeypatch):
+    """On the miniature benchmark: one job alone (also with sleeping waits), then two at once with the default threads,
+    with half the cores each and with sleeping waits; every timed run trains from the warm-up run's feature cache, and
+    each ratio is the one its printed speeds give."""
+    from conftest import MINI
+
+    base = tmp_path / "jobs"
+    out = run("benchmarks/bench_two_jobs.py", "--steps", "3", f"--run_dir={base}",
+              f"--data_root={prepared / 'synth'}", *MINI)
+    cores = torch.get_num_threads()
+    alone = float(re.search(r"^one job alone +([\d.]+) examples/s$", out, re.M)[1])
+    passive, ratio = map(float, re.search(r"^one job alone, OMP_WAIT_POLICY=PASSIVE +([\d.]+) examples/s: ([\d.]+)x "
+                                          r"the job alone$", out, re.M).groups())
+    assert ratio == pytest.approx(passive / alone, rel=0.02, abs=0.006)
+    for label in (f"{cores} threads each \\(the default\\)", f"OMP_NUM_THREADS={max(1, cores // 2)} each",
+                  "OMP_WAIT_POLICY=PASSIVE each"):
+        shown = re.search(rf"^two at once, {label} +([\d.]+) and ([\d.]+) examples/s: each ([\d.]+)x the job alone, "
+                          r"both together ([\d.]+)x$", out, re.M)
+        assert shown, out
+        a, b, each, both = map(float, shown.groups())  # (the speeds as printed, to 0.1)
+        assert each == pytest.approx((a + b) / 2 / alone, rel=0.02, abs=0.006)
+        assert both == pytest.approx((a + b) / alone, rel=0.02, abs=0.006)
+    for name in ("alone", "alone-passive", "default-a", "default-b", "split-a", "split-b", "passive-a", "passive-b"):
+        assert (base / name / "features").resolve() == (base / "warmup" / "features").resolve()
+        assert json.loads((base / name / "stage0" / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
+    from benchmarks import bench_two_jobs  # and a job's settings reach its process, beside the rest of the environment
+
+    started = {}
+    monkeypatch.setattr(bench_two_jobs.subprocess, "Popen", lambda command, **kw: started.update(kw, command=command))
+    bench_two_jobs.start(base, "more", 3, ["--seed=1"], {"OMP_NUM_THREADS": "1"})
+    assert started["env"]["OMP_NUM_THREADS"] == "1" and started["env"]["PATH"] == os.environ["PATH"]
+    assert started["command"][-2:] == [f"--run_dir={base / 'more'}", "--seed=1"]
