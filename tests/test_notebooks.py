@@ -14,7 +14,7 @@ PRINTED = {  # what each notebook must print (sizes that do not depend on the mi
                                    "expected frames: 1198", "fbank windows: (3, 512, 128)",
                                    "patch grid (time x frequency): (32, 8) = 256 tokens", "tokens: (3, 256, "],
     "02_aligner_and_stage0.ipynb": ["cross-attention in layers [0]", "masks: (9, 9)", "audio features: (",
-                                    " trained: ATC ", "retrieval R@1 on these clips: {'a2t_r1': "],
+                                    " trained: ATC ", "retrieval R@1 on these clips: a2t_r1 "],
     "03_llm_and_acoustic_prompts.ipynb": ["files: ['config.json', 'model.safetensors', 'tokenizer.model', "
                                           "'tokenizer_settings.json']",
                                           "without the cache, the same tokens: True", "labelled positions: ",
