@@ -42,6 +42,32 @@ def random_encoder(**kw):
     return model
 
 
+def run_to_release(tmp_path, state: dict, meta: dict | None = None, **settings):
+    """A run folder as training leaves it for apt_min.release: a random encoder (3 blocks, the penultimate read) at
+    run/encoder.safetensors, `state` as stage 2's APT weights and an apt.json that records the encoder as training
+    does, with `meta` beside it; returns the encoder, the run, its stage-2 folder, the settings and the record."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from apt_min.build import build_encoder
+    from apt_min.config import load_config
+
+    model = random_encoder()
+    c = model.config
+    run = tmp_path / "run"
+    final = run / "stage2" / "final"
+    final.mkdir(parents=True)
+    model.save(run / "encoder.safetensors")
+    save_file(state, str(final / "apt.safetensors"))
+    settings = {"preset": "tiny", "run_dir": str(run), **settings, "encoder_dim": c.dim, "encoder_depth": c.depth,
+                "encoder_heads": c.heads, "target_length": c.target_length}
+    _, named = build_encoder(load_config("tiny", settings), "cpu", torch.float32)  # as training records it
+    (final / "apt.json").write_text(json.dumps({"stage": "2", "aligner": {}, "llm": {}, "encoder": named,
+                                                **(meta or {}), "config": settings}))
+    return model, run, final, settings, named
+
+
 def to_hf(model):
     from transformers import ViTConfig, ViTModel
 
@@ -358,28 +384,17 @@ def test_a_release_keeps_what_answering_reads_in_bf16_and_lists_each_file_as_sha
     import hashlib
     import json
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from apt_min import release
     from apt_min.aligner import STAGE0_HEADS
-    from apt_min.build import build_encoder
-    from apt_min.config import load_config
     from apt_min.model import fingerprint
 
-    model = random_encoder()
-    c = model.config
-    run = tmp_path / "run"
-    final = run / "stage2" / "final"
-    final.mkdir(parents=True)
-    model.save(run / "encoder.safetensors")
     kept = {"audio_token": torch.randn(8), "aligner.query_tokens": torch.randn(4, 8), "proj.weight": torch.randn(8, 8)}
     heads = {f"aligner.{h}.weight": torch.randn(3) for h in STAGE0_HEADS}
-    save_file(kept | heads, str(final / "apt.safetensors"))
-    settings = {"preset": "tiny", "run_dir": str(run), "steps_2": 7, "encoder_dim": c.dim, "encoder_depth": c.depth,
-                "encoder_heads": c.heads, "target_length": c.target_length, "output_block": -1}
-    _, named = build_encoder(load_config("tiny", settings), "cpu", torch.float32)  # as training records it
-    (final / "apt.json").write_text(json.dumps({"stage": "2", "aligner": {}, "llm": {}, "encoder": named,
-                                                "stage0_heads": True, "config": settings}))
+    model, run, final, settings, named = run_to_release(tmp_path, kept | heads, {"stage0_heads": True}, steps_2=7,
+                                                        output_block=-1)
+    c = model.config
     out = tmp_path / "out"
     sums = release.pack(run, out)
 
@@ -418,26 +433,10 @@ def test_the_release_command_prints_each_files_checksum_and_size(tmp_path, capsy
     """`python -m apt_min.release RUN OUT` packs the run's APT into OUT (made, its parents too) and prints one line
     per file of the release, in SHA256SUMS's order: the file's sha256, its name and its size in MB."""
     import hashlib
-    import json
-
-    from safetensors.torch import save_file
 
     from apt_min import release
-    from apt_min.build import build_encoder
-    from apt_min.config import load_config
 
-    model = random_encoder()
-    c = model.config
-    run = tmp_path / "run"
-    final = run / "stage2" / "final"
-    final.mkdir(parents=True)
-    model.save(run / "encoder.safetensors")
-    save_file({"audio_token": torch.randn(8)}, str(final / "apt.safetensors"))
-    settings = {"preset": "tiny", "run_dir": str(run), "encoder_dim": c.dim, "encoder_depth": c.depth,
-                "encoder_heads": c.heads, "target_length": c.target_length}
-    _, named = build_encoder(load_config("tiny", settings), "cpu", torch.float32)
-    (final / "apt.json").write_text(json.dumps({"stage": "2", "aligner": {}, "llm": {}, "encoder": named,
-                                                "config": settings}))
+    _, run, _, _, _ = run_to_release(tmp_path, {"audio_token": torch.randn(8)})
     out = tmp_path / "releases" / "new" / "apt-tiny"
     release.main([str(run), str(out)])
     files = ("apt.safetensors", "encoder.safetensors", "apt.json")

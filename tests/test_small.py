@@ -421,8 +421,8 @@ def test_which_apt_is_loaded_the_given_one_the_runs_own_or_the_verified_release(
 def test_a_checkpoint_from_another_run_brings_the_encoder_and_llm_its_apt_json_names(tmp_path):
     """take_its_parts: where the settings leave the encoder and the LLM to the run folder, a checkpoint trained in
     another run brings the ones its apt.json names, where they are (an encoder file, an LLM folder with its
-    config.json); settings that name them are kept; parts that are gone, or a checkpoint in the run's own folder,
-    change nothing; a folder without apt.json is returned as it is."""
+    config.json); settings that name them are kept; parts that are gone, or a checkpoint in the run's own folder
+    (however --run_dir spells it), change nothing; a folder without apt.json is returned as it is."""
     from apt_min import release
 
     chain = tmp_path / "chain"
@@ -442,28 +442,12 @@ def test_a_checkpoint_from_another_run_brings_the_encoder_and_llm_its_apt_json_n
     assert parts(final) == (str(chain / "encoder.safetensors"), str(chain / "llm"))
     assert parts(final, encoder_checkpoint="mine.pth", llm_path="my-llm") == ("mine.pth", "my-llm")
     assert parts(final, run_dir=str(chain)) == ("", "")  # its own run: the run folder's parts are its
+    assert parts(final, run_dir=str(tmp_path / "other" / ".." / "chain")) == ("", "")  # however it is spelt: files,
+    # not spellings, are compared
     assert parts(tmp_path / "no-apt") == ("", "")
     (chain / "llm" / "config.json").unlink()  # an LLM folder without its config: not one to load
     (chain / "encoder.safetensors").unlink()
     assert parts(final) == ("", "")
-
-
-def test_a_checkpoint_in_its_own_run_keeps_the_runs_parts_however_the_folder_is_spelt(tmp_path):
-    """take_its_parts compares files, not spellings: a checkpoint whose apt.json names its run's own encoder and LLM
-    keeps the settings as they are (the run folder's parts) when --run_dir spells that folder another way."""
-    from apt_min import release
-
-    chain = tmp_path / "chain"
-    (chain / "llm").mkdir(parents=True)
-    (chain / "llm" / "config.json").write_text("{}")
-    (chain / "encoder.safetensors").write_bytes(b"encoder")
-    final = chain / "stage2" / "final"
-    final.mkdir(parents=True)
-    (final / "apt.json").write_text(json.dumps({"encoder": {"path": str(chain / "encoder.safetensors")},
-                                                "llm": {"path": str(chain / "llm")}}))
-    cfg = load_config("tiny", {"run_dir": str(tmp_path / "other" / ".." / "chain")})
-    assert release.take_its_parts(cfg, final) == final
-    assert (cfg.encoder_checkpoint, cfg.llm_path) == ("", "")
 
 
 def test_the_committed_release_fits_verifies_and_names_the_smollm2_a_conversion_gives(smollm2):
