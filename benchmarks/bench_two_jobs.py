@@ -6,7 +6,8 @@ default threads, two at once each given half the cores (OMP_NUM_THREADS), and wi
 rather than spinning (OMP_WAIT_POLICY=PASSIVE: alone and two at once), each beside the job alone.
     python benchmarks/bench_two_jobs.py [--steps 150] [--run_dir runs/two-jobs] [any --key=value for train.py]
 A first, untimed run reads the clips through the encoder, whose features the timed runs share (same seed: the same
-clips), so that all of them time training only.
+clips), so that all of them time training only. The thread settings of the shell it is started from (OMP_NUM_THREADS,
+OMP_WAIT_POLICY, MKL_NUM_THREADS) are not passed on: each row sets its own.
 """
 
 import argparse
@@ -17,29 +18,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
+RUNS = ("warmup", "alone", "alone-passive", "default-a", "default-b", "split-a", "split-b", "passive-a", "passive-b")
+THREADS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")  # left to each setting, not inherited
 
 
 def start(base: Path, name: str, steps: int, extra: list, env: dict | None = None) -> subprocess.Popen:
     run = base / name
+    run.mkdir(parents=True)
     if name != "warmup":  # the warm-up run's encoder and feature cache, shared
-        run.mkdir(parents=True)
         for part in ("encoder.safetensors", "features"):
             (run / part).symlink_to((base / "warmup" / part).resolve())
     command = [sys.executable, "train.py", "--stage", "0", f"--steps_0={steps}", "--eval_every=1000000",
                f"--run_dir={run}", *extra]
-    return subprocess.Popen(command, cwd=ROOT, env=os.environ | (env or {}), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    with open(run / "output.txt", "w") as out:  # a file, not a pipe nobody reads while the other job runs
+        return subprocess.Popen(command, cwd=ROOT, env=environment(env), stdout=out, stderr=subprocess.STDOUT)
+
+
+def environment(env: dict | None = None) -> dict:
+    return {k: v for k, v in os.environ.items() if k not in THREADS} | (env or {})
 
 
 def speed(base: Path, name: str, job: subprocess.Popen) -> float:
     """The job's training speed, examples/s over its whole run (its last log record); its error if it failed."""
-    _, err = job.communicate()
-    if job.returncode:
+    if job.wait():
+        said = (base / name / "output.txt").read_text().replace("\r", "\n").strip().splitlines()
         raise SystemExit(f"bench_two_jobs.py: run {name} failed (exit status {job.returncode}):\n"
-                         + "\n".join(err.strip().splitlines()[-15:]))
+                         + "\n".join(said[-15:]))
     records = [json.loads(line) for line in (base / name / "stage0" / "log.jsonl").read_text().splitlines()]
     return [r for r in records if "examples_per_s" in r][-1]["examples_per_s"]
 
@@ -47,10 +52,15 @@ def speed(base: Path, name: str, job: subprocess.Popen) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--run_dir", default=str(ROOT / "runs" / "two-jobs"))
+    ap.add_argument("--run_dir", default=str(ROOT / "runs" / "two-jobs"), help="a folder of the benchmark's own")
     args, extra = ap.parse_known_args()
-    base, cores = Path(args.run_dir), torch.get_num_threads()
+    base = Path(args.run_dir).resolve()  # (train.py runs from the repository root)
+    if base.exists() and not {p.name for p in base.iterdir()} <= set(RUNS):
+        raise SystemExit(f"bench_two_jobs.py: {base} holds more than this benchmark's runs; it would be emptied "
+                         "(--run_dir chooses another folder)")
     shutil.rmtree(base, ignore_errors=True)
+    asked = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]  # torch's own default
+    cores = int(subprocess.run(asked, env=environment(), capture_output=True, text=True, check=True).stdout)
     speed(base, "warmup", start(base, "warmup", args.steps, extra))
     alone = speed(base, "alone", start(base, "alone", args.steps, extra))
     passive = {"OMP_WAIT_POLICY": "PASSIVE"}  # waiting threads sleep rather than spin

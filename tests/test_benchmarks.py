@@ -119,13 +119,14 @@ def test_bench_chain_says_why_a_stage_failed(tmp_path):
 def test_bench_two_jobs_times_each_setting_against_the_job_alone(prepared, tmp_path, monkeypatch):
     """On the miniature benchmark: one job alone (also with sleeping waits), then two at once with the default threads,
     with half the cores each and with sleeping waits; every timed run trains from the warm-up run's feature cache, and
-    each ratio is the one its printed speeds give."""
+    each ratio is the one its printed speeds give. A --run_dir holding anything else is refused, not emptied; a job
+    gets its row's thread settings, not the shell's."""
     from conftest import MINI
 
     base = tmp_path / "jobs"
     out = run("benchmarks/bench_two_jobs.py", "--steps", "3", f"--run_dir={base}",
               f"--data_root={prepared / 'synth'}", *MINI)
-    cores = torch.get_num_threads()
+    cores = int(re.search(r"^stage 0, 3 steps, threads per process by default: (\d+)$", out, re.M)[1])
     alone = float(re.search(r"^one job alone +([\d.]+) examples/s$", out, re.M)[1])
     passive, ratio = map(float, re.search(r"^one job alone, OMP_WAIT_POLICY=PASSIVE +([\d.]+) examples/s: ([\d.]+)x "
                                           r"the job alone$", out, re.M).groups())
@@ -141,10 +142,19 @@ def test_bench_two_jobs_times_each_setting_against_the_job_alone(prepared, tmp_p
     for name in ("alone", "alone-passive", "default-a", "default-b", "split-a", "split-b", "passive-a", "passive-b"):
         assert (base / name / "features").resolve() == (base / "warmup" / "features").resolve()
         assert json.loads((base / name / "stage0" / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
+    (tmp_path / "mine").mkdir()  # a folder holding anything else is not emptied
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    done = subprocess.run([sys.executable, "benchmarks/bench_two_jobs.py", "--steps", "1", f"--run_dir={tmp_path}/mine",
+                           f"--data_root={prepared / 'synth'}", *MINI], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 1 and "holds more than this benchmark's runs" in done.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     from benchmarks import bench_two_jobs  # and a job's settings reach its process, beside the rest of the environment
 
     started = {}
     monkeypatch.setattr(bench_two_jobs.subprocess, "Popen", lambda command, **kw: started.update(kw, command=command))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the shell's own: not passed on
     bench_two_jobs.start(base, "more", 3, ["--seed=1"], {"OMP_NUM_THREADS": "1"})
     assert started["env"]["OMP_NUM_THREADS"] == "1" and started["env"]["PATH"] == os.environ["PATH"]
+    assert "OMP_WAIT_POLICY" not in started["env"]
     assert started["command"][-2:] == [f"--run_dir={base / 'more'}", "--seed=1"]

@@ -442,8 +442,7 @@ def test_a_checkpoint_from_another_run_brings_the_encoder_and_llm_its_apt_json_n
     assert parts(final) == (str(chain / "encoder.safetensors"), str(chain / "llm"))
     assert parts(final, encoder_checkpoint="mine.pth", llm_path="my-llm") == ("mine.pth", "my-llm")
     assert parts(final, run_dir=str(chain)) == ("", "")  # its own run: the run folder's parts are its
-    assert parts(final, run_dir=str(tmp_path / "other" / ".." / "chain")) == ("", "")  # however it is spelt: files,
-    # not spellings, are compared
+    assert parts(final, run_dir=str(tmp_path / "other" / ".." / "chain")) == ("", "")  # however the path is spelt
     assert parts(tmp_path / "no-apt") == ("", "")
     (chain / "llm" / "config.json").unlink()  # an LLM folder without its config: not one to load
     (chain / "encoder.safetensors").unlink()
