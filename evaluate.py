@@ -82,7 +82,7 @@ def default_out(cfg, checkpoint: Path, given: bool) -> Path:
 @clean_exit("evaluate.py")
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as train.py
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Any setting of apt_min/config.py can follow as --key=value.")
     ap.add_argument("--task", required=True, choices=[*EVALUATIONS, "all", "avqa"],
                     help="all: every audio task; avqa: APT-BLIP-2 (the APT plugged into the vision side)")

@@ -1184,7 +1184,7 @@ def stage_applies(cfg, stage: str):
 
 @clean_exit("train.py")
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Any setting of apt_min/config.py can be given as --key=value.")
     ap.add_argument("--stage", required=True, choices=list(STAGES))
     ap.add_argument("--preset", default="tiny")

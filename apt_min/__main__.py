@@ -1,6 +1,6 @@
 """Ask a trained APT about audio:
 
-    python -m apt_min ask --audio a.wav [--audio b.wav ...] "Which recording has more knocks?"
+    python -m apt_min ask --audio a.wav [--audio b.wav ...] "In which recording does the knock occur more often?"
 
 Several clips go into one sequence in the order given, then the question; the answer is printed as it is
 generated. --checkpoint as in evaluate.py (by default the one the preset's training chain wrote, else the preset's
@@ -19,7 +19,8 @@ from apt_min.errors import UserError, whole_number
 
 
 def ask(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m apt_min ask", description="Answer a question about audio clips.")
+    ap = argparse.ArgumentParser(prog="python -m apt_min ask", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--audio", action="append", required=True, help="an audio file; repeat for several clips")
     ap.add_argument("question")
     ap.add_argument("--checkpoint", help="a trained APT folder (default: {run_dir}/stage2/final, else the preset's "

@@ -212,8 +212,8 @@ PRESETS = {
     # 128 wide with 8 queries per clip (benchmarks/README.md: the query count), reading its words through SmolLM2's
     # own table; stage 2 weighted to episodes of several shapes, laid out as lists (each support clip directly
     # followed by its label: tasks.fewshot); the steps fit the chain under an hour on 2 cores (README, Performance);
-    # APT-BLIP-2 keeps the visual and the acoustic prompts apart (SmolLM2 reads only the first block otherwise:
-    # README, Results, APT-BLIP-2)
+    # APT-BLIP-2 keeps the visual and the acoustic prompts apart (SmolLM2 loses much of the sound behind the picture
+    # otherwise: README, Results, APT-BLIP-2)
     "small": dict(
         preset="small", run_dir="runs/small", llm_path="weights/smollm2-135m-instruct", release="weights/apt-small",
         encoder_depth=4, encoder_init="mae", aligner_hidden=128, aligner_layers=4, aligner_heads=4,

@@ -195,7 +195,7 @@ def take_its_parts(cfg, checkpoint: Path) -> Path:
 
 @clean_exit("python -m apt_min.release")
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a finished run (its stage2/final and the encoder it names)")
     ap.add_argument("out", help="the release folder to write")
     args = ap.parse_args(argv)

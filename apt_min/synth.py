@@ -44,7 +44,7 @@ from apt_min.errors import ForeignDataError, SettingError, clean_exit
 
 SR = 16000
 GRID = 0.1  # onsets and durations lie on a 100 ms grid: exact, readable answers
-VERSION = 2  # bump when the generated content changes (2: README, synthetic benchmark versions)
+VERSION = 2  # bump when the generated content changes (2: README, The synthetic benchmark, version 2)
 CLOTHO_SPLITS = LAYOUT["clotho"]["splits"]  # our split -> the folder and file name Clotho gives it
 
 
@@ -906,7 +906,7 @@ def plot_scene(wave, events, ax=None, title: str | None = None):
 
 @clean_exit("python -m apt_min.synth")
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Generate the synthetic sound-scene benchmark.")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/synth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every split size")

@@ -253,7 +253,7 @@ def generate(out: str | Path, seed: int = 0, videos: int = 300, pictures: int = 
 
 @clean_exit("python -m apt_min.synth_av")
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/synth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--videos", type=int, default=300)

@@ -245,7 +245,7 @@ def build(model: str = "smollm2", out: str | Path | None = None, downloads: Path
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=sorted(MODELS))
     ap.add_argument("--out", help="the folder to write (default: weights/<model's name>)")
     args = ap.parse_args(argv)

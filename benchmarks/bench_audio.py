@@ -76,7 +76,7 @@ print(json.dumps(dict(device=device, dtype=str(dtype), clips_per_s=len(files) / 
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

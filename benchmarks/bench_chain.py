@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main():
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        return print(__doc__.strip())
     preset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--preset=")), "tiny")
     extra = [a for a in sys.argv[1:] if not a.startswith("--preset=")]
     try:

@@ -45,7 +45,7 @@ WORDS = "a dog barks while a car passes by and rain falls on a tin roof then a b
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--answer_words", type=int, default=40, help="answer length: sets the sequence length")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="the GPU's dense bf16 peak (0: from its name, "

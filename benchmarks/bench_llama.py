@@ -24,7 +24,7 @@ SIZES = {  # "small": CPU-sized; "7b-layers": Vicuna-7B's widths, 4 of its 32 la
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default="small")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--batch", type=int, default=4)

@@ -25,7 +25,7 @@ from apt_min.release import resolve_checkpoint
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=24)
     args = ap.parse_args()
     cfg = load_config("small")

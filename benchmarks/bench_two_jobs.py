@@ -50,7 +50,7 @@ def speed(base: Path, name: str, job: subprocess.Popen) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--run_dir", default=str(ROOT / "runs" / "two-jobs"), help="a folder of the benchmark's own")
     args, extra = ap.parse_known_args()

@@ -42,7 +42,7 @@ def saved_per_token(block: Block, cfg: LlamaConfig, batch: int = 2, seq: int = 6
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=170, help="tokens a sequence (bench_gpu_step's is 170)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)

@@ -196,7 +196,7 @@ def stage0_at_batch(batch: int = 400, windows: int = 1):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
     ap.add_argument("--smoke", action="store_true", help="run on the CPU (a test of this script, not of the GPU)")
     ap.add_argument("--parts", default="numerics,training,stage0", help="which of the three checks to run")

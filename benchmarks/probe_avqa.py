@@ -56,7 +56,7 @@ def mean_rank(apt, segments, feats, names, wanted) -> list[int]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--videos", type=int, default=60)
     ap.add_argument("--both", type=int, default=150, help="questions that need both senses, for the second part")

@@ -127,7 +127,7 @@ def fit_cnn(train, test, steps, batch, seed, frames_of):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--run_dir", help="the trained run (default: the preset's)")
     ap.add_argument("--steps", type=int, default=800, help="training steps of each aligner probe (the CNN: twice)")

@@ -36,7 +36,7 @@ def score(apt, episodes):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--run_dir", help="the trained run (default: the preset's)")
     ap.add_argument("--episodes", type=int, default=100)

@@ -98,7 +98,7 @@ def toy(tok, config, steps, batch):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run_dir", default="runs/tiny")
     ap.add_argument("--data_root", default="data/synth")
     ap.add_argument("--toy", type=int, default=0, help="steps of the drill-only toy (0: skip)")

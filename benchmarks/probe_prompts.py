@@ -100,7 +100,7 @@ def representations(apt, examples, batch: int = 32) -> dict[str, np.ndarray]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--checkpoint", default=None, help="an APT folder (default: the run's own, else the release)")
     ap.add_argument("--train", type=int, default=1000, help="training clips the read-outs learn from")

@@ -2,7 +2,7 @@
 the audio it wrote, or where a question's form tells its answer. The benchmark is generated again into a temporary
 folder (about a minute), and what is counted is measured here, with this script's own code, on what the files and
 the ground truth hold (never with the generator's functions that wrote them). Version 1 of the data had every flaw
-below; version 2 mended them (README, Synthetic benchmark versions), and this is how it shows.
+below; version 2 mended them (README, The synthetic benchmark, version 2), and this is how it shows.
     python benchmarks/synth_flaws.py
 
 - ties: two kinds of sound that start at the same moment leave "Which sound is heard first?", "Which sound starts

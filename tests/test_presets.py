@@ -571,3 +571,20 @@ def test_the_cpu_bf16_probe_is_fp32s_best_time_over_bf16s(monkeypatch):
         assert build.cpu_bf16_speedup(8) == 3.0
     finally:
         build.cpu_bf16_speedup.cache_clear()
+
+
+def test_each_entry_points_help_shows_its_whole_docstring(capsys):
+    """--help prints the script's docstring whole, laid out as written (its example commands on their own lines),
+    not a first line cut at its wrap."""
+    import evaluate
+    import train
+    from apt_min import __main__ as cli
+
+    for main, doc in ((train.main, train.__doc__), (evaluate.main, evaluate.__doc__),
+                      (lambda argv: cli.main(["ask", *argv]), cli.__doc__)):
+        with pytest.raises(SystemExit) as done:
+            main(["--help"])
+        assert done.value.code == 0
+        shown = capsys.readouterr().out
+        for line in doc.strip().splitlines():
+            assert line in shown, line
