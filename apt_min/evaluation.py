@@ -244,8 +244,9 @@ def eval_tagging(apt, cfg, name, examples, opts):
 
 
 def eval_captioning(apt, cfg, name, examples, opts):
+    # the baseline, the most frequent training caption, read first: a missing training file is told before generating
+    fixed = metrics.majority(data.caption_texts(cfg.data_root, "train", name))
     outputs = generate(apt, examples, opts.caption, opts.batch_size, f"captioning ({name})")
-    fixed = metrics.majority(data.caption_texts(cfg.data_root, "train", name))  # the most frequent training caption
     rows = metrics.score_captions(examples, outputs, fixed)
     rows += java_metrics([ex.target["references"] for ex in examples], outputs)
     rows += metrics.spider(rows)

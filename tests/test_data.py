@@ -387,6 +387,10 @@ def test_a_data_file_that_is_not_there_is_a_missing_file(tmp_path):
         with pytest.raises(FileNotFoundError, match=rf"{name}: no such data file") as caught:
             read(tmp_path / name)
         assert not isinstance(caught.value, DataError)
+    # NLAR's, which no one can download, says how to train without it
+    with pytest.raises(FileNotFoundError, match=r"nlar_train.json: no such data file \(the paper's NLAR set is not "
+                       r"released: .* or train without it: --task_ratios=nlar=0\)"):
+        data.examples("nlar", tmp_path, "train")
 
 
 def test_files_as_spreadsheets_and_annotators_leave_them(tmp_path):

@@ -391,6 +391,20 @@ def test_the_caption_baseline_reads_the_training_captions_not_their_audio(traine
                                                                   rng=random.Random(0)) for c in [ex.answer])
 
 
+def test_a_missing_training_caption_file_is_told_before_anything_is_generated(trained, tmp_path, monkeypatch):
+    """The caption baseline needs the training captions: without them the evaluation stops naming the file before it
+    spends the generation's time, not after."""
+    root = tmp_path / "synth"
+    shutil.copytree(trained / "synth", root, copy_function=os.symlink)
+    (root / "audiocaps" / "train.csv").unlink()
+    generated = []
+    monkeypatch.setattr(evaluation, "generate", lambda *args, **kwargs: generated.append(args) or [""] * 4)
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["--task", "audiocaps", "--limit", "4", *opts(trained), "--data-root", str(root),
+                       "--out", str(tmp_path / "eval")])
+    assert not generated and str(root / "audiocaps" / "train.csv") in str(stopped.value.code)
+
+
 def test_an_empty_split_and_a_broken_file_are_one_clean_line_without_traceback(trained, tmp_path):
     """Errors about the user's files end evaluate.py and train.py with one line naming the file (non-zero status),
     no traceback; an annotation file with a header and no rows is such an error, not an empty evaluation."""
