@@ -268,23 +268,24 @@ class AlignStage0:
         self.module = Stage0Losses(self.aligner, cfg.atm_negatives)
         self.params = dict(self.aligner.named_parameters())
 
-    def whole_clips(self, examples):
+    def whole_clips(self, examples, most: int = 0, seed: str = ""):
         """The examples whose clip could be encoded, each clip's features (W, N, Da): every window, since a caption
         describes the whole clip (a 15-30 s Clotho clip spans up to three 10.24 s windows, which the aligner then
-        reads as one sequence), and how many were skipped."""
+        reads as one sequence), or in training at most max_clip_windows of them (`most`, drawn by `seed`), and how
+        many were skipped."""
         feats, bad = encode_clips(self.encoder, [ex.segments[0][1] for ex in examples], self.cache,
-                                  self.cfg.strict_audio)
+                                  self.cfg.strict_audio, most, seed)
         warn(bad)
         keep = [ex for ex in examples if ex.segments[0][1] in feats]
         return keep, [feats[ex.segments[0][1]] for ex in keep], len(examples) - len(keep)
 
-    def losses(self, model, examples, generator, together=True, found=None):
+    def losses(self, model, examples, generator, together=True, found=None, crops=()):
         """The three stage-0 losses of a batch, or None when no example is usable. together: a training batch, of
         which each process holds its share: all processes skip together (under DDP all must run the same forwards)
         and contrast with every process's pairs; else (validation, the same examples in every process) this
         process's batch alone, so the loss does not depend on how many processes ran. found: whole_clips(examples)
-        where the caller has it already."""
-        keep, clips, skipped = found or self.whole_clips(examples)
+        where the caller has it already; crops: whole_clips' (most, seed) for a training batch's long clips."""
+        keep, clips, skipped = found or self.whole_clips(examples, *crops)
         if (nothing_to_train(keep, self.world, self.device) if together else not keep):
             return None, keep, skipped
         batch = stage0_batch([ex.answer for ex in keep], clips, [ex.segments[0][1] for ex in keep], self.tok,
@@ -295,7 +296,8 @@ class AlignStage0:
     def micro_step(self, model, sampler):
         _, batch = sampler.next_batch()
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # hard negatives: by step
-        parts, keep, skipped = self.losses(model, batch[self.rank::self.world], g)
+        crops = (self.cfg.max_clip_windows, f"{self.cfg.seed}|{sampler.step}")  # long clips: a run of windows
+        parts, keep, skipped = self.losses(model, batch[self.rank::self.world], g, crops=crops)
         if parts is None:
             return None, 0, {"examples": 0, "skipped": skipped}
         return parts["total"], 1, {**{k: parts[k].item() for k in ("atc", "atm", "agtg")}, "examples": len(keep),
@@ -396,17 +398,18 @@ class TuneAPT:
         self.val = {t: present(data.examples(t, root, "val", **(source if t == "captioning" else {}))[:per],
                                f"{t}'s validation split", cfg) for t in val_tasks}
 
-    def usable(self, examples):
-        """The examples whose every clip could be encoded, and those features."""
+    def usable(self, examples, most: int = 0, seed: str = ""):
+        """The examples whose every clip could be encoded, and those features (in training at most max_clip_windows
+        windows of a clip: `most`, drawn by `seed`)."""
         feats, bad = self.model.encode_clips([v for ex in examples for k, v in ex.segments if k == "audio"],
-                                             self.cfg.strict_audio)
+                                             self.cfg.strict_audio, most, seed)
         warn(bad)
         return [ex for ex in examples if all(v in feats for k, v in ex.segments if k == "audio")], feats
 
     def micro_step(self, model, sampler):
         task, batch = sampler.next_batch()
         mine = batch[self.rank::self.world]
-        keep, feats = self.usable(mine)
+        keep, feats = self.usable(mine, self.cfg.max_clip_windows, f"{self.cfg.seed}|{sampler.step}")
         if nothing_to_train(keep, self.world, self.device):
             return None, 0, {"examples": 0, "skipped": len(mine) - len(keep)}
         with self.autocast():

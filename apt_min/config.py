@@ -59,6 +59,10 @@ class Config:
     prompt_format: str = "plain"  # how an example is laid out for the LLM (apt_min.model.PROMPT_FORMATS)
     instruction_bos: bool = False  # stages 1-2: the aligner reads BOS before the instruction, as stage 0's texts
     long_audio: str = "windows"  # a clip of several windows: each window its own prompts, or "all" at once (paper)
+    # training reads at most this many 10.24 s windows of a clip, a run of them drawn at random for each step (0: the
+    # whole clip; evaluation always reads whole clips). Paper preset: 3 (30.72 s: AudioSet, AudioCaps and Clotho clips
+    # whole; a WavCaps clip averages about a minute, some last many, and a batch pads every clip to its longest)
+    max_clip_windows: int = 0
     # APT-BLIP-2 (blip2.py): the vision side an APT is plugged into, and AVQA
     vision_path: str = ""  # an InstructBLIP folder (Hugging Face layout), or a vision side trained here (--stage
     # vision: its vision/final folder); "" = {run_dir}/vision/final
@@ -234,7 +238,7 @@ PRESETS = {
         # as in stage 0
         caption_sources="audiocaps,clotho," + WAVCAPS, tagging_sources="balanced,unbalanced",
         stage0_sources="tagging," + WAVCAPS, warmup_steps_0=5000, stage0_batch_size=128, grad_accum_0=1,
-        instruction_bos=True, long_audio="all", feature_cache="off",
+        instruction_bos=True, long_audio="all", feature_cache="off", max_clip_windows=3,
     ),
 }
 
@@ -267,7 +271,7 @@ AT_LEAST_ONE = ("batch_size", "grad_accum", "log_every", "eval_every", "save_eve
                 "steps_lm", "steps_mae", "steps_0", "steps_1", "steps_2", "steps_vision", "mae_batch_size",
                 "vision_align_batch")
 AT_LEAST_ZERO = ("grad_accum_0", "stage0_batch_size", "steps_caption_ft", "warmup_steps", "warmup_steps_0",
-                 "warmup_steps_caption_ft")  # 0: the default they name
+                 "warmup_steps_caption_ft", "max_clip_windows")  # 0: the default they name
 
 
 def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None) -> Config:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from dataclasses import asdict
 from pathlib import Path
 
@@ -149,16 +150,30 @@ def decode_clips(paths, config: AudioMAEConfig, strict: bool = False):
     return windows, bad
 
 
+def crop(windows: torch.Tensor, most: int, seed: str) -> torch.Tensor:
+    """`most` consecutive windows of a clip's (W, ...), from a start drawn by `seed` (a clip of at most `most`
+    windows, or most=0: all of them)."""
+    if not most or len(windows) <= most:
+        return windows
+    start = random.Random(seed).randrange(len(windows) - most + 1)
+    return windows[start:start + most]
+
+
 @torch.no_grad()
-def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, strict: bool = False):
+def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, strict: bool = False,
+                 most: int = 0, seed: str = ""):
     """Frozen encoder features of each distinct file: ({path: (W, N, Da) float16 on the CPU}, [(path, error)]).
-    A file that cannot be used is reported in the second list (strict=True raises instead)."""
+    A file that cannot be used is reported in the second list (strict=True raises instead). most: at most this many
+    windows of each clip (training's max_clip_windows), a run drawn by `seed` and the file's path, so that the same
+    step of a resumed run crops alike, cached or not; without a cache, the encoder reads only those windows."""
     feats, distinct = {}, list(dict.fromkeys(paths))
     for p in distinct:
         cached = cache.get(p) if cache and Path(p).is_file() else None  # a missing file is reported below
         if cached is not None:
             feats[p] = cached
     todo, bad = decode_clips([p for p in distinct if p not in feats], encoder.config, strict)
+    if not cache:  # (a cache keeps whole clips: cropped below, after it)
+        todo = [(p, crop(w, most, f"{seed}|{p}")) for p, w in todo]
     if todo:
         windows = torch.cat([w for _, w in todo]).to(encoder.cls_token.device)  # (sum W, T, F)
         out = torch.cat([encoder(chunk) for chunk in windows.split(32)])  # (sum W, N, Da)
@@ -166,7 +181,7 @@ def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, st
             feats[p] = f.to(torch.float16).cpu()
             if cache:
                 cache.put(p, feats[p])
-    return feats, bad
+    return {p: crop(f, most, f"{seed}|{p}") for p, f in feats.items()}, bad
 
 
 # How one example is laid out around its segments for the LLM: what comes before them, what comes after them (then
@@ -246,8 +261,8 @@ class APT(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- audio
 
-    def encode_clips(self, paths, strict: bool = False):
-        return encode_clips(self.encoder, paths, self.cache, strict)
+    def encode_clips(self, paths, strict: bool = False, most: int = 0, seed: str = ""):
+        return encode_clips(self.encoder, paths, self.cache, strict, most, seed)
 
     # ------------------------------------------------------------------------------------------------ inputs
 

@@ -150,8 +150,8 @@ def training(out: Path):
 
 def stage0_at_batch(batch: int = 400, windows: int = 1):
     """One paper-preset stage-0 step at a contrastive batch of `batch` clips of `windows` 10.24 s windows each
-    (AudioSet's clips: one; a long WavCaps clip is read whole, and a batch pads to its longest), timed after an
-    untimed step; it must run with finite losses and fit the card (its reserved peak)."""
+    (AudioSet's clips: one; a WavCaps clip up to the paper preset's max_clip_windows, 3, and a batch pads to its
+    longest), timed after an untimed step; it must run with finite losses and fit the card (its reserved peak)."""
     from apt_min.aligner import Aligner, stage0_losses
     from apt_min.config import load_config
 
@@ -201,6 +201,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="run on the CPU (a test of this script, not of the GPU)")
     ap.add_argument("--parts", default="numerics,training,stage0", help="which of the three checks to run")
     ap.add_argument("--windows", type=int, default=1, help="stage 0: 10.24 s windows per clip (a long clip: more)")
+    ap.add_argument("--batch", type=int, help="stage 0: clips in the contrastive batch (default 400; --smoke: 16)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = "cpu" if args.smoke else DEVICE
@@ -218,7 +219,7 @@ def main():
     if "training" in parts:
         training(out)
     if "stage0" in parts:
-        stage0_at_batch(400 if DEVICE == "cuda" else 16, args.windows)
+        stage0_at_batch(args.batch or (400 if DEVICE == "cuda" else 16), args.windows)
     print("\n| check | result | |\n| --- | --- | --- |")
     for r in ROWS:
         print("| " + " | ".join(r) + " |")

@@ -23,11 +23,11 @@ def run(*args):
 
 
 def test_gpu_checks_numerics_and_stage0_run_on_the_cpu():
-    out = run("benchmarks/gpu_checks.py", "--smoke", "--parts", "numerics,stage0")
+    out = run("benchmarks/gpu_checks.py", "--smoke", "--parts", "numerics,stage0", "--batch", "8", "--windows", "3")
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith(("| check", "| ---"))]
     assert len(rows) == 5, out  # two Llama rows, two Audio-MAE rows, the stage-0 step
     assert all(line.rstrip().endswith("| ok |") for line in rows), out
-    assert "paper stage 0, one step at batch 16" in out
+    assert "paper stage 0, one step at batch 8, 3 window(s) a clip" in out
 
 
 def test_gpu_step_benchmark_runs_on_the_cpu_and_profiles():

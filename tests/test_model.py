@@ -23,6 +23,7 @@ from apt_min.model import (
     APT,
     PROMPT_FORMATS,
     FeatureCache,
+    encode_clips,
     fingerprint,
     load_trainable,
     model_files,
@@ -302,6 +303,35 @@ def test_instruction_bos_puts_bos_before_each_instruction_and_is_saved_with_the_
     (tmp_path / "apt" / "apt.json").write_text(json.dumps(meta))
     old = APT.load(tmp_path / "apt", encoder, llm, tok, *ids)
     assert (old.prompt_format, old.instruction_bos, old.long_audio) == ("plain", False, "windows")  # as they ran
+
+
+def test_training_crops_a_long_clip_to_a_run_of_its_windows_drawn_by_step_and_path(parts, tmp_path):
+    """max_clip_windows (`most`): a clip of more windows gives `most` consecutive windows of its own, from a start
+    that (seed, path) draws: the same with a feature cache (which keeps whole clips) as without (where the encoder
+    reads only those windows), different from step to step; a clip of at most `most` windows, or most=0, is whole."""
+    _, _, encoder, _, (short, _, _) = parts
+    t = np.arange(int(1.9 * 16000)) / 16000  # three 0.64 s windows, each its own tone: their features differ
+    long = str(tmp_path / "long.wav")
+    sf.write(long, (0.3 * np.sin(2 * np.pi * np.where(t < 0.64, 300, np.where(t < 1.28, 900, 2000)) * t)), 16000)
+    whole, _ = encode_clips(encoder, [short, long])
+    assert [len(whole[short]), len(whole[long])] == [1, 3]
+    assert encode_clips(encoder, [long], most=0, seed="0|1")[0][long].shape == whole[long].shape
+    starts, read = [], []
+    hook = encoder.register_forward_hook(lambda module, args, out: read.append(len(args[0])))
+    encode_clips(encoder, [short, long], most=2, seed="0|0")
+    hook.remove()
+    assert sum(read) == 1 + 2  # without a cache the encoder reads only the windows kept
+    for step in range(8):
+        seed = f"0|{step}"
+        plain, _ = encode_clips(encoder, [short, long], most=2, seed=seed)
+        cached, _ = encode_clips(encoder, [short, long], FeatureCache(tmp_path / f"cache{step}", "s"), most=2,
+                                 seed=seed)
+        assert torch.equal(plain[short], whole[short]) and torch.equal(cached[short], whole[short])
+        errors = [rel_max_error(plain[long].float(), whole[long][s:s + 2].float()) for s in (0, 1)]
+        assert sorted(errors)[0] <= 1e-3 < sorted(errors)[1]  # one run of two windows, told apart from the other
+        starts.append(errors.index(min(errors)))
+        assert rel_max_error(cached[long].float(), plain[long].float()) <= 1e-3  # the cache crops alike
+    assert set(starts) == {0, 1}
 
 
 def test_long_audio_all_reads_a_whole_clip_at_once(parts, tmp_path):

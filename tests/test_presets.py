@@ -293,14 +293,16 @@ def test_the_paper_preset_reads_as_the_paper_and_the_public_code(tmp_path):
     """Where `paper` departs from tiny and small (issue 17): the AudioSet-fine-tuned encoder, read at its penultimate
     block (§3.1); WavCaps in the caption mixture and stage 0, AudioSet's 2 M clips (§4.1, the public code's data);
     stage 0's own contrastive batch and 5 000-step warm-up (2 000 after); ATM negatives from every process
-    (BLIP-2); BOS before each instruction, as before every stage-0 text; a long clip read whole (§3.1); the real
-    labels only in few-shot episodes; two caption fine-tuning epochs (§4.2)."""
+    (BLIP-2); BOS before each instruction, as before every stage-0 text; a long clip read whole (§3.1; in training
+    at most 3 windows of it, ours); the real labels only in few-shot episodes; two caption fine-tuning epochs
+    (§4.2)."""
     cfg, tiny = load_config("paper"), load_config("tiny")
     assert cfg.encoder_checkpoint.endswith("audiomae/finetuned.pth") and cfg.output_block == -2
     assert cfg.caption_sources.split(",")[:2] == ["audiocaps", "clotho"] and cfg.caption_sources.count("wavcaps:") == 4
     assert cfg.stage0_sources.startswith("tagging,wavcaps:") and cfg.tagging_sources == "balanced,unbalanced"
     assert (cfg.stage0_batch_size, cfg.warmup_steps_0, cfg.warmup_steps) == (128, 5000, 2000)
     assert (cfg.atm_negatives, cfg.instruction_bos, cfg.long_audio, cfg.fewshot_made_up) == ("global", True, "all", 0)
+    assert cfg.max_clip_windows == 3 and tiny.max_clip_windows == 0  # training: at most 30.72 s of a clip (ours)
     assert (cfg.caption_ft_epochs, cfg.caption_ft_source) == (2.0, "audiocaps")
     # the shapes: Audio-MAE ViT-B/16 on 10.24 s (768 wide, 12 blocks of 12 heads); the aligner BERT-mini sized (4
     # layers, 256 wide, 4 heads), 32 queries; Vicuna-7B; the recipe: peak lr 1e-4 after 2 000 warm-up steps, the

@@ -254,10 +254,39 @@ def test_stage1_validation_answers_aqa_from_the_features_its_loss_read(trained, 
     cfg = train.load_config("tiny", opts(copy_of(trained, tmp_path), "--feature_cache=off"))
     job = train.TuneAPT(cfg, "1", 0, 1, torch.device("cpu"))
     calls, encode = [], job.model.encode_clips
-    job.model.encode_clips = lambda paths, strict=False: calls.append(list(paths)) or encode(paths, strict)
+    job.model.encode_clips = lambda paths, *a: calls.append(list(paths)) or encode(paths, *a)
     metrics = job.validate()
     chunks = sum(math.ceil(len(exs) / cfg.batch_size) for exs in job.val.values())
     assert "aqa" in job.val and len(calls) == chunks and {"val_loss", "val_aqa_accuracy"} <= metrics.keys()
+
+
+def test_training_reads_at_most_max_clip_windows_of_a_clip_drawn_by_step_and_validation_every_window(
+        prepared, trained, tmp_path, monkeypatch):
+    """max_clip_windows: stages 0, 1 and 2 train on at most that many windows of a long clip, a run drawn by the
+    run's seed and the step (so a resumed step draws the same), while validation reads every window."""
+    tmp, cpu = copy_of(prepared, tmp_path), torch.device("cpu")
+    (tmp / "run" / "encoder.safetensors").unlink()  # 1.28 s windows: a 5 s clip spans four
+    cfg = train.load_config("tiny", opts(tmp, "--target_length=128", "--max_clip_windows=2", "--feature_cache=off"))
+    clotho = data.examples("captioning", cfg.data_root, "train", source="clotho")[:3]
+    seen, encode = [], train.encode_clips
+    monkeypatch.setattr(train, "encode_clips", lambda *a: seen.append(a[4:]) or encode(*a))
+    stage0, kept, batch = train.AlignStage0(cfg, 0, 1, cpu), [], train.stage0_batch
+    monkeypatch.setattr(train, "stage0_batch", lambda caps, clips, *a: kept.append([len(c) for c in clips])
+                        or batch(caps, clips, *a))
+    stage0.micro_step(stage0.module, OneBatch("pairs", clotho))
+    stage0.validate()
+    whole = [len(c) for c in stage0.whole_clips(stage0.val)[1]]
+    assert kept == [[2, 2, 2], whole] and min(whole) > 2
+    assert seen[:2] == [(2, f"{cfg.seed}|1"), (0, "")]
+
+    tmp = copy_of(trained, tmp_path / "stage1")  # stages 1 and 2 pass the same to the APT's encode_clips
+    for stage in ("1", "2"):
+        job = train.TuneAPT(train.load_config("tiny", opts(tmp, "--max_clip_windows=2")), stage, 0, 1, cpu)
+        asked, encode = [], job.model.encode_clips
+        job.model.encode_clips = lambda paths, *a, asked=asked, encode=encode: asked.append(a) or encode(paths, *a)
+        job.micro_step(job.module, job.sampler)
+        job.validate()
+        assert asked[0] == (False, 2, f"{cfg.seed}|{job.sampler.step}") and set(asked[1:]) == {(False, 0, "")}
 
 
 def test_every_stage_draws_one_global_batch_for_all_its_processes(trained, tmp_path, monkeypatch):
@@ -1034,20 +1063,21 @@ def test_each_process_trains_on_its_own_share_of_the_global_batch(prepared, monk
     assert lm.micro_step(None, OneBatch("lm", batch))[1:] == (3, {"examples": 3}) and seen.pop() == mine
 
     align = object.__new__(train.AlignStage0)
-    align.rank, align.world, align.cfg = 1, 2, SimpleNamespace(seed=0)
+    align.rank, align.world, align.cfg = 1, 2, SimpleNamespace(seed=0, max_clip_windows=0)
     parts = dict.fromkeys(("total", "atc", "atm", "agtg"), one)
-    align.losses = lambda model, examples, g: (seen.append(examples), (parts, examples, 0))[1]
+    align.losses = lambda model, examples, g, crops: (seen.append(examples), (parts, examples, 0))[1]
     assert align.micro_step(None, OneBatch("pairs", batch))[2]["examples"] == 3 and seen.pop() == mine
 
     tune = object.__new__(train.TuneAPT)
     tune.rank, tune.world, tune.device, tune.autocast = 1, 2, torch.device("cpu"), nullcontext
-    tune.usable = lambda examples: (seen.append(examples), (examples, {}))[1]
+    tune.cfg = SimpleNamespace(seed=0, max_clip_windows=0)
+    tune.usable = lambda examples, *crop: (seen.append(examples), (examples, {}))[1]
     monkeypatch.setattr(train, "nothing_to_train", lambda keep, world, device: not keep)  # no process group here
     model = lambda *collated: (one, len(collated[0]))  # noqa: E731
     assert tune.micro_step(model, OneBatch("aqa", batch))[2]["examples"] == 3 and seen.pop() == mine
-    tune.usable = lambda examples: (examples[1:], {})  # an example with a lost clip: skipped, not trained
+    tune.usable = lambda examples, *crop: (examples[1:], {})  # an example with a lost clip: skipped, not trained
     assert tune.micro_step(model, OneBatch("aqa", batch))[2] == {"task": "aqa", "examples": 2, "skipped": 1}
-    tune.usable = lambda examples: ([], {})  # none left: the step has nothing to train
+    tune.usable = lambda examples, *crop: ([], {})  # none left: the step has nothing to train
     assert tune.micro_step(model, OneBatch("aqa", batch)) == (None, 0, {"examples": 0, "skipped": 3})
 
     mae = object.__new__(train.PretrainEncoder)
@@ -1224,11 +1254,11 @@ def test_stage_0s_hard_negatives_are_drawn_by_step_and_a_resumed_sampler_draws_t
     sampler's step: each step its own, whatever else has drawn from the global generators, and a sampler restored
     to a step (--resume) draws that step's again."""
     align = object.__new__(train.AlignStage0)
-    align.rank, align.world, align.cfg = 0, 1, SimpleNamespace(seed=3)
+    align.rank, align.world, align.cfg = 0, 1, SimpleNamespace(seed=3, max_clip_windows=0)
     one = torch.tensor(1.0)
     parts = dict.fromkeys(("total", "atc", "atm", "agtg"), one)
     drawn = []
-    align.losses = lambda model, examples, g: drawn.append(torch.rand(4, generator=g)) or (parts, examples, 0)
+    align.losses = lambda model, examples, g, crops: drawn.append(torch.rand(4, generator=g)) or (parts, examples, 0)
     sampler = data.TaskSampler({"pairs": list(range(10))}, {"pairs": 1.0}, 2, seed=3)
     align.micro_step(None, sampler)
     state = sampler.state_dict()
@@ -1241,7 +1271,7 @@ def test_stage_0s_hard_negatives_are_drawn_by_step_and_a_resumed_sampler_draws_t
     align.micro_step(None, resumed)
     assert torch.equal(drawn[3], drawn[1])  # step 2 again
     assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2])
-    align.cfg = SimpleNamespace(seed=4)  # another run's seed: other negatives at the same step
+    align.cfg = SimpleNamespace(seed=4, max_clip_windows=0)  # another run's seed: other negatives at the same step
     align.micro_step(None, data.TaskSampler({"pairs": list(range(10))}, {"pairs": 1.0}, 2, seed=3))
     assert not torch.equal(drawn[4], drawn[0])
 
@@ -1272,7 +1302,7 @@ def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_wi
     class Scored:  # a model whose every example scores loss 3 over 2 answer tokens
         asked, room, says = [], [], None  # says: segments -> the answer generated (None: "?")
 
-        def encode_clips(self, paths, strict):
+        def encode_clips(self, paths, strict, *crop):
             return dict.fromkeys(paths), []
 
         def __call__(self, segments, answers, feats):
