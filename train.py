@@ -57,7 +57,7 @@ from apt_min.config import STARTS_AFTER, load_config
 from apt_min.errors import MissingFileError, SettingError, clean_exit
 from apt_min.llama import Llama
 from apt_min.mae import MAEDecoder, mae_loss
-from apt_min.model import APT, encode_clips, short
+from apt_min.model import APT, ReadAhead, encode_clips, short
 from apt_min.tasks import normalize_answer
 
 log = logging.getLogger("train")
@@ -246,6 +246,7 @@ class AlignStage0:
         self.encoder, self.encoder_id = build_encoder(cfg, device, frozen_dtype)
         cfg.stage_dir("0").mkdir(parents=True, exist_ok=True)
         self.cache = feature_cache(cfg, self.encoder_id, frozen_dtype)
+        self.ahead = build.read_ahead(cfg, self.encoder, self.cache)
         torch.manual_seed(cfg.seed)
         words = build.llm_embeddings(cfg) if "llm" in (cfg.aligner_init, cfg.aligner_words) else None
         llm_dim = words.shape[1] if cfg.aligner_words == "llm" else 0
@@ -274,18 +275,18 @@ class AlignStage0:
         reads as one sequence), or in training at most max_clip_windows of them (`most`, drawn by `seed`), and how
         many were skipped."""
         feats, bad = encode_clips(self.encoder, [ex.segments[0][1] for ex in examples], self.cache,
-                                  self.cfg.strict_audio, most, seed)
+                                  self.cfg.strict_audio, most, seed, self.ahead)
         warn(bad)
         keep = [ex for ex in examples if ex.segments[0][1] in feats]
         return keep, [feats[ex.segments[0][1]] for ex in keep], len(examples) - len(keep)
 
-    def losses(self, model, examples, generator, together=True, found=None, crops=()):
+    def losses(self, model, examples, generator, together=True, found=None):
         """The three stage-0 losses of a batch, or None when no example is usable. together: a training batch, of
         which each process holds its share: all processes skip together (under DDP all must run the same forwards)
         and contrast with every process's pairs; else (validation, the same examples in every process) this
         process's batch alone, so the loss does not depend on how many processes ran. found: whole_clips(examples)
-        where the caller has it already; crops: whole_clips' (most, seed) for a training batch's long clips."""
-        keep, clips, skipped = found or self.whole_clips(examples, *crops)
+        where the caller has it already."""
+        keep, clips, skipped = found or self.whole_clips(examples)
         if (nothing_to_train(keep, self.world, self.device) if together else not keep):
             return None, keep, skipped
         batch = stage0_batch([ex.answer for ex in keep], clips, [ex.segments[0][1] for ex in keep], self.tok,
@@ -295,9 +296,12 @@ class AlignStage0:
 
     def micro_step(self, model, sampler):
         _, batch = sampler.next_batch()
+        mine = batch[self.rank::self.world]
+        crop = (self.cfg.max_clip_windows, f"{self.cfg.seed}|{sampler.step}")  # long clips: a run of their windows
+        found = self.whole_clips(mine, *crop)
+        read_next(self.ahead, sampler, self.rank, self.world)  # the next step's clips, while this one trains
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # hard negatives: by step
-        crops = (self.cfg.max_clip_windows, f"{self.cfg.seed}|{sampler.step}")  # long clips: a run of windows
-        parts, keep, skipped = self.losses(model, batch[self.rank::self.world], g, crops=crops)
+        parts, keep, skipped = self.losses(model, mine, g, found=found)
         if parts is None:
             return None, 0, {"examples": 0, "skipped": skipped}
         return parts["total"], 1, {**{k: parts[k].item() for k in ("atc", "atm", "agtg")}, "examples": len(keep),
@@ -374,6 +378,7 @@ class TuneAPT:
                                          "trained in")
         build.name_unused_aligner_sizes(cfg, model.aligner, prev)
         self.model = model.to(device)
+        self.model.read_ahead = build.read_ahead(cfg, encoder, cache)
         # what trains: the aligner without its stage-0 heads, the projection and <AUDIO>
         for name, p in self.model.aligner.named_parameters():
             p.requires_grad_(not name.startswith(STAGE0_HEADS))
@@ -401,8 +406,7 @@ class TuneAPT:
     def usable(self, examples, most: int = 0, seed: str = ""):
         """The examples whose every clip could be encoded, and those features (in training at most max_clip_windows
         windows of a clip: `most`, drawn by `seed`)."""
-        feats, bad = self.model.encode_clips([v for ex in examples for k, v in ex.segments if k == "audio"],
-                                             self.cfg.strict_audio, most, seed)
+        feats, bad = self.model.encode_clips(audio_paths(examples), self.cfg.strict_audio, most, seed)
         warn(bad)
         return [ex for ex in examples if all(v in feats for k, v in ex.segments if k == "audio")], feats
 
@@ -410,6 +414,7 @@ class TuneAPT:
         task, batch = sampler.next_batch()
         mine = batch[self.rank::self.world]
         keep, feats = self.usable(mine, self.cfg.max_clip_windows, f"{self.cfg.seed}|{sampler.step}")
+        read_next(self.model.read_ahead, sampler, self.rank, self.world)  # the next step's, while this one trains
         if nothing_to_train(keep, self.world, self.device):
             return None, 0, {"examples": 0, "skipped": len(mine) - len(keep)}
         with self.autocast():
@@ -917,6 +922,17 @@ def amp_settings(cfg, device):
 def warn(bad):
     for _, err in bad:
         log.warning("skipping audio that cannot be used: %s", err)
+
+
+def audio_paths(examples) -> list[str]:
+    return [v for ex in examples for k, v in ex.segments if k == "audio"]
+
+
+def read_next(ahead: ReadAhead | None, sampler, rank: int, world: int):
+    """Start decoding the clips of this process's share of the sampler's next batch, in the background (where a
+    ReadAhead is set: build.read_ahead), while the step just drawn trains."""
+    if ahead:
+        ahead.start(audio_paths(sampler.peek()[1][rank::world]))
 
 
 def training_pools(cfg, stage: str, tasks: list[str]) -> dict:

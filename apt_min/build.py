@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from apt_min.audiomae import AudioMAE
 from apt_min.checkpoint import CheckpointError, checkpoint_tensors
 from apt_min.errors import MissingFileError, SettingError
 from apt_min.llama import Llama, LlamaConfig
-from apt_min.model import APT, FeatureCache, encoder_identity, fingerprint, model_files, weight_probe
+from apt_min.model import APT, FeatureCache, ReadAhead, encoder_identity, fingerprint, model_files, weight_probe
 from apt_min.tokenizer import Tokenizer, train_sentencepiece
 
 log = logging.getLogger("apt_min")
@@ -205,6 +206,14 @@ def feature_cache(cfg, encoder_id: dict, dtype: torch.dtype = torch.float32) -> 
     return FeatureCache(Path(cfg.run_dir) / "features", setting, memory=cfg.feature_cache == "memory")
 
 
+def read_ahead(cfg, encoder: AudioMAE, cache: FeatureCache | None) -> ReadAhead | None:
+    """Background decoding of audio files (cfg.decode_threads) where features are not cached; else None."""
+    threads = cfg.decode_threads
+    if threads == -1:
+        threads = min(8, (os.cpu_count() or 1) - 1) if encoder.cls_token.device.type == "cuda" else 0
+    return ReadAhead(encoder.config, threads) if threads > 0 and cache is None else None
+
+
 def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
     """A trained APT with the encoder and LLM it was trained against, ready to evaluate: the frozen parts in the
     run's precision (frozen_dtype)."""
@@ -214,6 +223,7 @@ def load_apt(cfg, checkpoint: str | Path, device="cpu") -> APT:
     apt = APT.load(checkpoint, encoder, llm, ensure_tokenizer(cfg), encoder_id, llm_id,
                    feature_cache(cfg, encoder_id, dtype))
     name_unused_aligner_sizes(cfg, apt.aligner, checkpoint)
+    apt.read_ahead = read_ahead(cfg, encoder, apt.cache)
     return apt.to(device).eval()
 
 

@@ -122,6 +122,10 @@ class Config:
     grad_checkpointing_keep: int = 0  # with it, the LLM's last N blocks keep their activations instead: less
     # recomputation for more memory (benchmarks/bench_gpu_step.py --keep finds the N a card holds)
     compile_llm: bool = False  # torch.compile the frozen LLM's blocks for training (7B on an H100: 1.7x per step)
+    # background threads decoding audio files where features are not cached (feature_cache=off): a step's clips at
+    # once and the next step's while this one trains (model.ReadAhead). -1: on a GPU, one per CPU core but one, at
+    # most 8; on the CPU none (they would take the cores a training step uses). 0: none
+    decode_threads: int = -1
     seed: int = 0  # the run's: initialisation, dropout, sampling order (the data's: synth_seed)
     # bookkeeping
     log_every: int = 25
@@ -301,6 +305,8 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict | None = None)
     for key in ("run_dir", "data_root"):  # folders: a file there would fail deep inside, with a traceback
         if Path(getattr(cfg, key)).is_file():
             raise SettingError(f"--{key}={getattr(cfg, key)}: a file; expected a folder")
+    if cfg.decode_threads < -1:
+        raise SettingError(f"--decode_threads={cfg.decode_threads}: expected -1 (as the device suits), 0 or more")
     if cfg.grad_checkpointing_keep < 0:
         raise SettingError(f"--grad_checkpointing_keep={cfg.grad_checkpointing_keep}: expected a number of blocks, "
                            ">= 0")

@@ -699,6 +699,14 @@ class TaskSampler:
         self.step += 1
         return task, batch
 
+    def peek(self) -> tuple[str, list[Example]]:
+        """The batch next_batch will return, without taking it (so that its clips can be read ahead)."""
+        state = self.state_dict()
+        try:
+            return self.next_batch()
+        finally:
+            self.load_state_dict(state)
+
     def state_dict(self) -> dict:
         return {"step": self.step, "cursor": dict(self.cursor), "seed": self.seed}
 

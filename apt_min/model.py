@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -136,13 +137,36 @@ class FeatureCache:
             self.memory[key] = feats
 
 
-def decode_clips(paths, config: AudioMAEConfig, strict: bool = False):
+class ReadAhead:
+    """Clips decoded (file -> fbank windows, on the CPU) by `threads` background threads: a step's own clips at once,
+    and, through `start`, the next step's while this one trains. Where features are not cached (feature_cache=off,
+    the paper preset) every step decodes its clips, and on a GPU that front end would otherwise leave it waiting
+    (about 120 clips/s on one thread: benchmarks/README.md). Only what the next step asks for is kept."""
+
+    def __init__(self, config: AudioMAEConfig, threads: int):
+        self.config, self.started = config, {}  # path -> Future of its windows
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="read-ahead")
+
+    def decode(self, path) -> Future:
+        return self.pool.submit(audio.load_fbank, path, self.config.target_length, self.config.num_mel_bins)
+
+    def start(self, paths):
+        """Begin decoding the clips of the coming step; any started earlier and not taken since are dropped."""
+        self.started = {p: self.started.get(p) or self.decode(p) for p in dict.fromkeys(paths)}
+
+    def take(self, path) -> Future:
+        return self.started.pop(path, None) or self.decode(path)
+
+
+def decode_clips(paths, config: AudioMAEConfig, strict: bool = False, ahead: ReadAhead | None = None):
     """Each file's fbank windows as the encoder reads them: ([(path, (W, T, F))], [(path, error)]). A file that
-    cannot be decoded is reported in the second list (strict=True raises instead)."""
+    cannot be decoded is reported in the second list (strict=True raises instead). ahead: decoded by its threads,
+    all at once (what it started earlier is ready or under way), else one after another here."""
     windows, bad = [], []
-    for p in paths:
+    jobs = [(p, ahead.take(p)) for p in paths] if ahead else [(p, None) for p in paths]
+    for p, job in jobs:
         try:
-            windows.append((p, audio.load_fbank(p, config.target_length, config.num_mel_bins)))
+            windows.append((p, job.result() if job else audio.load_fbank(p, config.target_length, config.num_mel_bins)))
         except (audio.AudioError, OSError) as e:
             if strict:
                 raise
@@ -161,17 +185,18 @@ def crop(windows: torch.Tensor, most: int, seed: str) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_clips(encoder: AudioMAE, paths, cache: FeatureCache | None = None, strict: bool = False,
-                 most: int = 0, seed: str = ""):
+                 most: int = 0, seed: str = "", ahead: ReadAhead | None = None):
     """Frozen encoder features of each distinct file: ({path: (W, N, Da) float16 on the CPU}, [(path, error)]).
     A file that cannot be used is reported in the second list (strict=True raises instead). most: at most this many
     windows of each clip (training's max_clip_windows), a run drawn by `seed` and the file's path, so that the same
-    step of a resumed run crops alike, cached or not; without a cache, the encoder reads only those windows."""
+    step of a resumed run crops alike, cached or not; without a cache, the encoder reads only those windows. ahead:
+    the files are decoded by its threads (decode_clips)."""
     feats, distinct = {}, list(dict.fromkeys(paths))
     for p in distinct:
         cached = cache.get(p) if cache and Path(p).is_file() else None  # a missing file is reported below
         if cached is not None:
             feats[p] = cached
-    todo, bad = decode_clips([p for p in distinct if p not in feats], encoder.config, strict)
+    todo, bad = decode_clips([p for p in distinct if p not in feats], encoder.config, strict, ahead)
     if not cache:  # (a cache keeps whole clips: cropped below, after it)
         todo = [(p, crop(w, most, f"{seed}|{p}")) for p, w in todo]
     if todo:
@@ -219,6 +244,7 @@ class APT(nn.Module):
         if prompt_format not in PROMPT_FORMATS:
             raise SettingError(f"unknown prompt format {prompt_format!r}; known: {sorted(PROMPT_FORMATS)}")
         self.encoder, self.aligner, self.llm, self.tokenizer, self.cache = encoder, aligner, llm, tokenizer, cache
+        self.read_ahead: ReadAhead | None = None  # decoding clips in background threads (build.read_ahead)
         self.prompt_format, self.instruction_bos, self.long_audio = prompt_format, instruction_bos, long_audio
         self.share_prefix, self._prefixes = True, {}  # training skips the common opening (shared_prefix)
         D = llm.config.hidden_size
@@ -262,7 +288,7 @@ class APT(nn.Module):
     # ------------------------------------------------------------------------------------------------- audio
 
     def encode_clips(self, paths, strict: bool = False, most: int = 0, seed: str = ""):
-        return encode_clips(self.encoder, paths, self.cache, strict, most, seed)
+        return encode_clips(self.encoder, paths, self.cache, strict, most, seed, self.read_ahead)
 
     # ------------------------------------------------------------------------------------------------ inputs
 

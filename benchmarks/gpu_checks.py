@@ -123,7 +123,9 @@ def training(out: Path):
             for part in ("stage0", "llm"):
                 os.symlink(tmp / "bf16" / part, run_dir / part)
             setting = "--compile_llm=true" if precision == "compiled" else f"--precision={precision}"
-            rc, sec, err = run(["train.py", "--stage", "1", *base, f"--run_dir={run_dir}", setting], log)
+            if precision == "fp32":  # and the audio decoded by background threads (decode_threads: a GPU's default)
+                setting += " --feature_cache=off"
+            rc, sec, err = run(["train.py", "--stage", "1", *base, f"--run_dir={run_dir}", *setting.split()], log)
             ok = rc == 0
             if ok:
                 trace = traces[precision] = losses(run_dir, 1)

@@ -30,6 +30,14 @@ def test_gpu_checks_numerics_and_stage0_run_on_the_cpu():
     assert "paper stage 0, one step at batch 8, 3 window(s) a clip" in out
 
 
+def test_audio_benchmark_prints_its_ratios_and_the_decode_threads_one():
+    out = run("benchmarks/bench_audio.py", "--sizes", "tiny", "--repeats", "1", "--threads", "2")
+    front, threaded, ratio = re.search(r"front end (\d+) ms for 8 files, 2 decode threads (\d+) ms \(([\d.]+)x\)",
+                                       out).groups()
+    assert abs(int(front) / int(threaded) - float(ratio)) < 0.1 * float(ratio), out  # the ratio of what it printed
+    assert re.search(r"fbank vs torchaudio [\d.]+x \| encoder \d+ ms vs transformers ViT [\d.]+x", out), out
+
+
 def test_gpu_step_benchmark_runs_on_the_cpu_and_profiles():
     """Each --keep setting is measured (its own line); the profile's table and its time by kind, every kind named,
     the matrix products among them, adding up (the busy time) to the profiler's own total."""

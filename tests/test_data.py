@@ -777,6 +777,9 @@ def test_sampler_ratios_and_resume():
     b = data.TaskSampler(pools, ratios, batch_size=3, seed=1)
     b.load_state_dict(state)
     assert [b.next_batch() for _ in range(10)] == rest and first != rest
+    b.load_state_dict(state)  # peek: the batch next_batch then gives (its clips read ahead), the state untouched
+    peeked = [(b.peek(), b.state_dict(), b.next_batch()) for _ in range(10)]
+    assert [p for p, _, _ in peeked] == [n for _, _, n in peeked] == rest and peeked[0][1] == state
     for other in ({"tagging": 1.0, "captioning": 1.0}, {**ratios, "aqa": 1.0}):  # a task fewer, a task more
         with pytest.raises(SettingError, match=r"the checkpoint was trained on the tasks \['captioning', 'fewshot', "
                                                r"'tagging'\] and these settings draw \[.*\]: resume with the run's "

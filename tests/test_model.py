@@ -23,6 +23,8 @@ from apt_min.model import (
     APT,
     PROMPT_FORMATS,
     FeatureCache,
+    ReadAhead,
+    decode_clips,
     encode_clips,
     fingerprint,
     load_trainable,
@@ -1044,6 +1046,36 @@ def test_encode_clips_reads_each_file_once_and_reports_what_it_cannot_read(parts
     assert list(feats) == [a] and bad == [(b, "[Errno 5] Input/output error")]
     with pytest.raises(OSError, match="Input/output error"):
         apt.encode_clips([b], strict=True)
+
+
+def test_read_ahead_decodes_in_its_threads_what_was_started_and_reports_failures_alike(parts, tmp_path,
+                                                                                      monkeypatch):
+    """ReadAhead: files decoded by its threads give the same windows as decoded here, a file that cannot be read is
+    reported (or raised, strict) alike; what `start` began is taken, not decoded again, and what the next start does
+    not ask for again is dropped."""
+    from concurrent.futures import Future
+
+    _, _, encoder, _, (a, b, c) = parts
+    ahead = ReadAhead(encoder.config, threads=2)
+    mine, _ = decode_clips([a, b, c], encoder.config)
+    theirs, _ = decode_clips([a, b, c], encoder.config, ahead=ahead)
+    assert [p for p, _ in theirs] == [a, b, c] and all(torch.equal(x, y) for (_, x), (_, y) in zip(mine, theirs))
+    gone = str(tmp_path / "gone.wav")
+    bad = [(gone, f"{gone}: no such audio file")]
+    assert decode_clips([a, gone], encoder.config, ahead=ahead)[1] == decode_clips([a, gone], encoder.config)[1] == bad
+    with pytest.raises(audio.AudioError, match="gone.wav: no such audio file"):
+        decode_clips([a, gone], encoder.config, strict=True, ahead=ahead)
+    decoded, load = [], audio.load_fbank
+    monkeypatch.setattr(audio, "load_fbank", lambda path, *args: decoded.append(path) or load(path, *args))
+    ahead.start([a, b])
+    ahead.start([b, c])  # a was not taken: dropped; b, started already, is not decoded again
+    assert list(ahead.started) == [b, c] and all(isinstance(f, Future) for f in ahead.started.values())
+    theirs, _ = decode_clips([b, c], encoder.config, ahead=ahead)
+    assert sorted(decoded) == sorted([a, b, c]) and not ahead.started  # each once; taken
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(mine[1:], theirs))
+    ahead.start([a])
+    feats, _ = encode_clips(encoder, [a], ahead=ahead)  # the encoder's path takes it too
+    assert not ahead.started and torch.equal(feats[a], encode_clips(encoder, [a])[0][a])
 
 
 def test_a_damaged_apt_json_is_named(tmp_path):

@@ -143,10 +143,13 @@ def test_settings_that_would_train_nothing_are_refused():
     for option in ("--save_every=0", "--log_every=0", "--grad_accum=0", "--keep_checkpoints=0", "--steps_1=0",
                    "--batch_size=0", "--grad_accum_0=-1", "--warmup_steps=-5", "--eval_every=0", "--val_batches=0",
                    *(f"--steps_{s}=0" for s in ("lm", "mae", "0", "2", "vision")), "--mae_batch_size=0",
-                   "--vision_align_batch=0", "--stage0_batch_size=-1", "--warmup_steps_0=-1",
+                   "--vision_align_batch=0", "--stage0_batch_size=-1", "--warmup_steps_0=-1", "--max_clip_windows=-1",
                    "--steps_caption_ft=-1", "--warmup_steps_caption_ft=-1"):  # modulo by 0, no step, every
         with pytest.raises(SettingError, match=f"{option}: expected at least"):  # checkpoint kept, none trained
             load_config("tiny", [option])
+    with pytest.raises(SettingError, match=r"--decode_threads=-2: expected -1 \(as the device suits\), 0 or more"):
+        load_config("tiny", ["--decode_threads=-2"])
+    assert load_config("tiny", ["--decode_threads=0", "--max_clip_windows=0"]).decode_threads == 0
     assert load_config("tiny", ["--grad_accum_0=0", "--steps_caption_ft=0"]).grad_accum_0 == 0  # 0: the default
     with pytest.raises(SettingError, match=r"--output_block=12: expected a block of the encoder's 12 \(-12 to 11;"):
         load_config("paper", ["--output_block=12"])

@@ -25,9 +25,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import train
-from apt_min import audio, data, evaluation, tasks
+from apt_min import audio, build, data, evaluation, tasks
+from apt_min.audiomae import AudioMAEConfig
 from apt_min.checkpoint import CheckpointError
 from apt_min.errors import MissingFileError, SettingError
+from apt_min.model import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,7 +271,7 @@ def test_training_reads_at_most_max_clip_windows_of_a_clip_drawn_by_step_and_val
     cfg = train.load_config("tiny", opts(tmp, "--target_length=128", "--max_clip_windows=2", "--feature_cache=off"))
     clotho = data.examples("captioning", cfg.data_root, "train", source="clotho")[:3]
     seen, encode = [], train.encode_clips
-    monkeypatch.setattr(train, "encode_clips", lambda *a: seen.append(a[4:]) or encode(*a))
+    monkeypatch.setattr(train, "encode_clips", lambda *a: seen.append(a[4:6]) or encode(*a))
     stage0, kept, batch = train.AlignStage0(cfg, 0, 1, cpu), [], train.stage0_batch
     monkeypatch.setattr(train, "stage0_batch", lambda caps, clips, *a: kept.append([len(c) for c in clips])
                         or batch(caps, clips, *a))
@@ -287,6 +289,46 @@ def test_training_reads_at_most_max_clip_windows_of_a_clip_drawn_by_step_and_val
         job.micro_step(job.module, job.sampler)
         job.validate()
         assert asked[0] == (False, 2, f"{cfg.seed}|{job.sampler.step}") and set(asked[1:]) == {(False, 0, "")}
+
+
+def test_with_decode_threads_each_step_reads_the_next_steps_clips_ahead_and_trains_alike(trained, tmp_path):
+    """decode_threads (where features are not cached): each training step of stages 0 and 1 starts decoding the
+    clips of its share of the next batch in the background, which the next step takes; the losses are those of
+    decoding on the spot. -1 (the default): threads on a GPU only, one per core but one, at most 8; none with a
+    feature cache."""
+    tmp, cpu = copy_of(trained, tmp_path), torch.device("cpu")
+    for stage in ("0", "1"):
+        losses = {}
+        for threads in (0, 2):
+            cfg = train.load_config("tiny", opts(tmp, "--feature_cache=off", f"--decode_threads={threads}"))
+            job = train.AlignStage0(cfg, 0, 1, cpu) if stage == "0" else train.TuneAPT(cfg, "1", 0, 1, cpu)
+            ahead = job.ahead if stage == "0" else job.model.read_ahead
+            assert (ahead is None) == (threads == 0)
+            losses[threads] = []
+            for _ in range(2):
+                losses[threads].append(job.micro_step(job.module, job.sampler)[0].item())
+                if ahead:  # one process: its share is the whole batch
+                    assert list(ahead.started) == list(dict.fromkeys(train.audio_paths(job.sampler.peek()[1])))
+        assert losses[0] == losses[2], stage
+    cfg = train.load_config("tiny", opts(tmp, "--feature_cache=off"))  # decode_threads=-1
+    on_cpu = SimpleNamespace(config=AudioMAEConfig(), cls_token=torch.zeros(1))
+    on_gpu = SimpleNamespace(config=AudioMAEConfig(), cls_token=SimpleNamespace(device=torch.device("cuda")))
+    made = build.read_ahead(cfg, on_gpu, None)
+    assert (made.pool._max_workers if made else 0) == min(8, os.cpu_count() - 1)
+    assert build.read_ahead(cfg, on_cpu, None) is None and build.read_ahead(cfg, on_gpu, FeatureCache(tmp_path, "s")
+                                                                             ) is None
+    threaded = train.load_config("tiny", opts(tmp, "--feature_cache=off", "--decode_threads=2"))
+    apt = build.load_apt(threaded, tmp / "run" / "stage2" / "final")  # evaluation decodes in them too
+    assert apt.read_ahead.pool._max_workers == 2 and build.load_apt(cfg, tmp / "run" / "stage2" / "final"
+                                                                    ).read_ahead is None
+
+    class Started:  # under DDP, each process reads ahead its own share of the next batch
+        def start(self, paths):
+            self.paths = paths
+
+    sampler = data.TaskSampler({"pairs": data.examples("captioning", cfg.data_root, "train")}, {"pairs": 1.0}, 6)
+    train.read_next(started := Started(), sampler, 1, 2)
+    assert started.paths == [ex.segments[0][1] for ex in sampler.next_batch()[1][1::2]]
 
 
 def test_every_stage_draws_one_global_batch_for_all_its_processes(trained, tmp_path, monkeypatch):
@@ -1063,14 +1105,15 @@ def test_each_process_trains_on_its_own_share_of_the_global_batch(prepared, monk
     assert lm.micro_step(None, OneBatch("lm", batch))[1:] == (3, {"examples": 3}) and seen.pop() == mine
 
     align = object.__new__(train.AlignStage0)
-    align.rank, align.world, align.cfg = 1, 2, SimpleNamespace(seed=0, max_clip_windows=0)
+    align.rank, align.world, align.cfg, align.ahead = 1, 2, SimpleNamespace(seed=0, max_clip_windows=0), None
     parts = dict.fromkeys(("total", "atc", "atm", "agtg"), one)
-    align.losses = lambda model, examples, g, crops: (seen.append(examples), (parts, examples, 0))[1]
+    align.whole_clips = lambda examples, *crop: (examples, [], 0)
+    align.losses = lambda model, examples, g, found: (seen.append(examples), (parts, examples, 0))[1]
     assert align.micro_step(None, OneBatch("pairs", batch))[2]["examples"] == 3 and seen.pop() == mine
 
     tune = object.__new__(train.TuneAPT)
     tune.rank, tune.world, tune.device, tune.autocast = 1, 2, torch.device("cpu"), nullcontext
-    tune.cfg = SimpleNamespace(seed=0, max_clip_windows=0)
+    tune.cfg, tune.model = SimpleNamespace(seed=0, max_clip_windows=0), SimpleNamespace(read_ahead=None)
     tune.usable = lambda examples, *crop: (seen.append(examples), (examples, {}))[1]
     monkeypatch.setattr(train, "nothing_to_train", lambda keep, world, device: not keep)  # no process group here
     model = lambda *collated: (one, len(collated[0]))  # noqa: E731
@@ -1254,11 +1297,12 @@ def test_stage_0s_hard_negatives_are_drawn_by_step_and_a_resumed_sampler_draws_t
     sampler's step: each step its own, whatever else has drawn from the global generators, and a sampler restored
     to a step (--resume) draws that step's again."""
     align = object.__new__(train.AlignStage0)
-    align.rank, align.world, align.cfg = 0, 1, SimpleNamespace(seed=3, max_clip_windows=0)
+    align.rank, align.world, align.cfg, align.ahead = 0, 1, SimpleNamespace(seed=3, max_clip_windows=0), None
+    align.whole_clips = lambda examples, *crop: (examples, [], 0)
     one = torch.tensor(1.0)
     parts = dict.fromkeys(("total", "atc", "atm", "agtg"), one)
     drawn = []
-    align.losses = lambda model, examples, g, crops: drawn.append(torch.rand(4, generator=g)) or (parts, examples, 0)
+    align.losses = lambda model, examples, g, found: drawn.append(torch.rand(4, generator=g)) or (parts, examples, 0)
     sampler = data.TaskSampler({"pairs": list(range(10))}, {"pairs": 1.0}, 2, seed=3)
     align.micro_step(None, sampler)
     state = sampler.state_dict()
