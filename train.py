@@ -297,8 +297,8 @@ class AlignStage0:
     def micro_step(self, model, sampler):
         _, batch = sampler.next_batch()
         mine = batch[self.rank::self.world]
-        crop = (self.cfg.max_clip_windows, f"{self.cfg.seed}|{sampler.step}")  # long clips: a run of their windows
-        found = self.whole_clips(mine, *crop)
+        span = (self.cfg.max_clip_windows, f"{self.cfg.seed}|{sampler.step}")  # long clips: a run of their windows
+        found = self.whole_clips(mine, *span)
         read_next(self.ahead, sampler, self.rank, self.world)  # the next step's clips, while this one trains
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # hard negatives: by step
         parts, keep, skipped = self.losses(model, mine, g, found=found)

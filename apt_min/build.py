@@ -207,10 +207,13 @@ def feature_cache(cfg, encoder_id: dict, dtype: torch.dtype = torch.float32) -> 
 
 
 def read_ahead(cfg, encoder: AudioMAE, cache: FeatureCache | None) -> ReadAhead | None:
-    """Background decoding of audio files (cfg.decode_threads) where features are not cached; else None."""
+    """Background decoding of audio files (cfg.decode_threads) where features are not cached; else None. By default
+    on a GPU: one thread per core of this process's share of the machine (torchrun's LOCAL_WORLD_SIZE processes
+    share it) but one, at most 8."""
     threads = cfg.decode_threads
     if threads == -1:
-        threads = min(8, (os.cpu_count() or 1) - 1) if encoder.cls_token.device.type == "cuda" else 0
+        cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = min(8, cores - 1) if encoder.cls_token.device.type == "cuda" else 0
     return ReadAhead(encoder.config, threads) if threads > 0 and cache is None else None
 
 

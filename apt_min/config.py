@@ -123,8 +123,9 @@ class Config:
     # recomputation for more memory (benchmarks/bench_gpu_step.py --keep finds the N a card holds)
     compile_llm: bool = False  # torch.compile the frozen LLM's blocks for training (7B on an H100: 1.7x per step)
     # background threads decoding audio files where features are not cached (feature_cache=off): a step's clips at
-    # once and the next step's while this one trains (model.ReadAhead). -1: on a GPU, one per CPU core but one, at
-    # most 8; on the CPU none (they would take the cores a training step uses). 0: none
+    # once and the next step's while this one trains (model.ReadAhead). -1: on a GPU, one per CPU core (of the
+    # process's share, under torchrun) but one, at most 8; on the CPU none (they would take the cores a training step
+    # uses). 0: none
     decode_threads: int = -1
     seed: int = 0  # the run's: initialisation, dropout, sampling order (the data's: synth_seed)
     # bookkeeping

@@ -291,11 +291,12 @@ def test_training_reads_at_most_max_clip_windows_of_a_clip_drawn_by_step_and_val
         assert asked[0] == (False, 2, f"{cfg.seed}|{job.sampler.step}") and set(asked[1:]) == {(False, 0, "")}
 
 
-def test_with_decode_threads_each_step_reads_the_next_steps_clips_ahead_and_trains_alike(trained, tmp_path):
+def test_with_decode_threads_each_step_reads_the_next_steps_clips_ahead_and_trains_alike(trained, tmp_path,
+                                                                                          monkeypatch):
     """decode_threads (where features are not cached): each training step of stages 0 and 1 starts decoding the
     clips of its share of the next batch in the background, which the next step takes; the losses are those of
     decoding on the spot. -1 (the default): threads on a GPU only, one per core but one, at most 8; none with a
-    feature cache."""
+    feature cache; under torchrun, of the process's share of the cores."""
     tmp, cpu = copy_of(trained, tmp_path), torch.device("cpu")
     for stage in ("0", "1"):
         losses = {}
@@ -315,6 +316,8 @@ def test_with_decode_threads_each_step_reads_the_next_steps_clips_ahead_and_trai
     on_gpu = SimpleNamespace(config=AudioMAEConfig(), cls_token=SimpleNamespace(device=torch.device("cuda")))
     made = build.read_ahead(cfg, on_gpu, None)
     assert (made.pool._max_workers if made else 0) == min(8, os.cpu_count() - 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(os.cpu_count()))  # torchrun, a process per core: none each
+    assert build.read_ahead(cfg, on_gpu, None) is None
     assert build.read_ahead(cfg, on_cpu, None) is None and build.read_ahead(cfg, on_gpu, FeatureCache(tmp_path, "s")
                                                                              ) is None
     threaded = train.load_config("tiny", opts(tmp, "--feature_cache=off", "--decode_threads=2"))
