@@ -145,7 +145,10 @@ class ReadAhead:
 
     def __init__(self, config: AudioMAEConfig, threads: int):
         self.config, self.started = config, {}  # path -> Future of its windows
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="read-ahead")
+        # each thread runs its torch operations on one core (its own setting): the pool spreads the files over the
+        # cores, and torch's threads, several for each of the pool's, would only fight over them
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="read-ahead", initializer=torch.set_num_threads,
+                                       initargs=(1,))
 
     def decode(self, path) -> Future:
         return self.pool.submit(audio.load_fbank, path, self.config.target_length, self.config.num_mel_bins)

@@ -1057,6 +1057,7 @@ def test_read_ahead_decodes_in_its_threads_what_was_started_and_reports_failures
 
     _, _, encoder, _, (a, b, c) = parts
     ahead = ReadAhead(encoder.config, threads=2)
+    assert ahead.pool.submit(torch.get_num_threads).result() == 1  # the pool spreads the work, not torch in each
     mine, _ = decode_clips([a, b, c], encoder.config)
     theirs, _ = decode_clips([a, b, c], encoder.config, ahead=ahead)
     assert [p for p, _ in theirs] == [a, b, c] and all(torch.equal(x, y) for (_, x), (_, y) in zip(mine, theirs))
