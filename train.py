@@ -413,7 +413,10 @@ class TuneAPT:
     def micro_step(self, model, sampler):
         task, batch = sampler.next_batch()
         mine = batch[self.rank::self.world]
-        keep, feats = self.usable(mine, self.cfg.max_clip_windows, f"{self.cfg.seed}|{sampler.step}")
+        # a long clip's run of windows (max_clip_windows) for a caption only, which describes the clip as a whole; a
+        # time, a count, a question or a class may lie anywhere in it
+        most = self.cfg.max_clip_windows if task == "captioning" else 0
+        keep, feats = self.usable(mine, most, f"{self.cfg.seed}|{sampler.step}")
         read_next(self.model.read_ahead, sampler, self.rank, self.world)  # the next step's, while this one trains
         if nothing_to_train(keep, self.world, self.device):
             return None, 0, {"examples": 0, "skipped": len(mine) - len(keep)}

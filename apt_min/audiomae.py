@@ -208,7 +208,7 @@ def main():
     """python -m apt_min.audiomae IN.pth OUT.safetensors: convert a released checkpoint once."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("out")
     args = ap.parse_args()

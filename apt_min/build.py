@@ -208,11 +208,14 @@ def feature_cache(cfg, encoder_id: dict, dtype: torch.dtype = torch.float32) -> 
 
 def read_ahead(cfg, encoder: AudioMAE, cache: FeatureCache | None) -> ReadAhead | None:
     """Background decoding of audio files (cfg.decode_threads) where features are not cached; else None. By default
-    on a GPU: one thread per core of this process's share of the machine (torchrun's LOCAL_WORLD_SIZE processes
-    share it) but one, at most 8."""
+    on a GPU: one thread per core of this process's share but one, at most 8. Its share: the cores it may run on
+    (a scheduler's pinning), or where it may run on all of them, those over torchrun's LOCAL_WORLD_SIZE processes."""
     threads = cfg.decode_threads
     if threads == -1:
-        cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        machine = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+        if cores == machine:  # not pinned: torchrun's processes share the machine
+            cores //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = min(8, cores - 1) if encoder.cls_token.device.type == "cuda" else 0
     return ReadAhead(encoder.config, threads) if threads > 0 and cache is None else None
 
@@ -276,10 +279,13 @@ def load_apt_blip2(cfg, checkpoint: str | Path, device="cpu"):
     cache = feature_cache(cfg, encoder_id, dtype)
     if folder is None:
         blip = InstructBLIP.from_pretrained(cfg.vision_path, dtype, device)
-        return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, "instructblip", cfg.avqa_blocks_apart)
-    llm, llm_id = load_llm(cfg, device, dtype)
-    blip = InstructBLIP.load_vision(folder, llm, ensure_tokenizer(cfg), llm_id)
-    return APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, None, cfg.avqa_blocks_apart)
+        model = APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, "instructblip", cfg.avqa_blocks_apart)
+    else:
+        llm, llm_id = load_llm(cfg, device, dtype)
+        blip = InstructBLIP.load_vision(folder, llm, ensure_tokenizer(cfg), llm_id)
+        model = APTBLIP2.plug(blip, checkpoint, encoder, encoder_id, cache, None, cfg.avqa_blocks_apart)
+    model.apt.read_ahead = read_ahead(cfg, encoder, cache)
+    return model
 
 
 def untrained_apt(cfg, tokenizer, device="cpu") -> APT:

@@ -273,7 +273,8 @@ def read_nlar(path) -> list[dict]:
     """NLAR JSON (ours; the original is unreleased): [{"audio_1", "audio_2", "question", "answer"}]."""
     if not Path(path).is_file():  # the one data set a real-data user cannot download: say what to do instead
         raise MissingFileError(f"{path}: no such data file (the paper's NLAR set is not released: write one in "
-                               "this format, as apt_min/synth.py does, or train without it: --task_ratios=nlar=0)")
+                               "this format, as apt_min/synth.py does, or train without it: nlar=0 in --task_ratios, "
+                               "after the preset's own ratios if it sets any)")
     return _json_list(path, ["audio_1", "audio_2", "question", "answer"])
 
 

@@ -436,7 +436,8 @@ def unreadable(apt, paths, strict: bool = False, chunk: int = 64) -> dict:
     bad, kept, paths = {}, apt.cache is not None, list(dict.fromkeys(paths))  # a clip of several questions: once
     for i in range(0, len(paths), chunk):
         some = paths[i:i + chunk]
-        bad |= dict((apt.encode_clips(some, strict) if kept else decode_clips(some, apt.encoder.config, strict))[1])
+        bad |= dict((apt.encode_clips(some, strict) if kept else
+                     decode_clips(some, apt.encoder.config, strict, apt.read_ahead))[1])
     return bad
 
 

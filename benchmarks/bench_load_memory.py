@@ -7,6 +7,7 @@ from_pretrained is measured the same way for reference.
     python benchmarks/bench_load_memory.py
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def measure(who, dtype, folder):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     from common import save_random_hf_llama
 
     with tempfile.TemporaryDirectory() as folder:

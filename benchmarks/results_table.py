@@ -5,6 +5,7 @@
 0.02, "barely" when it beats it by less, and no otherwise.
 """
 
+import argparse
 import json
 import math
 import sys
@@ -35,8 +36,11 @@ def runs_mixed(folder: Path) -> str:
 
 
 def main():
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny/eval")
-    name = sys.argv[2] if len(sys.argv) > 2 else "APT-tiny"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", nargs="?", default="runs/tiny/eval", help="evaluate.py's --out")
+    ap.add_argument("name", nargs="?", default="APT-tiny", help="the model's column heading")
+    args = ap.parse_args()
+    folder, name = Path(args.folder), args.name
     if mixed := runs_mixed(folder):
         print(f"note: the metrics in {folder} come from different runs ({mixed})", file=sys.stderr)
     print(f"| task | metric | {name} | baseline | clear margin? | protocol (baseline) |")

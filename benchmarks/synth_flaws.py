@@ -19,6 +19,7 @@ below; version 2 mended them (README, The synthetic benchmark, version 2), and t
 - the stand-in LLM's corpus: the answers of its AQA documents (version 1: yes or no, never a word).
 """
 
+import argparse
 import collections
 import re
 import tempfile
@@ -148,6 +149,7 @@ def lean(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[flo
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     count = collections.Counter()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)

@@ -433,6 +433,8 @@ def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):
     for setting, apart in (([], False), (["--avqa_blocks_apart=true"], True)):
         cfg = load_config("tiny", [*opts(tmp, *vision), *setting])
         assert load_apt_blip2(cfg, resolve_checkpoint(cfg, None)).blocks_apart is apart
+    cfg = load_config("tiny", [*opts(tmp, *vision), "--feature_cache=off", "--decode_threads=2"])  # and decode_threads
+    assert load_apt_blip2(cfg, resolve_checkpoint(cfg, None)).apt.read_ahead.pool._max_workers == 2
     (tmp / "run" / "encoder.safetensors").unlink()  # the run's encoder is gone: said, not made anew at random
     with pytest.raises(MissingFileError, match="encoder.safetensors: the tiny preset's encoder is not there"):
         load_apt_blip2(load_config("tiny", opts(tmp, *vision)), tmp / "run" / "stage2" / "final")

@@ -389,7 +389,7 @@ def test_a_data_file_that_is_not_there_is_a_missing_file(tmp_path):
         assert not isinstance(caught.value, DataError)
     # NLAR's, which no one can download, says how to train without it
     with pytest.raises(FileNotFoundError, match=r"nlar_train.json: no such data file \(the paper's NLAR set is not "
-                       r"released: .* or train without it: --task_ratios=nlar=0\)"):
+                       r"released: .* or train without it: nlar=0 in --task_ratios, after the preset's own"):
         data.examples("nlar", tmp_path, "train")
 
 

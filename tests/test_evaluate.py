@@ -1375,6 +1375,10 @@ def test_a_clip_of_several_questions_is_checked_once():
     clips = ["a.wav", "b.wav", "c.wav", "bad1.wav", "d.wav", "bad2.wav", "e.wav"]
     assert evaluation.unreadable(apt, clips, chunk=3) == {"bad1.wav": "not audio", "bad2.wav": "not audio"}
     assert asked == [clips[:3], clips[3:6], clips[6:]]
+    taken = []  # without a feature cache, decoded only: by the APT's decoding threads where it has them
+    ahead = SimpleNamespace(take=lambda path: taken.append(path) or SimpleNamespace(result=lambda: torch.zeros(1)))
+    apt = SimpleNamespace(cache=None, encoder=SimpleNamespace(config=None), read_ahead=ahead)
+    assert evaluation.unreadable(apt, ["a.wav", "b.wav", "a.wav"]) == {} and taken == ["a.wav", "b.wav"]
 
 
 def test_short_answers_are_scored_and_shown_against_the_normalised_answer():

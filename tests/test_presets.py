@@ -1,6 +1,7 @@
 """The presets: overrides are type-checked, and the paper preset's parts fit together at full size (on the meta
 device: shapes only, no memory, no download)."""
 
+import contextlib
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -593,3 +594,26 @@ def test_each_entry_points_help_shows_its_whole_docstring(capsys):
         shown = capsys.readouterr().out
         for line in doc.strip().splitlines():
             assert line in shown, line
+
+
+SCRIPTS = sorted(f"benchmarks.{p.stem}" for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py")
+                 if p.stem not in ("__init__", "common")) + [f"apt_min.{m}" for m in ("audiomae", "release", "synth",
+                                                                                     "synth_av", "weights")]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_scripts_help_says_what_it_does_and_runs_nothing_else(name, monkeypatch, capsys):
+    """Each benchmark and module script answers --help with its docstring, laid out as written, and does nothing
+    more (a script that took --help as a folder name, or ran its benchmark, would not)."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))  # as when run: `from common import`
+    module = importlib.import_module(name)
+    monkeypatch.setattr(sys, "argv", [f"{name.split('.')[1]}.py", "--help"])
+    with pytest.raises(SystemExit) if name != "benchmarks.bench_chain" else contextlib.nullcontext() as done:
+        module.main()
+    assert done is None or done.value.code == 0
+    doc = module.main.__doc__ if name == "apt_min.audiomae" else module.__doc__
+    shown = capsys.readouterr().out
+    assert all(line in shown for line in doc.strip().splitlines()[:3]), shown

@@ -264,8 +264,9 @@ def test_stage1_validation_answers_aqa_from_the_features_its_loss_read(trained, 
 
 def test_training_reads_at_most_max_clip_windows_of_a_clip_drawn_by_step_and_validation_every_window(
         prepared, trained, tmp_path, monkeypatch):
-    """max_clip_windows: stages 0, 1 and 2 train on at most that many windows of a long clip, a run drawn by the
-    run's seed and the step (so a resumed step draws the same), while validation reads every window."""
+    """max_clip_windows: stage 0, and stages 1 and 2 on captions, train on at most that many windows of a long clip,
+    a run drawn by the run's seed and the step (so a resumed step draws the same); the other tasks, whose answers
+    may lie anywhere in a clip, and validation read every window."""
     tmp, cpu = copy_of(prepared, tmp_path), torch.device("cpu")
     (tmp / "run" / "encoder.safetensors").unlink()  # 1.28 s windows: a 5 s clip spans four
     cfg = train.load_config("tiny", opts(tmp, "--target_length=128", "--max_clip_windows=2", "--feature_cache=off"))
@@ -282,13 +283,17 @@ def test_training_reads_at_most_max_clip_windows_of_a_clip_drawn_by_step_and_val
     assert seen[:2] == [(2, f"{cfg.seed}|1"), (0, "")]
 
     tmp = copy_of(trained, tmp_path / "stage1")  # stages 1 and 2 pass the same to the APT's encode_clips
+    caps = data.examples("captioning", cfg.data_root, "train")[:2]
     for stage in ("1", "2"):
         job = train.TuneAPT(train.load_config("tiny", opts(tmp, "--max_clip_windows=2")), stage, 0, 1, cpu)
         asked, encode = [], job.model.encode_clips
         job.model.encode_clips = lambda paths, *a, asked=asked, encode=encode: asked.append(a) or encode(paths, *a)
-        job.micro_step(job.module, job.sampler)
+        job.micro_step(job.module, OneBatch("captioning", caps))
+        for task in ("sed", "counting", "aqa"):
+            job.micro_step(job.module, OneBatch(task, data.examples(task, cfg.data_root, "train")[:2]))
         job.validate()
-        assert asked[0] == (False, 2, f"{cfg.seed}|{job.sampler.step}") and set(asked[1:]) == {(False, 0, "")}
+        assert asked[0] == (False, 2, f"{cfg.seed}|1") and asked[1:4] == [(False, 0, f"{cfg.seed}|1")] * 3
+        assert set(asked[4:]) == {(False, 0, "")}
 
 
 def test_with_decode_threads_each_step_reads_the_next_steps_clips_ahead_and_trains_alike(trained, tmp_path,
@@ -318,6 +323,12 @@ def test_with_decode_threads_each_step_reads_the_next_steps_clips_ahead_and_trai
     assert (made.pool._max_workers if made else 0) == min(8, os.cpu_count() - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(os.cpu_count()))  # torchrun, a process per core: none each
     assert build.read_ahead(cfg, on_gpu, None) is None
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # a 64-core machine: 8 processes share it, 7 threads each
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert build.read_ahead(cfg, on_gpu, None).pool._max_workers == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))  # a scheduler pinned it to 4 cores
+    assert build.read_ahead(cfg, on_gpu, None).pool._max_workers == 3
     assert build.read_ahead(cfg, on_cpu, None) is None and build.read_ahead(cfg, on_gpu, FeatureCache(tmp_path, "s")
                                                                              ) is None
     threaded = train.load_config("tiny", opts(tmp, "--feature_cache=off", "--decode_threads=2"))
