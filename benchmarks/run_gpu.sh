@@ -34,14 +34,14 @@ step() {  # name, limit in seconds, command...; says how it ended (a failure or 
 # issue 17: the paper's stage-0 contrastive batch, and the 7B step's MFU at the batches a 24 GB card holds, with
 # 0.. of the last blocks kept out of the recomputation, and where the time goes
 step stage0_batch400 90 python3 benchmarks/gpu_checks.py --parts stage0 --out "$OUT"
-# and the preset's own batch per process (128) of clips as long as training reads them (max_clip_windows: 3)
-step stage0_b128_3windows 60 python3 benchmarks/gpu_checks.py --parts stage0 --batch 128 --windows 3 --out "$OUT"
 # (a compiled block kept costs about 0.43 GiB at batch 32, benchmarks/block_memory.py: 16 is past a 24 GB card)
 step gpu_step_b32_compiled 150 python3 benchmarks/bench_gpu_step.py --compile --batch 32 --keep 0,8,12,16 --profile
 step gpu_step_b16_compiled 120 python3 benchmarks/bench_gpu_step.py --compile --batch 16 --keep 0,16,24,32 --profile
 # the checks on the GPU (numerics, every stage trained, compiled stage 1, evaluation): 155 s of training on the H100
 # before the compiled stage-1 run joined them, so they get what is left, up to 300 s
 step gpu_checks 300 python3 benchmarks/gpu_checks.py --parts numerics,training --out "$OUT"
+# stage 0 at the preset's own batch per process (128) of clips as long as training reads them (max_clip_windows: 3)
+step stage0_b128_3windows 60 python3 benchmarks/gpu_checks.py --parts stage0 --batch 128 --windows 3 --out "$OUT"
 if [[ -n ${ALL:-} ]]; then
     step gpu_step_b24_compiled 120 python3 benchmarks/bench_gpu_step.py --compile --batch 24 --keep 0,12,16,20 --profile
     step gpu_step_ckpt_b8 120 python3 benchmarks/bench_gpu_step.py
