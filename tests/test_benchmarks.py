@@ -38,6 +38,14 @@ def test_audio_benchmark_prints_its_ratios_and_the_decode_threads_one():
     assert re.search(r"fbank vs torchaudio [\d.]+x \| encoder \d+ ms vs transformers ViT [\d.]+x", out), out
 
 
+def test_read_ahead_benchmark_times_the_three_ways_and_prints_their_ratios():
+    out = run("benchmarks/bench_read_ahead.py", "--batch", "2", "--steps", "3", "--threads", "2", "--step_ms", "20")
+    here = float(re.search(r"decoded on the training thread +(\d+) ms a step", out).group(1))
+    rows = re.findall(r"ReadAhead, (\d) thread\(s\) +(\d+) ms a step: ([\d.]+)x", out)
+    assert [threads for threads, _, _ in rows] == ["1", "2"], out
+    assert all(abs(here / float(ms) - float(x)) <= 0.1 * float(x) for _, ms, x in rows), out  # what it printed
+
+
 def test_gpu_step_benchmark_runs_on_the_cpu_and_profiles():
     """Each --keep setting is measured (its own line); the profile's table and its time by kind, every kind named,
     the matrix products among them, adding up (the busy time) to the profiler's own total."""
