@@ -331,7 +331,7 @@ def test_training_crops_a_long_clip_to_a_run_of_its_windows_drawn_by_step_and_pa
         plain, _ = encode_clips(encoder, [short, long], most=2, seed=seed)
         cached, _ = encode_clips(encoder, [short, long], FeatureCache(tmp_path / f"cache{step}", "s"), most=2,
                                  seed=seed)
-        assert torch.equal(plain[short], whole[short]) and torch.equal(cached[short], whole[short])
+        assert all(rel_max_error(x[short].float(), whole[short].float()) <= 1e-3 for x in (plain, cached))
         errors = [rel_max_error(plain[long].float(), whole[long][s:s + 2].float()) for s in (0, 1)]
         assert sorted(errors)[0] <= 1e-3 < sorted(errors)[1]  # one run of two windows, told apart from the other
         starts.append(errors.index(min(errors)))
@@ -1063,11 +1063,12 @@ def test_read_ahead_decodes_in_its_threads_what_was_started_and_reports_failures
     assert ahead.pool.submit(torch.get_num_threads).result() == 1  # the pool spreads the work, not torch in each
     mine, _ = decode_clips([a, b, c], encoder.config)
     theirs, _ = decode_clips([a, b, c], encoder.config, ahead=ahead)
-    assert [p for p, _ in theirs] == [a, b, c] and all(torch.equal(x, y) for (_, x), (_, y) in zip(mine, theirs))
+    close = lambda x, y: (x - y).abs().max() <= 1e-4  # noqa: E731  (to rounding: ReadAhead's docstring)
+    assert [p for p, _ in theirs] == [a, b, c] and all(close(x, y) for (_, x), (_, y) in zip(mine, theirs))
     resampled = str(tmp_path / "44k.wav")  # resampling adds up in an order its thread count sets: to about 1e-5
     sf.write(resampled, 0.3 * np.sin(np.arange(3 * 44100) / 44100 * 2 * np.pi * 440), 44100)
     here, there = (decode_clips([resampled], encoder.config, ahead=way)[0][0][1] for way in (None, ahead))
-    assert (here - there).abs().max() <= 1e-4
+    assert close(here, there)
     gone = str(tmp_path / "gone.wav")
     bad = [(gone, f"{gone}: no such audio file")]
     assert decode_clips([a, gone], encoder.config, ahead=ahead)[1] == decode_clips([a, gone], encoder.config)[1] == bad
@@ -1081,10 +1082,10 @@ def test_read_ahead_decodes_in_its_threads_what_was_started_and_reports_failures
     theirs, _ = decode_clips([b, c], encoder.config, ahead=ahead)
     assert decoded.count(b) == decoded.count(c) == 1 >= decoded.count(a) and not ahead.started  # once each; taken
     # (a, dropped, is cancelled unless a thread had begun it)
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(mine[1:], theirs))
+    assert all(close(x, y) for (_, x), (_, y) in zip(mine[1:], theirs))
     ahead.start([a])
     feats, _ = encode_clips(encoder, [a], ahead=ahead)  # the encoder's path takes it too
-    assert not ahead.started and torch.equal(feats[a], encode_clips(encoder, [a])[0][a])
+    assert not ahead.started and close(feats[a].float(), encode_clips(encoder, [a])[0][a].float())
     one, gate = ReadAhead(encoder.config, threads=1), threading.Event()  # a dropped decode not yet begun: cancelled
     monkeypatch.setattr(audio, "load_fbank", lambda path, *args: (gate.wait(10) if path == a else None, load(path,
                                                                                                           *args))[1])
