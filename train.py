@@ -406,7 +406,7 @@ class TuneAPT:
     def usable(self, examples, most: int = 0, seed: str = ""):
         """The examples whose every clip could be encoded, and those features (in training at most max_clip_windows
         windows of a clip: `most`, drawn by `seed`)."""
-        feats, bad = self.model.encode_clips(audio_paths(examples), self.cfg.strict_audio, most, seed)
+        feats, bad = self.model.encode_clips(data.clips_of(examples), self.cfg.strict_audio, most, seed)
         warn(bad)
         return [ex for ex in examples if all(v in feats for k, v in ex.segments if k == "audio")], feats
 
@@ -927,15 +927,11 @@ def warn(bad):
         log.warning("skipping audio that cannot be used: %s", err)
 
 
-def audio_paths(examples) -> list[str]:
-    return [v for ex in examples for k, v in ex.segments if k == "audio"]
-
-
 def read_next(ahead: ReadAhead | None, sampler, rank: int, world: int):
     """Start decoding the clips of this process's share of the sampler's next batch, in the background (where a
     ReadAhead is set: build.read_ahead), while the step just drawn trains."""
     if ahead:
-        ahead.start(audio_paths(sampler.peek()[1][rank::world]))
+        ahead.start(data.clips_of(sampler.peek()[1][rank::world]))
 
 
 def training_pools(cfg, stage: str, tasks: list[str]) -> dict:

@@ -721,6 +721,11 @@ class TaskSampler:
         self.step, self.seed, self.cursor = state["step"], state["seed"], copy.deepcopy(state["cursor"])
 
 
+def clips_of(examples: list[Example]) -> list[str]:
+    """The distinct audio files of the examples, in order."""
+    return list(dict.fromkeys(v for ex in examples for k, v in ex.segments if k == "audio"))
+
+
 def collate(batch: list[Example]) -> tuple[list[list[tuple[str, str]]], list[str]]:
     """Examples -> (the segment lists, the answers), as the model takes them."""
     return [ex.segments for ex in batch], [ex.answer for ex in batch]

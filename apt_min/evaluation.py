@@ -147,7 +147,7 @@ def rank_labels(apt, episode) -> str:
     """The episode label the LLM finds most likely after the query: the closed-set protocol, beside generation.
     It asks less of the LLM than naming the label (the candidates are given), but as much of the matching."""
     choices = episode.target["choices"]
-    feats, _ = apt.encode_clips(clips_of([episode]), strict=True)
+    feats, _ = apt.encode_clips(data.clips_of([episode]), strict=True)
     scores = apt.choice_logprob(episode.segments, [f"{label_text(c)}." for c in choices], feats)
     return choices[int(scores.argmax())]
 
@@ -275,7 +275,7 @@ def eval_fewshot(apt, cfg, name, episodes, opts):
                        "every episode held a clip that could not be decoded (missing_esc50.txt lists them)")
                 rows += [(setting, float("nan"), 1 / n_way, f"not run: {why}")]
                 continue
-            feats, _ = apt.encode_clips(clips_of(eps), strict=True)
+            feats, _ = apt.encode_clips(data.clips_of(eps), strict=True)
             got = [answer_and_rank(apt, ep, feats) for ep in progress(eps, f"{n_way}-way {k_shot}-shot {classes}")]
             for ep in eps:
                 ep.target["prototype"] = prototype_label(ep, feats)
@@ -424,11 +424,6 @@ def examples_for(name, cfg, opts, coverage: data.Coverage | None = None) -> list
     return episodes
 
 
-def clips_of(examples) -> list[str]:
-    """The distinct audio files of the examples, in order."""
-    return list(dict.fromkeys(v for ex in examples for k, v in ex.segments if k == "audio"))
-
-
 def unreadable(apt, paths, strict: bool = False, chunk: int = 64) -> dict:
     """{path: why} for the clips that cannot be decoded (strict: the first one raises, naming the file). With a
     feature cache the clips are encoded here and their features kept, so scoring reads them; without one
@@ -444,7 +439,7 @@ def unreadable(apt, paths, strict: bool = False, chunk: int = 64) -> dict:
 def readable(apt, examples, coverage: data.Coverage, strict: bool = False) -> list:
     """The examples whose every clip decodes; the clips that do not are recorded in `coverage` with why, and their
     examples dropped (strict: the first one raises, naming the file)."""
-    bad = unreadable(apt, clips_of(examples), strict)
+    bad = unreadable(apt, data.clips_of(examples), strict)
     coverage.unreadable |= bad
     return [ex for ex in examples if not any(v in bad for k, v in ex.segments if k == "audio")]
 
@@ -452,7 +447,7 @@ def readable(apt, examples, coverage: data.Coverage, strict: bool = False) -> li
 def coverage_row(name, examples, coverage: data.Coverage, opts: Options) -> tuple:
     """("clips scored", how many distinct clips the scored examples hold, None, what the split listed and what of it
     was missing or unreadable, and where those are listed)."""
-    lost, scored = len(coverage.missing) + len(coverage.unreadable), len(clips_of(examples))
+    lost, scored = len(coverage.missing) + len(coverage.unreadable), len(data.clips_of(examples))
     text = (f"scored on {scored} clips; the test data lists {len(coverage.listed)}: "
             f"{len(coverage.missing)} missing, {len(coverage.unreadable)} unreadable")
     text += f" (listed in missing_{name}.txt)" if lost else ""

@@ -89,17 +89,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=max(2, min(8, (os.cpu_count() or 1) - 1)))
     args = ap.parse_args()
-    import numpy as np
-    import soundfile as sf
+    from common import downloads_like
 
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        files = []
-        for i in range(8):  # ten seconds of a chirp in noise, 44.1 kHz stereo, as real downloads often are
-            t = np.arange(441000) / 44100
-            x = 0.3 * np.sin(2 * np.pi * (200 + 300 * i) * t * (1 + t / 10)) + 0.05 * rng.standard_normal(t.size)
-            files.append(str(Path(tmp) / f"clip{i}.wav"))
-            sf.write(files[-1], np.stack([x, 0.8 * x], 1).astype(np.float32), 44100, subtype="PCM_16")
+        files = downloads_like(tmp, 8)
         for size in args.sizes:
             out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), json.dumps(files), json.dumps(SIZES[size]),
                                   str(args.repeats), str(args.threads)], capture_output=True, text=True)

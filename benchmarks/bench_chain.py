@@ -5,6 +5,7 @@ synthetic data, once generated) spare later chains the encoder's and the generat
     python benchmarks/bench_chain.py [--preset=small] [--run_dir=...] [any other --key=value for train.py]
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -18,10 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main():
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        return print(__doc__.strip())
-    preset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--preset=")), "tiny")
-    extra = [a for a in sys.argv[1:] if not a.startswith("--preset=")]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
+    ap.add_argument("--preset", default="tiny")
+    args, extra = ap.parse_known_args()  # the rest: train.py's settings
+    preset = args.preset
     try:
         cfg = load_config(preset, extra)  # the settings given too: they decide which stages the chain has
     except SettingError as e:

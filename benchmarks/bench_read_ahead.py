@@ -15,22 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import downloads_like  # noqa: E402
+
 from apt_min.audiomae import AudioMAEConfig  # noqa: E402
 from apt_min.model import ReadAhead, decode_clips  # noqa: E402
-
-
-def files_for(folder: Path, count: int) -> list[str]:
-    rng, files = np.random.default_rng(0), []
-    t = np.arange(441000) / 44100
-    for i in range(count):
-        x = 0.3 * np.sin(2 * np.pi * (200 + 37 * i) * t * (1 + t / 10)) + 0.05 * rng.standard_normal(t.size)
-        files.append(str(folder / f"clip{i}.wav"))
-        sf.write(files[-1], np.stack([x, 0.8 * x], 1).astype(np.float32), 44100, subtype="PCM_16")
-    return files
 
 
 def seconds_per_step(batches, config, step_s: float, ahead: ReadAhead | None) -> float:
@@ -53,7 +42,7 @@ def main():
     args = ap.parse_args()
     config = AudioMAEConfig()  # the paper's 10.24 s windows
     with tempfile.TemporaryDirectory() as folder:
-        files = files_for(Path(folder), args.batch * args.steps)  # a fresh file per clip: nothing decoded twice
+        files = downloads_like(folder, args.batch * args.steps, step_hz=37)  # a file per clip: none decoded twice
         batches = [files[i:i + args.batch] for i in range(0, len(files), args.batch)]
         decode_clips(batches[0][:1], config)  # warm-up (resampling kernels)
         t = time.perf_counter()

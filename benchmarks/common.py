@@ -21,6 +21,21 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def downloads_like(folder, count: int, step_hz: float = 300.0) -> list[str]:
+    """`count` ten-second 44.1 kHz stereo 16-bit WAV files, as real downloads often are (resampled on the way in): a
+    chirp from 200 + step_hz * i Hz in noise, each its own."""
+    import numpy as np
+    import soundfile as sf
+
+    rng, files = np.random.default_rng(0), []
+    t = np.arange(441000) / 44100
+    for i in range(count):
+        x = 0.3 * np.sin(2 * np.pi * (200 + step_hz * i) * t * (1 + t / 10)) + 0.05 * rng.standard_normal(t.size)
+        files.append(f"{folder}/clip{i}.wav")
+        sf.write(files[-1], np.stack([x, 0.8 * x], 1).astype(np.float32), 44100, subtype="PCM_16")
+    return files
+
+
 def save_random_hf_llama(folder, *, hidden, layers, heads, kv_heads, intermediate, vocab=32000,
                          max_shard_size="2GB", seed=0):
     """A randomly initialised transformers LlamaForCausalLM, saved with save_pretrained; returns the HF model."""
