@@ -92,8 +92,8 @@ def main(argv=None):
                     "release)")
     ap.add_argument("--limit", type=whole_number(0), default=0, help="evaluate at most this many examples per task "
                     "(0: all; few-shot: --episodes)")
-    ap.add_argument("--episodes", type=whole_number(1), default=100, help="few-shot episodes per setting")
-    ap.add_argument("--batch-size", type=whole_number(1), default=16)
+    ap.add_argument("--episodes", type=whole_number(1), default=Options.episodes, help="few-shot episodes per setting")
+    ap.add_argument("--batch-size", type=whole_number(1), default=Options.batch_size)
     ap.add_argument("--out", help="where predictions and metrics go (default: {run_dir}/eval; with --checkpoint, "
                     "the eval folder of the run it belongs to: default_out)")
     ap.add_argument("--num-beams", type=whole_number(1), default=CAPTION["num_beams"],

@@ -298,6 +298,9 @@ def test_avqa_scores_on_scripted_answers():
     assert avqa_coverage_row(records, coverage) == (
         "videos scored", 4, None, "4 questions on 4 videos; the test data lists 5 videos' clips or frames: 0 missing, "
         "1 unreadable (listed in missing_avqa.txt)")
+    gone = data.Coverage()  # a video missing, none unreadable: the list is named too
+    gone.listed, gone.missing = dict(coverage.listed), {broken["audio"]: "val_qa.json"}
+    assert avqa_coverage_row(records, gone)[3].endswith("1 missing, 0 unreadable (listed in missing_avqa.txt)")
     whole = data.Coverage()
     whole.listed = {it["audio"]: "val_qa.json" for it in items}
     assert avqa_coverage_row(records, whole)[3] == ("4 questions on 4 videos; the test data lists 4 videos' clips or "

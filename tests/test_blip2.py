@@ -323,6 +323,12 @@ def test_qformer_tokenizer_from_a_vocabulary_file(hf_folder, tmp_path):
             (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
         ids, mask = QFormerTokenizer(tmp_path)([text])
         assert ids[0][mask[0]].tolist() == BertTokenizer(str(vocab), do_lower_case=lower)(text).input_ids
+    words = vocab.read_text().split("\n")  # [PAD] elsewhere than at 0: a batch is padded with its own id
+    (tmp_path / "vocab.txt").write_text("\n".join([words[1], words[0], *words[2:]]))
+    texts = [text, "dog"]
+    ids, mask = QFormerTokenizer(tmp_path)(texts)
+    bert = BertTokenizer(str(tmp_path / "vocab.txt"), do_lower_case=False)
+    assert ids.tolist() == bert(texts, padding=True).input_ids and bert.pad_token_id == 1
 
 
 def test_qformer_tokenizer_matches_transformers(hf_folder, blip):

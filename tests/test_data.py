@@ -641,6 +641,7 @@ def test_parsers_tolerate_variations():
     assert [tasks.parse_count(t) for t in ("Twenty-one.", "thirty", "No times.", "never", "none", "two-fold")] == [
         21, 30, 0, 0, 0, 2]
     assert tasks.parse_count("twenty one") == 21 and tasks.parse_count("No, three times.") == 3  # a number first
+    assert tasks.parse_count("There were no barks.") == 0  # "no" anywhere, with no number: zero
     assert {tasks.normalize_answer(t) for t in ("21", "twenty-one", "Twenty one.", "twenty one")} == {"21"}
     assert tasks.normalize_answer("seventeen") == "17" and tasks.normalize_answer("someone") == "someone"
     assert tasks.parse_segments("from one to two seconds") == [(1.0, 2.0)]
@@ -654,6 +655,7 @@ def test_parsers_tolerate_variations():
     # without a vocabulary: split at commas, semicolons and "and", each part trimmed of spaces and periods, none empty
     assert tasks.parse_labels("Dog and cat; bird.") == ["dog", "cat", "bird"]
     assert tasks.parse_labels("dog, , cat ;") == ["dog", "cat"] and tasks.parse_labels("") == []
+    assert tasks.parse_labels("dog, .") == ["dog"]  # a part of nothing but a period is no label
     assert tasks.label_text(" chirping_birds ") == "chirping birds"  # a class name read with spaces around it
 
 
@@ -785,6 +787,13 @@ def test_sampler_ratios_and_resume():
                                                r"'tagging'\] and these settings draw \[.*\]: resume with the run's "
                                                r"own --task_ratios"):
             data.TaskSampler({**pools, "aqa": ["q"]}, other, batch_size=3, seed=1).load_state_dict(state)
+    twins = data.TaskSampler({"tagging": list(range(20)), "captioning": list(range(20))},
+                             {"tagging": 1.0, "captioning": 1.0}, batch_size=20, seed=1)
+    firsts = {}
+    while len(firsts) < 2:
+        task, batch = twins.next_batch()
+        firsts.setdefault(task, batch)
+    assert firsts["tagging"] != firsts["captioning"]  # pools of one size: each task shuffled its own way
     reweighted = data.TaskSampler(pools, {**ratios, "fewshot": 2.0}, batch_size=3, seed=1)  # the same tasks
     reweighted.load_state_dict(state)
     assert reweighted.step == 10
@@ -854,6 +863,7 @@ def test_each_builder_writes_its_prompt_and_answer_as_documented():
     caption = tasks.captioning("a.wav", ["A dog barks.", "Barking", "A dog is barking"])
     assert caption.answer == "A dog barks." and caption.target["references"][1:] == ["Barking", "A dog is barking"]
     assert tasks.aqa("a.wav", "Is it raining?", ["No", "Yes.", "yes"]).answer == "yes"
+    assert tasks.aqa("a.wav", "Is it raining?", ["Yes", "No"]).answer == "yes"  # among equals, the first given
     nlar = tasks.nlar("a.wav", "b.wav", "Which recording holds the bell?", " The first. ")
     assert nlar.answer == "The first." and nlar.target["answer"] == "first"
     episode = tasks.fewshot([("s1.wav", "dog"), ("s2.wav", "chirping_birds"), ("s3.wav", "dog")], "q.wav", "dog")

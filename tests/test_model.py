@@ -693,11 +693,11 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
         hook.remove()
 
 
-def test_feature_cache_keys_on_the_whole_path_and_the_size(parts, tmp_path):
+def test_feature_cache_keys_on_the_whole_path_and_the_size(parts, tmp_path, monkeypatch):
     """The cache key holds a file's full path and its size besides its mtime: a file of the same name, size and mtime
-    in another folder, or one rewritten at another length with its mtime set back, gets its own features; features
-    read from disk are then held in memory; what is stored is float16 whatever it is given; a missing file is
-    reported in the list of bad ones, with a cache as without."""
+    in another folder, or one rewritten at another length with its mtime set back, gets its own features, and one
+    file named by a relative path is the same file; features read from disk are then held in memory; what is stored
+    is float16 whatever it is given; a missing file is reported in the list of bad ones, with a cache as without."""
     _, _, encoder, _, _ = parts
     apt = make_apt(parts)
     apt.cache = FeatureCache(tmp_path / "cache", setting="T=64|enc-1")
@@ -728,6 +728,8 @@ def test_feature_cache_keys_on_the_whole_path_and_the_size(parts, tmp_path):
     hook = encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         assert torch.equal(apt.encode_clips([y])[0][y], got_y) and not calls
+        monkeypatch.chdir(tmp_path / "y")
+        assert torch.equal(apt.encode_clips(["clip.wav"])[0]["clip.wav"], got_y) and not calls
     finally:
         hook.remove()
     apt.cache.put(y, torch.ones(3, 4))  # float32 given: float16 held and stored
@@ -746,14 +748,15 @@ def test_identities_of_weights(parts, tmp_path):
     (tmp_path / "a" / "model.safetensors").write_bytes(data)
     (tmp_path / "b" / "model.safetensors").write_bytes(data[:2 << 20])
     assert fingerprint(tmp_path / "a" / "model.safetensors") != fingerprint(tmp_path / "b" / "model.safetensors")
-    # nor ones of one size that differ within the first MiB (here at its 5000th byte); the order files are given in
-    # does not matter; the identity is 16 hex digits
-    changed = bytearray(data)
-    changed[5000] ^= 1
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "model.safetensors").write_bytes(bytes(changed))
+    # nor ones of one size that differ within the first MiB (at its 5000th byte, at its last); the order files are
+    # given in does not matter; the identity is 16 hex digits
     a = tmp_path / "a"
-    assert fingerprint(a / "model.safetensors") != fingerprint(tmp_path / "c" / "model.safetensors")
+    for place in (5000, (1 << 20) - 1):
+        changed = bytearray(data)
+        changed[place] ^= 1
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / "model.safetensors").write_bytes(bytes(changed))
+        assert fingerprint(a / "model.safetensors") != fingerprint(tmp_path / "c" / "model.safetensors"), place
     for name in ("config.json", "tokenizer.model", "pytorch_model-00001-of-00002.bin"):
         (a / name).write_text(name)
     assert fingerprint(a / "config.json", a / "model.safetensors") == fingerprint(a / "model.safetensors",
@@ -772,15 +775,20 @@ def test_identities_of_weights(parts, tmp_path):
         "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
         f"model.layers.{last}.mlp.down_proj.weight", "model.norm.weight") for _ in range(16)]
     assert not same_weights(probe + [["model.layers.99.mlp.up_proj.weight", 0, 0.0]], llm)
+    size = llm.model.norm.weight.numel()
     assert not same_weights(probe + [["model.norm.weight", 10 ** 9, 0.0]], llm)
+    assert not same_weights(probe + [["model.norm.weight", size, 0.0]], llm)  # one past its end
+    assert same_weights(probe + [["model.norm.weight", size - 1, float(llm.model.norm.weight[-1])]], llm)  # its last
     # the same LLM held in bf16 (as a run loads it on a GPU) matches its fp32 copy (InstructBLIP's), both ways;
-    # weights 5 % off do not
+    # weights 5 % off do not, nor 2 % (twice the tolerance; bf16 rounds to 0.4 % at most)
     half = copy.deepcopy(llm).to(torch.bfloat16)
     assert same_weights(weight_probe(half), llm) and same_weights(probe, half)
-    with torch.no_grad():
-        for p in half.parameters():
-            p.mul_(1.05)
-    assert not same_weights(probe, half)
+    for off in (1.05, 1.02):
+        scaled = copy.deepcopy(llm)
+        with torch.no_grad():
+            for p in scaled.parameters():
+                p.mul_(off)
+        assert not same_weights(probe, scaled) and not same_weights(probe, scaled.to(torch.bfloat16)), off
     # the probe reads places spread over each tensor: tensors that differ only in their second half differ
     late = copy.deepcopy(llm)
     with torch.no_grad():
@@ -1076,7 +1084,7 @@ def test_read_ahead_decodes_in_its_threads_what_was_started_and_reports_failures
         decode_clips([a, gone], encoder.config, strict=True, ahead=ahead)
     decoded, load = [], audio.load_fbank
     monkeypatch.setattr(audio, "load_fbank", lambda path, *args: decoded.append(path) or load(path, *args))
-    ahead.start([a, b])
+    ahead.start([a, b, b])  # b asked for twice: decoded once
     ahead.start([b, c])  # a was not taken: dropped; b, started already, is not decoded again
     assert list(ahead.started) == [b, c] and all(isinstance(f, Future) for f in ahead.started.values())
     theirs, _ = decode_clips([b, c], encoder.config, ahead=ahead)

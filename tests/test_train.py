@@ -200,9 +200,10 @@ def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_
         prepared, tmp_path, monkeypatch, caplog):
     """--stage mae is refused where the encoder is not the preset's own to pretrain: given (--encoder_checkpoint)
     or a seeded random one (encoder_init=random, tiny's). A training clip that cannot be read is skipped with a
-    warning naming it, and with strict_audio ends the run. The clips are the caption sources' (with tagging's, in
-    training), as the settings name them: with AudioCaps alone, no Clotho clip is read."""
-    from apt_min import audio
+    warning naming it, and with strict_audio ends the run. Each step masks anew, and alike when it is taken again
+    (a resumed run). The clips are the caption sources' (with tagging's, in training), as the settings name them:
+    with AudioCaps alone, no Clotho clip is read."""
+    from apt_min import audio, mae
 
     cpu = torch.device("cpu")
     for settings in (["--encoder_init=mae", "--encoder_checkpoint=given.safetensors"], []):
@@ -224,6 +225,18 @@ def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_
     caplog.set_level(logging.WARNING)
     job = train.PretrainEncoder(cfg, 0, 1, cpu)
     assert len(job.train_windows) == len(clips) - 1 and f"{bad}: not audio" in caplog.text
+    masks = []  # what each step's masks keep: drawn anew each step, the same again when a step is taken again
+
+    def model(batch, ratio, generator):
+        masks.append(mae.random_keep(len(batch), 16, ratio, generator))
+        return torch.zeros(())
+
+    state = job.sampler.state_dict()
+    for _ in range(2):
+        job.micro_step(model, job.sampler)
+    job.sampler.load_state_dict(state)
+    job.micro_step(model, job.sampler)
+    assert not torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
     strict = train.load_config("tiny", opts(tmp_path, "--encoder_init=mae", "--strict_audio=true"))
     with pytest.raises(audio.AudioError, match=f"{re.escape(bad)}: not audio"):
         train.PretrainEncoder(strict, 0, 1, cpu)
