@@ -711,9 +711,11 @@ def test_the_llms_corpus_asks_every_kind_of_aqa_question(bench):
 def test_the_llms_corpus_answers_what_each_described_scene_holds(tmp_path):
     """Every lm_corpus document is true of its scene, read back from its text: the description gives the scene's
     events and times; tagging, SED, counting and TER answer as the strong labels say, captioning with the scene's own
-    caption; few-shot episodes describe one-kind scenes under four different code words (never a class name), their
-    labels name the scenes' classes, and the query is another scene of the answer's class, under the answer's code
-    word."""
+    caption, AQA and NLAR (the scenes in the order described) as their questions mean, each NLAR form's answers given
+    equally often (give or take one, as in the benchmark; AQA's balance is kept over the six questions drawn for a
+    scene, of which the corpus keeps three, so its answers are only near even); few-shot episodes describe one-kind
+    scenes under four different code words (never a class name), their labels name the scenes' classes, and the
+    query is another scene of the answer's class, under the answer's code word."""
     rng, trng = np.random.default_rng(0), random.Random(0)
     six, pool = synth.TRAIN_CLASSES[:6], {"train": [], "val": [], "test": []}
     for i in range(48):  # half of them one kind of sound, so that episodes can be drawn
@@ -743,9 +745,18 @@ def test_the_llms_corpus_answers_what_each_described_scene_holds(tmp_path):
                 return m.groupdict()
         return None
 
+    def scene(description):  # the events a description tells, as nlar_truth and aqa_truth read them
+        return [synth.Event(x, float(on), float(off), 0.0) for x, on, off in read(description)]
+
     kinds, names = collections.Counter(), {c.name for c in synth.CLASSES}
+    nlar_forms = collections.defaultdict(collections.Counter)
     for doc in synth.lm_corpus(tmp_path, "train", 0):
-        if len(doc) == 3:
+        if len(doc) == 4:  # NLAR: two described scenes, a question, its answer
+            form, expected = nlar_truth(doc[2], scene(doc[0]), scene(doc[1]))
+            assert expected in (None, doc[3]), doc  # (None: two sounds that start together leave it open)
+            nlar_forms[form][doc[3]] += 1
+            kinds["nlar"] += expected is not None
+        elif len(doc) == 3:
             events = read(doc[0])
             assert events == spans[doc[0]], doc  # the description says when each sound is
             labels = list(dict.fromkeys(x for x, _, _ in events))
@@ -769,6 +780,10 @@ def test_the_llms_corpus_answers_what_each_described_scene_holds(tmp_path):
                          if min(float(off), end) - max(float(on), start) >= min(0.1, float(off) - float(on)) - 1e-9]
                 assert tasks.parse_labels(doc[2]) == list(dict.fromkeys(heard)), doc
                 kinds["ter"] += 1
+            else:  # AQA
+                form, expected = aqa_truth(doc[1], scene(doc[0]))
+                assert expected in (None, doc[2]), doc
+                kinds["aqa"] += expected is not None
         elif doc[-2] == tasks.FEWSHOT_QUERY:
             *shots, query, _, answer = doc
             supports = [(read(d), re.fullmatch(r"This is a sound of (\w+)\.", label)[1])
@@ -785,7 +800,8 @@ def test_the_llms_corpus_answers_what_each_described_scene_holds(tmp_path):
             assert answer in by_times[tuple((on, off) for _, on, off in asked_about)], doc
             kinds["fewshot"] += 1
     assert min(kinds[k] for k in ("tagging", "sed", "counting", "ter", "captioning")) == 48, kinds
-    assert kinds["fewshot"] >= 10, kinds
+    assert kinds["fewshot"] >= 10 and kinds["aqa"] >= 2 * 48 and kinds["nlar"] >= 24, kinds
+    assert even(nlar_forms, NLAR_ANSWERS), nlar_forms
 
 
 def test_describe_writes_a_scene_as_its_docstring_shows():
