@@ -651,14 +651,15 @@ def generate(out: str | Path, seed: int = 0, scale: float = 1.0, length: float =
     if written == args:
         return out
     if written and written.get("version") == VERSION:  # the same version, other arguments
-        refuse_to_replace(out, written, args, ("seed", "scale", "length"))
+        refuse_to_replace(out, written, args)
     build(out, seed, scale, length)
     return out
 
 
-def refuse_to_replace(out: Path, written: dict, wanted: dict, keys):
-    """A SettingError: `out` holds data this module (or synth_av) wrote with other arguments, which runs read."""
-    differ = [k for k in keys if written.get(k) != wanted[k]]
+def refuse_to_replace(out: Path, written: dict, wanted: dict):
+    """A SettingError: `out` holds data this module (or synth_av) wrote with other arguments, which runs read (every
+    argument but the versions, which the caller has found equal, is named where it differs)."""
+    differ = [k for k in wanted if k not in ("version", "synth") and written.get(k) != wanted[k]]
     was, now = (", ".join(f"{k} {a[k]}" for k in differ) for a in (written, wanted))
     suffix = "-".join(f"{k}{wanted[k]}" for k in differ)
     raise SettingError(f"{out}: holds the synthetic benchmark written with {was}, which other runs read; {now} is "

@@ -205,7 +205,7 @@ def generate(out: str | Path, seed: int = 0, videos: int = 300, pictures: int = 
     if written == args:
         return out
     if written and (written.get("version"), written.get("synth")) == (VERSION, synth.VERSION):
-        synth.refuse_to_replace(out, written, args, ("seed", "videos", "pictures", "frames", "length"))
+        synth.refuse_to_replace(out, written, args)
     ours = manifest.is_file() or (out / "synth.json").is_file()  # written here, or inside the synthetic benchmark
     # (an older version, interrupted, wrote its manifest last)
     for folder in (out / "avqa", out / "vision"):

@@ -35,8 +35,9 @@ def av(tmp_path_factory):
 
 
 def test_an_audio_visual_set_that_runs_read_is_not_replaced_by_other_settings(av):
-    """As the synthetic benchmark: the same arguments are a no-op, other ones are refused (the vision stage trains
-    on this set and evaluation asks its questions), and a set that an older version wrote is written again."""
+    """As the synthetic benchmark: the same arguments are a no-op, other ones are refused, each named (the vision
+    stage trains on this set and evaluation asks its questions), and a set that an older version of this module or
+    of synth wrote is written again."""
     from apt_min.errors import SettingError
 
     questions = av / "avqa" / "val_qa.json"
@@ -47,13 +48,18 @@ def test_an_audio_visual_set_that_runs_read_is_not_replaced_by_other_settings(av
         synth_av.generate(av, seed=4, videos=25, pictures=6)
     with pytest.raises(SystemExit, match=r"^python -m apt_min.synth_av: error: .*seed 3, .*seed 0"):
         synth_av.main(["--out", str(av)])
-    with pytest.raises(SettingError, match=r"written with frames 4, which .*; frames 2 is another"):
-        synth_av.generate(av, seed=3, videos=24, pictures=6, frames=2)
+    for setting, was, now in (("frames", 4, 2), ("pictures", 6, 7), ("length", 5.12, 10.24)):
+        with pytest.raises(SettingError, match=rf"written with {setting} {was}, which .*; {setting} {now} is another"):
+            synth_av.generate(av, **{"seed": 3, "videos": 24, "pictures": 6, setting: now})
     assert questions.stat().st_mtime_ns == before
     manifest = av / "avqa" / "synth_av.json"
     old = json.loads(manifest.read_text())
     (av / "avqa" / "synth_av.json").write_text(json.dumps({**old, "args": {**old["args"], "version": 0}}))
     synth_av.generate(av, seed=3, videos=24, pictures=6)  # written again, as it was
+    assert json.loads(manifest.read_text()) == old and questions.stat().st_mtime_ns != before
+    before = questions.stat().st_mtime_ns  # and so is one whose audio an older synth made (its scenes differ)
+    (av / "avqa" / "synth_av.json").write_text(json.dumps({**old, "args": {**old["args"], "synth": 0}}))
+    synth_av.generate(av, seed=3, videos=24, pictures=6)
     assert json.loads(manifest.read_text()) == old and questions.stat().st_mtime_ns != before
 
 
@@ -159,8 +165,9 @@ def test_each_picture_shows_exactly_its_objects_and_a_set_its_frames(tmp_path):
 
 
 def test_each_object_sits_in_a_cell_of_its_own():
-    """layout's boxes lie each inside one 16-pixel cell, no two in the same cell, within the picture."""
-    rng = np.random.default_rng(0)
+    """layout's boxes lie each inside one 16-pixel cell, no two in the same cell, within the picture; each size of
+    11 to 14 pixels occurs, and each place off the cell's centre by at most a pixel, either way, along either axis."""
+    rng, sizes, off = np.random.default_rng(0), set(), set()
     for n in (1, 2, 3, 4, 16):
         for _ in range(50):
             boxes = synth_av.layout(rng, n)
@@ -169,12 +176,16 @@ def test_each_object_sits_in_a_cell_of_its_own():
             for (x, y, s), (cx, cy) in zip(boxes, cells):
                 assert 11 <= s <= 14 and (x + s - 1) // synth_av.CELL == cx and (y + s - 1) // synth_av.CELL == cy
                 assert x + s <= synth_av.SIZE and y + s <= synth_av.SIZE
+                sizes.add(s)
+                centred = (synth_av.CELL - s) // 2
+                off |= {("x", x - cx * synth_av.CELL - centred), ("y", y - cy * synth_av.CELL - centred)}
+    assert sizes == {11, 12, 13, 14} and off == {(axis, d) for axis in "xy" for d in (-1, 0, 1)}
 
 
 def test_the_vision_stages_questions_are_true_of_the_picture():
-    """picture_example's answers: the objects and the description name exactly the pictured ones; "choose" offers one
-    pictured object among three absent ones; "yesno" asks about pictured and absent objects about equally, and
-    answers truly."""
+    """picture_example's answers: the objects and the description name exactly the pictured ones; "choose" asks which
+    object can be seen (a silent picture: not which one sounds), offering one pictured object among three absent
+    ones; "yesno" asks about pictured and absent objects about equally, and answers truly."""
     import re
 
     rng, answers = random.Random(0), []
@@ -186,7 +197,7 @@ def test_the_vision_stages_questions_are_true_of_the_picture():
         _, prompt, answer, _ = synth_av.picture_example(record, "choose", rng)
         options = re.search(r"Options: 0 (\w+); 1 (\w+); 2 (\w+); 3 (\w+)\. Answer:$", prompt).groups()
         assert len(set(options)) == 4 and set(options) <= set(NAMES)
-        assert [o for o in options if o in objects] == [answer]
+        assert [o for o in options if o in objects] == [answer] and "Which object can be seen?" in prompt
         _, prompt, answer, _ = synth_av.picture_example(record, "yesno", rng)
         name = re.fullmatch(r"Is there an? (\w+) in the picture\?", prompt)[1]
         assert answer == ("yes" if name in objects else "no")
@@ -556,8 +567,9 @@ def test_the_six_shapes_differ():
 
 
 def test_objects_drift_a_pixel_at_most_over_a_pale_background():
-    """draw_frames: each object stays within a pixel of its layout box (and does drift), on a pale background."""
-    drifted = False
+    """draw_frames: each object stays within a pixel of its layout box (and does drift, either way: two frames of one
+    picture may lie two pixels apart), on a pale background."""
+    drifted = both_ways = False
     for seed in range(20):
         name = NAMES[seed]
         [(x, y, s)] = synth_av.layout(np.random.default_rng(seed), 1)  # draw_frames's first draws
@@ -573,7 +585,8 @@ def test_objects_drift_a_pixel_at_most_over_a_pale_background():
             outside[max(0, y - 2):y + s + 3, max(0, x - 2):x + s + 3] = False
             assert (pixels[outside].min(-1) >= 150).mean() > 0.99  # pale
         drifted |= len(starts) > 1
-    assert drifted
+        both_ways |= any(max(at) - min(at) == 2 for at in zip(*starts))
+    assert drifted and both_ways
 
 
 def test_the_written_set_is_in_avqas_form_and_its_pictures_are_each_their_own_files(av):

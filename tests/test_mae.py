@@ -215,3 +215,13 @@ def test_the_loss_under_autocast_is_the_loss():
         got = mae.mae_loss(enc, dec, x, 0.8, torch.Generator().manual_seed(1))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-2, atol=0)
+
+
+def test_the_decoder_follows_an_encoder_of_another_patch_size():
+    """An encoder cut into 8 x 8 patches (not Audio-MAE's 16): the decoder places and predicts patches of that size."""
+    cfg = AudioMAEConfig(target_length=32, num_mel_bins=16, patch_size=8, dim=24, depth=1, heads=2, output_block=-1)
+    enc, dec, x = AudioMAE(cfg), mae.MAEDecoder(cfg), windows()[:, :32, :16]
+    keep = mae.random_keep(len(x), enc.num_patches, 0.75, torch.Generator().manual_seed(0))
+    pred = dec(mae.encode_kept(enc, x, keep), keep)
+    assert enc.num_patches == 8 and pred.shape == (len(x), 8, 64) == mae.patchify(x, 8).shape
+    assert torch.isfinite(mae.mae_loss(enc, dec, x, 0.75, torch.Generator().manual_seed(0)))

@@ -43,6 +43,18 @@ def test_classes():
         assert np.isfinite(a).all() and np.abs(a).max() > 0.01 and not np.allclose(a[:len(b)], b[:len(a)])
 
 
+def test_a_sweep_glides_from_its_first_frequency_to_its_last():
+    """_sweep's frequency moves linearly from f0 at its start to f1 at its end (the sweeps, birdsong, drips, lasers
+    and zaps are made of it): the strongest frequency of its first and last 50 ms is where the glide is then."""
+    t, n = synth._t(1.0), synth.SR // 20
+    for f0, f1 in ((500.0, 3000.0), (4000.0, 800.0)):
+        x = synth._sweep(t, f0, f1)
+        for part, middle in ((x[:n], 0.025), (x[-n:], 0.975)):
+            spectrum = np.abs(np.fft.rfft(part * np.hanning(n)))
+            peak = np.fft.rfftfreq(n, 1 / synth.SR)[spectrum.argmax()]
+            assert abs(peak - (f0 + (f1 - f0) * middle)) < 40, (f0, f1, middle, peak)
+
+
 def test_an_envelope_rises_over_its_attack_and_falls_over_its_release():
     """_env: a linear rise from silence over `attack` seconds, full level, a linear fall to silence over `release`."""
     env = synth._env(synth.SR, attack=0.01, release=0.05)
@@ -227,9 +239,10 @@ def test_second_generate_is_a_no_op(tmp_path):
 
 
 def test_a_benchmark_that_runs_read_is_not_replaced_by_other_settings(tmp_path, capsys):
-    """Another seed or scale for a folder the benchmark was written into would delete what other runs train and are
-    scored on: refused, naming both and a folder of its own. The run's --seed does not choose the data (synth_seed
-    does), so several training seeds share one test set. A benchmark of an older VERSION is written again."""
+    """Another seed, scale or length for a folder the benchmark was written into would delete what other runs train
+    and are scored on: refused, naming both and a folder of its own. The run's --seed does not choose the data
+    (synth_seed does), so several training seeds share one test set. A benchmark of an older VERSION is written
+    again."""
     from apt_min.build import ensure_data
     from apt_min.config import load_config
 
@@ -244,6 +257,8 @@ def test_a_benchmark_that_runs_read_is_not_replaced_by_other_settings(tmp_path, 
         synth.generate(b, seed=1, scale=0.02)
     with pytest.raises(SystemExit, match=r"python -m apt_min.synth: error: .*seed 1, scale 0.01, .*seed 2, scale 0.5"):
         synth.main(["--out", str(b), "--seed", "2", "--scale", "0.5"])
+    with pytest.raises(SettingError, match=r"written with length 5.12, which .*; length 10.24 is another"):
+        synth.generate(b, seed=1, scale=0.01, length=10.24)
     ensure_data(load_config("tiny", [f"--data_root={b}", "--seed=5", "--synth_seed=1", "--synth_scale=0.01"]))
     with pytest.raises(SettingError, match="written with seed 1, .*; seed 0 is another"):
         ensure_data(load_config("tiny", [f"--data_root={b}", "--seed=1", "--synth_scale=0.01"]))
@@ -505,13 +520,25 @@ def test_every_answer_is_true_of_its_scene(bench):
 
 def test_aqa_questions_from_a_small_vocabulary():
     """lm_corpus asks its questions over the labels of one split, which a small --synth_scale leaves few: a scene of
-    four kinds with none or one other label in the vocabulary still gets true questions (it raised ValueError)."""
+    four kinds with none or one other label in the vocabulary still gets true questions (it raised ValueError); with
+    two, it is asked whether either of them is there."""
     E = synth.Event
     events = [E("bell", 0.0, 0.5, 0), E("hum", 0.6, 1.0, 0), E("drip", 1.2, 1.5, 0), E("rain", 2.0, 3.0, 0)]
     for vocabulary in (["bell", "hum", "drip", "rain"], ["bell", "hum", "drip", "rain", "wind"]):
         for seed in range(20):
             questions = synth.aqa_questions(random.Random(seed), events, vocabulary, synth.AnswerBalance())
             assert len(questions) >= 3 and all(aqa_truth(q, events)[1] == a for q, a in questions), questions
+    # two labels absent: "Is there an X or a Y?" of the two (answered no) is among the questions; and the absent
+    # labels a "no" names are drawn among all of them, not the vocabulary's first three
+    others = ["wind", "fog", "hiss", "tick", "buzz", "gong"]
+    asked = [q for seed in range(40) for q, _ in synth.aqa_questions(random.Random(seed), events,
+                                                                     [e.label for e in events] + others[:2])]
+    assert any(re.fullmatch(r"Is there an? (wind|fog) or an? (wind|fog)\?", q) for q in asked)
+    asked = [q for seed in range(40) for q, _ in synth.aqa_questions(random.Random(seed), events,
+                                                                     [e.label for e in events] + others)]
+    absent = {m[1] for q in asked if (m := re.fullmatch(r"Is there an? (\w+) in the recording\?", q))} - set(
+        e.label for e in events)
+    assert absent == set(others), absent
 
 
 def test_answer_balance_evens_out_each_forms_answers_over_a_split():
@@ -894,8 +921,9 @@ def test_no_written_sample_clips_and_the_manifest_names_the_novel_classes(bench)
 
 
 def test_written_clips_are_16_khz_as_long_as_their_scenes_and_peak_just_below_full_scale(bench):
-    """Every clip reads back at the 16 kHz it was made at, as long as its scene (5.12 s; ESC-50's 5 s), scaled so
-    that its peak lies within 1 dB of full scale (headroom, but no quiet file wasting the 16 bits)."""
+    """Every clip reads back at the 16 kHz it was made at, in 16-bit PCM as the real sets' files, as long as its
+    scene (5.12 s; ESC-50's 5 s), scaled so that its peak lies within 1 dB of full scale (headroom, but no quiet file
+    wasting the 16 bits)."""
     import soundfile as sf
 
     root, _ = bench
@@ -906,6 +934,7 @@ def test_written_clips_are_16_khz_as_long_as_their_scenes_and_peak_just_below_fu
         for path in paths[:5]:
             audio, rate = sf.read(path)
             assert rate == synth.SR and len(audio) == round(seconds * synth.SR), path
+            assert sf.info(path).subtype == "PCM_16", path
             assert -1.0 <= 20 * np.log10(np.abs(audio).max()) < 0, path
 
 
@@ -923,3 +952,23 @@ def test_a_heard_span_is_rounded_outward_to_the_grid_and_never_past_the_sound():
     assert synth.heard_span(sound, 0.1) == pytest.approx((0.1, 0.5))
     assert synth.heard_span(np.ones(int(0.35 * synth.SR)), 0.1) == pytest.approx((0.0, 0.35))  # ends off the grid
     assert synth.heard_span(0.01 * np.ones(synth.SR), 0.1) is None
+
+
+def test_plot_scene_boxes_each_event_where_it_sounds():
+    """The notebooks' picture of a scene: its spectrogram over the clip's seconds, and one box and label per event
+    spanning the event's onset to its offset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    wave, events = synth.make_scene(rng, synth.TRAIN_CLASSES, 5.12)
+    ax = synth.plot_scene(wave, events, title="a scene")
+    try:
+        boxes = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches]
+        np.testing.assert_allclose(boxes, [(e.onset, e.offset) for e in events])
+        assert [text.get_text() for text in ax.texts] == [e.label for e in events]
+        assert ax.images[0].get_extent()[:2] == [0, pytest.approx(len(wave) / synth.SR, abs=0.03)]
+    finally:
+        plt.close(ax.figure)
