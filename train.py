@@ -513,7 +513,7 @@ class TrainVision:
         self.blip.to(device)
         for name, p in self.blip.named_parameters():  # the aligner (its stage-0 heads too: PictureLoss) and proj
             p.requires_grad_(name.startswith(("qformer.", "proj.")))
-        self.module = PictureLoss(self.blip, self.apt)
+        self.module = PictureLoss(self.blip, self.apt, cfg.atm_negatives)
         self.unused_parameters = cfg.vision_align_steps > 0  # DDP: the projection has no gradient while aligning
         self.params = {k: p for k, p in self.module.named_parameters() if p.requires_grad}
         pools = {kind: (lambda r, kind=kind: synth_av.picture_example(synth_av.random_picture(r), kind, r))
@@ -581,11 +581,11 @@ class PictureLoss(nn.Module):
     as the APT lays out a clip's; and BLIP-2's first-stage losses (`aligner.stage0_losses`: contrastive, matching,
     generation) between the first frame and the picture's description, which teach the aligner to read the frozen
     ViT's tokens far faster than the LLM's loss alone (as BLIP-2, the stage runs them alone first, then beside the
-    answer loss: TrainVision)."""
+    answer loss: TrainVision). atm_negatives: where the matching loss's hard negatives come from, as in stage 0."""
 
-    def __init__(self, blip, apt):
+    def __init__(self, blip, apt, atm_negatives: str):
         super().__init__()
-        self.blip, self.apt = blip, apt
+        self.blip, self.apt, self.atm_negatives = blip, apt, atm_negatives
 
     def pixels(self, examples) -> list[torch.Tensor]:
         """Each example's frames as pixels (F, 3, S, S)."""
@@ -610,7 +610,7 @@ class PictureLoss(nn.Module):
         first = torch.cumsum(torch.tensor([0] + [len(p) for p in pixels[:-1]]), 0).to(device)
         ids, mask = self.blip.qformer_tokenizer([ex[3] for ex in examples])  # [CLS] ... [SEP], as BOS ... EOS
         parts = stage0_losses(self.blip.qformer, tokens[first], ids.to(device), mask.to(device), picture_ids,
-                              generator=generator)
+                              generator=generator, atm_negatives=self.atm_negatives)
         if not answer:
             return parts
         answer_sum, n = self.apt(self.segments(examples, pixels, tokens), [ex[2] for ex in examples], {})

@@ -99,7 +99,8 @@ class Config:
     # for the 2 000 of the paper's long runs, which would leave it warming up to the end)
     stage0_batch_size: int = 0  # stage 0's batch per process, one contrastive batch (0: batch_size)
     grad_accum_0: int = 0  # stage 0's micro-batches a step (0: grad_accum); paper: 1, a step one contrastive batch
-    atm_negatives: str = "global"  # stage 0's ATM hard negatives from every process's batch (BLIP-2), or "local"
+    atm_negatives: str = "global"  # stage 0's (and the vision stage's) ATM hard negatives from every process's
+    # batch (BLIP-2), or "local"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     steps_lm: int = 600

@@ -1162,7 +1162,8 @@ def test_the_stand_in_llm_learns_next_tokens_of_whole_documents_from_a_small_sta
     """--stage lm: a corpus document is BOS, its pieces' tokens, EOS (at most 1024 ids); the loss is the
     next-token cross-entropy summed over each document's own tokens (padding never predicted nor predicting); the
     matrices start at N(0, 0.02); it validates on documents it does not train on (the corpus's test split), and
-    validation's answer accuracy is the share of the validation documents answered."""
+    validation's answer accuracy is the share of the validation documents answered (of the first 64: a quick
+    metric), on val_batches batches of them."""
     cfg = train.load_config("tiny", opts(prepared))
     job = train.StandInLLM(cfg, 0, 1, torch.device("cpu"))
     tok = job.tok
@@ -1198,6 +1199,14 @@ def test_the_stand_in_llm_learns_next_tokens_of_whole_documents_from_a_small_sta
     four = tasks.format_segments([(0.1, 0.9), (1.3, 2.4), (2.8, 3.6), (4.1, 4.7)])  # an event heard four times
     longest = max(len(tok.encode(a, bos=False)) + 1 for a in [four, *answers.values()])
     assert min(caps) >= longest  # room for the longest answer and its EOS: every document can be answered
+    # val_batches batches of documents; the answer accuracy over the first 64 of them (the quick metric)
+    many = train.StandInLLM(train.load_config("tiny", opts(prepared, "--val_batches=20")), 0, 1, torch.device("cpu"))
+    asked = []
+    monkeypatch.setattr(many.llm, "generate", lambda ids, max_new_tokens, **kw: asked.append(1) or torch.tensor(
+        [tok.encode(answers.get(tuple(ids[0].tolist()), "?"), bos=False)]))
+    answers = {tuple(many.encode(d[:-1])[:-1]): d[-1] for d in many.val_docs}
+    assert len(many.val_docs) == 20 * cfg.batch_size > 64
+    assert many.validate()["val_answer_accuracy"] == 1.0 and len(asked) == 64
 
     # the run's precision, as every stage: bf16 autocast where it resolves to bf16 (the weights train in fp32)
     half = train.StandInLLM(train.load_config("tiny", opts(prepared, "--precision=bf16")), 0, 1, torch.device("cpu"))
@@ -1361,6 +1370,8 @@ def test_stages_1_2_and_caption_ft_validate_their_own_tasks_and_drop_examples_wi
     # val_batches * batch_size examples (1 * 4 in the miniature) shared out among the tasks, at least one each
     assert {s: [len(v) for v in j.val.values()] for s, j in jobs.items()} == {"1": [2, 2], "2": [1, 1, 1],
                                                                           "caption_ft": [4]}
+    twice = train.TuneAPT(train.load_config("tiny", opts(tmp, "--val_batches=2")), "2", 0, 1, cpu)
+    assert [len(v) for v in twice.val.values()] == [2, 2, 2]
     # caption_ft: whole passes over the set's captions, each step taking batch_size * world of them; or as asked
     captions = len(data.examples("captioning", root, "train", source="clotho", rng=random.Random(0)))
     steps = {}
@@ -1789,14 +1800,18 @@ def test_each_process_draws_its_own_dropout_after_the_weights_are_built():
     process 0 the draws of a single process (so one process's run is unchanged)."""
     cfg = train.load_config("tiny", {})
     draws = []
-    for rank in (0, 1, 2):
+
+    def build():  # seeded, then what building the weights draws
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        torch.rand(5), random.random()
+
+    for rank in (0, 1, 2):
+        build()
         train.own_generators(cfg, rank)
         draws.append((torch.rand(2).tolist(), random.random()))
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    assert draws[0] == (torch.rand(2).tolist(), random.random())
+    build()
+    assert draws[0] == (torch.rand(2).tolist(), random.random())  # process 0 goes on from where building left off
     assert len({str(t) for t, _ in draws}) == 3 and len({r for _, r in draws}) == 3  # torch's and Python's alike
 
 def _resume_worker(rank, world, folder, out):
@@ -1959,8 +1974,9 @@ def test_the_vision_stage_trains_its_aligner_alone_first_then_with_the_answers(w
     """TrainVision: only the visual aligner and the projection train; the first vision_align_steps optimizer steps
     (grad_accum micro-batches each) run the picture-text losses alone, then the answer loss joins them as one sum
     whose mean over the answer's tokens is the answer's mean loss plus the three picture-text losses; every picture
-    has its own id (what ATC and ATM take as one positive pair), across steps and processes; the description is
-    paired with each example's first frame."""
+    has its own id (what ATC and ATM take as one positive pair), across steps and processes; the alignment phase
+    draws other pictures at each step and in each process, then each process takes its share of a global batch
+    (batch_size of each); the description is paired with each example's first frame."""
     from conftest import VISION
 
     tmp = copy_of(with_vision, tmp_path)
@@ -1983,15 +1999,26 @@ def test_the_vision_stage_trains_its_aligner_alone_first_then_with_the_answers(w
     loss_sum, n, info = steps[2]
     assert n > 1 and (loss_sum / n).item() == pytest.approx(info["answer"] + info["atc"] + info["atm"] + info["agtg"],
                                                            rel=1e-5)
-    by_step = {}
+    by_step, shares, batches = {}, {}, {}
+
+    def recording(mine, *args, **kwargs):  # the examples a process trains on at a step
+        shares[job.rank, step] = [example[1:] for example in mine]
+        return job.module(mine, *args, **kwargs)
+
     for rank in (0, 1):  # the same steps, as each of two processes
         job.rank, job.world = rank, 2
         job.sampler.load_state_dict({**job.sampler.state_dict(), "step": 0})
         for step in range(4):
             ids.clear()
-            job.micro_step(job.module, job.sampler)
+            batches[step] = [example[1:] for example in job.sampler.peek()[1]]
+            job.micro_step(recording, job.sampler)
             by_step.setdefault(step, []).append(ids[0])
     assert all(len(mine) > 1 and not mine & theirs for mine, theirs in by_step.values())  # gathered: all distinct
+    # aligning, each process draws pictures of its own, others at each step; then each takes its share of the batch
+    assert shares[0, 0] != shares[1, 0] and shares[0, 0] != shares[0, 1]
+    assert all(shares[0, step] == batches[step][0::2] and shares[1, step] == batches[step][1::2] for step in (2, 3))
+    monkeypatch.setattr(train.dist, "barrier", lambda: None)  # (process 0 waits there for the others)
+    assert train.TrainVision(cfg, 0, 2, torch.device("cpu")).sampler.batch_size == 2 * cfg.batch_size  # one global
 
     frames = [ex[0][0] for ex in job.val[:3]]
     assert len(set(frames)) == 3
@@ -2028,6 +2055,14 @@ def test_the_vision_stage_trains_its_aligner_alone_first_then_with_the_answers(w
         drawn[rank] = seen_tokens[0]
     assert len(drawn[0]) == 3 and not torch.allclose(drawn[0], drawn[1])
     assert job.unused_parameters  # DDP: the projection has no gradient while aligning
+    negatives = []  # the matching loss's hard negatives come from where atm_negatives says, as in stage 0
+    monkeypatch.setattr(train, "stage0_losses", lambda *a, **kw: negatives.append(kw["atm_negatives"]) or real(*a,
+                                                                                                            **kw))
+    for where in ("global", "local"):
+        local = train.TrainVision(train.load_config("tiny", opts(tmp, *VISION, f"--atm_negatives={where}")), 0, 1,
+                                  torch.device("cpu"))
+        local.micro_step(local.module, local.sampler)
+    assert negatives == ["global", "local"] == [cfg.atm_negatives, "local"]
 
 
 def test_the_vision_stages_validation_scores_its_choices_and_ranks_every_pictured_object():
