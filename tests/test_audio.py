@@ -99,6 +99,10 @@ def test_formats(tmp_path, fmt, subtype):
     wave = audio.load(f)
     assert wave.dtype == torch.float32 and wave.dim() == 1
     assert abs(wave.numel() - 16000) <= 1200  # lossy codecs add encoder delay/padding
+    # the lossy codecs keep the tone: its 440 Hz the strongest frequency, its loudness (RMS) within 10 %
+    spectrum = np.abs(np.fft.rfft(wave.numpy()))
+    assert abs(np.fft.rfftfreq(wave.numel(), 1 / 16000)[spectrum.argmax()] - 440) < 2
+    assert abs(wave.pow(2).mean().sqrt().item() / np.sqrt((x ** 2).mean()) - 1) < 0.1
     if fmt in ("WAV", "FLAC"):
         # 16-bit quantisation: the WAV writer floors x * 32768 (measured 0.99995 LSB), the FLAC one rounds it
         # (0.5 LSB); deterministic integer arithmetic, so 2 LSB is a safe bound

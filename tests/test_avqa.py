@@ -16,6 +16,7 @@ import torch
 from helpers import record_scenes
 
 from apt_min import data, synth, synth_av
+from apt_min.audio import AudioError
 from apt_min.blip2 import MODES, Answer, avqa_prompt
 from apt_min.build import load_apt_blip2
 from apt_min.config import load_config
@@ -238,7 +239,13 @@ class Scripted:
 
     class apt:  # noqa: N801 -- a clip named "broken" cannot be decoded
         cache = True  # features are kept: the check encodes the clips
-        encode_clips = staticmethod(lambda paths, strict: ({}, [(p, "not audio") for p in paths if "broken" in p]))
+
+        @staticmethod
+        def encode_clips(paths, strict):
+            bad = [(p, "not audio") for p in paths if "broken" in p]
+            if bad and strict:
+                raise AudioError(f"{bad[0][0]}: {bad[0][1]}")
+            return {}, bad
 
     def __init__(self, script):
         self.script = script
@@ -301,6 +308,8 @@ def test_avqa_scores_on_scripted_answers():
     rows, records = eval_avqa(Scripted(script), [*items, broken], Options(), coverage=coverage)
     assert [r["video_name"] for r in records] == ["v0", "v1", "v2", "v3"] and coverage.unreadable == {broken["audio"]:
                                                                                                 "not audio"}
+    with pytest.raises(AudioError, match="broken.wav: not audio"):  # strict: the first one ends it, named
+        eval_avqa(Scripted(script), [*items, broken], Options(strict=True))
     lone = data.Coverage()
     lone.listed = {broken["audio"]: "val_qa.json"}
     with pytest.raises(data.DataError, match="avqa: nothing to score: of the 1 videos listed, 0 lack their frames or "
@@ -347,7 +356,7 @@ def test_avqa_scores_on_scripted_answers():
 def test_avqa_skips_videos_whose_frames_cannot_be_read_and_compares_only_the_modes_it_runs():
     """A video whose frames cannot be decoded is skipped and recorded by its frames' folder (strict: an error naming
     the file); questions with no relation (AVQA's may lack one) get no per-relation row; without the audio-visual
-    mode there is nothing to compare the senses with, so no McNemar rows."""
+    mode there is nothing to compare the senses with, so no McNemar rows, and with one sense beside it, only its."""
     from apt_min.vision import ImageError
 
     class Unreadable(Scripted):
@@ -373,6 +382,8 @@ def test_avqa_skips_videos_whose_frames_cannot_be_read_and_compares_only_the_mod
         eval_avqa(Unreadable(script), [*items, bad], Options(strict=True))
     rows, _ = eval_avqa(Unreadable(script), items, Options(), modes=["video", "audio"])
     assert rows and not any(m.endswith(": p") or m.startswith("audio-visual") for m, *_ in rows)
+    rows, _ = eval_avqa(Unreadable(script), items, Options(), modes=["audio-visual", "audio"])  # one sense: its rows
+    assert [m for m, *_ in rows if m.endswith(": p")] and all("vs audio" in m for m, *_ in rows if m.endswith(": p"))
 
 
 def test_vision_stage_and_avqa_evaluation(trained, tmp_path, capsys):

@@ -30,6 +30,21 @@ def test_gpu_checks_numerics_and_stage0_run_on_the_cpu():
     assert "paper stage 0, one step at batch 8, 3 window(s) a clip" in out
 
 
+def test_gpu_checks_exit_status_fails_when_any_check_fails(monkeypatch, tmp_path, capsys):
+    """run_gpu.sh and a user read the exit status: non-zero when one check fails, even if the others pass."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as the script runs
+    from benchmarks import gpu_checks
+
+    for results, failed in (((True, False, True), True), ((True, True), False)):
+        monkeypatch.setattr(gpu_checks, "ROWS", [])
+        monkeypatch.setattr(gpu_checks, "numerics", lambda results=results: [
+            gpu_checks.row(f"check {i}", "x", ok) for i, ok in enumerate(results)])
+        monkeypatch.setattr(sys, "argv", ["gpu_checks.py", "--smoke", "--parts", "numerics", "--out", str(tmp_path)])
+        with pytest.raises(SystemExit) as stop:
+            gpu_checks.main()
+        assert bool(stop.value.code) is failed and capsys.readouterr().out.count("| FAIL |") == (not all(results))
+
+
 def test_audio_benchmark_prints_its_ratios_and_the_decode_threads_one():
     out = run("benchmarks/bench_audio.py", "--sizes", "tiny", "--repeats", "1", "--threads", "2")
     front, threaded, ratio = re.search(r"front end (\d+) ms for 8 files, 2 decode threads (\d+) ms \(([\d.]+)x\)",

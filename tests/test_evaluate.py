@@ -183,6 +183,7 @@ def test_fewshot_episodes_follow_the_layout_the_checkpoint_was_trained_on(traine
         said = capsys.readouterr().out
         assert ("fewshot_layout=list (the tiny preset's is paper" in said) == (layout == "list")
         shown = [json.loads(line) for line in (out / "predictions_esc50.jsonl").read_text().splitlines()]
+        assert len(shown) == 3  # one episode of each of the three settings
         assert all(("This is a sound of" in p["prompt"]) == (layout == "paper") for p in shown)
         assert all(p["reference"] in p["prompt"] for p in shown)  # the supports' labels, in either layout
 
@@ -564,6 +565,8 @@ def test_captions_score_perfect_and_hand_worked_answers():
     # clip's closest reference length); ROUGE-L on the rain clip only, precision 1 and recall 1/3 (the best of 1/5, 1/3)
     assert table["BLEU-1"][1] == pytest.approx(np.exp(1 - 10 / 3) / 3)
     assert table["ROUGE-L"][1] == pytest.approx((1 + 1.2**2) * (1 / 3) / (1 / 3 + 1.2**2) / 3)
+    # a one-word caption has no word pairs: its BLEU-2 to 4 are the smoothing's (6e-5), not its BLEU-1 again
+    assert max(table[f"BLEU-{k}"][1] for k in (2, 3, 4)) < table["BLEU-1"][1] / 100
     # nothing in common with any reference: zero everywhere (BLEU's smoothing leaves < 1e-10)
     table = {m: v for m, v, _, _ in metrics.score_captions(exs, ["engines hum"] * 3, "rain")}
     assert max(table[f"BLEU-{k}"] for k in (1, 2, 3, 4)) < 1e-10 and table["ROUGE-L"] == table["CIDEr-D"] == 0.0
@@ -891,6 +894,9 @@ def test_temporal_retrieval_with_commas_and_underscores_in_labels():
     assert perfect[1] == 1.0
     (row,) = metrics.score_ter(exs, ["chirping birds and male speech, man speaking", "speech, dog"], vocab)
     assert row[1] == pytest.approx(1 / 2)  # order does not matter; an extra label does
+    again = tasks.ter("a.wav", events, 5.2, 5.8)  # the dog again: its set is the windows' most frequent
+    (row,) = metrics.score_ter([*exs, again], ["", "", ""], vocab)
+    assert row[1] == 0.0 and row[2] == pytest.approx(2 / 3)  # the baseline scored against the windows' labels
     many = [f"Label {c}" for c in "JIHGFEDCBA"]  # a window of ten labels: the baseline names them in sorted order
     [(_, _, _, protocol)] = metrics.score_ter([tasks.Example("ter", [], "", {"labels": many})], [""], many)
     assert protocol == f"exact set of labels (baseline: always {', '.join(sorted(many)).lower()!r})"
@@ -1036,6 +1042,8 @@ def test_results_table_names_the_margin(trained, tmp_path, capsys, monkeypatch):
     assert results_table.margin(0.20, 0.20) == "**no**" and results_table.margin(0.1, 0.0) == "yes"
     assert results_table.margin(0.60, 0.78, lower_is_better=True) == "yes"
     assert results_table.margin(0.77, 0.78, lower_is_better=True) == "barely"
+    # a clear margin is at least a tenth of the baseline and at least 0.02
+    assert results_table.margin(0.53, 0.50) == "barely" and results_table.margin(0.02, 0.0) == "yes"
     out = tmp_path / "eval"
     evaluate.main(["--task", "counting", "--limit", "4", "--batch-size", "4", "--out", str(out), *opts(trained)])
     monkeypatch.setattr(sys, "argv", ["results_table.py", str(out)])
@@ -1056,6 +1064,13 @@ def test_results_table_names_the_margin(trained, tmp_path, capsys, monkeypatch):
     named = [line.split(" | ")[5].removesuffix("|").strip() for line in capsys.readouterr().out.splitlines()
              if line.startswith("| audiocaps")]
     assert named == ["COCO", "", "", "METEOR 1.5", "COCO"]
+    # an error is better lower; a score that is not there (a few-shot setting not run) gets no verdict
+    rows = [{"metric": "mean absolute error", "apt": 0.5, "baseline": 1.0, "protocol": "p"},
+            {"metric": "accuracy", "apt": float("nan"), "baseline": 0.25, "protocol": "p"}]
+    (tmp_path / "metrics_counting.json").write_text(json.dumps(rows))
+    results_table.main()
+    verdicts = [line.split(" | ")[4] for line in capsys.readouterr().out.splitlines() if line.startswith("| counting")]
+    assert verdicts == ["yes", ""]
 
 
 def test_each_metrics_file_says_what_made_it_and_a_mixed_folder_is_named(trained, tmp_path, capsys, monkeypatch):
