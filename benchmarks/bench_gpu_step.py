@@ -129,6 +129,8 @@ def main():
     print(f"device: {name}; LLM {n_llm / 1e9:.2f} B parameters, batch {args.batch}, sequence {T} tokens, "
           f"gradient checkpointing {'on' if args.checkpointing else 'off'}, "
           f"compiled blocks {'yes' if args.compile else 'no'}")
+    print(f"counted: {flops} FLOPs a step from {tokens} tokens, {answered} of them answers; LLM {n_llm} parameters "
+          f"less its vocabulary projection of {n_head}; aligner {n_aligner}; a recomputed block {per_block}")
     def timed(kept, repeats=3):
         """Seconds per step with `kept` blocks' activations kept, after an untimed step (the allocator takes the
         setting's memory there, not inside the timed steps); the peak memory counters start with it."""

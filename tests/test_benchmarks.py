@@ -62,12 +62,39 @@ def test_read_ahead_benchmark_times_the_three_ways_and_prints_their_ratios():
 
 
 def test_gpu_step_benchmark_runs_on_the_cpu_and_profiles():
-    """Each --keep setting is measured (its own line); the profile's table and its time by kind, every kind named,
-    the matrix products among them, adding up (the busy time) to the profiler's own total."""
-    out = run("benchmarks/bench_gpu_step.py", "--small", "--batch", "2", "--keep", "1,0", "--profile")
+    """Each --keep setting is measured (its own line); the FLOPs counted as the benchmarks' README says (per token
+    the frozen LLM's forward 2N and backward to its activations 2N, N counted here from --small's shapes, attention
+    forward and backward to both inputs, the vocabulary projection where a loss is taken, the trainable aligner's
+    6N per query), and the hardware's count adding each recomputed block's forward; the MFU reported is the best
+    setting's; the profile's table and its time by kind, every kind named, the matrix products among them, adding
+    up (the busy time) to the profiler's own total."""
+    small = dict(D=256, I=688, L=2, V=32000, Q=32, B=2)  # bench_gpu_step's --small LLM; LlamaConfig's vocabulary
+    block = 4 * small["D"] ** 2 + 3 * small["D"] * small["I"] + 2 * small["D"]  # q, k, v, o; gate, up, down; norms
+    n_llm = small["L"] * block + small["D"]  # and the final norm
+
+    def counted(out, compiled):
+        T = int(re.search(r"sequence (\d+) tokens", out)[1])
+        flops, tokens, answered, llm, aligner, per_block = map(int, re.search(
+            r"counted: (\d+) FLOPs a step from (\d+) tokens, (\d+) of them answers; LLM (\d+) parameters less its "
+            r"vocabulary projection of \d+; aligner (\d+); a recomputed block (\d+)", out).groups())
+        assert llm == n_llm and per_block == block - (0 if compiled else small["D"] * small["I"]), out
+        assert flops == (tokens * (4 * n_llm + 3 * 4 * small["L"] * T * small["D"])
+                         + answered * 4 * small["V"] * small["D"] + 6 * aligner * small["B"] * small["Q"]), out
+        rows = re.findall(r"^(\d) of 2 blocks recomputed: .* MFU ([\d.]+)% \(hardware ([\d.]+)%\)", out, re.M)
+        for recomputed, mfu, hfu in rows:  # the hardware's share adds the recomputation
+            more = int(recomputed) * tokens * (2 * per_block + 4 * T * small["D"])
+            assert float(hfu) / float(mfu) == pytest.approx(1 + more / flops, rel=2e-3), out
+        assert float(re.search(r"^MFU: ([\d.]+)%", out, re.M)[1]) == max(float(m) for _, m, _ in rows), out
+        return [r for r, _, _ in rows], tokens - answered
+
+    out = run("benchmarks/bench_gpu_step.py", "--small", "--batch", "2", "--keep", "1,0", "--profile",
+              "--peak_tflops", "0.0001")  # a small peak: percentages with digits to compare
     assert "MFU" in out and "aten::mm" in out, out
-    measured = re.findall(r"^(\d) of 2 blocks recomputed: .* MFU [\d.]+% \(hardware [\d.]+%\)", out, re.M)
+    measured, prompts = counted(out, compiled=False)
     assert measured == ["2", "1"], out
+    best = re.search(r"the fastest .*: (\d) of 2 blocks recomputed", out)[1]  # its step, timed unprofiled
+    step_ms = int(re.search(rf"^{best} of 2 blocks recomputed: .*\((\d+) ms per step\)", out, re.M)[1])
+    assert abs(int(re.search(r"one step: (\d+) ms on the clock \(unprofiled\)", out)[1]) - step_ms) <= 1, out
     busy, parts = re.search(r"the CPU busy (\d+) ms \(\d+%\); of that, (.*)", out).groups()
     ms = {k: int(v) for k, v in re.findall(r"(?:^|, )([a-z ()]+) (\d+) ms \(\d+%\)", parts)}
     assert set(ms) == {"attention", "matrix products", "fused (compiled)", "other"}, out
@@ -76,8 +103,10 @@ def test_gpu_step_benchmark_runs_on_the_cpu_and_profiles():
     assert total, out
     assert abs(int(busy) - float(total[1]) * (1000 if total[2] == "s" else 1)) <= 1, out
     # compiled blocks inside and outside non-reentrant checkpointing: what run_gpu.sh measures first
-    out = run("benchmarks/bench_gpu_step.py", "--small", "--batch", "2", "--keep", "1,0", "--compile")
-    assert re.findall(r"^(\d) of 2 blocks recomputed: .* MFU", out, re.M) == ["2", "1"], out
+    out = run("benchmarks/bench_gpu_step.py", "--small", "--batch", "2", "--keep", "1,0", "--compile",
+              "--peak_tflops", "0.0001", "--answer_words", "20")
+    measured, same_prompts = counted(out, compiled=True)
+    assert measured == ["2", "1"] and same_prompts == prompts, out  # shorter answers, the same prompts
     assert re.search(r"^compiled blocks against uncompiled ones, 2 of 2 blocks recomputed, timed in this run: "
                      r"[\d.]+x \(\d+ ms uncompiled\)$", out, re.M), out  # its reference measured beside it
 
