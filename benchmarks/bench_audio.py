@@ -77,9 +77,9 @@ x = torch.cat([audio.load_fbank(f, cfg.target_length) for f in files]).to(device
 with torch.no_grad():
     t_enc_ours = median_seconds(lambda: model(x), repeats)
     t_enc_hf = median_seconds(lambda: hf(x[:, None].to(dtype)), repeats)
-print(json.dumps(dict(device=device, dtype=str(dtype), clips_per_s=len(files) / t_ours, peak_mib=peak / 2**20,
-                      front_s=t_front, threads_s=t_front_threads, kaldi_ratio=t_kaldi_ta / t_kaldi_ours,
-                      enc_s=t_enc_ours, enc_ratio=t_enc_hf / t_enc_ours, windows=x.shape[0], blocks=blocks)))
+print(json.dumps(dict(device=device, dtype=str(dtype), files=len(files), ours_s=t_ours, peak_mib=peak / 2**20,
+                      front_s=t_front, threads_s=t_front_threads, kaldi_ours_s=t_kaldi_ours, kaldi_ta_s=t_kaldi_ta,
+                      enc_s=t_enc_ours, enc_hf_s=t_enc_hf, windows=x.shape[0], blocks=blocks)))
 """
 
 
@@ -99,12 +99,13 @@ def main():
             if out.returncode:
                 sys.exit(out.stderr)
             r = json.loads(out.stdout.strip().splitlines()[-1])
+            ms = {k: f"{r[k] * 1e3:.1f} ms" for k in r if k.endswith("_s")}
             print(f"{size:>5} encoder ({r['device']}, {r['dtype']}, {r['windows']} windows, {r['blocks']} blocks run): "
-                  f"{r['clips_per_s']:.2f} clips/s file->features, peak RSS growth {r['peak_mib']:.0f} MiB | "
-                  f"front end {r['front_s'] * 1e3:.0f} ms for 8 files, {args.threads} decode threads "
-                  f"{r['threads_s'] * 1e3:.0f} ms ({r['front_s'] / r['threads_s']:.2f}x); "
-                  f"fbank vs torchaudio {r['kaldi_ratio']:.2f}x | "
-                  f"encoder {r['enc_s'] * 1e3:.0f} ms vs transformers ViT {r['enc_ratio']:.2f}x")
+                  f"{r['files'] / r['ours_s']:.2f} clips/s file->features ({r['files']} files in {ms['ours_s']}), "
+                  f"peak RSS growth {r['peak_mib']:.0f} MiB | front end {ms['front_s']} for {r['files']} files, "
+                  f"{args.threads} decode threads {ms['threads_s']} ({r['front_s'] / r['threads_s']:.2f}x); fbank "
+                  f"{ms['kaldi_ours_s']} vs torchaudio {ms['kaldi_ta_s']} ({r['kaldi_ta_s'] / r['kaldi_ours_s']:.2f}x)"
+                  f" | encoder {ms['enc_s']} vs transformers ViT {ms['enc_hf_s']} ({r['enc_hf_s'] / r['enc_s']:.2f}x)")
 
 
 if __name__ == "__main__":
