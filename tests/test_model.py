@@ -821,7 +821,11 @@ def test_an_llm_held_in_bf16_scores_and_generates_in_fp32(parts):
     want = apt.choice_logprob(segments, answers, feats)
     got = half.choice_logprob(segments, answers, feats)
     assert got.dtype == torch.float32 and not torch.equal(got, got.bfloat16().float())
-    torch.testing.assert_close(got, want, rtol=0.05, atol=0.5)
+    # to bf16's precision token by token: its weights round to 2^-9 of their size; measured here at most 0.006 a
+    # token (the sums run to -173), bounded at 0.02 a token, answer and EOS
+    tokens = torch.tensor([len(half.tokenizer.encode(a, bos=False)) + 1 for a in answers])
+    assert ((got - want).abs() <= 0.02 * tokens).all(), (got, want)
+    assert got.argsort().tolist() == want.argsort().tolist()
     searched, search = [], half.llm._beam_search
 
     def beams(logits, step, *rest):  # the beams are scored in fp32: the prompt's logits and every step's
