@@ -15,7 +15,17 @@ from helpers import record_scenes
 
 from apt_min import data, synth, tasks
 from apt_min.errors import SettingError
-from benchmarks.synth_flaws import ORDER_WORDS, first_onsets, interleaved, last_starters, lean, openers, silent_ends
+from benchmarks.synth_flaws import (
+    ORDER_WORDS,
+    alone,
+    aqa_order_answers,
+    first_onsets,
+    interleaved,
+    last_starters,
+    lean,
+    openers,
+    silent_ends,
+)
 
 SCALE = 0.02  # 40/4/4 pool scenes, 8/2/2 Clotho scenes, 7 ESC clips per novel class, 20/2/2 NLAR pairs
 
@@ -281,6 +291,14 @@ def test_the_flaw_counts_measure_what_they_name():
     turns = [E("bell", 0.0, 1.0, 0), E("hum", 0.5, 1.5, 0), E("bell", 2.0, 3.0, 0)]
     assert openers(turns) == {"bell"} and last_starters(turns) == {"bell"}  # the hum's first onset is the later one
     assert last_starters([*turns, E("drip", 2.0, 2.5, 0)]) == {"bell", "drip"}
+    # the answers an order question allows: one, or both where the two start together; none for another question
+    assert aqa_order_answers("Does the bell start before the hum?", turns) == {"yes"}
+    assert aqa_order_answers("Does the hum start before the bell?", turns) == {"no"}
+    assert aqa_order_answers("Does the bell start before the hum?", [E("bell", 0.0, 1.0, 0), E("hum", 0.0, 2.0, 0)]) \
+        == {"yes", "no"}
+    assert aqa_order_answers("Which sound is heard first?", turns) == {"bell"}
+    assert aqa_order_answers("Is there a bell in the recording?", turns) is None
+    assert not alone(turns[0], turns) and alone(turns[2], turns)  # the hum sounds during the first bell only
     rng = np.random.default_rng(0)
     audio = 0.01 * rng.standard_normal(4 * synth.SR)
     audio[synth.SR:int(1.5 * synth.SR)] += 0.2 * np.sin(np.arange(synth.SR // 2) * 0.3)  # a tone from 1.0 to 1.5 s
@@ -292,9 +310,12 @@ def test_the_flaw_counts_measure_what_they_name():
     assert late["silent end"] == 1 and late["heard after the end"] == 0
     early = silent_ends(audio, [E("beep", 1.0, 1.3, 0)])
     assert early["silent end"] == 0 and early["heard after the end"] == 1
+    last = silent_ends(audio, [E("beep", 1.0, 1.5, 0), E("tail", 3.5, 4.0, 0)])  # one ends with the clip:
+    assert last["ends checked"] == 2 and last["after checked"] == 1  # nothing after it to check
     train = [("Is there a bell in the recording?", "no")] * 3 + [("Is there a hum in the recording?", "yes")]
     test = [("Is there a drip in the recording?", "no"), ("Is there a bell in the recording?", "yes")]
     assert lean(train, test) == (0.5, 0.5)  # one form: "no" most often; two answers seen
+    assert lean(train, [("Is there a drip in the recording?", "maybe")]) == (0.0, 0.0)  # an answer never seen
 
 
 def test_an_interrupted_generation_is_finished_by_the_next(tmp_path, monkeypatch):
