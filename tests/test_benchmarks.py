@@ -175,6 +175,12 @@ def test_block_memory_counts_what_a_frozen_block_keeps_for_backward():
     saved_per_token(block, cfg)
     compiled = saved_per_token(block, cfg) / (2 * cfg.hidden_size)
     assert compiled == 2 + 4 + 2 * ratio + stats
+    # the GiB a kept block adds at Vicuna-7B's width: what it keeps beyond its input (which a checkpoint keeps
+    # anyway), bf16, for each of batch x seq tokens
+    out = run("benchmarks/block_memory.py", "--no-compile", "--batch", "32", "--seq", "170")
+    beyond, gib = map(float, re.search(r"as written: [\d.]+ values per hidden unit, ([\d.]+) beyond the block's "
+                                       r"input: ([\d.]+) GiB more per block kept", out).groups())
+    assert gib == pytest.approx(beyond * 2 * 4096 * 32 * 170 / 2**30, abs=0.006), out
 
 
 def test_bench_chain_says_why_a_stage_failed(tmp_path):
