@@ -139,7 +139,7 @@ def test_probe_prompts_readout_is_scikit_learns_logistic_regression():
     """The read-out of benchmarks/probe_prompts.py (hand-written: L-BFGS on binary cross-entropy with an L2 weight)
     fits the same model as scikit-learn's LogisticRegression, one per class, at the matching strength: its mean over
     N rows and C classes plus l2 |w|^2 is, per class, scikit-learn's sum of losses plus |w|^2 / (2 C_sk) with
-    C_sk = 1 / (2 N C l2)."""
+    C_sk = 1 / (2 N C l2). readout_map takes the L2 weight whose held-out rows rank best."""
     from sklearn.linear_model import LogisticRegression
 
     from benchmarks.probe_prompts import fit_readout
@@ -153,6 +153,19 @@ def test_probe_prompts_readout_is_scikit_learns_logistic_regression():
         ref = LogisticRegression(C=1 / (2 * n * c * l2), tol=1e-10, max_iter=10_000).fit(x, y[:, k])
         np.testing.assert_allclose(w[:-1, k], ref.coef_[0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(w[-1, k], ref.intercept_[0], rtol=1e-4, atol=1e-5)
+    # readout_map's L2 weight is the one of its five whose fit on the first four fifths of the training rows ranks
+    # the last fifth best (few rows, many noisy features: the weights matter)
+    from apt_min import metrics
+    from benchmarks.probe_prompts import readout_map, with_bias
+
+    x = rng.normal(size=(60, 40))
+    y = (x[:, :3] + 2 * rng.normal(size=(60, 3)) > 0).astype(float)
+    _, chosen = readout_map(x, y, x, y)
+    z = torch.from_numpy((x - x.mean(0)) / (x.std(0) + 1e-6))
+    held = {l2: metrics.mean_average_precision((with_bias(z[48:]) @ fit_readout(z[:48], torch.from_numpy(y[:48]),
+                                                                                  l2)).numpy(), y[48:])
+            for l2 in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)}
+    assert held[chosen] == max(held.values()) > min(held.values()), held
 
 
 def test_block_memory_counts_what_a_frozen_block_keeps_for_backward():
