@@ -491,8 +491,23 @@ def test_probe_avqa_asks_as_the_evaluation_does(with_vision):
                 want[name][kind] += (int(answers[mode].cloze.argmax()) == item["answer"]) / len(chosen)
             torch.testing.assert_close(asked["audio + video, one frame"][0][1],
                                        model.blip.frame_prompts(pixels[:1], item["question"]))
+            laid_out = {name: [kind for kind, _ in segments] for name, segments in asked.items()}
+            assert laid_out["audio + video"] == ["prompts", "audio", "text"]  # AVQA's order: the picture first
+            assert laid_out["video after audio"] == ["audio", "prompts", "text"]
     right = picture_and_sound(model, kinds, per_frame)
     assert len(right) == 8 and all(right[name] == pytest.approx(want[name]) for name in want)
+
+
+def test_probe_avqa_ranks_from_the_likeliest():
+    """probe_avqa.mean_rank: where each wanted name ranks among all names by the APT's likelihood, 0 the likeliest."""
+    from benchmarks.probe_avqa import mean_rank
+
+    class Likelihoods:  # an APT whose scores of the names are given
+        @staticmethod
+        def choice_logprob(segments, names, feats):
+            return torch.tensor([-3.0, -1.0, -7.0, -2.0])
+
+    assert mean_rank(Likelihoods(), [], {}, ["cat", "bell", "dog", "car"], ["bell", "dog", "car"]) == [0, 3, 1]
 
 
 def test_probe_avqa_tells_each_sense_in_words(with_vision):
