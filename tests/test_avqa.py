@@ -510,6 +510,37 @@ def test_probe_avqa_ranks_from_the_likeliest():
     assert mean_rank(Likelihoods(), [], {}, ["cat", "bell", "dog", "car"], ["bell", "dog", "car"]) == [0, 3, 1]
 
 
+def test_probe_avqa_puts_the_previous_questions_video_beside_each_one():
+    """probe_avqa.sides_followed: each question's "another video" is the one asked before it (the first's: the
+    last), never its own; the rates count how often the likeliest option is pictured, heard and right."""
+    from benchmarks.probe_avqa import MIXES, sides_followed
+
+    pairs = []
+
+    class Scores:  # an APT-BLIP-2 whose likeliest option is always the first
+        blocks_apart = False
+
+        class blip:  # noqa: N801
+            processing = staticmethod(lambda path: torch.zeros(3, 4, 4))
+            frame_prompts = staticmethod(lambda pixels, question: torch.zeros(len(pixels), 2, 8))
+
+        class apt:  # noqa: N801
+            @staticmethod
+            def encode_clips(paths, strict):
+                pairs.append(tuple(paths))
+                return dict.fromkeys(paths), []
+
+            @staticmethod
+            def choice_logprob(segments, options, feats, apart):
+                return torch.tensor([0.0, -1.0, -2.0, -3.0])
+
+    items = [{"video": f"v{i}", "question": "q", "audio": f"v{i}.wav", "frames": ["f"], "options": list("abcd"),
+              "answer": i % 2} for i in range(3)]
+    rates = sides_followed(Scores(), items, {f"v{i}": {"pictured": ["a"], "heard": ["b"]} for i in range(3)})
+    assert pairs == [("v0.wav", "v2.wav"), ("v1.wav", "v0.wav"), ("v2.wav", "v1.wav")]
+    assert set(rates) == set(MIXES) and rates["video only"].tolist() == pytest.approx([1.0, 0.0, 2 / 3])
+
+
 def test_probe_avqa_tells_each_sense_in_words(with_vision):
     """benchmarks/probe_avqa.py, its fourth part: each side's content in words (the pictured objects as seen, the
     heard as heard), and its rates are the questions whose likeliest option, after those words, is the answer."""
