@@ -200,6 +200,11 @@ def test_truncated_wav(tmp_path):
     with pytest.raises(AudioError, match=r"cut.wav: truncated WAV: the header declares 32000 bytes of audio, the "
                                          r"file holds 31999"):
         audio.load(tmp_path / "cut.wav")
+    sf.write(tmp_path / "stereo.wav", tone(1.0, channels=2), 16000, subtype="PCM_16")  # what could be read: said
+    (tmp_path / "stereo.wav").write_bytes((tmp_path / "stereo.wav").read_bytes()[:44 + 4 * 1000])
+    with pytest.raises(AudioError, match=r"stereo.wav: truncated WAV: the header declares 64000 bytes of audio, the "
+                                         r"file holds 4000 \(1000 frames of 2 channels were readable\)"):
+        audio.load(tmp_path / "stereo.wav")
 
 
 def riff_wav(pcm: bytes, info: bytes = b"", data_size: int | None = None) -> bytes:

@@ -198,6 +198,8 @@ def test_image_processing_reads_the_folders_settings(tmp_path):
         assert_close_rel(ours(image), theirs, 1e-6)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 24}}))
     assert ImageProcessing.read(tmp_path).size == 24
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 26}}))  # a height alone
+    assert ImageProcessing.read(tmp_path).size == 26
     (tmp_path / "notes.jpg").write_text("not a picture")
     for bad, why in ((tmp_path / "missing.jpg", "No such file"), (tmp_path / "notes.jpg", "cannot identify image")):
         with pytest.raises(ImageError, match=re.escape(f"{bad}: cannot be read as an image (") + f".*{why}"):
@@ -548,6 +550,9 @@ def test_named_option():
     assert named_option("no idea", ["dog", "", "bell", "cat"]) == -1  # an empty option is named by nothing
     assert named_option("", ["dog", "", "bell", "cat"]) == named_option(".", ["dog", "", "bell", "cat"]) == -1  # nor
     assert named_option(" 3", options) == 3  # a number after a space
+    assert named_option("0", options) == 0 and named_option("(0) dog", options) == 0  # the first option is 0
+    assert named_option("I hear 2 dogs", options) == 0  # a number later in the answer is no option's number
+    assert named_option("a car", ["car", "car horn", "bell", "cat"]) == 0  # "car horn" not said: car is named
     assert named_option("Dog.", ["dog", "car", "dog", "cat"]) == 0  # the whole answer: an option listed twice, first
     nested = ["motorboat", "Yacht consignment", "Sailboat set sail", "Consignment"]
     assert named_option("Yacht consignment", nested) == 1  # the whole answer
@@ -622,8 +627,11 @@ def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):
     torch.testing.assert_close(back.frame_prompts(pixels, "a bell?"), side.frame_prompts(pixels, "a bell?"))
     other = Llama(blip.llm.config)
     randomize(other)
-    with pytest.raises(CheckpointError, match="trained against the llm"):
-        InstructBLIP.load_vision(tmp_path / "side", other, blip.tokenizer, {"path": "other", "fingerprint": "x"})
+    for given in ({"path": "other", "fingerprint": "x"}, {"path": "other", "fingerprint": "x", "probe":
+                                                            weight_probe(other)}):  # (load_llm records a probe)
+        with pytest.raises(CheckpointError, match=r"trained against the llm \{'path': 'llm', 'fingerprint': 'abc'\}, "
+                                                  r"but the llm given is \{'path': 'other', 'fingerprint': 'x'\}"):
+            InstructBLIP.load_vision(tmp_path / "side", other, blip.tokenizer, given)
     # every tensor of the side must be in its file: one missing is named, not left at its initial value
     from safetensors.torch import load_file
 
