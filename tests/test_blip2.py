@@ -576,6 +576,8 @@ def test_an_apt_of_another_llm_is_refused(hf_folder, blip, tmp_path):
         plugged = APTBLIP2.plug(blip, tmp_path / "apt-same", apt.encoder, enc_id)  # ... the same weights: accepted
     assert moved == [(blip.llm.lm_head.weight.device,)]
     torch.testing.assert_close(plugged.apt.proj.weight, apt.proj.weight)
+    # left to its defaults, a real InstructBLIP's sequence: its prompt format, the two blocks seeing each other
+    assert (plugged.apt.prompt_format, plugged.blocks_apart) == ("instructblip", False)
     # an APT that recorded InstructBLIP's own files (no weight probe) is accepted by them
     own_id = {"path": str(folder), "fingerprint": fingerprint(*model_files(folder))}
     apt.save(tmp_path / "apt-own-files", enc_id, own_id)

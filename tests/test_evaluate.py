@@ -949,7 +949,8 @@ def test_ask_checks_its_question_and_files_before_loading_anything(trained, monk
         assert said in capsys.readouterr().err
     for words, said in ((["  "], "the question is empty"),
                         (["What", "sounds", "are", "here?"], "unexpected 'sounds are here?' after the question "
-                                                             "'What'; give the whole question in quotes")):
+                                                             "'What'; give the whole question in quotes"),
+                        (["Is", "it", "-3", "dB?"], "unexpected 'it -3 dB?' after the question 'Is'")):  # "-3": a word
         with pytest.raises(SystemExit):
             __main__.main(["ask", "--audio", clip, *words, *opts(trained)])
         assert said in capsys.readouterr().err
