@@ -1,6 +1,6 @@
 """The audio aligner: a small BLIP-2 Q-Former (paper §3.1, §3.3; Li et al., BLIP-2, §3.1) and its stage-0 losses.
 
-    audio_feats (B, N, Da) + text ids (B, T)  ->  hidden states (B, Q + T, H)     Q = 32 learned queries
+    audio_feats (B, N, Da) + text ids (B, T)  ->  hidden states (B, Q + T, H)     Q learned queries (32, the paper's)
 
 One stack of BERT-style post-LN layers runs over `[queries ; text]`. Self-attention mixes the two under one of three
 masks (the functions below, each drawn); only the query slice cross-attends to the audio, every
@@ -33,7 +33,8 @@ from apt_min.checkpoint import check_keys, safetensors_entries
 from apt_min.llama import draw
 
 STAGE0_HEADS = ("audio_proj", "text_proj", "temp", "atm_head", "lm_transform", "lm_decoder")  # trained by stage 0 only
-# (its projections also serve the paper's tagging protocol: evaluation.text_branch_scores)
+# (the text projection also serves the paper's tagging protocol: evaluation.text_branch_scores; the decoder's weight is
+# the word table, the aligner's own one of which stages 1 and 2 go on training)
 
 
 @dataclass

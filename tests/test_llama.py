@@ -79,6 +79,39 @@ def test_far_positions_and_a_large_norm_epsilon_match_transformers(tmp_path):
     ids = torch.randint(3, 96, (1, 300))
     assert_close_rel(ours(ids)[0, 250:], hf.double()(ids).logits[0, 250:], 1e-5)
 
+def test_a_bf16_llms_rotary_tables_are_computed_in_fp32_as_transformers_does():
+    """Positions far past 256 (where bfloat16 no longer holds every integer) and angles of hundreds of radians: the
+    angles are formed and turned into cos/sin in fp32, and only the tables are rounded to the model's bf16, so they are
+    transformers' to bf16 rounding (4e-3 of the scale; an angle rounded to bf16 first is off by up to 2 radians)."""
+    from transformers import LlamaConfig as HFConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from apt_min.llama import rope_cos_sin, rope_frequencies
+
+    shape = dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=1024)
+    positions = torch.arange(1000)[None]  # (1, T)
+    theirs = LlamaRotaryEmbedding(HFConfig(**shape))(torch.zeros(1, 1000, 16, dtype=torch.bfloat16), positions)
+    ours = rope_cos_sin(rope_frequencies(LlamaConfig(**shape)), positions, torch.bfloat16)
+    for got, ref in zip(ours, theirs):
+        assert got.dtype == ref.dtype == torch.bfloat16 and got.shape == (1, 1, 1000, 16)
+        assert_close_rel(got[:, 0], ref, 1e-2)
+
+
+@pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
+@torch.no_grad()
+def test_a_checkpoint_with_one_kind_of_bias_matches_transformers(tmp_path, bias):
+    """attention_bias and mlp_bias are separate flags (Qwen-style checkpoints have the one, others the other): each
+    gives biases to its own projections only, and the logits are transformers'."""
+    hf, folder = hf_llama(tmp_path, shards=False, **{bias: True})
+    ours = Llama.from_pretrained(folder).double()
+    has_bias = {name.rsplit(".", 2)[-2] for name, _ in ours.named_parameters() if name.endswith(".bias")}
+    assert has_bias == ({"q_proj", "k_proj", "v_proj", "o_proj"} if bias == "attention_bias" else
+                        {"gate_proj", "up_proj", "down_proj"})
+    ids = torch.randint(3, 96, (2, 9))
+    assert_close_rel(ours(ids), hf.double()(ids).logits, 1e-5)
+
+
 @torch.no_grad()
 def test_inputs_embeds_and_logits_at(pair):
     _, ours = pair

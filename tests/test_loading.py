@@ -217,6 +217,52 @@ def test_fields_a_config_leaves_out_take_transformers_defaults():
         transformers.LlamaConfig(**nulls).num_key_value_heads == 4
 
 
+def test_every_field_a_config_gives_is_read_from_its_own_key():
+    """Each field of a config.json that gives them all, each value unlike its default and unlike the others (BOS and
+    EOS, the two bias flags), is read as transformers reads it."""
+    import transformers
+
+    from apt_min.llama import LlamaConfig
+
+    raw = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 160,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+           "rms_norm_eps": 0.25, "rope_theta": 500.0, "max_position_embeddings": 300, "tie_word_embeddings": True,
+           "bos_token_id": 5, "eos_token_id": 7}
+    for biases in ({"attention_bias": True, "mlp_bias": False}, {"attention_bias": False, "mlp_bias": True}):
+        ours, theirs = LlamaConfig.from_dict({**raw, **biases}, "config.json"), transformers.LlamaConfig(**raw, **biases)
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+                      "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id"):
+            assert getattr(ours, field) == getattr(theirs, field), field
+        assert ours.rope_theta == theirs.rope_parameters["rope_theta"] == 500.0
+
+
+def test_a_config_naming_only_its_architecture_or_missing_a_size_field(folder):
+    """A config.json that says LlamaForCausalLM in `architectures` with no model_type (some exports write only that)
+    is a Llama; one without a field that sets the model's shape is refused naming the file and the field."""
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("model_type")
+    raw["architectures"] = ["LlamaForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    assert Llama.from_pretrained(folder).config.hidden_size == raw["hidden_size"]
+    raw.pop("intermediate_size")
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"config\.json: missing fields \['intermediate_size'\]"):
+        Llama.from_pretrained(folder)
+
+
+def test_the_default_config_is_llama_2_7bs():
+    """LlamaConfig() (the paper preset's Vicuna-7B shape, and what the tiny stand-in LLM leaves unset) is Llama-2-7B's
+    config.json, read: its RMSNorm epsilon and rotary base included."""
+    from apt_min.llama import LlamaConfig
+
+    llama2_7b = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+                 "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "max_position_embeddings": 4096,
+                 "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    assert LlamaConfig() == LlamaConfig.from_dict(llama2_7b, "config.json")
+
+
 def test_no_weights(folder):
     for f in folder.glob("*.safetensors*"):
         f.unlink()
