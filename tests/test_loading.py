@@ -229,7 +229,8 @@ def test_every_field_a_config_gives_is_read_from_its_own_key():
            "rms_norm_eps": 0.25, "rope_theta": 500.0, "max_position_embeddings": 300, "tie_word_embeddings": True,
            "bos_token_id": 5, "eos_token_id": 7}
     for biases in ({"attention_bias": True, "mlp_bias": False}, {"attention_bias": False, "mlp_bias": True}):
-        ours, theirs = LlamaConfig.from_dict({**raw, **biases}, "config.json"), transformers.LlamaConfig(**raw, **biases)
+        ours = LlamaConfig.from_dict({**raw, **biases}, "config.json")
+        theirs = transformers.LlamaConfig(**raw, **biases)
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
                       "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id"):
