@@ -11,7 +11,8 @@ they load Vicuna:
     model.safetensors        every tensor dequantised to float32, named as transformers names them; llama.cpp stores
                              the query and key projections with their rows permuted for its rotary kernel, undone here
     tokenizer.json           byte-level BPE from the GGUF's vocabulary and merges (built with `tokenizers`), its
-                             digits split apart first, as the model's own tokenizer does
+                             digits split apart first, as the model's own tokenizer does; BOS / EOS added around
+                             each text where the GGUF's flags say (transformers' reading of a GGUF adds them so)
     tokenizer_config.json    the special tokens and the chat template
     generation_config.json   BOS / EOS / padding ids
     source.json              what it came from and the converter's version (written last: a folder without it,
@@ -175,7 +176,7 @@ def hf_tokenizer(meta: dict):
     as on the Hugging Face hub) every digit split off first, so that a run of spaces or newlines before a digit stays
     one token ("\\n\\n2": "ĊĊ", "2"), as the model read it in training. (transformers' own reading of the GGUF
     leaves that split out: there "\\n\\n2" is "Ċ", "Ċ", "2".)"""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise WeightsError(f"tokenizer {meta.get('tokenizer.ggml.model')!r}: only byte-level BPE (gpt2) is converted")
@@ -193,6 +194,17 @@ def hf_tokenizer(meta: dict):
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
                             if k == CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
+    # BOS / EOS around each text where the GGUF's add_bos_token / add_eos_token flags ask for them, as transformers'
+    # reading of the GGUF adds them (our Tokenizer asks this one for no special tokens: it adds BOS itself)
+    ends = {k: (tokens[meta[f"tokenizer.ggml.{k}_token_id"]], meta[f"tokenizer.ggml.{k}_token_id"])
+            for k in ("bos", "eos") if meta.get(f"tokenizer.ggml.add_{k}_token")}
+    if ends:
+        def around(text: str, type_id: int) -> list[str]:
+            return [f"{ends[k][0]}:{type_id}" if k in ends else f"${text}:{type_id}" for k in ("bos", "text", "eos")
+                    if k in ends or k == "text"]
+
+        tok.post_processor = processors.TemplateProcessing(single=around("A", 0), pair=around("A", 0) + around("B", 1),
+                                                           special_tokens=list(ends.values()))
     return tok
 
 

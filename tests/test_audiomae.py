@@ -137,6 +137,8 @@ def test_other_grids():
         model(torch.randn(1, 1024, 128))
     with pytest.raises(ValueError, match=r"expected fbank windows of shape \(B, 512, 64\)"):
         model(torch.randn(1, 520, 64))  # half a patch too long: the patching would drop the last 8 frames unsaid
+    with pytest.raises(ValueError, match=r"expected fbank windows of shape \(B, 512, 64\), got \(1, 512, 72\)"):
+        model(torch.randn(1, 512, 72))  # half a patch too many bins, likewise
     # the MLP's width is dim x mlp_ratio, whatever the ratio
     wide = AudioMAE(AudioMAEConfig(dim=32, depth=1, heads=2, mlp_ratio=2.5, output_block=0)).blocks[0].mlp
     assert (wide.fc1.out_features, wide.fc2.in_features) == (80, 80)
@@ -226,9 +228,11 @@ def test_unexpected_and_misshaped_keys_are_named(tmp_path):
     path = released_checkpoint(model, tmp_path / "ck.pth")
     ck = torch.load(path, weights_only=False)
     ck["model"]["blocks.0.attn.rel_pos"] = torch.zeros(3)
+    ck["model"]["blocks.0.attn.q_norm.weight"] = torch.ones(16)  # a ViT with normed queries is not Audio-MAE's
     ck["model"]["blocks.2.mlp.fc1.weight"] = torch.zeros(10, 64)
     torch.save(ck, path)
-    with pytest.raises(CheckpointError, match=r"unexpected keys: blocks\.0\.attn\.rel_pos.*wrong shapes: "
+    with pytest.raises(CheckpointError, match=r"unexpected keys: blocks\.0\.attn\.q_norm\.weight, "
+                                              r"blocks\.0\.attn\.rel_pos.*wrong shapes: "
                                               r"blocks\.2\.mlp\.fc1\.weight in ck.pth: expected \(256, 64\)"):
         AudioMAE.from_checkpoint(path, model.config)
 

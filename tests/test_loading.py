@@ -352,7 +352,8 @@ def _safetensors(path, header: dict, data: bytes = bytes(64)):
     ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
       "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "'x' and 'y' overlap"),
     ({"x": "F32"}, "'x' has no dtype, shape and offsets"),
-], ids=["list", "no-offsets", "negative-offset", "negative-shape", "overlap", "not-an-object"])
+    ({"x": {"dtype": "U32", "shape": [2], "data_offsets": [0, 8]}}, "'x' has unsupported dtype 'U32'"),  # not floats
+], ids=["list", "no-offsets", "negative-offset", "negative-shape", "overlap", "not-an-object", "unsupported-dtype"])
 def test_a_malformed_safetensors_header_is_refused_naming_the_file(tmp_path, header, says):
     """What the safetensors format forbids is a CheckpointError naming the file (never a tensor filled from the
     header's bytes or from another tensor's, and never a bare KeyError or TypeError)."""
@@ -417,6 +418,9 @@ def test_a_strided_destination_is_filled_and_a_broken_index_named(tmp_path):
     # piece too: reading straight into its memory works only on the CPU
     safetensors_entries(tmp_path / "w.safetensors")["w"](torch.empty(2, 3, device="meta"))
     (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a JSON object"):
+        checkpoint_tensors(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_bytes(b"\xff\xfe{\x00")  # not UTF-8 text (a UTF-16 file)
     with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a JSON object"):
         checkpoint_tensors(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": 3}}))
@@ -665,3 +669,9 @@ def test_key_problems_name_the_files_and_list_at_most_eight_keys(tmp_path):
     eight = {f"k{i:02d}": (1,) for i in range(8)} | {"x": (2,)}  # exactly eight: all listed, no count
     with pytest.raises(CheckpointError, match=rf"missing keys: {listed}$"):
         check_keys(shards, eight, set(), (), tmp_path)
+    # mis-shaped keys likewise: sorted, the first 8 shown (the same 8 in every process, whatever its hash seed)
+    misshaped = {tmp_path / "a.safetensors": {f"w{i:02d}": _Entry((3,), None) for i in reversed(range(12))}}
+    with pytest.raises(CheckpointError) as e:
+        check_keys(misshaped, {f"w{i:02d}": (1,) for i in range(12)}, set(), (), tmp_path)
+    assert str(e.value).endswith("wrong shapes: " + ", ".join(f"w{i:02d} in a.safetensors: expected (1,), found (3,)"
+                                                              for i in range(8)) + " ... (12 in all)")

@@ -13,7 +13,8 @@ CORPUS = ["A dog barks twice while a car passes by.", "Summarize the audio with 
           "When does the siren happen?", "Between 1.25s and 3.50s a bell rings; then a 440 Hz tone.",
           "This is a sound of rain.", "How many times does the alarm occur? Three."] * 40
 SAMPLES = ["A dog barks twice.", "This is a sound of", "When does siren happen? 0.50s-2.25s",
-           "digits 12345, unicode ünïcödé and ✓ (byte fallback)", "line\nbreak", "trailing spaces  ", ""]
+           "digits 12345, unicode ünïcödé and ✓ (byte fallback)", "line\nbreak", "trailing spaces  ", "",
+           "no normalisation: the ligature ﬁ, x², ｆｕｌｌ width"]  # (NFKC would write fi, x2, full)
 
 
 @pytest.fixture(scope="module")

@@ -201,7 +201,7 @@ TINY_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *"abcdefghijklmnop
 TINY_MERGES = ["Ġ a", "b c", "1 2", "< t", "<t h"]
 
 
-def tiny_gguf(path):
+def tiny_gguf(path, add_bos: bool | None = None, add_eos: bool | None = None):
     """A llama GGUF written by the format's reference writer (the gguf package), in float32: 2 blocks of width 64,
     4 query heads over 2 key/value heads, an lm_head of its own (output.weight); no rope base and no rope dimension
     count (their defaults: 10000 and width / heads); a byte-level vocabulary with merges, three control tokens, a
@@ -226,6 +226,10 @@ def tiny_gguf(path):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if add_eos is not None:
+        w.add_add_eos_token(add_eos)
 
     def matrix(name, rows, cols):
         w.add_tensor(name, (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32))
@@ -265,6 +269,8 @@ def test_a_gguf_with_its_own_lm_head_and_default_rope_converts_as_transformers_r
     weights.convert(gguf, folder, {})
     config = json.loads((folder / "config.json").read_text())
     assert (config["tie_word_embeddings"], config["head_dim"], config["rope_theta"]) == (False, 16, 10000.0)
+    assert json.loads((folder / "generation_config.json").read_text()) == \
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}  # padding, BOS and EOS apart, as the GGUF has them
     same_reading(AutoConfig.from_pretrained(folder), AutoConfig.from_pretrained(tmp_path, gguf_file=gguf.name))
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 3, 29, 37, 4, 36, 38, 5, 6, 2]])
@@ -421,3 +427,21 @@ def test_a_gguf_that_names_no_pre_tokenizer_or_bos_flag_is_read_as_transformers_
     assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["add_bos_token"] is False
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert AutoTokenizer.from_pretrained(tmp_path / "hf")("a bc 12").input_ids == ref("a bc 12").input_ids
+
+@pytest.mark.parametrize("bos, eos", [(True, False), (True, True), (False, True)])
+def test_a_gguf_whose_flags_add_bos_or_eos_converts_to_a_tokenizer_that_adds_them(tmp_path, bos, eos):
+    """Where the GGUF's add_bos_token / add_eos_token flags are set, transformers' reading of the GGUF puts BOS
+    before and EOS after each text (each of a pair too): so does the converted folder's tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = tiny_gguf(tmp_path / "tiny.gguf", add_bos=bos, add_eos=eos)
+    weights.convert(path, tmp_path / "hf", {})
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["add_bos_token"] is bos
+    ours = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for texts in (("a bc 12",), ("a bc", "12")):
+        ids = ours(*texts).input_ids
+        assert ids == ref(*texts).input_ids
+        assert ours(*texts, return_token_type_ids=True).token_type_ids == \
+            ref(*texts, return_token_type_ids=True).token_type_ids  # (a pair's second text, special tokens and all: 1)
+        assert (ids[0] == 1) is bos and (ids[-1] == 2) is eos and ids.count(1) == bos * len(texts)
