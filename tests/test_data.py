@@ -4,6 +4,7 @@ import json
 import logging
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -43,11 +44,29 @@ def test_audioset_segments_and_classes(tmp_path):
 
 
 @pytest.mark.parametrize("line, problem", [('abcdefghijk, 0.000, "/m/0jbk"\n', "expected YTID"),
-                                           ('abcdefghijk, zero, 10.000, "/m/0jbk"\n', "start 'zero' is not")])
+                                           ('abcdefghijk, zero, 10.000, "/m/0jbk"\n', "start 'zero' is not"),
+                                           ('abcdefghijk, 0.000, ten, "/m/0jbk"\n', "end 'ten' is not")])
 def test_audioset_broken_rows_name_file_and_line(tmp_path, line, problem):
     path = write(tmp_path / "bad.csv", AUDIOSET + line)
     with pytest.raises(DataError, match=rf"bad.csv:6: .*{problem}"):
         data.read_audioset_segments(path)
+
+
+@pytest.mark.parametrize("reader, empty", [
+    ("read_audioset_segments", "# Segments csv created Sun Mar  5 10:54:31 2017\n# num_ytids=0\n"),
+    ("read_class_labels", "index,mid,display_name\n"), ("read_mid_to_name", "\n"),
+    ("read_strong_labels", "segment_id\tstart_time_seconds\tend_time_seconds\tlabel\n"),
+    ("read_audiocaps", "audiocap_id,youtube_id,start_time,caption\n"),
+    ("read_clotho_captions", "file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n"),
+    ("read_clotho_aqa", "file_name,QuestionText,answer,confidence\n"),
+    ("read_wavcaps", '{"num_captions_per_audio": 1, "data": []}'),
+    ("read_esc50", "filename,fold,target,category,esc10,src_file,take\n"), ("read_nlar", "[]"), ("read_avqa", "[]")])
+def test_every_reader_refuses_a_file_that_lists_nothing(tmp_path, reader, empty):
+    """A list cut short by a failed download (its header, no rows): an error naming the file, not an empty split
+    that trains or scores on nothing."""
+    path = write(tmp_path / "list.txt", empty)
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: lists nothing"):
+        getattr(data, reader)(path)
 
 
 def test_a_segment_labelled_with_an_unknown_class_names_the_file(tmp_path):
@@ -261,6 +280,28 @@ def test_caption_texts_read_the_captions_where_the_data_roots_layout_puts_them(t
     assert data.caption_texts(tmp_path, "train", layout=layout) == ["A dog", "A dog barks"]
 
 
+def test_the_layout_names_each_data_sets_files_as_its_release_names_them():
+    """A user unpacks the real downloads under the data root: the file names the readers look for are the ones those
+    releases ship (Clotho v2 on Zenodo, WavCaps's json_files on the Hugging Face hub, AudioSet's lists, ESC-50's
+    meta, Clotho-AQA's CSVs), not names of our own. (The synthetic benchmark is written from LAYOUT itself, so only
+    this test would see a name drift away from the releases.)"""
+    L = data.LAYOUT
+    assert sorted(L["clotho"]["csv"].format(split=s) for s in L["clotho"]["splits"].values()) == [
+        "clotho/clotho_captions_development.csv", "clotho/clotho_captions_evaluation.csv",
+        "clotho/clotho_captions_validation.csv"]
+    assert sorted(L["wavcaps"]["json"].format(subset=k, name=v) for k, v in L["wavcaps"]["names"].items()) == [
+        "wavcaps/json_files/AudioSet_SL/as_final.json", "wavcaps/json_files/BBC_Sound_Effects/bbc_final.json",
+        "wavcaps/json_files/FreeSound/fsd_final.json", "wavcaps/json_files/SoundBible/sb_final.json"]
+    assert [b.rsplit("/", 1)[1] for b in L["wavcaps"]["blacklists"]] == [
+        "blacklist_exclude_test_ac.json", "blacklist_exclude_ub8k_esc50_vggsound.json"]
+    assert {k: v.rsplit("/", 1)[1] for k, v in L["audioset"]["segments"].items()} == {
+        "train": "balanced_train_segments.csv", "balanced": "balanced_train_segments.csv",
+        "unbalanced": "unbalanced_train_segments.csv", "test": "eval_segments.csv"}
+    assert [L["audioset"][k].rsplit("/", 1)[1] for k in ("classes", "names")] == [
+        "class_labels_indices.csv", "mid_to_display_name.tsv"]
+    assert L["esc50"]["csv"] == "esc50/meta/esc50.csv" and L["clotho_aqa"]["csv"].endswith("clotho_aqa_{split}.csv")
+
+
 def test_a_data_roots_layout_json_replaces_the_entries_it_names(tmp_path, caplog):
     """Clips named as another download tool names them need no code change: the data root's layout.json replaces
     LAYOUT's entries for that root (a new segments list may be added); a name LAYOUT lacks, or a value of another
@@ -321,7 +362,8 @@ def test_avqa_frames_in_time_order_each_once_and_a_broken_answer_named(tmp_path)
         write(tmp_path / "avqa/val_qa.json", json.dumps([items[0], {**items[1], "answer": answer}]))
         with pytest.raises(DataError, match=r"val_qa.json: item 1 needs a list of 4 choices and an answer index 0-3"):
             data.avqa_items(tmp_path, "test")
-    for text in ("dog", "bird"):  # a text is not a list of choices, even one of 4 letters
+    for text in ("dog", "bird", ["dog", "cat", "car"], ["dog", "cat", "car", "bell", "bus"]):  # a text is not a list
+        # of choices, even one of 4 letters; nor are 3 choices or 5 (the answer's index means another one)
         write(tmp_path / "avqa/val_qa.json", json.dumps([{**items[0], "multi_choice": text}]))
         with pytest.raises(DataError, match=r"val_qa.json: item 0 needs a list of 4 choices"):
             data.avqa_items(tmp_path, "test")
@@ -342,7 +384,8 @@ def test_avqa_frames_may_be_png_and_a_video_without_frames_is_counted(tmp_path, 
     folder = str(tmp_path / "avqa/frames/v1")
     assert coverage.missing == {folder: str(tmp_path / "avqa/val_qa.json")} and folder in coverage.listed
     assert coverage.lines() == [f"{folder}\tmissing (listed in {tmp_path / 'avqa/val_qa.json'})"]
-    assert "1 of the videos listed in" in caplog.text and "have no frames" in caplog.text and "['v1']" in caplog.text
+    assert f"1 of the videos listed in {tmp_path / 'avqa/val_qa.json'} have no frames under " \
+           f"{tmp_path / 'avqa/frames/{video_name}'} (e.g. ['v1'])" in caplog.text
     with pytest.raises(FileNotFoundError, match=r"frames/v1: no frames \(\*.jpg, \*.png\) for video v1 listed in"):
         data.avqa_items(tmp_path, "test", strict=True)
 
@@ -607,7 +650,8 @@ def test_every_reader_skips_and_counts_a_missing_clip_or_with_strict_names_it(be
     with caplog.at_level(logging.WARNING, logger="apt_min.data"):
         left = read(strict=False, coverage=coverage)
     assert left == [clips for clips in every if gone not in clips] and left
-    assert re.search(r"\d+ of \d+ audio files listed in .* are missing under", caplog.text), caplog.text
+    said = re.search(r"\d+ of \d+ audio files listed in (\S+) are missing under (\S+) \(pattern", caplog.text)
+    assert said and Path(said[1]).is_file() and said[2] == str(root), caplog.text  # the list, then where clips go
     assert list(coverage.missing) == [gone] and gone in coverage.listed
     with pytest.raises(FileNotFoundError, match=rf"^{re.escape(gone)}: audio listed in .* is not on disk"):
         read(strict=True)
@@ -797,6 +841,11 @@ def test_sampler_ratios_and_resume():
         task, batch = twins.next_batch()
         firsts.setdefault(task, batch)
     assert firsts["tagging"] != firsts["captioning"]  # pools of one size: each task shuffled its own way
+
+    def first_batch(seed):  # a pool's first examples: where its first pass starts is the seed's
+        return data.TaskSampler({"tagging": list(range(20))}, {"tagging": 1.0}, batch_size=5, seed=seed).next_batch()
+
+    assert first_batch(1) == first_batch(1) != first_batch(2)  # two seeds, two orders (--seed reorders the data)
     reweighted = data.TaskSampler(pools, {**ratios, "fewshot": 2.0}, batch_size=3, seed=1)  # the same tasks
     reweighted.load_state_dict(state)
     assert reweighted.step == 10
@@ -934,8 +983,12 @@ def test_temporal_retrieval_examples(tmp_path):
         sides.add((round(0.7 - start, 1), round(end - 1.1, 1)))
     steps = {0.0, 0.1, 0.2, 0.3, 0.4, 0.5}
     assert {a for a, _ in sides} == steps and {b for _, b in sides} == steps
+    assert len(sides) >= 20  # the two sides drawn apart, not one draw for both (6 pairs, 0-0 to 0.5-0.5)
     # a 40 ms bark gets a window of 0.1 s that names it, never "between 3.0s and 3.0s" with no answer
     write(tmp_path / "audioset/audioset_eval_strong.tsv", strong.replace("1.5\t2.5", "3.01\t3.05"))
+    windows = {e.segments[1][1]: e.answer for e in data.examples("ter", tmp_path, "test")}
+    assert windows["What happens between 3.0s and 3.1s?"] == "dog"
+    write(tmp_path / "audioset/audioset_eval_strong.tsv", strong.replace("1.5\t2.5", "3.0\t3.0"))  # an instant
     windows = {e.segments[1][1]: e.answer for e in data.examples("ter", tmp_path, "test")}
     assert windows["What happens between 3.0s and 3.1s?"] == "dog"
     # strong labels in milliseconds: the window is rounded outward, so a 0.15 s bark at 1.04-1.19 s is inside its own
