@@ -472,3 +472,7 @@ def test_settings_a_safetensors_encoder_overrides_are_named(tmp_path, caplog):
         build_encoder(load_config("tiny", {**settings, "encoder_dim": 32, "target_length": 512}), "cpu", torch.float32)
     assert ("carries its own encoder settings (dim 64, target_length 1024); the settings' dim 32, target_length 512 "
             "are not used") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # and its heads
+        build_encoder(load_config("tiny", {**settings, "encoder_heads": 8}), "cpu", torch.float32)
+    assert "carries its own encoder settings (heads 4); the settings' heads 8 are not used" in caplog.text

@@ -641,3 +641,25 @@ def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):
     save_file({k: v for k, v in stored.items() if k != "proj.weight"}, tmp_path / "side" / "vision.safetensors")
     with pytest.raises(CheckpointError, match="missing keys: proj.weight"):
         InstructBLIP.load_vision(tmp_path / "side", blip.llm, blip.tokenizer, llm_id)
+
+
+def test_evaluations_loader_plugs_an_apt_into_a_real_instructblip_folder_in_its_format(hf_folder, blip, tmp_path):
+    """load_apt_blip2 (what `evaluate.py --task avqa` loads) with --vision_path naming a real InstructBLIP folder: the
+    APT trained against its LLM is plugged into InstructBLIP's own sequence format (soft prompts first, then its BOS
+    and the text), not the APT's; its features kept apart by the dtype they were computed in."""
+    from apt_min import build
+    from apt_min.config import load_config
+
+    apt = tiny_apt(blip)
+    apt.encoder.save(tmp_path / "encoder.safetensors")
+    cfg = load_config("tiny", {"vision_path": str(hf_folder[0]), "run_dir": str(tmp_path / "run"),
+                               "encoder_checkpoint": str(tmp_path / "encoder.safetensors")})
+    _, encoder_id = build.build_encoder(cfg, "cpu", torch.float32, create=False)
+    apt.save(tmp_path / "apt", encoder_id, blip.identity)
+    model = build.load_apt_blip2(cfg, tmp_path / "apt")
+    assert isinstance(model.blip, InstructBLIP) and model.apt.llm is model.blip.llm
+    assert (model.apt.prompt_format, model.blocks_apart) == ("instructblip", False)
+    torch.testing.assert_close(model.apt.proj.weight, apt.proj.weight)
+    assert model.apt.cache.setting == build.feature_cache(cfg, encoder_id, torch.float32).setting
+    bf16 = load_config("tiny", {**vars(cfg), "preset": "tiny", "precision": "bf16"})
+    assert build.load_apt_blip2(bf16, tmp_path / "apt").apt.cache.setting.endswith("|torch.bfloat16")

@@ -904,6 +904,21 @@ def test_training_prompts_are_drawn_among_each_tasks_paraphrases():
         assert tasks.prompt(task, None, **fields) == options[0].format(**fields)
 
 
+def test_each_paraphrase_asks_what_its_tasks_answer_gives():
+    """A paraphrase changes the words, not the request: tagging's ask for key words or tags (a sentence is a
+    caption), captioning's for a caption or a sentence, SED's for times and never a number, counting's for a number and
+    never times, TER's name the window from its start to its end."""
+    asks = {"tagging": r"key words|\btag", "captioning": r"caption|describe|succinctly|sentence",
+            "sed": r"when|at what times|start and end", "counting": r"how many|count|how often",
+            "ter": r"between \{start\}s and \{end\}s|from \{start\}s to \{end\}s"}
+    never = {"tagging": r"sentence|caption", "captioning": r"key words", "sed": r"how many|count|how often",
+             "counting": r"when|how long|at what times|start and end"}
+    for task, wants in asks.items():
+        for text in tasks.PROMPTS[task]:
+            assert re.search(wants, text, re.I), (task, text)
+            assert not re.search(never.get(task, "^$"), text, re.I), (task, text)
+
+
 def test_each_builder_writes_its_prompt_and_answer_as_documented():
     """The evaluation prompts name a class as label_text writes it and give times to 0.1 s; the answer is the first
     reference (captioning), the written form of the annotators' most frequent answer, lower case without its period

@@ -950,7 +950,8 @@ def test_ask_checks_its_question_and_files_before_loading_anything(trained, monk
     for words, said in ((["  "], "the question is empty"),
                         (["What", "sounds", "are", "here?"], "unexpected 'sounds are here?' after the question "
                                                              "'What'; give the whole question in quotes"),
-                        (["Is", "it", "-3", "dB?"], "unexpected 'it -3 dB?' after the question 'Is'")):  # "-3": a word
+                        (["Is", "it", "-3", "dB?"], "unexpected 'it -3 dB?' after the question 'Is'"),  # "-3": a word
+                        (["Barking", "dogs?"], "unexpected 'dogs?' after the question 'Barking'")):  # one word over
         with pytest.raises(SystemExit):
             __main__.main(["ask", "--audio", clip, *words, *opts(trained)])
         assert said in capsys.readouterr().err
@@ -1019,6 +1020,11 @@ def test_ask_streams_whole_characters(capsys):
     assert "".join(written) == "twice "
     stream.finish()  # what is left is written, as it decodes: not silently dropped
     assert "".join(written) == "twice \ufffd"
+    written.clear()  # a U+FFFD the model itself chose stays where it is: only an unfinished end is held back
+    stream = TextStream(lambda ids: "".join(map(chr, ids)), written.append)
+    for ch in "a \ufffd b":
+        stream(ord(ch))
+    assert "".join(written) == "a \ufffd b"
     for bad in ("0", "-3", "many"):
         with pytest.raises(SystemExit):
             main(["ask", "--audio", "a.wav", "--max-new-tokens", bad, "What is it?"])

@@ -133,7 +133,7 @@ def test_settings_that_would_train_nothing_are_refused():
     for clip in ("0", "-1"):
         with pytest.raises(SettingError, match=f"--grad_clip={float(clip)}: expected a gradient norm above 0"):
             load_config("tiny", [f"--grad_clip={clip}"])
-    for epochs in ("0", "-2"):  # caption_ft would take one step whatever that said
+    for epochs in ("0", "-2", "nan"):  # caption_ft would take one step whatever that said
         with pytest.raises(SettingError, match=f"--caption_ft_epochs={float(epochs)}: expected a number of passes"):
             load_config("tiny", [f"--caption_ft_epochs={epochs}"])
     assert load_config("tiny", ["--caption_ft_epochs=0.5"]).caption_ft_epochs == 0.5

@@ -87,7 +87,8 @@ def test_a_runs_tokenizer_and_stand_in_llm_are_kept_and_other_sizes_named(prepar
     build.ensure_tokenizer(same)
     build.load_llm(same, torch.device("cpu"), torch.float32)
     assert "not used" not in caplog.text
-    other = train.load_config("tiny", opts(tmp, "--llm_vocab=500", "--llm_layers=3", "--llm_heads=4"))
+    other = train.load_config("tiny", opts(tmp, "--llm_vocab=500", "--llm_layers=3", "--llm_heads=4",
+                                           "--llm_kv_heads=2"))
     tok = build.ensure_tokenizer(other)
     llm, _ = build.load_llm(other, torch.device("cpu"), torch.float32)
     assert tok.vocab_size <= 400 and llm.config.num_hidden_layers == 2
@@ -96,8 +97,8 @@ def test_a_runs_tokenizer_and_stand_in_llm_are_kept_and_other_sizes_named(prepar
             in caplog.text)
     build.ensure_tokenizer(other)  # asked for again in the same process (evaluate.py and load_apt both do): said once
     assert caplog.text.count("the settings' llm_vocab=500 are not used") == 1
-    assert (f"{folder} holds a stand-in LLM of llm_layers=2, llm_heads=2; the settings' llm_layers=3, llm_heads=4 "
-            "are not used") in caplog.text
+    assert (f"{folder} holds a stand-in LLM of llm_layers=2, llm_heads=2, llm_kv_heads=1; the settings' llm_layers=3, "
+            "llm_heads=4, llm_kv_heads=2 are not used") in caplog.text
 
 
 def test_stage_0_starts_the_aligners_words_from_the_llms(prepared, tmp_path):
@@ -761,6 +762,8 @@ def test_made_up_names_in_training_episodes_are_a_setting(trained):
 
     assert made_up(0.0) == 0 and made_up(1.0) == 40 and 5 < made_up(0.5) < 35
     assert train.load_config("paper", {}).fewshot_made_up == 0.0
+    # tiny's and small's: half (docs/choices.md), so that answering means matching the query to the supports
+    assert train.load_config("tiny", {}).fewshot_made_up == train.load_config("small", {}).fewshot_made_up == 0.5
     with pytest.raises(SystemExit, match="fewshot_made_up"):
         made_up(1.5)
 
