@@ -37,6 +37,7 @@ PRINTED = {  # what each notebook must print (sizes that do not depend on the mi
     "11_training_stages.ipynb": ["steps logged once each after resuming: True", "stage 0 trains ",
                                  "resumed run's per-step losses equal the uninterrupted run's: True"],
     "12_paper_scale.ipynb": ["encoder tokens             (2, 512, 768)", "logits                     (2, 53, 32000)",
+                             "long_audio=all: a 2-window clip's tokens (1, 1024, 768) -> aligner queries (1, 32, 256)",
                              "trained in stages 1-2: 15.7 M parameters"],
     "13_audio_visual.ipynb": ["24 looks: bell = red circle, siren = green circle", "the same LLM object in both: True",
                               "audio-visual  positions = ", "visual + <AUDIO> + ", "audio-visual, cloze likelihood",
