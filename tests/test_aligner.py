@@ -557,6 +557,8 @@ def _unequal_worker(rank, world, rendezvous, audio, ids, mask, clip, out):
     out[rank] = {how: {k: v.item() for k, v in stage0_losses(
         random_aligner(), feats, ids[part], mask[part], clip[part], heard, generator=torch.Generator().manual_seed(7),
         atm_negatives=how).items()} for how in ("local", "global")}
+    out[rank] = {**out[rank], "read": _atm_pairs(random_aligner(), feats, ids[part], mask[part], clip[part], heard,
+                                                 generator=torch.Generator().manual_seed(7), atm_negatives="global")[2]}
     torch.distributed.destroy_process_group()
 
 
@@ -582,6 +584,10 @@ def test_stage0_across_processes_with_batches_of_different_sizes(tmp_path, monke
                               generator=torch.Generator().manual_seed(7), atm_negatives="local")
         assert out[rank]["local"]["atm"] == pytest.approx(alone["atm"].item(), rel=1e-5)
         assert math.isfinite(out[rank]["global"]["atm"]) and out[rank]["global"]["atm"] != alone["atm"].item()
+    # the shorter process's own clip, padded to the pool's 13 tokens for global ATM: at the end, masked there
+    audio_in, ids_in, _, heard_in = out[1]["read"]
+    assert audio_in.shape[1] == 13 and torch.equal(audio_in[0, :10], audio[3]) and not audio_in[0, 10:].any()
+    assert heard_in[0].tolist() == [True] * 10 + [False] * 3 and torch.equal(ids_in[0], ids[3])
 
 
 def _atm_pairs(aligner, *args, **kwargs):
@@ -630,6 +636,8 @@ def test_atm_negatives_can_come_from_every_process(tmp_path):
         assert ids_in.shape[1] == 6 and heard_in.all()
         for i, j in enumerate(mine):
             assert torch.equal(audio_in[i], audio[j]) and torch.equal(mask_in[i], mask[j])
+            assert torch.equal(ids_in[i][mask[j]], ids[j][mask[j]])  # its own text, right-padded as its mask
+            assert torch.equal(ids_in[4 + i][mask[j]], ids[j][mask[j]])
             assert torch.equal(audio_in[2 + i], audio[j]) and torch.equal(mask_in[4 + i], mask[j])
             text = next(k for k in theirs if torch.equal(mask_in[2 + i], mask[k]) and torch.equal(
                 ids_in[2 + i][mask[k]], ids[k][mask[k]]))  # a wrong text, whole, right-padded
@@ -828,3 +836,54 @@ def test_proj_from_words_scores_the_llms_words_as_the_aligner_does():
     own = APT(encoder, Aligner(CFG), llm, tokenizer=None)
     with pytest.raises(SettingError, match="aligner_words=llm"):
         own.start_proj_from_words()
+
+
+def test_each_stage0_loss_trains_every_part_its_pass_reads():
+    """Backpropagated alone, each loss reaches every weight its pass reads, on the query side (the queries, the audio's
+    input norm, cross-attention) and on the text side (word and position embeddings), and its own head; no loss
+    reaches another's head. A detach in the wrong place leaves every loss value as it was and silently stops part of
+    the aligner learning: only the gradients show it."""
+    torch.manual_seed(0)
+    aligner = Aligner(CFG)
+    audio, ids, mask = batch(B=4, T=7)
+    reached = {}
+    for loss in ("atc", "atm", "agtg"):
+        aligner.zero_grad()
+        losses = stage0_losses(aligner, audio, ids, mask, torch.arange(4), generator=torch.Generator().manual_seed(0))
+        losses[loss].backward()
+        reached[loss] = {n for n, p in aligner.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    both_sides = {"query_tokens", "ln_audio.weight", "ln_audio.bias", "word_embeddings.weight",
+                  "position_embeddings.weight", "embed_norm.weight", "layers.0.cross_attn.query.weight",
+                  "layers.0.cross_attn.value.weight", "layers.0.self_attn.key.weight"}
+    heads = {"atc": {"audio_proj.weight", "text_proj.weight", "temp"}, "atm": {"atm_head.weight", "atm_head.bias"},
+             "agtg": {"lm_transform.0.weight", "lm_transform.2.weight", "lm_decoder.bias"}}
+    for loss, own in heads.items():
+        assert both_sides | own <= reached[loss], (loss, sorted(both_sides | own - reached[loss]))
+        others = set().union(*(h for k, h in heads.items() if k != loss))
+        assert not others & reached[loss], (loss, sorted(others & reached[loss]))
+    assert "layers.0.ffn_query.up.weight" in reached["atc"] & reached["atm"] & reached["agtg"]
+    assert "layers.0.ffn_text.up.weight" in reached["atc"] & reached["atm"] & reached["agtg"]
+
+
+def test_retrieval_scores_a_padded_clip_as_the_clip_alone():
+    """Validation's retrieval (stage 0's R@1) over clips of different lengths, padded to the longest: a padded clip
+    with its mask scores every caption as the clip alone does; the queries never hear the padding."""
+    from apt_min.aligner import retrieval_similarity
+
+    aligner = random_aligner()
+    audio, ids, mask = batch(B=3, T=7)
+    short = audio[:, :6]
+    heard = torch.arange(10)[None].expand(3, -1) < 6
+    with torch.no_grad():
+        alone = retrieval_similarity(aligner, short, ids, mask)
+        padded = retrieval_similarity(aligner, F.pad(short, (0, 0, 0, 4)), ids, mask, heard)
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_every_presets_contrastive_space_is_blip2s_256_wide():
+    """The ATC projections map to BLIP-2's 256 dimensions (its embed_dim) in every preset: config.py leaves the
+    width to AlignerConfig."""
+    from apt_min.config import load_config
+
+    for preset in ("tiny", "small", "paper"):
+        assert load_config(preset).aligner_config(vocab_size=10, llm_dim=8).contrast_dim == 256, preset

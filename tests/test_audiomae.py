@@ -420,6 +420,10 @@ def test_a_release_keeps_what_answering_reads_in_bf16_and_lists_each_file_as_sha
     assert sums == digests
     assert (out / "SHA256SUMS").read_text() == "".join(f"{digests[n]}  {n}\n" for n in
                                                        ("apt.safetensors", "encoder.safetensors", "apt.json"))
+    written = (out / "SHA256SUMS").read_text()  # edited by hand: a line of spaces, a line indented or with a
+    (out / "SHA256SUMS").write_text(" " + written.replace("\n", " \n", 1) + "   \n")  # trailing space: still verified
+    release.verify(out)
+    (out / "SHA256SUMS").write_text(written)
     (final / "apt.json").write_text(json.dumps({"stage": "2", "aligner": {}, "llm": {}, "encoder": named,
                                                 "stage0_heads": True, "config": settings}))
     random_encoder(dim=c.dim).save(run / "encoder.safetensors")  # the run's encoder made again: other weights

@@ -200,10 +200,16 @@ def test_image_processing_reads_the_folders_settings(tmp_path):
     assert ImageProcessing.read(tmp_path).size == 24
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 26}}))  # a height alone
     assert ImageProcessing.read(tmp_path).size == 26
+    both = {"size": {"height": 28, "width": 28, "shortest_edge": 30}}  # the square BLIP resizes to, not the edge
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(both))
+    assert ImageProcessing.read(tmp_path).size == 28
     (tmp_path / "notes.jpg").write_text("not a picture")
     for bad, why in ((tmp_path / "missing.jpg", "No such file"), (tmp_path / "notes.jpg", "cannot identify image")):
         with pytest.raises(ImageError, match=re.escape(f"{bad}: cannot be read as an image (") + f".*{why}"):
             ours(bad)  # and why: the file is missing, or it is no image Pillow knows
+    from apt_min.errors import UserError
+
+    assert issubclass(ImageError, UserError)  # a user's file: one clean line from evaluate.py and ask, no traceback
 
 
 def test_the_defaults_are_instructblip_vicunas(tmp_path):

@@ -327,9 +327,10 @@ def test_task_all_runs_every_task_whose_data_is_there(trained, tmp_path, capsys,
     assert not (out / "predictions_nlar.jsonl").exists() and (out / "made_nlar.json").is_file()
     for task in set(EVALUATIONS) - {"nlar", "clotho_aqa"}:  # before and after the two: scored
         assert json.loads((out / f"metrics_{task}.json").read_text())[-1]["metric"] == "clips scored", task
-    with pytest.raises(SystemExit, match=r"^evaluate.py: error: .*/elsewhere/.*\.wav: audio listed in .*"
-                                         r"clotho_aqa_test.csv is not on disk"):
-        evaluate.main([*args, "--strict"])
+    for strict in ("--strict", "--strict_audio=true"):  # the flag, or the setting a run was trained with
+        with pytest.raises(SystemExit, match=r"^evaluate.py: error: .*/elsewhere/.*\.wav: audio listed in .*"
+                                             r"clotho_aqa_test.csv is not on disk"):
+            evaluate.main([*args, strict])
 
 
 def test_few_shot_skips_and_counts_a_missing_clip_as_the_other_tasks_do(trained, tmp_path):

@@ -27,6 +27,7 @@ from apt_min.model import (
     PROMPT_FORMATS,
     FeatureCache,
     ReadAhead,
+    crop,
     decode_clips,
     encode_clips,
     fingerprint,
@@ -196,6 +197,12 @@ def test_instructblips_layout_puts_its_bos_before_the_first_text(parts):
     torch.testing.assert_close(x[0], want, rtol=0, atol=0)
     # each block of soft prompts numbered in order (<AUDIO> with its clip's), the text 0
     assert blocks[0].tolist() == [1] * 3 + [2] * (1 + len(acoustic)) + [0] * (len(want) - 4 - len(acoustic))
+    # soft prompts given from outside (APT-BLIP-2's visual queries) are trained through: the answer's loss reaches
+    # them (the vision stage trains its Q-Former and projection so)
+    visual.requires_grad_(True)
+    loss, n = apt([segments], ["3"], feats)
+    loss.backward()
+    assert n > 0 and visual.grad is not None and visual.grad.abs().sum() > 0
 
 
 def rel_max_error(x, ref):
@@ -299,8 +306,10 @@ def test_instruction_bos_puts_bos_before_each_instruction_and_is_saved_with_the_
         words = tok.encode(question, bos=False)
         assert ids[0][mask[0]].tolist() == [tok.bos_id] * bos + words and ids[1][mask[1]].tolist() == [tok.bos_id]
     ids = ({"fingerprint": "enc-1"}, {"fingerprint": "llm-1"})
+    apt.prompt_format, apt.long_audio = "smollm2-chat", "all"  # the layout it was trained in, each setting kept
     apt.save(tmp_path / "apt", *ids)
-    assert APT.load(tmp_path / "apt", encoder, llm, tok, *ids).instruction_bos is True
+    loaded = APT.load(tmp_path / "apt", encoder, llm, tok, *ids)
+    assert (loaded.prompt_format, loaded.instruction_bos, loaded.long_audio) == ("smollm2-chat", True, "all")
     assert make_apt(parts).instruction_bos is False
     meta = json.loads((tmp_path / "apt" / "apt.json").read_text())
     for key in ("prompt_format", "instruction_bos", "long_audio"):  # saved before these were settings
@@ -321,7 +330,7 @@ def test_training_crops_a_long_clip_to_a_run_of_its_windows_drawn_by_step_and_pa
     whole, _ = encode_clips(encoder, [short, long])
     assert [len(whole[short]), len(whole[long])] == [1, 3]
     assert encode_clips(encoder, [long], most=0, seed="0|1")[0][long].shape == whole[long].shape
-    starts, read = [], []
+    starts, read, shared = [], [], FeatureCache(tmp_path / "shared", "s")
     hook = encoder.register_forward_hook(lambda module, args, out: read.append(len(args[0])))
     encode_clips(encoder, [short, long], most=2, seed="0|0")
     hook.remove()
@@ -336,7 +345,17 @@ def test_training_crops_a_long_clip_to_a_run_of_its_windows_drawn_by_step_and_pa
         assert sorted(errors)[0] <= 1e-3 < sorted(errors)[1]  # one run of two windows, told apart from the other
         starts.append(errors.index(min(errors)))
         assert rel_max_error(cached[long].float(), plain[long].float()) <= 1e-3  # the cache crops alike
+        kept, _ = encode_clips(encoder, [long], shared, most=2, seed=seed)  # one cache for every step: it keeps the
+        assert rel_max_error(kept[long].float(), plain[long].float()) <= 1e-3  # whole clip, each step crops its own
     assert set(starts) == {0, 1}
+    # the start is drawn alike in every process (a resumed run, another rank), whatever its string hashing
+    script = ("import torch; from apt_min.model import crop; "
+              "print([int(crop(torch.arange(9), 2, f'0|{s}|x')[0]) for s in range(12)])")
+    mine = [int(crop(torch.arange(9), 2, f"0|{s}|x")[0]) for s in range(12)]
+    for hash_seed in ("1", "2"):
+        other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert other.stdout.strip() == str(mine) and len(set(mine)) > 1
 
 
 def test_long_audio_all_reads_a_whole_clip_at_once(parts, tmp_path):
@@ -660,6 +679,12 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
         again, ran = encode()
         assert ran == 0, "an unchanged file was encoded again"
         assert torch.equal(again, new)
+        st = clip.stat()
+        write(500)  # rewritten within the same second: the key holds the mtime to the nanosecond
+        os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+        assert clip.stat().st_size == st.st_size and int(clip.stat().st_mtime) == int(st.st_mtime)
+        new, ran = encode()
+        assert torch.equal(new, fresh()) and ran == 1
         for memory in (True, False):  # a new process, say: the same folder, an empty memory
             apt.cache = FeatureCache(tmp_path / "cache", setting="T=64|enc-1", memory=memory)
             from_disk, ran = encode()
@@ -689,6 +714,16 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
             assert [encode()[1] for _ in runs] == runs, dtype
         assert disk.setting == f"{load_config('tiny').target_length}|enc-3"
         assert load_config("paper").feature_cache == "off" and load_config("small").feature_cache == "memory"
+        # a clip reached through a link (a data set linked into place): the key is the linked file's, so a rewritten
+        # file is encoded again even though the link itself is unchanged
+        apt.cache = FeatureCache(tmp_path / "cache-links", setting="T=64|enc-1")
+        target, clip = clip, tmp_path / "link.wav"
+        clip.symlink_to(target)
+        _, ran = encode()
+        assert ran == 1
+        sf.write(target, (0.3 * np.sin(2 * np.pi * 900 * np.arange(12000) / 16000)).astype(np.float32), 16000)
+        relinked, ran = encode()
+        assert ran == 1 and torch.equal(relinked, fresh())
     finally:
         hook.remove()
 
@@ -1127,7 +1162,11 @@ def test_a_damaged_apt_json_is_named(tmp_path):
     (tmp_path / "apt.json").write_text('{"aligner": ')
     with pytest.raises(CheckpointError, match=r"apt.json: not valid JSON"):
         APT.read_meta(tmp_path)
-    for text in ("{}", "[]", '{"aligner": {}, "encoder": {}, "llm": {}}'):  # JSON, but not an APT's
+    (tmp_path / "apt.json").write_bytes('{"aligner": {}}'.encode("utf-16"))  # not UTF-8 text
+    with pytest.raises(CheckpointError, match=r"apt.json: not valid JSON"):
+        APT.read_meta(tmp_path)
+    for text in ("{}", "[]", '{"aligner": {}, "encoder": {}, "llm": {}}',  # JSON, but not an APT's
+                 '{"aligner": null, "encoder": {"fingerprint": "e"}, "llm": 3}'):
         (tmp_path / "apt.json").write_text(text)
         with pytest.raises(CheckpointError, match=r"apt.json: not a trained APT's description \(expected the "
                                                   r"entries aligner, encoder, llm"):

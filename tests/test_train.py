@@ -226,6 +226,11 @@ def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_
     caplog.set_level(logging.WARNING)
     job = train.PretrainEncoder(cfg, 0, 1, cpu)
     assert len(job.train_windows) == len(clips) - 1 and f"{bad}: not audio" in caplog.text
+    with torch.no_grad():  # (as pretraining leaves it: other weights than any encoder saved before)
+        next(job.encoder.parameters()).add_(1.0)
+    job.finish({"val_loss": 0.5})  # saved where every later stage (and evaluate.py) builds the run's encoder from
+    later, _ = build.build_encoder(cfg, cpu, torch.float32, create=False)
+    assert all(torch.equal(x, y) for x, y in zip(later.state_dict().values(), job.encoder.state_dict().values()))
     masks = []  # what each step's masks keep: drawn anew each step, the same again when a step is taken again
 
     def model(batch, ratio, generator):
@@ -376,6 +381,10 @@ def test_every_stage_draws_one_global_batch_for_all_its_processes(trained, tmp_p
     got = {stage: job.sampler.batch_size for stage, job in jobs.items()}
     b = cfg.batch_size
     assert got == {"lm": b * world, "mae": 5 * world, "0": 3 * world, "1": b * world, "2": b * world}
+    # one global batch: another process draws the very same one (and takes its own share of it)
+    others = {"lm": train.StandInLLM(cfg, 1, world, cpu), "mae": train.PretrainEncoder(mae, 1, world, cpu)}
+    for stage, job in others.items():
+        assert job.sampler.peek() == jobs[stage].sampler.peek(), stage
 
 
 def weights(tmp):
@@ -669,7 +678,7 @@ def test_task_ratios_change_the_mixture_and_unknown_tasks_are_named(prepared, tm
     assert train.parse_ratios("", base) == base
     with pytest.raises(SettingError, match=r"--task_ratios: unknown task 'speech'"):
         train.parse_ratios("speech=1", base)
-    for bad in ("aqa", "aqa=x", "aqa=-1", "aqa=inf"):  # a weight that is missing, not a number, below 0
+    for bad in ("aqa", "aqa=x", "aqa=-1", "aqa=inf", "aqa=nan"):  # a weight missing, not a number, below 0
         with pytest.raises(SettingError, match=f"--task_ratios: '{bad}': expected task=weight, a weight of 0 or more"):
             train.parse_ratios(bad, base)
     with pytest.raises(SystemExit, match=r"^train.py: error: --task_ratios: 'aqa=x'"):  # one line, no traceback
@@ -1050,6 +1059,10 @@ def test_caption_fine_tuning_steps_and_training_episode_shapes():
     # it is the one the same generator drew before shapes were a setting
     shapes = {train.episode_shape(SimpleNamespace(fewshot_shapes="mixed"), rng) for _ in range(1000)}
     assert shapes == {(ways, shots) for ways in range(2, 6) for shots in range(1, 4) if ways * shots <= 12}
+    # the ways first, each as likely (5 ways allow only 2 shot counts, the others 3), then the shots they allow
+    mixed = SimpleNamespace(fewshot_shapes="mixed")
+    ways = collections.Counter(train.episode_shape(mixed, rng)[0] for _ in range(4000))
+    assert all(abs(ways[w] / 4000 - 0.25) < 0.03 for w in range(2, 6)), ways
 
 
 def test_training_episodes_take_only_the_shapes_the_pool_can_fill(caplog):
@@ -1222,7 +1235,7 @@ def test_the_stand_in_llm_learns_next_tokens_of_whole_documents_from_a_small_sta
 
 
 def test_stage_0_reads_whole_clips_counts_what_it_skips_and_retrieves_over_every_reference(prepared, tmp_path,
-                                                                                          monkeypatch, caplog):
+                                                                                          monkeypatch, caplog, capsys):
     """AlignStage0: a caption describes its whole clip, so every window of a clip longer than one (here 1.28 s
     windows of 5 s clips) reaches the aligner; a clip that cannot be read is skipped and counted in the step's
     record, and where another process has no usable example this one skips the step too (under DDP all run the
@@ -1242,6 +1255,10 @@ def test_stage_0_reads_whole_clips_counts_what_it_skips_and_retrieves_over_every
                                                     *clotho[0].segments[1:]])
     keep, clips, skipped = job.whole_clips([lost, *clotho])
     assert keep == clotho and skipped == 1
+    job.cfg.strict_audio = True  # --strict_audio=true: the clip that cannot be read stops the run, named
+    with pytest.raises(audio.AudioError, match="nowhere.wav: no such audio file"):
+        job.whole_clips([lost, *clotho])
+    job.cfg.strict_audio = False
     windows = [audio.load_fbank(ex.segments[0][1], cfg.target_length, job.encoder.config.num_mel_bins).shape[0]
                for ex in clotho]
     assert [len(c) for c in clips] == windows and min(windows) > 1
@@ -1260,6 +1277,8 @@ def test_stage_0_reads_whole_clips_counts_what_it_skips_and_retrieves_over_every
     refs = [len(ex.target["references"]) for ex in job.val]
     assert max(refs) > 1 and seen.pop("ends") == {(job.tok.bos_id, job.tok.eos_id)}
     assert seen == {"rows": sum(refs), "owner": [i for i, n in enumerate(refs) for _ in range(n)]}
+    job.finish({"val_loss": 1.0, "a2t_r1": 0.25, "t2a_r1": 0.5})  # the closing line names each direction's R@1
+    assert "audio->text R@1 0.250, text->audio R@1 0.500" in capsys.readouterr().out
 
 
 def test_stage_0s_validation_loss_is_its_three_losses_summed_over_the_whole_validation_set(prepared, tmp_path,
@@ -2086,10 +2105,11 @@ def test_the_vision_stages_validation_scores_its_choices_and_ranks_every_picture
     job = object.__new__(train.TrainVision)
     job.cfg, job.autocast, job.val = SimpleNamespace(batch_size=2), nullcontext, val
     job.module = SimpleNamespace(segments=lambda examples: [ex[1] for ex in examples])
-    offered = []
+    offered, scored = [], []
 
     class APT:
         def __call__(self, segments, answers, feats):  # loss 3 over 2 tokens an example
+            scored.extend(answers)
             return torch.tensor(3.0 * len(answers)), 2 * len(answers)
 
         def choice_logprob(self, prompt, options, feats):
@@ -2099,4 +2119,5 @@ def test_the_vision_stages_validation_scores_its_choices_and_ranks_every_picture
     job.apt = APT()
     got = job.validate()
     assert offered == [[a, b, c, d], [a, b, c, d], names, names]
+    assert scored == [ex[2] for ex in val]  # the loss is the answers', not the pictures' descriptions
     assert got == {"val_loss": 1.5, "val_choice_accuracy": 0.5, "val_object_rank": pytest.approx((2 + 5 + 1) / 3)}
