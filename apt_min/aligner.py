@@ -33,8 +33,8 @@ from apt_min.checkpoint import check_keys, safetensors_entries
 from apt_min.llama import draw
 
 STAGE0_HEADS = ("audio_proj", "text_proj", "temp", "atm_head", "lm_transform", "lm_decoder")  # trained by stage 0 only
-# (the text projection also serves the paper's tagging protocol: evaluation.text_branch_scores; the decoder's weight is
-# the word table, the aligner's own one of which stages 1 and 2 go on training)
+# (the text projection also serves the paper's tagging protocol: evaluation.text_branch_scores. The decoder's weight is
+# tied to the aligner's word table, which stages 1 and 2 keep training; aligner_words=llm: no table of its own)
 
 
 @dataclass

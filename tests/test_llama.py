@@ -79,6 +79,7 @@ def test_far_positions_and_a_large_norm_epsilon_match_transformers(tmp_path):
     ids = torch.randint(3, 96, (1, 300))
     assert_close_rel(ours(ids)[0, 250:], hf.double()(ids).logits[0, 250:], 1e-5)
 
+
 def test_a_bf16_llms_rotary_tables_are_computed_in_fp32_as_transformers_does():
     """Positions far past 256 (where bfloat16 no longer holds every integer) and angles of hundreds of radians: the
     angles are formed and turned into cos/sin in fp32, and only the tables are rounded to the model's bf16, so they are

@@ -253,8 +253,9 @@ def test_a_config_naming_only_its_architecture_or_missing_a_size_field(folder):
 
 
 def test_the_default_config_is_llama_2_7bs():
-    """LlamaConfig() (the paper preset's Vicuna-7B shape, and what the tiny stand-in LLM leaves unset) is Llama-2-7B's
-    config.json, read: its RMSNorm epsilon and rotary base included."""
+    """LlamaConfig() (what the tiny stand-in LLM leaves unset) is Llama-2-7B's config.json, read: its RMSNorm epsilon
+    and rotary base included. (Vicuna-7B v1.1, the paper preset's, has that shape; its own config.json, with
+    epsilon 1e-6 and 2 048 positions, is read when it loads.)"""
     from apt_min.llama import LlamaConfig
 
     llama2_7b = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,

@@ -682,9 +682,10 @@ def test_feature_cache_serves_fresh_features(parts, tmp_path):
         st = clip.stat()
         write(500)  # rewritten within the same second: the key holds the mtime to the nanosecond
         os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
-        assert clip.stat().st_size == st.st_size and int(clip.stat().st_mtime) == int(st.st_mtime)
-        new, ran = encode()
-        assert torch.equal(new, fresh()) and ran == 1
+        if clip.stat().st_mtime_ns != st.st_mtime_ns:  # (a file system that keeps sub-second times, as tmpfs, ext4)
+            assert clip.stat().st_size == st.st_size and int(clip.stat().st_mtime) == int(st.st_mtime)
+            new, ran = encode()
+            assert torch.equal(new, fresh()) and ran == 1
         for memory in (True, False):  # a new process, say: the same folder, an empty memory
             apt.cache = FeatureCache(tmp_path / "cache", setting="T=64|enc-1", memory=memory)
             from_disk, ran = encode()

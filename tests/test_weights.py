@@ -428,6 +428,7 @@ def test_a_gguf_that_names_no_pre_tokenizer_or_bos_flag_is_read_as_transformers_
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert AutoTokenizer.from_pretrained(tmp_path / "hf")("a bc 12").input_ids == ref("a bc 12").input_ids
 
+
 @pytest.mark.parametrize("bos, eos", [(True, False), (True, True), (False, True)])
 def test_a_gguf_whose_flags_add_bos_or_eos_converts_to_a_tokenizer_that_adds_them(tmp_path, bos, eos):
     """Where the GGUF's add_bos_token / add_eos_token flags are set, transformers' reading of the GGUF puts BOS
