@@ -1137,6 +1137,18 @@ def test_another_apts_results_go_to_its_own_runs_eval_folder(trained, tmp_path, 
                        "--num_queries=7"])
     assert (tmp / "run" / "eval-mine" / "metrics_counting.json").is_file() and not (tmp / "run" / "eval").exists()
     assert "the settings' num_queries=7 are not used (stage 0 sets an aligner's shape)" in caplog.text
+    # without --checkpoint and with no APT of the run's own, the preset's release stands in for it: its results are
+    # the run's own (eval), not a given folder's (eval-{release})
+    from apt_min import release
+
+    release.pack(tmp / "run", tmp / "packed")
+    shutil.rmtree(tmp / "run" / "stage2")
+    shutil.rmtree(tmp / "run" / "eval", ignore_errors=True)
+    capsys.readouterr()
+    evaluate.main(["--task", "counting", "--limit", "2", "--batch-size", "4", *opts(tmp),
+                   f"--release={tmp / 'packed'}"])
+    assert f"written to {tmp / 'run' / 'eval'}/" in capsys.readouterr().out
+    assert not (tmp / "run" / "eval-packed").exists()
 
 
 def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path, caplog):

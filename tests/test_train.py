@@ -2121,3 +2121,26 @@ def test_the_vision_stages_validation_scores_its_choices_and_ranks_every_picture
     assert offered == [[a, b, c, d], [a, b, c, d], names, names]
     assert scored == [ex[2] for ex in val]  # the loss is the answers', not the pictures' descriptions
     assert got == {"val_loss": 1.5, "val_choice_accuracy": 0.5, "val_object_rank": pytest.approx((2 + 5 + 1) / 3)}
+
+
+def test_two_processes_resumed_train_as_two_uninterrupted_ones_do(prepared, tmp_path):
+    """Under torchrun every process saves its own generators (its dropout draws) into the checkpoint, and a resumed
+    run gives each its own back: two processes resumed from the step-2 checkpoint of a run end with the weights the
+    uninterrupted run ended with (were one process's generators saved, or restored to both, their dropout would
+    differ from then on)."""
+    args = ["--steps_1=4", "--save_every=2", "--keep_checkpoints=3", "--aligner_dropout=0.3", "--log_every=1"]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    whole = copy_of(prepared, tmp_path / "whole")
+    r = run([*launch, "train.py", "--stage", "1", *opts(whole, *args)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    cut = copy_of(prepared, tmp_path / "cut")  # the run as a kill after step 2's checkpoint would leave it
+    checkpoints = cut / "run" / "stage1" / "checkpoints"
+    shutil.copytree(whole / "run" / "stage1" / "checkpoints" / "step_0000002", checkpoints / "step_0000002")
+    (checkpoints / "latest").write_text("step_0000002")
+    log = (whole / "run" / "stage1" / "log.jsonl").read_text().splitlines()
+    (cut / "run" / "stage1" / "log.jsonl").write_text("".join(line + "\n" for line in log
+                                                              if json.loads(line).get("step", 0) <= 2))
+    r = run([*launch, "train.py", "--stage", "1", "--resume", *opts(cut, *args)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(whole), weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
