@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -10,6 +11,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1903,7 +1905,9 @@ def _ddp_worker(rank, world, folder, out):
     job = SimpleNamespace(module=module, params={n: p for n, p in module.named_parameters() if p.requires_grad},
                           scaler=None, micro_step=micro_step, validate=lambda: {}, unused_parameters=True,
                           sampler=data.TaskSampler({"x": [1, 2, 3]}, {"x": 1.0}, 2))
-    cfg = train.load_config("tiny", {"steps_1": 2, "eval_every": 5, "save_every": 5, "warmup_steps": 1})
+    cfg = train.load_config("tiny", {"steps_1": 2, "eval_every": 5, "save_every": 5, "warmup_steps": 1,
+                                     "log_every": 1})
+    train.time = SimpleNamespace(time=itertools.count().__next__)  # a clock: each step takes one second
     train.fit(cfg, "1", job, False, rank, world, folder / f"out{rank}")
     cpu = torch.device("cpu")
     out[rank] = (module.trained.weight.detach().clone(), float(module.frozen.weight[0, 0]), float(module.table[0]),
@@ -1920,7 +1924,7 @@ def test_ddp_synchronises_what_trains_and_leaves_the_frozen_parts_alone(tmp_path
     buffers (for the paper preset a 7 B LLM, sent to every process at every start). A stage that says some steps
     give some of its parameters no gradient (job.unused_parameters) trains (DDP otherwise raises at the second
     step: it expected those gradients). nothing_to_train asks every process: where one has no usable example, all
-    skip."""
+    skip. The examples a second logged are the run's: both processes'."""
     import torch.multiprocessing as mp
 
     for rank in range(2):
@@ -1930,6 +1934,8 @@ def test_ddp_synchronises_what_trains_and_leaves_the_frozen_parts_alone(tmp_path
     assert torch.equal(out[0][0], out[1][0])  # gradients averaged: one model
     assert out[0][1:3] == (0.0, 0.0) and out[1][1:3] == (1.0, 1.0)  # each process kept its own frozen tensors
     assert out[0][3:] == out[1][3:] == (True, True, True, False)  # trained; the unused layer left; asked of all
+    rates = [r["examples_per_s"] for r in map(json.loads, (tmp_path / "out0" / "log.jsonl").open()) if "loss" in r]
+    assert rates == [2.0, 2.0]  # an example a second in each process: the run's rate is both processes'
 
 
 def test_two_processes_log_stage_0_as_one_does(prepared, tmp_path):
@@ -2123,16 +2129,29 @@ def test_the_vision_stages_validation_scores_its_choices_and_ranks_every_picture
     assert got == {"val_loss": 1.5, "val_choice_accuracy": 0.5, "val_object_rank": pytest.approx((2 + 5 + 1) / 3)}
 
 
-def test_two_processes_resumed_train_as_two_uninterrupted_ones_do(prepared, tmp_path):
-    """Under torchrun every process saves its own generators (its dropout draws) into the checkpoint, and a resumed
-    run gives each its own back: two processes resumed from the step-2 checkpoint of a run end with the weights the
-    uninterrupted run ended with (were one process's generators saved, or restored to both, their dropout would
-    differ from then on)."""
-    args = ["--steps_1=4", "--save_every=2", "--keep_checkpoints=3", "--aligner_dropout=0.3", "--log_every=1"]
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    whole = copy_of(prepared, tmp_path / "whole")
-    r = run([*launch, "train.py", "--stage", "1", *opts(whole, *args)])
+TWO = ["--steps_1=4", "--save_every=2", "--keep_checkpoints=3", "--aligner_dropout=0.3", "--log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(prepared, tmp_path_factory):
+    """Stage 1 trained by two processes on one machine (torchrun --standalone), dropout on: what the multi-process
+    tests below compare with."""
+    whole = copy_of(prepared, tmp_path_factory.mktemp("two"))
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "1",
+             *opts(whole, *TWO)])
     assert r.returncode == 0, r.stderr[-3000:]
+    return whole
+
+
+def test_two_processes_resumed_train_as_two_uninterrupted_ones_do(two_processes, prepared, tmp_path):
+    """Under torchrun every process draws its own dropout (seeded apart once the job is built), saves its own
+    generators into the checkpoint, and a resumed run gives each its own back: two processes resumed from the
+    step-2 checkpoint of a run end with the weights the uninterrupted run ended with (were one process's generators
+    saved, or restored to both, their dropout would differ from then on)."""
+    whole = two_processes
+    state = torch.load(whole / "run" / "stage1" / "checkpoints" / "step_0000002" / "state.pt", weights_only=True)
+    mine, other = state["rng"]  # process 0's and process 1's
+    assert not torch.equal(mine["torch"], other["torch"]) and mine["py"] != other["py"]
     cut = copy_of(prepared, tmp_path / "cut")  # the run as a kill after step 2's checkpoint would leave it
     checkpoints = cut / "run" / "stage1" / "checkpoints"
     shutil.copytree(whole / "run" / "stage1" / "checkpoints" / "step_0000002", checkpoints / "step_0000002")
@@ -2140,7 +2159,81 @@ def test_two_processes_resumed_train_as_two_uninterrupted_ones_do(prepared, tmp_
     log = (whole / "run" / "stage1" / "log.jsonl").read_text().splitlines()
     (cut / "run" / "stage1" / "log.jsonl").write_text("".join(line + "\n" for line in log
                                                               if json.loads(line).get("step", 0) <= 2))
-    r = run([*launch, "train.py", "--stage", "1", "--resume", *opts(cut, *args)])
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "1",
+             "--resume", *opts(cut, *TWO)])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = weights(whole), weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_step_one_process_cannot_use_is_skipped_by_both(prepared, tmp_path):
+    """Under torchrun a stage 1-2 micro-step in which one process has no usable example (here the one clip of
+    process 1's share of step 1 is unreadable) is skipped by every process (under DDP they must run the same
+    forwards: were the skip decided per process, process 0's backward would wait for process 1 for ever); the
+    clip is counted once and the run goes on."""
+    tmp = tmp_path
+    shutil.copytree(prepared / "run", tmp / "run")
+    shutil.copytree(prepared / "synth", tmp / "synth", copy_function=os.symlink)
+    cfg = train.load_config("tiny", opts(tmp, "--batch_size=1"))
+    ratios = train.parse_ratios(cfg.task_ratios, train.STAGES["1"]["ratios"])
+    pools = train.training_pools(cfg, "1", [t for t, weight in ratios.items() if weight > 0])
+    _, (first, second) = data.TaskSampler(pools, ratios, 2, cfg.seed).next_batch()  # step 1: a clip each
+    (clip,) = data.clips_of([second])
+    assert clip not in data.clips_of([first])
+    Path(clip).unlink()
+    Path(clip).write_text("not audio")
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "train.py", "--stage", "1", *opts(tmp, "--batch_size=1")], cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = launch.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        launch.terminate()  # torchrun then stops its processes (each in a session of its own)
+        launch.communicate(timeout=120)
+        pytest.fail("the two processes waited for each other: one trained the step the other skipped")
+    assert launch.returncode == 0, err[-3000:]
+    steps = [r for r in log_records(tmp, "stage1") if "step" in r and "lr" in r]
+    assert [(r["step"], "loss" in r, r["skipped_audio"]) for r in steps] == [(1, False, 1), (2, True, 1),
+                                                                           (3, True, 1), (4, True, 1)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_of_one_process_train_as_one_machine_of_two_does(two_processes, prepared, tmp_path):
+    """On two nodes (here two torchrun agents on this machine, one process each) every process is local rank 0:
+    the process's place in the run is RANK, not LOCAL_RANK. The two train the run's two shares and end with the
+    weights one machine's two processes ended with; only process 0 sets a previous run aside (the new log holds this
+    run's steps once, previous/ the whole previous run)."""
+    whole, tmp = two_processes, copy_of(prepared, tmp_path)
+    stage = tmp / "run" / "stage1"
+    stage.mkdir()
+    shutil.copy(whole / "run" / "stage1" / "log.jsonl", stage / "log.jsonl")  # a previous run of the stage
+    shutil.copytree(whole / "run" / "stage1" / "checkpoints", stage / "checkpoints")
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "train.py", "--stage", "1", *opts(tmp, *TWO)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for node in (0, 1)]
+    ended = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], ended[0][1][-3000:] + ended[1][1][-3000:]
+    a, b = weights(whole), weights(tmp)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (stage / "previous" / "log.jsonl").read_text() == (whole / "run" / "stage1" / "log.jsonl").read_text()
+    assert sorted(p.name for p in (stage / "previous" / "checkpoints").iterdir()) == sorted(
+        p.name for p in (whole / "run" / "stage1" / "checkpoints").iterdir())
+    assert [r["step"] for r in log_records(tmp, "stage1") if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_two_processes_start_from_nothing(tmp_path):
+    """Under torchrun process 0 makes what every process reads (the synthetic data, the tokenizer, tiny's encoder)
+    while the others wait for it: two processes run stage 0 from an empty folder."""
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "0",
+             *opts(tmp_path, "--steps_0=1")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [r["step"] for r in log_records(tmp_path, "stage0") if "loss" in r] == [1]
