@@ -203,15 +203,21 @@ def java_metrics(refs, outputs):
     try:
         out.append(("METEOR", float(Meteor().compute_score(gts, res)[0]), None, "METEOR 1.5 (Java, pycocoevalcap)"))
     except Exception as e:  # the Java process can fail in many ways; the row says how
-        out.append(("METEOR", float("nan"), None, f"METEOR unavailable: {e}"))
+        out.append(failed_row("METEOR", e))
     if (why := spice_missing()) is not None:
         out.append(("SPICE", float("nan"), None, f"SPICE unavailable: {why}"))
         return out
     try:
         out.append(("SPICE", float(Spice().compute_score(gts, res)[0]), None, "SPICE (Java, pycocoevalcap)"))
     except Exception as e:
-        out.append(("SPICE", float("nan"), None, f"SPICE unavailable: {str(e)[:120]}"))
+        out.append(failed_row("SPICE", e))
     return out
+
+
+def failed_row(metric: str, error: Exception) -> tuple:
+    """A NaN row whose protocol says why the Java run failed: the error's start, 120 characters at most (a Java
+    traceback would fill the table), or its type where it has no message."""
+    return metric, float("nan"), None, f"{metric} unavailable: {str(error)[:120] or type(error).__name__}"
 
 
 # ---------------------------------------------------------------------------------------------------------- tasks

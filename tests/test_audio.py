@@ -109,6 +109,16 @@ def test_formats(tmp_path, fmt, subtype):
         assert (wave.double() - torch.from_numpy(x[:, 0]).double()).abs().max().item() <= 2 * LSB
 
 
+def test_an_rf64_file_is_read_as_its_wav(tmp_path):
+    """RF64 (a WAV whose sizes may pass 4 GB: its RIFF sizes are placeholders, the real ones in a ds64 chunk) is
+    read as libsndfile reads it; the cut-off check, which reads the RIFF sizes, leaves it alone."""
+    x = tone(1.0)
+    sf.write(tmp_path / "clip.wav", x, 16000, format="RF64", subtype="PCM_16")
+    sf.write(tmp_path / "plain.wav", x, 16000, format="WAV", subtype="PCM_16")
+    assert (tmp_path / "clip.wav").read_bytes()[:4] == b"RF64"
+    assert torch.equal(audio.load(tmp_path / "clip.wav"), audio.load(tmp_path / "plain.wav"))
+
+
 @pytest.mark.parametrize("channels", [2, 8])
 def test_channels_are_averaged(tmp_path, channels):
     x = tone(0.5, channels=channels)

@@ -339,6 +339,22 @@ def test_qformer_tokenizer_from_a_vocabulary_file(hf_folder, tmp_path):
     assert ids.tolist() == bert(texts, padding=True).input_ids and bert.pad_token_id == 1
 
 
+def test_a_folder_lacking_what_instructblip_reads_is_named(tmp_path):
+    """An InstructBLIP folder without config.json, a Q-Former tokenizer folder with neither tokenizer.json nor
+    vocab.txt, and a vision folder without vision.json are each named, with what is missing (and for the vision side,
+    how to make one)."""
+    from apt_min.blip2 import QFormerTokenizer
+
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path))}: not a model folder \(config\.json"):
+        InstructBLIP.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path))}: no Q-Former tokenizer \(tokenizer\.json "
+                                              r"or vocab\.txt\)"):
+        QFormerTokenizer(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path))}: no trained vision side \(vision\.json\); "
+                                              r"run `python train.py --stage vision`"):
+        InstructBLIP.load_vision(tmp_path, None, None, {})
+
+
 def test_qformer_tokenizer_matches_transformers(hf_folder, blip):
     bert = hf_folder[2]
     for text in ["What is making the sound?", "Choose the correct option: 0 dog; 1 car.", "UPPER case, digits 42"]:

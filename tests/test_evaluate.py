@@ -1268,26 +1268,32 @@ def test_few_shot_encodes_its_episodes_clips_strictly():
     assert asked == [True] and "accuracy 4-way 1-shot" in [r[0] for r in rows]
 
 
-def test_a_failed_spice_run_says_why_in_a_line_of_120_characters_at_most(monkeypatch):
-    """SPICE's Java process failing leaves a NaN row whose protocol gives the start of the error, cut at 120
-    characters (its Java traceback would fill the table); the classes are stood in for, so no Java is needed."""
+@pytest.mark.parametrize("error, says", [(RuntimeError("e" * 300), "e" * 120), (BrokenPipeError(), "BrokenPipeError")])
+def test_a_failed_java_run_says_why_in_a_line_of_120_characters_at_most(monkeypatch, error, says):
+    """METEOR's or SPICE's Java process failing leaves a NaN row whose protocol gives the start of the error, cut at
+    120 characters (its Java traceback would fill the table), or its type where it has no message; the classes are
+    stood in for, so no Java is needed."""
     import pycocoevalcap.meteor.meteor as meteor
     import pycocoevalcap.spice.spice as spice
 
-    class Meteor:
+    class Fails:
+        def compute_score(self, gts, res):
+            raise error
+
+    class Scores:
         def compute_score(self, gts, res):
             return 0.25, None
 
-    class Spice:
-        def compute_score(self, gts, res):
-            raise RuntimeError("e" * 300)
-
-    monkeypatch.setattr(meteor, "Meteor", Meteor)
-    monkeypatch.setattr(spice, "Spice", Spice)
     monkeypatch.setattr(evaluation, "java_missing", lambda: None)
     monkeypatch.setattr(evaluation, "spice_missing", lambda: None)
-    rows = evaluation.java_metrics([["a dog barks"]], ["a dog"])
-    assert rows[1][0] == "SPICE" and np.isnan(rows[1][1]) and rows[1][3] == "SPICE unavailable: " + "e" * 120
+    for failing in ("METEOR", "SPICE"):
+        monkeypatch.setattr(meteor, "Meteor", Fails if failing == "METEOR" else Scores)
+        monkeypatch.setattr(spice, "Spice", Fails if failing == "SPICE" else Scores)
+        rows = {name: (value, protocol) for name, value, _, protocol in evaluation.java_metrics([["a dog barks"]],
+                                                                                               ["a dog"])}
+        value, protocol = rows.pop(failing)
+        assert np.isnan(value) and protocol == f"{failing} unavailable: {says}"
+        assert [value for value, _ in rows.values()] == [0.25]  # the other one scored
 
 
 def test_meteor_is_given_every_reference_of_each_clip(monkeypatch):

@@ -161,6 +161,12 @@ def test_missing_config(folder):
         Llama.from_pretrained(folder)
 
 
+def test_a_config_that_is_not_json_is_named(folder):
+    (folder / "config.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON \(Expecting"):
+        Llama.from_pretrained(folder)
+
+
 def test_not_llama(folder):
     raw = json.loads((folder / "config.json").read_text())
     raw.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
@@ -516,6 +522,18 @@ def test_the_llms_embedding_table_is_read_alone(saved, monkeypatch):
     table = build.llm_embeddings(load_config("tiny", {"llm_path": str(folder)}))
     assert table.dtype == torch.float32
     assert torch.equal(table, hf.model.embed_tokens.weight.detach().float())
+
+
+def test_an_llm_folder_without_input_embeddings_is_named(saved, tmp_path):
+    """build.llm_embeddings names the folder whose weights hold no model.embed_tokens.weight (another model's)."""
+    from apt_min import build
+    from apt_min.config import load_config
+
+    shutil.copy(saved[1] / "config.json", tmp_path)
+    save_file({"model.norm.weight": torch.ones(4)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path))}: its weights hold no "
+                                              r"model\.embed_tokens\.weight"):
+        build.llm_embeddings(load_config("tiny", {"llm_path": str(tmp_path)}))
 
 
 @pytest.mark.parametrize("header, says", [

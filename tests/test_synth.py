@@ -44,6 +44,18 @@ def tree_digest(root):
     return h.hexdigest()
 
 
+def test_a_file_is_linked_where_the_file_system_allows_it_else_copied(tmp_path, monkeypatch):
+    """The synthetic sets share clips by hard link; across file systems (or where links are refused) by a copy."""
+    src = tmp_path / "a.wav"
+    src.write_bytes(b"RIFF clip")
+    synth._link(src, tmp_path / "linked" / "a.wav")
+    assert (tmp_path / "linked" / "a.wav").stat().st_ino == src.stat().st_ino
+    monkeypatch.setattr(Path, "hardlink_to", lambda self, target: (_ for _ in ()).throw(OSError(18, "cross-device")))
+    synth._link(src, tmp_path / "copied" / "a.wav")
+    copied = tmp_path / "copied" / "a.wav"
+    assert copied.read_bytes() == src.read_bytes() and copied.stat().st_ino != src.stat().st_ino
+
+
 def test_classes():
     assert len(synth.CLASSES) >= 30 and len(synth.NOVEL_CLASSES) >= 12
     assert len({c.name for c in synth.CLASSES}) == len(synth.CLASSES)
