@@ -9,7 +9,7 @@
 
 Times are medians; ratios are against fp32 in the same run (>1: faster). Weights are random: speed does not depend
 on their values, so no download is needed.
-    python benchmarks/bench_cpu_bf16.py [--repeats 5]
+    python benchmarks/bench_cpu_bf16.py [--repeats 5] [--shapes tiny,small]
 """
 
 import argparse
@@ -57,12 +57,14 @@ def episode_forward(llm, T=450):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"which LLM shapes, of {', '.join(SHAPES)}")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"threads={torch.get_num_threads()}")
     print(f"(1) probe: a bf16 matrix product runs {cpu_bf16_speedup():.2f}x as fast as fp32 "
           "(precision=auto takes bf16 at >= 1.5)")
-    for name, config in SHAPES.items():
+    for name in args.shapes.split(","):
+        config = SHAPES[name]
         llm = Llama(config).requires_grad_(False).eval()
         fp32 = median_seconds(train_step(llm, False), args.repeats)
         auto = median_seconds(train_step(llm, True), args.repeats)

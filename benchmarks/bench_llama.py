@@ -70,17 +70,18 @@ def main():
 
     # (b) greedy generation, KV cache, no early stop
     n = args.new_tokens
-    prompt = ids[:, :64]
+    prompt = ids[:, :64]  # (a shorter --seq: all of it)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     with torch.no_grad():
         a = ours.generate(prompt, max_new_tokens=n, eos_token_id=-1)
-        b = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False)[:, 64:]
+        b = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                        do_sample=False)[:, prompt.shape[1]:]
     agree = (a == b).float().mean().item()
     t_ours = median_seconds(lambda: ours.generate(prompt, max_new_tokens=n, eos_token_id=-1), args.repeats)
     t_hf = median_seconds(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                               do_sample=False), args.repeats)
-    print(f"(b) greedy B={B} prompt=64 new={n}: ours {B * n / t_ours:.0f} tok/s | transformers "
+    print(f"(b) greedy B={B} prompt={prompt.shape[1]} new={n}: ours {B * n / t_ours:.0f} tok/s | transformers "
           f"{B * n / t_hf:.0f} tok/s -> ratio {t_hf / t_ours:.2f}x (tokens identical: {agree:.0%})")
 
 

@@ -64,6 +64,36 @@ def test_audio_benchmark_prints_its_ratios_and_the_decode_threads_one():
     assert "tiny encoder (cpu, torch.float32, 16 windows, 1 blocks run)" in out, out
 
 
+def test_llama_benchmark_generates_transformers_tokens_and_prints_its_ratios():
+    """bench_llama.py: our greedy generation gives transformers' tokens (a prompt shorter than its usual 64 too), and
+    each ratio is transformers' time over ours, of the times it prints."""
+    out = run("benchmarks/bench_llama.py", "--batch", "2", "--seq", "32", "--new-tokens", "4", "--repeats", "1",
+              "--threads", "2")
+    ours, keep16, ratio16, every, ratio_all = map(float, re.search(
+        r"\(a\) fwd\+bwd B=2 T=32: ours ([\d.]+) ms \| transformers, logits_to_keep=16 ([\d.]+) ms -> ratio ([\d.]+)x "
+        r"\| transformers, all logits \(logits_to_keep=0\) ([\d.]+) ms -> ratio ([\d.]+)x", out).groups())
+    assert keep16 / ours == pytest.approx(ratio16, abs=0.01) and every / ours == pytest.approx(ratio_all, abs=0.01)
+    mine, theirs, ratio = map(float, re.search(r"\(b\) greedy B=2 prompt=32 new=4: ours (\d+) tok/s \| transformers "
+                                               r"(\d+) tok/s -> ratio ([\d.]+)x \(tokens identical: 100%\)",
+                                               out).groups())
+    assert abs(mine / theirs - ratio) <= ratio * (0.5 / mine + 0.5 / theirs) + 0.006, out  # whole tokens a second
+
+
+def test_cpu_bf16_benchmark_prints_each_lever_against_fp32():
+    """bench_cpu_bf16.py: the probe's speed-up, then each bf16 way's time and its ratio to fp32's (fp32 over it)."""
+    out = run("benchmarks/bench_cpu_bf16.py", "--repeats", "1", "--shapes", "tiny")
+    assert re.search(r"\(1\) probe: a bf16 matrix product runs [\d.]+x as fast as fp32", out), out
+    t = r"([\d.]+) s"
+    fp32, auto, x_auto, bf16, x_bf16 = map(float, re.search(
+        rf"\(2\) tiny  train step: fp32 {t} \| bf16 autocast, fp32 weights {t} \(([\d.]+)x\) \| bf16 autocast, "
+        rf"bf16 weights {t} \(([\d.]+)x\)", out).groups())
+    ev32, ev16, x_ev = map(float, re.search(rf"\(3\) tiny  episode forward: fp32 {t} \| bf16 weights {t} "
+                                            r"\(([\d.]+)x\)", out).groups())
+    for num, den, ratio in ((fp32, auto, x_auto), (fp32, bf16, x_bf16), (ev32, ev16, x_ev)):
+        assert abs(num / den - ratio) <= 0.01 + ratio * 0.0005 * (1 / num + 1 / den), out  # times printed to 1 ms
+    assert "small" not in out
+
+
 def test_read_ahead_benchmark_times_the_three_ways_and_prints_their_ratios():
     out = run("benchmarks/bench_read_ahead.py", "--batch", "2", "--steps", "10", "--threads", "2", "--step_ms", "20")
     here = float(re.search(r"decoded on the training thread +(\d+) ms a step", out).group(1))

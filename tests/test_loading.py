@@ -524,6 +524,22 @@ def test_the_llms_embedding_table_is_read_alone(saved, monkeypatch):
     assert torch.equal(table, hf.model.embed_tokens.weight.detach().float())
 
 
+def test_loading_holds_no_second_copy_of_the_model(tmp_path):
+    """from_pretrained reads each tensor straight into its parameter (a cast one through a 16 MiB buffer): loading a
+    sharded 222 MiB checkpoint in a fresh process grows its peak memory by about the model's own size (measured
+    1.00 in fp32, 1.21 into bf16, the buffer included; benchmarks/bench_load_memory.py prints the same for a
+    512 MiB one beside transformers). A loader holding a second copy would show 2, one holding a whole float32
+    tensor to cast would show about 1.8 into bf16 (its 62 MiB word table)."""
+    from benchmarks.bench_load_memory import measure
+    from benchmarks.common import save_random_hf_llama
+
+    save_random_hf_llama(tmp_path, hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1376,
+                         max_shard_size="100MB")
+    assert len(list(tmp_path.glob("*.safetensors"))) >= 3
+    ratios = {dtype: (r := measure("ours", dtype, str(tmp_path)))["peak"] / r["size"] for dtype in ("fp32", "bf16")}
+    assert ratios["fp32"] <= 1.2 and ratios["bf16"] <= 1.4, ratios
+
+
 def test_an_llm_folder_without_input_embeddings_is_named(saved, tmp_path):
     """build.llm_embeddings names the folder whose weights hold no model.embed_tokens.weight (another model's)."""
     from apt_min import build

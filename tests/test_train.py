@@ -2171,10 +2171,9 @@ def test_a_step_one_process_cannot_use_is_skipped_by_both(prepared, tmp_path):
     process 1's share of step 1 is unreadable) is skipped by every process (under DDP they must run the same
     forwards: were the skip decided per process, process 0's backward would wait for process 1 for ever); the
     clip is counted once and the run goes on."""
-    tmp = tmp_path
-    shutil.copytree(prepared / "run", tmp / "run")
-    shutil.copytree(prepared / "synth", tmp / "synth", copy_function=os.symlink)
-    cfg = train.load_config("tiny", opts(tmp, "--batch_size=1"))
+    shutil.copytree(prepared / "run", tmp_path / "run")
+    shutil.copytree(prepared / "synth", tmp_path / "synth", copy_function=os.symlink)
+    cfg = train.load_config("tiny", opts(tmp_path, "--batch_size=1"))
     ratios = train.parse_ratios(cfg.task_ratios, train.STAGES["1"]["ratios"])
     pools = train.training_pools(cfg, "1", [t for t, weight in ratios.items() if weight > 0])
     _, (first, second) = data.TaskSampler(pools, ratios, 2, cfg.seed).next_batch()  # step 1: a clip each
@@ -2183,7 +2182,7 @@ def test_a_step_one_process_cannot_use_is_skipped_by_both(prepared, tmp_path):
     Path(clip).unlink()
     Path(clip).write_text("not audio")
     launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "train.py", "--stage", "1", *opts(tmp, "--batch_size=1")], cwd=ROOT,
+                               "train.py", "--stage", "1", *opts(tmp_path, "--batch_size=1")], cwd=ROOT,
                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -2193,7 +2192,7 @@ def test_a_step_one_process_cannot_use_is_skipped_by_both(prepared, tmp_path):
         launch.communicate(timeout=120)
         pytest.fail("the two processes waited for each other: one trained the step the other skipped")
     assert launch.returncode == 0, err[-3000:]
-    steps = [r for r in log_records(tmp, "stage1") if "step" in r and "lr" in r]
+    steps = [r for r in log_records(tmp_path, "stage1") if "step" in r and "lr" in r]
     assert [(r["step"], "loss" in r, r["skipped_audio"]) for r in steps] == [(1, False, 1), (2, True, 1),
                                                                            (3, True, 1), (4, True, 1)]
 
