@@ -30,6 +30,16 @@ def test_gpu_checks_numerics_and_stage0_run_on_the_cpu():
     assert "paper stage 0, one step at batch 8, 3 window(s) a clip" in out
 
 
+def test_gpu_checks_training_runs_on_the_cpu(tmp_path):
+    """The GPU's training check (every stage, stage 1 in fp32 and with compiled LLM blocks against the bf16 run,
+    evaluate.py --task all) on the miniature, here on the CPU: each row ok, its log written."""
+    out = run("benchmarks/gpu_checks.py", "--smoke", "--parts", "training", "--out", str(tmp_path))
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith(("| check", "| ---"))]
+    assert len(rows) == 10 and all(line.rstrip().endswith("| ok |") for line in rows), out
+    assert "stage 1, first step's loss: bf16, compiled LLM blocks vs fp32 (same batch)" in out
+    assert "$ evaluate.py --task all" in (tmp_path / "gpu_training.log").read_text()
+
+
 def test_gpu_checks_exit_status_fails_when_any_check_fails(monkeypatch, tmp_path, capsys):
     """run_gpu.sh and a user read the exit status: non-zero when one check fails, even if the others pass."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as the script runs
