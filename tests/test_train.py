@@ -123,6 +123,9 @@ def test_stage_0_starts_the_aligners_words_from_the_llms(prepared, tmp_path):
                             torch.device("cpu"))
     torch.testing.assert_close(job.aligner.word_map.weight.detach(), weight.float())
     torch.testing.assert_close(job.aligner.word_map.bias.detach(), bias.float())
+    job = train.AlignStage0(train.load_config("tiny", opts(tmp, "--aligner_words=llm")), 0, 1, torch.device("cpu"))
+    assert job.aligner.word_map.weight.shape == weight.shape  # the map as initialised, not the LLM's PCA
+    assert not torch.allclose(job.aligner.word_map.weight.detach(), weight.float(), atol=1e-3)
 
 
 def test_each_stage_trains_what_its_table_says_on_its_mixture(trained, tmp_path):
