@@ -2200,6 +2200,23 @@ def test_a_step_one_process_cannot_use_is_skipped_by_both(prepared, tmp_path):
                                                                            (3, True, 1), (4, True, 1)]
 
 
+def test_two_processes_train_the_vision_stage(trained, tmp_path):
+    """--stage vision under torchrun: process 0 makes the audio-visual set while the other waits for it, then both
+    train (its projection has no gradient in the alignment steps: DDP is told of unused parameters) and process 0
+    saves the side (the audio-visual set, which an earlier test may have made, is left out of the copy: this run
+    makes it)."""
+    from conftest import VISION
+
+    shutil.copytree(trained / "run", tmp_path / "run")
+    shutil.copytree(trained / "synth", tmp_path / "synth", copy_function=os.symlink,
+                    ignore=lambda folder, names: ["avqa", "vision"] if folder == str(trained / "synth") else [])
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "vision",
+             *opts(tmp_path, *VISION)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [r["step"] for r in log_records(tmp_path, "vision") if "loss" in r] == [1, 2, 3]
+    assert (tmp_path / "run" / "vision" / "final" / "vision.json").is_file()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
