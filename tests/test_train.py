@@ -567,6 +567,26 @@ def test_two_processes_update_like_one_with_the_same_global_batch(prepared, tmp_
     assert all(x[1] == pytest.approx(y[1], abs=2e-5) and x[2] == pytest.approx(y[2], abs=2e-4) for x, y in zip(la, lb))
 
 
+def test_two_processes_train_stage_2_as_one_does(trained, tmp_path):
+    """Stage 2 (few-shot episodes and NLAR among its tasks, drawn by the sampler's generator alike in every process)
+    on two processes of 2 examples each logs the losses, and ends with the weights, of one process of 4."""
+    args = ["--steps_2=3", "--aligner_dropout=0", "--warmup_steps=1", "--log_every=1"]
+    one, two = copy_of(trained, tmp_path / "one"), copy_of(trained, tmp_path / "two")
+    r = run(["train.py", "--stage", "2", *opts(one, *args, "--batch_size=4")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "2",
+             *opts(two, *args, "--batch_size=2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    la, lb = (training_records(log_records(t, "stage2")) for t in (one, two))
+    assert [s for s, _, _ in la] == [s for s, _, _ in lb] == [1, 2, 3]
+    assert all(x[1] == pytest.approx(y[1], abs=2e-5) and x[2] == pytest.approx(y[2], abs=2e-4) for x, y in zip(la, lb))
+    start = load_file(str(trained / "run" / "stage1" / "final" / "apt.safetensors"))
+    a, b = (load_file(str(t / "run" / "stage2" / "final" / "apt.safetensors")) for t in (one, two))
+    moved = max((a[k] - v).abs().max().item() for k, v in start.items())
+    assert moved > 1e-4 and a.keys() == b.keys()  # the update is real
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-2 * moved
+
+
 def test_compiled_llm_blocks_train_like_eager_ones(prepared, tmp_path):
     args = ["--steps_1=3", "--aligner_dropout=0", "--warmup_steps=1", "--log_every=1"]
     from torch._dynamo.utils import counters
