@@ -587,6 +587,29 @@ def test_two_processes_train_stage_2_as_one_does(trained, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-2 * moved
 
 
+@pytest.mark.parametrize("stage, args, result", [
+    ("lm", ["--steps_lm=3"], "llm/model.safetensors"),
+    ("caption_ft", ["--caption_ft_source=clotho", "--caption_ft_epochs=0.3", "--aligner_dropout=0"],
+     "caption_ft-clotho/final/apt.safetensors")])
+def test_two_processes_train_the_stand_in_and_tune_captions_as_one_does(trained, tmp_path, stage, args, result):
+    """The stand-in LLM's pretraining (each process its share of the documents) and caption_ft (its steps counted
+    from the captions over the global batch: batch_size * processes) on two processes of 2 examples each take the
+    steps, log the losses and end with the weights of one process of 4."""
+    args = [*args, "--warmup_steps=1", "--log_every=1"]
+    one, two = copy_of(trained, tmp_path / "one"), copy_of(trained, tmp_path / "two")
+    r = run(["train.py", "--stage", stage, *opts(one, *args, "--batch_size=4")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", stage,
+             *opts(two, *args, "--batch_size=2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = Path(result).parts[0] if stage == "caption_ft" else "llm-train"
+    la, lb = (training_records(log_records(t, folder)) for t in (one, two))
+    assert len(la) >= 3 and [s for s, _, _ in la] == [s for s, _, _ in lb] and la[0][1] != la[-1][1]
+    assert all(x[1] == pytest.approx(y[1], abs=2e-5) and x[2] == pytest.approx(y[2], abs=2e-4) for x, y in zip(la, lb))
+    a, b = (load_file(str(t / "run" / result)) for t in (one, two))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5  # measured 2e-7
+
+
 def test_compiled_llm_blocks_train_like_eager_ones(prepared, tmp_path):
     args = ["--steps_1=3", "--aligner_dropout=0", "--warmup_steps=1", "--log_every=1"]
     from torch._dynamo.utils import counters
