@@ -56,7 +56,7 @@ from apt_min.checkpoint import CheckpointError, check_keys, safetensors_entries
 from apt_min.config import STARTS_AFTER, load_config
 from apt_min.errors import MissingFileError, SettingError, clean_exit
 from apt_min.llama import Llama
-from apt_min.mae import MAEDecoder, mae_loss
+from apt_min.mae import MAEDecoder, mae_loss, random_keep
 from apt_min.model import APT, ReadAhead, encode_clips, short
 from apt_min.tasks import normalize_answer
 
@@ -202,10 +202,11 @@ class PretrainEncoder:
 
     def micro_step(self, model, sampler):
         _, idx = sampler.next_batch()
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # the masks: by step
-        batch = self.train_windows[idx[self.rank::self.world]].to(self.device).float()
-        with self.autocast():
-            loss = model(batch, self.cfg.mask_ratio, g)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # the masks: by step, drawn
+        keep = random_keep(len(idx), self.encoder.num_patches, self.cfg.mask_ratio, g)  # for the global
+        batch = self.train_windows[idx[self.rank::self.world]].to(self.device).float()  # batch, each process
+        with self.autocast():  # taking its windows' own: as one process would mask them
+            loss = model(batch, self.cfg.mask_ratio, None, keep[self.rank::self.world].to(self.device))
         return loss, 1, {"examples": len(batch)}
 
     @torch.no_grad()
@@ -231,8 +232,8 @@ class MaskedAutoencoder(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
 
-    def forward(self, fbank, ratio, generator):
-        return mae_loss(self.encoder, self.decoder, fbank, ratio, generator)
+    def forward(self, fbank, ratio, generator, keep=None):
+        return mae_loss(self.encoder, self.decoder, fbank, ratio, generator, keep)
 
 
 class AlignStage0:

@@ -79,12 +79,14 @@ def encode_kept(encoder: AudioMAE, fbank: torch.Tensor, keep: torch.Tensor) -> t
 
 
 def mae_loss(encoder: AudioMAE, decoder: MAEDecoder, fbank: torch.Tensor, ratio: float = 0.8,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The masked-autoencoding loss of a batch of windows (B, T, F): mean squared error over the dropped patches'
-    values, each patch normalised to zero mean and unit variance (a scalar)."""
+    values, each patch normalised to zero mean and unit variance (a scalar). keep: the patches each window keeps
+    (B, N_keep), where the caller drew them (under torchrun, its share of the global batch's); else drawn here."""
     target = patchify(fbank, encoder.config.patch_size)  # (B, N, P)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    keep = random_keep(fbank.shape[0], target.shape[1], ratio, generator, fbank.device)
+    if keep is None:
+        keep = random_keep(fbank.shape[0], target.shape[1], ratio, generator, fbank.device)
     pred = decoder(encode_kept(encoder, fbank, keep), keep)
     dropped = torch.ones(target.shape[:2], dtype=torch.bool, device=fbank.device)
     dropped.scatter_(1, keep, False)

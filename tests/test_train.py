@@ -209,7 +209,7 @@ def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_
     warning naming it, and with strict_audio ends the run. Each step masks anew, and alike when it is taken again
     (a resumed run). The clips are the caption sources' (with tagging's, in training), as the settings name them:
     with AudioCaps alone, no Clotho clip is read."""
-    from apt_min import audio, mae
+    from apt_min import audio
 
     cpu = torch.device("cpu")
     for settings in (["--encoder_init=mae", "--encoder_checkpoint=given.safetensors"], []):
@@ -238,8 +238,8 @@ def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_
     assert all(torch.equal(x, y) for x, y in zip(later.state_dict().values(), job.encoder.state_dict().values()))
     masks = []  # what each step's masks keep: drawn anew each step, the same again when a step is taken again
 
-    def model(batch, ratio, generator):
-        masks.append(mae.random_keep(len(batch), 16, ratio, generator))
+    def model(batch, ratio, generator, keep):
+        masks.append(keep)
         return torch.zeros(())
 
     state = job.sampler.state_dict()
@@ -589,20 +589,23 @@ def test_two_processes_train_stage_2_as_one_does(trained, tmp_path):
 
 @pytest.mark.parametrize("stage, args, result", [
     ("lm", ["--steps_lm=3"], "llm/model.safetensors"),
+    ("mae", ["--encoder_init=mae", "--steps_mae=3"], "encoder.safetensors"),
     ("caption_ft", ["--caption_ft_source=clotho", "--caption_ft_epochs=0.3", "--aligner_dropout=0"],
      "caption_ft-clotho/final/apt.safetensors")])
-def test_two_processes_train_the_stand_in_and_tune_captions_as_one_does(trained, tmp_path, stage, args, result):
-    """The stand-in LLM's pretraining (each process its share of the documents) and caption_ft (its steps counted
-    from the captions over the global batch: batch_size * processes) on two processes of 2 examples each take the
-    steps, log the losses and end with the weights of one process of 4."""
+def test_two_processes_pretrain_and_tune_captions_as_one_does(trained, tmp_path, stage, args, result):
+    """The stand-in LLM's pretraining (each process its share of the documents), the encoder's (each its windows'
+    masks out of the global batch's) and caption_ft (its steps counted from the captions over the global batch:
+    batch_size * processes) on two processes of 2 examples each take the steps, log the losses and end with the
+    weights of one process of 4."""
     args = [*args, "--warmup_steps=1", "--log_every=1"]
+    batch = "mae_batch_size" if stage == "mae" else "batch_size"
     one, two = copy_of(trained, tmp_path / "one"), copy_of(trained, tmp_path / "two")
-    r = run(["train.py", "--stage", stage, *opts(one, *args, "--batch_size=4")])
+    r = run(["train.py", "--stage", stage, *opts(one, *args, f"--{batch}=4")])
     assert r.returncode == 0, r.stderr[-2000:]
     r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", stage,
-             *opts(two, *args, "--batch_size=2")])
+             *opts(two, *args, f"--{batch}=2")])
     assert r.returncode == 0, r.stderr[-3000:]
-    folder = Path(result).parts[0] if stage == "caption_ft" else "llm-train"
+    folder = {"lm": "llm-train", "mae": "encoder-train", "caption_ft": "caption_ft-clotho"}[stage]
     la, lb = (training_records(log_records(t, folder)) for t in (one, two))
     assert len(la) >= 3 and [s for s, _, _ in la] == [s for s, _, _ in lb] and la[0][1] != la[-1][1]
     assert all(x[1] == pytest.approx(y[1], abs=2e-5) and x[2] == pytest.approx(y[2], abs=2e-4) for x, y in zip(la, lb))
