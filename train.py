@@ -202,11 +202,13 @@ class PretrainEncoder:
 
     def micro_step(self, model, sampler):
         _, idx = sampler.next_batch()
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)  # the masks: by step, drawn
-        keep = random_keep(len(idx), self.encoder.num_patches, self.cfg.mask_ratio, g)  # for the global
-        batch = self.train_windows[idx[self.rank::self.world]].to(self.device).float()  # batch, each process
-        with self.autocast():  # taking its windows' own: as one process would mask them
-            loss = model(batch, self.cfg.mask_ratio, None, keep[self.rank::self.world].to(self.device))
+        # the masks, drawn by step for the whole global batch; each process takes its windows' own, so that they are
+        # masked as one process would mask them
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + sampler.step)
+        keep = random_keep(len(idx), self.encoder.num_patches, self.cfg.mask_ratio, g)[self.rank::self.world]
+        batch = self.train_windows[idx[self.rank::self.world]].to(self.device).float()
+        with self.autocast():
+            loss = model(batch, self.cfg.mask_ratio, None, keep.to(self.device))
         return loss, 1, {"examples": len(batch)}
 
     @torch.no_grad()

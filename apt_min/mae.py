@@ -82,7 +82,8 @@ def mae_loss(encoder: AudioMAE, decoder: MAEDecoder, fbank: torch.Tensor, ratio:
              generator: torch.Generator | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The masked-autoencoding loss of a batch of windows (B, T, F): mean squared error over the dropped patches'
     values, each patch normalised to zero mean and unit variance (a scalar). keep: the patches each window keeps
-    (B, N_keep), where the caller drew them (under torchrun, its share of the global batch's); else drawn here."""
+    (B, N_keep), where the caller drew them (under torchrun, its share of the global batch's; `ratio` and
+    `generator` then go unused); else they are drawn here."""
     target = patchify(fbank, encoder.config.patch_size)  # (B, N, P)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     if keep is None:

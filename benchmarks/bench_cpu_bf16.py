@@ -57,8 +57,11 @@ def episode_forward(llm, T=450):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"which LLM shapes, of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help=f"which LLM shapes, comma-separated: of {', '.join(SHAPES)}")
     args = ap.parse_args()
+    if unknown := set(args.shapes.split(",")) - set(SHAPES):
+        ap.error(f"--shapes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SHAPES)}")
     torch.manual_seed(0)
     print(f"threads={torch.get_num_threads()}")
     print(f"(1) probe: a bf16 matrix product runs {cpu_bf16_speedup():.2f}x as fast as fp32 "

@@ -31,8 +31,9 @@ def test_gpu_checks_numerics_and_stage0_run_on_the_cpu():
 
 
 def test_gpu_checks_training_runs_on_the_cpu(tmp_path):
-    """The GPU's training check (every stage, stage 1 in fp32 and with compiled LLM blocks against the bf16 run,
-    evaluate.py --task all) on the miniature, here on the CPU: each row ok, its log written."""
+    """The GPU's training check (every stage, stage 1 in fp32 and with compiled LLM blocks against the
+    precision=auto run, evaluate.py --task all) on the miniature, here on the CPU, where precision=auto is fp32: a
+    test of the script, not of bf16. Each row ok, its log written."""
     out = run("benchmarks/gpu_checks.py", "--smoke", "--parts", "training", "--out", str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith(("| check", "| ---"))]
     assert len(rows) == 10 and all(line.rstrip().endswith("| ok |") for line in rows), out
@@ -82,7 +83,8 @@ def test_llama_benchmark_generates_transformers_tokens_and_prints_its_ratios():
     ours, keep16, ratio16, every, ratio_all = map(float, re.search(
         r"\(a\) fwd\+bwd B=2 T=32: ours ([\d.]+) ms \| transformers, logits_to_keep=16 ([\d.]+) ms -> ratio ([\d.]+)x "
         r"\| transformers, all logits \(logits_to_keep=0\) ([\d.]+) ms -> ratio ([\d.]+)x", out).groups())
-    assert keep16 / ours == pytest.approx(ratio16, abs=0.01) and every / ours == pytest.approx(ratio_all, abs=0.01)
+    for theirs, ratio in ((keep16, ratio16), (every, ratio_all)):  # times printed to 0.1 ms, ratios to 0.01
+        assert abs(theirs / ours - ratio) <= 0.006 + ratio * (0.05 / ours + 0.05 / theirs), out
     mine, theirs, ratio = map(float, re.search(r"\(b\) greedy B=2 prompt=32 new=4: ours (\d+) tok/s \| transformers "
                                                r"(\d+) tok/s -> ratio ([\d.]+)x \(tokens identical: 100%\)",
                                                out).groups())

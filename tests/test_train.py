@@ -195,11 +195,12 @@ def test_the_encoder_pretrains_on_the_training_clips_and_validates_on_the_valida
     # setting's ratio (Audio-MAE's 0.8 by default)
     assert any(k.startswith("encoder.") for k in job.params) and all(p.requires_grad for p in job.params.values())
     masked = []
-    model = lambda batch, ratio, g: masked.append((ratio, torch.rand(4, generator=g))) or torch.zeros(())  # noqa: E731
+    model = lambda batch, ratio, g, keep: masked.append((len(batch), keep)) or torch.zeros(())  # noqa: E731
     for _ in range(2):
         job.micro_step(model, job.sampler)
-    assert [r for r, _ in masked] == [cfg.mask_ratio] * 2 and cfg.mask_ratio == 0.8
-    assert not torch.equal(masked[0][1], masked[1][1])
+    n = job.encoder.num_patches
+    assert [keep.shape for _, keep in masked] == [(size, round(n * (1 - 0.8))) for size, _ in masked]
+    assert cfg.mask_ratio == 0.8 and not torch.equal(masked[0][1], masked[1][1])
 
 
 def test_the_encoders_pretraining_needs_a_preset_that_makes_its_own_and_skips_a_clip_it_cannot_read(
@@ -610,7 +611,8 @@ def test_two_processes_pretrain_and_tune_captions_as_one_does(trained, tmp_path,
     assert len(la) >= 3 and [s for s, _, _ in la] == [s for s, _, _ in lb] and la[0][1] != la[-1][1]
     assert all(x[1] == pytest.approx(y[1], abs=2e-5) and x[2] == pytest.approx(y[2], abs=2e-4) for x, y in zip(la, lb))
     a, b = (load_file(str(t / "run" / result)) for t in (one, two))
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5  # measured 2e-7
+    reach = train.load_config("tiny").lr * len(la)  # about the most AdamW moves a weight in these steps
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-2 * reach  # measured 2e-7
 
 
 def test_compiled_llm_blocks_train_like_eager_ones(prepared, tmp_path):
@@ -1188,6 +1190,8 @@ def test_each_process_trains_on_its_own_share_of_the_global_batch(prepared, monk
     """Under DDP every stage's micro_step takes the global batch's examples rank, rank + world, ...: process 1 of 2
     gets examples 1, 3, 5 of 7. (The update alone cannot show it: two processes that both train on the whole batch
     average to the same gradient, at twice the work, with every example counted twice.)"""
+    from apt_min.mae import random_keep as mae_masks
+
     batch = data.examples("aqa", prepared / "synth", "train")[:7]
     mine = batch[1::2]
     seen = []
@@ -1219,10 +1223,13 @@ def test_each_process_trains_on_its_own_share_of_the_global_batch(prepared, monk
 
     mae = object.__new__(train.PretrainEncoder)
     mae.rank, mae.world, mae.device, mae.autocast = 1, 2, torch.device("cpu"), nullcontext
-    mae.cfg, mae.train_windows = SimpleNamespace(seed=0, mask_ratio=0.8), torch.arange(10.0)[:, None]
-    mae_model = lambda windows, ratio, g: (seen.append(windows.flatten().tolist()), one)[1]  # noqa: E731
+    mae.cfg, mae.train_windows = SimpleNamespace(seed=0, mask_ratio=0.5), torch.arange(10.0)[:, None]
+    mae.encoder = SimpleNamespace(num_patches=6)
+    mae_model = lambda windows, ratio, g, keep: (seen.append((windows.flatten().tolist(), keep)), one)[1]  # noqa: E731
     assert mae.micro_step(mae_model, OneBatch("windows", [0, 2, 4, 6, 8, 9, 7]))[2]["examples"] == 3
-    assert seen.pop() == [2.0, 6.0, 9.0]
+    windows, keep = seen.pop()  # and their masks: the global batch's rows 1, 3, 5, as one process would draw them
+    assert windows == [2.0, 6.0, 9.0]
+    assert torch.equal(keep, mae_masks(7, 6, 0.5, torch.Generator().manual_seed(1))[1::2])
 
 
 def test_the_stand_in_llm_learns_next_tokens_of_whole_documents_from_a_small_start(prepared, monkeypatch):
@@ -2230,17 +2237,10 @@ def test_a_step_one_process_cannot_use_is_skipped_by_both(prepared, tmp_path):
     assert clip not in data.clips_of([first])
     Path(clip).unlink()
     Path(clip).write_text("not audio")
-    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "train.py", "--stage", "1", *opts(tmp_path, "--batch_size=1")], cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = launch.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        launch.terminate()  # torchrun then stops its processes (each in a session of its own)
-        launch.communicate(timeout=120)
-        pytest.fail("the two processes waited for each other: one trained the step the other skipped")
-    assert launch.returncode == 0, err[-3000:]
+    ((rc, out),) = torchrun([["--standalone", "--nproc_per_node", "2", "train.py", "--stage", "1",
+                              *opts(tmp_path, "--batch_size=1")]], tmp_path, 300,
+                            "the two processes waited for each other: one trained the step the other skipped")
+    assert rc == 0, out[-3000:]
     steps = [r for r in log_records(tmp_path, "stage1") if "step" in r and "lr" in r]
     assert [(r["step"], "loss" in r, r["skipped_audio"]) for r in steps] == [(1, False, 1), (2, True, 1),
                                                                            (3, True, 1), (4, True, 1)]
@@ -2263,6 +2263,34 @@ def test_two_processes_train_the_vision_stage(trained, tmp_path):
     assert (tmp_path / "run" / "vision" / "final" / "vision.json").is_file()
 
 
+def torchrun(launches: list[list[str]], folder: Path, timeout: float, stuck: str) -> list[tuple[int, str]]:
+    """Start a torchrun for each argument list at once, each one's output to a file in `folder`, and wait for all:
+    [(exit status, output)]. Any still running after `timeout` seconds is stopped and the test fails, saying
+    `stuck` (torchrun is asked to stop: it stops its workers, which run in sessions of their own)."""
+    env, procs = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, []
+    logs = [folder / f"torchrun{i}.txt" for i in range(len(launches))]
+    try:
+        for args, log in zip(launches, logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=ROOT,
+                                              env=env, stdout=out, stderr=subprocess.STDOUT))
+        deadline = time.time() + timeout
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{stuck} (still running after {timeout} s)")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return [(proc.returncode, log.read_text()) for proc, log in zip(procs, logs)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -2279,14 +2307,14 @@ def test_two_machines_of_one_process_train_as_one_machine_of_two_does(two_proces
     stage.mkdir()
     shutil.copy(whole / "run" / "stage1" / "log.jsonl", stage / "log.jsonl")  # a previous run of the stage
     shutil.copytree(whole / "run" / "stage1" / "checkpoints", stage / "checkpoints")
-    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               "train.py", "--stage", "1", *opts(tmp, *TWO)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for node in (0, 1)]
-    ended = [node.communicate(timeout=300) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], ended[0][1][-3000:] + ended[1][1][-3000:]
+    for _ in range(3):  # a port found free may be taken before node 0 listens on it: then another one
+        port = str(free_port())
+        ended = torchrun([["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node), "--master_addr",
+                           "127.0.0.1", "--master_port", port, "train.py", "--stage", "1", *opts(tmp, *TWO)]
+                          for node in (0, 1)], tmp_path, 300, "the two nodes did not finish")
+        if not any("EADDRINUSE" in out or "address already in use" in out.lower() for _, out in ended):
+            break
+    assert [rc for rc, _ in ended] == [0, 0], ended[0][1][-3000:] + ended[1][1][-3000:]
     a, b = weights(whole), weights(tmp)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (stage / "previous" / "log.jsonl").read_text() == (whole / "run" / "stage1" / "log.jsonl").read_text()
