@@ -41,6 +41,9 @@ def run(args, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw)
 
 
+TWO_PROCESSES = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # torchrun, for run()
+
+
 def test_stages_chain_and_outputs(prepared, tmp_path):
     tmp = copy_of(prepared, tmp_path)
     for stage in ("1", "2"):
@@ -558,7 +561,7 @@ def test_two_processes_update_like_one_with_the_same_global_batch(prepared, tmp_
     r = run(["train.py", "--stage", "1", *opts(one, *args, "--batch_size=4")])
     assert r.returncode == 0, r.stderr[-2000:]
     two = copy_of(prepared, tmp_path / "two")
-    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage",
+    r = run([*TWO_PROCESSES, "train.py", "--stage",
              "1", *opts(two, *args, "--batch_size=2")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert agree(weights(one), weights(two), prepared)
@@ -575,7 +578,7 @@ def test_two_processes_train_stage_2_as_one_does(trained, tmp_path):
     one, two = copy_of(trained, tmp_path / "one"), copy_of(trained, tmp_path / "two")
     r = run(["train.py", "--stage", "2", *opts(one, *args, "--batch_size=4")])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "2",
+    r = run([*TWO_PROCESSES, "train.py", "--stage", "2",
              *opts(two, *args, "--batch_size=2")])
     assert r.returncode == 0, r.stderr[-3000:]
     la, lb = (training_records(log_records(t, "stage2")) for t in (one, two))
@@ -603,7 +606,7 @@ def test_two_processes_pretrain_and_tune_captions_as_one_does(trained, tmp_path,
     one, two = copy_of(trained, tmp_path / "one"), copy_of(trained, tmp_path / "two")
     r = run(["train.py", "--stage", stage, *opts(one, *args, f"--{batch}=4")])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", stage,
+    r = run([*TWO_PROCESSES, "train.py", "--stage", stage,
              *opts(two, *args, f"--{batch}=2")])
     assert r.returncode == 0, r.stderr[-3000:]
     folder = {"lm": "llm-train", "mae": "encoder-train", "caption_ft": "caption_ft-clotho"}[stage]
@@ -2007,8 +2010,7 @@ def test_two_processes_log_stage_0_as_one_does(prepared, tmp_path):
     clips = [Path(ex.segments[0][1]).relative_to(prepared / "synth") for ex in batch]  # process r's: clips[r::2]
     broken = {next(c for c in clips[r::2] if clips.count(c) == 1) for r in (0, 1)}  # one clip of each share
     logs = {}
-    for name, launch, batch in (("one", [], 8), ("two", ["-m", "torch.distributed.run", "--standalone",
-                                                         "--nproc_per_node", "2"], 4)):
+    for name, launch, batch in (("one", [], 8), ("two", TWO_PROCESSES, 4)):
         tmp = tmp_path / name
         shutil.copytree(prepared / "synth", tmp / "synth", copy_function=os.symlink)
         for clip in broken:  # AudioCaps' clips and Clotho's both
@@ -2193,7 +2195,7 @@ def two_processes(prepared, tmp_path_factory):
     """Stage 1 trained by two processes on one machine (torchrun --standalone), dropout on: what the multi-process
     tests below compare with."""
     whole = copy_of(prepared, tmp_path_factory.mktemp("two"))
-    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "1",
+    r = run([*TWO_PROCESSES, "train.py", "--stage", "1",
              *opts(whole, *TWO)])
     assert r.returncode == 0, r.stderr[-3000:]
     return whole
@@ -2215,7 +2217,7 @@ def test_two_processes_resumed_train_as_two_uninterrupted_ones_do(two_processes,
     log = (whole / "run" / "stage1" / "log.jsonl").read_text().splitlines()
     (cut / "run" / "stage1" / "log.jsonl").write_text("".join(line + "\n" for line in log
                                                               if json.loads(line).get("step", 0) <= 2))
-    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "1",
+    r = run([*TWO_PROCESSES, "train.py", "--stage", "1",
              "--resume", *opts(cut, *TWO)])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = weights(whole), weights(cut)
@@ -2256,7 +2258,7 @@ def test_two_processes_train_the_vision_stage(trained, tmp_path):
     shutil.copytree(trained / "run", tmp_path / "run")
     shutil.copytree(trained / "synth", tmp_path / "synth", copy_function=os.symlink,
                     ignore=lambda folder, names: ["avqa", "vision"] if folder == str(trained / "synth") else [])
-    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "vision",
+    r = run([*TWO_PROCESSES, "train.py", "--stage", "vision",
              *opts(tmp_path, *VISION)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert [r["step"] for r in log_records(tmp_path, "vision") if "loss" in r] == [1, 2, 3]
@@ -2326,7 +2328,7 @@ def test_two_machines_of_one_process_train_as_one_machine_of_two_does(two_proces
 def test_two_processes_start_from_nothing(tmp_path):
     """Under torchrun process 0 makes what every process reads (the synthetic data, the tokenizer, tiny's encoder)
     while the others wait for it: two processes run stage 0 from an empty folder."""
-    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--stage", "0",
+    r = run([*TWO_PROCESSES, "train.py", "--stage", "0",
              *opts(tmp_path, "--steps_0=1")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert [r["step"] for r in log_records(tmp_path, "stage0") if "loss" in r] == [1]
