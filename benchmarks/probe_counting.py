@@ -17,7 +17,8 @@ taken out of the loop, on the benchmark's counting examples (train split to fit,
 If (a) and (b) stay near the majority answer while (c) and (d) do clearly better, the count is in the encoder's
 features but the tiny aligner cannot read it out, whatever the LLM does with its queries.
 
-    python benchmarks/probe_counting.py [--preset small] [--run_dir R] [--steps 800] [--concat]   (4 min on 2 cores)
+    python benchmarks/probe_counting.py [--preset small] [--run_dir R] [--steps 800] [--concat] [--key=value ...]
+    (4 min on 2 cores; any setting of apt_min/config.py can follow; a batch larger than the training set is the set)
 """
 
 import argparse
@@ -36,6 +37,7 @@ from apt_min import data
 from apt_min.audio import load_fbank
 from apt_min.build import ensure_tokenizer, load_apt
 from apt_min.config import load_config
+from apt_min.errors import clean_exit, whole_number
 
 EVALS = 4  # evaluations per run; the result is the mean of the last three (single evaluations are noisy)
 
@@ -71,7 +73,7 @@ def fit_aligner_probe(probe, tok, feats, train, test, steps, batch, seed):
     torch.manual_seed(seed)
     rng, opt, accs = random.Random(seed), torch.optim.AdamW(probe.parameters(), lr=3e-4), []
     for step in range(1, steps + 1):
-        exs = rng.sample(train, batch)
+        exs = rng.sample(train, min(batch, len(train)))
         loss = F.cross_entropy(logits(exs), target(exs))
         opt.zero_grad()
         loss.backward()
@@ -114,7 +116,7 @@ def fit_cnn(train, test, steps, batch, seed, frames_of):
         return out[b, c], k
 
     for step in range(1, steps + 1):
-        logits, k = logits_targets(xtr, ytr, rng.choice(len(xtr), batch, replace=False))
+        logits, k = logits_targets(xtr, ytr, rng.choice(len(xtr), min(batch, len(xtr)), replace=False))
         loss = F.cross_entropy(logits, k)
         opt.zero_grad()
         loss.backward()
@@ -126,16 +128,18 @@ def fit_cnn(train, test, steps, batch, seed, frames_of):
     return accs
 
 
+@clean_exit("probe_counting.py")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--run_dir", help="the trained run (default: the preset's)")
-    ap.add_argument("--steps", type=int, default=800, help="training steps of each aligner probe (the CNN: twice)")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=whole_number(EVALS), default=800,
+                    help=f"training steps of each aligner probe (the CNN: twice); at least {EVALS}, one per evaluation")
+    ap.add_argument("--batch", type=whole_number(1), default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--concat", action="store_true", help="(a), (b): the queries side by side instead of averaged")
-    args = ap.parse_args()
-    cfg = load_config(args.preset, [f"--run_dir={args.run_dir}"] if args.run_dir else [])
+    args, rest = ap.parse_known_args()  # and any setting of apt_min/config.py as --key=value
+    cfg = load_config(args.preset, rest + ([f"--run_dir={args.run_dir}"] if args.run_dir else []))
     checkpoint = cfg.stage_dir("2") / "final"
     if not (checkpoint / "apt.json").is_file():
         raise SystemExit(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")

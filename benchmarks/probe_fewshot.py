@@ -12,6 +12,8 @@ A model that matches scores well above chance (0.25) in (2) and (3), not only in
 
     python benchmarks/probe_fewshot.py [--preset small] [--run_dir R] [--episodes 100] [--key=value ...]
     (tiny: a minute on 2 cores; any setting of apt_min/config.py, such as --fewshot_layout=list, can follow)
+
+A pool too small for a 4-way 1-shot episode (4 classes of at least 2 clips) has its line say so; the others still run.
 """
 
 import argparse
@@ -22,6 +24,7 @@ import numpy as np
 from apt_min import data
 from apt_min.build import ensure_tokenizer, load_apt
 from apt_min.config import load_config
+from apt_min.errors import clean_exit
 from apt_min.evaluation import answer_and_rank
 from apt_min.metrics import named_label
 
@@ -35,6 +38,7 @@ def score(apt, episodes):
     return np.mean(named), np.mean(ranked), outputs[:3]
 
 
+@clean_exit("probe_fewshot.py")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -55,8 +59,12 @@ def main():
                                ("(2) the same, a made-up name per class and episode", held_out, True),
                                ("(3) the novel classes", novel, False)):
         rng = random.Random(f"probe/{what}")
-        episodes = [data.fewshot_episode(pool, 4, 1, rng, rename=rename, layout=cfg.fewshot_layout)
-                    for _ in range(args.episodes)]
+        try:
+            episodes = [data.fewshot_episode(pool, 4, 1, rng, rename=rename, layout=cfg.fewshot_layout)
+                        for _ in range(args.episodes)]
+        except data.DataError as e:  # this data set's pool is too small (a miniature's test split, say)
+            print(f"{'-':>6} {'-':>6}  {what}: none ({e})", flush=True)
+            continue
         named, ranked, some = score(apt, episodes)
         print(f"{named:6.3f} {ranked:6.3f}  {what} {some}", flush=True)
 

@@ -3,9 +3,10 @@ at a short budget, from the same frozen encoder, each stage in a fresh process. 
 AQA accuracy beside each count's time, so the preset's `num_queries` is chosen by measurement.
 
 The runs go to {run_dir}/sweep-queries/q{N}/; they share the preset run's encoder (for the small preset, run
-`python train.py --stage mae --preset small` first) and its feature cache (the encoder's output does not depend on
-the query count).
+`python train.py --stage mae --preset small` first), its feature cache (the encoder's output does not depend on
+the query count) and, for the tiny preset, its stand-in LLM (run `python train.py --stage lm` first).
     python benchmarks/sweep_queries.py [--preset small] [--counts 8,16,32] [--steps_0 300] [--steps_1 150]
+                                       [--key=value ...]   (any setting of apt_min/config.py, given to every run)
 """
 
 import argparse
@@ -16,34 +17,47 @@ import time
 from pathlib import Path
 
 from apt_min.config import load_config, stage_folder
+from apt_min.errors import clean_exit, whole_number
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def counts(text: str) -> list[int]:
+    """--counts: whole numbers of at least 1, separated by commas ("8,16,32")."""
+    try:
+        return [whole_number(1)(c) for c in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected query counts of at least 1, separated by commas, got {text!r}") \
+            from None
+
+
+@clean_exit("sweep_queries.py")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--counts", default="8,16,32")
-    ap.add_argument("--steps_0", type=int, default=300)
-    ap.add_argument("--steps_1", type=int, default=150)
-    args = ap.parse_args()
-    cfg = load_config(args.preset)
+    ap.add_argument("--counts", type=counts, default="8,16,32", help="query counts, separated by commas")
+    ap.add_argument("--steps_0", type=whole_number(1), default=300)
+    ap.add_argument("--steps_1", type=whole_number(1), default=150)
+    args, rest = ap.parse_known_args()  # and any setting of apt_min/config.py as --key=value
+    cfg = load_config(args.preset, rest)
     base = ROOT / cfg.run_dir
     encoder = base / "encoder.safetensors"
     if cfg.encoder_init == "mae" and not encoder.is_file():
         raise SystemExit(f"{encoder}: no pretrained encoder; run python train.py --stage mae --preset {args.preset}")
+    if not cfg.llm_path and not (base / "llm").is_dir():
+        raise SystemExit(f"{base / 'llm'}: no stand-in LLM; run python train.py --stage lm --preset {args.preset}")
     print(f"{args.preset}: stage 0 {args.steps_0} steps, stage 1 {args.steps_1} steps per count")
     print(f"{'queries':>7} {'stage 0 s':>9} {'stage 1 s':>9} {'a2t R@1':>8} {'val loss':>8} {'AQA acc':>8}")
-    for count in [int(c) for c in args.counts.split(",")]:
+    for count in args.counts:
         run = base / "sweep-queries" / f"q{count}"
         run.mkdir(parents=True, exist_ok=True)
-        for shared in ("encoder.safetensors", "features"):
+        for shared in ("encoder.safetensors", "features", "llm"):
             if (base / shared).exists() and not (run / shared).exists():
                 (run / shared).symlink_to((base / shared).resolve())
         seconds = []
         for stage in ("0", "1"):
             t = time.time()
-            done = subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", args.preset,
+            done = subprocess.run([sys.executable, "train.py", "--stage", stage, "--preset", args.preset, *rest,
                                    f"--run_dir={run}", f"--num_queries={count}", f"--steps_0={args.steps_0}",
                                    f"--steps_1={args.steps_1}", "--eval_every=100000", "--save_every=100000"],
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -250,6 +250,29 @@ def test_bench_chain_says_why_a_stage_failed(tmp_path):
                      done.stderr, re.S), done.stderr[-2000:]
 
 
+def test_bench_chain_times_each_stage_of_the_chain_and_shows_its_validation(tmp_path):
+    """The tiny chain on the miniature, each stage in a fresh process: a line per stage in the chain's order, its
+    validation figures the first and the last its log holds, and the whole chain's minutes the stages' sum."""
+    from conftest import opts
+
+    from apt_min.config import stage_folder
+
+    out = run("benchmarks/bench_chain.py", *opts(tmp_path))
+    rows = re.findall(r"^stage +(\w+): +([\d.]+) s   validation \(step (\d+) -> (\d+)\): (.*)$", out, re.M)
+    assert [r[0] for r in rows] == ["0", "lm", "1", "2"], out
+    for stage, _, first, last, shown in rows:
+        log = [json.loads(x) for x in (tmp_path / "run" / stage_folder(stage) / "log.jsonl").read_text().splitlines()]
+        evals = [e for e in log if any(k.startswith("val") or k.endswith("_r1") for k in e)]
+        steps = {"0": 3, "lm": 3, "1": 4, "2": 2}[stage]  # (the miniature's)
+        assert (int(first), int(last)) == (evals[0]["step"], evals[-1]["step"]) == (0, steps)
+        figures = dict((k, (float(a), float(b))) for k, a, b in re.findall(r"(\w+) ([\d.]+) -> ([\d.]+)", shown))
+        assert set(figures) == {k for k in evals[0] if k != "step"}, shown
+        for k, (a, b) in figures.items():
+            assert (a, b) == pytest.approx((evals[0][k], evals[-1][k]), abs=5e-4), (stage, k)
+    minutes = float(re.search(r"^whole chain: ([\d.]+) min", out, re.M).group(1))
+    assert minutes == pytest.approx(sum(float(r[1]) for r in rows) / 60, abs=0.051)
+
+
 def test_bench_two_jobs_times_each_setting_against_the_job_alone(prepared, tmp_path, monkeypatch):
     """On the miniature benchmark: one job alone (also with sleeping waits), then two at once with the default threads,
     with half the cores each and with sleeping waits; every timed run trains from the warm-up run's feature cache, and
