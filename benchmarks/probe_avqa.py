@@ -46,6 +46,7 @@ from apt_min import data, metrics, synth, tasks
 from apt_min.blip2 import avqa_prompt
 from apt_min.build import load_apt_blip2
 from apt_min.config import load_config
+from apt_min.errors import clean_exit
 from apt_min.release import resolve_checkpoint
 
 
@@ -55,6 +56,7 @@ def mean_rank(apt, segments, feats, names, wanted) -> list[int]:
     return [order.index(n) for n in wanted]
 
 
+@clean_exit("probe_avqa.py")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")

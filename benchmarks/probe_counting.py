@@ -37,7 +37,7 @@ from apt_min import data
 from apt_min.audio import load_fbank
 from apt_min.build import ensure_tokenizer, load_apt
 from apt_min.config import load_config
-from apt_min.errors import clean_exit, whole_number
+from apt_min.errors import MissingFileError, clean_exit, whole_number
 
 EVALS = 4  # evaluations per run; the result is the mean of the last three (single evaluations are noisy)
 
@@ -142,7 +142,7 @@ def main():
     cfg = load_config(args.preset, rest + ([f"--run_dir={args.run_dir}"] if args.run_dir else []))
     checkpoint = cfg.stage_dir("2") / "final"
     if not (checkpoint / "apt.json").is_file():
-        raise SystemExit(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")
+        raise MissingFileError(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")
     tok = ensure_tokenizer(cfg)
     apt = load_apt(cfg, checkpoint, "cpu")
     train = data.examples("counting", cfg.data_root, "train", rng=random.Random(args.seed))

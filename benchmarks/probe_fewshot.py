@@ -24,7 +24,7 @@ import numpy as np
 from apt_min import data
 from apt_min.build import ensure_tokenizer, load_apt
 from apt_min.config import load_config
-from apt_min.errors import clean_exit
+from apt_min.errors import MissingFileError, clean_exit
 from apt_min.evaluation import answer_and_rank
 from apt_min.metrics import named_label
 
@@ -48,7 +48,7 @@ def main():
     cfg = load_config(args.preset, rest + ([f"--run_dir={args.run_dir}"] if args.run_dir else []))
     checkpoint = cfg.stage_dir("2") / "final"
     if not (checkpoint / "apt.json").is_file():
-        raise SystemExit(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")
+        raise MissingFileError(f"{checkpoint}: no trained APT; run the default chain first (README, Quickstart)")
     ensure_tokenizer(cfg)
     apt = load_apt(cfg, checkpoint, "cpu")
     held_out = data.single_label_pool(cfg.data_root, "test", strict=True)

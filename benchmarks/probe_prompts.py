@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from apt_min import audio, data, metrics, tasks
 from apt_min.build import load_apt
 from apt_min.config import load_config
+from apt_min.errors import clean_exit
 from apt_min.evaluation import audioset_classes, likelihood_scores
 from apt_min.release import resolve_checkpoint
 
@@ -99,6 +100,7 @@ def representations(apt, examples, batch: int = 32) -> dict[str, np.ndarray]:
     return {k: torch.stack(v).numpy().astype(np.float64) for k, v in rows.items()}
 
 
+@clean_exit("probe_prompts.py")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from apt_min.config import load_config, stage_folder
-from apt_min.errors import clean_exit, whole_number
+from apt_min.errors import MissingFileError, clean_exit, whole_number
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +43,11 @@ def main():
     base = ROOT / cfg.run_dir
     encoder = base / "encoder.safetensors"
     if cfg.encoder_init == "mae" and not encoder.is_file():
-        raise SystemExit(f"{encoder}: no pretrained encoder; run python train.py --stage mae --preset {args.preset}")
+        raise MissingFileError(f"{encoder}: no pretrained encoder; run `python train.py --stage mae --preset "
+                               f"{args.preset}` first")
     if not cfg.llm_path and not (base / "llm").is_dir():
-        raise SystemExit(f"{base / 'llm'}: no stand-in LLM; run python train.py --stage lm --preset {args.preset}")
+        raise MissingFileError(f"{base / 'llm'}: no stand-in LLM; run `python train.py --stage lm --preset "
+                               f"{args.preset}` first")
     print(f"{args.preset}: stage 0 {args.steps_0} steps, stage 1 {args.steps_1} steps per count")
     print(f"{'queries':>7} {'stage 0 s':>9} {'stage 1 s':>9} {'a2t R@1':>8} {'val loss':>8} {'AQA acc':>8}")
     for count in args.counts:

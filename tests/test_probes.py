@@ -254,3 +254,25 @@ def test_bench_shared_prefix_times_the_same_steps_both_ways(smollm2, prepared, t
     for _, full, shared, ratio, differ in steps:
         assert float(ratio) == pytest.approx(float(full) / float(shared), abs=0.02)  # (each printed to 3 places)
         assert float(differ) < 1e-4, out
+
+
+# ------------------------------------------------------------------------------------------------------- as a user
+
+
+@pytest.mark.parametrize("script, names", [
+    ("probe_fewshot.py", "run/stage2/final: no trained APT"), ("probe_counting.py", "run/stage2/final: no trained APT"),
+    ("probe_prompts.py", "run/encoder.safetensors: the tiny preset's encoder is not there"),
+    ("probe_avqa.py", "run/vision/final: no vision side yet"),
+    ("probe_llm.py", "run/llm: no tokenizer.model or tokenizer.json found"),
+    ("sweep_queries.py", "run/encoder.safetensors: no pretrained encoder"),
+    ("bench_shared_prefix.py", "llm: no LLM there yet")])
+def test_each_probe_names_what_is_missing_in_one_line(tmp_path, script, names):
+    """A run or data folder with nothing in it: the script's name, the missing file and what to do, no traceback."""
+    settings = [f"--data_root={tmp_path / 'data'}", f"--run_dir={tmp_path / 'run'}"]
+    if script == "sweep_queries.py":
+        settings.append("--preset=small")  # (its default too: the small preset's encoder comes from --stage mae)
+    if script == "bench_shared_prefix.py":
+        settings.append(f"--llm_path={tmp_path / 'llm'}")  # (SmolLM2's own folder would be fetched)
+    err = run(f"benchmarks/{script}", *settings, code=1)
+    assert err.startswith(f"{script}: error: {tmp_path / names.split(':')[0]}:{names.split(':', 1)[1]}"), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
