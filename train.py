@@ -307,6 +307,8 @@ class AlignStage0:
         parts, keep, skipped = self.losses(model, mine, g, found=found)
         if parts is None:
             return None, 0, {"examples": 0, "skipped": skipped}
+        # count 1: the losses are this process's batch means (AGTG's over its tokens), so processes weigh alike: where
+        # one skipped an unreadable clip, its remaining pairs weigh a little more than the others' (not one batch)
         return parts["total"], 1, {**{k: parts[k].item() for k in ("atc", "atm", "agtg")}, "examples": len(keep),
                                    "skipped": skipped}
 

@@ -4,9 +4,11 @@ Every reader takes the file as its authors released it (the formats are document
 plain records; a row it cannot read raises `DataError` naming the file and line. The synthetic benchmark
 (`synth.py`) writes the same formats, so one path serves both. Where audio lives differs between download tools:
 `LAYOUT` gives each data set's files and audio path pattern relative to a data root; a `layout.json` in the data root
-replaces the entries it names, for that root (`layout_of`; e.g. {"audioset": {"audio": "audio/{ytid}_{start:.3f}.flac"}}
-for clips named by their start, or "audios/{list}/**/Y{ytid}.wav" for PANNs' folders: a "**" stands for any folders
-below, the file found by its name), and `layout=` overrides both.
+replaces the entries it names, for that root (`layout_of`; e.g. "audio": "audio/{ytid}_{start:.3f}.flac" for clips named
+by their start, or "audios/**/Y{ytid}.wav" for PANNs' folders, in both the "audioset" and the "audiocaps" entry, whose
+clips are AudioSet's: a "**" stands for any folders below, the file found by its name; README, Quickstart), and
+`layout=` overrides both. AudioSet's {list} is the name of the file that lists the clip: a segment list's, or for the
+strong labels their own file's.
 Audio that a list names but that is not on disk is counted and skipped with one warning per file (strict=True raises
 instead) — never silently; a `Coverage` passed in records which files were listed and which were missing. A list
 with no rows is an error naming the file.

@@ -403,9 +403,10 @@ def eligible_classes(pool: dict, k_shot: int) -> int:
 
 def fewshot_pools(cfg, strict: bool = True, coverage: data.Coverage | None = None) -> list[tuple[str, dict]]:
     """The clips few-shot episodes are drawn from, by class: ESC-50's (the paper's Table 5; on the synthetic benchmark
-    twelve classes never trained on; on the real sets clips never trained on, of classes AudioSet also names, under
-    ESC-50's names) and held-out test clips of the training classes under their real names (where recognising the
-    class can answer, as a reference for how much of the novel-class score matching must earn)."""
+    twelve classes never trained on; on the real sets all of ESC-50's clips, its 50 classes under its own names, which
+    WavCaps' blacklist keeps out of its FreeSound subset) and held-out test clips of the training classes under their
+    real names (where recognising the class can answer, as a reference for how much of the novel-class score matching
+    must earn)."""
     return [("novel", data.esc50_pool(cfg.data_root, strict=strict, coverage=coverage)),
             ("training", data.single_label_pool(cfg.data_root, "test", strict=strict, coverage=coverage))]
 

@@ -1030,3 +1030,42 @@ def test_esc50_pool_by_category_and_fold(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="apt_min.data"):
         everything = data.esc50_pool(tmp_path)  # all five folds; fold 4's clip is not on disk: counted, said once
     assert len(everything["dog"]) == 3 and "1 of 6 audio files listed in" in caplog.text
+
+
+def test_the_readmes_layouts_find_every_audioset_and_audiocaps_clip(prepared, tmp_path):
+    """The two layout.json examples of the README, on the miniature benchmark with its AudioSet clips renamed as they
+    say: by their start, and in PANNs' folders (one per segment list; a clip no list names, as AudioCaps' validation
+    clips here, in a part folder of the unbalanced list). Every task that reads AudioSet's or AudioCaps' clips finds
+    each clip it found in the benchmark's own layout: the segment lists', the strong labels' (detection, retrieval,
+    counting) and AudioCaps' (a "{list}" pattern misses the strong labels' clips: their list is their own file)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    given = [json.loads(" ".join(m.split())) for m in re.findall(r"`(\{\"audioset\": .*?\}\})`", readme, re.S)]
+    by_start = next(g for g in given if "{start:.3f}" in g["audioset"]["audio"])
+    panns = next(g for g in given if "**" in g["audioset"]["audio"])
+    assert set(by_start) == set(panns) == {"audioset", "audiocaps"}, given
+    source = prepared / "synth"
+    listed = {}
+    for name in ("balanced_train_segments", "eval_segments"):
+        for line in (source / "audioset" / f"{name}.csv").read_text().splitlines():
+            if not line.startswith("#"):
+                listed[line.split(",")[0]] = name
+    checks = [("tagging", "train", {}), ("tagging", "test", {}), ("sed", "train", {}), ("ter", "test", {}),
+              ("counting", "test", {})] + [("captioning", s, {"source": "audiocaps"}) for s in ("train", "val", "test")]
+    part = "unbalanced_train_segments/unbalanced_train_segments_part00"
+    for layout, rename in ((by_start, lambda ytid: f"audio/{ytid}_{0:.3f}.flac"),  # (every synthetic clip starts at 0)
+                           (panns, lambda ytid: f"audios/{listed.get(ytid, part)}/Y{ytid}.wav")):
+        root = tmp_path / ("panns" if layout is panns else "by_start")
+        for entry in source.iterdir():
+            if entry.name != "audio":
+                (root / entry.name).parent.mkdir(parents=True, exist_ok=True)
+                (root / entry.name).symlink_to(entry)
+        for clip in (source / "audio").glob("Y*.wav"):
+            (root / rename(clip.stem[1:])).parent.mkdir(parents=True, exist_ok=True)
+            (root / rename(clip.stem[1:])).symlink_to(clip)  # (a .flac name on WAV bytes: read by its content)
+        (root / "layout.json").write_text(json.dumps(layout))
+        data._files_below.cache_clear()  # (read once per process)
+        for task, split, kw in checks:
+            ours = data.examples(task, source, split, **kw)
+            theirs = data.examples(task, root, split, strict=True, **kw)
+            assert ours and [Path(x.segments[0][1]).resolve() for x in theirs] == [
+                Path(x.segments[0][1]).resolve() for x in ours], (layout, task, split)
