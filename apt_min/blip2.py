@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -114,14 +115,24 @@ class QFormerTokenizer:
 
 
 def train_qformer_tokenizer(texts, folder: str | Path, vocab_size: int = 2000) -> QFormerTokenizer:
-    """A lower-cased BERT WordPiece tokenizer learned on `texts` (the vision stage's stand-in for BERT's own),
-    written to folder/tokenizer.json."""
+    """A lower-cased BERT WordPiece tokenizer for `texts` (the vision stage's stand-in for BERT's own), written to
+    folder/tokenizer.json. Its vocabulary is chosen here, the same in every run: BERT's special tokens, each character
+    of the texts alone and as a continuation ("##e"), then whole words (as BERT's normaliser and pre-tokeniser split
+    them), the most frequent first and ties in alphabetical order, up to vocab_size; a word left out is spelt in
+    pieces. (The tokenizers library's WordPiece trainer breaks ties between equally frequent merges in another order
+    in every process: the same texts gave another vocabulary, and another vision side, each run.)"""
     from tokenizers import BertWordPieceTokenizer
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
     from tokenizers.processors import BertProcessing
 
-    hf = BertWordPieceTokenizer(lowercase=True)
-    hf.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-                           min_frequency=1, show_progress=False)
+    normalize, split = BertNormalizer(lowercase=True).normalize_str, BertPreTokenizer().pre_tokenize_str
+    counts = Counter(word for text in texts for word, _ in split(normalize(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if len(w) > 1]
+    vocab += words[:max(0, vocab_size - len(vocab))]
+    hf = BertWordPieceTokenizer({token: i for i, token in enumerate(vocab)}, lowercase=True)
     hf.post_processor = BertProcessing(("[SEP]", hf.token_to_id("[SEP]")), ("[CLS]", hf.token_to_id("[CLS]")))
     Path(folder).mkdir(parents=True, exist_ok=True)
     part = Path(folder) / f"tokenizer.json.{os.getpid()}"  # whole or not at all: every process writes the same file

@@ -620,6 +620,35 @@ def test_an_apt_of_another_llm_is_refused(hf_folder, blip, tmp_path):
         APTBLIP2.plug(blip, tmp_path / "apt-old", apt.encoder, enc_id)
 
 
+def test_the_qformer_tokenizer_is_the_same_in_every_run(tmp_path):
+    """train_qformer_tokenizer gives the same vocabulary in every process (the tokenizers library's trainer gave
+    another one each time, and with it another vision side): the special tokens, the characters alone and as
+    continuations, then whole words by frequency, ties in alphabetical order; a word beyond vocab_size is spelt in
+    pieces, nothing is unknown."""
+    import subprocess
+    import sys
+
+    from apt_min.blip2 import train_qformer_tokenizer
+
+    texts = ["Which object in the picture is making a sound?", "a bell and a siren", "the birdsong; a drum",
+             "What can be heard?", "a siren"] * 3
+    make = ("import sys; from apt_min.blip2 import train_qformer_tokenizer as t; "
+            "t(sys.argv[1].split('|'), sys.argv[2], vocab_size=int(sys.argv[3]))")
+    for run in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", make, "|".join(texts), str(tmp_path / run), "2000"], check=True)
+    made = {(tmp_path / run / "tokenizer.json").read_bytes() for run in "abc"}
+    assert len(made) == 1
+    qtok = train_qformer_tokenizer(texts, tmp_path / "d", vocab_size=2000)
+    vocab = sorted(qtok.hf.get_vocab(), key=qtok.hf.get_vocab().get)
+    chars = sorted(set("".join(texts).lower()) - {" "})
+    assert vocab[:5 + 2 * len(chars)] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in
+                                                                                                  chars)]
+    assert vocab[5 + 2 * len(chars):][:4] == ["siren", "the", "and", "be"]  # 6, 6, then 3 times each ("a": a char)
+    small = train_qformer_tokenizer(texts, tmp_path / "e", vocab_size=5 + 2 * len(chars) + 1)  # one word: "siren"
+    assert small.hf.encode("A siren; birdsong").tokens == ["[CLS]", "a", "siren", ";", "b", "##i", "##r", "##d", "##s",
+                                                            "##o", "##n", "##g", "[SEP]"]
+
+
 def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):
     """A vision side trained here (train.py --stage vision) round-trips through save_vision / load_vision around the
     LLM it was trained against, and is refused around another."""

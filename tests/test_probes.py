@@ -28,7 +28,8 @@ def run(*args, code=0):
     return done.stdout if code == 0 else done.stderr
 
 
-def apt_metric(run_dir: Path, task: str, protocol_start: str) -> float:
+def apt_metric(run_dir: Path, task: str, protocol_start: str) -> dict:
+    """The row of evaluate.py's metrics_{task}.json whose protocol starts so (the first, for "")."""
     rows = json.loads((run_dir / "eval" / f"metrics_{task}.json").read_text())
     return next(r for r in rows if r["protocol"].startswith(protocol_start))
 
