@@ -54,11 +54,12 @@ def main():
                 t = time.perf_counter()
                 with autocast():
                     loss, n = apt(*data.collate(batch), feats)
-                (loss / n).backward()
+                mean = loss / n
+                mean.backward()
                 apt.zero_grad(set_to_none=True)
                 if i:
                     times[share].append(time.perf_counter() - t)
-                losses[share] = (loss / n).item()
+                losses[share] = mean.item()
             worst = max(worst, abs(losses[True] - losses[False]))
         full, shared = statistics.mean(times[False]), statistics.mean(times[True])
         print(f"stage {stage} step: prefix in every row {full:.3f} s | shared {shared:.3f} s ({full / shared:.2f}x); "

@@ -1,8 +1,20 @@
-"""Tiny random Hugging Face Llama models, saved the way real checkpoints are, for the parity tests."""
+"""Tiny random Hugging Face Llama models, saved the way real checkpoints are, for the parity tests; and a script of
+the repository run as a user runs it."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args, code: int = 0) -> str:
+    """`python *args` from the repository's root, which must exit with `code`: its stdout (for 0), else its stderr."""
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == code, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout if code == 0 else done.stderr
 
 
 def hf_llama(tmp: Path, *, kv_heads=2, tied=False, vocab=96, seed=0, shards=True, **extra):

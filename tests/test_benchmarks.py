@@ -12,14 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_script as run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args):
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
 
 
 def test_gpu_checks_numerics_and_stage0_run_on_the_cpu():

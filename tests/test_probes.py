@@ -6,7 +6,6 @@ that compute something of their own against inputs whose answer is known."""
 import json
 import random
 import re
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,16 +15,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import copy_of, opts
+from helpers import run_script as run
 
 from apt_min import data, metrics, synth, tasks
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args, code=0):
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == code, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout if code == 0 else done.stderr
 
 
 def apt_metric(run_dir: Path, task: str, protocol_start: str) -> dict:
