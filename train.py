@@ -284,11 +284,11 @@ class AlignStage0:
         return keep, [feats[ex.segments[0][1]] for ex in keep], len(examples) - len(keep)
 
     def losses(self, model, examples, generator, together=True, found=None):
-        """The three stage-0 losses of a batch, or None when no example is usable. together: a training batch, of
-        which each process holds its share: all processes skip together (under DDP all must run the same forwards)
-        and contrast with every process's pairs; else (validation, the same examples in every process) this
-        process's batch alone, so the loss does not depend on how many processes ran. found: whole_clips(examples)
-        where the caller has it already."""
+        """-> (the three stage-0 losses of a batch, or None when no example is usable; the examples kept; how many were
+        skipped). together: a training batch, of which each process holds its share: all processes skip together (under
+        DDP all must run the same forwards) and contrast with every process's pairs; else (validation, the same examples
+        in every process) this process's batch alone, so the loss does not depend on how many processes ran. found:
+        whole_clips(examples) where the caller has it already."""
         keep, clips, skipped = found or self.whole_clips(examples)
         if (nothing_to_train(keep, self.world, self.device) if together else not keep):
             return None, keep, skipped

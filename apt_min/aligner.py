@@ -1,6 +1,6 @@
 """The audio aligner: a small BLIP-2 Q-Former (paper §3.1, §3.3; Li et al., BLIP-2, §3.1) and its stage-0 losses.
 
-    audio_feats (B, N, Da) + text ids (B, T)  ->  hidden states (B, Q + T, H)     Q learned queries (32, the paper's)
+    audio_feats (B, N, Da) + text ids (B, T)  ->  hidden states (B, Q + T, H)     Q = num_queries learned queries
 
 One stack of BERT-style post-LN layers runs over `[queries ; text]`. Self-attention mixes the two under one of three
 masks (the functions below, each drawn); only the query slice cross-attends to the audio, every

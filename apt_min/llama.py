@@ -463,11 +463,12 @@ class Llama(nn.Module):
         return torch.stack(out, dim=1)  # (B, L)
 
     def _beam_search(self, logits, step, cache, seen, B, nb, max_new, eos, pad, rep_penalty, length_penalty):
-        """Beam search over rows r = b * nb + j. Each step keeps the 2*nb best continuations of all beams of a
-        prompt: the best nb that do not end become the next beams; those among the best nb that end (EOS, or the
-        length limit) compete for nb finished slots with score sum(log p) / length**length_penalty. A prompt stops
-        taking finished hypotheses once its slots are full and its best running beam, at today's length, scores no
-        better than the worst of them (transformers' default, early_stopping=False)."""
+        """Beam search over rows r = b * nb + j. Each step keeps the K best continuations of all beams of a prompt (K =
+        max(2, 1 + the number of EOS ids) * nb: 2*nb with one EOS id, so that nb survive however many end): the best nb
+        that do not end become the next beams; those among the best nb that end (EOS, or the length limit) compete for
+        nb finished slots with score sum(log p) / length**length_penalty. A prompt stops taking finished hypotheses once
+        its slots are full and its best running beam, at today's length, scores no better than the worst of them
+        (transformers' default, early_stopping=False)."""
         V, dev, ninf = logits.shape[-1], logits.device, float("-inf")
         K = max(2, 1 + len(eos)) * nb  # enough candidates that nb of them can go on even if some end
         run_scores = torch.zeros(B, nb, device=dev)

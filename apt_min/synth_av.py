@@ -83,8 +83,9 @@ def layout(rng: np.random.Generator, n: int) -> list[tuple[int, int, int]]:
     """Places for n objects: (x, y, size) boxes in distinct cells of the grid, each 11-14 pixels and off centre by
     at most a pixel. An object then lies almost wholly within one 16-pixel patch of a ViT that cuts the picture on
     the same grid (drawn, its outline and a pixel of drift reach into the next cell in a quarter of the frames; over
-    all frames, 1 % of an object's pixels lie outside its cell, measured on 1 200), which lets a ViT learned from
-    scratch on a CPU tell the objects apart in minutes rather than hours."""
+    all frames, 1 % of an object's pixels lie outside its cell, measured on 1 200), so that one patch's token
+    carries one object for the frozen ViT and the visual aligner that reads it (a ViT trained from scratch, tried
+    before, did not learn the objects in the steps a CPU allows: train.py, TrainVision)."""
     per_row = SIZE // CELL
     cells = rng.choice(per_row * per_row, size=n, replace=False)
     boxes = []
@@ -155,8 +156,9 @@ PICTURE_TASKS = ("objects", "describe", "choose", "yesno")
 
 
 def random_picture(rng: random.Random) -> dict:
-    """A fresh picture record, its frames drawn in memory: the vision stage draws one per training example (a ViT
-    learned from scratch needs far more pictures than a fixed set holds; drawing one takes about a millisecond)."""
+    """A fresh picture record, its frames drawn in memory: the vision stage draws one per training example (the visual
+    aligner sees a new picture at every example instead of learning a fixed set by heart; drawing one takes about a
+    millisecond)."""
     objects = rng.sample([c.name for c in synth.TRAIN_CLASSES], rng.choice((1, 2, 3)))
     frames = draw_frames(np.random.default_rng(rng.getrandbits(32)), objects, rng.choice((1, 2)))
     return {"frames": frames, "objects": objects}

@@ -261,7 +261,7 @@ def build(model: str = "smollm2", out: str | Path | None = None, downloads: Path
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=sorted(MODELS))
-    ap.add_argument("--out", help="the folder to write (default: weights/<model's name>)")
+    ap.add_argument("--out", help="the folder to write (default: weights/smollm2-135m-instruct for smollm2)")
     args = ap.parse_args(argv)
     try:
         out = build(args.model, args.out)

@@ -43,7 +43,8 @@ def main():
         first, last = evals[0], evals[-1]
         shown = ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in first if k != "step")
         print(f"stage {stage:>2}: {seconds:6.1f} s   validation (step {first['step']} -> {last['step']}): {shown}")
-    print(f"whole chain: {total / 60:.1f} min (the synthetic data, if absent, is generated inside stage 0)")
+    print(f"whole chain: {total / 60:.1f} min (the synthetic data, if absent, is generated inside stage "
+          f"{cfg.chain()[0]})")
 
 
 if __name__ == "__main__":

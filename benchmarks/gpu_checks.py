@@ -5,8 +5,8 @@
    ||out - ref|| / ||ref||. Ours in bf16 should be about as far from the reference as transformers in bf16 is.
 2. train.py on the GPU: the test suite's miniature chain (stage 0, lm, 1, 2) with --precision=auto (bf16 autocast,
    frozen modules stored in bf16), then stage 1 again in fp16 with a GradScaler, in fp32, and in bf16 with the LLM's
-   blocks compiled (--compile_llm=true); each run must finish with finite losses and change the trainable weights.
-   Then evaluate.py --task all on the bf16 chain's result.
+   blocks compiled (--compile_llm=true); each run must finish with finite losses, and the bf16 run must change the
+   aligner's weights. Then evaluate.py --task all on the bf16 chain's result.
 3. The paper preset's stage 0 at a contrastive batch of 400 (the top of the public code's range; issue 17): the
    paper-sized aligner (4 layers, 256 wide, 32 queries) on 400 clips' Audio-MAE tokens (512 x 768 each, random here:
    the encoder is frozen; the paper preset computes them each step, not measured here), ATC + ATM + AGTG forward and

@@ -88,8 +88,8 @@ def fit_aligner_probe(probe, tok, feats, train, test, steps, batch, seed):
 
 
 def fit_cnn(train, test, steps, batch, seed, frames_of):
-    """Counts of every class from a clip's frames (frames_of(path): (T, C)): three 1-D convolutions over time,
-    pooled."""
+    """Fit a counter of every class from a clip's frames (frames_of(path): (T, C)): three 1-D convolutions over
+    time, pooled; -> its test accuracy at each evaluation."""
     classes = sorted({ex.target["label"] for ex in train})
     index = {c: i for i, c in enumerate(classes)}
 

@@ -1,8 +1,9 @@
 """Does APT-tiny classify few-shot by matching the query to the support clips, or only by recognising classes it
 was trained on?
 
-4-way 1-shot episodes (as stage 2 trains them) on held-out clips, three ways, each answered by generation (the
-label it names) and by ranking (the episode label whose "This is a sound of {label}." the LLM finds most likely):
+4-way 1-shot episodes (tiny's stage 2 trains these; small's, 2- to 5-way 1- to 3-shot) on held-out clips, three ways,
+each answered by generation (the label it names) and by ranking (the episode label whose "This is a sound of {label}."
+the LLM finds most likely):
 
 (1) training classes, held-out clips, their real names: recognition alone can answer;
 (2) the same classes with a made-up name per episode: only matching the query to a support clip can answer;

@@ -265,6 +265,7 @@ def test_bench_chain_times_each_stage_of_the_chain_and_shows_its_validation(tmp_
         for k, (a, b) in figures.items():
             assert (a, b) == pytest.approx((evals[0][k], evals[-1][k]), abs=5e-4), (stage, k)
     minutes = float(re.search(r"^whole chain: ([\d.]+) min", out, re.M).group(1))
+    assert "the synthetic data, if absent, is generated inside stage 0)" in out  # tiny's chain starts there
     assert minutes == pytest.approx(sum(float(r[1]) for r in rows) / 60, abs=0.051)
 
 
