@@ -139,12 +139,12 @@ class FeatureCache:
 
 class ReadAhead:
     """Clips decoded (file -> fbank windows, on the CPU) by `threads` background threads: a step's own clips at once,
-    and, through `start`, the next step's while this one trains. Where features are not cached (feature_cache=off,
-    the paper preset) every step decodes its clips, and on a GPU that front end would otherwise leave it waiting
-    (about 120 clips/s on one thread: benchmarks/README.md). Only what the next step asks for is kept. What its
-    threads decode equals what the calling thread would to rounding: about 1e-5 for a file that is resampled
-    (torchaudio's resampling adds up in an order its thread count sets); on this project's CPUs, nothing for a 16 kHz
-    file, though a kernel may round differently with another thread count elsewhere."""
+    and, through `start`, the next step's while this one trains. Where features are not cached (feature_cache=off, the
+    paper preset) every step decodes its clips, and on a GPU that front end would otherwise leave it waiting (about 170
+    ten-second clips/s on one thread: README, Performance). Only what the next step asks for is kept. What its threads
+    decode equals what the calling thread would to rounding: about 1e-5 for a file that is resampled (torchaudio's
+    resampling adds up in an order its thread count sets); on this project's CPUs, nothing for a 16 kHz file, though a
+    kernel may round differently with another thread count elsewhere."""
 
     def __init__(self, config: AudioMAEConfig, threads: int):
         self.config, self.started = config, {}  # path -> Future of its windows

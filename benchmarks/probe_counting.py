@@ -18,7 +18,7 @@ If (a) and (b) stay near the majority answer while (c) and (d) do clearly better
 features but the tiny aligner cannot read it out, whatever the LLM does with its queries.
 
     python benchmarks/probe_counting.py [--preset small] [--run_dir R] [--steps 800] [--concat] [--key=value ...]
-    (4 min on 2 cores; any setting of apt_min/config.py can follow; a batch larger than the training set is the set)
+    (5 min on 2 cores; any setting of apt_min/config.py can follow; a batch larger than the training set is the set)
 """
 
 import argparse

@@ -12,7 +12,7 @@ the LLM finds most likely):
 A model that matches scores well above chance (0.25) in (2) and (3), not only in (1).
 
     python benchmarks/probe_fewshot.py [--preset small] [--run_dir R] [--episodes 100] [--key=value ...]
-    (tiny: a minute on 2 cores; any setting of apt_min/config.py, such as --fewshot_layout=list, can follow)
+    (tiny: seconds on 2 cores; any setting of apt_min/config.py, such as --fewshot_layout=list, can follow)
 
 A pool too small for a 4-way 1-shot episode (4 classes of at least 2 clips) has its line say so; the others still run.
 """
