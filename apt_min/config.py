@@ -59,11 +59,11 @@ class Config:
     prompt_format: str = "plain"  # how an example is laid out for the LLM (apt_min.model.PROMPT_FORMATS)
     instruction_bos: bool = False  # stages 1-2: the aligner reads BOS before the instruction, as stage 0's texts
     long_audio: str = "windows"  # a clip of several windows: each window its own prompts, or "all" at once (paper)
-    # training reads at most this many windows (target_length frames: 10.24 s in paper, 5.12 s in tiny and small) of
-    # a captioned clip (stage 0's pairs, stages 1-2's captioning; the other tasks' answers may lie anywhere in a clip),
-    # a run of them drawn at random for each step (0: the whole
-    # clip; evaluation always reads whole clips). Paper preset: 3 (30.72 s: AudioSet, AudioCaps and Clotho clips whole;
-    # a WavCaps clip averages about a minute, some last many, and a batch pads every clip to its longest)
+    # training reads at most this many windows (target_length frames: 10.24 s in paper, 5.12 s in tiny and small) of a
+    # captioned clip (stage 0's pairs, stages 1-2's captioning; the other tasks' answers may lie anywhere in a clip), a
+    # run of them drawn at random for each step (0: the whole clip; evaluation always reads whole clips). Paper preset:
+    # 3 (30.72 s: AudioSet, AudioCaps and Clotho clips whole; a WavCaps clip averages about a minute, some last many,
+    # and a batch pads every clip to its longest)
     max_clip_windows: int = 0
     # APT-BLIP-2 (blip2.py): the vision side an APT is plugged into, and AVQA
     vision_path: str = ""  # an InstructBLIP folder (Hugging Face layout), or a vision side trained here (--stage
