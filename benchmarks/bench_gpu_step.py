@@ -3,10 +3,10 @@ batch 8, on a GPU: peak GPU memory, tokens/s and model-FLOPs utilisation, on one
 fits in 24 GB; MFU >= 45 % at the batch a 24 GB card holds (issue 17). `--keep 0,8,16` measures, on the same model,
 several numbers of the LLM's last blocks that keep their activations instead of being recomputed (the training setting
 grad_checkpointing_keep), and names the fastest that fits a 24 GB card. `--profile` adds where one step's time goes: the
-operations that take most of it (torch.profiler), and the device's time by kind (matrix products, attention,
-fused kernels, the rest) against the clock, to say what limits the MFU. `--compile` compiles each LLM block (training's
---compile_llm), after timing the uncompiled step at the first setting in the same run, and prints the ratio.
-(`--small` runs the same code on a CPU-sized model: a smoke test of the script itself.)
+operations that take most of it (torch.profiler), and the device's time by kind (matrix products, attention, fused
+kernels, the rest) against the clock, to say what limits the MFU. `--compile` compiles each LLM block (training's
+--compile_llm), after timing the uncompiled step at the first setting in the same run, and prints the ratio. (`--small`
+runs the same code on a CPU-sized model: a smoke test of the script itself.)
 
 Model FLOPs per token, frozen LLM: forward 2N plus backward to the activations 2N (no weight gradients),
 plus attention; the trainable aligner's share is counted the usual way (6 x its parameters per query token).
