@@ -64,7 +64,7 @@ def test_an_audio_visual_set_that_runs_read_is_not_replaced_by_other_settings(av
     assert json.loads(manifest.read_text()) == old and questions.stat().st_mtime_ns != before
 
 
-def test_real_audio_visual_data_is_never_replaced(tmp_path):
+def test_real_audio_visual_data_is_never_replaced(tmp_path, monkeypatch):
     """A data folder's own AVQA (or vision folder) that this module did not write is refused, by the function and
     by its command line (one clean line); an interrupted writing of the synthetic set is written again."""
     from apt_min.errors import ForeignDataError
@@ -78,10 +78,13 @@ def test_real_audio_visual_data_is_never_replaced(tmp_path):
         with pytest.raises(SystemExit, match=r"^python -m apt_min.synth_av: error: .*refusing to replace it"):
             synth_av.main(["--out", str(real), "--videos", "1"])
         assert (real / part / file).read_text() == '[{"my": "real questions"}]'
-    cut = tmp_path / "cut"
-    (cut / "avqa").mkdir(parents=True)
-    (cut / "avqa" / "synth_av.json").write_text('{"args": null, "incomplete": "being written, or interrupted"}')
-    (cut / "avqa" / "val_qa.json").write_text("[")  # stopped part-way
+    cut = tmp_path / "cut"  # stopped after the videos, before the pictures: marked as ours from the start
+    with monkeypatch.context() as patched:
+        patched.setattr(synth_av, "random_picture", lambda rng: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            synth_av.generate(cut, videos=1, pictures=1)
+    assert (cut / "avqa" / "val_qa.json").is_file() and not (cut / "vision" / "pictures_val.json").exists()
+    (cut / "avqa" / "val_qa.json").write_text("[")  # and stopped part-way through a file
     synth_av.generate(cut, videos=1, pictures=1)
     assert len(json.loads((cut / "avqa" / "val_qa.json").read_text())) == 1
     empty = tmp_path / "empty"  # folders made ready for the set but holding nothing: nothing to lose
@@ -186,10 +189,12 @@ def test_each_object_sits_in_a_cell_of_its_own():
 def test_the_vision_stages_questions_are_true_of_the_picture():
     """picture_example's answers: the objects and the description name exactly the pictured ones; "choose" asks which
     object can be seen (a silent picture: not which one sounds), offering one pictured object among three absent
-    ones; "yesno" asks about pictured and absent objects about equally, and answers truly."""
+    ones at any of the four places (none given away by its position); "yesno" asks about pictured and absent objects
+    about equally, and answers truly."""
     import re
+    from collections import Counter
 
-    rng, answers = random.Random(0), []
+    rng, answers, places = random.Random(0), [], Counter()
     for _ in range(400):
         record = synth_av.random_picture(rng)
         objects = set(record["objects"])
@@ -199,11 +204,13 @@ def test_the_vision_stages_questions_are_true_of_the_picture():
         options = re.search(r"Options: 0 (\w+); 1 (\w+); 2 (\w+); 3 (\w+)\. Answer:$", prompt).groups()
         assert len(set(options)) == 4 and set(options) <= set(NAMES)
         assert [o for o in options if o in objects] == [answer] and "Which object can be seen?" in prompt
+        places[options.index(answer)] += 1
         _, prompt, answer, _ = synth_av.picture_example(record, "yesno", rng)
         name = re.fullmatch(r"Is there an? (\w+) in the picture\?", prompt)[1]
         assert answer == ("yes" if name in objects else "no")
         answers.append(answer)
     assert 0.4 < answers.count("yes") / len(answers) < 0.6
+    assert set(places) == {0, 1, 2, 3} and min(places.values()) > 60
 
 
 def test_avqa_items_spaces_frames_and_skips_what_is_missing(av, tmp_path, caplog):

@@ -147,7 +147,7 @@ def test_fields_a_config_leaves_out_take_transformers_defaults(hf_folder, tmp_pa
                                ("qformer_config", "hidden_act", "relu"),
                                ("qformer_config", "position_embedding_type", "relative_key")):
         (copy / "config.json").write_text(json.dumps(raw | {part: raw[part] | {field: value}}))
-        with pytest.raises(CheckpointError, match=f"not an InstructBLIP this code reads \\({part}.{field}="):
+        with pytest.raises(CheckpointError, match=rf"not an InstructBLIP this code reads \({part}.{field}={value!r}\)"):
             InstructBLIP.from_pretrained(copy)
     (copy / "config.json").write_text(json.dumps(raw | {"use_decoder_only_language_model": False}))
     with pytest.raises(CheckpointError, match="an encoder-decoder language model"):

@@ -298,7 +298,7 @@ def test_evaluation_skips_counts_and_lists_missing_and_unreadable_clips(trained,
     for clip in (root / "clotho_aqa" / "audio_files").iterdir():
         clip.unlink()
     with pytest.raises(SystemExit, match=f"clotho_aqa: nothing to score under {re.escape(str(root))}: of the "
-                                         f"{listed} clips its test data lists, {listed} are missing"):
+                                         f"{listed} clips its test data lists, {listed} are missing and 0 unreadable"):
         evaluate.main(args)
 
 
@@ -671,6 +671,11 @@ def test_the_prototypical_network_takes_the_nearest_class_mean_of_max_pooled_fea
     feats |= {"q5": torch.tensor([[[4, 0]], [[0, 0]]], dtype=torch.float16)}  # (W=2, N=1, D=2)
     assert evaluation.prototype_label(tasks.fewshot([("c1", "bell"), ("a1", "alarm"), ("b1", "bell")], "q5", "alarm"),
                                       feats) == "alarm"
+    # measured in float32 from the float16 cache: over an encoder's 768 features the sums of squares pass float16's
+    # 65 504 (30 against 0 and 20: 691 200 and 76 800), where both would be infinite and the first label win
+    feats |= {name: torch.full((1, 1, 768), value, dtype=torch.float16) for name, value in (("c2", 0), ("d2", 20),
+                                                                                             ("q6", 30))}
+    assert evaluation.prototype_label(tasks.fewshot([("c2", "alarm"), ("d2", "bell")], "q6", "bell"), feats) == "bell"
     for ep, proto in ((first, "alarm"), (second, "alarm")):
         ep.target.update(ranked="bell", prototype=proto)
     rows = metrics.score_fewshot([first, second], ["alarm", "bell"], "accuracy 2-way 2-shot")
@@ -1190,7 +1195,10 @@ def test_the_stage0_aligner_is_the_evaluated_checkpoints_own(trained, tmp_path, 
     with torch.no_grad():
         mine.text_proj.weight.add_(1.0)
     mine.save(chain / "stage0" / "final")
-    assert evaluation.stage0_aligner(other, "cpu") is None
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="apt_min"):
+        assert evaluation.stage0_aligner(other, "cpu") is None  # and says so: the paper's protocol is not run
+    assert "is not the one this APT was trained from" in caplog.text and str(chain / "stage0" / "final") in caplog.text
     mine.save(tmp_path / "elsewhere" / "stage0" / "final")  # and beside: stage 0 run again there since
     assert evaluation.stage0_aligner(copy, "cpu") is None
     # a checkpoint without stage-0 heads (a release, or its continuation) is no aligner's, however it was reached
@@ -1316,6 +1324,27 @@ def test_meteor_is_given_every_reference_of_each_clip(monkeypatch):
     assert rows[0][:2] == ("METEOR", 0.25)
     assert given == {"gts": {0: ["a dog barks twice", "the dog is barking"], 1: ["rain falls on a roof"]},
                      "res": {0: ["a dog barks"], 1: ["rain"]}}
+
+
+def test_a_caption_set_is_scored_against_its_own_training_captions_and_every_reference(monkeypatch, tmp_path):
+    """eval_captioning takes its fixed-caption baseline from the scored set's own training captions (Clotho's for
+    Clotho, not AudioCaps') and hands METEOR and SPICE every reference of each clip, as BLEU, ROUGE-L and CIDEr-D get
+    them; the model, generation and Java are stood in for."""
+    read, given = [], []
+    monkeypatch.setattr(data, "caption_texts", lambda root, split, source="audiocaps", layout=None:
+                        read.append((Path(root), split, source)) or ["a dog barks", "rain falls", "a dog barks"])
+    monkeypatch.setattr(evaluation, "generate", lambda apt, examples, *a, **k: ["a dog barks twice", "rain"])
+    monkeypatch.setattr(evaluation, "java_metrics", lambda refs, outputs: given.append((refs, outputs)) or [])
+    refs = [["a dog barks twice", "the dog is barking"], ["rain falls on a roof", "it rains", "water drips"]]
+    examples = [SimpleNamespace(target={"references": r}) for r in refs]
+    rows, outputs, truth = evaluation.eval_captioning(
+        None, SimpleNamespace(data_root=tmp_path), "clotho", examples, SimpleNamespace(caption={}, batch_size=2))
+    assert read == [(tmp_path, "train", "clotho")]
+    assert given == [(refs, ["a dog barks twice", "rain"])]
+    assert outputs == ["a dog barks twice", "rain"] and truth == ["a dog barks twice", "rain falls on a roof"]
+    got = {metric: (value, base) for metric, value, base, _ in rows}
+    assert got["BLEU-1"] == (metrics.bleu(refs, outputs)[0], metrics.bleu(refs, ["a dog barks"] * 2)[0])
+    assert got["CIDEr-D"][1] == metrics.cider_d(refs, ["a dog barks"] * 2) and np.isnan(got["SPIDEr"][0])
 
 
 def test_meteor_reads_captions_tokenised_as_the_other_caption_metrics():

@@ -125,6 +125,10 @@ WRITTEN = [
     "the Dr.Who theme plays", "a crowd in St.Louis cheers",  # an abbreviation joined to a word: one token
 ]
 
+# words PTB keeps with their period, written out here so that the comparison with PTB below holds each of them
+ABBREVIATIONS = ("mr mrs ms dr st jr sr vs etc inc co ltd jan feb mar apr jun jul aug sep sept oct nov dec mt ft lt "
+                 "sgt gen col prof rev sq ave blvd rd dept est cf al").split()
+
 
 def test_written_captions_are_split_as_ptb_splits_them():
     """What the PTB comparison below checks, in five cases that hold without Java."""
@@ -146,6 +150,8 @@ def test_tokens_equal_the_ptb_tokenizer():
     texts = [t for refs, hyp in CAPTIONS for t in (*refs, hyp)]
     texts += ["It's a bird's song -- isn't it?", "Two (2) dogs bark; one whines...", "A 3.5 second beep, then 10 more"]
     texts += WRITTEN
+    texts += [f"a man says {word}. then a dog barks" for word in ABBREVIATIONS]  # each kept with its period
+    texts += [f"they {word} go now" for word in ("cannot", "gonna", "gotta", "wanna", "lemme", "gimme")]  # split
     ref = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
     for i, t in enumerate(texts):
         assert metrics.caption_tokens(t) == ref[i][0].split(), t

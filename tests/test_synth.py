@@ -103,6 +103,21 @@ def test_band_noise_holds_power_only_within_its_band():
     assert power[~inside].sum() < 1e-9 * power[inside].sum()
 
 
+def test_a_siren_wails_within_its_pitch_range_and_a_sonars_echo_follows_its_ping():
+    """The siren's pitch swings 250 Hz either side of a centre in 600-900 Hz: nearly all its power lies in 350-1150
+    Hz (with some room for the sidebands of the swing); the sonar's echo comes a quarter second after its ping,
+    so the first quarter second is the ping alone (a ping drawn from the same seed), then the ping and 0.4 of it."""
+    for seed in range(5):
+        x = synth.siren(np.random.default_rng(seed), 1.0)
+        power, f = np.abs(np.fft.rfft(x)) ** 2, np.fft.rfftfreq(len(x), 1 / synth.SR)
+        assert power[(f >= 300) & (f <= 1200)].sum() > 0.95 * power.sum()
+        x, rng = synth.sonar(np.random.default_rng(seed), 1.0), np.random.default_rng(seed)
+        t, lag = np.arange(synth.SR) / synth.SR, synth.SR // 4
+        ping = np.sin(2 * np.pi * rng.uniform(1000, 1500) * t) * np.exp(-5 * t)
+        np.testing.assert_allclose(x[:lag], ping[:lag], atol=1e-12)
+        np.testing.assert_allclose(x[lag:] - ping[lag:], 0.4 * ping[:-lag], atol=1e-12)  # the echo: 0.4 of the ping
+
+
 def test_pulses_are_count_copies_spread_evenly_and_added_in_full():
     """_pulses: copy k starts k/count of the way through; copies that overlap add up; the last is cut at the end."""
     out = synth._pulses(None, 1.0, 4, lambda rng: np.ones(10))
