@@ -382,6 +382,9 @@ def test_avqa_skips_videos_whose_frames_cannot_be_read_and_compares_only_the_mod
     rows, records = eval_avqa(Unreadable(script), [*items, bad], Options(), coverage=coverage)
     assert [r["video_name"] for r in records] == ["v0", "v1", "v2"]
     assert coverage.unreadable == {"/x/bad": "/x/bad/00.jpg: not an image"}
+    # the fixed-answer baseline over the scored questions only (answers 0, 1, 0; with the skipped one's 0: 3 of 3)
+    assert rows[0][3] == "4-way accuracy over 3 questions (baseline: always option 0)"
+    assert [base for _, _, base, _ in rows if base is not None] == [pytest.approx(2 / 3)] * 9  # 3 modes, 3 ways
     names = [m for m, *_ in rows]
     assert {m.split(", ")[-1] for m in names if m.endswith(")")} == {"Both (1)", "View (1)"}
     assert sum(m.endswith(": p") for m in names) == 6  # against video and against audio, by three protocols

@@ -647,6 +647,8 @@ def test_the_qformer_tokenizer_is_the_same_in_every_run(tmp_path):
     small = train_qformer_tokenizer(texts, tmp_path / "e", vocab_size=5 + 2 * len(chars) + 1)  # one word: "siren"
     assert small.hf.encode("A siren; birdsong").tokens == ["[CLS]", "a", "siren", ";", "b", "##i", "##r", "##d", "##s",
                                                             "##o", "##n", "##g", "[SEP]"]
+    bare = train_qformer_tokenizer(texts, tmp_path / "f", vocab_size=4 + 2 * len(chars))  # below: no whole word
+    assert len(bare.hf.get_vocab()) == 5 + 2 * len(chars) and bare.hf.encode("siren").tokens[1:3] == ["s", "##i"]
 
 
 def test_a_vision_side_saves_loads_and_refuses_another_llm(blip, tmp_path):

@@ -1415,6 +1415,10 @@ def test_a_few_shot_setting_left_without_episodes_says_why():
     four = {f"class{i}": [f"c{i}_{j}.wav" for j in range(2)] for i in range(4)}  # just enough for 4-way 1-shot
     rows, _, _ = evaluation.eval_fewshot(None, None, "esc50", [], SimpleNamespace(pools=[("novel", four)]))
     assert {m: p for m, _, _, p in rows}["accuracy 4-way 1-shot"].startswith("not run: every episode held a clip")
+    three = {f"class{i}": [f"c{i}_{j}.wav" for j in range(3)] for i in range(3)}  # 3 classes with more than 1 clip
+    rows, _, _ = evaluation.eval_fewshot(None, None, "esc50", [], SimpleNamespace(pools=[("novel", three)]))
+    assert {m: p for m, _, _, p in rows}["accuracy 4-way 1-shot"] == ("not run: needs 4 classes with more than 1 "
+                                                                     "clips; this pool has 3")
 
 
 def test_temporal_retrieval_reads_answers_against_the_windows_own_labels_too(tmp_path):
