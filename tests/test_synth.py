@@ -104,8 +104,8 @@ def test_band_noise_holds_power_only_within_its_band():
 
 
 def test_a_siren_wails_within_its_pitch_range_and_a_sonars_echo_follows_its_ping():
-    """The siren's pitch swings 250 Hz either side of a centre in 600-900 Hz: nearly all its power lies in 350-1150
-    Hz (with some room for the sidebands of the swing); the sonar's echo comes a quarter second after its ping,
+    """The siren's pitch swings 250 Hz either side of a centre in 600-900 Hz: nearly all its power lies in 300-1200
+    Hz (350-1150, with room for the sidebands of the swing); the sonar's echo comes a quarter second after its ping,
     so the first quarter second is the ping alone (a ping drawn from the same seed), then the ping and 0.4 of it."""
     for seed in range(5):
         x = synth.siren(np.random.default_rng(seed), 1.0)
